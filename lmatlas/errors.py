@@ -1,0 +1,35 @@
+"""The errors lmatlas raises on bad input.
+
+Every error says what was wrong *and* what to do about it. They all derive from
+:class:`LmatlasError` so that a caller (the CLI, the web API) can catch one type
+and show the message as is.
+"""
+
+from __future__ import annotations
+
+
+class LmatlasError(Exception):
+    """Base class: a user-facing problem with a clear, actionable message."""
+
+
+class UnsupportedArchitectureError(LmatlasError):
+    """The checkpoint's family has no entry in the ArchSpec table."""
+
+
+class ModelFileError(LmatlasError):
+    """A model source is missing, unreadable or corrupt."""
+
+
+class NotACausalLMError(LmatlasError):
+    """The checkpoint is not a decoder-only causal language model."""
+
+
+class SiteError(LmatlasError, KeyError):
+    """A site name, layer, head or neuron index is malformed or out of range."""
+
+    def __str__(self) -> str:  # KeyError would otherwise quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class FidelityError(LmatlasError):
+    """A fidelity check failed: hooks changed the forward pass or a decomposition broke."""

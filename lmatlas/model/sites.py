@@ -1,0 +1,160 @@
+"""The site grammar: one way to name every place in the model, everywhere.
+
+A *site* is ``L{layer}.{component}``, for example ``L12.attn.z``. The same strings are
+used in Python, the CLI, the atlas and URLs. ``attn.z`` (no layer) or ``L*.attn.z``
+means the component at every layer. A head is ``L12.H3``; a neuron ``L12.N1031``.
+
+Shapes use ``batch``, ``pos`` (query position), ``key_pos``, ``head`` (query heads),
+``kv_head`` and ``neuron``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass
+
+from lmatlas.errors import SiteError
+from lmatlas.model.arch import HeadLayout
+
+
+@dataclass(frozen=True)
+class Component:
+    """What one component name means."""
+
+    shape: str
+    doc: str
+    head_axis: str | None = None  # "head" or "kv_head" when the value is per head
+    in_attention_fn: bool = False  # seen inside the registered attention function
+
+
+#: The declarative table of site components.
+COMPONENTS: dict[str, Component] = {
+    "resid.pre": Component("[batch, pos, d_model]", "residual stream entering the block"),
+    "resid.mid": Component("[batch, pos, d_model]", "residual stream after the attention write"),
+    "resid.post": Component("[batch, pos, d_model]", "residual stream leaving the block"),
+    "attn.q": Component(
+        "[batch, pos, head, d_head]", "queries as the attention sees them (after rotary and q-norm)", "head", True
+    ),
+    "attn.k": Component(
+        "[batch, key_pos, kv_head, d_head]", "keys as the attention sees them (after rotary and k-norm)",
+        "kv_head", True,
+    ),
+    "attn.v": Component("[batch, key_pos, kv_head, d_head]", "values of each KV head", "kv_head", True),
+    "attn.pattern": Component(
+        "[batch, head, pos, key_pos]", "attention probabilities of each query head", "head", True
+    ),
+    "attn.z": Component("[batch, pos, head, d_head]", "each head's output before the output projection", "head"),
+    "attn.out": Component(
+        "[batch, pos, head, d_model]",
+        "each head's own write to the residual stream, z_h @ W_O[h] (times any post-attention norm's scale)",
+        "head",
+    ),
+    "mlp.act": Component("[batch, pos, neuron]", "input of the down projection: one value per neuron"),
+    "mlp.out": Component("[batch, pos, d_model]", "the MLP's write to the residual stream"),
+}
+
+_SITE_RE = re.compile(r"^(?:L(?P<layer>\d+|\*)\.)?(?P<component>[a-z_]+\.[a-z_]+)$")
+_HEAD_RE = re.compile(r"^L(?P<layer>\d+)\.H(?P<index>\d+)$")
+_NEURON_RE = re.compile(r"^L(?P<layer>\d+)\.N(?P<index>\d+)$")
+
+
+@dataclass(frozen=True, order=True)
+class Site:
+    """One site: a layer and a component, e.g. ``Site(12, "attn.z")`` is ``L12.attn.z``."""
+
+    layer: int
+    component: str
+
+    def __str__(self) -> str:
+        return f"L{self.layer}.{self.component}"
+
+    @property
+    def info(self) -> Component:
+        return COMPONENTS[self.component]
+
+
+def _unknown_component(name: str, component: str) -> SiteError:
+    close = difflib.get_close_matches(component, COMPONENTS, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return SiteError(
+        f"Unknown site {name!r}.{hint} Sites are L<layer>.<component> with component one of: "
+        f"{', '.join(COMPONENTS)} (for example 'L3.attn.z'; 'attn.z' alone means every layer)."
+    )
+
+
+def check_layer(layer: int, layout: HeadLayout, name: str = "") -> int:
+    if not 0 <= layer < layout.n_layers:
+        raise SiteError(
+            f"Layer {layer} is out of range{f' in {name!r}' if name else ''}: "
+            f"this model has layers 0..{layout.n_layers - 1}."
+        )
+    return layer
+
+
+def parse_sites(name: str | Site, layout: HeadLayout) -> list[Site]:
+    """Expand a site name into the sites it denotes, checking layer and component.
+
+    >>> parse_sites("L1.attn.z", layout)          # doctest: +SKIP
+    [Site(layer=1, component='attn.z')]
+    >>> parse_sites("mlp.act", layout)            # every layer  # doctest: +SKIP
+    """
+    if isinstance(name, Site):
+        name = str(name)
+    match = _SITE_RE.match(name.strip())
+    if not match:
+        raise SiteError(
+            f"Malformed site name {name!r}: expected L<layer>.<component>, e.g. 'L3.attn.z' or 'L0.resid.pre'."
+        )
+    component = match["component"]
+    if component not in COMPONENTS:
+        raise _unknown_component(name, component)
+    layer = match["layer"]
+    if layer in (None, "*"):
+        return [Site(i, component) for i in range(layout.n_layers)]
+    return [Site(check_layer(int(layer), layout, name), component)]
+
+
+def check_head(layer: int, head: int, layout: HeadLayout, kv: bool = False) -> int:
+    """Validate a head index (a query head, or a KV head when ``kv``)."""
+    check_layer(layer, layout)
+    count = layout.n_kv_heads if kv else layout.n_heads
+    kind = "KV heads" if kv else "query heads"
+    if not 0 <= head < count:
+        raise SiteError(f"Head {head} is out of range at layer {layer}: this model has {count} {kind} (0..{count - 1}).")
+    return head
+
+
+def check_neuron(layer: int, neuron: int, layout: HeadLayout) -> int:
+    check_layer(layer, layout)
+    if not 0 <= neuron < layout.d_mlp:
+        raise SiteError(
+            f"Neuron {neuron} is out of range at layer {layer}: this model has {layout.d_mlp} neurons per layer."
+        )
+    return neuron
+
+
+def parse_head(name: str, layout: HeadLayout) -> tuple[int, int]:
+    """``"L12.H3" -> (12, 3)``, range-checked."""
+    match = _HEAD_RE.match(name.strip())
+    if not match:
+        raise SiteError(f"Malformed head name {name!r}: expected L<layer>.H<head>, e.g. 'L12.H3'.")
+    layer, head = int(match["layer"]), int(match["index"])
+    return layer, check_head(layer, head, layout)
+
+
+def parse_neuron(name: str, layout: HeadLayout) -> tuple[int, int]:
+    """``"L12.N1031" -> (12, 1031)``, range-checked."""
+    match = _NEURON_RE.match(name.strip())
+    if not match:
+        raise SiteError(f"Malformed neuron name {name!r}: expected L<layer>.N<neuron>, e.g. 'L12.N1031'.")
+    layer, neuron = int(match["layer"]), int(match["index"])
+    return layer, check_neuron(layer, neuron, layout)
+
+
+def head_name(layer: int, head: int) -> str:
+    return f"L{layer}.H{head}"
+
+
+def neuron_name(layer: int, neuron: int) -> str:
+    return f"L{layer}.N{neuron}"
