@@ -151,7 +151,7 @@ def test_qkv_weight_views_reproduce_native_projections(run):
     for layer in layers(run):
         native = split_qkv(run, layer)
         for w, weight, bias in (("q", W.W_Q, W.b_Q), ("k", W.W_K, W.b_K), ("v", W.W_V, W.b_V)):
-            x = run.rec[(layer, names.get("qkv") and "qkv" or w)][0]
+            x = run.rec[(layer, "qkv" if "qkv" in names else w)][0]
             got = torch.einsum("bpm,hmd->bphd", x, weight(layer))
             if bias(layer) is not None:
                 got = got + bias(layer)
@@ -257,8 +257,9 @@ def test_replace_resid_mid_matches_native_write_edit(run):
 def test_gqa_head_to_kv_group(run):
     """6. ``cache.k/v(l, head=h)`` is KV head ``h // (n_heads // n_kv_heads)`` of the raw capture."""
     n_heads, n_kv, _ = run.sizes
+    group = n_heads // n_kv
     assert run.cache["L0.attn.k"].shape[2] == n_kv
     for layer in layers(run):
         for h in range(n_heads):
-            assert torch.equal(run.cache.k(layer, head=h), run.cache[f"L{layer}.attn.k"][:, :, h // (n_heads // n_kv)])
-            assert torch.equal(run.cache.v(layer, head=h), run.cache[f"L{layer}.attn.v"][:, :, h // (n_heads // n_kv)])
+            assert torch.equal(run.cache.k(layer, head=h), run.cache[f"L{layer}.attn.k"][:, :, h // group])
+            assert torch.equal(run.cache.v(layer, head=h), run.cache[f"L{layer}.attn.v"][:, :, h // group])

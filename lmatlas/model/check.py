@@ -24,7 +24,7 @@ import torch
 from lmatlas.errors import FidelityError
 
 if TYPE_CHECKING:
-    from lmatlas.model.handle import Model
+    from lmatlas.model.handle import Inputs, Model
 
 DEFAULT_PROMPT = "The quick brown fox jumps over the lazy dog. The quick brown fox"
 TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-9}
@@ -68,7 +68,7 @@ def _rel(err: torch.Tensor, ref: torch.Tensor) -> float:
     return float(err.abs().max() / ref.abs().max().clamp_min(1e-12))
 
 
-def check(model: "Model", prompt: str | torch.Tensor = DEFAULT_PROMPT, tolerance: float | None = None) -> FidelityReport:
+def check(model: "Model", prompt: "Inputs" = DEFAULT_PROMPT, tolerance: float | None = None) -> FidelityReport:
     """Run both fidelity checks and return a :class:`FidelityReport` (``report.passed``)."""
     tolerance = tolerance if tolerance is not None else TOLERANCE.get(model.dtype, LOW_PRECISION_TOLERANCE)
     plain = model.forward(prompt)

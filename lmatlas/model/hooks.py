@@ -131,13 +131,13 @@ class HookSession:
             new = replacement(value, site) if callable(replacement) else replacement
             if new is not None:
                 new = torch.as_tensor(new, dtype=value.dtype, device=value.device)
-                if new.shape != value.shape:
-                    new = new.expand_as(value) if new.dim() <= value.dim() else new
-                if new.shape != value.shape:
+                try:
+                    new = new.expand_as(value)  # scalars and broadcastable tensors
+                except RuntimeError:
                     raise SiteError(
                         f"Replacement for {site} has shape {tuple(new.shape)}, expected {tuple(value.shape)} "
                         f"({site.info.shape})."
-                    )
+                    ) from None
         if site in self.capture:
             kept = value if new is None else new
             self.store[str(site)] = kept if self.keep_grad else kept.detach()
