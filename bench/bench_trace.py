@@ -43,10 +43,11 @@ import lmatlas
 from lmatlas.model.tiny import tiny_model
 
 WARMUP = 2
+T0 = time.perf_counter()
 
 
 def log(message: str) -> None:
-    print(f"[bench_trace] {message}", file=sys.stderr, flush=True)
+    print(f"[bench_trace {time.perf_counter() - T0:6.1f}s] {message}", file=sys.stderr, flush=True)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from lmatlas.errors import LmatlasError, ModelFileError, NotACausalLMError
+from lmatlas.model import gguf_cache
 from lmatlas.model.families import spec_for_model_type
 from lmatlas.model.handle import Model, Provenance
 from lmatlas.model.packaged import PACKAGED, packaged_path
@@ -125,6 +126,13 @@ def load(
 
     name, extra, weights_file = _resolve(source)
     label = str(source) if source is not None else PACKAGED_DEFAULT_LABEL
+    gguf_sha = sha256_file(weights_file) if "gguf_file" in extra else None
+    convert_to_cache = False
+    if gguf_sha and gguf_cache.enabled():
+        hit = gguf_cache.cached(gguf_sha)
+        if hit is not None:
+            name, extra = str(hit), {}
+        convert_to_cache = hit is None and device_map is None
     common = dict(extra, revision=revision, trust_remote_code=trust_remote_code)
     try:
         config = AutoConfig.from_pretrained(name, **common)
@@ -135,20 +143,27 @@ def load(
     _check_causal(config, label)
     spec_for_model_type(config.model_type)  # unsupported family: fail before loading weights
 
+    want_dtype = _dtype(dtype)
     try:
         hf = AutoModelForCausalLM.from_pretrained(
-            name, config=config, dtype=_dtype(dtype), device_map=device_map, **common
+            name, config=config, dtype=torch.float32 if convert_to_cache else want_dtype, device_map=device_map,
+            **common,
         )
         tokenizer = AutoTokenizer.from_pretrained(name, **common)
     except LmatlasError:
         raise
     except Exception as err:
         raise ModelFileError(f"Could not load the weights or tokenizer of {label}: {err}") from err
+    if convert_to_cache:
+        gguf_cache.store(gguf_sha, hf, tokenizer)
+        if isinstance(want_dtype, torch.dtype) and want_dtype != torch.float32:
+            hf = hf.to(want_dtype)
     if device_map is None and device is not None:
         hf = hf.to(device)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = Model.from_hf(hf, tokenizer, source=label, file=str(weights_file) if weights_file else None)
+    model.provenance._sha256 = gguf_sha or model.provenance._sha256
     model.provenance.revision = revision or getattr(config, "_commit_hash", None)
     return model
 
