@@ -65,20 +65,20 @@ def attention_pattern(
     """
     n_rep = query.shape[1] // key.shape[1]
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
-    scores = torch.matmul(query.float(), repeat_kv(key, n_rep).float().transpose(2, 3)) * scaling
+    scores = torch.matmul(query.float(), repeat_kv(key, n_rep).float().transpose(2, 3)).mul_(scaling)
     if softcap is not None:
-        scores = torch.tanh(scores / softcap) * softcap
+        scores = scores.div_(softcap).tanh_().mul_(softcap)
     floor = torch.finfo(scores.dtype).min
     if attention_mask is None:
         causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
         q_len, k_len = scores.shape[-2:]
         if causal and q_len > 1:
-            allowed = torch.ones(q_len, k_len, dtype=torch.bool, device=scores.device).tril()
-            scores = scores.masked_fill(~allowed, floor)
+            future = torch.ones(q_len, k_len, dtype=torch.bool, device=scores.device).triu_(diagonal=1)
+            scores.masked_fill_(future, floor)
     elif attention_mask.dtype == torch.bool:
-        scores = scores.masked_fill(~attention_mask[..., : scores.shape[-1]], floor)
+        scores.masked_fill_(~attention_mask[..., : scores.shape[-1]], floor)
     else:
-        scores = scores + attention_mask[..., : scores.shape[-1]].float()
+        scores.add_(attention_mask[..., : scores.shape[-1]].float())
     return torch.softmax(scores, dim=-1).to(query.dtype)
 
 
