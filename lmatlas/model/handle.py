@@ -69,14 +69,17 @@ class Model:
         self.provenance = provenance
 
     @classmethod
-    def from_hf(cls, hf: nn.Module, tokenizer: Any, source: str = "in-memory", file: str | None = None) -> "Model":
-        """Wrap an already-loaded Hugging Face causal LM."""
+    def from_hf(
+        cls, hf: nn.Module, tokenizer: Any, source: str = "in-memory", file: str | None = None,
+        sha256: str | None = None, revision: str | None = None,
+    ) -> "Model":
+        """Wrap an already-loaded Hugging Face causal LM (``sha256`` of ``file`` if already known)."""
         if hf.get_output_embeddings() is None:
             raise NotACausalLMError(
                 f"{type(hf).__name__} has no language-model head: lmatlas needs a *ForCausalLM model."
             )
         spec = spec_for_model_type(hf.config.model_type)
-        return cls(hf.eval(), tokenizer, spec, Provenance(source=source, file=file))
+        return cls(hf.eval(), tokenizer, spec, Provenance(source=source, file=file, revision=revision, _sha256=sha256))
 
     # -- structure -------------------------------------------------------------------------------
     @property

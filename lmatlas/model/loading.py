@@ -17,10 +17,11 @@ import torch
 from lmatlas.errors import LmatlasError, ModelFileError, NotACausalLMError
 from lmatlas.model import gguf_cache
 from lmatlas.model.families import spec_for_model_type
-from lmatlas.model.handle import Model, Provenance
+from lmatlas.model.handle import Model
 from lmatlas.model.packaged import PACKAGED, packaged_path
 
 GGUF_MAGIC = b"GGUF"
+PACKAGED_DEFAULT_LABEL = "smollm2-135m (packaged default)"
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
@@ -162,10 +163,8 @@ def load(
         hf = hf.to(device)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = Model.from_hf(hf, tokenizer, source=label, file=str(weights_file) if weights_file else None)
-    model.provenance._sha256 = gguf_sha or model.provenance._sha256
-    model.provenance.revision = revision or getattr(config, "_commit_hash", None)
-    return model
+    return Model.from_hf(
+        hf, tokenizer, source=label, file=str(weights_file) if weights_file else None, sha256=gguf_sha,
+        revision=revision or getattr(config, "_commit_hash", None),
+    )
 
-
-PACKAGED_DEFAULT_LABEL = "smollm2-135m (packaged default)"
