@@ -33,3 +33,7 @@ class SiteError(LmatlasError, KeyError):
 
 class FidelityError(LmatlasError):
     """A fidelity check failed: hooks changed the forward pass or a decomposition broke."""
+
+
+class AtlasError(LmatlasError):
+    """An atlas file is missing, not an atlas, from another model, or cannot be written."""

@@ -13,6 +13,8 @@ resid.post     forward hook on the block (its output)
 resid.mid      forward hook on the attention write: ``resid.pre + write``
 attn.q/k/v     attention probe, inside the registered attention function
 attn.pattern   attention probe (eager pattern next to the fast kernel)
+(any probe)    ``probes={layer: probe}``: your own :class:`~lmatlas.model.attention.Probe`,
+               run after the site probe of that layer (e.g. streaming statistics)
 attn.z         forward pre-hook on the output projection ``o``
 attn.out       forward hook on the attention write: ``z_h @ W_O[h]`` per head,
                times the frozen scale of a post-attention norm if any
@@ -31,14 +33,14 @@ replacement: the cache holds what the model actually used.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Union
 
 import torch
 
 from lmatlas.errors import SiteError
 from lmatlas.model.arch import NormKind, get_path
-from lmatlas.model.attention import wrapper_name
-from lmatlas.model.sites import Site
+from lmatlas.model.attention import AttentionProbe, Probe, ProbeChain, wrapper_name
+from lmatlas.model.sites import Site, check_layer
 
 if TYPE_CHECKING:
     from lmatlas.model.handle import Model
@@ -68,7 +70,7 @@ def _with_first(output: Any, value: torch.Tensor) -> Any:
     return (value, *output[1:]) if isinstance(output, tuple) else value
 
 
-class _AttentionProbe:
+class _AttentionProbe(Probe):
     """Sees q/k/v and the pattern of one layer inside the registered attention function."""
 
     def __init__(self, session: "HookSession", layer: int):
@@ -97,6 +99,11 @@ class HookSession:
         store: where captured tensors go (``{"L3.attn.z": tensor}``); per-layer
             attention-bias terms of the decomposition go to ``extras``.
         keep_grad: keep captured tensors attached to the autograd graph.
+        probes: ``layer -> probe`` installed on that layer's attention module in
+            addition to the sites (an :class:`~lmatlas.model.attention.Probe`, for
+            example one whose ``on_call`` reduces the pattern chunk by chunk). The
+            model then runs lmatlas's attention function, whose output still comes
+            from the base kernel unless a probe replaces something.
     """
 
     def __init__(
@@ -107,6 +114,7 @@ class HookSession:
         store: dict[str, torch.Tensor] | None = None,
         extras: dict[str, torch.Tensor | None] | None = None,
         keep_grad: bool = False,
+        probes: Mapping[int, AttentionProbe] | None = None,
     ):
         self.model = model
         self.capture = set(capture)
@@ -114,6 +122,7 @@ class HookSession:
         self.store = store if store is not None else {}
         self.extras = extras if extras is not None else {}
         self.keep_grad = keep_grad
+        self.probes = {check_layer(layer, model.layout): probe for layer, probe in (probes or {}).items()}
         self._handles: list[Any] = []
         self._probed: list[torch.nn.Module] = []
         self._saved_attn: str | None = None
@@ -170,15 +179,20 @@ class HookSession:
             by_layer[site.layer].add(site.component)
         spec, blocks = self.model.spec, self.model.blocks
         needs_attention_fn = False
-        for layer, components in sorted(by_layer.items()):
-            block = blocks[layer]
+        for layer in sorted(set(by_layer) | set(self.probes)):
+            components, block = by_layer.get(layer, set()), blocks[layer]
             if components & {"resid.pre", "resid.mid"}:
                 self._hook(block, pre=True, fn=self._resid_pre(layer))
             if "resid.post" in components:
                 self._hook(block, pre=False, fn=self._resid_post(layer))
+            probes: list[AttentionProbe] = []
             if components & {"attn.q", "attn.k", "attn.v", "attn.pattern"}:
+                probes.append(_AttentionProbe(self, layer))
+            if layer in self.probes:
+                probes.append(self.probes[layer])
+            if probes:
                 attention = get_path(block, spec.attn)
-                attention._lmatlas_probe = _AttentionProbe(self, layer)
+                attention._lmatlas_probe = probes[0] if len(probes) == 1 else ProbeChain(probes)
                 self._probed.append(attention)
                 needs_attention_fn = True
             if components & {"attn.z", "attn.out"}:

@@ -1,0 +1,74 @@
+"""The atlas schema: one DuckDB file per model.
+
+Tables (long format, keyed by layer/head/neuron, so that new detectors and stages
+add rows, not columns):
+
+=================  ===========================================================================
+table              one row per
+=================  ===========================================================================
+meta               key -> JSON value: model card, provenance, schema version, corpus
+runs               work unit: stage, key, status, seconds, seeds, versions, when
+heads              (layer, head): KV group
+head_scores        (layer, head, detector): score, null baseline, z-score, label, seed
+head_ov            (layer, head): copying and suppression scores, top source→output pairs
+head_importance    (layer, head): loss increase when the head is mean-ablated on the corpus
+neurons            (layer, neuron): promoted / suppressed / exciting tokens with logits
+neuron_stats       (layer, neuron): activation mean, max, fraction active, top contexts
+layer_lens         layer: logit-lens statistics over the corpus
+mlp_importance     layer: loss increase when the layer's MLP is mean-ablated on the corpus
+=================  ===========================================================================
+
+The view ``layers`` joins ``layer_lens`` and ``mlp_importance``.
+
+A unit's rows and its ``runs`` row are written in one transaction, so a unit is
+either wholly in the file or not at all (see :mod:`lmatlas.atlas.store`).
+"""
+
+from __future__ import annotations
+
+SCHEMA_VERSION = 1
+ATLAS_KIND = "lmatlas-atlas"
+
+TABLES: dict[str, str] = {
+    "meta": "key VARCHAR PRIMARY KEY, value JSON",
+    "runs": (
+        "stage VARCHAR, unit VARCHAR PRIMARY KEY, status VARCHAR, seconds DOUBLE, finished TIMESTAMP, "
+        "seeds JSON, versions JSON, params JSON"
+    ),
+    "heads": "layer INTEGER, head INTEGER, kv_group INTEGER, PRIMARY KEY (layer, head)",
+    "head_scores": (
+        "layer INTEGER, head INTEGER, detector VARCHAR, score DOUBLE, baseline DOUBLE, z DOUBLE, "
+        "label BOOLEAN, seed INTEGER, PRIMARY KEY (layer, head, detector)"
+    ),
+    "head_ov": (
+        "layer INTEGER, head INTEGER, copying DOUBLE, suppression DOUBLE, top_sources VARCHAR[], "
+        "top_outputs VARCHAR[], top_logits DOUBLE[], PRIMARY KEY (layer, head)"
+    ),
+    "head_importance": "layer INTEGER, head INTEGER, delta_loss DOUBLE, PRIMARY KEY (layer, head)",
+    "neurons": (
+        "layer INTEGER, neuron INTEGER, promoted VARCHAR[], promoted_logits DOUBLE[], suppressed VARCHAR[], "
+        "suppressed_logits DOUBLE[], exciting VARCHAR[], exciting_logits DOUBLE[], PRIMARY KEY (layer, neuron)"
+    ),
+    "neuron_stats": (
+        "layer INTEGER, neuron INTEGER, mean DOUBLE, max DOUBLE, frac_active DOUBLE, top_contexts VARCHAR[], "
+        "PRIMARY KEY (layer, neuron)"
+    ),
+    "layer_lens": (
+        "layer INTEGER PRIMARY KEY, entropy DOUBLE, final_prob DOUBLE, kl_to_final DOUBLE, top1_agreement DOUBLE"
+    ),
+    "mlp_importance": "layer INTEGER PRIMARY KEY, delta_loss DOUBLE",
+}
+
+VIEWS: dict[str, str] = {
+    "layers": (
+        "SELECT COALESCE(l.layer, m.layer) AS layer, l.entropy AS lens_entropy, l.final_prob AS lens_final_prob, "
+        "l.kl_to_final AS lens_kl_to_final, l.top1_agreement AS lens_top1_agreement, m.delta_loss AS mlp_delta_loss "
+        "FROM layer_lens l FULL OUTER JOIN mlp_importance m ON l.layer = m.layer"
+    ),
+}
+
+
+def create_statements() -> list[str]:
+    """``CREATE TABLE IF NOT EXISTS`` for every table."""
+    tables = [f"CREATE TABLE IF NOT EXISTS {name} ({columns})" for name, columns in TABLES.items()]
+    return tables + [f"CREATE OR REPLACE VIEW {name} AS {query}" for name, query in VIEWS.items()]

@@ -1,0 +1,94 @@
+"""Build stages: what an atlas is made of, as declarative entries.
+
+A :class:`Stage` plans **work units** (``"importance/L3"``) and computes one unit's
+rows (``{table: [row, ...]}``). Units are independent: any executor may run them in
+any order, on any worker; the driver writes each result atomically as it arrives.
+Per-process state that several units share (the corpus forward, ablation means) lives
+in :class:`BuildContext.memo`, so each worker computes it once.
+
+Each stage lives in its own module here and registers itself with :func:`stage`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+
+from lmatlas.errors import LmatlasError
+
+if TYPE_CHECKING:
+    from lmatlas.atlas.store import Rows
+    from lmatlas.model.handle import Model
+
+
+@dataclass
+class BuildContext:
+    """What every unit of one build shares.
+
+    Attributes:
+        corpus: ``[n, seq_len]`` token windows (see :mod:`lmatlas.atlas.corpus`).
+        seed: the build's seed (batteries derive theirs from it).
+        params: stage parameters (top-k sizes, ...), stamped on ``runs``.
+        memo: per-process cache for values several units reuse.
+    """
+
+    corpus: torch.Tensor
+    seed: int = 0
+    params: dict[str, Any] = field(default_factory=dict)
+    memo: dict[str, Any] = field(default_factory=dict)
+
+    def remember(self, key: str, compute: Callable[[], Any]) -> Any:
+        if key not in self.memo:
+            self.memo[key] = compute()
+        return self.memo[key]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One kind of atlas content.
+
+    Attributes:
+        name: what ``--only`` names (``"importance"``).
+        description: one line for ``lmatlas map --help`` and the README.
+        plan: ``(model, ctx) -> [unit, ...]`` unit names start with ``"<name>/"``.
+        compute: ``(model, unit, ctx) -> {table: rows}``.
+    """
+
+    name: str
+    description: str
+    plan: Callable[["Model", BuildContext], list[str]]
+    compute: Callable[["Model", str, BuildContext], "Rows"]
+
+
+STAGES: dict[str, Stage] = {}
+
+
+def stage(entry: Stage) -> Stage:
+    STAGES[entry.name] = entry
+    return entry
+
+
+def all_stages() -> dict[str, Stage]:
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}")
+    return dict(STAGES)
+
+
+def select_stages(only: list[str] | None) -> list[Stage]:
+    """The stages to build, in registry order; a clear error for an unknown name."""
+    stages = all_stages()
+    if not only:
+        return list(stages.values())
+    unknown = [name for name in only if name not in stages]
+    if unknown:
+        raise LmatlasError(f"Unknown atlas stage(s) {', '.join(unknown)}. Stages: {', '.join(stages)}.")
+    return [stages[name] for name in stages if name in only]
+
+
+def layer_of(unit: str) -> int:
+    """``"importance/L3" -> 3``."""
+    return int(unit.rsplit("/L", 1)[1])

@@ -1,0 +1,85 @@
+"""Stage ``activations``: every neuron's activation statistics over the corpus.
+
+For each neuron (``mlp.act``, the input of the down projection):
+
+* ``mean`` and ``max`` over every corpus position;
+* ``frac_active``: the fraction of positions where the activation is positive;
+* ``top_contexts``: the ``top_contexts`` positions (default 5) with the largest
+  activation, each as the preceding text with the activating token in «guillemets».
+
+All layers are reduced in one streaming pass over the corpus (``batch`` windows at a
+time), remembered per process; each unit then reads one layer.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from lmatlas.atlas.stages import BuildContext, Stage, layer_of, stage
+
+if TYPE_CHECKING:
+    from lmatlas.model.handle import Model
+
+CONTEXT_TOKENS = 12
+
+
+def _reduce(model: "Model", ctx: BuildContext) -> list[dict[str, torch.Tensor]]:
+    """Per layer: ``sum``, ``max``, ``positive`` counts ``[neuron]`` and ``top`` (values, flat indices) ``[k, neuron]``."""
+    k, batch = ctx.params.get("top_contexts", 5), ctx.params.get("batch", 4)
+    corpus, n_layers = ctx.corpus, model.layout.n_layers
+    stats: list[dict[str, torch.Tensor]] = [{} for _ in range(n_layers)]
+    for start in range(0, corpus.shape[0], batch):
+        ids = corpus[start: start + batch]
+        with model.trace(ids, capture=["mlp.act"]) as cache:
+            pass
+        for layer in range(n_layers):
+            acts = cache.neurons(layer).float().flatten(0, 1)  # [positions, neuron]
+            offset = start * corpus.shape[1]
+            values, index = acts.topk(min(k, acts.shape[0]), dim=0)
+            entry = stats[layer]
+            if not entry:
+                entry.update(sum=acts.sum(0), max=acts.max(0).values, positive=(acts > 0).sum(0),
+                             top_values=values, top_index=index + offset)
+                continue
+            entry["sum"] += acts.sum(0)
+            entry["max"] = torch.maximum(entry["max"], acts.max(0).values)
+            entry["positive"] += (acts > 0).sum(0)
+            merged_values = torch.cat([entry["top_values"], values])
+            merged_index = torch.cat([entry["top_index"], index + offset])
+            keep = merged_values.topk(min(k, merged_values.shape[0]), dim=0).indices
+            entry["top_values"] = merged_values.gather(0, keep)
+            entry["top_index"] = merged_index.gather(0, keep)
+    return stats
+
+
+def context(model: "Model", corpus: torch.Tensor, flat_index: int) -> str:
+    """The text before corpus position ``flat_index`` with that token in «guillemets»."""
+    row, pos = divmod(int(flat_index), corpus.shape[1])
+    before = model.tokenizer.decode(corpus[row, max(0, pos - CONTEXT_TOKENS): pos])
+    return f"{before}«{model.tokenizer.decode(corpus[row, pos: pos + 1])}»"
+
+
+def compute(model: "Model", unit: str, ctx: BuildContext):
+    layer = layer_of(unit)
+    entry = ctx.remember("activations.stats", lambda: _reduce(model, ctx))[layer]
+    positions = ctx.corpus.numel()
+    rows = []
+    for neuron in range(model.layout.d_mlp):
+        rows.append({
+            "layer": layer, "neuron": neuron,
+            "mean": float(entry["sum"][neuron]) / positions,
+            "max": float(entry["max"][neuron]),
+            "frac_active": float(entry["positive"][neuron]) / positions,
+            "top_contexts": [context(model, ctx.corpus, i) for i in entry["top_index"][:, neuron].tolist()],
+        })
+    return {"neuron_stats": rows}
+
+
+stage(Stage(
+    name="activations",
+    description="neuron activation statistics and top-activating contexts over the corpus",
+    plan=lambda model, ctx: [f"activations/L{layer}" for layer in range(model.layout.n_layers)],
+    compute=compute,
+))

@@ -1,0 +1,200 @@
+"""AtlasStore: the DuckDB file, written one work unit at a time, atomically.
+
+Every work unit's rows and its ``runs`` row go in **one transaction**. DuckDB
+writes a transaction to its write-ahead log and only then to the file, so a
+process killed at any point (Ctrl-C, ``kill -9``) leaves either the whole unit or
+none of it: reopening replays complete transactions and drops a torn one. A build
+that resumes asks :meth:`AtlasStore.done_units` and skips them.
+
+An atlas belongs to one model: its ``meta`` table records the model card (with the
+weights' SHA-256); :meth:`AtlasStore.open` refuses to add to an atlas of another model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable
+
+import duckdb
+import pyarrow as pa
+
+from lmatlas.atlas.schema import ATLAS_KIND, SCHEMA_VERSION, TABLES, create_statements
+from lmatlas.errors import AtlasError
+
+Rows = dict[str, list[dict[str, Any]]]  # table name -> rows (column -> value)
+
+
+def _connect(path: Path, read_only: bool) -> duckdb.DuckDBPyConnection:
+    try:
+        return duckdb.connect(str(path), read_only=read_only)
+    except duckdb.Error as err:
+        message = str(err)
+        if "not a valid DuckDB database" in message or "Serialization" in message or "magic" in message.lower():
+            raise AtlasError(f"{path} is not an atlas (not a DuckDB file): {message.splitlines()[0]}") from None
+        if "Permission denied" in message or "read-only" in message.lower():
+            raise AtlasError(f"Cannot write {path}: permission denied. Choose a writable --out path.") from None
+        raise AtlasError(f"Cannot open {path}: {message.splitlines()[0]}") from None
+
+
+class AtlasStore:
+    """A connection to one atlas file.
+
+    Use :meth:`create_or_open` to build (it checks the atlas belongs to ``card``'s
+    model) and :meth:`open_existing` to read.
+    """
+
+    def __init__(self, path: Path, con: duckdb.DuckDBPyConnection):
+        self.path = path
+        self.con = con
+
+    # -- opening ---------------------------------------------------------------------------------
+    @classmethod
+    def create_or_open(cls, path: str | Path, card: dict[str, Any]) -> "AtlasStore":
+        """Open ``path`` for building the atlas of the model described by ``card`` (created if absent)."""
+        path = Path(path)
+        parent = path.resolve().parent
+        if not parent.is_dir():
+            raise AtlasError(f"Cannot write {path}: the directory {parent} does not exist.")
+        if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+            raise AtlasError(f"Cannot write {path}: {parent} is read-only. Choose a writable --out path.")
+        is_new = not path.exists()
+        store = cls(path, _connect(path, read_only=False))
+        if is_new:
+            store._initialise(card)
+        else:
+            store._check_kind()
+            store._check_same_model(card)
+            store._migrate()
+        return store
+
+    @classmethod
+    def open_existing(cls, path: str | Path, read_only: bool = True) -> "AtlasStore":
+        path = Path(path)
+        if not path.is_file():
+            raise AtlasError(f"No atlas at {path}: build one with `lmatlas map --out {path}`.")
+        store = cls(path, _connect(path, read_only=read_only))
+        store._check_kind()
+        return store
+
+    def _initialise(self, card: dict[str, Any]) -> None:
+        from lmatlas import __version__
+
+        with self.transaction():
+            for statement in create_statements():
+                self.con.execute(statement)
+            self._put_meta({"kind": ATLAS_KIND, "schema_version": SCHEMA_VERSION, "model": card,
+                            "lmatlas_version": __version__, "created": _now()})
+
+    def _migrate(self) -> None:
+        """Create tables added since the file was written (the schema only grows)."""
+        with self.transaction():
+            for statement in create_statements():
+                self.con.execute(statement)
+
+    def _check_kind(self) -> None:
+        try:
+            rows = self.con.execute("SELECT value FROM meta WHERE key = 'kind'").fetchall()
+        except duckdb.Error:
+            rows = []
+        if not rows or json.loads(rows[0][0]) != ATLAS_KIND:
+            self.close()
+            raise AtlasError(f"{self.path} is a DuckDB file but not an lmatlas atlas (no atlas metadata).")
+
+    def _check_same_model(self, card: dict[str, Any]) -> None:
+        theirs = self.meta().get("model", {})
+        keys = ("file_sha256", "model_type", "layers", "query_heads", "vocab")
+        mismatch = {k: (theirs.get(k), card.get(k)) for k in keys if theirs.get(k) != card.get(k)}
+        if mismatch:
+            self.close()
+            raise AtlasError(
+                f"{self.path} is the atlas of another model ({theirs.get('source')}); refusing to mix in "
+                f"{card.get('source')}. Differences: {mismatch}. Use another --out file."
+            )
+
+    # -- reading -------------------------------------------------------------------------------------
+    def meta(self) -> dict[str, Any]:
+        return {key: json.loads(value) for key, value in self.con.execute("SELECT key, value FROM meta").fetchall()}
+
+    def done_units(self) -> set[str]:
+        rows = self.con.execute("SELECT unit FROM runs WHERE status = 'done'").fetchall()
+        return {unit for (unit,) in rows}
+
+    def table(self, name: str) -> pa.Table:
+        return self.con.sql(f"SELECT * FROM {name}").to_arrow_table()
+
+    # -- writing --------------------------------------------------------------------------------------
+    def transaction(self):
+        return _Transaction(self.con)
+
+    def _put_meta(self, items: dict[str, Any]) -> None:
+        for key, value in items.items():
+            self.con.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", [key, json.dumps(value, default=str)])
+
+    def put_meta(self, items: dict[str, Any]) -> None:
+        with self.transaction():
+            self._put_meta(items)
+
+    def commit_unit(self, stage: str, unit: str, rows: Rows, seconds: float, seeds: dict | None = None,
+                    params: dict | None = None) -> None:
+        """Write a finished unit's rows and mark it done, in one transaction."""
+        from lmatlas import __version__
+
+        with self.transaction():
+            for table, records in rows.items():
+                self._insert(table, records)
+            versions = {"lmatlas": __version__, **_library_versions()}
+            self.con.execute(
+                "INSERT OR REPLACE INTO runs VALUES (?, ?, 'done', ?, ?, ?, ?, ?)",
+                [stage, unit, seconds, datetime.now(timezone.utc).replace(tzinfo=None), json.dumps(seeds or {}),
+                 json.dumps(versions), json.dumps(params or {}, default=str)],
+            )
+
+    def _insert(self, table: str, records: Iterable[dict[str, Any]]) -> None:
+        records = list(records)
+        if not records:
+            return
+        if table not in TABLES:
+            raise AtlasError(f"Unknown atlas table {table!r}.")
+        arrow = pa.Table.from_pylist(records)
+        self.con.register("_incoming", arrow)
+        try:
+            self.con.execute(f"INSERT OR REPLACE INTO {table} BY NAME SELECT * FROM _incoming")
+        finally:
+            self.con.unregister("_incoming")
+
+    def close(self) -> None:
+        try:
+            self.con.close()
+        except duckdb.Error:
+            pass
+
+    def __enter__(self) -> "AtlasStore":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class _Transaction:
+    def __init__(self, con: duckdb.DuckDBPyConnection):
+        self.con = con
+
+    def __enter__(self) -> None:
+        self.con.execute("BEGIN TRANSACTION")
+
+    def __exit__(self, exc_type, *exc: Any) -> None:
+        self.con.execute("ROLLBACK" if exc_type else "COMMIT")
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _library_versions() -> dict[str, str]:
+    import torch
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "duckdb": duckdb.__version__}

@@ -1,0 +1,285 @@
+"""Vocabulary projection: read any residual-stream vector or direction as tokens.
+
+Everything a component writes into the residual stream is a vector of ``d_model``
+numbers; the model turns the last residual stream into next-token logits with
+
+    logits = softcap( final_norm(x) @ W_U + b_U )          # [d_vocab]
+
+where ``final_norm(x) = x * rsqrt(mean(x**2) + eps) * gain`` (RMS norms) or
+``(x - mean(x)) * rsqrt(var(x) + eps) * gain + bias`` (LayerNorm), and
+``softcap(z) = cap * tanh(z / cap)`` for families with final-logit soft-capping
+(Gemma 2 and 3), the identity otherwise. Projecting a vector through this map (or
+the linear part of it) says which tokens it promotes and suppresses.
+
+Three ``norm`` modes say what the input is:
+
+========  =====================================================================
+``norm``  meaning
+========  =====================================================================
+"none"    ``x @ W_U``: the raw direction, no norm at all.
+"gain"    ``(x * gain) @ W_U``: a *direction* (a neuron's output row, a head's
+          OV image). The norm's data-dependent statistic (``rsqrt(mean(x**2))``)
+          is one positive number per position, so it scales every logit alike and
+          does not change rankings; its elementwise ``gain`` does, and is applied.
+          (A LayerNorm's mean subtraction and bias are left out: they do not depend
+          on the direction.) This is the default and the right choice for weights.
+"full"    ``final_norm(x) @ W_U + b_U`` then soft-capping: the model's own logits
+          for a *residual-stream vector* (the logit lens). Calls the native norm.
+========  =====================================================================
+
+``b_U`` and soft-capping are applied by default only with ``norm="full"`` (a
+direction is a linear contribution to the logits: a bias or a ``tanh`` would mix in
+things the direction does not write); pass ``bias=`` / ``softcap=`` to override.
+Soft-capping is monotonic, so it never changes which tokens rank top.
+
+Memory: ``[n, d_vocab]`` logits are materialised only by :func:`project` (small
+``n``: lens, tests). :func:`topk_tokens` streams over the vocabulary in chunks of
+``chunk`` tokens (and over the vectors in blocks), converting one ``[d_model, chunk]``
+slice of ``W_U`` to float32 at a time, and keeps a running top-k: peak extra
+memory is ``O(rows * chunk)``, never ``n x d_vocab``. Accumulation is float32 even
+for bfloat16/float16 models.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from lmatlas.errors import LmatlasError
+from lmatlas.model.arch import get_path
+
+if TYPE_CHECKING:
+    from lmatlas.model.handle import Model
+
+NORM_MODES = ("none", "gain", "full")
+
+#: Rows (vectors) per block in :func:`topk_tokens`: bounds the ``[rows, chunk]`` score buffer.
+ROW_BLOCK = 1024
+
+
+class DecodeError(LmatlasError):
+    """A decoding request is malformed (bad norm mode, k, vector shape)."""
+
+
+@dataclass
+class TokenRanking:
+    """The top (or bottom) ``k`` tokens of ``n`` vectors.
+
+    Attributes:
+        ids: ``[n, k]`` int64 token ids, best first (largest logit first for a top
+            ranking, smallest first for a bottom ranking).
+        logits: ``[n, k]`` float32 logits of those tokens (same order).
+    """
+
+    ids: torch.Tensor
+    logits: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+    def tokens(self, tokenizer: Any) -> list[list[str]]:
+        """The decoded string of every id (``" dog"``, with its leading space), ``[n][k]``."""
+        if tokenizer is None:
+            raise DecodeError("This model has no tokenizer: read the token ids (.ids) instead of strings.")
+        flat = self.ids.reshape(-1).tolist()
+        strings = tokenizer.batch_decode([[i] for i in flat], clean_up_tokenization_spaces=False)
+        k = self.ids.shape[1] if self.ids.dim() == 2 else 1
+        return [strings[i:i + k] for i in range(0, len(strings), k)]
+
+    def row(self, i: int, tokenizer: Any = None) -> list[tuple[int, str | None, float]]:
+        """Row ``i`` as ``[(id, string or None, logit), ...]``."""
+        ids = self.ids[i].tolist()
+        strings = self.tokens_of(ids, tokenizer) if tokenizer is not None else [None] * len(ids)
+        return list(zip(ids, strings, self.logits[i].tolist()))
+
+    @staticmethod
+    def tokens_of(ids: list[int], tokenizer: Any) -> list[str]:
+        return tokenizer.batch_decode([[i] for i in ids], clean_up_tokenization_spaces=False)
+
+
+# -- the pieces of the unembedding -----------------------------------------------------------------
+def unembed_matrix(model: "Model") -> torch.Tensor:
+    """``[d_model, d_vocab]`` unembedding, a view of ``model.W.W_U`` in the model's dtype (never copied)."""
+    return model.W.W_U
+
+
+def _final_norm(model: "Model") -> torch.nn.Module:
+    return get_path(model.hf, model.spec.final_norm)
+
+
+def final_norm_gain(model: "Model") -> torch.Tensor | None:
+    """``[d_model]`` float32 elementwise gain of the final norm, ``None`` if it has none.
+
+    ``weight`` for Llama-style RMS norms and LayerNorms, ``1 + weight`` for
+    Gemma-style RMS norms. Which of the two a norm uses is read from the norm
+    itself: an RMS norm maps the all-ones vector (mean square 1) to
+    ``gain * rsqrt(1 + eps)``, which is within ``eps`` of exactly one of
+    ``weight`` and ``1 + weight``. A LayerNorm maps it to its bias (mean
+    subtraction), so for LayerNorms the gain is the weight.
+    """
+    norm = _final_norm(model)
+    weight = getattr(norm, "weight", None)
+    if weight is None:
+        return None
+    weight = weight.detach().float()
+    if isinstance(norm, torch.nn.LayerNorm) or getattr(norm, "bias", None) is not None:
+        return weight
+    with torch.no_grad():
+        probe = norm(torch.ones(1, weight.shape[0], dtype=norm.weight.dtype, device=weight.device))[0].float()
+    plain = (probe - weight).abs().max()
+    offset = (probe - (1.0 + weight)).abs().max()
+    return 1.0 + weight if offset < plain else weight
+
+
+def softcap_value(model: "Model") -> float | None:
+    """The final-logit soft-cap ``cap`` (``logits = cap * tanh(logits / cap)``), ``None`` if the family has none."""
+    config = model.hf.config
+    if model.spec.text_config:
+        config = getattr(config, model.spec.text_config, config)
+    cap = getattr(config, "final_logit_softcapping", None)
+    return float(cap) if cap else None
+
+
+def _check_norm(norm: str) -> None:
+    if norm not in NORM_MODES:
+        raise DecodeError(f"Unknown norm mode {norm!r}: use one of {', '.join(NORM_MODES)} "
+                          "('gain' for directions, 'full' for residual-stream vectors).")
+
+
+def _as_rows(model: "Model", vectors: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """Flatten ``[..., d_model]`` to ``[n, d_model]`` (on the model's device); return the leading shape."""
+    vectors = torch.as_tensor(vectors)
+    d_model = model.layout.d_model
+    if vectors.dim() == 0 or vectors.shape[-1] != d_model:
+        raise DecodeError(f"Expected vectors of shape [..., {d_model}] (d_model), got {list(vectors.shape)}.")
+    lead = tuple(vectors.shape[:-1])
+    return vectors.reshape(-1, d_model).to(model.device), lead
+
+
+def prepare(model: "Model", vectors: torch.Tensor, norm: str = "gain") -> torch.Tensor:
+    """``[n, d_model]`` float32 vectors ready to multiply with ``W_U`` under ``norm`` (see module doc)."""
+    _check_norm(norm)
+    rows, _ = _as_rows(model, vectors)
+    if norm == "full":
+        with torch.no_grad():
+            return _final_norm(model)(rows.to(model.dtype)).float()
+    rows = rows.float()
+    if norm == "gain":
+        gain = final_norm_gain(model)
+        if gain is not None:
+            rows = rows * gain
+    return rows
+
+
+def _resolve_extras(model: "Model", norm: str, bias: bool | None, softcap: bool | None):
+    b_U = model.W.b_U if (norm == "full" if bias is None else bias) else None
+    cap = softcap_value(model) if (norm == "full" if softcap is None else softcap) else None
+    return (None if b_U is None else b_U.detach().float()), cap
+
+
+def _apply_softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    return logits if cap is None else torch.tanh(logits / cap) * cap
+
+
+def vocab_chunks(model: "Model", chunk: int = 8192):
+    """Yield ``(start, W_U[:, start:start+chunk] as float32)``: the unembedding, one slice at a time."""
+    W_U = unembed_matrix(model)
+    for start in range(0, W_U.shape[1], chunk):
+        yield start, W_U[:, start:start + chunk].float()
+
+
+def project(model: "Model", vectors: torch.Tensor, *, norm: str = "gain", bias: bool | None = None,
+            softcap: bool | None = None, chunk: int = 8192) -> torch.Tensor:
+    """Full logits ``[..., d_vocab]`` (float32) of ``vectors`` ``[..., d_model]``, for SMALL batches.
+
+    Applies the ``norm`` mode (see the module docstring), then ``@ W_U`` (float32,
+    one vocabulary chunk at a time so ``W_U`` is never copied to float32 whole),
+    then ``b_U`` and soft-capping (by default only for ``norm="full"``, where the
+    result equals the model's own logits for a residual-stream vector). This
+    materialises ``n x d_vocab`` floats; for many vectors use :func:`topk_tokens`.
+    """
+    _, lead = _as_rows(model, vectors)
+    rows = prepare(model, vectors, norm)
+    b_U, cap = _resolve_extras(model, norm, bias, softcap)
+    out = torch.empty(rows.shape[0], model.layout.d_vocab, dtype=torch.float32, device=rows.device)
+    with torch.no_grad():
+        for start, W in vocab_chunks(model, chunk):
+            torch.matmul(rows, W, out=out[:, start:start + W.shape[1]])
+    if b_U is not None:
+        out += b_U
+    return _apply_softcap(out, cap).reshape(*lead, -1)
+
+
+def _check_k(model: "Model", k: int) -> int:
+    if not 1 <= k <= model.layout.d_vocab:
+        raise DecodeError(f"k={k} is out of range: pick 1..{model.layout.d_vocab} (the vocabulary size).")
+    return k
+
+
+def topk_rows(rows: torch.Tensor, W_U: torch.Tensor, k: int, *, largest: bool = True,
+              b_U: torch.Tensor | None = None, chunk: int = 8192, row_block: int = ROW_BLOCK) -> TokenRanking:
+    """Exact chunked top-k of ``rows @ W_U (+ b_U)``: ``rows`` ``[n, d]`` float32, ``W_U`` ``[d, V]`` any dtype.
+
+    Streams over ``W_U`` in slices of ``chunk`` columns (each converted to float32
+    once per row block) and keeps a running ``[rows, k]`` best list, so memory is
+    ``O(row_block * chunk)``. The building block of :func:`topk_tokens` and the
+    plain baseline of :mod:`lmatlas.decode.fast_topk`.
+    """
+    n, V = rows.shape[0], W_U.shape[1]
+    ids = torch.empty(n, k, dtype=torch.int64, device=rows.device)
+    vals = torch.empty(n, k, dtype=torch.float32, device=rows.device)
+    with torch.no_grad():
+        for r0 in range(0, n, row_block):
+            block = rows[r0:r0 + row_block].float()
+            best_v = best_i = None
+            for start in range(0, V, chunk):
+                W = W_U[:, start:start + chunk].float()
+                scores = block @ W
+                if b_U is not None:
+                    scores += b_U[start:start + chunk]
+                kk = min(k, scores.shape[1])
+                v, i = torch.topk(scores, kk, dim=1, largest=largest, sorted=False)
+                i += start
+                if best_v is not None:
+                    v, i = torch.cat([best_v, v], 1), torch.cat([best_i, i], 1)
+                kk = min(k, v.shape[1])
+                best_v, pick = torch.topk(v, kk, dim=1, largest=largest, sorted=False)
+                best_i = torch.gather(i, 1, pick)
+            order = torch.sort(best_v, dim=1, descending=largest, stable=True).indices
+            vals[r0:r0 + row_block] = torch.gather(best_v, 1, order)
+            ids[r0:r0 + row_block] = torch.gather(best_i, 1, order)
+    return TokenRanking(ids=ids, logits=vals)
+
+
+def topk_tokens(model: "Model", vectors: torch.Tensor, k: int = 20, *, largest: bool = True, norm: str = "gain",
+                chunk: int = 8192, bias: bool | None = None, softcap: bool | None = None) -> TokenRanking:
+    """The ``k`` tokens with the largest (or, with ``largest=False``, smallest) logits of each vector.
+
+    Args:
+        vectors: ``[n, d_model]`` (or ``[d_model]``, treated as ``n = 1``).
+        k: how many tokens per vector.
+        largest: top (promoted) tokens if true, bottom (suppressed) tokens otherwise.
+        norm: ``"none"``, ``"gain"`` or ``"full"`` (module docstring).
+        chunk: vocabulary slice size; memory is ``O(min(n, 1024) * chunk)`` floats.
+        bias, softcap: override whether ``b_U`` / soft-capping are applied
+            (default: only for ``norm="full"``). Soft-capping is applied to the
+            returned logits; it is monotonic so the ranking is unchanged.
+
+    Returns:
+        :class:`TokenRanking` with ``ids``/``logits`` of shape ``[n, k]``, best first.
+    """
+    _check_k(model, k)
+    rows = prepare(model, vectors, norm)
+    b_U, cap = _resolve_extras(model, norm, bias, softcap)
+    ranking = topk_rows(rows, unembed_matrix(model), k, largest=largest, b_U=b_U, chunk=chunk)
+    ranking.logits = _apply_softcap(ranking.logits, cap)
+    return ranking
+
+
+def top_and_bottom(model: "Model", vectors: torch.Tensor, k: int = 20, *, norm: str = "gain",
+                   chunk: int = 8192) -> tuple[TokenRanking, TokenRanking]:
+    """``(top, bottom)``: the ``k`` most promoted and the ``k`` most suppressed tokens of each vector."""
+    return (topk_tokens(model, vectors, k, largest=True, norm=norm, chunk=chunk),
+            topk_tokens(model, vectors, k, largest=False, norm=norm, chunk=chunk))
