@@ -5,7 +5,8 @@
     build_atlas(model, "smollm2.atlas.duckdb", only=["heads"])  # one stage
 
 Interrupt it at any time (Ctrl-C, ``kill -9``): finished units are in the file, and
-the same call resumes with the rest. Progress (with ETA) goes to stderr.
+the same call resumes with the rest. Progress (with ETA) goes to stderr; when stderr is
+not a terminal, one ``committed <unit>`` line per finished unit instead.
 """
 
 from __future__ import annotations
@@ -61,9 +62,9 @@ def build_atlas(
 ) -> BuildReport:
     """Build (or resume) the atlas of ``model`` at ``out``; returns what was done."""
     stages = select_stages(only)
+    ctx = make_context(model, corpus, seed, params)  # a bad corpus fails before the file is touched
     store = AtlasStore.create_or_open(out, model.card())
     try:
-        ctx = make_context(model, corpus, seed, params)
         store.put_meta({"corpus": ctx.params["corpus"], "params": {k: v for k, v in ctx.params.items()}})
         done = store.done_units()
         planned = [(stage, unit) for stage in stages for unit in stage.plan(model, ctx)]
@@ -78,6 +79,8 @@ def build_atlas(
                 report.computed.append(result.unit)
                 report.seconds_by_stage[result.stage] = report.seconds_by_stage.get(result.stage, 0.0) + result.seconds
                 bar.update(task, advance=1, description=result.unit)
+                if progress and not bar.console.is_terminal:  # logs and pipes get one line per unit
+                    bar.console.print(f"committed {result.unit} ({result.seconds:.2f}s)", highlight=False)
         return report
     finally:
         store.close()

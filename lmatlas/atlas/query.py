@@ -1,0 +1,163 @@
+"""Atlas: read an atlas file from Python, the CLI or the web explorer.
+
+>>> atlas = Atlas.open("smollm2.atlas.duckdb")               # doctest: +SKIP
+>>> atlas.heads(type="induction")                           # pyarrow.Table
+>>> atlas.neurons(promotes=" dog").to_pandas()              # needs pandas
+>>> atlas.search("Paris")                                   # heads and neurons writing that token
+>>> atlas.sql("SELECT count(*) FROM neurons")               # anything else
+
+Every query returns a ``pyarrow.Table`` (``.to_pandas()``, ``polars.from_arrow``);
+in a notebook the atlas shows itself as an HTML summary.
+"""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from lmatlas.atlas.store import AtlasStore
+
+
+def _token_variants(text: str) -> list[str]:
+    """The token strings a search for ``text`` matches: as given, and with/without one leading space."""
+    bare = text.lstrip(" ")
+    return sorted({text, bare, " " + bare})
+
+
+class Atlas:
+    """A read-only view of one atlas file."""
+
+    def __init__(self, store: AtlasStore):
+        self.store = store
+        self.path = store.path
+
+    @classmethod
+    def open(cls, path: str | Path) -> "Atlas":
+        return cls(AtlasStore.open_existing(path, read_only=True))
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self) -> "Atlas":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -- basics ------------------------------------------------------------------------------------
+    def sql(self, query: str, params: list[Any] | None = None) -> pa.Table:
+        """Run any read-only SQL on the atlas."""
+        return self.store.con.sql(query, params=params or None).to_arrow_table()
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return self.store.meta()
+
+    @property
+    def card(self) -> dict[str, Any]:
+        return self.meta.get("model", {})
+
+    def stages(self) -> pa.Table:
+        """Per stage: units done, total seconds, last finished."""
+        return self.sql("SELECT stage, count(*) AS units, sum(seconds) AS seconds, max(finished) AS finished "
+                        "FROM runs WHERE status = 'done' GROUP BY stage ORDER BY stage")
+
+    def count(self, table: str) -> int:
+        return int(self.sql(f"SELECT count(*) AS n FROM {table}").column("n")[0].as_py())
+
+    # -- heads ---------------------------------------------------------------------------------------
+    def head_types(self) -> pa.Table:
+        """Per detector: how many heads carry its label."""
+        return self.sql("SELECT detector AS type, count(*) FILTER (WHERE label) AS heads, count(*) AS scored "
+                        "FROM head_scores GROUP BY detector ORDER BY detector")
+
+    def heads(self, type: str | None = None, layer: int | None = None) -> pa.Table:
+        """Heads with their labels, importance and copying score; with ``type``, only that type's
+        labelled heads with score, null baseline and z-score (strongest first)."""
+        where, params = [], []
+        if layer is not None:
+            where.append("h.layer = ?")
+            params.append(layer)
+        if type is not None:
+            where.append("s.detector = ? AND s.label")
+            params.append(type)
+            clause = " AND ".join(where)
+            return self.sql(
+                "SELECT s.layer, s.head, h.kv_group, s.detector AS type, s.score, s.baseline, s.z, s.seed "
+                "FROM head_scores s JOIN heads h USING (layer, head) "
+                f"WHERE {clause} ORDER BY s.score DESC", params)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        return self.sql(
+            "SELECT h.layer, h.head, h.kv_group, "
+            "list(s.detector ORDER BY s.detector) FILTER (WHERE s.label) AS labels, "
+            "any_value(i.delta_loss) AS importance, any_value(o.copying) AS copying, "
+            "any_value(o.suppression) AS suppression "
+            "FROM heads h LEFT JOIN head_scores s USING (layer, head) LEFT JOIN head_importance i USING (layer, head) "
+            f"LEFT JOIN head_ov o USING (layer, head) {clause} GROUP BY h.layer, h.head, h.kv_group "
+            "ORDER BY h.layer, h.head", params)
+
+    # -- neurons ----------------------------------------------------------------------------------------
+    def neurons(self, promotes: str | None = None, layer: int | None = None, limit: int = 50) -> pa.Table:
+        """Neurons, optionally those promoting ``promotes`` (ranked by its rank in their top tokens, then logit)."""
+        where, params = [], []
+        if layer is not None:
+            where.append("layer = ?")
+            params.append(layer)
+        rank = "NULL"
+        if promotes is not None:
+            variants = _token_variants(promotes)
+            rank = "list_min([list_position(promoted, v) for v in ?])"
+            where.append(f"{rank} IS NOT NULL")
+            params = [variants] + params + [variants]
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        return self.sql(
+            f"SELECT layer, neuron, {rank} AS rank, promoted[1:5] AS promoted, promoted_logits[1] AS top_logit, "
+            f"suppressed[1:5] AS suppressed, exciting[1:5] AS exciting FROM neurons {clause} "
+            f"ORDER BY rank NULLS LAST, top_logit DESC LIMIT {int(limit)}", params)
+
+    def search(self, text: str, limit: int = 20) -> pa.Table:
+        """Heads and neurons whose decoded outputs contain the token ``text``, ranked (1 = top token)."""
+        variants = _token_variants(text)
+        return self.sql(
+            "SELECT * FROM ("
+            " SELECT 'neuron' AS kind, 'L' || layer || '.N' || neuron AS name, layer, neuron AS index,"
+            "  list_min([list_position(promoted, v) for v in ?]) AS rank, promoted[1:5] AS top_tokens FROM neurons"
+            " UNION ALL"
+            " SELECT 'head', 'L' || layer || '.H' || head, layer, head,"
+            "  list_min([list_position(top_outputs, v) for v in ?]), top_outputs[1:5] FROM head_ov"
+            ") WHERE rank IS NOT NULL ORDER BY rank, layer, index LIMIT ?", [variants, variants, limit])
+
+    def layers(self) -> pa.Table:
+        return self.sql("SELECT * FROM layers ORDER BY layer")
+
+    # -- summaries ----------------------------------------------------------------------------------------
+    def summary(self) -> dict[str, Any]:
+        """A short JSON-ready summary: the model, what was built, head types, top neurons."""
+        card = self.card
+        return {
+            "path": str(self.path),
+            "model": card.get("source"),
+            "family": card.get("family"),
+            "stages": self.stages().to_pylist(),
+            "head_types": self.head_types().to_pylist(),
+            "heads": self.count("heads"),
+            "neurons_decoded": self.count("neurons"),
+            "neurons_with_stats": self.count("neuron_stats"),
+            "most_important_heads": self.sql(
+                "SELECT 'L' || layer || '.H' || head AS head, delta_loss FROM head_importance "
+                "ORDER BY delta_loss DESC LIMIT 5").to_pylist(),
+        }
+
+    def _repr_html_(self) -> str:
+        summary = self.summary()
+        rows = "".join(f"<tr><td>{html.escape(str(r['type']))}</td><td>{r['heads']}</td><td>{r['scored']}</td></tr>"
+                       for r in summary["head_types"])
+        return (f"<b>lmatlas atlas</b> of {html.escape(str(summary['model']))} ({html.escape(str(summary['family']))})"
+                f" — {html.escape(summary['path'])}<br>{summary['heads']} heads, {summary['neurons_decoded']} neurons "
+                f"decoded<table><tr><th>head type</th><th>heads</th><th>scored</th></tr>{rows}</table>")
+
+    def __repr__(self) -> str:
+        return f"Atlas({str(self.path)!r}, model={self.card.get('source')!r})"

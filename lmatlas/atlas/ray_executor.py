@@ -1,0 +1,279 @@
+"""``RayExecutor``: run an atlas build's work units on a Ray cluster.
+
+    from lmatlas.atlas.pipeline import build_atlas, make_context
+    from lmatlas.atlas.ray_executor import RayExecutor
+
+    model = lmatlas.load("path/to/model")
+    ctx = make_context(model)                                   # same corpus/params as build_atlas's
+    executor = RayExecutor.for_model(model, ctx, num_workers=4)             # a local cluster
+    executor = RayExecutor.for_model(model, ctx, address="ray://head:10001")  # an existing one
+    build_atlas(model, "model.atlas.duckdb", executor=executor)
+
+How the work is split:
+
+* Each of ``num_workers`` Ray **actors** loads the model **once**, by its source
+  (``lmatlas.load(model_source, dtype=...)``), and keeps its own copy of the
+  :class:`~lmatlas.atlas.stages.BuildContext`, so per-process memos (the corpus
+  forward, ablation means) are computed once per worker and reused by every unit
+  that worker runs. Nothing large crosses the wire: the corpus windows go out once,
+  each unit's rows (plain Python values) come back.
+* Units are dispatched one at a time to whichever worker is free, and results are
+  yielded as they finish (``ray.wait``), in any order; the driver (the pipeline)
+  writes each one atomically, so an interrupted build resumes with the rest.
+* Stages travel **by name**: a worker re-resolves ``all_stages()[name]`` in its own
+  process instead of unpickling closures, so a stage must be registered in a module
+  of :mod:`lmatlas.atlas.stages` (the executor refuses others before starting).
+
+Cluster: with ``address`` it connects (``ray.init(address=...)``); otherwise it uses
+Ray if this process already initialised it, or starts a quiet local cluster with
+``num_workers`` CPUs and shuts it down at the end. A model that exists only in
+memory (``Model.from_hf``, ``tiny_model``) cannot be loaded by a worker: save it with
+``save_pretrained`` and pass the directory. On a multi-node cluster a local path must
+exist on every node (a shared file system), or pass a hub id.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections import deque
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
+
+from lmatlas.atlas.executors import UnitResult, run_unit
+from lmatlas.errors import AtlasError, LmatlasError, ModelFileError
+
+if TYPE_CHECKING:
+    from lmatlas.atlas.stages import BuildContext, Stage
+    from lmatlas.model.handle import Model
+
+#: Card fields a worker's model must share with the driver's (the store checks the first five).
+FINGERPRINT = ("file_sha256", "model_type", "layers", "query_heads", "vocab", "dtype")
+INSTALL_HINT = "pip install 'lmatlas[ray]'"
+
+
+def import_ray():
+    """``ray``, or a clear error saying how to install it."""
+    try:
+        import ray
+    except ImportError:
+        raise LmatlasError(
+            f"The Ray executor needs Ray, which is not installed: {INSTALL_HINT} "
+            "(or build with the local executor)."
+        ) from None
+    return ray
+
+
+def reloadable_source(source: str | Path | None) -> str | None:
+    """The source a worker passes to ``lmatlas.load``; a clear error if workers cannot load it.
+
+    Local paths become absolute (workers may run elsewhere); the packaged default's
+    label maps back to ``None``; in-memory models are refused.
+    """
+    from lmatlas.model.loading import PACKAGED_DEFAULT_LABEL
+
+    if source is None or str(source) == PACKAGED_DEFAULT_LABEL:
+        return None
+    text = str(source)
+    if text == "in-memory" or text.startswith("tiny:"):
+        raise LmatlasError(
+            f"The model {text!r} exists only in this process, so Ray workers cannot load it. Save it with "
+            "model.hf.save_pretrained(DIR) and model.tokenizer.save_pretrained(DIR), load it with "
+            "lmatlas.load(DIR), and pass DIR as the model source."
+        )
+    path = Path(text).expanduser()
+    if path.exists():
+        return str(path.resolve())
+    if path.suffix == ".gguf" or text.startswith((".", "/", "~")):
+        raise ModelFileError(f"Model source not found: {text}. Ray workers load the model by source: pass an "
+                             "existing directory or .gguf file, a packaged model name or a hub id.")
+    return text  # a hub id or a packaged model name
+
+
+def fingerprint(card: dict[str, Any]) -> dict[str, Any]:
+    return {key: card.get(key) for key in FINGERPRINT}
+
+
+class AtlasWorker:
+    """One Ray actor's state: the model (loaded once), a private BuildContext, the stage registry."""
+
+    def load(self, source: str | None, ctx: "BuildContext", dtype: str, load_kwargs: dict[str, Any],
+             check_card: bool) -> tuple[str, dict[str, Any] | None]:
+        """Load the model; returns this worker's label (``host:pid``) and, if asked, the model's fingerprint."""
+        import lmatlas
+        from lmatlas.atlas.stages import all_stages
+
+        self.model: Model = lmatlas.load(source, dtype=dtype, **load_kwargs)
+        self.ctx = ctx
+        self.stages = all_stages()
+        self.label = f"{socket.gethostname()}:{os.getpid()}"
+        return self.label, fingerprint(self.model.card()) if check_card else None
+
+    def run(self, stage_name: str, unit: str) -> UnitResult:
+        if stage_name not in self.stages:
+            raise AtlasError(f"Stage {stage_name!r} is not registered on Ray worker {self.label}: every worker "
+                             "needs the same lmatlas version as the driver.")
+        return run_unit(self.model, self.stages[stage_name], unit, self.ctx)
+
+
+class RayExecutor:
+    """Runs work units on a pool of Ray actors, each loading the model once; yields results as they finish.
+
+    Args:
+        model_source: what the workers pass to ``lmatlas.load`` (a directory, ``.gguf``, packaged
+            name or hub id); :meth:`for_model` takes it from a loaded model.
+        ctx: the build context (corpus windows, seed, params): the one ``build_atlas`` uses,
+            i.e. ``make_context(model, corpus, seed, params)`` with the same arguments.
+        address: a Ray cluster to connect to (``"auto"``, ``"ray://host:10001"``); None: the
+            already-initialised Ray of this process, else a new local cluster.
+        num_workers: actors (each loads a copy of the model).
+        dtype: the workers' dtype (the driver's model should have the same).
+        load_kwargs: more ``lmatlas.load`` arguments (``device``, ``device_map``, ``revision``).
+        worker_options: Ray actor options (default ``{"num_cpus": 1}``; e.g. ``{"num_gpus": 1}``).
+        expect_card: the driver's model card; each worker checks it loaded the same model.
+
+    Attributes:
+        worker_of: ``unit -> "host:pid"`` of the worker that computed it (filled as units finish).
+    """
+
+    def __init__(self, model_source: str | Path | None, ctx: "BuildContext", *, address: str | None = None,
+                 num_workers: int = 2, dtype: str = "float32", load_kwargs: dict[str, Any] | None = None,
+                 worker_options: dict[str, Any] | None = None, expect_card: dict[str, Any] | None = None):
+        if num_workers < 1:
+            raise LmatlasError(f"num_workers must be at least 1 (got {num_workers}).")
+        import_ray()
+        self.source = reloadable_source(model_source)
+        self.ctx, self.address, self.num_workers = ctx, address, num_workers
+        self.dtype, self.load_kwargs = dtype, dict(load_kwargs or {})
+        self.worker_options = dict(worker_options or {"num_cpus": 1})
+        self.expect = fingerprint(expect_card) if expect_card else None
+        self.worker_of: dict[str, str] = {}
+
+    @classmethod
+    def for_model(cls, model: "Model", ctx: "BuildContext", **kwargs: Any) -> "RayExecutor":
+        """An executor whose workers load ``model``'s source in ``model``'s dtype, checked against its card."""
+        kwargs.setdefault("dtype", str(model.dtype).removeprefix("torch."))
+        kwargs.setdefault("expect_card", model.card())
+        return cls(model.provenance.source, ctx, **kwargs)
+
+    # -- running ---------------------------------------------------------------------------------
+    def run(self, work: list[tuple["Stage", str]]) -> Iterator[UnitResult]:
+        """Compute every ``(stage, unit)`` on the workers; yields each result as it arrives."""
+        if not work:
+            return
+        _check_registered(work)
+        ray = import_ray()
+        self.worker_of = {}
+        started = self._connect(ray)
+        actors: list[Any] = []
+        try:
+            actors = self._start_workers(ray)
+            yield from self._dispatch(ray, actors, deque((stage.name, unit) for stage, unit in work))
+        finally:
+            for actor in actors:
+                ray.kill(actor)
+            if started:
+                ray.shutdown()
+
+    def _connect(self, ray: Any) -> bool:
+        """Initialise Ray; True if this executor did (and so shuts it down at the end)."""
+        if ray.is_initialized():
+            return False
+        quiet = dict(logging_level=logging.ERROR, log_to_driver=False, include_dashboard=False)
+        try:
+            if self.address:
+                ray.init(address=self.address, **quiet)
+            else:
+                cpus = max(1, int(self.worker_options.get("num_cpus", 1)))
+                ray.init(num_cpus=self.num_workers * cpus, **quiet)
+        except Exception as err:  # ConnectionError, RuntimeError, ...: Ray raises several types
+            where = self.address or "a local cluster"
+            raise LmatlasError(f"Could not start Ray on {where}: {err}") from err
+        return True
+
+    def _start_workers(self, ray: Any) -> list[Any]:
+        needs = {"CPU": self.worker_options.get("num_cpus", 1), "GPU": self.worker_options.get("num_gpus", 0)}
+        have = ray.cluster_resources()
+        short = {k: (v, have.get(k, 0)) for k, v in needs.items() if v and have.get(k, 0) < v}
+        if short:
+            raise LmatlasError(f"The Ray cluster cannot place even one atlas worker: needs vs has {short}. "
+                               "Lower worker_options or add nodes.")
+        actor_class = ray.remote(AtlasWorker).options(**self.worker_options)
+        return [actor_class.remote() for _ in range(self.num_workers)]
+
+    def _dispatch(self, ray: Any, actors: list[Any], queue: deque[tuple[str, str]]) -> Iterator[UnitResult]:
+        """Load the model on every worker, then feed units to whichever worker is free."""
+        labels = self._load_everywhere(ray, actors)
+        running: dict[Any, tuple[Any, str]] = {}
+        free = list(reversed(actors))  # pop() hands out the first worker first
+
+        def feed() -> None:
+            while free and queue:
+                actor = free.pop()
+                stage_name, unit = queue.popleft()
+                running[actor.run.remote(stage_name, unit)] = (actor, unit)
+
+        feed()
+        while running:
+            [ref], _ = ray.wait(list(running), num_returns=1)
+            actor, unit = running.pop(ref)
+            result = _result(ray, ref, unit, labels[actor])
+            self.worker_of[unit] = labels[actor]
+            free.append(actor)
+            feed()  # keep the workers busy while the driver writes this result
+            yield result
+
+    def _load_everywhere(self, ray: Any, actors: list[Any]) -> dict[Any, str]:
+        """``actor -> "host:pid"`` once every worker has loaded (and checked) the model.
+
+        Waiting for all of them before the first unit means a node that cannot load the
+        model stops the build before any work is done, and every worker gets work.
+        """
+        ctx_ref = ray.put(replace(self.ctx, memo={}))  # each worker keeps its own memo
+        loading = {actor.load.remote(self.source, ctx_ref, self.dtype, self.load_kwargs, self.expect is not None):
+                   actor for actor in actors}
+        labels: dict[Any, str] = {}
+        while loading:
+            [ref], _ = ray.wait(list(loading), num_returns=1)
+            labels[loading.pop(ref)] = self._loaded(ray, ref)
+        return labels
+
+    def _loaded(self, ray: Any, ref: Any) -> str:
+        try:
+            label, found = ray.get(ref)
+        except ray.exceptions.RayError as err:
+            cause = getattr(err, "cause", None) or err
+            raise LmatlasError(f"A Ray worker could not load the model {self.source!r}: "
+                               f"{type(cause).__name__}: {cause}") from err
+        if self.expect is not None and found != self.expect:
+            diff = {k: (self.expect[k], found[k]) for k in FINGERPRINT if self.expect[k] != found[k]}
+            raise AtlasError(f"Ray worker {label} loaded a different model from {self.source!r} than the driver's "
+                             f"(driver vs worker: {diff}). Make the same model file visible to every node.")
+        return label
+
+
+def _result(ray: Any, ref: Any, unit: str, label: str) -> UnitResult:
+    """The unit's result, or an AtlasError naming the unit and the worker."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as err:
+        cause = err.cause if err.cause is not None else err
+        raise AtlasError(f"Atlas unit {unit} failed on Ray worker {label}: {type(cause).__name__}: {cause}") from err
+    except ray.exceptions.RayError as err:  # the worker process died (out of memory, killed, node lost)
+        raise AtlasError(f"Atlas unit {unit} was lost: Ray worker {label} died ({type(err).__name__}: {err}). "
+                         "Finished units are saved; rerun to resume.") from err
+
+
+def _check_registered(work: list[tuple["Stage", str]]) -> None:
+    """Workers resolve stages by name: refuse a stage that is not the registered one."""
+    from lmatlas.atlas.stages import all_stages
+
+    registry = all_stages()
+    strangers = sorted({stage.name for stage, _ in work if registry.get(stage.name) != stage})
+    if strangers:
+        raise LmatlasError(
+            f"Stage(s) {', '.join(strangers)} are not registered in lmatlas.atlas.stages, and Ray workers look "
+            "stages up by name. Define the stage in a module of lmatlas/atlas/stages/, or use the local executor."
+        )

@@ -1,0 +1,272 @@
+"""Successor heads: heads that map an ordinal token to the next one (``Monday -> Tuesday``, ``3 -> 4``).
+
+Gould et al. (2023, "Successor Heads: Recurring, Interpretable Attention Heads In The
+Wild") found such heads in mid layers of many models, identified from the head's OV
+circuit applied to "effective" token embeddings. This detector scores every head on
+two components, each a hit rate over the same ``(token, target)`` pairs, and averages
+them (``ov_weight`` = 0.5 by default):
+
+**OV circuit (weights).** For an input token ``a``:
+
+1. ``x = effective embedding of a``, ``[d_model]``. With ``embedding="mlp0"`` (the
+   default, the paper's choice) it is the residual stream leaving block 0 when ``a`` is
+   run alone with block 0's attention removed: the embedding module's output (with the
+   family's own scale, e.g. Gemma's ``sqrt(d_model)``) plus the first MLP's write,
+   because the first MLP acts as part of the embedding in many models. With
+   ``embedding="embed"`` it is the embedding module's output only.
+2. ``v = attn_norm(x) @ W_V(l)[kv(h)] + b_V`` (the layer's own pre-attention norm module),
+   ``out = v @ W_O(l)[h]``, times the gain of a post-attention norm if the family has one.
+3. ``logits = out @ R`` with ``R = readout_matrix(model, candidates)``: the final norm with
+   its per-position scale dropped (gain, and centring for LayerNorm) and ``W_U``. Biases
+   that do not depend on the input (``b_O``, LayerNorm bias, ``b_U``) are left out.
+
+A pair is a **hit** when the target ranks first among the *candidates*: the tokens of
+the same ordinal sequence (a restricted vocabulary, as in the paper), not the full vocabulary.
+
+**Behaviour (activations).** The battery's prompts are runs of an ordinal sequence
+(``" Monday Tuesday Wednesday Thursday Friday Saturday"``). At each position ``p`` the
+head's direct logit attribution ``attn.out[p, h] @ R`` (the final norm's positive
+per-position factor does not change a ranking) is a hit when the successor of the token
+at ``p`` ranks first among the candidates.
+
+**Null battery.** The same sequences with the items in random order, and targets from a
+random pairing ``pi(a) not in {a, succ(a)}``, fixed per example. A successor head scores
+near 0 there, a head unrelated to ordinals near ``1 / n_candidates`` on both batteries.
+
+Per-example score ``= ov_weight * OV hit rate + (1 - ov_weight) * behaviour hit rate`` over
+the example's counted positions, in ``[0, 1]``. Label: score >= 0.5 and z >= 3.
+:func:`successor_ov_scores` gives the OV component alone over *all* pairs of all sequences.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from lmatlas.census.ordinals import OrdinalTokens, ordinal_tokens
+from lmatlas.census.registry import Battery, Detector, register
+from lmatlas.errors import LmatlasError
+from lmatlas.model.arch import get_path
+
+if TYPE_CHECKING:
+    from lmatlas.model.handle import Model
+
+EMBEDDINGS = ("embed", "mlp0")
+
+
+# -- reading a residual-stream write out through the final norm -------------------------------------
+def norm_gain(norm: nn.Module, d_model: int) -> torch.Tensor:
+    """``[d_model]`` float32 elementwise gain of a norm module, read from the module itself.
+
+    For an RMS norm ``norm(x) = x * rsqrt(mean(x**2) + eps) * gain`` whatever the family's
+    convention (``weight`` or ``1 + weight``), so ``gain = norm(ones) * sqrt(1 + eps)``.
+    For ``nn.LayerNorm`` it is the weight (the centring is handled by the caller).
+    """
+    if isinstance(norm, nn.LayerNorm):
+        return norm.weight.detach().float() if norm.weight is not None else torch.ones(d_model)
+    eps = getattr(norm, "eps", None)
+    if eps is None:
+        eps = getattr(norm, "variance_epsilon", 0.0)
+    ref = next(norm.parameters(), None)
+    ones = torch.ones(1, d_model, dtype=ref.dtype if ref is not None else torch.float32,
+                      device=ref.device if ref is not None else "cpu")
+    with torch.no_grad():
+        return norm(ones)[0].float() * math.sqrt(1.0 + float(eps))
+
+
+def readout_matrix(model: "Model", token_ids: torch.Tensor | list[int]) -> torch.Tensor:
+    """``[d_model, n]``: how a write to the last residual stream moves the logits of ``token_ids``.
+
+    The final norm is linear once its per-position scale is frozen; this is that linear
+    map *without* the scale (a positive factor per position, see :func:`final_norm_factor`):
+    ``diag(gain) @ W_U[:, ids]``, with LayerNorm's centring. Monotone final softcaps are ignored.
+    """
+    ids = torch.as_tensor(token_ids, dtype=torch.long, device=model.device)
+    norm = get_path(model.hf, model.spec.final_norm)
+    matrix = model.W.W_U[:, ids].detach().float() * norm_gain(norm, model.layout.d_model).to(model.device)[:, None]
+    if isinstance(norm, nn.LayerNorm):
+        matrix = matrix - matrix.mean(0, keepdim=True)  # (d - mean(d)) @ M == d @ (M - column means)
+    return matrix
+
+
+def final_norm_factor(model: "Model", resid: torch.Tensor) -> torch.Tensor:
+    """``[..., 1]`` the final norm's positive per-position scale for the last residual stream ``resid``."""
+    norm = get_path(model.hf, model.spec.final_norm)
+    x = resid.float()
+    eps = float(getattr(norm, "eps", None) or getattr(norm, "variance_epsilon", 0.0))
+    if isinstance(norm, nn.LayerNorm):
+        return torch.rsqrt(x.var(-1, unbiased=False, keepdim=True) + eps)
+    return torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+# -- the OV circuit ------------------------------------------------------------------------------
+def effective_embedding(model: "Model", token_ids: torch.Tensor, embedding: str = "mlp0") -> torch.Tensor:
+    """``[n, d_model]`` float32 effective embeddings of ``token_ids`` (see the module docstring)."""
+    if embedding not in EMBEDDINGS:
+        raise LmatlasError(f"Unknown embedding {embedding!r}: use one of {', '.join(EMBEDDINGS)}.")
+    ids = torch.as_tensor(token_ids, dtype=torch.long, device=model.device)
+    if embedding == "embed":
+        with torch.no_grad():
+            return get_path(model.hf, model.spec.embed)(ids).float()
+    with model.trace(ids[:, None], capture=["L0.resid.post"], replace={"L0.attn.out": lambda v, s: torch.zeros_like(v)}) as cache:
+        pass
+    return cache.resid(0, "post")[:, 0].float()
+
+
+def ov_logits(model: "Model", x: torch.Tensor, readout: torch.Tensor, layers: list[int] | None = None) -> torch.Tensor:
+    """``[layer, head, n, n_out]`` every head's OV circuit from inputs ``x`` ``[n, d_model]`` to ``readout``'s logits."""
+    spec, lay, W = model.spec, model.layout, model.W
+    layers = list(range(lay.n_layers)) if layers is None else layers
+    out = []
+    with torch.no_grad():
+        for layer in layers:
+            block = model.blocks[layer]
+            xn = x.to(model.dtype)
+            if spec.attn_norm:
+                xn = get_path(block, spec.attn_norm)(xn)
+            v = torch.einsum("nm,kmd->knd", xn.float(), W.W_V(layer).float())  # [kv_head, n, d_head]
+            if W.b_V(layer) is not None:
+                v = v + W.b_V(layer).float()[:, None]
+            kv = torch.tensor([lay.kv_head(h) for h in range(lay.n_heads)], device=v.device)
+            heads = torch.einsum("hnd,hdm->hnm", v[kv], W.W_O(layer).float())  # [head, n, d_model]
+            if spec.attn_post_norm:
+                heads = heads * norm_gain(get_path(block, spec.attn_post_norm), lay.d_model).to(heads.device)
+            out.append(heads @ readout)
+    return torch.stack(out)
+
+
+def successor_ov_scores(
+    model: "Model", embedding: str = "mlp0", sequences: dict[str, OrdinalTokens] | None = None
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """OV component alone over every successor pair: ``([layer, head], {sequence: [layer, head]})`` hit rates."""
+    sequences = sequences or ordinal_tokens(model.tokenizer)
+    per_seq, total, count = {}, None, 0
+    for name, seq in sequences.items():
+        pairs = seq.pairs()
+        cand = list(seq.ids)
+        logits = ov_logits(model, effective_embedding(model, [a for a, _ in pairs], embedding),
+                           readout_matrix(model, cand))
+        target = torch.tensor([cand.index(b) for _, b in pairs], device=logits.device)
+        hits = (logits.argmax(-1) == target).float()  # [layer, head, n_pairs]
+        per_seq[name] = hits.mean(-1)
+        total = hits.sum(-1) if total is None else total + hits.sum(-1)
+        count += len(pairs)
+    return total / count, per_seq
+
+
+# -- battery -------------------------------------------------------------------------------------
+def special_prefix(tokenizer) -> list[int]:
+    """Ids the tokenizer puts before any text (e.g. Gemma's ``<bos>``; nothing for SmolLM2)."""
+    if tokenizer is None:
+        return []
+    full = tokenizer.encode("a")
+    bare = tokenizer.encode("a", add_special_tokens=False)
+    return list(full[: len(full) - len(bare)]) if full[len(full) - len(bare):] == bare else []
+
+
+def _walks(seq: OrdinalTokens, length: int) -> list[list[int]]:
+    """Every run of ``length`` kept items where each is the successor of the one before (indices into ids)."""
+    runs = []
+    for start in range(len(seq.ids)):
+        walk = [start]
+        while len(walk) < length and (nxt := seq.successor_index(walk[-1])) is not None:
+            walk.append(nxt)
+        if len(walk) == length:
+            runs.append(walk)
+    return runs
+
+
+@register
+class SuccessorDetector(Detector):
+    name = "successor"
+    description = "maps an ordinal token to its successor (Monday->Tuesday, 3->4): OV circuit and direct logit attribution"
+    threshold = 0.5
+    min_z = 3.0
+
+    def __init__(self, n_examples: int = 64, n_items: int = 6, embedding: str = "mlp0", ov_weight: float = 0.5):
+        self.n_examples, self.n_items, self.embedding, self.ov_weight = n_examples, n_items, embedding, ov_weight
+
+    def battery(self, model: "Model", seed: int, null: bool = False) -> Battery:
+        sequences = ordinal_tokens(model.tokenizer)
+        runs = {name: _walks(seq, self.n_items) for name, seq in sequences.items()}
+        names = [name for name in sequences if runs[name]]
+        if not names:
+            raise LmatlasError(f"No ordinal sequence has {self.n_items} successive single tokens: lower n_items.")
+        gen = torch.Generator().manual_seed(seed)
+        prefix = special_prefix(model.tokenizer)
+        width = max(len(sequences[n].ids) for n in names)
+        ids = torch.empty(self.n_examples, len(prefix) + self.n_items, dtype=torch.long)
+        targets = torch.full_like(ids, -1)
+        candidates = torch.full((self.n_examples, width), -1, dtype=torch.long)
+        chosen = []
+        for i in range(self.n_examples):
+            seq = sequences[names[i % len(names)]]
+            chosen.append(seq.name)
+            cand = torch.tensor(seq.ids)
+            candidates[i, : len(cand)] = cand
+            if null:
+                items = torch.randperm(len(cand), generator=gen)[: self.n_items].tolist()
+                succ = seq.successor_of()
+                pairing = {}
+                for a in seq.ids:  # a random partner that is neither a nor its successor
+                    options = [b for b in seq.ids if b != a and b != succ.get(a)]
+                    pairing[a] = options[int(torch.randint(len(options), (1,), generator=gen))]
+                row = [seq.ids[k] for k in items]
+                tgt = [pairing[a] for a in row]
+            else:
+                walk = runs[seq.name][int(torch.randint(len(runs[seq.name]), (1,), generator=gen))]
+                row = [seq.ids[k] for k in walk]
+                nxt = [seq.successor_index(k) for k in walk]
+                tgt = [-1 if k is None else seq.ids[k] for k in nxt]
+            ids[i] = torch.tensor(prefix + row)
+            targets[i, len(prefix):] = torch.tensor(tgt)
+        name = f"{self.name}/null" if null else self.name
+        return Battery(name, ids, seed, {"targets": targets, "candidates": candidates, "sequences": chosen})
+
+    def score(self, model: "Model", battery: Battery) -> torch.Tensor:
+        ov, behaviour, counted = self.components(model, battery)
+        n = counted.sum(-1).clamp_min(1)[:, None, None]
+        w = self.ov_weight
+        return (w * ov.sum(1) + (1 - w) * behaviour.sum(1)) / n
+
+    def components(self, model: "Model", battery: Battery) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(ov_hits, behaviour_hits, counted)``: ``[n_examples, pos, layer, head]`` 0/1 floats and ``[n, pos]``."""
+        ids, targets, cands = (battery.input_ids.to(model.device), battery.meta["targets"].to(model.device),
+                               battery.meta["candidates"].to(model.device))
+        vocab = torch.unique(cands[cands >= 0])  # the union of all candidates, sorted
+        readout = readout_matrix(model, vocab)  # [d_model, U]
+        allowed = (cands[:, :, None] == vocab[None, None, :]).any(1)  # [n, U]
+        counted = targets >= 0
+        target_col = torch.searchsorted(vocab, targets.clamp_min(0))  # [n, pos] column of each target
+        lay = model.layout
+
+        # OV hits: one OV evaluation per distinct input token.
+        inputs = torch.unique(ids[counted])
+        logits = ov_logits(model, effective_embedding(model, inputs, self.embedding), readout)  # [L, H, k, U]
+        row = torch.searchsorted(inputs, ids.clamp_max(int(inputs.max())))  # [n, pos]
+        per_pos = logits[:, :, row].permute(2, 3, 0, 1, 4)  # [n, pos, L, H, U]
+        ov = self._hits(per_pos, allowed, target_col)
+
+        # Behaviour hits: each head's direct logit attribution, reduced layer by layer inside the forward.
+        behaviour = torch.zeros(ids.shape[0], ids.shape[1], lay.n_layers, lay.n_heads, device=model.device)
+
+        def reduce(out, site):  # out: [n, pos, head, d_model]
+            dla = out.float() @ readout  # [n, pos, head, U]
+            behaviour[:, :, site.layer] = self._hits(dla, allowed, target_col)
+            return None
+
+        with model.trace(ids, replace={"attn.out": reduce}):
+            pass
+        mask = counted[:, :, None, None].float()
+        return ov * mask, behaviour * mask, counted
+
+    @staticmethod
+    def _hits(logits: torch.Tensor, allowed: torch.Tensor, target_col: torch.Tensor) -> torch.Tensor:
+        """1.0 where the target ranks first among the example's candidates. ``logits``: ``[n, pos, ..., U]``."""
+        extra = logits.dim() - 3
+        shape = (allowed.shape[0], 1) + (1,) * extra + (allowed.shape[1],)
+        masked = logits.masked_fill(~allowed.view(shape), float("-inf"))
+        return (masked.argmax(-1) == target_col.view(*target_col.shape, *(1,) * extra)).float()

@@ -1,0 +1,293 @@
+"""Streaming attention statistics: per-head reductions of the pattern, for long contexts.
+
+Many head behaviours are a *reduction* of the attention pattern over key positions:
+how much mass a query puts on the first token (an attention sink), on the previous
+token, on a recent window, on one chosen token (the needle a retrieval head should
+find), how peaked it is (entropy), and where its maximum lands. For a context of
+``T`` tokens the full pattern is ``[layer, batch, head, T, T]``: at 8k tokens on
+SmolLM2-135M (30 layers, 9 heads) that is 72 GB in float32. These statistics are
+``[layer, batch, head, T]``.
+
+How it works. :func:`attention_stats` runs one ordinary forward with a probe on the
+attention module of each requested layer (through the attention function lmatlas
+registers with transformers, see :mod:`lmatlas.model.attention`). The attention
+*output* still comes from the model's own kernel (SDPA, flash, eager), so the
+forward is unchanged. Next to it, the probe's ``on_call`` sees ``q``, ``k`` and the
+model's mask and walks the queries in chunks of ``chunk`` rows::
+
+    for rows in [0, chunk), [chunk, 2*chunk), ...:
+        keys  = the key range those rows can see (causal: [0, rows.stop);
+                sliding window: about window + chunk keys)
+        probs = softmax(mask(softcap(q[rows] @ k[keys].T * scaling)))    # [batch, head, chunk, keys] float32
+        sink, previous, local, entropy, top1, top1_mass, target  <- reductions of probs over keys
+
+so the largest temporary is ``[batch, head, chunk, T]``: memory grows linearly in
+``T`` (``bench/census_memory.py`` measures it). The probabilities are computed by
+the same code as ``attn.pattern`` (:func:`lmatlas.model.attention.attention_scores`):
+the model's mask is respected exactly (``None`` = causal, boolean, additive float,
+sliding windows), as are logit softcapping, the attention scaling and GQA/MQA
+(query head ``h`` reads KV head ``h // group``). Keys a chunk cannot see are skipped:
+their probability is exactly 0, so skipping them changes nothing (and halves the work
+of a causal model).
+
+The forward stops right after the last requested layer (no later blocks, no logits).
+
+>>> stats = attention_stats(model, ids, targets=needle_pos, layers=[3, 4])   # doctest: +SKIP
+>>> stats.sink.shape                     # [layer, batch, head, pos]           # doctest: +SKIP
+>>> stats.target[0, :, 2, -1]            # L3.H2's mass on the needle, last query   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from lmatlas.errors import LmatlasError
+from lmatlas.model.attention import AttentionCall, Probe
+from lmatlas.model.hooks import HookSession
+from lmatlas.model.sites import check_layer
+
+if TYPE_CHECKING:
+    from lmatlas.model.handle import Model
+
+
+class AttentionStatsError(LmatlasError, ValueError):
+    """Bad arguments to :func:`attention_stats`, or a model whose attention cannot be streamed."""
+
+
+@dataclass
+class AttentionStats:
+    """Per-head attention statistics reduced over key positions, for every query position.
+
+    All ``[layer, batch, head, pos]`` float32 unless noted; ``layer`` indexes
+    :attr:`layers` (``stats.sink[i]`` is model layer ``stats.layers[i]``). ``pos`` is
+    the query position; "mass" is attention probability summed over some keys.
+    """
+
+    sink: torch.Tensor  # attention mass on key position 0
+    previous: torch.Tensor  # mass on key position pos-1 (0.0 at pos 0)
+    local: torch.Tensor  # mass on keys in (pos - local_window, pos]
+    entropy: torch.Tensor  # entropy of the attention distribution, nats
+    top1: torch.Tensor  # argmax key position, int64 (the first one on ties)
+    top1_mass: torch.Tensor  # mass at that argmax
+    target: torch.Tensor | None  # mass on key position targets[b, pos] (targets < 0 = no target -> 0.0)
+    layers: list[int]  # the model layers, in the order of the first axis
+
+    @classmethod
+    def empty(
+        cls, layers: list[int], batch: int, heads: int, pos: int, device: torch.device, with_target: bool
+    ) -> "AttentionStats":
+        """Zero-filled statistics of shape ``[len(layers), batch, heads, pos]`` to be filled chunk by chunk."""
+        shape = (len(layers), batch, heads, pos)
+
+        def zeros(dtype: torch.dtype = torch.float32) -> torch.Tensor:
+            return torch.zeros(shape, dtype=dtype, device=device)
+
+        return cls(
+            sink=zeros(), previous=zeros(), local=zeros(), entropy=zeros(), top1=zeros(torch.int64),
+            top1_mass=zeros(), target=zeros() if with_target else None, layers=list(layers),
+        )
+
+    def index(self, layer: int) -> int:
+        """Position of model layer ``layer`` on the first axis."""
+        try:
+            return self.layers.index(layer)
+        except ValueError:
+            raise AttentionStatsError(
+                f"Layer {layer} was not computed; these statistics hold layers {self.layers}."
+            ) from None
+
+
+def _mass_at(probs: torch.Tensor, key_index: torch.Tensor, keys: slice) -> torch.Tensor:
+    """``probs[b, h, i, key_index[b, i]]`` (0.0 where the index lies outside ``keys``): ``[batch, head, rows]``.
+
+    ``probs`` is ``[batch, head, rows, n_keys]`` over key positions ``keys``;
+    ``key_index`` is ``[batch | 1, rows]`` absolute key positions (negative = none).
+    """
+    batch, heads, rows, n_keys = probs.shape
+    inside = (key_index >= keys.start) & (key_index < keys.stop)
+    local = (key_index - keys.start).clamp(0, n_keys - 1)
+    picked = probs.gather(-1, local[:, None, :, None].expand(batch, heads, rows, 1)).squeeze(-1)
+    return torch.where(inside[:, None, :], picked, 0.0)
+
+
+def reduce_block(
+    probs: torch.Tensor, rows: slice, keys: slice, local_window: int, targets: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    """Reduce one block of attention probabilities over its keys.
+
+    Args:
+        probs: ``[batch, head, n_rows, n_keys]`` float32 probabilities of query
+            positions ``rows`` over key positions ``keys`` (every key outside
+            ``keys`` has probability 0).
+        rows, keys: absolute positions (step-1 slices with explicit start and stop).
+        local_window: keys in ``(pos - local_window, pos]`` count as local.
+        targets: ``[batch, n_rows]`` one key position per query (negative = none).
+
+    Returns:
+        ``name -> [batch, head, n_rows]`` for every :class:`AttentionStats` field.
+    """
+    device = probs.device
+    pos = torch.arange(rows.start, rows.stop, device=device)  # [n_rows]
+    key_pos = torch.arange(keys.start, keys.stop, device=device)  # [n_keys]
+    band = (key_pos[None, :] <= pos[:, None]) & (key_pos[None, :] > pos[:, None] - local_window)
+    top1_mass, top1 = probs.max(dim=-1)
+    out = {
+        "sink": _mass_at(probs, torch.zeros_like(pos)[None], keys),
+        "previous": _mass_at(probs, (pos - 1)[None], keys),
+        "local": torch.where(band, probs, 0.0).sum(-1),
+        "entropy": torch.special.entr(probs).sum(-1),
+        "top1": top1 + keys.start,
+        "top1_mass": top1_mass,
+    }
+    if targets is not None:
+        out["target"] = _mass_at(probs, targets, keys)
+    return out
+
+
+class StreamingStatsProbe(Probe):
+    """Fills layer ``index`` of an :class:`AttentionStats` from inside the attention function.
+
+    It neither replaces q/k/v nor asks for the full pattern; :meth:`on_call`
+    reduces the pattern ``chunk`` query rows at a time. ``calls`` counts the
+    attention calls it saw (one per forward).
+    """
+
+    def __init__(
+        self, stats: AttentionStats, index: int, local_window: int, chunk: int, targets: torch.Tensor | None = None
+    ):
+        self.stats, self.index = stats, index
+        self.local_window, self.chunk, self.targets = local_window, chunk, targets
+        self.calls = 0
+
+    def on_call(self, call: AttentionCall) -> None:
+        self.calls += 1
+        if call.q_len != call.k_len:
+            raise AttentionStatsError(
+                f"Streaming statistics need one forward over the whole sequence (queries = keys), but layer "
+                f"{self.stats.layers[self.index]} saw {call.q_len} queries over {call.k_len} keys: run without "
+                "a KV cache (use_cache=False)."
+            )
+        layer_stats = {name: getattr(self.stats, name)[self.index] for name in _FIELDS}
+        if self.targets is not None:
+            layer_stats["target"] = self.stats.target[self.index]
+        with torch.no_grad():
+            for start in range(0, call.q_len, self.chunk):
+                rows = slice(start, min(start + self.chunk, call.q_len))
+                keys = call.visible_keys(rows)
+                targets = None if self.targets is None else self.targets[:, rows]
+                block = reduce_block(call.probs(rows, keys), rows, keys, self.local_window, targets)
+                for name, value in block.items():
+                    layer_stats[name][:, :, rows] = value
+
+
+_FIELDS = ("sink", "previous", "local", "entropy", "top1", "top1_mass")
+
+
+class _StopForward(Exception):
+    """Raised after the last requested layer: nothing later is needed."""
+
+
+def _stop_forward(module, args, output):
+    raise _StopForward
+
+
+def _as_ids(model: "Model", input_ids) -> torch.Tensor:
+    ids = torch.as_tensor(input_ids)
+    if ids.dim() == 1:
+        ids = ids.unsqueeze(0)
+    if ids.dim() != 2 or ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.numel() == 0:
+        raise AttentionStatsError(
+            f"input_ids must be integer token ids shaped [batch, pos] or [pos], got {tuple(ids.shape)} {ids.dtype}. "
+            "Tokenize text first: model.tokenize(text)['input_ids']."
+        )
+    if int(ids.min()) < 0 or int(ids.max()) >= model.layout.d_vocab:
+        raise AttentionStatsError(
+            f"input_ids must lie in [0, {model.layout.d_vocab}) (the model's vocabulary), "
+            f"got values in [{int(ids.min())}, {int(ids.max())}]."
+        )
+    return ids.to(model.device)
+
+
+def _as_targets(targets, ids: torch.Tensor) -> torch.Tensor | None:
+    if targets is None:
+        return None
+    tgt = torch.as_tensor(targets)
+    if tgt.dim() == 1 and ids.shape[0] == 1:
+        tgt = tgt.unsqueeze(0)
+    if tuple(tgt.shape) != tuple(ids.shape) or tgt.dtype.is_floating_point or tgt.dtype == torch.bool:
+        raise AttentionStatsError(
+            f"targets must be integer key positions shaped like input_ids {tuple(ids.shape)} "
+            f"(one per query; -1 = no target), got {tuple(tgt.shape)} {tgt.dtype}."
+        )
+    if tgt.numel() and int(tgt.max()) >= ids.shape[1]:
+        raise AttentionStatsError(
+            f"targets are key positions and must be < {ids.shape[1]} (the sequence length), got {int(tgt.max())}."
+        )
+    return tgt.to(device=ids.device, dtype=torch.int64)
+
+
+def _as_layers(model: "Model", layers: int | Iterable[int] | None) -> list[int]:
+    if layers is None:
+        return list(range(model.layout.n_layers))
+    chosen = [layers] if isinstance(layers, int) else list(layers)
+    if not chosen:
+        raise AttentionStatsError("layers is empty: pass None for every layer, or a list of layer numbers.")
+    return sorted({check_layer(int(layer), model.layout) for layer in chosen})
+
+
+def attention_stats(
+    model: "Model",
+    input_ids,
+    *,
+    targets=None,
+    local_window: int = 8,
+    chunk: int = 256,
+    layers: int | Iterable[int] | None = None,
+) -> AttentionStats:
+    """Per-head attention statistics of one forward, computed in query chunks (memory linear in ``pos``).
+
+    Args:
+        model: an lmatlas :class:`~lmatlas.model.handle.Model`.
+        input_ids: ``[batch, pos]`` (or ``[pos]``) token ids, no padding.
+        targets: optional ``[batch, pos]`` key positions: ``stats.target`` is each
+            query's mass on ``targets[b, pos]`` (``-1`` = no target, gives 0.0).
+        local_window: ``stats.local`` counts keys in ``(pos - local_window, pos]``.
+        chunk: query rows reduced at once; the largest temporary is
+            ``[batch, head, chunk, pos]`` float32.
+        layers: layer numbers (default: every layer); the result is in sorted order.
+
+    Returns:
+        :class:`AttentionStats` with ``[layer, batch, head, pos]`` tensors on the model's device.
+
+    Raises:
+        AttentionStatsError: malformed ids/targets, ``chunk`` or ``local_window`` < 1.
+        SiteError: a layer out of range.
+    """
+    if int(chunk) < 1 or int(local_window) < 1:
+        raise AttentionStatsError(f"chunk and local_window must be >= 1, got chunk={chunk}, local_window={local_window}.")
+    ids = _as_ids(model, input_ids)
+    tgt = _as_targets(targets, ids)
+    chosen = _as_layers(model, layers)
+    batch, pos = ids.shape
+    stats = AttentionStats.empty(chosen, batch, model.layout.n_heads, pos, ids.device, tgt is not None)
+    probes = {layer: StreamingStatsProbe(stats, i, int(local_window), int(chunk), tgt) for i, layer in enumerate(chosen)}
+    stop = model.blocks[chosen[-1]].register_forward_hook(_stop_forward)
+    try:
+        with HookSession(model, probes=probes), torch.no_grad():
+            model.hf(input_ids=ids, use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        stop.remove()
+    silent = [layer for layer, probe in probes.items() if probe.calls != 1]
+    if silent:
+        raise AttentionStatsError(
+            f"The attention of layers {silent} did not run exactly once through lmatlas's attention function, so "
+            "their statistics are missing: this model's attention must call transformers' attention interface "
+            "(config._attn_implementation)."
+        )
+    return stats

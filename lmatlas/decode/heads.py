@@ -1,0 +1,364 @@
+"""What each attention head writes and reads, from its parameters alone (MAPS).
+
+A head does two things: its **QK circuit** decides where it looks (query token ->
+key token) and its **OV circuit** decides what it writes once it looks there
+(source token -> residual-stream vector). Both are bilinear maps of token
+embeddings, so they can be read through the vocabulary without running the model.
+
+**Inputs.** A token enters as ``x = embed(id)``, produced by the native embedding
+module (so Gemma's ``sqrt(d_model)`` scale is included; GPT-2's positional
+embedding is not), then -- by default, ``norm_input=True`` -- through the layer's own
+pre-attention norm (the native module), because that is what the head reads: it
+puts every token on the same scale and applies the norm's per-dimension gain.
+Families without a pre-norm (OLMo-2) use ``x`` as is.
+
+**OV circuit** of query head ``h`` of layer ``l`` (GQA: it reads KV head
+``kv = h // group_size``)::
+
+    logits[s, t] = (x_s @ W_V[kv] + b_V[kv]) @ W_O[h] * post_gain * final_gain @ W_U[:, t]
+                   \\______ left [n, d_head] _______/   \\_________ right [d_head, d_vocab] ________/
+
+``post_gain`` is the gain of a post-attention norm (Gemma 2/3, OLMo-2; its
+data-dependent ``rsqrt`` is one positive number per position and does not change
+rankings), ``final_gain`` that of the final norm (``norm="gain"`` in
+:mod:`lmatlas.decode.vocab`; no ``b_U``, no soft-capping: the logits are the head's
+linear contribution). The value bias ``b_V`` is included: whatever the head
+attends to, its attention weights sum to one, so it always writes ``b_V @ W_O``.
+The product is computed in this factored form (rank ``d_head``), chunked over
+source tokens and the output vocabulary by :func:`lmatlas.decode.vocab.topk_rows`:
+never a ``d_vocab x d_vocab`` matrix.
+
+* **copying score**: the fraction of source tokens ``s`` whose own id is among the
+  head's top-``k`` outputs for ``s`` (a head that writes back what it reads, e.g.
+  induction and name-mover heads); **suppression score**: the same for the
+  bottom-``k`` (copy suppression). Over every token, or over a seeded random sample
+  (``sources=1024``, the default of :func:`copying_scores`).
+
+**QK circuit**: the attention logit of a query token ``a`` for a key token ``b``::
+
+    score[a, b] = qnorm(x_a @ W_Q[h] + b_Q[h]) . knorm(x_b @ W_K[kv] + b_K[kv]) * scaling
+
+with the family's q/k norms when its attention module has them (``q_norm`` /
+``k_norm``, per head or over the whole projection) and the module's ``scaling``.
+*Limitation:* rotary embeddings are left out -- this is exactly the score at
+relative distance 0 (both rotated by the same angle), not at other distances; GPT-2's
+absolute positions and attention soft-capping (Gemma 2, monotonic) are left out too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from lmatlas.decode.vocab import DecodeError, TokenRanking, _check_k, final_norm_gain, topk_rows, unembed_matrix
+from lmatlas.model.arch import NormKind, get_path
+from lmatlas.model.sites import check_head, check_layer, head_name
+
+if TYPE_CHECKING:
+    from lmatlas.model.handle import Model
+
+#: Source/query tokens embedded per block (bounds the ``[block, d_model]`` buffer).
+TOKEN_BLOCK = 4096
+#: Source tokens sampled by :func:`copying_scores` unless told otherwise.
+DEFAULT_SAMPLE = 1024
+
+
+# -- token inputs ------------------------------------------------------------------------------------
+def token_ids(model: "Model", tokens: int | torch.Tensor | list[int] | None, seed: int = 0) -> torch.Tensor:
+    """``[n]`` int64 token ids: ``None`` = the whole vocabulary, an int = that many sampled (seeded, sorted)."""
+    V = model.layout.d_vocab
+    if tokens is None:
+        return torch.arange(V)
+    if isinstance(tokens, int):
+        if not 1 <= tokens <= V:
+            raise DecodeError(f"Cannot sample {tokens} tokens: pick 1..{V} (the vocabulary size), or None for all.")
+        generator = torch.Generator().manual_seed(seed)
+        return torch.randperm(V, generator=generator)[:tokens].sort().values
+    ids = torch.as_tensor(tokens, dtype=torch.int64).reshape(-1)
+    if ids.numel() == 0 or int(ids.min()) < 0 or int(ids.max()) >= V:
+        raise DecodeError(f"Token ids must be non-empty and within 0..{V - 1}.")
+    return ids
+
+
+def head_inputs(model: "Model", layer: int, ids: torch.Tensor, *, norm_input: bool = True) -> torch.Tensor:
+    """``[n, d_model]`` float32: tokens as layer ``layer``'s attention reads them (module docstring)."""
+    check_layer(layer, model.layout)
+    with torch.no_grad():
+        x = get_path(model.hf, model.spec.embed)(ids.to(model.device))
+        if norm_input and model.spec.attn_norm:
+            x = get_path(model.blocks[layer], model.spec.attn_norm)(x)
+    return x.float()
+
+
+def _blocks(ids: torch.Tensor, size: int = TOKEN_BLOCK):
+    for start in range(0, ids.numel(), size):
+        yield start, ids[start:start + size]
+
+
+# -- OV circuit ------------------------------------------------------------------------------------------
+def post_attn_gain(model: "Model", layer: int) -> torch.Tensor | None:
+    """``[d_model]`` float32 gain of layer ``layer``'s post-attention norm, ``None`` without one."""
+    return _post_gain(model, layer, model.spec.attn_post_norm)
+
+
+def _post_gain(model: "Model", layer: int, path: str | None) -> torch.Tensor | None:
+    if path is None:
+        return None
+    weight = get_path(model.blocks[layer], path).weight.detach().float()
+    return 1.0 + weight if model.spec.post_norm_kind is NormKind.RMS_OFFSET else weight
+
+
+def ov_write(model: "Model", layer: int, head: int) -> torch.Tensor:
+    """``[d_head, d_model]`` float32: ``W_O[h]`` times the post-attention and final norm gains."""
+    W_O = model.W.W_O(layer)[head].detach().float()
+    for gain in (post_attn_gain(model, layer), final_norm_gain(model)):
+        if gain is not None:
+            W_O = W_O * gain
+    return W_O
+
+
+def ov_factors(model: "Model", layer: int, head: int, sources: torch.Tensor, *,
+               norm_input: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(left [n, d_head], right [d_head, d_vocab])`` float32 with ``left @ right`` = the OV logits.
+
+    Row ``i`` of the product is what head ``head`` adds to the logits when it
+    attends (with weight 1) to token ``sources[i]``. ``right`` is ``d_head x d_vocab``
+    floats (a few MB for SmolLM2); ``sources`` should be a block, not the vocabulary.
+    """
+    check_head(layer, head, model.layout)
+    kv = model.layout.kv_head(head)
+    left = head_inputs(model, layer, sources, norm_input=norm_input) @ model.W.W_V(layer)[kv].detach().float()
+    b_V = model.W.b_V(layer)
+    if b_V is not None:
+        left = left + b_V[kv].detach().float()
+    with torch.no_grad():
+        right = ov_write(model, layer, head) @ unembed_matrix(model).float()
+    return left, right
+
+
+@dataclass
+class OVDecoding:
+    """What one head's OV circuit writes for each source token.
+
+    Attributes:
+        layer, head, kv_head: the query head and the KV head it reads.
+        sources: ``[n]`` source token ids.
+        top / bottom: ``[n, k]`` the output tokens each source promotes / suppresses most.
+        pairs: the ``n_pairs`` (source id, output id, logit) with the largest logits overall.
+        copying: fraction of sources whose own token is in their top-``k``.
+        suppression: fraction of sources whose own token is in their bottom-``k``.
+    """
+
+    layer: int
+    head: int
+    kv_head: int
+    sources: torch.Tensor
+    top: TokenRanking
+    bottom: TokenRanking
+    pairs: list[tuple[int, int, float]]
+    copying: float
+    suppression: float
+
+    @property
+    def name(self) -> str:
+        return head_name(self.layer, self.head)
+
+    def to_dict(self, tokenizer: Any = None, rows: int = 20) -> dict[str, Any]:
+        """JSON-ready summary: scores, top pairs and the first ``rows`` sources' top/bottom tokens."""
+        decode = (lambda ids: TokenRanking.tokens_of(ids, tokenizer)) if tokenizer is not None else (lambda ids: ids)
+        pair_src = decode([p[0] for p in self.pairs]) if self.pairs else []
+        pair_out = decode([p[1] for p in self.pairs]) if self.pairs else []
+        shown = self.sources[:rows].tolist()
+        return {
+            "head": self.name, "kv_head": self.kv_head, "n_sources": int(self.sources.numel()),
+            "k": int(self.top.ids.shape[1]), "copying": self.copying, "suppression": self.suppression,
+            "pairs": [{"source": s, "output": o, "logit": p[2]} for s, o, p in zip(pair_src, pair_out, self.pairs)],
+            "sources": [{"source": src, "top": decode(self.top.ids[i].tolist()),
+                         "bottom": decode(self.bottom.ids[i].tolist())} for i, src in enumerate(decode(shown))],
+        }
+
+
+def _self_hits(ranking: TokenRanking, sources: torch.Tensor) -> torch.Tensor:
+    """``[n]`` bool: is each source's own id in its ranking row?"""
+    return (ranking.ids == sources.to(ranking.ids.device)[:, None]).any(1)
+
+
+def decode_ov(model: "Model", layer: int, head: int, *, sources: int | torch.Tensor | list[int] | None = None,
+              k: int = 10, n_pairs: int = 20, norm_input: bool = True, seed: int = 0,
+              chunk: int = 8192) -> OVDecoding:
+    """Decode one head's OV circuit over ``sources`` (default: the whole vocabulary, in blocks).
+
+    Cost: ``n_sources x d_vocab x d_head`` multiply-adds, twice (top and bottom).
+    ``pairs`` are exact: a pair among the ``n_pairs`` best overall is among its
+    source's ``n_pairs`` best, so each source keeps ``max(k, n_pairs)`` candidates.
+    """
+    _check_k(model, k)
+    ids = token_ids(model, sources, seed)
+    keep = min(max(k, n_pairs), model.layout.d_vocab)
+    tops, bottoms = [], []
+    for _, block in _blocks(ids):
+        left, right = ov_factors(model, layer, head, block, norm_input=norm_input)
+        tops.append(topk_rows(left, right, keep, chunk=chunk))
+        bottoms.append(topk_rows(left, right, k, largest=False, chunk=chunk))
+    top = TokenRanking(torch.cat([t.ids for t in tops]), torch.cat([t.logits for t in tops]))
+    bottom = TokenRanking(torch.cat([b.ids for b in bottoms]), torch.cat([b.logits for b in bottoms]))
+    flat = top.logits.reshape(-1)
+    best = torch.topk(flat, min(n_pairs, flat.numel())).indices if n_pairs > 0 else flat.new_empty(0).long()
+    pairs = [(int(ids[i // keep]), int(top.ids.reshape(-1)[i]), float(flat[i])) for i in best.tolist()]
+    top = TokenRanking(top.ids[:, :k].contiguous(), top.logits[:, :k].contiguous())
+    return OVDecoding(
+        layer=layer, head=head, kv_head=model.layout.kv_head(head), sources=ids, top=top, bottom=bottom,
+        pairs=pairs, copying=float(_self_hits(top, ids).float().mean()),
+        suppression=float(_self_hits(bottom, ids).float().mean()),
+    )
+
+
+@dataclass
+class CopyingScores:
+    """Copying and suppression scores of every query head: ``[n_layers, n_heads]`` each."""
+
+    copying: torch.Tensor
+    suppression: torch.Tensor
+    n_sources: int
+    k: int
+    seed: int = 0
+    heads: list[str] = field(default_factory=list)  # heads scored (others are NaN)
+
+    def ranked(self, by: str = "copying", n: int | None = None) -> list[tuple[str, float]]:
+        """``[(head name, score), ...]`` best first (``by``: ``"copying"`` or ``"suppression"``)."""
+        scores = getattr(self, by)
+        order = torch.argsort(torch.nan_to_num(scores.reshape(-1), nan=-1.0), descending=True, stable=True)
+        H = scores.shape[1]
+        out = [(head_name(int(i) // H, int(i) % H), float(scores.reshape(-1)[i])) for i in order]
+        return [row for row in out if row[0] in self.heads][:n]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"n_sources": self.n_sources, "k": self.k, "seed": self.seed,
+                "copying": self.copying.tolist(), "suppression": self.suppression.tolist()}
+
+
+def copying_scores(model: "Model", *, heads: list[tuple[int, int]] | None = None,
+                   sources: int | torch.Tensor | list[int] | None = DEFAULT_SAMPLE, k: int = 10, seed: int = 0,
+                   norm_input: bool = True, progress: bool = False) -> CopyingScores:
+    """Copying and suppression scores of ``heads`` (default: every query head of every layer).
+
+    ``sources``: a sample size (default 1024 tokens, seeded: the score's standard
+    error is then at most 1.6 points), explicit ids, or ``None`` for the whole vocabulary.
+    """
+    lay = model.layout
+    heads = heads if heads is not None else [(l, h) for l in range(lay.n_layers) for h in range(lay.n_heads)]
+    for layer, head in heads:
+        check_head(layer, head, lay)
+    ids = token_ids(model, sources, seed)
+    copying = torch.full((lay.n_layers, lay.n_heads), float("nan"))
+    suppression = copying.clone()
+    track = None
+    if progress:
+        from rich.progress import Progress
+
+        track = Progress(transient=True, console=__import__("rich.console").console.Console(stderr=True))
+        task = track.add_task("OV circuits", total=len(heads))
+        track.start()
+    try:
+        for layer, head in heads:
+            result = decode_ov(model, layer, head, sources=ids, k=k, n_pairs=0, norm_input=norm_input)
+            copying[layer, head], suppression[layer, head] = result.copying, result.suppression
+            if track is not None:
+                track.advance(task)
+    finally:
+        if track is not None:
+            track.stop()
+    return CopyingScores(copying, suppression, int(ids.numel()), k, seed, [head_name(l, h) for l, h in heads])
+
+
+# -- QK circuit -------------------------------------------------------------------------------------------
+def _qk_norm(norm: torch.nn.Module | None, vectors: torch.Tensor) -> torch.Tensor:
+    """Apply a q/k norm to ``[n, heads, d_head]``: per head (weight ``[d_head]``) or over all heads."""
+    if norm is None:
+        return vectors
+    n, heads, d_head = vectors.shape
+    dtype = norm.weight.dtype
+    with torch.no_grad():
+        if norm.weight.numel() == d_head:
+            return norm(vectors.to(dtype)).float()
+        return norm(vectors.reshape(n, heads * d_head).to(dtype)).reshape(n, heads, d_head).float()
+
+
+def _projected(model: "Model", layer: int, ids: torch.Tensor, which: str, norm_input: bool) -> torch.Tensor:
+    """``[n, heads, d_head]`` float32 queries (``which="q"``) or keys (``"k"``) of every head, pre-rotary."""
+    W = (model.W.W_Q if which == "q" else model.W.W_K)(layer).detach().float()  # [heads, d_model, d_head]
+    b = (model.W.b_Q if which == "q" else model.W.b_K)(layer)
+    out = torch.einsum("nd,hde->nhe", head_inputs(model, layer, ids, norm_input=norm_input), W)
+    if b is not None:
+        out = out + b.detach().float()
+    attn = get_path(model.blocks[layer], model.spec.attn)
+    return _qk_norm(getattr(attn, f"{which}_norm", None), out)
+
+
+def qk_vectors(model: "Model", layer: int, head: int, ids: torch.Tensor, *,
+               norm_input: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(queries [n, d_head], keys [n, d_head])`` of ``ids`` for query head ``head``, pre-rotary.
+
+    ``queries`` carry the attention ``scaling``, so ``queries @ keys.T`` are attention logits
+    at relative distance 0. Keys come from the head's KV group.
+    """
+    check_head(layer, head, model.layout)
+    scaling = float(getattr(get_path(model.blocks[layer], model.spec.attn), "scaling", model.layout.d_head ** -0.5))
+    q = _projected(model, layer, ids, "q", norm_input)[:, head] * scaling
+    k = _projected(model, layer, ids, "k", norm_input)[:, model.layout.kv_head(head)]
+    return q, k
+
+
+@dataclass
+class QKDecoding:
+    """Which key tokens one head's queries prefer (scores are attention logits at distance 0).
+
+    Attributes:
+        queries: ``[n]`` query token ids.
+        top: ``[n, k]`` the key tokens each query scores highest (``.logits`` are scores).
+        preferred: ``[1, k]`` the key tokens with the highest mean score over all the queries.
+    """
+
+    layer: int
+    head: int
+    kv_head: int
+    queries: torch.Tensor
+    top: TokenRanking
+    preferred: TokenRanking
+
+    @property
+    def name(self) -> str:
+        return head_name(self.layer, self.head)
+
+    def to_dict(self, tokenizer: Any = None, rows: int = 20) -> dict[str, Any]:
+        decode = (lambda ids: TokenRanking.tokens_of(ids, tokenizer)) if tokenizer is not None else (lambda ids: ids)
+        return {
+            "head": self.name, "kv_head": self.kv_head, "n_queries": int(self.queries.numel()),
+            "preferred_keys": [{"key": t, "mean_score": s} for t, s in
+                               zip(decode(self.preferred.ids[0].tolist()), self.preferred.logits[0].tolist())],
+            "queries": [{"query": q, "top_keys": decode(self.top.ids[i].tolist())}
+                        for i, q in enumerate(decode(self.queries[:rows].tolist()))],
+        }
+
+
+def decode_qk(model: "Model", layer: int, head: int, *, queries: int | torch.Tensor | list[int] | None = None,
+              keys: int | torch.Tensor | list[int] | None = None, k: int = 10, norm_input: bool = True,
+              seed: int = 0, chunk: int = 8192) -> QKDecoding:
+    """For each query token, the ``k`` key tokens (default: the whole vocabulary) it attends to most.
+
+    Key vectors of all candidate keys are built once (``[n_keys, d_head]`` float32),
+    then ranked against the queries in vocabulary chunks (never ``n x n_keys`` at once).
+    """
+    check_head(layer, head, model.layout)
+    q_ids, k_ids = token_ids(model, queries, seed), token_ids(model, keys, seed + 1)
+    if not 1 <= k <= k_ids.numel():
+        raise DecodeError(f"k={k} is out of range: pick 1..{k_ids.numel()} (the number of key tokens).")
+    key_vecs = torch.cat([qk_vectors(model, layer, head, b, norm_input=norm_input)[1] for _, b in _blocks(k_ids)])
+    q_vecs = torch.cat([qk_vectors(model, layer, head, b, norm_input=norm_input)[0] for _, b in _blocks(q_ids)])
+    top = topk_rows(q_vecs, key_vecs.T, k, chunk=chunk)
+    preferred = topk_rows(q_vecs.mean(0, keepdim=True), key_vecs.T, k, chunk=chunk)
+    to_ids = k_ids.to(top.ids.device)
+    return QKDecoding(layer, head, model.layout.kv_head(head), q_ids, TokenRanking(to_ids[top.ids], top.logits),
+                      TokenRanking(to_ids[preferred.ids], preferred.logits))
