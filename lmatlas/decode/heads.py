@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lmatlas.decode.vocab import DecodeError, TokenRanking, _check_k, final_norm_gain, topk_rows, unembed_matrix
+from lmatlas.decode.vocab import DecodeError, TokenRanking, final_norm_gain, topk_rows, unembed_matrix
 from lmatlas.model.arch import NormKind, get_path
 from lmatlas.model.sites import check_head, check_layer, head_name
 
@@ -63,6 +63,12 @@ if TYPE_CHECKING:
 TOKEN_BLOCK = 4096
 #: Source tokens sampled by :func:`copying_scores` unless told otherwise.
 DEFAULT_SAMPLE = 1024
+
+
+def _check_k(model: "Model", k: int) -> int:
+    if not 1 <= k <= model.layout.d_vocab:
+        raise DecodeError(f"k={k} is out of range: pick 1..{model.layout.d_vocab} (the vocabulary size).")
+    return k
 
 
 # -- token inputs ------------------------------------------------------------------------------------
@@ -119,23 +125,32 @@ def ov_write(model: "Model", layer: int, head: int) -> torch.Tensor:
     return W_O
 
 
+def ov_left(model: "Model", layer: int, head: int, sources: torch.Tensor, *,
+            norm_input: bool = True) -> torch.Tensor:
+    """``[n, d_head]`` float32 ``x_s @ W_V[kv] + b_V[kv]``: the head's value vector for each source token."""
+    check_head(layer, head, model.layout)
+    kv = model.layout.kv_head(head)
+    left = head_inputs(model, layer, sources, norm_input=norm_input) @ model.W.W_V(layer)[kv].detach().float()
+    b_V = model.W.b_V(layer)
+    return left if b_V is None else left + b_V[kv].detach().float()
+
+
+def ov_right(model: "Model", layer: int, head: int) -> torch.Tensor:
+    """``[d_head, d_vocab]`` float32 ``W_O[h] * gains @ W_U``: the logits each value dimension writes."""
+    check_head(layer, head, model.layout)
+    with torch.no_grad():
+        return ov_write(model, layer, head) @ unembed_matrix(model).float()
+
+
 def ov_factors(model: "Model", layer: int, head: int, sources: torch.Tensor, *,
                norm_input: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """``(left [n, d_head], right [d_head, d_vocab])`` float32 with ``left @ right`` = the OV logits.
 
     Row ``i`` of the product is what head ``head`` adds to the logits when it
     attends (with weight 1) to token ``sources[i]``. ``right`` is ``d_head x d_vocab``
-    floats (a few MB for SmolLM2); ``sources`` should be a block, not the vocabulary.
+    floats (a few MB for SmolLM2); multiply block by block, never for the whole vocabulary.
     """
-    check_head(layer, head, model.layout)
-    kv = model.layout.kv_head(head)
-    left = head_inputs(model, layer, sources, norm_input=norm_input) @ model.W.W_V(layer)[kv].detach().float()
-    b_V = model.W.b_V(layer)
-    if b_V is not None:
-        left = left + b_V[kv].detach().float()
-    with torch.no_grad():
-        right = ov_write(model, layer, head) @ unembed_matrix(model).float()
-    return left, right
+    return ov_left(model, layer, head, sources, norm_input=norm_input), ov_right(model, layer, head)
 
 
 @dataclass
@@ -197,9 +212,10 @@ def decode_ov(model: "Model", layer: int, head: int, *, sources: int | torch.Ten
     _check_k(model, k)
     ids = token_ids(model, sources, seed)
     keep = min(max(k, n_pairs), model.layout.d_vocab)
+    right = ov_right(model, layer, head)
     tops, bottoms = [], []
     for _, block in _blocks(ids):
-        left, right = ov_factors(model, layer, head, block, norm_input=norm_input)
+        left = ov_left(model, layer, head, block, norm_input=norm_input)
         tops.append(topk_rows(left, right, keep, chunk=chunk))
         bottoms.append(topk_rows(left, right, k, largest=False, chunk=chunk))
     top = TokenRanking(torch.cat([t.ids for t in tops]), torch.cat([t.logits for t in tops]))
@@ -256,9 +272,10 @@ def copying_scores(model: "Model", *, heads: list[tuple[int, int]] | None = None
     suppression = copying.clone()
     track = None
     if progress:
+        from rich.console import Console
         from rich.progress import Progress
 
-        track = Progress(transient=True, console=__import__("rich.console").console.Console(stderr=True))
+        track = Progress(transient=True, console=Console(stderr=True))
         task = track.add_task("OV circuits", total=len(heads))
         track.start()
     try:
@@ -271,6 +288,73 @@ def copying_scores(model: "Model", *, heads: list[tuple[int, int]] | None = None
         if track is not None:
             track.stop()
     return CopyingScores(copying, suppression, int(ids.numel()), k, seed, [head_name(l, h) for l, h in heads])
+
+
+@dataclass
+class TokenPromotion:
+    """How much every head's OV circuit writes one output token, over source tokens.
+
+    ``logit[s]`` of head ``h`` is column ``token`` of its OV logits (module docstring):
+    what the head adds to ``token``'s logit when it attends to source ``s``.
+
+    Attributes:
+        token: the output token id.
+        max: ``[n_layers, n_heads]`` the largest ``logit[s]`` over the sources (the
+            ranking key: the head *can* write ``token``, given the right source).
+        argmax: ``[n_layers, n_heads]`` the source token achieving it.
+        mean: ``[n_layers, n_heads]`` the mean over the sources (``token`` written
+            whatever the head attends to).
+    """
+
+    token: int
+    max: torch.Tensor
+    argmax: torch.Tensor
+    mean: torch.Tensor
+
+    def ranked(self, n: int = 20) -> list[tuple[int, int, float, int, float]]:
+        """``[(layer, head, max, argmax source, mean), ...]``, the ``n`` largest ``max`` first."""
+        H = self.max.shape[1]
+        order = torch.argsort(self.max.reshape(-1), descending=True, stable=True)[:n].tolist()
+        return [(i // H, i % H, float(self.max.reshape(-1)[i]), int(self.argmax.reshape(-1)[i]),
+                 float(self.mean.reshape(-1)[i])) for i in order]
+
+
+def promoting_heads(model: "Model", token: int, *, sources: int | torch.Tensor | list[int] | None = None,
+                    norm_input: bool = True, seed: int = 0) -> TokenPromotion:
+    """Every head's OV logit for output ``token`` over ``sources`` (default: the whole vocabulary).
+
+    One output column is cheap: ``logit[s] = x_s . (W_V[kv] @ w_h) + b_V[kv] . w_h`` with
+    ``w_h = ov_write(h) @ W_U[:, token]`` (``[d_head]``), so every head of a layer is
+    scored with one ``[n_sources, d_model] @ [d_model, n_heads]`` product per block.
+    """
+    lay = model.layout
+    if not 0 <= int(token) < lay.d_vocab:
+        raise DecodeError(f"Token id {token} is out of range: this model's vocabulary is 0..{lay.d_vocab - 1}.")
+    ids = token_ids(model, sources, seed)
+    w_U = unembed_matrix(model)[:, int(token)].detach().float()  # [d_model]
+    best = torch.empty(lay.n_layers, lay.n_heads)
+    where = torch.empty(lay.n_layers, lay.n_heads, dtype=torch.int64)
+    mean = torch.empty(lay.n_layers, lay.n_heads)
+    with torch.no_grad():
+        for layer in range(lay.n_layers):
+            W_V, b_V = model.W.W_V(layer).detach().float(), model.W.b_V(layer)
+            w = torch.stack([ov_write(model, layer, h) @ w_U for h in range(lay.n_heads)])  # [heads, d_head]
+            kv = [lay.kv_head(h) for h in range(lay.n_heads)]
+            U = torch.einsum("hde,he->dh", W_V[kv], w)  # [d_model, heads]
+            const = (b_V.detach().float()[kv] * w).sum(-1) if b_V is not None else torch.zeros(lay.n_heads)
+            top, top_at, total = None, None, torch.zeros(lay.n_heads)
+            for _, block in _blocks(ids):
+                scores = head_inputs(model, layer, block, norm_input=norm_input) @ U + const  # [block, heads]
+                value, at = scores.max(0)
+                source = block.to(at.device)[at]
+                if top is None:
+                    top, top_at = value, source
+                else:
+                    better = value > top
+                    top, top_at = torch.where(better, value, top), torch.where(better, source, top_at)
+                total += scores.sum(0).cpu()
+            best[layer], where[layer], mean[layer] = top.cpu(), top_at.cpu(), total / ids.numel()
+    return TokenPromotion(int(token), best, where, mean)
 
 
 # -- QK circuit -------------------------------------------------------------------------------------------
