@@ -19,8 +19,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 atlas: setup
-	$(VENV)/bin/lmatlas info
 	$(VENV)/bin/lmatlas check
+	$(VENV)/bin/lmatlas map
 
 test: setup
 	$(PY) -m pytest

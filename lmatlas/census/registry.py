@@ -11,7 +11,11 @@ A detector answers "does this head do X?" for every head at once. It brings
 :func:`lmatlas.census.run.run_census` runs both batteries, averages, and turns the
 difference into a z-score (Welch: ``(mean - null_mean) / sqrt(var/n + null_var/n_null)``).
 A head gets the detector's label when its score is at least ``threshold`` *and* its
-z-score at least ``min_z`` (both explicit, documented per detector, overridable).
+z-score at least ``min_z`` (both explicit, documented per detector, overridable;
+``min_z = None`` means the label needs no z-score, for behaviours defined relative
+to other heads rather than to a null). A detector may also report named
+sub-scores (:meth:`Detector.components`, e.g. induction's prefix matching and
+copying), which the census averages next to the score.
 
 Register a detector with :func:`register`; the CLI, the atlas and the benchmark
 discover it from :data:`DETECTORS`.
@@ -59,13 +63,14 @@ class Detector:
         name: registry key and label (``"induction"``).
         description: one line: what the head does, how it is measured.
         threshold: default minimum mean score for the label.
-        min_z: default minimum z-score against the null battery for the label.
+        min_z: default minimum z-score against the null battery for the label
+            (``None``: no z-score requirement).
     """
 
     name: ClassVar[str]
     description: ClassVar[str]
     threshold: ClassVar[float] = 0.5
-    min_z: ClassVar[float] = 3.0
+    min_z: ClassVar[float | None] = 3.0
 
     def battery(self, model: "Model", seed: int, null: bool = False) -> Battery:
         """Prompts that elicit the behaviour (``null=False``) or make it impossible (``null=True``)."""
@@ -74,6 +79,10 @@ class Detector:
     def score(self, model: "Model", battery: Battery) -> torch.Tensor:
         """``[n_examples, layer, head]`` scores in ``[0, 1]``."""
         raise NotImplementedError
+
+    def components(self, model: "Model", battery: Battery) -> dict[str, torch.Tensor]:
+        """Optional named sub-scores, each ``[n_examples, layer, head]`` in ``[0, 1]`` (default: none)."""
+        return {}
 
 
 DETECTORS: dict[str, Detector] = {}

@@ -1,0 +1,184 @@
+"""One forward over a battery, reduced to the per-head numbers the detectors score.
+
+Most head behaviours are a reduction of the attention pattern over key positions:
+the mass a query puts on the first key (a sink), on the key ``d`` positions back
+(``d = 1``: the previous token; ``d = half``: the earlier copy of the current token
+in a repeated sequence). :func:`readout` runs one forward with a function on
+``attn.pattern`` of every layer that keeps only these reductions (the
+``[batch, head, pos, key_pos]`` pattern of one layer lives only inside the call), and
+optionally a function on ``attn.out`` for
+
+* ``norms``: each head's output norm ``||attn.out||`` per position;
+* ``copy``: each head's *copying rank*. At query ``q`` the copy target is the token at
+  ``q - half + 1`` (what an induction head attends to; it equals the next token in a
+  repeated sequence). The head's direct logit effect on a token ``t`` is
+  ``out_h(q) . R[:, t]`` with ``R = diag(gain) @ W_U`` the final norm (its positive
+  per-position scale dropped, centring kept for LayerNorm) followed by the unembedding
+  (a monotone final softcap is ignored). The rank is the fraction of the row's
+  ``N_COMPARE`` reference tokens (``meta["compare"]``) whose effect is below the
+  target's (ties count half): ``~0.5`` for a head that does not copy, ``1.0`` for one
+  that raises the token it attends to above every other.
+
+The forward skips the LM head (``model.hf.base_model``). Inside :func:`shared` readouts
+are memoised by battery content, so detectors that use the same kind of battery share
+one forward; the battery's ``meta["measure"]`` names what every user of that kind needs,
+and a shared forward computes all of it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterable, Iterator
+
+import torch
+from torch import nn
+
+from lmatlas.census.registry import Battery
+from lmatlas.model.arch import get_path
+
+if TYPE_CHECKING:
+    from lmatlas.model.handle import Model
+
+WINDOW = 8  #: offsets ``0 .. WINDOW - 1`` (the recent window) are always measured
+BATCH = 16  #: rows per forward
+
+_MEMO: list[dict] = []
+
+
+@dataclass
+class Readout:
+    """Per-head reductions of one battery's forward; tensors are float32 on the CPU.
+
+    Attributes:
+        sink: ``[layer, batch, head, pos]`` attention mass on key position 0.
+        offsets: ``d -> [layer, batch, head, pos]`` mass on key ``pos - d`` (0 where ``pos < d``).
+        copy: ``[layer, batch, head, n_queries]`` copying rank at ``copy_queries`` (or ``None``).
+        copy_queries: ``[n_queries]`` the query positions of ``copy`` (the second half).
+        norm: ``[layer, batch, head, pos]`` norm of each head's write ``attn.out`` (or ``None``).
+    """
+
+    sink: torch.Tensor
+    offsets: dict[int, torch.Tensor]
+    copy: torch.Tensor | None = None
+    copy_queries: torch.Tensor | None = None
+    norm: torch.Tensor | None = None
+
+    def has(self, offsets: Iterable[int], parts: Iterable[str]) -> bool:
+        return set(offsets) <= set(self.offsets) and all(getattr(self, p) is not None for p in parts)
+
+
+@contextmanager
+def shared() -> Iterator[None]:
+    """Memoise readouts by battery content for the duration of the block (used by ``run_census``)."""
+    _MEMO.append({})
+    try:
+        yield
+    finally:
+        _MEMO.pop()
+
+
+def _content_key(model: "Model", battery: Battery) -> tuple:
+    digest = hashlib.sha1(battery.input_ids.detach().cpu().numpy().tobytes())
+    compare = battery.meta.get("compare")
+    if compare is not None:
+        digest.update(compare.detach().cpu().numpy().tobytes())
+    return id(model), tuple(battery.input_ids.shape), digest.hexdigest()
+
+
+def unembed_reader(model: "Model") -> tuple[torch.Tensor, bool]:
+    """``(gain [d_model] float32, centres)``: the final norm as a linear map with its scale dropped.
+
+    For ``nn.LayerNorm`` the gain is its weight and it centres; for an RMS norm
+    (whatever its convention, ``weight`` or ``1 + weight``) the gain is
+    ``norm(ones)``, up to the positive factor ``1 / sqrt(1 + eps)``.
+    """
+    norm = get_path(model.hf, model.spec.final_norm)
+    d_model = model.layout.d_model
+    if isinstance(norm, nn.LayerNorm):
+        weight = norm.weight
+        return (weight.detach().float() if weight is not None else torch.ones(d_model, device=model.device)), True
+    with torch.no_grad():
+        return norm(torch.ones(1, d_model, dtype=model.dtype, device=model.device))[0].float(), False
+
+
+def readout(model: "Model", battery: Battery, *, copy: bool = False, norms: bool = False,
+            offsets: Iterable[int] = ()) -> Readout:
+    """Run ``battery`` once and reduce it (see the module docstring); memoised inside :func:`shared`.
+
+    Args:
+        copy: compute copying ranks (needs ``meta["half"]`` and ``meta["compare"]``).
+        norms: compute head output norms.
+        offsets: extra key offsets to measure besides ``0 .. WINDOW - 1``.
+    """
+    parts = [name for name, wanted in (("copy", copy), ("norm", norms)) if wanted]
+    wanted_offsets = set(range(WINDOW)) | {int(d) for d in offsets}
+    if not _MEMO:
+        return _forward(model, battery, wanted_offsets, parts)
+    memo = _MEMO[-1]
+    key = _content_key(model, battery)
+    hit = memo.get(key)
+    if hit is not None and hit.has(wanted_offsets, parts):
+        return hit
+    declared = {"copy": "copy", "norms": "norm"}
+    parts = sorted(set(parts) | {declared[m] for m in battery.meta.get("measure", ())})
+    if "half" in battery.meta:
+        wanted_offsets |= {battery.meta["half"] - 1, battery.meta["half"]}
+    if hit is not None:
+        wanted_offsets |= set(hit.offsets)
+        parts = sorted(set(parts) | {p for p in ("copy", "norm") if getattr(hit, p) is not None})
+    memo[key] = result = _forward(model, battery, wanted_offsets, parts)
+    return result
+
+
+def _forward(model: "Model", battery: Battery, offsets: set[int], parts: list[str]) -> Readout:
+    ids = battery.input_ids
+    n, pos = ids.shape
+    lay = model.layout
+    shape = (lay.n_layers, n, lay.n_heads, pos)
+    sink = torch.zeros(shape)
+    by_offset = {d: torch.zeros(shape) for d in sorted(offsets) if d < pos}
+    norm = torch.zeros(shape) if "norm" in parts else None
+    copy = queries = None
+    if "copy" in parts:
+        half, prefix = battery.meta["half"], battery.meta["prefix"]
+        queries = torch.arange(prefix + half, prefix + 2 * half)
+        copy = torch.zeros(lay.n_layers, n, lay.n_heads, len(queries))
+        gain, centres = unembed_reader(model)
+        unembed = get_path(model.hf, model.spec.unembed).weight  # [d_vocab, d_model]
+        compare_all = battery.meta["compare"]
+
+    for start in range(0, n, BATCH):
+        rows = slice(start, min(start + BATCH, n))
+        chunk = ids[rows]
+
+        def on_pattern(pattern: torch.Tensor, site) -> None:  # [batch, head, pos, key_pos]
+            p = pattern.float()
+            sink[site.layer, rows] = p[..., 0].cpu()
+            for d, store in by_offset.items():
+                store[site.layer, rows, :, d:] = p.diagonal(offset=-d, dim1=-2, dim2=-1).cpu()
+            return None
+
+        def on_out(out: torch.Tensor, site) -> None:  # [batch, pos, head, d_model]
+            if norm is not None:
+                norm[site.layer, rows] = out.float().norm(dim=-1).transpose(1, 2).cpu()
+            if copy is not None:
+                o = out[:, queries.to(out.device)].float()  # [batch, query, head, d_model]
+                if centres:
+                    o = o - o.mean(-1, keepdim=True)
+                o = o * gain
+                target = unembed[chunk[:, queries.to(chunk.device) - (half - 1)]].float()  # [batch, query, d_model]
+                compare = unembed[compare_all[rows]].float()  # [batch, n_compare, d_model]
+                effect = torch.einsum("bqhm,bqm->bqh", o, target)[..., None]
+                others = torch.einsum("bqhm,bkm->bqhk", o, compare)
+                rank = (others < effect).float().mean(-1) + 0.5 * (others == effect).float().mean(-1)
+                copy[site.layer, rows] = rank.transpose(1, 2).cpu()
+            return None
+
+        replace = {"attn.pattern": on_pattern}
+        if norm is not None or copy is not None:
+            replace["attn.out"] = on_out
+        with torch.no_grad(), model.hooked(replace=replace):
+            model.hf.base_model(input_ids=chunk, use_cache=False)
+    return Readout(sink=sink, offsets=by_offset, copy=copy, copy_queries=queries, norm=norm)
