@@ -200,3 +200,11 @@ def test_unknown_stage_and_missing_corpus(built, tmp_path):
     with pytest.raises(LmatlasError, match="Corpus file not found"):
         build_atlas(model, tmp_path / "b.duckdb", corpus=tmp_path / "missing.jsonl", progress=False)
     assert not (tmp_path / "b.duckdb").exists()
+
+
+def test_resuming_with_other_settings_is_refused(built):
+    model, path, _ = built
+    with pytest.raises(AtlasError, match="built with other settings.*importance_sequences"):
+        build_atlas(model, path, only=["importance"], params={**SMALL, "importance_sequences": 3}, progress=False)
+    with pytest.raises(AtlasError, match="seed"):
+        build_atlas(model, path, only=["importance"], params=SMALL, seed=7, progress=False)

@@ -124,14 +124,14 @@ def test_no_full_pattern_is_ever_built(monkeypatch):
     """Every block of probabilities has at most ``chunk`` rows and, causally, only the keys its rows can see."""
     model = get_tiny("llama")
     shapes = []
-    real_probs = AttentionCall.probs
+    real_scores = AttentionCall.scores
 
     def recording(self, rows=None, keys=None):
-        out = real_probs(self, rows, keys)
+        out = real_scores(self, rows, keys)
         shapes.append((rows.stop, tuple(out.shape)))
         return out
 
-    monkeypatch.setattr(AttentionCall, "probs", recording)
+    monkeypatch.setattr(AttentionCall, "scores", recording)
     monkeypatch.setattr(AttentionCall, "pattern", lambda self: pytest.fail("the full pattern was computed"))
     attention_stats(model, _ids(4), chunk=6)
     assert shapes and all(shape[2] <= 6 and shape[3] == stop for stop, shape in shapes)

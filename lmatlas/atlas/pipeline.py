@@ -11,6 +11,7 @@ not a terminal, one ``committed <unit>`` line per finished unit instead.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,12 +23,13 @@ from lmatlas.atlas.corpus import corpus_windows, load_texts
 from lmatlas.atlas.executors import Executor, LocalExecutor
 from lmatlas.atlas.stages import BuildContext, select_stages
 from lmatlas.atlas.store import AtlasStore
+from lmatlas.errors import AtlasError
 
 if TYPE_CHECKING:
     from lmatlas.model.handle import Model
 
 DEFAULT_PARAMS: dict[str, Any] = {
-    "corpus_sequences": 16, "seq_len": 128, "importance_sequences": 4, "top_k": 20, "top_contexts": 5, "batch": 4,
+    "corpus_sequences": 16, "seq_len": 128, "importance_sequences": 2, "top_k": 20, "top_contexts": 5, "batch": 4,
 }
 
 
@@ -65,7 +67,8 @@ def build_atlas(
     ctx = make_context(model, corpus, seed, params)  # a bad corpus fails before the file is touched
     store = AtlasStore.create_or_open(out, model.card())
     try:
-        store.put_meta({"corpus": ctx.params["corpus"], "params": {k: v for k, v in ctx.params.items()}})
+        _check_same_params(store, ctx.params, seed)
+        store.put_meta({"corpus": ctx.params["corpus"], "params": ctx.params, "seed": seed})
         done = store.done_units()
         planned = [(stage, unit) for stage in stages for unit in stage.plan(model, ctx)]
         pending = [(stage, unit) for stage, unit in planned if unit not in done]
@@ -84,6 +87,21 @@ def build_atlas(
         return report
     finally:
         store.close()
+
+
+def _check_same_params(store: AtlasStore, params: dict[str, Any], seed: int) -> None:
+    """Resuming must not mix units computed with different corpus, seed or parameters."""
+    meta = store.meta()
+    if "params" not in meta:
+        return
+    before = {**meta["params"], "seed": meta.get("seed", 0)}
+    now = json.loads(json.dumps({**params, "seed": seed}, default=str))
+    changed = {k: (before.get(k), now.get(k)) for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)}
+    if changed:
+        raise AtlasError(
+            f"{store.path} was built with other settings {changed}; resuming would mix results. "
+            "Use the same settings, or another --out file."
+        )
 
 
 def _progress(enabled: bool) -> Progress:

@@ -47,7 +47,7 @@ if TYPE_CHECKING:
 N_EXAMPLES = 16  #: rows per battery
 HALF = 64  #: length of the repeated half; random batteries have the same length (prefix + 2 * HALF)
 N_COMPARE = 63  #: reference tokens per row for copying ranks
-MIN_HALF = 8
+MIN_HALF = 12  #: the shortest half the detectors accept (local needs queries beyond 2 * WINDOW)
 
 #: Ordinary text for behaviours defined "on ordinary text". Written for lmatlas; plain facts and narration.
 TEXT: tuple[str, ...] = (

@@ -182,3 +182,13 @@ def _forward(model: "Model", battery: Battery, offsets: set[int], parts: list[st
         with torch.no_grad(), model.hooked(replace=replace):
             model.hf.base_model(input_ids=chunk, use_cache=False)
     return Readout(sink=sink, offsets=by_offset, copy=copy, copy_queries=queries, norm=norm)
+
+
+def per_example(values: torch.Tensor) -> torch.Tensor:
+    """``[layer, batch, head, pos] -> [batch, layer, head]``: the mean over the given query positions."""
+    return values.mean(-1).permute(1, 0, 2).contiguous()
+
+
+def positions(pos: int, start: int) -> torch.Tensor:
+    """``[1, 1, 1, pos - start]`` float query positions ``start .. pos - 1`` (broadcast over layer, batch, head)."""
+    return torch.arange(start, pos, dtype=torch.float32).view(1, 1, 1, -1)

@@ -21,14 +21,16 @@ model's mask and walks the queries in chunks of ``chunk`` rows::
         probs = softmax(mask(softcap(q[rows] @ k[keys].T * scaling)))    # [batch, head, chunk, keys] float32
         sink, previous, local, entropy, top1, top1_mass, target  <- reductions of probs over keys
 
-so the largest temporary is ``[batch, head, chunk, T]``: memory grows linearly in
-``T`` (``bench/census_memory.py`` measures it). The probabilities are computed by
-the same code as ``attn.pattern`` (:func:`lmatlas.model.attention.attention_scores`):
-the model's mask is respected exactly (``None`` = causal, boolean, additive float,
-sliding windows), as are logit softcapping, the attention scaling and GQA/MQA
-(query head ``h`` reads KV head ``h // group``). Keys a chunk cannot see are skipped:
-their probability is exactly 0, so skipping them changes nothing (and halves the work
-of a causal model).
+so the largest temporaries are two ``[batch, head, chunk, T]`` float32 blocks: memory
+grows linearly in ``T`` (``bench/census_memory.py`` measures it). The masked logits
+come from the same code as ``attn.pattern``
+(:func:`lmatlas.model.attention.attention_scores`): the model's mask is respected
+exactly (``None`` = causal, boolean, additive float, sliding windows), as are logit
+softcapping, the attention scaling and GQA/MQA (query head ``h`` reads KV head
+``h // group``). Keys a chunk cannot see are skipped: their probability is exactly 0,
+so skipping them changes nothing (and halves the work of a causal model). The
+softmax is written out in :func:`reduce_scores` so that the entropy and the top mass
+fall out of its normaliser.
 
 The forward stops right after the last requested layer (no later blocks, no logits).
 
@@ -102,46 +104,58 @@ class AttentionStats:
 
 
 def _mass_at(probs: torch.Tensor, key_index: torch.Tensor, keys: slice) -> torch.Tensor:
-    """``probs[b, h, i, key_index[b, i]]`` (0.0 where the index lies outside ``keys``): ``[batch, head, rows]``.
+    """``probs[b, h, i, key_index[b, i, ...]]``, 0.0 where an index lies outside ``keys``: ``[batch, head, rows, ...]``.
 
     ``probs`` is ``[batch, head, rows, n_keys]`` over key positions ``keys``;
-    ``key_index`` is ``[batch | 1, rows]`` absolute key positions (negative = none).
+    ``key_index`` is ``[batch | 1, rows]`` or ``[batch | 1, rows, m]`` absolute key
+    positions (negative = none).
     """
     batch, heads, rows, n_keys = probs.shape
-    inside = (key_index >= keys.start) & (key_index < keys.stop)
-    local = (key_index - keys.start).clamp(0, n_keys - 1)
-    picked = probs.gather(-1, local[:, None, :, None].expand(batch, heads, rows, 1)).squeeze(-1)
-    return torch.where(inside[:, None, :], picked, 0.0)
+    single = key_index.dim() == 2
+    index = key_index[..., None] if single else key_index  # [batch | 1, rows, m]
+    inside = (index >= keys.start) & (index < keys.stop)
+    local = (index - keys.start).clamp(0, n_keys - 1)
+    picked = probs.gather(-1, local[:, None].expand(batch, heads, rows, index.shape[-1]))
+    picked = torch.where(inside[:, None], picked, 0.0)
+    return picked.squeeze(-1) if single else picked
 
 
-def reduce_block(
-    probs: torch.Tensor, rows: slice, keys: slice, local_window: int, targets: torch.Tensor | None = None
+def reduce_scores(
+    scores: torch.Tensor, rows: slice, keys: slice, local_window: int, targets: torch.Tensor | None = None
 ) -> dict[str, torch.Tensor]:
-    """Reduce one block of attention probabilities over its keys.
+    """Softmax one block of masked attention logits and reduce it over its keys.
 
     Args:
-        probs: ``[batch, head, n_rows, n_keys]`` float32 probabilities of query
-            positions ``rows`` over key positions ``keys`` (every key outside
-            ``keys`` has probability 0).
+        scores: ``[batch, head, n_rows, n_keys]`` float32 masked logits (the input of
+            the softmax, masked entries at the float minimum) of query positions
+            ``rows`` over key positions ``keys``; every key outside ``keys`` has
+            probability 0. Overwritten (the block is the largest temporary).
         rows, keys: absolute positions (step-1 slices with explicit start and stop).
         local_window: keys in ``(pos - local_window, pos]`` count as local.
         targets: ``[batch, n_rows]`` one key position per query (negative = none).
 
     Returns:
         ``name -> [batch, head, n_rows]`` for every :class:`AttentionStats` field.
+
+    The softmax is written out so that the entropy comes almost for free: with
+    ``s' = s - max(s)``, ``z = sum(exp(s'))`` and ``p = exp(s') / z``, ``log p = s' - log z``
+    and so ``entropy = -sum(p log p) = log z - sum(p * s')``; the top mass is ``1 / z``.
     """
-    device = probs.device
+    device = scores.device
+    top_score, top1 = scores.max(dim=-1)  # softmax is monotonic: the top score is the top probability
+    shifted = scores.sub_(top_score[..., None])  # s' <= 0; masked entries stay finite, exp() gives exactly 0
+    probs = shifted.exp()
+    z = probs.sum(-1)
+    probs.div_(z[..., None])
     pos = torch.arange(rows.start, rows.stop, device=device)  # [n_rows]
-    key_pos = torch.arange(keys.start, keys.stop, device=device)  # [n_keys]
-    band = (key_pos[None, :] <= pos[:, None]) & (key_pos[None, :] > pos[:, None] - local_window)
-    top1_mass, top1 = probs.max(dim=-1)
+    back = torch.arange(min(local_window, rows.stop), device=device)  # keys pos, pos-1, ... inside the window
     out = {
         "sink": _mass_at(probs, torch.zeros_like(pos)[None], keys),
         "previous": _mass_at(probs, (pos - 1)[None], keys),
-        "local": torch.where(band, probs, 0.0).sum(-1),
-        "entropy": torch.special.entr(probs).sum(-1),
+        "local": _mass_at(probs, (pos[:, None] - back[None, :])[None], keys).sum(-1),
+        "entropy": z.log() - torch.einsum("bhqk,bhqk->bhq", probs, shifted),
         "top1": top1 + keys.start,
-        "top1_mass": top1_mass,
+        "top1_mass": z.reciprocal(),
     }
     if targets is not None:
         out["target"] = _mass_at(probs, targets, keys)
@@ -174,12 +188,17 @@ class StreamingStatsProbe(Probe):
         layer_stats = {name: getattr(self.stats, name)[self.index] for name in _FIELDS}
         if self.targets is not None:
             layer_stats["target"] = self.stats.target[self.index]
+        mask = call.attention_mask
+        additive_mask = mask is not None and mask.is_floating_point()
         with torch.no_grad():
             for start in range(0, call.q_len, self.chunk):
                 rows = slice(start, min(start + self.chunk, call.q_len))
                 keys = call.visible_keys(rows)
+                scores = call.scores(rows, keys)
+                if additive_mask:  # an additive mask may hold -inf, which the shifted softmax must not see
+                    scores.clamp_(min=torch.finfo(scores.dtype).min)
                 targets = None if self.targets is None else self.targets[:, rows]
-                block = reduce_block(call.probs(rows, keys), rows, keys, self.local_window, targets)
+                block = reduce_scores(scores, rows, keys, self.local_window, targets)
                 for name, value in block.items():
                     layer_stats[name][:, :, rows] = value
 

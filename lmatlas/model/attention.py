@@ -214,6 +214,10 @@ class AttentionCall:
         """The full pattern ``[batch, head, pos, key_pos]`` in the query's dtype (what ``attn.pattern`` holds)."""
         return attention_pattern(*self._args())
 
+    def scores(self, rows: slice | None = None, keys: slice | None = None) -> torch.Tensor:
+        """float32 masked logits ``[batch, head, n_rows, n_keys]`` (the softmax's input) for a block of rows."""
+        return attention_scores(*self._args(), rows=rows, keys=keys)
+
     def probs(self, rows: slice | None = None, keys: slice | None = None) -> torch.Tensor:
         """float32 probabilities ``[batch, head, n_rows, n_keys]`` for a block of rows.
 

@@ -22,7 +22,7 @@ from lmatlas.atlas.stages import BuildContext, Stage, layer_of, stage
 if TYPE_CHECKING:
     from lmatlas.model.handle import Model
 
-DEFAULT_SEQUENCES = 4
+DEFAULT_SEQUENCES = 2
 
 
 def corpus_loss(logits: torch.Tensor, ids: torch.Tensor) -> float:

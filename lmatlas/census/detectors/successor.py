@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from lmatlas.census.ordinals import OrdinalTokens, ordinal_tokens
+from lmatlas.census.ordinals import OrdinalTokens, ordinal_tokens, single_token
 from lmatlas.census.registry import Battery, Detector, register
 from lmatlas.errors import LmatlasError
 from lmatlas.model.arch import get_path
@@ -195,13 +195,18 @@ class SuccessorDetector(Detector):
         names = [name for name in sequences if runs[name]]
         if not names:
             raise LmatlasError(f"No ordinal sequence has {self.n_items} successive single tokens: lower n_items.")
+        sep = single_token(model.tokenizer, ",")
+        if sep is None:
+            raise LmatlasError("The successor battery separates items with ',', which is not one token for this tokenizer.")
         gen = torch.Generator().manual_seed(seed)
         prefix = special_prefix(model.tokenizer)
         width = max(len(sequences[n].ids) for n in names)
-        ids = torch.empty(self.n_examples, len(prefix) + self.n_items, dtype=torch.long)
+        ids = torch.full((self.n_examples, len(prefix) + 2 * self.n_items), sep, dtype=torch.long)
         targets = torch.full_like(ids, -1)
+        sources = torch.full_like(ids, -1)
         candidates = torch.full((self.n_examples, width), -1, dtype=torch.long)
         chosen = []
+        items_at = torch.arange(self.n_items) * 2 + len(prefix)  # item positions; each is followed by ','
         for i in range(self.n_examples):
             seq = sequences[names[i % len(names)]]
             chosen.append(seq.name)
@@ -221,10 +226,13 @@ class SuccessorDetector(Detector):
                 row = [seq.ids[k] for k in walk]
                 nxt = [seq.successor_index(k) for k in walk]
                 tgt = [-1 if k is None else seq.ids[k] for k in nxt]
-            ids[i] = torch.tensor(prefix + row)
-            targets[i, len(prefix):] = torch.tensor(tgt)
+            ids[i, : len(prefix)] = torch.tensor(prefix, dtype=torch.long)
+            ids[i, items_at] = torch.tensor(row)
+            targets[i, items_at + 1] = torch.tensor(tgt)  # at the ',' after an item, the next token is the target
+            sources[i, items_at + 1] = torch.where(targets[i, items_at + 1] >= 0, torch.tensor(row), -1)
         name = f"{self.name}/null" if null else self.name
-        return Battery(name, ids, seed, {"targets": targets, "candidates": candidates, "sequences": chosen})
+        meta = {"targets": targets, "sources": sources, "candidates": candidates, "sequences": chosen}
+        return Battery(name, ids, seed, meta)
 
     def score(self, model: "Model", battery: Battery) -> torch.Tensor:
         ov, behaviour, counted = self.components(model, battery)
@@ -243,10 +251,11 @@ class SuccessorDetector(Detector):
         target_col = torch.searchsorted(vocab, targets.clamp_min(0))  # [n, pos] column of each target
         lay = model.layout
 
-        # OV hits: one OV evaluation per distinct input token.
-        inputs = torch.unique(ids[counted])
+        # OV hits: one OV evaluation per distinct source token (the item whose successor is asked).
+        sources = battery.meta["sources"].to(model.device)
+        inputs = torch.unique(sources[counted])
         logits = ov_logits(model, effective_embedding(model, inputs, self.embedding), readout)  # [L, H, k, U]
-        row = torch.searchsorted(inputs, ids.clamp_max(int(inputs.max())))  # [n, pos]
+        row = torch.searchsorted(inputs, sources.clamp(0, int(inputs.max())))  # [n, pos]
         per_pos = logits[:, :, row].permute(2, 3, 0, 1, 4)  # [n, pos, L, H, U]
         ov = self._hits(per_pos, allowed, target_col)
 
