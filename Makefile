@@ -13,7 +13,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
-	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[models,dev]"
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[models,dev,ray]"
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps \
 		$$($(PY) -c "import tomllib; print(' '.join(tomllib.load(open('pyproject.toml','rb'))['tool']['lmatlas']['no-deps']))")
 	touch $(STAMP)

@@ -9,26 +9,47 @@ needle-in-a-haystack input: random tokens, a three-token "key, key, value" needl
 half depth, and the key pair repeated at the end; ``targets`` points the last query
 at the needle's value token.
 
-What is measured, and how (one fresh subprocess per length and variant, so that
-nothing one run allocated or cached can hide in another's numbers):
+What is measured, and how. One fresh subprocess per length (and one for the pattern
+captures), so that nothing a longer run allocated or cached can hide in another's
+numbers. In it:
 
-1. load the model, build the input, run the variant once on 128 tokens (warm-up:
+1. load the model, build the inputs, run each variant once on 128 tokens (warm-up:
    lazily created kernels and thread pools, the registered attention function);
-2. ``gc.collect()`` and glibc ``malloc_trim(0)`` (give freed heap pages back to the
-   OS), read the resident set ``VmRSS`` from ``/proc/self/status`` (model weights,
-   libraries: the baseline), then reset the kernel's high-water mark ``VmHWM`` to it
-   by writing ``5`` to ``/proc/self/clear_refs`` (Linux >= 4.0);
-3. run the variant on ``T`` tokens and read ``VmHWM`` again.
+2. measure, in this order, ``plain`` (the *cold* run: the first forward of ``T``
+   tokens), ``stats``, ``plain`` again. Each measurement:
+
+   a. ``gc.collect()`` and glibc ``malloc_trim(0)`` (return every free heap page to the
+      OS), read the resident set ``VmRSS`` from ``/proc/self/status`` (model weights,
+      libraries, whatever earlier runs left cached: the baseline), then reset the
+      kernel's high-water mark ``VmHWM`` to it by writing ``5`` to
+      ``/proc/self/clear_refs`` (Linux >= 4.0);
+   b. run the variant on ``T`` tokens and read ``VmHWM`` again.
 
 ``peak_mb`` is ``VmHWM - baseline``: the most resident memory the run itself added,
 whoever allocated it (PyTorch's CPU allocator, oneDNN, Python). The kernel keeps the
-high-water mark, so no sampling can miss a short-lived peak. Variants:
+high-water mark, so no sampling can miss a short-lived peak; ``hwm_reset`` says the
+reset worked (the mark sat at the resident set right after it).
+
+Two things would otherwise blur the numbers. (1) Allocators keep freed memory for
+reuse (glibc's heap below its 32 MiB dynamic mmap threshold, MKL's buffer pool), so a
+peak could hide in memory an earlier run left behind. Workers therefore run with
+``--allocator tight`` (the default): ``MALLOC_MMAP_THRESHOLD_=65536`` gives every
+allocation of 64 KiB or more its own mapping, returned to the OS when freed, and
+``MKL_DISABLE_FAST_MM=1`` turns MKL's pool off; the resident set then follows live
+memory. (2) The first forward at a new length pages in library *code* (kernels for
+larger shapes): shared, file-backed pages that count in the resident set but are not
+data. ``retained_by_first_run_mb`` is how much the baseline grew after the cold run
+(``retained_anon_mb``: the part that is anonymous memory, i.e. data; about 0).
+``plain_cold_peak_mb`` includes those pages; ``stats`` and the second ``plain`` run
+after them, so their difference is the statistics' own cost, and their growth with
+``T`` is what the fit below looks at. Variants:
 
 =============  =====================================================================
 plain          the native forward through the measured layers (``no_grad``), the baseline
 stats          ``attention_stats(model, ids, targets=..., layers=..., chunk=...)``
 capture        the full ``attn.pattern`` of the measured layers, captured with a
-               HookSession (only at the short ``--capture-lengths``: it is quadratic)
+               HookSession (only at the short ``--capture-lengths``: it is quadratic;
+               measured after a ``plain`` run of the same length, like ``stats``)
 =============  =====================================================================
 
 Every variant stops after the last measured layer (``--layers N``: layers
@@ -37,7 +58,7 @@ so the peak of the first few layers is the peak of the whole model, apart from t
 kept results (reported: ``stats_result_mb`` for N layers, and the all-layer sizes
 computed). Stopping also leaves out the logits, ``T x 49152`` float32 (1.5 GB at 8k),
 which would dominate the plain peak and hide the statistics' cost. The default
-N = 4 keeps the whole run within about five minutes on two CPU cores.
+N = 2 keeps the whole run within about five minutes on two busy CPU cores.
 
 Reading the output: ``growth.stats_fit`` fits ``peak_mb = intercept + slope * T``
 over the lengths; linear growth means ``r2`` near 1, a small quadratic share, and
@@ -57,6 +78,7 @@ import contextlib
 import ctypes
 import gc
 import json
+import os
 import re
 import subprocess
 import sys
@@ -67,6 +89,9 @@ import numpy as np
 
 MB = 2**20
 WARMUP_TOKENS = 128
+#: Worker environment for ``--allocator tight``: every allocation of 64 KiB or more gets its own mmap and is
+#: unmapped when freed (glibc), and MKL keeps no buffer pool, so the resident set follows live memory.
+TIGHT_ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536", "MKL_DISABLE_FAST_MM": "1"}
 T0 = time.perf_counter()
 
 
@@ -79,10 +104,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", default="smollm2-135m", help="a packaged name, directory or .gguf (lmatlas.load)")
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
     parser.add_argument("--capture-lengths", type=int, nargs="*", default=[1024, 2048])
-    parser.add_argument("--layers", type=int, default=4, help="measure layers 0..N-1 (0 = every layer)")
+    parser.add_argument("--layers", type=int, default=2, help="measure layers 0..N-1 (0 = every layer)")
     parser.add_argument("--chunk", type=int, default=256)
-    parser.add_argument("--worker", choices=["plain", "stats", "capture"], help=argparse.SUPPRESS)
-    parser.add_argument("--tokens", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--allocator", choices=["tight", "default"], default="tight",
+                        help="tight: freed memory goes straight back to the OS (see TIGHT_ALLOCATOR)")
+    parser.add_argument("--worker", nargs="+", choices=["plain", "stats", "capture"], help=argparse.SUPPRESS)
+    parser.add_argument("--tokens", type=int, nargs="+", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -104,6 +131,11 @@ def _release_and_reset_peak() -> tuple[int, bool]:
         pass
     rss, hwm = _status_kb("VmRSS"), _status_kb("VmHWM")
     return rss * 1024, hwm <= rss + 1024  # reset worked when the mark sits at the current resident set
+
+
+def _anon_mb() -> float:
+    """Resident anonymous memory (data, not file-backed code), MB."""
+    return round(_status_kb("RssAnon") / 1024, 1)
 
 
 def needle_input(vocab: int, tokens: int, seed: int = 0):
@@ -167,39 +199,54 @@ def _variant(model, name: str, layers: list[int], chunk: int):
 
 
 def worker(args: argparse.Namespace) -> None:
+    """At every length of ``--tokens``, measure the variants of ``--worker`` in that order; one JSON line each."""
     import torch
 
     import lmatlas
 
     model = lmatlas.load(args.model)
     layers = list(range(args.layers or model.layout.n_layers))
-    run = _variant(model, args.worker, layers, args.chunk)
-    run(*needle_input(model.layout.d_vocab, WARMUP_TOKENS, seed=1))
-    ids, targets = needle_input(model.layout.d_vocab, args.tokens)
-    baseline, reset_ok = _release_and_reset_peak()
-    started = time.perf_counter()
-    kept = run(ids, targets)
-    seconds = time.perf_counter() - started
-    peak = _status_kb("VmHWM") * 1024
-    print(json.dumps({
-        "variant": args.worker, "tokens": args.tokens, "peak_mb": round((peak - baseline) / MB, 1),
-        "baseline_rss_mb": round(baseline / MB, 1), "hwm_reset": reset_ok, "kept_mb": round(kept / MB, 2),
-        "seconds": round(seconds, 2), "n_layers": model.layout.n_layers, "n_heads": model.layout.n_heads,
-        "torch_threads": torch.get_num_threads(),
-    }))
+    runs = {name: _variant(model, name, layers, args.chunk) for name in args.worker}
+    for run in runs.values():
+        run(*needle_input(model.layout.d_vocab, WARMUP_TOKENS, seed=1))
+    for tokens in args.tokens:
+        ids, targets = needle_input(model.layout.d_vocab, tokens)
+        for order, name in enumerate(args.worker):
+            run = runs[name]
+            baseline, reset_ok = _release_and_reset_peak()
+            anon = _anon_mb()
+            started = time.perf_counter()
+            kept = run(ids, targets)
+            seconds = time.perf_counter() - started
+            peak = _status_kb("VmHWM") * 1024
+            print(json.dumps({
+                "variant": name, "order": order, "tokens": tokens, "peak_mb": round((peak - baseline) / MB, 1),
+                "baseline_rss_mb": round(baseline / MB, 1), "baseline_anon_mb": anon, "hwm_reset": reset_ok,
+                "kept_mb": round(kept / MB, 2),
+                "seconds": round(seconds, 2), "n_layers": model.layout.n_layers, "n_heads": model.layout.n_heads,
+                "torch_threads": torch.get_num_threads(),
+            }), flush=True)
 
 
 # -- the driver ------------------------------------------------------------------------------------------
-def measure(args: argparse.Namespace, variant: str, tokens: int) -> dict:
-    command = [sys.executable, __file__, "--worker", variant, "--tokens", str(tokens), "--model", args.model,
-               "--layers", str(args.layers), "--chunk", str(args.chunk)]
-    done = subprocess.run(command, capture_output=True, text=True)
+def measure(args: argparse.Namespace, variants: list[str], lengths: list[int]) -> dict[tuple[int, int], dict]:
+    """Run one worker process; ``(order in variants, tokens) -> measurement``."""
+    command = [sys.executable, __file__, "--worker", *variants, "--tokens", *map(str, lengths),
+               "--model", args.model, "--layers", str(args.layers), "--chunk", str(args.chunk),
+               "--allocator", args.allocator]
+    env = dict(os.environ, **(TIGHT_ALLOCATOR if args.allocator == "tight" else {}))
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         sys.stderr.write(done.stderr)
-        raise SystemExit(f"worker {variant} at {tokens} tokens failed (exit {done.returncode})")
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    log(f"{variant:8s} T={tokens:5d}: peak +{result['peak_mb']:8.1f} MB in {result['seconds']:6.1f}s")
-    return result
+        raise SystemExit(f"worker {variants} at {lengths} tokens failed (exit {done.returncode})")
+    results = {}
+    for line in done.stdout.strip().splitlines():
+        if line.startswith("{"):
+            result = json.loads(line)
+            results[result["order"], result["tokens"]] = result
+            log(f"{result['variant']:8s} T={result['tokens']:5d}: peak +{result['peak_mb']:8.1f} MB "
+                f"in {result['seconds']:6.1f}s")
+    return results
 
 
 def linear_fit(tokens: list[int], peaks: list[float]) -> dict:
@@ -224,13 +271,18 @@ def main(argv: list[str] | None = None) -> None:
     lengths = sorted(args.lengths)
     rows, capture_rows, meta = [], [], {}
     for tokens in lengths:
-        plain, stats = measure(args, "plain", tokens), measure(args, "stats", tokens)
+        measured = measure(args, ["plain", "stats", "plain"], [tokens])
+        cold, stats, plain = (measured[order, tokens] for order in range(3))
         meta = stats
         heads, layers_run = stats["n_heads"], args.layers or stats["n_layers"]
         full_mb = layers_run * heads * tokens**2 * 4 / MB
         rows.append({
             "tokens": tokens,
+            "baseline_rss_mb": cold["baseline_rss_mb"],
             "plain_peak_mb": plain["peak_mb"],
+            "plain_cold_peak_mb": cold["peak_mb"],
+            "retained_by_first_run_mb": round(plain["baseline_rss_mb"] - cold["baseline_rss_mb"], 1),
+            "retained_anon_mb": round(plain["baseline_anon_mb"] - cold["baseline_anon_mb"], 1),
             "stats_peak_mb": stats["peak_mb"],
             "stats_extra_mb": round(stats["peak_mb"] - plain["peak_mb"], 1),
             "stats_over_plain": round(stats["peak_mb"] / max(plain["peak_mb"], 1e-9), 3),
@@ -242,14 +294,19 @@ def main(argv: list[str] | None = None) -> None:
             "plain_s": plain["seconds"],
             "stats_s": stats["seconds"],
             "time_ratio_stats_vs_plain": round(stats["seconds"] / max(plain["seconds"], 1e-9), 2),
-            "hwm_reset": plain["hwm_reset"] and stats["hwm_reset"],
+            "hwm_reset": plain["hwm_reset"] and stats["hwm_reset"] and cold["hwm_reset"],
         })
+    captures = measure(args, ["plain", "capture"], sorted(args.capture_lengths)) if args.capture_lengths else {}
     for tokens in sorted(args.capture_lengths):
-        captured = measure(args, "capture", tokens)
+        captured = captures[1, tokens]
         predicted = (args.layers or captured["n_layers"]) * captured["n_heads"] * tokens**2 * 4 / MB
-        capture_rows.append({"tokens": tokens, "capture_peak_mb": captured["peak_mb"],
-                             "predicted_pattern_mb": round(predicted, 1), "kept_mb": captured["kept_mb"],
-                             "hwm_reset": captured["hwm_reset"]})
+        plain_peak = next((r["plain_peak_mb"] for r in rows if r["tokens"] == tokens), None)
+        capture_rows.append({
+            "tokens": tokens, "capture_peak_mb": captured["peak_mb"],
+            "capture_minus_plain_mb": None if plain_peak is None else round(captured["peak_mb"] - plain_peak, 1),
+            "predicted_pattern_mb": round(predicted, 1), "kept_mb": captured["kept_mb"],
+            "hwm_reset": captured["hwm_reset"],
+        })
     first, last = rows[0], rows[-1]
     fit = linear_fit([r["tokens"] for r in rows], [r["stats_peak_mb"] for r in rows])
     growth = {
@@ -266,8 +323,9 @@ def main(argv: list[str] | None = None) -> None:
         "benchmark": "census_memory", "model": args.model, "input": "needle in a haystack (random tokens), batch 1",
         "layers_run": args.layers or meta.get("n_layers"), "n_layers": meta.get("n_layers"),
         "heads": meta.get("n_heads"), "chunk": args.chunk, "torch_threads": meta.get("torch_threads"),
-        "baseline_rss_mb": meta.get("baseline_rss_mb"),
-        "method": "fresh subprocess per run; peak = VmHWM - VmRSS after warm-up, malloc_trim and clear_refs reset",
+        "baseline_rss_mb": rows[0]["baseline_rss_mb"] if rows else None,
+        "method": "fresh subprocess per length running plain (cold), stats, plain; peak = VmHWM - VmRSS after "
+                  "gc, malloc_trim(0) and a clear_refs high-water-mark reset before each run",
         "results": rows, "capture": capture_rows, "growth": growth,
     }, indent=2))
 

@@ -1,7 +1,10 @@
-"""The Ray executor: a real local two-worker Ray cluster builds the same atlas as the local executor.
+"""The Ray executor: real two-worker Ray clusters build the same atlas as the local executor.
 
-The cluster tests are ``slow`` (starting Ray and two workers that each import torch
-and load the model takes 10-20 s on two cores); the error tests need no cluster.
+Three clusters, each with two workers: one the executor starts and stops itself, one
+``ray start --head`` reached by address (with token auth, as Ray >= 2.59 starts it),
+and one initialised in this process. They are ``slow`` (starting Ray and two workers
+that each import torch and load the model takes 10-30 s on two cores); the error
+tests before them need no cluster.
 Floats are compared exactly: the tiny model's tensors are far below torch's
 parallelisation grain, so the workers' single intra-op thread (Ray sets
 ``OMP_NUM_THREADS=1``) computes bit-identical values to the driver's threads.
@@ -10,7 +13,15 @@ parallelisation grain, so the workers' single intra-op thread (Ray sets
 from __future__ import annotations
 
 import os
+import secrets
+import shutil
+import socket
+import subprocess
 import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
 
 import psutil
 import pytest
@@ -63,6 +74,66 @@ def ray_cluster():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """A separate Ray cluster (``ray start --head --block``) with token auth: ``(address, token)``.
+
+    It runs in its own temp dir, so that no other ``ray.init()`` on the machine finds it,
+    and is stopped through its own process (never ``ray stop``, which stops every cluster).
+    """
+    pytest.importorskip("ray")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    token, temp = secrets.token_hex(16), tempfile.mkdtemp(prefix="lmatlas-ray-")  # short: socket paths are limited
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+    log_path = Path(temp) / "head.log"
+    log = log_path.open("w")
+    head = subprocess.Popen(
+        [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
+         "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while "Ray runtime started" not in log_path.read_text():
+            assert head.poll() is None and time.monotonic() < deadline, log_path.read_text()[-2000:]
+            time.sleep(0.5)
+        yield head, f"127.0.0.1:{port}", token
+    finally:
+        children = psutil.Process(head.pid).children(recursive=True) if head.poll() is None else []
+        head.terminate()
+        head.wait(60)
+        for alive in _wait_gone(children):
+            alive.kill()
+        log.close()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@contextmanager
+def _auth_token(token: str):
+    """Use ``token`` for the Ray clusters this process connects to, then restore the environment.
+
+    Ray caches the token per process (and a local ``ray.init`` sets ``RAY_AUTH_MODE``), so a
+    test process that talks to clusters with different tokens must drop that cache; a real
+    driver talks to one cluster and just sets the two variables.
+    """
+    from ray._private.authentication_test_utils import reset_auth_token_state
+
+    saved = {name: os.environ.get(name) for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
+    reset_auth_token_state()
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        reset_auth_token_state()
 
 
 def _table_rows(path) -> dict[str, list[tuple]]:
@@ -125,6 +196,16 @@ def test_sources_are_checked_and_made_absolute(tiny_dir, ctx, monkeypatch):
     assert reloadable_source("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"
 
 
+def test_an_address_nothing_listens_on_fails_fast(tiny_dir, ctx):
+    pytest.importorskip("ray")
+    with socket.socket() as probe:  # a port that was free a moment ago
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    executor = RayExecutor(tiny_dir, ctx, address=f"ray://127.0.0.1:{port}")
+    with pytest.raises(LmatlasError, match="No Ray cluster answers"):
+        list(executor.run([(all_stages()["structure"], "structure/all")]))
+
+
 def test_unregistered_stages_and_empty_work_start_no_cluster(tiny_dir, ctx):
     ray = pytest.importorskip("ray")
     custom = Stage("custom", "defined outside lmatlas.atlas.stages", plan=lambda m, c: ["custom/all"],
@@ -163,19 +244,24 @@ def test_ray_build_equals_local_build_and_stops_its_cluster(model, tiny_dir, ctx
 
 
 @pytest.mark.slow
-def test_ray_resume_computes_only_the_missing_units(model, tiny_dir, ctx, local_atlas, tmp_path, ray_cluster):
+def test_resume_on_a_cluster_given_by_address_computes_only_the_missing_units(
+    model, ctx, local_atlas, tmp_path, ray_head
+):
+    ray = pytest.importorskip("ray")
+    head, address, token = ray_head
     path = tmp_path / "partial.atlas.duckdb"
     first = build_atlas(model, path, only=["structure", "activations"], params=SMALL, progress=False)
 
-    executor = RayExecutor.for_model(model, ctx, num_workers=2)
-    report = build_atlas(model, path, params=SMALL, executor=executor, progress=False)
+    executor = RayExecutor.for_model(model, ctx, address=address, num_workers=2)
+    with _auth_token(token):
+        report = build_atlas(model, path, params=SMALL, executor=executor, progress=False)
 
     planned = {unit for stage in select_stages(None) for unit in stage.plan(model, ctx)}
     assert report.skipped == len(first.computed)
     assert set(report.computed) == set(executor.worker_of) == planned - set(first.computed)
     assert not set(report.computed) & set(first.computed)
     assert _table_rows(path) == _table_rows(local_atlas)
-    assert ray_cluster.is_initialized(), "the executor must not shut down a Ray it did not start"
+    assert not ray.is_initialized() and head.poll() is None, "disconnect from a cluster, never stop it"
 
 
 @pytest.mark.slow
@@ -189,4 +275,6 @@ def test_worker_errors_name_the_unit_and_the_model_check(model, tiny_dir, ctx, r
     executor = RayExecutor(tiny_dir, ctx, num_workers=1, expect_card=other)
     with pytest.raises(AtlasError, match=r"loaded a different model.*'layers': \(99, 2\)"):
         list(executor.run([(importance, "importance/L0")]))
-    assert ray_cluster.is_initialized()
+    with pytest.raises(LmatlasError, match="already initialised"):
+        list(RayExecutor(tiny_dir, ctx, address="127.0.0.1:1").run([(importance, "importance/L0")]))
+    assert ray_cluster.is_initialized(), "the executor must not shut down a Ray it did not start"

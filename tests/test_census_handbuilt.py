@@ -167,8 +167,8 @@ def test_found_heads_score_high_against_a_low_null(census):
                 assert result.null[layer, index] < 0.1 and result.z[layer, index] > 10, (detector, head)
 
 
-def test_induction_components_separate_matching_from_copying(census):
-    parts = census["induction"].components
+def test_induction_subscores_separate_matching_from_copying(census):
+    parts = census["induction"].subscores
     assert parts["prefix_matching"]["score"][1, 0] > 0.9 and parts["copying"]["score"][1, 0] > 0.95
     # The neutral heads of layer 1 write a constant direction nobody reads: chance-level copying.
     assert (parts["copying"]["score"][1, 1:] - 0.5).abs().max() < 0.1

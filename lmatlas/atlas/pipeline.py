@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -59,10 +59,14 @@ def build_atlas(
     corpus: str | Path | None = None,
     seed: int = 0,
     params: dict[str, Any] | None = None,
-    executor: Executor | None = None,
+    executor: Executor | Callable[[BuildContext], Executor] | None = None,
     progress: bool = True,
 ) -> BuildReport:
-    """Build (or resume) the atlas of ``model`` at ``out``; returns what was done."""
+    """Build (or resume) the atlas of ``model`` at ``out``; returns what was done.
+
+    ``executor`` is an executor or a factory ``ctx -> executor`` (so that remote workers get
+    exactly this build's context), e.g. ``lambda ctx: RayExecutor.for_model(model, ctx)``.
+    """
     stages = select_stages(only)
     ctx = make_context(model, corpus, seed, params)  # a bad corpus fails before the file is touched
     store = AtlasStore.create_or_open(out, model.card())
@@ -73,7 +77,10 @@ def build_atlas(
         planned = [(stage, unit) for stage in stages for unit in stage.plan(model, ctx)]
         pending = [(stage, unit) for stage, unit in planned if unit not in done]
         report = BuildReport(Path(out), planned=len(planned), skipped=len(planned) - len(pending))
-        executor = executor or LocalExecutor(model, ctx)
+        if executor is None:
+            executor = LocalExecutor(model, ctx)
+        elif not hasattr(executor, "run"):  # a factory: give it this build's own context
+            executor = executor(ctx)
         with _progress(progress) as bar:
             task = bar.add_task("atlas", total=len(planned), completed=report.skipped)
             for result in executor.run(pending):

@@ -24,12 +24,18 @@ How the work is split:
   process instead of unpickling closures, so a stage must be registered in a module
   of :mod:`lmatlas.atlas.stages` (the executor refuses others before starting).
 
-Cluster: with ``address`` it connects (``ray.init(address=...)``); otherwise it uses
-Ray if this process already initialised it, or starts a quiet local cluster with
-``num_workers`` CPUs and shuts it down at the end. A model that exists only in
-memory (``Model.from_hf``, ``tiny_model``) cannot be loaded by a worker: save it with
-``save_pretrained`` and pass the directory. On a multi-node cluster a local path must
-exist on every node (a shared file system), or pass a hub id.
+Cluster: with ``address`` it connects (``ray.init(address=...)``; ``"auto"`` means
+``RAY_ADDRESS`` or the cluster ``ray start`` started on this machine) and disconnects
+at the end; otherwise it uses Ray if this process already initialised it, or starts a
+new quiet local cluster with ``num_workers`` CPUs and shuts it down at the end. A
+cluster started with ``ray start`` uses token authentication (Ray >= 2.59): set
+``RAY_AUTH_MODE=token`` and the token (``RAY_AUTH_TOKEN``) in the driver's environment.
+
+A model that exists only in memory (``Model.from_hf``, ``tiny_model``) cannot be
+loaded by a worker: save it with ``save_pretrained`` and pass the directory. On a
+multi-node cluster a local path must exist on every node (a shared file system), or
+pass a hub id; ``load_kwargs={"device": "cuda"}`` with ``worker_options={"num_gpus": 1}``
+puts each worker's model on its own GPU.
 """
 
 from __future__ import annotations
@@ -90,6 +96,18 @@ def reloadable_source(source: str | Path | None) -> str | None:
         raise ModelFileError(f"Model source not found: {text}. Ray workers load the model by source: pass an "
                              "existing directory or .gguf file, a packaged model name or a hub id.")
     return text  # a hub id or a packaged model name
+
+
+def check_reachable(address: str, timeout: float = 10.0) -> None:
+    """Fail fast on a ``host:port`` / ``ray://host:port`` address nothing listens on (Ray itself retries forever)."""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        return  # "auto", "local": Ray resolves and reports those itself
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as err:
+        raise LmatlasError(f"No Ray cluster answers at {address} ({err}). Start one with `ray start --head` and "
+                           "pass the address it prints, or omit --address to start a local cluster.") from None
 
 
 def fingerprint(card: dict[str, Any]) -> dict[str, Any]:
@@ -169,7 +187,7 @@ class RayExecutor:
         started = self._connect(ray)
         actors: list[Any] = []
         try:
-            actors = self._start_workers(ray)
+            actors = self._start_workers(ray, own_cluster=started and not self.address)
             yield from self._dispatch(ray, actors, deque((stage.name, unit) for stage, unit in work))
         finally:
             for actor in actors:
@@ -180,26 +198,45 @@ class RayExecutor:
     def _connect(self, ray: Any) -> bool:
         """Initialise Ray; True if this executor did (and so shuts it down at the end)."""
         if ray.is_initialized():
+            if self.address:
+                raise LmatlasError(f"Ray is already initialised in this process, so address={self.address!r} cannot "
+                                   "be used: omit the address to use that Ray, or call ray.shutdown() first.")
             return False
         quiet = dict(logging_level=logging.ERROR, log_to_driver=False, include_dashboard=False)
         try:
             if self.address:
+                check_reachable(self.address)
                 ray.init(address=self.address, **quiet)
             else:
                 cpus = max(1, int(self.worker_options.get("num_cpus", 1)))
-                ray.init(num_cpus=self.num_workers * cpus, **quiet)
+                # "local": always a new cluster, never one that `ray start` or RAY_ADDRESS points to
+                ray.init(address="local", num_cpus=self.num_workers * cpus, **quiet)
+        except LmatlasError:
+            raise
         except Exception as err:  # ConnectionError, RuntimeError, ...: Ray raises several types
-            where = self.address or "a local cluster"
-            raise LmatlasError(f"Could not start Ray on {where}: {err}") from err
+            if not self.address:
+                raise LmatlasError(f"Could not start a local Ray cluster: {err}") from err
+            raise LmatlasError(
+                f"Could not connect to the Ray cluster at {self.address}: {err}. If it uses token authentication "
+                "(the default of `ray start` since Ray 2.59), set RAY_AUTH_MODE=token here, with the cluster's "
+                "token in RAY_AUTH_TOKEN or ~/.ray/auth_token."
+            ) from err
         return True
 
-    def _start_workers(self, ray: Any) -> list[Any]:
-        needs = {"CPU": self.worker_options.get("num_cpus", 1), "GPU": self.worker_options.get("num_gpus", 0)}
-        have = ray.cluster_resources()
-        short = {k: (v, have.get(k, 0)) for k, v in needs.items() if v and have.get(k, 0) < v}
-        if short:
-            raise LmatlasError(f"The Ray cluster cannot place even one atlas worker: needs vs has {short}. "
-                               "Lower worker_options or add nodes.")
+    def _start_workers(self, ray: Any, own_cluster: bool) -> list[Any]:
+        """Create the actors (their model loads once each in :meth:`_load_everywhere`).
+
+        On the local cluster this executor started, a worker that does not fit (``num_gpus``
+        on a machine without a GPU) is an error, not a wait forever; on another cluster an
+        autoscaler may still add the nodes, so Ray decides.
+        """
+        if own_cluster:
+            needs = {"CPU": self.worker_options.get("num_cpus", 1), "GPU": self.worker_options.get("num_gpus", 0)}
+            have = ray.cluster_resources()
+            short = {k: (v, have.get(k, 0)) for k, v in needs.items() if v and have.get(k, 0) < v}
+            if short:
+                raise LmatlasError(f"This machine cannot run even one atlas worker: it needs vs has {short}. "
+                                   "Lower worker_options, or pass the address of a cluster that has them.")
         actor_class = ray.remote(AtlasWorker).options(**self.worker_options)
         return [actor_class.remote() for _ in range(self.num_workers)]
 

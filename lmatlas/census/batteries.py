@@ -18,10 +18,11 @@ kind           tokens (``pos = prefix + 2 * half``)                             
 ``random``     ``2 * half`` distinct random ordinary tokens                        previous_token, attention_sink,
                                                                                    local
 ``null``       the same, from an independent stream                                the null battery of all of them
-                                                                                   and of duplicate_token, induction
+                                                                                   and of duplicate_token, induction,
+                                                                                   dormant
 ``repeated``   ``half`` distinct random tokens, then the same ``half`` again       duplicate_token, induction
 ``text``       ordinary English sentences (:data:`TEXT`) in seeded random order    dormant
-``text/null``  the same rows with their tokens shuffled                            dormant's null
+``text/null``  the same rows with their tokens shuffled                            (for detectors that need it)
 =============  ==================================================================  ================================
 
 ``meta`` of every battery: ``kind``, ``null`` (bool), ``prefix``, and for the random
@@ -165,14 +166,15 @@ def random_battery(
     """``[n, prefix + 2 * half]`` distinct random ordinary tokens (kind ``random``, or ``null`` when ``null``).
 
     ``meta["compare"]`` holds ``N_COMPARE`` more distinct tokens per row, absent from the row.
-    The null stream also declares the copying measurement (the induction detector's null uses it).
+    The null stream also declares the copying and norm measurements (the induction and
+    dormant detectors' nulls use them), so one forward serves every null.
     """
     half = fit_half(model, half)
     kind = "null" if null else "random"
     drawn = distinct_tokens(ordinary_tokens(model), n, 2 * half + N_COMPARE, _generator(kind, seed))
     meta = {
         "kind": kind, "null": null, "prefix": len(prefix_ids(model)), "half": half,
-        "compare": drawn[:, 2 * half:].to(model.device), "measure": ("copy",) if null else (),
+        "compare": drawn[:, 2 * half:].to(model.device), "measure": ("copy", "norms") if null else (),
     }
     return _battery(model, f"{name}/null" if null else name, seed, _with_prefix(model, drawn[:, : 2 * half]), meta)
 

@@ -14,7 +14,7 @@ A head gets the detector's label when its score is at least ``threshold`` *and* 
 z-score at least ``min_z`` (both explicit, documented per detector, overridable;
 ``min_z = None`` means the label needs no z-score, for behaviours defined relative
 to other heads rather than to a null). A detector may also report named
-sub-scores (:meth:`Detector.components`, e.g. induction's prefix matching and
+sub-scores (:meth:`Detector.subscores`, e.g. induction's prefix matching and
 copying), which the census averages next to the score.
 
 Register a detector with :func:`register`; the CLI, the atlas and the benchmark
@@ -80,7 +80,7 @@ class Detector:
         """``[n_examples, layer, head]`` scores in ``[0, 1]``."""
         raise NotImplementedError
 
-    def components(self, model: "Model", battery: Battery) -> dict[str, torch.Tensor]:
+    def subscores(self, model: "Model", battery: Battery) -> dict[str, torch.Tensor]:
         """Optional named sub-scores, each ``[n_examples, layer, head]`` in ``[0, 1]`` (default: none)."""
         return {}
 

@@ -17,7 +17,10 @@ For each detector and each head ``(layer, head)``:
 
 Detectors that use the same kind of battery share one forward (see
 :func:`lmatlas.census.measure.shared`); a detector's ``seconds`` therefore includes
-the forwards it was first to need.
+the forwards it was first to need. When every registered detector runs
+(``detectors=None``), one that cannot apply to the model (it raises an
+:class:`~lmatlas.errors.LmatlasError`, e.g. a context too short for its battery) is
+skipped and its reason kept in ``Census.skipped``; detectors named explicitly raise.
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ class DetectorResult:
         score, null: mean per-example score on the battery / the null battery.
         score_std, null_std: their standard deviations across examples.
         z: Welch z-score of ``score`` against ``null``.
-        components: ``name -> {"score": [layer, head], "null": [layer, head]}`` sub-scores.
+        subscores: ``name -> {"score": [layer, head], "null": [layer, head]}`` sub-scores.
         battery, null_battery: ``{"name", "shape", "seed", "kind"}`` of the batteries run.
         seconds: wall time of this detector inside the census.
     """
@@ -73,7 +76,7 @@ class DetectorResult:
     min_z: float | None
     battery: dict[str, Any]
     null_battery: dict[str, Any]
-    components: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    subscores: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     seconds: float = 0.0
 
     @property
@@ -85,7 +88,7 @@ class DetectorResult:
         return passed
 
     def rows(self) -> list[dict[str, Any]]:
-        """One dict per head, highest score first: head, layer, index, score, null, z, labelled, components."""
+        """One dict per head, highest score first: head, layer, index, score, null, z, labelled, subscores."""
         n_layers, n_heads = self.score.shape
         labelled = self.labelled
         rows = []
@@ -98,7 +101,7 @@ class DetectorResult:
                     "z": round(float(self.z[layer, head]), 3),
                     "labelled": bool(labelled[layer, head]),
                 }
-                for name, parts in self.components.items():
+                for name, parts in self.subscores.items():
                     row[name] = round(float(parts["score"][layer, head]), _DIGITS)
                 rows.append(row)
         return sorted(rows, key=lambda r: (-r["score"], r["layer"], r["index"]))
@@ -115,7 +118,7 @@ class DetectorResult:
             "labelled": self.heads(),
             "score": _round(self.score), "null": _round(self.null), "z": torch.round(self.z.double(), decimals=3).tolist(),
             "score_std": _round(self.score_std), "null_std": _round(self.null_std),
-            "components": {name: {k: _round(v) for k, v in parts.items()} for name, parts in self.components.items()},
+            "subscores": {name: {k: _round(v) for k, v in parts.items()} for name, parts in self.subscores.items()},
         }
 
 
@@ -128,6 +131,7 @@ class Census:
     seed: int
     results: dict[str, DetectorResult]
     provenance: dict[str, Any]
+    skipped: dict[str, str] = field(default_factory=dict)
 
     def __getitem__(self, name: str) -> DetectorResult:
         try:
@@ -154,7 +158,7 @@ class Census:
         return {
             "provenance": self.provenance, "seed": self.seed, "layers": self.n_layers, "heads": self.n_heads,
             "detectors": {name: result.to_dict() for name, result in self.results.items()},
-            "labels": self.labels,
+            "skipped": self.skipped, "labels": self.labels,
         }
 
 
@@ -165,7 +169,7 @@ def _battery_info(battery: Battery) -> dict[str, Any]:
 
 def _resolve(detectors: Iterable[str | Detector] | None) -> list[Detector]:
     if detectors is None:
-        return list(all_detectors().values())
+        return [detector for _, detector in sorted(all_detectors().items())]
     chosen = [get_detector(d) if isinstance(d, str) else d for d in detectors]
     if not chosen:
         raise LmatlasError(f"No detectors given. Known types: {', '.join(sorted(all_detectors()))}.")
@@ -235,10 +239,10 @@ def run_detector(model: "Model", detector: Detector, seed: int = 0, threshold: f
     null_battery = detector.battery(model, seed, null=True)
     scores = _stats(detector.score(model, battery), detector.name, battery, lay.n_layers, lay.n_heads)
     null = _stats(detector.score(model, null_battery), detector.name, null_battery, lay.n_layers, lay.n_heads)
-    components = {}
-    real_parts, null_parts = detector.components(model, battery), detector.components(model, null_battery)
+    subscores = {}
+    real_parts, null_parts = detector.subscores(model, battery), detector.subscores(model, null_battery)
     for part, values in real_parts.items():
-        components[part] = {
+        subscores[part] = {
             "score": _stats(values, detector.name, battery, lay.n_layers, lay.n_heads).mean(0),
             "null": _stats(null_parts[part], detector.name, null_battery, lay.n_layers, lay.n_heads).mean(0),
         }
@@ -251,7 +255,7 @@ def run_detector(model: "Model", detector: Detector, seed: int = 0, threshold: f
         threshold=_check_threshold(detector.name, detector.threshold if threshold is None else threshold),
         min_z=detector.min_z if min_z is _DEFAULT else min_z,
         battery=_battery_info(battery), null_battery=_battery_info(null_battery),
-        components=components, seconds=time.perf_counter() - started,
+        subscores=subscores, seconds=time.perf_counter() - started,
     )
 
 
@@ -267,7 +271,7 @@ def run_census(
 
     Args:
         model: an lmatlas :class:`~lmatlas.model.handle.Model`.
-        detectors: names or instances (default: every registered detector).
+        detectors: names or instances (default: every registered detector, by name).
         seed: the battery seed (every battery and null battery derives from it).
         thresholds: ``name -> minimum score`` overriding the detectors' defaults.
         min_z: one minimum z-score for every detector, or ``name -> minimum`` (``None`` in
@@ -280,14 +284,21 @@ def run_census(
     """
     chosen = _resolve(detectors)
     names = [d.name for d in chosen]
-    thresholds = _per_detector(thresholds, names, "A threshold")
+    thresholds = {name: _check_threshold(name, t) for name, t in _per_detector(thresholds, names, "A threshold").items()}
     min_zs = _per_detector(min_z, names, "A min_z")
     results: dict[str, DetectorResult] = {}
+    skipped: dict[str, str] = {}
     with measure.shared():
         for index, detector in enumerate(chosen):
             if progress is not None:
                 progress(f"[{index + 1}/{len(chosen)}] {detector.name}")
-            results[detector.name] = run_detector(
-                model, detector, seed, thresholds.get(detector.name), min_zs.get(detector.name, _DEFAULT)
-            )
-    return Census(model.layout.n_layers, model.layout.n_heads, int(seed), results, provenance(model, int(seed)))
+            try:
+                results[detector.name] = run_detector(
+                    model, detector, seed, thresholds.get(detector.name), min_zs.get(detector.name, _DEFAULT)
+                )
+            except LmatlasError as error:
+                if detectors is not None:
+                    raise
+                skipped[detector.name] = str(error)
+    return Census(model.layout.n_layers, model.layout.n_heads, int(seed), results, provenance(model, int(seed)),
+                  skipped)

@@ -89,7 +89,7 @@ def map_command(
     as_json: bool = JSON_OPT,
 ) -> None:
     """Build (or resume) the atlas of a model: every stage, or those named with --only."""
-    from lmatlas.atlas.pipeline import build_atlas, make_context
+    from lmatlas.atlas.pipeline import build_atlas
     from lmatlas.atlas.stages import select_stages
     from lmatlas.errors import LmatlasError
 
@@ -102,8 +102,8 @@ def map_command(
         if executor == "ray":
             from lmatlas.atlas.ray_executor import RayExecutor
 
-            runner = RayExecutor(loaded.provenance.source if model else None, make_context(loaded, corpus, seed),
-                                 address=address, num_workers=workers, dtype=dtype)
+            def runner(ctx):
+                return RayExecutor.for_model(loaded, ctx, address=address, num_workers=workers)
         elif executor != "local":
             raise LmatlasError(f"Unknown executor {executor!r}: use 'local' or 'ray'.")
         report = build_atlas(loaded, path, only=stages, corpus=corpus, seed=seed, executor=runner)

@@ -88,14 +88,24 @@ def token_ids(model: "Model", tokens: int | torch.Tensor | list[int] | None, see
     return ids
 
 
-def head_inputs(model: "Model", layer: int, ids: torch.Tensor, *, norm_input: bool = True) -> torch.Tensor:
-    """``[n, d_model]`` float32: tokens as layer ``layer``'s attention reads them (module docstring)."""
-    check_layer(layer, model.layout)
+def embed_tokens(model: "Model", ids: torch.Tensor) -> torch.Tensor:
+    """``[n, d_model]`` the native embedding module's output (with the family's scale), model dtype."""
     with torch.no_grad():
-        x = get_path(model.hf, model.spec.embed)(ids.to(model.device))
-        if norm_input and model.spec.attn_norm:
+        return get_path(model.hf, model.spec.embed)(ids.to(model.device))
+
+
+def attn_input(model: "Model", layer: int, x: torch.Tensor, *, norm_input: bool = True) -> torch.Tensor:
+    """``[n, d_model]`` float32: embeddings ``x`` through layer ``layer``'s pre-attention norm (if any)."""
+    check_layer(layer, model.layout)
+    if norm_input and model.spec.attn_norm:
+        with torch.no_grad():
             x = get_path(model.blocks[layer], model.spec.attn_norm)(x)
     return x.float()
+
+
+def head_inputs(model: "Model", layer: int, ids: torch.Tensor, *, norm_input: bool = True) -> torch.Tensor:
+    """``[n, d_model]`` float32: tokens as layer ``layer``'s attention reads them (module docstring)."""
+    return attn_input(model, layer, embed_tokens(model, ids), norm_input=norm_input)
 
 
 def _blocks(ids: torch.Tensor, size: int = TOKEN_BLOCK):
@@ -104,22 +114,22 @@ def _blocks(ids: torch.Tensor, size: int = TOKEN_BLOCK):
 
 
 # -- OV circuit ------------------------------------------------------------------------------------------
-def post_attn_gain(model: "Model", layer: int) -> torch.Tensor | None:
-    """``[d_model]`` float32 gain of layer ``layer``'s post-attention norm, ``None`` without one."""
-    return _post_gain(model, layer, model.spec.attn_post_norm)
+def post_norm_gain(model: "Model", layer: int, sublayer: str = "attn") -> torch.Tensor | None:
+    """``[d_model]`` float32 gain of layer ``layer``'s post-``sublayer`` norm (``"attn"`` or ``"mlp"``).
 
-
-def _post_gain(model: "Model", layer: int, path: str | None) -> torch.Tensor | None:
+    ``None`` for families without post norms; ``1 + weight`` for Gemma's offset RMS norms.
+    """
+    path = model.spec.attn_post_norm if sublayer == "attn" else model.spec.mlp_post_norm
     if path is None:
         return None
-    weight = get_path(model.blocks[layer], path).weight.detach().float()
+    weight = get_path(model.blocks[check_layer(layer, model.layout)], path).weight.detach().float()
     return 1.0 + weight if model.spec.post_norm_kind is NormKind.RMS_OFFSET else weight
 
 
 def ov_write(model: "Model", layer: int, head: int) -> torch.Tensor:
     """``[d_head, d_model]`` float32: ``W_O[h]`` times the post-attention and final norm gains."""
-    W_O = model.W.W_O(layer)[head].detach().float()
-    for gain in (post_attn_gain(model, layer), final_norm_gain(model)):
+    W_O = model.W.W_O(layer)[check_head(layer, head, model.layout)].detach().float()
+    for gain in (post_norm_gain(model, layer), final_norm_gain(model)):
         if gain is not None:
             W_O = W_O * gain
     return W_O
@@ -226,8 +236,8 @@ def decode_ov(model: "Model", layer: int, head: int, *, sources: int | torch.Ten
     top = TokenRanking(top.ids[:, :k].contiguous(), top.logits[:, :k].contiguous())
     return OVDecoding(
         layer=layer, head=head, kv_head=model.layout.kv_head(head), sources=ids, top=top, bottom=bottom,
-        pairs=pairs, copying=float(_self_hits(top, ids).float().mean()),
-        suppression=float(_self_hits(bottom, ids).float().mean()),
+        pairs=pairs, copying=float(_self_hits(top, ids).double().mean()),
+        suppression=float(_self_hits(bottom, ids).double().mean()),
     )
 
 
@@ -255,6 +265,32 @@ class CopyingScores:
                 "copying": self.copying.tolist(), "suppression": self.suppression.tolist()}
 
 
+def self_ranks(model: "Model", layer: int, head: int, sources: torch.Tensor, *, norm_input: bool = True,
+               chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(above [n], below [n])`` int64: how many output tokens the head promotes more / less than the source itself.
+
+    Source ``s`` is *copied* (its own id is in the top-``k``) iff ``above[i] < k``, and
+    *suppressed* iff ``below[i] < k`` (ties count in the source's favour). One pass over
+    the vocabulary, no top-k: this is what :func:`copying_scores` runs for every head.
+    """
+    right = ov_right(model, layer, head)  # [d_head, V]
+    above = torch.zeros(sources.numel(), dtype=torch.int64)
+    below = torch.zeros_like(above)
+    with torch.no_grad():
+        for start, block in _blocks(sources):
+            left = ov_left(model, layer, head, block, norm_input=norm_input)  # [b, d_head]
+            block = block.to(left.device)
+            rows = torch.arange(block.numel(), device=left.device)
+            own = (left * right[:, block].T).sum(1)  # [b] each source's logit for itself
+            for c0 in range(0, right.shape[1], chunk):
+                scores = left @ right[:, c0:c0 + chunk]  # [b, chunk]
+                inside = (block >= c0) & (block < c0 + chunk)
+                scores[rows[inside], block[inside] - c0] = own[inside]  # never count itself
+                above[start:start + block.numel()] += (scores > own[:, None]).sum(1).cpu()
+                below[start:start + block.numel()] += (scores < own[:, None]).sum(1).cpu()
+    return above, below
+
+
 def copying_scores(model: "Model", *, heads: list[tuple[int, int]] | None = None,
                    sources: int | torch.Tensor | list[int] | None = DEFAULT_SAMPLE, k: int = 10, seed: int = 0,
                    norm_input: bool = True, progress: bool = False) -> CopyingScores:
@@ -262,8 +298,10 @@ def copying_scores(model: "Model", *, heads: list[tuple[int, int]] | None = None
 
     ``sources``: a sample size (default 1024 tokens, seeded: the score's standard
     error is then at most 1.6 points), explicit ids, or ``None`` for the whole vocabulary.
+    Cost per head: ``d_head x d_vocab x (d_model + n_sources)`` multiply-adds.
     """
     lay = model.layout
+    _check_k(model, k)
     heads = heads if heads is not None else [(l, h) for l in range(lay.n_layers) for h in range(lay.n_heads)]
     for layer, head in heads:
         check_head(layer, head, lay)
@@ -280,8 +318,9 @@ def copying_scores(model: "Model", *, heads: list[tuple[int, int]] | None = None
         track.start()
     try:
         for layer, head in heads:
-            result = decode_ov(model, layer, head, sources=ids, k=k, n_pairs=0, norm_input=norm_input)
-            copying[layer, head], suppression[layer, head] = result.copying, result.suppression
+            above, below = self_ranks(model, layer, head, ids, norm_input=norm_input)
+            copying[layer, head] = (above < k).double().mean()
+            suppression[layer, head] = (below < k).double().mean()
             if track is not None:
                 track.advance(task)
     finally:
@@ -332,28 +371,28 @@ def promoting_heads(model: "Model", token: int, *, sources: int | torch.Tensor |
         raise DecodeError(f"Token id {token} is out of range: this model's vocabulary is 0..{lay.d_vocab - 1}.")
     ids = token_ids(model, sources, seed)
     w_U = unembed_matrix(model)[:, int(token)].detach().float()  # [d_model]
-    best = torch.empty(lay.n_layers, lay.n_heads)
-    where = torch.empty(lay.n_layers, lay.n_heads, dtype=torch.int64)
-    mean = torch.empty(lay.n_layers, lay.n_heads)
+    kv = [lay.kv_head(h) for h in range(lay.n_heads)]
+    U, const = [], []  # per layer: [d_model, heads] and [heads]
     with torch.no_grad():
         for layer in range(lay.n_layers):
-            W_V, b_V = model.W.W_V(layer).detach().float(), model.W.b_V(layer)
             w = torch.stack([ov_write(model, layer, h) @ w_U for h in range(lay.n_heads)])  # [heads, d_head]
-            kv = [lay.kv_head(h) for h in range(lay.n_heads)]
-            U = torch.einsum("hde,he->dh", W_V[kv], w)  # [d_model, heads]
-            const = (b_V.detach().float()[kv] * w).sum(-1) if b_V is not None else torch.zeros(lay.n_heads)
-            top, top_at, total = None, None, torch.zeros(lay.n_heads)
-            for _, block in _blocks(ids):
-                scores = head_inputs(model, layer, block, norm_input=norm_input) @ U + const  # [block, heads]
+            U.append(torch.einsum("hde,he->dh", model.W.W_V(layer).detach().float()[kv], w))
+            b_V = model.W.b_V(layer)
+            const.append((b_V.detach().float()[kv] * w).sum(-1) if b_V is not None else w.new_zeros(lay.n_heads))
+        best = torch.full((lay.n_layers, lay.n_heads), float("-inf"), device=w_U.device)
+        where = torch.zeros(lay.n_layers, lay.n_heads, dtype=torch.int64, device=w_U.device)
+        total = torch.zeros(lay.n_layers, lay.n_heads, dtype=torch.float64, device=w_U.device)
+        for _, block in _blocks(ids):
+            x = embed_tokens(model, block)  # embedded once, normed by each layer
+            block = block.to(w_U.device)
+            for layer in range(lay.n_layers):
+                scores = attn_input(model, layer, x, norm_input=norm_input) @ U[layer] + const[layer]  # [b, heads]
                 value, at = scores.max(0)
-                source = block.to(at.device)[at]
-                if top is None:
-                    top, top_at = value, source
-                else:
-                    better = value > top
-                    top, top_at = torch.where(better, value, top), torch.where(better, source, top_at)
-                total += scores.sum(0).cpu()
-            best[layer], where[layer], mean[layer] = top.cpu(), top_at.cpu(), total / ids.numel()
+                better = value > best[layer]
+                best[layer] = torch.where(better, value, best[layer])
+                where[layer] = torch.where(better, block[at], where[layer])
+                total[layer] += scores.sum(0).double()
+    best, where, mean = best.cpu(), where.cpu(), (total / ids.numel()).float().cpu()
     return TokenPromotion(int(token), best, where, mean)
 
 

@@ -127,8 +127,8 @@ def logit_lens(model: "Model", inputs: "Inputs", *, k: int = 5, include_embed: b
             top_ids[r, sl], top_probs[r, sl] = ids.cpu(), values.cpu()
             final_prob[r, sl] = p.gather(-1, final_ids[sl, None].to(p.device))[:, 0].cpu()
             entropy[r, sl] = -(p * logp).sum(-1).cpu()
-            ref = final_logp[sl].to(p.device)
-            kl[r, sl] = (ref.exp() * (ref - logp)).sum(-1).clamp_min(0).cpu()
+            ref = final_logp[sl].to(p.device)  # KL(final || layer) = sum p_final (log p_final - log p_layer)
+            kl[r, sl] = torch.nn.functional.kl_div(logp, ref, log_target=True, reduction="none").sum(-1).cpu()
     tok = model.tokenizer
     strings = (lambda ids: TokenRanking.tokens_of(ids, tok)) if tok is not None else None
     return LensResult(

@@ -109,8 +109,8 @@ def _final_norm(model: "Model") -> torch.nn.Module:
     return get_path(model.hf, model.spec.final_norm)
 
 
-def final_norm_gain(model: "Model") -> torch.Tensor | None:
-    """``[d_model]`` float32 elementwise gain of the final norm, ``None`` if it has none.
+def norm_gain(norm: torch.nn.Module | None) -> torch.Tensor | None:
+    """``[d_model]`` float32 elementwise gain of a norm module, ``None`` if it has none.
 
     ``weight`` for Llama-style RMS norms and LayerNorms, ``1 + weight`` for
     Gemma-style RMS norms. Which of the two a norm uses is read from the norm
@@ -119,7 +119,6 @@ def final_norm_gain(model: "Model") -> torch.Tensor | None:
     ``weight`` and ``1 + weight``. A LayerNorm maps it to its bias (mean
     subtraction), so for LayerNorms the gain is the weight.
     """
-    norm = _final_norm(model)
     weight = getattr(norm, "weight", None)
     if weight is None:
         return None
@@ -131,6 +130,14 @@ def final_norm_gain(model: "Model") -> torch.Tensor | None:
     plain = (probe - weight).abs().max()
     offset = (probe - (1.0 + weight)).abs().max()
     return 1.0 + weight if offset < plain else weight
+
+
+def final_norm_gain(model: "Model") -> torch.Tensor | None:
+    """``[d_model]`` float32 elementwise gain of the final norm (``1 + w`` for Gemma), ``None`` if none.
+
+    See :func:`norm_gain`.
+    """
+    return norm_gain(_final_norm(model))
 
 
 def softcap_value(model: "Model") -> float | None:

@@ -10,11 +10,13 @@ al., 2024, "Active-dormant attention heads"); they wake up only in some contexts
 ``clamp(1 - n_h / median(n over the layer's heads), 0, 1)``: 0 for a head writing
 at least as much as the layer's typical head, 1 for a head writing nothing.
 
-**Null** (the ``text/null`` battery: the same tokens shuffled): reported for context
-only. A head dormant on text but active on shuffled tokens scores above its null
-(context-dependent dormancy); a head silent everywhere scores the same on both.
-Dormancy is relative to the other heads of the layer, not to a null, so the label
-needs no z-score: score >= 0.8 (a write below 20% of the layer's median), ``min_z = None``.
+**Null** (the ``null`` battery: distinct random tokens, shared with the other
+detectors' nulls): reported for context only. A head dormant on text but active on
+random tokens scores well above its null (context-dependent dormancy, as in the paper);
+a head silent everywhere scores the same on both. Dormancy is relative to the other
+heads of the layer, not to a null, so the label needs no z-score: score >= 0.6 (a
+write below 40% of the layer's median), ``min_z = None``. On SmolLM2-135M-Instruct the
+highest scores are about 0.65 (seed 0): a stricter threshold labels no head there.
 A layer with a single head has no other heads to compare with: its score is 0.
 """
 
@@ -31,11 +33,13 @@ from lmatlas.census.registry import Battery, Detector, register
 class Dormant(Detector):
     name = "dormant"
     description = "near-zero output norm on ordinary text, relative to the layer's other heads"
-    threshold = 0.8
+    threshold = 0.6
     min_z = None
 
     def battery(self, model, seed: int, null: bool = False) -> Battery:
-        return batteries.text_battery(model, self.name, seed, null=null)
+        if null:
+            return batteries.random_battery(model, self.name, seed, null=True)
+        return batteries.text_battery(model, self.name, seed)
 
     def score(self, model, battery: Battery) -> torch.Tensor:
         norms = per_example(readout(model, battery, norms=True).norm[..., 1:])  # [batch, layer, head]

@@ -13,7 +13,7 @@ again) at the second-half queries ``q in [prefix + half, prefix + 2 * half)``:
 
 **Score** per example: ``prefix_matching * max(0, 2 * copying - 1)``: attention to
 the right place, times copying above chance (both means over the example's queries).
-Both components are reported; ``prefix_matching`` alone is what TransformerLens's
+Both are reported as subscores; ``prefix_matching`` alone is what TransformerLens's
 ``detect_head(..., "induction_head")`` measures.
 
 **Null** (on the independent ``null`` battery: distinct random tokens, no repeats): the
@@ -43,7 +43,7 @@ class Induction(Detector):
             return batteries.random_battery(model, self.name, seed, null=True)
         return batteries.repeated_battery(model, self.name, seed)
 
-    def components(self, model, battery: Battery) -> dict[str, torch.Tensor]:
+    def subscores(self, model, battery: Battery) -> dict[str, torch.Tensor]:
         """``{"prefix_matching", "copying"}``: each ``[n_examples, layer, head]`` in ``[0, 1]``."""
         half = battery.meta["half"]
         r = readout(model, battery, copy=True, offsets=[half - 1])
@@ -53,5 +53,5 @@ class Induction(Detector):
         }
 
     def score(self, model, battery: Battery) -> torch.Tensor:
-        parts = self.components(model, battery)
+        parts = self.subscores(model, battery)
         return parts["prefix_matching"] * (2.0 * parts["copying"] - 1.0).clamp(0.0, 1.0)

@@ -23,33 +23,41 @@ them (``ov_weight`` = 0.5 by default):
 A pair is a **hit** when the target ranks first among the *candidates*: the tokens of
 the same ordinal sequence (a restricted vocabulary, as in the paper), not the full vocabulary.
 
-**Behaviour (activations).** The battery's prompts are runs of an ordinal sequence
-(``" Monday Tuesday Wednesday Thursday Friday Saturday"``). At each position ``p`` the
-head's direct logit attribution ``attn.out[p, h] @ R`` (the final norm's positive
-per-position factor does not change a ranking) is a hit when the successor of the token
-at ``p`` ranks first among the candidates.
+**Behaviour (activations).** The battery's prompts are runs of an ordinal sequence,
+comma-separated as the model saw them in training (``" Monday, Tuesday, Wednesday,"``:
+without separators SmolLM2 does not continue weekday lists). At the ``","`` after an
+item ``a`` the next token is ``succ(a)``. The head scores a hit there when (i) its top-1
+attention lands on ``a`` (it reads the item, rather than amplifying a prediction already
+in the ``","``'s residual stream: SmolLM2's L29.H1 does the latter) and (ii) its direct
+logit attribution ``attn.out[p, h] @ R`` ranks ``succ(a)`` first among the candidates
+(the final norm's positive per-position factor does not change a ranking).
 
 **Null battery.** The same sequences with the items in random order, and targets from a
 random pairing ``pi(a) not in {a, succ(a)}``, fixed per example. A successor head scores
 near 0 there, a head unrelated to ordinals near ``1 / n_candidates`` on both batteries.
 
 Per-example score ``= ov_weight * OV hit rate + (1 - ov_weight) * behaviour hit rate`` over
-the example's counted positions, in ``[0, 1]``. Label: score >= 0.5 and z >= 3.
-:func:`successor_ov_scores` gives the OV component alone over *all* pairs of all sequences.
+the example's counted positions, in ``[0, 1]``; both are also reported as subscores
+(``"ov"``, ``"behaviour"``) and ``meta["sequences"]`` says which sequence each example
+used. Label: score >= 0.5 and z >= 3. :func:`successor_ov_scores` gives the OV
+component alone over *all* pairs of every sequence.
 """
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+from lmatlas.census import batteries
 from lmatlas.census.ordinals import OrdinalTokens, ordinal_tokens, single_token
 from lmatlas.census.registry import Battery, Detector, register
+from lmatlas.decode.heads import post_norm_gain
+from lmatlas.decode.vocab import final_norm_gain
 from lmatlas.errors import LmatlasError
 from lmatlas.model.arch import get_path
+from lmatlas.model.sites import Site
 
 if TYPE_CHECKING:
     from lmatlas.model.handle import Model
@@ -58,48 +66,50 @@ EMBEDDINGS = ("embed", "mlp0")
 
 
 # -- reading a residual-stream write out through the final norm -------------------------------------
-def norm_gain(norm: nn.Module, d_model: int) -> torch.Tensor:
-    """``[d_model]`` float32 elementwise gain of a norm module, read from the module itself.
-
-    For an RMS norm ``norm(x) = x * rsqrt(mean(x**2) + eps) * gain`` whatever the family's
-    convention (``weight`` or ``1 + weight``), so ``gain = norm(ones) * sqrt(1 + eps)``.
-    For ``nn.LayerNorm`` it is the weight (the centring is handled by the caller).
-    """
-    if isinstance(norm, nn.LayerNorm):
-        return norm.weight.detach().float() if norm.weight is not None else torch.ones(d_model)
-    eps = getattr(norm, "eps", None)
-    if eps is None:
-        eps = getattr(norm, "variance_epsilon", 0.0)
-    ref = next(norm.parameters(), None)
-    ones = torch.ones(1, d_model, dtype=ref.dtype if ref is not None else torch.float32,
-                      device=ref.device if ref is not None else "cpu")
-    with torch.no_grad():
-        return norm(ones)[0].float() * math.sqrt(1.0 + float(eps))
-
-
 def readout_matrix(model: "Model", token_ids: torch.Tensor | list[int]) -> torch.Tensor:
     """``[d_model, n]``: how a write to the last residual stream moves the logits of ``token_ids``.
 
     The final norm is linear once its per-position scale is frozen; this is that linear
-    map *without* the scale (a positive factor per position, see :func:`final_norm_factor`):
-    ``diag(gain) @ W_U[:, ids]``, with LayerNorm's centring. Monotone final softcaps are ignored.
+    map *without* its data-dependent scale (one positive factor per position, which does
+    not change rankings): ``diag(gain) @ W_U[:, ids]``, with LayerNorm's centring. Monotone final softcaps are ignored.
     """
     ids = torch.as_tensor(token_ids, dtype=torch.long, device=model.device)
-    norm = get_path(model.hf, model.spec.final_norm)
-    matrix = model.W.W_U[:, ids].detach().float() * norm_gain(norm, model.layout.d_model).to(model.device)[:, None]
-    if isinstance(norm, nn.LayerNorm):
+    matrix = model.W.W_U[:, ids].detach().float()
+    gain = final_norm_gain(model)
+    if gain is not None:
+        matrix = matrix * gain.to(matrix.device)[:, None]
+    if isinstance(get_path(model.hf, model.spec.final_norm), nn.LayerNorm):
         matrix = matrix - matrix.mean(0, keepdim=True)  # (d - mean(d)) @ M == d @ (M - column means)
     return matrix
 
 
-def final_norm_factor(model: "Model", resid: torch.Tensor) -> torch.Tensor:
-    """``[..., 1]`` the final norm's positive per-position scale for the last residual stream ``resid``."""
-    norm = get_path(model.hf, model.spec.final_norm)
-    x = resid.float()
-    eps = float(getattr(norm, "eps", None) or getattr(norm, "variance_epsilon", 0.0))
-    if isinstance(norm, nn.LayerNorm):
-        return torch.rsqrt(x.var(-1, unbiased=False, keepdim=True) + eps)
-    return torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+# -- running the decoder without its LM head ----------------------------------------------------------
+class _Stop(Exception):
+    """Raised from a hook to end a forward pass early (nothing after the stop layer is needed)."""
+
+
+def run_body(model: "Model", input_ids: torch.Tensor, replace: dict | None = None, capture=(),
+             stop_after: int | None = None) -> dict[str, torch.Tensor]:
+    """Run the decoder blocks (not the LM head) with lmatlas hooks; returns the captured ``{site: tensor}``.
+
+    Detectors reduce what they need inside ``replace`` callbacks that return ``None``
+    (the forward is unchanged), so the ``[batch, pos, vocab]`` logits are never built.
+    ``stop_after=l`` ends the forward once block ``l`` is done.
+    """
+    replace = dict(replace or {})
+    session = model.hooked(capture=capture, replace=replace)
+    if stop_after is not None:
+        def stop(value, site):
+            session.store[str(site)] = value.detach()
+            raise _Stop
+
+        session.replace[Site(stop_after, "resid.post")] = stop
+    try:
+        with session, torch.no_grad():
+            model.hf.base_model(input_ids=input_ids.to(model.device), use_cache=False)
+    except _Stop:
+        pass
+    return session.store
 
 
 # -- the OV circuit ------------------------------------------------------------------------------
@@ -111,9 +121,8 @@ def effective_embedding(model: "Model", token_ids: torch.Tensor, embedding: str 
     if embedding == "embed":
         with torch.no_grad():
             return get_path(model.hf, model.spec.embed)(ids).float()
-    with model.trace(ids[:, None], capture=["L0.resid.post"], replace={"L0.attn.out": lambda v, s: torch.zeros_like(v)}) as cache:
-        pass
-    return cache.resid(0, "post")[:, 0].float()
+    store = run_body(model, ids[:, None], replace={"L0.attn.out": lambda v, s: torch.zeros_like(v)}, stop_after=0)
+    return store["L0.resid.post"][:, 0].float()
 
 
 def ov_logits(model: "Model", x: torch.Tensor, readout: torch.Tensor, layers: list[int] | None = None) -> torch.Tensor:
@@ -132,8 +141,9 @@ def ov_logits(model: "Model", x: torch.Tensor, readout: torch.Tensor, layers: li
                 v = v + W.b_V(layer).float()[:, None]
             kv = torch.tensor([lay.kv_head(h) for h in range(lay.n_heads)], device=v.device)
             heads = torch.einsum("hnd,hdm->hnm", v[kv], W.W_O(layer).float())  # [head, n, d_model]
-            if spec.attn_post_norm:
-                heads = heads * norm_gain(get_path(block, spec.attn_post_norm), lay.d_model).to(heads.device)
+            post_gain = post_norm_gain(model, layer)
+            if post_gain is not None:
+                heads = heads * post_gain.to(heads.device)
             out.append(heads @ readout)
     return torch.stack(out)
 
@@ -158,15 +168,6 @@ def successor_ov_scores(
 
 
 # -- battery -------------------------------------------------------------------------------------
-def special_prefix(tokenizer) -> list[int]:
-    """Ids the tokenizer puts before any text (e.g. Gemma's ``<bos>``; nothing for SmolLM2)."""
-    if tokenizer is None:
-        return []
-    full = tokenizer.encode("a")
-    bare = tokenizer.encode("a", add_special_tokens=False)
-    return list(full[: len(full) - len(bare)]) if full[len(full) - len(bare):] == bare else []
-
-
 def _walks(seq: OrdinalTokens, length: int) -> list[list[int]]:
     """Every run of ``length`` kept items where each is the successor of the one before (indices into ids)."""
     runs = []
@@ -186,8 +187,9 @@ class SuccessorDetector(Detector):
     threshold = 0.5
     min_z = 3.0
 
-    def __init__(self, n_examples: int = 64, n_items: int = 6, embedding: str = "mlp0", ov_weight: float = 0.5):
+    def __init__(self, n_examples: int = 48, n_items: int = 6, embedding: str = "mlp0", ov_weight: float = 0.5):
         self.n_examples, self.n_items, self.embedding, self.ov_weight = n_examples, n_items, embedding, ov_weight
+        self._cache: dict = {}
 
     def battery(self, model: "Model", seed: int, null: bool = False) -> Battery:
         sequences = ordinal_tokens(model.tokenizer)
@@ -199,11 +201,12 @@ class SuccessorDetector(Detector):
         if sep is None:
             raise LmatlasError("The successor battery separates items with ',', which is not one token for this tokenizer.")
         gen = torch.Generator().manual_seed(seed)
-        prefix = special_prefix(model.tokenizer)
+        prefix = batteries.prefix_ids(model)
         width = max(len(sequences[n].ids) for n in names)
         ids = torch.full((self.n_examples, len(prefix) + 2 * self.n_items), sep, dtype=torch.long)
         targets = torch.full_like(ids, -1)
-        sources = torch.full_like(ids, -1)
+        sources = torch.full_like(ids, -1)  # the item whose successor is the target
+        source_pos = torch.full_like(ids, -1)  # where that item is
         candidates = torch.full((self.n_examples, width), -1, dtype=torch.long)
         chosen = []
         items_at = torch.arange(self.n_items) * 2 + len(prefix)  # item positions; each is followed by ','
@@ -229,16 +232,27 @@ class SuccessorDetector(Detector):
             ids[i, : len(prefix)] = torch.tensor(prefix, dtype=torch.long)
             ids[i, items_at] = torch.tensor(row)
             targets[i, items_at + 1] = torch.tensor(tgt)  # at the ',' after an item, the next token is the target
-            sources[i, items_at + 1] = torch.where(targets[i, items_at + 1] >= 0, torch.tensor(row), -1)
+            counted = targets[i, items_at + 1] >= 0
+            sources[i, items_at + 1] = torch.where(counted, torch.tensor(row), -1)
+            source_pos[i, items_at + 1] = torch.where(counted, items_at, -1)
         name = f"{self.name}/null" if null else self.name
-        meta = {"targets": targets, "sources": sources, "candidates": candidates, "sequences": chosen}
-        return Battery(name, ids, seed, meta)
+        meta = {"kind": name, "null": null, "prefix": len(prefix), "targets": targets, "sources": sources,
+                "source_pos": source_pos, "candidates": candidates, "sequences": chosen}
+        return Battery(name, ids.to(model.device), seed, meta)
 
     def score(self, model: "Model", battery: Battery) -> torch.Tensor:
-        ov, behaviour, counted = self.components(model, battery)
-        n = counted.sum(-1).clamp_min(1)[:, None, None]
-        w = self.ov_weight
-        return (w * ov.sum(1) + (1 - w) * behaviour.sum(1)) / n
+        parts = self.subscores(model, battery)
+        return self.ov_weight * parts["ov"] + (1 - self.ov_weight) * parts["behaviour"]
+
+    def subscores(self, model: "Model", battery: Battery) -> dict[str, torch.Tensor]:
+        """``{"ov", "behaviour"}``: each ``[n_examples, layer, head]`` hit rates over the counted positions."""
+        cached = self._cache.get(id(battery))
+        if cached is None or cached[0] is not battery or cached[1] is not model:
+            ov, behaviour, counted = self.components(model, battery)
+            n = counted.sum(-1).clamp_min(1)[:, None, None].float()
+            cached = (battery, model, {"ov": ov.sum(1) / n, "behaviour": behaviour.sum(1) / n})
+            self._cache = {id(battery): cached}  # score() and subscores() share one computation
+        return cached[2]
 
     def components(self, model: "Model", battery: Battery) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(ov_hits, behaviour_hits, counted)``: ``[n_examples, pos, layer, head]`` 0/1 floats and ``[n, pos]``."""
@@ -259,16 +273,22 @@ class SuccessorDetector(Detector):
         per_pos = logits[:, :, row].permute(2, 3, 0, 1, 4)  # [n, pos, L, H, U]
         ov = self._hits(per_pos, allowed, target_col)
 
-        # Behaviour hits: each head's direct logit attribution, reduced layer by layer inside the forward.
+        # Behaviour hits: top-1 attention on the source item and its direct logit attribution ranks the
+        # target first; reduced layer by layer inside one forward.
         behaviour = torch.zeros(ids.shape[0], ids.shape[1], lay.n_layers, lay.n_heads, device=model.device)
+        source_pos = battery.meta["source_pos"].to(model.device)  # [n, pos]
+        on_source: dict[int, torch.Tensor] = {}
+
+        def attends(pattern, site):  # pattern: [n, head, pos, key_pos]
+            on_source[site.layer] = (pattern.argmax(-1) == source_pos[:, None]).transpose(1, 2)  # [n, pos, head]
+            return None
 
         def reduce(out, site):  # out: [n, pos, head, d_model]
             dla = out.float() @ readout  # [n, pos, head, U]
-            behaviour[:, :, site.layer] = self._hits(dla, allowed, target_col)
+            behaviour[:, :, site.layer] = self._hits(dla, allowed, target_col) * on_source.pop(site.layer)
             return None
 
-        with model.trace(ids, replace={"attn.out": reduce}):
-            pass
+        run_body(model, ids, replace={"attn.pattern": attends, "attn.out": reduce})
         mask = counted[:, :, None, None].float()
         return ov * mask, behaviour * mask, counted
 

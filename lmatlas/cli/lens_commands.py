@@ -1,0 +1,150 @@
+"""Decoding commands: ``search`` (who writes a token) and ``lens`` (the logit lens).
+
+    lmatlas search [MODEL] " dog" [--top N] [--json]   neurons and heads that promote a token, ranked
+    lmatlas search [MODEL] --id 5024 [--json]          the same, by token id
+    lmatlas lens [MODEL] "prompt" [--k K] [--json]     layers x positions: each layer's top token
+
+Both take the model first when it is given (``lmatlas lens gemma3-270m "Hi"``); with
+one argument it is the token / prompt and the packaged default model is used.
+
+``search`` ranks, for token ``t`` with unembedding column ``u = final_gain * W_U[:, t]``:
+
+* **neurons** by ``W_out[l][n] (* post-MLP norm gain) . u``: the logit a neuron adds
+  to ``t`` per unit of activation (a neuron with negative activations promotes the
+  tokens ranked last; they are not shown);
+* **heads** by the largest OV logit for ``t`` over every source token
+  (:func:`lmatlas.decode.heads.promoting_heads`), with the source that achieves it
+  and the mean over sources.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import typer
+from rich.table import Table
+from rich.text import Text
+
+from lmatlas.cli.app import DEVICE_OPT, DTYPE_OPT, JSON_OPT, app, load_model, out, print_json, run
+from lmatlas.decode.vocab import DecodeError
+
+ARGS = typer.Argument(..., metavar="[MODEL] TEXT", help="An optional model (hub id, directory, .gguf, packaged "
+                      "name), then the token / prompt.", show_default=False)
+
+
+def _split(args: list[str], n_text: int) -> tuple[Optional[str], list[str]]:
+    """``[MODEL] TEXT`` -> ``(model or None, texts)``; a clear error on a wrong count."""
+    if len(args) == n_text:
+        return None, args
+    if len(args) == n_text + 1:
+        return args[0], args[1:]
+    want = "[MODEL] TEXT" if n_text else "[MODEL] (with --id)"
+    raise DecodeError(f"Expected {want}, got {len(args)} arguments: quote text that contains spaces.")
+
+
+def _token_id(model, text: Optional[str], token_id: Optional[int]) -> int:
+    vocab = model.layout.d_vocab
+    if token_id is not None:
+        if not 0 <= token_id < vocab:
+            raise DecodeError(f"Token id {token_id} is out of range: this model's vocabulary is 0..{vocab - 1}.")
+        return token_id
+    ids = model.tokenizer.encode(text, add_special_tokens=False)
+    if len(ids) != 1:
+        pieces = [model.tokenizer.decode([i]) for i in ids]
+        raise DecodeError(f"{text!r} is {len(ids)} tokens {pieces}, not one: search one token "
+                          f"(mind the leading space: ' dog' vs 'dog') or pass --id.")
+    return ids[0]
+
+
+def promoting_neurons(model, token: int, top: int) -> list[tuple[int, int, float]]:
+    """``[(layer, neuron, logit per unit activation), ...]``: the ``top`` neurons that promote ``token`` most.
+
+    ``output_directions(l) @ W_U[:, token]`` for every layer: one column of the
+    neurons' output logits (the same directions :mod:`lmatlas.decode.neurons` decodes).
+    """
+    from lmatlas.decode.neurons import output_directions
+    from lmatlas.decode.vocab import unembed_matrix
+
+    column = unembed_matrix(model)[:, token].detach().float()  # [d_model]
+    with torch.no_grad():
+        scores = torch.stack([output_directions(model, layer) @ column for layer in range(model.layout.n_layers)])
+    values, flat = torch.topk(scores.reshape(-1), min(top, scores.numel()))  # scores: [n_layers, d_mlp]
+    d_mlp = scores.shape[1]
+    return [(i // d_mlp, i % d_mlp, float(v)) for v, i in zip(values.tolist(), flat.tolist())]
+
+
+@app.command()
+def search(args: list[str] = ARGS, token_id: Optional[int] = typer.Option(None, "--id", help="Token id instead of "
+           "text."), top: int = typer.Option(20, "--top", min=1, help="Rows per table."), as_json: bool = JSON_OPT,
+           dtype: str = DTYPE_OPT, device: Optional[str] = DEVICE_OPT) -> None:
+    """The neurons and heads that promote a token (through the unembedding), ranked."""
+    from lmatlas.decode.heads import promoting_heads
+
+    def body():
+        name, texts = _split(args, 0 if token_id is not None else 1)
+        model = load_model(name, dtype, device)
+        token = _token_id(model, texts[0] if texts else None, token_id)
+        text = model.tokenizer.decode([token]) if model.tokenizer is not None else str(token)
+        heads = promoting_heads(model, token)
+        decode = model.tokenizer.decode if model.tokenizer is not None else str
+        data = {
+            "token": text, "id": token,
+            "neurons": [{"neuron": f"L{l}.N{n}", "logit": v} for l, n, v in promoting_neurons(model, token, top)],
+            "heads": [{"head": f"L{l}.H{h}", "max_logit": mx, "source": decode([src]), "source_id": src,
+                       "mean_logit": mean} for l, h, mx, src, mean in heads.ranked(top)],
+        }
+        if as_json:
+            return print_json(data)
+        table = Table(title=f"Neurons promoting {text!r} (id {token}): logit per unit activation",
+                      title_justify="left")
+        for column in ("rank", "neuron", "logit"):
+            table.add_column(column, justify="right" if column != "neuron" else "left")
+        for i, row in enumerate(data["neurons"], 1):
+            table.add_row(str(i), row["neuron"], f"{row['logit']:.3f}")
+        out.print(table)
+        table = Table(title=f"Heads promoting {text!r}: OV logit, best source token", title_justify="left")
+        for column in ("rank", "head", "max logit", "source", "mean logit"):
+            table.add_column(column, justify="left" if column in ("head", "source") else "right")
+        for i, row in enumerate(data["heads"], 1):
+            table.add_row(str(i), row["head"], f"{row['max_logit']:.3f}", Text(repr(row["source"])),
+                          f"{row['mean_logit']:.3f}")
+        out.print(table)
+
+    run(body)
+
+
+@app.command()
+def lens(args: list[str] = ARGS, k: int = typer.Option(5, "--k", min=1, help="Top tokens per cell in --json."),
+         embed: bool = typer.Option(False, "--embed", help="Also read the embedding (stream entering block 0)."),
+         as_json: bool = JSON_OPT, dtype: str = DTYPE_OPT, device: Optional[str] = DEVICE_OPT) -> None:
+    """The logit lens: every layer's top token, its probability, entropy and KL to the output, per position."""
+    from lmatlas.decode.lens import logit_lens
+
+    def body():
+        name, texts = _split(args, 1)
+        model = load_model(name, dtype, device)
+        result = logit_lens(model, texts[0], k=k, include_embed=embed)
+        if as_json:
+            return print_json(result.to_dict())
+        rows, pos = result.shape
+        inputs = result.input_tokens or [str(i) for i in result.input_ids.tolist()]
+        table = Table(title="Logit lens: each layer's top token and its probability (green: the model's final "
+                      "prediction); KL(output || layer) and entropy H in nats at the last position",
+                      title_justify="left")
+        table.add_column("layer", style="bold cyan", no_wrap=True)
+        for token in inputs:
+            table.add_column(Text(repr(token)), overflow="fold")
+        table.add_column("KL", justify="right", no_wrap=True)
+        table.add_column("H", justify="right", no_wrap=True)
+        for r in range(rows):
+            cells = []
+            for j in range(pos):
+                shown = result.top_tokens[r][j][0] if result.top_tokens else str(int(result.top_ids[r, j, 0]))
+                style = "bold green" if int(result.top_ids[r, j, 0]) == int(result.final_ids[j]) else ""
+                cells.append(Text(f"{shown!r}\n{float(result.top_probs[r, j, 0]):.2f}", style=style))
+            cells += [f"{float(result.kl[r, -1]):.2f}", f"{float(result.entropy[r, -1]):.2f}"]
+            table.add_row(result.labels[r], *cells)
+        out.print(table)
+
+    run(body)
