@@ -207,7 +207,8 @@ def main(argv: list[str] | None = None) -> None:
         try:
             import transformer_lens  # noqa: F401
         except ImportError:
-            report["transformer_lens"] = {"skipped": "transformer-lens is not installed (pip install transformer-lens==4.3.0)"}
+            report["transformer_lens"] = {
+                "skipped": "transformer-lens is not installed (pip install transformer-lens==4.3.0)"}
         else:
             report["transformer_lens"] = compare(model, census, args)
     print(json.dumps(report, indent=2))

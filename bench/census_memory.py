@@ -101,16 +101,29 @@ def log(message: str) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m", help="a packaged name, directory or .gguf (lmatlas.load)")
+    parser.add_argument("--model", default="smollm2-135m",
+                        help="a packaged name, directory or .gguf (lmatlas.load), or tiny:<family>")
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
     parser.add_argument("--capture-lengths", type=int, nargs="*", default=[1024, 2048])
     parser.add_argument("--layers", type=int, default=2, help="measure layers 0..N-1 (0 = every layer)")
     parser.add_argument("--chunk", type=int, default=256)
     parser.add_argument("--allocator", choices=["tight", "default"], default="tight",
                         help="tight: freed memory goes straight back to the OS (see TIGHT_ALLOCATOR)")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny:llama at 64 and 128 tokens (a smoke test of the harness, not a measurement)")
     parser.add_argument("--worker", nargs="+", choices=["plain", "stats", "capture"], help=argparse.SUPPRESS)
     parser.add_argument("--tokens", type=int, nargs="+", help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.model, args.lengths, args.capture_lengths, args.layers, args.chunk = "tiny:llama", [64, 128], [64], 0, 32
+    return args
+
+
+def load_model(name: str):
+    import lmatlas
+    from lmatlas.model.tiny import tiny_model
+
+    return tiny_model(name.removeprefix("tiny:")) if name.startswith("tiny:") else lmatlas.load(name)
 
 
 # -- the worker: one measurement in a fresh process ------------------------------------------------------
@@ -147,8 +160,9 @@ def needle_input(vocab: int, tokens: int, seed: int = 0):
     import torch
 
     gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1000, vocab, (1, tokens), generator=gen)
-    k1, k2, value = torch.randint(1000, vocab, (3,), generator=gen).tolist()
+    low = min(1000, vocab // 2)  # skip the low ids, where tokenizers keep their special tokens
+    ids = torch.randint(low, vocab, (1, tokens), generator=gen)
+    k1, k2, value = torch.randint(low, vocab, (3,), generator=gen).tolist()
     at = tokens // 2
     ids[0, at: at + 3] = torch.tensor([k1, k2, value])
     ids[0, -2:] = torch.tensor([k1, k2])
@@ -202,9 +216,7 @@ def worker(args: argparse.Namespace) -> None:
     """At every length of ``--tokens``, measure the variants of ``--worker`` in that order; one JSON line each."""
     import torch
 
-    import lmatlas
-
-    model = lmatlas.load(args.model)
+    model = load_model(args.model)
     layers = list(range(args.layers or model.layout.n_layers))
     runs = {name: _variant(model, name, layers, args.chunk) for name in args.worker}
     for run in runs.values():
@@ -249,6 +261,11 @@ def measure(args: argparse.Namespace, variants: list[str], lengths: list[int]) -
     return results
 
 
+def ratio(numerator: float, denominator: float, digits: int = 2) -> float | None:
+    """``numerator / denominator`` rounded, or ``None`` when the denominator is not positive."""
+    return round(numerator / denominator, digits) if denominator > 0 else None
+
+
 def linear_fit(tokens: list[int], peaks: list[float]) -> dict:
     """Least squares ``peak = intercept + slope * T`` (with r2), and the share of a quadratic term at the longest T."""
     t = np.asarray(tokens, dtype=float)
@@ -285,7 +302,7 @@ def main(argv: list[str] | None = None) -> None:
             "retained_anon_mb": round(plain["baseline_anon_mb"] - cold["baseline_anon_mb"], 1),
             "stats_peak_mb": stats["peak_mb"],
             "stats_extra_mb": round(stats["peak_mb"] - plain["peak_mb"], 1),
-            "stats_over_plain": round(stats["peak_mb"] / max(plain["peak_mb"], 1e-9), 3),
+            "stats_over_plain": ratio(stats["peak_mb"], plain["peak_mb"], 3),
             "stats_result_mb": stats["kept_mb"],
             "chunk_block_mb": round(heads * args.chunk * tokens * 4 / MB, 1),
             "full_pattern_mb": round(full_mb, 1),
@@ -293,7 +310,7 @@ def main(argv: list[str] | None = None) -> None:
             "stats_result_all_layers_mb": round(7 * stats["n_layers"] * heads * tokens * 4 / MB, 1),
             "plain_s": plain["seconds"],
             "stats_s": stats["seconds"],
-            "time_ratio_stats_vs_plain": round(stats["seconds"] / max(plain["seconds"], 1e-9), 2),
+            "time_ratio_stats_vs_plain": ratio(stats["seconds"], plain["seconds"]),
             "hwm_reset": plain["hwm_reset"] and stats["hwm_reset"] and cold["hwm_reset"],
         })
     captures = measure(args, ["plain", "capture"], sorted(args.capture_lengths)) if args.capture_lengths else {}
@@ -304,7 +321,7 @@ def main(argv: list[str] | None = None) -> None:
         capture_rows.append({
             "tokens": tokens, "capture_peak_mb": captured["peak_mb"],
             "capture_minus_plain_mb": None if plain_peak is None else round(captured["peak_mb"] - plain_peak, 1),
-            "predicted_pattern_mb": round(predicted, 1), "kept_mb": captured["kept_mb"],
+            "predicted_pattern_mb": round(predicted, 2), "kept_mb": captured["kept_mb"],
             "hwm_reset": captured["hwm_reset"],
         })
     first, last = rows[0], rows[-1]
@@ -313,11 +330,11 @@ def main(argv: list[str] | None = None) -> None:
         "stats_fit": fit,
         "plain_fit": linear_fit([r["tokens"] for r in rows], [r["plain_peak_mb"] for r in rows]),
         "length_ratio": last["tokens"] / first["tokens"],
-        "stats_peak_ratio": round(last["stats_peak_mb"] / first["stats_peak_mb"], 2),
-        "plain_peak_ratio": round(last["plain_peak_mb"] / first["plain_peak_mb"], 2),
-        "full_pattern_ratio": round(last["full_pattern_mb"] / first["full_pattern_mb"], 2),
-        "stats_peak_at_max_over_slope_times_T": round(
-            last["stats_peak_mb"] / (fit["slope_mb_per_1k_tokens"] * last["tokens"] / 1024), 3),
+        "stats_peak_ratio": ratio(last["stats_peak_mb"], first["stats_peak_mb"]),
+        "plain_peak_ratio": ratio(last["plain_peak_mb"], first["plain_peak_mb"]),
+        "full_pattern_ratio": round((last["tokens"] / first["tokens"]) ** 2, 2),  # [layer, head, T, T]
+        "stats_peak_at_max_over_slope_times_T": ratio(
+            last["stats_peak_mb"], fit["slope_mb_per_1k_tokens"] * last["tokens"] / 1024, 3),
     }
     print(json.dumps({
         "benchmark": "census_memory", "model": args.model, "input": "needle in a haystack (random tokens), batch 1",

@@ -23,8 +23,8 @@ al. 2022, "In-context Learning and Induction Heads"):
 
 Lengths ``L`` (6 to 20) and the noise prefix ``n`` are random per sequence, so no
 fixed positional offset ("attend L-1 back") can solve the task: the model has to
-learn content-based induction. The vocabulary is 60 characters plus 4 specials, so
-random tokens rarely repeat inside ``A`` (they are drawn without replacement).
+learn content-based induction. The vocabulary is 60 characters plus 4 specials; the
+tokens of ``A`` are drawn without replacement, so each occurs once per copy.
 
 Output: a Hugging Face checkpoint directory (config, safetensors weights, a
 character-level tokenizer built with ``tokenizers``: ``"The cat"`` is ``<bos> T h e
@@ -32,16 +32,26 @@ character-level tokenizer built with ``tokenizers``: ``"The cat"`` is ``<bos> T 
 head's previous-token and induction scores, measured with lmatlas traces of the saved
 model on fresh sequences (seed 1234):
 
-* previous-token score of a layer-0 head: mean attention from position ``i`` to
-  ``i - 1``, over every position of the held-out batch;
-* induction score of a layer-1 head: mean attention from the second-copy token
-  ``aj`` to the first-copy position of ``a(j+1)``, over all second-copy positions.
+* previous-token score of a head: mean attention from position ``i`` to ``i - 1``,
+  over every position of the held-out batch;
+* induction score of a head: mean attention from the second-copy token ``aj`` to the
+  first-copy position of ``a(j+1)``, over all second-copy positions.
+
+What forms with the defaults (seed 0, 1200 steps, one thread; the shipped fixture):
+held-out copy accuracy 0.999; **L0.H1** is the previous-token head (score 0.966, every
+other head <= 0.10), and all four layer-1 heads do induction (L1.H0-H3: 0.80, 0.87,
+0.95, 0.93; **L1.H2** strongest; layer-0 heads <= 0.03). Several heads of one layer
+sharing the job is the usual outcome with nothing else for them to do.
+``tests/test_census_trained.py`` re-measures these heads, against a null battery, and
+shows that zeroing L0.H1 drops copy accuracy from 1.0 to about 0.
 
     .venv/bin/python scripts/train_synthetic_heads.py [--out tests/fixtures/induction_model]
-        [--steps 1500] [--seed 0]
+        [--steps 1200] [--seed 0] [--threads 1]
 
-Runs in about a minute or two on two CPU cores; deterministic for a given seed and
-thread count.
+Takes one to four minutes on one CPU core (0.04 to 0.17 s a step, depending on how busy
+the machine is); the loss drops from ~4 to under 0.1 around step 300, the
+phase change where the induction circuit forms. Deterministic for a given seed,
+thread count and CPU.
 """
 
 from __future__ import annotations
@@ -67,10 +77,11 @@ BOS = N_CONTENT
 SEQ_LEN = 64
 MIN_L, MAX_L = 6, 20
 EVAL_SEED = 1234
+LABEL_THRESHOLD = 0.5  # heads.json lists every head whose score reaches it
 
 
 def char_tokenizer():
-    """A character-level 🤗 fast tokenizer over :data:`CHARS` that prepends ``<bos>``; unknown characters -> ``<unk>``."""
+    """A character-level 🤗 fast tokenizer over :data:`CHARS` that prepends ``<bos>`` (others -> ``<unk>``)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
@@ -152,8 +163,8 @@ def train(model, steps: int, batch: int, lr: float, seed: int, log_every: int = 
         optimizer.step()
         schedule.step()
         if step % log_every == 0 or step == steps:
-            history.append({"step": step, "loss": round(float(loss), 4)})
-            print(f"step {step:5d}  loss {float(loss):.4f}  ({time.perf_counter() - started:.0f}s)", flush=True)
+            history.append({"step": step, "loss": round(loss.item(), 4)})
+            print(f"step {step:5d}  loss {loss.item():.4f}  ({time.perf_counter() - started:.0f}s)", flush=True)
     return history
 
 
@@ -194,12 +205,19 @@ def measure(model_dir: Path, n_eval: int = 256) -> dict:
     previous, induction = head_scores(patterns, data)
     prev_head = int(previous[0].argmax())
     ind_head = int(induction[1].argmax())
+
+    def above(scores: torch.Tensor) -> list[str]:
+        return [f"L{layer}.H{head}" for layer, head in (scores >= LABEL_THRESHOLD).nonzero().tolist()]
+
     return {
         "eval_seed": EVAL_SEED,
         "eval_examples": n_eval,
         "copy_accuracy": round(copy_accuracy(cache.logits, data.labels), 4),
         "previous_token_head": {"head": f"L0.H{prev_head}", "score": round(float(previous[0, prev_head]), 4)},
         "induction_head": {"head": f"L1.H{ind_head}", "score": round(float(induction[1, ind_head]), 4)},
+        "label_threshold": LABEL_THRESHOLD,
+        "previous_token_heads": above(previous),
+        "induction_heads": above(induction),
         "previous_token_scores": [[round(float(x), 4) for x in row] for row in previous],
         "induction_scores": [[round(float(x), 4) for x in row] for row in induction],
     }
@@ -208,12 +226,14 @@ def measure(model_dir: Path, n_eval: int = 256) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO / "tests" / "fixtures" / "induction_model")
-    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--steps", type=int, default=1200)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (one is fastest for a model this small)")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(args.threads)
 
     model = build_model(args.seed)
     print(f"training {sum(p.numel() for p in model.parameters())} parameters for {args.steps} steps "
@@ -230,7 +250,8 @@ def main(argv: list[str] | None = None) -> None:
     }
     (args.out / "heads.json").write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps({k: report[k] for k in ("copy_accuracy", "previous_token_head", "induction_head",
-                                             "previous_token_scores", "induction_scores")}, indent=2))
+                                             "previous_token_heads", "induction_heads",
+                                             "previous_token_scores", "induction_scores")}))
 
 
 if __name__ == "__main__":

@@ -23,8 +23,8 @@ Heads (every other weight is zero):
 * ``L0.H3`` dormant: all zero, it writes nothing.
 * ``L1.H0`` induction: query = TOK of the current token, key = PREV (the token
   before each key), so it attends to the token after the earlier copy of the current
-  one; value = TOK written back to TOK, which the unembedding (``W_U`` = the TOK
-  vectors) reads: it copies.
+  one; value = TOK written back to TOK (twice as loud as the current token), which the
+  unembedding (``W_U`` = the TOK vectors) reads: it copies.
 * ``L1.H1..H3`` neutral: uniform attention, value = CONST -> JUNK.
 
 The census must find exactly these: no other head may carry any of the labels.

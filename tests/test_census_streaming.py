@@ -187,3 +187,39 @@ def test_bad_arguments_say_what_to_do():
     stats = attention_stats(model, ids, layers=1)
     with pytest.raises(AttentionStatsError, match="hold layers \\[1\\]"):
         stats.index(0)
+
+
+class _Attention(torch.nn.Module):
+    is_causal = True
+
+
+def _masks() -> dict[str, torch.Tensor]:
+    """``[batch=2, 1, T, T]`` masks: causal, with batch 1 left-padded by 3 (its rows 0-2 see nothing)."""
+    allowed = torch.ones(T, T, dtype=torch.bool).tril().repeat(2, 1, 1, 1)
+    allowed[1, :, :, :3] = False
+    floor = torch.finfo(torch.float32).min
+    return {
+        "bool": allowed,
+        "additive": torch.where(allowed, 0.0, floor),
+        "additive-inf": torch.where(allowed, 0.0, float("-inf")),
+    }
+
+
+@pytest.mark.parametrize("kind", ["bool", "additive", "additive-inf"])
+def test_padded_masks_and_fully_masked_rows(kind):
+    """Batch-dependent masks, rows that see no key at all, and ``-inf`` in an additive mask, without a model."""
+    gen = torch.Generator().manual_seed(3)
+    query = torch.randn(2, 4, T, 16, generator=gen)
+    key = torch.randn(2, 2, T, 16, generator=gen)  # GQA: two query heads per KV head
+    mask = _masks()[kind]
+    call = AttentionCall(_Attention(), query, key, key, mask, scaling=0.25, softcap=30.0)
+    stats = AttentionStats.empty([0], 2, 4, T, query.device, with_target=True)
+    targets = _targets()
+    StreamingStatsProbe(stats, 0, WINDOW, chunk=6, targets=targets).on_call(call)
+    pattern = call.pattern()[None].float()  # [layer=1, batch, head, pos, key_pos]
+    if kind == "additive-inf":  # softmax over only -inf is NaN; the streaming code treats such rows as uniform
+        nan_rows = pattern.isnan().any(-1)
+        assert nan_rows[0, 1, :, :3].all() and nan_rows.sum() == 4 * 3
+        pattern = torch.where(nan_rows[..., None], 1.0 / T, pattern)
+    _assert_matches(stats, pattern, targets, WINDOW)
+    assert torch.allclose(stats.entropy[0, 1, :, :3], torch.tensor(T, dtype=torch.float32).log())  # uniform rows

@@ -116,7 +116,8 @@ class DetectorResult:
             "seed": self.seed, "n": self.n, "n_null": self.n_null,
             "battery": self.battery, "null_battery": self.null_battery, "seconds": round(self.seconds, 3),
             "labelled": self.heads(),
-            "score": _round(self.score), "null": _round(self.null), "z": torch.round(self.z.double(), decimals=3).tolist(),
+            "score": _round(self.score), "null": _round(self.null),
+            "z": torch.round(self.z.double(), decimals=3).tolist(),
             "score_std": _round(self.score_std), "null_std": _round(self.null_std),
             "subscores": {name: {k: _round(v) for k, v in parts.items()} for name, parts in self.subscores.items()},
         }
@@ -284,7 +285,10 @@ def run_census(
     """
     chosen = _resolve(detectors)
     names = [d.name for d in chosen]
-    thresholds = {name: _check_threshold(name, t) for name, t in _per_detector(thresholds, names, "A threshold").items()}
+    thresholds = {
+        name: _check_threshold(name, value)
+        for name, value in _per_detector(thresholds, names, "A threshold").items()
+    }
     min_zs = _per_detector(min_z, names, "A min_z")
     results: dict[str, DetectorResult] = {}
     skipped: dict[str, str] = {}

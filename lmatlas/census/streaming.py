@@ -162,6 +162,9 @@ def reduce_scores(
     return out
 
 
+_FIELDS = ("sink", "previous", "local", "entropy", "top1", "top1_mass")  # always computed; "target" on request
+
+
 class StreamingStatsProbe(Probe):
     """Fills layer ``index`` of an :class:`AttentionStats` from inside the attention function.
 
@@ -201,9 +204,6 @@ class StreamingStatsProbe(Probe):
                 block = reduce_scores(scores, rows, keys, self.local_window, targets)
                 for name, value in block.items():
                     layer_stats[name][:, :, rows] = value
-
-
-_FIELDS = ("sink", "previous", "local", "entropy", "top1", "top1_mass")
 
 
 class _StopForward(Exception):
@@ -275,8 +275,8 @@ def attention_stats(
         targets: optional ``[batch, pos]`` key positions: ``stats.target`` is each
             query's mass on ``targets[b, pos]`` (``-1`` = no target, gives 0.0).
         local_window: ``stats.local`` counts keys in ``(pos - local_window, pos]``.
-        chunk: query rows reduced at once; the largest temporary is
-            ``[batch, head, chunk, pos]`` float32.
+        chunk: query rows reduced at once; the largest temporaries are two
+            ``[batch, head, chunk, pos]`` float32 blocks.
         layers: layer numbers (default: every layer); the result is in sorted order.
 
     Returns:
@@ -287,13 +287,17 @@ def attention_stats(
         SiteError: a layer out of range.
     """
     if int(chunk) < 1 or int(local_window) < 1:
-        raise AttentionStatsError(f"chunk and local_window must be >= 1, got chunk={chunk}, local_window={local_window}.")
+        raise AttentionStatsError(
+            f"chunk and local_window must be >= 1, got chunk={chunk}, local_window={local_window}."
+        )
     ids = _as_ids(model, input_ids)
     tgt = _as_targets(targets, ids)
     chosen = _as_layers(model, layers)
     batch, pos = ids.shape
     stats = AttentionStats.empty(chosen, batch, model.layout.n_heads, pos, ids.device, tgt is not None)
-    probes = {layer: StreamingStatsProbe(stats, i, int(local_window), int(chunk), tgt) for i, layer in enumerate(chosen)}
+    probes = {
+        layer: StreamingStatsProbe(stats, i, int(local_window), int(chunk), tgt) for i, layer in enumerate(chosen)
+    }
     stop = model.blocks[chosen[-1]].register_forward_hook(_stop_forward)
     try:
         with HookSession(model, probes=probes), torch.no_grad():

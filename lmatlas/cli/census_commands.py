@@ -47,7 +47,8 @@ def _parse_value(text: str, option: str, allow_none: bool) -> float | None:
     try:
         return float(text)
     except ValueError:
-        raise LmatlasError(f"{option} {text!r}: the value is not a number{' (or none)' if allow_none else ''}.") from None
+        alternative = " (or none)" if allow_none else ""
+        raise LmatlasError(f"{option} {text!r}: the value is not a number{alternative}.") from None
 
 
 def parse_overrides(values: list[str], option: str, head_type: str | None, allow_none: bool) -> Any:

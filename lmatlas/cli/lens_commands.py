@@ -10,8 +10,8 @@ one argument it is the token / prompt and the packaged default model is used.
 ``search`` ranks, for token ``t`` with unembedding column ``u = final_gain * W_U[:, t]``:
 
 * **neurons** by ``W_out[l][n] (* post-MLP norm gain) . u``: the logit a neuron adds
-  to ``t`` per unit of activation (a neuron with negative activations promotes the
-  tokens ranked last; they are not shown);
+  to ``t`` per unit of activation (:func:`lmatlas.decode.neurons.output_directions`;
+  a neuron with negative activations promotes the tokens ranked last: not shown);
 * **heads** by the largest OV logit for ``t`` over every source token
   (:func:`lmatlas.decode.heads.promoting_heads`), with the source that achieves it
   and the mean over sources.
@@ -49,6 +49,8 @@ def _token_id(model, text: Optional[str], token_id: Optional[int]) -> int:
         if not 0 <= token_id < vocab:
             raise DecodeError(f"Token id {token_id} is out of range: this model's vocabulary is 0..{vocab - 1}.")
         return token_id
+    if model.tokenizer is None:
+        raise DecodeError("This model has no tokenizer: give the token as --id N.")
     ids = model.tokenizer.encode(text, add_special_tokens=False)
     if len(ids) != 1:
         pieces = [model.tokenizer.decode([i]) for i in ids]
@@ -96,7 +98,7 @@ def search(args: list[str] = ARGS, token_id: Optional[int] = typer.Option(None, 
         }
         if as_json:
             return print_json(data)
-        table = Table(title=f"Neurons promoting {text!r} (id {token}): logit per unit activation",
+        table = Table(title=f"Neurons promoting {text!r} (id {token})", caption="logit per unit of activation",
                       title_justify="left")
         for column in ("rank", "neuron", "logit"):
             table.add_column(column, justify="right" if column != "neuron" else "left")

@@ -26,7 +26,9 @@ linear contribution). The value bias ``b_V`` is included: whatever the head
 attends to, its attention weights sum to one, so it always writes ``b_V @ W_O``.
 The product is computed in this factored form (rank ``d_head``), chunked over
 source tokens and the output vocabulary by :func:`lmatlas.decode.vocab.topk_rows`:
-never a ``d_vocab x d_vocab`` matrix.
+never a ``d_vocab x d_vocab`` matrix. The logits are those of the direction (the
+final norm's ``rsqrt`` is left out): compare them within a head or across heads,
+not with the model's output logits.
 
 * **copying score**: the fraction of source tokens ``s`` whose own id is among the
   head's top-``k`` outputs for ``s`` (a head that writes back what it reads, e.g.
@@ -205,7 +207,7 @@ class OVDecoding:
         }
 
 
-def _self_hits(ranking: TokenRanking, sources: torch.Tensor) -> torch.Tensor:
+def _own_in(ranking: TokenRanking, sources: torch.Tensor) -> torch.Tensor:
     """``[n]`` bool: is each source's own id in its ranking row?"""
     return (ranking.ids == sources.to(ranking.ids.device)[:, None]).any(1)
 
@@ -236,8 +238,8 @@ def decode_ov(model: "Model", layer: int, head: int, *, sources: int | torch.Ten
     top = TokenRanking(top.ids[:, :k].contiguous(), top.logits[:, :k].contiguous())
     return OVDecoding(
         layer=layer, head=head, kv_head=model.layout.kv_head(head), sources=ids, top=top, bottom=bottom,
-        pairs=pairs, copying=float(_self_hits(top, ids).double().mean()),
-        suppression=float(_self_hits(bottom, ids).double().mean()),
+        pairs=pairs, copying=float(_own_in(top, ids).double().mean()),
+        suppression=float(_own_in(bottom, ids).double().mean()),
     )
 
 
@@ -254,6 +256,8 @@ class CopyingScores:
 
     def ranked(self, by: str = "copying", n: int | None = None) -> list[tuple[str, float]]:
         """``[(head name, score), ...]`` best first (``by``: ``"copying"`` or ``"suppression"``)."""
+        if by not in ("copying", "suppression"):
+            raise DecodeError(f"Cannot rank heads by {by!r}: use 'copying' or 'suppression'.")
         scores = getattr(self, by)
         order = torch.argsort(torch.nan_to_num(scores.reshape(-1), nan=-1.0), descending=True, stable=True)
         H = scores.shape[1]
@@ -265,30 +269,42 @@ class CopyingScores:
                 "copying": self.copying.tolist(), "suppression": self.suppression.tolist()}
 
 
-def self_ranks(model: "Model", layer: int, head: int, sources: torch.Tensor, *, norm_input: bool = True,
-               chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(above [n], below [n])`` int64: how many output tokens the head promotes more / less than the source itself.
+def _k_best(values: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
+    """``[n, min(k, width)]`` the ``k`` largest (smallest) values of each row, unordered."""
+    return torch.topk(values, min(k, values.shape[1]), dim=1, largest=largest, sorted=False).values
 
-    Source ``s`` is *copied* (its own id is in the top-``k``) iff ``above[i] < k``, and
-    *suppressed* iff ``below[i] < k`` (ties count in the source's favour). One pass over
-    the vocabulary, no top-k: this is what :func:`copying_scores` runs for every head.
+
+def self_hits(model: "Model", layer: int, head: int, sources: torch.Tensor, k: int = 10, *,
+              norm_input: bool = True, chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(copied [n], suppressed [n])`` bool: is each source's own token in its top-``k`` / bottom-``k`` outputs?
+
+    One pass over the vocabulary keeping only the running ``k``-th largest and smallest
+    logit of each source (no ids): a source is copied iff its own logit reaches the
+    ``k``-th largest (ties count in its favour). This is what :func:`copying_scores`
+    runs for every head; the own logit is read from the same product it is compared with.
     """
+    _check_k(model, k)
     right = ov_right(model, layer, head)  # [d_head, V]
-    above = torch.zeros(sources.numel(), dtype=torch.int64)
-    below = torch.zeros_like(above)
+    copied = torch.zeros(sources.numel(), dtype=torch.bool)
+    suppressed = torch.zeros_like(copied)
     with torch.no_grad():
         for start, block in _blocks(sources):
             left = ov_left(model, layer, head, block, norm_input=norm_input)  # [b, d_head]
             block = block.to(left.device)
             rows = torch.arange(block.numel(), device=left.device)
-            own = (left * right[:, block].T).sum(1)  # [b] each source's logit for itself
+            own = torch.empty(block.numel(), device=left.device)
+            high = low = None  # [b, k] running k largest / smallest logits
             for c0 in range(0, right.shape[1], chunk):
                 scores = left @ right[:, c0:c0 + chunk]  # [b, chunk]
                 inside = (block >= c0) & (block < c0 + chunk)
-                scores[rows[inside], block[inside] - c0] = own[inside]  # never count itself
-                above[start:start + block.numel()] += (scores > own[:, None]).sum(1).cpu()
-                below[start:start + block.numel()] += (scores < own[:, None]).sum(1).cpu()
-    return above, below
+                own[inside] = scores[rows[inside], block[inside] - c0]
+                top, bottom = _k_best(scores, k, largest=True), _k_best(scores, k, largest=False)
+                high = top if high is None else _k_best(torch.cat([high, top], 1), k, largest=True)
+                low = bottom if low is None else _k_best(torch.cat([low, bottom], 1), k, largest=False)
+            end = start + block.numel()
+            copied[start:end] = (own >= high.min(1).values).cpu()
+            suppressed[start:end] = (own <= low.max(1).values).cpu()
+    return copied, suppressed
 
 
 def copying_scores(model: "Model", *, heads: list[tuple[int, int]] | None = None,
@@ -298,7 +314,7 @@ def copying_scores(model: "Model", *, heads: list[tuple[int, int]] | None = None
 
     ``sources``: a sample size (default 1024 tokens, seeded: the score's standard
     error is then at most 1.6 points), explicit ids, or ``None`` for the whole vocabulary.
-    Cost per head: ``d_head x d_vocab x (d_model + n_sources)`` multiply-adds.
+    Cost per head: ``d_head x d_vocab x (d_model + n_sources)`` multiply-adds, plus two top-k passes.
     """
     lay = model.layout
     _check_k(model, k)
@@ -318,9 +334,9 @@ def copying_scores(model: "Model", *, heads: list[tuple[int, int]] | None = None
         track.start()
     try:
         for layer, head in heads:
-            above, below = self_ranks(model, layer, head, ids, norm_input=norm_input)
-            copying[layer, head] = (above < k).double().mean()
-            suppression[layer, head] = (below < k).double().mean()
+            copied, suppressed = self_hits(model, layer, head, ids, k, norm_input=norm_input)
+            copying[layer, head] = copied.double().mean()
+            suppression[layer, head] = suppressed.double().mean()
             if track is not None:
                 track.advance(task)
     finally:

@@ -16,14 +16,15 @@ Weight-based decoding reads these directions as tokens:
   :mod:`lmatlas.decode.vocab`): the ``k`` tokens whose logits a positive activation
   raises most (promoted) and lowers most (suppressed).
 * **inputs** — "which tokens excite it": each input column (``W_gate[:, n]`` and
-  ``W_in[:, n]``) times the gain of the pre-MLP norm, against every token's
-  embedding as the model scales it (``embed_scale · W_E[t]``, read from the embedding
-  module, e.g. ``sqrt(d_model)`` for Gemma): the ``k`` tokens with the largest
-  pre-activation if their embedding were the MLP's (normalised) input.
+  ``W_in[:, n]``) times the gain of the pre-MLP norm, against every token as the MLP
+  would see it if the token's embedding were the residual stream: the embedding as
+  the embedding module scales it (``embed_scale * W_E[t]``, e.g. ``sqrt(d_model)``
+  for Gemma), normalised by the pre-MLP norm's statistic (:func:`input_tokens`).
+  The ``k`` tokens with the largest pre-activation (biases, constant per neuron, left out).
 
-Positive per-position factors (the norms' ``rsqrt(mean(x**2))``) scale every token
-alike and do not change rankings, so they are left out: logits are those of the
-direction itself. All ``n_layers * d_mlp`` directions are decoded together with the
+On the output side the final norm's statistic (``rsqrt(mean(x**2))``, one positive
+number per position) scales every logit alike and is left out: logits are those of
+the direction itself. All ``n_layers * d_mlp`` directions are decoded together with the
 exact pruned top-k of :mod:`lmatlas.decode.fast_topk` (SmolLM2's 46,080 neurons in
 seconds), identical to the plain float32 matmul + top-k.
 
@@ -40,7 +41,9 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import torch
 
 from lmatlas.decode.fast_topk import SCORERS, PrunedTopK, TokenIndex, auto_method, build_index, pruned_topk
-from lmatlas.decode.vocab import DecodeError, TokenRanking, final_norm_gain, norm_gain, unembed_matrix, _check_k
+from lmatlas.decode.vocab import (
+    DecodeError, TokenRanking, _check_k, is_layer_norm, norm_eps, norm_gain, prepare, unembed_matrix,
+)
 from lmatlas.model.arch import NormKind, get_path
 from lmatlas.model.sites import check_layer, neuron_name
 
@@ -67,6 +70,8 @@ class NeuronDecoding:
         inputs: ``{"gate": ranking, "in": ranking}`` (``"gate"`` for gated MLPs only):
             ``[rows, k]`` tokens whose scaled embedding most excites each input projection.
         method: the top-k kernel used (``bf16``, ``int8`` or ``plain``).
+        rescored: exact float32 scores computed per output direction and side (``d_vocab``
+            for ``plain``; a few dozen for the pruned kernels).
     """
 
     layers: list[int]
@@ -76,6 +81,7 @@ class NeuronDecoding:
     suppressed: TokenRanking
     inputs: dict[str, TokenRanking] = field(default_factory=dict)
     method: str = "plain"
+    rescored: float = 0.0
 
     def row(self, layer: int, neuron: int) -> int:
         """Row of ``L{layer}.N{neuron}`` in the rankings."""
@@ -121,7 +127,8 @@ def output_directions(model: "Model", layer: int, norm: str = "gain") -> torch.T
     """``[d_mlp, d_model]`` float32: each neuron's write direction, as the unembedding sees it.
 
     ``W_out`` rows, times the post-MLP norm's gain (Gemma 2/3, OLMo-2) and, for
-    ``norm="gain"``, the final norm's gain.
+    ``norm="gain"``, through the final norm's gain (centred first before a LayerNorm:
+    :func:`lmatlas.decode.vocab.prepare`).
     """
     if norm not in OUTPUT_NORMS:
         raise DecodeError(f"Unknown norm mode {norm!r} for neuron directions: use 'gain' (default) or 'none'.")
@@ -129,31 +136,51 @@ def output_directions(model: "Model", layer: int, norm: str = "gain") -> torch.T
     post = _block_norm_gain(model, layer, model.spec.mlp_post_norm, model.spec.post_norm_kind)
     if post is not None:
         rows = rows * post
-    if norm == "gain":
-        gain = final_norm_gain(model)
-        if gain is not None:
-            rows = rows * gain
-    return rows
+    return prepare(model, rows, norm)
 
 
 def input_directions(model: "Model", layer: int, norm: str = "gain") -> dict[str, torch.Tensor]:
     """``{"gate": [d_mlp, d_model], "in": [d_mlp, d_model]}`` float32 input directions of each neuron.
 
-    Columns of ``W_gate`` (gated MLPs) and ``W_in``, times the pre-MLP norm's gain for
-    ``norm="gain"``, times the embedding scale (so that ``W_E @ direction`` is the
-    pre-activation of the scaled embedding).
+    Columns of ``W_gate`` (gated MLPs only) and ``W_in``, times the pre-MLP norm's gain
+    for ``norm="gain"``: ``input_tokens(model) @ direction`` is then the neuron's
+    pre-activation for each token (up to the per-neuron constants of biases).
     """
     if norm not in OUTPUT_NORMS:
         raise DecodeError(f"Unknown norm mode {norm!r} for neuron directions: use 'gain' (default) or 'none'.")
     gain = _block_norm_gain(model, layer, model.spec.mlp_norm) if norm == "gain" else None
-    scale = embed_scale(model)
     out = {}
-    weights = {"gate": model.W.W_gate(layer), "in": model.W.W_in(layer)}
-    for name, W in weights.items():
-        if W is None:
-            continue
-        rows = W.detach().float().T * scale  # [d_mlp, d_model]
-        out[name] = rows * gain if gain is not None else rows
+    for name, W in (("gate", model.W.W_gate(layer)), ("in", model.W.W_in(layer))):
+        if W is not None:
+            rows = W.detach().float().T  # [d_mlp, d_model]
+            out[name] = rows * gain if gain is not None else rows
+    return out
+
+
+def input_tokens(model: "Model", norm: str = "gain", chunk: int = 8192) -> torch.Tensor:
+    """``[d_vocab, d_model]`` float32: each token as the MLPs' input projections see it.
+
+    The token's embedding as the embedding module scales it (``embed_scale * W_E[t]``),
+    then, for ``norm="gain"``, the pre-MLP norm's statistic as if that embedding were the
+    residual stream: ``e * rsqrt(mean(e**2) + eps)`` for RMS norms,
+    ``(e - mean(e)) * rsqrt(var(e) + eps)`` for LayerNorms (the gain goes on the neuron's
+    side, :func:`input_directions`; families without a pre-MLP norm, like OLMo-2, use ``e``).
+    A float32 copy of the embedding, built ``chunk`` rows at a time.
+    """
+    W_E = model.W.W_E.detach()
+    scale = embed_scale(model)
+    norm_module = None
+    if norm == "gain" and model.spec.mlp_norm is not None:
+        norm_module = get_path(model.blocks[0], model.spec.mlp_norm)
+    out = torch.empty(W_E.shape, dtype=torch.float32, device=W_E.device)
+    for start in range(0, W_E.shape[0], chunk):
+        e = W_E[start:start + chunk].float() * scale
+        if norm_module is not None:
+            eps = norm_eps(norm_module)
+            if is_layer_norm(norm_module):
+                e = e - e.mean(-1, keepdim=True)
+            e = e * torch.rsqrt(e.pow(2).mean(-1, keepdim=True) + eps)
+        out[start:start + chunk] = e
     return out
 
 
@@ -219,8 +246,9 @@ def decode_neurons(
         out = run(outputs, unembed_matrix(model).T, 0, n_phases, both=True)
         del outputs
         decoded_inputs = {}
+        tokens = input_tokens(model, norm) if names else None
         for phase, name in enumerate(names, start=1):
             rows = torch.cat([input_directions(model, l, norm)[name] for l in layers])  # [rows, d_model]
-            decoded_inputs[name] = run(rows, model.W.W_E, phase, n_phases, both=False).top
+            decoded_inputs[name] = run(rows, tokens, phase, n_phases, both=False).top
     return NeuronDecoding(layers=layers, d_mlp=lay.d_mlp, k=k, promoted=out.top, suppressed=out.bottom,
-                          inputs=decoded_inputs, method=out.method)
+                          inputs=decoded_inputs, method=out.method, rescored=out.rescored)

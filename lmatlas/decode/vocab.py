@@ -21,8 +21,9 @@ Three ``norm`` modes say what the input is:
           OV image). The norm's data-dependent statistic (``rsqrt(mean(x**2))``)
           is one positive number per position, so it scales every logit alike and
           does not change rankings; its elementwise ``gain`` does, and is applied.
-          (A LayerNorm's mean subtraction and bias are left out: they do not depend
-          on the direction.) This is the default and the right choice for weights.
+          Before a LayerNorm ``x`` is first centred (``x - mean(x)``: linear, and it
+          does change the direction); the LayerNorm's bias does not depend on the
+          direction and is left out. This is the default and the right choice for weights.
 "full"    ``final_norm(x) @ W_U + b_U`` then soft-capping: the model's own logits
           for a *residual-stream vector* (the logit lens). Calls the native norm.
 ========  =====================================================================
@@ -109,6 +110,17 @@ def _final_norm(model: "Model") -> torch.nn.Module:
     return get_path(model.hf, model.spec.final_norm)
 
 
+def is_layer_norm(norm: torch.nn.Module | None) -> bool:
+    """True for a LayerNorm (centres, then scales by the standard deviation), false for an RMS norm."""
+    return isinstance(norm, torch.nn.LayerNorm)
+
+
+def norm_eps(norm: torch.nn.Module) -> float:
+    """The ``eps`` of a norm module (``eps`` or ``variance_epsilon``)."""
+    eps = getattr(norm, "eps", None)
+    return float(norm.variance_epsilon if eps is None else eps)
+
+
 def norm_gain(norm: torch.nn.Module | None) -> torch.Tensor | None:
     """``[d_model]`` float32 elementwise gain of a norm module, ``None`` if it has none.
 
@@ -123,7 +135,7 @@ def norm_gain(norm: torch.nn.Module | None) -> torch.Tensor | None:
     if weight is None:
         return None
     weight = weight.detach().float()
-    if isinstance(norm, torch.nn.LayerNorm) or getattr(norm, "bias", None) is not None:
+    if is_layer_norm(norm) or getattr(norm, "bias", None) is not None:
         return weight
     with torch.no_grad():
         probe = norm(torch.ones(1, weight.shape[0], dtype=norm.weight.dtype, device=weight.device))[0].float()
@@ -174,6 +186,8 @@ def prepare(model: "Model", vectors: torch.Tensor, norm: str = "gain") -> torch.
             return _final_norm(model)(rows.to(model.dtype)).float()
     rows = rows.float()
     if norm == "gain":
+        if is_layer_norm(_final_norm(model)):
+            rows = rows - rows.mean(-1, keepdim=True)
         gain = final_norm_gain(model)
         if gain is not None:
             rows = rows * gain

@@ -103,6 +103,32 @@ def rows_per_call(length: int, tokens_per_call: int) -> int:
     return max(1, tokens_per_call // max(1, length))
 
 
+def retrieval_hits(
+    model: "Model", input_ids: torch.Tensor, targets: torch.Tensor, *, layers: list[int] | None = None,
+    chunk: int = 256, tokens_per_call: int = 8192,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(hits, needle_mass)``, each ``[batch, layer, head]`` over the queries with a target.
+
+    ``hits``: the fraction of those queries whose top-1 attention key is ``targets[b, q]``;
+    ``needle_mass``: the mean attention probability on it. ``targets`` is ``[batch, pos]``
+    key positions (``-1``: the query does not count). ``layers`` (default: all) picks the
+    layers computed, in sorted order; the forward stops after the last one. Rows are run
+    ``tokens_per_call // pos`` at a time through :func:`~lmatlas.census.streaming.attention_stats`.
+    """
+    hits, mass = [], []
+    step = rows_per_call(input_ids.shape[1], tokens_per_call)
+    for start in range(0, input_ids.shape[0], step):
+        rows = slice(start, start + step)
+        stats = attention_stats(model, input_ids[rows], targets=targets[rows], chunk=chunk, layers=layers)
+        tgt = targets[rows].to(stats.top1.device)
+        counted = (tgt >= 0)[None, :, None, :]  # [1, batch, 1, pos]
+        n = counted.sum(-1).clamp_min(1)
+        hit = (stats.top1 == tgt[None, :, None, :]) & counted
+        hits.append((hit.sum(-1) / n).permute(1, 0, 2))  # [batch, layer, head]
+        mass.append(((stats.target * counted).sum(-1) / n).permute(1, 0, 2))
+    return torch.cat(hits).float(), torch.cat(mass).float()
+
+
 @register
 class RetrievalDetector(Detector):
     name = "retrieval"
@@ -110,7 +136,7 @@ class RetrievalDetector(Detector):
     threshold = 0.3
     min_z = 3.0
 
-    def __init__(self, n_examples: int = 8, length: int = 1024, needle: int = 24, chunk: int = 256,
+    def __init__(self, n_examples: int = 6, length: int = 1024, needle: int = 24, chunk: int = 256,
                  tokens_per_call: int = 8192):
         self.n_examples, self.length, self.needle = n_examples, length, needle
         self.chunk, self.tokens_per_call = chunk, tokens_per_call
@@ -131,18 +157,8 @@ class RetrievalDetector(Detector):
         cached = self._cache.get(id(battery))
         if cached is not None and cached[0] is battery and cached[1] is model:
             return cached[2]
-        ids, targets = battery.input_ids, battery.meta["targets"]
-        hits, mass = [], []
-        step = rows_per_call(ids.shape[1], self.tokens_per_call)
-        for start in range(0, ids.shape[0], step):
-            rows = slice(start, start + step)
-            stats = attention_stats(model, ids[rows], targets=targets[rows], chunk=self.chunk)
-            tgt = targets[rows].to(stats.top1.device)
-            counted = (tgt >= 0)[None, :, None, :]  # [1, batch, 1, pos]
-            n = counted.sum(-1).clamp_min(1)
-            hit = (stats.top1 == tgt[None, :, None, :]) & counted
-            hits.append((hit.sum(-1) / n).permute(1, 0, 2))  # [batch, layer, head]
-            mass.append(((stats.target * counted).sum(-1) / n).permute(1, 0, 2))
-        result = {"hits": torch.cat(hits).float(), "needle_mass": torch.cat(mass).float()}
+        hits, mass = retrieval_hits(model, battery.input_ids, battery.meta["targets"], chunk=self.chunk,
+                                    tokens_per_call=self.tokens_per_call)
+        result = {"hits": hits, "needle_mass": mass}
         self._cache = {id(battery): (battery, model, result)}
         return result

@@ -38,7 +38,9 @@ layer, and the forward itself is unchanged. This equals, head by head, replacing
 retrieve). A head that averages over the whole context changes as much there, so its
 z-score stays low; a head whose full-context need is specific to retrieval stands out.
 
-Label: score >= 0.3 and z >= 3.
+Label: score >= 0.5 and z >= 3. A score of 0.5 is, for example, a restricted write of the
+same length as the full one but 60 degrees away from it. On SmolLM2-135M about 80% of the
+heads score below 0.3 and 4% are labelled; the top of the list are its retrieval heads.
 """
 
 from __future__ import annotations
@@ -135,10 +137,10 @@ def output_change(
 class StreamingSplit(Detector):
     name = "streaming"
     description = "needs the full context: output changes when restricted to attention sinks + a recent window"
-    threshold = 0.3
+    threshold = 0.5
     min_z = 3.0
 
-    def __init__(self, n_examples: int = 8, length: int = 1024, needle: int = 24, n_sink: int = 4,
+    def __init__(self, n_examples: int = 6, length: int = 1024, needle: int = 24, n_sink: int = 4,
                  window: int = 64, chunk: int = 256, tokens_per_call: int = 8192):
         self.n_examples, self.length, self.needle = n_examples, length, needle
         self.n_sink, self.window, self.chunk, self.tokens_per_call = n_sink, window, chunk, tokens_per_call

@@ -45,6 +45,7 @@ component alone over *all* pairs of every sequence.
 
 from __future__ import annotations
 
+import zlib
 from typing import TYPE_CHECKING
 
 import torch
@@ -200,7 +201,8 @@ class SuccessorDetector(Detector):
         sep = single_token(model.tokenizer, ",")
         if sep is None:
             raise LmatlasError("The successor battery separates items with ',', which is not one token for this tokenizer.")
-        gen = torch.Generator().manual_seed(seed)
+        name = f"{self.name}/null" if null else self.name
+        gen = torch.Generator().manual_seed(zlib.crc32(f"{name}:{int(seed)}".encode()))
         prefix = batteries.prefix_ids(model)
         width = max(len(sequences[n].ids) for n in names)
         ids = torch.full((self.n_examples, len(prefix) + 2 * self.n_items), sep, dtype=torch.long)
@@ -235,7 +237,6 @@ class SuccessorDetector(Detector):
             counted = targets[i, items_at + 1] >= 0
             sources[i, items_at + 1] = torch.where(counted, torch.tensor(row), -1)
             source_pos[i, items_at + 1] = torch.where(counted, items_at, -1)
-        name = f"{self.name}/null" if null else self.name
         meta = {"kind": name, "null": null, "prefix": len(prefix), "targets": targets, "sources": sources,
                 "source_pos": source_pos, "candidates": candidates, "sequences": chosen}
         return Battery(name, ids.to(model.device), seed, meta)

@@ -1,0 +1,42 @@
+"""Stage ``ov``: every head's OV circuit decoded through the vocabulary (MAPS-style).
+
+For each query head, :func:`lmatlas.decode.heads.decode_ov` pushes a seeded sample of
+``ov_sources`` source tokens (default 256, the build seed) through the head's OV
+circuit (GQA-aware) and the unembedding. The stage stores the copying score
+(fraction of sources whose own token is among their top-``ov_k`` outputs), the
+suppression score (the same for the bottom-``ov_k``), and the ``ov_pairs`` strongest
+source→output pairs with their logits. One unit per layer.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from lmatlas.atlas.stages import BuildContext, Stage, layer_of, stage
+
+if TYPE_CHECKING:
+    from lmatlas.model.handle import Model
+
+
+def compute(model: "Model", unit: str, ctx: BuildContext):
+    from lmatlas.decode.heads import decode_ov
+    from lmatlas.decode.vocab import TokenRanking
+
+    layer, params = layer_of(unit), ctx.params
+    rows = []
+    for head in range(model.layout.n_heads):
+        decoding = decode_ov(model, layer, head, sources=params.get("ov_sources", 256), k=params.get("ov_k", 10),
+                             n_pairs=params.get("ov_pairs", 10), seed=ctx.seed)
+        sources = TokenRanking.tokens_of([p[0] for p in decoding.pairs], model.tokenizer)
+        outputs = TokenRanking.tokens_of([p[1] for p in decoding.pairs], model.tokenizer)
+        rows.append({"layer": layer, "head": head, "copying": decoding.copying, "suppression": decoding.suppression,
+                     "top_sources": sources, "top_outputs": outputs, "top_logits": [p[2] for p in decoding.pairs]})
+    return {"head_ov": rows}
+
+
+stage(Stage(
+    name="ov",
+    description="each head's OV circuit through the vocabulary: copying, suppression, top source→output pairs",
+    plan=lambda model, ctx: [f"ov/L{layer}" for layer in range(model.layout.n_layers)],
+    compute=compute,
+))
