@@ -118,3 +118,15 @@ def test_cli_errors(tmp_path):
         assert result.exit_code == 2 and "Traceback" not in result.output, args
     result = runner.invoke(app, ["map", "--only", "nope"])
     assert result.exit_code == 2 and "Unknown atlas stage" in result.output
+
+
+def test_cli_search_in_an_atlas(pair):
+    runner = CliRunner()
+    result = runner.invoke(app, ["search", str(pair[0]), " dog", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert [(r["name"], r["rank"]) for r in data["results"]] == [("L0.N0", 1), ("L0.N1", 2)]
+    table = runner.invoke(app, ["search", str(pair[0]), "red"])
+    assert table.exit_code == 0 and "L1.N2" in table.stdout
+    bad = runner.invoke(app, ["search", str(pair[0])])
+    assert bad.exit_code == 2 and "Usage: lmatlas search ATLAS.duckdb TEXT" in bad.output

@@ -116,6 +116,9 @@ def test_layer_subset_stops_the_forward_early():
         handle.remove()
     assert ran == [] and stats.layers == [0] and stats.sink.shape == (1, 1, model.layout.n_heads, T)
     assert stats.target is None
+    # the early stop left nothing behind: no hooks, no probes, the fast attention path restored
+    assert model.hf.config._attn_implementation == "sdpa"
+    assert all(not m._forward_hooks and getattr(m, "_lmatlas_probe", None) is None for m in model.hf.modules())
     full = attention_stats(model, ids, chunk=16)
     torch.testing.assert_close(stats.entropy[0], full.entropy[full.index(0)])
 
@@ -184,6 +187,8 @@ def test_bad_arguments_say_what_to_do():
         attention_stats(model, ids + 1000)
     with pytest.raises(SiteError, match="this model has layers 0..1"):
         attention_stats(model, ids, layers=[2])
+    with pytest.raises(SiteError, match="this model has layers 0..1"):
+        HookSession(model, probes={5: StreamingStatsProbe(None, 0, WINDOW, chunk=4)})
     stats = attention_stats(model, ids, layers=1)
     with pytest.raises(AttentionStatsError, match="hold layers \\[1\\]"):
         stats.index(0)

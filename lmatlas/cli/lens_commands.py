@@ -26,6 +26,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
+from lmatlas.errors import LmatlasError
 from lmatlas.cli.app import DEVICE_OPT, DTYPE_OPT, JSON_OPT, app, load_model, out, print_json, run
 from lmatlas.decode.vocab import DecodeError
 
@@ -80,10 +81,12 @@ def promoting_neurons(model, token: int, top: int) -> list[tuple[int, int, float
 def search(args: list[str] = ARGS, token_id: Optional[int] = typer.Option(None, "--id", help="Token id instead of "
            "text."), top: int = typer.Option(20, "--top", min=1, help="Rows per table."), as_json: bool = JSON_OPT,
            dtype: str = DTYPE_OPT, device: Optional[str] = DEVICE_OPT) -> None:
-    """The neurons and heads that promote a token (through the unembedding), ranked."""
+    """The neurons and heads that promote a token, ranked: from a model's weights, or from an atlas FILE."""
     from lmatlas.decode.heads import promoting_heads
 
     def body():
+        if args and args[0].endswith(".duckdb"):
+            return _search_atlas(args, top, as_json)
         name, texts = _split(args, 0 if token_id is not None else 1)
         model = load_model(name, dtype, device)
         token = _token_id(model, texts[0] if texts else None, token_id)
@@ -114,6 +117,24 @@ def search(args: list[str] = ARGS, token_id: Optional[int] = typer.Option(None, 
         out.print(table)
 
     run(body)
+
+
+def _search_atlas(args: list[str], top: int, as_json: bool) -> None:
+    """``lmatlas search FILE TEXT``: token search across the heads and neurons stored in an atlas."""
+    from lmatlas.atlas.query import Atlas
+
+    if len(args) != 2:
+        raise LmatlasError("Usage: lmatlas search ATLAS.duckdb TEXT")
+    with Atlas.open(args[0]) as atlas:
+        rows = atlas.search(args[1], limit=top).to_pylist()
+    if as_json:
+        return print_json({"atlas": args[0], "text": args[1], "results": rows})
+    table = Table(title=f"{args[1]!r} in {args[0]} (rank 1 = top token)", title_justify="left")
+    for column in ("kind", "name", "rank", "top tokens"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(row["kind"], row["name"], str(row["rank"]), Text(", ".join(map(repr, row["top_tokens"]))))
+    out.print(table)
 
 
 @app.command()
