@@ -182,6 +182,7 @@ def main(argv: list[str] | None = None) -> None:
     model = load(args.model)
     log(f"loaded {model!r} in {time.perf_counter() - started:.1f}s; {torch.get_num_threads()} torch threads")
     rss_before = rss_mb()
+    load_start = os.getloadavg()[0]  # other processes on the machine slow every timing down
 
     names = sorted(all_detectors())
     with RssSampler() as sampler:
@@ -192,6 +193,7 @@ def main(argv: list[str] | None = None) -> None:
     report = {
         "benchmark": "census", "model": args.model, "seed": args.seed, "torch_threads": torch.get_num_threads(),
         "layers": model.layout.n_layers, "heads": model.layout.n_heads,
+        "load_average_1min": {"start": round(load_start, 2), "after_census": round(os.getloadavg()[0], 2)},
         "census": {
             "detectors": names, "total_s": round(census_s, 3), "under_2_minutes": census_s < 120,
             "seconds_per_detector": {n: round(r.seconds, 3) for n, r in census.results.items()},
@@ -248,7 +250,7 @@ def compare(model: lmatlas.Model, census, args) -> dict:
             "induction_prefix_matching": round(
                 spearman(induction.subscores["prefix_matching"]["score"], tl_scores["induction"]), 4),
         },
-        "peak_rss_mb_after_tl": round(peak_rss_mb(), 1),
+        "peak_rss_mb_after_tl": round(peak_rss_mb(), 1), "load_average_1min_after": round(os.getloadavg()[0], 2),
     }
 
 

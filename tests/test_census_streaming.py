@@ -228,3 +228,19 @@ def test_padded_masks_and_fully_masked_rows(kind):
         pattern = torch.where(nan_rows[..., None], 1.0 / T, pattern)
     _assert_matches(stats, pattern, targets, WINDOW)
     assert torch.allclose(stats.entropy[0, 1, :, :3], torch.tensor(T, dtype=torch.float32).log())  # uniform rows
+
+
+@pytest.mark.slow
+def test_real_gemma3_across_its_sliding_window(gemma3):
+    """Gemma 3 270M (sliding window 512 on five of six layers, MQA): 700 tokens, chunk 256."""
+    pos = 700
+    assert gemma3.hf.config.sliding_window < pos
+    ids = torch.randint(1000, gemma3.layout.d_vocab, (1, pos), generator=torch.Generator().manual_seed(0))
+    targets = torch.randint(-1, pos, (1, pos), generator=torch.Generator().manual_seed(1))
+    layers = [0, 5]  # sliding, full
+    stats = attention_stats(gemma3, ids, targets=targets, chunk=256, layers=layers)
+    with gemma3.trace(ids, capture=[f"L{layer}.attn.pattern" for layer in layers]) as cache:
+        pattern = torch.stack([cache.pattern(layer) for layer in layers]).float()
+    _assert_matches(stats, pattern, targets, 8)
+    assert stats.local.shape == (2, 1, gemma3.layout.n_heads, pos)
+    assert (pattern[0, ..., 600, :600 - 512] == 0).all()  # the window is real: layer 0 cannot see that far back
