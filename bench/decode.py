@@ -23,11 +23,14 @@ plain's: identical, or different only among tokens whose float32 scores tie with
 k-th score to within float32 rounding (``tie_tolerance``), or really different (must be 0).
 ``peak_rss_mb`` is the process's peak resident memory after the pruned variants ran (model
 included; plain's 200 MB score blocks come later and are in ``peak_rss_mb_after_plain``).
-``load_avg`` is the machine's 1/5/15-minute load while it ran: compare runs only at a
-similar load, on the same thread count.
+``load_avg`` is the machine's 1/5/15-minute load at the end: compare runs only at a
+similar load, on the same thread count. ``--threads 1`` runs every variant single-threaded:
+on a shared, oversubscribed machine two OpenMP threads can be several times slower than
+one (both variants suffer, the plain float32 GEMM and the pruned variant's GEMM alike;
+the pruned variant's bookkeeping always runs on one thread).
 
     .venv/bin/python bench/decode.py [--model smollm2-135m|gemma3-270m|tiny:llama]
-        [--k 20] [--repeats 3] [--methods auto,int8] [--quick]
+        [--k 20] [--repeats 3] [--methods auto,int8] [--threads N] [--quick]
 """
 
 from __future__ import annotations
@@ -64,6 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--k", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--methods", default="auto", help="comma-separated: auto, bf16, int8")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads for every variant (default: torch's default, the machine's cores)")
     parser.add_argument("--quick", action="store_true", help="tiny:llama, 2 repeats (a few seconds)")
     args = parser.parse_args(argv)
     if args.quick:
@@ -124,6 +129,8 @@ def compare(model: lmatlas.Model, got: TokenRanking, ref: TokenRanking) -> dict[
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     log(f"loading {args.model} ...")
     model = load_model(args.model)
     lay = model.layout
@@ -155,6 +162,8 @@ def main(argv: list[str] | None = None) -> None:
         entry = {"median_s": round(median, 3), "runs_s": [round(v, 3) for v in values],
                  "ratio_vs_plain": round(plain_median / median, 3),
                  "effective_gflops": round(2 * n * V * d / median / 1e9, 1)}
+        if name != "plain":
+            entry["ratio_per_round"] = [round(p / v, 3) for p, v in zip(times["plain"], values)]
         summary[name] = entry
     plain_top, plain_bottom = results["plain"]
     exact = {}

@@ -208,3 +208,20 @@ def test_resuming_with_other_settings_is_refused(built):
         build_atlas(model, path, only=["importance"], params={**SMALL, "importance_sequences": 3}, progress=False)
     with pytest.raises(AtlasError, match="seed"):
         build_atlas(model, path, only=["importance"], params=SMALL, seed=7, progress=False)
+
+
+def test_every_stage_fills_its_tables(tiny_dir, tmp_path):
+    model = load(tiny_dir)
+    path = tmp_path / "all.atlas.duckdb"
+    report = build_atlas(model, path, params={**SMALL, "ov_sources": 32}, progress=False)
+    assert report.skipped == 0 and set(report.seconds_by_stage) == {
+        "activations", "census", "importance", "lens", "neurons", "ov", "structure"}
+    with Atlas.open(path) as atlas:
+        for table, rows in {"heads": 8, "head_importance": 8, "mlp_importance": 2, "neurons": 192,
+                            "neuron_stats": 192, "head_ov": 8, "layer_lens": 2}.items():
+            assert atlas.count(table) == rows, table
+        scored = {r["type"] for r in atlas.head_types().to_pylist()}
+        assert {"previous_token", "induction", "duplicate_token", "attention_sink"} <= scored
+        lens = atlas.layers().to_pylist()
+        assert lens[-1]["lens_top1_agreement"] == 1.0 and lens[-1]["lens_kl_to_final"] < 1e-5
+        assert atlas.search(atlas.neurons(limit=1).to_pylist()[0]["promoted"][0]).num_rows >= 1

@@ -208,3 +208,71 @@ def test_smollm2_clamping_a_word_neuron_makes_the_model_say_the_word(smollm2, sm
                f"({noun_ids[top1[control].item()]!r}): base {base:.2e}, clamped {boosted:.2e}, control {controlled:.2e}")
     assert boosted > 20 * base, message
     assert controlled <= base, message
+
+
+# -- CLI -----------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from lmatlas.model.tiny import byte_tokenizer, tiny_hf_model
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_hf_model("llama").save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return str(path)
+
+
+def test_cli_neurons_json_matches_the_python_api(tiny_dir):
+    import json
+
+    import lmatlas
+    from lmatlas.cli import app
+    from typer.testing import CliRunner
+
+    result = CliRunner().invoke(app, ["neurons", tiny_dir, "--layer", "1", "--top", "4", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["layer"] == 1 and data["k"] == 4 and len(data["neurons"]) == 96
+    model = lmatlas.load(tiny_dir)
+    expected = decode_neurons(model, layers=[1], k=4, method="plain").neuron(1, 17, model.tokenizer)
+    got = data["neurons"][17]
+    assert got["neuron"] == "L1.N17"
+    for key in ("promoted", "suppressed", "excited_by_gate", "excited_by_in"):
+        assert [t for t, _ in got[key]] == [t for t, _ in expected[key]]
+        assert [v for _, v in got[key]] == pytest.approx([v for _, v in expected[key]], abs=1e-3)
+
+
+def test_cli_neurons_table_and_bad_input(tiny_dir):
+    from lmatlas.cli import app
+    from typer.testing import CliRunner
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["neurons", tiny_dir, "--layer", "0", "--neuron", "3", "--top", "5"])
+    assert result.exit_code == 0, result.output
+    assert "L0.N3" in result.stdout and "promoted" in result.stdout and "L0.N4" not in result.stdout
+    for args, message in ((["--layer", "9"], "Layer 9 is out of range"),
+                          (["--layer", "0", "--neuron", "500"], "Neuron 500 is out of range"),
+                          (["--layer", "0", "--top", "0"], "k=0")):
+        result = runner.invoke(app, ["neurons", tiny_dir, *args])
+        assert result.exit_code == 2, result.output
+        assert message in result.output
+
+
+def test_decode_benchmark_quick(capsys, monkeypatch):
+    """bench/decode.py --quick prints one JSON object: timings, ratios and an exact comparison with plain."""
+    import json
+    import runpy
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parent.parent / "bench" / "decode.py"
+    monkeypatch.setattr(sys, "argv", ["decode.py", "--quick", "--methods", "bf16,int8"])
+    runpy.run_path(str(bench), run_name="__main__")
+    report = json.loads(capsys.readouterr().out)
+    assert report["benchmark"] == "decode" and report["neurons"] == 192
+    assert report["results"]["plain"]["ratio_vs_plain"] == 1.0
+    for method in ("bf16", "int8"):
+        assert report["results"][method]["median_s"] > 0
+        for side in ("top", "bottom"):
+            exact = report["exact"][method][side]
+            assert exact["real_differences"] == 0
+            assert exact["identical_sets"] + exact["tie_only_differences"] == 192

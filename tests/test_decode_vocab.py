@@ -256,3 +256,17 @@ def test_gemma3_scaled_embeddings_and_full_projection(gemma3):
     torch.testing.assert_close(logits, cache.logits[0, -2:].float(), atol=2e-3, rtol=1e-3)
     top = topk_tokens(model, resid, 5, norm="full")
     assert_same_topk(top.ids, top.logits, logits, 5, atol=2e-3)
+
+
+@pytest.mark.parametrize("method", ["auto", "plain", *SCORERS])
+def test_topk_tokens_methods_agree_for_many_vectors(method):
+    model = get_tiny("qwen2")
+    x = torch.randn(300, model.layout.d_model)  # >= PRUNED_FROM: auto prunes
+    top, bottom = top_and_bottom(model, x, 6, method=method)
+    scores = dense_logits(model, x, "gain")
+    assert_same_topk(top.ids, top.logits, scores, 6)
+    assert_same_topk(bottom.ids, bottom.logits, scores, 6, largest=False)
+    full = topk_tokens(model, x, 6, norm="full", method=method)
+    assert_same_topk(full.ids, full.logits, project(model, x, norm="full"), 6)
+    with pytest.raises(DecodeError, match="method"):
+        topk_tokens(model, x, 6, method="fast")

@@ -6,7 +6,7 @@ Decoding every neuron of a model means the top-k of ``A @ U.T`` for ``A`` ``[n, 
 :func:`pruned_topk` returns exactly the top-k (and bottom-k) that the float32
 computation gives, from a cheap low-precision pass with a *proven* error bound and
 an exact float32 rescoring of only the pairs the bound cannot rule out (about
-``2k`` per row out of ``V``).
+``2.5k`` per row out of ``V``: 51 of 49,152 for SmolLM2's neurons at ``k = 20``).
 
 The bound
 ---------
@@ -43,23 +43,26 @@ validated once per process on a random probe against float64
 
 Pruning
 -------
-Tokens are sorted by ``‖u‖`` and grouped into ``M`` *segments* of ``w`` consecutive
-tokens, laid out strided (column ``i·M + j`` of the low-precision scores holds member
-``i`` of segment ``j``) so that the maximum over each segment is one vectorised
-reduction over the middle axis of ``ŝ.view(rows, w, M)``. Per row and segment we know
-a member's score ``ŝ_j`` (the maximum) and ``B_j``, the bound evaluated with the
-segment's largest ``‖u‖``, ``‖eu‖`` (tight, since the segment's norms are close). So
+Tokens are sorted by ``‖u‖`` and grouped into ``M`` *segments* of ``w = 32``
+consecutive tokens, laid out strided (column ``i·M + j`` of the low-precision scores
+holds member ``i`` of segment ``j``) so that the maximum over each segment is one
+vectorised reduction over the middle axis of ``ŝ.view(rows, w, M)``. Per row and
+segment ``j`` we have the score ``ŝ_j`` of one member (the maximum) and the bound
+``B_j(ŝ) = c1·max‖u‖ + c2·max‖eu‖ + ρ|ŝ| + η`` over the segment's members (tight:
+sorted neighbours have almost equal norms). Then
 
-1. the k-th largest ``ŝ_j - B_j`` over segments is a threshold ``τ``: ``k`` distinct
-   tokens have exact score ``>= τ``, hence so does every token of the true top-k;
-2. a segment with ``ŝ_j + B_j < τ`` holds no top-k token; in the others, a member
-   with ``ŝ + B(member) < τ`` is no top-k token;
-3. the surviving pairs (about ``2k`` per row) are rescored exactly, in one fused
-   sampled matmul (``torch.sparse.sampled_addmm``), and their top-k is the answer.
+1. ``τ`` = the k-th largest ``ŝ_j - B_j(ŝ_j)`` over segments: the ``k`` members behind
+   those values are distinct tokens with exact score ``>= τ``, so every token of the
+   true top-k scores ``>= τ`` too;
+2. a segment with ``ŝ_j + B_j(ŝ_j) < τ`` holds no top-k token; in the other segments,
+   a member with ``ŝ + B_j(ŝ) < τ`` is no top-k token;
+3. the surviving pairs are rescored exactly, in one fused sampled matmul
+   (``torch.sparse.sampled_addmm``), and their top-k is the answer.
 
-The bottom-k is the top-k of ``-s`` from the same low-precision scores (segment
-minima). Ties are broken arbitrarily, as by ``torch.topk``; scores that differ only by
-float32 rounding of a different summation order can swap places at the k-th rank.
+The bottom-k is the top-k of ``-s``: the same low-precision scores are negated in place
+(for bfloat16 by flipping the sign bit, exact) and the rows negated. Ties are broken
+arbitrarily, as by ``torch.topk``; scores that differ only by the float32 rounding of
+a different summation order (``<= 2γ_d‖a‖‖u‖``) can swap places at the k-th rank.
 """
 
 from __future__ import annotations

@@ -274,8 +274,36 @@ def topk_rows(rows: torch.Tensor, W_U: torch.Tensor, k: int, *, largest: bool = 
     return TokenRanking(ids=ids, logits=vals)
 
 
+#: From this many vectors on, ``method="auto"`` uses the pruned exact top-k (:mod:`lmatlas.decode.fast_topk`).
+PRUNED_FROM = 256
+
+
+def _ranked(model: "Model", vectors: torch.Tensor, k: int, norm: str, chunk: int, bias: bool | None,
+            softcap: bool | None, method: str, sides: tuple[bool, ...]) -> list[TokenRanking]:
+    """Top (``True``) and/or bottom (``False``) rankings of ``vectors``, plain chunked or pruned."""
+    from lmatlas.decode.fast_topk import METHODS, pruned_topk
+
+    _check_k(model, k)
+    if method not in METHODS:
+        raise DecodeError(f"Unknown method {method!r}: use one of {', '.join(METHODS)}.")
+    rows = prepare(model, vectors, norm)
+    b_U, cap = _resolve_extras(model, norm, bias, softcap)
+    if method == "auto" and (rows.shape[0] < PRUNED_FROM or b_U is not None):
+        method = "plain"
+    if method == "plain" or b_U is not None:
+        rankings = [topk_rows(rows, unembed_matrix(model), k, largest=side, b_U=b_U, chunk=chunk) for side in sides]
+    else:
+        result = pruned_topk(rows, unembed_matrix(model).T, k, top=True in sides, bottom=False in sides,
+                             method=method)
+        rankings = [result.top if side else result.bottom for side in sides]
+    for ranking in rankings:
+        ranking.logits = _apply_softcap(ranking.logits, cap)
+    return rankings
+
+
 def topk_tokens(model: "Model", vectors: torch.Tensor, k: int = 20, *, largest: bool = True, norm: str = "gain",
-                chunk: int = 8192, bias: bool | None = None, softcap: bool | None = None) -> TokenRanking:
+                chunk: int = 8192, bias: bool | None = None, softcap: bool | None = None,
+                method: str = "auto") -> TokenRanking:
     """The ``k`` tokens with the largest (or, with ``largest=False``, smallest) logits of each vector.
 
     Args:
@@ -283,24 +311,26 @@ def topk_tokens(model: "Model", vectors: torch.Tensor, k: int = 20, *, largest: 
         k: how many tokens per vector.
         largest: top (promoted) tokens if true, bottom (suppressed) tokens otherwise.
         norm: ``"none"``, ``"gain"`` or ``"full"`` (module docstring).
-        chunk: vocabulary slice size; memory is ``O(min(n, 1024) * chunk)`` floats.
+        chunk: vocabulary slice size of the plain path; memory ``O(min(n, 1024) * chunk)`` floats.
         bias, softcap: override whether ``b_U`` / soft-capping are applied
             (default: only for ``norm="full"``). Soft-capping is applied to the
             returned logits; it is monotonic so the ranking is unchanged.
+        method: ``"plain"`` (chunked float32), ``"bf16"`` / ``"int8"`` (the exact pruned
+            top-k of :mod:`lmatlas.decode.fast_topk`, same result, much faster for many
+            vectors) or ``"auto"``: pruned from :data:`PRUNED_FROM` vectors on (unless a
+            ``b_U`` is applied), plain below.
 
     Returns:
         :class:`TokenRanking` with ``ids``/``logits`` of shape ``[n, k]``, best first.
     """
-    _check_k(model, k)
-    rows = prepare(model, vectors, norm)
-    b_U, cap = _resolve_extras(model, norm, bias, softcap)
-    ranking = topk_rows(rows, unembed_matrix(model), k, largest=largest, b_U=b_U, chunk=chunk)
-    ranking.logits = _apply_softcap(ranking.logits, cap)
-    return ranking
+    return _ranked(model, vectors, k, norm, chunk, bias, softcap, method, (largest,))[0]
 
 
 def top_and_bottom(model: "Model", vectors: torch.Tensor, k: int = 20, *, norm: str = "gain",
-                   chunk: int = 8192) -> tuple[TokenRanking, TokenRanking]:
-    """``(top, bottom)``: the ``k`` most promoted and the ``k`` most suppressed tokens of each vector."""
-    return (topk_tokens(model, vectors, k, largest=True, norm=norm, chunk=chunk),
-            topk_tokens(model, vectors, k, largest=False, norm=norm, chunk=chunk))
+                   chunk: int = 8192, method: str = "auto") -> tuple[TokenRanking, TokenRanking]:
+    """``(top, bottom)``: the ``k`` most promoted and the ``k`` most suppressed tokens of each vector.
+
+    The pruned methods share one low-precision pass between the two sides.
+    """
+    top, bottom = _ranked(model, vectors, k, norm, chunk, None, None, method, (True, False))
+    return top, bottom

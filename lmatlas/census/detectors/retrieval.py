@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from lmatlas.census import batteries
+from lmatlas.census.detectors.successor import LastResult
 from lmatlas.census.registry import Battery, Detector, register
 from lmatlas.census.streaming import attention_stats
 from lmatlas.errors import LmatlasError
@@ -140,7 +141,7 @@ class RetrievalDetector(Detector):
                  tokens_per_call: int = 8192):
         self.n_examples, self.length, self.needle = n_examples, length, needle
         self.chunk, self.tokens_per_call = chunk, tokens_per_call
-        self._cache: dict = {}
+        self._last = LastResult()
 
     def battery(self, model: "Model", seed: int, null: bool = False) -> Battery:
         return needle_battery(model, self.name, seed, null=null, n=self.n_examples, length=self.length,
@@ -154,11 +155,9 @@ class RetrievalDetector(Detector):
         return {"needle_mass": self._measure(model, battery)["needle_mass"]}
 
     def _measure(self, model: "Model", battery: Battery) -> dict[str, torch.Tensor]:
-        cached = self._cache.get(id(battery))
-        if cached is not None and cached[0] is battery and cached[1] is model:
-            return cached[2]
-        hits, mass = retrieval_hits(model, battery.input_ids, battery.meta["targets"], chunk=self.chunk,
-                                    tokens_per_call=self.tokens_per_call)
-        result = {"hits": hits, "needle_mass": mass}
-        self._cache = {id(battery): (battery, model, result)}
-        return result
+        def compute():
+            hits, mass = retrieval_hits(model, battery.input_ids, battery.meta["targets"], chunk=self.chunk,
+                                        tokens_per_call=self.tokens_per_call)
+            return {"hits": hits, "needle_mass": mass}
+
+        return self._last.get(model, battery, compute)

@@ -1,0 +1,50 @@
+"""Stage ``census``: every head detector's score, null baseline, z-score and label.
+
+One unit per registered detector (``census/induction``, ...), each running
+:func:`lmatlas.census.run.run_census` for that detector with the build seed: the
+battery, its null battery, Welch z-scores and the detector's documented thresholds.
+A detector that cannot apply to the model (e.g. a context too short for its battery)
+stores no rows; its unit is still done, so resuming does not retry it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from lmatlas.atlas.stages import BuildContext, Stage, stage
+from lmatlas.errors import LmatlasError
+
+if TYPE_CHECKING:
+    from lmatlas.model.handle import Model
+
+
+def plan(model: "Model", ctx: BuildContext) -> list[str]:
+    from lmatlas.census.registry import all_detectors
+
+    return [f"census/{name}" for name in sorted(all_detectors())]
+
+
+def compute(model: "Model", unit: str, ctx: BuildContext):
+    from lmatlas.census.run import run_census
+
+    name = unit.split("/", 1)[1]
+    try:
+        result = run_census(model, detectors=[name], seed=ctx.seed)[name]
+    except LmatlasError:
+        return {}
+    labelled = result.labelled
+    n_layers, n_heads = result.score.shape
+    return {"head_scores": [
+        {"layer": layer, "head": head, "detector": name, "score": float(result.score[layer, head]),
+         "baseline": float(result.null[layer, head]), "z": float(result.z[layer, head]),
+         "label": bool(labelled[layer, head]), "seed": result.seed}
+        for layer in range(n_layers) for head in range(n_heads)
+    ]}
+
+
+stage(Stage(
+    name="census",
+    description="every head detector: score, null-battery baseline, z-score and label",
+    plan=plan,
+    compute=compute,
+))
