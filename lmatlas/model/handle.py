@@ -211,7 +211,8 @@ class Model:
         kwargs.setdefault("do_sample", False)
         with torch.no_grad():
             out = self.hf.generate(**batch, max_new_tokens=max_new_tokens,
-                                   pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id, **kwargs)
+                                   pad_token_id=pad if (pad := self.tokenizer.pad_token_id) is not None
+                                   else self.tokenizer.eos_token_id, **kwargs)
         new = out[:, batch["input_ids"].shape[1]:]
         return self.tokenizer.batch_decode(new, skip_special_tokens=True)
 
