@@ -42,7 +42,7 @@ import torch
 
 from lmatlas.decode.fast_topk import SCORERS, PrunedTopK, TokenIndex, auto_method, build_index, pruned_topk
 from lmatlas.decode.vocab import (
-    DecodeError, TokenRanking, _check_k, is_layer_norm, norm_eps, norm_gain, prepare, unembed_matrix,
+    DecodeError, TokenRanking, check_k, is_layer_norm, norm_eps, norm_gain, prepare, unembed_matrix,
 )
 from lmatlas.model.arch import NormKind, get_path
 from lmatlas.model.sites import check_layer, neuron_name
@@ -68,7 +68,7 @@ class NeuronDecoding:
         promoted: ``[rows, k]`` tokens with the largest logits of the output direction, best first.
         suppressed: ``[rows, k]`` tokens with the smallest logits, most suppressed first.
         inputs: ``{"gate": ranking, "in": ranking}`` (``"gate"`` for gated MLPs only):
-            ``[rows, k]`` tokens whose scaled embedding most excites each input projection.
+            ``[rows, k]`` tokens that most excite each input projection (:func:`input_tokens`).
         method: the top-k kernel used (``bf16``, ``int8`` or ``plain``).
         rescored: exact float32 scores computed per output direction and side (``d_vocab``
             for ``plain``; a few dozen for the pruned kernels).
@@ -222,7 +222,7 @@ def decode_neurons(
     elif isinstance(layers, int):
         layers = [layers]
     layers = [check_layer(int(l), lay) for l in layers]
-    _check_k(model, k)
+    check_k(model, k)
     if method == "auto":
         method = auto_method(model.device)
     indexes: dict[int, TokenIndex] = {}  # tied embeddings share one index

@@ -26,7 +26,10 @@ attention function in query chunks: an ``8k``-token battery never holds a ``T x 
 pattern. Subscore ``needle_mass``: the mean attention probability on the target.
 
 *Difference from the paper:* the copy is teacher-forced rather than generated, so every
-copy step counts whether or not the model would have produced the token itself.
+copy step counts whether or not the model would have produced the token itself. (On
+random-token haystacks of 1k tokens SmolLM2-135M predicts the next needle token only a
+few percent of the time although its retrieval heads find it: counting only the steps it
+gets right, as the paper does, would leave almost nothing to count.)
 
 **Null** (same shape): the copy is replaced by ``m`` fresh tokens that occur nowhere
 before; the targets are the same needle positions, which now hold unrelated tokens.
@@ -36,6 +39,11 @@ questions, where a head can only be counted at steps the model gets right; with 
 teacher-forced random-token copy, previous-token and broadly attending heads land on
 the needle by chance at most a few percent of the time, and real retrieval heads
 score near 1).
+
+On SmolLM2-135M (defaults) 7 of 270 heads are labelled, all in layers 17-23: L18.H6,
+L17.H3, L18.H7 (0.74-0.94), L20.H6, L23.H2, L23.H7, L17.H4 (0.35-0.59); nulls <= 0.005.
+Hit rates fall with distance: with the needle about 4k tokens back in an 8k battery,
+L17.H3 and L18.H7 still hit about half the copy steps, L18.H6 a tenth.
 """
 
 from __future__ import annotations
@@ -60,23 +68,28 @@ def needle_battery(
 ) -> Battery:
     """``[n, length]`` needle-in-a-haystack rows (module docstring); ``meta["targets"]`` ``[n, length]``.
 
+    ``length`` is capped at the model's context (``max_position_embeddings``).
+
     ``meta`` also holds ``kind`` (``"needle"`` or ``"needle/null"``), ``null``, ``prefix``,
     ``needle`` (its length ``m``), ``depth`` (``[n]`` position of each row's needle) and
     ``mask`` (``[n, length]`` bool: the copy steps).
     """
     prefix = batteries.prefix_ids(model)
     context = batteries.context_length(model)
+    if context is not None:
+        length = min(length, context)  # a model with a shorter context gets a battery as long as its context
     hay = length - len(prefix) - 2 * needle
     if needle < 2 or hay < 1:
         raise LmatlasError(
             f"A needle battery of {length} tokens cannot hold a needle of {needle} tokens twice (plus "
-            f"{len(prefix)} prefix tokens): use a longer length or a needle of 2 to {(length - len(prefix)) // 2 - 1}."
+            f"{len(prefix)} prefix tokens): use a longer length (within the model's context of {context}) "
+            f"or a needle of 2 to {(length - len(prefix)) // 2 - 1} tokens."
         )
-    if context is not None and length > context:
-        raise LmatlasError(f"length={length} exceeds this model's context of {context} tokens: use length <= {context}.")
     pool = batteries.ordinary_tokens(model)
     if len(pool) < 3 * needle:
-        raise LmatlasError(f"The model has only {len(pool)} ordinary tokens: use a needle shorter than {len(pool) // 3}.")
+        raise LmatlasError(
+            f"The model has only {len(pool)} ordinary tokens: use a needle shorter than {len(pool) // 3}."
+        )
     kind = "needle/null" if null else "needle"
     gen = torch.Generator().manual_seed(zlib.crc32(f"{kind}:{int(seed)}".encode()))
     ids = torch.empty(n, length, dtype=torch.long)

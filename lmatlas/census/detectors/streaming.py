@@ -97,8 +97,9 @@ class _SplitProbe(Probe):
                 rows = slice(start, min(start + self.chunk, int(counted[-1]) + 1))
                 keys = call.visible_keys(rows)
                 probs = call.probs(rows, keys)  # [batch, head, n_rows, n_keys] float32
-                keep = streaming_keep(torch.arange(rows.start, rows.stop, device=probs.device),
-                                      torch.arange(keys.start, keys.stop, device=probs.device), self.n_sink, self.window)
+                device = probs.device
+                keep = streaming_keep(torch.arange(rows.start, rows.stop, device=device),
+                                      torch.arange(keys.start, keys.stop, device=device), self.n_sink, self.window)
                 kept = probs * keep
                 kept = kept / kept.sum(-1, keepdim=True).clamp_min(torch.finfo(kept.dtype).tiny)
                 v = value[:, :, keys].float()

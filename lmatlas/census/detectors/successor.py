@@ -155,7 +155,7 @@ def effective_embedding(model: "Model", token_ids: torch.Tensor, embedding: str 
 
 
 def ov_logits(model: "Model", x: torch.Tensor, readout: torch.Tensor, layers: list[int] | None = None) -> torch.Tensor:
-    """``[layer, head, n, n_out]`` every head's OV circuit from inputs ``x`` ``[n, d_model]`` to ``readout``'s logits."""
+    """``[layer, head, n, n_out]``: every head's OV circuit from ``x`` ``[n, d_model]`` to ``readout``'s logits."""
     spec, lay, W = model.spec, model.layout, model.W
     layers = list(range(lay.n_layers)) if layers is None else layers
     out = []
@@ -212,7 +212,7 @@ def _walks(seq: OrdinalTokens, length: int) -> list[list[int]]:
 @register
 class SuccessorDetector(Detector):
     name = "successor"
-    description = "maps an ordinal token to its successor (Monday->Tuesday, 3->4): OV circuit and direct logit attribution"
+    description = "maps an ordinal token to its successor (Monday->Tuesday, 3->4): OV circuit and logit attribution"
     threshold = 0.5
     min_z = 3.0
 
@@ -228,7 +228,9 @@ class SuccessorDetector(Detector):
             raise LmatlasError(f"No ordinal sequence has {self.n_items} successive single tokens: lower n_items.")
         sep = single_token(model.tokenizer, ",")
         if sep is None:
-            raise LmatlasError("The successor battery separates items with ',', which is not one token for this tokenizer.")
+            raise LmatlasError(
+                "The successor battery separates items with ',', which is not one token for this tokenizer."
+            )
         name = f"{self.name}/null" if null else self.name
         gen = torch.Generator().manual_seed(zlib.crc32(f"{name}:{int(seed)}".encode()))
         prefix = batteries.prefix_ids(model)
