@@ -81,7 +81,8 @@ class RssSampler:
     """Samples the current resident memory every ``interval`` seconds in a thread: the peak of one phase."""
 
     def __init__(self, interval: float = 0.05):
-        self.interval, self.peak, self._stop = interval, rss_mb(), threading.Event()
+        self.interval, self._stop = interval, threading.Event()
+        self.start = self.peak = rss_mb()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
@@ -181,7 +182,6 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     model = load(args.model)
     log(f"loaded {model!r} in {time.perf_counter() - started:.1f}s; {torch.get_num_threads()} torch threads")
-    rss_before = rss_mb()
     load_start = os.getloadavg()[0]  # other processes on the machine slow every timing down
 
     names = sorted(all_detectors())
@@ -189,6 +189,7 @@ def main(argv: list[str] | None = None) -> None:
         started = time.perf_counter()
         census = run_census(model, seed=args.seed, progress=lambda m: log(f"census {m}"))
         census_s = time.perf_counter() - started
+    rss_before = sampler.start
     log(f"full census of {len(names)} detectors: {census_s:.1f}s")
     report = {
         "benchmark": "census", "model": args.model, "seed": args.seed, "torch_threads": torch.get_num_threads(),

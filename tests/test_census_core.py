@@ -82,6 +82,9 @@ def test_text_battery_is_ordinary_text(llama):
     battery = batteries.text_battery(llama, "dormant", 0)
     first = llama.tokenizer.decode(battery.input_ids[0, 1:])
     assert any(first.startswith(" " + sentence) for sentence in batteries.TEXT)
+    shuffled = batteries.text_battery(llama, "dormant", 0, null=True).input_ids
+    assert not torch.equal(shuffled, battery.input_ids)
+    assert torch.equal(shuffled.sort(dim=1).values, battery.input_ids.sort(dim=1).values)  # same tokens per row
 
 
 @pytest.mark.slow
@@ -352,7 +355,7 @@ def test_census_benchmark_quick(capsys, monkeypatch):
     assert report["benchmark"] == "census" and report["model"] == "tiny:llama"
     assert set(MINE) <= set(report["census"]["seconds_per_detector"])
     memory = report["census"]
-    assert memory["peak_rss_mb_process"] >= memory["peak_rss_mb_during_census"] >= memory["rss_mb_before_census"] > 0
+    assert memory["peak_rss_mb_during_census"] >= memory["rss_mb_before_census"] > 0
     tl = report["transformer_lens"]
     if "skipped" not in tl:
         assert tl["median_s"]["ours_3_with_nulls"] > 0 and tl["ratio_tl_over_ours"] > 0

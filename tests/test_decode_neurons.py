@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmatlas.decode.fast_topk import SCORERS
 from lmatlas.decode.neurons import decode_neurons, embed_scale, input_tokens
 from lmatlas.decode.vocab import DecodeError
 from lmatlas.errors import SiteError
@@ -205,7 +204,8 @@ def test_smollm2_clamping_a_word_neuron_makes_the_model_say_the_word(smollm2, sm
     boosted = _probability(model, word, (t_layer, t_neuron, 10 * _max_activation(model, t_layer, t_neuron)))
     controlled = _probability(model, word, (c_layer, c_neuron, 10 * _max_activation(model, c_layer, c_neuron)))
     message = (f"L{t_layer}.N{t_neuron} ({noun_ids[word]!r}) vs control L{c_layer}.N{c_neuron} "
-               f"({noun_ids[top1[control].item()]!r}): base {base:.2e}, clamped {boosted:.2e}, control {controlled:.2e}")
+               f"({noun_ids[top1[control].item()]!r}): base {base:.2e}, clamped {boosted:.2e}, "
+               f"control {controlled:.2e}")
     assert boosted > 20 * base, message
     assert controlled <= base, message
 

@@ -88,7 +88,8 @@ class NeuronDecoding:
         if layer not in self.layers:
             raise DecodeError(f"Layer {layer} was not decoded: this decoding covers layers {self.layers}.")
         if not 0 <= neuron < self.d_mlp:
-            raise DecodeError(f"Neuron {neuron} is out of range: layers have {self.d_mlp} neurons (0..{self.d_mlp - 1}).")
+            raise DecodeError(
+                f"Neuron {neuron} is out of range: layers have {self.d_mlp} neurons (0..{self.d_mlp - 1}).")
         return self.layers.index(layer) * self.d_mlp + neuron
 
     def neuron(self, layer: int, neuron: int, tokenizer: Any = None) -> dict[str, Any]:
