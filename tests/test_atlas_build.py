@@ -15,7 +15,7 @@ from lmatlas.atlas.stages.importance import corpus_loss
 from lmatlas.atlas.store import AtlasStore
 from lmatlas.errors import AtlasError, LmatlasError
 from lmatlas.model.loading import load
-from lmatlas.model.tiny import byte_tokenizer, tiny_hf_model
+from lmatlas.model.tiny import byte_tokenizer
 
 SMALL = {"corpus_sequences": 4, "seq_len": 32, "importance_sequences": 2, "top_contexts": 3}
 
