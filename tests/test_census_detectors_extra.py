@@ -397,16 +397,32 @@ _EIGHT_K = textwrap.dedent("""
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * resource.getpagesize()
 
+    def reset_peak():  # restart the kernel's high-water mark (VmHWM) from the current resident set
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+
+    def peak():
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
+
     model = lmatlas.load()
     layers = [17, 18]
     warm = needle_battery(model, "retrieval", 0, n=1, length=512)
     retrieval_hits(model, warm.input_ids, warm.meta["targets"], layers=layers)
     battery = needle_battery(model, "retrieval", 0, n=1, length=8192)
+    with torch.no_grad():
+        model.hf(warm.input_ids, use_cache=False)
+        reset_peak()
+        before = rss_now()
+        model.hf(battery.input_ids, use_cache=False)  # the model's own forward at 8k: the baseline
+        plain = peak() - before
+    reset_peak()
     before = rss_now()
     hits, mass = retrieval_hits(model, battery.input_ids, battery.meta["targets"], layers=layers)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"growth": peak - before, "hits": hits[0].tolist(), "length": battery.input_ids.shape[1]}))
+    growth = peak() - before
+    print(json.dumps({"growth": growth, "plain": plain, "hits": hits[0].tolist(), "length": battery.input_ids.shape[1]}))
 """)
+
 
 
 @pytest.mark.slow
@@ -424,7 +440,8 @@ def test_smollm2_retrieval_at_8k_tokens_never_holds_a_pattern(smollm2):
     report = json.loads(out.stdout.strip().splitlines()[-1])
     one_layer = smollm2.layout.n_heads * 8192 ** 2 * 4
     assert report["length"] == 8192
-    assert report["growth"] < 0.6 * one_layer, report["growth"]
+    # Beyond what the model's own 8k forward needs, the statistics add far less than one layer's patterns.
+    assert report["growth"] - report["plain"] < 0.25 * one_layer, report
     # Retrieval weakens with distance (L18.H6 hits ~0.9 of the copy steps at 1k, ~0.1 here) but at 8k
     # a head of layers 17-18 still lands on the needle, 4k tokens back, far above chance (~0).
     assert max(max(layer) for layer in report["hits"]) > 0.2
