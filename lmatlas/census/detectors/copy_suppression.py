@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from lmatlas.census import batteries
-from lmatlas.census.detectors.successor import readout_matrix, run_body
+from lmatlas.census.readout import readout_matrix, run_body
 from lmatlas.census.registry import Battery, Detector, register
 
 if TYPE_CHECKING:

@@ -54,7 +54,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from lmatlas.census import batteries
-from lmatlas.census.detectors.successor import LastResult
+from lmatlas.census.readout import LastResult
 from lmatlas.census.registry import Battery, Detector, register
 from lmatlas.census.streaming import attention_stats
 from lmatlas.errors import LmatlasError
