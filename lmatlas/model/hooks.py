@@ -122,8 +122,8 @@ class HookSession:
 
     def __exit__(self, *exc: Any) -> None:
         if self.active:
+            self.model.hook_stack.pop(self)  # raises (and stays active) when left out of order
             self.active = False
-            self.model.hook_stack.pop(self)
 
     def __repr__(self) -> str:
         return (f"HookSession(capture={sorted(map(str, self.capture))}, "

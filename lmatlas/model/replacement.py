@@ -121,6 +121,12 @@ class BoundReplacement:
             whole = chosen.numel() == tensor.shape[axis] and (chosen.numel() == 0 or int(chosen[0]) == 0)
             return None if whole else chosen
         start, stop, indices = self.positions.absolute(call.prompt_len)
+        closed = len(indices) if indices is not None else (stop - (start or 0) if stop is not None else None)
+        if closed is not None and tensor.shape[axis] != closed:
+            raise SiteError(
+                f"Replacement for {self.name} has {tensor.shape[axis]} entries along its position axis (axis {axis}), "
+                f"but @{self.positions} selects {closed} positions: give one entry per selected position."
+            )
         if indices is not None:
             order = {p: i for i, p in enumerate(indices)}
             return torch.tensor([order[int(p)] for p in chosen])
