@@ -31,6 +31,7 @@ Hooks on module outputs (``attn.z``, ``resid.*``, ``mlp.*``) work as usual.
 from __future__ import annotations
 
 import sys
+import threading
 from functools import partial
 from typing import Any
 
@@ -43,6 +44,7 @@ from lmatlas.infer.layer import PAYLOAD, WindowedCall
 
 PREFIX = "headwise_"
 CHUNK = 256  # query rows of a windowed head computed at once
+_REGISTER_LOCK = threading.Lock()  # registration is check-then-set on transformers' global mapping
 
 
 def _base_function(base: str, module: torch.nn.Module):
@@ -156,10 +158,11 @@ def register(base: str) -> str:
     if base.startswith(PREFIX):
         return base
     name = f"{PREFIX}{base}"
-    if name not in AttentionInterface._global_mapping:
-        mask_base = base if base in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping else "eager"
-        AttentionInterface.register(name, partial(headwise_attention, base=base))
-        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS._global_mapping[mask_base])
+    with _REGISTER_LOCK:
+        if name not in AttentionInterface._global_mapping:
+            mask_base = base if base in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping else "eager"
+            AttentionInterface.register(name, partial(headwise_attention, base=base))
+            AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS._global_mapping[mask_base])
     return name
 
 
