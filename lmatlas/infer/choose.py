@@ -90,7 +90,7 @@ def from_census(model: "Model", census: "Census", budget: float, detectors: Sequ
     return from_scores(model, scores, budget, sink, recent, method="census:" + "+".join(detectors))
 
 
-def _check_atlas_model(atlas, model: "Model") -> None:
+def check_atlas_model(atlas, model: "Model") -> None:
     card, mine = atlas.card, model.card()
     keys = ("model_type", "layers", "query_heads", "kv_heads", "vocab")
     mismatch = {k: (card.get(k), mine.get(k)) for k in keys if card.get(k) != mine.get(k)}
@@ -111,7 +111,7 @@ def atlas_scores(model: "Model", path: str | Path, detectors: Sequence[str] = DE
         raise AtlasError(f"No atlas at {path}: build one with `lmatlas map --out {path}`.")
     lay = model.layout
     with Atlas.open(path) as atlas:
-        _check_atlas_model(atlas, model)
+        check_atlas_model(atlas, model)
         tables = []
         for name in detectors:
             rows = atlas.sql("SELECT layer, head, score FROM head_scores WHERE detector = ?", [name]).to_pylist()

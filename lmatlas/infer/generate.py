@@ -15,6 +15,7 @@ baseline every measurement is compared with.
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -69,13 +70,13 @@ def greedy(model: "Model", input_ids: torch.Tensor, cache=None, max_new_tokens: 
     eos = getattr(model.tokenizer, "eos_token_id", None) if stop_at_eos and model.tokenizer is not None else None
     tokens: list[int] = []
     with torch.no_grad():
-        with PeakMemory() if measure_memory else _Null() as peak_prefill:
+        with PeakMemory() if measure_memory else nullcontext() as peak_prefill:
             start = time.perf_counter()
             logits = model.hf(input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
             prefill_s = time.perf_counter() - start
         kv_prefill = cache_nbytes(cache)
         next_token = logits[:, -1].argmax(-1, keepdim=True)
-        with PeakMemory() if measure_memory else _Null() as peak_decode:
+        with PeakMemory() if measure_memory else nullcontext() as peak_decode:
             start = time.perf_counter()
             for step in range(max_new_tokens):
                 tokens.append(int(next_token))
@@ -93,14 +94,6 @@ def greedy(model: "Model", input_ids: torch.Tensor, cache=None, max_new_tokens: 
         peak_prefill_bytes=getattr(peak_prefill, "added", None), peak_decode_bytes=getattr(peak_decode, "added", None),
         plan=cache.plan.describe() if isinstance(cache, HeadwiseCache) else {"method": "default"},
     )
-
-
-class _Null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return None
 
 
 def resolve_plan(model: "Model", budget: float | None = None, atlas: str | Path | None = None,

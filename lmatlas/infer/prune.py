@@ -172,14 +172,14 @@ def prune_heads(model: "Model", heads: Iterable[str] | Mapping[int, Iterable[int
 def importance_from_atlas(model: "Model", path: str | Path) -> torch.Tensor:
     """``[layer, head]`` loss increase when each head is ablated, from ``model``'s atlas (``head_importance``)."""
     from lmatlas.atlas.query import Atlas
-    from lmatlas.infer.choose import _check_atlas_model
+    from lmatlas.infer.choose import check_atlas_model
 
     if not Path(path).exists():
         raise AtlasError(f"No atlas at {path}: build one with `lmatlas map --out {path}`.")
     lay = model.layout
     table = torch.full((lay.n_layers, lay.n_heads), float("nan"))
     with Atlas.open(path) as atlas:
-        _check_atlas_model(atlas, model)
+        check_atlas_model(atlas, model)
         for row in atlas.sql("SELECT layer, head, delta_loss FROM head_importance").to_pylist():
             table[row["layer"], row["head"]] = row["delta_loss"]
     if torch.isnan(table).any():
