@@ -47,7 +47,7 @@ def test_scoring_and_depths():
 @pytest.mark.slow
 def test_needle_1k_on_smollm2(smollm2, one_thread):
     haystack = Haystack(smollm2.tokenizer)
-    trials = [haystack.trial(1024, depth, seed=i) for i, depth in enumerate(depths(3))]
+    trials = [haystack.trial(1024, depths(8)[i], seed=i) for i in (0, 3, 6)]  # depths 1/16, 7/16, 13/16
     full_plan = choose.every_head(smollm2)
     default_ok = windowed_ok = 0
     for trial in trials:
