@@ -73,6 +73,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--plot", default=None)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bytes-lengths", type=int, nargs="*", default=None,
+                   help="only measure the bytes each method's cache holds when filled to these lengths")
     p.add_argument("--prune", type=float, nargs="*", default=None, help="pruning benchmark at these fractions")
     p.add_argument("--prune-windows", type=int, default=8)
     p.add_argument("--threads", type=int, default=1,
@@ -158,6 +160,33 @@ def plot(summary: list[dict], path: str, title: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+def bytes_benchmark(model, census_plan, args) -> dict:
+    """Bytes each method's cache holds after ``T`` entries per layer (storage measured; values are random).
+
+    The cache layers are filled through ``update`` exactly as a forward fills them, without running the
+    model (what a cache holds depends on the number of entries, not on their values), so long contexts
+    cost nothing to measure here; the accuracy runs measure the same bytes on real prompts.
+    """
+    from transformers.cache_utils import DynamicCache
+
+    from lmatlas.infer.memory import cache_nbytes
+
+    lay = model.layout
+    rows = []
+    for length in args.bytes_lengths:
+        for method in args.methods.split(","):
+            cache = make_cache(model, method, census_plan, args, length) or DynamicCache(config=model.hf.config)
+            for layer in range(lay.n_layers):
+                k = torch.randn(1, lay.n_kv_heads, length, lay.d_head, dtype=model.dtype)
+                cache.update(k, torch.randn_like(k), layer)
+            rows.append({"length": length, "method": method, "kv_bytes": cache_nbytes(cache)})
+    for r in rows:
+        base = next(b for b in rows if b["length"] == r["length"] and b["method"] == "default")
+        r["kv_ratio_vs_default"] = round(base["kv_bytes"] / r["kv_bytes"], 3)
+    return {"benchmark": "kvcache-bytes", "model": model.provenance.source, "budget": args.budget, "sink": args.sink,
+            "recent": args.recent, "census_plan": census_plan.describe(), "rows": rows}
+
+
 def prune_benchmark(model, args) -> dict:
     import copy
 
@@ -219,6 +248,12 @@ def main(argv=None) -> None:
     done = {(r["length"], r["trial"], r["method"]) for r in records}
     scores, scores_from = census_scores(model, args)
     census_plan = choose.from_scores(model, scores, args.budget, args.sink, args.recent, method="census")
+    if args.bytes_lengths:
+        result = bytes_benchmark(model, census_plan, args)
+        result["scores_from"] = scores_from
+        Path(args.out).write_text(json.dumps(result, indent=1))
+        print(json.dumps(result, indent=1))
+        return
     haystack = Haystack(model.tokenizer)
     report.update({
         "benchmark": "kvcache", "model": model.provenance.source, "card": {k: model.card()[k] for k in
