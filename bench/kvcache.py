@@ -161,7 +161,11 @@ def plot(summary: list[dict], path: str, title: str) -> None:
 
 
 def bytes_benchmark(model, census_plan, args) -> dict:
-    """Bytes each method's cache holds after ``T`` entries per layer (storage measured; values are random).
+    """Bytes each method's cache holds at ``T`` tokens (storage measured; values are random).
+
+    Measured right after a ``T - 1``-token prompt (``kv_bytes_after_prefill``) and after one more token
+    (``kv_bytes``): transformers' sliding-window layer keeps the whole prompt's storage alive (its window
+    is a view) until the next token, lmatlas's copies its window out at once.
 
     The cache layers are filled through ``update`` exactly as a forward fills them, without running the
     model (what a cache holds depends on the number of entries, not on their values), so long contexts
@@ -176,13 +180,18 @@ def bytes_benchmark(model, census_plan, args) -> dict:
     for length in args.bytes_lengths:
         for method in args.methods.split(","):
             cache = make_cache(model, method, census_plan, args, length) or DynamicCache(config=model.hf.config)
-            for layer in range(lay.n_layers):
-                k = torch.randn(1, lay.n_kv_heads, length, lay.d_head, dtype=model.dtype)
-                cache.update(k, torch.randn_like(k), layer)
-            rows.append({"length": length, "method": method, "kv_bytes": cache_nbytes(cache)})
+            for step in (length - 1, 1):  # the prompt, then one generated token
+                for layer in range(lay.n_layers):
+                    k = torch.randn(1, lay.n_kv_heads, step, lay.d_head, dtype=model.dtype)
+                    cache.update(k, torch.randn_like(k), layer)
+                if step > 1:
+                    after_prefill = cache_nbytes(cache)
+            rows.append({"length": length, "method": method, "kv_bytes_after_prefill": after_prefill,
+                         "kv_bytes": cache_nbytes(cache)})
     for r in rows:
         base = next(b for b in rows if b["length"] == r["length"] and b["method"] == "default")
         r["kv_ratio_vs_default"] = round(base["kv_bytes"] / r["kv_bytes"], 3)
+        r["kv_ratio_after_prefill"] = round(base["kv_bytes_after_prefill"] / r["kv_bytes_after_prefill"], 3)
     return {"benchmark": "kvcache-bytes", "model": model.provenance.source, "budget": args.budget, "sink": args.sink,
             "recent": args.recent, "census_plan": census_plan.describe(), "rows": rows}
 

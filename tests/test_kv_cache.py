@@ -211,3 +211,18 @@ def test_placeholders_hold_no_memory_and_storage_dedup():
     base = torch.zeros(1000)
     assert storage_nbytes([base, base[:10], base[500:]]) == 4000
     assert storage_nbytes([torch.zeros(()).expand(1000, 1000)]) == 4
+
+
+def test_sliding_layers_hold_only_their_window_after_prefill():
+    """transformers' sliding layer keeps a view of the whole prefill; the head-wise cache's copies the window out."""
+    model = load("gemma3_text")  # layer 0 slides (window 4), layer 1 is full
+    ids = prompt(6, length=40)
+    plan = make_plan(model, [(1, 0), (1, 1)])  # every head of the full layer kept
+    with torch.no_grad():
+        default = model.hf(ids, use_cache=True).past_key_values
+        ours = HeadwiseCache(model, plan)
+        model.hf(ids, past_key_values=ours, use_cache=True)
+    entry = 2 * model.layout.n_kv_heads * model.layout.d_head * 4  # k + v, float32
+    assert cache_nbytes(default) == 40 * entry * 2  # both layers hold all 40 entries' storage
+    assert ours.nbytes() == (3 + 40) * entry  # sliding: window - 1 = 3 entries; full: 40
+    assert torch.equal(ours.layers[0].keys, default.layers[0].keys)

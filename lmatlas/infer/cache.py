@@ -7,9 +7,9 @@
 >>> cache.nbytes()                                                         # doctest: +SKIP
 
 Full-attention layers get a :class:`~lmatlas.infer.layer.HeadwiseLayer` with the plan's
-full KV heads; layers the model runs with its own sliding window keep transformers'
-``DynamicSlidingWindowLayer`` (they already hold only their window). Making the cache
-switches the model to the head-wise attention function (:func:`lmatlas.infer.attention.install`),
+full KV heads; layers the model runs with its own sliding window get a
+:class:`~lmatlas.infer.layer.SlidingLayer` (transformers' sliding layer, holding only its
+window). Making the cache switches the model to the head-wise attention function (:func:`lmatlas.infer.attention.install`),
 which leaves runs without this cache unchanged. A cache holds one sequence (or a
 batch of equal-length prompts) for one ``generate``; make a new one per prompt.
 """
@@ -18,11 +18,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from transformers.cache_utils import Cache, DynamicSlidingWindowLayer, get_layer_types_and_kwargs
+from transformers.cache_utils import Cache, get_layer_types_and_kwargs
 
 from lmatlas.errors import LmatlasError
 from lmatlas.infer import attention
-from lmatlas.infer.layer import HeadwiseLayer
+from lmatlas.infer.layer import HeadwiseLayer, SlidingLayer
 from lmatlas.infer.memory import cache_nbytes
 from lmatlas.infer.plan import KVPlan
 
@@ -42,7 +42,7 @@ class HeadwiseCache(Cache):
             if kind == "full_attention":
                 layers.append(HeadwiseLayer(plan.full_heads(index), plan.n_kv_heads, plan.sink, plan.recent))
             elif kind in ("sliding_attention", "chunked_attention"):
-                layers.append(DynamicSlidingWindowLayer(**layer_kwargs))
+                layers.append(SlidingLayer(**layer_kwargs))
             else:
                 raise LmatlasError(f"Layer {index} is a {kind!r} layer: the head-wise KV cache supports attention "
                                    "layers (full, sliding or chunked) only.")

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-from transformers.cache_utils import CacheLayerMixin
+from transformers.cache_utils import CacheLayerMixin, DynamicSlidingWindowLayer
 
 from lmatlas.errors import LmatlasError
 
@@ -233,3 +233,33 @@ class HeadwiseLayer(CacheLayerMixin):
 
     def prefetch(self) -> None:
         self._map_batch(lambda t: t.to(self.device, non_blocking=True))
+
+
+class SlidingLayer(DynamicSlidingWindowLayer):
+    """transformers' sliding-window layer for the layers a model slides itself, with the window copied out.
+
+    ``DynamicSlidingWindowLayer`` keeps its window as a *view* of the last concatenation,
+    so after a long prefill it holds the whole prompt's storage until the next token. Here
+    the window is cloned as soon as it is cut (while past recording is on: at the next
+    ``crop``, which cuts it), so the layer
+    holds ``sliding_window - 1`` entries from the prefill on. Values are unchanged.
+    """
+
+    def _compact(self, force: bool = False) -> None:
+        if (self.record_past and not force) or self.keys is None or not self.keys.numel():
+            return
+        held = self.keys.untyped_storage().nbytes()
+        if held > self.keys.numel() * self.keys.element_size():
+            self.keys, self.values = self.keys.clone(), self.values.clone()
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.keys, self.values) if t is not None]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        out = super().update(key_states, value_states, *args, **kwargs)
+        self._compact()
+        return out
+
+    def crop(self, tokens_to_remove: int) -> None:
+        super().crop(tokens_to_remove)
+        self._compact(force=True)  # crop cuts back to the window: copy it out even while recording
