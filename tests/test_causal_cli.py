@@ -33,3 +33,15 @@ def test_bad_targets_and_tasks_exit_2_with_one_line():
     assert result.exit_code == 2 and "out of range" in result.output
     result = runner.invoke(app, ["attribute", FIXTURE, "--task", "nope"])
     assert result.exit_code == 2 and "Unknown task" in result.output
+
+
+def test_circuit_json_and_svg(tmp_path):
+    svg = tmp_path / "circuit.svg"
+    result = runner.invoke(app, ["circuit", FIXTURE, "--task", "induction", "--n", "16", "--svg", str(svg), "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["faithfulness"] >= 0.8 and {"L0.H1", "L1.H2"} <= set(data["nodes"])
+    assert all({"source", "target", "score"} <= set(e) for e in data["edges"])
+    assert svg.read_text().startswith("<svg")
+    bad = runner.invoke(app, ["circuit", FIXTURE, "--task", "induction", "--faithfulness", "2"])
+    assert bad.exit_code == 2 and "--faithfulness" in bad.output

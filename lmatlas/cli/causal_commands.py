@@ -98,3 +98,47 @@ def attribute_command(
                       f"largest error {check['max_abs_error']:.3f} (gap {check['gap']:.3f})")
 
     run(body)
+
+
+@app.command("circuit")
+def circuit_command(
+    model: Optional[str] = MODEL_ARG, task: str = TASK_OPT, n: int = N_OPT,
+    steps: int = typer.Option(0, "--ig-steps", help="EAP-IG interpolation steps (0 = plain EAP)."),
+    target: float = typer.Option(0.8, "--faithfulness", help="Keep the smallest circuit reaching this faithfulness."),
+    picture: Optional[str] = typer.Option(None, "--svg", help="Write the circuit diagram (SVG) to this file."),
+    as_json: bool = JSON_OPT, dtype: str = DTYPE_OPT, device: Optional[str] = DEVICE_OPT,
+) -> None:
+    """Edge attribution (EAP / EAP-IG) over heads (q, k, v inputs) and MLPs, pruned to a faithful circuit."""
+    from pathlib import Path
+
+    from lmatlas.causal import load_task
+    from lmatlas.causal.circuits import edge_attribution
+    from lmatlas.causal.diagram import circuit_svg
+    from lmatlas.causal.faithfulness import find_circuit
+    from lmatlas.errors import TaskError
+
+    def body():
+        if not 0 < target <= 1:
+            raise TaskError(f"--faithfulness must be in (0, 1], got {target}.")
+        loaded = load_model(model, dtype, device)
+        batch = load_task(loaded, task, n=n)
+        circuit = find_circuit(loaded, batch, edge_attribution(loaded, batch, steps=steps), target=target)
+        if picture:
+            Path(picture).write_text(circuit_svg(circuit, loaded.layout.n_layers))
+        if as_json:
+            print_json({**circuit.to_dict(), "svg": picture})
+            return
+        table = Table(title=f"Circuit for {batch.name} ({circuit.graph.method}): {len(circuit.edges)} edges, "
+                            f"faithfulness {circuit.faithfulness:.2f}, CPR {circuit.cpr:.2f}, CMD {circuit.cmd:.2f}",
+                      title_justify="left")
+        for column in ("source", "target", "score"):
+            table.add_column(column)
+        for source, target_name, score in circuit.edges:
+            table.add_row(source, target_name, f"{score:+.3f}")
+        out.print(table)
+        out.print("faithfulness by edges kept: " + ", ".join(
+            f"{c['edges']}: {c['faithfulness']:.2f}" for c in circuit.curve))
+        if picture:
+            out.print(f"diagram: {picture}")
+
+    run(body)
