@@ -11,11 +11,11 @@ runs               work unit: stage, key, status, seconds, seeds, versions, when
 heads              (layer, head): KV group
 head_scores        (layer, head, detector): score, null baseline, z-score, label, seed
 head_ov            (layer, head): copying and suppression scores, top source→output pairs
-head_importance    (layer, head): loss increase when the head is mean-ablated on the corpus
+head_importance    (layer, head): loss increase when the head is mean-ablated on the corpus (exact or estimated: method)
 neurons            (layer, neuron): promoted / suppressed / exciting tokens with logits
 neuron_stats       (layer, neuron): activation mean, max, fraction active, top contexts
 layer_lens         layer: logit-lens statistics over the corpus
-mlp_importance     layer: loss increase when the layer's MLP is mean-ablated on the corpus
+mlp_importance     layer: loss increase when the layer's MLP is mean-ablated on the corpus (exact or estimated: method)
 =================  ===========================================================================
 
 The view ``layers`` joins ``layer_lens`` and ``mlp_importance``.
@@ -44,7 +44,9 @@ TABLES: dict[str, str] = {
         "layer INTEGER, head INTEGER, copying DOUBLE, suppression DOUBLE, top_sources VARCHAR[], "
         "top_outputs VARCHAR[], top_logits DOUBLE[], PRIMARY KEY (layer, head)"
     ),
-    "head_importance": "layer INTEGER, head INTEGER, delta_loss DOUBLE, PRIMARY KEY (layer, head)",
+    "head_importance": (
+        "layer INTEGER, head INTEGER, delta_loss DOUBLE, estimate DOUBLE, method VARCHAR, PRIMARY KEY (layer, head)"
+    ),
     "neurons": (
         "layer INTEGER, neuron INTEGER, promoted VARCHAR[], promoted_logits DOUBLE[], suppressed VARCHAR[], "
         "suppressed_logits DOUBLE[], exciting VARCHAR[], exciting_logits DOUBLE[], PRIMARY KEY (layer, neuron)"
@@ -56,7 +58,7 @@ TABLES: dict[str, str] = {
     "layer_lens": (
         "layer INTEGER PRIMARY KEY, entropy DOUBLE, final_prob DOUBLE, kl_to_final DOUBLE, top1_agreement DOUBLE"
     ),
-    "mlp_importance": "layer INTEGER PRIMARY KEY, delta_loss DOUBLE",
+    "mlp_importance": "layer INTEGER PRIMARY KEY, delta_loss DOUBLE, estimate DOUBLE, method VARCHAR",
 }
 
 VIEWS: dict[str, str] = {
