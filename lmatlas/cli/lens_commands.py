@@ -21,14 +21,12 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 import typer
 from rich.table import Table
 from rich.text import Text
 
-from lmatlas.errors import LmatlasError
 from lmatlas.cli.app import DEVICE_OPT, DTYPE_OPT, JSON_OPT, app, load_model, out, print_json, run
-from lmatlas.decode.vocab import DecodeError
+from lmatlas.errors import LmatlasError
 
 ARGS = typer.Argument(..., metavar="[MODEL] TEXT", help="An optional model (hub id, directory, .gguf, packaged "
                       "name), then the token / prompt.", show_default=False)
@@ -36,6 +34,8 @@ ARGS = typer.Argument(..., metavar="[MODEL] TEXT", help="An optional model (hub 
 
 def _split(args: list[str], n_text: int) -> tuple[Optional[str], list[str]]:
     """``[MODEL] TEXT`` -> ``(model or None, texts)``; a clear error on a wrong count."""
+    from lmatlas.decode.vocab import DecodeError
+
     if len(args) == n_text:
         return None, args
     if len(args) == n_text + 1:
@@ -45,6 +45,8 @@ def _split(args: list[str], n_text: int) -> tuple[Optional[str], list[str]]:
 
 
 def _token_id(model, text: Optional[str], token_id: Optional[int]) -> int:
+    from lmatlas.decode.vocab import DecodeError
+
     vocab = model.layout.d_vocab
     if token_id is not None:
         if not 0 <= token_id < vocab:
@@ -66,6 +68,8 @@ def promoting_neurons(model, token: int, top: int) -> list[tuple[int, int, float
     ``output_directions(l) @ W_U[:, token]`` for every layer: one column of the
     neurons' output logits (the same directions :mod:`lmatlas.decode.neurons` decodes).
     """
+    import torch
+
     from lmatlas.decode.neurons import output_directions
     from lmatlas.decode.vocab import unembed_matrix
 
