@@ -23,9 +23,9 @@ __version__ = "0.1.0"
 
 #: Public names that live in heavier modules: name -> module, imported on first access.
 _LAZY: dict[str, str] = {
-    "ActivationCache": "lmatlas.model", "FidelityReport": "lmatlas.model", "Model": "lmatlas.model",
-    "Site": "lmatlas.model", "check": "lmatlas.model", "load": "lmatlas.model",
-    "supported_model_types": "lmatlas.model",
+    "ActivationCache": "lmatlas.model.cache", "FidelityReport": "lmatlas.model.check", "Model": "lmatlas.model.handle",
+    "Site": "lmatlas.model.sites", "check": "lmatlas.model.check", "load": "lmatlas.model.loading",
+    "supported_model_types": "lmatlas.model.families",
 }
 
 if TYPE_CHECKING:

@@ -8,6 +8,12 @@
 
 Every query returns a ``pyarrow.Table`` (``.to_pandas()``, ``polars.from_arrow``);
 in a notebook the atlas shows itself as an HTML summary.
+
+An open atlas is a **sandbox**: the file is opened read-only, and DuckDB's access to
+anything else (other files, ``COPY ... TO``, ``read_csv``, ``ATTACH``, installing or
+loading extensions, the network) is disabled and locked, so SQL from a user or a web
+request can only read the atlas's own tables. Every failure is an
+:class:`~lmatlas.errors.AtlasError`.
 """
 
 from __future__ import annotations
@@ -18,7 +24,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from lmatlas.atlas.store import AtlasStore
+from lmatlas.atlas.store import AtlasStore, damaged, is_damage
+from lmatlas.errors import AtlasError
 
 
 def _token_variants(text: str) -> list[str]:
@@ -49,8 +56,32 @@ class Atlas:
 
     # -- basics ------------------------------------------------------------------------------------
     def sql(self, query: str, params: list[Any] | None = None) -> pa.Table:
-        """Run any read-only SQL on the atlas."""
-        return self.store.con.sql(query, params=params or None).to_arrow_table()
+        """Run read-only SQL on the atlas's tables and views; the result as a ``pyarrow.Table``.
+
+        The connection is sandboxed (module docstring): writes, other files, extensions and
+        the network are refused.
+
+        Raises:
+            AtlasError: the SQL is invalid or not allowed, or the file is damaged.
+        """
+        import duckdb
+
+        try:
+            result = self.store.con.sql(query, params=params or None)
+            if result is None:  # a statement with no result (SET, PRAGMA ...)
+                return pa.table({})
+            return result.to_arrow_table()
+        except duckdb.Error as err:
+            if is_damage(err):
+                raise damaged(self.path, err) from None
+            first = str(err).splitlines()[0]
+            if isinstance(err, duckdb.PermissionException) or "disabled by configuration" in str(err):
+                raise AtlasError(f"Not allowed on an atlas: {first}. Atlas.sql only reads the atlas's own "
+                                 "tables (no other files, COPY, extensions or network).") from None
+            if "read-only mode" in str(err):
+                raise AtlasError(f"Atlases are read-only here: {first}. Build or extend one with "
+                                 "`lmatlas map` / build_atlas().") from None
+            raise AtlasError(f"SQL error on {self.path}: {first}") from None
 
     @property
     def meta(self) -> dict[str, Any]:
@@ -64,6 +95,12 @@ class Atlas:
         """Per stage: units done, total seconds, last finished."""
         return self.sql("SELECT stage, count(*) AS units, sum(seconds) AS seconds, max(finished) AS finished "
                         "FROM runs WHERE status = 'done' GROUP BY stage ORDER BY stage")
+
+    def missing_units(self) -> list[str]:
+        """Units a build planned but did not finish (empty when the atlas is complete), in plan order."""
+        planned = self.meta.get("planned_units") or []
+        done = set(self.sql("SELECT unit FROM runs WHERE status = 'done'").column("unit").to_pylist())
+        return [unit for unit in planned if unit not in done]
 
     def count(self, table: str) -> int:
         return int(self.sql(f"SELECT count(*) AS n FROM {table}").column("n")[0].as_py())
@@ -136,11 +173,16 @@ class Atlas:
     # -- summaries ----------------------------------------------------------------------------------------
     def summary(self) -> dict[str, Any]:
         """A short JSON-ready summary: the model, what was built, head types, top neurons."""
-        card = self.card
+        meta = self.meta
+        card = meta.get("model", {})
+        missing = self.missing_units()
         return {
             "path": str(self.path),
             "model": card.get("source"),
             "family": card.get("family"),
+            "complete": not missing,
+            "missing_units": missing,
+            "resume_command": meta.get("resume_command"),
             "stages": self.stages().to_pylist(),
             "head_types": self.head_types().to_pylist(),
             "heads": self.count("heads"),

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import torch
 
 from lmatlas.decode.fast_topk import SCORERS, PrunedTopK, TokenIndex, auto_method, build_index, pruned_topk
+from lmatlas.decode.token_text import token_texts
 from lmatlas.decode.vocab import (
     DecodeError, TokenRanking, check_k, is_layer_norm, norm_eps, norm_gain, prepare, unembed_matrix,
 )
@@ -103,7 +104,7 @@ class NeuronDecoding:
                     **{f"excited_by_{name}": r for name, r in self.inputs.items()}}
         for key, ranking in rankings.items():
             ids = ranking.ids[i].tolist()
-            tokens = TokenRanking.tokens_of(ids, tokenizer) if tokenizer is not None else ids
+            tokens = token_texts(tokenizer, ids) if tokenizer is not None else ids  # byte tokens as <0xE2>
             out[key] = [(t, round(float(v), 4)) for t, v in zip(tokens, ranking.logits[i].tolist())]
         return out
 
