@@ -82,6 +82,7 @@ def build_atlas(
     """
     stages = select_stages(only)
     ctx = make_context(model, corpus, seed, params)  # a bad corpus fails before the file is touched
+    ctx.progress = progress is True
     store = AtlasStore.create_or_open(out, model.card())
     command = resume_command(model, out, only, corpus, seed)
     report = BuildReport(Path(out), planned=0, skipped=0)

@@ -155,17 +155,36 @@ class Atlas:
             f"suppressed[1:5] AS suppressed, exciting[1:5] AS exciting FROM neurons {clause} "
             f"ORDER BY rank NULLS LAST, top_logit DESC LIMIT {int(limit)}", params)
 
-    def search(self, text: str, limit: int = 20) -> pa.Table:
-        """Heads and neurons whose decoded outputs contain the token ``text``, ranked (1 = top token)."""
-        variants = _token_variants(text)
-        return self.sql(
-            "SELECT * FROM ("
-            " SELECT 'neuron' AS kind, 'L' || layer || '.N' || neuron AS name, layer, neuron AS index,"
-            "  list_min([list_position(promoted, v) for v in ?]) AS rank, promoted[1:5] AS top_tokens FROM neurons"
-            " UNION ALL"
-            " SELECT 'head', 'L' || layer || '.H' || head, layer, head,"
-            "  list_min([list_position(top_outputs, v) for v in ?]), top_outputs[1:5] FROM head_ov"
-            ") WHERE rank IS NOT NULL ORDER BY rank, layer, index LIMIT ?", [variants, variants, limit])
+    def search(self, token: str | int, limit: int = 20) -> pa.Table:
+        """Neurons and heads that write ``token``, on one scale: the logit they add to it, largest first.
+
+        ``token`` is a token string (matched as given and with/without one leading space;
+        byte tokens are spelled ``<0xE2>``) or a token id. A neuron is found when the
+        token is among its top promoted tokens, a head when it is the output of one of
+        its strongest OV pairs (see :mod:`lmatlas.atlas.ranking` for the scale).
+
+        Returns:
+            ``kind, name, layer, index, logit, source, rank, top_tokens``: ``rank`` is the
+            token's place in the part's own list, ``source`` a head's best source token.
+        """
+        from lmatlas.atlas.ranking import as_table, hit, ranked
+
+        by_id = isinstance(token, int)
+        neuron_key, head_key = ("promoted_ids", "top_output_ids") if by_id else ("promoted", "top_outputs")
+        match = "list_position({column}, ?)" if by_id else "list_min([list_position({column}, v) for v in ?])"
+        value = int(token) if by_id else _token_variants(token)
+        neurons = self.sql(
+            f"SELECT layer, neuron, pos, promoted_logits[pos] AS logit, promoted[1:5] AS top FROM "
+            f"(SELECT *, {match.format(column=neuron_key)} AS pos FROM neurons) WHERE pos IS NOT NULL "
+            "ORDER BY logit DESC, layer, neuron LIMIT ?", [value, limit]).to_pylist()
+        heads = self.sql(
+            f"SELECT layer, head, pos, top_logits[pos] AS logit, top_sources[pos] AS source, top_outputs[1:5] AS top "
+            f"FROM (SELECT *, {match.format(column=head_key)} AS pos FROM head_ov) WHERE pos IS NOT NULL "
+            "ORDER BY logit DESC, layer, head LIMIT ?", [value, limit]).to_pylist()
+        hits = [hit("neuron", r["layer"], r["neuron"], r["logit"], rank=r["pos"], top_tokens=r["top"]) for r in neurons]
+        hits += [hit("head", r["layer"], r["head"], r["logit"], source=r["source"], rank=r["pos"], top_tokens=r["top"])
+                 for r in heads]
+        return as_table(ranked(hits, limit))
 
     def layers(self) -> pa.Table:
         return self.sql("SELECT * FROM layers ORDER BY layer")
