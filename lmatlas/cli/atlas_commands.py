@@ -32,12 +32,17 @@ def default_out(source: Optional[str]) -> Path:
 
 
 def _table(title: str, rows: list[dict[str, Any]], columns: list[str] | None = None) -> Table:
-    """A table whose cells shorten with an ellipsis; token lists keep whole tokens (``… +N`` for the rest)."""
+    """A table whose token-list cells keep whole tokens (``…+N`` for the rest); other cells wrap, never vanish."""
     table = Table(title=title, title_justify="left")
     columns = columns or (list(rows[0]) if rows else [])
-    add_columns(table, columns)
     lists = [c for c in columns if any(isinstance(row.get(c), list) for row in rows)]
-    fixed = sum(max([len(c)] + [len(_cell(row.get(c))) for row in rows]) for c in columns if c not in lists)
+    natural = {c: max([len(c)] + [len(_cell(row.get(c))) for row in rows]) for c in columns}
+    for column in columns:
+        if column in lists:
+            add_columns(table, [column])
+        else:  # short values (numbers, names) keep their width; long ones (paths) wrap
+            table.add_column(column, min_width=min(natural[column], 12), overflow="fold")
+    fixed = sum(min(natural[c], 24) for c in columns if c not in lists)
     width = column_width(out.width, fixed, len(lists)) if lists else 0
     for row in rows:
         table.add_row(*(token_list(row[c], width) if isinstance(row.get(c), list) else Text(_cell(row.get(c)))
@@ -86,7 +91,7 @@ def print_summary(summary: dict[str, Any]) -> None:
     missing = summary.get("missing_units") or []
     if missing:
         err.print(Text.assemble(("Unfinished: ", "bold yellow"), f"{len(missing)} planned units are missing "
-                                f"({missing_text(missing)}).", soft_wrap=True))
+                                f"({missing_text(missing)})."), soft_wrap=True)
         err.print(Text(f"Resume the build with: {summary.get('resume_command') or 'the command that built it'}"),
                   soft_wrap=True)
     out.print(_table("Stages", summary["stages"], ["stage", "units", "seconds"]))
