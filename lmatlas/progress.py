@@ -68,15 +68,16 @@ class _LinePrinter:
 
     def __init__(self, stream: TextIO, min_interval: float):
         self.stream, self.min_interval = stream, min_interval
-        self.last_line: dict[int, tuple[float, str]] = {}
+        self.last_line: dict[int, tuple[float, str | None, float]] = {}
 
     def __call__(self, task: Task) -> None:
         now = time.monotonic()
-        last_time, last_description = self.last_line.get(id(task), (task.started, None))
-        finished = task.total is not None and task.completed >= task.total
-        if task.description == last_description and now - last_time < self.min_interval and not finished:
-            return
-        self.last_line[id(task)] = (now, task.description)
+        last_time, last_description, last_completed = self.last_line.get(id(task), (task.started, None, -1.0))
+        if task.description == last_description:
+            finished = task.total is not None and task.completed >= task.total
+            if task.completed == last_completed or (now - last_time < self.min_interval and not finished):
+                return
+        self.last_line[id(task)] = (now, task.description, task.completed)
         if task.total is None and not task.completed:
             self.stream.write(f"{task.description}...\n")
             self.stream.flush()
