@@ -61,3 +61,11 @@ class NoOrdinalTokensError(LmatlasError):
 
 class RegistryError(LmatlasError):
     """A detector (or another registered part) is registered twice or is malformed."""
+
+
+class EditError(LmatlasError):
+    """An edit is malformed or does not fit the model (bad value, wrong vector size, another model's file)."""
+
+
+class TaskError(LmatlasError):
+    """A causal task is malformed: answers that are not one token, misaligned prompts, an empty file."""

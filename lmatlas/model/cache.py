@@ -39,6 +39,7 @@ class ActivationCache:
     input_ids: torch.Tensor | None = None
     attention_mask: torch.Tensor | None = None
     logits: torch.Tensor | None = None
+    edit: list[str] = field(default_factory=list)  # provenance: the edits this forward ran under
 
     # -- raw access -----------------------------------------------------------------------------
     def __getitem__(self, name: str | Site) -> torch.Tensor:

@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import logging
+from contextlib import nullcontext as _nothing
 from typing import Any, Iterable, Mapping, Sequence, Union
 
 import torch
@@ -26,6 +28,8 @@ from lmatlas.model.provenance import Provenance
 from lmatlas.model.replacement import BoundReplacement, Replacement
 from lmatlas.model.sites import COMPONENTS, Site, check_layer, parse_sites
 from lmatlas.model.weights import ModelWeights
+
+_log = logging.getLogger(__name__)
 
 Inputs = Union[str, Sequence[str], torch.Tensor, Mapping[str, torch.Tensor]]
 SiteNames = Union[str, Site, Iterable[Union[str, Site]]]
@@ -119,6 +123,7 @@ class Model:
             "file": self.provenance.file,
             "file_sha256": self.provenance.sha256,
             "revision": self.provenance.revision,
+            **({"edit": self.active_edits} if self.active_edits else {}),
         }
 
     # -- running -----------------------------------------------------------------------------------
@@ -152,10 +157,20 @@ class Model:
         with torch.no_grad():
             return self.hf(**self.tokenize(inputs), use_cache=False).logits
 
-    def replacements(self, replace: Mapping[str | Site, Replacement] | None) -> list[BoundReplacement]:
-        """Bind ``{site_name[@positions]: tensor | number | fn}`` to sites (``"attn.z"`` = every layer)."""
+    def replacements(self, replace: "Mapping[str | Site, Replacement] | Any | None") -> list[BoundReplacement]:
+        """Bind ``{site_name[@positions]: tensor | number | fn}`` to sites (``"attn.z"`` = every layer).
+
+        ``replace`` may also be an :class:`~lmatlas.edit.Edit` or an intervention (anything with
+        ``bind(model)``), or a list of already bound replacements.
+        """
+        if replace is None:
+            return []
+        if hasattr(replace, "bind"):
+            return replace.bind(self)
+        if isinstance(replace, (list, tuple)) and all(isinstance(r, BoundReplacement) for r in replace):
+            return list(replace)
         out: list[BoundReplacement] = []
-        for name, value in (replace or {}).items():
+        for name, value in replace.items():
             site_name, positions = split_site_name(str(name))
             for site in parse_sites(site_name, self.layout):
                 out.append(BoundReplacement(site, value, positions))
@@ -173,8 +188,26 @@ class Model:
         captures of repeated forwards overwrite each other). ``prompt_len`` fixes what
         negative positions count from (default: the first forward of each sequence).
         """
-        return HookSession(self, self.sites(capture) if capture else (), self.replacements(replace),
-                           keep_grad=keep_grad, prompt_len=prompt_len)
+        session = HookSession(self, self.sites(capture) if capture else (), self.replacements(replace),
+                              keep_grad=keep_grad, prompt_len=prompt_len)
+        session.edit = _described(replace)
+        return session
+
+    def edit(self, edit: Any) -> HookSession:
+        """``with model.edit(edit):`` applies an :class:`~lmatlas.edit.Edit` (or one intervention) to every
+        forward and ``generate`` inside the block; ``model.card()["edit"]`` records it meanwhile."""
+        return self.hooked(replace=edit)
+
+    def edited(self, edit: Any) -> "EditedModel":
+        """A handle that runs this model under ``edit`` (checked now); ``self`` stays untouched."""
+        from lmatlas.model.edited import EditedModel
+
+        return EditedModel(self, edit)
+
+    @property
+    def active_edits(self) -> list[str]:
+        """Descriptions of the edits applied by the active hook sessions (outer first)."""
+        return [line for session in self.hook_stack.sessions for line in (getattr(session, "edit", None) or [])]
 
     def run(
         self,
@@ -214,6 +247,8 @@ class Model:
         cache = ActivationCache(self.layout, input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
         session = HookSession(self, self.sites(capture) if capture else (), bound, store=cache.values,
                               extras=cache.extras, keep_grad=grad, prompt_len=prompt_len)
+        session.edit = _described(replace)
+        cache.edit = self.active_edits + (session.edit or [])
         with session, torch.set_grad_enabled(grad):
             stopper = self.blocks[stop].register_forward_hook(_stop_forward) if stop is not None else None
             try:
@@ -228,23 +263,61 @@ class Model:
                     stopper.remove()
         return cache
 
-    def generate(self, inputs: Inputs, max_new_tokens: int = 32, **kwargs: Any) -> list[str]:
-        """Greedy (by default) generation; returns only the new text of each sequence."""
+    def generate(self, inputs: Inputs, max_new_tokens: int = 32, *, chat: bool = False, edit: Any = None,
+                 compare: bool = False, **kwargs: Any) -> Any:
+        """Greedy (by default) generation; returns the new text of each sequence.
+
+        Args:
+            chat: apply the tokenizer's chat template to a single prompt (instruct models need it).
+            edit: an :class:`~lmatlas.edit.Edit` (or intervention) applied at every step (its
+                interventions' ``steps`` choose which).
+            compare: return a :class:`~lmatlas.edit.generation.Comparison` of the unedited and the
+                edited continuation, with each token's log-probability under both (needs ``edit``).
+            kwargs: passed to ``transformers``' ``generate`` (``do_sample``, ``past_key_values``, ...).
+
+        An empty continuation is logged with the stop token that ended it.
+        """
+        from lmatlas.edit import generation
+
         if self.tokenizer is None:
             raise InputError("generate() needs a tokenizer.")
-        batch = self.tokenize(inputs)
+        if compare:
+            if edit is None or not isinstance(inputs, str):
+                raise InputError("compare=True needs one prompt (a string) and an edit.")
+            return generation.compare(self, inputs, edit, max_new_tokens, chat=chat, **kwargs)
+        if chat and not isinstance(inputs, str):
+            raise InputError("chat=True takes one prompt (a string).")
+        batch = generation.prompt_ids(self, inputs, chat) if chat else self.tokenize(inputs)
         kwargs.setdefault("do_sample", False)
-        with torch.no_grad():
-            out = self.hf.generate(**batch, max_new_tokens=max_new_tokens,
-                                   pad_token_id=pad if (pad := self.tokenizer.pad_token_id) is not None
-                                   else self.tokenizer.eos_token_id, **kwargs)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        with self.hooked(replace=edit) if edit is not None else _nothing(), torch.no_grad():
+            out = self.hf.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=pad, **kwargs)
         new = out[:, batch["input_ids"].shape[1]:]
-        return self.tokenizer.batch_decode(new, skip_special_tokens=True)
+        texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
+        for row, text in zip(new.tolist(), texts):
+            if not text.strip():
+                reason = generation.stop_reason(self, row, max_new_tokens) or "only special tokens were generated"
+                hint = " (an instruct model: try chat=True)" if not chat and getattr(
+                    self.tokenizer, "chat_template", None) else ""
+                _log.warning("Empty continuation: %s%s.", reason, hint)
+        return texts
 
     def __repr__(self) -> str:
         lay = self.layout
         return (f"Model({self.provenance.source!r}, family={self.family}, layers={lay.n_layers}, "
                 f"heads={lay.n_heads}/{lay.n_kv_heads}kv, neurons={lay.d_mlp}, vocab={lay.d_vocab})")
+
+
+def _described(replace: Any) -> list[str] | None:
+    """What provenance records for a replacement: an edit's description, or the replaced site names."""
+    if replace is None:
+        return None
+    if hasattr(replace, "describe"):
+        described = replace.describe()
+        return described if isinstance(described, list) else [described]
+    if isinstance(replace, Mapping):
+        return [f"replace {name}" for name in replace]
+    return [f"replace {r.name}" for r in replace]
 
 
 class _StopForward(Exception):

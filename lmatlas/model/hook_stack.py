@@ -16,7 +16,8 @@ is (:class:`~lmatlas.model.positions.CallInfo`): the absolute positions of its t
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import TYPE_CHECKING, Any, Callable
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 
@@ -116,6 +117,18 @@ class HookStack:
             )
         self.sessions.pop()
         self._refresh()
+
+    @contextmanager
+    def suspended(self) -> Iterator[None]:
+        """Run the model as if no session were active (e.g. to measure clean statistics), then restore them."""
+        saved, call = self.sessions, self.call
+        self.sessions = []
+        self._refresh()
+        try:
+            yield
+        finally:
+            self.sessions, self.call = saved, call
+            self._refresh()
 
     # -- dispatch ------------------------------------------------------------------------------------------
     def current_call(self, batch: int, n: int) -> CallInfo:
