@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 
 DEFAULT_PARAMS: dict[str, Any] = {
     "corpus_sequences": 16, "seq_len": 128, "importance_sequences": 2, "top_k": 20, "top_contexts": 5, "batch": 4,
+    "importance_method": "attribution", "importance_verify": 8,
 }
 
 
