@@ -37,3 +37,11 @@ class FidelityError(LmatlasError):
 
 class AtlasError(LmatlasError):
     """An atlas file is missing, not an atlas, from another model, or cannot be written."""
+
+
+class ExplorerError(LmatlasError):
+    """The web explorer cannot serve a request as asked (no model attached, prompt too long, no diff)."""
+
+
+class ModelBusyError(ExplorerError):
+    """The live model's request queue is full: retry in a moment."""

@@ -16,6 +16,10 @@ neurons            (layer, neuron): promoted / suppressed / exciting tokens with
 neuron_stats       (layer, neuron): activation mean, max, fraction active, top contexts
 layer_lens         layer: logit-lens statistics over the corpus
 mlp_importance     layer: loss increase when the layer's MLP is mean-ablated on the corpus
+corpus             corpus window: its token ids and token strings
+head_windows       (layer, head, rank): a window where the head writes most, its attention there
+neuron_contexts    (layer, neuron, rank): a top-activating position with per-token activation levels
+neuron_histograms  (layer, neuron): histogram of the neuron's activations over the corpus
 =================  ===========================================================================
 
 The view ``layers`` joins ``layer_lens`` and ``mlp_importance``.
@@ -57,6 +61,19 @@ TABLES: dict[str, str] = {
         "layer INTEGER PRIMARY KEY, entropy DOUBLE, final_prob DOUBLE, kl_to_final DOUBLE, top1_agreement DOUBLE"
     ),
     "mlp_importance": "layer INTEGER PRIMARY KEY, delta_loss DOUBLE",
+    "corpus": "window_id INTEGER PRIMARY KEY, ids INTEGER[], tokens VARCHAR[]",
+    "head_windows": (
+        "layer INTEGER, head INTEGER, rank INTEGER, window_id INTEGER, query_pos INTEGER, start INTEGER, "
+        "write_norm DOUBLE, attention FLOAT[], PRIMARY KEY (layer, head, rank)"
+    ),
+    "neuron_contexts": (
+        "layer INTEGER, neuron INTEGER, rank INTEGER, window_id INTEGER, pos INTEGER, start INTEGER, "
+        "activation DOUBLE, levels TINYINT[], PRIMARY KEY (layer, neuron, rank)"
+    ),
+    "neuron_histograms": (
+        "layer INTEGER, neuron INTEGER, lo DOUBLE, hi DOUBLE, scale DOUBLE, counts INTEGER[], "
+        "PRIMARY KEY (layer, neuron)"
+    ),
 }
 
 VIEWS: dict[str, str] = {
