@@ -343,3 +343,5 @@ def test_two_apps_share_nothing(paths, model):
     assert one.state.explorer is not two.state.explorer and one.state.explorer.gate is not two.state.explorer.gate
     with TestClient(one) as a, TestClient(two) as b:
         assert a.get("/api/live").json()["model"] is not None and b.get("/api/live").json()["model"] is None
+    with TestClient(one) as again:  # shut down and started again: the atlas is reopened
+        assert len(again.get("/api/heads").json()["cells"]) == 8

@@ -52,7 +52,7 @@ def create_app(atlas_path: str | Path, model: "Model | None" = None, diff: str |
         yield
         explorer.close()
 
-    source = explorer.atlas.card.get("source") or "model"
+    source = explorer.card.get("source") or "model"
     app = FastAPI(title=f"lmatlas explorer: {source}", version="1", lifespan=lifespan,
                   description="Browse an lmatlas atlas: heads, neurons, layers, search, lens and diff.")
     app.state.explorer = explorer
@@ -107,5 +107,5 @@ def _pages(app: FastAPI, explorer: Explorer) -> None:
     def diff_page(request: Request) -> HTMLResponse:
         if explorer.diff is None:
             return _page("diff", 404, f"No second atlas to compare: start with "
-                                      f"`lmatlas serve {explorer.atlas.path} --diff B`.")
+                                      f"`lmatlas serve {explorer.path} --diff B`.")
         return _page("diff")

@@ -8,7 +8,8 @@ CLI prints with ``--json``. Status codes (a table, most specific first):
 * 409 — a live-model request on a server started without ``--model``;
 * 422 — malformed input: a site name that is not ``L5.H3`` / ``L12.N1031``, a prompt
   too long or empty, a parameter out of range (FastAPI's validation errors too);
-* 429 — the model's queue is full (with ``Retry-After``).
+* 429 — the model's queue is full (with ``Retry-After``);
+* 400 — a request body that is not JSON at all.
 
 :func:`fix_openapi` makes the schema say so: FastAPI documents its own 422 body; the
 explorer's is :class:`ErrorBody` everywhere.
@@ -61,6 +62,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 MODEL_RESPONSES: dict[int | str, dict[str, Any]] = {
     **ERROR_RESPONSES,
+    400: {"model": ErrorBody, "description": "The body is not JSON"},
     409: {"model": ErrorBody, "description": "No model attached (start with --model)"},
     429: {"model": ErrorBody, "description": "The model's queue is full: retry shortly"},
 }

@@ -1,8 +1,9 @@
 """Site names in URLs: ``L5.H3`` (a head), ``L12.N1031`` (a neuron), checked against the atlas's model.
 
-A name outside the grammar is :class:`~lmatlas.web.errors.Malformed` (422); a
-well-formed name past the model's sizes is a :class:`~lmatlas.errors.SiteError` (404),
-with the valid range in the message.
+A name outside the grammar is :class:`~lmatlas.web.errors.Malformed` (422; the API's
+path parameters carry the same patterns, so FastAPI refuses them first); a well-formed
+name past the model's sizes is a :class:`~lmatlas.errors.SiteError` (404), with the
+valid range in the message.
 """
 
 from __future__ import annotations

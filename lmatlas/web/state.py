@@ -73,12 +73,16 @@ class Explorer:
     diff_path: str | None = None
     gate: ModelGate = field(init=False)
     tables: frozenset[str] = field(init=False)
+    card: dict[str, Any] = field(init=False)
+    path: Path = field(init=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
+    _closed: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
         self.gate = ModelGate(self.limits.queue)
         names = self.atlas.sql("SELECT table_name FROM information_schema.tables").column("table_name")
         self.tables = frozenset(names.to_pylist())
+        self.card, self.path = self.atlas.card, Path(self.atlas.path)
 
     @classmethod
     def open(cls, atlas_path: str | Path, model: "Model | None" = None, diff: str | Path | None = None,
@@ -108,22 +112,31 @@ class Explorer:
     def has(self, table: str) -> bool:
         return table in self.tables
 
+    def _open_atlas(self) -> Atlas:
+        """The atlas, reopened (read-only) if the app was shut down and started again."""
+        if self._closed:
+            self.atlas, self._closed = Atlas.open(self.atlas.path), False
+        return self.atlas
+
     def query(self, sql: str, params: list[Any] | None = None) -> list[dict[str, Any]]:
         """Rows of one fixed query of this package, JSON-safe."""
         with self._lock:
-            return clean(self.atlas.sql(sql, params).to_pylist())
+            return clean(self._open_atlas().sql(sql, params).to_pylist())
 
     def read(self, ask: Callable[[Atlas], Any]) -> list[dict[str, Any]]:
         """Rows of one :class:`~lmatlas.atlas.query.Atlas` query: ``explorer.read(lambda a: a.search("dog"))``."""
         with self._lock:
-            return clean(ask(self.atlas).to_pylist())
+            return clean(ask(self._open_atlas()).to_pylist())
 
     def need_model(self, what: str) -> "Model":
         if self.model is None:
             raise ExplorerError(f"{what} needs a live model: start the explorer with "
-                                f"`lmatlas serve {self.atlas.path} --model MODEL`.")
+                                f"`lmatlas serve {self.path} --model MODEL`.")
         return self.model
 
     def close(self) -> None:
+        """Close the atlas (the app's shutdown); a later query reopens it."""
         with self._lock:
-            self.atlas.close()
+            if not self._closed:
+                self.atlas.close()
+                self._closed = True

@@ -15,5 +15,5 @@ router = APIRouter(prefix="/api", tags=["diff"], responses=ERROR_RESPONSES)
 @router.get("/diff", response_model=DiffReport, summary="Head scores, label flips, neurons and importance: A vs B")
 def diff(ex: Explorer = Depends(explorer)) -> dict:
     if ex.diff is None:
-        raise NotFound(f"No second atlas to compare: start with `lmatlas serve {ex.atlas.path} --diff B`.")
+        raise NotFound(f"No second atlas to compare: start with `lmatlas serve {ex.path} --diff B`.")
     return ex.diff

@@ -14,7 +14,7 @@ from lmatlas.web.state import Explorer, clean
 
 router = APIRouter(prefix="/api/heads", tags=["head"])
 
-HEAD = Path(description="a head in the site grammar, e.g. L5.H3", max_length=32)
+HEAD = Path(description="a head in the site grammar, e.g. L5.H3", pattern=names.HEAD_NAME.pattern)
 AFTER = 6  # tokens shown after a window's query position
 
 

@@ -13,7 +13,7 @@ from lmatlas.web.state import Explorer, clean
 
 router = APIRouter(prefix="/api/neurons", tags=["neuron"])
 
-NEURON = Path(description="a neuron in the site grammar, e.g. L12.N1031", max_length=32)
+NEURON = Path(description="a neuron in the site grammar, e.g. L12.N1031", pattern=names.NEURON_NAME.pattern)
 
 
 def _pairs(tokens: list | None, values: list | None) -> list[dict]:
