@@ -156,3 +156,9 @@ LM.livePane = function (container, { placeholder, run, label = "Run" }) {
   } }, label);
   container.append(text, LM.el("div", { class: "controls" }, button, status), out);
 };
+
+// The page has drawn what it fetched: mark it (tests and the benchmark wait for this).
+LM.ready = function () {
+  LM.readyAt = performance.now();
+  document.body.dataset.ready = "1";
+};

@@ -16,7 +16,7 @@
   const sections = [["Label flips", d.label_flips], ["Most changed head scores", d.most_changed_heads],
     ["Most changed neurons (top tokens)", d.most_changed_neurons], ["Importance changes", d.importance_changes]];
   for (const [title, rows] of sections) page.append(table(title, rows));
-  document.body.dataset.ready = "1";
+  LM.ready();
 })().catch((error) => LM.fail(document.getElementById("page"), error));
 
 function table(title, rows) {

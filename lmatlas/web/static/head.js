@@ -30,7 +30,7 @@
   live.append(el("h2", {}, "Attention on your text"));
   LM.livePane(live, { placeholder: "Type a prompt (up to " + LM.info.limits.prompt_tokens + " tokens)…",
     run: (prompt, out) => runAttention(name, prompt, out) });
-  document.body.dataset.ready = "1";
+  LM.ready();
 })().catch((error) => LM.fail(document.getElementById("page"), error));
 
 function decision(s) {

@@ -14,7 +14,7 @@
     const data = await LM.api("/api/lens", { prompt, k: 3 });
     out.replaceChildren(grid(data));
   } });
-  document.body.dataset.ready = "1";
+  LM.ready();
 })().catch((error) => LM.fail(document.getElementById("page"), error));
 
 function grid(data) {

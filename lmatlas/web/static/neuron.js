@@ -29,7 +29,7 @@
     out.replaceChildren(LM.el("p", { class: "note" }, `${data.tokens.length} tokens · peak ${LM.fmt(peak)}`),
       LM.heatTokens(data.tokens, data.activations, { label: "activation" }));
   } });
-  document.body.dataset.ready = "1";
+  LM.ready();
 })().catch((error) => LM.fail(document.getElementById("page"), error));
 
 function tokenTable(id, title, pairs) {

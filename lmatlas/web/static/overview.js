@@ -16,7 +16,7 @@
   drawScatter(scatterPanel, grid);
   drawLayers(layersPanel, layers);
   drawNeurons(neuronsPanel, LM.info.model.layers);
-  document.body.dataset.ready = "1";
+  LM.ready();
 })().catch((error) => LM.fail(document.getElementById("page"), error));
 
 function metricOf(cell, metric) {

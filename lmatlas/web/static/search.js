@@ -24,7 +24,7 @@
       LM.fail(results, error);
     }
   }
-  document.body.dataset.ready = "1";
+  LM.ready();
 })().catch((error) => LM.fail(document.getElementById("page"), error));
 
 function show(box, data) {
