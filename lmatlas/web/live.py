@@ -1,7 +1,8 @@
 """Live-model computations behind the explorer's typed-prompt panes.
 
 Each function takes token ids already capped by :func:`prompt_ids` and runs one
-forward through the model's hook API, capturing only the site it needs:
+forward through the model's hook API (:meth:`Model.run`), capturing only the site it
+needs and stopping after the layer it reads (no later block, no logits):
 
 * :func:`attention` — one head's pattern ``[pos, key_pos]`` (``L{l}.attn.pattern``),
   sent as its lower triangle in 16-bit fixed point (``round(p * 65535)``, absolute
@@ -41,10 +42,9 @@ def prompt_ids(model: "Model", prompt: str, limit: int) -> torch.Tensor:
     return ids
 
 
-def _run(model: "Model", ids: torch.Tensor, capture: list[str]) -> "ActivationCache":
-    with model.trace(ids, capture=capture) as cache:
-        pass
-    return cache
+def _run(model: "Model", ids: torch.Tensor, layer: int, site: str) -> "ActivationCache":
+    """One forward up to block ``layer``, capturing ``L{layer}.{site}``."""
+    return model.run(ids, capture=[f"L{layer}.{site}"], stop_after=layer, lm_head=False)
 
 
 def tokens(model: "Model", ids: torch.Tensor) -> list[str]:
@@ -68,14 +68,14 @@ def decode_lower_triangle(data: str, n: int) -> np.ndarray:
 
 
 def attention(model: "Model", ids: torch.Tensor, layer: int, head: int) -> dict[str, Any]:
-    cache = _run(model, ids, [f"L{layer}.attn.pattern"])
+    cache = _run(model, ids, layer, "attn.pattern")
     pattern = cache.pattern(layer, head)[0]  # [pos, key_pos]
     return {"tokens": tokens(model, ids), "n": pattern.shape[0], "encoding": ENCODING,
             "data": encode_lower_triangle(pattern)}
 
 
 def activations(model: "Model", ids: torch.Tensor, layer: int, neuron: int) -> dict[str, Any]:
-    cache = _run(model, ids, [f"L{layer}.mlp.act"])
+    cache = _run(model, ids, layer, "mlp.act")
     return {"tokens": tokens(model, ids), "activations": cache.neurons(layer, neuron)[0].float().tolist()}
 
 
