@@ -50,8 +50,7 @@ def _scan(model: "Model", ctx: BuildContext) -> dict[str, torch.Tensor]:
             if layer % group == 0:
                 layers = range(layer, min(n_layers, layer + group))
                 capture = [f"L{i}.attn.{what}" for i in layers for what in ("out", "pattern")]
-                with model.trace(ids, capture=capture) as cache:
-                    pass
+                cache = model.run(ids, capture=capture, stop_after=layers[-1], lm_head=False)
             write = cache.head_out(layer).float().norm(dim=-1)  # [b, pos, head]
             write[:, 0] = -1.0  # position 0 sees only itself
             best, query = write.max(dim=1)  # [b, head]

@@ -36,8 +36,7 @@ HISTOGRAM_BINS = 24
 
 def _acts(model: "Model", ids: torch.Tensor) -> list[torch.Tensor]:
     """Per layer ``[b, pos, neuron]`` float32 activations of a batch of windows."""
-    with model.trace(ids, capture=["mlp.act"]) as cache:
-        pass
+    cache = model.run(ids, capture=["mlp.act"], lm_head=False)
     return [cache.neurons(layer).float() for layer in range(model.layout.n_layers)]
 
 
