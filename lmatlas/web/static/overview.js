@@ -15,7 +15,7 @@
   drawGrid(gridPanel, grid);
   drawScatter(scatterPanel, grid);
   drawLayers(layersPanel, layers);
-  drawNeurons(neuronsPanel, LM.info.model.layers);
+  await drawNeurons(neuronsPanel, LM.info.model.layers);
   LM.ready();
 })().catch((error) => LM.fail(document.getElementById("page"), error));
 
@@ -188,5 +188,5 @@ function drawNeurons(panel, nLayers) {
   layer.addEventListener("change", () => { offset = 0; load(); });
   sort.addEventListener("change", () => { offset = 0; load(); });
   panel.append(el("h2", {}, "Neurons"), el("div", { class: "controls" }, layer, sort, prev, next, more), body);
-  load();
+  return load();
 }
