@@ -14,6 +14,7 @@ message saying so — they never skip.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import sys
 import threading
@@ -99,7 +100,8 @@ def page(browser, request):
     page.on("pageerror", lambda e: page.errors.append(str(e)))
     yield page
     ARTEFACTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(ARTEFACTS / f"{request.node.name}.png"), full_page=True)
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", request.node.name).strip("_")
+    page.screenshot(path=str(ARTEFACTS / f"{name}.png"), full_page=True)
     context.close()
 
 
