@@ -93,7 +93,7 @@ function drawScatter(panel, grid) {
     return node;
   };
   function draw() {
-    const W = 460, H = 320, P = 42;
+    const W = 480, H = 330, L = 62, B = 40, T = 22, R = 12;  // plot area: [L, W - R] x [T, H - B]
     const points = grid.cells.map((c) => [c, metricOf(c, xs.value), metricOf(c, ys.value)])
       .filter(([, x, y]) => typeof x === "number" && typeof y === "number");
     const svg = svgEl("svg", { width: W, height: H, viewBox: `0 0 ${W} ${H}`, role: "img" });
@@ -107,17 +107,17 @@ function drawScatter(panel, grid) {
       return [lo, hi];
     };
     const [x0, x1] = ext(1), [y0, y1] = ext(2);
-    const sx = (v) => P + (v - x0) / (x1 - x0) * (W - P - 10), sy = (v) => H - P + 10 - (v - y0) / (y1 - y0) * (H - P - 10);
-    svg.append(svgEl("line", { x1: P, y1: H - P + 10, x2: W - 10, y2: H - P + 10, stroke: "#ccc" }),
-               svgEl("line", { x1: P, y1: 0, x2: P, y2: H - P + 10, stroke: "#ccc" }));
+    const sx = (v) => L + (v - x0) / (x1 - x0) * (W - L - R), sy = (v) => H - B - (v - y0) / (y1 - y0) * (H - B - T);
+    svg.append(svgEl("line", { x1: L, y1: H - B, x2: W - R, y2: H - B, stroke: "#ccc" }),
+               svgEl("line", { x1: L, y1: T, x2: L, y2: H - B, stroke: "#ccc" }));
     const label = (x, y, text, anchor = "middle") => {
       const t = svgEl("text", { x, y, "text-anchor": anchor });
       t.textContent = text;
       svg.append(t);
     };
-    label(P, H - P + 24, LM.fmt(x0), "start"); label(W - 10, H - P + 24, LM.fmt(x1), "end");
-    label(P - 4, H - P + 10, LM.fmt(y0), "end"); label(P - 4, 10, LM.fmt(y1), "end");
-    label((W + P) / 2, H - 4, xs.value); label(12, 12, ys.value, "start");
+    label(L, H - B + 14, LM.fmt(x0), "start"); label(W - R, H - B + 14, LM.fmt(x1), "end");
+    label(L - 4, H - B, LM.fmt(y0), "end"); label(L - 4, T + 8, LM.fmt(y1), "end");
+    label((W + L) / 2, H - 6, xs.value); label(L, 12, `↑ ${ys.value}`, "start");
     for (const [cell, x, y] of points) {
       const dot = svgEl("circle", { cx: sx(x), cy: sy(y), r: 4.5, fill: LM.typeColour(cell.type),
         stroke: "#333", "stroke-width": 0.4, "data-name": cell.name, style: "cursor:pointer" });
