@@ -14,7 +14,9 @@ from lmatlas.web.state import Explorer, clean
 
 router = APIRouter(prefix="/api/heads", tags=["head"])
 
-HEAD = Path(description="a head in the site grammar, e.g. L5.H3", pattern=names.HEAD_NAME.pattern)
+# The pattern is documented in the schema; names.head() checks it, with a message saying what to type.
+HEAD = Path(description="a head in the site grammar, e.g. L5.H3",
+            json_schema_extra={"pattern": names.HEAD_NAME.pattern})
 AFTER = 6  # tokens shown after a window's query position
 
 

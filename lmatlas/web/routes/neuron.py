@@ -13,7 +13,8 @@ from lmatlas.web.state import Explorer, clean
 
 router = APIRouter(prefix="/api/neurons", tags=["neuron"])
 
-NEURON = Path(description="a neuron in the site grammar, e.g. L12.N1031", pattern=names.NEURON_NAME.pattern)
+NEURON = Path(description="a neuron in the site grammar, e.g. L12.N1031",
+              json_schema_extra={"pattern": names.NEURON_NAME.pattern})
 
 
 def _pairs(tokens: list | None, values: list | None) -> list[dict]:
