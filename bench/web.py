@@ -56,7 +56,9 @@ FRAME_PROBE = """() => {
   new PerformanceObserver((list) => list.getEntries().forEach((e) => window.benchLong.push(e.duration)))
     .observe({type: "longtask", buffered: false});
   let last = performance.now();
-  const tick = (now) => { window.benchGaps.push(now - last); last = now; window.benchRaf = requestAnimationFrame(tick); };
+  const tick = (now) => {
+    window.benchGaps.push(now - last); last = now; window.benchRaf = requestAnimationFrame(tick);
+  };
   window.benchRaf = requestAnimationFrame(tick);
 }"""
 
@@ -119,7 +121,8 @@ def bench_pages(base: str, model, page_repeats: int, tokens: int, head: str, sho
         if shots:
             shots.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(shots / "overview.png"), full_page=True)
-        result["overview"] = {"drawn_ms_median": round(statistics.median(drawn), 1), "runs_ms": [round(x, 1) for x in drawn],
+        result["overview"] = {"drawn_ms_median": round(statistics.median(drawn), 1),
+                              "runs_ms": [round(x, 1) for x in drawn],
                               "grid_cells": cells}
 
         text, count = prompt_of(model, tokens)
@@ -143,7 +146,8 @@ def bench_pages(base: str, model, page_repeats: int, tokens: int, head: str, sho
         if shots:
             page.screenshot(path=str(shots / "head.png"), full_page=False)
         result["attention_2k"] = {
-            "head": head, "prompt_tokens": count, "canvas_tokens": canvas_tokens, "response_bytes": len(response.body()),
+            "head": head, "prompt_tokens": count, "canvas_tokens": canvas_tokens,
+            "response_bytes": len(response.body()),
             "request_s": round(server_s, 3), "request_to_drawn_s": round(total_s, 3),
             "draw_after_response_ms": round(drawn_at - response_done, 1),
             "longest_task_ms": round(max(long_tasks), 1) if long_tasks else 0.0,
@@ -177,7 +181,8 @@ def main() -> None:
         stages = {r["stage"]: r["units"] for r in atlas.stages().to_pylist()}
     server = Server(create_app(args.atlas, model=model))
     try:
-        report = {"benchmark": "web", "atlas": str(args.atlas), "atlas_mb": round(Path(args.atlas).stat().st_size / 2**20, 1),
+        report = {"benchmark": "web", "atlas": str(args.atlas),
+                  "atlas_mb": round(Path(args.atlas).stat().st_size / 2**20, 1),
                   "atlas_stages": stages, "model": model.provenance.source, "load_avg_before": before}
         report["api"] = bench_api(server.url, args.repeats)
         report.update(bench_pages(server.url, model, args.page_repeats, args.tokens, args.head, args.screenshots))

@@ -41,7 +41,7 @@ def _acts(model: "Model", ids: torch.Tensor) -> list[torch.Tensor]:
 
 
 def _first_pass(model: "Model", ctx: BuildContext) -> list[dict[str, torch.Tensor]]:
-    """Per layer: ``lo``, ``hi`` ``[neuron]`` and ``top_values``, ``top_index`` (flat corpus positions) ``[k, neuron]``."""
+    """Per layer: ``lo``, ``hi`` ``[neuron]``; ``top_values``, ``top_index`` (flat corpus positions) ``[k, neuron]``."""
     corpus, batch, k = ctx.corpus, ctx.params.get("batch", 4), ctx.params.get("top_contexts", 5)
     stats: list[dict[str, torch.Tensor]] = [{} for _ in range(model.layout.n_layers)]
     for start in range(0, corpus.shape[0], batch):

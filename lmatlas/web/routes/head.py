@@ -20,7 +20,8 @@ HEAD = Path(description="a head in the site grammar, e.g. L5.H3",
 AFTER = 6  # tokens shown after a window's query position
 
 
-@router.get("/{name}", response_model=HeadDetail, responses=ERROR_RESPONSES, summary="Everything the atlas knows of a head")
+@router.get("/{name}", response_model=HeadDetail, responses=ERROR_RESPONSES,
+            summary="Everything the atlas knows of a head")
 def head_detail(name: str = HEAD, ex: Explorer = Depends(explorer)) -> dict:
     layer, head = names.head(name, ex.layout)
     info = {d["name"]: d for d in detectors_info(ex)}
