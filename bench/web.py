@@ -43,11 +43,11 @@ ATLAS_ONLY = [  # (label, path): every GET endpoint that reads only the atlas
     ("atlas", "/api/atlas"),
     ("heads_grid", "/api/heads"),
     ("layers", "/api/layers"),
-    ("neurons_of_layer", "/api/neurons?layer=12&sort=top_logit&limit=50"),
-    ("neurons_of_layer_by_max", "/api/neurons?layer=12&sort=max&limit=50"),
-    ("head", "/api/heads/L5.H3"),
-    ("head_windows", "/api/heads/L5.H3/windows"),
-    ("neuron", "/api/neurons/L12.N1031"),
+    ("neurons_of_layer", "/api/neurons?layer={layer}&sort=top_logit&limit=50"),
+    ("neurons_of_layer_by_max", "/api/neurons?layer={layer}&sort=max&limit=50"),
+    ("head", "/api/heads/{head}"),
+    ("head_windows", "/api/heads/{head}/windows"),
+    ("neuron", "/api/neurons/{neuron}"),
     ("search", "/api/search?" + urllib.parse.urlencode({"q": " dog", "limit": 50})),
 ]
 
@@ -75,9 +75,10 @@ def timed_get(url: str) -> float:
     return time.perf_counter() - start
 
 
-def bench_api(base: str, repeats: int) -> dict:
+def bench_api(base: str, repeats: int, names: dict[str, str]) -> dict:
     out = {}
     for label, path in [("baseline", "/api/live")] + ATLAS_ONLY:
+        path = path.format(**names)
         timed_get(base + path)  # warm-up
         runs = [timed_get(base + path) for _ in range(repeats)]
         out[label] = {"path": path, "median_ms": round(1000 * statistics.median(runs), 2),
@@ -167,6 +168,8 @@ def main() -> None:
     parser.add_argument("--page-repeats", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--head", default="L5.H3")
+    parser.add_argument("--neuron", default="L12.N1031")
+    parser.add_argument("--model", default=None, help="the atlas's model (default: the packaged SmolLM2)")
     parser.add_argument("--screenshots", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -176,7 +179,7 @@ def main() -> None:
     from lmatlas.web import create_app
 
     before = load_avg()
-    model = lmatlas.load()
+    model = lmatlas.load(args.model)
     with Atlas.open(args.atlas) as atlas:
         stages = {r["stage"]: r["units"] for r in atlas.stages().to_pylist()}
     server = Server(create_app(args.atlas, model=model))
@@ -184,7 +187,8 @@ def main() -> None:
         report = {"benchmark": "web", "atlas": str(args.atlas),
                   "atlas_mb": round(Path(args.atlas).stat().st_size / 2**20, 1),
                   "atlas_stages": stages, "model": model.provenance.source, "load_avg_before": before}
-        report["api"] = bench_api(server.url, args.repeats)
+        names = {"head": args.head, "neuron": args.neuron, "layer": args.neuron[1:].split(".")[0]}
+        report["api"] = bench_api(server.url, args.repeats, names)
         report.update(bench_pages(server.url, model, args.page_repeats, args.tokens, args.head, args.screenshots))
     finally:
         server.stop()
