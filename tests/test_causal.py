@@ -79,32 +79,33 @@ def test_zero_ablation_sweep_equals_the_edit(llama):
         assert value == pytest.approx(float(metric(edited).mean()), abs=1e-5)
 
 
-def test_the_known_induction_circuit(fixture_model):
-    """The trained fixture: induction head L1.H2 restores most of the gap, by exact and by attribution patching."""
+def test_the_known_induction_heads(fixture_model):
+    """The trained fixture: induction head L1.H2 restores most of the gap; layer 0 alone restores nothing."""
     task = load_task(fixture_model, "induction", n=16)
     heads = all_heads(fixture_model.layout)
     exact = patch(fixture_model, task, heads)
     estimate = attribute(fixture_model, task, heads, verify=4)
-    assert exact.top(1) == ["L1.H2"] and estimate.top(1) == ["L1.H2"]
+    assert exact.top(1) == ["L1.H2"] and "L1.H2" in estimate.top(2)
     assert float(exact.normalized()[heads.index("L1.H2")]) > 0.4
     layer0 = [heads.index(f"L0.H{h}") for h in range(4)]
-    assert float(exact.normalized()[layer0].abs().max()) < 0.15  # layer 0 alone restores little at the query
-    assert spearman(estimate.values, exact.values) > 0.8
-    assert estimate.verification["spearman"] > 0.8 and estimate.verification["targets"][0] == "L1.H2"
+    assert float(exact.normalized()[layer0].abs().max()) < 0.05  # patched alone, the previous-token head is inert
+    # ... which first-order attribution gets wrong (measured: -0.49 of the gap): the verification exposes it
+    assert float(estimate.normalized()[heads.index("L0.H1")]) < -0.2
+    assert "L0.H1" in estimate.verification["targets"]
+    assert spearman(estimate.values, exact.values) > 0.7
 
 
-def test_qk_fix_recovers_queries_of_saturated_induction_heads(fixture_model):
-    """The fixture's induction heads attend sharply: plain AtP on their queries misses most of the effect."""
+def test_qk_fix_recovers_queries_and_keys_of_saturated_induction_heads(fixture_model):
+    """The fixture's induction heads attend sharply: plain AtP on their queries and keys is wrong, even in sign."""
     task = load_task(fixture_model, "induction", n=16)
     targets = [f"L1.H{h}.q" for h in range(4)] + [f"L1.KV{h}.k" for h in range(4)]
     exact = patch(fixture_model, task, targets).effect()
     plain = attribute(fixture_model, task, targets, qk_fix=False, verify=0).effect()
     fixed = attribute(fixture_model, task, targets, qk_fix=True, verify=0).effect()
-    h3 = targets.index("L1.H3.q")
-    assert float(plain[h3]) < 0.25 * float(exact[h3])  # measured: 0.71 vs 5.91
-    assert abs(float(fixed[h3] - exact[h3])) < 0.25 * float(exact[h3])  # measured: 5.10
-    assert float((fixed - exact).abs().sum()) < 0.3 * float((plain - exact).abs().sum())
-    assert spearman(fixed, exact) > spearman(plain, exact)
+    h2, kv2 = targets.index("L1.H2.q"), targets.index("L1.KV2.k")
+    assert float(exact[h2]) > 0 > float(plain[h2]) and float(fixed[h2]) > 0  # measured 1.14, -2.87, 0.77
+    assert abs(float(plain[kv2] - exact[kv2])) > 5 and abs(float(fixed[kv2] - exact[kv2])) < 1  # -7.95 vs 0.10
+    assert spearman(plain, exact) < 0.2 < 0.7 < spearman(fixed, exact)  # measured -0.12 and 0.83
 
 
 def test_grad_drop_reports_magnitudes(llama):

@@ -7,8 +7,8 @@ task              clean prompt -> answer (wrong answer), corrupt prompt
                   corrupt: the second mention of John is a third name (nobody to leave out)
 ``capitals``      "The capital of France is" -> " Paris" (" Rome"); corrupt: "The capital of Italy is"
 ``induction``     random tokens of the model's own vocabulary, repeated: the last token is predicted
-                  from the first copy (a random other token as wrong); corrupt: a second half that
-                  does not repeat the first
+                  from the first copy (a random other token as wrong); corrupt: fresh random tokens
+                  that repeat nothing (the previous-token information differs too)
 ``greater-than``  "The war lasted from the year 1732 to the year 17" -> "4" ("2", a decade before);
                   corrupt: the start year 1701 (digit tokenizers: the next token is the tens digit)
 ``FILE.jsonl``    your own rows: ``{"clean": ..., "corrupt": ..., "answer": ..., "wrong": ...}``
@@ -123,11 +123,11 @@ def _induction(model: "Model", n: int, length: int, seed: int) -> TaskBatch:
     special = set(model.tokenizer.all_special_ids or ())
     pool = torch.tensor([t for t in range(min(model.layout.d_vocab, 20000)) if t not in special])
     first = pool[torch.randint(0, len(pool), (n, length), generator=generator)]
-    other = pool[torch.randint(0, len(pool), (n, length), generator=generator)]
+    other = pool[torch.randint(0, len(pool), (n, 2 * length), generator=generator)]
     bos = model.tokenizer.bos_token_id
     prefix = torch.full((n, 1), bos) if bos is not None else torch.empty(n, 0, dtype=torch.long)
     clean = torch.cat([prefix, first, first[:, :-1]], 1)
-    corrupt = torch.cat([prefix, first, other[:, :-1]], 1)
+    corrupt = torch.cat([prefix, other[:, :-1]], 1)  # no repeat anywhere: nothing to copy from
     wrong = pool[torch.randint(0, len(pool), (n,), generator=generator)]
     return TaskBatch("induction", clean, corrupt, first[:, -1].clone(), wrong)
 
