@@ -17,6 +17,7 @@ import torch
 from fastapi.testclient import TestClient
 
 from lmatlas.atlas import Atlas
+from lmatlas.decode.token_text import token_text
 from lmatlas.errors import AtlasError
 from lmatlas.model.loading import load
 from lmatlas.web import create_app
@@ -189,7 +190,7 @@ def test_live_lens_last_layer_is_the_model_output(client, model):
     top = probs.topk(2, dim=-1)
     for j, cell in enumerate(data["cells"][1]):
         assert cell["probs"] == pytest.approx(top.values[j].tolist(), abs=1e-5)
-        assert cell["tokens"][0] == model.tokenizer.decode([int(top.indices[j, 0])])
+        assert cell["tokens"][0] == token_text(model.tokenizer, int(top.indices[j, 0]))
 
 
 @pytest.mark.parametrize("url, status, fragment", [

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from lmatlas.decode.vocab import TokenRanking
+from lmatlas.decode.token_text import token_texts
 from lmatlas.web.errors import Malformed
 
 if TYPE_CHECKING:
@@ -48,7 +48,7 @@ def _run(model: "Model", ids: torch.Tensor, layer: int, site: str) -> "Activatio
 
 
 def tokens(model: "Model", ids: torch.Tensor) -> list[str]:
-    return TokenRanking.tokens_of(ids[0].tolist(), model.tokenizer)
+    return token_texts(model.tokenizer, ids[0].tolist())
 
 
 def encode_lower_triangle(pattern: torch.Tensor) -> str:

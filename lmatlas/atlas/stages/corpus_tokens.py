@@ -3,8 +3,8 @@
 Other stages point into the corpus by ``(window_id, position)`` (the head windows, the
 neuron contexts); this table turns such a pointer back into text without the model
 or the tokenizer, so the explorer can show any stored context. One row per window:
-``ids [seq_len]`` and ``tokens [seq_len]`` (each id decoded on its own, exactly as the
-model saw it).
+``ids [seq_len]`` and ``tokens [seq_len]`` (each id's display string, byte tokens
+spelled ``<0xE2>``: :func:`lmatlas.decode.token_text.token_texts`).
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ if TYPE_CHECKING:
 
 
 def compute(model: "Model", unit: str, ctx: BuildContext):
-    from lmatlas.decode.vocab import TokenRanking
+    from lmatlas.decode.token_text import token_texts
 
     rows = []
     for window, ids in enumerate(ctx.corpus.tolist()):
-        rows.append({"window_id": window, "ids": ids, "tokens": TokenRanking.tokens_of(ids, model.tokenizer)})
+        rows.append({"window_id": window, "ids": ids, "tokens": token_texts(model.tokenizer, ids)})
     return {"corpus": rows}
 
 
