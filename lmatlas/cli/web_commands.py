@@ -23,7 +23,7 @@ def serve(
     model: Optional[str] = typer.Option(None, "--model", help="The atlas's model, for typed prompts and the lens "
                                         "(hub id, directory, .gguf or packaged name)."),
     host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (default: this machine only)."),
-    port: int = typer.Option(8000, "--port", min=0, max=65535, help="Port (0: any free port)."),
+    port: int = typer.Option(8000, "--port", min=1, max=65535, help="Port."),
     diff: Optional[Path] = typer.Option(None, "--diff", help="A second atlas of the same architecture to compare."),
     max_tokens: int = typer.Option(2048, "--max-tokens", min=1, help="Longest prompt for the live model."),
     dtype: str = DTYPE_OPT,
