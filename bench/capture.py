@@ -513,6 +513,7 @@ def compare(store: Store, reference: Store) -> dict[str, Any]:
     """Max abs difference per component and overall; ``equal`` = allclose on every common site."""
     rtol, atol = TOLERANCE
     worst: dict[str, float] = {}
+    scale: dict[str, float] = {}
     equal = True
     for name, ref in reference.items():
         if name not in store:
@@ -523,9 +524,11 @@ def compare(store: Store, reference: Store) -> dict[str, Any]:
         diff = float((value.detach().float() - ref.detach().float()).abs().max())
         component = name.split(".", 1)[1]
         worst[component] = max(worst.get(component, 0.0), diff)
+        scale[component] = max(scale.get(component, 0.0), float(ref.detach().abs().max()))
         equal = equal and torch.allclose(value.detach().float(), ref.detach().float(), rtol=rtol, atol=atol)
     return {"equal": equal, "sites_compared": sum(1 for n in reference if n in store),
-            "max_abs_diff": max(worst.values(), default=0.0), "max_abs_diff_by_component": worst}
+            "max_abs_diff": max(worst.values(), default=0.0), "max_abs_diff_by_component": worst,
+            "max_diff_over_max_abs_value": max((worst[c] / scale[c] for c in worst if scale[c] > 0), default=0.0)}
 
 
 def memory_and_check_round(variants: list[Variant], params) -> tuple[dict, dict]:
@@ -604,10 +607,10 @@ def summarise(variants, times, memory, checks, sets, tools, skipped) -> dict[str
         for set_name in set_names:
             key = f"{prefix}{set_name}"
             rows = {}
-            for t in tools:
+            for t, components in sets[set_name].items():
                 name = f"{key}/{t}" if f"{key}/{t}" in times else f"{prefix}all/{t}"
                 if name in times:
-                    rows[t] = {**row(name), "components": sets[set_name][t]}
+                    rows[t] = {**row(name), "components": components}
                     if not name.startswith(key):
                         rows[t]["same_run_as"] = name
             results[key] = rows

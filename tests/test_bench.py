@@ -39,7 +39,8 @@ def test_capture_benchmark_quick(tmp_path):
     one = results["one_kind"]
     assert one["lmatlas"]["sites"] == one["hand"]["sites"] == n_layers
     assert one["hand"]["check"] == {"equal": True, "sites_compared": n_layers, "max_abs_diff": 0.0,
-                                    "max_abs_diff_by_component": {"resid.post": 0.0}}
+                                    "max_abs_diff_by_component": {"resid.post": 0.0},
+                                    "max_diff_over_max_abs_value": 0.0}
     # every site: lmatlas has all 11 components; module hooks cannot see q/k after rotary
     assert results["all"]["lmatlas"]["sites"] == 11 * n_layers
     assert set(report["tools"]["hand"]["missing"]) == {"attn.q", "attn.k"}
