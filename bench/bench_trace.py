@@ -7,7 +7,7 @@ evenly over them):
 
 =================  ===================================================================
 plain              ``model.forward(ids)``: the native forward (SDPA), the baseline
-hooked_empty       ``model.trace(ids, capture=[])``: tokenize, cache and session, no hook
+hooked_empty       ``model.run(ids, capture=[])``: tokenize, cache and session, no hook
 capture_residual   ``resid.post`` at every layer (one forward hook per block)
 capture_z_act      ``attn.z`` and ``mlp.act`` at every layer (pre-hooks on o / down)
 capture_pattern    ``attn.pattern`` at every layer: lmatlas's registered attention
@@ -89,8 +89,8 @@ def make_variants(model: lmatlas.Model, ids: torch.Tensor) -> dict[str, Callable
 
     def traced(capture=(), replace=None) -> Callable[[], float]:
         def run() -> float:
-            with model.trace(ids, capture=capture, replace=replace) as cache:
-                return megabytes(cache.values.values())
+            cache = model.run(ids, capture=capture, replace=replace)
+            return megabytes(cache.values.values())
         return run
 
     def plain() -> float:

@@ -37,3 +37,31 @@ class FidelityError(LmatlasError):
 
 class AtlasError(LmatlasError):
     """An atlas file is missing, not an atlas, from another model, or cannot be written."""
+
+
+class HookOrderError(LmatlasError):
+    """Hook sessions were left in another order than the reverse of the one they were entered in."""
+
+
+class InputError(LmatlasError, ValueError):
+    """Inputs to a forward or to generation are malformed (empty text, wrong dtype, no tokenizer)."""
+
+
+class DecodeError(LmatlasError):
+    """A decoding request is malformed (bad norm mode, k, vector shape)."""
+
+
+class AttentionStatsError(LmatlasError, ValueError):
+    """Bad arguments to ``attention_stats``, or a model whose attention cannot be streamed."""
+
+
+class NoOrdinalTokensError(LmatlasError):
+    """The tokenizer has too few single-token items in every requested ordinal sequence."""
+
+
+class RegistryError(LmatlasError):
+    """A detector (or another registered part) is registered twice or is malformed."""
+
+
+class EditError(LmatlasError):
+    """An edit is malformed or does not fit the model (bad value, wrong vector size, another model's file)."""

@@ -200,8 +200,8 @@ def measure(model_dir: Path, n_eval: int = 256) -> dict:
 
     model = lmatlas.load(model_dir)
     data = repeated_batch(n_eval, torch.Generator().manual_seed(EVAL_SEED))
-    with model.trace(data.ids, capture=["attn.pattern"]) as cache:
-        patterns = torch.stack([cache.pattern(layer) for layer in range(model.layout.n_layers)]).float()
+    cache = model.run(data.ids, capture=["attn.pattern"])
+    patterns = torch.stack([cache.pattern(layer) for layer in range(model.layout.n_layers)]).float()
     previous, induction = head_scores(patterns, data)
     prev_head = int(previous[0].argmax())
     ind_head = int(induction[1].argmax())

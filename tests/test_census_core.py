@@ -113,8 +113,7 @@ def test_batteries_shrink_to_a_short_context_and_refuse_a_tiny_one():
 
 # -- detectors against plain re-derivations ---------------------------------------------------------------
 def _trace(model, battery):
-    with model.trace(battery.input_ids, capture=["attn.pattern", "attn.out"]) as cache:
-        pass
+    cache = model.run(battery.input_ids, capture=["attn.pattern", "attn.out"])
     patterns = torch.stack([cache.pattern(layer).float() for layer in range(model.layout.n_layers)])
     outs = torch.stack([cache.head_out(layer).float() for layer in range(model.layout.n_layers)])
     return patterns, outs  # [layer, batch, head, pos, key_pos], [layer, batch, pos, head, d_model]

@@ -176,8 +176,7 @@ def test_successor_behaviour_matches_trace():
         battery = detector.battery(model, seed=1, null=null)
         ov, behaviour, counted = detector.components(model, battery)
         ids, meta = battery.input_ids, battery.meta
-        with model.trace(ids, capture=["attn.pattern", "attn.out"]) as cache:
-            pass
+        cache = model.run(ids, capture=["attn.pattern", "attn.out"])
         W_U = model.hf.lm_head.weight * model.hf.model.norm.weight  # [vocab, d_model] with the final gain
         for b in range(ids.shape[0]):
             cand = meta["candidates"][b][meta["candidates"][b] >= 0]
@@ -209,8 +208,7 @@ def test_copy_suppression_hits_match_full_pattern_and_full_vocabulary(family):
     queries = torch.arange(prefix + half, prefix + 2 * half)
     ids = battery.input_ids[:4]
     ours = suppression_hits(model, ids, queries, compare[:4], prefix)
-    with model.trace(ids, capture=["attn.pattern", "attn.out"]) as cache:
-        pass
+    cache = model.run(ids, capture=["attn.pattern", "attn.out"])
     hf = model.hf
     W_U = hf.lm_head.weight  # [vocab, d_model]
 
@@ -273,8 +271,7 @@ def test_retrieval_streaming_statistics_match_the_full_pattern(family):
         battery = detector.battery(model, seed=1, null=null)
         scores, mass = detector.score(model, battery), detector.subscores(model, battery)["needle_mass"]
         targets = battery.meta["targets"]
-        with model.trace(battery.input_ids, capture=["attn.pattern"]) as cache:
-            pass
+        cache = model.run(battery.input_ids, capture=["attn.pattern"])
         steps = (targets[0] >= 0).nonzero().flatten()
         for layer in range(model.layout.n_layers):
             pattern = cache.pattern(layer)[:, :, steps]  # [batch, head, n_steps, key_pos]
@@ -325,14 +322,12 @@ def test_streaming_split_equals_replacing_each_layers_pattern(family):
     battery = needle_battery(model, "streaming", seed=3, n=2, length=48, needle=6)
     ids, mask = battery.input_ids, battery.meta["mask"]
     diff, total = output_change(model, ids, mask, n_sink=2, window=8, chunk=4)
-    with model.trace(ids, capture=["attn.z"]) as cache:
-        pass
+    cache = model.run(ids, capture=["attn.z"])
     for layer in range(model.layout.n_layers):
         def restrict(pattern, site):
             return _restricted_by_hand(pattern, 2, 8)
 
-        with model.trace(ids, capture=[f"L{layer}.attn.z"], replace={f"L{layer}.attn.pattern": restrict}) as cut:
-            pass
+        cut = model.run(ids, capture=[f"L{layer}.attn.z"], replace={f"L{layer}.attn.pattern": restrict})
         W_O = _per_head_W_O(model, layer)
         full = torch.einsum("bphd,hdm->bphm", cache.z(layer), W_O)
         restricted = torch.einsum("bphd,hdm->bphm", cut.z(layer), W_O)
@@ -350,8 +345,7 @@ def test_a_uniform_head_changes_as_its_closed_form_says():
     detector = StreamingSplit(n_examples=2, length=64, needle=6, n_sink=2, window=8)
     battery = detector.battery(model, seed=0)
     scores = detector.score(model, battery)
-    with model.trace(battery.input_ids, capture=["L1.attn.v"]) as cache:
-        pass
+    cache = model.run(battery.input_ids, capture=["L1.attn.v"])
     v = cache.v(1, head=0).float()  # [batch, key_pos, d_head]
     W_O = _per_head_W_O(model, 1)[0]
     for b in range(2):

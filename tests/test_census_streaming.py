@@ -37,8 +37,8 @@ def _targets(batch: int = 2, pos: int = T) -> torch.Tensor:
 
 def _full_patterns(model, ids) -> torch.Tensor:
     """``[layer, batch, head, pos, key_pos]`` float32 from an ordinary lmatlas trace."""
-    with model.trace(ids, capture=["attn.pattern"]) as cache:
-        return torch.stack([cache.pattern(layer) for layer in range(model.layout.n_layers)]).float()
+    cache = model.run(ids, capture=["attn.pattern"])
+    return torch.stack([cache.pattern(layer) for layer in range(model.layout.n_layers)]).float()
 
 
 def _shifted_diagonal(pattern: torch.Tensor, back: int) -> torch.Tensor:
@@ -239,8 +239,8 @@ def test_real_gemma3_across_its_sliding_window(gemma3):
     targets = torch.randint(-1, pos, (1, pos), generator=torch.Generator().manual_seed(1))
     layers = [0, 5]  # sliding, full
     stats = attention_stats(gemma3, ids, targets=targets, chunk=256, layers=layers)
-    with gemma3.trace(ids, capture=[f"L{layer}.attn.pattern" for layer in layers]) as cache:
-        pattern = torch.stack([cache.pattern(layer) for layer in layers]).float()
+    cache = gemma3.run(ids, capture=[f"L{layer}.attn.pattern" for layer in layers])
+    pattern = torch.stack([cache.pattern(layer) for layer in layers]).float()
     _assert_matches(stats, pattern, targets, 8)
     assert stats.local.shape == (2, 1, gemma3.layout.n_heads, pos)
     assert (pattern[0, ..., 600, :600 - 512] == 0).all()  # the window is real: layer 0 cannot see that far back

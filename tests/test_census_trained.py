@@ -44,8 +44,8 @@ def _texts(seed: int, repeat: bool) -> list[str]:
 
 def _patterns(model, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``([layer, batch, head, pos, key_pos] float32 patterns, logits)``."""
-    with model.trace(ids, capture=["attn.pattern"]) as cache:
-        patterns = torch.stack([cache.pattern(layer) for layer in range(model.layout.n_layers)]).float()
+    cache = model.run(ids, capture=["attn.pattern"])
+    patterns = torch.stack([cache.pattern(layer) for layer in range(model.layout.n_layers)]).float()
     return patterns, cache.logits
 
 
@@ -116,8 +116,7 @@ def test_copying_needs_the_previous_token_head(model):
         z[:, :, head] = 0
         return z
 
-    with model.trace(ids) as clean, model.trace(ids, replace={f"L{layer}.attn.z": silence}) as ablated:
-        pass
+    clean, ablated = model.run(ids), model.run(ids, replace={f"L{layer}.attn.z": silence})
     assert _copy_accuracy(clean.logits, ids) > 0.95
     assert _copy_accuracy(ablated.logits, ids) < 0.5
 

@@ -110,8 +110,7 @@ def test_ov_values_are_what_the_model_computes(model_type):
     """Layer 0, one-token sequences: the captured z of every head equals ``ov_left`` of its KV group."""
     model = get_tiny(model_type)
     ids = torch.arange(model.layout.d_vocab)
-    with model.trace(ids[:, None], capture=["L0.attn.z"]) as cache:
-        pass
+    cache = model.run(ids[:, None], capture=["L0.attn.z"])
     for head in range(model.layout.n_heads):
         torch.testing.assert_close(ov_left(model, 0, head, ids), cache.z(0, head)[:, 0].float(),
                                    rtol=1e-4, atol=1e-5)
@@ -122,8 +121,7 @@ def test_qk_decoding_matches_the_models_own_scores(model_type):
     """The full ``V x V`` score matrix from the runtime's q and k (rotary = identity at position 0)."""
     model = get_tiny(model_type)
     ids = torch.arange(model.layout.d_vocab)
-    with model.trace(ids[:, None], capture=["L0.attn.q", "L0.attn.k"]) as cache:
-        pass
+    cache = model.run(ids[:, None], capture=["L0.attn.q", "L0.attn.k"])
     scaling = get_path(model.blocks[0], model.spec.attn).scaling
     for head in (0, model.layout.n_heads - 1):
         q, key = cache.q(0, head)[:, 0].double(), cache.k(0, head)[:, 0].double()

@@ -162,8 +162,8 @@ def test_smollm2_pruned_equals_plain_on_whole_layers(smollm2, smollm2_neurons):
 def _max_activation(model, layer: int, neuron: int) -> float:
     peak = 0.0
     for prompt in CALIBRATION:
-        with model.trace(prompt, capture=[f"L{layer}.mlp.act"]) as cache:
-            peak = max(peak, cache.neurons(layer, neuron).abs().max().item())
+        cache = model.run(prompt, capture=[f"L{layer}.mlp.act"])
+        peak = max(peak, cache.neurons(layer, neuron).abs().max().item())
     return peak
 
 
@@ -178,8 +178,8 @@ def _probability(model, token: int, clamp: tuple[int, int, float] | None = None)
             return act
 
         replace = {f"L{layer}.mlp.act": set_neuron}
-    with model.trace(PROMPT, replace=replace) as cache:
-        return torch.softmax(cache.logits[0, -1].float(), -1)[token].item()
+    cache = model.run(PROMPT, replace=replace)
+    return torch.softmax(cache.logits[0, -1].float(), -1)[token].item()
 
 
 @pytest.mark.slow

@@ -69,8 +69,8 @@ def test_project_full_reproduces_the_model_logits(model_type):
     """norm='full' of the last residual stream == the model's own logits (norm, W_U, b_U, soft-capping)."""
     model = get_tiny(model_type)
     last = model.layout.n_layers - 1
-    with model.trace("Hello, world!", capture=[f"L{last}.resid.post"]) as cache:
-        resid = cache.resid(last)
+    cache = model.run("Hello, world!", capture=[f"L{last}.resid.post"])
+    resid = cache.resid(last)
     torch.testing.assert_close(project(model, resid, norm="full"), cache.logits.float(), atol=1e-5, rtol=1e-5)
 
 
@@ -213,9 +213,9 @@ def test_pruned_topk_progress_and_errors():
     seen = []
     pruned_topk(a, u, 5, method="bf16", row_block=16, progress=lambda done, total: seen.append((done, total)))
     assert seen == [(16, 50), (32, 50), (48, 50), (50, 50)]
-    with pytest.raises(ValueError, match="method"):
+    with pytest.raises(DecodeError, match="method"):
         pruned_topk(a, u, 5, method="fp8")
-    with pytest.raises(ValueError, match="k=501"):
+    with pytest.raises(DecodeError, match="k=501"):
         pruned_topk(a, u, 501)
 
 
@@ -232,8 +232,8 @@ def test_smollm2_tied_embeddings_and_full_projection(smollm2):
     model = smollm2
     assert unembed_matrix(model).data_ptr() == model.W.W_E.data_ptr()  # tied: one matrix
     last = model.layout.n_layers - 1
-    with model.trace("The capital of France is", capture=[f"L{last}.resid.post"]) as cache:
-        resid = cache.resid(last)[0, -3:]
+    cache = model.run("The capital of France is", capture=[f"L{last}.resid.post"])
+    resid = cache.resid(last)[0, -3:]
     logits = project(model, resid, norm="full")
     torch.testing.assert_close(logits, cache.logits[0, -3:].float(), atol=1e-4, rtol=1e-4)
     top = topk_tokens(model, resid, 5, norm="full")
@@ -245,9 +245,9 @@ def test_smollm2_tied_embeddings_and_full_projection(smollm2):
 def test_gemma3_scaled_embeddings_and_full_projection(gemma3):
     model = gemma3
     last = model.layout.n_layers - 1
-    with model.trace("The capital of France is", capture=[f"L{last}.resid.post", "L0.resid.pre"]) as cache:
-        resid = cache.resid(last)[0, -2:]
-        first = cache.resid(0, "pre")[0]
+    cache = model.run("The capital of France is", capture=[f"L{last}.resid.post", "L0.resid.pre"])
+    resid = cache.resid(last)[0, -2:]
+    first = cache.resid(0, "pre")[0]
     # the first residual stream is the embedding times sqrt(d_model), read from the embedding module
     ids = cache.input_ids[0]
     expected = model.W.W_E[ids].float() * math.sqrt(model.layout.d_model)

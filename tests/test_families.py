@@ -61,17 +61,18 @@ def test_fidelity_on_token_ids(tiny):
 
 def test_a_broken_decomposition_is_reported(llama, monkeypatch):
     """The check is not vacuous: corrupting one head's write makes it fail and name the block."""
-    from lmatlas.model import hooks
+    from lmatlas.model import hook_stack
 
-    real = hooks.HookSession.apply
+    real = hook_stack.HookStack.apply
 
-    def corrupting_apply(self, site, value):
+    def corrupting_apply(self, site, value, where):
+        new = real(self, site, value, where)
         if str(site) == "L1.attn.out":
-            self.store[str(site)] = value.detach() * 1.01
-            return None
-        return real(self, site, value)
+            for session in self.capturers.get(site, ()):
+                session.store[str(site)] = value.detach() * 1.01
+        return new
 
-    monkeypatch.setattr(hooks.HookSession, "apply", corrupting_apply)
+    monkeypatch.setattr(hook_stack.HookStack, "apply", corrupting_apply)
     report = lmatlas.check(llama)
     assert report.logits_exact and not report.passed
     assert report.layer_rel_errors[1] > 1e-4 >= report.layer_rel_errors[0]

@@ -34,8 +34,8 @@ def probe_calls(monkeypatch):
 
 def test_fast_path_is_kept_without_attention_sites(llama, probe_calls):
     assert llama.hf.config._attn_implementation == "sdpa"
-    with llama.trace(PROMPT, capture=["attn.z", "mlp.act", "resid.post"]):
-        assert llama.hf.config._attn_implementation == "sdpa"
+    llama.run(PROMPT, capture=["attn.z", "mlp.act", "resid.post"])
+    assert llama.hf.config._attn_implementation == "sdpa"
     assert probe_calls == []
 
 
@@ -57,15 +57,15 @@ def test_eager_family_wraps_its_own_eager_function(probe_calls):
     gemma2 = get_tiny("gemma2")  # softcapping: transformers picks eager for it
     assert gemma2.hf.config._attn_implementation == "eager"
     plain = gemma2.forward(PROMPT)
-    with gemma2.trace(PROMPT, capture=["attn.pattern", "attn.q"]) as cache:
-        pass
+    cache = gemma2.run(PROMPT, capture=["attn.pattern", "attn.q"])
     assert torch.equal(plain, cache.logits)
     assert set(probe_calls) == {"eager"}
 
 
 def test_hooks_come_off_after_an_exception(llama):
     with pytest.raises(RuntimeError, match="boom"):
-        with llama.trace(PROMPT, capture=llama.sites(), replace={"L0.attn.z": lambda z, s: 1 / 0 if False else None}):
+        with llama.hooked(capture=llama.sites(), replace={"L0.attn.z": lambda z, s: None}):
+            llama.forward(PROMPT)
             raise RuntimeError("boom")
     assert _no_hooks_left(llama)
     assert llama.hf.config._attn_implementation == "sdpa"
@@ -76,8 +76,7 @@ def test_an_exception_inside_a_replacement_leaves_the_model_clean(llama):
         raise ValueError("bad edit")
 
     with pytest.raises(ValueError, match="bad edit"):
-        with llama.trace(PROMPT, replace={"L1.attn.pattern": broken}):
-            pass
+        llama.run(PROMPT, replace={"L1.attn.pattern": broken})
     assert _no_hooks_left(llama)
     assert llama.hf.config._attn_implementation == "sdpa"
     assert torch.equal(llama.forward(PROMPT), llama.forward(PROMPT))
@@ -87,31 +86,26 @@ def test_identity_replacements_change_nothing(tiny):
     plain = tiny.forward(PROMPT)
     keep = {name: (lambda value, site: value) for name in ("resid.pre", "attn.z", "mlp.act", "mlp.out", "resid.post",
                                                            "attn.q", "attn.k", "attn.v")}
-    with tiny.trace(PROMPT, replace=keep) as cache:
-        pass
+    cache = tiny.run(PROMPT, replace=keep)
     assert torch.equal(plain, cache.logits)
 
 
 def test_replacing_with_a_tensor_and_capturing_the_result(llama):
-    with llama.trace(PROMPT, capture=["L0.mlp.act"]) as clean:
-        pass
+    clean = llama.run(PROMPT, capture=["L0.mlp.act"])
     zeros = torch.zeros_like(clean["L0.mlp.act"])
-    with llama.trace(PROMPT, capture=["L0.mlp.act"], replace={"L0.mlp.act": zeros}) as edited:
-        pass
+    edited = llama.run(PROMPT, capture=["L0.mlp.act"], replace={"L0.mlp.act": zeros})
     assert torch.equal(edited["L0.mlp.act"], zeros)  # the cache holds what the model used
     assert not torch.equal(edited.logits, clean.logits)
 
 
 def test_scalar_replacement_broadcasts(llama):
-    with llama.trace(PROMPT, capture=["L1.resid.post"], replace={"L1.resid.post": torch.tensor(0.0)}) as cache:
-        pass
+    cache = llama.run(PROMPT, capture=["L1.resid.post"], replace={"L1.resid.post": torch.tensor(0.0)})
     assert float(cache["L1.resid.post"].abs().max()) == 0.0
 
 
 def test_wrong_replacement_shape_is_a_clear_error(llama):
     with pytest.raises(SiteError, match=r"Replacement for L0.attn.z has shape \(3, 5\).*batch, pos, head, d_head"):
-        with llama.trace(PROMPT, replace={"L0.attn.z": torch.zeros(3, 5)}):
-            pass
+        llama.run(PROMPT, replace={"L0.attn.z": torch.zeros(3, 5)})
     assert _no_hooks_left(llama)
 
 
@@ -126,10 +120,8 @@ def test_ablating_a_head_through_attn_out_equals_through_z(tiny):
         value[:, :, 1] = 0
         return value
 
-    with tiny.trace(PROMPT, replace={"L0.attn.out": zero_head_out}) as by_out:
-        pass
-    with tiny.trace(PROMPT, replace={"L0.attn.z": zero_head_z}) as by_z:
-        pass
+    by_out = tiny.run(PROMPT, replace={"L0.attn.out": zero_head_out})
+    by_z = tiny.run(PROMPT, replace={"L0.attn.z": zero_head_z})
     if tiny.spec.attn_post_norm:  # the norm rescales the remaining heads: the two edits differ by design
         assert not torch.allclose(by_out.logits, by_z.logits, atol=1e-6)
     else:
@@ -137,12 +129,10 @@ def test_ablating_a_head_through_attn_out_equals_through_z(tiny):
 
 
 def test_resid_mid_replacement_sets_the_stream(tiny):
-    with tiny.trace(PROMPT, capture=["L0.resid.mid"]) as clean:
-        pass
+    clean = tiny.run(PROMPT, capture=["L0.resid.mid"])
     target = clean["L0.resid.mid"] * 0.5
-    with tiny.trace(PROMPT, capture=["L0.resid.mid", "L0.resid.post", "L0.mlp.out"],
-                    replace={"L0.resid.mid": target}) as edited:
-        pass
+    edited = tiny.run(PROMPT, capture=["L0.resid.mid", "L0.resid.post", "L0.mlp.out"],
+                    replace={"L0.resid.mid": target})
     assert torch.allclose(edited["L0.resid.mid"], target)
     if not tiny.layout.parallel_residual:
         rebuilt = target + edited["L0.mlp.out"]
@@ -171,7 +161,6 @@ def test_hooked_applies_to_generate(llama):
 
 
 def test_grad_mode_keeps_the_graph(llama):
-    with llama.trace(PROMPT, capture=["L0.attn.z"], grad=True) as cache:
-        pass
+    cache = llama.run(PROMPT, capture=["L0.attn.z"], grad=True)
     assert cache["L0.attn.z"].requires_grad
     cache.logits[0, -1].max().backward()

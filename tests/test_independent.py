@@ -63,8 +63,8 @@ class Run:
                 h.remove()
 
     def lmatlas_logits(self, replace) -> torch.Tensor:
-        with self.model.trace(self.ids, replace=replace) as cache:
-            return cache.logits
+        cache = self.model.run(self.ids, replace=replace)
+        return cache.logits
 
 
 def head_sizes(config) -> tuple[int, int, int]:
@@ -89,8 +89,8 @@ def run(request) -> Run:
                 r.rec[(layer, key)] = (args[0].detach(), out.detach())
             handles.append(r.module(layer, key).register_forward_hook(hook))
     try:
-        with model.trace(ids, capture=["attn.pattern", "attn.k", "attn.v", "attn.z", "attn.out"]) as cache:
-            r.cache = cache
+        cache = model.run(ids, capture=["attn.pattern", "attn.k", "attn.v", "attn.z", "attn.out"])
+        r.cache = cache
     finally:
         for h in handles:
             h.remove()

@@ -47,8 +47,7 @@ def test_gemma3_sliding_window_pattern_on_a_long_prompt(gemma3):
     ids = torch.randint(10, 1000, (1, 600), generator=torch.Generator().manual_seed(0))
     local_layer = gemma3.hf.config.layer_types.index("sliding_attention")
     global_layer = gemma3.hf.config.layer_types.index("full_attention")
-    with gemma3.trace(ids, capture=[f"L{local_layer}.attn.pattern", f"L{global_layer}.attn.pattern"]) as cache:
-        pass
+    cache = gemma3.run(ids, capture=[f"L{local_layer}.attn.pattern", f"L{global_layer}.attn.pattern"])
     local, full = cache.pattern(local_layer), cache.pattern(global_layer)
     window = gemma3.hf.config.sliding_window
     assert float(local[0, :, -1, : 600 - window].abs().max()) == 0.0  # beyond the window: nothing
@@ -61,8 +60,7 @@ def test_smollm2_has_previous_token_and_induction_behaviour(smollm2):
     attends to the previous token and some head attends to the token after the earlier copy."""
     seq = torch.randint(1000, 10000, (1, 20), generator=torch.Generator().manual_seed(0))
     ids = torch.cat([seq, seq], dim=1)
-    with smollm2.trace(ids, capture=["attn.pattern"]) as cache:
-        pass
+    cache = smollm2.run(ids, capture=["attn.pattern"])
     n = seq.shape[1]
     prev_scores, induction_scores = [], []
     for layer in range(smollm2.layout.n_layers):
@@ -75,7 +73,6 @@ def test_smollm2_has_previous_token_and_induction_behaviour(smollm2):
 
 
 def test_gqa_mapping_on_a_real_model(smollm2):
-    with smollm2.trace("Hello there", capture=["L3.attn.k"]) as cache:
-        pass
+    cache = smollm2.run("Hello there", capture=["L3.attn.k"])
     for head in range(9):
         assert torch.equal(cache.k(3, head=head), cache["L3.attn.k"][:, :, head // 3])

@@ -42,8 +42,7 @@ def test_bad_site_names(llama, name, message):
 
 def test_bad_site_name_in_trace_loses_nothing(llama):
     with pytest.raises(SiteError):
-        with llama.trace(PROMPT, capture=["L0.attn.z", "L0.attn.nope"]):
-            pass
+        llama.run(PROMPT, capture=["L0.attn.z", "L0.attn.nope"])
     assert all(not block._forward_pre_hooks and not block._forward_hooks for block in llama.blocks)
 
 
@@ -62,8 +61,7 @@ def test_heads_and_neurons(llama):
 
 def test_shapes_of_every_site(tiny):
     lay = tiny.layout
-    with tiny.trace(PROMPT, capture=tiny.sites()) as cache:
-        pass
+    cache = tiny.run(PROMPT, capture=tiny.sites())
     batch, pos = cache.input_ids.shape
     expected = {
         "resid.pre": (batch, pos, lay.d_model), "resid.mid": (batch, pos, lay.d_model),
@@ -81,8 +79,7 @@ def test_shapes_of_every_site(tiny):
 
 
 def test_typed_accessors(llama):
-    with llama.trace(PROMPT, capture=llama.sites()) as cache:
-        pass
+    cache = llama.run(PROMPT, capture=llama.sites())
     lay = llama.layout
     assert torch.equal(cache.z(1, head=2), cache["L1.attn.z"][:, :, 2])
     assert torch.equal(cache.q(0, head=3), cache["L0.attn.q"][:, :, 3])
@@ -102,8 +99,7 @@ def test_typed_accessors(llama):
 
 
 def test_accessor_errors(llama):
-    with llama.trace(PROMPT, capture=["L0.attn.z"]) as cache:
-        pass
+    cache = llama.run(PROMPT, capture=["L0.attn.z"])
     with pytest.raises(SiteError, match="'L0.mlp.act' was not captured.*capture="):
         cache.neurons(0)
     with pytest.raises(SiteError, match="Head 9 is out of range"):

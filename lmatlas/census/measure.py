@@ -19,7 +19,7 @@ optionally a function on ``attn.out`` for
   target's (ties count half): ``~0.5`` for a head that does not copy, ``1.0`` for one
   that raises the token it attends to above every other.
 
-The forward skips the LM head (``model.hf.base_model``). Inside :func:`shared` readouts
+The forward skips the LM head (``model.run(..., lm_head=False)``). Inside :func:`shared` readouts
 are memoised by battery content, so detectors that use the same kind of battery share
 one forward; the battery's ``meta["measure"]`` names what every user of that kind needs,
 and a shared forward computes all of it.
@@ -29,14 +29,15 @@ from __future__ import annotations
 
 import hashlib
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable, Iterator
 
 import torch
-from torch import nn
 
 from lmatlas.census.registry import Battery
 from lmatlas.model.arch import get_path
+from lmatlas.model.norms import final_readout
 
 if TYPE_CHECKING:
     from lmatlas.model.handle import Model
@@ -44,7 +45,8 @@ if TYPE_CHECKING:
 WINDOW = 8  #: offsets ``0 .. WINDOW - 1`` (the recent window) are always measured
 BATCH = 16  #: rows per forward
 
-_MEMO: list[dict] = []
+#: Readouts memoised inside :func:`shared`, per thread / async context (never shared between requests).
+_MEMO: ContextVar[dict | None] = ContextVar("lmatlas_census_readout_memo", default=None)
 
 
 @dataclass
@@ -72,11 +74,11 @@ class Readout:
 @contextmanager
 def shared() -> Iterator[None]:
     """Memoise readouts by battery content for the duration of the block (used by ``run_census``)."""
-    _MEMO.append({})
+    token = _MEMO.set({})
     try:
         yield
     finally:
-        _MEMO.pop()
+        _MEMO.reset(token)
 
 
 def _content_key(model: "Model", battery: Battery) -> tuple:
@@ -85,22 +87,6 @@ def _content_key(model: "Model", battery: Battery) -> tuple:
     if compare is not None:
         digest.update(compare.detach().cpu().numpy().tobytes())
     return id(model), tuple(battery.input_ids.shape), digest.hexdigest()
-
-
-def unembed_reader(model: "Model") -> tuple[torch.Tensor, bool]:
-    """``(gain [d_model] float32, centres)``: the final norm as a linear map with its scale dropped.
-
-    For ``nn.LayerNorm`` the gain is its weight and it centres; for an RMS norm
-    (whatever its convention, ``weight`` or ``1 + weight``) the gain is
-    ``norm(ones)``, up to the positive factor ``1 / sqrt(1 + eps)``.
-    """
-    norm = get_path(model.hf, model.spec.final_norm)
-    d_model = model.layout.d_model
-    if isinstance(norm, nn.LayerNorm):
-        weight = norm.weight
-        return (weight.detach().float() if weight is not None else torch.ones(d_model, device=model.device)), True
-    with torch.no_grad():
-        return norm(torch.ones(1, d_model, dtype=model.dtype, device=model.device))[0].float(), False
 
 
 def readout(model: "Model", battery: Battery, *, copy: bool = False, norms: bool = False,
@@ -114,9 +100,9 @@ def readout(model: "Model", battery: Battery, *, copy: bool = False, norms: bool
     """
     parts = [name for name, wanted in (("copy", copy), ("norm", norms)) if wanted]
     wanted_offsets = set(range(WINDOW)) | {int(d) for d in offsets}
-    if not _MEMO:
+    memo = _MEMO.get()
+    if memo is None:
         return _forward(model, battery, wanted_offsets, parts)
-    memo = _MEMO[-1]
     key = _content_key(model, battery)
     hit = memo.get(key)
     if hit is not None and hit.has(wanted_offsets, parts):
@@ -145,7 +131,7 @@ def _forward(model: "Model", battery: Battery, offsets: set[int], parts: list[st
         half, prefix = battery.meta["half"], battery.meta["prefix"]
         queries = torch.arange(prefix + half, prefix + 2 * half)
         copy = torch.zeros(lay.n_layers, n, lay.n_heads, len(queries))
-        gain, centres = unembed_reader(model)
+        gain, centres = final_readout(model)
         unembed = get_path(model.hf, model.spec.unembed).weight  # [d_vocab, d_model]
         compare_all = battery.meta["compare"]
 
@@ -179,8 +165,7 @@ def _forward(model: "Model", battery: Battery, offsets: set[int], parts: list[st
         replace = {"attn.pattern": on_pattern}
         if norm is not None or copy is not None:
             replace["attn.out"] = on_out
-        with torch.no_grad(), model.hooked(replace=replace):
-            model.hf.base_model(input_ids=chunk, use_cache=False)
+        model.run(chunk, replace=replace, lm_head=False)
     return Readout(sink=sink, offsets=by_offset, copy=copy, copy_queries=queries, norm=norm)
 
 

@@ -25,11 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from lmatlas.errors import LmatlasError
-
-
-class NoOrdinalTokensError(LmatlasError):
-    """The tokenizer has too few single-token items in every requested ordinal sequence."""
+from lmatlas.errors import NoOrdinalTokensError
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from lmatlas.errors import LmatlasError
+from lmatlas.errors import LmatlasError, RegistryError
 
 if TYPE_CHECKING:
     from lmatlas.model.handle import Model
@@ -91,7 +91,7 @@ DETECTORS: dict[str, Detector] = {}
 def register(detector_class: type[Detector]) -> type[Detector]:
     """Class decorator: add a detector to :data:`DETECTORS` under its ``name``."""
     if detector_class.name in DETECTORS:
-        raise ValueError(f"A detector named {detector_class.name!r} is already registered.")
+        raise RegistryError(f"A detector named {detector_class.name!r} is already registered.")
     DETECTORS[detector_class.name] = detector_class()
     return detector_class
 

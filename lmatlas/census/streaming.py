@@ -47,17 +47,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from lmatlas.errors import LmatlasError
+from lmatlas.errors import AttentionStatsError
 from lmatlas.model.attention import AttentionCall, Probe
 from lmatlas.model.hooks import HookSession
 from lmatlas.model.sites import check_layer
 
 if TYPE_CHECKING:
     from lmatlas.model.handle import Model
-
-
-class AttentionStatsError(LmatlasError, ValueError):
-    """Bad arguments to :func:`attention_stats`, or a model whose attention cannot be streamed."""
 
 
 @dataclass
@@ -206,14 +202,6 @@ class StreamingStatsProbe(Probe):
                     layer_stats[name][:, :, rows] = value
 
 
-class _StopForward(Exception):
-    """Raised after the last requested layer: nothing later is needed."""
-
-
-def _stop_forward(module, args, output):
-    raise _StopForward
-
-
 def _as_ids(model: "Model", input_ids) -> torch.Tensor:
     ids = torch.as_tensor(input_ids)
     if ids.dim() == 1:
@@ -298,14 +286,8 @@ def attention_stats(
     probes = {
         layer: StreamingStatsProbe(stats, i, int(local_window), int(chunk), tgt) for i, layer in enumerate(chosen)
     }
-    stop = model.blocks[chosen[-1]].register_forward_hook(_stop_forward)
-    try:
-        with HookSession(model, probes=probes), torch.no_grad():
-            model.hf(input_ids=ids, use_cache=False)
-    except _StopForward:
-        pass
-    finally:
-        stop.remove()
+    with HookSession(model, probes=probes):
+        model.run(ids, stop_after=chosen[-1], lm_head=False)
     silent = [layer for layer, probe in probes.items() if probe.calls != 1]
     if silent:
         raise AttentionStatsError(

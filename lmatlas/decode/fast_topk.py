@@ -71,13 +71,13 @@ from __future__ import annotations
 
 import math
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 
-from lmatlas.decode.vocab import TokenRanking, topk_rows
+from lmatlas.decode.topk import TokenRanking, topk_rows
+from lmatlas.errors import DecodeError
 
 U32 = 2.0**-24  # float32 unit roundoff
 ETA = 1e-30
@@ -459,19 +459,6 @@ def exact_pairs(a: torch.Tensor, tokens: torch.Tensor, row: torch.Tensor, tok: t
     return scores[by_row], row[by_row], tok[by_row]
 
 
-@contextmanager
-def _threads(count: int) -> Iterator[None]:
-    """Run torch's intra-op work on ``count`` threads inside the block (restored after)."""
-    before = torch.get_num_threads()
-    if count != before:
-        torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        if count != before:
-            torch.set_num_threads(before)
-
-
 def pruned_topk(rows: torch.Tensor, tokens: torch.Tensor, k: int = 20, *, top: bool = True, bottom: bool = True,
                 method: str = "auto", row_block: int | None = None, progress: Progress | None = None,
                 index: TokenIndex | None = None) -> PrunedTopK:
@@ -499,9 +486,9 @@ def pruned_topk(rows: torch.Tensor, tokens: torch.Tensor, k: int = 20, *, top: b
     """
     n, V = rows.shape[0], tokens.shape[0]
     if method not in METHODS:
-        raise ValueError(f"Unknown method {method!r}: use one of {', '.join(METHODS)}.")
+        raise DecodeError(f"Unknown method {method!r}: use one of {', '.join(METHODS)}.")
     if not 1 <= k <= V:
-        raise ValueError(f"k={k} is out of range: pick 1..{V}.")
+        raise DecodeError(f"k={k} is out of range: pick 1..{V}.")
     if method == "auto":
         method = auto_method(rows.device)
     rows = rows.detach().float()
@@ -522,13 +509,12 @@ def pruned_topk(rows: torch.Tensor, tokens: torch.Tensor, k: int = 20, *, top: b
     sides = [s for s, on in ((1, top), (-1, bottom)) if on]
     parts: dict[int, list[TokenRanking]] = {s: [] for s in sides}
     rescored = 0.0
-    threads = torch.get_num_threads()
-    with torch.no_grad(), _threads(1):
+    # torch's thread count is process-global: never change it here (other threads may be running models).
+    with torch.no_grad():
         for r0 in range(0, n, row_block):
             a = rows[r0:r0 + row_block]
             prepared = _prepare_rows(a, scorer)
-            with _threads(threads):
-                raw = scorer.matmul(prepared.lp, index.lp, buffer[:a.shape[0]])  # [nb, M*w]
+            raw = scorer.matmul(prepared.lp, index.lp, buffer[:a.shape[0]])  # [nb, M*w]
             raw_view = raw.view(a.shape[0], index.w, index.M)
             for sign in sides:
                 if sign < 0:  # bottom-k of s = top-k of -s: negate the scores and the rows, exactly

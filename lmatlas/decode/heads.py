@@ -55,7 +55,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from lmatlas.decode.vocab import DecodeError, TokenRanking, final_norm_gain, topk_rows, unembed_matrix
-from lmatlas.model.arch import NormKind, get_path
+from lmatlas.model.arch import get_path
+from lmatlas.model.norms import block_norm_gain
 from lmatlas.model.sites import check_head, check_layer, head_name
 
 if TYPE_CHECKING:
@@ -121,11 +122,7 @@ def post_norm_gain(model: "Model", layer: int, sublayer: str = "attn") -> torch.
 
     ``None`` for families without post norms; ``1 + weight`` for Gemma's offset RMS norms.
     """
-    path = model.spec.attn_post_norm if sublayer == "attn" else model.spec.mlp_post_norm
-    if path is None:
-        return None
-    weight = get_path(model.blocks[check_layer(layer, model.layout)], path).weight.detach().float()
-    return 1.0 + weight if model.spec.post_norm_kind is NormKind.RMS_OFFSET else weight
+    return block_norm_gain(model, check_layer(layer, model.layout), f"{sublayer}_post_norm")
 
 
 def ov_write(model: "Model", layer: int, head: int) -> torch.Tensor:

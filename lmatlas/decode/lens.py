@@ -90,8 +90,7 @@ class LensResult:
 def _streams(model: "Model", inputs: "Inputs", include_embed: bool) -> tuple[torch.Tensor, list, torch.Tensor, list]:
     """``(input_ids [pos], streams [rows] of [pos, d_model], final logits [pos, d_vocab], labels)``."""
     capture = ["resid.post"] + (["L0.resid.pre"] if include_embed else [])
-    with model.trace(inputs, capture=capture) as cache:
-        pass
+    cache = model.run(inputs, capture=capture)
     if cache.input_ids.shape[0] != 1:
         raise DecodeError(f"The logit lens reads one prompt at a time; got a batch of {cache.input_ids.shape[0]}.")
     n = model.layout.n_layers

@@ -41,10 +41,9 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import torch
 
 from lmatlas.decode.fast_topk import SCORERS, PrunedTopK, TokenIndex, auto_method, build_index, pruned_topk
-from lmatlas.decode.vocab import (
-    DecodeError, TokenRanking, check_k, is_layer_norm, norm_eps, norm_gain, prepare, unembed_matrix,
-)
-from lmatlas.model.arch import NormKind, get_path
+from lmatlas.decode.vocab import DecodeError, TokenRanking, check_k, prepare, unembed_matrix
+from lmatlas.model.arch import get_path
+from lmatlas.model.norms import block_norm_gain, norm_eps
 from lmatlas.model.sites import check_layer, neuron_name
 
 if TYPE_CHECKING:
@@ -114,16 +113,6 @@ class NeuronDecoding:
 
 
 # -- the directions ---------------------------------------------------------------------------------------
-def _block_norm_gain(model: "Model", layer: int, path: str | None, kind: NormKind | None = None) -> torch.Tensor | None:
-    if path is None:
-        return None
-    norm = get_path(model.blocks[layer], path)
-    if kind is None:
-        return norm_gain(norm)
-    weight = norm.weight.detach().float()
-    return 1.0 + weight if kind is NormKind.RMS_OFFSET else weight
-
-
 def output_directions(model: "Model", layer: int, norm: str = "gain") -> torch.Tensor:
     """``[d_mlp, d_model]`` float32: each neuron's write direction, as the unembedding sees it.
 
@@ -134,7 +123,7 @@ def output_directions(model: "Model", layer: int, norm: str = "gain") -> torch.T
     if norm not in OUTPUT_NORMS:
         raise DecodeError(f"Unknown norm mode {norm!r} for neuron directions: use 'gain' (default) or 'none'.")
     rows = model.W.W_out(layer).detach().float()
-    post = _block_norm_gain(model, layer, model.spec.mlp_post_norm, model.spec.post_norm_kind)
+    post = block_norm_gain(model, layer, "mlp_post_norm")
     if post is not None:
         rows = rows * post
     return prepare(model, rows, norm)
@@ -149,7 +138,7 @@ def input_directions(model: "Model", layer: int, norm: str = "gain") -> dict[str
     """
     if norm not in OUTPUT_NORMS:
         raise DecodeError(f"Unknown norm mode {norm!r} for neuron directions: use 'gain' (default) or 'none'.")
-    gain = _block_norm_gain(model, layer, model.spec.mlp_norm) if norm == "gain" else None
+    gain = block_norm_gain(model, layer, "mlp_norm") if norm == "gain" else None
     out = {}
     for name, W in (("gate", model.W.W_gate(layer)), ("in", model.W.W_in(layer))):
         if W is not None:
@@ -178,7 +167,7 @@ def input_tokens(model: "Model", norm: str = "gain", chunk: int = 8192) -> torch
         e = W_E[start:start + chunk].float() * scale
         if norm_module is not None:
             eps = norm_eps(norm_module)
-            if is_layer_norm(norm_module):
+            if model.spec.norm_kind.centres:
                 e = e - e.mean(-1, keepdim=True)
             e = e * torch.rsqrt(e.pow(2).mean(-1, keepdim=True) + eps)
         out[start:start + chunk] = e

@@ -46,61 +46,19 @@ rescoring of the few candidates the bound cannot rule out (2-3x faster).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
-from lmatlas.errors import LmatlasError
-from lmatlas.model.arch import get_path
+from lmatlas.decode.fast_topk import METHODS, pruned_topk
+from lmatlas.decode.topk import ROW_BLOCK, TokenRanking, topk_rows
+from lmatlas.errors import DecodeError
+from lmatlas.model.norms import final_norm, final_readout, norm_gain
 
 if TYPE_CHECKING:
     from lmatlas.model.handle import Model
 
 NORM_MODES = ("none", "gain", "full")
-
-#: Rows (vectors) per block in :func:`topk_tokens`: bounds the ``[rows, chunk]`` score buffer.
-ROW_BLOCK = 1024
-
-
-class DecodeError(LmatlasError):
-    """A decoding request is malformed (bad norm mode, k, vector shape)."""
-
-
-@dataclass
-class TokenRanking:
-    """The top (or bottom) ``k`` tokens of ``n`` vectors.
-
-    Attributes:
-        ids: ``[n, k]`` int64 token ids, best first (largest logit first for a top
-            ranking, smallest first for a bottom ranking).
-        logits: ``[n, k]`` float32 logits of those tokens (same order).
-    """
-
-    ids: torch.Tensor
-    logits: torch.Tensor
-
-    def __len__(self) -> int:
-        return self.ids.shape[0]
-
-    def tokens(self, tokenizer: Any) -> list[list[str]]:
-        """The decoded string of every id (``" dog"``, with its leading space), ``[n][k]``."""
-        if tokenizer is None:
-            raise DecodeError("This model has no tokenizer: read the token ids (.ids) instead of strings.")
-        flat = self.ids.reshape(-1).tolist()
-        strings = tokenizer.batch_decode([[i] for i in flat], clean_up_tokenization_spaces=False)
-        k = self.ids.shape[1] if self.ids.dim() == 2 else 1
-        return [strings[i:i + k] for i in range(0, len(strings), k)]
-
-    def row(self, i: int, tokenizer: Any = None) -> list[tuple[int, str | None, float]]:
-        """Row ``i`` as ``[(id, string or None, logit), ...]``."""
-        ids = self.ids[i].tolist()
-        strings = self.tokens_of(ids, tokenizer) if tokenizer is not None else [None] * len(ids)
-        return list(zip(ids, strings, self.logits[i].tolist()))
-
-    @staticmethod
-    def tokens_of(ids: list[int], tokenizer: Any) -> list[str]:
-        return tokenizer.batch_decode([[i] for i in ids], clean_up_tokenization_spaces=False)
 
 
 # -- the pieces of the unembedding -----------------------------------------------------------------
@@ -109,50 +67,12 @@ def unembed_matrix(model: "Model") -> torch.Tensor:
     return model.W.W_U
 
 
-def _final_norm(model: "Model") -> torch.nn.Module:
-    return get_path(model.hf, model.spec.final_norm)
-
-
-def is_layer_norm(norm: torch.nn.Module | None) -> bool:
-    """True for a LayerNorm (centres, then scales by the standard deviation), false for an RMS norm."""
-    return isinstance(norm, torch.nn.LayerNorm)
-
-
-def norm_eps(norm: torch.nn.Module) -> float:
-    """The ``eps`` of a norm module (``eps`` or ``variance_epsilon``)."""
-    eps = getattr(norm, "eps", None)
-    return float(norm.variance_epsilon if eps is None else eps)
-
-
-def norm_gain(norm: torch.nn.Module | None) -> torch.Tensor | None:
-    """``[d_model]`` float32 elementwise gain of a norm module, ``None`` if it has none.
-
-    ``weight`` for Llama-style RMS norms and LayerNorms, ``1 + weight`` for
-    Gemma-style RMS norms. Which of the two a norm uses is read from the norm
-    itself: an RMS norm maps the all-ones vector (mean square 1) to
-    ``gain * rsqrt(1 + eps)``, which is within ``eps`` of exactly one of
-    ``weight`` and ``1 + weight``. A LayerNorm maps it to its bias (mean
-    subtraction), so for LayerNorms the gain is the weight.
-    """
-    weight = getattr(norm, "weight", None)
-    if weight is None:
-        return None
-    weight = weight.detach().float()
-    if is_layer_norm(norm) or getattr(norm, "bias", None) is not None:
-        return weight
-    with torch.no_grad():
-        probe = norm(torch.ones(1, weight.shape[0], dtype=norm.weight.dtype, device=weight.device))[0].float()
-    plain = (probe - weight).abs().max()
-    offset = (probe - (1.0 + weight)).abs().max()
-    return 1.0 + weight if offset < plain else weight
-
-
 def final_norm_gain(model: "Model") -> torch.Tensor | None:
     """``[d_model]`` float32 elementwise gain of the final norm (``1 + w`` for Gemma), ``None`` if none.
 
-    See :func:`norm_gain`.
+    Read from the family's declared norm kind (:mod:`lmatlas.model.norms`).
     """
-    return norm_gain(_final_norm(model))
+    return norm_gain(final_norm(model), model.spec.norm_kind)
 
 
 def softcap_value(model: "Model") -> float | None:
@@ -186,14 +106,13 @@ def prepare(model: "Model", vectors: torch.Tensor, norm: str = "gain") -> torch.
     rows, _ = _as_rows(model, vectors)
     if norm == "full":
         with torch.no_grad():
-            return _final_norm(model)(rows.to(model.dtype)).float()
+            return final_norm(model)(rows.to(model.dtype)).float()
     rows = rows.float()
     if norm == "gain":
-        if is_layer_norm(_final_norm(model)):
+        gain, centres = final_readout(model)
+        if centres:
             rows = rows - rows.mean(-1, keepdim=True)
-        gain = final_norm_gain(model)
-        if gain is not None:
-            rows = rows * gain
+        rows = rows * gain.to(rows.device)
     return rows
 
 
@@ -242,41 +161,6 @@ def check_k(model: "Model", k: int) -> int:
     return k
 
 
-def topk_rows(rows: torch.Tensor, W_U: torch.Tensor, k: int, *, largest: bool = True,
-              b_U: torch.Tensor | None = None, chunk: int = 8192, row_block: int = ROW_BLOCK) -> TokenRanking:
-    """Exact chunked top-k of ``rows @ W_U (+ b_U)``: ``rows`` ``[n, d]`` float32, ``W_U`` ``[d, V]`` any dtype.
-
-    Streams over ``W_U`` in slices of ``chunk`` columns (each converted to float32
-    once per row block) and keeps a running ``[rows, k]`` best list, so memory is
-    ``O(row_block * chunk)``. The building block of :func:`topk_tokens` and the
-    plain baseline of :mod:`lmatlas.decode.fast_topk`.
-    """
-    n, V = rows.shape[0], W_U.shape[1]
-    ids = torch.empty(n, k, dtype=torch.int64, device=rows.device)
-    vals = torch.empty(n, k, dtype=torch.float32, device=rows.device)
-    with torch.no_grad():
-        for r0 in range(0, n, row_block):
-            block = rows[r0:r0 + row_block].float()
-            best_v = best_i = None
-            for start in range(0, V, chunk):
-                W = W_U[:, start:start + chunk].float()
-                scores = block @ W
-                if b_U is not None:
-                    scores += b_U[start:start + chunk]
-                kk = min(k, scores.shape[1])
-                v, i = torch.topk(scores, kk, dim=1, largest=largest, sorted=False)
-                i += start
-                if best_v is not None:
-                    v, i = torch.cat([best_v, v], 1), torch.cat([best_i, i], 1)
-                kk = min(k, v.shape[1])
-                best_v, pick = torch.topk(v, kk, dim=1, largest=largest, sorted=False)
-                best_i = torch.gather(i, 1, pick)
-            order = torch.sort(best_v, dim=1, descending=largest, stable=True).indices
-            vals[r0:r0 + row_block] = torch.gather(best_v, 1, order)
-            ids[r0:r0 + row_block] = torch.gather(best_i, 1, order)
-    return TokenRanking(ids=ids, logits=vals)
-
-
 #: From this many vectors on, ``method="auto"`` uses the pruned exact top-k (:mod:`lmatlas.decode.fast_topk`).
 PRUNED_FROM = 256
 
@@ -284,8 +168,6 @@ PRUNED_FROM = 256
 def _ranked(model: "Model", vectors: torch.Tensor, k: int, norm: str, chunk: int, bias: bool | None,
             softcap: bool | None, method: str, sides: tuple[bool, ...]) -> list[TokenRanking]:
     """Top (``True``) and/or bottom (``False``) rankings of ``vectors``, plain chunked or pruned."""
-    from lmatlas.decode.fast_topk import METHODS, pruned_topk
-
     check_k(model, k)
     if method not in METHODS:
         raise DecodeError(f"Unknown method {method!r}: use one of {', '.join(METHODS)}.")

@@ -28,9 +28,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
-
 import torch
 from torch import nn
+
+from lmatlas.model.norms import NormKind
 
 
 class QKVLayout(str, Enum):
@@ -39,17 +40,6 @@ class QKVLayout(str, Enum):
     SEPARATE = "separate"  # three modules q, k, v
     CONCAT = "concat"  # one module, output [q (H*D) | k (KV*D) | v (KV*D)]  (Phi-3, GPT-2)
     PER_HEAD = "per_head"  # one module, output [head, (q|k|v), D] interleaved (GPT-NeoX)
-
-
-class NormKind(str, Enum):
-    """How a post-sublayer ("sandwich") RMS norm scales its input.
-
-    Used to split the norm's output into per-head contributions with the norm's
-    scale frozen at its measured value: ``norm(x) = x * rsqrt(mean(x**2) + eps) * gain``.
-    """
-
-    RMS = "rms"  # gain = weight                (OLMo-2)
-    RMS_OFFSET = "rms_offset"  # gain = 1 + weight   (Gemma 2 and 3)
 
 
 @dataclass(frozen=True)
@@ -76,7 +66,8 @@ class ArchSpec:
         attn_norm / mlp_norm: pre-sublayer norms (``None`` where the family has none).
         attn_post_norm / mlp_post_norm: norms applied to a sublayer's output before
             it is added to the residual stream (Gemma 2/3, OLMo-2).
-        post_norm_kind: how those post norms scale (see :class:`NormKind`).
+        norm_kind: the family's norm convention, for every norm it has (see
+            :mod:`lmatlas.model.norms`: ``rms``, ``rms_offset`` or ``layer``).
         conv1d: weights are GPT-2 ``Conv1D`` (``[in, out]``) rather than ``nn.Linear``
             (``[out, in]``).
         parallel_residual_attr: config attribute that, when true, makes attention
@@ -106,7 +97,7 @@ class ArchSpec:
     mlp_norm: str | None = None
     attn_post_norm: str | None = None
     mlp_post_norm: str | None = None
-    post_norm_kind: NormKind = NormKind.RMS
+    norm_kind: NormKind = NormKind.RMS
     conv1d: bool = False
     parallel_residual_attr: str | None = None
     pos_embed: str | None = None

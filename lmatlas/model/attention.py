@@ -23,7 +23,10 @@ Inside the wrapper, an attention module that carries a *probe*
    base kernel (:func:`attention_pattern`), and ``probe.on_pattern(pattern)`` sees it.
    When it returns ``None`` the output still comes from the base kernel, so
    capturing a pattern never changes the forward pass. When it returns a new
-   pattern, the output is ``pattern @ v``.
+   pattern, the output is ``pattern @ v``. When the probe's ``route_grad`` is true
+   (a capture that keeps gradients), the output keeps the base kernel's value but
+   takes its gradient through ``pattern @ v``, so the captured pattern is on the
+   autograd path.
 
 :class:`Probe` is a base class with do-nothing defaults for all of these, and
 :class:`ProbeChain` runs several probes on one module, in order.
@@ -32,6 +35,7 @@ Inside the wrapper, an attention module that carries a *probe*
 from __future__ import annotations
 
 import sys
+import threading
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Iterable, Protocol
@@ -41,10 +45,11 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.modeling_utils import AttentionInterface
 
 WRAPPER_PREFIX = "lmatlas_"
+_REGISTER_LOCK = threading.Lock()  # transformers' registries are process-wide: register each wrapper once
 
 
 class AttentionProbe(Protocol):
-    """What the wrapper calls; ``on_call(call: AttentionCall) -> None`` is optional."""
+    """What the wrapper calls; ``on_call(call: AttentionCall) -> None`` and ``route_grad`` are optional."""
 
     wants_pattern: bool
 
@@ -108,9 +113,12 @@ def attention_scores(
     k0, k1 = _bounds(keys, k_len)
     n_rep = query.shape[1] // key.shape[1]
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
-    scores = torch.matmul(
-        query[:, :, r0:r1].float(), repeat_kv(key[:, :, k0:k1], n_rep).float().transpose(2, 3)
-    ).mul_(scaling)
+    exact = torch.promote_types(query.dtype, torch.float32)  # float32, or float64 for a float64 model
+    scores = torch.matmul(query[:, :, r0:r1].to(exact), repeat_kv(key[:, :, k0:k1], n_rep).to(exact).transpose(2, 3))
+    if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad):
+        return _scale_and_mask_differentiably(scores, module, attention_mask, scaling, softcap, is_causal,
+                                              q_len, (r0, r1), (k0, k1))
+    scores.mul_(scaling)  # in place: one [batch, head, rows, keys] buffer, however long the context
     if softcap is not None:
         scores = scores.div_(softcap).tanh_().mul_(softcap)
     floor = torch.finfo(scores.dtype).min
@@ -124,8 +132,27 @@ def attention_scores(
         if block.dtype == torch.bool:
             scores.masked_fill_(~block, floor)
         else:
-            scores.add_(block.float())
+            scores.add_(block.to(scores.dtype))
     return scores
+
+
+def _scale_and_mask_differentiably(scores, module, attention_mask, scaling, softcap, is_causal, q_len, rows, keys):
+    """:func:`attention_scores`'s scaling, softcap and mask without in-place ops (for autograd)."""
+    (r0, r1), (k0, k1) = rows, keys
+    scores = scores * scaling
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    floor = torch.finfo(scores.dtype).min
+    if attention_mask is None:
+        causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+        if causal and q_len > 1:
+            future = torch.ones(r1 - r0, k1 - k0, dtype=torch.bool, device=scores.device).triu_(diagonal=1 + r0 - k0)
+            scores = scores.masked_fill(future, floor)
+        return scores
+    block = _mask_block(attention_mask, (r0, r1), (k0, k1))
+    if block.dtype == torch.bool:
+        return scores.masked_fill(~block, floor)
+    return scores + block.to(scores.dtype)
 
 
 def attention_probs(*args: Any, **kwargs: Any) -> torch.Tensor:
@@ -258,6 +285,10 @@ class ProbeChain(Probe):
         self.probes = list(probes)
         self.wants_pattern = any(p.wants_pattern for p in self.probes)
 
+    @property
+    def route_grad(self) -> bool:
+        return any(getattr(p, "route_grad", False) for p in self.probes)
+
     def on_qkv(self, query, key, value):
         for probe in self.probes:
             query, key, value = probe.on_qkv(query, key, value)
@@ -309,12 +340,22 @@ def _probed_attention(
     if observe is not None:
         observe(call)
     if probe.wants_pattern:
-        replaced = probe.on_pattern(call.pattern())
+        pattern = call.pattern()
+        replaced = probe.on_pattern(pattern)
         if replaced is not None:
-            n_rep = query.shape[1] // key.shape[1]
-            output = torch.matmul(replaced.to(value.dtype), repeat_kv(value, n_rep)[..., : replaced.shape[-1], :])
-            return output.transpose(1, 2).contiguous(), replaced
+            return _pattern_times_values(replaced, value), replaced
+        if getattr(probe, "route_grad", False):
+            output, weights = run_base(module, query, key, value, attention_mask, *args, **kwargs)
+            path = _pattern_times_values(pattern, value)
+            return output.detach() + (path - path.detach()).to(output.dtype), weights
     return run_base(module, query, key, value, attention_mask, *args, **kwargs)
+
+
+def _pattern_times_values(pattern: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``pattern @ v`` as the attention interface returns it: ``[batch, pos, head, d_head]``."""
+    n_rep = pattern.shape[1] // value.shape[1]
+    output = torch.matmul(pattern.to(value.dtype), repeat_kv(value, n_rep)[..., : pattern.shape[-1], :])
+    return output.transpose(1, 2).contiguous()
 
 
 def wrapper_name(base: str) -> str:
@@ -322,8 +363,9 @@ def wrapper_name(base: str) -> str:
     if base.startswith(WRAPPER_PREFIX):
         return base
     name = f"{WRAPPER_PREFIX}{base}"
-    if name not in AttentionInterface._global_mapping:
-        mask_base = base if base in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping else "eager"
-        AttentionInterface.register(name, partial(_probed_attention, base=base))
-        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS._global_mapping[mask_base])
+    with _REGISTER_LOCK:
+        if name not in AttentionInterface._global_mapping:
+            mask_base = base if base in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping else "eager"
+            AttentionInterface.register(name, partial(_probed_attention, base=base))
+            AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS._global_mapping[mask_base])
     return name

@@ -4,9 +4,9 @@
 head/neuron numbers, check them against the model, map query heads to their KV
 group, and say their shapes:
 
->>> with model.trace("The cat sat", capture=["attn.pattern", "L2.attn.k"]) as cache:   # doctest: +SKIP
-...     cache.pattern(0, head=3)        # [batch, pos, key_pos]
-...     cache.k(2, head=7)              # query head 7's KV group: [batch, key_pos, d_head]
+>>> cache = model.run("The cat sat", capture=["attn.pattern", "L2.attn.k"])   # doctest: +SKIP
+>>> cache.pattern(0, head=3)        # [batch, pos, key_pos]                    # doctest: +SKIP
+>>> cache.k(2, head=7)              # query head 7's KV group: [batch, key_pos, d_head]  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ class ActivationCache:
     input_ids: torch.Tensor | None = None
     attention_mask: torch.Tensor | None = None
     logits: torch.Tensor | None = None
+    edit: list[str] = field(default_factory=list)  # provenance: the edits this forward ran under
 
     # -- raw access -----------------------------------------------------------------------------
     def __getitem__(self, name: str | Site) -> torch.Tensor:
@@ -46,7 +47,7 @@ class ActivationCache:
         if key not in self.values:
             raise SiteError(
                 f"{key!r} was not captured. Captured sites: {', '.join(sorted(self.values)) or 'none'}. "
-                f"Pass it in capture=[...] when tracing."
+                f"Pass it in capture=[...] to model.run."
             )
         return self.values[key]
 

@@ -72,8 +72,7 @@ def check(model: "Model", prompt: "Inputs" = DEFAULT_PROMPT, tolerance: float | 
     """Run both fidelity checks and return a :class:`FidelityReport` (``report.passed``)."""
     tolerance = tolerance if tolerance is not None else TOLERANCE.get(model.dtype, LOW_PRECISION_TOLERANCE)
     plain = model.forward(prompt)
-    with model.trace(prompt, capture=model.sites()) as cache:
-        pass
+    cache = model.run(prompt, capture=model.sites())
     hooked = cache.logits
     exact = bool(torch.equal(plain, hooked))
     max_diff = float((plain.float() - hooked.float()).abs().max())

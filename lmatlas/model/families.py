@@ -15,7 +15,8 @@ from __future__ import annotations
 from dataclasses import replace
 
 from lmatlas.errors import UnsupportedArchitectureError
-from lmatlas.model.arch import ArchSpec, NormKind, QKVLayout
+from lmatlas.model.arch import ArchSpec, QKVLayout
+from lmatlas.model.norms import NormKind
 
 # Llama and its many descendants: separate q/k/v/o, gated MLP, pre-norms.
 _LLAMA = ArchSpec(
@@ -46,7 +47,7 @@ _GEMMA_SANDWICH = replace(
     mlp_norm="pre_feedforward_layernorm",
     attn_post_norm="post_attention_layernorm",
     mlp_post_norm="post_feedforward_layernorm",
-    post_norm_kind=NormKind.RMS_OFFSET,
+    norm_kind=NormKind.RMS_OFFSET,
 )
 
 ARCH_SPECS: dict[str, ArchSpec] = {
@@ -56,7 +57,7 @@ ARCH_SPECS: dict[str, ArchSpec] = {
         replace(_LLAMA, family="mistral", model_types=("mistral",)),
         replace(_LLAMA, family="qwen2", model_types=("qwen2",)),
         replace(_LLAMA, family="qwen3", model_types=("qwen3",)),
-        replace(_LLAMA, family="gemma", model_types=("gemma",)),
+        replace(_LLAMA, family="gemma", model_types=("gemma",), norm_kind=NormKind.RMS_OFFSET),
         _GEMMA_SANDWICH,
         replace(_GEMMA_SANDWICH, family="gemma3", model_types=("gemma3_text",)),
         # OLMo-2 has no pre-norms: it normalises each sublayer's output instead.
@@ -68,7 +69,6 @@ ARCH_SPECS: dict[str, ArchSpec] = {
             mlp_norm=None,
             attn_post_norm="post_attention_layernorm",
             mlp_post_norm="post_feedforward_layernorm",
-            post_norm_kind=NormKind.RMS,
         ),
         # Phi-3 fuses q/k/v into one projection and gate/up into another.
         replace(
@@ -101,6 +101,7 @@ ARCH_SPECS: dict[str, ArchSpec] = {
             mlp_out="mlp.c_proj",
             attn_norm="ln_1",
             mlp_norm="ln_2",
+            norm_kind=NormKind.LAYER,
             conv1d=True,
         ),
         ArchSpec(
@@ -119,6 +120,7 @@ ARCH_SPECS: dict[str, ArchSpec] = {
             mlp_out="mlp.dense_4h_to_h",
             attn_norm="input_layernorm",
             mlp_norm="post_attention_layernorm",
+            norm_kind=NormKind.LAYER,
             parallel_residual_attr="use_parallel_residual",
         ),
     )

@@ -2,50 +2,37 @@
 
 >>> import lmatlas
 >>> model = lmatlas.load()                                   # doctest: +SKIP
->>> with model.trace("The Eiffel Tower is in", capture=["attn.pattern", "L3.mlp.act"]) as cache:
-...     cache.pattern(5, head=2)                             # [batch, pos, key_pos]
->>> with model.hooked(replace={"L3.attn.z": lambda z, site: z * 0}):
+>>> cache = model.run("The Eiffel Tower is in", capture=["attn.pattern", "L3.mlp.act"])   # doctest: +SKIP
+>>> cache.pattern(5, head=2)                                 # [batch, pos, key_pos]  # doctest: +SKIP
+>>> with model.hooked(replace={"L3.attn.z": lambda z, ctx: z * 0}):                    # doctest: +SKIP
 ...     model.generate("The Eiffel Tower is in")             # layer 3's attention silenced
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Mapping, Sequence, Union
+import logging
+from contextlib import nullcontext as _nothing
+from typing import Any, Iterable, Mapping, Sequence, Union
 
 import torch
 from torch import nn
 
-from lmatlas.errors import NotACausalLMError
+from lmatlas.errors import InputError, NotACausalLMError, SiteError
 from lmatlas.model.arch import ArchSpec, HeadLayout, get_path, read_layout
 from lmatlas.model.cache import ActivationCache
 from lmatlas.model.families import spec_for_model_type
-from lmatlas.model.hooks import HookSession, Replacement
-from lmatlas.model.sites import COMPONENTS, Site, parse_sites
+from lmatlas.model.hook_stack import HookStack
+from lmatlas.model.hooks import HookSession
+from lmatlas.model.positions import split_site_name
+from lmatlas.model.provenance import Provenance
+from lmatlas.model.replacement import BoundReplacement, Replacement
+from lmatlas.model.sites import COMPONENTS, Site, check_layer, parse_sites
 from lmatlas.model.weights import ModelWeights
+
+_log = logging.getLogger(__name__)
 
 Inputs = Union[str, Sequence[str], torch.Tensor, Mapping[str, torch.Tensor]]
 SiteNames = Union[str, Site, Iterable[Union[str, Site]]]
-
-
-@dataclass
-class Provenance:
-    """Where a model came from, stamped on every result."""
-
-    source: str
-    file: str | None = None  # the weights file hashed (a .gguf or the first safetensors shard)
-    revision: str | None = None
-    _sha256: str | None = field(default=None, repr=False)
-
-    @property
-    def sha256(self) -> str | None:
-        """SHA-256 of ``file`` (computed once, on first use)."""
-        if self._sha256 is None and self.file:
-            from lmatlas.model.loading import sha256_file
-
-            self._sha256 = sha256_file(self.file)
-        return self._sha256
 
 
 class Model:
@@ -58,6 +45,7 @@ class Model:
         layout: sizes (layers, heads, KV heads, d_head, neurons, vocab).
         W: per-head / per-neuron weight views (:class:`~lmatlas.model.weights.ModelWeights`).
         provenance: source, file and hash.
+        hook_stack: the active hook sessions of this model (see :mod:`lmatlas.model.hooks`).
     """
 
     def __init__(self, hf: nn.Module, tokenizer: Any, spec: ArchSpec, provenance: Provenance):
@@ -67,6 +55,7 @@ class Model:
         self.layout: HeadLayout = read_layout(spec, hf)
         self.W = ModelWeights(spec, hf, self.layout)
         self.provenance = provenance
+        self.hook_stack = HookStack(self)
 
     @classmethod
     def from_hf(
@@ -134,6 +123,7 @@ class Model:
             "file": self.provenance.file,
             "file_sha256": self.provenance.sha256,
             "revision": self.provenance.revision,
+            **({"edit": self.active_edits} if self.active_edits else {}),
         }
 
     # -- running -----------------------------------------------------------------------------------
@@ -146,77 +136,207 @@ class Model:
             batch = {"input_ids": ids}
         elif isinstance(inputs, str) or (isinstance(inputs, Sequence) and all(isinstance(s, str) for s in inputs)):
             if self.tokenizer is None:
-                raise ValueError("This model has no tokenizer: pass token ids as a tensor.")
+                raise InputError("This model has no tokenizer: pass token ids as a tensor.")
             batch = dict(self.tokenizer(inputs, return_tensors="pt", padding=not isinstance(inputs, str)))
         else:
-            raise TypeError(f"Cannot run on {type(inputs).__name__}: pass text, a list of texts or token ids.")
-        if "input_ids" not in batch:
-            raise ValueError("Inputs need 'input_ids'.")
+            raise InputError(f"Cannot run on {type(inputs).__name__}: pass text, a list of texts or token ids.")
+        ids = batch.get("input_ids")
+        if ids is None:
+            raise InputError("Inputs need 'input_ids'.")
+        if ids.dim() != 2 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+            raise InputError(f"Token ids must be integers shaped [batch, pos] or [pos], got {tuple(ids.shape)} {ids.dtype}.")
+        if ids.shape[-1] == 0:
+            raise InputError("The input is empty (no tokens): pass some text or token ids.")
+        if int(ids.min()) < 0 or int(ids.max()) >= self.layout.d_vocab:
+            raise InputError(f"Token ids must lie in [0, {self.layout.d_vocab}) (the vocabulary), "
+                             f"got values in [{int(ids.min())}, {int(ids.max())}].")
         return {k: v.to(self.device) for k, v in batch.items()}
 
     def forward(self, inputs: Inputs) -> torch.Tensor:
-        """Plain forward pass: ``[batch, pos, d_vocab]`` logits (no gradients)."""
+        """Plain forward pass: ``[batch, pos, d_vocab]`` logits (no gradients, no hooks of lmatlas's own)."""
         with torch.no_grad():
             return self.hf(**self.tokenize(inputs), use_cache=False).logits
 
-    def _replacements(self, replace: Mapping[str | Site, Replacement] | None) -> dict[Site, Replacement]:
-        out: dict[Site, Replacement] = {}
-        for name, value in (replace or {}).items():
-            for site in parse_sites(name, self.layout):
-                out[site] = value
+    def replacements(self, replace: "Mapping[str | Site, Replacement] | Any | None") -> list[BoundReplacement]:
+        """Bind ``{site_name[@positions]: tensor | number | fn}`` to sites (``"attn.z"`` = every layer).
+
+        ``replace`` may also be an :class:`~lmatlas.edit.Edit` or an intervention (anything with
+        ``bind(model)``), or a list of already bound replacements.
+        """
+        if replace is None:
+            return []
+        if hasattr(replace, "bind"):
+            return replace.bind(self)
+        if isinstance(replace, (list, tuple)) and all(isinstance(r, BoundReplacement) for r in replace):
+            return list(replace)
+        out: list[BoundReplacement] = []
+        for name, value in replace.items():
+            site_name, positions = split_site_name(str(name))
+            for site in parse_sites(site_name, self.layout):
+                out.append(BoundReplacement(site, value, positions))
         return out
 
     def hooked(
         self, capture: SiteNames = (), replace: Mapping[str | Site, Replacement] | None = None,
-        keep_grad: bool = False,
+        keep_grad: bool = False, prompt_len: int | None = None,
     ) -> HookSession:
-        """Hooks for any forward or ``generate`` inside a ``with`` block.
+        """Hooks for any forward or ``generate`` inside a ``with`` block (sessions nest; see :mod:`lmatlas.model.hooks`).
 
-        ``replace`` maps site names to a tensor or to ``fn(value, site) -> tensor | None``;
+        ``replace`` maps site names (with optional ``@positions``) to a tensor, a number or
+        ``fn(value, ctx) -> tensor | None`` (see :mod:`lmatlas.model.replacement`);
         captured values land in the session's ``store`` (``{"L3.attn.z": tensor}``;
-        captures of repeated forwards overwrite each other).
+        captures of repeated forwards overwrite each other). ``prompt_len`` fixes what
+        negative positions count from (default: the first forward of each sequence).
         """
-        return HookSession(self, self.sites(capture) if capture else (), self._replacements(replace),
-                           keep_grad=keep_grad)
+        session = HookSession(self, self.sites(capture) if capture else (), self.replacements(replace),
+                              keep_grad=keep_grad, prompt_len=prompt_len)
+        session.edit = _described(replace)
+        return session
 
-    @contextmanager
-    def trace(
+    def edit(self, edit: Any) -> HookSession:
+        """``with model.edit(edit):`` applies an :class:`~lmatlas.edit.Edit` (or one intervention) to every
+        forward and ``generate`` inside the block; ``model.card()["edit"]`` records it meanwhile."""
+        return self.hooked(replace=edit)
+
+    def edited(self, edit: Any) -> "EditedModel":
+        """A handle that runs this model under ``edit`` (checked now); ``self`` stays untouched."""
+        from lmatlas.model.edited import EditedModel
+
+        return EditedModel(self, edit)
+
+    @property
+    def active_edits(self) -> list[str]:
+        """Descriptions of the edits applied by the active hook sessions (outer first)."""
+        return [line for session in self.hook_stack.sessions for line in (getattr(session, "edit", None) or [])]
+
+    def run(
         self,
         inputs: Inputs,
+        *,
         capture: SiteNames = (),
         replace: Mapping[str | Site, Replacement] | None = None,
         grad: bool = False,
-    ) -> Iterator[ActivationCache]:
-        """Run one forward pass and capture sites: ``with model.trace(x, capture=[...]) as cache``.
+        stop_after: int | None = None,
+        lm_head: bool = True,
+        prompt_len: int | None = None,
+    ) -> ActivationCache:
+        """Run one forward pass with hooks: ``cache = model.run(x, capture=[...], replace={...})``.
 
         Args:
-            inputs: text, a list of texts (padded on the tokenizer's side), or token ids.
+            inputs: text, a list of texts (padded on the tokenizer's side), or token ids ``[batch, pos]``.
             capture: site names to keep (``"attn.z"`` = every layer, ``"L3.mlp.act"`` = one).
-            replace: site -> replacement applied in flight (see :mod:`lmatlas.model.hooks`).
-            grad: keep the autograd graph (for attribution methods); otherwise runs under no_grad.
+            replace: ``{site[@positions]: tensor | number | fn(value, ctx)}`` applied in flight
+                (see :mod:`lmatlas.model.replacement`); positions must lie inside the input.
+            grad: run with gradients and keep every captured tensor on the autograd path to
+                the logits (``torch.autograd.grad(loss, cache[site])`` works for every site).
+            stop_after: stop after block ``stop_after`` (nothing later is computed; no logits).
+            lm_head: compute the logits (``False``: only the decoder blocks run).
+            prompt_len: what negative positions count from (default: the input's length).
+
+        Returns:
+            :class:`~lmatlas.model.cache.ActivationCache` with the captured values, the
+            ``input_ids`` and (``lm_head`` and no ``stop_after``) ``logits`` ``[batch, pos, d_vocab]``.
         """
         batch = self.tokenize(inputs)
+        n = int(batch["input_ids"].shape[1])
+        bound = self.replacements(replace)
+        for replacement in bound:
+            if replacement.positions is not None:
+                _check_inside(replacement, n, prompt_len or n)
+        stop = None if stop_after is None else check_layer(int(stop_after), self.layout)
         cache = ActivationCache(self.layout, input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
-        session = HookSession(self, self.sites(capture) if capture else (), self._replacements(replace),
-                              store=cache.values, extras=cache.extras, keep_grad=grad)
+        session = HookSession(self, self.sites(capture) if capture else (), bound, store=cache.values,
+                              extras=cache.extras, keep_grad=grad, prompt_len=prompt_len)
+        session.edit = _described(replace)
+        cache.edit = self.active_edits + (session.edit or [])
         with session, torch.set_grad_enabled(grad):
-            cache.logits = self.hf(**batch, use_cache=False).logits
-        yield cache
+            stopper = self.blocks[stop].register_forward_hook(_stop_forward) if stop is not None else None
+            try:
+                if lm_head and stop is None:
+                    cache.logits = self.hf(**batch, use_cache=False).logits
+                else:
+                    self.hf.base_model(**batch, use_cache=False)
+            except _StopForward:
+                pass
+            finally:
+                if stopper is not None:
+                    stopper.remove()
+        return cache
 
-    def generate(self, inputs: Inputs, max_new_tokens: int = 32, **kwargs: Any) -> list[str]:
-        """Greedy (by default) generation; returns only the new text of each sequence."""
+    def generate(self, inputs: Inputs, max_new_tokens: int = 32, *, chat: bool = False, edit: Any = None,
+                 compare: bool = False, **kwargs: Any) -> Any:
+        """Greedy (by default) generation; returns the new text of each sequence.
+
+        Args:
+            chat: apply the tokenizer's chat template to a single prompt (instruct models need it).
+            edit: an :class:`~lmatlas.edit.Edit` (or intervention) applied at every step (its
+                interventions' ``steps`` choose which).
+            compare: return a :class:`~lmatlas.edit.generation.Comparison` of the unedited and the
+                edited continuation, with each token's log-probability under both (needs ``edit``).
+            kwargs: passed to ``transformers``' ``generate`` (``do_sample``, ``past_key_values``, ...).
+
+        An empty continuation is logged with the stop token that ended it.
+        """
+        from lmatlas.edit import generation
+
         if self.tokenizer is None:
-            raise ValueError("generate() needs a tokenizer.")
-        batch = self.tokenize(inputs)
+            raise InputError("generate() needs a tokenizer.")
+        if compare:
+            if edit is None or not isinstance(inputs, str):
+                raise InputError("compare=True needs one prompt (a string) and an edit.")
+            return generation.compare(self, inputs, edit, max_new_tokens, chat=chat, **kwargs)
+        if chat and not isinstance(inputs, str):
+            raise InputError("chat=True takes one prompt (a string).")
+        batch = generation.prompt_ids(self, inputs, chat) if chat else self.tokenize(inputs)
         kwargs.setdefault("do_sample", False)
-        with torch.no_grad():
-            out = self.hf.generate(**batch, max_new_tokens=max_new_tokens,
-                                   pad_token_id=pad if (pad := self.tokenizer.pad_token_id) is not None
-                                   else self.tokenizer.eos_token_id, **kwargs)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        with self.hooked(replace=edit) if edit is not None else _nothing(), torch.no_grad():
+            out = self.hf.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=pad, **kwargs)
         new = out[:, batch["input_ids"].shape[1]:]
-        return self.tokenizer.batch_decode(new, skip_special_tokens=True)
+        texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
+        for row, text in zip(new.tolist(), texts):
+            if not text.strip():
+                reason = generation.stop_reason(self, row, max_new_tokens) or "only special tokens were generated"
+                hint = " (an instruct model: try chat=True)" if not chat and getattr(
+                    self.tokenizer, "chat_template", None) else ""
+                _log.warning("Empty continuation: %s%s.", reason, hint)
+        return texts
 
     def __repr__(self) -> str:
         lay = self.layout
         return (f"Model({self.provenance.source!r}, family={self.family}, layers={lay.n_layers}, "
                 f"heads={lay.n_heads}/{lay.n_kv_heads}kv, neurons={lay.d_mlp}, vocab={lay.d_vocab})")
+
+
+def _described(replace: Any) -> list[str] | None:
+    """What provenance records for a replacement: an edit's description, or the replaced site names."""
+    if replace is None:
+        return None
+    if hasattr(replace, "describe"):
+        described = replace.describe()
+        return described if isinstance(described, list) else [described]
+    if isinstance(replace, Mapping):
+        return [f"replace {name}" for name in replace]
+    return [f"replace {r.name}" for r in replace]
+
+
+class _StopForward(Exception):
+    """Raised after the ``stop_after`` block: nothing later is needed."""
+
+
+def _stop_forward(module, args, output):
+    raise _StopForward
+
+
+def _check_inside(replacement: BoundReplacement, n: int, prompt_len: int) -> None:
+    """A position selector of a plain forward must name positions inside the input (``0 .. n - 1``)."""
+    positions = replacement.positions
+    positions.check(prompt_len, replacement.name)
+    start, stop, indices = positions.absolute(prompt_len)
+    outside = [p for p in (indices or ()) if p >= n]
+    if indices is None and start is not None and start >= n:
+        outside = [start]
+    if outside:
+        raise SiteError(
+            f"Position @{positions} of {replacement.name} is outside the input: it has {n} tokens (positions 0..{n - 1})."
+        )

@@ -7,7 +7,6 @@ LM of a supported family), and only then are weights and tokenizer loaded.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -19,19 +18,12 @@ from lmatlas.model import gguf_cache
 from lmatlas.model.families import spec_for_model_type
 from lmatlas.model.handle import Model
 from lmatlas.model.packaged import PACKAGED, packaged_path
+from lmatlas.model.provenance import sha256_file  # noqa: F401 (re-exported)
 
 GGUF_MAGIC = b"GGUF"
 PACKAGED_DEFAULT_LABEL = "smollm2-135m (packaged default)"
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-
-
-def sha256_file(path: str | Path, block: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(block):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _dtype(dtype: torch.dtype | str | None) -> torch.dtype | str:

@@ -26,6 +26,8 @@ class Component:
     doc: str
     head_axis: str | None = None  # "head" or "kv_head" when the value is per head
     in_attention_fn: bool = False  # seen inside the registered attention function
+    pos_axis: int = 1  # the axis that positions (``@...`` selectors) index
+    key_positions: bool = False  # positions are key positions (the cache and this call), not query positions
 
 
 #: The declarative table of site components.
@@ -38,11 +40,13 @@ COMPONENTS: dict[str, Component] = {
     ),
     "attn.k": Component(
         "[batch, key_pos, kv_head, d_head]", "keys as the attention sees them (after rotary and k-norm)",
-        "kv_head", True,
+        "kv_head", True, key_positions=True,
     ),
-    "attn.v": Component("[batch, key_pos, kv_head, d_head]", "values of each KV head", "kv_head", True),
+    "attn.v": Component(
+        "[batch, key_pos, kv_head, d_head]", "values of each KV head", "kv_head", True, key_positions=True
+    ),
     "attn.pattern": Component(
-        "[batch, head, pos, key_pos]", "attention probabilities of each query head", "head", True
+        "[batch, head, pos, key_pos]", "attention probabilities of each query head", "head", True, pos_axis=2
     ),
     "attn.z": Component("[batch, pos, head, d_head]", "each head's output before the output projection", "head"),
     "attn.out": Component(

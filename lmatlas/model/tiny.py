@@ -89,8 +89,9 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def tiny_model(model_type: str, seed: int = 0):
-    """A tiny random model of ``model_type`` wrapped as an lmatlas ``Model``."""
+def tiny_model(model_type: str, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A tiny random model of ``model_type`` wrapped as an lmatlas ``Model`` (``float64`` for gradient checks)."""
     from lmatlas.model.handle import Model
 
-    return Model.from_hf(tiny_hf_model(model_type, seed=seed), byte_tokenizer(), source=f"tiny:{model_type}")
+    hf = tiny_hf_model(model_type, seed=seed, dtype=dtype)
+    return Model.from_hf(hf, byte_tokenizer(), source=f"tiny:{model_type}")

@@ -32,8 +32,7 @@ def _reduce(model: "Model", ctx: BuildContext) -> list[dict[str, torch.Tensor]]:
     stats: list[dict[str, torch.Tensor]] = [{} for _ in range(n_layers)]
     for start in range(0, corpus.shape[0], batch):
         ids = corpus[start: start + batch]
-        with model.trace(ids, capture=["mlp.act"]) as cache:
-            pass
+        cache = model.run(ids, capture=["mlp.act"])
         for layer in range(n_layers):
             acts = cache.neurons(layer).float().flatten(0, 1)  # [positions, neuron]
             offset = start * corpus.shape[1]

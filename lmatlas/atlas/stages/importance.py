@@ -37,8 +37,7 @@ def _ids(ctx: BuildContext) -> torch.Tensor:
 def _clean(model: "Model", ctx: BuildContext) -> dict:
     """Clean loss and per-layer means of ``attn.z`` ``[head, d_head]`` and ``mlp.out`` ``[d_model]``."""
     ids = _ids(ctx)
-    with model.trace(ids, capture=["attn.z", "mlp.out"]) as cache:
-        pass
+    cache = model.run(ids, capture=["attn.z", "mlp.out"])
     return {
         "loss": corpus_loss(cache.logits, ids),
         "z": [cache.z(layer).mean(dim=(0, 1)) for layer in range(model.layout.n_layers)],
@@ -47,8 +46,7 @@ def _clean(model: "Model", ctx: BuildContext) -> dict:
 
 
 def _ablated_loss(model: "Model", ids: torch.Tensor, site: str, replacement) -> float:
-    with model.trace(ids, replace={site: replacement}) as cache:
-        pass
+    cache = model.run(ids, replace={site: replacement})
     return corpus_loss(cache.logits, ids)
 
 
@@ -66,7 +64,8 @@ def compute(model: "Model", unit: str, ctx: BuildContext):
 
         loss = _ablated_loss(model, ids, f"L{layer}.attn.z", ablate)
         heads.append({"layer": layer, "head": head, "delta_loss": loss - clean["loss"]})
-    mlp_loss = _ablated_loss(model, ids, f"L{layer}.mlp.out", clean["mlp"][layer])
+    mlp_mean = clean["mlp"][layer]  # [d_model]: written at every position
+    mlp_loss = _ablated_loss(model, ids, f"L{layer}.mlp.out", lambda out, ctx: mlp_mean.expand_as(out))
     return {"head_importance": heads, "mlp_importance": [{"layer": layer, "delta_loss": mlp_loss - clean["loss"]}]}
 
 

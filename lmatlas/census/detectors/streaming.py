@@ -124,8 +124,8 @@ def output_change(
     mask = mask.to(model.device)
     probes = {layer: _SplitProbe(model.W.W_O(layer).detach().float(), mask, n_sink, window, chunk)
               for layer in range(lay.n_layers)}
-    with HookSession(model, probes=probes), torch.no_grad():
-        model.hf.base_model(input_ids=ids, use_cache=False)
+    with HookSession(model, probes=probes):
+        model.run(ids, lm_head=False)
     missing = [layer for layer, probe in probes.items() if probe.calls != 1]
     if missing:
         raise LmatlasError(f"The attention of layers {missing} did not run through lmatlas's attention function once.")

@@ -78,7 +78,8 @@ def effective_embedding(model: "Model", token_ids: torch.Tensor, embedding: str 
     if embedding == "embed":
         with torch.no_grad():
             return get_path(model.hf, model.spec.embed)(ids).float()
-    store = run_body(model, ids[:, None], replace={"L0.attn.out": lambda v, s: torch.zeros_like(v)}, stop_after=0)
+    store = run_body(model, ids[:, None], replace={"L0.attn.out": lambda v, s: torch.zeros_like(v)},
+                     capture=["L0.resid.post"], stop_after=0)
     return store["L0.resid.post"][:, 0].float()
 
 
