@@ -544,6 +544,8 @@ def memory_and_check_round(variants: list[Variant], params) -> tuple[dict, dict]
         memory[variant.name] = {"peak_mb": round(peak / MB, 1), "captured_mb": round(held_bytes(store.values()) / MB, 1),
                                 "captured_bytes": held_bytes(store.values()),
                                 "sites": len(store), "memory_run_s": round(seconds, 3)}
+        if variant.grad and store:
+            memory[variant.name]["captures_in_graph"] = all(t.requires_grad for t in store.values())
         set_name, _, tool = variant.name.partition("/")
         if loss is not None:
             losses[variant.name] = loss
@@ -553,8 +555,6 @@ def memory_and_check_round(variants: list[Variant], params) -> tuple[dict, dict]
             references = {set_name: store}  # one reference at a time
         elif set_name in references and tool not in ("", "plain"):
             checks[variant.name] = compare(store, references[set_name])
-            if variant.grad:
-                checks[variant.name]["captures_in_graph"] = all(t.requires_grad for t in store.values())
         del store, logits
         log(f"memory {variant.name:28s} peak +{peak / MB:8.1f} MB in {seconds:6.2f}s")
     if losses:  # grad/plain comes first
