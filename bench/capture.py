@@ -156,15 +156,16 @@ def _status_kb(field_name: str) -> int:
     return int(re.search(rf"^{field_name}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M).group(1))
 
 
-def release_and_reset_peak() -> int:
-    """Free what can be freed, reset ``VmHWM`` to ``VmRSS``; returns the resident bytes (the baseline)."""
+def release_and_reset_peak() -> tuple[int, bool]:
+    """Free what can be freed, reset ``VmHWM`` to ``VmRSS``: ``(resident bytes, whether the reset worked)``."""
     gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except OSError:
         pass
     Path("/proc/self/clear_refs").write_text("5")
-    return _status_kb("VmRSS") * 1024
+    rss, hwm = _status_kb("VmRSS"), _status_kb("VmHWM")
+    return rss * 1024, hwm <= rss + 1024
 
 
 def held_bytes(tensors) -> int:
@@ -538,12 +539,12 @@ def memory_and_check_round(variants: list[Variant], params) -> tuple[dict, dict]
     references: dict[str, Store] = {}
     losses: dict[str, float] = {}
     for variant in variants:  # lmatlas comes first in every set, so its store is the reference
-        baseline = release_and_reset_peak()
+        baseline, reset_ok = release_and_reset_peak()
         store, logits, seconds, loss = call(variant, params)
         peak = _status_kb("VmHWM") * 1024 - baseline
         memory[variant.name] = {"peak_mb": round(peak / MB, 1), "captured_mb": round(held_bytes(store.values()) / MB, 1),
                                 "captured_bytes": held_bytes(store.values()),
-                                "sites": len(store), "memory_run_s": round(seconds, 3)}
+                                "sites": len(store), "memory_run_s": round(seconds, 3), "hwm_reset": reset_ok}
         if variant.grad and store:
             memory[variant.name]["captures_in_graph"] = all(t.requires_grad for t in store.values())
         set_name, _, tool = variant.name.partition("/")

@@ -48,6 +48,8 @@ def test_capture_benchmark_quick(tmp_path):
     assert hand_all["check"]["equal"] and hand_all["check"]["sites_compared"] == 9 * n_layers
     assert results["common"]["hand"]["same_run_as"] == "all/hand"
     assert results["common"]["lmatlas"]["sites"] == 9 * n_layers
+    # the same nine components hold the same storage in both (a view counts its whole storage once)
+    assert results["common"]["lmatlas"]["captured_bytes"] == hand_all["captured_bytes"] > 0
     # captured bytes: [batch, pos, d_model] float32 per layer for resid.post (tiny llama: d_model 64)
     assert one["lmatlas"]["captured_bytes"] == one["hand"]["captured_bytes"] == n_layers * 2 * 16 * 64 * 4
     # gradients: the captures stay on the graph and the loss equals the plain forward's
@@ -57,7 +59,7 @@ def test_capture_benchmark_quick(tmp_path):
     assert set(report["grad_losses"]) == {"grad/plain", "grad:one_kind/lmatlas", "grad:one_kind/hand"}
     assert all(loss["equal"] for loss in report["grad_losses"].values())
     for row in [*one.values(), *results["all"].values(), *grad.values()]:
-        assert row["median_s"] > 0 and row["ratio"] > 0 and row["peak_mb"] >= 0
+        assert row["median_s"] > 0 and row["ratio"] > 0 and row["peak_mb"] >= 0 and row["hwm_reset"]
     assert {"median", "iqr", "q25", "q75"} <= set(report["noise"]["time_ratio_plain_b_over_plain_a"])
     assert "load average" in report["uptime_before"]
     assert report["verdict"]["one_kind"]["compared_on_same_components_with"] == ["hand"]
