@@ -42,35 +42,38 @@ and no replaced ``forward`` after the peers are set up.
 
 Capture sets: ``one_kind`` (``resid.post`` at every layer), ``all`` (every lmatlas
 site component at every layer, or the closest set the tool offers; ``tools.*.missing``
-lists what it cannot give) and ``common`` (the components every tool gives, when
-``all`` differs between tools). ``grad:<set>`` keeps the autograd graph: capture,
+lists what it cannot give) and ``common`` (the components every tool gives, run by
+lmatlas when some tool lacks a component; that tool's ``all`` run is its ``common``
+one, and the tools that give everything are compared with lmatlas in ``all``). ``grad:<set>`` keeps the autograd graph: capture,
 then ``backward()`` of a scalar of the logits (``logsumexp(-1).mean()``), against a
 plain forward + backward (``grad/plain``); parameter gradients are dropped after
 every run, outside the timed region.
 
-Equality: before timing, every tool's captured tensors are compared with lmatlas's
-(``torch.allclose(rtol, atol)`` on every common site; ``max_abs_diff`` reported) and
-the run fails if any differ.
+Warm-up (``--warmup`` rounds): every variant once on a 2 x 8 slice of the ids (lazy
+set-up, code paths), then one plain forward of the full batch.
 
-Timing: ``--warmup`` rounds, then ``--repeats`` timed rounds; each round runs every
-variant once (round-robin, the order rotated by one every round), ``gc.collect()``
-between variants outside the timed region. ``ratio`` is the median over rounds of
-``time / plain_a time of the same round`` (``grad:*``: over ``grad/plain``);
-``ratio_iqr`` its quartiles. Noise: ``noise.time`` holds the same statistics for
+Timing: up to ``--repeats`` rounds; each round runs every variant once (round-robin,
+the order rotated by one every round), ``gc.collect()`` between variants outside the
+timed region; ``--max-minutes`` stops adding rounds (two at least) on a slow machine.
+``ratio`` is the median over rounds of ``time / plain_a time of the same round``
+(``grad:*``: over ``grad/plain``); ``ratio_iqr`` its quartiles. Noise:
+``noise.time_ratio_plain_b_over_plain_a`` holds the same statistics for
 ``plain_b / plain_a``; its ``iqr`` is the noise floor used in ``verdict``.
 
-Memory: one extra round between warm-up and timing, where each variant runs once
-after ``gc.collect()``, ``malloc_trim(0)`` and a reset of the kernel's resident
-high-water mark (``echo 5 > /proc/self/clear_refs``); ``peak_mb`` is ``VmHWM``
-after the run minus ``VmRSS`` before it (all storage the run touched, whoever
-allocated it), ``extra_peak_mb`` that minus the plain forward's (``grad/plain``'s
-for ``grad:*``), ``captured_mb`` the bytes of the distinct storages the captured
-tensors hold (the logits not included). ``noise.memory_mb`` is
-``|peak(plain_b) - peak(plain_a)|``.
+Memory and equality: one last round where each variant runs once after
+``gc.collect()``, ``malloc_trim(0)`` and a reset of the kernel's resident high-water
+mark (``echo 5 > /proc/self/clear_refs``). ``peak_mb`` is ``VmHWM`` after the run minus
+``VmRSS`` before it (all storage the run touched, whoever allocated it),
+``extra_peak_mb`` that minus the plain forward's (``grad/plain``'s for ``grad:*``),
+``captured_mb`` the bytes of the distinct storages the captured tensors hold (the
+logits not included). ``noise.memory_mb`` is ``|peak(plain_b) - peak(plain_a)|``. In
+the same round every tool's captured tensors are compared with lmatlas's
+(``torch.allclose(rtol, atol)`` on every common site; ``max_abs_diff`` reported), the
+``grad`` losses with the plain one, and the run fails if any differ.
 
     .venv/bin/python bench/capture.py [--model smollm2-135m|tiny:llama] [--batch 8] [--seq 128]
         [--repeats 5] [--tools lmatlas,hand,transformer_lens,nnsight] [--grad-sets one_kind]
-        [--attn eager] [--out bench/results/capture.json] [--quick]
+        [--attn eager] [--threads N] [--max-minutes M] [--out bench/results/capture.json] [--quick]
     .venv/bin/python bench/capture.py --table bench/results/capture.json   # the README table
 """
 
@@ -114,7 +117,7 @@ T0 = time.perf_counter()
 TOLERANCE = (1e-4, 1e-4)
 
 Store = dict[str, torch.Tensor]
-Run = Callable[[], tuple[Store, torch.Tensor]]
+Run = Callable[[torch.Tensor], tuple[Store, torch.Tensor]]  # ids [batch, pos] -> (captured, logits)
 
 
 def log(message: str) -> None:
@@ -127,7 +130,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--warmup", type=int, default=1, help="warm-up rounds (see warm_up)")
+    parser.add_argument("--max-minutes", type=float, default=None,
+                        help="stop adding timed rounds (at least two) when the whole run would exceed this")
     parser.add_argument("--tools", default=None, help="comma-separated subset of " + ",".join(TOOLS))
     parser.add_argument("--grad-sets", nargs="*", default=["one_kind"], choices=list(SETS))
     parser.add_argument("--attn", default="eager", choices=["eager", "sdpa"])
@@ -209,11 +214,11 @@ def lmatlas_capture(model: lmatlas.Model, ids: torch.Tensor, capture: list[str],
         return cache
 
 
-def lmatlas_tool(model: lmatlas.Model, ids: torch.Tensor) -> Tool:
+def lmatlas_tool(model: lmatlas.Model) -> Tool:
     def make(components: list[str], grad: bool) -> Run:
         names = [str(site) for site in model.sites(components)]
 
-        def run() -> tuple[Store, torch.Tensor]:
+        def run(ids: torch.Tensor) -> tuple[Store, torch.Tensor]:
             cache = lmatlas_capture(model, ids, components, grad)
             return {name: cache[name] for name in names}, cache.logits
 
@@ -224,7 +229,7 @@ def lmatlas_tool(model: lmatlas.Model, ids: torch.Tensor) -> Tool:
                 "pattern) when q/k/v/pattern are captured", "model.hf", ALL, make, [f"API: {api}"])
 
 
-def hand_tool(model: lmatlas.Model, ids: torch.Tensor, attn: str) -> Tool:
+def hand_tool(model: lmatlas.Model, attn: str) -> Tool:
     lay, layers = model.layout, model.hf.model.layers
     provides = ["resid.pre", "resid.mid", "resid.post", "attn.v", "attn.z", "attn.out", "mlp.act", "mlp.out"]
     if attn == "eager":
@@ -282,7 +287,7 @@ def hand_tool(model: lmatlas.Model, ids: torch.Tensor, attn: str) -> Tool:
                 handles.append(attn_module.o_proj.register_forward_pre_hook(z_in))
             return handles
 
-        def run() -> tuple[Store, torch.Tensor]:
+        def run(ids: torch.Tensor) -> tuple[Store, torch.Tensor]:
             store: Store = {}
             handles = []
             try:
@@ -316,7 +321,7 @@ TL_HOOKS = {
 }
 
 
-def transformer_lens_tool(model: lmatlas.Model, ids: torch.Tensor) -> Tool:
+def transformer_lens_tool(model: lmatlas.Model) -> Tool:
     from transformer_lens.model_bridge.sources import build_bridge_from_module
 
     architecture = model.hf.config.architectures[0] if model.hf.config.architectures else "LlamaForCausalLM"
@@ -336,7 +341,7 @@ def transformer_lens_tool(model: lmatlas.Model, ids: torch.Tensor) -> Tool:
         names = {f"L{i}.{c}": TL_HOOKS[c].format(i=i) for c in components for i in range(model.layout.n_layers)}
         hook_names = list(names.values())
 
-        def run() -> tuple[Store, torch.Tensor]:
+        def run(ids: torch.Tensor) -> tuple[Store, torch.Tensor]:
             if not grad:
                 logits, cache = tl.run_with_cache(ids, names_filter=hook_names)
                 return {site: cache[hook] for site, hook in names.items()}, logits
@@ -359,7 +364,7 @@ def transformer_lens_tool(model: lmatlas.Model, ids: torch.Tensor) -> Tool:
                             "attn.q/attn.k = hook_rot_q/hook_rot_k (after rotary)"])
 
 
-def nnsight_tool(model: lmatlas.Model, ids: torch.Tensor, attn: str) -> Tool:
+def nnsight_tool(model: lmatlas.Model, attn: str) -> Tool:
     import nnsight
 
     hf = shared_copy(model.hf)
@@ -375,7 +380,7 @@ def nnsight_tool(model: lmatlas.Model, ids: torch.Tensor, attn: str) -> Tool:
     def make(components: list[str], grad: bool) -> Run:
         wanted = set(components)
 
-        def run() -> tuple[Store, torch.Tensor]:
+        def run(ids: torch.Tensor) -> tuple[Store, torch.Tensor]:
             store: Store = {}
             with wrapped.trace(ids):
                 for i, layer in enumerate(layers):  # every read in execution order
@@ -423,7 +428,7 @@ def nnsight_tool(model: lmatlas.Model, ids: torch.Tensor, attn: str) -> Tool:
                  "attn.out computed inside the trace from o_proj.input and o_proj.weight"])
 
 
-def setup_tools(model: lmatlas.Model, ids: torch.Tensor, args: argparse.Namespace) -> tuple[dict, dict]:
+def setup_tools(model: lmatlas.Model, args: argparse.Namespace) -> tuple[dict, dict]:
     """``(tools that run, {tool: why it was skipped})``."""
     tools: dict[str, Tool] = {}
     skipped: dict[str, str] = {}
@@ -433,13 +438,13 @@ def setup_tools(model: lmatlas.Model, ids: torch.Tensor, args: argparse.Namespac
             continue
         try:
             if name == "lmatlas":
-                tools[name] = lmatlas_tool(model, ids)
+                tools[name] = lmatlas_tool(model)
             elif name == "hand":
-                tools[name] = hand_tool(model, ids, args.attn)
+                tools[name] = hand_tool(model, args.attn)
             elif name == "transformer_lens":
-                tools[name] = transformer_lens_tool(model, ids)
+                tools[name] = transformer_lens_tool(model)
             else:
-                tools[name] = nnsight_tool(model, ids, args.attn)
+                tools[name] = nnsight_tool(model, args.attn)
         except ImportError as error:
             skipped[name] = f"not installed ({error}); pip install 'lmatlas[bench]'"
             log(f"skipping {name}: {skipped[name]}")
@@ -462,13 +467,13 @@ class Variant:
     baseline: str      # the variant its ratio is taken against
 
 
-def plain_run(model: lmatlas.Model, ids: torch.Tensor) -> Run:
-    def run() -> tuple[Store, torch.Tensor]:
+def plain_run(model: lmatlas.Model) -> Run:
+    def run(ids: torch.Tensor) -> tuple[Store, torch.Tensor]:
         return {}, model.hf(input_ids=ids, use_cache=False).logits
     return run
 
 
-def build_variants(model, ids, tools: dict[str, Tool], grad_sets: list[str]) -> tuple[list[Variant], dict]:
+def build_variants(model, tools: dict[str, Tool], grad_sets: list[str]) -> tuple[list[Variant], dict]:
     """The variants and, per set, ``{tool: components}`` (the closest set each tool offers)."""
     sets: dict[str, dict[str, list[str]]] = {}
     for set_name, components in SETS.items():
@@ -478,26 +483,26 @@ def build_variants(model, ids, tools: dict[str, Tool], grad_sets: list[str]) -> 
         # lmatlas and the tools that lack a component (their "all" run is this one); the others are
         # already compared with lmatlas on identical components in "all"
         sets["common"] = {t: common for t in tools if t == "lmatlas" or sets["all"][t] == common}
-    variants = [Variant("plain_a", plain_run(model, ids), False, "plain_a"),
-                Variant("plain_b", plain_run(model, ids), False, "plain_a")]
+    variants = [Variant("plain_a", plain_run(model), False, "plain_a"),
+                Variant("plain_b", plain_run(model), False, "plain_a")]
     for set_name, per_tool in sets.items():
         for t, components in per_tool.items():
             if set_name == "common" and sets["all"][t] == components:
                 continue  # the same run as all/<tool>
             variants.append(Variant(f"{set_name}/{t}", tools[t].make(components, False), False, "plain_a"))
     if grad_sets:
-        variants.append(Variant("grad/plain", plain_run(model, ids), True, "grad/plain"))
+        variants.append(Variant("grad/plain", plain_run(model), True, "grad/plain"))
     for set_name in grad_sets:
         for t, components in sets[set_name].items():
             variants.append(Variant(f"grad:{set_name}/{t}", tools[t].make(components, True), True, "grad/plain"))
     return variants, sets
 
 
-def call(variant: Variant, params: list[torch.nn.Parameter]) -> tuple[Store, torch.Tensor, float, float | None]:
+def call(variant: Variant, ids: torch.Tensor, params: list) -> tuple[Store, torch.Tensor, float, float | None]:
     """Run once: ``(captured, logits, seconds, loss)``; ``grad`` variants include ``backward()``."""
     start = time.perf_counter()
     if variant.grad:
-        store, logits = variant.run()
+        store, logits = variant.run(ids)
         loss = scalar(logits)
         loss.backward()
         seconds = time.perf_counter() - start
@@ -505,7 +510,7 @@ def call(variant: Variant, params: list[torch.nn.Parameter]) -> tuple[Store, tor
             p.grad = None
         return store, logits, seconds, float(loss)
     with torch.no_grad():
-        store, logits = variant.run()
+        store, logits = variant.run(ids)
     return store, logits, time.perf_counter() - start, None
 
 
@@ -532,7 +537,7 @@ def compare(store: Store, reference: Store) -> dict[str, Any]:
             "max_diff_over_max_abs_value": max((worst[c] / scale[c] for c in worst if scale[c] > 0), default=0.0)}
 
 
-def memory_and_check_round(variants: list[Variant], params) -> tuple[dict, dict]:
+def memory_and_check_round(variants: list[Variant], ids: torch.Tensor, params) -> tuple[dict, dict]:
     """Each variant once: peak memory (VmHWM reset) and captured bytes; captures compared with lmatlas's."""
     memory: dict[str, dict] = {}
     checks: dict[str, dict] = {}
@@ -540,7 +545,7 @@ def memory_and_check_round(variants: list[Variant], params) -> tuple[dict, dict]
     losses: dict[str, float] = {}
     for variant in variants:  # lmatlas comes first in every set, so its store is the reference
         baseline, reset_ok = release_and_reset_peak()
-        store, logits, seconds, loss = call(variant, params)
+        store, logits, seconds, loss = call(variant, ids, params)
         peak = _status_kb("VmHWM") * 1024 - baseline
         memory[variant.name] = {"peak_mb": round(peak / MB, 1), "captured_mb": round(held_bytes(store.values()) / MB, 1),
                                 "captured_bytes": held_bytes(store.values()),
@@ -566,17 +571,38 @@ def memory_and_check_round(variants: list[Variant], params) -> tuple[dict, dict]
     return memory, checks
 
 
-def timing_rounds(variants: list[Variant], params, warmup: int, repeats: int) -> dict[str, list[float]]:
+def warm_up(variants: list[Variant], ids: torch.Tensor, params, rounds: int) -> None:
+    """Every variant on the first two rows and eight positions of ``ids`` (code paths, lazy set-up), then
+    ``plain_a`` on the full batch (the allocator's first pages); ``rounds`` times."""
+    small = ids[:2, :8]
+    for _ in range(rounds):
+        for variant in variants:
+            call(variant, small, params)
+        call(variants[0], ids, params)
+        log("warm-up round done")
+
+
+def timing_rounds(variants: list[Variant], ids: torch.Tensor, params, repeats: int,
+                  budget_s: float | None) -> dict[str, list[float]]:
+    """Up to ``repeats`` rounds of every variant (order rotated by one each round); with ``budget_s``,
+    no round starts that would end after it (keeping one round's time for the memory round), but at
+    least two rounds run."""
     times: dict[str, list[float]] = {v.name: [] for v in variants}
-    for round_ in range(warmup + repeats):
+    started = time.perf_counter()
+    for round_ in range(repeats):
+        round_start = time.perf_counter()
         shift = round_ % len(variants)
         for variant in variants[shift:] + variants[:shift]:
             gc.collect()
-            store, logits, seconds, _ = call(variant, params)
+            store, logits, seconds, _ = call(variant, ids, params)
             del store, logits
-            if round_ >= warmup:
-                times[variant.name].append(seconds)
-        log(f"round {round_ + 1}/{warmup + repeats}{' (warm-up)' if round_ < warmup else ''} done")
+            times[variant.name].append(seconds)
+        took = time.perf_counter() - round_start
+        log(f"round {round_ + 1}/{repeats} done in {took:.0f}s")
+        elapsed = time.perf_counter() - started
+        if budget_s is not None and round_ >= 1 and elapsed + 2 * took > budget_s and round_ + 1 < repeats:
+            log(f"stopping after {round_ + 1} rounds: the time budget of {budget_s:.0f}s would be exceeded")
+            break
     return times
 
 
@@ -702,20 +728,21 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"the hand-written hooks and peer mappings are for the llama family, not {model.family}")
     model.hf.config._attn_implementation = args.attn
     ids = torch.randint(0, model.layout.d_vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
-    tools, skipped = setup_tools(model, ids, args)
+    tools, skipped = setup_tools(model, args)
     untouched(model.hf)
     params = list(model.hf.parameters())
-    variants, sets = build_variants(model, ids, tools, args.grad_sets)
+    variants, sets = build_variants(model, tools, args.grad_sets)
     log(f"{len(variants)} variants: {', '.join(v.name for v in variants)}")
-    times = timing_rounds(variants, params, args.warmup, 0)  # warm-up only
-    memory, checks = memory_and_check_round(variants, params)
-    times = timing_rounds(variants, params, 0, args.repeats)
+    warm_up(variants, ids, params, args.warmup)
+    budget = None if args.max_minutes is None else args.max_minutes * 60 - (time.perf_counter() - T0)
+    times = timing_rounds(variants, ids, params, args.repeats, budget)
+    memory, checks = memory_and_check_round(variants, ids, params)
     untouched(model.hf)
     summary = summarise(variants, times, memory, checks, sets, tools, skipped)
     report = {
         "benchmark": "capture", "model": args.model, "batch": args.batch, "seq": args.seq,
         "dtype": str(model.dtype).removeprefix("torch."), "device": str(model.device), "attn_implementation": args.attn,
-        "repeats": args.repeats, "warmup": args.warmup, "torch_threads": torch.get_num_threads(),
+        "repeats": len(times["plain_a"]), "repeats_asked": args.repeats, "warmup": args.warmup, "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(), "uptime_before": before, "uptime_after": uptime(), "versions": versions(),
         "tools": {name: {"attention": t.attention, "module": t.module, "provides": t.provides,
                          "missing": [c for c in ALL if c not in t.provides], "notes": t.notes}
