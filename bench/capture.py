@@ -60,9 +60,10 @@ timed region; ``--max-minutes`` stops adding rounds (two at least) on a slow mac
 ``noise.time_ratio_plain_b_over_plain_a`` holds the same statistics for
 ``plain_b / plain_a``; its ``iqr`` is the noise floor used in ``verdict``.
 
-Memory and equality: one last round where each variant runs once after
-``gc.collect()``, ``malloc_trim(0)`` and a reset of the kernel's resident high-water
-mark (``echo 5 > /proc/self/clear_refs``). ``peak_mb`` is ``VmHWM`` after the run minus
+Memory and equality, in the first timed round (so that they cost no extra round): before
+each variant, ``gc.collect()``, ``malloc_trim(0)`` and a reset of the kernel's resident
+high-water mark (``echo 5 > /proc/self/clear_refs``); so every variant of that round
+starts from returned pages, alike. ``peak_mb`` is ``VmHWM`` after the run minus
 ``VmRSS`` before it (all storage the run touched, whoever allocated it),
 ``extra_peak_mb`` that minus the plain forward's (``grad/plain``'s for ``grad:*``),
 ``captured_mb`` the bytes of the distinct storages the captured tensors hold (the
@@ -537,38 +538,47 @@ def compare(store: Store, reference: Store) -> dict[str, Any]:
             "max_diff_over_max_abs_value": max((worst[c] / scale[c] for c in worst if scale[c] > 0), default=0.0)}
 
 
-def memory_and_check_round(variants: list[Variant], ids: torch.Tensor, params) -> tuple[dict, dict]:
-    """Each variant once: peak memory (VmHWM reset) and captured bytes; captures compared with lmatlas's."""
-    memory: dict[str, dict] = {}
-    checks: dict[str, dict] = {}
-    references: dict[str, Store] = {}
-    losses: dict[str, float] = {}
-    for variant in variants:  # lmatlas comes first in every set, so its store is the reference
+@dataclass
+class Observer:
+    """Memory and equality, measured during the first timed round (see the module docstring)."""
+
+    memory: dict[str, dict] = field(default_factory=dict)
+    checks: dict[str, dict] = field(default_factory=dict)
+    reference: tuple[str, Store] | None = None  # (set, lmatlas's captures): one at a time
+    losses: dict[str, float] = field(default_factory=dict)
+
+    def run(self, variant: Variant, ids: torch.Tensor, params) -> float:
+        """Run once after a high-water-mark reset; record peak, captured bytes and the comparison; seconds."""
         baseline, reset_ok = release_and_reset_peak()
         store, logits, seconds, loss = call(variant, ids, params)
         peak = _status_kb("VmHWM") * 1024 - baseline
-        memory[variant.name] = {"peak_mb": round(peak / MB, 1), "captured_mb": round(held_bytes(store.values()) / MB, 1),
-                                "captured_bytes": held_bytes(store.values()),
-                                "sites": len(store), "memory_run_s": round(seconds, 3), "hwm_reset": reset_ok}
+        held = held_bytes(store.values())
+        self.memory[variant.name] = {"peak_mb": round(peak / MB, 1), "captured_mb": round(held / MB, 1),
+                                     "captured_bytes": held, "sites": len(store), "hwm_reset": reset_ok}
         if variant.grad and store:
-            memory[variant.name]["captures_in_graph"] = all(t.requires_grad for t in store.values())
-        set_name, _, tool = variant.name.partition("/")
+            self.memory[variant.name]["captures_in_graph"] = all(t.requires_grad for t in store.values())
         if loss is not None:
-            losses[variant.name] = loss
+            self.losses[variant.name] = loss
         elif logits.requires_grad:
             raise SystemExit(f"{variant.name} built an autograd graph under torch.no_grad()")
-        if tool == "lmatlas":
-            references = {set_name: store}  # one reference at a time
-        elif set_name in references and tool not in ("", "plain"):
-            checks[variant.name] = compare(store, references[set_name])
+        set_name, _, tool = variant.name.partition("/")
+        if tool == "lmatlas":  # lmatlas comes first in every set of the first round
+            self.reference = (set_name, store)
+        elif self.reference is not None and self.reference[0] == set_name and tool != "plain":
+            self.checks[variant.name] = compare(store, self.reference[1])
         del store, logits
-        log(f"memory {variant.name:28s} peak +{peak / MB:8.1f} MB in {seconds:6.2f}s")
-    if losses:  # grad/plain comes first
-        first = next(iter(losses.values()))
-        checks["grad_losses"] = {name: {"loss": v, "abs_diff_vs_plain": abs(v - first),
-                                        "equal": abs(v - first) <= TOLERANCE[0] * abs(first) + TOLERANCE[1]}
-                                 for name, v in losses.items()}
-    return memory, checks
+        log(f"{variant.name:32s} {seconds:7.2f}s, peak +{peak / MB:8.1f} MB")
+        return seconds
+
+    def finish(self) -> None:
+        """Compare every ``grad`` loss with the plain forward + backward's (which runs first)."""
+        self.reference = None
+        if self.losses:
+            first = next(iter(self.losses.values()))
+            self.checks["grad_losses"] = {
+                name: {"loss": v, "abs_diff_vs_plain": abs(v - first),
+                       "equal": abs(v - first) <= TOLERANCE[0] * abs(first) + TOLERANCE[1]}
+                for name, v in self.losses.items()}
 
 
 def warm_up(variants: list[Variant], ids: torch.Tensor, params, rounds: int) -> None:
@@ -582,26 +592,30 @@ def warm_up(variants: list[Variant], ids: torch.Tensor, params, rounds: int) -> 
         log("warm-up round done")
 
 
-def timing_rounds(variants: list[Variant], ids: torch.Tensor, params, repeats: int,
-                  budget_s: float | None) -> dict[str, list[float]]:
-    """Up to ``repeats`` rounds of every variant (order rotated by one each round); with ``budget_s``,
-    no round starts that would end after it (keeping one round's time for the memory round), but at
-    least two rounds run."""
+def timing_rounds(variants: list[Variant], ids: torch.Tensor, params, repeats: int, budget_s: float | None,
+                  observer: Observer) -> dict[str, list[float]]:
+    """Up to ``repeats`` rounds of every variant, the first one through ``observer``; the order rotates by
+    one each round. With ``budget_s`` no round starts that would end after it, but two rounds always run."""
     times: dict[str, list[float]] = {v.name: [] for v in variants}
     started = time.perf_counter()
     for round_ in range(repeats):
         round_start = time.perf_counter()
         shift = round_ % len(variants)
         for variant in variants[shift:] + variants[:shift]:
-            gc.collect()
-            store, logits, seconds, _ = call(variant, ids, params)
-            del store, logits
+            if round_ == 0:
+                seconds = observer.run(variant, ids, params)
+            else:
+                gc.collect()
+                store, logits, seconds, _ = call(variant, ids, params)
+                del store, logits
             times[variant.name].append(seconds)
+        if round_ == 0:
+            observer.finish()
         took = time.perf_counter() - round_start
         log(f"round {round_ + 1}/{repeats} done in {took:.0f}s")
         elapsed = time.perf_counter() - started
-        if budget_s is not None and round_ >= 1 and elapsed + 2 * took > budget_s and round_ + 1 < repeats:
-            log(f"stopping after {round_ + 1} rounds: the time budget of {budget_s:.0f}s would be exceeded")
+        if budget_s is not None and round_ >= 1 and round_ + 1 < repeats and elapsed + took > budget_s:
+            log(f"stopping after {round_ + 1} rounds: another would pass the budget of {budget_s:.0f}s")
             break
     return times
 
@@ -735,8 +749,9 @@ def main(argv: list[str] | None = None) -> None:
     log(f"{len(variants)} variants: {', '.join(v.name for v in variants)}")
     warm_up(variants, ids, params, args.warmup)
     budget = None if args.max_minutes is None else args.max_minutes * 60 - (time.perf_counter() - T0)
-    times = timing_rounds(variants, ids, params, args.repeats, budget)
-    memory, checks = memory_and_check_round(variants, ids, params)
+    observer = Observer()
+    times = timing_rounds(variants, ids, params, args.repeats, budget, observer)
+    memory, checks = observer.memory, observer.checks
     untouched(model.hf)
     summary = summarise(variants, times, memory, checks, sets, tools, skipped)
     report = {
@@ -749,7 +764,8 @@ def main(argv: list[str] | None = None) -> None:
                   for name, t in tools.items()},
         "skipped": skipped, "tolerance": {"rtol": TOLERANCE[0], "atol": TOLERANCE[1]},
         "method": "round-robin in one process, order rotated each round; ratio = median over rounds of time / "
-                  "plain_a time of that round; peak = VmHWM - VmRSS after gc, malloc_trim(0), clear_refs reset",
+                  "plain_a time of that round; peak = VmHWM - VmRSS after gc, malloc_trim(0), clear_refs reset, "
+                  "in the first round",
         **summary,
     }
     text = json.dumps(report, indent=2)
