@@ -708,14 +708,16 @@ def uptime() -> str:
 
 def table(report: dict[str, Any]) -> str:
     """Markdown: one line per capture set and tool (time ratio to a plain forward, extra peak, captured)."""
-    lines = ["| capture set | tool | sites | time / plain | extra peak MB | captured MB | max abs diff |",
+    lines = ["| capture set | tool | sites | time / plain (quartiles) | extra peak MB | captured MB | max abs diff |",
              "|---|---|---|---|---|---|---|"]
     for key, rows in report["results"].items():
         if not isinstance(rows, dict) or "median_s" in rows:
             continue
         for tool, r in rows.items():
             diff = r.get("check", {}).get("max_abs_diff")
-            lines.append(f"| {key} | {tool} | {r['sites']} | {r['ratio']:.3f} | {r['extra_peak_mb']:.0f} | "
+            q25, q75 = r["ratio_iqr"]
+            lines.append(f"| {key} | {tool} | {r['sites']} | {r['ratio']:.2f} ({q25:.2f}-{q75:.2f}) | "
+                         f"{r['extra_peak_mb']:.0f} | "
                          f"{r['captured_mb']:.0f} | {'-' if diff is None else f'{diff:.1e}'} |")
     noise = report["noise"]["time_ratio_plain_b_over_plain_a"]
     lines.append(f"\nNoise: plain_b / plain_a median {noise['median']:.3f}, IQR {noise['iqr']:.3f}; "

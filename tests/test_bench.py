@@ -63,3 +63,12 @@ def test_capture_benchmark_quick(tmp_path):
     assert {"median", "iqr", "q25", "q75"} <= set(report["noise"]["time_ratio_plain_b_over_plain_a"])
     assert "load average" in report["uptime_before"]
     assert report["verdict"]["one_kind"]["compared_on_same_components_with"] == ["hand"]
+    # the README table is made from the same JSON
+    done = subprocess.run([sys.executable, str(BENCH / "capture.py"), "--table", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| ") and "---" not in line]
+    assert rows[0].startswith("| capture set | tool |")
+    assert [row.split(" | ")[:2] for row in rows[1:]] == [
+        ["| one_kind", "lmatlas"], ["| one_kind", "hand"], ["| all", "lmatlas"], ["| all", "hand"],
+        ["| common", "lmatlas"], ["| common", "hand"], ["| grad:one_kind", "lmatlas"], ["| grad:one_kind", "hand"]]
