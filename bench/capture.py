@@ -58,7 +58,8 @@ timed region; ``--max-minutes`` stops adding rounds (two at least) on a slow mac
 ``ratio`` is the median over rounds of ``time / plain_a time of the same round``
 (``grad:*``: over ``grad/plain``); ``ratio_iqr`` its quartiles. Noise:
 ``noise.time_ratio_plain_b_over_plain_a`` holds the same statistics for
-``plain_b / plain_a``; its ``iqr`` is the noise floor used in ``verdict``.
+``plain_b / plain_a``; its ``iqr`` is the noise floor used in ``verdict`` (for
+``grad:*`` too: no second forward + backward is run, to save time).
 
 Memory and equality, in the first timed round (so that they cost no extra round): before
 each variant, ``gc.collect()``, ``malloc_trim(0)`` and a reset of the kernel's resident
