@@ -30,12 +30,19 @@ DTYPE_OPT = typer.Option("float32", "--dtype", help="float32, bfloat16, float16 
 DEVICE_OPT = typer.Option(None, "--device", help="cpu, cuda, cuda:1, ... (default cpu).")
 
 
-def run(body: Callable[[], Any]) -> Any:
-    """Run a command body; turn lmatlas errors into a clear message and exit code 2."""
+def run(body: Callable[[], Any], as_json: bool = False) -> Any:
+    """Run a command body; turn lmatlas errors into a clear message and exit code 2.
+
+    With ``as_json`` the message is one JSON line on stdout instead:
+    ``{"error": {"type": "SiteError", "message": "..."}}``.
+    """
     try:
         return body()
     except LmatlasError as error:
-        err.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+        if as_json:
+            sys.stdout.write(json.dumps({"error": {"type": type(error).__name__, "message": str(error)}}) + "\n")
+        else:
+            err.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
         raise typer.Exit(code=2) from None
 
 
