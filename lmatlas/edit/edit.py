@@ -21,6 +21,7 @@ import torch
 
 from lmatlas.edit.interventions import INTERVENTIONS, Intervention
 from lmatlas.errors import EditError
+from lmatlas.model.provenance import weights_fingerprint
 from lmatlas.model.replacement import BoundReplacement
 
 if TYPE_CHECKING:
@@ -100,6 +101,7 @@ class Edit:
             items.append({"type": type(intervention).__name__, **params})
         card = model.card()
         document = {"format": FORMAT, "model": {"source": card["source"], "file_sha256": card["file_sha256"],
+                                                "weights": weights_fingerprint(model.hf),
                                                 "family": card["family"], "layers": card["layers"]},
                     "interventions": items}
         if tensors:
@@ -121,9 +123,11 @@ class Edit:
         if not isinstance(document, dict) or document.get("format") != FORMAT:
             raise EditError(f"{path} is not an lmatlas edit file (expected format {FORMAT!r}).")
         card, saved = model.card(), document.get("model", {})
-        if saved.get("file_sha256") != card["file_sha256"] or saved.get("layers") != card["layers"]:
-            raise EditError(f"{path} was made for {saved.get('source')!r} (weights {saved.get('file_sha256')}), "
-                            f"not {card['source']!r} (weights {card['file_sha256']}): edits do not transfer.")
+        mine = weights_fingerprint(model.hf)
+        if saved.get("file_sha256") != card["file_sha256"] or saved.get("weights") != mine:
+            raise EditError(f"{path} was made for {saved.get('source')!r} (weights {saved.get('weights')}), "
+                            f"not {card['source']!r} (weights {mine}): an edit names heads and neurons of one "
+                            "model and does not transfer.")
         tensors = load_file(str(path.with_name(document["tensors"]))) if document.get("tensors") else {}
         interventions = []
         for item in document.get("interventions", []):

@@ -7,6 +7,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
+def weights_fingerprint(module) -> str:
+    """Short SHA-256 over a sample of every parameter (first and last 64 values of each, in order).
+
+    Cheap (no full pass over the weights) and different for any two checkpoints that
+    differ in practice; used where a model has no weights file to hash (tiny or
+    in-memory models).
+    """
+    import torch
+
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            flat = param.detach().reshape(-1)
+            sample = torch.cat([flat[:64], flat[-64:]]).float().cpu()
+            digest.update(name.encode())
+            digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def sha256_file(path: str | Path, block: int = 1 << 20) -> str:
     """Hex SHA-256 of a file, read in ``block``-byte pieces."""
     digest = hashlib.sha256()
