@@ -284,10 +284,10 @@ def test_edit_file_of_another_model_is_refused(tiny, other, tmp_path):
     saved = tmp_path / "a.edit.json"
     json_of(invoke(tiny[0], "hello", "-n", "2", "--ablate", "L0.H1", "--save-edit", str(saved), "--json"))
     result = invoke(other, "hello", "--edit", str(saved))
-    assert result.exit_code == 2 and "edits do not transfer" in result.output, result.output
+    assert result.exit_code == 2 and "does not transfer" in result.output, result.output
     assert len(result.output.strip().splitlines()) == 1
     error = json.loads(invoke(other, "hello", "--edit", str(saved), "--json").stdout)["error"]
-    assert error["type"] == "EditError" and "edits do not transfer" in error["message"]
+    assert error["type"] == "EditError" and "does not transfer" in error["message"]
 
 
 def test_chat_without_a_template_and_bad_arguments(other):
@@ -311,3 +311,32 @@ def test_packaged_instruct_model_needs_its_chat_template():
     chat = json_of(invoke("Tell me a story.", "-n", "4", "--chat", "--set", "L28.N931=8", "--json"))
     assert chat["plain"]["text"].strip() and len(chat["plain"]["ids"]) == 4
     assert all(lp <= 0 for lp in chat["plain"]["logprob_plain"] + chat["edited"]["logprob_edited"])
+
+
+# -- positions generation never reaches (a fix in lmatlas.edit.generation / Model.generate) -------------------
+def test_positions_generation_never_reaches_are_refused_before_compute(tiny):
+    """``@99`` with an 11-token prompt and 4 new tokens used to do nothing in generate, then fail in scoring."""
+    from lmatlas.edit import Ablate
+    from lmatlas.errors import SiteError
+    from lmatlas.model.loading import load
+
+    result = invoke(tiny[0], "hello there", "-n", "4", "--ablate", "L0.H1@99", "--json")
+    assert result.exit_code == 2
+    error = json.loads(result.stdout)["error"]
+    assert error["type"] == "SiteError" and "never reached" in error["message"]
+    assert "positions 0..13" in error["message"]  # 11 prompt tokens + 4 new - the last one, never fed back
+    model = load(tiny[0])
+    calls = []
+    handle = model.blocks[0].register_forward_hook(lambda *a: calls.append(1))
+    try:
+        with pytest.raises(SiteError, match="never reached"):
+            model.generate("hello there", 4, edit=Ablate("L0.H1@14"))
+        with pytest.raises(SiteError, match="never reached"):
+            model.generate("hello there", 4, edit=Ablate("L0.H1@0,14"), compare=True)
+        assert calls == []  # nothing ran
+        # the last position generation runs is 13: an edit there acts (the 4th token differs or not, but runs)
+        plain = model.generate("hello there", 4)
+        edited = model.generate("hello there", 4, edit=Ablate("L0.H1@13"))
+        assert len(edited) == len(plain) == 1 and calls
+    finally:
+        handle.remove()
