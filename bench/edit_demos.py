@@ -3,7 +3,7 @@
 (a) **A decoded neuron steers generation.** ``decode_neurons`` ranks every neuron's
     output direction through the unembedding; the neuron whose top-10 promoted tokens
     hold the most children words (top-1 `` children``) is clamped with ``Set(neuron, v)``,
-    ``v`` = ``CLAMP_TIMES`` x its largest activation on the default corpus. Topic words
+    ``v`` = each of ``CLAMP_TIMES`` x its largest activation on the default corpus. Topic words
     (:data:`TOPIC`) are counted in greedy chat continuations of :data:`PROMPTS` (neutral
     requests): unedited, edited, and a control neuron of the same layer (seeded, no topic
     word in its top-10 tokens) clamped to the same value.
@@ -62,7 +62,7 @@ PROMPTS = [
 TOPIC = {"child", "children", "childhood", "kid", "kids", "parent", "parents", "parenting", "school", "schools",
          "play", "playing", "toy", "toys", "baby", "babies", "boy", "boys", "girl", "girls", "son", "sons",
          "daughter", "daughters", "mom", "dad", "mother", "father", "family", "families", "teen", "teenagers"}
-CLAMP_TIMES = 4.0
+CLAMP_TIMES = (4.0, 16.0, 64.0)
 
 PAIRS = [
     ("I love this, it is wonderful.", "I hate this, it is terrible."),
@@ -132,15 +132,18 @@ def children_neuron(model, prompts, n_new: int) -> dict:
 
     acts = model.run(corpus_ids(model), capture=[f"L{layer}.mlp.act"], stop_after=layer)[f"L{layer}.mlp.act"]
     peak = float(acts[..., index].max())
-    value = round(CLAMP_TIMES * peak, 2)
+    values = {f"x{t:g}": round(t * peak, 2) for t in CLAMP_TIMES}
     generator = torch.Generator().manual_seed(0)
     for control_index in torch.randperm(lay.d_mlp, generator=generator).tolist():
         if topic_count(layer, control_index) == 0:
             break
     control = f"L{layer}.N{control_index}"
-    log(f"{neuron}: corpus max activation {peak:.3f}; clamp value {value}; control {control}")
+    log(f"{neuron}: corpus max activation {peak:.3f}; clamp values {values}; control {control}")
 
-    conditions = {"unedited": None, "edited": Set(neuron, value), "control": Set(control, value)}
+    conditions = {"unedited": None}
+    for label, value in values.items():
+        conditions[f"edited_{label}"] = Set(neuron, value)
+        conditions[f"control_{label}"] = Set(control, value)
     out = {}
     for name, edit in conditions.items():
         log(f"(a) generating: {name}")
@@ -152,7 +155,7 @@ def children_neuron(model, prompts, n_new: int) -> dict:
     return {"neuron": neuron, "candidates_top1_children": [f"L{l}.N{i}" for _, l, i in candidates],
             "decoded_promoted": dec.neuron(layer, index, model.tokenizer)["promoted"],
             "control": control, "control_promoted": dec.neuron(layer, control_index, model.tokenizer)["promoted"],
-            "corpus_max_activation": round(peak, 4), "clamp_value": value, "clamp_times_max": CLAMP_TIMES,
+            "corpus_max_activation": round(peak, 4), "clamp_values": values,
             "issue_neuron_L28.N931_is_chosen": neuron == "L28.N931", "conditions": out}
 
 
