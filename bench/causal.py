@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
             },
             "verification": verified.verification,
         }
+    results["eap_ig"] = _eap_ig(model, args.n)
     text = json.dumps(results, indent=2)
     print(text)
     if args.out:
@@ -99,6 +100,36 @@ def main(argv: list[str] | None = None) -> dict:
         with open(args.out, "w") as handle:
             handle.write(text + "\n")
     return results
+
+
+def _peak_rss_mb() -> float:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _eap_ig(model, n: int) -> dict:
+    """EAP-IG on IOI: time, peak process memory (VmHWM, reset before), circuit size and faithfulness."""
+    from lmatlas.causal.circuits import edge_attribution
+    from lmatlas.causal.faithfulness import find_circuit
+
+    task = load_task(model, "ioi", n=n)
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")  # reset the high-water mark
+    except OSError:
+        pass
+    before = _peak_rss_mb()
+    t, graph = timed(lambda: edge_attribution(model, task, steps=5))
+    peak = _peak_rss_mb()
+    t_circuit, circuit = timed(lambda: find_circuit(model, task, graph, target=0.8))
+    return {"task": "ioi", "prompts": len(task), "steps": 5, "edges_scored": int((~graph.scores.isnan()).sum()),
+            "seconds": t, "peak_rss_mb": peak, "rss_before_mb": before, "circuit_seconds": t_circuit,
+            "circuit_edges": len(circuit.edges), "circuit_nodes": len(circuit.nodes),
+            "faithfulness": circuit.faithfulness, "cpr": circuit.cpr, "cmd": circuit.cmd,
+            "top_edges": [list(e) for e in circuit.edges[:10]]}
 
 
 def _largest_miss(targets, exact, plain, fixed) -> dict:

@@ -274,9 +274,7 @@ def test_bad_steering_layer_and_empty_files(tiny, tmp_path):
 def test_json_error_object(tiny):
     result = invoke(tiny[0], "hello", "--ablate", "L0.H9", "--json")
     assert result.exit_code == 2
-    lines = result.stdout.strip().splitlines()
-    assert len(lines) == 1
-    error = json.loads(lines[0])["error"]
+    error = json.loads(result.stdout)["error"]  # stdout holds the error object and nothing else
     assert error["type"] == "SiteError" and "Head 9 is out of range" in error["message"]
 
 

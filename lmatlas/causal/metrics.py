@@ -87,3 +87,19 @@ def kl_to(reference_logits: torch.Tensor) -> Metric:
 
     metric.__name__ = "kl"
     return metric
+
+
+def sequence_loss(ids) -> Metric:
+    """Mean next-token cross-entropy of each row of ``ids`` ``[batch, pos]`` (every position, not the last)."""
+    ids = torch.as_tensor(ids)
+
+    def metric(logits: torch.Tensor) -> torch.Tensor:
+        targets = ids.to(logits.device)
+        if targets.shape[0] != logits.shape[0]:
+            targets = targets.repeat(logits.shape[0] // targets.shape[0], 1)
+        losses = torch.nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), targets[:, 1:].flatten(), reduction="none")
+        return losses.view(logits.shape[0], -1).mean(-1)
+
+    metric.__name__ = "sequence_loss"
+    return metric

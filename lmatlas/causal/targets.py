@@ -25,11 +25,10 @@ from dataclasses import dataclass
 from lmatlas.errors import SiteError
 from lmatlas.model.arch import HeadLayout
 from lmatlas.model.positions import Positions, split_site_name
-from lmatlas.model.sites import Site, check_head, check_neuron, parse_sites
+from lmatlas.model.sites import Site, check_head, head_or_neuron, parse_sites
 
-_HEAD = re.compile(r"^L(?P<layer>\d+)\.H(?P<index>\d+)(?:\.(?P<part>q))?$")
+_QUERY = re.compile(r"^L\d+\.H\d+\.q$")
 _KV = re.compile(r"^L(?P<layer>\d+)\.KV(?P<index>\d+)\.(?P<part>[kv])$")
-_NEURON = re.compile(r"^L(?P<layer>\d+)\.N(?P<index>\d+)$")
 
 
 @dataclass(frozen=True)
@@ -50,19 +49,17 @@ class Component:
 def parse_component(text: str, layout: HeadLayout) -> Component:
     """Parse and range-check one target name (see the module docstring)."""
     name, positions = split_site_name(text.strip())
-    if match := _HEAD.match(name):
-        layer, head = int(match["layer"]), int(match["index"])
-        check_head(layer, head, layout)
-        component = "attn.q" if match["part"] else "attn.z"
-        return Component(text, Site(layer, component), 2, head, positions)
+    query = name.endswith(".q") and _QUERY.match(name)
+    unit = head_or_neuron(name[: -len(".q")] if query else name, layout)
+    if unit is not None:
+        kind, layer, index = unit
+        if kind == "neuron":
+            return Component(text, Site(layer, "mlp.act"), -1, index, positions)
+        return Component(text, Site(layer, "attn.q" if query else "attn.z"), 2, index, positions)
     if match := _KV.match(name):
         layer, kv = int(match["layer"]), int(match["index"])
         check_head(layer, kv, layout, kv=True)
         return Component(text, Site(layer, f"attn.{match['part']}"), 2, kv, positions)
-    if match := _NEURON.match(name):
-        layer, neuron = int(match["layer"]), int(match["index"])
-        check_neuron(layer, neuron, layout)
-        return Component(text, Site(layer, "mlp.act"), -1, neuron, positions)
     sites = parse_sites(name, layout)
     if len(sites) != 1:
         raise SiteError(f"Target {text!r} names {len(sites)} sites: name one layer (e.g. 'L3.{name}').")

@@ -281,4 +281,4 @@ def generate(
         if saved:
             out.print(f"Edit saved to {saved}")
 
-    run(body, as_json=as_json)
+    run(body)
