@@ -1,0 +1,1 @@
+"""Inference with the map: decoding strategies and caches."""
