@@ -4,14 +4,46 @@
 >>> model = lmatlas.load()                      # the packaged SmolLM2-135M-Instruct  # doctest: +SKIP
 >>> lmatlas.check(model).passed                 # hooks are exact, writes sum up      # doctest: +SKIP
 True
+
+``import lmatlas`` is light: torch and transformers load on first use of a name
+that needs them (``lmatlas.load``, ``lmatlas.Model``, ...), through the module
+``__getattr__`` below, so the command line starts quickly.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from lmatlas.errors import (
     FidelityError, LmatlasError, ModelFileError, NotACausalLMError, SiteError, UnsupportedArchitectureError,
 )
-from lmatlas.model import ActivationCache, FidelityReport, Model, Site, check, load, supported_model_types
 
 __version__ = "0.1.0"
+
+#: Public names that live in heavier modules: name -> module, imported on first access.
+_LAZY: dict[str, str] = {
+    "ActivationCache": "lmatlas.model.cache", "FidelityReport": "lmatlas.model.check", "Model": "lmatlas.model.handle",
+    "Site": "lmatlas.model.sites", "check": "lmatlas.model.check", "load": "lmatlas.model.loading",
+    "supported_model_types": "lmatlas.model.families",
+}
+
+if TYPE_CHECKING:
+    from lmatlas.model import ActivationCache, FidelityReport, Model, Site, check, load, supported_model_types
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lmatlas' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "ActivationCache", "FidelityError", "FidelityReport", "LmatlasError", "Model", "ModelFileError",

@@ -65,3 +65,7 @@ class RegistryError(LmatlasError):
 
 class EditError(LmatlasError):
     """An edit is malformed or does not fit the model (bad value, wrong vector size, another model's file)."""
+
+
+class TaskError(LmatlasError):
+    """A causal task is malformed: answers that are not one token, misaligned prompts, an empty file."""

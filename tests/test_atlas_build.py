@@ -225,3 +225,30 @@ def test_every_stage_fills_its_tables(tiny_dir, tmp_path):
         lens = atlas.layers().to_pylist()
         assert lens[-1]["lens_top1_agreement"] == 1.0 and lens[-1]["lens_kl_to_final"] < 1e-5
         assert atlas.search(atlas.neurons(limit=1).to_pylist()[0]["promoted"][0]).num_rows >= 1
+
+
+def test_attribution_importance_is_verified_and_close_to_exact(tmp_path):
+    """Default importance: every head estimated, the top ones (and every MLP) measured exactly."""
+    from tests.conftest import get_tiny
+
+    model = get_tiny("llama")
+    fast, slow = tmp_path / "fast.atlas.duckdb", tmp_path / "slow.atlas.duckdb"
+    build_atlas(model, fast, only=["importance"], params={**SMALL, "importance_verify": 3}, progress=False)
+    build_atlas(model, slow, only=["importance"], params={**SMALL, "importance_method": "mean-ablation"},
+                progress=False)
+    with Atlas.open(fast) as a, Atlas.open(slow) as b:
+        rows = a.sql("SELECT * FROM head_importance ORDER BY layer, head").to_pylist()
+        exact = [r["delta_loss"] for r in b.sql("SELECT * FROM head_importance ORDER BY layer, head").to_pylist()]
+        mlp_fast = a.sql("SELECT delta_loss, method FROM mlp_importance ORDER BY layer").to_pylist()
+        mlp_slow = b.sql("SELECT delta_loss FROM mlp_importance ORDER BY layer").to_pylist()
+    assert sum(r["method"] == "mean-ablation" for r in rows) == 3
+    for row, truth in zip(rows, exact):
+        if row["method"] == "mean-ablation":
+            assert row["delta_loss"] == pytest.approx(truth, abs=1e-6)
+        else:
+            assert row["delta_loss"] == row["estimate"]
+    assert all(r["method"] == "mean-ablation" for r in mlp_fast)
+    assert [r["delta_loss"] for r in mlp_fast] == pytest.approx([r["delta_loss"] for r in mlp_slow], abs=1e-6)
+    estimates = torch.tensor([r["estimate"] for r in rows])
+    from lmatlas.causal import spearman
+    assert spearman(estimates, torch.tensor(exact)) > 0.5

@@ -31,6 +31,10 @@ def _write(path, card, neurons, scores, importance):
          "label": score > 0.5, "seed": 0} for (layer, head), score in scores.items()]}, 0.1)
     store.commit_unit("importance", "importance/all", {"head_importance": [
         {"layer": layer, "head": head, "delta_loss": value} for (layer, head), value in importance.items()]}, 0.1)
+    store.commit_unit("ov", "ov/all", {"head_ov": [
+        {"layer": 0, "head": 1, "copying": 0.5, "suppression": 0.0, "top_sources": ["x", "y"],
+         "top_outputs": [" red", " dog"], "top_logits": [5.0, 2.0], "top_source_ids": [7, 8], "top_output_ids": [3, 1]},
+    ]}, 0.1)
     store.close()
     return path
 
@@ -70,8 +74,14 @@ def test_neurons_promoting_a_token(pair):
 def test_search_and_summary(pair):
     with Atlas.open(pair[0]) as atlas:
         hits = atlas.search("red").to_pylist()
-        assert hits == [{"kind": "neuron", "name": "L1.N2", "layer": 1, "index": 2, "rank": 1,
-                         "top_tokens": [" red", " blue"]}]
+        # heads and neurons on one scale (the logit they add to the token): the head's pair logit 5.0 first
+        assert hits == [
+            {"kind": "head", "name": "L0.H1", "layer": 0, "index": 1, "logit": 5.0, "source": "x", "rank": 1,
+             "top_tokens": [" red", " dog"]},
+            {"kind": "neuron", "name": "L1.N2", "layer": 1, "index": 2, "logit": 3.0, "source": None, "rank": 1,
+             "top_tokens": [" red", " blue"]}]
+        assert atlas.search(3).to_pylist() == hits[:1]  # by token id (the head stores ids; the neurons here do not)
+        assert [h["name"] for h in atlas.search(" dog", limit=2).to_pylist()] == ["L0.N0", "L0.N1"]
         summary = atlas.summary()
         assert summary["head_types"] == [{"type": "induction", "heads": 2, "scored": 4}]
         assert summary["most_important_heads"][0] == {"head": "L0.H0", "delta_loss": 0.5}
@@ -125,8 +135,14 @@ def test_cli_search_in_an_atlas(pair):
     result = runner.invoke(app, ["search", str(pair[0]), " dog", "--json"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
-    assert [(r["name"], r["rank"]) for r in data["results"]] == [("L0.N0", 1), ("L0.N1", 2)]
+    # the same rows as Atlas.search: one implementation
+    with Atlas.open(pair[0]) as atlas:
+        assert data["results"] == atlas.search(" dog").to_pylist()
+    assert [(r["name"], r["rank"], r["logit"]) for r in data["results"]] == [
+        ("L0.N0", 1, 3.0), ("L0.N1", 2, 2.0), ("L0.H1", 2, 2.0)]
     table = runner.invoke(app, ["search", str(pair[0]), "red"])
     assert table.exit_code == 0 and "L1.N2" in table.stdout
     bad = runner.invoke(app, ["search", str(pair[0])])
     assert bad.exit_code == 2 and "Usage: lmatlas search ATLAS.duckdb TEXT" in bad.output
+    by_id = json.loads(runner.invoke(app, ["search", str(pair[0]), "--id", "3", "--json"]).stdout)
+    assert [r["name"] for r in by_id["results"]] == ["L0.H1"]

@@ -68,9 +68,15 @@ def test_search_ranks_heads_by_their_best_ov_logit(model_dir, model):
 
 
 def test_search_table(model_dir):
-    result = invoke("search", model_dir, "a", "--top", "3")
-    assert "Neurons promoting 'a'" in result.stdout and "Heads promoting 'a'" in result.stdout
-    assert "L1." in result.stdout or "L0." in result.stdout
+    result = invoke("search", model_dir, "a", "--top", "3", "--json")
+    data = json.loads(result.stdout)
+    # one ranking of neurons and heads by the logit they add, from the two lists
+    merged = sorted([(n["logit"], n["neuron"]) for n in data["neurons"]] +
+                    [(h["max_logit"], h["head"]) for h in data["heads"]], key=lambda x: -x[0])[:3]
+    assert [(r["logit"], r["name"]) for r in data["results"]] == merged
+    table = invoke("search", model_dir, "a", "--top", "3")
+    assert "Neurons and heads promoting 'a'" in table.stdout
+    assert all(r["name"] in table.stdout for r in data["results"])
 
 
 def test_lens_json_matches_the_library(model_dir, model):

@@ -89,7 +89,16 @@ def test_last_layer_is_the_models_output(model_type):
 def test_token_ids_and_strings_agree(llama):
     result = logit_lens(llama, PROMPT, k=2)
     assert result.input_tokens == list(PROMPT)
-    assert result.top_tokens[0][0] == llama.tokenizer.batch_decode([[i] for i in result.top_ids[0, 0].tolist()])
+    ids = result.top_ids[0, 0].tolist()
+    decoded = llama.tokenizer.batch_decode([[i] for i in ids])
+    # plain decoding, except that byte tokens (decoding to U+FFFD) show their byte: <0xE2>; the byte of a
+    # token id comes from encoding characters and pairing their UTF-8 bytes with the ids
+    byte_of = {}
+    for cp in [*range(0x80, 0x800), *range(0x800, 0x10000, 0x101), *range(0x10000, 0x110000, 0x1001)]:
+        if not 0xD800 <= cp <= 0xDFFF:
+            char = chr(cp)
+            byte_of.update(zip(llama.tokenizer.encode(char, add_special_tokens=False), char.encode()))
+    assert result.top_tokens[0][0] == [d if "\ufffd" not in d else f"<0x{byte_of[i]:02X}>" for i, d in zip(ids, decoded)]
     data = result.to_dict()
     json.dumps(data)
     assert [row["layer"] for row in data["layers"]] == ["L0", "L1"]

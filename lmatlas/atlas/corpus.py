@@ -61,30 +61,49 @@ def load_texts(path: str | Path | None = None) -> list[str]:
     if not path.is_file():
         raise LmatlasError(f"Corpus file not found: {path}. Pass a .txt, .jsonl or .parquet file, or omit --corpus.")
     suffix = path.suffix.lower()
+    if suffix not in (".txt", ".jsonl", ".parquet"):
+        raise LmatlasError(f"Unsupported corpus format {suffix!r}: use .txt, .jsonl or .parquet.")
+    try:
+        texts = _read(path, suffix)
+    except UnicodeDecodeError as err:
+        raise LmatlasError(f"The corpus {path} is not UTF-8 text (byte {err.start}: {err.reason}): pass a .txt or "
+                           ".jsonl file of UTF-8 text, or a .parquet file with a 'text' column.") from None
+    except OSError as err:
+        raise LmatlasError(f"Cannot read the corpus {path}: {err.strerror or err}.") from None
+    texts = [t for t in texts if t]
+    if not texts:
+        raise LmatlasError(f"The corpus {path} holds no text.")
+    return texts
+
+
+def _read(path: Path, suffix: str) -> list[str]:
+    if suffix in (".txt", ".jsonl"):
+        content = path.read_text(encoding="utf-8")
+        if "\x00" in content:
+            raise LmatlasError(f"The corpus {path} looks binary (it holds NUL bytes), not text: pass a .txt or "
+                               ".jsonl file of UTF-8 text, or a .parquet file with a 'text' column.")
     if suffix == ".txt":
-        texts = [block.strip() for block in path.read_text(encoding="utf-8").split("\n\n")]
-    elif suffix == ".jsonl":
+        return [block.strip() for block in content.split("\n\n")]
+    if suffix == ".jsonl":
         texts = []
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for number, line in enumerate(content.splitlines(), 1):
             if not line.strip():
                 continue
             try:
                 texts.append(str(json.loads(line)["text"]))
             except (ValueError, KeyError, TypeError):
                 raise LmatlasError(f"{path}:{number} is not a JSON object with a 'text' field.") from None
-    elif suffix == ".parquet":
-        import pyarrow.parquet as pq
+        return texts
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
+    try:
         table = pq.read_table(path)
-        if "text" not in table.column_names:
-            raise LmatlasError(f"{path} has no 'text' column (columns: {', '.join(table.column_names)}).")
-        texts = [str(t) for t in table.column("text").to_pylist() if t]
-    else:
-        raise LmatlasError(f"Unsupported corpus format {suffix!r}: use .txt, .jsonl or .parquet.")
-    texts = [t for t in texts if t]
-    if not texts:
-        raise LmatlasError(f"The corpus {path} holds no text.")
-    return texts
+    except (pa.ArrowException, ValueError) as err:
+        raise LmatlasError(f"The corpus {path} is not a readable Parquet file: {str(err).splitlines()[0]}") from None
+    if "text" not in table.column_names:
+        raise LmatlasError(f"{path} has no 'text' column (columns: {', '.join(table.column_names)}).")
+    return [str(t) for t in table.column("text").to_pylist() if t]
 
 
 def corpus_windows(model: "Model", texts: list[str], n_sequences: int = 16, seq_len: int = 128) -> torch.Tensor:

@@ -6,7 +6,13 @@
 
 Interrupt it at any time (Ctrl-C, ``kill -9``): finished units are in the file, and
 the same call resumes with the rest. Progress (with ETA) goes to stderr; when stderr is
-not a terminal, one ``committed <unit>`` line per finished unit instead.
+not a terminal, one ``committed <unit>`` line per finished unit instead (see
+:mod:`lmatlas.progress`).
+
+The file's ``meta`` records every unit a build planned (``planned_units``) and the
+command that resumes it (``resume_command``), so ``lmatlas show`` can say what is
+missing. A full disk (or any other write failure) stops the build with an
+:class:`~lmatlas.errors.AtlasError` saying how many units are kept and how to resume.
 """
 
 from __future__ import annotations
@@ -16,20 +22,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+import duckdb
 
 from lmatlas.atlas.corpus import corpus_windows, load_texts
 from lmatlas.atlas.executors import Executor, LocalExecutor
 from lmatlas.atlas.stages import BuildContext, select_stages
 from lmatlas.atlas.store import AtlasStore
 from lmatlas.errors import AtlasError
+from lmatlas.progress import ProgressArg, progress_task
 
 if TYPE_CHECKING:
     from lmatlas.model.handle import Model
 
 DEFAULT_PARAMS: dict[str, Any] = {
     "corpus_sequences": 16, "seq_len": 128, "importance_sequences": 2, "top_k": 20, "top_contexts": 5, "batch": 4,
+    "importance_method": "attribution", "importance_verify": 8,
 }
 
 
@@ -60,40 +67,100 @@ def build_atlas(
     seed: int = 0,
     params: dict[str, Any] | None = None,
     executor: Executor | Callable[[BuildContext], Executor] | None = None,
-    progress: bool = True,
+    progress: ProgressArg = True,
 ) -> BuildReport:
     """Build (or resume) the atlas of ``model`` at ``out``; returns what was done.
 
     ``executor`` is an executor or a factory ``ctx -> executor`` (so that remote workers get
     exactly this build's context), e.g. ``lambda ctx: RayExecutor.for_model(model, ctx)``.
+    ``progress``: ``True`` (stderr: a bar on a terminal, a line per unit otherwise), ``False``,
+    or ``callback(done, total, description)``.
+
+    Raises:
+        AtlasError: the file belongs to another model or build settings, is open in another
+            process, or cannot be written (a full disk: the message says what is kept and
+            the command that resumes).
     """
     stages = select_stages(only)
     ctx = make_context(model, corpus, seed, params)  # a bad corpus fails before the file is touched
+    ctx.progress = progress is True
     store = AtlasStore.create_or_open(out, model.card())
+    command = resume_command(model, out, only, corpus, seed)
+    report = BuildReport(Path(out), planned=0, skipped=0)
     try:
         _check_same_params(store, ctx.params, seed)
-        store.put_meta({"corpus": ctx.params["corpus"], "params": ctx.params, "seed": seed})
-        done = store.done_units()
         planned = [(stage, unit) for stage in stages for unit in stage.plan(model, ctx)]
+        _write(store, report, command, lambda: _record_plan(store, ctx, seed, planned, command))
+        done = store.done_units()
         pending = [(stage, unit) for stage, unit in planned if unit not in done]
-        report = BuildReport(Path(out), planned=len(planned), skipped=len(planned) - len(pending))
+        report.planned, report.skipped = len(planned), len(planned) - len(pending)
         if executor is None:
             executor = LocalExecutor(model, ctx)
         elif not hasattr(executor, "run"):  # a factory: give it this build's own context
             executor = executor(ctx)
-        with _progress(progress) as bar:
-            task = bar.add_task("atlas", total=len(planned), completed=report.skipped)
+        with progress_task(f"atlas {Path(out).name}", total=len(planned), enabled=progress) as task:
+            task.update(report.skipped)
             for result in executor.run(pending):
-                store.commit_unit(result.stage, result.unit, result.rows, result.seconds,
-                                  seeds={"seed": seed}, params=ctx.params)
+                _write(store, report, command, lambda: store.commit_unit(
+                    result.stage, result.unit, result.rows, result.seconds, seeds={"seed": seed}, params=ctx.params))
                 report.computed.append(result.unit)
                 report.seconds_by_stage[result.stage] = report.seconds_by_stage.get(result.stage, 0.0) + result.seconds
-                bar.update(task, advance=1, description=result.unit)
-                if progress and not bar.console.is_terminal:  # logs and pipes get one line per unit
-                    bar.console.print(f"committed {result.unit} ({result.seconds:.2f}s)", highlight=False)
+                task.advance(description=f"committed {result.unit} ({result.seconds:.2f}s)")
         return report
     finally:
         store.close()
+
+
+def resume_command(model: "Model", out: str | Path, only: list[str] | None, corpus: str | Path | None,
+                   seed: int) -> str:
+    """The ``lmatlas map`` command that builds (or resumes) this atlas."""
+    import shlex
+
+    from lmatlas.model.loading import PACKAGED_DEFAULT_LABEL
+
+    source = model.provenance.source
+    if source == "in-memory" or source.startswith("tiny:"):
+        return "the same build_atlas(...) call (this model exists only in its Python process)"
+    parts = ["lmatlas", "map"] + ([] if source == PACKAGED_DEFAULT_LABEL else [source])
+    parts += ["--out", str(out)]
+    if only:
+        parts += ["--only", ",".join(only)]
+    if corpus:
+        parts += ["--corpus", str(corpus)]
+    if seed:
+        parts += ["--seed", str(seed)]
+    dtype = str(model.dtype).removeprefix("torch.")
+    if dtype != "float32":
+        parts += ["--dtype", dtype]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def _record_plan(store: AtlasStore, ctx: BuildContext, seed: int, planned: list, command: str) -> None:
+    before = store.meta().get("planned_units", [])
+    units = before + [unit for _, unit in planned if unit not in set(before)]
+    store.put_meta({"corpus": ctx.params["corpus"], "params": ctx.params, "seed": seed, "planned_units": units,
+                    "resume_command": command})
+
+
+def _write(store: AtlasStore, report: BuildReport, command: str, write: Callable[[], None]) -> None:
+    """Run one write; a failed write (full disk, I/O error) becomes an AtlasError that says how to resume."""
+    try:
+        write()
+    except (OSError, duckdb.Error) as err:
+        if isinstance(err, duckdb.Error) and not isinstance(err, (duckdb.IOException, duckdb.FatalException)):
+            raise
+        reason = "the disk is full" if _is_disk_full(err) else f"writing failed ({str(err).splitlines()[0]})"
+        kept = report.skipped + len(report.computed)
+        raise AtlasError(
+            f"Stopped: {reason} while writing {store.path}. The {kept} finished units are kept (whole units "
+            f"only); free some space and resume with: {command}"
+        ) from err
+
+
+def _is_disk_full(err: Exception) -> bool:
+    import errno
+
+    return getattr(err, "errno", None) == errno.ENOSPC or "No space left" in str(err)
 
 
 def _check_same_params(store: AtlasStore, params: dict[str, Any], seed: int) -> None:
@@ -109,10 +176,3 @@ def _check_same_params(store: AtlasStore, params: dict[str, Any], seed: int) -> 
             f"{store.path} was built with other settings {changed}; resuming would mix results. "
             "Use the same settings, or another --out file."
         )
-
-
-def _progress(enabled: bool) -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description:<24}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TextColumn("ETA"), TimeRemainingColumn(), console=Console(stderr=True), disable=not enabled,
-    )

@@ -8,6 +8,12 @@
 
 Every query returns a ``pyarrow.Table`` (``.to_pandas()``, ``polars.from_arrow``);
 in a notebook the atlas shows itself as an HTML summary.
+
+An open atlas is a **sandbox**: the file is opened read-only, and DuckDB's access to
+anything else (other files, ``COPY ... TO``, ``read_csv``, ``ATTACH``, installing or
+loading extensions, the network) is disabled and locked, so SQL from a user or a web
+request can only read the atlas's own tables. Every failure is an
+:class:`~lmatlas.errors.AtlasError`.
 """
 
 from __future__ import annotations
@@ -18,7 +24,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from lmatlas.atlas.store import AtlasStore
+from lmatlas.atlas.store import AtlasStore, damaged, is_damage
+from lmatlas.errors import AtlasError
 
 
 def _token_variants(text: str) -> list[str]:
@@ -49,8 +56,32 @@ class Atlas:
 
     # -- basics ------------------------------------------------------------------------------------
     def sql(self, query: str, params: list[Any] | None = None) -> pa.Table:
-        """Run any read-only SQL on the atlas."""
-        return self.store.con.sql(query, params=params or None).to_arrow_table()
+        """Run read-only SQL on the atlas's tables and views; the result as a ``pyarrow.Table``.
+
+        The connection is sandboxed (module docstring): writes, other files, extensions and
+        the network are refused.
+
+        Raises:
+            AtlasError: the SQL is invalid or not allowed, or the file is damaged.
+        """
+        import duckdb
+
+        try:
+            result = self.store.con.sql(query, params=params or None)
+            if result is None:  # a statement with no result (SET, PRAGMA ...)
+                return pa.table({})
+            return result.to_arrow_table()
+        except duckdb.Error as err:
+            if is_damage(err):
+                raise damaged(self.path, err) from None
+            first = str(err).splitlines()[0]
+            if isinstance(err, duckdb.PermissionException) or "disabled by configuration" in str(err):
+                raise AtlasError(f"Not allowed on an atlas: {first}. Atlas.sql only reads the atlas's own "
+                                 "tables (no other files, COPY, extensions or network).") from None
+            if "read-only mode" in str(err):
+                raise AtlasError(f"Atlases are read-only here: {first}. Build or extend one with "
+                                 "`lmatlas map` / build_atlas().") from None
+            raise AtlasError(f"SQL error on {self.path}: {first}") from None
 
     @property
     def meta(self) -> dict[str, Any]:
@@ -64,6 +95,12 @@ class Atlas:
         """Per stage: units done, total seconds, last finished."""
         return self.sql("SELECT stage, count(*) AS units, sum(seconds) AS seconds, max(finished) AS finished "
                         "FROM runs WHERE status = 'done' GROUP BY stage ORDER BY stage")
+
+    def missing_units(self) -> list[str]:
+        """Units a build planned but did not finish (empty when the atlas is complete), in plan order."""
+        planned = self.meta.get("planned_units") or []
+        done = set(self.sql("SELECT unit FROM runs WHERE status = 'done'").column("unit").to_pylist())
+        return [unit for unit in planned if unit not in done]
 
     def count(self, table: str) -> int:
         return int(self.sql(f"SELECT count(*) AS n FROM {table}").column("n")[0].as_py())
@@ -118,17 +155,36 @@ class Atlas:
             f"suppressed[1:5] AS suppressed, exciting[1:5] AS exciting FROM neurons {clause} "
             f"ORDER BY rank NULLS LAST, top_logit DESC LIMIT {int(limit)}", params)
 
-    def search(self, text: str, limit: int = 20) -> pa.Table:
-        """Heads and neurons whose decoded outputs contain the token ``text``, ranked (1 = top token)."""
-        variants = _token_variants(text)
-        return self.sql(
-            "SELECT * FROM ("
-            " SELECT 'neuron' AS kind, 'L' || layer || '.N' || neuron AS name, layer, neuron AS index,"
-            "  list_min([list_position(promoted, v) for v in ?]) AS rank, promoted[1:5] AS top_tokens FROM neurons"
-            " UNION ALL"
-            " SELECT 'head', 'L' || layer || '.H' || head, layer, head,"
-            "  list_min([list_position(top_outputs, v) for v in ?]), top_outputs[1:5] FROM head_ov"
-            ") WHERE rank IS NOT NULL ORDER BY rank, layer, index LIMIT ?", [variants, variants, limit])
+    def search(self, token: str | int, limit: int = 20) -> pa.Table:
+        """Neurons and heads that write ``token``, on one scale: the logit they add to it, largest first.
+
+        ``token`` is a token string (matched as given and with/without one leading space;
+        byte tokens are spelled ``<0xE2>``) or a token id. A neuron is found when the
+        token is among its top promoted tokens, a head when it is the output of one of
+        its strongest OV pairs (see :mod:`lmatlas.atlas.ranking` for the scale).
+
+        Returns:
+            ``kind, name, layer, index, logit, source, rank, top_tokens``: ``rank`` is the
+            token's place in the part's own list, ``source`` a head's best source token.
+        """
+        from lmatlas.atlas.ranking import as_table, hit, ranked
+
+        by_id = isinstance(token, int)
+        neuron_key, head_key = ("promoted_ids", "top_output_ids") if by_id else ("promoted", "top_outputs")
+        match = "list_position({column}, ?)" if by_id else "list_min([list_position({column}, v) for v in ?])"
+        value = int(token) if by_id else _token_variants(token)
+        neurons = self.sql(
+            f"SELECT layer, neuron, pos, promoted_logits[pos] AS logit, promoted[1:5] AS top FROM "
+            f"(SELECT *, {match.format(column=neuron_key)} AS pos FROM neurons) WHERE pos IS NOT NULL "
+            "ORDER BY logit DESC, layer, neuron LIMIT ?", [value, limit]).to_pylist()
+        heads = self.sql(
+            f"SELECT layer, head, pos, top_logits[pos] AS logit, top_sources[pos] AS source, top_outputs[1:5] AS top "
+            f"FROM (SELECT *, {match.format(column=head_key)} AS pos FROM head_ov) WHERE pos IS NOT NULL "
+            "ORDER BY logit DESC, layer, head LIMIT ?", [value, limit]).to_pylist()
+        hits = [hit("neuron", r["layer"], r["neuron"], r["logit"], rank=r["pos"], top_tokens=r["top"]) for r in neurons]
+        hits += [hit("head", r["layer"], r["head"], r["logit"], source=r["source"], rank=r["pos"], top_tokens=r["top"])
+                 for r in heads]
+        return as_table(ranked(hits, limit))
 
     def layers(self) -> pa.Table:
         return self.sql("SELECT * FROM layers ORDER BY layer")
@@ -136,11 +192,16 @@ class Atlas:
     # -- summaries ----------------------------------------------------------------------------------------
     def summary(self) -> dict[str, Any]:
         """A short JSON-ready summary: the model, what was built, head types, top neurons."""
-        card = self.card
+        meta = self.meta
+        card = meta.get("model", {})
+        missing = self.missing_units()
         return {
             "path": str(self.path),
             "model": card.get("source"),
             "family": card.get("family"),
+            "complete": not missing,
+            "missing_units": missing,
+            "resume_command": meta.get("resume_command"),
             "stages": self.stages().to_pylist(),
             "head_types": self.head_types().to_pylist(),
             "heads": self.count("heads"),

@@ -11,14 +11,22 @@ runs               work unit: stage, key, status, seconds, seeds, versions, when
 heads              (layer, head): KV group
 head_scores        (layer, head, detector): score, null baseline, z-score, label, seed
 head_ov            (layer, head): copying and suppression scores, top source→output pairs
-head_importance    (layer, head): loss increase when the head is mean-ablated on the corpus
+head_importance    (layer, head): loss increase when the head is mean-ablated on the corpus (exact or estimated: method)
 neurons            (layer, neuron): promoted / suppressed / exciting tokens with logits
 neuron_stats       (layer, neuron): activation mean, max, fraction active, top contexts
 layer_lens         layer: logit-lens statistics over the corpus
-mlp_importance     layer: loss increase when the layer's MLP is mean-ablated on the corpus
+mlp_importance     layer: loss increase when the layer's MLP is mean-ablated on the corpus (exact or estimated: method)
 =================  ===========================================================================
 
 The view ``layers`` joins ``layer_lens`` and ``mlp_importance``.
+
+**Tokens** are stored twice: as display strings (``promoted``, ``top_outputs``, ...;
+byte tokens spelled ``<0xE2>``, see :mod:`lmatlas.decode.token_text`) and as token ids
+in the ``*_ids`` column next to each (``promoted_ids``, ``top_output_ids``, ...), which
+are the identity (``lmatlas diff`` compares ids). ``neuron_stats.top_context_ids``
+holds each context's token ids, the activating token last. Columns are only ever
+added (:data:`ADDED_COLUMNS`): readers of older files keep working, and an older
+atlas gains the columns (empty for its old rows) when a build resumes it.
 
 A unit's rows and its ``runs`` row are written in one transaction, so a unit is
 either wholly in the file or not at all (see :mod:`lmatlas.atlas.store`).
@@ -26,7 +34,7 @@ either wholly in the file or not at all (see :mod:`lmatlas.atlas.store`).
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 ATLAS_KIND = "lmatlas-atlas"
 
 TABLES: dict[str, str] = {
@@ -42,21 +50,25 @@ TABLES: dict[str, str] = {
     ),
     "head_ov": (
         "layer INTEGER, head INTEGER, copying DOUBLE, suppression DOUBLE, top_sources VARCHAR[], "
-        "top_outputs VARCHAR[], top_logits DOUBLE[], PRIMARY KEY (layer, head)"
+        "top_outputs VARCHAR[], top_logits DOUBLE[], top_source_ids INTEGER[], top_output_ids INTEGER[], "
+        "PRIMARY KEY (layer, head)"
     ),
-    "head_importance": "layer INTEGER, head INTEGER, delta_loss DOUBLE, PRIMARY KEY (layer, head)",
+    "head_importance": (
+        "layer INTEGER, head INTEGER, delta_loss DOUBLE, estimate DOUBLE, method VARCHAR, PRIMARY KEY (layer, head)"
+    ),
     "neurons": (
         "layer INTEGER, neuron INTEGER, promoted VARCHAR[], promoted_logits DOUBLE[], suppressed VARCHAR[], "
-        "suppressed_logits DOUBLE[], exciting VARCHAR[], exciting_logits DOUBLE[], PRIMARY KEY (layer, neuron)"
+        "suppressed_logits DOUBLE[], exciting VARCHAR[], exciting_logits DOUBLE[], promoted_ids INTEGER[], "
+        "suppressed_ids INTEGER[], exciting_ids INTEGER[], PRIMARY KEY (layer, neuron)"
     ),
     "neuron_stats": (
         "layer INTEGER, neuron INTEGER, mean DOUBLE, max DOUBLE, frac_active DOUBLE, top_contexts VARCHAR[], "
-        "PRIMARY KEY (layer, neuron)"
+        "top_context_ids INTEGER[][], PRIMARY KEY (layer, neuron)"
     ),
     "layer_lens": (
         "layer INTEGER PRIMARY KEY, entropy DOUBLE, final_prob DOUBLE, kl_to_final DOUBLE, top1_agreement DOUBLE"
     ),
-    "mlp_importance": "layer INTEGER PRIMARY KEY, delta_loss DOUBLE",
+    "mlp_importance": "layer INTEGER PRIMARY KEY, delta_loss DOUBLE, estimate DOUBLE, method VARCHAR",
 }
 
 VIEWS: dict[str, str] = {
@@ -68,7 +80,17 @@ VIEWS: dict[str, str] = {
 }
 
 
+#: Columns added after schema version 1 (also in :data:`TABLES`): ``table -> [(column, type), ...]``.
+ADDED_COLUMNS: dict[str, list[tuple[str, str]]] = {
+    "head_ov": [("top_source_ids", "INTEGER[]"), ("top_output_ids", "INTEGER[]")],
+    "neurons": [("promoted_ids", "INTEGER[]"), ("suppressed_ids", "INTEGER[]"), ("exciting_ids", "INTEGER[]")],
+    "neuron_stats": [("top_context_ids", "INTEGER[][]")],
+}
+
+
 def create_statements() -> list[str]:
-    """``CREATE TABLE IF NOT EXISTS`` for every table."""
+    """``CREATE TABLE IF NOT EXISTS`` for every table, then the added columns an older file lacks."""
     tables = [f"CREATE TABLE IF NOT EXISTS {name} ({columns})" for name, columns in TABLES.items()]
-    return tables + [f"CREATE OR REPLACE VIEW {name} AS {query}" for name, query in VIEWS.items()]
+    added = [f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {kind}"
+             for table, columns in ADDED_COLUMNS.items() for column, kind in columns]
+    return tables + added + [f"CREATE OR REPLACE VIEW {name} AS {query}" for name, query in VIEWS.items()]

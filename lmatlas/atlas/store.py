@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable
@@ -27,15 +28,63 @@ from lmatlas.errors import AtlasError
 Rows = dict[str, list[dict[str, Any]]]  # table name -> rows (column -> value)
 
 
+#: DuckDB settings of every read-only connection: no file, network or extension access beyond
+#: the atlas itself, locked so that SQL cannot turn it back on (``Atlas.sql`` runs user SQL).
+SANDBOX = {"enable_external_access": False, "lock_configuration": True}
+
+_HOLDER = re.compile(r"Conflicting lock is held in (?P<program>.+?) \(PID (?P<pid>\d+)\)")
+_DAMAGE = ("Could not read enough bytes", "Corrupt database", "checksum", "INTERNAL Error", "block id",
+           "Failed to load metadata", "invalidated")
+
+
+def damaged(path: Path, err: Exception) -> AtlasError:
+    """The error for a truncated or corrupt atlas file."""
+    first = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return AtlasError(f"{path} is damaged (truncated or corrupt: {first}). Restore a copy, or delete it and "
+                      f"rebuild it with `lmatlas map --out {path}`.")
+
+
+def is_damage(err: Exception) -> bool:
+    message = str(err)
+    return any(marker.lower() in message.lower() for marker in _DAMAGE)
+
+
+def lock_error(path: Path, message: str, read_only: bool) -> AtlasError | None:
+    """A clear error when another process holds ``path`` open (DuckDB allows one writer per file)."""
+    found = _HOLDER.search(message)
+    if found is None and "Could not set lock" not in message:
+        return None
+    who = f"process {found['pid']} ({found['program']})" if found else "another process"
+    kill = f" (`kill {found['pid']}`)" if found else ""
+    if read_only:
+        return AtlasError(f"{path} is being written by {who}: wait for that build to finish, or stop it{kill}; "
+                          "the units it finished are kept and the same `lmatlas map` command resumes.")
+    return AtlasError(f"{path} is open in {who} (a notebook's Atlas.open, `lmatlas show`, a web explorer, or "
+                      f"another build): close it there (atlas.close()) or end that process{kill}, then run this "
+                      "again; or pass another --out file.")
+
+
 def _connect(path: Path, read_only: bool) -> duckdb.DuckDBPyConnection:
     try:
-        return duckdb.connect(str(path), read_only=read_only)
+        if read_only:
+            return duckdb.connect(str(path), read_only=True, config=dict(SANDBOX))
+        return duckdb.connect(str(path), read_only=False)
     except duckdb.Error as err:
         message = str(err)
         if "not a valid DuckDB database" in message or "Serialization" in message or "magic" in message.lower():
             raise AtlasError(f"{path} is not an atlas (not a DuckDB file): {message.splitlines()[0]}") from None
-        if "Permission denied" in message or "read-only" in message.lower():
-            raise AtlasError(f"Cannot write {path}: permission denied. Choose a writable --out path.") from None
+        held = lock_error(path, message, read_only)
+        if held is not None:
+            raise held from None
+        if "different configuration" in message:
+            raise AtlasError(f"{path} is already open in this process (an Atlas or a build): close it first "
+                             "(atlas.close(), or use `with Atlas.open(...) as atlas:`).") from None
+        if is_damage(err):
+            raise damaged(path, err) from None
+        if "Permission denied" in message:
+            raise AtlasError(f"Cannot {'read' if read_only else 'write'} {path}: permission denied. "
+                             f"{'Check the file permissions' if read_only else 'Choose a writable --out path'}."
+                             ) from None
         raise AtlasError(f"Cannot open {path}: {message.splitlines()[0]}") from None
 
 
@@ -93,11 +142,15 @@ class AtlasStore:
         with self.transaction():
             for statement in create_statements():
                 self.con.execute(statement)
+            self._put_meta({"schema_version": SCHEMA_VERSION})
 
     def _check_kind(self) -> None:
         try:
             rows = self.con.execute("SELECT value FROM meta WHERE key = 'kind'").fetchall()
-        except duckdb.Error:
+        except duckdb.Error as err:
+            if is_damage(err):
+                self.close()
+                raise damaged(self.path, err) from None
             rows = []
         if not rows or json.loads(rows[0][0]) != ATLAS_KIND:
             self.close()
@@ -186,7 +239,13 @@ class _Transaction:
         self.con.execute("BEGIN TRANSACTION")
 
     def __exit__(self, exc_type, *exc: Any) -> None:
-        self.con.execute("ROLLBACK" if exc_type else "COMMIT")
+        if exc_type is None:
+            self.con.execute("COMMIT")
+            return
+        try:
+            self.con.execute("ROLLBACK")
+        except duckdb.Error:  # after a fatal write error the transaction is already gone
+            pass
 
 
 def _now() -> str:

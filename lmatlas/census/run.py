@@ -36,6 +36,7 @@ from lmatlas.census import measure
 from lmatlas.census.registry import Battery, Detector, all_detectors, get_detector
 from lmatlas.errors import LmatlasError
 from lmatlas.model.sites import head_name
+from lmatlas.progress import progress_task
 
 if TYPE_CHECKING:
     from lmatlas.model.handle import Model
@@ -266,7 +267,7 @@ def run_census(
     seed: int = 0,
     thresholds: Mapping[str, float] | None = None,
     min_z: float | Mapping[str, float | None] | None = None,
-    progress: Callable[[str], None] | None = None,
+    progress: bool | Callable[[str], None] | None = True,
 ) -> Census:
     """Run head detectors over every head of ``model``.
 
@@ -277,7 +278,9 @@ def run_census(
         thresholds: ``name -> minimum score`` overriding the detectors' defaults.
         min_z: one minimum z-score for every detector, or ``name -> minimum`` (``None`` in
             the mapping: no z requirement for that detector); default: the detectors' own.
-        progress: called with a one-line message before each detector.
+        progress: ``True`` (default: a bar on a terminal, a line per detector otherwise, on
+            stderr; see :mod:`lmatlas.progress`), ``False``, or a callable called with a
+            one-line message before each detector.
 
     Raises:
         LmatlasError: an unknown detector name, an override for a detector not run, a
@@ -292,10 +295,12 @@ def run_census(
     min_zs = _per_detector(min_z, names, "A min_z")
     results: dict[str, DetectorResult] = {}
     skipped: dict[str, str] = {}
-    with measure.shared():
+    shown = bool(progress) and not callable(progress)
+    with measure.shared(), progress_task("Head census", total=len(chosen), enabled=shown) as task:
         for index, detector in enumerate(chosen):
-            if progress is not None:
+            if callable(progress):
                 progress(f"[{index + 1}/{len(chosen)}] {detector.name}")
+            task.update(index, description=f"Head census: {detector.name}")
             try:
                 results[detector.name] = run_detector(
                     model, detector, seed, thresholds.get(detector.name), min_zs.get(detector.name, _DEFAULT)
@@ -304,5 +309,6 @@ def run_census(
                 if detectors is not None:
                     raise
                 skipped[detector.name] = str(error)
+        task.update(len(chosen), description="Head census: done")
     return Census(model.layout.n_layers, model.layout.n_heads, int(seed), results, provenance(model, int(seed)),
                   skipped)

@@ -17,7 +17,10 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from lmatlas.cli.app import DTYPE_OPT, JSON_OPT, MODEL_ARG, app, err, key_value_table, load_model, out, print_json, run
+from lmatlas.cli.app import (
+    DEVICE_OPT, DTYPE_OPT, JSON_OPT, MODEL_ARG, app, err, key_value_table, load_model, out, print_json, run,
+)
+from lmatlas.cli.tables import add_columns, column_width, token_list
 
 SUMMARY_WORDS = (" dog", " Paris", " water", " red")
 
@@ -29,12 +32,21 @@ def default_out(source: Optional[str]) -> Path:
 
 
 def _table(title: str, rows: list[dict[str, Any]], columns: list[str] | None = None) -> Table:
+    """A table whose token-list cells keep whole tokens (``…+N`` for the rest); other cells wrap, never vanish."""
     table = Table(title=title, title_justify="left")
     columns = columns or (list(rows[0]) if rows else [])
+    lists = [c for c in columns if any(isinstance(row.get(c), list) for row in rows)]
+    natural = {c: max([len(c)] + [len(_cell(row.get(c))) for row in rows]) for c in columns}
     for column in columns:
-        table.add_column(column)
+        if column in lists:
+            add_columns(table, [column])
+        else:  # short values (numbers, names) keep their width; long ones (paths) wrap
+            table.add_column(column, min_width=min(natural[column], 12), overflow="fold")
+    fixed = sum(min(natural[c], 24) for c in columns if c not in lists)
+    width = column_width(out.width, fixed, len(lists)) if lists else 0
     for row in rows:
-        table.add_row(*(Text(_cell(row.get(c))) for c in columns))
+        table.add_row(*(token_list(row[c], width) if isinstance(row.get(c), list) else Text(_cell(row.get(c)))
+                        for c in columns))
     return table
 
 
@@ -44,6 +56,19 @@ def _cell(value: Any) -> str:
     if isinstance(value, list):
         return ", ".join(repr(v) if isinstance(v, str) else str(v) for v in value)
     return "" if value is None else str(value)
+
+
+def missing_text(units: list[str], per_stage: int = 6) -> str:
+    """``"importance: L3, L4, ... (+20); lens: all"``: the missing units grouped by stage."""
+    by_stage: dict[str, list[str]] = {}
+    for unit in units:
+        stage, _, part = unit.partition("/")
+        by_stage.setdefault(stage, []).append(part)
+    groups = []
+    for stage, parts in by_stage.items():
+        more = f", … (+{len(parts) - per_stage})" if len(parts) > per_stage else ""
+        groups.append(f"{stage}: {', '.join(parts[:per_stage])}{more}")
+    return "; ".join(groups)
 
 
 def atlas_summary(path: Path) -> dict[str, Any]:
@@ -63,6 +88,12 @@ def atlas_summary(path: Path) -> dict[str, Any]:
 def print_summary(summary: dict[str, Any]) -> None:
     out.print(key_value_table("Atlas", {k: summary[k] for k in ("path", "model", "family", "heads",
                                                                 "neurons_decoded", "neurons_with_stats")}))
+    missing = summary.get("missing_units") or []
+    if missing:
+        err.print(Text.assemble(("Unfinished: ", "bold yellow"), f"{len(missing)} planned units are missing "
+                                f"({missing_text(missing)})."), soft_wrap=True)
+        err.print(Text(f"Resume the build with: {summary.get('resume_command') or 'the command that built it'}"),
+                  soft_wrap=True)
     out.print(_table("Stages", summary["stages"], ["stage", "units", "seconds"]))
     if summary["head_types"]:
         out.print(_table("Head types", summary["head_types"]))
@@ -86,26 +117,34 @@ def map_command(
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: start locally)."),
     workers: int = typer.Option(2, "--workers", help="Ray workers when starting a local cluster."),
     dtype: str = DTYPE_OPT,
+    device: Optional[str] = DEVICE_OPT,
     as_json: bool = JSON_OPT,
 ) -> None:
     """Build (or resume) the atlas of a model: every stage, or those named with --only."""
-    from lmatlas.atlas.pipeline import build_atlas
-    from lmatlas.atlas.stages import select_stages
     from lmatlas.errors import LmatlasError
 
     def body():
+        from lmatlas.atlas.corpus import load_texts
+        from lmatlas.atlas.pipeline import build_atlas
+        from lmatlas.atlas.stages import select_stages
+
         path = out_path or default_out(model)
         stages = [s.strip() for s in only.split(",")] if only else None
-        select_stages(stages)  # fail on a bad stage name before loading anything
-        loaded = load_model(model, dtype, None)
+        select_stages(stages)  # fail on a bad stage name or corpus before loading anything
+        if executor not in ("local", "ray"):
+            raise LmatlasError(f"Unknown executor {executor!r}: use 'local' or 'ray'.")
+        if corpus is not None:
+            load_texts(corpus)
+        loaded = load_model(model, dtype, device)
         runner = None
         if executor == "ray":
             from lmatlas.atlas.ray_executor import RayExecutor
 
             def runner(ctx):
-                return RayExecutor.for_model(loaded, ctx, address=address, num_workers=workers)
-        elif executor != "local":
-            raise LmatlasError(f"Unknown executor {executor!r}: use 'local' or 'ray'.")
+                gpu = {"num_gpus": 1} if device and device.startswith("cuda") else {}
+                return RayExecutor.for_model(loaded, ctx, address=address, num_workers=workers,
+                                             load_kwargs={"device": device} if device else None,
+                                             worker_options={"num_cpus": 1, **gpu})
         report = build_atlas(loaded, path, only=stages, corpus=corpus, seed=seed, executor=runner)
         err.print(f"{len(report.computed)} units computed, {report.skipped} already done.")
         summary = atlas_summary(path)
@@ -131,31 +170,64 @@ def show(path: Path = typer.Argument(..., help="An atlas file."), as_json: bool 
 def export(path: Path = typer.Argument(..., help="An atlas file."),
            parquet: Path = typer.Option(..., "--parquet", help="Directory for one .parquet file per table."),
            as_json: bool = JSON_OPT) -> None:
-    """Export every atlas table to Parquet."""
-    import pyarrow.parquet as pq
-
-    from lmatlas.atlas.query import Atlas
-    from lmatlas.atlas.schema import TABLES
-    from lmatlas.errors import AtlasError
+    """Export every atlas table to Parquet (all files or none: written aside, then moved into place)."""
 
     def body():
-        try:
-            parquet.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise AtlasError(f"Cannot create {parquet}: {error.strerror}.") from None
-        written = {}
-        with Atlas.open(path) as atlas:
-            for table in list(TABLES) + ["layers"]:
-                target = parquet / f"{table}.parquet"
-                data = atlas.sql(f"SELECT * FROM {table}")
-                pq.write_table(data, target)
-                written[table] = {"rows": data.num_rows, "file": str(target)}
+        written = export_parquet(path, parquet)
         if as_json:
             print_json(written)
         else:
             out.print(_table(f"Exported to {parquet}", [{"table": k, **v} for k, v in written.items()]))
 
     run(body)
+
+
+def export_parquet(path: Path, target: Path) -> dict[str, dict[str, Any]]:
+    """Write one Parquet file per table into ``target``, atomically.
+
+    The files are written into a temporary folder next to ``target``, which is renamed
+    to ``target`` only once every table is written (an existing ``target`` is replaced
+    the same way), so a failure never leaves a partial export behind.
+    """
+    import shutil
+    import tempfile
+
+    import pyarrow.parquet as pq
+
+    from lmatlas.atlas.query import Atlas
+    from lmatlas.atlas.schema import TABLES
+    from lmatlas.errors import AtlasError
+
+    target = Path(target)
+    if target.exists() and not target.is_dir():
+        raise AtlasError(f"Cannot export to {target}: it is a file, not a directory.")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    except OSError as error:
+        raise AtlasError(f"Cannot create {target}: {error.strerror or error}.") from None
+    written = {}
+    try:
+        with Atlas.open(path) as atlas:
+            for table in list(TABLES) + ["layers"]:
+                data = atlas.sql(f"SELECT * FROM {table}")
+                pq.write_table(data, staging / f"{table}.parquet")
+                written[table] = {"rows": data.num_rows, "file": str(target / f"{table}.parquet")}
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{staging.name.rsplit('-', 1)[-1]}")
+            target.rename(old)
+            staging.rename(target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            staging.rename(target)
+    except OSError as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise AtlasError(f"Cannot write the export to {target}: {error.strerror or error}. Nothing was "
+                         "exported.") from None
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return written
 
 
 @app.command()

@@ -18,7 +18,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from lmatlas.cli.app import DEVICE_OPT, DTYPE_OPT, JSON_OPT, MODEL_ARG, app, err, load_model, out, print_json, run
+from lmatlas.cli.app import DEVICE_OPT, DTYPE_OPT, JSON_OPT, MODEL_ARG, app, load_model, out, print_json, run
 from lmatlas.errors import LmatlasError
 
 #: Short code and colour of each head type in the grid; earlier entries win a cell's colour.
@@ -156,9 +156,7 @@ def heads(
         thresholds = parse_overrides(threshold, "--threshold", name, allow_none=False)
         min_zs = parse_overrides(min_z, "--min-z", name, allow_none=True)
         loaded = load_model(model, dtype, device)
-        with err.status("Running the head census...") as status:
-            census = run_census(loaded, [name] if name else None, seed=seed, thresholds=thresholds, min_z=min_zs,
-                                progress=lambda message: status.update(f"Head census {message}"))
+        census = run_census(loaded, [name] if name else None, seed=seed, thresholds=thresholds, min_z=min_zs)
         if name:
             result = census[name]
             if as_json:

@@ -1,6 +1,11 @@
 """Decoding commands: ``neurons`` (what each MLP neuron of a layer promotes, suppresses, reads).
 
-    lmatlas neurons [MODEL] --layer L [--neuron N] [--top 20] [--no-inputs] [--json]
+    lmatlas neurons [MODEL] --layer L [--neuron N] [--top 20] [--limit 20] [--start 0] [--no-inputs] [--json]
+
+The table shows ``--limit`` neurons from ``--start`` (default: a screenful) and says
+how many the layer has; ``--json`` has every neuron unless ``--limit`` is given. Each
+cell lists whole tokens (byte tokens as ``<0xE2>``) and ends with ``… +N`` when more
+do not fit the terminal.
 """
 
 from __future__ import annotations
@@ -9,15 +14,10 @@ from typing import Optional
 
 import typer
 from rich.table import Table
-from rich.text import Text
 
-from lmatlas.cli.app import DEVICE_OPT, DTYPE_OPT, JSON_OPT, MODEL_ARG, app, err, load_model, out, print_json, run
+from lmatlas.cli.app import DEVICE_OPT, DTYPE_OPT, JSON_OPT, MODEL_ARG, app, load_model, out, print_json, run
 
-SHOWN = 8  # tokens per cell in the table (--json has all of them)
-
-
-def _tokens(pairs: list, limit: int) -> str:
-    return "  ".join(repr(t) if isinstance(t, str) else str(t) for t, _ in pairs[:limit])
+SCREENFUL = 20  # neurons in the table by default
 
 
 @app.command()
@@ -27,6 +27,9 @@ def neurons(
     neuron: Optional[int] = typer.Option(None, "--neuron", "-n", help="Show only this neuron."),
     top: int = typer.Option(20, "--top", "-k", help="Tokens per ranking."),
     inputs: bool = typer.Option(True, "--inputs/--no-inputs", help="Also decode which tokens excite each neuron."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=0, help=f"Neurons shown (default {SCREENFUL} in the "
+                                        "table, all with --json; 0 = all)."),
+    start: int = typer.Option(0, "--start", min=0, help="First neuron shown."),
     as_json: bool = JSON_OPT,
     dtype: str = DTYPE_OPT,
     device: Optional[str] = DEVICE_OPT,
@@ -36,25 +39,36 @@ def neurons(
     from lmatlas.model.sites import check_layer, check_neuron
 
     def body():
+        from lmatlas.cli.tables import add_columns, column_width, token_list
+
         loaded = load_model(model, dtype, device)
         check_layer(layer, loaded.layout)
         if neuron is not None:
             check_neuron(layer, neuron, loaded.layout)
-        with err.status(f"Decoding the {loaded.layout.d_mlp} neurons of layer {layer}..."):
-            decoded = decode_neurons(loaded, layers=[layer], k=top, inputs=inputs)
-        indices = [neuron] if neuron is not None else range(loaded.layout.d_mlp)
+        decoded = decode_neurons(loaded, layers=[layer], k=top, inputs=inputs)
+        count = loaded.layout.d_mlp
+        if neuron is not None:
+            indices = [neuron]
+        else:
+            shown = limit if limit is not None else (0 if as_json else SCREENFUL)
+            indices = range(min(start, count), count if shown == 0 else min(count, start + shown))
         records = [decoded.neuron(layer, n, loaded.tokenizer) for n in indices]
         if as_json:
-            print_json({"layer": layer, "k": top, "method": decoded.method, "neurons": records})
+            print_json({"layer": layer, "k": top, "method": decoded.method, "neurons_in_layer": count,
+                        "start": indices[0] if records else start, "neurons": records})
             return
-        table = Table(title=f"Layer {layer} neurons: top tokens (first {min(SHOWN, top)} of {top}; --json for all)",
-                      title_justify="left")
-        table.add_column("neuron", style="bold cyan")
-        columns = ["promoted", "suppressed"] + [k for k in records[0] if k.startswith("excited_by_")]
-        for column in columns:
-            table.add_column(column.replace("excited_by_", "excites: "), overflow="fold")
+        columns = ["promoted", "suppressed"] + [k for k in (records[0] if records else {}) if k.startswith("excited_by_")]
+        title = (f"Layer {layer}: neuron {neuron} of {count:,}" if neuron is not None else
+                 f"Layer {layer}: neurons {indices[0] if records else start}..{indices[-1] if records else start} "
+                 f"of {count:,}")
+        rest = count - len(records)
+        caption = (f"{rest:,} more: --start N / --limit N (0 = all), or --json" if neuron is None and rest else None)
+        table = Table(title=f"{title}: top {top} tokens per ranking", caption=caption, title_justify="left")
+        table.add_column("neuron", style="bold cyan", no_wrap=True)
+        add_columns(table, [c.replace("excited_by_", "excites: ") for c in columns])
+        width = column_width(out.width, len(f"L{layer}.N{count}"), len(columns))
         for record in records:
-            table.add_row(record["neuron"], *(Text(_tokens(record[c], SHOWN)) for c in columns))
+            table.add_row(record["neuron"], *(token_list([t for t, _ in record[c]], width) for c in columns))
         out.print(table)
 
     run(body)

@@ -21,14 +21,14 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 import typer
 from rich.table import Table
 from rich.text import Text
 
-from lmatlas.errors import LmatlasError
 from lmatlas.cli.app import DEVICE_OPT, DTYPE_OPT, JSON_OPT, app, load_model, out, print_json, run
-from lmatlas.decode.vocab import DecodeError
+from lmatlas.errors import LmatlasError
+
+POSITION_WIDTH = 11  # characters a lens position column needs (a short token and its probability)
 
 ARGS = typer.Argument(..., metavar="[MODEL] TEXT", help="An optional model (hub id, directory, .gguf, packaged "
                       "name), then the token / prompt.", show_default=False)
@@ -36,6 +36,8 @@ ARGS = typer.Argument(..., metavar="[MODEL] TEXT", help="An optional model (hub 
 
 def _split(args: list[str], n_text: int) -> tuple[Optional[str], list[str]]:
     """``[MODEL] TEXT`` -> ``(model or None, texts)``; a clear error on a wrong count."""
+    from lmatlas.decode.vocab import DecodeError
+
     if len(args) == n_text:
         return None, args
     if len(args) == n_text + 1:
@@ -45,6 +47,8 @@ def _split(args: list[str], n_text: int) -> tuple[Optional[str], list[str]]:
 
 
 def _token_id(model, text: Optional[str], token_id: Optional[int]) -> int:
+    from lmatlas.decode.vocab import DecodeError
+
     vocab = model.layout.d_vocab
     if token_id is not None:
         if not 0 <= token_id < vocab:
@@ -66,6 +70,8 @@ def promoting_neurons(model, token: int, top: int) -> list[tuple[int, int, float
     ``output_directions(l) @ W_U[:, token]`` for every layer: one column of the
     neurons' output logits (the same directions :mod:`lmatlas.decode.neurons` decodes).
     """
+    import torch
+
     from lmatlas.decode.neurons import output_directions
     from lmatlas.decode.vocab import unembed_matrix
 
@@ -79,62 +85,73 @@ def promoting_neurons(model, token: int, top: int) -> list[tuple[int, int, float
 
 @app.command()
 def search(args: list[str] = ARGS, token_id: Optional[int] = typer.Option(None, "--id", help="Token id instead of "
-           "text."), top: int = typer.Option(20, "--top", min=1, help="Rows per table."), as_json: bool = JSON_OPT,
+           "text."), top: int = typer.Option(20, "--top", min=1, help="Rows shown."), as_json: bool = JSON_OPT,
            dtype: str = DTYPE_OPT, device: Optional[str] = DEVICE_OPT) -> None:
-    """The neurons and heads that promote a token, ranked: from a model's weights, or from an atlas FILE."""
-    from lmatlas.decode.heads import promoting_heads
+    """The neurons and heads that promote a token, ranked by the logit they add: from a model or an atlas FILE."""
 
     def body():
         if args and args[0].endswith(".duckdb"):
-            return _search_atlas(args, top, as_json)
+            return _search_atlas(args, token_id, top, as_json)
+        from lmatlas.atlas.ranking import hit, ranked
+        from lmatlas.decode.heads import promoting_heads
+        from lmatlas.decode.token_text import token_text
+
         name, texts = _split(args, 0 if token_id is not None else 1)
         model = load_model(name, dtype, device)
         token = _token_id(model, texts[0] if texts else None, token_id)
-        text = model.tokenizer.decode([token]) if model.tokenizer is not None else str(token)
+        text = token_text(model.tokenizer, token)
         heads = promoting_heads(model, token)
-        decode = model.tokenizer.decode if model.tokenizer is not None else str
+        neurons = promoting_neurons(model, token, top)
         data = {
             "token": text, "id": token,
-            "neurons": [{"neuron": f"L{l}.N{n}", "logit": v} for l, n, v in promoting_neurons(model, token, top)],
-            "heads": [{"head": f"L{l}.H{h}", "max_logit": mx, "source": decode([src]), "source_id": src,
-                       "mean_logit": mean} for l, h, mx, src, mean in heads.ranked(top)],
+            "neurons": [{"neuron": f"L{l}.N{n}", "logit": v} for l, n, v in neurons],
+            "heads": [{"head": f"L{l}.H{h}", "max_logit": mx, "source": token_text(model.tokenizer, src),
+                       "source_id": src, "mean_logit": mean} for l, h, mx, src, mean in heads.ranked(top)],
         }
+        data["results"] = ranked(
+            [hit("neuron", l, n, v) for l, n, v in neurons]
+            + [hit("head", l, h, mx, source=token_text(model.tokenizer, src)) for l, h, mx, src, _ in heads.ranked(top)],
+            top)
         if as_json:
             return print_json(data)
-        table = Table(title=f"Neurons promoting {text!r} (id {token})", caption="logit per unit of activation",
-                      title_justify="left")
-        for column in ("rank", "neuron", "logit"):
-            table.add_column(column, justify="right" if column != "neuron" else "left")
-        for i, row in enumerate(data["neurons"], 1):
-            table.add_row(str(i), row["neuron"], f"{row['logit']:.3f}")
-        out.print(table)
-        table = Table(title=f"Heads promoting {text!r}: OV logit, best source token", title_justify="left")
-        for column in ("rank", "head", "max logit", "source", "mean logit"):
-            table.add_column(column, justify="left" if column in ("head", "source") else "right")
-        for i, row in enumerate(data["heads"], 1):
-            table.add_row(str(i), row["head"], f"{row['max_logit']:.3f}", Text(repr(row["source"])),
-                          f"{row['mean_logit']:.3f}")
-        out.print(table)
+        print_ranking(f"Neurons and heads promoting {text!r} (id {token}), by the logit they add", data["results"],
+                      caption="neuron: per unit of activation; head: attending to its best source token")
 
     run(body)
 
 
-def _search_atlas(args: list[str], top: int, as_json: bool) -> None:
-    """``lmatlas search FILE TEXT``: token search across the heads and neurons stored in an atlas."""
+def print_ranking(title: str, rows: list[dict], caption: str | None = None) -> None:
+    """The one table of a token search (a model's or an atlas's): rank, kind, name, logit, source, top tokens."""
+    from lmatlas.cli.tables import add_columns, column_width, shown, token_list
+
+    table = Table(title=title, caption=caption, title_justify="left")
+    add_columns(table, ["#", "kind", "name", "logit", "source"])
+    with_tokens = any(row.get("top_tokens") for row in rows)
+    if with_tokens:
+        add_columns(table, ["top tokens"])
+    width = column_width(out.width, 40, 1)
+    for i, row in enumerate(rows, 1):
+        cells = [str(i), row["kind"], row["name"], f"{row['logit']:.3f}",
+                 Text("" if row.get("source") is None else shown(row["source"]))]
+        if with_tokens:
+            cells.append(token_list(row.get("top_tokens") or [], width))
+        table.add_row(*cells)
+    out.print(table)
+
+
+def _search_atlas(args: list[str], token_id: Optional[int], top: int, as_json: bool) -> None:
+    """``lmatlas search FILE TEXT`` (or ``FILE --id N``): :meth:`Atlas.search`, printed like a model search."""
     from lmatlas.atlas.query import Atlas
 
-    if len(args) != 2:
-        raise LmatlasError("Usage: lmatlas search ATLAS.duckdb TEXT")
+    if len(args) != (1 if token_id is not None else 2):
+        raise LmatlasError("Usage: lmatlas search ATLAS.duckdb TEXT (or: lmatlas search ATLAS.duckdb --id N)")
+    query = token_id if token_id is not None else args[1]
     with Atlas.open(args[0]) as atlas:
-        rows = atlas.search(args[1], limit=top).to_pylist()
+        rows = atlas.search(query, limit=top).to_pylist()
     if as_json:
-        return print_json({"atlas": args[0], "text": args[1], "results": rows})
-    table = Table(title=f"{args[1]!r} in {args[0]} (rank 1 = top token)", title_justify="left")
-    for column in ("kind", "name", "rank", "top tokens"):
-        table.add_column(column)
-    for row in rows:
-        table.add_row(row["kind"], row["name"], str(row["rank"]), Text(", ".join(map(repr, row["top_tokens"]))))
-    out.print(table)
+        return print_json({"atlas": args[0], "token": query, "results": rows})
+    print_ranking(f"Neurons and heads promoting {query!r} in {args[0]}, by the logit they add", rows,
+                  caption="neuron: per unit of activation; head: attending to its best source token")
 
 
 @app.command()
@@ -152,17 +169,21 @@ def lens(args: list[str] = ARGS, k: int = typer.Option(5, "--k", min=1, help="To
             return print_json(result.to_dict())
         rows, pos = result.shape
         inputs = result.input_tokens or [str(i) for i in result.input_ids.tolist()]
+        fit = max(1, (out.width - 30) // POSITION_WIDTH)  # position columns that fit the terminal
+        first = max(0, pos - fit)
+        caption = (f"positions 0..{first - 1} not shown ({pos} in all): widen the terminal or use --json"
+                   if first else None)
         table = Table(title="Logit lens: each layer's top token and its probability (green: the model's final "
                       "prediction); KL(output || layer) and entropy H in nats at the last position",
-                      title_justify="left")
+                      caption=caption, title_justify="left")
         table.add_column("layer", style="bold cyan", no_wrap=True)
-        for token in inputs:
-            table.add_column(Text(repr(token)), overflow="fold")
+        for token in inputs[first:]:
+            table.add_column(Text(repr(token)), no_wrap=True, overflow="ellipsis")  # shortened with …, never cut
         table.add_column("KL", justify="right", no_wrap=True)
         table.add_column("H", justify="right", no_wrap=True)
         for r in range(rows):
             cells = []
-            for j in range(pos):
+            for j in range(first, pos):
                 shown = result.top_tokens[r][j][0] if result.top_tokens else str(int(result.top_ids[r, j, 0]))
                 style = "bold green" if int(result.top_ids[r, j, 0]) == int(result.final_ids[j]) else ""
                 cells.append(Text(f"{shown!r}\n{float(result.top_probs[r, j, 0]):.2f}", style=style))

@@ -58,7 +58,7 @@ def check(model: Optional[str] = MODEL_ARG, as_json: bool = JSON_OPT, dtype: str
 
 @app.command()
 def sites(model: Optional[str] = typer.Argument(None, help="Give a model to see its layer and head ranges."),
-          as_json: bool = JSON_OPT) -> None:
+          as_json: bool = JSON_OPT, dtype: str = DTYPE_OPT, device: Optional[str] = DEVICE_OPT) -> None:
     """List the site grammar: every component, its shape and meaning."""
     from lmatlas.model.sites import COMPONENTS
 
@@ -66,7 +66,7 @@ def sites(model: Optional[str] = typer.Argument(None, help="Give a model to see 
         rows = [{"site": f"L<layer>.{name}", "shape": c.shape, "meaning": c.doc} for name, c in COMPONENTS.items()]
         ranges = {}
         if model is not None:
-            lay = load_model(model, "float32", None).layout
+            lay = load_model(model, dtype, device).layout
             ranges = {"layers": f"0..{lay.n_layers - 1}", "heads": f"0..{lay.n_heads - 1}",
                       "kv_heads": f"0..{lay.n_kv_heads - 1}", "neurons": f"0..{lay.d_mlp - 1}"}
         if as_json:

@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lmatlas.decode.vocab import DecodeError, TokenRanking, project
+from lmatlas.decode.token_text import token_texts
+from lmatlas.decode.vocab import DecodeError, project
 
 if TYPE_CHECKING:
     from lmatlas.model.handle import Inputs, Model
@@ -101,6 +102,12 @@ def _streams(model: "Model", inputs: "Inputs", include_embed: bool) -> tuple[tor
     return cache.input_ids[0], streams, cache.logits[0].float(), labels
 
 
+def _n_tokens(model: "Model", text: str) -> int:
+    if model.tokenizer is None:
+        return 0
+    return len(model.tokenizer(text)["input_ids"])
+
+
 def logit_lens(model: "Model", inputs: "Inputs", *, k: int = 5, include_embed: bool = False) -> LensResult:
     """Run ``inputs`` (one prompt: text or ``[pos]`` / ``[1, pos]`` ids) and read every layer.
 
@@ -110,6 +117,11 @@ def logit_lens(model: "Model", inputs: "Inputs", *, k: int = 5, include_embed: b
     """
     if not 1 <= k <= model.layout.d_vocab:
         raise DecodeError(f"k={k} is out of range: pick 1..{model.layout.d_vocab} (the vocabulary size).")
+    if isinstance(inputs, str) and _n_tokens(model, inputs) == 0:
+        raise DecodeError("The prompt is empty: give the text to read, e.g. `lmatlas lens \"The capital of France "
+                          "is\"`.")
+    if not isinstance(inputs, str) and hasattr(inputs, "numel") and inputs.numel() == 0:
+        raise DecodeError("The prompt has no tokens: give at least one token id.")
     input_ids, streams, final_logits, labels = _streams(model, inputs, include_embed)
     final_logp = torch.log_softmax(final_logits, -1)  # [pos, d_vocab]
     final_ids = final_logits.argmax(-1)
@@ -129,7 +141,7 @@ def logit_lens(model: "Model", inputs: "Inputs", *, k: int = 5, include_embed: b
             ref = final_logp[sl].to(p.device)  # KL(final || layer) = sum p_final (log p_final - log p_layer)
             kl[r, sl] = torch.nn.functional.kl_div(logp, ref, log_target=True, reduction="none").sum(-1).cpu()
     tok = model.tokenizer
-    strings = (lambda ids: TokenRanking.tokens_of(ids, tok)) if tok is not None else None
+    strings = (lambda ids: token_texts(tok, ids)) if tok is not None else None  # byte tokens as <0xE2>
     return LensResult(
         input_ids=input_ids.cpu(), labels=labels, top_ids=top_ids, top_probs=top_probs, final_ids=final_ids.cpu(),
         final_prob=final_prob, entropy=entropy, kl=kl,

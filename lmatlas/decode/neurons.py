@@ -41,10 +41,12 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import torch
 
 from lmatlas.decode.fast_topk import SCORERS, PrunedTopK, TokenIndex, auto_method, build_index, pruned_topk
+from lmatlas.decode.token_text import token_texts
 from lmatlas.decode.vocab import DecodeError, TokenRanking, check_k, prepare, unembed_matrix
 from lmatlas.model.arch import get_path
 from lmatlas.model.norms import block_norm_gain, norm_eps
 from lmatlas.model.sites import check_layer, neuron_name
+from lmatlas.progress import ProgressArg, progress_task
 
 if TYPE_CHECKING:
     from lmatlas.model.handle import Model
@@ -102,7 +104,7 @@ class NeuronDecoding:
                     **{f"excited_by_{name}": r for name, r in self.inputs.items()}}
         for key, ranking in rankings.items():
             ids = ranking.ids[i].tolist()
-            tokens = TokenRanking.tokens_of(ids, tokenizer) if tokenizer is not None else ids
+            tokens = token_texts(tokenizer, ids) if tokenizer is not None else ids  # byte tokens as <0xE2>
             out[key] = [(t, round(float(v), 4)) for t, v in zip(tokens, ranking.logits[i].tolist())]
         return out
 
@@ -190,7 +192,7 @@ def decode_neurons(
     inputs: bool = True,
     norm: str = "gain",
     method: str = "auto",
-    progress: Progress | None = None,
+    progress: ProgressArg | Progress = True,
 ) -> NeuronDecoding:
     """Decode every neuron of ``layers`` (default: all) through the vocabulary in one call.
 
@@ -201,7 +203,9 @@ def decode_neurons(
         norm: ``"gain"`` (default: apply the final / pre-MLP norm gains) or ``"none"``.
         method: top-k kernel: ``auto``, ``bf16``, ``int8`` or ``plain`` (see
             :func:`lmatlas.decode.fast_topk.pruned_topk`); all give the same rankings.
-        progress: ``callback(done, total)`` in neuron-rankings.
+        progress: ``True`` (default: a bar on a terminal, a line every few seconds
+            otherwise, on stderr; see :mod:`lmatlas.progress`), ``False``, or
+            ``callback(done, total)`` in neuron-rankings.
 
     Returns:
         :class:`NeuronDecoding`.
@@ -223,13 +227,16 @@ def decode_neurons(
             if tokens.data_ptr() not in indexes:
                 indexes[tokens.data_ptr()] = build_index(tokens, SCORERS[method], k)
             index = indexes[tokens.data_ptr()]
-        report = None
-        if progress is not None:
-            def report(done: int, n: int) -> None:
+        def report(done: int, n: int) -> None:
+            if callable(progress):
                 progress(phase * n + done, n_phases * n)
+            else:
+                task.update(phase * n + done, total=n_phases * n)
+
         return pruned_topk(rows, tokens, k, bottom=both, method=method, index=index, progress=report)
 
-    with torch.no_grad():
+    shown = bool(progress) and not callable(progress)
+    with torch.no_grad(), progress_task(f"Decoding {len(layers) * lay.d_mlp:,} neurons", enabled=shown) as task:
         names = list(input_directions(model, layers[0], norm)) if inputs else []
         n_phases = 1 + len(names)
         outputs = torch.cat([output_directions(model, l, norm) for l in layers])  # [rows, d_model]

@@ -24,10 +24,8 @@ from dataclasses import dataclass
 from lmatlas.errors import SiteError
 from lmatlas.model.arch import HeadLayout
 from lmatlas.model.positions import Positions, split_site_name
-from lmatlas.model.sites import COMPONENTS, Site, check_head, check_layer, check_neuron, parse_sites
+from lmatlas.model.sites import COMPONENTS, Site, check_head, check_layer, head_or_neuron, parse_sites
 
-_HEAD = re.compile(r"^L(?P<layer>\d+)\.H(?P<index>\d+)$")
-_NEURON = re.compile(r"^L(?P<layer>\d+)\.N(?P<index>\d+)$")
 _SITE_HEAD = re.compile(r"^(?P<site>L\d+\.attn\.(?:z|out|q))\.H(?P<index>\d+)$")
 
 
@@ -65,14 +63,10 @@ def parse_target(text: str, layout: HeadLayout) -> Target:
     if not isinstance(text, str):
         raise SiteError(f"A target is a string such as 'L5.H3', 'L12.N1031' or 'L10.resid.post', got {text!r}.")
     name, positions = split_site_name(text.strip())
-    if match := _HEAD.match(name):
-        layer, head = int(match["layer"]), int(match["index"])
-        check_head(layer, head, layout)
-        return Target(text, (Site(layer, "attn.z"),), head, positions)
-    if match := _NEURON.match(name):
-        layer, neuron = int(match["layer"]), int(match["index"])
-        check_neuron(layer, neuron, layout)
-        return Target(text, (Site(layer, "mlp.act"),), neuron, positions)
+    unit = head_or_neuron(name, layout)
+    if unit is not None:
+        kind, layer, index = unit
+        return Target(text, (Site(layer, "attn.z" if kind == "head" else "mlp.act"),), index, positions)
     if match := _SITE_HEAD.match(name):
         site = parse_sites(match["site"], layout)[0]
         check_head(site.layer, int(match["index"]), layout)

@@ -19,6 +19,7 @@ from lmatlas.model.families import spec_for_model_type
 from lmatlas.model.handle import Model
 from lmatlas.model.packaged import PACKAGED, packaged_path
 from lmatlas.model.provenance import sha256_file  # noqa: F401 (re-exported)
+from lmatlas.model.sources import check_hub_source
 
 GGUF_MAGIC = b"GGUF"
 PACKAGED_DEFAULT_LABEL = "smollm2-135m (packaged default)"
@@ -87,7 +88,24 @@ def _resolve(source: str | Path | None) -> tuple[str, dict[str, Any], Path | Non
         return str(path), {}, shards[0] if shards else None
     if path.exists() or str(source).startswith((".", "/", "~")) or str(source).count("/") > 1:
         raise ModelFileError(f"Model source not found or not usable: {source}. Pass a hub id, a directory or a .gguf file.")
+    check_hub_source(str(source))
     return str(source), {}, None
+
+
+def _check_device(device: str | torch.device | None) -> None:
+    if device is None:
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise LmatlasError(f"Unknown device {device!r}: use cpu, cuda, cuda:1, mps, ...") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise LmatlasError(f"Device {device!r} asked, but no CUDA GPU is visible here: use --device cpu.")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise LmatlasError(f"Device {device!r} does not exist: this machine has {torch.cuda.device_count()} "
+                           f"CUDA device(s) (cuda:0..cuda:{torch.cuda.device_count() - 1}).")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise LmatlasError(f"Device {device!r} asked, but MPS is not available here: use --device cpu.")
 
 
 def load(
@@ -115,9 +133,10 @@ def load(
         UnsupportedArchitectureError: the family has no ArchSpec (the message lists those that do).
         NotACausalLMError: the checkpoint is not a decoder-only causal LM.
     """
+    _check_device(device)
+    name, extra, weights_file = _resolve(source)  # typos and an unreachable hub fail here, before transformers loads
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    name, extra, weights_file = _resolve(source)
     label = str(source) if source is not None else PACKAGED_DEFAULT_LABEL
     gguf_sha = sha256_file(weights_file) if "gguf_file" in extra else None
     convert_to_cache = False

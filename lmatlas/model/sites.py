@@ -156,6 +156,16 @@ def parse_neuron(name: str, layout: HeadLayout) -> tuple[int, int]:
     return layer, check_neuron(layer, neuron, layout)
 
 
+def head_or_neuron(name: str, layout: HeadLayout) -> tuple[str, int, int] | None:
+    """``"L12.H3" -> ("head", 12, 3)``, ``"L5.N7" -> ("neuron", 5, 7)`` (range-checked); ``None`` for anything else."""
+    name = name.strip()
+    if _HEAD_RE.match(name):
+        return ("head", *parse_head(name, layout))
+    if _NEURON_RE.match(name):
+        return ("neuron", *parse_neuron(name, layout))
+    return None
+
+
 def head_name(layer: int, head: int) -> str:
     return f"L{layer}.H{head}"
 

@@ -34,12 +34,15 @@ class BuildContext:
         seed: the build's seed (batteries derive theirs from it).
         params: stage parameters (top-k sizes, ...), stamped on ``runs``.
         memo: per-process cache for values several units reuse.
+        progress: whether long steps inside a unit (decoding every neuron, the census)
+            report their own progress (``build_atlas(progress=...)``; not a build setting).
     """
 
     corpus: torch.Tensor
     seed: int = 0
     params: dict[str, Any] = field(default_factory=dict)
     memo: dict[str, Any] = field(default_factory=dict)
+    progress: bool = True
 
     def remember(self, key: str, compute: Callable[[], Any]) -> Any:
         if key not in self.memo:

@@ -5,7 +5,9 @@ For each neuron (``mlp.act``, the input of the down projection):
 * ``mean`` and ``max`` over every corpus position;
 * ``frac_active``: the fraction of positions where the activation is positive;
 * ``top_contexts``: the ``top_contexts`` positions (default 5) with the largest
-  activation, each as the preceding text with the activating token in «guillemets».
+  activation, each as the preceding text with the activating token in «guillemets»
+  (byte tokens as ``<0xE2>`` when they are not part of a whole character), and
+  ``top_context_ids``: the same contexts as token ids, the activating token last.
 
 All layers are reduced in one streaming pass over the corpus (``batch`` windows at a
 time), remembered per process; each unit then reads one layer.
@@ -53,11 +55,23 @@ def _reduce(model: "Model", ctx: BuildContext) -> list[dict[str, torch.Tensor]]:
     return stats
 
 
+def context_ids(corpus: torch.Tensor, flat_index: int) -> list[int]:
+    """The ids of the ``CONTEXT_TOKENS`` tokens before corpus position ``flat_index``, then that token."""
+    row, pos = divmod(int(flat_index), corpus.shape[1])
+    return corpus[row, max(0, pos - CONTEXT_TOKENS): pos + 1].tolist()
+
+
 def context(model: "Model", corpus: torch.Tensor, flat_index: int) -> str:
     """The text before corpus position ``flat_index`` with that token in «guillemets»."""
-    row, pos = divmod(int(flat_index), corpus.shape[1])
-    before = model.tokenizer.decode(corpus[row, max(0, pos - CONTEXT_TOKENS): pos])
-    return f"{before}«{model.tokenizer.decode(corpus[row, pos: pos + 1])}»"
+    from lmatlas.decode.token_text import REPLACEMENT, piece_bytes, render_bytes, token_text
+
+    ids = context_ids(corpus, flat_index)
+    before = model.tokenizer.decode(ids[:-1])
+    if REPLACEMENT in before:  # a character cut at the window's edge: show its bytes
+        raw = [piece_bytes(p) for p in model.tokenizer.convert_ids_to_tokens(ids[:-1])]
+        if all(r is not None for r in raw):
+            before = render_bytes(b"".join(raw))
+    return f"{before}«{token_text(model.tokenizer, ids[-1])}»"
 
 
 def compute(model: "Model", unit: str, ctx: BuildContext):
@@ -72,6 +86,7 @@ def compute(model: "Model", unit: str, ctx: BuildContext):
             "max": float(entry["max"][neuron]),
             "frac_active": float(entry["positive"][neuron]) / positions,
             "top_contexts": [context(model, ctx.corpus, i) for i in entry["top_index"][:, neuron].tolist()],
+            "top_context_ids": [context_ids(ctx.corpus, i) for i in entry["top_index"][:, neuron].tolist()],
         })
     return {"neuron_stats": rows}
 

@@ -29,7 +29,7 @@ def compute(model: "Model", unit: str, ctx: BuildContext):
 
     name = unit.split("/", 1)[1]
     try:
-        result = run_census(model, detectors=[name], seed=ctx.seed)[name]
+        result = run_census(model, detectors=[name], seed=ctx.seed, progress=ctx.progress)[name]
     except LmatlasError:
         return {}
     labelled = result.labelled

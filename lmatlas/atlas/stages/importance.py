@@ -1,14 +1,23 @@
 """Stage ``importance``: how much the corpus loss rises when a head or an MLP is mean-ablated.
 
-Mean ablation replaces a component's output by its mean over the corpus (every
-batch and position), which removes the information it carries while keeping the
-residual stream's typical magnitude (zero ablation would not). For head ``h`` of
-layer ``l`` the replaced site is ``L{l}.attn.z[..., h, :]`` (so a post-attention norm
-still normalises the result); for the MLP it is ``L{l}.mlp.out``.
+Mean ablation replaces a component's output by its mean over the importance corpus
+(every batch and position), which removes the information it carries while keeping
+the residual stream's typical magnitude. For head ``h`` of layer ``l`` the replaced
+site is ``L{l}.attn.z[..., h, :]`` (a post-attention norm still normalises the
+result); for the MLP it is ``L{l}.mlp.out``. ``delta_loss`` is the rise of the mean
+next-token cross-entropy (nats) over the first ``importance_sequences`` windows.
 
-``delta_loss = loss(ablated) - loss(clean)``, mean next-token cross-entropy in nats
-over the importance corpus (the first ``importance_sequences`` windows). One unit per
-layer: ``n_heads + 1`` forward passes.
+Two methods (``importance_method`` build parameter):
+
+* ``"attribution"`` (default): attribution patching of the mean ablation for every
+  head and MLP at once, ``estimate = sum (mean - a) * d loss / d a`` (one forward and
+  one backward), then the ``importance_verify`` heads with the largest estimates and
+  every MLP are re-measured exactly; ``delta_loss`` is the exact value where measured,
+  the estimate elsewhere (``method`` says which).
+* ``"mean-ablation"``: every head and MLP measured exactly (``n_heads + 1`` forwards per
+  layer, batched through :func:`lmatlas.causal.patching.ablate`).
+
+Both go through :mod:`lmatlas.causal`.
 """
 
 from __future__ import annotations
@@ -34,44 +43,73 @@ def _ids(ctx: BuildContext) -> torch.Tensor:
     return ctx.corpus[: ctx.params.get("importance_sequences", DEFAULT_SEQUENCES)]
 
 
-def _clean(model: "Model", ctx: BuildContext) -> dict:
-    """Clean loss and per-layer means of ``attn.z`` ``[head, d_head]`` and ``mlp.out`` ``[d_model]``."""
+def _stats(model: "Model", ctx: BuildContext):
+    from lmatlas.edit.stats import AblationStats
+
+    return AblationStats(model, _ids(ctx), "importance corpus")  # means over the importance windows themselves
+
+
+def _exact(model: "Model", ctx: BuildContext, targets: list[str]) -> dict[str, float]:
+    """Exact mean-ablation ``delta_loss`` of each target (``L3.H1`` or ``L3.mlp.out``)."""
+    from lmatlas.causal.metrics import sequence_loss
+    from lmatlas.causal.patching import ablate
+
     ids = _ids(ctx)
-    cache = model.run(ids, capture=["attn.z", "mlp.out"])
-    return {
-        "loss": corpus_loss(cache.logits, ids),
-        "z": [cache.z(layer).mean(dim=(0, 1)) for layer in range(model.layout.n_layers)],
-        "mlp": [cache.mlp_out(layer).mean(dim=(0, 1)) for layer in range(model.layout.n_layers)],
-    }
+    stats = ctx.remember("importance.stats", lambda: _stats(model, ctx))
+    effects = ablate(model, ids, targets, sequence_loss(ids), how="mean", stats=stats, name="importance")
+    return dict(zip(targets, effects.effect().tolist()))
 
 
-def _ablated_loss(model: "Model", ids: torch.Tensor, site: str, replacement) -> float:
-    cache = model.run(ids, replace={site: replacement})
-    return corpus_loss(cache.logits, ids)
+def _attribution(model: "Model", ctx: BuildContext) -> dict:
+    """Estimated ``delta_loss`` of every head and MLP (one forward + backward), the top ones verified exactly."""
+    from lmatlas.causal.metrics import sequence_loss
+
+    ids, lay = _ids(ctx), model.layout
+    stats = ctx.remember("importance.stats", lambda: _stats(model, ctx))
+    sites = [f"L{layer}.{c}" for layer in range(lay.n_layers) for c in ("attn.z", "mlp.out")]
+    cache = model.run(ids, capture=sites, grad=True)
+    grads = dict(zip(sites, torch.autograd.grad(sequence_loss(ids)(cache.logits).mean(), [cache[s] for s in sites])))
+    estimate: dict[str, float] = {}
+    for site in sites:
+        value = cache[site].detach()
+        mean = stats.mean(model.sites(site)[0]).to(value.dtype)
+        change = (mean - value) * grads[site]  # [batch, pos, (head,) d]
+        if site.endswith("attn.z"):
+            for head, total in enumerate(change.sum(dim=(0, 1, 3)).tolist()):
+                estimate[f"{site.split('.')[0]}.H{head}"] = total
+        else:
+            estimate[site] = float(change.sum())
+    k = int(ctx.params.get("importance_verify", 8))
+    heads = sorted((t for t in estimate if ".H" in t), key=lambda t: -abs(estimate[t]))[:k]
+    mlps = [t for t in estimate if t.endswith("mlp.out")]
+    return {"estimate": estimate, "exact": _exact(model, ctx, heads + mlps)}
 
 
 def compute(model: "Model", unit: str, ctx: BuildContext):
-    layer, ids = layer_of(unit), _ids(ctx)
-    clean = ctx.remember("importance.clean", lambda: _clean(model, ctx))
-    heads = []
-    for head in range(model.layout.n_heads):
-        mean = clean["z"][layer][head]
+    layer = layer_of(unit)
+    heads = [f"L{layer}.H{h}" for h in range(model.layout.n_heads)]
+    mlp = f"L{layer}.mlp.out"
+    if ctx.params.get("importance_method", "attribution") == "mean-ablation":
+        exact = _exact(model, ctx, heads + [mlp])
+        estimate: dict[str, float] = {}
+    else:
+        found = ctx.remember("importance.attribution", lambda: _attribution(model, ctx))
+        exact, estimate = found["exact"], found["estimate"]
 
-        def ablate(z, site, head=head, mean=mean):
-            z = z.clone()
-            z[:, :, head] = mean
-            return z
+    def row(target: str) -> dict:
+        measured = target in exact
+        return {"delta_loss": exact[target] if measured else estimate[target], "estimate": estimate.get(target),
+                "method": "mean-ablation" if measured else "attribution"}
 
-        loss = _ablated_loss(model, ids, f"L{layer}.attn.z", ablate)
-        heads.append({"layer": layer, "head": head, "delta_loss": loss - clean["loss"]})
-    mlp_mean = clean["mlp"][layer]  # [d_model]: written at every position
-    mlp_loss = _ablated_loss(model, ids, f"L{layer}.mlp.out", lambda out, ctx: mlp_mean.expand_as(out))
-    return {"head_importance": heads, "mlp_importance": [{"layer": layer, "delta_loss": mlp_loss - clean["loss"]}]}
+    return {
+        "head_importance": [{"layer": layer, "head": h, **row(name)} for h, name in enumerate(heads)],
+        "mlp_importance": [{"layer": layer, **row(mlp)}],
+    }
 
 
 stage(Stage(
     name="importance",
-    description="loss increase when each head and each MLP is mean-ablated on the corpus",
+    description="loss increase when each head and MLP is mean-ablated (attribution, top heads verified exactly)",
     plan=lambda model, ctx: [f"importance/L{layer}" for layer in range(model.layout.n_layers)],
     compute=compute,
 ))

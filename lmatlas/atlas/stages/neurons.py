@@ -2,7 +2,8 @@
 
 All layers are decoded in one call of :func:`lmatlas.decode.neurons.decode_neurons`
 (the exact pruned top-k; remembered per process), and each unit stores one layer.
-``exciting`` are the tokens whose embeddings most excite the neuron's *gate* input
+Every token list is stored as display strings (byte tokens as ``<0xE2>``) and as ids
+(``promoted_ids``, ...). ``exciting`` are the tokens whose embeddings most excite the neuron's *gate* input
 direction for gated MLPs (the gate decides whether a gated neuron fires), its *in*
 direction otherwise.
 """
@@ -20,23 +21,31 @@ if TYPE_CHECKING:
 def _decode_all(model: "Model", ctx: BuildContext):
     from lmatlas.decode.neurons import decode_neurons
 
-    return decode_neurons(model, k=ctx.params.get("top_k", 20))
+    return decode_neurons(model, k=ctx.params.get("top_k", 20), progress=ctx.progress)
 
 
 def compute(model: "Model", unit: str, ctx: BuildContext):
+    from lmatlas.decode.token_text import token_texts
+
     layer = layer_of(unit)
     decoding = ctx.remember("neurons.decoding", lambda: _decode_all(model, ctx))
-    exciting_key = "excited_by_gate" if "gate" in decoding.inputs else "excited_by_in"
-    rows = []
-    for record in decoding.records(model.tokenizer, layer=layer):
-        rows.append({
-            "layer": layer, "neuron": record["index"],
-            "promoted": [t for t, _ in record["promoted"]], "promoted_logits": [v for _, v in record["promoted"]],
-            "suppressed": [t for t, _ in record["suppressed"]],
-            "suppressed_logits": [v for _, v in record["suppressed"]],
-            "exciting": [t for t, _ in record.get(exciting_key, [])],
-            "exciting_logits": [v for _, v in record.get(exciting_key, [])],
-        })
+    rankings = {"promoted": decoding.promoted, "suppressed": decoding.suppressed,
+                "exciting": decoding.inputs.get("gate", decoding.inputs.get("in"))}
+    first = decoding.row(layer, 0)
+    rows = [{"layer": layer, "neuron": n} for n in range(decoding.d_mlp)]
+    for name, ranking in rankings.items():
+        if ranking is None:
+            ids = logits = [[] for _ in rows]
+        else:
+            ids = ranking.ids[first: first + decoding.d_mlp].tolist()
+            logits = ranking.logits[first: first + decoding.d_mlp].tolist()
+        texts = token_texts(model.tokenizer, [i for row_ids in ids for i in row_ids])
+        offset = 0
+        for row, row_ids, row_logits in zip(rows, ids, logits):
+            row[name] = texts[offset: offset + len(row_ids)]
+            row[f"{name}_ids"] = row_ids
+            row[f"{name}_logits"] = [round(float(v), 4) for v in row_logits]
+            offset += len(row_ids)
     return {"neurons": rows}
 
 

@@ -5,7 +5,7 @@ For each query head, :func:`lmatlas.decode.heads.decode_ov` pushes a seeded samp
 circuit (GQA-aware) and the unembedding. The stage stores the copying score
 (fraction of sources whose own token is among their top-``ov_k`` outputs), the
 suppression score (the same for the bottom-``ov_k``), and the ``ov_pairs`` strongest
-source→output pairs with their logits. One unit per layer.
+source→output pairs with their logits (tokens as display strings and as ids). One unit per layer.
 """
 
 from __future__ import annotations
@@ -20,17 +20,20 @@ if TYPE_CHECKING:
 
 def compute(model: "Model", unit: str, ctx: BuildContext):
     from lmatlas.decode.heads import decode_ov
-    from lmatlas.decode.vocab import TokenRanking
+    from lmatlas.decode.token_text import token_texts
 
     layer, params = layer_of(unit), ctx.params
     rows = []
     for head in range(model.layout.n_heads):
         decoding = decode_ov(model, layer, head, sources=params.get("ov_sources", 256), k=params.get("ov_k", 10),
                              n_pairs=params.get("ov_pairs", 10), seed=ctx.seed)
-        sources = TokenRanking.tokens_of([p[0] for p in decoding.pairs], model.tokenizer)
-        outputs = TokenRanking.tokens_of([p[1] for p in decoding.pairs], model.tokenizer)
+        source_ids = [int(p[0]) for p in decoding.pairs]
+        output_ids = [int(p[1]) for p in decoding.pairs]
         rows.append({"layer": layer, "head": head, "copying": decoding.copying, "suppression": decoding.suppression,
-                     "top_sources": sources, "top_outputs": outputs, "top_logits": [p[2] for p in decoding.pairs]})
+                     "top_sources": token_texts(model.tokenizer, source_ids),
+                     "top_outputs": token_texts(model.tokenizer, output_ids),
+                     "top_logits": [float(p[2]) for p in decoding.pairs],
+                     "top_source_ids": source_ids, "top_output_ids": output_ids})
     return {"head_ov": rows}
 
 

@@ -1,0 +1,5 @@
+"""``python -m lmatlas.cli``: the same as the ``lmatlas`` command."""
+
+from lmatlas.cli import main
+
+main()

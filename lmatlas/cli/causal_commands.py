@@ -1,0 +1,144 @@
+"""Causal commands: ``patch`` (exact activation patching) and ``attribute`` (AtP*, verified).
+
+    lmatlas patch [MODEL] --task ioi [--targets heads] [--n 8] [--top 20] [--json]
+    lmatlas attribute [MODEL] --task ioi [--targets heads] [--no-qk-fix] [--grad-drop] [--verify 10] [--json]
+
+``--task`` is ioi, capitals, induction, greater-than or a .jsonl file of
+``{"clean", "corrupt", "answer", "wrong"}`` rows. ``--targets`` is a comma list of
+target names (``L5.H3``, ``L5.H3.q``, ``L5.KV1.k``, ``L3.resid.post``, ``L3.N5``) or a
+family: ``heads``, ``heads.q``, ``kv.k``, ``kv.v``, ``resid.post``, ``mlp.out``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from lmatlas.cli.app import DEVICE_OPT, DTYPE_OPT, JSON_OPT, MODEL_ARG, app, load_model, out, print_json, run
+
+TASK_OPT = typer.Option(..., "--task", "-t", help="ioi, capitals, induction, greater-than, or FILE.jsonl.")
+TARGETS_OPT = typer.Option("heads", "--targets", help="Comma list of targets or a family (heads, heads.q, kv.k, ...).")
+N_OPT = typer.Option(8, "--n", help="Prompt pairs generated for a built-in task.")
+TOP_OPT = typer.Option(20, "--top", help="Rows shown (--json has all).")
+
+
+def _targets(spec: str, layout) -> list[str]:
+    from lmatlas.causal.targets import expand
+
+    names: list[str] = []
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+        if part in ("heads", "heads.q", "kv.k", "kv.v") or "." in part and not part.startswith("L"):
+            names.extend(expand(part, layout))
+        else:
+            names.append(part)
+    return names
+
+
+def _show(effects, top: int, title: str) -> None:
+    table = Table(title=title, title_justify="left")
+    for column in ("target", "metric after patch", "effect", "fraction of gap"):
+        table.add_column(column, justify="right" if column != "target" else "left")
+    rows = {r["target"]: r for r in effects.rows()}
+    for name in effects.top(top):
+        r = rows[name]
+        table.add_row(name, f"{r['value']:.3f}", f"{r['effect']:+.3f}", f"{r['normalized']:+.2f}")
+    out.print(table)
+    out.print(f"clean {effects.metric} {effects.clean:.3f}, corrupt {effects.corrupt:.3f}")
+
+
+@app.command("patch")
+def patch_command(
+    model: Optional[str] = MODEL_ARG, task: str = TASK_OPT, targets: str = TARGETS_OPT, n: int = N_OPT,
+    top: int = TOP_OPT, as_json: bool = JSON_OPT, dtype: str = DTYPE_OPT, device: Optional[str] = DEVICE_OPT,
+) -> None:
+    """Exact activation patching: the corrupt prompts with each target taken from the clean run."""
+    from lmatlas.causal import load_task, patch
+
+    def body():
+        loaded = load_model(model, dtype, device)
+        batch = load_task(loaded, task, n=n)
+        names = _targets(targets, loaded.layout)
+        effects = patch(loaded, batch, names)
+        if as_json:
+            print_json(effects.to_dict())
+        else:
+            _show(effects, top, f"Activation patching, task {batch.name} ({len(batch)} pairs, {len(names)} targets)")
+
+    run(body)
+
+
+@app.command("attribute")
+def attribute_command(
+    model: Optional[str] = MODEL_ARG, task: str = TASK_OPT, targets: str = TARGETS_OPT, n: int = N_OPT,
+    qk_fix: bool = typer.Option(True, "--qk-fix/--no-qk-fix", help="Recompute patterns exactly for q/k targets."),
+    grad_drop: bool = typer.Option(False, "--grad-drop", help="Also report GradDrop magnitudes (one backward per layer)."),
+    verify: int = typer.Option(10, "--verify", help="Re-measure this many top targets with exact patching."),
+    top: int = TOP_OPT, as_json: bool = JSON_OPT, dtype: str = DTYPE_OPT, device: Optional[str] = DEVICE_OPT,
+) -> None:
+    """Attribution patching (AtP*): every target at once, the top ones verified by exact patching."""
+    from lmatlas.causal import attribute, load_task
+
+    def body():
+        loaded = load_model(model, dtype, device)
+        batch = load_task(loaded, task, n=n)
+        names = _targets(targets, loaded.layout)
+        effects = attribute(loaded, batch, names, qk_fix=qk_fix, grad_drop=grad_drop, verify=verify)
+        if as_json:
+            data = effects.to_dict()
+            if "grad_drop" in effects.extra:
+                data["grad_drop"] = dict(zip(effects.targets, effects.extra["grad_drop"].tolist()))
+            print_json(data)
+            return
+        _show(effects, top, f"Attribution patching ({effects.method}), task {batch.name}")
+        check = effects.verification
+        if check:
+            out.print(f"verified top {len(check['targets'])} by exact patching: Spearman {check['spearman']:.2f}, "
+                      f"largest error {check['max_abs_error']:.3f} (gap {check['gap']:.3f})")
+
+    run(body)
+
+
+@app.command("circuit")
+def circuit_command(
+    model: Optional[str] = MODEL_ARG, task: str = TASK_OPT, n: int = N_OPT,
+    steps: int = typer.Option(0, "--ig-steps", help="EAP-IG interpolation steps (0 = plain EAP)."),
+    target: float = typer.Option(0.8, "--faithfulness", help="Keep the smallest circuit reaching this faithfulness."),
+    picture: Optional[str] = typer.Option(None, "--svg", help="Write the circuit diagram (SVG) to this file."),
+    as_json: bool = JSON_OPT, dtype: str = DTYPE_OPT, device: Optional[str] = DEVICE_OPT,
+) -> None:
+    """Edge attribution (EAP / EAP-IG) over heads (q, k, v inputs) and MLPs, pruned to a faithful circuit."""
+    from pathlib import Path
+
+    from lmatlas.causal import load_task
+    from lmatlas.causal.circuits import edge_attribution
+    from lmatlas.causal.diagram import circuit_svg
+    from lmatlas.causal.faithfulness import find_circuit
+    from lmatlas.errors import TaskError
+
+    def body():
+        if not 0 < target <= 1:
+            raise TaskError(f"--faithfulness must be in (0, 1], got {target}.")
+        loaded = load_model(model, dtype, device)
+        batch = load_task(loaded, task, n=n)
+        circuit = find_circuit(loaded, batch, edge_attribution(loaded, batch, steps=steps), target=target)
+        if picture:
+            Path(picture).write_text(circuit_svg(circuit, loaded.layout.n_layers))
+        if as_json:
+            print_json({**circuit.to_dict(), "svg": picture})
+            return
+        table = Table(title=f"Circuit for {batch.name} ({circuit.graph.method}): {len(circuit.edges)} edges, "
+                            f"faithfulness {circuit.faithfulness:.2f}, CPR {circuit.cpr:.2f}, CMD {circuit.cmd:.2f}",
+                      title_justify="left")
+        for column in ("source", "target", "score"):
+            table.add_column(column)
+        for source, target_name, score in circuit.edges:
+            table.add_row(source, target_name, f"{score:+.3f}")
+        out.print(table)
+        out.print("faithfulness by edges kept: " + ", ".join(
+            f"{c['edges']}: {c['faithfulness']:.2f}" for c in circuit.curve))
+        if picture:
+            out.print(f"diagram: {picture}")
+
+    run(body)

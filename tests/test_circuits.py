@@ -1,0 +1,83 @@
+"""Edge attribution and circuits on the trained induction fixture (previous-token head L0.H1, induction heads in L1)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import lmatlas
+from lmatlas.causal import load_task, logit_diff
+from lmatlas.causal.circuits import edge_attribution, nodes
+from lmatlas.causal.diagram import circuit_svg
+from lmatlas.causal.faithfulness import circuit_nodes, find_circuit, run_circuit
+
+FIXTURE = Path(__file__).resolve().parent / "fixtures" / "induction_model"
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = lmatlas.load(FIXTURE)
+    return model, load_task(model, "induction", n=16)
+
+
+def test_the_induction_circuit_is_found(setup):
+    model, task = setup
+    graph = edge_attribution(model, task)
+    top = [(s, t) for s, t, _ in graph.edges(5)]
+    assert ("L0.H1", "L1.KV2.k") in top  # K-composition: previous-token head into the induction head's keys
+    assert ("L1.H2", "logits") in top
+    biggest = float(torch.nan_to_num(graph.scores, nan=0.0).abs().max())
+    for head in ("L0.H0", "L0.H2", "L0.H3"):  # the other layer-0 heads do nothing here
+        row = graph.scores[graph.sources.index(head)]
+        assert float(torch.nan_to_num(row, nan=0.0).abs().max()) < 0.25 * biggest
+    circuit = find_circuit(model, task, graph, target=0.8)
+    heads = {n for n in circuit.nodes if ".H" in n}
+    assert {"L0.H1", "L1.H2"} <= heads and not heads & {"L0.H0", "L0.H2", "L0.H3"}
+    assert circuit.faithfulness >= 0.8 and 0.8 < circuit.cpr <= 1.05 and circuit.cmd < 0.2
+    assert circuit.curve[-1]["faithfulness"] == pytest.approx(1.0, abs=1e-4)  # every node kept = the model
+
+
+def test_eap_ig_finds_the_same_heads(setup):
+    model, task = setup
+    circuit = find_circuit(model, task, edge_attribution(model, task, steps=4), target=0.8)
+    assert {"L0.H1", "L1.H2"} <= set(circuit.nodes)
+
+
+def test_edges_respect_the_order_of_computation(llama):
+    task = load_task(llama, "induction", n=2)
+    graph = edge_attribution(llama, task)
+    sources, targets = nodes(llama)
+    assert graph.sources == sources and graph.targets == targets
+    assert torch.isnan(graph.scores[sources.index("L1.mlp"), targets.index("L1.H0.q")])  # written after it is read
+    assert torch.isnan(graph.scores[sources.index("L1.H2"), targets.index("L0.mlp")])
+    assert not torch.isnan(graph.scores[sources.index("L0.H1"), targets.index("L1.KV0.k")])
+    assert not torch.isnan(graph.scores[sources.index("L1.H1"), targets.index("L1.mlp")])
+
+
+def test_a_full_circuit_is_the_model_and_an_empty_one_the_corrupt_run(llama):
+    task = load_task(llama, "induction", n=2)
+    metric = logit_diff(task.answer, task.wrong)
+    corrupt = llama.run(task.corrupt, capture=["attn.z", "mlp.out"])
+    every = set(nodes(llama)[0])
+    assert run_circuit(llama, task, every, metric, corrupt) == pytest.approx(float(metric(llama.run(task.clean).logits).mean()), abs=1e-4)
+    # nothing kept: every head and MLP from the corrupt run, only the embedding is clean
+    kept = run_circuit(llama, task, {"embed"}, metric, corrupt)
+    assert isinstance(kept, float)
+
+
+def test_kv_edges_bring_their_query_heads(llama):
+    group = llama.layout.group_size
+    got = circuit_nodes(llama, [("L0.H1", "L1.KV1.k", 1.0)])
+    assert got == {"L0.H1"} | {f"L1.H{h}" for h in range(group, 2 * group)}
+
+
+def test_the_diagram_is_an_svg_of_the_circuit(setup):
+    model, task = setup
+    circuit = find_circuit(model, task, edge_attribution(model, task), target=0.8)
+    svg = circuit_svg(circuit, model.layout.n_layers)
+    assert svg.startswith("<svg") and svg.rstrip().endswith("</svg>")
+    for node in circuit.nodes:
+        assert f">{node}<" in svg
+    assert svg.count("<line") == len(circuit.edges)
