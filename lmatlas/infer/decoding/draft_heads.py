@@ -23,7 +23,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -157,24 +157,26 @@ def self_distillation_data(model: Any, prompts: torch.Tensor, new_tokens: int) -
 def train_draft_heads(
     model: Any, n_heads: int = 3, *, n_prompts: int = 64, prompt_len: int = 24, new_tokens: int = 64,
     minutes: float = 4.0, max_steps: int = 400, batch: int = 128, lr: float = 3e-3, seed: int = 0,
-    texts: list[str] | None = None, progress: Callable[[str], None] | None = None,
+    texts: list[str] | None = None, progress: Any = True,
 ) -> DraftHeads:
     """Self-distil ``n_heads`` draft heads (see the module docstring) within about ``minutes``."""
     from lmatlas.atlas.corpus import corpus_windows, default_texts
 
     if n_heads < 1:
         raise InputError(f"n_heads={n_heads}: train at least one draft head.")
-    say = progress or _log.info
+    from lmatlas.progress import progress_task
+
     torch.manual_seed(seed)
     start = time.perf_counter()
     prompts = corpus_windows(model, texts or default_texts(), n_sequences=n_prompts, seq_len=prompt_len)
     hiddens, targets = [], []
-    for i in range(0, prompts.shape[0], 16):
-        h, t = self_distillation_data(model, prompts[i:i + 16], new_tokens)
-        hiddens.append(h)
-        targets.append(t)
-        say(f"self-distillation data: {min(i + 16, prompts.shape[0])}/{prompts.shape[0]} prompts "
-            f"({time.perf_counter() - start:.0f} s)")
+    with progress_task("Draft heads: the model's own continuations", total=prompts.shape[0],
+                       enabled=progress) as task:
+        for i in range(0, prompts.shape[0], 16):
+            h, t = self_distillation_data(model, prompts[i:i + 16], new_tokens)
+            hiddens.append(h)
+            targets.append(t)
+            task.update(min(i + 16, prompts.shape[0]))
     hidden, tokens = torch.cat(hiddens), torch.cat(targets)                 # [n, pos, d], [n, pos]
     # rows: (sequence, position t) with h_t; head k's target is tokens[t + 1 + k]
     n, pos, d = hidden.shape
@@ -189,18 +191,18 @@ def train_draft_heads(
     losses, step, budget = [], 0, minutes * 60
     for param in lm_head.parameters():
         param.requires_grad_(False)
-    while step < max_steps and time.perf_counter() - start < budget:
-        rows = usable[torch.randint(len(usable), (min(batch, len(usable)),), generator=generator)]
-        states = heads(flat_h[rows])                                           # [K, b, d]
-        logits = lm_head(states.to(lm_head.weight.dtype)).float()             # [K, b, V]
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, rows].reshape(-1))
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-        losses.append(float(loss))
-        step += 1
-        if step % 20 == 0:
-            say(f"step {step}: loss {sum(losses[-20:]) / 20:.3f} ({time.perf_counter() - start:.0f} s)")
+    with progress_task("Draft heads: training", total=max_steps, enabled=progress) as task:
+        while step < max_steps and time.perf_counter() - start < budget:
+            rows = usable[torch.randint(len(usable), (min(batch, len(usable)),), generator=generator)]
+            states = heads(flat_h[rows])                                           # [K, b, d]
+            logits = lm_head(states.to(lm_head.weight.dtype)).float()             # [K, b, V]
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, rows].reshape(-1))
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            losses.append(float(loss.detach()))
+            step += 1
+            task.update(step, description=f"Draft heads: training (loss {losses[-1]:.3f})")
     heads.meta["train"] = {"n_heads": n_heads, "prompts": int(prompts.shape[0]), "prompt_len": prompt_len,
                            "new_tokens": new_tokens, "steps": step, "batch": batch, "lr": lr, "seed": seed,
                            "seconds": round(time.perf_counter() - start, 1), "positions": int(len(usable)),
