@@ -112,8 +112,7 @@ def load_draft_heads(model: Any, path: str | Path | None = None) -> DraftHeads:
     path = Path(path) if path is not None else default_path(model)
     if not path.exists():
         raise DraftHeadsError(
-            f"No draft heads for this model at {path}: train them with `lmatlas train-draft-heads "
-            f"{model.provenance.source if not str(model.provenance.source).startswith('tiny') else 'MODEL'}` "
+            f"No draft heads for this model at {path}: train them with `lmatlas train-draft-heads [MODEL]` "
             f"(a few minutes on CPU), or pass the path of a heads file.")
     try:
         with safe_open(str(path), framework="pt") as handle:
