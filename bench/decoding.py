@@ -15,6 +15,8 @@ faithfulness  A battery from a table of capitals: closed-book ("What is the capi
               NQ-Swap). Greedy vs DeCoRe (top retrieval heads of the census) vs DeCoRe with as
               many random heads; accuracy closed-book, rate of following the context, Wilson
               95% intervals. Time per token of DoLa and DeCoRe vs greedy on the same prompts.
+acceptance    (``--only acceptance``) how often exiting at each layer agrees with the model's next
+              token, and 20% of the layers skipped, with the speed-up each implies.
 speculative   Tokens/s and mean accepted length on ``--prompts`` chat prompts of ``--new-tokens``
               tokens: greedy (transformers), transformers' prompt-lookup decoding, and ours with
               the prompt-lookup, early-exit and draft-heads drafters, in one run; the output of
@@ -187,6 +189,35 @@ def faithfulness(model, heads: list[str], control: list[str], countries: int = 0
     return out
 
 
+# -- acceptance profile ----------------------------------------------------------------------------
+def acceptance(model, prompts: int, new_tokens: int, atlas: str | None) -> dict:
+    """Early-exit agreement per layer, and for 20% of the layers skipped (the least important in the
+    atlas when it has every layer's importance, else the blocks with the smallest relative write)."""
+    from lmatlas.infer.decoding.acceptance import acceptance_profile, least_important_layers
+
+    n = model.layout.n_layers
+    count = max(1, round(0.2 * n))
+    chosen, how = None, None
+    if atlas is not None:
+        try:
+            chosen = least_important_layers(atlas, 0.2)
+            how = "atlas importance (MLP + heads' loss increase)"
+            if len(chosen) != count:
+                chosen = None
+        except Exception as error:  # an atlas without importance tables
+            log(f"atlas importance unavailable: {error}")
+    texts = [f"{p}" for p in SPEC_PROMPTS[:prompts]]
+    if chosen is None:
+        cache = model.run(texts[0], capture=["resid.pre", "resid.post"])
+        ratio = [float((cache[f"L{l}.resid.post"] - cache[f"L{l}.resid.pre"]).norm() / cache[f"L{l}.resid.pre"].norm())
+                 for l in range(n)]
+        chosen = sorted(sorted(range(n), key=lambda l: ratio[l])[:count])
+        how = "smallest relative write |resid.post - resid.pre| / |resid.pre| (no atlas importance for every layer)"
+    profile = acceptance_profile(model, texts, new_tokens, skip_sets={"skip_20pct": chosen})
+    profile["skip_set_chosen_by"] = how
+    return profile
+
+
 # -- speculative -----------------------------------------------------------------------------------
 SPEC_PROMPTS = [
     "Write a short story about a lighthouse keeper who finds a message in a bottle.",
@@ -293,6 +324,8 @@ def main() -> None:
         log(f"{name} done")
 
     only = set(args.only.split(","))
+    if "acceptance" in only:
+        save("acceptance", acceptance(model, 5, 48, args.atlas))
     if "speculative" in only:
         save("speculative", speculative(model, args.prompts, args.new_tokens, args.draft_len, args.heads_file))
     if "faithfulness" in only:
