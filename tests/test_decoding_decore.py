@@ -96,3 +96,26 @@ def test_bad_input_before_compute(monkeypatch):
     with pytest.raises(LmatlasError, match="beam search"):
         model.hf.generate(input_ids=torch.tensor([[5, 6]]), custom_generate=decore_generate, lmatlas_model=model,
                           masked_heads=["L0.H0"], num_beams=2, max_new_tokens=2, pad_token_id=0)
+
+
+@pytest.mark.slow
+def test_decore_on_smollm2(smollm2):
+    model = smollm2
+    prompt = "Context: The capital of France is Lyon.\nQuestion: What is the capital of France?\nAnswer:"
+    ids = model.tokenize(prompt)["input_ids"]
+    with torch.no_grad():
+        greedy = model.hf.generate(input_ids=ids, do_sample=False, max_new_tokens=8, pad_token_id=0)
+        off = model.hf.generate(input_ids=ids, custom_generate=decore_generate, lmatlas_model=model,
+                                masked_heads=None, do_sample=False, max_new_tokens=8, pad_token_id=0)
+    assert torch.equal(greedy, off)
+    heads = ["L18.H6", "L17.H3", "L18.H7", "L20.H6"]
+    result = generate_decore(model, ids, 4, heads=heads)
+    seq = ids
+    with torch.no_grad():
+        for token in result["token_ids"][:2]:
+            base = model.hf(input_ids=seq, use_cache=False).logits[0, -1].double()
+            masked = _masked_logits(model, seq, heads)
+            p = torch.softmax(base, -1)
+            alpha = float(-(p * p.log()).sum())
+            assert token == int(((1 + alpha) * base - alpha * masked).argmax())
+            seq = torch.cat([seq, torch.tensor([[token]])], 1)
