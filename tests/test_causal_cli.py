@@ -45,3 +45,18 @@ def test_circuit_json_and_svg(tmp_path):
     assert svg.read_text().startswith("<svg")
     bad = runner.invoke(app, ["circuit", FIXTURE, "--task", "induction", "--faithfulness", "2"])
     assert bad.exit_code == 2 and "--faithfulness" in bad.output
+
+
+def test_results_are_kept_in_the_atlas(tmp_path):
+    from lmatlas.atlas import Atlas
+
+    path = tmp_path / "fixture.atlas.duckdb"
+    assert runner.invoke(app, ["attribute", FIXTURE, "--task", "induction", "--verify", "2", "--atlas",
+                               str(path), "--json"]).exit_code == 0
+    assert runner.invoke(app, ["circuit", FIXTURE, "--task", "induction", "--n", "16", "--atlas",
+                               str(path), "--json"]).exit_code == 0
+    with Atlas.open(path) as atlas:
+        effects = atlas.sql("SELECT * FROM effects WHERE method = 'attribution+qk'").to_pylist()
+        assert len(effects) == 8 and sum(r["exact"] is not None for r in effects) == 2
+        edges = atlas.sql("SELECT source, target, score FROM circuits").to_pylist()
+        assert {"source": "L1.H2", "target": "logits"} in [{k: e[k] for k in ("source", "target")} for e in edges]

@@ -81,3 +81,25 @@ def test_the_diagram_is_an_svg_of_the_circuit(setup):
     for node in circuit.nodes:
         assert f">{node}<" in svg
     assert svg.count("<line") == len(circuit.edges)
+
+
+def test_a_hand_built_model_whose_edges_are_all_known():
+    """Only L0's MLP and head L1.H3 write anything: every other edge must score exactly zero."""
+    from lmatlas.model.tiny import tiny_model
+
+    model = tiny_model("llama", seed=3)
+    with torch.no_grad():
+        for layer in range(2):
+            o_proj = model.blocks[layer].self_attn.o_proj.weight  # [d_model, head * d_head]
+            for head in range(4):
+                if (layer, head) != (1, 3):
+                    o_proj[:, head * 16:(head + 1) * 16] = 0
+        model.blocks[1].mlp.down_proj.weight.zero_()
+    task = load_task(model, "induction", n=4)
+    graph = edge_attribution(model, task)
+    live = {("embed", "L0.mlp"), ("embed", "L1.H3.q"), ("L0.mlp", "L1.H3.q"), ("embed", "L1.KV1.k"),
+            ("L0.mlp", "L1.KV1.k"), ("embed", "L1.KV1.v"), ("L0.mlp", "L1.KV1.v"), ("embed", "logits"),
+            ("L0.mlp", "logits"), ("L1.H3", "logits")}
+    nonzero = {(s, t) for s, t, v in graph.edges() if v != 0.0}
+    assert nonzero <= live, nonzero - live
+    assert len(nonzero) >= len(live) - 2  # the known edges carry signal (a few may cancel to ~0 by chance)

@@ -16,6 +16,8 @@ neurons            (layer, neuron): promoted / suppressed / exciting tokens with
 neuron_stats       (layer, neuron): activation mean, max, fraction active, top contexts
 layer_lens         layer: logit-lens statistics over the corpus
 mlp_importance     layer: loss increase when the layer's MLP is mean-ablated on the corpus (exact or estimated: method)
+effects            (task, method, target): metric after patching, effect, fraction of the gap, exact check
+circuits           (task, method, source, target): edge score of a circuit, and its faithfulness
 =================  ===========================================================================
 
 The view ``layers`` joins ``layer_lens`` and ``mlp_importance``.
@@ -53,9 +55,7 @@ TABLES: dict[str, str] = {
         "top_outputs VARCHAR[], top_logits DOUBLE[], top_source_ids INTEGER[], top_output_ids INTEGER[], "
         "PRIMARY KEY (layer, head)"
     ),
-    "head_importance": (
-        "layer INTEGER, head INTEGER, delta_loss DOUBLE, estimate DOUBLE, method VARCHAR, PRIMARY KEY (layer, head)"
-    ),
+    "head_importance": "layer INTEGER, head INTEGER, delta_loss DOUBLE, PRIMARY KEY (layer, head)",
     "neurons": (
         "layer INTEGER, neuron INTEGER, promoted VARCHAR[], promoted_logits DOUBLE[], suppressed VARCHAR[], "
         "suppressed_logits DOUBLE[], exciting VARCHAR[], exciting_logits DOUBLE[], promoted_ids INTEGER[], "
@@ -68,7 +68,15 @@ TABLES: dict[str, str] = {
     "layer_lens": (
         "layer INTEGER PRIMARY KEY, entropy DOUBLE, final_prob DOUBLE, kl_to_final DOUBLE, top1_agreement DOUBLE"
     ),
-    "mlp_importance": "layer INTEGER PRIMARY KEY, delta_loss DOUBLE, estimate DOUBLE, method VARCHAR",
+    "mlp_importance": "layer INTEGER PRIMARY KEY, delta_loss DOUBLE",
+    "effects": (
+        "task VARCHAR, method VARCHAR, metric VARCHAR, target VARCHAR, value DOUBLE, effect DOUBLE, "
+        "normalized DOUBLE, exact DOUBLE, PRIMARY KEY (task, method, target)"
+    ),
+    "circuits": (
+        "task VARCHAR, method VARCHAR, source VARCHAR, target VARCHAR, score DOUBLE, faithfulness DOUBLE, "
+        "PRIMARY KEY (task, method, source, target)"
+    ),
 }
 
 VIEWS: dict[str, str] = {
@@ -85,6 +93,8 @@ ADDED_COLUMNS: dict[str, list[tuple[str, str]]] = {
     "head_ov": [("top_source_ids", "INTEGER[]"), ("top_output_ids", "INTEGER[]")],
     "neurons": [("promoted_ids", "INTEGER[]"), ("suppressed_ids", "INTEGER[]"), ("exciting_ids", "INTEGER[]")],
     "neuron_stats": [("top_context_ids", "INTEGER[][]")],
+    "head_importance": [("estimate", "DOUBLE"), ("method", "VARCHAR")],
+    "mlp_importance": [("estimate", "DOUBLE"), ("method", "VARCHAR")],
 }
 
 

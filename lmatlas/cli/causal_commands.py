@@ -22,6 +22,7 @@ TASK_OPT = typer.Option(..., "--task", "-t", help="ioi, capitals, induction, gre
 TARGETS_OPT = typer.Option("heads", "--targets", help="Comma list of targets or a family (heads, heads.q, kv.k, ...).")
 N_OPT = typer.Option(8, "--n", help="Prompt pairs generated for a built-in task.")
 TOP_OPT = typer.Option(20, "--top", help="Rows shown (--json has all).")
+ATLAS_OPT = typer.Option(None, "--atlas", help="Also keep the result in this atlas (tables effects / circuits).")
 
 
 def _targets(spec: str, layout) -> list[str]:
@@ -34,6 +35,13 @@ def _targets(spec: str, layout) -> list[str]:
         else:
             names.append(part)
     return names
+
+
+def _keep(atlas: Optional[str], model, effects) -> None:
+    if atlas:
+        from lmatlas.causal.store import save_effects
+
+        save_effects(atlas, model, effects)
 
 
 def _show(effects, top: int, title: str) -> None:
@@ -51,7 +59,8 @@ def _show(effects, top: int, title: str) -> None:
 @app.command("patch")
 def patch_command(
     model: Optional[str] = MODEL_ARG, task: str = TASK_OPT, targets: str = TARGETS_OPT, n: int = N_OPT,
-    top: int = TOP_OPT, as_json: bool = JSON_OPT, dtype: str = DTYPE_OPT, device: Optional[str] = DEVICE_OPT,
+    top: int = TOP_OPT, atlas: Optional[str] = ATLAS_OPT, as_json: bool = JSON_OPT, dtype: str = DTYPE_OPT,
+    device: Optional[str] = DEVICE_OPT,
 ) -> None:
     """Exact activation patching: the corrupt prompts with each target taken from the clean run."""
     from lmatlas.causal import load_task, patch
@@ -61,6 +70,7 @@ def patch_command(
         batch = load_task(loaded, task, n=n)
         names = _targets(targets, loaded.layout)
         effects = patch(loaded, batch, names)
+        _keep(atlas, loaded, effects)
         if as_json:
             print_json(effects.to_dict())
         else:
@@ -75,7 +85,8 @@ def attribute_command(
     qk_fix: bool = typer.Option(True, "--qk-fix/--no-qk-fix", help="Recompute patterns exactly for q/k targets."),
     grad_drop: bool = typer.Option(False, "--grad-drop", help="Also report GradDrop magnitudes (one backward per layer)."),
     verify: int = typer.Option(10, "--verify", help="Re-measure this many top targets with exact patching."),
-    top: int = TOP_OPT, as_json: bool = JSON_OPT, dtype: str = DTYPE_OPT, device: Optional[str] = DEVICE_OPT,
+    top: int = TOP_OPT, atlas: Optional[str] = ATLAS_OPT, as_json: bool = JSON_OPT, dtype: str = DTYPE_OPT,
+    device: Optional[str] = DEVICE_OPT,
 ) -> None:
     """Attribution patching (AtP*): every target at once, the top ones verified by exact patching."""
     from lmatlas.causal import attribute, load_task
@@ -85,6 +96,7 @@ def attribute_command(
         batch = load_task(loaded, task, n=n)
         names = _targets(targets, loaded.layout)
         effects = attribute(loaded, batch, names, qk_fix=qk_fix, grad_drop=grad_drop, verify=verify)
+        _keep(atlas, loaded, effects)
         if as_json:
             data = effects.to_dict()
             if "grad_drop" in effects.extra:
@@ -106,7 +118,7 @@ def circuit_command(
     steps: int = typer.Option(0, "--ig-steps", help="EAP-IG interpolation steps (0 = plain EAP)."),
     target: float = typer.Option(0.8, "--faithfulness", help="Keep the smallest circuit reaching this faithfulness."),
     picture: Optional[str] = typer.Option(None, "--svg", help="Write the circuit diagram (SVG) to this file."),
-    as_json: bool = JSON_OPT, dtype: str = DTYPE_OPT, device: Optional[str] = DEVICE_OPT,
+    atlas: Optional[str] = ATLAS_OPT, as_json: bool = JSON_OPT, dtype: str = DTYPE_OPT, device: Optional[str] = DEVICE_OPT,
 ) -> None:
     """Edge attribution (EAP / EAP-IG) over heads (q, k, v inputs) and MLPs, pruned to a faithful circuit."""
     from pathlib import Path
@@ -125,6 +137,10 @@ def circuit_command(
         circuit = find_circuit(loaded, batch, edge_attribution(loaded, batch, steps=steps), target=target)
         if picture:
             Path(picture).write_text(circuit_svg(circuit, loaded.layout.n_layers))
+        if atlas:
+            from lmatlas.causal.store import save_circuit
+
+            save_circuit(atlas, loaded, circuit)
         if as_json:
             print_json({**circuit.to_dict(), "svg": picture})
             return
