@@ -29,8 +29,8 @@ from lmatlas.infer.decoding.readout import LayerTap, exit_logits
 
 
 def implied_speedup(agreement: float, cost: float, max_draft: int = 8) -> tuple[float, int]:
-    """``(speed-up, k)``: the best ``E / (1 + k c)`` over draft lengths ``k = 1 .. max_draft``."""
-    best = (1.0, 0)
+    """``(speed-up, k)``: the best ``E / (1 + k c)`` over draft lengths ``k = 1 .. max_draft`` (below 1: a slowdown)."""
+    best = (0.0, 0)
     for k in range(1, max_draft + 1):
         a = min(max(agreement, 0.0), 1.0 - 1e-9)
         tokens = (1 - a ** (k + 1)) / (1 - a)
