@@ -35,7 +35,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
-import torch
 import typer
 from rich.table import Table
 from rich.text import Text
@@ -144,6 +143,8 @@ def _split(args: list[str]) -> tuple[Optional[str], str]:
 
 def plain_continuation(model: "Model", prompt: str, max_new_tokens: int, chat: bool) -> "Continuation":
     """Greedy continuation of ``prompt`` and each new token's log-probability (one teacher-forced forward)."""
+    import torch
+
     from lmatlas.edit.generation import Continuation, greedy, prompt_ids, stop_reason
 
     batch = prompt_ids(model, prompt, chat)
