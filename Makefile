@@ -6,14 +6,14 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup atlas test clean
+.PHONY: setup atlas test clean browser
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
-	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[models,dev,ray]"
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[models,dev,ray,web]"
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps \
 		$$($(PY) -c "import tomllib; print(' '.join(tomllib.load(open('pyproject.toml','rb'))['tool']['lmatlas']['no-deps']))")
 	touch $(STAMP)
@@ -22,7 +22,11 @@ atlas: setup
 	$(VENV)/bin/lmatlas check
 	$(VENV)/bin/lmatlas map
 
-test: setup
+# The explorer's browser tests drive Debian's Chromium through Playwright (never `playwright install`).
+browser:
+	test -x /usr/bin/chromium || (apt-get update -q && apt-get install -y -q chromium)
+
+test: setup browser
 	$(PY) -m pytest
 
 clean:

@@ -92,14 +92,18 @@ def main(argv: list[str] | None = None) -> dict:
             },
             "verification": verified.verification,
         }
+        _write(args.out, results)  # after every task, so a stopped run keeps what it measured
     results["eap_ig"] = _eap_ig(model, args.n)
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.out:
-        os.makedirs(os.path.dirname(args.out), exist_ok=True)
-        with open(args.out, "w") as handle:
-            handle.write(text + "\n")
+    _write(args.out, results)
+    print(json.dumps(results, indent=2))
     return results
+
+
+def _write(path: str | None, results: dict) -> None:
+    if path:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as handle:
+            handle.write(json.dumps(results, indent=2) + "\n")
 
 
 def _peak_rss_mb() -> float:

@@ -69,3 +69,11 @@ class EditError(LmatlasError):
 
 class TaskError(LmatlasError):
     """A causal task is malformed: answers that are not one token, misaligned prompts, an empty file."""
+
+
+class ExplorerError(LmatlasError):
+    """The web explorer cannot serve a request as asked (no model attached, prompt too long, no diff)."""
+
+
+class ModelBusyError(ExplorerError):
+    """The live model's request queue is full: retry in a moment."""

@@ -18,6 +18,10 @@ layer_lens         layer: logit-lens statistics over the corpus
 mlp_importance     layer: loss increase when the layer's MLP is mean-ablated on the corpus (exact or estimated: method)
 effects            (task, method, target): metric after patching, effect, fraction of the gap, exact check
 circuits           (task, method, source, target): edge score of a circuit, and its faithfulness
+corpus             corpus window: its token ids and token strings
+head_windows       (layer, head, rank): a window where the head writes most, its attention there
+neuron_contexts    (layer, neuron, rank): a top-activating position with per-token activation levels
+neuron_histograms  (layer, neuron): histogram of the neuron's activations over the corpus
 =================  ===========================================================================
 
 The view ``layers`` joins ``layer_lens`` and ``mlp_importance``.
@@ -76,6 +80,19 @@ TABLES: dict[str, str] = {
     "circuits": (
         "task VARCHAR, method VARCHAR, source VARCHAR, target VARCHAR, score DOUBLE, faithfulness DOUBLE, "
         "PRIMARY KEY (task, method, source, target)"
+    ),
+    "corpus": "window_id INTEGER PRIMARY KEY, ids INTEGER[], tokens VARCHAR[]",
+    "head_windows": (
+        "layer INTEGER, head INTEGER, rank INTEGER, window_id INTEGER, query_pos INTEGER, start INTEGER, "
+        "write_norm DOUBLE, attention FLOAT[], PRIMARY KEY (layer, head, rank)"
+    ),
+    "neuron_contexts": (
+        "layer INTEGER, neuron INTEGER, rank INTEGER, window_id INTEGER, pos INTEGER, start INTEGER, "
+        "activation DOUBLE, levels TINYINT[], PRIMARY KEY (layer, neuron, rank)"
+    ),
+    "neuron_histograms": (
+        "layer INTEGER, neuron INTEGER, lo DOUBLE, hi DOUBLE, scale DOUBLE, counts INTEGER[], "
+        "PRIMARY KEY (layer, neuron)"
     ),
 }
 

@@ -39,7 +39,9 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from lmatlas.cli.app import DEVICE_OPT, DTYPE_OPT, JSON_OPT, app, load_model, out, print_json, run
+from lmatlas.cli.app import DEVICE_OPT, DTYPE_OPT, JSON_OPT, app, err, key_value_table, load_model, out, print_json, run
+from lmatlas.cli.infer_commands import (ATLAS_OPT as KV_ATLAS_OPT, KV_BUDGET_OPT, RANDOM_OPT, RECENT_OPT, SINK_OPT,
+                                        generate_with_kv_cache)
 from lmatlas.errors import InputError
 
 if TYPE_CHECKING:
@@ -152,6 +154,8 @@ def plain_continuation(model: "Model", prompt: str, max_new_tokens: int, chat: b
     logprobs: list[float] = []
     if new:
         n = batch["input_ids"].shape[1]
+        import torch
+
         ids = torch.cat([batch["input_ids"][0], torch.tensor(new, device=model.device)])[None]
         with torch.no_grad():
             logits = model.forward(ids)[0, n - 1: n - 1 + len(new)].float()
@@ -238,6 +242,19 @@ def show_comparison(model: "Model", comparison: "Comparison", chat: bool) -> Non
             out.print(Text(f"{name} stopped: {c.stopped_by}", style="italic"))
 
 
+def _generate_with_strategy(args, strategy, drafter, max_new_tokens, chat, as_json, dtype, device) -> None:
+    from lmatlas.infer.decoding.cli import generate_with_strategy
+
+    name, prompt = _split(args)
+    model = load_model(name, dtype, device)
+    report = generate_with_strategy(model, prompt, strategy, drafter, max_new_tokens, chat)
+    if as_json:
+        print_json(report)
+        return
+    out.print(report.get("text", ""), highlight=False, soft_wrap=True)
+    err.print(key_value_table(f"{strategy} decoding", {k: v for k, v in report.items() if k != "text"}))
+
+
 @app.command()
 def generate(
     args: list[str] = ARGS,
@@ -252,14 +269,33 @@ def generate(
     save_edit: Optional[str] = typer.Option(None, "--save-edit", help="Write the combined edit to this JSON file."),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", "-n", min=1, help="Tokens to generate."),
     chat: bool = typer.Option(False, "--chat", help="Apply the tokenizer's chat template (instruct models)."),
+    kv_budget: Optional[float] = KV_BUDGET_OPT,
+    atlas: Optional[Path] = KV_ATLAS_OPT,
+    sink: int = SINK_OPT,
+    recent: int = RECENT_OPT,
+    random_seed: Optional[int] = RANDOM_OPT,
+    strategy: Optional[str] = typer.Option(None, "--strategy", help="dola, decore or speculative decoding."),
+    drafter: Optional[str] = typer.Option(None, "--drafter", help="heads, early-exit or prompt-lookup (speculative)."),
     as_json: bool = JSON_OPT,
     dtype: str = DTYPE_OPT,
     device: Optional[str] = DEVICE_OPT,
 ) -> None:
-    """Generate greedily; with edit options, show the unedited and the edited continuation side by side."""
+    """Generate greedily; with edit options, show the unedited and the edited continuation side by side.
+
+    ``--kv-budget`` runs with a head-wise KV cache (:mod:`lmatlas.cli.infer_commands`);
+    ``--strategy`` decodes with DoLa, DeCoRe or speculative decoding (:mod:`lmatlas.infer.decoding`).
+    """
     from lmatlas.edit.generation import compare
 
     def body() -> Any:
+        edits_given = bool(ablate or scale or set_ or steer is not None or edit_file)
+        if kv_budget is not None or strategy is not None:
+            if edits_given or (kv_budget is not None and strategy is not None):
+                raise InputError("Combine at most one of: edit options, --kv-budget, --strategy (one at a time).")
+            if kv_budget is not None:
+                return generate_with_kv_cache(args, max_new_tokens, kv_budget, atlas, sink, recent, random_seed,
+                                              as_json, dtype, device)
+            return _generate_with_strategy(args, strategy, drafter, max_new_tokens, chat, as_json, dtype, device)
         name, prompt = _split(args)
         if not prompt.strip():
             raise InputError("The prompt is empty: give some text to continue.")

@@ -1,0 +1,148 @@
+"""Inference commands: ``generate`` with a head-wise KV cache, ``prune`` heads by importance.
+
+    lmatlas generate "prompt"                                   default cache
+    lmatlas generate [MODEL] "prompt" --kv-budget 0.25 --atlas smollm2.atlas.duckdb
+    lmatlas generate "prompt" --kv-budget 0 --sink 4 --recent 128        sinks + window everywhere
+    lmatlas generate "prompt" --kv-budget 0.25 --random-seed 1          random full heads (a baseline)
+    lmatlas prune [MODEL] --fraction 0.2 --atlas smollm2.atlas.duckdb [--random-seed N] [--json]
+
+``--kv-budget F`` keeps the fraction ``F`` of the KV heads of full-attention layers
+whole; the others keep ``--sink`` + ``--recent`` entries (see :mod:`lmatlas.infer.plan`).
+The result shows the text and what the cache held (bytes of storage), prefill and
+decode times and the peak memory each added.
+
+``generate`` is built as *options -> a setup step -> one greedy run*: each group of
+options (the KV cache here) turns into a value the run takes, so further groups (edits,
+decoding strategies) add their own options and setup without touching the others.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from lmatlas.cli.app import (DEVICE_OPT, DTYPE_OPT, JSON_OPT, app, err, key_value_table, load_model, out,
+                             print_json, run)
+from lmatlas.errors import LmatlasError
+
+KV_BUDGET_OPT = typer.Option(None, "--kv-budget", help="Fraction of KV heads kept full (0-1); omit for the default cache.")
+ATLAS_OPT = typer.Option(None, "--atlas", help="The model's atlas: census scores choose the full heads.")
+SINK_OPT = typer.Option(4, "--sink", help="Entries kept at the start of the context by windowed heads.")
+RECENT_OPT = typer.Option(256, "--recent", help="Most recent entries kept by windowed heads.")
+RANDOM_OPT = typer.Option(None, "--random-seed", help="Choose the full heads at random with this seed (a baseline).")
+
+
+def split_model_and_prompt(args: list[str]) -> tuple[Optional[str], str]:
+    """``[PROMPT]`` or ``[MODEL, PROMPT]``."""
+    if len(args) == 1:
+        return None, args[0]
+    if len(args) == 2:
+        return args[0], args[1]
+    raise LmatlasError(f"Expected [MODEL] PROMPT, got {len(args)} arguments; quote the prompt.")
+
+
+def generate_with_kv_cache(
+    args: list[str], max_new_tokens: int, kv_budget: Optional[float], atlas: Optional[Path], sink: int, recent: int,
+    random_seed: Optional[int], as_json: bool, dtype: str, device: Optional[str],
+) -> None:
+    """``lmatlas generate ... --kv-budget F``: greedy generation with a head-wise KV cache chosen from the map.
+
+    Called by the ``generate`` command (:mod:`lmatlas.cli.generate_commands`) when KV options are given.
+    """
+    from lmatlas.infer.choose import check_budget
+    from lmatlas.infer.generate import generate_kv, resolve_plan
+    from lmatlas.infer.plan import check_window
+
+    def body():
+        source, prompt = split_model_and_prompt(args)
+        if kv_budget is not None:  # every KV option is checked before the model loads
+            check_budget(kv_budget)
+            check_window(sink, recent)
+            if atlas is not None and not atlas.exists():
+                raise LmatlasError(f"No atlas at {atlas}: build one with `lmatlas map --out {atlas}`.")
+        loaded = load_model(source, dtype, device)
+        plan = resolve_plan(loaded, kv_budget, atlas, sink, recent, random_seed)
+        with err.status("Generating..."):
+            result = generate_kv(loaded, prompt, plan=plan, max_new_tokens=max_new_tokens)
+        data = result.to_dict()
+        if as_json:
+            print_json(data)
+            return
+        out.print(result.text, highlight=False, soft_wrap=True)
+        summary = {
+            "cache": data["plan"].get("method", "default"),
+            "full KV heads": (f"{data['plan']['full_kv_heads']} of {data['plan']['choosable_kv_heads']}"
+                              if "full_kv_heads" in data["plan"] else "all"),
+            "KV bytes held": result.kv_bytes,
+            "prompt tokens": result.prompt_tokens,
+            "prefill s": round(result.prefill_s, 3),
+            "decode tokens/s": round(result.decode_tokens_per_s, 2) if result.decode_tokens_per_s else None,
+            "peak MB prefill / decode": "/".join(
+                f"{b / 2**20:.1f}" if b is not None else "?" for b in (result.peak_prefill_bytes,
+                                                                     result.peak_decode_bytes)),
+        }
+        for note in data["plan"].get("notes", []):
+            err.print(f"note: {note}", highlight=False)
+        err.print(key_value_table("KV cache", summary))
+
+    body()
+
+
+@app.command()
+def prune(
+    model: Optional[str] = typer.Argument(None, help="Hub id, local directory, .gguf file or packaged name."),
+    fraction: float = typer.Option(..., "--fraction", help="Fraction of query heads to remove (0-1)."),
+    atlas: Optional[Path] = typer.Option(None, "--atlas", help="The model's atlas (head_importance)."),
+    random_seed: Optional[int] = typer.Option(None, "--random-seed", help="Remove random heads instead."),
+    text: Optional[Path] = typer.Option(None, "--text", help="Held-out text for perplexity (default: the essays)."),
+    windows: int = typer.Option(4, "--windows", help="Windows of 256 tokens to measure perplexity on."),
+    as_json: bool = JSON_OPT,
+    dtype: str = DTYPE_OPT,
+    device: Optional[str] = DEVICE_OPT,
+) -> None:
+    """Remove the least important heads physically; report perplexity and parameters before and after."""
+    import torch
+
+    from lmatlas.infer import prune as pruning
+
+    def body():
+        if not 0.0 <= fraction <= 1.0:
+            raise LmatlasError(f"--fraction must be in [0, 1], got {fraction}.")
+        if atlas is None and random_seed is None:
+            raise LmatlasError("Pass --atlas FILE (remove the least important heads) or --random-seed N.")
+        if atlas is not None and not atlas.exists():
+            raise LmatlasError(f"No atlas at {atlas}: build one with `lmatlas map --out {atlas}`.")
+        if text is not None and not text.exists():
+            raise LmatlasError(f"No text file at {text}.")
+        loaded = load_model(model, dtype, device)
+        if random_seed is not None:
+            heads = pruning.random_heads(loaded, fraction, random_seed)
+        else:
+            heads = pruning.least_important(pruning.importance_from_atlas(loaded, atlas), fraction)
+        if text is not None:
+            ids = loaded.tokenizer(text.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
+        else:
+            from lmatlas.infer.needle import haystack_text
+
+            ids = loaded.tokenizer(haystack_text()[:200_000], add_special_tokens=False)["input_ids"]
+        if len(ids) < 256 * windows:
+            raise LmatlasError(f"The text has {len(ids)} tokens; perplexity needs {256 * windows} (--windows).")
+        step = len(ids) // windows
+        batch = torch.tensor([ids[i * step:i * step + 256] for i in range(windows)], device=loaded.device)
+        with err.status("Measuring, pruning, measuring..."):
+            before = pruning.perplexity(loaded, batch)
+            report = pruning.prune_heads(loaded, heads)
+            after = pruning.perplexity(loaded, batch)
+        data = {"heads_removed": report.removed_heads, "kv_heads_removed": report.removed_kv_heads,
+                "ghost_heads": report.ghost_heads, "params_before": report.params_before,
+                "params_after": report.params_after, "perplexity_before": round(before, 4),
+                "perplexity_after": round(after, 4), "chosen_by": "random" if random_seed is not None else "importance",
+                "heads": sorted(heads)}
+        if as_json:
+            print_json(data)
+            return
+        out.print(key_value_table("Pruned", {k: v for k, v in data.items() if k != "heads"}))
+
+    run(body)

@@ -1,0 +1,192 @@
+"""The head-wise attention function: full heads through the model's own kernel, windowed heads masked per head.
+
+transformers builds one attention mask per layer *type* and hands it to every head of
+the layer, so no mask can say "head 2 sees everything, head 0 only sinks and a recent
+window". lmatlas registers its own attention function, ``headwise_<base>`` (for
+``base`` = the implementation the model used: ``sdpa``, ``eager``, ...), with the base's
+mask function. For every call it looks at the keys it receives:
+
+* plain tensors (a cache layer whose heads are all full, a sliding-window layer, no
+  cache at all): the call goes to the base function unchanged, so a model switched to
+  this function computes exactly what it computed before;
+* the placeholders of a :class:`~lmatlas.infer.layer.HeadwiseLayer` (keys carrying a
+  :class:`~lmatlas.infer.layer.WindowedCall`): the query heads reading full KV heads go
+  to the base function with the full entries and the model's mask; the query heads
+  reading windowed KV heads are computed here, ``chunk`` query rows at a time, each
+  row seeing key ``j`` iff ``j <= i`` and (``j < sink`` or ``i - j <= recent``).
+
+**Prefill is windowed too.** As in DuoAttention (whose streaming heads use sink +
+recent attention in the pre-filling stage as well), a windowed head never sees an
+entry outside its window, not even while the prompt is processed: the result does not
+depend on how the prompt was split into forwards, equals a full-attention forward with
+the per-head mask (the tests check this), and a needle that only reached the windowed
+heads during prefill cannot leak into the answer.
+
+**Probes.** lmatlas's hooks that read q/k/v or patterns (``attn.q/k/v/pattern``, census
+probes) wrap the model's attention function; combined with a head-wise cache they would
+see the placeholders, not the keys used, so that combination raises a clear error.
+Hooks on module outputs (``attn.z``, ``resid.*``, ``mlp.*``) work as usual.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from functools import partial
+from typing import Any
+
+import torch
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import AttentionInterface
+
+from lmatlas.errors import LmatlasError
+from lmatlas.infer.layer import PAYLOAD, WindowedCall
+
+PREFIX = "headwise_"
+CHUNK = 256  # query rows of a windowed head computed at once
+_REGISTER_LOCK = threading.Lock()  # registration is check-then-set on transformers' global mapping
+
+
+def _base_function(base: str, module: torch.nn.Module):
+    if base != "eager" and base in AttentionInterface._global_mapping:
+        return AttentionInterface._global_mapping[base]
+    return sys.modules[type(module).__module__].eager_attention_forward
+
+
+def _masked(block: torch.Tensor) -> torch.Tensor:
+    """``True`` where a bool or additive mask block forbids attention."""
+    if block.dtype == torch.bool:
+        return ~block
+    return block <= torch.finfo(block.dtype).min / 2
+
+
+def check_no_padding(attention_mask: torch.Tensor | None) -> None:
+    """Raise if the model's mask hides some key from the last query row (left padding)."""
+    if attention_mask is None or attention_mask.dim() != 4:
+        return
+    if bool(_masked(attention_mask[:, :, -1, :]).any()):
+        raise LmatlasError(
+            "The head-wise KV cache does not support padded batches yet (windowed heads would count padding as "
+            "sinks and window): run one prompt at a time, or batches of prompts with the same length."
+        )
+
+
+def windowed_attention(
+    query: torch.Tensor, call: WindowedCall, scaling: float, softcap: float | None, chunk: int = CHUNK,
+) -> torch.Tensor:
+    """Attention of the windowed heads: ``query`` ``[batch, n_q, n, d]`` -> ``[batch, n_q, n, d_v]``.
+
+    ``n_q`` query heads read ``call.win_keys`` ``[batch, n_windowed, m, d]`` (query head
+    ``h`` reads KV head ``h // (n_q // n_windowed)``). Computed in float32 like the
+    eager reference: ``softmax(mask(softcap(q @ k.T * scaling))) @ v``; each chunk of
+    rows only touches the keys it can see (sinks + ``recent + chunk`` positions).
+    """
+    n = query.shape[2]
+    rep = query.shape[1] // call.win_keys.shape[1]
+    pos = call.win_pos
+    outputs = []
+    for r0 in range(0, n, chunk):
+        r1 = min(n, r0 + chunk)
+        q_pos = torch.arange(call.q_start + r0, call.q_start + r1, device=pos.device)
+        columns = ((pos < call.sink) | (pos >= q_pos[0] - call.recent)) & (pos <= q_pos[-1])
+        if bool(columns.all()):
+            keys, values, k_pos = call.win_keys, call.win_values, pos
+        else:
+            index = columns.nonzero().flatten()
+            keys, values, k_pos = (call.win_keys.index_select(2, index), call.win_values.index_select(2, index),
+                                   pos.index_select(0, index))
+        keys = keys.repeat_interleave(rep, dim=1) if rep > 1 else keys
+        values = values.repeat_interleave(rep, dim=1) if rep > 1 else values
+        scores = torch.matmul(query[:, :, r0:r1].float(), keys.float().transpose(2, 3)).mul_(scaling)
+        if softcap is not None:
+            scores = scores.div_(softcap).tanh_().mul_(softcap)
+        distance = q_pos[:, None] - k_pos[None, :]
+        visible = (distance >= 0) & ((k_pos[None, :] < call.sink) | (distance <= call.recent))
+        scores.masked_fill_(~visible, float("-inf"))
+        probs = torch.softmax(scores, dim=-1).to(values.dtype)
+        outputs.append(torch.matmul(probs, values))
+    return torch.cat(outputs, dim=2)
+
+
+def _query_heads(kv_heads: tuple[int, ...], rep: int) -> list[int]:
+    return [kv * rep + r for kv in kv_heads for r in range(rep)]
+
+
+def headwise_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    *args: Any,
+    base: str,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """The registered function (see the module docstring). Returns ``([batch, pos, head, d_v], None)``."""
+    run_base = _base_function(base, module)
+    call: WindowedCall | None = getattr(key, PAYLOAD, None)
+    if call is None:
+        return run_base(module, query, key, value, attention_mask, *args, **kwargs)
+    if getattr(module, "_lmatlas_probe", None) is not None:
+        raise LmatlasError(
+            "Hooks that read attention internals (attn.q/k/v/pattern, census probes) cannot run with a head-wise KV "
+            "cache: they would see placeholders instead of the windowed keys. Capture those sites with the default "
+            "cache (past_key_values=None)."
+        )
+    check_no_padding(attention_mask)
+    batch, n_heads, n, _ = query.shape
+    rep = n_heads // key.shape[1]
+    d_v = call.win_values.shape[-1]
+    out = query.new_empty((batch, n, n_heads, d_v))
+    scaling = kwargs.get("scaling")
+    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if call.full_idx:
+        heads = _query_heads(call.full_idx, rep)
+        index = torch.tensor(heads, device=query.device)
+        full_out, _ = run_base(module, query.index_select(1, index), call.full_keys, call.full_values,
+                               attention_mask, *args, **kwargs)
+        out[:, :, heads] = full_out
+    heads = _query_heads(call.win_idx, rep)
+    index = torch.tensor(heads, device=query.device)
+    win_out = windowed_attention(query.index_select(1, index), call, scaling, kwargs.get("softcap"))
+    out[:, :, heads] = win_out.transpose(1, 2)
+    return out, None
+
+
+def register(base: str) -> str:
+    """Register (once) ``headwise_<base>`` with ``base``'s mask function and return its name."""
+    if base.startswith(PREFIX):
+        return base
+    name = f"{PREFIX}{base}"
+    with _REGISTER_LOCK:
+        if name not in AttentionInterface._global_mapping:
+            mask_base = base if base in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping else "eager"
+            AttentionInterface.register(name, partial(headwise_attention, base=base))
+            AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS._global_mapping[mask_base])
+    return name
+
+
+def install(hf_model: torch.nn.Module) -> str:
+    """Switch ``hf_model`` to the head-wise attention function (idempotent); returns its name.
+
+    Runs without a head-wise cache compute exactly what they computed before (the
+    function hands them to the base implementation). A hook session started later
+    (``lmatlas_headwise_<base>``) wraps it and restores it when it ends.
+    """
+    config = hf_model.config
+    current = config._attn_implementation or "eager"
+    if PREFIX in current:
+        return current
+    if current.startswith("lmatlas_"):
+        raise LmatlasError(
+            "The model is inside a hook session that reads attention internals; make the head-wise cache "
+            "before entering it (or after it ends)."
+        )
+    name = register(current)
+    config._attn_implementation = name
+    return name
+
+
+def is_installed_config(config: Any) -> bool:
+    """Whether a model config runs the head-wise function (directly or wrapped by a hook session)."""
+    return PREFIX in (config._attn_implementation or "")

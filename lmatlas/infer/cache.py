@@ -1,0 +1,68 @@
+"""HeadwiseCache: a transformers ``Cache`` built from a :class:`~lmatlas.infer.plan.KVPlan`.
+
+>>> from lmatlas.infer import HeadwiseCache, choose                          # doctest: +SKIP
+>>> plan = choose.from_atlas(model, "smollm2.atlas.duckdb", budget=0.25)    # doctest: +SKIP
+>>> cache = HeadwiseCache(model, plan)                                     # doctest: +SKIP
+>>> model.hf.generate(**model.tokenize(text), past_key_values=cache)      # doctest: +SKIP
+>>> cache.nbytes()                                                         # doctest: +SKIP
+
+Full-attention layers get a :class:`~lmatlas.infer.layer.HeadwiseLayer` with the plan's
+full KV heads; layers the model runs with its own sliding window get a
+:class:`~lmatlas.infer.layer.SlidingLayer` (transformers' sliding layer, holding only its
+window). Making the cache switches the model to the head-wise attention function (:func:`lmatlas.infer.attention.install`),
+which leaves runs without this cache unchanged. A cache holds one sequence (or a
+batch of equal-length prompts) for one ``generate``; make a new one per prompt.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from transformers.cache_utils import Cache, get_layer_types_and_kwargs
+
+from lmatlas.errors import LmatlasError
+from lmatlas.infer import attention
+from lmatlas.infer.layer import HeadwiseLayer, SlidingLayer
+from lmatlas.infer.memory import cache_nbytes
+from lmatlas.infer.plan import KVPlan
+
+if TYPE_CHECKING:
+    from lmatlas.model.handle import Model
+
+
+class HeadwiseCache(Cache):
+    """One layer cache per model layer: head-wise for full-attention layers, the model's window otherwise."""
+
+    def __init__(self, model: "Model", plan: KVPlan):
+        plan.check_model(model)
+        config = model.hf.config.get_text_config(decoder=True)
+        types, kwargs = get_layer_types_and_kwargs(config)
+        layers = []
+        for index, (kind, layer_kwargs) in enumerate(zip(types, kwargs)):
+            if kind == "full_attention":
+                layers.append(HeadwiseLayer(plan.full_heads(index), plan.n_kv_heads, plan.sink, plan.recent))
+            elif kind in ("sliding_attention", "chunked_attention"):
+                layers.append(SlidingLayer(**layer_kwargs))
+            else:
+                raise LmatlasError(f"Layer {index} is a {kind!r} layer: the head-wise KV cache supports attention "
+                                   "layers (full, sliding or chunked) only.")
+        super().__init__(layers=layers)
+        self.plan = plan
+        self._config = model.hf.config
+        attention.install(model.hf)
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        if not attention.is_installed_config(self._config):
+            raise LmatlasError(
+                f"The model runs attention {self._config._attn_implementation!r}, which cannot read a head-wise cache: "
+                "it was switched away after the cache was made. Make the cache again (HeadwiseCache(model, plan)) "
+                "right before generate."
+            )
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def nbytes(self) -> int:
+        """Bytes of storage the cache holds (each storage counted once; never computed from shapes)."""
+        return cache_nbytes(self)
+
+    def __repr__(self) -> str:
+        return f"HeadwiseCache({self.plan.method}, budget={self.plan.budget:.2f}, layers={len(self.layers)})"

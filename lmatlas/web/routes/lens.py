@@ -1,0 +1,28 @@
+"""Lens page API: the logit lens of a typed prompt (needs --model), and the live model's status."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends
+
+from lmatlas.web import live
+from lmatlas.web.errors import MODEL_RESPONSES
+from lmatlas.web.routes import explorer
+from lmatlas.web.schemas import LensGrid, LensPrompt, LiveStatus
+from lmatlas.web.state import Explorer, clean
+
+router = APIRouter(prefix="/api", tags=["lens"])
+
+
+@router.post("/lens", response_model=LensGrid, responses=MODEL_RESPONSES,
+             summary="Logit lens: each layer's top tokens at each position (needs --model)")
+def lens(body: LensPrompt, ex: Explorer = Depends(explorer)) -> dict:
+    model = ex.need_model("The logit lens")
+    ids = live.prompt_ids(model, body.prompt, ex.limits.lens_tokens)
+    return clean(ex.gate.run(lambda: live.lens(model, ids, body.k)))
+
+
+@router.get("/live", response_model=LiveStatus, summary="The attached model and its request queue")
+def live_status(ex: Explorer = Depends(explorer)) -> dict:
+    return {"model": ex.model.provenance.source if ex.model is not None else None, "admitted": ex.gate.admitted,
+            "capacity": ex.gate.capacity, "prompt_tokens": ex.limits.prompt_tokens,
+            "lens_tokens": ex.limits.lens_tokens}

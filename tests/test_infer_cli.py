@@ -1,0 +1,82 @@
+"""``lmatlas generate`` with KV options and ``lmatlas prune``: output, JSON, and bad input (exit 2, one line)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from lmatlas.cli import app
+from lmatlas.infer import HeadwiseCache, choose
+from lmatlas.model.loading import load
+from lmatlas.model.tiny import byte_tokenizer, tiny_hf_model
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_hf_model("llama").save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return str(path)
+
+
+def invoke(*args: str):
+    return runner.invoke(app, list(args))
+
+
+def test_generate_with_a_budget_matches_the_library(model_dir):
+    prompt = "the cat sat on the mat and then the cat sat on the mat again"
+    result = invoke("generate", model_dir, prompt, "--kv-budget", "0.5", "--random-seed", "3", "--sink", "2",
+                    "--recent", "8", "-n", "6", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    model = load(model_dir)
+    plan = choose.random_plan(model, 0.5, 3, sink=2, recent=8)
+    ids = model.tokenize(prompt)["input_ids"]
+    with torch.no_grad():
+        cache = HeadwiseCache(model, plan)
+        ref = model.hf.generate(ids, past_key_values=cache, max_new_tokens=6, do_sample=False, pad_token_id=258)
+    assert data["tokens"] == ref[0, ids.shape[1]:].tolist()
+    assert data["plan"]["method"] == "random:3" and data["plan"]["full_kv_heads"] == 2
+    assert data["kv_bytes"] == cache.nbytes()
+
+
+def test_generate_table_and_default_cache(model_dir):
+    result = invoke("generate", model_dir, "hello there", "-n", "3")
+    assert result.exit_code == 0, result.output
+    assert "KV bytes held" in result.output and "default" in result.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--kv-budget", "1.5"], "[0, 1]"),
+    (["--kv-budget", "0.5", "--recent", "0"], "sink window"),
+    (["--kv-budget", "0.5", "--atlas", "/nonexistent.duckdb"], "No atlas"),
+    (["--kv-budget", "0.5"], "--atlas FILE"),
+])
+def test_generate_bad_input(model_dir, args, message):
+    result = invoke("generate", model_dir, "hello", *args)
+    assert result.exit_code == 2
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_prune_random_reports_parameters(model_dir, tmp_path):
+    text = tmp_path / "held_out.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 60)
+    result = invoke("prune", model_dir, "--fraction", "0.25", "--random-seed", "0", "--text", str(text),
+                    "--windows", "2", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["heads_removed"] == 2 and data["params_after"] < data["params_before"]
+    assert data["perplexity_before"] > 1
+
+
+def test_prune_bad_input(model_dir):
+    result = invoke("prune", model_dir, "--fraction", "0.2")
+    assert result.exit_code == 2 and "--atlas FILE" in result.output
+    result = invoke("prune", model_dir, "--fraction", "2", "--random-seed", "1")
+    assert result.exit_code == 2 and "[0, 1]" in result.output

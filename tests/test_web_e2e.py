@@ -1,0 +1,231 @@
+"""The explorer in real headless Chromium (Debian's ``/usr/bin/chromium`` driven by Playwright).
+
+A real uvicorn server on a free loopback port serves the shared tiny-model atlas with the
+model attached. The tests open every page, click overview -> head -> neuron -> search ->
+back, type prompts, check what is drawn (the grid has layers x heads cells, the neuron
+page lists its tokens, the attention canvas has a pixel per token) and that no page logs
+a console error. Screenshots are kept under ``tmp/artefacts/web/`` (or
+``$LMATLAS_ARTEFACTS``).
+
+Chromium is installed by ``make test`` (apt-get); without it these tests fail with a
+message saying so — they never skip.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from lmatlas.model.loading import load
+from lmatlas.web import create_app
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_web_atlas import web_atlases  # noqa: E402
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+ARTEFACTS = Path(os.environ.get("LMATLAS_ARTEFACTS", Path(__file__).resolve().parent.parent / "tmp" / "artefacts"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """uvicorn in a thread, on 127.0.0.1, stopped by ``stop()``."""
+
+    def __init__(self, app):
+        import uvicorn
+
+        self.port = free_port()
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the explorer did not start")
+            time.sleep(0.05)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+def launch_chromium(playwright):
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: the explorer's browser tests need Debian's chromium "
+                    "(`apt-get install -y chromium`, which `make test` runs).")
+    return playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    paths = web_atlases(tmp_path_factory)
+    server = Server(create_app(paths["a"], model=load(paths["model"]), diff=paths["b"]))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.fail("The playwright package is missing: pip install -e '.[dev]' (never `playwright install`).")
+    with sync_playwright() as playwright:
+        browser = launch_chromium(playwright)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser, request):
+    """A fresh page that records console errors and uncaught exceptions, and leaves a screenshot."""
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    page = context.new_page()
+    page.errors = []
+    page.on("console", lambda m: page.errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: page.errors.append(str(e)))
+    yield page
+    ARTEFACTS.mkdir(parents=True, exist_ok=True)
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", request.node.name).strip("_")
+    page.screenshot(path=str(ARTEFACTS / f"{name}.png"), full_page=True)
+    context.close()
+
+
+def open_page(page, server, path):
+    response = page.goto(server.url + path)
+    page.wait_for_selector("body[data-ready='1']", timeout=30_000)
+    return response
+
+
+@pytest.mark.parametrize("path, marker", [
+    ("/", "#grid .cell"), ("/head/L1.H2", "#score-table"), ("/neuron/L0.N3", "#promoted"),
+    ("/search?q=a", "#result-table"), ("/lens", "#prompt"), ("/diff", "#diff-summary"),
+])
+def test_every_page_opens_without_console_errors(page, server, path, marker):
+    response = open_page(page, server, path)
+    assert response.status == 200
+    assert page.locator(marker).count() >= 1
+    assert page.locator("#top nav a").count() == 4
+    assert page.errors == []
+
+
+def test_overview_grid_has_a_cell_per_head(page, server):
+    open_page(page, server, "/")
+    cells = page.locator("#grid .cell")
+    assert cells.count() == 2 * 4
+    assert cells.nth(6).get_attribute("href") == "/head/L1.H2"
+    assert page.locator("#scatter circle").count() == 8
+    assert page.locator("#layer-table tr").count() == 1 + 2
+    assert page.locator("#neuron-table tr").count() == 1 + 50
+    page.select_option("#neuron-layer", "1")
+    page.wait_for_function("document.querySelector('#neuron-table a').textContent.startsWith('L1.')")
+    page.uncheck("#legend input[data-type='induction']")  # filtering keeps every cell, dims some
+    assert cells.count() == 8
+    page.select_option("#colour-by", "importance")
+    assert page.locator("#grid .cell").first.evaluate("e => getComputedStyle(e).backgroundColor") != ""
+    assert page.errors == []
+
+
+def test_click_through_overview_head_neuron_search_and_back(page, server):
+    open_page(page, server, "/")
+    page.click("#grid .cell[data-name='L1.H2']")
+    page.wait_for_url("**/head/L1.H2")
+    page.wait_for_selector("body[data-ready='1']")
+    assert page.locator("#head-title").inner_text().startswith("Head L1.H2")
+    assert page.locator("#score-table tr").count() > 5
+    assert page.locator("#windows .window").count() == 3
+    page.wait_for_selector("#related a.neuron-link")
+    neuron = page.locator("#related a.neuron-link").first
+    name = neuron.inner_text()
+    neuron.click()
+    page.wait_for_url(f"**/neuron/{name}")
+    page.wait_for_selector("body[data-ready='1']")
+    assert page.locator("#neuron-title").inner_text() == f"Neuron {name}"
+    tokens = page.locator("#promoted a.tok")
+    assert tokens.count() >= 10  # the neuron page lists its tokens
+    assert page.locator("#histogram-svg rect").count() == 24
+    assert page.locator("#contexts .context").count() == 3
+    tokens.first.click()
+    page.wait_for_url("**/search?q=*")
+    page.wait_for_selector("body[data-ready='1']")
+    assert page.locator("#result-table a.result-link").count() >= 1
+    assert name in page.locator("#result-table").inner_text()  # the neuron writes the token it was found by
+    page.go_back()
+    page.wait_for_url(f"**/neuron/{name}")
+    page.wait_for_selector("body[data-ready='1']")
+    assert page.locator("#neuron-title").inner_text() == f"Neuron {name}"
+    assert page.errors == []
+
+
+def test_typed_prompt_draws_the_attention_canvas(page, server):
+    open_page(page, server, "/head/L1.H3")
+    prompt = "the cat sat on the mat " * 4
+    page.fill("#prompt", prompt)
+    page.click("#run")
+    page.wait_for_selector("#attention-canvas[data-drawn='1']", timeout=30_000)
+    n = int(page.locator("#attention-canvas").get_attribute("data-tokens"))
+    model = server.server.config.app.state.explorer.model
+    assert n == model.tokenize(prompt)["input_ids"].shape[1] > 80  # one pixel per token
+    drawn = page.evaluate("""() => {
+        const c = document.getElementById('attention-canvas');
+        const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+        const alpha = (x, y) => d[(y * c.width + x) * 4 + 3];
+        return {w: c.width, diag: alpha(5, 5), above: alpha(c.width - 1, 0), below: alpha(0, c.height - 1)};
+    }""")
+    assert drawn == {"w": n, "diag": 255, "above": 0, "below": 255}  # causal: nothing above the diagonal
+    box = page.locator("#attention-canvas").bounding_box()
+    page.locator("#attention-canvas").hover(position={"x": box["width"] * 0.3, "y": box["height"] * 0.6})
+    hover = page.locator("#attention-hover").inner_text()
+    assert hover.startswith("query ") and " → key " in hover  # the cell under the pointer, with its value
+    assert page.locator("#attention-text .tokens span").count() == n
+    page.hover("#attention-text .tokens span[data-i='10']")
+    assert page.locator("#attention-text .tokens span.q").get_attribute("data-i") == "10"
+    assert page.errors == []
+
+
+def test_typed_text_shows_neuron_activations_and_the_lens(page, server):
+    open_page(page, server, "/neuron/L0.N5")
+    page.fill("#prompt", "hello there")
+    page.click("#run")
+    page.wait_for_selector("#live-out .tokens span")
+    model = server.server.config.app.state.explorer.model
+    assert page.locator("#live-out .tokens span").count() == model.tokenize("hello there")["input_ids"].shape[1]
+    open_page(page, server, "/lens")
+    page.fill("#prompt", "abcabc")
+    page.click("#run")
+    page.wait_for_selector("#lens-table")
+    assert page.locator("#lens-table tr").count() == 2 + 1  # layers + the input row
+    assert page.locator("#lens-table tr").first.locator("td").count() == model.tokenize("abcabc")["input_ids"].shape[1]
+    assert page.errors == []
+
+
+def test_search_box_and_goto(page, server):
+    open_page(page, server, "/search")
+    page.fill("#search-q", "zzz-not-a-token")
+    page.press("#search-q", "Enter")
+    page.wait_for_selector("#no-results")
+    page.fill("#goto", "L0.N7")
+    page.press("#goto", "Enter")
+    page.wait_for_url("**/neuron/L0.N7")
+    page.wait_for_selector("body[data-ready='1']")
+    assert page.errors == []
+
+
+def test_a_bad_name_shows_the_error(page, server):
+    response = page.goto(server.url + "/head/L7.H0")
+    assert response.status == 404
+    assert "out of range" in page.locator("#page-error").inner_text()
