@@ -9,6 +9,8 @@ edit written as plain ``register_forward_pre_hook`` / ``register_forward_hook`` 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from contextlib import ExitStack
 
 import pytest
@@ -338,3 +340,13 @@ def test_positions_generation_never_reaches_are_refused_before_compute(tiny):
         assert len(edited) == len(plain) == 1 and calls
     finally:
         handle.remove()
+
+
+def test_generate_help_loads_no_heavy_module():
+    code = ("import sys\nfrom typer.testing import CliRunner\nfrom lmatlas.cli import app\n"
+            "result = CliRunner().invoke(app, ['generate', '--help'])\n"
+            "assert result.exit_code == 0 and '--save-edit' in result.output, result.output\n"
+            "print([m for m in ('torch', 'transformers', 'duckdb', 'pyarrow') if m in sys.modules])\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

@@ -145,6 +145,8 @@ def _split(args: list[str]) -> tuple[Optional[str], str]:
 
 def plain_continuation(model: "Model", prompt: str, max_new_tokens: int, chat: bool) -> "Continuation":
     """Greedy continuation of ``prompt`` and each new token's log-probability (one teacher-forced forward)."""
+    import torch
+
     from lmatlas.edit.generation import Continuation, greedy, prompt_ids, stop_reason
 
     batch = prompt_ids(model, prompt, chat)
@@ -152,8 +154,6 @@ def plain_continuation(model: "Model", prompt: str, max_new_tokens: int, chat: b
     logprobs: list[float] = []
     if new:
         n = batch["input_ids"].shape[1]
-        import torch
-
         ids = torch.cat([batch["input_ids"][0], torch.tensor(new, device=model.device)])[None]
         with torch.no_grad():
             logits = model.forward(ids)[0, n - 1: n - 1 + len(new)].float()
