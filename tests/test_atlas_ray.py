@@ -137,12 +137,13 @@ def _auth_token(token: str):
 
 
 def _table_rows(path) -> dict[str, list[tuple]]:
-    """Every table's rows, sorted; for ``runs`` only the columns that do not vary by run (not times)."""
+    """Every table's rows, sorted; ``runs`` without times, ``meta`` without the creation time and the resume
+    command (it names the file's own path)."""
     with AtlasStore.open_existing(path) as store:
         out = {}
         for table in TABLES:
             if table == "meta":
-                query = "SELECT key, value FROM meta WHERE key <> 'created'"
+                query = "SELECT key, value FROM meta WHERE key NOT IN ('created', 'resume_command')"
             elif table == "runs":
                 query = "SELECT stage, unit, status, seeds, params FROM runs"
             else:
