@@ -186,12 +186,14 @@ def test_export_is_all_or_nothing(built, tmp_path, monkeypatch):
     target = tmp_path / "export"
     assert runner.invoke(app, ["export", str(path), "--parquet", str(target)]).exit_code == 0
     before = sorted(p.name for p in target.iterdir())
-    assert len(before) == 11 and pq.read_table(target / "neurons.parquet").num_rows == 192
+    from lmatlas.atlas.schema import TABLES
+
+    assert len(before) == len(TABLES) + 1 and pq.read_table(target / "neurons.parquet").num_rows == 192
     real, calls = pq.write_table, []
 
     def failing(table, where, *args, **kwargs):
         calls.append(where)
-        if len(calls) % 11 == 6:  # the sixth of the eleven tables, every time
+        if len(calls) % (len(TABLES) + 1) == 6:  # the sixth table of every export
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(table, where, *args, **kwargs)
 

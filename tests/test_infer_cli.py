@@ -45,10 +45,16 @@ def test_generate_with_a_budget_matches_the_library(model_dir):
     assert data["kv_bytes"] == cache.nbytes()
 
 
-def test_generate_table_and_default_cache(model_dir):
-    result = invoke("generate", model_dir, "hello there", "-n", "3")
+def test_generate_table_with_every_head_full(model_dir):
+    """--kv-budget 1 keeps every KV head whole: the KV table is shown, no head is windowed."""
+    result = invoke("generate", model_dir, "hello there", "-n", "3", "--kv-budget", "1")
     assert result.exit_code == 0, result.output
-    assert "KV bytes held" in result.output and "default" in result.output
+    assert "KV bytes held" in result.output
+
+
+def test_generate_refuses_kv_and_edit_options_together(model_dir):
+    result = invoke("generate", model_dir, "hello", "--kv-budget", "1", "--ablate", "L0.H1")
+    assert result.exit_code == 2 and "one at a time" in result.output
 
 
 @pytest.mark.parametrize("args, message", [

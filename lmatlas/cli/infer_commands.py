@@ -43,20 +43,14 @@ def split_model_and_prompt(args: list[str]) -> tuple[Optional[str], str]:
     raise LmatlasError(f"Expected [MODEL] PROMPT, got {len(args)} arguments; quote the prompt.")
 
 
-@app.command()
-def generate(
-    args: list[str] = typer.Argument(..., metavar="[MODEL] PROMPT", help="Optional model, then the prompt."),
-    max_new_tokens: int = typer.Option(32, "--max-new-tokens", "-n"),
-    kv_budget: Optional[float] = KV_BUDGET_OPT,
-    atlas: Optional[Path] = ATLAS_OPT,
-    sink: int = SINK_OPT,
-    recent: int = RECENT_OPT,
-    random_seed: Optional[int] = RANDOM_OPT,
-    as_json: bool = JSON_OPT,
-    dtype: str = DTYPE_OPT,
-    device: Optional[str] = DEVICE_OPT,
+def generate_with_kv_cache(
+    args: list[str], max_new_tokens: int, kv_budget: Optional[float], atlas: Optional[Path], sink: int, recent: int,
+    random_seed: Optional[int], as_json: bool, dtype: str, device: Optional[str],
 ) -> None:
-    """Greedy generation, optionally with a head-wise KV cache chosen from the map."""
+    """``lmatlas generate ... --kv-budget F``: greedy generation with a head-wise KV cache chosen from the map.
+
+    Called by the ``generate`` command (:mod:`lmatlas.cli.generate_commands`) when KV options are given.
+    """
     from lmatlas.infer.choose import check_budget
     from lmatlas.infer.generate import generate_kv, resolve_plan
     from lmatlas.infer.plan import check_window
@@ -93,7 +87,7 @@ def generate(
             err.print(f"note: {note}", highlight=False)
         err.print(key_value_table("KV cache", summary))
 
-    run(body)
+    body()
 
 
 @app.command()

@@ -86,6 +86,29 @@ def stop_reason(model: "Model", new_ids: list[int], max_new_tokens: int) -> str 
     return None
 
 
+def check_positions(replacements: list, prompt_len: int, max_new_tokens: int) -> None:
+    """Refuse, before any compute, a position selector that generation never reaches.
+
+    Generating ``max_new_tokens`` from a ``prompt_len``-token prompt runs the model on positions
+    ``0 .. prompt_len + max_new_tokens - 2`` (the last new token is never fed back), so an
+    edit at a later position (``L5.H3@99`` with a short prompt) would silently do nothing.
+    """
+    from lmatlas.errors import SiteError
+
+    reached = prompt_len + max_new_tokens - 1
+    for replacement in replacements:
+        positions = replacement.positions
+        if positions is None:
+            continue
+        positions.check(prompt_len, replacement.name)
+        start, _, indices = positions.absolute(prompt_len)
+        late = [p for p in (indices or ()) if p >= reached] if indices is not None else \
+            ([start] if start is not None and start >= reached else [])
+        if late:
+            raise SiteError(f"Position @{positions} of {replacement.name} is never reached: a {prompt_len}-token "
+                            f"prompt and {max_new_tokens} new tokens run positions 0..{reached - 1}.")
+
+
 def greedy(model: "Model", batch: dict[str, torch.Tensor], max_new_tokens: int, **kwargs: Any) -> list[int]:
     """New token ids of one sequence (stop tokens included), greedy unless ``kwargs`` say otherwise."""
     kwargs.setdefault("do_sample", False)
@@ -109,6 +132,7 @@ def compare(model: "Model", prompt: str, edit: "Edit", max_new_tokens: int = 32,
     """Generate without and with ``edit``; score both continuations under both models."""
     batch = prompt_ids(model, prompt, chat)
     replacements = model.replacements(edit)  # checked before any compute
+    check_positions(replacements, batch["input_ids"].shape[1], max_new_tokens)
     plain_ids = greedy(model, batch, max_new_tokens, **kwargs)
     with model.hooked(replace=replacements):
         edited_ids = greedy(model, batch, max_new_tokens, **kwargs)

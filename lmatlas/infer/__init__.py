@@ -1,4 +1,4 @@
-"""Use the map at inference: a head-aware KV cache and head pruning.
+"""Use the map at inference: a head-aware KV cache, head pruning and decoding strategies.
 
 * :mod:`lmatlas.infer.plan` — :class:`KVPlan`, which KV heads keep the whole context;
 * :mod:`lmatlas.infer.choose` — plans from an atlas, a census, at random, or uniform;
@@ -6,7 +6,8 @@
 * :mod:`lmatlas.infer.attention` — the attention function that reads it;
 * :mod:`lmatlas.infer.memory` — storage bytes held and peak resident memory;
 * :mod:`lmatlas.infer.generate` — generate with a plan, with its measurements;
-* :mod:`lmatlas.infer.prune` — remove heads physically (or mask them) by importance.
+* :mod:`lmatlas.infer.prune` — remove heads physically (or mask them) by importance;
+* :mod:`lmatlas.infer.decoding` — DoLa, DeCoRe and speculative decoding (drafters, draft heads).
 """
 
 from lmatlas.infer.cache import HeadwiseCache

@@ -288,6 +288,8 @@ class Model:
         if chat and not isinstance(inputs, str):
             raise InputError("chat=True takes one prompt (a string).")
         batch = generation.prompt_ids(self, inputs, chat) if chat else self.tokenize(inputs)
+        if edit is not None:
+            generation.check_positions(self.replacements(edit), batch["input_ids"].shape[1], max_new_tokens)
         kwargs.setdefault("do_sample", False)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         with self.hooked(replace=edit) if edit is not None else _nothing(), torch.no_grad():

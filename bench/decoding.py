@@ -1,0 +1,343 @@
+"""Benchmark: decoding with the map (DoLa, DeCoRe, speculative decoding) on the packaged SmolLM2-135M.
+
+Sections (``--only truthfulqa,faithfulness,speculative``; each is written to the JSON as
+soon as it is done, so a partial run keeps what it measured):
+
+truthfulqa    TruthfulQA MC1 / MC2 by answer log-likelihood (prompt ``Q: <question>\\nA:``,
+              answer `` <answer>``), greedy (the model's log-probabilities) vs DoLa (each answer
+              token scored by ``log_softmax(log q_N - log q_M)`` with ``M`` chosen per token by
+              the largest Jensen-Shannon divergence among the ``high`` bucket; no plausibility
+              cut, as for multiple choice in the paper's code). MC1: the best answer scores above
+              every incorrect one; MC2: probability mass of the correct answers. Paired-bootstrap
+              95% intervals of DoLa - greedy. ``--questions N`` takes the first N (0 = all 817).
+faithfulness  A battery from a table of capitals: closed-book ("What is the capital of X?") and
+              the same question after a context that names another city as the capital (as in
+              NQ-Swap). Greedy vs DeCoRe (top retrieval heads of the census) vs DeCoRe with as
+              many random heads; accuracy closed-book, rate of following the context, Wilson
+              95% intervals. Time per token of DoLa and DeCoRe vs greedy on the same prompts.
+acceptance    (``--only acceptance``) how often exiting at each layer agrees with the model's next
+              token, and 20% of the layers skipped, with the speed-up each implies.
+speculative   Tokens/s and mean accepted length on ``--prompts`` chat prompts of ``--new-tokens``
+              tokens: greedy (transformers), transformers' prompt-lookup decoding, and ours with
+              the prompt-lookup, early-exit and draft-heads drafters, in one run; the output of
+              every method is compared with greedy's, token for token.
+
+    .venv/bin/python bench/decoding.py --truthfulqa ../shared/data/truthfulqa/TruthfulQA.csv \
+        [--questions 200] [--prompts 20] [--new-tokens 256] [--only ...] [--out bench/results/decoding.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import random
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import lmatlas
+from lmatlas.infer.decoding.decore import random_heads, retrieval_heads
+from lmatlas.infer.decoding.dola import candidate_layers, js_divergence
+from lmatlas.infer.decoding.draft_heads import DraftHeadsError, load_draft_heads
+from lmatlas.infer.decoding.drafters import EarlyExit, Heads, PromptLookup
+from lmatlas.infer.decoding.readout import LayerTap, exit_logits
+from lmatlas.infer.decoding.speculative import speculative_generate
+
+T0 = time.perf_counter()
+
+
+def log(message: str) -> None:
+    sys.stderr.write(f"[{time.perf_counter() - T0:7.1f}s] {message}\n")
+    sys.stderr.flush()
+
+
+def load_avg() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def bootstrap_diff(a: list[float], b: list[float], n: int = 2000, seed: int = 0) -> dict:
+    """Mean of ``b - a`` with a paired-bootstrap 95% interval."""
+    rng = random.Random(seed)
+    diffs = [y - x for x, y in zip(a, b)]
+    means = sorted(statistics.fmean(rng.choices(diffs, k=len(diffs))) for _ in range(n))
+    return {"diff": statistics.fmean(diffs), "ci95": [means[int(0.025 * n)], means[int(0.975 * n) - 1]]}
+
+
+def wilson(k: int, n: int) -> list[float]:
+    if n == 0:
+        return [0.0, 0.0]
+    z, p = 1.96, k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [centre - half, centre + half]
+
+
+# -- TruthfulQA -------------------------------------------------------------------------------------
+def answer_scores(model, layers, question: str, answer: str) -> tuple[float, float]:
+    """(greedy log-likelihood, DoLa score) of `` answer`` after ``Q: question\\nA:``."""
+    prompt = model.tokenizer(f"Q: {question}\nA:", add_special_tokens=False)["input_ids"]
+    full = model.tokenizer(f"Q: {question}\nA: {answer}", add_special_tokens=False)["input_ids"]
+    n = len(prompt)
+    ids = torch.tensor([full])
+    with torch.no_grad(), LayerTap(model.hf, layers, positions="all") as tap:
+        final = model.hf(input_ids=ids, use_cache=False).logits[0, n - 1:-1].float()      # [m, V]
+        target = ids[0, n:]
+        hidden = torch.stack([tap.last[layer][0, n - 1:-1] for layer in layers])        # [L, m, d]
+        premature = exit_logits(model.hf, hidden)                                         # [L, m, V]
+    log_final = F.log_softmax(final, -1)
+    greedy = float(log_final.gather(1, target[:, None]).sum())
+    chosen = js_divergence(final, premature).argmax(0)                                   # [m]
+    picked = premature[chosen, torch.arange(final.shape[0])]
+    dola = F.log_softmax(log_final - F.log_softmax(picked, -1), -1)
+    return greedy, float(dola.gather(1, target[:, None]).sum())
+
+
+def split_answers(text: str) -> list[str]:
+    return [a.strip() for a in text.split(";") if a.strip()]
+
+
+def truthfulqa(model, path: str, questions: int) -> dict:
+    rows = list(csv.DictReader(open(path, newline="", encoding="utf-8")))
+    rows = rows[:questions] if questions else rows
+    layers = candidate_layers(model.hf, "high")
+    mc = {"greedy": {"mc1": [], "mc2": []}, "dola": {"mc1": [], "mc2": []}}
+    start = time.perf_counter()
+    for i, row in enumerate(rows):
+        best, correct = row["Best Answer"].strip(), split_answers(row["Correct Answers"])
+        incorrect = split_answers(row["Incorrect Answers"])
+        if best not in correct:
+            correct = [best] + correct
+        scores = {a: answer_scores(model, layers, row["Question"], a) for a in dict.fromkeys(correct + incorrect)}
+        for j, method in enumerate(("greedy", "dola")):
+            s = {a: v[j] for a, v in scores.items()}
+            mc[method]["mc1"].append(float(all(s[best] > s[a] for a in incorrect)))
+            top = max(s.values())
+            p_true = sum(math.exp(s[a] - top) for a in correct)
+            p_false = sum(math.exp(s[a] - top) for a in incorrect)
+            mc[method]["mc2"].append(p_true / (p_true + p_false))
+        if (i + 1) % 25 == 0:
+            log(f"truthfulqa {i + 1}/{len(rows)}")
+    out = {"questions": len(rows), "of": 817, "premature_layers": layers, "seconds": time.perf_counter() - start}
+    for metric in ("mc1", "mc2"):
+        out[metric] = {m: statistics.fmean(mc[m][metric]) for m in mc}
+        out[metric]["dola_minus_greedy"] = bootstrap_diff(mc["greedy"][metric], mc["dola"][metric])
+    return out
+
+
+# -- context faithfulness --------------------------------------------------------------------------
+CAPITALS = [
+    ("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Japan", "Tokyo"),
+    ("China", "Beijing"), ("Russia", "Moscow"), ("Egypt", "Cairo"), ("Canada", "Ottawa"), ("Australia", "Canberra"),
+    ("Brazil", "Brasilia"), ("Argentina", "Buenos Aires"), ("Mexico", "Mexico City"), ("India", "New Delhi"),
+    ("Portugal", "Lisbon"), ("Greece", "Athens"), ("Turkey", "Ankara"), ("Poland", "Warsaw"), ("Austria", "Vienna"),
+    ("Sweden", "Stockholm"), ("Norway", "Oslo"), ("Finland", "Helsinki"), ("Denmark", "Copenhagen"),
+    ("Ireland", "Dublin"), ("Netherlands", "Amsterdam"), ("Belgium", "Brussels"), ("Switzerland", "Bern"),
+    ("Hungary", "Budapest"), ("Kenya", "Nairobi"), ("Peru", "Lima"), ("Chile", "Santiago"), ("Thailand", "Bangkok"),
+    ("Vietnam", "Hanoi"), ("South Korea", "Seoul"), ("Indonesia", "Jakarta"), ("Iran", "Tehran"), ("Iraq", "Baghdad"),
+    ("Cuba", "Havana"), ("Colombia", "Bogota"), ("Ukraine", "Kyiv"),
+]
+
+
+def battery(countries: int = 0) -> list[dict]:
+    """Closed-book and contradicting-context questions; the swapped capital is another row's."""
+    items = []
+    for i, (country, capital) in enumerate(CAPITALS[:countries or len(CAPITALS)]):
+        other = CAPITALS[(i + 7) % len(CAPITALS)][1]
+        question = f"What is the capital of {country}? Answer with the city name only."
+        items.append({"kind": "closed", "prompt": question, "truth": capital, "swap": other})
+        items.append({"kind": "context", "truth": capital, "swap": other,
+                      "prompt": f"Context: The capital of {country} is {other}.\n{question}"})
+    return items
+
+
+def faithfulness(model, heads: list[str], control: list[str], countries: int = 0, new_tokens: int = 8) -> dict:
+    from lmatlas.infer.decoding.cli import generate_with_strategy
+
+    methods = {"greedy": dict(strategy="greedy"), "decore": dict(strategy="decore", heads=heads),
+               "decore_random_heads": dict(strategy="decore", heads=control),
+               "dola": dict(strategy="dola")}
+    items = battery(countries)
+    out: dict = {"items": len(items), "heads": heads, "random_heads": control, "methods": {}}
+    for name, kwargs in methods.items():
+        closed = context_follow = context_truth = 0
+        seconds = tokens = 0.0
+        for item in items:
+            report = generate_with_strategy(model, item["prompt"], max_new_tokens=new_tokens, chat=True, **kwargs)
+            text = report["text"].lower()
+            seconds += report["seconds"]
+            tokens += report["new_tokens"]
+            if item["kind"] == "closed":
+                closed += item["truth"].lower() in text
+            else:
+                context_follow += item["swap"].lower() in text
+                context_truth += item["truth"].lower() in text
+        n = len(items) // 2
+        out["methods"][name] = {
+            "closed_book_accuracy": closed / n, "closed_ci95": wilson(closed, n),
+            "follows_context": context_follow / n, "follows_ci95": wilson(context_follow, n),
+            "answers_memory_despite_context": context_truth / n, "seconds_per_token": seconds / max(tokens, 1)}
+        log(f"faithfulness {name}: {out['methods'][name]}")
+    base = out["methods"]["greedy"]["seconds_per_token"]
+    for name in out["methods"]:
+        out["methods"][name]["time_per_token_vs_greedy"] = out["methods"][name]["seconds_per_token"] / base
+    return out
+
+
+# -- acceptance profile ----------------------------------------------------------------------------
+def acceptance(model, prompts: int, new_tokens: int, atlas: str | None) -> dict:
+    """Early-exit agreement per layer, and for 20% of the layers skipped (the least important in the
+    atlas when it has every layer's importance, else the blocks with the smallest relative write)."""
+    from lmatlas.infer.decoding.acceptance import acceptance_profile, least_important_layers
+
+    n = model.layout.n_layers
+    count = max(1, round(0.2 * n))
+    chosen, how = None, None
+    if atlas is not None:
+        try:
+            chosen = least_important_layers(atlas, 0.2)
+            how = "atlas importance (MLP + heads' loss increase)"
+            if len(chosen) != count:
+                chosen = None
+        except Exception as error:  # an atlas without importance tables
+            log(f"atlas importance unavailable: {error}")
+    texts = [f"{p}" for p in SPEC_PROMPTS[:prompts]]
+    if chosen is None:
+        cache = model.run(texts[0], capture=["resid.pre", "resid.post"])
+        ratio = [float((cache[f"L{l}.resid.post"] - cache[f"L{l}.resid.pre"]).norm() / cache[f"L{l}.resid.pre"].norm())
+                 for l in range(n)]
+        chosen = sorted(sorted(range(n), key=lambda l: ratio[l])[:count])
+        how = "smallest relative write |resid.post - resid.pre| / |resid.pre| (no atlas importance for every layer)"
+    profile = acceptance_profile(model, texts, new_tokens, skip_sets={"skip_20pct": chosen})
+    profile["skip_set_chosen_by"] = how
+    return profile
+
+
+# -- speculative -----------------------------------------------------------------------------------
+SPEC_PROMPTS = [
+    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+    "Explain how photosynthesis works, step by step.",
+    "Give me a recipe for a simple tomato soup.",
+    "What are the main causes of the French Revolution?",
+    "Write a Python function that checks whether a string is a palindrome, and explain it.",
+    "Describe the water cycle to a ten-year-old.",
+    "List ten tips for staying productive while working from home.",
+    "Summarise the plot of Romeo and Juliet.",
+    "How does a bicycle stay upright?",
+    "Write a polite email asking a colleague to review a document.",
+    "Explain the difference between weather and climate.",
+    "What is machine learning? Explain with examples.",
+    "Write a poem about autumn leaves.",
+    "How do vaccines work?",
+    "Repeat this list and add one more item: apples, bananas, cherries, dates, elderberries.",
+    "Rewrite this sentence in the passive voice: The committee approved the new budget on Monday.",
+    "Here is some code:\ndef add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a - b\nAdd a mul function in the same style and show all three.",
+    "Describe a typical day in the life of a farmer.",
+    "Why is the sky blue?",
+    "Compare cats and dogs as pets.",
+]
+
+
+def speculative(model, n_prompts: int, new_tokens: int, draft_len: int, heads_path: str | None) -> dict:
+    from lmatlas.edit.generation import prompt_ids
+
+    drafters = {"ours_prompt_lookup": PromptLookup(), "ours_early_exit": EarlyExit(model.layout.n_layers - 2)}
+    try:
+        drafters["ours_heads"] = Heads(load_draft_heads(model, heads_path))
+    except DraftHeadsError as error:
+        log(f"no draft heads: {error}")
+    prompts = (SPEC_PROMPTS * 2)[:n_prompts]
+    pad = model.tokenizer.eos_token_id
+    times = {name: [] for name in ["greedy", "hf_prompt_lookup", *drafters]}
+    counts = {name: 0 for name in times}
+    identical = {name: 0 for name in times}
+    accepted = {name: [] for name in drafters}
+    warm = prompt_ids(model, prompts[0], True)["input_ids"]
+    with torch.no_grad():                                  # warm-up: first calls allocate and pick kernels
+        model.hf.generate(input_ids=warm, do_sample=False, max_new_tokens=8, pad_token_id=pad)
+    for drafter in drafters.values():
+        speculative_generate(model, warm, drafter, 8, draft_len=draft_len)
+    for i, prompt in enumerate(prompts):
+        ids = prompt_ids(model, prompt, True)["input_ids"]
+        with torch.no_grad():
+            start = time.perf_counter()
+            greedy = model.hf.generate(input_ids=ids, do_sample=False, max_new_tokens=new_tokens, pad_token_id=pad)
+            times["greedy"].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            lookup = model.hf.generate(input_ids=ids, do_sample=False, max_new_tokens=new_tokens, pad_token_id=pad,
+                                       prompt_lookup_num_tokens=draft_len)
+            times["hf_prompt_lookup"].append(time.perf_counter() - start)
+        reference = greedy[0, ids.shape[1]:].tolist()
+        counts["greedy"] += len(reference)
+        identical["greedy"] += 1
+        counts["hf_prompt_lookup"] += len(reference)
+        identical["hf_prompt_lookup"] += lookup[0, ids.shape[1]:].tolist() == reference
+        for name, drafter in drafters.items():
+            result = speculative_generate(model, ids, drafter, new_tokens, draft_len=draft_len)
+            times[name].append(result.seconds)
+            counts[name] += len(result.token_ids)
+            identical[name] += result.token_ids == reference
+            accepted[name].extend(a + 1 for a in result.accepted)
+        log(f"speculative {i + 1}/{len(prompts)}: " + ", ".join(f"{k} {sum(v):.1f}s" for k, v in times.items()))
+    base = counts["greedy"] / sum(times["greedy"])
+    out = {"prompts": len(prompts), "new_tokens": new_tokens, "draft_len": draft_len, "methods": {}}
+    for name in times:
+        rate = counts[name] / sum(times[name])
+        out["methods"][name] = {"tokens_per_s": rate, "ratio_vs_greedy": rate / base,
+                                "identical_to_greedy": f"{identical[name]}/{len(prompts)}",
+                                "median_s_per_prompt": statistics.median(times[name])}
+        if name in accepted:
+            out["methods"][name]["mean_accepted_length"] = statistics.fmean(accepted[name])
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--truthfulqa", default="../shared/data/truthfulqa/TruthfulQA.csv")
+    parser.add_argument("--questions", type=int, default=200)
+    parser.add_argument("--prompts", type=int, default=20)
+    parser.add_argument("--countries", type=int, default=0, help="Capitals in the battery (0 = all 40).")
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--draft-len", type=int, default=4)
+    parser.add_argument("--retrieval-heads", type=int, default=10)
+    parser.add_argument("--heads-file", default=None)
+    parser.add_argument("--atlas", default=None, help="Take retrieval heads from this atlas (else run the census).")
+    parser.add_argument("--only", default="truthfulqa,faithfulness,speculative")
+    parser.add_argument("--out", default="bench/results/decoding.json")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    model = lmatlas.load()
+    results: dict = {"model": model.card()["source"], "torch_threads": torch.get_num_threads(), "sections": {}}
+    if os.path.exists(args.out):
+        results["sections"] = json.load(open(args.out)).get("sections", {})
+
+    def save(name: str, data: dict) -> None:
+        data["load_avg_after"] = load_avg()
+        results["sections"][name] = data
+        with open(args.out, "w") as handle:
+            json.dump(results, handle, indent=2)
+        log(f"{name} done")
+
+    only = set(args.only.split(","))
+    if "acceptance" in only:
+        save("acceptance", acceptance(model, 5, 48, args.atlas))
+    if "speculative" in only:
+        save("speculative", speculative(model, args.prompts, args.new_tokens, args.draft_len, args.heads_file))
+    if "faithfulness" in only:
+        start = time.perf_counter()
+        heads = retrieval_heads(model, top=args.retrieval_heads, atlas=args.atlas)
+        log(f"retrieval heads {heads} ({time.perf_counter() - start:.0f}s)")
+        control = random_heads(model, len(heads), exclude=heads, seed=0)
+        save("faithfulness", faithfulness(model, heads, control, args.countries))
+    if "truthfulqa" in only:
+        save("truthfulqa", truthfulqa(model, args.truthfulqa, args.questions))
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

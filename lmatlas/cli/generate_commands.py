@@ -1,0 +1,319 @@
+"""Generation command: ``generate`` (plain, or side by side with an edited model).
+
+    lmatlas generate [MODEL] "prompt" [--max-new-tokens N] [--chat] [--json]
+    lmatlas generate [MODEL] "prompt" --ablate L5.H3 --scale L7.H2=2 --set L28.N931=8
+    lmatlas generate [MODEL] "prompt" --steer 10 --positive pos.txt --negative neg.txt --alpha 4
+    lmatlas generate [MODEL] "prompt" --edit kids.edit.json [--save-edit out.edit.json]
+
+With no edit option it generates once and prints the continuation with each token's
+log-probability. With an edit it generates twice (unedited, edited: greedy, the same
+prompt) and prints both continuations side by side, the differing tokens highlighted,
+the first difference, and each token's log-probability under both models
+(:func:`lmatlas.edit.generation.compare`). An empty continuation says which stop token
+ended it.
+
+Edit options (:class:`EditOptions`, parsed by :func:`edit_options`; checked for syntax
+before the model loads, then against the model before anything runs):
+
+=========================  ===============================================================
+``--ablate T``             ``Ablate(T)`` (zero); repeatable
+``--scale T=F``            ``Scale(T, F)``; repeatable
+``--set T=V``              ``Set(T, V)`` (clamp a neuron); repeatable
+``--steer L``              ``Add("L{L}.resid.post", steering_vector(...), alpha)`` with
+``--positive/--negative``  files of prompts, one per line, and ``--alpha`` (default 4)
+``--edit FILE``            an edit saved by ``Edit.save`` (refused for another model)
+``--save-edit FILE``       write the combined edit (JSON + safetensors beside it)
+=========================  ===============================================================
+
+The combined edit applies ``--edit`` first, then the options in the order of the table.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
+import typer
+from rich.table import Table
+from rich.text import Text
+
+from lmatlas.cli.app import DEVICE_OPT, DTYPE_OPT, JSON_OPT, app, err, key_value_table, load_model, out, print_json, run
+from lmatlas.cli.infer_commands import (ATLAS_OPT as KV_ATLAS_OPT, KV_BUDGET_OPT, RANDOM_OPT, RECENT_OPT, SINK_OPT,
+                                        generate_with_kv_cache)
+from lmatlas.errors import InputError
+
+if TYPE_CHECKING:
+    from lmatlas.edit.edit import Edit
+    from lmatlas.edit.generation import Comparison, Continuation
+    from lmatlas.model.handle import Model
+
+ARGS = typer.Argument(..., metavar="[MODEL] PROMPT", show_default=False,
+                      help="An optional model (hub id, directory, .gguf, packaged name), then the prompt.")
+DIFFERENT = "bold black on yellow"  # style of the tokens where the two continuations differ
+
+
+@dataclass(frozen=True)
+class EditOptions:
+    """The edit options of one command line, syntax-checked (targets are checked against the model later)."""
+
+    ablate: tuple[str, ...] = ()
+    scale: tuple[tuple[str, float], ...] = ()
+    set: tuple[tuple[str, float], ...] = ()
+    steer: Optional[int] = None
+    positive: Optional[Path] = None
+    negative: Optional[Path] = None
+    alpha: float = 4.0
+    edit_file: Optional[Path] = None
+
+    @property
+    def empty(self) -> bool:
+        return not (self.ablate or self.scale or self.set or self.steer is not None or self.edit_file)
+
+
+def _pair(text: str, option: str) -> tuple[str, float]:
+    """``"L7.H2=2"`` -> ``("L7.H2", 2.0)``; the value's finiteness is checked by the intervention."""
+    target, sep, value = text.partition("=")
+    if not sep or not target.strip() or not value.strip():
+        raise InputError(f"{option} {text!r}: give TARGET=VALUE, e.g. {option} L7.H2=2.")
+    try:
+        return target.strip(), float(value)
+    except ValueError:
+        raise InputError(f"{option} {text!r}: {value.strip()!r} is not a number.") from None
+
+
+def edit_options(ablate: list[str], scale: list[str], set_: list[str], steer: Optional[int],
+                 positive: Optional[str], negative: Optional[str], alpha: float,
+                 edit_file: Optional[str]) -> EditOptions:
+    """Check the edit options' syntax and combinations (before any model is loaded)."""
+    if steer is None and (positive or negative):
+        raise InputError("--positive/--negative build a steering vector: add --steer LAYER.")
+    if steer is not None and not (positive and negative):
+        raise InputError("--steer LAYER needs --positive FILE and --negative FILE (one prompt per line).")
+    if not math.isfinite(alpha):
+        raise InputError(f"--alpha {alpha}: the steering strength must be a finite number.")
+    for name, path in (("--positive", positive), ("--negative", negative), ("--edit", edit_file)):
+        if path is not None and not Path(path).is_file():
+            raise InputError(f"{name} {path}: no such file.")
+    return EditOptions(
+        ablate=tuple(t.strip() for t in ablate), scale=tuple(_pair(t, "--scale") for t in scale),
+        set=tuple(_pair(t, "--set") for t in set_), steer=steer,
+        positive=Path(positive) if positive else None, negative=Path(negative) if negative else None,
+        alpha=alpha, edit_file=Path(edit_file) if edit_file else None,
+    )
+
+
+def _prompts(path: Path, option: str) -> list[str]:
+    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not lines:
+        raise InputError(f"{option} {path}: the file holds no prompts (one per line).")
+    return lines
+
+
+def build_edit(model: "Model", options: EditOptions) -> "Edit | None":
+    """The :class:`~lmatlas.edit.Edit` the options describe, checked against ``model`` (``None`` if no option)."""
+    from lmatlas.edit import Ablate, Add, Edit, Scale, Set, steering_vector
+    from lmatlas.model.sites import check_layer
+
+    if options.empty:
+        return None
+    edit = Edit.load(options.edit_file, model) if options.edit_file else Edit()
+    for target in options.ablate:
+        edit = edit | Ablate(target)
+    for target, factor in options.scale:
+        edit = edit | Scale(target, factor)
+    for target, value in options.set:
+        edit = edit | Set(target, value)
+    if options.steer is not None:
+        layer = check_layer(options.steer, model.layout)
+        edit.bind(model)  # report a bad target before the steering prompts run
+        vector = steering_vector(model, _prompts(options.positive, "--positive"),
+                                 _prompts(options.negative, "--negative"), layer)
+        edit = edit | Add(f"L{layer}.resid.post", vector, alpha=options.alpha)
+    edit.bind(model)  # every target, value and vector checked before generation
+    return edit
+
+
+def _split(args: list[str]) -> tuple[Optional[str], str]:
+    if len(args) == 1:
+        return None, args[0]
+    if len(args) == 2:
+        return args[0], args[1]
+    raise InputError(f"Expected [MODEL] PROMPT, got {len(args)} arguments: quote a prompt that contains spaces.")
+
+
+def plain_continuation(model: "Model", prompt: str, max_new_tokens: int, chat: bool) -> "Continuation":
+    """Greedy continuation of ``prompt`` and each new token's log-probability (one teacher-forced forward)."""
+    import torch
+
+    from lmatlas.edit.generation import Continuation, greedy, prompt_ids, stop_reason
+
+    batch = prompt_ids(model, prompt, chat)
+    new = greedy(model, batch, max_new_tokens)
+    logprobs: list[float] = []
+    if new:
+        n = batch["input_ids"].shape[1]
+        ids = torch.cat([batch["input_ids"][0], torch.tensor(new, device=model.device)])[None]
+        with torch.no_grad():
+            logits = model.forward(ids)[0, n - 1: n - 1 + len(new)].float()
+        logprobs = torch.log_softmax(logits, -1)[torch.arange(len(new)), torch.tensor(new)].tolist()
+    special = set(model.tokenizer.all_special_ids or ())
+    return Continuation(text=model.tokenizer.decode([i for i in new if i not in special], skip_special_tokens=True),
+                        ids=new, tokens=model.tokenizer.convert_ids_to_tokens(new), logprob_plain=logprobs,
+                        stopped_by=stop_reason(model, new, max_new_tokens))
+
+
+def _visible(piece: str) -> str:
+    """Control characters as escapes (a generated form feed must not clear the terminal)."""
+    return "".join(ch if ch.isprintable() or ch == "\n" else ch.encode("unicode_escape").decode() for ch in piece)
+
+
+def _pieces(model: "Model", ids: list[int]) -> list[str]:
+    return [model.tokenizer.decode([i]) for i in ids]
+
+
+def _highlighted(pieces: list[str], differs: list[bool]) -> Text:
+    text = Text()
+    for piece, different in zip(pieces, differs):
+        text.append(_visible(piece), style=DIFFERENT if different else "")
+    return text
+
+
+def _why_empty(continuation: "Continuation") -> Text:
+    reason = continuation.stopped_by or "only special tokens were generated"
+    return Text(f"(empty: {reason})", style="italic red")
+
+
+def show_plain(model: "Model", prompt: str, c: "Continuation", chat: bool) -> None:
+    out.print(Text(f"Continuation of {prompt!r}{' (chat template)' if chat else ''}", style="bold"))
+    table = Table(show_header=False, expand=True)
+    table.add_column("text", overflow="fold")
+    table.add_row(Text(_visible(c.text)) if c.text else _why_empty(c))
+    out.print(table)
+    out.print(Text("Tokens and their log-probabilities", style="bold"))
+    tokens = Table()
+    for column in ("#", "token", "log p"):
+        tokens.add_column(column, justify="left" if column == "token" else "right")
+    for i, (piece, lp) in enumerate(zip(_pieces(model, c.ids), c.logprob_plain)):
+        tokens.add_row(str(i), Text(repr(piece)), f"{lp:.3f}")
+    out.print(tokens)
+    if c.stopped_by and c.text:
+        out.print(Text(f"stopped: {c.stopped_by}", style="italic"))
+
+
+def show_comparison(model: "Model", comparison: "Comparison", chat: bool) -> None:
+    """Both continuations side by side (differences highlighted), the first difference, per-token log-probs."""
+    plain, edited = comparison.plain, comparison.edited
+    n = max(len(plain.ids), len(edited.ids))
+    differs = [i >= len(plain.ids) or i >= len(edited.ids) or plain.ids[i] != edited.ids[i] for i in range(n)]
+    pp, ep = _pieces(model, plain.ids), _pieces(model, edited.ids)
+    out.print(Text(f"Continuations of {comparison.prompt!r}{' (chat template)' if chat else ''}", style="bold"))
+    out.print(Text(f"edit: {' | '.join(comparison.edit)}"))
+    side = Table(expand=True)
+    side.add_column("unedited", overflow="fold", ratio=1)
+    side.add_column("edited", overflow="fold", ratio=1)
+    side.add_row(_highlighted(pp, differs) if plain.text else _why_empty(plain),
+                 _highlighted(ep, differs) if edited.text else _why_empty(edited))
+    out.print(side)
+    first = comparison.first_difference()
+    if first is None:
+        out.print(Text("The two continuations are identical.", style="bold"))
+    else:
+        a = repr(pp[first]) if first < len(pp) else "(end)"
+        b = repr(ep[first]) if first < len(ep) else "(end)"
+        out.print(Text(f"First difference at token {first}: unedited {a}, edited {b}.", style="bold"))
+    out.print(Text("Each token's log-probability under the unedited (plain) and the edited model", style="bold"))
+    tokens = Table()
+    for column in ("#", "unedited token", "plain", "edited", "edited token", "plain ", "edited "):
+        tokens.add_column(column, justify="left" if "token" in column else "right")
+    for i in range(n):
+        style = DIFFERENT if differs[i] else ""
+        left = (Text(repr(pp[i]), style=style), f"{plain.logprob_plain[i]:.3f}", f"{plain.logprob_edited[i]:.3f}") \
+            if i < len(pp) else ("", "", "")
+        right = (Text(repr(ep[i]), style=style), f"{edited.logprob_plain[i]:.3f}", f"{edited.logprob_edited[i]:.3f}") \
+            if i < len(ep) else ("", "", "")
+        tokens.add_row(str(i), *left, *right)
+    out.print(tokens)
+    for name, c in (("unedited", plain), ("edited", edited)):
+        if c.stopped_by and c.text:
+            out.print(Text(f"{name} stopped: {c.stopped_by}", style="italic"))
+
+
+def _generate_with_strategy(args, strategy, drafter, max_new_tokens, chat, as_json, dtype, device) -> None:
+    from lmatlas.infer.decoding.cli import generate_with_strategy
+
+    name, prompt = _split(args)
+    model = load_model(name, dtype, device)
+    report = generate_with_strategy(model, prompt, strategy, drafter, max_new_tokens, chat)
+    if as_json:
+        print_json(report)
+        return
+    out.print(report.get("text", ""), highlight=False, soft_wrap=True)
+    err.print(key_value_table(f"{strategy} decoding", {k: v for k, v in report.items() if k != "text"}))
+
+
+@app.command()
+def generate(
+    args: list[str] = ARGS,
+    ablate: list[str] = typer.Option([], "--ablate", help="Zero-ablate a head, neuron or site (L5.H3); repeatable."),
+    scale: list[str] = typer.Option([], "--scale", help="TARGET=FACTOR, e.g. L7.H2=2; repeatable."),
+    set_: list[str] = typer.Option([], "--set", help="TARGET=VALUE, e.g. L28.N931=8 (clamp); repeatable."),
+    steer: Optional[int] = typer.Option(None, "--steer", help="Layer whose resid.post gets a steering vector."),
+    positive: Optional[str] = typer.Option(None, "--positive", help="File of positive prompts, one per line."),
+    negative: Optional[str] = typer.Option(None, "--negative", help="File of negative prompts, one per line."),
+    alpha: float = typer.Option(4.0, "--alpha", help="Steering strength (times the mean-difference vector)."),
+    edit_file: Optional[str] = typer.Option(None, "--edit", help="An edit file saved by Edit.save (JSON)."),
+    save_edit: Optional[str] = typer.Option(None, "--save-edit", help="Write the combined edit to this JSON file."),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens", "-n", min=1, help="Tokens to generate."),
+    chat: bool = typer.Option(False, "--chat", help="Apply the tokenizer's chat template (instruct models)."),
+    kv_budget: Optional[float] = KV_BUDGET_OPT,
+    atlas: Optional[Path] = KV_ATLAS_OPT,
+    sink: int = SINK_OPT,
+    recent: int = RECENT_OPT,
+    random_seed: Optional[int] = RANDOM_OPT,
+    strategy: Optional[str] = typer.Option(None, "--strategy", help="dola, decore or speculative decoding."),
+    drafter: Optional[str] = typer.Option(None, "--drafter", help="heads, early-exit or prompt-lookup (speculative)."),
+    as_json: bool = JSON_OPT,
+    dtype: str = DTYPE_OPT,
+    device: Optional[str] = DEVICE_OPT,
+) -> None:
+    """Generate greedily; with edit options, show the unedited and the edited continuation side by side.
+
+    ``--kv-budget`` runs with a head-wise KV cache (:mod:`lmatlas.cli.infer_commands`);
+    ``--strategy`` decodes with DoLa, DeCoRe or speculative decoding (:mod:`lmatlas.infer.decoding`).
+    """
+    from lmatlas.edit.generation import compare
+
+    def body() -> Any:
+        edits_given = bool(ablate or scale or set_ or steer is not None or edit_file)
+        if kv_budget is not None or strategy is not None:
+            if edits_given or (kv_budget is not None and strategy is not None):
+                raise InputError("Combine at most one of: edit options, --kv-budget, --strategy (one at a time).")
+            if kv_budget is not None:
+                return generate_with_kv_cache(args, max_new_tokens, kv_budget, atlas, sink, recent, random_seed,
+                                              as_json, dtype, device)
+            return _generate_with_strategy(args, strategy, drafter, max_new_tokens, chat, as_json, dtype, device)
+        name, prompt = _split(args)
+        if not prompt.strip():
+            raise InputError("The prompt is empty: give some text to continue.")
+        options = edit_options(ablate, scale, set_, steer, positive, negative, alpha, edit_file)
+        if save_edit and options.empty:
+            raise InputError("--save-edit needs an edit: add --ablate, --scale, --set, --steer or --edit.")
+        model = load_model(name, dtype, device)
+        edit = build_edit(model, options)
+        saved = str(edit.save(save_edit, model)) if save_edit else None
+        header = {"model": model.provenance.source, "chat": chat, "max_new_tokens": max_new_tokens}
+        if edit is None:
+            continuation = plain_continuation(model, prompt, max_new_tokens, chat)
+            if as_json:
+                return print_json({**header, "prompt": prompt, **continuation.to_dict()})
+            return show_plain(model, prompt, continuation, chat)
+        comparison = compare(model, prompt, edit, max_new_tokens, chat=chat)
+        if as_json:
+            return print_json({**header, **comparison.to_dict(), "saved_edit": saved})
+        show_comparison(model, comparison, chat)
+        if saved:
+            out.print(f"Edit saved to {saved}")
+
+    run(body)

@@ -1,0 +1,126 @@
+"""Drafters for :func:`~lmatlas.infer.decoding.speculative.speculative_generate`.
+
+A drafter has ``check(hf)`` (raise before any compute if it cannot serve this model) and
+``propose(state, k) -> list[int]`` (at most ``k`` guesses of the tokens after
+``state.ids[-1]``). Whatever it proposes, the verification keeps the output greedy's.
+
+=================  =============================================================================
+``prompt-lookup``  the tokens that followed the latest earlier occurrence of the last ``n``
+                   tokens (``n = max_ngram .. 1``) in the prompt and the text so far
+``early-exit``     the first ``layers`` blocks of the model itself, read through the final norm
+                   and the unembedding, run ``k`` times (sharing the KV cache of those blocks)
+``heads``          Medusa-1 draft heads (:mod:`lmatlas.infer.decoding.draft_heads`): one
+                   residual block per offset on the last hidden state, sharing the unembedding
+=================  =============================================================================
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from lmatlas.errors import InputError
+from lmatlas.infer.decoding.readout import blocks_of, exit_logits
+
+
+@dataclass
+class PromptLookup:
+    """n-gram lookup in the prompt and the text so far (no model work at all)."""
+
+    max_ngram: int = 3
+    min_ngram: int = 1
+
+    def check(self, hf: nn.Module) -> None:
+        if not 1 <= self.min_ngram <= self.max_ngram:
+            raise InputError(f"PromptLookup n-grams {self.min_ngram}..{self.max_ngram}: need 1 <= min <= max.")
+
+    def propose(self, state: Any, k: int) -> list[int]:
+        ids = state.ids
+        for n in range(min(self.max_ngram, len(ids) - 1), self.min_ngram - 1, -1):
+            tail = ids[-n:]
+            for start in range(len(ids) - n - 1, -1, -1):            # latest earlier occurrence first
+                if ids[start:start + n] == tail:
+                    follow = ids[start + n:start + n + k]
+                    if follow:
+                        return follow
+        return []
+
+
+class _Stop(Exception):
+    pass
+
+
+@dataclass
+class EarlyExit:
+    """Draft with the first ``layers`` blocks (their KV cache is the full model's; the verifying
+    forward recomputes every block for the drafted positions)."""
+
+    layers: int
+
+    def check(self, hf: nn.Module) -> None:
+        n = len(blocks_of(hf))
+        if not 1 <= self.layers < n:
+            raise InputError(f"Early exit after {self.layers} layers: choose 1..{n - 1} for this {n}-layer model.")
+        if "sliding_attention" in (getattr(hf.config, "layer_types", None) or []):
+            raise InputError("The early-exit drafter does not support sliding-window caches yet: use prompt-lookup "
+                             "or heads.")
+
+    def propose(self, state: Any, k: int) -> list[int]:
+        hf = state.hf
+        block = blocks_of(hf)[self.layers - 1]
+        kept: dict[str, torch.Tensor] = {}
+
+        def stop(module, args, output):
+            kept["h"] = output[0] if isinstance(output, tuple) else output
+            raise _Stop
+
+        out: list[int] = []
+        token = state.ids[-1]
+        handle = block.register_forward_hook(stop)
+        try:
+            for _ in range(k):
+                try:
+                    hf.base_model(input_ids=torch.tensor([[token]], device=hf.device),
+                                  past_key_values=state.cache, use_cache=True)
+                except _Stop:
+                    pass
+                token = int(exit_logits(hf, kept["h"][0, -1]).argmax())
+                out.append(token)
+        finally:
+            handle.remove()
+        return out
+
+
+@dataclass
+class Heads:
+    """Medusa-1 draft heads (a :class:`~lmatlas.infer.decoding.draft_heads.DraftHeads`)."""
+
+    heads: Any
+
+    def check(self, hf: nn.Module) -> None:
+        self.heads.check(hf)
+
+    def propose(self, state: Any, k: int) -> list[int]:
+        return self.heads.propose(state.hf, state.hidden, k)
+
+
+DRAFTERS = ("prompt-lookup", "early-exit", "heads")
+
+
+def make_drafter(model: Any, name: str, *, layers: int | None = None, heads_path: str | None = None) -> Any:
+    """A drafter by name (``prompt-lookup``, ``early-exit``, ``heads``), checked against ``model``."""
+    if name == "prompt-lookup":
+        drafter = PromptLookup()
+    elif name == "early-exit":
+        drafter = EarlyExit(layers if layers is not None else max(1, model.layout.n_layers - 2))
+    elif name == "heads":
+        from lmatlas.infer.decoding.draft_heads import load_draft_heads
+
+        drafter = Heads(load_draft_heads(model, heads_path))
+    else:
+        raise InputError(f"Unknown drafter {name!r}: use one of {', '.join(DRAFTERS)}.")
+    drafter.check(model.hf)
+    return drafter

@@ -1,0 +1,95 @@
+"""Early-exit readouts: the residual stream entering block ``l`` read as next-token logits.
+
+The convention is the one of the DoLa paper and its code: "layer ``l``" is the hidden
+state after the first ``l`` blocks (``l = 0``: the embeddings, ``l = n_layers``: the
+last block's output, which gives the model's own logits). Its early-exit logits are::
+
+    logits_l = softcap( lm_head( final_norm(h_l) ) )          # [batch, d_vocab]
+
+with the model's own final norm and unembedding (``W_U``, tied to the embeddings or
+not), exactly as the final layer is read. With tied embeddings layer 0 is skipped by
+the default buckets (reading the embeddings through their own transpose is close to the
+identity and says nothing about the input).
+
+:class:`LayerTap` captures ``h_l`` at the last position of every forward through
+forward pre-hooks on the blocks (plain PyTorch hooks, so it works inside any
+``generate``, including transformers' own loop), and :func:`exit_logits` reads several
+layers in one matmul (``[n, d_model] @ W_U``: the unembedding is read from memory once).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from lmatlas.model.arch import get_path
+from lmatlas.model.families import spec_for_model_type
+
+
+def blocks_of(hf: nn.Module) -> nn.ModuleList:
+    """The decoder blocks of a native ``*ForCausalLM`` module."""
+    return get_path(hf, spec_for_model_type(hf.config.model_type).layers)
+
+
+def final_norm_of(hf: nn.Module) -> nn.Module:
+    """The final norm of a native ``*ForCausalLM`` module."""
+    return get_path(hf, spec_for_model_type(hf.config.model_type).final_norm)
+
+
+def n_layers_of(hf: nn.Module) -> int:
+    return len(blocks_of(hf))
+
+
+def ties_embeddings(hf: nn.Module) -> bool:
+    """True when the unembedding is the embedding matrix (same storage)."""
+    out, inp = hf.get_output_embeddings(), hf.get_input_embeddings()
+    return out is not None and inp is not None and out.weight.data_ptr() == inp.weight.data_ptr()
+
+
+def softcap(hf: nn.Module, logits: torch.Tensor) -> torch.Tensor:
+    """The model's final logit softcap (Gemma 2), if it has one."""
+    cap = getattr(hf.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def exit_logits(hf: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """``[..., d_vocab]`` float32 logits of hidden states ``[..., d_model]`` read like the last layer."""
+    normed = final_norm_of(hf)(hidden)
+    return softcap(hf, hf.get_output_embeddings()(normed)).float()
+
+
+class LayerTap:
+    """Capture ``h_l`` (the input of block ``l``) at the last position of each forward.
+
+    ``with LayerTap(hf, [15, 17]) as tap: hf(...)`` then ``tap.last[15]`` is ``[batch, d_model]``.
+    ``positions="all"`` keeps every position of the forward (``[batch, pos, d_model]``).
+    Layers must lie in ``0 .. n_layers - 1`` (the final layer is the model's own output).
+    """
+
+    def __init__(self, hf: nn.Module, layers: Iterable[int], positions: str = "last"):
+        self.hf = hf
+        self.layers = sorted(set(int(layer) for layer in layers))
+        self.positions = positions
+        self.last: dict[int, torch.Tensor] = {}
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> "LayerTap":
+        blocks = blocks_of(self.hf)
+        for layer in self.layers:
+            self._handles.append(blocks[layer].register_forward_pre_hook(self._hook(layer), with_kwargs=True))
+        return self
+
+    def _hook(self, layer: int):
+        def hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            self.last[layer] = hidden[:, -1].detach() if self.positions == "last" else hidden.detach()
+        return hook
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()

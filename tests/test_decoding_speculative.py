@@ -1,0 +1,129 @@
+"""Speculative decoding: identical to greedy with every drafter, acceptance bookkeeping, draft heads, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import TINY_TYPES, get_tiny
+from lmatlas.errors import LmatlasError
+from lmatlas.infer.decoding.draft_heads import (DraftHeads, DraftHeadsError, load_draft_heads, save_draft_heads,
+                                                train_draft_heads)
+from lmatlas.infer.decoding.drafters import EarlyExit, Heads, PromptLookup, make_drafter
+from lmatlas.infer.decoding.speculative import speculative_generate
+
+PROMPTS = ["abc abc abc abd abc ab", "The quick brown fox. The quick", "x = 1; y = 2; x = 1; y ="]
+
+
+def _greedy(model, ids, n):
+    with torch.no_grad():
+        out = model.hf.generate(input_ids=ids, do_sample=False, max_new_tokens=n, pad_token_id=0)
+    return out[0, ids.shape[1]:].tolist()
+
+
+def _drafters(model):
+    out = [PromptLookup(), Heads(DraftHeads(3, model.layout.d_model))]
+    if "sliding_attention" not in (getattr(model.hf.config, "layer_types", None) or []):
+        out.append(EarlyExit(1))
+    return out
+
+
+@pytest.mark.parametrize("family", TINY_TYPES)
+def test_identical_to_greedy_every_drafter(family):
+    model = get_tiny(family)
+    for prompt in PROMPTS[:2]:
+        ids = model.tokenize(prompt)["input_ids"]
+        greedy = _greedy(model, ids, 24)
+        for drafter in _drafters(model):
+            for draft_len in ((1, 4) if family == "llama" else (3,)):
+                result = speculative_generate(model, ids, drafter, 24, draft_len=draft_len)
+                assert result.token_ids == greedy, (type(drafter).__name__, draft_len, prompt)
+                assert sum(a + 1 for a in result.accepted) + 1 >= len(result.token_ids)
+                assert all(0 <= a <= d <= draft_len for a, d in zip(result.accepted, result.drafted))
+
+
+class _Oracle:
+    """Proposes the true greedy continuation (or a wrong token), to check the acceptance arithmetic."""
+
+    def __init__(self, tokens, prompt_len, wrong=False):
+        self.tokens, self.prompt_len, self.wrong = tokens, prompt_len, wrong
+
+    def check(self, hf):
+        pass
+
+    def propose(self, state, k):
+        done = len(state.ids) - self.prompt_len
+        nxt = self.tokens[done:done + k]
+        return [(t + 1) % 200 for t in nxt] if self.wrong else nxt
+
+
+def test_acceptance_arithmetic():
+    model = get_tiny("llama")
+    ids = model.tokenize(PROMPTS[1])["input_ids"]
+    greedy = _greedy(model, ids, 21)
+    perfect = speculative_generate(model, ids, _Oracle(greedy, ids.shape[1]), 21, draft_len=4)
+    assert perfect.token_ids == greedy
+    assert perfect.accepted == [4, 4, 4, 4] and perfect.mean_accepted_length == 5.0   # 1 + 4 rounds x 5 tokens
+    wrong = speculative_generate(model, ids, _Oracle(greedy, ids.shape[1], wrong=True), 21, draft_len=4)
+    assert wrong.token_ids == greedy and set(wrong.accepted) == {0} and len(wrong.accepted) == 20
+
+
+def test_prompt_lookup_proposes_the_continuation_of_the_last_ngram():
+    class State:
+        ids = [5, 6, 7, 8, 9, 5, 6, 7]
+    assert PromptLookup().propose(State, 2) == [8, 9]
+    State.ids = [1, 2, 3]
+    assert PromptLookup().propose(State, 3) == []
+
+
+def test_draft_heads_train_save_load(tmp_path):
+    model = get_tiny("llama")
+    texts = ["the cat sat on the mat and the dog sat on the log " * 8]
+    heads = train_draft_heads(model, 2, n_prompts=8, prompt_len=8, new_tokens=24, minutes=1, max_steps=60,
+                              batch=64, lr=1e-2, texts=texts)
+    train = heads.meta["train"]
+    assert train["steps"] == 60 and train["final_loss"] < train["first_loss"]
+    path = save_draft_heads(heads, model, tmp_path / "h.safetensors")
+    loaded = load_draft_heads(model, path)
+    assert torch.equal(loaded.weight, heads.weight) and torch.equal(loaded.bias, heads.bias)
+    ids = model.tokenize(PROMPTS[0])["input_ids"]
+    result = speculative_generate(model, ids, make_drafter(model, "heads", heads_path=str(path)), 30, draft_len=2)
+    assert result.token_ids == _greedy(model, ids, 30)
+    # independent re-computation of a head's draft: lm_head(h + silu(W h + b))
+    h = torch.randn(model.layout.d_model)
+    manual = model.hf.lm_head(h + torch.nn.functional.silu(loaded.weight[1] @ h + loaded.bias[1])).argmax()
+    assert loaded.propose(model.hf, h, 2)[1] == int(manual)
+    from lmatlas.model.tiny import tiny_model
+
+    other = tiny_model("llama", seed=1)                 # same architecture, other weights
+    with pytest.raises(DraftHeadsError, match="another model"):
+        load_draft_heads(other, path)
+
+
+def test_bad_input(tmp_path, monkeypatch):
+    model = get_tiny("llama")
+    ids = model.tokenize("hello")["input_ids"]
+    monkeypatch.setenv("LMATLAS_CACHE", str(tmp_path))
+    with pytest.raises(LmatlasError, match="train-draft-heads"):
+        make_drafter(model, "heads")
+    with pytest.raises(LmatlasError, match="draft at least one"):
+        speculative_generate(model, ids, PromptLookup(), 4, draft_len=0)
+    with pytest.raises(LmatlasError, match="Unknown drafter"):
+        make_drafter(model, "medusa")
+    with pytest.raises(LmatlasError, match="choose 1"):
+        make_drafter(model, "early-exit", layers=model.layout.n_layers)
+    with pytest.raises(LmatlasError, match="one prompt"):
+        speculative_generate(model, torch.cat([ids, ids]), PromptLookup(), 4)
+
+
+@pytest.mark.slow
+def test_speculative_on_smollm2(smollm2):
+    model = smollm2
+    prompts = ["def fibonacci(n):\n    if n < 2:\n        return n\n    return",
+               "List three colours: red, green, blue. Again: red,"]
+    for prompt in prompts:
+        ids = model.tokenize(prompt)["input_ids"]
+        greedy = _greedy(model, ids, 40)
+        for drafter in (PromptLookup(), EarlyExit(26)):
+            result = speculative_generate(model, ids, drafter, 40, draft_len=4)
+            assert result.token_ids == greedy, type(drafter).__name__
