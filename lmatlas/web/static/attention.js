@@ -43,7 +43,6 @@ Attention.draw = function (container, tokens, tri, options = {}) {
   canvas.width = side;
   canvas.height = side;
   canvas.style.width = `${side * zoom}px`;
-  canvas.style.height = `${side * zoom}px`;
   canvas.dataset.tokens = n;
   canvas.dataset.bin = bin;
   const info = document.createElement("div");
