@@ -137,13 +137,13 @@ def _auth_token(token: str):
 
 
 def _table_rows(path) -> dict[str, list[tuple]]:
-    """Every table's rows, sorted; ``runs`` without times, ``meta`` without the creation time and the resume
-    command (it names the file's own path)."""
+    """Every table's rows, sorted; ``runs`` without times, ``meta`` without the creation time, the resume
+    command (it names the file's own path) and the planned units (in build order; ``runs`` holds them)."""
     with AtlasStore.open_existing(path) as store:
         out = {}
         for table in TABLES:
             if table == "meta":
-                query = "SELECT key, value FROM meta WHERE key NOT IN ('created', 'resume_command')"
+                query = "SELECT key, value FROM meta WHERE key NOT IN ('created', 'resume_command', 'planned_units')"
             elif table == "runs":
                 query = "SELECT stage, unit, status, seeds, params FROM runs"
             else:
@@ -269,7 +269,7 @@ def test_resume_on_a_cluster_given_by_address_computes_only_the_missing_units(
 def test_worker_errors_name_the_unit_and_the_model_check(model, tiny_dir, ctx, ray_cluster):
     importance = all_stages()["importance"]
     executor = RayExecutor(tiny_dir, ctx, num_workers=1)
-    with pytest.raises(AtlasError, match=r"Atlas unit importance/L99 failed on Ray worker .*IndexError"):
+    with pytest.raises(AtlasError, match=r"Atlas unit importance/L99 failed on Ray worker .*(IndexError|KeyError)"):
         list(executor.run([(importance, "importance/L99")]))
 
     other = {**model.card(), "layers": 99}
