@@ -120,7 +120,7 @@ def test_dola_on_smollm2(smollm2):
     assert torch.equal(greedy, off)
     result = generate_dola(model, "The capital of France is", 8)
     assert result["candidates"] == list(range(15, 30, 2))
-    assert set(result["premature_layers"]) <= set(result["candidates"]) and len(result["token_ids"]) == 8
+    assert set(result["premature_layers"]) <= set(result["candidates"]) and 1 <= len(result["token_ids"]) <= 8  # may stop at <|im_end|>
     seq = ids
     for step, token in enumerate(result["token_ids"][:4]):
         expected, layer = _reference_step(model, seq, result["candidates"], 0.1, 1.2)
