@@ -30,27 +30,16 @@ Hooks on module outputs (``attn.z``, ``resid.*``, ``mlp.*``) work as usual.
 
 from __future__ import annotations
 
-import sys
-import threading
-from functools import partial
 from typing import Any
 
 import torch
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-from transformers.modeling_utils import AttentionInterface
 
 from lmatlas.errors import LmatlasError
+from lmatlas.model.attention import _base_function, register_attention
 from lmatlas.infer.layer import PAYLOAD, WindowedCall
 
 PREFIX = "headwise_"
 CHUNK = 256  # query rows of a windowed head computed at once
-_REGISTER_LOCK = threading.Lock()  # registration is check-then-set on transformers' global mapping
-
-
-def _base_function(base: str, module: torch.nn.Module):
-    if base != "eager" and base in AttentionInterface._global_mapping:
-        return AttentionInterface._global_mapping[base]
-    return sys.modules[type(module).__module__].eager_attention_forward
 
 
 def _masked(block: torch.Tensor) -> torch.Tensor:
@@ -155,15 +144,7 @@ def headwise_attention(
 
 def register(base: str) -> str:
     """Register (once) ``headwise_<base>`` with ``base``'s mask function and return its name."""
-    if base.startswith(PREFIX):
-        return base
-    name = f"{PREFIX}{base}"
-    with _REGISTER_LOCK:
-        if name not in AttentionInterface._global_mapping:
-            mask_base = base if base in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping else "eager"
-            AttentionInterface.register(name, partial(headwise_attention, base=base))
-            AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS._global_mapping[mask_base])
-    return name
+    return register_attention(PREFIX, headwise_attention, base)
 
 
 def install(hf_model: torch.nn.Module) -> str:

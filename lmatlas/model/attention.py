@@ -358,14 +358,23 @@ def _pattern_times_values(pattern: torch.Tensor, value: torch.Tensor) -> torch.T
     return output.transpose(1, 2).contiguous()
 
 
-def wrapper_name(base: str) -> str:
-    """Register (once) and return the name of the lmatlas wrapper around ``base``."""
-    if base.startswith(WRAPPER_PREFIX):
+def register_attention(prefix: str, function, base: str) -> str:
+    """Register (once) ``function`` as ``<prefix><base>`` with ``base``'s mask function; return the name.
+
+    ``function`` receives ``base=`` (the implementation it wraps). Used for lmatlas's probe
+    wrapper and for the head-wise KV cache's attention (:mod:`lmatlas.infer.attention`).
+    """
+    if base.startswith(prefix):
         return base
-    name = f"{WRAPPER_PREFIX}{base}"
+    name = f"{prefix}{base}"
     with _REGISTER_LOCK:
         if name not in AttentionInterface._global_mapping:
             mask_base = base if base in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping else "eager"
-            AttentionInterface.register(name, partial(_probed_attention, base=base))
+            AttentionInterface.register(name, partial(function, base=base))
             AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS._global_mapping[mask_base])
     return name
+
+
+def wrapper_name(base: str) -> str:
+    """Register (once) and return the name of the lmatlas wrapper around ``base``."""
+    return register_attention(WRAPPER_PREFIX, _probed_attention, base)
