@@ -14,7 +14,8 @@ faithfulness  A battery from a table of capitals: closed-book ("What is the capi
               the same question after a context that names another city as the capital (as in
               NQ-Swap). Greedy vs DeCoRe (top retrieval heads of the census) vs DeCoRe with as
               many random heads; accuracy closed-book, rate of following the context, Wilson
-              95% intervals. Time per token of DoLa and DeCoRe vs greedy on the same prompts.
+              95% intervals. Time per token of DoLa and DeCoRe vs greedy on the battery, and on
+              ``--cost-prompts`` chat prompts of ``--cost-tokens`` new tokens (prefill weighs less).
 acceptance    (``--only acceptance``) how often exiting at each layer agrees with the model's next
               token, and 20% of the layers skipped, with the speed-up each implies.
 speculative   Tokens/s and mean accepted length on ``--prompts`` chat prompts of ``--new-tokens``
@@ -35,6 +36,7 @@ import math
 import os
 import random
 import statistics
+import subprocess
 import sys
 import time
 
@@ -59,6 +61,14 @@ def log(message: str) -> None:
 
 def load_avg() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
+
+
+def uptime() -> str:
+    """The machine's ``uptime`` line (load averages over 1, 5, 15 minutes)."""
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return f"load average: {', '.join(str(x) for x in load_avg())}"
 
 
 def bootstrap_diff(a: list[float], b: list[float], n: int = 2000, seed: int = 0) -> dict:
@@ -189,6 +199,31 @@ def faithfulness(model, heads: list[str], control: list[str], countries: int = 0
     return out
 
 
+def cost_per_token(model, heads: list[str], prompts: int, new_tokens: int) -> dict:
+    """Seconds per generated token of greedy, DoLa and DeCoRe on the same chat prompts (longer outputs
+    than the battery's, so the prompt's prefill weighs less), methods interleaved per prompt."""
+    from lmatlas.infer.decoding.cli import generate_with_strategy
+
+    methods = {"greedy": dict(strategy="greedy"), "dola": dict(strategy="dola"),
+               "decore": dict(strategy="decore", heads=heads)}
+    for kwargs in methods.values():                           # warm-up
+        generate_with_strategy(model, SPEC_PROMPTS[0], max_new_tokens=4, chat=True, **kwargs)
+    seconds = {name: 0.0 for name in methods}
+    tokens = {name: 0 for name in methods}
+    for prompt in SPEC_PROMPTS[:prompts]:
+        for name, kwargs in methods.items():
+            report = generate_with_strategy(model, prompt, max_new_tokens=new_tokens, chat=True, **kwargs)
+            seconds[name] += report["seconds"]
+            tokens[name] += report["new_tokens"]
+    out = {"prompts": prompts, "new_tokens": new_tokens, "methods": {}}
+    for name in methods:
+        per_token = seconds[name] / max(tokens[name], 1)
+        out["methods"][name] = {"seconds_per_token": per_token, "tokens": tokens[name],
+                                "vs_greedy": per_token / (seconds["greedy"] / max(tokens["greedy"], 1))}
+    out["targets"] = {"dola_max": 1.3, "decore_max": 2.2}
+    return out
+
+
 # -- acceptance profile ----------------------------------------------------------------------------
 def acceptance(model, prompts: int, new_tokens: int, atlas: str | None) -> dict:
     """Early-exit agreement per layer, and for 20% of the layers skipped (the least important in the
@@ -303,6 +338,8 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=20)
     parser.add_argument("--countries", type=int, default=0, help="Capitals in the battery (0 = all 40).")
     parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--cost-prompts", type=int, default=4, help="Prompts for DoLa / DeCoRe time per token.")
+    parser.add_argument("--cost-tokens", type=int, default=64, help="New tokens per prompt for time per token.")
     parser.add_argument("--draft-len", type=int, default=4)
     parser.add_argument("--retrieval-heads", type=int, default=10)
     parser.add_argument("--heads-file", default=None)
@@ -316,26 +353,38 @@ def main() -> None:
     if os.path.exists(args.out):
         results["sections"] = json.load(open(args.out)).get("sections", {})
 
-    def save(name: str, data: dict) -> None:
-        data["load_avg_after"] = load_avg()
+    def section(name: str, compute) -> None:
+        before = uptime()
+        start = time.perf_counter()
+        data = compute()
+        data.update(uptime_before=before, uptime_after=uptime(), load_avg_after=load_avg(),
+                    section_seconds=round(time.perf_counter() - start, 1), command=" ".join(sys.argv))
         results["sections"][name] = data
         with open(args.out, "w") as handle:
             json.dump(results, handle, indent=2)
         log(f"{name} done")
 
-    only = set(args.only.split(","))
-    if "acceptance" in only:
-        save("acceptance", acceptance(model, 5, 48, args.atlas))
-    if "speculative" in only:
-        save("speculative", speculative(model, args.prompts, args.new_tokens, args.draft_len, args.heads_file))
-    if "faithfulness" in only:
+    def faithfulness_section() -> dict:
         start = time.perf_counter()
         heads = retrieval_heads(model, top=args.retrieval_heads, atlas=args.atlas)
-        log(f"retrieval heads {heads} ({time.perf_counter() - start:.0f}s)")
+        census_seconds = time.perf_counter() - start
+        log(f"retrieval heads {heads} ({census_seconds:.0f}s)")
         control = random_heads(model, len(heads), exclude=heads, seed=0)
-        save("faithfulness", faithfulness(model, heads, control, args.countries))
+        result = faithfulness(model, heads, control, args.countries)
+        result["cost_per_token"] = cost_per_token(model, heads, args.cost_prompts, args.cost_tokens)
+        log(f"cost per token: {result['cost_per_token']['methods']}")
+        return {**result, "census_seconds": round(census_seconds, 1)}
+
+    only = set(args.only.split(","))
+    if "acceptance" in only:
+        section("acceptance", lambda: acceptance(model, 5, 48, args.atlas))
+    if "speculative" in only:
+        section("speculative", lambda: speculative(model, args.prompts, args.new_tokens, args.draft_len,
+                                                   args.heads_file))
+    if "faithfulness" in only:
+        section("faithfulness", faithfulness_section)
     if "truthfulqa" in only:
-        save("truthfulqa", truthfulqa(model, args.truthfulqa, args.questions))
+        section("truthfulqa", lambda: truthfulqa(model, args.truthfulqa, args.questions))
     print(json.dumps(results, indent=2))
 
 
