@@ -287,7 +287,8 @@ SPEC_PROMPTS = [
 
 
 def speculative(model, n_prompts: int, new_tokens: int, draft_len: int, heads_path: str | None,
-                early_exit_prompts: int | None = None, minutes: float | None = None) -> dict:
+                early_exit_prompts: int | None = None, minutes: float | None = None,
+                heads_min_prob: float | None = None) -> dict:
     """Every method on the same prompts, interleaved per prompt; the early-exit drafter (slow on a CPU)
     only on the first ``early_exit_prompts`` prompts, its ratio taken against greedy on those prompts."""
     from lmatlas.edit.generation import prompt_ids
@@ -297,6 +298,8 @@ def speculative(model, n_prompts: int, new_tokens: int, draft_len: int, heads_pa
     try:
         heads = load_draft_heads(model, heads_path)
         drafters["ours_heads"] = Heads(heads)
+        if heads_min_prob:
+            drafters[f"ours_heads_min_prob_{heads_min_prob}"] = Heads(heads, heads_min_prob)
         heads_meta = heads.meta.get("train")
     except DraftHeadsError as error:
         log(f"no draft heads: {error}")
@@ -366,6 +369,8 @@ def main() -> None:
                         help="Run the (slow on CPU) early-exit drafter on the first N prompts only.")
     parser.add_argument("--retrieval-heads", type=int, default=10)
     parser.add_argument("--heads-file", default=None)
+    parser.add_argument("--heads-min-prob", type=float, default=None,
+                        help="Also run the heads drafter drafting only while each head's probability >= this.")
     parser.add_argument("--atlas", default=None, help="Take retrieval heads from this atlas (else run the census).")
     parser.add_argument("--minutes", type=float, default=None,
                         help="Time budget of the truthfulqa and speculative sections (each stops after the item "
@@ -406,7 +411,8 @@ def main() -> None:
         section("acceptance", lambda: acceptance(model, 5, 48, args.atlas))
     if "speculative" in only:
         section("speculative", lambda: speculative(model, args.prompts, args.new_tokens, args.draft_len,
-                                                   args.heads_file, args.early_exit_prompts, args.minutes))
+                                                   args.heads_file, args.early_exit_prompts, args.minutes,
+                                                   args.heads_min_prob))
     if "faithfulness" in only:
         section("faithfulness", faithfulness_section)
     if "truthfulqa" in only:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -93,6 +95,11 @@ def test_draft_heads_train_save_load(tmp_path):
     ids = model.tokenize(PROMPTS[0])["input_ids"]
     result = speculative_generate(model, ids, make_drafter(model, "heads", heads_path=str(path)), 30, draft_len=2)
     assert result.token_ids == _greedy(model, ids, 30)
+    confident = speculative_generate(model, ids, make_drafter(model, "heads", heads_path=str(path), min_prob=0.3),
+                                     30, draft_len=2)
+    assert confident.token_ids == result.token_ids and sum(confident.drafted) <= sum(result.drafted)
+    with pytest.raises(LmatlasError, match="min_prob"):
+        make_drafter(model, "heads", heads_path=str(path), min_prob=1.0)
     # independent re-computation of a head's draft: lm_head(h + silu(W h + b))
     h = torch.randn(model.layout.d_model)
     logits = model.hf.lm_head(h + torch.nn.functional.silu(loaded.weight[1] @ h + loaded.bias[1]))
@@ -127,6 +134,13 @@ def test_distillation_targets_and_agreement():
     narrow = DraftHeads(2, 3, vocab=torch.tensor([2, 8, 9]))
     assert narrow.guess(lm_head, states[1:]).tolist() == [[8, 8, 8], [8, 8, 8]]
     assert head_agreement(narrow, lm_head, states[1:], labels[:, 1:]) == pytest.approx([1 / 3, 1 / 3])
+    # the confidence cut: at h = [1, 1, 1] the logits are 3 (token 6), 1.5 (token 8), 0 (8 others)
+    p6 = math.exp(3) / (math.exp(3) + math.exp(1.5) + 8)                # 0.617, the same for both heads
+    hf = type("HF", (), {"get_output_embeddings": lambda self: lm_head})()
+    h = torch.ones(3)
+    assert identity.propose(hf, h, 2) == [6, 6] and identity.propose(hf, h, 2, min_prob=p6 - 0.01) == [6, 6]
+    assert identity.propose(hf, h, 2, min_prob=p6 + 0.01) == []
+    assert identity.guess(lm_head, h, with_prob=True)[1].tolist() == pytest.approx([p6, p6])
 
 
 def test_draft_heads_chat_data_tiny():

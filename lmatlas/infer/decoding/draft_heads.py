@@ -86,19 +86,33 @@ class DraftHeads(nn.Module):
         return self._rows[1], self._rows[2]
 
     @torch.no_grad()
-    def guess(self, lm_head: nn.Module, hidden: torch.Tensor, k: int | None = None) -> torch.Tensor:
+    def guess(self, lm_head: nn.Module, hidden: torch.Tensor, k: int | None = None,
+              with_prob: bool = False) -> Any:
         """``[k, ...]`` token ids: each head's argmax for ``hidden`` ``[..., d_model]``, over :attr:`vocab`
-        (the draft vocabulary kept at training, the most frequent tokens of the model's own text) if set."""
+        (the draft vocabulary kept at training, the most frequent tokens of the model's own text) if set.
+        With ``with_prob``, also ``[k, ...]`` the head's softmax probability of its guess (over the same rows)."""
         weight, bias = self._unembedding(lm_head)
         states = self(hidden)[:k].to(weight.dtype)                               # [k, ..., d_model]
-        logits = F.linear(states, weight, bias)                                   # [k, ..., v]
+        logits = F.linear(states, weight, bias).float()                           # [k, ..., v]
         best = logits.argmax(-1)
-        return best if self.vocab is None else self.vocab[best]
+        tokens = best if self.vocab is None else self.vocab[best]
+        if not with_prob:
+            return tokens
+        return tokens, torch.softmax(logits, -1).gather(-1, best.unsqueeze(-1)).squeeze(-1)
 
     @torch.no_grad()
-    def propose(self, hf: nn.Module, hidden: torch.Tensor, k: int) -> list[int]:
-        """Up to ``k`` tokens after the last one, from ``hidden`` ``[d_model]`` (one unembedding matmul)."""
-        return self.guess(hf.get_output_embeddings(), hidden, min(k, self.n_heads)).tolist()
+    def propose(self, hf: nn.Module, hidden: torch.Tensor, k: int, min_prob: float = 0.0) -> list[int]:
+        """Up to ``k`` tokens after the last one, from ``hidden`` ``[d_model]`` (one small unembedding matmul).
+
+        ``min_prob`` > 0 stops the draft at the first head whose own probability of its guess is
+        below it: on a CPU a verifying forward costs more per drafted token, so unlikely guesses
+        are better not drafted (the output stays greedy's either way)."""
+        tokens, probs = self.guess(hf.get_output_embeddings(), hidden, min(k, self.n_heads), with_prob=True)
+        keep = len(tokens)
+        if min_prob > 0:
+            below = (probs < min_prob).nonzero()
+            keep = int(below[0]) if len(below) else keep
+        return tokens[:keep].tolist()
 
 
 def model_key(model: Any) -> str:
