@@ -347,9 +347,12 @@ def speculative(model, n_prompts: int, new_tokens: int, draft_len: int, heads_pa
         base_s = sum(greedy_by_prompt[r[0]][0] for r in rows)
         base_n = sum(greedy_by_prompt[r[0]][1] for r in rows)
         rate = tokens / seconds
+        per_prompt = [(greedy_by_prompt[i][0] / greedy_by_prompt[i][1]) / (sec / max(n, 1)) for i, sec, n, _ in rows]
         out["methods"][name] = {"prompts": len(rows), "tokens_per_s": rate, "ratio_vs_greedy": rate / (base_n / base_s),
+                                "median_ratio_per_prompt": statistics.median(per_prompt),
                                 "identical_to_greedy": f"{sum(r[3] for r in rows)}/{len(rows)}",
-                                "median_s_per_prompt": statistics.median(r[1] for r in rows)}
+                                "median_s_per_prompt": statistics.median(r[1] for r in rows),
+                                "seconds_per_prompt": [round(r[1], 3) for r in rows]}
         if name in accepted:
             out["methods"][name]["mean_accepted_length"] = statistics.fmean(accepted[name])
     return out
