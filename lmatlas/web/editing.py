@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 
 #: Most tokens a request may ask for (the schema's bound; ``Limits.new_tokens`` may be lower).
 MAX_NEW_TOKENS = 256
+DEFAULT_NEW_TOKENS = 24
 TARGET_PATTERN = r"^L\d{1,6}\.[HN]\d{1,9}$"
 _TARGET = dict(max_length=40, description="a head (L5.H3) or a neuron (L12.N1031)",
                json_schema_extra={"pattern": TARGET_PATTERN})
@@ -76,7 +77,8 @@ class EditSpec(BaseModel):
 
 
 class EditRequest(Prompt, EditSpec):
-    max_new_tokens: int = Field(24, ge=1, le=MAX_NEW_TOKENS, description="tokens generated per continuation")
+    max_new_tokens: Optional[int] = Field(None, ge=1, le=MAX_NEW_TOKENS, description="tokens generated per "
+                                          f"continuation (default {DEFAULT_NEW_TOKENS}, or the server's cap if lower)")
     chat: bool = Field(False, description="wrap the prompt in the tokenizer's chat template (instruct models)")
 
 
@@ -134,19 +136,19 @@ def build_edit(spec: EditSpec, layout: "HeadLayout") -> Edit:
     return Edit(tuple(KINDS[item.kind](item) for item in spec.interventions))
 
 
-def check_request(model: "Model", request: EditRequest, limits: "Limits") -> int:
-    """The prompt's length in tokens, after refusing an empty or too long prompt or too many new tokens."""
+def check_request(model: "Model", request: EditRequest, limits: "Limits") -> tuple[int, int]:
+    """``(prompt tokens, new tokens)``, after refusing an empty or too long prompt or too many new tokens."""
     from lmatlas.edit.generation import prompt_ids
 
     if not request.prompt.strip():
         raise Malformed("The prompt is empty: type some text.")
-    if request.max_new_tokens > limits.new_tokens:
-        raise Malformed(f"max_new_tokens is {request.max_new_tokens}; this explorer generates at most "
-                        f"{limits.new_tokens}.")
+    new = request.max_new_tokens or min(DEFAULT_NEW_TOKENS, limits.new_tokens)
+    if new > limits.new_tokens:
+        raise Malformed(f"max_new_tokens is {new}; this explorer generates at most {limits.new_tokens}.")
     n = int(prompt_ids(model, request.prompt, request.chat)["input_ids"].shape[1])
     if n > limits.edit_tokens:
         raise Malformed(f"The prompt is {n} tokens; the edit playground takes at most {limits.edit_tokens}. Shorten it.")
-    return n
+    return n, new
 
 
 def _view(model: "Model", continuation) -> dict[str, Any]:
@@ -155,10 +157,10 @@ def _view(model: "Model", continuation) -> dict[str, Any]:
     return data
 
 
-def compare(model: "Model", request: EditRequest, edit: Edit, prompt_tokens: int) -> dict[str, Any]:
+def compare(model: "Model", request: EditRequest, edit: Edit, prompt_tokens: int, new_tokens: int) -> dict[str, Any]:
     """Plain and edited greedy continuations side by side (run it through the app's model gate)."""
-    result = model.generate(request.prompt, request.max_new_tokens, edit=edit, compare=True, chat=request.chat)
-    return {"prompt": request.prompt, "prompt_tokens": prompt_tokens, "max_new_tokens": request.max_new_tokens,
+    result = model.generate(request.prompt, new_tokens, edit=edit, compare=True, chat=request.chat)
+    return {"prompt": request.prompt, "prompt_tokens": prompt_tokens, "max_new_tokens": new_tokens,
             "chat": request.chat, "edit": result.edit, "plain": _view(model, result.plain),
             "edited": _view(model, result.edited), "first_difference": result.first_difference()}
 

@@ -19,8 +19,8 @@ def generate(body: editing.EditRequest, ex: Explorer = Depends(explorer)) -> dic
     edit = editing.build_edit(body, ex.layout)
 
     def work() -> dict:
-        n = editing.check_request(model, body, ex.limits)  # tokenizes: inside the gate too
-        return editing.compare(model, body, edit, n)
+        n, new = editing.check_request(model, body, ex.limits)  # tokenizes: inside the gate too
+        return editing.compare(model, body, edit, n, new)
 
     return clean(ex.gate.run(work))
 
