@@ -284,7 +284,7 @@ def test_circuit_graph_is_drawn(page, server):
     assert page.locator("#circuit-source").get_attribute("data-computed") == "live"
     assert "Computed live" in page.locator("#circuit-status").inner_text()
     assert page.locator("#curve-svg circle.point").count() == len(data["curve"]) == 10
-    page.locator(f"{visible}").first.hover()
+    page.locator(visible).first.dispatch_event("mouseenter")  # a thin curved stroke: no pointer aiming
     assert " → " in page.locator("#circuit-hover").inner_text()
     page.locator("#top-k").fill(str(len(data["edges"])))  # every returned edge
     assert page.locator(visible).count() == len(data["edges"])

@@ -331,3 +331,13 @@ def test_circuit_pages(client, bare):
     assert bad.status_code == 404 and 'id="page-error"' in bad.text
     assert all(task in bad.text for task in TASKS)
     _error(bare.get("/api/circuit", params={"task": "induction"}), 409, "--model")
+
+
+def test_memo_keeps_the_most_recent_answers():
+    from lmatlas.web.state import Memo
+
+    memo = Memo(2)
+    memo.put("a", 1), memo.put("b", 2)
+    assert memo.get("a") == 1  # "a" is now the most recent
+    memo.put("c", 3)
+    assert (memo.get("a"), memo.get("b"), memo.get("c")) == (1, None, 3)
