@@ -1,10 +1,11 @@
 // Edit playground: heads and neurons to ablate, scale or clamp; the plain and the edited continuation side by side.
-// The edit lives in the URL (/edit?ablate=L5.H3&scale=L2.N10:0.5&set=L0.N3:4&prompt=...) and in sessionStorage,
-// so "add to edit" links on other pages add to it.
+// The edit lives in the URL (/edit?ablate=L5.H3&ablate=L1.N2:mean&scale=L2.N10:0.5&set=L0.N3:4&prompt=...)
+// and in sessionStorage, so "add to edit" links on other pages add to it.
 "use strict";
 
-// kind -> its parameter (name in the API, default), or null for ablate.
+// kind -> its number (name in the API, default); ablate takes a "how" instead (zero or mean).
 const EDIT_KINDS = { ablate: null, scale: ["factor", 0.5], set: ["value", 5] };
+const HOWS = ["zero", "mean"];
 
 (async function () {
   const page = document.getElementById("page");
@@ -67,7 +68,7 @@ const EDIT_KINDS = { ablate: null, scale: ["factor", 0.5], set: ["value", 5] };
         "the “add to edit” links on head and neuron pages."),
       list,
       el("div", { class: "controls" }, el("button", { id: "add-row", class: "plain", onclick: () => {
-        rows.push({ kind: "ablate", target: "", value: null });
+        rows.push({ kind: "ablate", target: "", value: "zero" });
         redraw();
       } }, "+ add"), save),
       el("h2", {}, "Prompt"), prompt,
@@ -86,14 +87,16 @@ function parseEdit(params) {
     if (!(kind in EDIT_KINDS)) continue;
     const [target, value] = text.split(":");
     const spec = EDIT_KINDS[kind];
-    rows.push({ kind, target: target.trim(), value: spec ? (value === undefined ? spec[1] : Number(value)) : null });
+    const how = HOWS.includes(value) ? value : "zero";
+    rows.push({ kind, target: target.trim(), value: spec ? (value === undefined ? spec[1] : Number(value)) : how });
   }
   return rows;
 }
 
 function editQuery(rows, prompt) {
   const params = new URLSearchParams();
-  rows.filter((r) => r.target).forEach((r) => params.append(r.kind, EDIT_KINDS[r.kind] ? `${r.target}:${r.value}` : r.target));
+  rows.filter((r) => r.target).forEach((r) => params.append(r.kind,
+    EDIT_KINDS[r.kind] || r.value === "mean" ? `${r.target}:${r.value}` : r.target));
   if (prompt) params.set("prompt", prompt);
   return params.toString();
 }
@@ -102,7 +105,7 @@ function interventions(rows) {
   return rows.filter((r) => r.target.trim()).map((r) => {
     const spec = EDIT_KINDS[r.kind];
     return spec ? { kind: r.kind, target: r.target.trim(), [spec[0]]: Number(r.value) }
-      : { kind: r.kind, target: r.target.trim() };
+      : { kind: r.kind, target: r.target.trim(), how: r.value || "zero" };
   });
 }
 
@@ -111,18 +114,21 @@ function rowEditor(row, i, rows, redraw, sync) {
   const { el } = LM;
   const kind = el("select", { class: "edit-kind", "aria-label": "intervention", onchange: () => {
     row.kind = kind.value;
-    row.value = EDIT_KINDS[row.kind] ? EDIT_KINDS[row.kind][1] : null;
+    row.value = EDIT_KINDS[row.kind] ? EDIT_KINDS[row.kind][1] : "zero";
     redraw();
   } }, Object.keys(EDIT_KINDS).map((k) => el("option", { value: k, selected: k === row.kind || null }, k)));
   const target = el("input", { type: "text", class: "edit-target", value: row.target, placeholder: "L5.H3 or L12.N1031",
     "aria-label": "target", oninput: () => { row.target = target.value; sync(); } });
   const spec = EDIT_KINDS[row.kind];
   const value = spec ? el("input", { type: "number", class: "edit-value", step: "any", value: row.value,
-    "aria-label": spec[0], style: "width:80px", oninput: () => { row.value = value.value; sync(); } }) : null;
+    "aria-label": spec[0], style: "width:80px", oninput: () => { row.value = value.value; sync(); } })
+    : el("select", { class: "edit-how", "aria-label": "ablate how", title: "zero, or its mean over the model's corpus",
+      onchange: () => { row.value = value.value; sync(); } },
+    HOWS.map((h) => el("option", { value: h, selected: h === row.value || null }, h)));
   const name = row.target.trim();
   const link = /^L\d+\.H\d+$/.test(name) ? LM.headUrl(name) : /^L\d+\.N\d+$/.test(name) ? LM.neuronUrl(name) : null;
   return el("div", { class: "controls edit-row", "data-i": i }, kind, target,
-    spec ? el("label", { class: "note" }, spec[0] === "factor" ? "× " : "= ", value) : null,
+    spec ? el("label", { class: "note" }, spec[0] === "factor" ? "× " : "= ", value) : value,
     link ? el("a", { href: link }, "open") : null,
     el("button", { class: "plain", title: "remove", onclick: () => { rows.splice(i, 1); redraw(); } }, "×"));
 }
