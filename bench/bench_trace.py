@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -144,8 +145,10 @@ def main(argv: list[str] | None = None) -> None:
     model = load_model(args.model)
     log(f"loaded {model!r} in {time.perf_counter() - started:.1f}s; {torch.get_num_threads()} torch threads")
     ids = random_ids(model, args.batch, args.seq)
+    load_before = os.getloadavg()
     times, captured = measure(make_variants(model, ids), args.repeats)
     print(json.dumps({
+        "load_average_before": load_before, "load_average_after": os.getloadavg(),
         "benchmark": "trace", "model": args.model, "seq": args.seq, "batch": args.batch, "repeats": args.repeats,
         "torch_threads": torch.get_num_threads(), "results": summarise(times),
         "captured_mb": {name: None if mb is None else round(mb, 3) for name, mb in captured.items()},

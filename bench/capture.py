@@ -70,7 +70,7 @@ starts from returned pages, alike. ``peak_mb`` is ``VmHWM`` after the run minus
 ``captured_mb`` the bytes of the distinct storages the captured tensors hold (the
 logits not included). ``noise.memory_mb`` is ``|peak(plain_b) - peak(plain_a)|``. In
 the same round every tool's captured tensors are compared with lmatlas's
-(``torch.allclose(rtol, atol)`` on every common site; ``max_abs_diff`` reported), the
+(``max|diff| <= atol + rtol * max|ref|`` on every common site; ``max_abs_diff`` reported), the
 ``grad`` losses with the plain one, and the run fails if any differ.
 
     .venv/bin/python bench/capture.py [--model smollm2-135m|tiny:llama] [--batch 8] [--seq 128]
@@ -114,8 +114,10 @@ TARGETS = {"one_kind": 1.05, "all": 1.3}
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "capture.json"
 T0 = time.perf_counter()
 
-#: (rtol, atol) for the equality check (float32; TransformerLens re-implements attention, so its
-#: values differ from HF's eager kernel by float rounding that grows over the layers).
+#: (rtol, atol) for the equality check, per site: ``max|value - ref| <= atol + rtol * max|ref|``
+#: (float32; TransformerLens re-implements attention and sums in another
+#: order, so its values differ from HF's eager kernel by float rounding that grows over the layers:
+#: relative to the site's largest value, not element-wise, where a near-zero entry fails any rtol).
 TOLERANCE = (1e-4, 1e-4)
 
 Store = dict[str, torch.Tensor]
@@ -518,7 +520,7 @@ def call(variant: Variant, ids: torch.Tensor, params: list) -> tuple[Store, torc
 
 # -- checks, memory, timing ----------------------------------------------------------------------------
 def compare(store: Store, reference: Store) -> dict[str, Any]:
-    """Max abs difference per component and overall; ``equal`` = allclose on every common site."""
+    """Max abs difference per component and overall; ``equal``: every common site within TOLERANCE."""
     rtol, atol = TOLERANCE
     worst: dict[str, float] = {}
     scale: dict[str, float] = {}
@@ -530,10 +532,11 @@ def compare(store: Store, reference: Store) -> dict[str, Any]:
         if value.shape != ref.shape:
             raise SystemExit(f"{name}: shape {tuple(value.shape)} differs from lmatlas's {tuple(ref.shape)}")
         diff = float((value.detach().float() - ref.detach().float()).abs().max())
+        largest = float(ref.detach().float().abs().max())
         component = name.split(".", 1)[1]
         worst[component] = max(worst.get(component, 0.0), diff)
-        scale[component] = max(scale.get(component, 0.0), float(ref.detach().abs().max()))
-        equal = equal and torch.allclose(value.detach().float(), ref.detach().float(), rtol=rtol, atol=atol)
+        scale[component] = max(scale.get(component, 0.0), largest)
+        equal = equal and diff <= atol + rtol * largest
     return {"equal": equal, "sites_compared": sum(1 for n in reference if n in store),
             "max_abs_diff": max(worst.values(), default=0.0), "max_abs_diff_by_component": worst,
             "max_diff_over_max_abs_value": max((worst[c] / scale[c] for c in worst if scale[c] > 0), default=0.0)}

@@ -10,9 +10,12 @@ For each task (ioi, capitals, induction by default) on the packaged SmolLM2-135M
 * agreement of each estimate with exact patching over all heads: Spearman, top-10 recall
   (of the exact top-10 by |effect|, how many the estimate ranks in its top 10).
 
-Times are medians of ``--repeats`` interleaved runs; ratios are from the same run.
+Times are medians: attribution over ``--repeats`` runs, exact patching (minutes per run,
+so its time varies little) over the first ``--exact-repeats``; ratios are from the same run.
+``eap_ig``: EAP-IG on IOI (time, peak memory, circuit size and faithfulness).
 
-    .venv/bin/python bench/causal.py [--tasks ioi,capitals,induction] [--n 8] [--repeats 3] [--out FILE]
+    .venv/bin/python bench/causal.py [--tasks ioi,capitals,induction] [--n 8] [--repeats 3]
+        [--exact-repeats 1] [--qk-tasks all|none|ioi,...] [--no-eap-ig] [--out FILE]
 """
 
 from __future__ import annotations
@@ -44,37 +47,50 @@ def timed(fn):
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None)
+    parser.add_argument("--model", default=None, help="lmatlas.load() name, or tiny:<family> (a smoke run)")
     parser.add_argument("--tasks", default="ioi,capitals,induction")
     parser.add_argument("--n", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--exact-repeats", type=int, default=1, help="timed runs of exact patching (<= --repeats)")
     parser.add_argument("--per-forward", type=int, default=16)
+    parser.add_argument("--eap-ig", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--qk-tasks", default="all", help="tasks that also patch every query and KV key "
+                        "(comma-separated, 'all' or 'none')")
     parser.add_argument("--out", default="bench/results/causal.json")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    model = lmatlas.load(args.model)
+    if args.model and args.model.startswith("tiny:"):  # a smoke run: a tiny random model of that family
+        from lmatlas.model.tiny import tiny_model
+
+        model = tiny_model(args.model.split(":", 1)[1])
+    else:
+        model = lmatlas.load(args.model)
     heads = all_heads(model.layout)
     qk = [f"{h}.q" for h in heads] + [f"L{l}.KV{g}.k" for l in range(model.layout.n_layers)
                                        for g in range(model.layout.n_kv_heads)]
     results = {"model": model.provenance.source, "heads": len(heads), "threads": torch.get_num_threads(),
                "load": os.getloadavg(), "tasks": {}}
     for name in args.tasks.split(","):
+        with_qk = args.qk_tasks == "all" or name in args.qk_tasks.split(",")
         task = load_task(model, name, n=args.n)
         times: dict[str, list[float]] = {"exact": [], "atp": [], "exact_qk": [], "atp_plain_qk": [], "atp_qk": []}
-        for _ in range(args.repeats):
-            t, exact = timed(lambda: patch(model, task, heads, targets_per_forward=args.per_forward))
-            times["exact"].append(t)
+        for repeat in range(args.repeats):
+            if repeat < args.exact_repeats:  # exact patching takes minutes: its time varies little
+                t, exact = timed(lambda: patch(model, task, heads, targets_per_forward=args.per_forward))
+                times["exact"].append(t)
+                if with_qk:
+                    t, exact_qk = timed(lambda: patch(model, task, qk, targets_per_forward=args.per_forward))
+                    times["exact_qk"].append(t)
             t, atp = timed(lambda: attribute(model, task, heads, qk_fix=False, verify=0))
             times["atp"].append(t)
-            t, exact_qk = timed(lambda: patch(model, task, qk, targets_per_forward=args.per_forward))
-            times["exact_qk"].append(t)
-            t, plain_qk = timed(lambda: attribute(model, task, qk, qk_fix=False, verify=0))
-            times["atp_plain_qk"].append(t)
-            t, fixed_qk = timed(lambda: attribute(model, task, qk, qk_fix=True, verify=0))
-            times["atp_qk"].append(t)
-            print(f"[causal] {name}: " + ", ".join(f"{k} {v[-1]:.1f}s" for k, v in times.items()), file=sys.stderr)
+            if with_qk:
+                t, plain_qk = timed(lambda: attribute(model, task, qk, qk_fix=False, verify=0))
+                times["atp_plain_qk"].append(t)
+                t, fixed_qk = timed(lambda: attribute(model, task, qk, qk_fix=True, verify=0))
+                times["atp_qk"].append(t)
+            print(f"[causal] {name}: " + ", ".join(f"{k} {v[-1]:.1f}s" for k, v in times.items() if v), file=sys.stderr)
         verified = attribute(model, task, heads, verify=10)
-        medians = {k: statistics.median(v) for k, v in times.items()}
+        medians = {k: statistics.median(v) for k, v in times.items() if v}
         exact_e, atp_e = exact.effect(), atp.effect()
         results["tasks"][name] = {
             "prompts": len(task), "tokens": int(task.clean.shape[1]),
@@ -83,17 +99,20 @@ def main(argv: list[str] | None = None) -> dict:
             "speedup_attribution_vs_exact_heads": medians["exact"] / medians["atp"],
             "head_outputs": {"spearman": spearman(atp_e, exact_e), "top10_recall": recall(atp_e, exact_e),
                              "exact_top10": exact.top(10), "atp_top10": atp.top(10)},
-            "queries_and_keys": {
+            "verification": verified.verification,
+        }
+        if with_qk:
+            results["tasks"][name]["queries_and_keys"] = {
                 "plain": {"spearman": spearman(plain_qk.effect(), exact_qk.effect()),
                           "top10_recall": recall(plain_qk.effect(), exact_qk.effect())},
                 "qk_fix": {"spearman": spearman(fixed_qk.effect(), exact_qk.effect()),
                            "top10_recall": recall(fixed_qk.effect(), exact_qk.effect())},
                 "largest_miss_fixed": _largest_miss(qk, exact_qk.effect(), plain_qk.effect(), fixed_qk.effect()),
-            },
-            "verification": verified.verification,
-        }
+            }
         _write(args.out, results)  # after every task, so a stopped run keeps what it measured
-    results["eap_ig"] = _eap_ig(model, args.n)
+    if args.eap_ig:
+        results["eap_ig"] = _eap_ig(model, args.n)
+    results["load_after"] = os.getloadavg()
     _write(args.out, results)
     print(json.dumps(results, indent=2))
     return results

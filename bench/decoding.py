@@ -14,7 +14,8 @@ faithfulness  A battery from a table of capitals: closed-book ("What is the capi
               the same question after a context that names another city as the capital (as in
               NQ-Swap). Greedy vs DeCoRe (top retrieval heads of the census) vs DeCoRe with as
               many random heads; accuracy closed-book, rate of following the context, Wilson
-              95% intervals. Time per token of DoLa and DeCoRe vs greedy on the same prompts.
+              95% intervals. Time per token of DoLa and DeCoRe vs greedy on the battery, and on
+              ``--cost-prompts`` chat prompts of ``--cost-tokens`` new tokens (prefill weighs less).
 acceptance    (``--only acceptance``) how often exiting at each layer agrees with the model's next
               token, and 20% of the layers skipped, with the speed-up each implies.
 speculative   Tokens/s and mean accepted length on ``--prompts`` chat prompts of ``--new-tokens``
@@ -35,6 +36,7 @@ import math
 import os
 import random
 import statistics
+import subprocess
 import sys
 import time
 
@@ -59,6 +61,14 @@ def log(message: str) -> None:
 
 def load_avg() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
+
+
+def uptime() -> str:
+    """The machine's ``uptime`` line (load averages over 1, 5, 15 minutes)."""
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return f"load average: {', '.join(str(x) for x in load_avg())}"
 
 
 def bootstrap_diff(a: list[float], b: list[float], n: int = 2000, seed: int = 0) -> dict:
@@ -102,8 +112,11 @@ def split_answers(text: str) -> list[str]:
     return [a.strip() for a in text.split(";") if a.strip()]
 
 
-def truthfulqa(model, path: str, questions: int) -> dict:
-    rows = list(csv.DictReader(open(path, newline="", encoding="utf-8")))
+def truthfulqa(model, path: str, questions: int, minutes: float | None = None) -> dict:
+    """MC1 / MC2 of greedy and DoLa on the first ``questions`` (0 = all); with ``minutes``, stops after the
+    question that passes the time budget (the report says how many were scored: a prefix of the file)."""
+    with open(path, newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
     rows = rows[:questions] if questions else rows
     layers = candidate_layers(model.hf, "high")
     mc = {"greedy": {"mc1": [], "mc2": []}, "dola": {"mc1": [], "mc2": []}}
@@ -123,7 +136,12 @@ def truthfulqa(model, path: str, questions: int) -> dict:
             mc[method]["mc2"].append(p_true / (p_true + p_false))
         if (i + 1) % 25 == 0:
             log(f"truthfulqa {i + 1}/{len(rows)}")
-    out = {"questions": len(rows), "of": 817, "premature_layers": layers, "seconds": time.perf_counter() - start}
+        if minutes is not None and time.perf_counter() - start > minutes * 60:
+            log(f"truthfulqa: time budget of {minutes} min reached after {i + 1} questions")
+            break
+    scored = len(mc["greedy"]["mc1"])
+    out = {"questions": scored, "requested": len(rows), "of": 817, "subset": f"the first {scored} rows of the file",
+           "premature_layers": layers, "seconds": time.perf_counter() - start}
     for metric in ("mc1", "mc2"):
         out[metric] = {m: statistics.fmean(mc[m][metric]) for m in mc}
         out[metric]["dola_minus_greedy"] = bootstrap_diff(mc["greedy"][metric], mc["dola"][metric])
@@ -189,6 +207,31 @@ def faithfulness(model, heads: list[str], control: list[str], countries: int = 0
     return out
 
 
+def cost_per_token(model, heads: list[str], prompts: int, new_tokens: int) -> dict:
+    """Seconds per generated token of greedy, DoLa and DeCoRe on the same chat prompts (longer outputs
+    than the battery's, so the prompt's prefill weighs less), methods interleaved per prompt."""
+    from lmatlas.infer.decoding.cli import generate_with_strategy
+
+    methods = {"greedy": dict(strategy="greedy"), "dola": dict(strategy="dola"),
+               "decore": dict(strategy="decore", heads=heads)}
+    for kwargs in methods.values():                           # warm-up
+        generate_with_strategy(model, SPEC_PROMPTS[0], max_new_tokens=4, chat=True, **kwargs)
+    seconds = {name: 0.0 for name in methods}
+    tokens = {name: 0 for name in methods}
+    for prompt in SPEC_PROMPTS[:prompts]:
+        for name, kwargs in methods.items():
+            report = generate_with_strategy(model, prompt, max_new_tokens=new_tokens, chat=True, **kwargs)
+            seconds[name] += report["seconds"]
+            tokens[name] += report["new_tokens"]
+    out = {"prompts": prompts, "new_tokens": new_tokens, "methods": {}}
+    for name in methods:
+        per_token = seconds[name] / max(tokens[name], 1)
+        out["methods"][name] = {"seconds_per_token": per_token, "tokens": tokens[name],
+                                "vs_greedy": per_token / (seconds["greedy"] / max(tokens["greedy"], 1))}
+    out["targets"] = {"dola_max": 1.3, "decore_max": 2.2}
+    return out
+
+
 # -- acceptance profile ----------------------------------------------------------------------------
 def acceptance(model, prompts: int, new_tokens: int, atlas: str | None) -> dict:
     """Early-exit agreement per layer, and for 20% of the layers skipped (the least important in the
@@ -243,54 +286,73 @@ SPEC_PROMPTS = [
 ]
 
 
-def speculative(model, n_prompts: int, new_tokens: int, draft_len: int, heads_path: str | None) -> dict:
+def speculative(model, n_prompts: int, new_tokens: int, draft_len: int, heads_path: str | None,
+                early_exit_prompts: int | None = None, minutes: float | None = None,
+                heads_min_prob: float | None = None) -> dict:
+    """Every method on the same prompts, interleaved per prompt; the early-exit drafter (slow on a CPU)
+    only on the first ``early_exit_prompts`` prompts, its ratio taken against greedy on those prompts."""
     from lmatlas.edit.generation import prompt_ids
 
-    drafters = {"ours_prompt_lookup": PromptLookup(), "ours_early_exit": EarlyExit(model.layout.n_layers - 2)}
+    drafters = {"ours_prompt_lookup": PromptLookup(), "ours_early_exit": EarlyExit(max(1, model.layout.n_layers - 2))}
+    heads_meta = None
     try:
-        drafters["ours_heads"] = Heads(load_draft_heads(model, heads_path))
+        heads = load_draft_heads(model, heads_path)
+        drafters["ours_heads"] = Heads(heads)
+        if heads_min_prob:
+            drafters[f"ours_heads_min_prob_{heads_min_prob}"] = Heads(heads, heads_min_prob)
+        heads_meta = heads.meta.get("train")
     except DraftHeadsError as error:
         log(f"no draft heads: {error}")
     prompts = (SPEC_PROMPTS * 2)[:n_prompts]
+    limit = {"ours_early_exit": early_exit_prompts if early_exit_prompts is not None else len(prompts)}
     pad = model.tokenizer.eos_token_id
-    times = {name: [] for name in ["greedy", "hf_prompt_lookup", *drafters]}
-    counts = {name: 0 for name in times}
-    identical = {name: 0 for name in times}
+    runs = {name: [] for name in ["greedy", "hf_prompt_lookup", *drafters]}   # (prompt, seconds, tokens, identical)
     accepted = {name: [] for name in drafters}
     warm = prompt_ids(model, prompts[0], True)["input_ids"]
     with torch.no_grad():                                  # warm-up: first calls allocate and pick kernels
         model.hf.generate(input_ids=warm, do_sample=False, max_new_tokens=8, pad_token_id=pad)
     for drafter in drafters.values():
         speculative_generate(model, warm, drafter, 8, draft_len=draft_len)
+    begin = time.perf_counter()
     for i, prompt in enumerate(prompts):
         ids = prompt_ids(model, prompt, True)["input_ids"]
         with torch.no_grad():
             start = time.perf_counter()
             greedy = model.hf.generate(input_ids=ids, do_sample=False, max_new_tokens=new_tokens, pad_token_id=pad)
-            times["greedy"].append(time.perf_counter() - start)
+            seconds = time.perf_counter() - start
+            reference = greedy[0, ids.shape[1]:].tolist()
+            runs["greedy"].append((i, seconds, len(reference), True))
             start = time.perf_counter()
             lookup = model.hf.generate(input_ids=ids, do_sample=False, max_new_tokens=new_tokens, pad_token_id=pad,
                                        prompt_lookup_num_tokens=draft_len)
-            times["hf_prompt_lookup"].append(time.perf_counter() - start)
-        reference = greedy[0, ids.shape[1]:].tolist()
-        counts["greedy"] += len(reference)
-        identical["greedy"] += 1
-        counts["hf_prompt_lookup"] += len(reference)
-        identical["hf_prompt_lookup"] += lookup[0, ids.shape[1]:].tolist() == reference
+            seconds = time.perf_counter() - start
+            new = lookup[0, ids.shape[1]:].tolist()
+            runs["hf_prompt_lookup"].append((i, seconds, len(new), new == reference))
         for name, drafter in drafters.items():
+            if i >= limit.get(name, len(prompts)):
+                continue
             result = speculative_generate(model, ids, drafter, new_tokens, draft_len=draft_len)
-            times[name].append(result.seconds)
-            counts[name] += len(result.token_ids)
-            identical[name] += result.token_ids == reference
+            runs[name].append((i, result.seconds, len(result.token_ids), result.token_ids == reference))
             accepted[name].extend(a + 1 for a in result.accepted)
-        log(f"speculative {i + 1}/{len(prompts)}: " + ", ".join(f"{k} {sum(v):.1f}s" for k, v in times.items()))
-    base = counts["greedy"] / sum(times["greedy"])
-    out = {"prompts": len(prompts), "new_tokens": new_tokens, "draft_len": draft_len, "methods": {}}
-    for name in times:
-        rate = counts[name] / sum(times[name])
-        out["methods"][name] = {"tokens_per_s": rate, "ratio_vs_greedy": rate / base,
-                                "identical_to_greedy": f"{identical[name]}/{len(prompts)}",
-                                "median_s_per_prompt": statistics.median(times[name])}
+        log(f"speculative {i + 1}/{len(prompts)}: " + ", ".join(f"{k} {sum(r[1] for r in v):.1f}s"
+                                                                 for k, v in runs.items()))
+        if minutes is not None and time.perf_counter() - begin > minutes * 60:
+            log(f"speculative: time budget of {minutes} min reached after {i + 1} prompts")
+            break
+    greedy_by_prompt = {i: (s, n) for i, s, n, _ in runs["greedy"]}
+    out = {"prompts": len(runs["greedy"]), "requested_prompts": len(prompts), "new_tokens": new_tokens, "draft_len": draft_len,
+           "greedy_tokens": sum(n for _, _, n, _ in runs["greedy"]), "draft_heads": heads_meta, "methods": {}}
+    for name, rows in runs.items():
+        seconds, tokens = sum(r[1] for r in rows), sum(r[2] for r in rows)
+        base_s = sum(greedy_by_prompt[r[0]][0] for r in rows)
+        base_n = sum(greedy_by_prompt[r[0]][1] for r in rows)
+        rate = tokens / seconds
+        per_prompt = [(greedy_by_prompt[i][0] / greedy_by_prompt[i][1]) / (sec / max(n, 1)) for i, sec, n, _ in rows]
+        out["methods"][name] = {"prompts": len(rows), "tokens_per_s": rate, "ratio_vs_greedy": rate / (base_n / base_s),
+                                "median_ratio_per_prompt": statistics.median(per_prompt),
+                                "identical_to_greedy": f"{sum(r[3] for r in rows)}/{len(rows)}",
+                                "median_s_per_prompt": statistics.median(r[1] for r in rows),
+                                "seconds_per_prompt": [round(r[1], 3) for r in rows]}
         if name in accepted:
             out["methods"][name]["mean_accepted_length"] = statistics.fmean(accepted[name])
     return out
@@ -303,10 +365,19 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=20)
     parser.add_argument("--countries", type=int, default=0, help="Capitals in the battery (0 = all 40).")
     parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--cost-prompts", type=int, default=4, help="Prompts for DoLa / DeCoRe time per token.")
+    parser.add_argument("--cost-tokens", type=int, default=64, help="New tokens per prompt for time per token.")
     parser.add_argument("--draft-len", type=int, default=4)
+    parser.add_argument("--early-exit-prompts", type=int, default=None,
+                        help="Run the (slow on CPU) early-exit drafter on the first N prompts only.")
     parser.add_argument("--retrieval-heads", type=int, default=10)
     parser.add_argument("--heads-file", default=None)
+    parser.add_argument("--heads-min-prob", type=float, default=None,
+                        help="Also run the heads drafter drafting only while each head's probability >= this.")
     parser.add_argument("--atlas", default=None, help="Take retrieval heads from this atlas (else run the census).")
+    parser.add_argument("--minutes", type=float, default=None,
+                        help="Time budget of the truthfulqa and speculative sections (each stops after the item "
+                             "that passes it and reports how many it did).")
     parser.add_argument("--only", default="truthfulqa,faithfulness,speculative")
     parser.add_argument("--out", default="bench/results/decoding.json")
     args = parser.parse_args()
@@ -316,26 +387,39 @@ def main() -> None:
     if os.path.exists(args.out):
         results["sections"] = json.load(open(args.out)).get("sections", {})
 
-    def save(name: str, data: dict) -> None:
-        data["load_avg_after"] = load_avg()
+    def section(name: str, compute) -> None:
+        before = uptime()
+        start = time.perf_counter()
+        data = compute()
+        data.update(uptime_before=before, uptime_after=uptime(), load_avg_after=load_avg(),
+                    section_seconds=round(time.perf_counter() - start, 1), command=" ".join(sys.argv))
         results["sections"][name] = data
         with open(args.out, "w") as handle:
             json.dump(results, handle, indent=2)
         log(f"{name} done")
 
-    only = set(args.only.split(","))
-    if "acceptance" in only:
-        save("acceptance", acceptance(model, 5, 48, args.atlas))
-    if "speculative" in only:
-        save("speculative", speculative(model, args.prompts, args.new_tokens, args.draft_len, args.heads_file))
-    if "faithfulness" in only:
+    def faithfulness_section() -> dict:
         start = time.perf_counter()
         heads = retrieval_heads(model, top=args.retrieval_heads, atlas=args.atlas)
-        log(f"retrieval heads {heads} ({time.perf_counter() - start:.0f}s)")
+        census_seconds = time.perf_counter() - start
+        log(f"retrieval heads {heads} ({census_seconds:.0f}s)")
         control = random_heads(model, len(heads), exclude=heads, seed=0)
-        save("faithfulness", faithfulness(model, heads, control, args.countries))
+        result = faithfulness(model, heads, control, args.countries)
+        result["cost_per_token"] = cost_per_token(model, heads, args.cost_prompts, args.cost_tokens)
+        log(f"cost per token: {result['cost_per_token']['methods']}")
+        return {**result, "census_seconds": round(census_seconds, 1)}
+
+    only = set(args.only.split(","))
+    if "acceptance" in only:
+        section("acceptance", lambda: acceptance(model, 5, 48, args.atlas))
+    if "speculative" in only:
+        section("speculative", lambda: speculative(model, args.prompts, args.new_tokens, args.draft_len,
+                                                   args.heads_file, args.early_exit_prompts, args.minutes,
+                                                   args.heads_min_prob))
+    if "faithfulness" in only:
+        section("faithfulness", faithfulness_section)
     if "truthfulqa" in only:
-        save("truthfulqa", truthfulqa(model, args.truthfulqa, args.questions))
+        section("truthfulqa", lambda: truthfulqa(model, args.truthfulqa, args.questions, args.minutes))
     print(json.dumps(results, indent=2))
 
 

@@ -142,7 +142,8 @@ CALIBRATION = ["The weather today is nice, so I think", "My favourite thing in t
 
 @pytest.fixture(scope="module")
 def smollm2_neurons(smollm2):
-    return decode_neurons(smollm2, k=20, inputs=False)
+    """The fast kernel on the layers the tests read: 0, 14 and the last third (where word neurons live)."""
+    return decode_neurons(smollm2, layers=[0, 14, *range(20, 30)], k=20, inputs=False)
 
 
 @pytest.mark.slow
@@ -151,7 +152,7 @@ def test_smollm2_pruned_equals_plain_on_whole_layers(smollm2, smollm2_neurons):
     layers = [0, 14, 29]
     plain = decode_neurons(smollm2, layers=layers, k=20, inputs=False, method="plain")
     d_mlp = smollm2.layout.d_mlp
-    rows = torch.cat([torch.arange(l * d_mlp, (l + 1) * d_mlp) for l in layers])
+    rows = torch.cat([torch.arange(smollm2_neurons.row(l, 0), smollm2_neurons.row(l, 0) + d_mlp) for l in layers])
     for fast, ref in ((smollm2_neurons.promoted, plain.promoted), (smollm2_neurons.suppressed, plain.suppressed)):
         same = (fast.ids[rows].sort(1).values == ref.ids.sort(1).values).all(1)
         assert same.float().mean() > 0.999  # the rest: float32 ties at the k-th rank
@@ -198,7 +199,8 @@ def test_smollm2_clamping_a_word_neuron_makes_the_model_say_the_word(smollm2, sm
     target = candidates[0]
     control = next(i for i in candidates if top1[i] != top1[target])
     word = top1[target].item()
-    (t_layer, t_neuron), (c_layer, c_neuron) = divmod(target, model.layout.d_mlp), divmod(control, model.layout.d_mlp)
+    (t_index, t_neuron), (c_index, c_neuron) = divmod(target, model.layout.d_mlp), divmod(control, model.layout.d_mlp)
+    t_layer, c_layer = dec.layers[t_index], dec.layers[c_index]
 
     base = _probability(model, word)
     boosted = _probability(model, word, (t_layer, t_neuron, 10 * _max_activation(model, t_layer, t_neuron)))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -9,6 +11,7 @@ from conftest import TINY_TYPES, get_tiny
 from lmatlas.errors import LmatlasError
 from lmatlas.infer.decoding.draft_heads import (DraftHeads, DraftHeadsError, load_draft_heads, save_draft_heads,
                                                 train_draft_heads)
+from lmatlas.infer.decoding.distill import continuations, head_agreement, head_targets, prompt_token_lists
 from lmatlas.infer.decoding.drafters import EarlyExit, Heads, PromptLookup, make_drafter
 from lmatlas.infer.decoding.speculative import speculative_generate
 
@@ -82,22 +85,86 @@ def test_draft_heads_train_save_load(tmp_path):
     heads = train_draft_heads(model, 2, n_prompts=8, prompt_len=8, new_tokens=24, minutes=1, max_steps=60,
                               batch=64, lr=1e-2, texts=texts)
     train = heads.meta["train"]
-    assert train["steps"] == 60 and train["final_loss"] < train["first_loss"]
+    assert train["steps"] == 60 and train["final_loss"] < train["first_loss"] and train["data"] == "corpus"
+    assert len(train["heldout_top1"]) == 2 and train["heldout_positions"] > 0
+    assert heads.vocab is not None and 0 < train["draft_vocab"] <= 4096 and 0 < train["draft_vocab_coverage"] <= 1
     path = save_draft_heads(heads, model, tmp_path / "h.safetensors")
     loaded = load_draft_heads(model, path)
     assert torch.equal(loaded.weight, heads.weight) and torch.equal(loaded.bias, heads.bias)
+    assert torch.equal(loaded.vocab, heads.vocab)
     ids = model.tokenize(PROMPTS[0])["input_ids"]
     result = speculative_generate(model, ids, make_drafter(model, "heads", heads_path=str(path)), 30, draft_len=2)
     assert result.token_ids == _greedy(model, ids, 30)
+    confident = speculative_generate(model, ids, make_drafter(model, "heads", heads_path=str(path), min_prob=0.3),
+                                     30, draft_len=2)
+    assert confident.token_ids == result.token_ids and sum(confident.drafted) <= sum(result.drafted)
+    with pytest.raises(LmatlasError, match="min_prob"):
+        make_drafter(model, "heads", heads_path=str(path), min_prob=1.0)
     # independent re-computation of a head's draft: lm_head(h + silu(W h + b))
     h = torch.randn(model.layout.d_model)
-    manual = model.hf.lm_head(h + torch.nn.functional.silu(loaded.weight[1] @ h + loaded.bias[1])).argmax()
-    assert loaded.propose(model.hf, h, 2)[1] == int(manual)
+    logits = model.hf.lm_head(h + torch.nn.functional.silu(loaded.weight[1] @ h + loaded.bias[1]))
+    assert loaded.propose(model.hf, h, 2)[1] == int(loaded.vocab[logits[loaded.vocab].argmax()])
+    loaded.vocab = None                                 # the whole vocabulary
+    assert loaded.propose(model.hf, h, 2)[1] == int(logits.argmax())
     from lmatlas.model.tiny import tiny_model
 
     other = tiny_model("llama", seed=1)                 # same architecture, other weights
     with pytest.raises(DraftHeadsError, match="another model"):
         load_draft_heads(other, path)
+
+
+def test_distillation_targets_and_agreement():
+    """Hand-built case: labels of head k are the model's own tokens k + 1 places after the next one,
+    prompt / after-end positions are never targets, and the agreement counts top-1 hits."""
+    tokens = torch.tensor([[-100, -100, 5, 6, 7, 8, 9, -100]])            # [1, 8]: prompt 2, 5 own tokens, pad
+    hidden = torch.arange(8.0).view(1, 8, 1).expand(1, 8, 3).contiguous()  # h_t = [t, t, t]
+    states, labels = head_targets(hidden, tokens, 2)
+    # h_t (predicting tokens[t+1]) needs tokens[t+2], tokens[t+3] >= 0: t = 0 .. 3 (span = 8 - 1 - 2 = 5)
+    assert states[:, 0].tolist() == [0.0, 1.0, 2.0, 3.0]
+    assert labels.tolist() == [[5, 6, 7, 8], [6, 7, 8, 9]]
+
+    identity = DraftHeads(2, 3)                     # untrained heads: h + silu(0 h + 0) = h
+    lm_head = torch.nn.Linear(3, 10, bias=False)
+    with torch.no_grad():
+        lm_head.weight.zero_()
+        lm_head.weight[6] = 1.0                      # every state (t > 0) guesses token 6
+        lm_head.weight[8] = 0.5
+    assert head_agreement(identity, lm_head, states[1:], labels[:, 1:]) == pytest.approx([1 / 3, 0.0])
+    # a draft vocabulary without token 6: the argmax among the kept rows (8 beats 2 and 9)
+    narrow = DraftHeads(2, 3, vocab=torch.tensor([2, 8, 9]))
+    assert narrow.guess(lm_head, states[1:]).tolist() == [[8, 8, 8], [8, 8, 8]]
+    assert head_agreement(narrow, lm_head, states[1:], labels[:, 1:]) == pytest.approx([1 / 3, 1 / 3])
+    # the confidence cut: at h = [1, 1, 1] the logits are 3 (token 6), 1.5 (token 8), 0 (8 others)
+    p6 = math.exp(3) / (math.exp(3) + math.exp(1.5) + 8)                # 0.617, the same for both heads
+    hf = type("HF", (), {"get_output_embeddings": lambda self: lm_head})()
+    h = torch.ones(3)
+    assert identity.propose(hf, h, 2) == [6, 6] and identity.propose(hf, h, 2, min_prob=p6 - 0.01) == [6, 6]
+    assert identity.propose(hf, h, 2, min_prob=p6 + 0.01) == []
+    assert identity.guess(lm_head, h, with_prob=True)[1].tolist() == pytest.approx([p6, p6])
+
+
+def test_draft_heads_chat_data_tiny():
+    from lmatlas.model.tiny import tiny_model
+
+    model = tiny_model("llama")
+    with pytest.raises(LmatlasError, match="no chat template"):
+        train_draft_heads(model, 2, data="chat", n_prompts=4, new_tokens=12, max_steps=2)
+    with pytest.raises(LmatlasError, match="Unknown distillation source"):
+        train_draft_heads(model, 2, data="books", n_prompts=4, new_tokens=12, max_steps=2)
+    model.tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+    prompts = prompt_token_lists(model, "chat", 3, 0, None)
+    assert len({len(p) for p in prompts}) > 1                     # prompts of unequal length: left padding
+    hidden, tokens = continuations(model, prompts, 10)
+    width = max(len(p) for p in prompts)
+    assert (tokens[:, :width] == -100).all() and hidden.shape[:2] == tokens.shape
+    for row, prompt in enumerate(prompts):                        # each row is the model's own greedy answer
+        ids = torch.tensor([prompt])
+        with torch.no_grad():
+            alone = model.hf.generate(input_ids=ids, do_sample=False, max_new_tokens=10, pad_token_id=0)[0, len(prompt):]
+        own = tokens[row, width:]
+        assert own[own >= 0].tolist() == alone[:int((own >= 0).sum())].tolist()
+    heads = train_draft_heads(model, 2, data="chat", n_prompts=16, new_tokens=16, max_steps=20, lr=1e-2)
+    assert heads.meta["train"]["data"] == "chat" and heads.meta["train"]["steps"] == 20
 
 
 def test_bad_input(tmp_path, monkeypatch):

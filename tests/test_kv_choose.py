@@ -182,3 +182,18 @@ def test_greedy_runner_equals_generate_and_reports(llama):
     assert result.peak_prefill_bytes is not None and result.decode_tokens_per_s > 0
     default = greedy(llama, ids, None, max_new_tokens=6, stop_at_eos=False)
     assert default.kv_bytes > result.kv_bytes
+
+
+def test_model_generate_takes_a_kv_plan(llama):
+    prompt = "the head-wise cache keeps sinks and a recent window " * 2
+    plan = make_plan(llama, [(1, 1)], sink=2, recent=5)
+    batch = llama.tokenize(prompt)
+    with torch.no_grad():
+        ref = llama.hf.generate(**batch, past_key_values=HeadwiseCache(llama, plan), max_new_tokens=6,
+                                do_sample=False, pad_token_id=258)
+    expected = llama.tokenizer.decode(ref[0, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert llama.generate(prompt, 6, kv_plan=plan) == [expected]
+    # every head full: the same text as the default cache
+    assert llama.generate(prompt, 6, kv_plan=choose.every_head(llama)) == llama.generate(prompt, 6)
+    with pytest.raises(LmatlasError, match="not both"):
+        llama.generate(prompt, 2, kv_plan=plan, past_key_values=HeadwiseCache(llama, plan))

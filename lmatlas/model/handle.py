@@ -264,7 +264,7 @@ class Model:
         return cache
 
     def generate(self, inputs: Inputs, max_new_tokens: int = 32, *, chat: bool = False, edit: Any = None,
-                 compare: bool = False, **kwargs: Any) -> Any:
+                 compare: bool = False, kv_plan: Any = None, **kwargs: Any) -> Any:
         """Greedy (by default) generation; returns the new text of each sequence.
 
         Args:
@@ -273,6 +273,9 @@ class Model:
                 interventions' ``steps`` choose which).
             compare: return a :class:`~lmatlas.edit.generation.Comparison` of the unedited and the
                 edited continuation, with each token's log-probability under both (needs ``edit``).
+            kv_plan: a :class:`~lmatlas.infer.plan.KVPlan` (e.g. ``lmatlas.infer.choose.from_atlas(model,
+                atlas, budget=0.25)``): generate with a fresh head-wise KV cache made from it (full
+                heads keep every entry, the others sinks + a recent window). Not with ``past_key_values``.
             kwargs: passed to ``transformers``' ``generate`` (``do_sample``, ``past_key_values``, ...).
 
         An empty continuation is logged with the stop token that ended it.
@@ -291,6 +294,14 @@ class Model:
         if edit is not None:
             generation.check_positions(self.replacements(edit), batch["input_ids"].shape[1], max_new_tokens)
         kwargs.setdefault("do_sample", False)
+        if kv_plan is not None:
+            if kwargs.get("past_key_values") is not None:
+                raise InputError("Give either kv_plan (a head-wise cache is made from it) or past_key_values, not both.")
+            from lmatlas.infer.cache import HeadwiseCache
+            from lmatlas.infer.generate import check_prompt
+
+            check_prompt(batch)
+            kwargs["past_key_values"] = HeadwiseCache(self, kv_plan)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         with self.hooked(replace=edit) if edit is not None else _nothing(), torch.no_grad():
             out = self.hf.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=pad, **kwargs)

@@ -7,9 +7,10 @@ that gives the model's next token ``x_{t+1}``, and guesses the token ``k`` place
 
 ``W_k`` ``[d_model, d_model]`` starts at zero, so an untrained head repeats the model's
 own next token. Training is self-distillation: the model decodes greedily from prompts
-cut from a corpus (the atlas's default corpus unless given), and each head learns, by
-cross-entropy with the unembedding frozen, the token the model itself produced ``k``
-places later. The file is safetensors with metadata naming the base model (the card's
+(instructions through its chat template, or windows of a corpus:
+:mod:`lmatlas.infer.decoding.distill`), and each head learns, by cross-entropy with the
+unembedding frozen, the token the model itself produced ``k`` places later; held-out
+sequences give each head's top-1 agreement. The file is safetensors with metadata naming the base model (the card's
 file SHA-256 and a weights fingerprint); loading it for another model is refused.
 
 Default location: ``$LMATLAS_CACHE/draft-heads/<model key>.safetensors`` (written by
@@ -43,13 +44,16 @@ class DraftHeadsError(LmatlasError):
 class DraftHeads(nn.Module):
     """``K`` residual blocks: ``forward(h [..., d]) -> [K, ..., d]``; ``propose`` drafts tokens."""
 
-    def __init__(self, n_heads: int, d_model: int, meta: dict[str, Any] | None = None):
+    def __init__(self, n_heads: int, d_model: int, meta: dict[str, Any] | None = None,
+                 vocab: torch.Tensor | None = None):
         super().__init__()
         if n_heads < 1:
             raise InputError(f"n_heads={n_heads}: train at least one draft head.")
         self.weight = nn.Parameter(torch.zeros(n_heads, d_model, d_model))
         self.bias = nn.Parameter(torch.zeros(n_heads, d_model))
+        self.register_buffer("vocab", None if vocab is None else vocab.long())
         self.meta = dict(meta or {})
+        self._rows: tuple | None = None
 
     @property
     def n_heads(self) -> int:
@@ -70,12 +74,45 @@ class DraftHeads(nn.Module):
                 f"{self.meta.get('weights')}; this model's are {mine}): train heads for it with "
                 f"`lmatlas train-draft-heads MODEL`.")
 
+    def _unembedding(self, lm_head: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(W [v, d_model], b [v] or None)``: the unembedding rows of :attr:`vocab` (all rows without one),
+        cut once per unembedding matrix."""
+        weight, bias = lm_head.weight, getattr(lm_head, "bias", None)
+        if self.vocab is None:
+            return weight, bias
+        key = (weight.data_ptr(), weight.shape, weight.dtype)
+        if self._rows is None or self._rows[0] != key:
+            self._rows = (key, weight[self.vocab].contiguous(), None if bias is None else bias[self.vocab])
+        return self._rows[1], self._rows[2]
+
     @torch.no_grad()
-    def propose(self, hf: nn.Module, hidden: torch.Tensor, k: int) -> list[int]:
-        """Up to ``k`` tokens after the last one, from ``hidden`` ``[d_model]`` (one unembedding matmul)."""
-        k = min(k, self.n_heads)
-        states = self(hidden)[:k].to(hf.get_output_embeddings().weight.dtype)   # [k, d_model]
-        return hf.get_output_embeddings()(states).argmax(-1).tolist()
+    def guess(self, lm_head: nn.Module, hidden: torch.Tensor, k: int | None = None,
+              with_prob: bool = False) -> Any:
+        """``[k, ...]`` token ids: each head's argmax for ``hidden`` ``[..., d_model]``, over :attr:`vocab`
+        (the draft vocabulary kept at training, the most frequent tokens of the model's own text) if set.
+        With ``with_prob``, also ``[k, ...]`` the head's softmax probability of its guess (over the same rows)."""
+        weight, bias = self._unembedding(lm_head)
+        states = self(hidden)[:k].to(weight.dtype)                               # [k, ..., d_model]
+        logits = F.linear(states, weight, bias).float()                           # [k, ..., v]
+        best = logits.argmax(-1)
+        tokens = best if self.vocab is None else self.vocab[best]
+        if not with_prob:
+            return tokens
+        return tokens, torch.softmax(logits, -1).gather(-1, best.unsqueeze(-1)).squeeze(-1)
+
+    @torch.no_grad()
+    def propose(self, hf: nn.Module, hidden: torch.Tensor, k: int, min_prob: float = 0.0) -> list[int]:
+        """Up to ``k`` tokens after the last one, from ``hidden`` ``[d_model]`` (one small unembedding matmul).
+
+        ``min_prob`` > 0 stops the draft at the first head whose own probability of its guess is
+        below it: on a CPU a verifying forward costs more per drafted token, so unlikely guesses
+        are better not drafted (the output stays greedy's either way)."""
+        tokens, probs = self.guess(hf.get_output_embeddings(), hidden, min(k, self.n_heads), with_prob=True)
+        keep = len(tokens)
+        if min_prob > 0:
+            below = (probs < min_prob).nonzero()
+            keep = int(below[0]) if len(below) else keep
+        return tokens[:keep].tolist()
 
 
 def model_key(model: Any) -> str:
@@ -99,8 +136,10 @@ def save_draft_heads(heads: DraftHeads, model: Any, path: str | Path) -> Path:
             "weights": weights_fingerprint(model.hf), "n_heads": str(heads.n_heads),
             "d_model": str(heads.weight.shape[-1]), "train": json.dumps(heads.meta.get("train", {}))}
     tmp = path.with_suffix(".tmp")
-    save_file({"weight": heads.weight.detach().contiguous(), "bias": heads.bias.detach().contiguous()},
-              str(tmp), metadata=meta)
+    tensors = {"weight": heads.weight.detach().contiguous(), "bias": heads.bias.detach().contiguous()}
+    if heads.vocab is not None:
+        tensors["vocab"] = heads.vocab.detach().contiguous()
+    save_file(tensors, str(tmp), metadata=meta)
     os.replace(tmp, path)
     return path
 
@@ -118,6 +157,7 @@ def load_draft_heads(model: Any, path: str | Path | None = None) -> DraftHeads:
         with safe_open(str(path), framework="pt") as handle:
             meta = handle.metadata() or {}
             weight, bias = handle.get_tensor("weight"), handle.get_tensor("bias")
+            vocab = handle.get_tensor("vocab") if "vocab" in handle.keys() else None
     except Exception as error:  # safetensors raises several types for a damaged file
         raise DraftHeadsError(f"{path} is not a draft-heads file ({error}).") from None
     if meta.get("format") != FORMAT:
@@ -128,71 +168,86 @@ def load_draft_heads(model: Any, path: str | Path | None = None) -> DraftHeads:
             f"{path} holds draft heads trained for another model ({meta.get('source')}, file hash "
             f"{meta.get('file_sha256')}); this model's card hash is {card.get('file_sha256')}. Train heads for it "
             f"with `lmatlas train-draft-heads MODEL`.")
-    heads = DraftHeads(weight.shape[0], weight.shape[-1], meta={**meta, "train": json.loads(meta.get("train", "{}"))})
+    heads = DraftHeads(weight.shape[0], weight.shape[-1], meta={**meta, "train": json.loads(meta.get("train", "{}"))},
+                       vocab=vocab)
     with torch.no_grad():
         heads.weight.copy_(weight)
         heads.bias.copy_(bias)
     return heads.to(model.device)
 
 
-def self_distillation_data(model: Any, prompts: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(hidden [n, pos, d_model], tokens [n, pos])``: the model's greedy continuations of ``prompts``
-    ``[n, prompt_len]`` and the final-normed hidden state at every position (positions after an
-    end token are marked ``-100`` in ``tokens``)."""
-    from lmatlas.infer.decoding.speculative import _NormTap
-
-    hf = model.hf
-    with torch.no_grad():
-        out = hf.generate(input_ids=prompts.to(model.device), do_sample=False, max_new_tokens=new_tokens,
-                          min_new_tokens=new_tokens, pad_token_id=model.tokenizer.eos_token_id or 0)
-        with _NormTap(hf) as tap:
-            hf(input_ids=out, use_cache=False)
-        hidden = tap.value.float()
-    tokens = out.clone()
-    tokens[:, : prompts.shape[1]] = -100          # only the model's own tokens are targets
-    return hidden, tokens
-
-
 def train_draft_heads(
-    model: Any, n_heads: int = 3, *, n_prompts: int = 64, prompt_len: int = 24, new_tokens: int = 64,
-    minutes: float = 4.0, max_steps: int = 400, batch: int = 128, lr: float = 3e-3, seed: int = 0,
-    texts: list[str] | None = None, progress: Any = True,
+    model: Any, n_heads: int = 3, *, data: str | None = None, n_prompts: int = 64, prompt_len: int = 24,
+    new_tokens: int = 64, minutes: float = 4.0, max_steps: int = 400, batch: int = 128, lr: float = 3e-3,
+    seed: int = 0, texts: list[str] | None = None, heldout: float = 0.125, draft_vocab: int | None = 4096,
+    progress: Any = True,
 ) -> DraftHeads:
-    """Self-distil ``n_heads`` draft heads (see the module docstring) within about ``minutes``."""
-    from lmatlas.atlas.corpus import corpus_windows, default_texts
+    """Self-distil ``n_heads`` draft heads (see the module docstring) within about ``minutes``.
+
+    ``data``: ``"chat"`` (the model's answers to a table of instructions; the default when the
+    tokenizer has a chat template) or ``"corpus"`` (continuations of ``texts`` windows of
+    ``prompt_len`` tokens); see :mod:`lmatlas.infer.decoding.distill`. Generating the data
+    stops once half the budget is spent. A ``heldout`` fraction of the sequences is kept out of
+    training to measure each head's top-1 agreement with the model's own tokens
+    (``meta["train"]["heldout_top1"]``, before and after training). ``draft_vocab``: the heads
+    draft among the most frequent tokens of the training targets only (``None``: the whole
+    vocabulary), which makes each draft a small matmul instead of a full unembedding; the
+    coverage of held-out targets is reported (a token outside it is simply never drafted).
+    """
+    from lmatlas.infer.decoding.distill import continuations, head_agreement, head_targets, prompt_token_lists
+    from lmatlas.progress import progress_task
 
     if n_heads < 1:
         raise InputError(f"n_heads={n_heads}: train at least one draft head.")
-    from lmatlas.progress import progress_task
-
+    if new_tokens <= n_heads + 1:
+        raise InputError(f"new_tokens={new_tokens}: generate more than n_heads + 1 = {n_heads + 1} tokens per prompt.")
+    if data is None:
+        data = "chat" if getattr(model.tokenizer, "chat_template", None) is not None else "corpus"
     torch.manual_seed(seed)
-    start = time.perf_counter()
-    prompts = corpus_windows(model, texts or default_texts(), n_sequences=n_prompts, seq_len=prompt_len)
-    hiddens, targets = [], []
-    with progress_task("Draft heads: the model's own continuations", total=prompts.shape[0],
-                       enabled=progress) as task:
-        for i in range(0, prompts.shape[0], 16):
-            h, t = self_distillation_data(model, prompts[i:i + 16], new_tokens)
-            hiddens.append(h)
-            targets.append(t)
-            task.update(min(i + 16, prompts.shape[0]))
-    hidden, tokens = torch.cat(hiddens), torch.cat(targets)                 # [n, pos, d], [n, pos]
-    # rows: (sequence, position t) with h_t; head k's target is tokens[t + 1 + k]
-    n, pos, d = hidden.shape
+    start, budget = time.perf_counter(), minutes * 60
+    prompts = prompt_token_lists(model, data, n_prompts, prompt_len, texts, seed)
+    train_parts, test_parts = [], []
+    chunk = 16
+    with progress_task("Draft heads: the model's own continuations", total=len(prompts), enabled=progress) as task:
+        for i in range(0, len(prompts), chunk):
+            hidden, tokens = continuations(model, prompts[i:i + chunk], new_tokens)
+            n_test = int(round(heldout * hidden.shape[0])) if hidden.shape[0] > 1 else 0
+            states, labels = head_targets(hidden[n_test:], tokens[n_test:], n_heads)
+            train_parts.append((states, labels))
+            if n_test:
+                test_parts.append(head_targets(hidden[:n_test], tokens[:n_test], n_heads))
+            task.update(min(i + chunk, len(prompts)))
+            if i > 0 and time.perf_counter() - start > budget / 2:
+                _log.info("Draft heads: data generation stopped at %d prompts (half the time budget)", i + chunk)
+                break
+    used_prompts = min(len(prompts), len(train_parts) * chunk)
+    data_seconds = time.perf_counter() - start
+    flat_h = torch.cat([s for s, _ in train_parts]).to(model.device)                 # [rows, d]
+    labels = torch.cat([l for _, l in train_parts], 1).to(model.device)              # [K, rows]
+    if flat_h.shape[0] == 0:
+        raise InputError("No usable positions: the model stopped too early; raise new_tokens or use data='corpus'.")
+    test_h = torch.cat([s for s, _ in test_parts]).to(model.device) if test_parts else flat_h[:0]
+    test_labels = torch.cat([l for _, l in test_parts], 1).to(model.device) if test_parts else labels[:, :0]
+    d = flat_h.shape[1]
     lm_head = model.hf.get_output_embeddings()
-    heads = DraftHeads(n_heads, d).to(model.device)
+    vocab, coverage = None, 1.0
+    if draft_vocab is not None:
+        if draft_vocab < 1:
+            raise InputError(f"draft_vocab={draft_vocab}: keep at least one token (or None for all).")
+        counts = torch.bincount(labels.reshape(-1).cpu(), minlength=lm_head.weight.shape[0])
+        vocab = torch.argsort(counts, descending=True)[:min(draft_vocab, int((counts > 0).sum()))].sort().values
+        if test_labels.numel():
+            coverage = float(torch.isin(test_labels.cpu(), vocab).float().mean())
+    heads = DraftHeads(n_heads, d, vocab=vocab).to(model.device)
+    before = head_agreement(heads, lm_head, test_h, test_labels)
     optimiser = torch.optim.AdamW(heads.parameters(), lr=lr, weight_decay=0.0)
-    span = pos - 1 - n_heads
-    flat_h = hidden[:, :span].reshape(-1, d)
-    labels = torch.stack([tokens[:, 1 + k + 1: 1 + k + 1 + span] for k in range(n_heads)]).reshape(n_heads, -1)
-    usable = (labels >= 0).all(0).nonzero().squeeze(1)
     generator = torch.Generator().manual_seed(seed)
-    losses, step, budget = [], 0, minutes * 60
+    losses, step = [], 0
     for param in lm_head.parameters():
         param.requires_grad_(False)
     with progress_task("Draft heads: training", total=max_steps, enabled=progress) as task:
         while step < max_steps and time.perf_counter() - start < budget:
-            rows = usable[torch.randint(len(usable), (min(batch, len(usable)),), generator=generator)]
+            rows = torch.randint(flat_h.shape[0], (min(batch, flat_h.shape[0]),), generator=generator)
             states = heads(flat_h[rows])                                           # [K, b, d]
             logits = lm_head(states.to(lm_head.weight.dtype)).float()             # [K, b, V]
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, rows].reshape(-1))
@@ -202,10 +257,18 @@ def train_draft_heads(
             losses.append(float(loss.detach()))
             step += 1
             task.update(step, description=f"Draft heads: training (loss {losses[-1]:.3f})")
-    heads.meta["train"] = {"n_heads": n_heads, "prompts": int(prompts.shape[0]), "prompt_len": prompt_len,
+    heads.eval()
+    after = head_agreement(heads, lm_head, test_h, test_labels)
+    heads.meta["train"] = {"n_heads": n_heads, "data": data, "prompts": used_prompts, "prompt_len": prompt_len,
                            "new_tokens": new_tokens, "steps": step, "batch": batch, "lr": lr, "seed": seed,
-                           "seconds": round(time.perf_counter() - start, 1), "positions": int(len(usable)),
+                           "data_seconds": round(data_seconds, 1),
+                           "seconds": round(time.perf_counter() - start, 1), "positions": int(flat_h.shape[0]),
+                           "heldout_positions": int(test_h.shape[0]),
                            "first_loss": sum(losses[:10]) / max(len(losses[:10]), 1),
-                           "final_loss": sum(losses[-10:]) / max(len(losses[-10:]), 1)}
+                           "final_loss": sum(losses[-10:]) / max(len(losses[-10:]), 1),
+                           "draft_vocab": None if vocab is None else int(vocab.numel()),
+                           "draft_vocab_coverage": round(coverage, 4),
+                           "heldout_top1_untrained": [round(a, 4) for a in before],
+                           "heldout_top1": [round(a, 4) for a in after]}
     heads.meta["weights"] = weights_fingerprint(model.hf)
-    return heads.eval()
+    return heads

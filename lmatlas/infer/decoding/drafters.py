@@ -96,21 +96,26 @@ class EarlyExit:
 
 @dataclass
 class Heads:
-    """Medusa-1 draft heads (a :class:`~lmatlas.infer.decoding.draft_heads.DraftHeads`)."""
+    """Medusa-1 draft heads (a :class:`~lmatlas.infer.decoding.draft_heads.DraftHeads`); ``min_prob``: draft
+    only while each head's probability of its guess is at least this (0 = always ``k`` tokens)."""
 
     heads: Any
+    min_prob: float = 0.0
 
     def check(self, hf: nn.Module) -> None:
+        if not 0.0 <= self.min_prob < 1.0:
+            raise InputError(f"min_prob={self.min_prob}: choose a probability in [0, 1).")
         self.heads.check(hf)
 
     def propose(self, state: Any, k: int) -> list[int]:
-        return self.heads.propose(state.hf, state.hidden, k)
+        return self.heads.propose(state.hf, state.hidden, k, self.min_prob)
 
 
 DRAFTERS = ("prompt-lookup", "early-exit", "heads")
 
 
-def make_drafter(model: Any, name: str, *, layers: int | None = None, heads_path: str | None = None) -> Any:
+def make_drafter(model: Any, name: str, *, layers: int | None = None, heads_path: str | None = None,
+                 min_prob: float = 0.0) -> Any:
     """A drafter by name (``prompt-lookup``, ``early-exit``, ``heads``), checked against ``model``."""
     if name == "prompt-lookup":
         drafter = PromptLookup()
@@ -119,7 +124,7 @@ def make_drafter(model: Any, name: str, *, layers: int | None = None, heads_path
     elif name == "heads":
         from lmatlas.infer.decoding.draft_heads import load_draft_heads
 
-        drafter = Heads(load_draft_heads(model, heads_path))
+        drafter = Heads(load_draft_heads(model, heads_path), min_prob)
     else:
         raise InputError(f"Unknown drafter {name!r}: use one of {', '.join(DRAFTERS)}.")
     drafter.check(model.hf)
