@@ -156,7 +156,8 @@ def test_ablating_nothing_is_the_plain_model(client, model):
 
 
 def test_mean_ablation_uses_the_library(client, model):
-    body = {"prompt": PROMPT, "max_new_tokens": 6, "interventions": [{"kind": "ablate", "target": "L0.H1", "how": "mean"}]}
+    body = {"prompt": PROMPT, "max_new_tokens": 6,
+            "interventions": [{"kind": "ablate", "target": "L0.H1", "how": "mean"}]}
     data = client.post("/api/edit", json=body).json()
     assert data["edited"]["text"] == model.generate(PROMPT, 6, edit=Ablate("L0.H1", how="mean"))[0]
 
@@ -341,3 +342,15 @@ def test_memo_keeps_the_most_recent_answers():
     assert memo.get("a") == 1  # "a" is now the most recent
     memo.put("c", 3)
     assert (memo.get("a"), memo.get("b"), memo.get("c")) == (1, None, 3)
+
+
+def test_the_schema_target_pattern_is_the_site_grammar():
+    """A target the schema allows is one names.head / names.neuron parse (no 422 for schema-valid input)."""
+    import re
+
+    from lmatlas.web import names
+    from lmatlas.web.editing import TARGET_PATTERN
+
+    for text in ("L1.H2", "L99333.H851469", "L0.N123456789", "L1.H1234567", "L1.N1234567890", "L1.X2", "L1.H2 "):
+        in_grammar = names.HEAD_NAME.match(text) or names.NEURON_NAME.match(text)
+        assert bool(re.match(TARGET_PATTERN, text)) == bool(in_grammar)

@@ -51,7 +51,8 @@ def test_api_conforms_to_its_schema_and_never_fails(app, mode):
     for operation in operations:
 
         @given(case=operation.as_strategy(generation_mode=mode))
-        @settings(max_examples=EXAMPLES_OF.get(operation.label, EXAMPLES), deadline=None, suppress_health_check=list(HealthCheck), database=None,
+        @settings(max_examples=EXAMPLES_OF.get(operation.label, EXAMPLES), deadline=None,
+                  suppress_health_check=list(HealthCheck), database=None,
                   phases=[Phase.explicit, Phase.generate])  # no shrinking: a failure is reported as found
         def check(case):
             skip = [positive_data_acceptance] if operation.label in NOT_EXPRESSIBLE else []

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 #: Most tokens a request may ask for (the schema's bound; ``Limits.new_tokens`` may be lower).
 MAX_NEW_TOKENS = 256
 DEFAULT_NEW_TOKENS = 24
-TARGET_PATTERN = r"^L\d{1,6}\.[HN]\d{1,9}$"
+TARGET_PATTERN = r"^L\d{1,6}\.(H\d{1,6}|N\d{1,9})$"  # names.HEAD_NAME or names.NEURON_NAME
 _TARGET = dict(max_length=40, description="a head (L5.H3) or a neuron (L12.N1031)",
                json_schema_extra={"pattern": TARGET_PATTERN})
 
@@ -147,7 +147,8 @@ def check_request(model: "Model", request: EditRequest, limits: "Limits") -> tup
         raise Malformed(f"max_new_tokens is {new}; this explorer generates at most {limits.new_tokens}.")
     n = int(prompt_ids(model, request.prompt, request.chat)["input_ids"].shape[1])
     if n > limits.edit_tokens:
-        raise Malformed(f"The prompt is {n} tokens; the edit playground takes at most {limits.edit_tokens}. Shorten it.")
+        raise Malformed(f"The prompt is {n} tokens; the edit playground takes at most {limits.edit_tokens}. "
+                        "Shorten it.")
     return n, new
 
 
