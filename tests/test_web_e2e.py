@@ -260,6 +260,8 @@ def test_edit_playground_from_head_and_neuron_pages(page, server):
     assert at is not None and page.locator("#edited span.first").get_attribute("data-i") == str(at)
     assert f"first differ at generated token {at}" in page.locator("#diff-note").inner_text()
     assert "prompt=" in page.url  # the prompt is part of the shareable URL
+    ARTEFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTEFACTS / "edit_playground_two_continuations.png"), full_page=True)
     with page.expect_download() as download:
         page.click("#download")
     saved = json.loads(Path(download.value.path()).read_text())
