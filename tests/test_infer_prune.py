@@ -93,6 +93,9 @@ def test_bad_heads_and_fractions():
 def test_least_important_and_random_choices():
     importance = torch.tensor([[0.5, 0.1, 0.3, 0.0], [0.2, 0.9, 0.05, 0.4]])
     assert least_important(importance, 0.25) == ["L0.H3", "L1.H2"]
+    # a large negative loss change (ablating the head helps the corpus loss) is an effect, not "unimportant"
+    signed = torch.tensor([[-0.8, 0.1, 0.3, 0.0], [0.2, 0.9, -0.05, 0.4]])
+    assert least_important(signed, 0.25) == ["L0.H3", "L1.H2"]
     model = tiny_model("llama")
     assert random_heads(model, 0.5, 1) == random_heads(model, 0.5, 1) != random_heads(model, 0.5, 2)
     assert len(random_heads(model, 0.5, 1)) == 4

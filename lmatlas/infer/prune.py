@@ -189,11 +189,16 @@ def importance_from_atlas(model: "Model", path: str | Path) -> torch.Tensor:
 
 
 def least_important(importance: torch.Tensor, fraction: float) -> list[str]:
-    """The ``round(fraction * n)`` heads with the smallest importance (ties: lower layer, lower head)."""
+    """The ``round(fraction * n)`` heads whose ablation changes the loss least (ties: lower layer, lower head).
+
+    Ranked by ``|importance|``: a head whose ablation *lowers* the corpus loss (a negative
+    ``delta_loss``, common among attribution estimates) still does something, and pruning it
+    changes the model as much as a positive value of the same size would.
+    """
     if not 0.0 <= fraction <= 1.0:
         raise LmatlasError(f"The fraction of heads to prune must be in [0, 1], got {fraction}.")
     n_layers, n_heads = importance.shape
-    ranked = sorted(((float(importance[l, h]), l, h) for l in range(n_layers) for h in range(n_heads)))
+    ranked = sorted(((abs(float(importance[l, h])), l, h) for l in range(n_layers) for h in range(n_heads)))
     return [f"L{l}.H{h}" for _, l, h in ranked[:round(fraction * n_layers * n_heads)]]
 
 

@@ -98,13 +98,14 @@ def acceptance_profile(model: Any, prompts: Sequence[str], new_tokens: int = 64,
 
 
 def least_important_layers(atlas: Any, fraction: float = 0.2) -> list[int]:
-    """The ``fraction`` of blocks with the smallest importance in an atlas (heads' + MLP's loss increase)."""
+    """The ``fraction`` of blocks that matter least in an atlas: the smallest ``|MLP delta_loss|`` plus
+    ``sum |head delta_loss|`` (a negative loss change is still a change)."""
     from lmatlas.atlas import Atlas
 
     atlas = Atlas.open(atlas) if isinstance(atlas, str) else atlas
     rows = atlas.sql(
-        "SELECT m.layer, m.delta_loss + COALESCE(h.total, 0) AS importance FROM mlp_importance m "
-        "LEFT JOIN (SELECT layer, SUM(delta_loss) AS total FROM head_importance GROUP BY layer) h "
+        "SELECT m.layer, abs(m.delta_loss) + COALESCE(h.total, 0) AS importance FROM mlp_importance m "
+        "LEFT JOIN (SELECT layer, SUM(abs(delta_loss)) AS total FROM head_importance GROUP BY layer) h "
         "ON m.layer = h.layer ORDER BY importance").to_pylist()
     if not rows:
         raise InputError("This atlas has no importance tables: build it with the importance stage.")
