@@ -70,7 +70,7 @@ def test_atlas_info(client, paths, model):
     assert info["model"]["layers"] == 2 and info["model"]["query_heads"] == 4
     assert info["available"] == {"model": True, "diff": True, "corpus": True, "head_windows": True,
                                  "neuron_contexts": True, "neuron_histograms": True, "head_scores": True,
-                                 "neuron_stats": True}
+                                 "neuron_stats": True, "circuits": False}
     assert {d["name"] for d in info["detectors"]} >= {"induction", "previous_token"}
     assert {s["stage"] for s in info["stages"]} >= {"census", "head_windows", "neuron_contexts", "corpus"}
 
@@ -284,11 +284,14 @@ def test_model_requests_are_serialised_and_bounded(paths, model):
 
 def test_pages_and_static_files(client):
     for url, page in [("/", "overview"), ("/head/L1.H2", "head"), ("/neuron/L0.N3", "neuron"),
-                      ("/search?q=a", "search"), ("/lens", "lens"), ("/diff", "diff")]:
+                      ("/search?q=a", "search"), ("/lens", "lens"), ("/diff", "diff"), ("/edit", "edit"),
+                      ("/edit?ablate=L1.H2&scale=L0.N5:0.5", "edit"), ("/circuit", "circuit"),
+                      ("/circuit?task=induction", "circuit")]:
         response = client.get(url)
         assert response.status_code == 200 and f'data-page="{page}"' in response.text
         assert "text/html" in response.headers["content-type"]
-    for asset in ("common.js", "overview.js", "head.js", "attention.js", "neuron.js", "style.css"):
+    for asset in ("common.js", "overview.js", "head.js", "attention.js", "neuron.js", "edit.js", "circuit.js",
+                  "style.css"):
         assert client.get(f"/static/{asset}").status_code == 200
     assert "http" not in client.get("/").text.replace("http://www.w3.org", "")  # nothing from the network
 
@@ -313,7 +316,12 @@ def test_openapi_documents_every_endpoint_and_error_body(client):
     paths = schema["paths"]
     assert set(paths) == {"/api/atlas", "/api/heads", "/api/layers", "/api/neurons", "/api/heads/{name}",
                           "/api/heads/{name}/windows", "/api/heads/{name}/attention", "/api/neurons/{name}",
-                          "/api/neurons/{name}/activations", "/api/search", "/api/lens", "/api/live", "/api/diff"}
+                          "/api/neurons/{name}/activations", "/api/search", "/api/lens", "/api/live", "/api/diff",
+                          "/api/edit", "/api/edit/file", "/api/circuit", "/api/circuit/tasks"}
+    assert paths["/api/edit"]["post"]["responses"]["429"]["content"]["application/json"]["schema"]["$ref"] \
+        == "#/components/schemas/ErrorBody"
+    assert paths["/api/circuit"]["get"]["responses"]["409"]["content"]["application/json"]["schema"]["$ref"] \
+        == "#/components/schemas/ErrorBody"
     assert paths["/api/lens"]["post"]["responses"]["429"]["content"]["application/json"]["schema"]["$ref"] \
         == "#/components/schemas/ErrorBody"
     assert paths["/api/heads/{name}"]["get"]["responses"]["422"]["content"]["application/json"]["schema"]["$ref"] \

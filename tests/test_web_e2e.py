@@ -13,6 +13,7 @@ message saying so — they never skip.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -114,12 +115,13 @@ def open_page(page, server, path):
 @pytest.mark.parametrize("path, marker", [
     ("/", "#grid .cell"), ("/head/L1.H2", "#score-table"), ("/neuron/L0.N3", "#promoted"),
     ("/search?q=a", "#result-table"), ("/lens", "#prompt"), ("/diff", "#diff-summary"),
+    ("/edit", "#generate"), ("/circuit?task=induction", "#circuit-svg g.node"),
 ])
 def test_every_page_opens_without_console_errors(page, server, path, marker):
     response = open_page(page, server, path)
     assert response.status == 200
     assert page.locator(marker).count() >= 1
-    assert page.locator("#top nav a").count() == 4
+    assert page.locator("#top nav a").count() == 6
     assert page.errors == []
 
 
@@ -229,3 +231,73 @@ def test_a_bad_name_shows_the_error(page, server):
     response = page.goto(server.url + "/head/L7.H0")
     assert response.status == 404
     assert "out of range" in page.locator("#page-error").inner_text()
+
+
+def test_edit_playground_from_head_and_neuron_pages(page, server):
+    """"add to edit" on a head and a neuron page builds one edit; generating shows both continuations."""
+    from lmatlas.edit import Ablate
+
+    open_page(page, server, "/head/L1.H2")
+    page.click("#page a.edit-link:has-text('add to edit')")
+    page.wait_for_url("**/edit?ablate=L1.H2")
+    page.wait_for_selector("body[data-ready='1']")
+    open_page(page, server, "/neuron/L0.N5")
+    page.click("#page a.edit-link:has-text('add to edit')")
+    page.wait_for_url("**/edit?ablate=L1.H2&ablate=L0.N5")  # the playground's last edit, plus the neuron
+    page.wait_for_selector("body[data-ready='1']")
+    targets = page.locator("#edit-rows .edit-target")
+    assert [targets.nth(i).input_value() for i in range(targets.count())] == ["L1.H2", "L0.N5"]
+    prompt = "the cat sat on the mat"
+    page.fill("#prompt", prompt)
+    page.fill("#max-new-tokens", "10")
+    page.click("#generate")
+    page.wait_for_selector("#edited .continuation span.gen", timeout=30_000)
+    model = server.server.config.app.state.explorer.model
+    expected = model.generate(prompt, 10, edit=Ablate("L1.H2") | Ablate("L0.N5"), compare=True)
+    assert page.locator("#plain span.gen").count() == len(expected.plain.ids)
+    assert page.locator("#edited span.gen").count() == len(expected.edited.ids)
+    at = expected.first_difference()
+    assert at is not None and page.locator("#edited span.first").get_attribute("data-i") == str(at)
+    assert f"first differ at generated token {at}" in page.locator("#diff-note").inner_text()
+    assert "prompt=" in page.url  # the prompt is part of the shareable URL
+    ARTEFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTEFACTS / "edit_playground_two_continuations.png"), full_page=True)
+    with page.expect_download() as download:
+        page.click("#download")
+    saved = json.loads(Path(download.value.path()).read_text())
+    assert saved["format"] == "lmatlas.edit/1"
+    assert [(i["type"], i["target"]) for i in saved["interventions"]] == [("Ablate", "L1.H2"), ("Ablate", "L0.N5")]
+    page.fill("#edit-rows .edit-row[data-i='0'] .edit-target", "L7.H0")  # a bad target: the server's message
+    page.click("#generate")
+    page.wait_for_selector("#edit-out .error")
+    assert "Layer 7 is out of range" in page.locator("#edit-out .error").inner_text()
+    assert [e for e in page.errors if "404" not in e] == []  # the refused request is the only console line
+
+
+def test_circuit_graph_is_drawn(page, server):
+    open_page(page, server, "/circuit?task=induction")
+    data = page.evaluate("() => LM.api('/api/circuit?task=induction')")
+    graph = page.locator("#circuit-svg")
+    assert page.locator("#circuit-svg g.node").count() == int(graph.get_attribute("data-nodes")) == len(data["nodes"])
+    assert page.locator("#circuit-svg path.edge").count() == len(data["edges"])
+    visible = "#circuit-svg path.edge:not(.hidden)"
+    assert page.locator(visible).count() == data["circuit_edges"]  # the circuit is shown first
+    assert page.locator("#circuit-svg g.node.in").count() >= 2
+    assert page.locator("#circuit-source").get_attribute("data-computed") == "live"
+    assert "Computed live" in page.locator("#circuit-status").inner_text()
+    assert page.locator("#curve-svg circle.point").count() == len(data["curve"]) == 10
+    page.locator(visible).first.dispatch_event("mouseenter")  # a thin curved stroke: no pointer aiming
+    assert " → " in page.locator("#circuit-hover").inner_text()
+    page.locator("#top-k").fill(str(len(data["edges"])))  # every returned edge
+    assert page.locator(visible).count() == len(data["edges"])
+    page.locator("#top-k").fill("1")
+    assert page.locator(visible).count() == 1 and graph.get_attribute("data-shown") == "1"
+    page.locator("#circuit-svg g.node.head").first.click()
+    assert page.locator("#circuit-node-links a").count() >= 1
+    assert page.errors == []
+
+
+def test_circuit_page_names_the_tasks_for_a_bad_one(page, server):
+    response = page.goto(server.url + "/circuit?task=nonsense")
+    assert response.status == 404
+    assert "ioi, capitals, induction, greater-than" in page.locator("#page-error").inner_text()

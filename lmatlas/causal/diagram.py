@@ -16,7 +16,8 @@ if TYPE_CHECKING:
 ROW, COLUMN, MARGIN = 90, 110, 60
 
 
-def _node_of(target: str) -> str:
+def input_node(target: str) -> str:
+    """The node an edge target belongs to: ``L5.H3.q -> L5.H3``, ``L5.KV1.k -> L5.KV1``, else itself."""
     if ".KV" in target or target.endswith(".q"):
         return target.rsplit(".", 1)[0]
     return target
@@ -32,7 +33,7 @@ def _row(node: str, n_layers: int) -> int:
 
 def circuit_svg(circuit: "Circuit", n_layers: int) -> str:
     """The SVG document of ``circuit``."""
-    nodes = set(circuit.nodes) | {_node_of(t) for _, t, _ in circuit.edges} | {s for s, _, _ in circuit.edges}
+    nodes = set(circuit.nodes) | {input_node(t) for _, t, _ in circuit.edges} | {s for s, _, _ in circuit.edges}
     by_row: dict[int, list[str]] = {}
     for node in sorted(nodes, key=lambda n: (_row(n, n_layers), n)):
         by_row.setdefault(_row(node, n_layers), []).append(node)
@@ -48,7 +49,7 @@ def circuit_svg(circuit: "Circuit", n_layers: int) -> str:
              f'<text x="8" y="16">{escape(circuit.graph.task)}: {len(circuit.edges)} edges, '
              f'faithfulness {circuit.faithfulness:.2f} ({escape(circuit.graph.method)})</text>']
     for source, target, score in circuit.edges:
-        (x1, y1), (x2, y2) = where[source], where[_node_of(target)]
+        (x1, y1), (x2, y2) = where[source], where[input_node(target)]
         colour = "#2563eb" if score > 0 else "#dc2626"
         stroke = 0.8 + 5 * abs(score) / biggest
         label = escape(f"{source} -> {target}: {score:+.3f}")

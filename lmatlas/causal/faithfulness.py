@@ -26,6 +26,7 @@ from lmatlas.causal.metrics import logit_diff
 
 if TYPE_CHECKING:
     from lmatlas.causal.tasks import TaskBatch
+    from lmatlas.model.arch import HeadLayout
     from lmatlas.model.handle import Model
 
 MIB_FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
@@ -33,7 +34,12 @@ MIB_FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 
 def circuit_nodes(model: "Model", edges: list[tuple[str, str, float]]) -> set[str]:
     """Heads (``L5.H3``) and MLPs (``L5.mlp``) that ``edges`` touch (plus ``embed`` / ``logits``)."""
-    group = model.layout.group_size
+    return nodes_in(model.layout, edges)
+
+
+def nodes_in(layout: "HeadLayout", edges: list[tuple[str, str, float]]) -> set[str]:
+    """:func:`circuit_nodes` from the model's sizes alone (for a circuit read back from an atlas)."""
+    group = layout.group_size
     out: set[str] = set()
     for source, target, _ in edges:
         out.add(source)
@@ -126,3 +132,20 @@ def _smallest(model, task, ranked, metric, corrupt, graph, target, upper: int) -
         else:
             low = middle + 1
     return high
+
+
+def task_circuit(model: "Model", task: str, *, n: int = 8, seed: int = 0, steps: int = 0,
+                 target: float = 0.8) -> Circuit:
+    """The circuit of a task by name: ``n`` prompt pairs (:func:`~lmatlas.causal.tasks.load_task` with
+    ``seed``), edges scored by EAP (``steps=0``) or EAP-IG, pruned to ``target`` faithfulness.
+
+    What ``lmatlas circuit --task NAME`` and the explorer's circuit page both run.
+    """
+    from lmatlas.causal.circuits import edge_attribution
+    from lmatlas.causal.tasks import load_task
+    from lmatlas.errors import TaskError
+
+    if not 0 < target <= 1:
+        raise TaskError(f"The faithfulness target must be in (0, 1], got {target}.")
+    batch = load_task(model, task, n=n, seed=seed)
+    return find_circuit(model, batch, edge_attribution(model, batch, steps=steps), target=target)

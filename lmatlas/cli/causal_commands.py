@@ -123,18 +123,15 @@ def circuit_command(
     """Edge attribution (EAP / EAP-IG) over heads (q, k, v inputs) and MLPs, pruned to a faithful circuit."""
     from pathlib import Path
 
-    from lmatlas.causal import load_task
-    from lmatlas.causal.circuits import edge_attribution
     from lmatlas.causal.diagram import circuit_svg
-    from lmatlas.causal.faithfulness import find_circuit
+    from lmatlas.causal.faithfulness import task_circuit
     from lmatlas.errors import TaskError
 
     def body():
         if not 0 < target <= 1:
             raise TaskError(f"--faithfulness must be in (0, 1], got {target}.")
         loaded = load_model(model, dtype, device)
-        batch = load_task(loaded, task, n=n)
-        circuit = find_circuit(loaded, batch, edge_attribution(loaded, batch, steps=steps), target=target)
+        circuit = task_circuit(loaded, task, n=n, steps=steps, target=target)
         if picture:
             Path(picture).write_text(circuit_svg(circuit, loaded.layout.n_layers))
         if atlas:
@@ -144,7 +141,7 @@ def circuit_command(
         if as_json:
             print_json({**circuit.to_dict(), "svg": picture})
             return
-        table = Table(title=f"Circuit for {batch.name} ({circuit.graph.method}): {len(circuit.edges)} edges, "
+        table = Table(title=f"Circuit for {circuit.graph.task} ({circuit.graph.method}): {len(circuit.edges)} edges, "
                             f"faithfulness {circuit.faithfulness:.2f}, CPR {circuit.cpr:.2f}, CMD {circuit.cmd:.2f}",
                       title_justify="left")
         for column in ("source", "target", "score"):

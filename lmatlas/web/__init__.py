@@ -19,6 +19,9 @@ page                       API                                             needs
 ``/search?q=dog``          ``/api/search``                                 the atlas
 ``/lens``                  ``POST /api/lens``                              a model
 ``/diff``                  ``/api/diff``                                   ``--diff B``
+``/edit?ablate=L5.H3``     ``POST /api/edit``, ``POST /api/edit/file``      a model
+``/circuit?task=ioi``      ``/api/circuit``, ``/api/circuit/tasks``         the atlas's ``circuits``
+                                                                           table, or a model
 =========================  ==============================================  =====================
 
 The OpenAPI schema is at ``/openapi.json`` (docs at ``/docs``).

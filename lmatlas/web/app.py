@@ -18,7 +18,8 @@ from fastapi.staticfiles import StaticFiles
 
 from lmatlas.errors import LmatlasError
 from lmatlas.web import errors, names
-from lmatlas.web.routes import diff as diff_page, head, lens, neuron, overview, search
+from lmatlas.causal.tasks import TASKS
+from lmatlas.web.routes import circuit, diff as diff_page, edit, head, lens, neuron, overview, search
 from lmatlas.web.state import Explorer, Limits
 
 if TYPE_CHECKING:
@@ -26,10 +27,11 @@ if TYPE_CHECKING:
 
 STATIC = Path(__file__).resolve().parent / "static"
 #: API routers, one module per page.
-ROUTERS = (overview.router, head.router, neuron.router, search.router, lens.router, diff_page.router)
+ROUTERS = (overview.router, head.router, neuron.router, search.router, lens.router, diff_page.router,
+           edit.router, circuit.router)
 #: page -> its HTML shell in ``static/``.
 PAGES = {"overview": "overview.html", "head": "head.html", "neuron": "neuron.html", "search": "search.html",
-         "lens": "lens.html", "diff": "diff.html"}
+         "lens": "lens.html", "diff": "diff.html", "edit": "edit.html", "circuit": "circuit.html"}
 
 
 def create_app(atlas_path: str | Path, model: "Model | None" = None, diff: str | Path | None = None,
@@ -54,7 +56,8 @@ def create_app(atlas_path: str | Path, model: "Model | None" = None, diff: str |
 
     source = explorer.card.get("source") or "model"
     app = FastAPI(title=f"lmatlas explorer: {source}", version="1", lifespan=lifespan,
-                  description="Browse an lmatlas atlas: heads, neurons, layers, search, lens and diff.")
+                  description="Browse an lmatlas atlas: heads, neurons, layers, search, lens, diff, "
+                              "edits and circuits.")
     app.state.explorer = explorer
     errors.install(app)
     for router in ROUTERS:
@@ -102,6 +105,19 @@ def _pages(app: FastAPI, explorer: Explorer) -> None:
     @app.get("/lens", include_in_schema=False)
     def lens_page() -> HTMLResponse:
         return _page("lens")
+
+    @app.get("/edit", include_in_schema=False)
+    def edit_page() -> HTMLResponse:
+        if explorer.model is None:
+            return _page("edit", 409, f"The edit playground needs a live model: start the explorer with "
+                                      f"`lmatlas serve {explorer.path} --model MODEL`.")
+        return _page("edit")
+
+    @app.get("/circuit", include_in_schema=False)
+    def circuit_page(task: str = "ioi") -> HTMLResponse:
+        if task not in TASKS:
+            return _page("circuit", 404, f"Unknown task {task!r}: the built-in tasks are {', '.join(TASKS)}.")
+        return _page("circuit")
 
     @app.get("/diff", include_in_schema=False)
     def diff_page(request: Request) -> HTMLResponse:

@@ -223,6 +223,7 @@ class LensGrid(BaseModel):
 
 class LiveStatus(BaseModel):
     model: Optional[str]
+    chat_template: bool = Field(description="whether the model's tokenizer has a chat template (edit playground)")
     admitted: int
     capacity: int
     prompt_tokens: int

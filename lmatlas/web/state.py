@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import math
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Hashable
 
 from lmatlas.atlas.query import Atlas
 from lmatlas.errors import AtlasError, ExplorerError
@@ -55,12 +56,41 @@ class Limits:
     Attributes:
         prompt_tokens: longest prompt (tokens) for attention and activations.
         lens_tokens: longest prompt for the logit lens (it projects every layer and position).
+        edit_tokens: longest prompt for the edit playground (it generates twice, then scores both).
+        new_tokens: most tokens the edit playground generates per continuation.
+        circuit_pairs: most prompt pairs for a circuit computed live.
         queue: requests admitted to the model at once (running + waiting).
     """
 
     prompt_tokens: int = 2048
     lens_tokens: int = 128
+    edit_tokens: int = 512
+    new_tokens: int = 128
+    circuit_pairs: int = 16
     queue: int = 4
+
+
+class Memo:
+    """A small least-recently-used store of computed answers (live circuits), one per app."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._items: OrderedDict[Hashable, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Hashable) -> Any:
+        with self._lock:
+            if key not in self._items:
+                return None
+            self._items.move_to_end(key)
+            return self._items[key]
+
+    def put(self, key: Hashable, value: Any) -> None:
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
 
 
 @dataclass
@@ -75,6 +105,7 @@ class Explorer:
     tables: frozenset[str] = field(init=False)
     card: dict[str, Any] = field(init=False)
     path: Path = field(init=False)
+    memo: "Memo" = field(default_factory=lambda: Memo(8), init=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
     _closed: bool = field(default=False, init=False)
 

@@ -23,6 +23,8 @@ def lens(body: LensPrompt, ex: Explorer = Depends(explorer)) -> dict:
 
 @router.get("/live", response_model=LiveStatus, summary="The attached model and its request queue")
 def live_status(ex: Explorer = Depends(explorer)) -> dict:
-    return {"model": ex.model.provenance.source if ex.model is not None else None, "admitted": ex.gate.admitted,
+    chat = ex.model is not None and getattr(ex.model.tokenizer, "chat_template", None) is not None
+    return {"model": ex.model.provenance.source if ex.model is not None else None, "chat_template": chat,
+            "admitted": ex.gate.admitted,
             "capacity": ex.gate.capacity, "prompt_tokens": ex.limits.prompt_tokens,
             "lens_tokens": ex.limits.lens_tokens}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Literal
 
 from fastapi import APIRouter, Depends, Query
@@ -49,13 +50,13 @@ def atlas_info(ex: Explorer = Depends(explorer)) -> dict:
     keep = ("source", "family", "model_type", "layers", "d_model", "query_heads", "kv_heads", "d_head",
             "neurons_per_layer", "vocab", "parameters", "dtype", "file_sha256")
     stages = ex.query("SELECT stage, count(*) AS units FROM runs WHERE status = 'done' GROUP BY stage ORDER BY stage")
-    optional = ("corpus", "head_windows", "neuron_contexts", "neuron_histograms", "head_scores", "neuron_stats")
+    optional = ("corpus", "head_windows", "neuron_contexts", "neuron_histograms", "head_scores", "neuron_stats",
+                "circuits")
     available = {"model": ex.model is not None, "diff": ex.diff is not None}
     available.update({t: ex.has(t) and bool(ex.query(f"SELECT 1 AS x FROM {t} LIMIT 1")) for t in optional})
     return {"path": str(ex.path), "model": {k: card.get(k) for k in keep}, "stages": stages,
             "detectors": detectors_info(ex), "available": available,
-            "limits": {"prompt_tokens": ex.limits.prompt_tokens, "lens_tokens": ex.limits.lens_tokens,
-                       "queue": ex.limits.queue}}
+            "limits": dataclasses.asdict(ex.limits)}
 
 
 @router.get("/heads", response_model=HeadGrid, summary="Every head: type, labels, detector scores, importance")

@@ -53,6 +53,27 @@ LM.headUrl = (name) => `/head/${name}`;
 LM.neuronUrl = (name) => `/neuron/${name}`;
 LM.searchUrl = (q) => `/search?q=${encodeURIComponent(q)}`;
 
+// The edit playground's URL grammar: /edit?ablate=L5.H3&scale=L2.N10:0.5&set=L0.N3:4&prompt=...
+// The playground keeps its last edit in sessionStorage, so "add to edit" from any page adds to it.
+LM.EDIT_KEY = "lmatlas.edit";
+LM.editUrl = function (kind, target, value) {
+  let params;
+  try { params = new URLSearchParams(sessionStorage.getItem(LM.EDIT_KEY) || ""); }
+  catch (error) { params = new URLSearchParams(); }  // storage may be off: start a fresh edit
+  params.append(kind, value === undefined || value === null ? target : `${target}:${value}`);
+  return `/edit?${params}`;
+};
+LM.editLink = (label, kind, target, value) => LM.el("a", { href: LM.editUrl(kind, target, value),
+  class: "edit-link", title: `open the edit playground with ${kind} ${target} added` }, label);
+
+// An SVG element: svg("line", {x1: 0, ...}).
+LM.svg = function (tag, attrs, ...children) {
+  const node = document.createElementNS("http://www.w3.org/2000/svg", tag);
+  for (const [key, value] of Object.entries(attrs || {})) if (value !== undefined && value !== null) node.setAttribute(key, value);
+  for (const child of children.flat()) if (child !== null && child !== undefined) node.append(child);
+  return node;
+};
+
 // A token chip linking to the search for it.
 LM.tokenLink = (token, value) => LM.el("a", { class: "tok", href: LM.searchUrl(token),
   title: value === undefined ? `search ${JSON.stringify(token)}` : `${JSON.stringify(token)}: ${LM.fmt(value)}` },
@@ -87,7 +108,7 @@ LM.bar = (value, max, width = 80) => LM.el("span", { class: "bar" + (value < 0 ?
 // The header: brand, navigation, a "go to" box (L5.H3, L12.N1031 or any token), the model's name.
 LM.header = async function (here) {
   const pages = [["overview", "/", "Overview"], ["search", "/search", "Search"], ["lens", "/lens", "Lens"],
-                 ["diff", "/diff", "Diff"]];
+                 ["edit", "/edit", "Edit"], ["circuit", "/circuit", "Circuits"], ["diff", "/diff", "Diff"]];
   const go = LM.el("input", { type: "text", id: "goto", placeholder: "L5.H3, L12.N1031 or a token",
                               "aria-label": "go to a head, a neuron or a token" });
   const form = LM.el("form", { onsubmit: (event) => {

@@ -15,7 +15,9 @@
     head.labels.length ? null : el("span", { class: "muted", style: "font-size:14px" }, "no label")),
   el("p", { class: "muted" }, `layer ${head.layer} · query head ${head.head} · KV group ${LM.fmt(head.kv_group)}` +
     (imp ? ` · importance ${LM.fmt(imp.delta_loss)} nats (rank ${imp.rank} of ${imp.of})` : ""),
-    " · ", el("a", { href: LM.headUrl(`L${head.layer}.H${(head.head + 1) % LM.info.model.query_heads}`) }, "next head")));
+    " · ", el("a", { href: LM.headUrl(`L${head.layer}.H${(head.head + 1) % LM.info.model.query_heads}`) }, "next head"),
+    LM.info.available.model ? [" · ", LM.editLink("add to edit: ablate", "ablate", name), " · ",
+      LM.editLink("scale ×0.5", "scale", name, 0.5)] : null));
 
   const scores = el("section", { class: "panel", id: "scores" });
   const ov = el("section", { class: "panel", id: "ov" });

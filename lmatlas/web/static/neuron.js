@@ -13,7 +13,9 @@
   page.append(el("h1", { id: "neuron-title" }, `Neuron ${name}`),
     el("p", { class: "muted" }, `layer ${n.layer} · neuron ${n.neuron}` + (st ? ` · mean ${LM.fmt(st.mean)} · max ` +
       `${LM.fmt(st.max)} · active on ${LM.fmt(100 * st.frac_active, 1)}% of corpus tokens` : ""), " · ",
-      el("a", { href: LM.neuronUrl(`L${n.layer}.N${(n.neuron + 1) % LM.info.model.neurons_per_layer}`) }, "next neuron")));
+      el("a", { href: LM.neuronUrl(`L${n.layer}.N${(n.neuron + 1) % LM.info.model.neurons_per_layer}`) }, "next neuron"),
+      LM.info.available.model ? [" · ", LM.editLink("add to edit: ablate", "ablate", name), " · ",
+        LM.editLink(`clamp to ${LM.fmt(clampTo(st))}`, "set", name, clampTo(st))] : null));
   const tokens = el("section", { class: "panel", id: "tokens" });
   const hist = el("section", { class: "panel", id: "histogram" });
   const contexts = el("section", { class: "panel", id: "contexts" });
@@ -31,6 +33,12 @@
   } });
   LM.ready();
 })().catch((error) => LM.fail(document.getElementById("page"), error));
+
+// A clamp value that makes the neuron fire hard: twice its corpus maximum (or 5 without statistics).
+function clampTo(stats) {
+  const max = stats && stats.max;
+  return max && max > 0 ? Number((2 * max).toPrecision(3)) : 5;
+}
 
 function tokenTable(id, title, pairs) {
   const { el } = LM;

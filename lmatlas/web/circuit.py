@@ -1,0 +1,144 @@
+"""The circuit page's data: a built-in task's circuit as nodes placed by layer and scored edges.
+
+Where it comes from, in order (``source="auto"``):
+
+1. the atlas's ``circuits`` table (written by ``lmatlas circuit --task T --atlas FILE``,
+   :func:`lmatlas.causal.store.save_circuit`): the circuit's edges and its faithfulness,
+   no model needed (the faithfulness curve is not stored);
+2. the live model: :func:`lmatlas.causal.faithfulness.task_circuit` (what ``lmatlas
+   circuit`` runs) on a few prompt pairs, with the faithfulness curve and the graph's
+   next-best edges, remembered per app (:class:`~lmatlas.web.state.Memo`).
+
+The view (:func:`view`): ``edges`` ranked by ``|score|``, the first ``circuit_edges`` of
+them the circuit; ``nodes`` every writer and reader they touch, with its layer (``embed``
+is -1, ``logits`` is the number of layers). An edge into a head's queries is drawn to the
+head (``L5.H3.q -> L5.H3``); into a KV group's keys or values, to the group (``L5.KV1``).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Literal, Optional
+
+from pydantic import BaseModel, Field
+
+from lmatlas.causal.diagram import input_node
+from lmatlas.causal.faithfulness import nodes_in
+from lmatlas.causal.tasks import TASKS
+
+if TYPE_CHECKING:
+    from lmatlas.causal.faithfulness import Circuit
+    from lmatlas.model.arch import HeadLayout
+    from lmatlas.model.handle import Model
+
+TaskName = Literal[TASKS]
+NodeKind = Literal["embed", "head", "kv", "mlp", "logits"]
+
+
+class CircuitNode(BaseModel):
+    name: str
+    kind: NodeKind
+    layer: int = Field(description="-1 for embed, the number of layers for logits")
+    index: Optional[int] = Field(description="the head or KV group index, else null")
+    in_circuit: bool
+
+
+class CircuitEdge(BaseModel):
+    source: str = Field(description="the writer: embed, L5.H3 or L5.mlp")
+    target: str = Field(description="the input read: L5.H3.q, L5.KV1.k, L5.KV1.v, L5.mlp or logits")
+    node: str = Field(description="the node the target belongs to (L5.H3, L5.KV1, L5.mlp, logits)")
+    score: float = Field(description="the edge's attribution score (its effect on the task's logit difference)")
+    in_circuit: bool
+
+
+class CurvePoint(BaseModel):
+    fraction: float
+    edges: int
+    nodes: int
+    faithfulness: Optional[float]
+
+
+class CircuitView(BaseModel):
+    task: str
+    method: str = Field(description="eap or eap-ig")
+    computed: Literal["atlas", "live"]
+    layers: int
+    faithfulness: Optional[float] = Field(description="fraction of the clean - corrupt gap the circuit keeps")
+    cpr: Optional[float] = Field(description="area under the faithfulness curve (live only)")
+    cmd: Optional[float] = Field(description="area under |1 - faithfulness| (live only)")
+    clean: Optional[float] = Field(description="the task metric on clean prompts (live only)")
+    corrupt: Optional[float] = Field(description="... on corrupt prompts (live only)")
+    circuit_edges: int = Field(description="how many of `edges`, from the first, form the circuit")
+    circuit_nodes: list[str] = Field(description="heads and MLPs of the circuit (a KV edge brings its query heads)")
+    edges: list[CircuitEdge] = Field(description="by decreasing |score|")
+    nodes: list[CircuitNode]
+    curve: list[CurvePoint] = Field(description="faithfulness by edges kept (empty when read from the atlas)")
+    params: dict[str, Any] = Field(description="how it was computed: prompt pairs, seed, steps, target")
+
+
+class StoredCircuit(BaseModel):
+    task: str
+    method: str
+    edges: int
+    faithfulness: Optional[float]
+
+
+class CircuitTasks(BaseModel):
+    tasks: list[str] = Field(description="the built-in tasks")
+    stored: list[StoredCircuit] = Field(description="circuits the atlas holds")
+    live: bool = Field(description="whether a model is attached to compute circuits")
+
+
+def node_info(name: str, n_layers: int) -> dict[str, Any]:
+    """``"L5.H3" -> {"kind": "head", "layer": 5, "index": 3}`` (and embed, logits, L5.KV1, L5.mlp)."""
+    if name == "embed":
+        return {"name": name, "kind": "embed", "layer": -1, "index": None}
+    if name == "logits":
+        return {"name": name, "kind": "logits", "layer": n_layers, "index": None}
+    layer, part = name.split(".", 1)
+    if part == "mlp":
+        return {"name": name, "kind": "mlp", "layer": int(layer[1:]), "index": None}
+    kind = "kv" if part.startswith("KV") else "head"
+    return {"name": name, "kind": kind, "layer": int(layer[1:]), "index": int(part[2 if kind == "kv" else 1:])}
+
+
+def view(ranked: list[tuple[str, str, float]], in_circuit: int, layout: "HeadLayout",
+         **meta: Any) -> dict[str, Any]:
+    """The page's graph: ``ranked`` edges (the first ``in_circuit`` are the circuit) and their nodes."""
+    edges = [{"source": s, "target": t, "node": input_node(t), "score": v, "in_circuit": i < in_circuit}
+             for i, (s, t, v) in enumerate(ranked)]
+    kept = {e["source"] for e in edges if e["in_circuit"]} | {e["node"] for e in edges if e["in_circuit"]}
+    names = {e["source"] for e in edges} | {e["node"] for e in edges}
+    nodes = sorted((dict(node_info(n, layout.n_layers), in_circuit=n in kept) for n in names),
+                   key=lambda n: (n["layer"], n["kind"] == "mlp", n["kind"], n["index"] or 0))
+    return {"layers": layout.n_layers, "circuit_edges": in_circuit,
+            "circuit_nodes": sorted(nodes_in(layout, ranked[:in_circuit])), "edges": edges, "nodes": nodes, **meta}
+
+
+def stored(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``[{task, method, edges, faithfulness}]`` from ``SELECT task, method, count(*), ...`` rows."""
+    return [{"task": r["task"], "method": r["method"], "edges": r["edges"], "faithfulness": r["faithfulness"]}
+            for r in rows]
+
+
+def from_rows(task: str, method: str, rows: list[dict[str, Any]], layout: "HeadLayout") -> dict[str, Any]:
+    """The view of a circuit read from the atlas (``rows``: source, target, score, faithfulness)."""
+    ranked = [(r["source"], r["target"], r["score"]) for r in rows]
+    return view(ranked, len(ranked), layout, task=task, method=method, computed="atlas",
+                faithfulness=rows[0]["faithfulness"], cpr=None, cmd=None, clean=None, corrupt=None, curve=[],
+                params={})
+
+
+def compute(model: "Model", task: str, *, n: int, seed: int, steps: int, target: float) -> "Circuit":
+    """The task's circuit on the live model (run it through the app's model gate)."""
+    from lmatlas.causal.faithfulness import task_circuit
+
+    return task_circuit(model, task, n=n, seed=seed, steps=steps, target=target)
+
+
+def from_circuit(circuit: "Circuit", layout: "HeadLayout", top: int, params: dict[str, Any]) -> dict[str, Any]:
+    """The view of a live circuit: its edges, then the graph's next-best up to ``top`` edges in all."""
+    graph = circuit.graph
+    ranked = graph.edges(max(top, len(circuit.edges)))  # the circuit is its first len(circuit.edges)
+    return view(ranked, len(circuit.edges), layout, task=graph.task, method=graph.method, computed="live",
+                faithfulness=circuit.faithfulness, cpr=circuit.cpr, cmd=circuit.cmd, clean=graph.clean,
+                corrupt=graph.corrupt, curve=circuit.curve, params={**params, "prompts": graph.meta.get("prompts")})

@@ -1,0 +1,173 @@
+"""The edit playground's requests: heads and neurons to ablate, scale or clamp, turned into an
+:class:`~lmatlas.edit.Edit` and run with :meth:`Model.generate(edit=..., compare=True)
+<lmatlas.model.handle.Model.generate>`.
+
+A request lists interventions by kind (a table, :data:`KINDS`, maps each to its
+:mod:`lmatlas.edit` class; nothing is reimplemented here)::
+
+    {"prompt": "Once upon a time", "max_new_tokens": 24,
+     "interventions": [{"kind": "ablate", "target": "L5.H3"},
+                       {"kind": "scale", "target": "L2.N10", "factor": 0.5},
+                       {"kind": "set", "target": "L0.N3", "value": 4.0}]}
+
+Targets are a head (``L5.H3``: its ``attn.z`` slice) or a neuron (``L12.N1031``: its
+``mlp.act``), checked against the atlas's model before any compute: outside the grammar
+is 422, past the model's sizes 404 (the valid range in the message). The page's URL
+carries the same edit (``/edit?ablate=L5.H3&scale=L2.N10:0.5&set=L0.N3:4``).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Optional, Union
+
+from pydantic import BaseModel, Field
+
+from lmatlas.decode.token_text import token_texts
+from lmatlas.edit import Ablate, Edit, Scale, Set
+from lmatlas.web import names
+from lmatlas.web.errors import Malformed
+from lmatlas.web.schemas import Prompt
+
+if TYPE_CHECKING:
+    from lmatlas.model.arch import HeadLayout
+    from lmatlas.model.handle import Model
+    from lmatlas.web.state import Limits
+
+#: Most tokens a request may ask for (the schema's bound; ``Limits.new_tokens`` may be lower).
+MAX_NEW_TOKENS = 256
+DEFAULT_NEW_TOKENS = 24
+TARGET_PATTERN = r"^L\d{1,6}\.(H\d{1,6}|N\d{1,9})$"  # names.HEAD_NAME or names.NEURON_NAME
+_TARGET = dict(max_length=40, description="a head (L5.H3) or a neuron (L12.N1031)",
+               json_schema_extra={"pattern": TARGET_PATTERN})
+
+
+class AblateItem(BaseModel):
+    """Replace the target's value: zero, or its mean over the model's default corpus."""
+
+    kind: Literal["ablate"]
+    target: str = Field(**_TARGET)
+    how: Literal["zero", "mean"] = "zero"
+
+
+class ScaleItem(BaseModel):
+    """Multiply the target's value by ``factor``."""
+
+    kind: Literal["scale"]
+    target: str = Field(**_TARGET)
+    factor: float = Field(ge=-1000, le=1000, description="1 leaves it unchanged, 0 ablates it")
+
+
+class SetItem(BaseModel):
+    """Clamp the target to ``value`` at every position (a neuron's activation, every value of a head's z)."""
+
+    kind: Literal["set"]
+    target: str = Field(**_TARGET)
+    value: float = Field(ge=-10_000, le=10_000)
+
+
+Item = Annotated[Union[AblateItem, ScaleItem, SetItem], Field(discriminator="kind")]
+
+
+class EditSpec(BaseModel):
+    interventions: list[Item] = Field(default_factory=list, max_length=64,
+                                      description="applied in order; an empty list is the unedited model")
+
+
+class EditRequest(Prompt, EditSpec):
+    max_new_tokens: Optional[int] = Field(None, ge=1, le=MAX_NEW_TOKENS, description="tokens generated per "
+                                          f"continuation (default {DEFAULT_NEW_TOKENS}, or the server's cap if lower)")
+    chat: bool = Field(False, description="wrap the prompt in the tokenizer's chat template (instruct models)")
+
+
+class ContinuationView(BaseModel):
+    text: str
+    ids: list[int]
+    tokens: list[str] = Field(description="each generated token as it reads")
+    logprob_plain: list[Optional[float]] = Field(description="log-probability of each token under the unedited model")
+    logprob_edited: list[Optional[float]] = Field(description="... and under the edited model")
+    stopped_by: Optional[str] = Field(description="the stop token that ended it early, if one did")
+
+
+class EditComparison(BaseModel):
+    prompt: str
+    prompt_tokens: int
+    max_new_tokens: int
+    chat: bool
+    edit: list[str] = Field(description="the edit's interventions, as lmatlas describes them")
+    plain: ContinuationView
+    edited: ContinuationView
+    first_difference: Optional[int] = Field(description="first token index where the two differ; null if equal")
+
+
+class EditFile(BaseModel):
+    """The document :meth:`Edit.save` writes: ``Edit.load(path, model)`` reads it back."""
+
+    format: str
+    model: dict[str, Any]
+    interventions: list[dict[str, Any]]
+
+
+#: request kind -> the lmatlas intervention it makes (a table, not a dispatch on text).
+KINDS = {
+    "ablate": lambda item: Ablate(item.target, how=item.how),
+    "scale": lambda item: Scale(item.target, factor=float(item.factor)),
+    "set": lambda item: Set(item.target, value=float(item.value)),
+}
+
+
+def check_target(target: str, layout: "HeadLayout") -> None:
+    """422 outside the grammar, 404 past the model's sizes (the message says the valid range)."""
+    if names.HEAD_NAME.match(target):
+        names.head(target, layout)
+    elif names.NEURON_NAME.match(target):
+        names.neuron(target, layout)
+    else:
+        raise Malformed(f"{target!r} is not a head or neuron name: expected L<layer>.H<head> (e.g. 'L5.H3') "
+                        "or L<layer>.N<neuron> (e.g. 'L12.N1031').")
+
+
+def build_edit(spec: EditSpec, layout: "HeadLayout") -> Edit:
+    """The :class:`~lmatlas.edit.Edit` a request describes, every target checked first."""
+    for item in spec.interventions:
+        check_target(item.target, layout)
+    return Edit(tuple(KINDS[item.kind](item) for item in spec.interventions))
+
+
+def check_request(model: "Model", request: EditRequest, limits: "Limits") -> tuple[int, int]:
+    """``(prompt tokens, new tokens)``, after refusing an empty or too long prompt or too many new tokens."""
+    from lmatlas.edit.generation import prompt_ids
+
+    if not request.prompt.strip():
+        raise Malformed("The prompt is empty: type some text.")
+    new = request.max_new_tokens or min(DEFAULT_NEW_TOKENS, limits.new_tokens)
+    if new > limits.new_tokens:
+        raise Malformed(f"max_new_tokens is {new}; this explorer generates at most {limits.new_tokens}.")
+    n = int(prompt_ids(model, request.prompt, request.chat)["input_ids"].shape[1])
+    if n > limits.edit_tokens:
+        raise Malformed(f"The prompt is {n} tokens; the edit playground takes at most {limits.edit_tokens}. "
+                        "Shorten it.")
+    return n, new
+
+
+def _view(model: "Model", continuation) -> dict[str, Any]:
+    data = continuation.to_dict()
+    data["tokens"] = token_texts(model.tokenizer, continuation.ids)
+    return data
+
+
+def compare(model: "Model", request: EditRequest, edit: Edit, prompt_tokens: int, new_tokens: int) -> dict[str, Any]:
+    """Plain and edited greedy continuations side by side (run it through the app's model gate)."""
+    result = model.generate(request.prompt, new_tokens, edit=edit, compare=True, chat=request.chat)
+    return {"prompt": request.prompt, "prompt_tokens": prompt_tokens, "max_new_tokens": new_tokens,
+            "chat": request.chat, "edit": result.edit, "plain": _view(model, result.plain),
+            "edited": _view(model, result.edited), "first_difference": result.first_difference()}
+
+
+def saved(model: "Model", edit: Edit) -> dict[str, Any]:
+    """The JSON document :meth:`Edit.save` writes for ``edit`` (through a temporary file: one code path)."""
+    with tempfile.TemporaryDirectory(prefix="lmatlas-edit-") as folder:
+        path = edit.save(Path(folder) / "playground.edit.json", model)
+        return json.loads(path.read_text())

@@ -1,0 +1,78 @@
+"""Circuits page API: a built-in task's circuit, from the atlas's ``circuits`` table or computed live."""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from fastapi import APIRouter, Depends, Query
+
+from lmatlas.causal.tasks import TASKS
+from lmatlas.errors import ExplorerError
+from lmatlas.web import circuit
+from lmatlas.web.errors import MODEL_RESPONSES, Malformed, NotFound
+from lmatlas.web.routes import explorer
+from lmatlas.web.state import Explorer, clean
+
+router = APIRouter(prefix="/api/circuit", tags=["circuit"], responses=MODEL_RESPONSES)
+
+
+def _stored(ex: Explorer) -> list[dict]:
+    if not ex.has("circuits"):
+        return []
+    return circuit.stored(ex.query(
+        "SELECT task, method, count(*) AS edges, any_value(faithfulness) AS faithfulness FROM circuits "
+        "GROUP BY task, method ORDER BY task, method"))
+
+
+@router.get("/tasks", response_model=circuit.CircuitTasks, summary="Built-in tasks and the circuits the atlas holds")
+def tasks(ex: Explorer = Depends(explorer)) -> dict:
+    return {"tasks": list(TASKS), "stored": _stored(ex), "live": ex.model is not None}
+
+
+def _from_atlas(ex: Explorer, task: str, method: Optional[str]) -> Optional[dict]:
+    found = [s for s in _stored(ex) if s["task"] == task and method in (None, s["method"])]
+    if not found:
+        return None
+    chosen = next((s["method"] for s in found if s["method"] == "eap"), found[0]["method"])
+    rows = ex.query("SELECT source, target, score, faithfulness FROM circuits WHERE task = ? AND method = ? "
+                    "ORDER BY abs(score) DESC, source, target", [task, chosen])
+    return circuit.from_rows(task, chosen, rows, ex.layout)
+
+
+@router.get("", response_model=circuit.CircuitView,
+            summary="A task's circuit: nodes by layer, scored edges, faithfulness (atlas, or live with --model)")
+def task_circuit(
+    task: circuit.TaskName = Query(description="a built-in task"),
+    source: Literal["auto", "atlas", "live"] = Query("auto", description="auto: the atlas's circuit if it holds "
+                                                      "one, else computed with the live model"),
+    method: Optional[Literal["eap", "eap-ig"]] = Query(None, description="which stored circuit (atlas only)"),
+    n: int = Query(4, ge=1, le=64, description="prompt pairs (live)"),
+    seed: int = Query(0, ge=0, le=2**31 - 1, description="seed of the task's prompts (live)"),
+    steps: int = Query(0, ge=0, le=16, description="EAP-IG steps; 0 = plain EAP (live)"),
+    faithfulness: float = Query(0.8, gt=0, le=1, description="keep the smallest circuit reaching this (live)"),
+    top: int = Query(100, ge=1, le=1000, description="edges returned: the circuit's, then the next best (live)"),
+    ex: Explorer = Depends(explorer),
+) -> dict:
+    if source != "live":
+        found = _from_atlas(ex, task, method)
+        if found is not None:
+            return clean(found)
+        if source == "atlas":
+            which = f"{method} circuit" if method else "circuit"
+            raise NotFound(f"The atlas holds no {which} for task {task!r}: compute one with "
+                           f"`lmatlas circuit MODEL --task {task} --atlas {ex.path}`.")
+    if source == "live":
+        ex.need_model("Computing a circuit")
+    elif ex.model is None:
+        raise ExplorerError(f"The atlas holds no circuit for task {task!r} and no model is attached to compute it: "
+                            f"start with `lmatlas serve {ex.path} --model MODEL`, or store one with "
+                            f"`lmatlas circuit MODEL --task {task} --atlas {ex.path}`.")
+    if n > ex.limits.circuit_pairs:
+        raise Malformed(f"n is {n}; this explorer computes circuits on at most {ex.limits.circuit_pairs} prompt pairs.")
+    params = {"n": n, "seed": seed, "steps": steps, "target": faithfulness}
+    key = (task, n, seed, steps, faithfulness)
+    found = ex.memo.get(key)
+    if found is None:
+        found = ex.gate.run(lambda: circuit.compute(ex.model, task, **params))
+        ex.memo.put(key, found)
+    return clean(circuit.from_circuit(found, ex.layout, top, params))
