@@ -26,6 +26,7 @@ from lmatlas.web.state import Limits
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_web_atlas import web_atlases  # noqa: E402
+from web_support import expect_error, gate_held  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -56,13 +57,7 @@ def _sql(path, query, params=None):
         return atlas.sql(query, params).to_pylist()
 
 
-def _error(response, status, *fragments):
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert set(body) == {"error"} and body["error"]["message"]
-    for fragment in fragments:
-        assert fragment in body["error"]["message"]
-    return body["error"]
+_error = expect_error
 
 
 def test_atlas_info(client, paths, model):
@@ -253,29 +248,19 @@ def test_model_requests_are_serialised_and_bounded(paths, model):
     """With a queue of 2: one request holds the model, one waits, the third is refused with 429."""
     app = create_app(paths["a"], model=model, limits=Limits(queue=2))
     gate = app.state.explorer.gate
-    release, running = threading.Event(), threading.Event()
-
-    def hold():
-        running.set()
-        release.wait(10)
-
     with TestClient(app) as c:
-        holder = threading.Thread(target=gate.run, args=(hold,))
-        holder.start()
-        running.wait(5)
-        waiting = {}
-        second = threading.Thread(target=lambda: waiting.update(r=c.post("/api/lens", json={"prompt": "hi"})))
-        second.start()
-        for _ in range(200):
-            if gate.admitted == 2:
-                break
-            threading.Event().wait(0.01)
-        assert gate.admitted == 2
-        refused = c.post("/api/heads/L0.H0/attention", json={"prompt": "hi"})
-        _error(refused, 429, "busy")
-        assert refused.headers["retry-after"] == "1"
-        release.set()
-        holder.join(5)
+        with gate_held(gate):
+            waiting = {}
+            second = threading.Thread(target=lambda: waiting.update(r=c.post("/api/lens", json={"prompt": "hi"})))
+            second.start()
+            for _ in range(200):
+                if gate.admitted == 2:
+                    break
+                threading.Event().wait(0.01)
+            assert gate.admitted == 2
+            refused = c.post("/api/heads/L0.H0/attention", json={"prompt": "hi"})
+            _error(refused, 429, "busy")
+            assert refused.headers["retry-after"] == "1"
         second.join(30)
         assert waiting["r"].status_code == 200  # the queued request ran once the model was free
         assert gate.admitted == 0

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -32,6 +31,7 @@ from lmatlas.web.state import Limits
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_web_atlas import web_atlases  # noqa: E402
+from web_support import expect_error, gate_held  # noqa: E402
 
 PROMPT = "the cat sat on the mat"
 
@@ -58,13 +58,7 @@ def bare(paths):
         yield c
 
 
-def _error(response, status, *fragments):
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert set(body) == {"error"} and body["error"]["message"]
-    for fragment in fragments:
-        assert fragment in body["error"]["message"], body["error"]["message"]
-    return body["error"]
+_error = expect_error
 
 
 def _by_hand(model, prompt: str, max_new_tokens: int, head=None, scale=None, clamp=None) -> list[int]:
@@ -226,22 +220,11 @@ def test_edit_needs_a_model(bare):
 def test_edit_and_circuit_wait_for_the_model_gate(paths, model):
     """With the queue full, both live endpoints answer 429 at once instead of piling up."""
     app = create_app(paths["a"], model=model, limits=Limits(queue=1))
-    gate = app.state.explorer.gate
-    release, running = threading.Event(), threading.Event()
-
-    def hold():
-        running.set()
-        release.wait(10)
-
     with TestClient(app) as c:
-        holder = threading.Thread(target=gate.run, args=(hold,))
-        holder.start()
-        running.wait(5)
-        _error(c.post("/api/edit", json={"prompt": "hi"}), 429, "busy")
-        _error(c.post("/api/edit/file", json={"interventions": []}), 429, "busy")
-        _error(c.get("/api/circuit", params={"task": "induction", "n": 2}), 429, "busy")
-        release.set()
-        holder.join(5)
+        with gate_held(app.state.explorer.gate):
+            _error(c.post("/api/edit", json={"prompt": "hi"}), 429, "busy")
+            _error(c.post("/api/edit/file", json={"interventions": []}), 429, "busy")
+            _error(c.get("/api/circuit", params={"task": "induction", "n": 2}), 429, "busy")
         assert c.post("/api/edit", json={"prompt": "hi", "max_new_tokens": 2}).status_code == 200
 
 
