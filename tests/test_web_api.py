@@ -25,18 +25,7 @@ from lmatlas.web.live import decode_lower_triangle
 from lmatlas.web.state import Limits
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_web_atlas import web_atlases  # noqa: E402
-from web_support import expect_error, gate_held  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def paths(tmp_path_factory):
-    return web_atlases(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def model(paths):
-    return load(paths["model"])
+from web_support import expect_error, gate_held, model, paths  # noqa: E402,F401 (fixtures)
 
 
 @pytest.fixture(scope="module")

@@ -25,25 +25,13 @@ from lmatlas.causal.faithfulness import find_circuit
 from lmatlas.causal.store import save_circuit
 from lmatlas.causal.tasks import TASKS
 from lmatlas.edit import Ablate, Edit, Scale, Set
-from lmatlas.model.loading import load
 from lmatlas.web import create_app
 from lmatlas.web.state import Limits
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_web_atlas import web_atlases  # noqa: E402
-from web_support import expect_error, gate_held  # noqa: E402
+from web_support import expect_error, gate_held, model, paths  # noqa: E402,F401 (fixtures)
 
 PROMPT = "the cat sat on the mat"
-
-
-@pytest.fixture(scope="module")
-def paths(tmp_path_factory):
-    return web_atlases(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def model(paths):
-    return load(paths["model"])
 
 
 @pytest.fixture(scope="module")
