@@ -343,6 +343,8 @@ def speculative(model, n_prompts: int, new_tokens: int, draft_len: int, heads_pa
     out = {"prompts": len(runs["greedy"]), "requested_prompts": len(prompts), "new_tokens": new_tokens, "draft_len": draft_len,
            "greedy_tokens": sum(n for _, _, n, _ in runs["greedy"]), "draft_heads": heads_meta, "methods": {}}
     for name, rows in runs.items():
+        if not rows:                                       # e.g. the early-exit drafter with --early-exit-prompts 0
+            continue
         seconds, tokens = sum(r[1] for r in rows), sum(r[2] for r in rows)
         base_s = sum(greedy_by_prompt[r[0]][0] for r in rows)
         base_n = sum(greedy_by_prompt[r[0]][1] for r in rows)

@@ -277,7 +277,8 @@ def main(argv=None) -> None:
 
     def save() -> None:
         report["trials"] = records
-        report["summary"] = summarise(records, methods)
+        report["methods"] = list(dict.fromkeys(methods + [r["method"] for r in records]))  # every method run so far
+        report["summary"] = summarise(records, report["methods"])
         report["load_average_at_save"] = os.getloadavg()
         out.write_text(json.dumps(report, indent=1))
 
