@@ -308,6 +308,7 @@ def speculative(model, n_prompts: int, new_tokens: int, draft_len: int, heads_pa
     pad = model.tokenizer.eos_token_id
     runs = {name: [] for name in ["greedy", "hf_prompt_lookup", *drafters]}   # (prompt, seconds, tokens, identical)
     accepted = {name: [] for name in drafters}
+    drafted = {name: [] for name in drafters}              # drafts proposed per verifying forward
     warm = prompt_ids(model, prompts[0], True)["input_ids"]
     with torch.no_grad():                                  # warm-up: first calls allocate and pick kernels
         model.hf.generate(input_ids=warm, do_sample=False, max_new_tokens=8, pad_token_id=pad)
@@ -334,6 +335,7 @@ def speculative(model, n_prompts: int, new_tokens: int, draft_len: int, heads_pa
             result = speculative_generate(model, ids, drafter, new_tokens, draft_len=draft_len)
             runs[name].append((i, result.seconds, len(result.token_ids), result.token_ids == reference))
             accepted[name].extend(a + 1 for a in result.accepted)
+            drafted[name].extend(result.drafted)
         log(f"speculative {i + 1}/{len(prompts)}: " + ", ".join(f"{k} {sum(r[1] for r in v):.1f}s"
                                                                  for k, v in runs.items()))
         if minutes is not None and time.perf_counter() - begin > minutes * 60:
@@ -357,6 +359,8 @@ def speculative(model, n_prompts: int, new_tokens: int, draft_len: int, heads_pa
                                 "seconds_per_prompt": [round(r[1], 3) for r in rows]}
         if name in accepted:
             out["methods"][name]["mean_accepted_length"] = statistics.fmean(accepted[name])
+            out["methods"][name]["drafted_histogram"] = {str(k): drafted[name].count(k)
+                                                          for k in sorted(set(drafted[name]))}
     return out
 
 
