@@ -101,14 +101,22 @@ def census_scores(model, args) -> tuple[torch.Tensor, str]:
 
 
 def make_cache(model, method: str, census_plan, args, length: int):
-    if method == "default":
+    """The cache of ``method``; ``census_plan(budget)`` gives the census plan at a budget.
+
+    A method may name its own budget after ``@`` (``census@0.5``, ``random0@0.5``,
+    ``uniform@0.5``: the uniform window then matches the census plan at that budget);
+    without it the method uses ``--budget``.
+    """
+    name, _, budget = method.partition("@")
+    budget = float(budget) if budget else args.budget
+    if name == "default":
         return None
-    if method == "census":
-        return HeadwiseCache(model, census_plan)
-    if method.startswith("random"):
-        return HeadwiseCache(model, choose.random_plan(model, args.budget, int(method[6:]), args.sink, args.recent))
-    if method == "uniform":
-        return HeadwiseCache(model, choose.uniform(model, args.sink, choose.matched_recent(census_plan, length)))
+    if name == "census":
+        return HeadwiseCache(model, census_plan(budget))
+    if name.startswith("random"):
+        return HeadwiseCache(model, choose.random_plan(model, budget, int(name[6:]), args.sink, args.recent))
+    if name == "uniform":
+        return HeadwiseCache(model, choose.uniform(model, args.sink, choose.matched_recent(census_plan(budget), length)))
     raise SystemExit(f"unknown method {method!r}")
 
 
@@ -174,7 +182,7 @@ def plot(summary: list[dict], path: str, title: str) -> None:
     fig.savefig(path, dpi=110)
 
 
-def bytes_benchmark(model, census_plan, args) -> dict:
+def bytes_benchmark(model, census_plan_at, args) -> dict:
     """Bytes each method's cache holds at ``T`` tokens (storage measured; values are random).
 
     Measured right after a ``T - 1``-token prompt (``kv_bytes_after_prefill``) and after one more token
@@ -193,7 +201,7 @@ def bytes_benchmark(model, census_plan, args) -> dict:
     rows = []
     for length in args.bytes_lengths:
         for method in args.methods.split(","):
-            cache = make_cache(model, method, census_plan, args, length) or DynamicCache(config=model.hf.config)
+            cache = make_cache(model, method, census_plan_at, args, length) or DynamicCache(config=model.hf.config)
             for step in (length - 1, 1):  # the prompt, then one generated token
                 for layer in range(lay.n_layers):
                     k = torch.randn(1, lay.n_kv_heads, step, lay.d_head, dtype=model.dtype)
@@ -207,7 +215,7 @@ def bytes_benchmark(model, census_plan, args) -> dict:
         r["kv_ratio_vs_default"] = round(base["kv_bytes"] / r["kv_bytes"], 3)
         r["kv_ratio_after_prefill"] = round(base["kv_bytes_after_prefill"] / r["kv_bytes_after_prefill"], 3)
     return {"benchmark": "kvcache-bytes", "model": model.provenance.source, "budget": args.budget, "sink": args.sink,
-            "recent": args.recent, "census_plan": census_plan.describe(), "rows": rows}
+            "recent": args.recent, "census_plan": census_plan_at(args.budget).describe(), "rows": rows}
 
 
 def prune_benchmark(model, args) -> dict:
@@ -270,9 +278,16 @@ def main(argv=None) -> None:
     records: list[dict] = report.get("trials", [])
     done = {(r["length"], r["trial"], r["method"]) for r in records}
     scores, scores_from = census_scores(model, args)
-    census_plan = choose.from_scores(model, scores, args.budget, args.sink, args.recent, method="census")
+    plans: dict[float, object] = {}
+
+    def census_plan_at(budget: float):
+        if budget not in plans:
+            plans[budget] = choose.from_scores(model, scores, budget, args.sink, args.recent, method="census")
+        return plans[budget]
+
+    census_plan = census_plan_at(args.budget)
     if args.bytes_lengths:
-        result = bytes_benchmark(model, census_plan, args)
+        result = bytes_benchmark(model, census_plan_at, args)
         result["scores_from"] = scores_from
         Path(args.out).write_text(json.dumps(result, indent=1))
         print(json.dumps(result, indent=1))
@@ -291,6 +306,7 @@ def main(argv=None) -> None:
 
     def save() -> None:
         report["trials"] = records
+        report.setdefault("census_plans", {}).update({str(b): plan.describe() for b, plan in plans.items()})
         report["methods"] = list(dict.fromkeys(methods + [r["method"] for r in records]))  # every method run so far
         report["summary"] = summarise(records, report["methods"])
         report["load_average_at_save"] = os.getloadavg()
@@ -304,7 +320,7 @@ def main(argv=None) -> None:
             for method in methods:
                 if (length, index, method) in done:
                     continue
-                result = greedy(model, ids, make_cache(model, method, census_plan, args, length), args.new_tokens)
+                result = greedy(model, ids, make_cache(model, method, census_plan_at, args, length), args.new_tokens)
                 records.append({
                     "length": length, "trial": index, "depth": round(depth, 4), "method": method,
                     "correct": is_correct(trial.answer, result.text), "answer": trial.answer,
@@ -321,7 +337,7 @@ def main(argv=None) -> None:
         for method in methods:
             if method in speed:
                 continue
-            cache = make_cache(model, method, census_plan, args, args.speed_length)
+            cache = make_cache(model, method, census_plan_at, args, args.speed_length)
             r = greedy(model, ids, cache, args.speed_tokens, measure_memory=True, stop_at_eos=False)
             speed[method] = {"length": args.speed_length, "decode_tokens_per_s": r.decode_tokens_per_s,
                              "prefill_s": r.prefill_s, "kv_bytes": r.kv_bytes,
