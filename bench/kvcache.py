@@ -170,8 +170,9 @@ def plot(summary: list[dict], path: str, title: str) -> None:
     markers = {"default": "s", "census": "*", "uniform": "^"}
     for ax, length in zip(axes[0], lengths):
         for r in (r for r in summary if r["length"] == length):
-            ax.scatter(r["kv_bytes"] / 2**20, 100 * r["accuracy"], marker=markers.get(r["method"], "o"),
-                       s=90 if r["method"] == "census" else 40, label=f"{r['method']} (n={r['trials']})")
+            kind = r["method"].split("@")[0]
+            ax.scatter(r["kv_bytes"] / 2**20, 100 * r["accuracy"], marker=markers.get(kind, "o"),
+                       s=90 if kind == "census" else 40, label=f"{r['method']} (n={r['trials']})")
         ax.set_title(f"{length} tokens")
         ax.set_xlabel("KV cache held (MiB)")
         ax.set_ylabel("needle accuracy (%)")
