@@ -101,8 +101,10 @@ def predicted_from_measured(curve: dict, decoding_json: str) -> dict:
     """Speed-up implied by each drafter's measured acceptance vs the speed-up measured.
 
     Predicted = tokens per forward / mean cost of its forwards (``c(d) / c(0)`` averaged over the
-    drafts ``d`` actually proposed; a drafter with nothing to propose verifies one token). It leaves
-    out the drafter's own time and the loop's overhead, so it bounds the measured ratio from above.
+    drafts ``d`` actually proposed; a drafter with nothing to propose verifies one token). It counts
+    forwards only: neither the drafter's own time nor either loop's overhead (the measured baseline
+    is transformers' ``generate``, whose per-token overhead a bare forward does not have), so the
+    measured ratio can land on either side of it.
     """
     if not decoding_json or not os.path.exists(decoding_json):
         return {}
