@@ -51,6 +51,8 @@ from lmatlas.infer.decoding.drafters import EarlyExit, Heads, PromptLookup
 from lmatlas.infer.decoding.readout import LayerTap, exit_logits
 from lmatlas.infer.decoding.speculative import speculative_generate
 
+from intervals import wilson  # noqa: E402  (bench/ is on the path when a benchmark runs)
+
 T0 = time.perf_counter()
 
 
@@ -77,15 +79,6 @@ def bootstrap_diff(a: list[float], b: list[float], n: int = 2000, seed: int = 0)
     diffs = [y - x for x, y in zip(a, b)]
     means = sorted(statistics.fmean(rng.choices(diffs, k=len(diffs))) for _ in range(n))
     return {"diff": statistics.fmean(diffs), "ci95": [means[int(0.025 * n)], means[int(0.975 * n) - 1]]}
-
-
-def wilson(k: int, n: int) -> list[float]:
-    if n == 0:
-        return [0.0, 0.0]
-    z, p = 1.96, k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return [centre - half, centre + half]
 
 
 # -- TruthfulQA -------------------------------------------------------------------------------------

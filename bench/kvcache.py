@@ -53,6 +53,8 @@ from lmatlas.infer import HeadwiseCache, choose
 from lmatlas.infer.generate import greedy
 from lmatlas.infer.needle import Haystack, depths, is_correct
 
+from intervals import wilson  # noqa: E402  (bench/ is on the path when a benchmark runs)
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -120,13 +122,6 @@ def make_cache(model, method: str, census_plan, args, length: int):
     raise SystemExit(f"unknown method {method!r}")
 
 
-def wilson(k: int, n: int, z: float = 1.96) -> list[float]:
-    """Wilson 95% interval of ``k`` successes in ``n`` trials."""
-    p, denom = k / n, 1 + z * z / n
-    centre, half = (p + z * z / (2 * n)) / denom, z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / denom
-    return [round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4)]
-
-
 def summarise(records: list[dict], methods: list[str]) -> list[dict]:
     """One row per (length, method): accuracy with its Wilson interval and, paired with the full cache
     on the same prompts, the trials only this method got right / only the full cache got right."""
@@ -148,7 +143,7 @@ def summarise(records: list[dict], methods: list[str]) -> list[dict]:
             paired = [(r["correct"], base_right[r["trial"]]) for r in rs if r["trial"] in base_right]
             rows.append({
                 "length": length, "method": method, "trials": len(rs),
-                "accuracy": round(right / len(rs), 4), "accuracy_wilson95": wilson(right, len(rs)),
+                "accuracy": round(right / len(rs), 4), "accuracy_wilson95": [round(x, 4) for x in wilson(right, len(rs))],
                 "only_this_right": sum(a and not b for a, b in paired),
                 "only_default_right": sum(b and not a for a, b in paired),
                 "kv_bytes": round(kv), "kv_ratio_vs_default": round(base_bytes / kv, 3) if base_bytes else None,
