@@ -163,7 +163,7 @@ def test_attention_switched_away_is_a_clear_error(llama):
     saved = llama.hf.config._attn_implementation
     llama.hf.config._attn_implementation = "sdpa"
     try:
-        with pytest.raises(LmatlasError, match="cannot read a head-wise cache"), torch.no_grad():
+        with pytest.raises(LmatlasError, match="cannot read this cache"), torch.no_grad():
             llama.hf(torch.tensor([[1, 2, 3]]), past_key_values=cache, use_cache=True)
     finally:
         llama.hf.config._attn_implementation = saved

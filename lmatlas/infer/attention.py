@@ -9,6 +9,9 @@ mask function. For every call it looks at the keys it receives:
 * plain tensors (a cache layer whose heads are all full, a sliding-window layer, no
   cache at all): the call goes to the base function unchanged, so a model switched to
   this function computes exactly what it computed before;
+* keys marked by a :class:`~lmatlas.infer.snap.SnapLayer` (a :class:`~lmatlas.infer.snap.SnapCall`):
+  the base function on the held entries (with a mask of its own for several new tokens
+  on a compressed cache), then the layer's compression, which needs the queries;
 * the placeholders of a :class:`~lmatlas.infer.layer.HeadwiseLayer` (keys carrying a
   :class:`~lmatlas.infer.layer.WindowedCall`): the query heads reading full KV heads go
   to the base function with the full entries and the model's mask; the query heads
@@ -36,6 +39,7 @@ import torch
 
 from lmatlas.errors import LmatlasError
 from lmatlas.model.attention import _base_function, register_attention
+from lmatlas.infer import snap
 from lmatlas.infer.layer import PAYLOAD, WindowedCall
 
 PREFIX = "headwise_"
@@ -114,15 +118,18 @@ def headwise_attention(
     """The registered function (see the module docstring). Returns ``([batch, pos, head, d_v], None)``."""
     run_base = _base_function(base, module)
     call: WindowedCall | None = getattr(key, PAYLOAD, None)
-    if call is None:
+    snap_call: snap.SnapCall | None = getattr(key, snap.PAYLOAD, None)
+    if call is None and snap_call is None:
         return run_base(module, query, key, value, attention_mask, *args, **kwargs)
     if getattr(module, "_lmatlas_probe", None) is not None:
         raise LmatlasError(
-            "Hooks that read attention internals (attn.q/k/v/pattern, census probes) cannot run with a head-wise KV "
-            "cache: they would see placeholders instead of the windowed keys. Capture those sites with the default "
-            "cache (past_key_values=None)."
+            "Hooks that read attention internals (attn.q/k/v/pattern, census probes) cannot run with a head-wise or "
+            "SnapKV cache: they would see placeholders or a selection instead of the keys. Capture those sites with "
+            "the default cache (past_key_values=None)."
         )
     check_no_padding(attention_mask)
+    if snap_call is not None:
+        return snap.attend(run_base, module, query, key, value, attention_mask, args, kwargs, snap_call)
     batch, n_heads, n, _ = query.shape
     rep = n_heads // key.shape[1]
     d_v = call.win_values.shape[-1]

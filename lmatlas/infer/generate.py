@@ -25,9 +25,10 @@ from transformers.cache_utils import DynamicCache
 
 from lmatlas.errors import LmatlasError
 from lmatlas.infer import choose
-from lmatlas.infer.cache import HeadwiseCache
+from lmatlas.infer.cache import make_cache
 from lmatlas.infer.memory import PeakMemory, cache_nbytes
 from lmatlas.infer.plan import KVPlan
+from lmatlas.infer.snap import SnapPlan
 
 if TYPE_CHECKING:
     from lmatlas.model.handle import Inputs, Model
@@ -92,7 +93,7 @@ def greedy(model: "Model", input_ids: torch.Tensor, cache=None, max_new_tokens: 
         kv_bytes_prefill=kv_prefill, prefill_s=prefill_s, decode_s=decode_s,
         decode_tokens_per_s=steps / decode_s if steps and decode_s > 0 else None,
         peak_prefill_bytes=getattr(peak_prefill, "added", None), peak_decode_bytes=getattr(peak_decode, "added", None),
-        plan=cache.plan.describe() if isinstance(cache, HeadwiseCache) else {"method": "default"},
+        plan=cache.plan.describe() if hasattr(cache, "plan") else {"method": "default"},
     )
 
 
@@ -117,7 +118,8 @@ def resolve_plan(model: "Model", budget: float | None = None, atlas: str | Path 
     return choose.random_plan(model, budget, seed, sink, recent)
 
 
-def generate_kv(model: "Model", prompt: "Inputs", plan: KVPlan | None = None, budget: float | None = None,
+def generate_kv(model: "Model", prompt: "Inputs", plan: KVPlan | SnapPlan | None = None,
+                budget: float | None = None,
                 atlas: str | Path | None = None, sink: int = 4, recent: int = 256, seed: int | None = None,
                 max_new_tokens: int = 32, measure_memory: bool = True) -> GenerationResult:
     """Greedy generation of one prompt with a head-wise cache (``plan``, or one made from the other options)."""
@@ -127,5 +129,5 @@ def generate_kv(model: "Model", prompt: "Inputs", plan: KVPlan | None = None, bu
         raise LmatlasError("generate_kv runs one prompt at a time; pass a single string.")
     if plan is None:
         plan = resolve_plan(model, budget, atlas, sink, recent, seed)
-    cache = HeadwiseCache(model, plan) if plan is not None else None
+    cache = make_cache(model, plan) if plan is not None else None
     return greedy(model, batch["input_ids"], cache, max_new_tokens, measure_memory=measure_memory)

@@ -275,7 +275,8 @@ class Model:
                 edited continuation, with each token's log-probability under both (needs ``edit``).
             kv_plan: a :class:`~lmatlas.infer.plan.KVPlan` (e.g. ``lmatlas.infer.choose.from_atlas(model,
                 atlas, budget=0.25)``): generate with a fresh head-wise KV cache made from it (full
-                heads keep every entry, the others sinks + a recent window). Not with ``past_key_values``.
+                heads keep every entry, the others sinks + a recent window), or a
+                :class:`~lmatlas.infer.snap.SnapPlan` (SnapKV eviction). Not with ``past_key_values``.
             kwargs: passed to ``transformers``' ``generate`` (``do_sample``, ``past_key_values``, ...).
 
         An empty continuation is logged with the stop token that ended it.
@@ -297,11 +298,11 @@ class Model:
         if kv_plan is not None:
             if kwargs.get("past_key_values") is not None:
                 raise InputError("Give either kv_plan (a head-wise cache is made from it) or past_key_values, not both.")
-            from lmatlas.infer.cache import HeadwiseCache
+            from lmatlas.infer.cache import make_cache
             from lmatlas.infer.generate import check_prompt
 
             check_prompt(batch)
-            kwargs["past_key_values"] = HeadwiseCache(self, kv_plan)
+            kwargs["past_key_values"] = make_cache(self, kv_plan)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         with self.hooked(replace=edit) if edit is not None else _nothing(), torch.no_grad():
             out = self.hf.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=pad, **kwargs)
