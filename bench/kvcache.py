@@ -12,6 +12,10 @@ census         ``round(budget * N)`` KV heads kept full, chosen by the census sc
 random<k>      the same number of full KV heads, chosen at random with seed ``k``
 uniform        no full head; sinks + a recent window sized so that the cache holds as
                many entries as the census plan at this length (StreamingLLM)
+snapkv         SnapKV eviction (:mod:`lmatlas.infer.snap`): every KV head of a full
+               layer keeps as many prompt entries as the uniform plan's heads, chosen
+               by the votes of the prompt's last 32 tokens (query-aware: the question
+               is at the end of the prompt)
 =============  ====================================================================
 
 Windowed heads keep ``--sink`` + ``--recent`` entries and are windowed in prefill too
@@ -49,7 +53,7 @@ from pathlib import Path
 import torch
 
 import lmatlas
-from lmatlas.infer import HeadwiseCache, choose
+from lmatlas.infer import HeadwiseCache, SnapCache, SnapPlan, choose
 from lmatlas.infer.generate import greedy
 from lmatlas.infer.needle import Haystack, depths, is_correct
 
@@ -106,7 +110,8 @@ def make_cache(model, method: str, census_plan, args, length: int):
     """The cache of ``method``; ``census_plan(budget)`` gives the census plan at a budget.
 
     A method may name its own budget after ``@`` (``census@0.5``, ``random0@0.5``,
-    ``uniform@0.5``: the uniform window then matches the census plan at that budget);
+    ``uniform@0.5``, ``snapkv@0.5``: the uniform window and the SnapKV capacity then match
+    the census plan at that budget);
     without it the method uses ``--budget``.
     """
     name, _, budget = method.partition("@")
@@ -119,6 +124,8 @@ def make_cache(model, method: str, census_plan, args, length: int):
         return HeadwiseCache(model, choose.random_plan(model, budget, int(name[6:]), args.sink, args.recent))
     if name == "uniform":
         return HeadwiseCache(model, choose.uniform(model, args.sink, choose.matched_recent(census_plan(budget), length)))
+    if name == "snapkv":
+        return SnapCache(model, SnapPlan(capacity=args.sink + choose.matched_recent(census_plan(budget), length)))
     raise SystemExit(f"unknown method {method!r}")
 
 
@@ -162,7 +169,7 @@ def plot(summary: list[dict], path: str, title: str) -> None:
 
     lengths = sorted({r["length"] for r in summary})
     fig, axes = plt.subplots(1, len(lengths), figsize=(4 * len(lengths), 3.6), squeeze=False)
-    markers = {"default": "s", "census": "*", "uniform": "^"}
+    markers = {"default": "s", "census": "*", "uniform": "^", "snapkv": "D"}
     for ax, length in zip(axes[0], lengths):
         for r in (r for r in summary if r["length"] == length):
             kind = r["method"].split("@")[0]
@@ -197,6 +204,8 @@ def bytes_benchmark(model, census_plan_at, args) -> dict:
     rows = []
     for length in args.bytes_lengths:
         for method in args.methods.split(","):
+            if method.startswith("snapkv"):
+                continue  # SnapKV compresses with the queries of a real forward: its bytes come from the accuracy runs
             cache = make_cache(model, method, census_plan_at, args, length) or DynamicCache(config=model.hf.config)
             for step in (length - 1, 1):  # the prompt, then one generated token
                 for layer in range(lay.n_layers):

@@ -9,7 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 from lmatlas.cli import app
-from lmatlas.infer import HeadwiseCache, choose
+from lmatlas.infer import HeadwiseCache, SnapCache, SnapPlan, choose
 from lmatlas.model.loading import load
 from lmatlas.model.tiny import byte_tokenizer, tiny_hf_model
 
@@ -45,6 +45,24 @@ def test_generate_with_a_budget_matches_the_library(model_dir):
     assert data["kv_bytes"] == cache.nbytes()
 
 
+def test_generate_with_snapkv_matches_the_library(model_dir):
+    prompt = "the cat sat on the mat and then the cat sat on the mat again, and the dog sat on the rug"
+    result = invoke("generate", model_dir, prompt, "--kv-snap", "40", "-n", "5", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    model = load(model_dir)
+    ids = model.tokenize(prompt)["input_ids"]
+    assert ids.shape[1] > 40  # the prompt is compressed
+    with torch.no_grad():
+        cache = SnapCache(model, SnapPlan(capacity=40))
+        ref = model.hf.generate(ids, past_key_values=cache, max_new_tokens=5, do_sample=False, pad_token_id=258)
+    assert data["tokens"] == ref[0, ids.shape[1]:].tolist()
+    assert data["plan"] == {"method": "snapkv", "capacity": 40, "window": 32, "kernel": 5}
+    assert data["kv_bytes"] == cache.nbytes()
+    table = invoke("generate", model_dir, prompt, "--kv-snap", "40", "-n", "2")
+    assert table.exit_code == 0 and "40 prompt entries each" in table.output
+
+
 def test_generate_table_with_every_head_full(model_dir):
     """--kv-budget 1 keeps every KV head whole: the KV table is shown, no head is windowed."""
     result = invoke("generate", model_dir, "hello there", "-n", "3", "--kv-budget", "1")
@@ -62,6 +80,9 @@ def test_generate_refuses_kv_and_edit_options_together(model_dir):
     (["--kv-budget", "0.5", "--recent", "0"], "sink window"),
     (["--kv-budget", "0.5", "--atlas", "/nonexistent.duckdb"], "No atlas"),
     (["--kv-budget", "0.5"], "--atlas FILE"),
+    (["--kv-snap", "16"], "must exceed the observation window"),
+    (["--kv-snap", "64", "--kv-budget", "0.5"], "not both"),
+    (["--kv-snap", "64", "--strategy", "dola"], "one at a"),
 ])
 def test_generate_bad_input(model_dir, args, message):
     result = invoke("generate", model_dir, "hello", *args)

@@ -43,8 +43,9 @@ def half_plan(model: Model):
     return make_plan(model, full, sink=SINK, recent=RECENT)
 
 
-def _reference_attention(module, query, key, value, attention_mask, *args, plan, **kwargs):
-    """Plain attention over the whole sequence with the per-head window of ``plan``: ``[b, pos, head, d]``."""
+def plain_scores(query, key, value, attention_mask, kwargs):
+    """float64 scores ``[b, head, n, n]`` (scaled, soft-capped), the values repeated per query head, and the
+    causal mask AND the model's mask as booleans (``True`` = visible): the parts every reference shares."""
     n_heads, n_kv, n = query.shape[1], key.shape[1], query.shape[2]
     rep = n_heads // n_kv
     keys, values = key.repeat_interleave(rep, 1).double(), value.repeat_interleave(rep, 1).double()
@@ -52,19 +53,31 @@ def _reference_attention(module, query, key, value, attention_mask, *args, plan,
     scores = query.double() @ keys.transpose(2, 3) * scaling
     if kwargs.get("softcap") is not None:
         scores = torch.tanh(scores / kwargs["softcap"]) * kwargs["softcap"]
-    i = torch.arange(n)[:, None]
-    j = torch.arange(n)[None, :]
-    allowed = (j <= i).expand(1, n_heads, n, n).clone()
+    allowed = (torch.arange(n)[None, :] <= torch.arange(n)[:, None]).expand(1, n_heads, n, n).clone()
     if attention_mask is not None:
         allowed &= attention_mask.bool() if attention_mask.dtype == torch.bool else attention_mask > -1e30
+    return scores, values, allowed
+
+
+def attend(query, scores, values, allowed):
+    """Softmax over the visible keys: ``[b, pos, head, d]`` in the query's dtype, as attention functions return."""
+    out = torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1) @ values
+    return out.to(query.dtype).transpose(1, 2).contiguous(), None
+
+
+def _reference_attention(module, query, key, value, attention_mask, *args, plan, **kwargs):
+    """Plain attention over the whole sequence with the per-head window of ``plan``: ``[b, pos, head, d]``."""
+    scores, values, allowed = plain_scores(query, key, value, attention_mask, kwargs)
+    n_kv, n = key.shape[1], query.shape[2]
+    rep = query.shape[1] // n_kv
+    i = torch.arange(n)[:, None]
+    j = torch.arange(n)[None, :]
     layer = module.layer_idx
     if layer in plan.layers:
         for kv in range(n_kv):
             if kv not in plan.full_heads(layer):
                 allowed[:, kv * rep:(kv + 1) * rep] &= (j < plan.sink) | (i - j <= plan.recent)
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    out = torch.softmax(scores, -1) @ values.double()
-    return out.to(query.dtype).transpose(1, 2).contiguous(), None
+    return attend(query, scores, values, allowed)
 
 
 def reference_logits(model: Model, ids: torch.Tensor, plan) -> torch.Tensor:

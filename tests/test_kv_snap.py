@@ -25,7 +25,7 @@ from lmatlas.infer.memory import cache_nbytes, storage_nbytes
 from lmatlas.infer.plan import choosable_layers
 from lmatlas.infer.snap import SnapLayer
 
-from test_kv_cache import FAMILIES, NEW, PROMPT, generate, load, prompt  # noqa: E402
+from test_kv_cache import FAMILIES, NEW, PROMPT, attend, generate, load, plain_scores, prompt  # noqa: E402
 
 WINDOW, KERNEL, CAPACITY = 6, 3, 14
 
@@ -89,25 +89,16 @@ def test_kept_entries_match_votes_from_captured_patterns(family):
 
 def _reference_attention(module, query, key, value, attention_mask, *args, kept, n_prompt, **kwargs):
     """Plain attention over the whole sequence; rows after the prompt do not see evicted prompt entries."""
-    n_heads, n_kv, n = query.shape[1], key.shape[1], query.shape[2]
-    rep = n_heads // n_kv
-    keys, values = key.repeat_interleave(rep, 1).double(), value.repeat_interleave(rep, 1).double()
-    scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
-    scores = query.double() @ keys.transpose(2, 3) * scaling
-    if kwargs.get("softcap") is not None:
-        scores = torch.tanh(scores / kwargs["softcap"]) * kwargs["softcap"]
-    allowed = (torch.arange(n)[None, :] <= torch.arange(n)[:, None]).expand(1, n_heads, n, n).clone()
-    if attention_mask is not None:
-        allowed &= attention_mask.bool() if attention_mask.dtype == torch.bool else attention_mask > -1e30
+    scores, values, allowed = plain_scores(query, key, value, attention_mask, kwargs)
+    n = query.shape[2]
+    rep = query.shape[1] // key.shape[1]
     if module.layer_idx in kept:
         for kv, positions in enumerate(kept[module.layer_idx]):
             hidden = torch.ones(n, dtype=torch.bool)
             hidden[list(positions)] = False
             hidden[n_prompt:] = False
             allowed[:, kv * rep:(kv + 1) * rep, n_prompt:, :] &= ~hidden
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    out = torch.softmax(scores, -1) @ values.double()
-    return out.to(query.dtype).transpose(1, 2).contiguous(), None
+    return attend(query, scores, values, allowed)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

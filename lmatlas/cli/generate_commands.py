@@ -40,8 +40,8 @@ from rich.table import Table
 from rich.text import Text
 
 from lmatlas.cli.app import DEVICE_OPT, DTYPE_OPT, JSON_OPT, app, err, key_value_table, load_model, out, print_json, run
-from lmatlas.cli.infer_commands import (ATLAS_OPT as KV_ATLAS_OPT, KV_BUDGET_OPT, RANDOM_OPT, RECENT_OPT, SINK_OPT,
-                                        generate_with_kv_cache)
+from lmatlas.cli.infer_commands import (ATLAS_OPT as KV_ATLAS_OPT, KV_BUDGET_OPT, KV_SNAP_OPT, RANDOM_OPT, RECENT_OPT,
+                                        SINK_OPT, generate_with_kv_cache)
 from lmatlas.errors import InputError
 
 if TYPE_CHECKING:
@@ -272,6 +272,7 @@ def generate(
     sink: int = SINK_OPT,
     recent: int = RECENT_OPT,
     random_seed: Optional[int] = RANDOM_OPT,
+    kv_snap: Optional[int] = KV_SNAP_OPT,
     strategy: Optional[str] = typer.Option(None, "--strategy", help="dola, decore or speculative decoding."),
     drafter: Optional[str] = typer.Option(None, "--drafter", help="heads, early-exit or prompt-lookup (speculative)."),
     as_json: bool = JSON_OPT,
@@ -280,19 +281,22 @@ def generate(
 ) -> None:
     """Generate greedily; with edit options, show the unedited and the edited continuation side by side.
 
-    ``--kv-budget`` runs with a head-wise KV cache (:mod:`lmatlas.cli.infer_commands`);
+    ``--kv-budget`` runs with a head-wise KV cache, ``--kv-snap`` with SnapKV eviction
+    (:mod:`lmatlas.cli.infer_commands`);
     ``--strategy`` decodes with DoLa, DeCoRe or speculative decoding (:mod:`lmatlas.infer.decoding`).
     """
     from lmatlas.edit.generation import compare
 
     def body() -> Any:
         edits_given = bool(ablate or scale or set_ or steer is not None or edit_file)
-        if kv_budget is not None or strategy is not None:
-            if edits_given or (kv_budget is not None and strategy is not None):
-                raise InputError("Combine at most one of: edit options, --kv-budget, --strategy (one at a time).")
-            if kv_budget is not None:
+        kv_given = kv_budget is not None or kv_snap is not None
+        if kv_given or strategy is not None:
+            if edits_given or (kv_given and strategy is not None):
+                raise InputError("Combine at most one of: edit options, --kv-budget/--kv-snap, --strategy (one at a "
+                                 "time).")
+            if kv_given:
                 return generate_with_kv_cache(args, max_new_tokens, kv_budget, atlas, sink, recent, random_seed,
-                                              as_json, dtype, device)
+                                              as_json, dtype, device, kv_snap)
             return _generate_with_strategy(args, strategy, drafter, max_new_tokens, chat, as_json, dtype, device)
         name, prompt = _split(args)
         if not prompt.strip():

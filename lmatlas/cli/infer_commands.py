@@ -4,10 +4,13 @@
     lmatlas generate [MODEL] "prompt" --kv-budget 0.25 --atlas smollm2.atlas.duckdb
     lmatlas generate "prompt" --kv-budget 0 --sink 4 --recent 128        sinks + window everywhere
     lmatlas generate "prompt" --kv-budget 0.25 --random-seed 1          random full heads (a baseline)
+    lmatlas generate "prompt" --kv-snap 512                             SnapKV: 512 prompt entries per KV head
     lmatlas prune [MODEL] --fraction 0.2 --atlas smollm2.atlas.duckdb [--random-seed N] [--json]
 
 ``--kv-budget F`` keeps the fraction ``F`` of the KV heads of full-attention layers
 whole; the others keep ``--sink`` + ``--recent`` entries (see :mod:`lmatlas.infer.plan`).
+``--kv-snap N`` evicts by score instead (SnapKV, :mod:`lmatlas.infer.snap`): each KV
+head keeps the ``N`` prompt entries the prompt's end attends to most.
 The result shows the text and what the cache held (bytes of storage), prefill and
 decode times and the peak memory each added.
 
@@ -31,6 +34,7 @@ KV_BUDGET_OPT = typer.Option(None, "--kv-budget", help="Fraction of KV heads kep
 ATLAS_OPT = typer.Option(None, "--atlas", help="The model's atlas: census scores choose the full heads.")
 SINK_OPT = typer.Option(4, "--sink", help="Entries kept at the start of the context by windowed heads.")
 RECENT_OPT = typer.Option(256, "--recent", help="Most recent entries kept by windowed heads.")
+KV_SNAP_OPT = typer.Option(None, "--kv-snap", help="SnapKV: prompt entries each KV head keeps (> 32); omit for no eviction.")
 RANDOM_OPT = typer.Option(None, "--random-seed", help="Choose the full heads at random with this seed (a baseline).")
 
 
@@ -45,25 +49,29 @@ def split_model_and_prompt(args: list[str]) -> tuple[Optional[str], str]:
 
 def generate_with_kv_cache(
     args: list[str], max_new_tokens: int, kv_budget: Optional[float], atlas: Optional[Path], sink: int, recent: int,
-    random_seed: Optional[int], as_json: bool, dtype: str, device: Optional[str],
+    random_seed: Optional[int], as_json: bool, dtype: str, device: Optional[str], kv_snap: Optional[int] = None,
 ) -> None:
-    """``lmatlas generate ... --kv-budget F``: greedy generation with a head-wise KV cache chosen from the map.
+    """``lmatlas generate ... --kv-budget F`` (a head-wise KV cache chosen from the map) or ``--kv-snap N`` (SnapKV).
 
     Called by the ``generate`` command (:mod:`lmatlas.cli.generate_commands`) when KV options are given.
     """
     from lmatlas.infer.choose import check_budget
     from lmatlas.infer.generate import generate_kv, resolve_plan
     from lmatlas.infer.plan import check_window
+    from lmatlas.infer.snap import SnapPlan
 
     def body():
         source, prompt = split_model_and_prompt(args)
+        if kv_snap is not None and kv_budget is not None:
+            raise LmatlasError("Give --kv-budget (head-wise cache) or --kv-snap (SnapKV), not both.")
+        snap_plan = SnapPlan(capacity=kv_snap) if kv_snap is not None else None  # checked before the model loads
         if kv_budget is not None:  # every KV option is checked before the model loads
             check_budget(kv_budget)
             check_window(sink, recent)
             if atlas is not None and not atlas.exists():
                 raise LmatlasError(f"No atlas at {atlas}: build one with `lmatlas map --out {atlas}`.")
         loaded = load_model(source, dtype, device)
-        plan = resolve_plan(loaded, kv_budget, atlas, sink, recent, random_seed)
+        plan = snap_plan or resolve_plan(loaded, kv_budget, atlas, sink, recent, random_seed)
         with err.status("Generating..."):
             result = generate_kv(loaded, prompt, plan=plan, max_new_tokens=max_new_tokens)
         data = result.to_dict()
@@ -74,7 +82,9 @@ def generate_with_kv_cache(
         summary = {
             "cache": data["plan"].get("method", "default"),
             "full KV heads": (f"{data['plan']['full_kv_heads']} of {data['plan']['choosable_kv_heads']}"
-                              if "full_kv_heads" in data["plan"] else "all"),
+                              if "full_kv_heads" in data["plan"] else
+                              f"none: {data['plan']['capacity']} prompt entries each" if "capacity" in data["plan"]
+                              else "all"),
             "KV bytes held": result.kv_bytes,
             "prompt tokens": result.prompt_tokens,
             "prefill s": round(result.prefill_s, 3),

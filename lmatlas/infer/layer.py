@@ -69,10 +69,45 @@ def placeholder(like: torch.Tensor, n_heads: int, length: int, call: WindowedCal
     return out
 
 
-class HeadwiseLayer(CacheLayerMixin):
-    """A cache layer whose full KV heads keep every entry and windowed ones ``sink + recent``."""
+class LogicalLengthLayer(CacheLayerMixin):
+    """What lmatlas's cache layers share: a *logical* length (every token seen, which the model
+    takes positions from) that may exceed the entries held, negative-only ``crop`` arguments,
+    and batch operations applied to every held tensor (``_map_batch``, defined by each layer).
+    """
 
     is_sliding = False
+    length: int
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_max_length(self) -> int:
+        return -1
+
+    @staticmethod
+    def check_crop(tokens_to_remove: int) -> None:
+        """Raise on a positive ``crop`` argument (transformers' layers take ``-n`` to remove ``n`` tokens)."""
+        if tokens_to_remove > 0:
+            raise ValueError(
+                f"crop({tokens_to_remove}): pass a negative number of tokens to remove, as transformers' caches expect."
+            )
+
+    def _map_batch(self, fn) -> None:
+        raise NotImplementedError
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_batch(lambda t: t[indices, ...])
+
+
+class HeadwiseLayer(LogicalLengthLayer):
+    """A cache layer whose full KV heads keep every entry and windowed ones ``sink + recent``."""
+
     is_croppable = True
 
     def __init__(self, full_heads: Sequence[int], n_kv_heads: int, sink: int, recent: int):
@@ -164,12 +199,6 @@ class HeadwiseLayer(CacheLayerMixin):
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.length + query_length, 0
 
-    def get_seq_length(self) -> int:
-        return self.length
-
-    def get_max_length(self) -> int:
-        return -1
-
     # -- rollback and batch operations ----------------------------------------------------------------
     def activate_past_recording(self) -> None:
         """Keep the entries an update would evict until the next :meth:`crop` (so it can roll back)."""
@@ -177,10 +206,7 @@ class HeadwiseLayer(CacheLayerMixin):
 
     def crop(self, tokens_to_remove: int) -> None:
         """Remove the last ``-tokens_to_remove`` tokens (a negative number; ``0`` only trims the windows)."""
-        if tokens_to_remove > 0:
-            raise ValueError(
-                f"crop({tokens_to_remove}): pass a negative number of tokens to remove, as transformers' caches expect."
-            )
+        self.check_crop(tokens_to_remove)
         if not self.is_initialized:
             return
         new_length = self.length + tokens_to_remove
@@ -218,15 +244,6 @@ class HeadwiseLayer(CacheLayerMixin):
             if value is not None:
                 setattr(self, name, fn(value))
         self.keys, self.values = self.full_keys, self.full_values
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._map_batch(lambda t: t[indices, ...])
 
     def offload(self) -> None:
         self._map_batch(lambda t: t.to("cpu", non_blocking=True))

@@ -44,9 +44,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers.cache_utils import CacheLayerMixin
 
 from lmatlas.errors import LmatlasError
+from lmatlas.infer.layer import LogicalLengthLayer
 
 PAYLOAD = "_lmatlas_snap"
 LOOKAHEAD = 64  # draft tokens a deferred compression can drop (query rows kept beyond the window)
@@ -138,14 +138,13 @@ def keep_index(scores: torch.Tensor, capacity: int, window: int) -> torch.Tensor
     return torch.cat([top, tail], dim=-1)
 
 
-class SnapLayer(CacheLayerMixin):
+class SnapLayer(LogicalLengthLayer):
     """A full-attention cache layer that compresses each prompt to ``capacity`` entries per KV head.
 
     Holds ``keys``/``values`` ``[batch, kv_head, m, d]`` and ``positions`` ``[batch, kv_head, m]``
     (int32, the token position of every kept entry: which tokens each head kept).
     """
 
-    is_sliding = False
     is_compileable = False
 
     def __init__(self, plan: SnapPlan):
@@ -246,12 +245,6 @@ class SnapLayer(CacheLayerMixin):
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.held + query_length, 0
 
-    def get_seq_length(self) -> int:
-        return self.length
-
-    def get_max_length(self) -> int:
-        return -1
-
     # -- rollback and batch operations ----------------------------------------------------------------
     def activate_past_recording(self) -> None:
         """Defer each compression to the next :meth:`crop` (assisted generation calls this), so that
@@ -260,10 +253,7 @@ class SnapLayer(CacheLayerMixin):
 
     def crop(self, tokens_to_remove: int) -> None:
         """Remove the last ``-tokens_to_remove`` tokens; only tokens appended after the last compression."""
-        if tokens_to_remove > 0:
-            raise ValueError(
-                f"crop({tokens_to_remove}): pass a negative number of tokens to remove, as transformers' caches expect."
-            )
+        self.check_crop(tokens_to_remove)
         if not self.is_initialized:
             return
         if self.pending is not None:
@@ -283,15 +273,6 @@ class SnapLayer(CacheLayerMixin):
 
     def _map_batch(self, fn) -> None:
         self.keys, self.values, self.positions = fn(self.keys), fn(self.values), fn(self.positions)
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._map_batch(lambda t: t[indices, ...])
 
 
 def call_mask(call: SnapCall, n: int, like: torch.Tensor) -> torch.Tensor:
