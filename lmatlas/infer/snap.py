@@ -158,8 +158,7 @@ class SnapLayer(LogicalLengthLayer):
         self.pending: tuple[torch.Tensor, float, float | None] | None = None  # deferred compression
 
     def __repr__(self) -> str:
-        held = 0 if self.keys is None else self.keys.shape[-2]
-        return f"SnapLayer(capacity={self.plan.capacity}, held={held}, length={self.length})"
+        return f"SnapLayer(capacity={self.plan.capacity}, held={self.held}, length={self.length})"
 
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor the layer holds (for :func:`lmatlas.infer.memory.storage_nbytes`)."""
