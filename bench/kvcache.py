@@ -122,10 +122,11 @@ def make_cache(model, method: str, census_plan, args, length: int):
         return HeadwiseCache(model, census_plan(budget))
     if name.startswith("random"):
         return HeadwiseCache(model, choose.random_plan(model, budget, int(name[6:]), args.sink, args.recent))
-    if name == "uniform":
-        return HeadwiseCache(model, choose.uniform(model, args.sink, choose.matched_recent(census_plan(budget), length)))
-    if name == "snapkv":
-        return SnapCache(model, SnapPlan(capacity=args.sink + choose.matched_recent(census_plan(budget), length)))
+    if name in ("uniform", "snapkv"):  # as many entries per KV head as the census plan holds on average
+        recent = choose.matched_recent(census_plan(budget), length)
+        if name == "uniform":
+            return HeadwiseCache(model, choose.uniform(model, args.sink, recent))
+        return SnapCache(model, SnapPlan(capacity=args.sink + recent))
     raise SystemExit(f"unknown method {method!r}")
 
 

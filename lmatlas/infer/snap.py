@@ -81,9 +81,6 @@ class SnapPlan:
                 "is always kept, and the capacity beyond it holds the chosen earlier entries."
             )
 
-    def check_model(self, model) -> None:
-        """A SnapKV plan fits every model (it names no layer or head)."""
-
     def describe(self) -> dict:
         """A JSON-able summary (what a result records as provenance)."""
         return {"method": self.method, "capacity": self.capacity, "window": self.window, "kernel": self.kernel}
