@@ -35,6 +35,11 @@ def _write(path, card, neurons, scores, importance):
         {"layer": 0, "head": 1, "copying": 0.5, "suppression": 0.0, "top_sources": ["x", "y"],
          "top_outputs": [" red", " dog"], "top_logits": [5.0, 2.0], "top_source_ids": [7, 8], "top_output_ids": [3, 1]},
     ]}, 0.1)
+    store.commit_unit("search", "search/all", {  # scale 1: the logits are those stored
+        "head_promoted": [{"layer": 0, "head": 1, "tokens": [" red", " dog"], "token_ids": [3, 1], "logits": [5.0, 2.0],
+                           "sources": ["x", "y"], "source_ids": [7, 8]}],
+        "search_scale": [{"layer": layer, "final_scale": 1.0, "tokens": 1, "neuron_max": [1.0] * 3}
+                         for layer in range(2)]}, 0.1)
     store.close()
     return path
 
@@ -143,6 +148,6 @@ def test_cli_search_in_an_atlas(pair):
     table = runner.invoke(app, ["search", str(pair[0]), "red"])
     assert table.exit_code == 0 and "L1.N2" in table.stdout
     bad = runner.invoke(app, ["search", str(pair[0])])
-    assert bad.exit_code == 2 and "Usage: lmatlas search ATLAS.duckdb TEXT" in bad.output
+    assert bad.exit_code == 2 and "Expected [MODEL] TEXT" in bad.output
     by_id = json.loads(runner.invoke(app, ["search", str(pair[0]), "--id", "3", "--json"]).stdout)
     assert [r["name"] for r in by_id["results"]] == ["L0.H1"]

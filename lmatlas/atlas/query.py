@@ -156,35 +156,68 @@ class Atlas:
             f"ORDER BY rank NULLS LAST, top_logit DESC LIMIT {int(limit)}", params)
 
     def search(self, token: str | int, limit: int = 20) -> pa.Table:
-        """Neurons and heads that write ``token``, on one scale: the logit they add to it, largest first.
+        """Heads and neurons that write ``token``, on one scale: the logit they add to it, largest first.
 
         ``token`` is a token string (matched as given and with/without one leading space;
-        byte tokens are spelled ``<0xE2>``) or a token id. A neuron is found when the
-        token is among its top promoted tokens, a head when it is the output of one of
-        its strongest OV pairs (see :mod:`lmatlas.atlas.ranking` for the scale).
+        byte tokens are spelled ``<0xE2>``) or a token id. A part is found when the token
+        is among its top promoted tokens (a neuron's ``promoted``, a head's
+        ``head_promoted.tokens``); its logit is what it adds through the final norm as the
+        model applies it (:mod:`lmatlas.decode.search`): ``s * max_act * logit`` for a
+        neuron, ``s * ov_logit`` for a head attending to its best source. The same rows as
+        ``lmatlas search MODEL`` (:func:`lmatlas.atlas.token_search.search_model`).
 
         Returns:
             ``kind, name, layer, index, logit, source, rank, top_tokens``: ``rank`` is the
             token's place in the part's own list, ``source`` a head's best source token.
+
+        Raises:
+            AtlasError: the atlas lacks the stages a search reads (the message has the
+                command that adds them).
         """
         from lmatlas.atlas.ranking import as_table, hit, ranked
 
+        self._require_search()
         by_id = isinstance(token, int)
-        neuron_key, head_key = ("promoted_ids", "top_output_ids") if by_id else ("promoted", "top_outputs")
+        neuron_key, head_key = ("promoted_ids", "token_ids") if by_id else ("promoted", "tokens")
         match = "list_position({column}, ?)" if by_id else "list_min([list_position({column}, v) for v in ?])"
         value = int(token) if by_id else _token_variants(token)
         neurons = self.sql(
-            f"SELECT layer, neuron, pos, promoted_logits[pos] AS logit, promoted[1:5] AS top FROM "
-            f"(SELECT *, {match.format(column=neuron_key)} AS pos FROM neurons) WHERE pos IS NOT NULL "
+            "SELECT layer, neuron, pos, logit, top FROM (SELECT n.layer, n.neuron, pos, "
+            "s.final_scale * greatest(s.neuron_max[n.neuron + 1], 0) * n.promoted_logits[pos] AS logit, "
+            f"n.promoted[1:5] AS top FROM (SELECT *, {match.format(column=neuron_key)} AS pos FROM neurons) n "
+            "JOIN search_scale s USING (layer) WHERE pos IS NOT NULL) "
             "ORDER BY logit DESC, layer, neuron LIMIT ?", [value, limit]).to_pylist()
         heads = self.sql(
-            f"SELECT layer, head, pos, top_logits[pos] AS logit, top_sources[pos] AS source, top_outputs[1:5] AS top "
-            f"FROM (SELECT *, {match.format(column=head_key)} AS pos FROM head_ov) WHERE pos IS NOT NULL "
-            "ORDER BY logit DESC, layer, head LIMIT ?", [value, limit]).to_pylist()
+            "SELECT h.layer, h.head, pos, s.final_scale * h.logits[pos] AS logit, h.sources[pos] AS source, "
+            f"h.tokens[1:5] AS top FROM (SELECT *, {match.format(column=head_key)} AS pos FROM head_promoted) h "
+            "JOIN search_scale s USING (layer) WHERE pos IS NOT NULL "
+            "ORDER BY logit DESC, h.layer, h.head LIMIT ?", [value, limit]).to_pylist()
         hits = [hit("neuron", r["layer"], r["neuron"], r["logit"], rank=r["pos"], top_tokens=r["top"]) for r in neurons]
         hits += [hit("head", r["layer"], r["head"], r["logit"], source=r["source"], rank=r["pos"], top_tokens=r["top"])
                  for r in heads]
         return as_table(ranked(hits, limit))
+
+    def _require_search(self) -> None:
+        """Refuse a search on an atlas without its ``neurons`` and ``search`` stages, naming the command."""
+        have = set(self.sql("SELECT table_name FROM information_schema.tables").column("table_name").to_pylist())
+        done = set(self.sql("SELECT DISTINCT stage FROM runs WHERE status = 'done'").column("stage").to_pylist())
+        missing = [stage for stage, table in (("neurons", "neurons"), ("search", "search_scale"))
+                   if table not in have or stage not in done]
+        if missing:
+            raise AtlasError(f"{self.path} cannot answer a token search: it lacks the stage(s) "
+                             f"{', '.join(missing)} (an older atlas, or one built with --only). Add them with: "
+                             f"{self.map_command(missing)}")
+
+    def map_command(self, stages: list[str]) -> str:
+        """The ``lmatlas map`` command that adds ``stages`` to this atlas (resuming it in place)."""
+        import shlex
+
+        from lmatlas.model.loading import PACKAGED_DEFAULT_LABEL
+
+        source = self.card.get("source")
+        parts = ["lmatlas", "map"] + ([] if source in (None, PACKAGED_DEFAULT_LABEL) else [str(source)])
+        parts += ["--out", str(self.path), "--only", ",".join(stages)]
+        return " ".join(shlex.quote(p) for p in parts)
 
     def layers(self) -> pa.Table:
         return self.sql("SELECT * FROM layers ORDER BY layer")

@@ -22,6 +22,8 @@ corpus             corpus window: its token ids and token strings
 head_windows       (layer, head, rank): a window where the head writes most, its attention there
 neuron_contexts    (layer, neuron, rank): a top-activating position with per-token activation levels
 neuron_histograms  (layer, neuron): histogram of the neuron's activations over the corpus
+head_promoted      (layer, head): the head's top-k output tokens over sampled sources, best source each
+search_scale       layer: the final norm's factor and each neuron's largest activation (search's scale)
 =================  ===========================================================================
 
 The view ``layers`` joins ``layer_lens`` and ``mlp_importance``.
@@ -94,6 +96,11 @@ TABLES: dict[str, str] = {
         "layer INTEGER, neuron INTEGER, lo DOUBLE, hi DOUBLE, scale DOUBLE, counts INTEGER[], "
         "PRIMARY KEY (layer, neuron)"
     ),
+    "head_promoted": (
+        "layer INTEGER, head INTEGER, tokens VARCHAR[], token_ids INTEGER[], logits DOUBLE[], sources VARCHAR[], "
+        "source_ids INTEGER[], PRIMARY KEY (layer, head)"
+    ),
+    "search_scale": "layer INTEGER PRIMARY KEY, final_scale DOUBLE, tokens INTEGER, neuron_max DOUBLE[]",
 }
 
 VIEWS: dict[str, str] = {

@@ -122,6 +122,11 @@ class AtlasStore:
     @classmethod
     def open_existing(cls, path: str | Path, read_only: bool = True) -> "AtlasStore":
         path = Path(path)
+        if path.is_dir():
+            found = sorted(str(p) for p in path.glob("*.duckdb"))
+            hint = (f"atlases there: {', '.join(found[:5])}" if found else
+                    f"build one with `lmatlas map --out {path / 'model.atlas.duckdb'}`")
+            raise AtlasError(f"{path} is a directory, not an atlas file: give the .duckdb file ({hint}).")
         if not path.is_file():
             raise AtlasError(f"No atlas at {path}: build one with `lmatlas map --out {path}`.")
         store = cls(path, _connect(path, read_only=read_only))

@@ -44,7 +44,7 @@ def compute(model: "Model", unit: str, ctx: BuildContext):
         for row, row_ids, row_logits in zip(rows, ids, logits):
             row[name] = texts[offset: offset + len(row_ids)]
             row[f"{name}_ids"] = row_ids
-            row[f"{name}_logits"] = [round(float(v), 4) for v in row_logits]
+            row[f"{name}_logits"] = [float(v) for v in row_logits]
             offset += len(row_ids)
     return {"neurons": rows}
 

@@ -1,0 +1,134 @@
+"""One token search, one scale: a model and its atlas answer alike, heads and neurons interleaved.
+
+The scale (the logit a part adds through the final norm as the model applies it) is
+re-derived here in plain PyTorch from the Hugging Face modules, without lmatlas.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from lmatlas.atlas import Atlas
+from lmatlas.atlas.pipeline import build_atlas
+from lmatlas.atlas.token_search import reference_windows, search_model
+from lmatlas.cli import app
+from lmatlas.decode.token_text import token_texts
+from lmatlas.model.loading import load
+from lmatlas.model.tiny import byte_tokenizer, tiny_hf_model
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_hf_model("llama").save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def model(model_dir):
+    return load(model_dir)
+
+
+@pytest.fixture(scope="module")
+def atlas_path(model, tmp_path_factory):
+    path = tmp_path_factory.mktemp("atlas") / "tiny.atlas.duckdb"
+    build_atlas(model, path, only=["neurons", "search"], progress=False)
+    return path
+
+
+def _shared_token(atlas_path) -> int:
+    """A token some head and some neuron both promote (so the ranking must interleave kinds)."""
+    with Atlas.open(atlas_path) as atlas:
+        rows = atlas.sql("SELECT unnest(token_ids) AS t FROM head_promoted INTERSECT "
+                         "SELECT unnest(promoted_ids) AS t FROM neurons ORDER BY t").column("t").to_pylist()
+    assert rows
+    return int(rows[0])
+
+
+def _plain_scale(model, token: int):
+    """``(s, neuron_max [layers, d_mlp], per-unit neuron logits, head logit(layer, head, source))`` in plain torch."""
+    hf = model.hf
+    windows = reference_windows(model)
+    captured: dict[str, list[torch.Tensor]] = {"final": [], **{f"act{l}": [] for l in range(len(hf.model.layers))}}
+    hooks = [hf.model.norm.register_forward_hook(lambda m, i, o: captured["final"].append(i[0].detach()))]
+    for l, block in enumerate(hf.model.layers):
+        hooks.append(block.mlp.down_proj.register_forward_hook(
+            lambda m, i, o, l=l: captured[f"act{l}"].append(i[0].detach())))
+    with torch.no_grad():
+        for row in windows:
+            hf(row[None])
+    for hook in hooks:
+        hook.remove()
+    final = torch.cat(captured["final"]).double()  # [windows, seq, d_model]
+    eps = hf.model.norm.variance_epsilon
+    s = torch.rsqrt(final.pow(2).mean(-1) + eps)[:, 1:].mean().item()
+    neuron_max = torch.stack([torch.cat(captured[f"act{l}"]).flatten(0, 1).max(0).values.clamp(min=0)
+                              for l in range(len(hf.model.layers))]).double()
+    column = (hf.model.norm.weight.double() * hf.lm_head.weight[token].double()).detach()  # [d_model]
+    per_unit = torch.stack([b.mlp.down_proj.weight.double().T @ column for b in hf.model.layers])  # [layers, d_mlp]
+    n_heads, d_head = hf.config.num_attention_heads, hf.config.hidden_size // hf.config.num_attention_heads
+    group = n_heads // hf.config.num_key_value_heads
+
+    def head_logit(layer: int, head: int, source: int) -> float:
+        block = hf.model.layers[layer]
+        x = block.input_layernorm(hf.model.embed_tokens.weight[source][None]).double()[0]
+        kv = head // group
+        v = x @ block.self_attn.v_proj.weight.double()[kv * d_head:(kv + 1) * d_head].T
+        write = v @ block.self_attn.o_proj.weight.double()[:, head * d_head:(head + 1) * d_head].T
+        return float((write @ column).detach())
+
+    return s, neuron_max, per_unit, head_logit
+
+
+def test_model_and_atlas_give_the_same_ranking_of_heads_and_neurons(model, atlas_path):
+    token = _shared_token(atlas_path)
+    from_model = search_model(model, token, limit=50, progress=False)
+    with Atlas.open(atlas_path) as atlas:
+        from_atlas = atlas.search(token, limit=50).to_pylist()
+    assert {r["kind"] for r in from_model} == {"head", "neuron"}
+    assert [r["name"] for r in from_model] == [r["name"] for r in from_atlas]
+    assert [r["logit"] for r in from_model] == pytest.approx([r["logit"] for r in from_atlas], rel=1e-4, abs=1e-6)
+    assert [r["source"] for r in from_model] == [r["source"] for r in from_atlas]
+
+
+def test_the_scale_is_the_logit_added_through_the_final_norm(model, atlas_path):
+    token = _shared_token(atlas_path)
+    s, neuron_max, per_unit, head_logit = _plain_scale(model, token)
+    rows = search_model(model, token, limit=50, progress=False)
+    texts = token_texts(model.tokenizer, list(range(model.layout.d_vocab)))
+    for row in rows:
+        if row["kind"] == "neuron":
+            expected = s * float(neuron_max[row["layer"], row["index"]]) * float(per_unit[row["layer"], row["index"]].detach())
+        else:
+            source = texts.index(row["source"])  # the best source token, as displayed
+            expected = s * head_logit(row["layer"], row["index"], source)
+        assert row["logit"] == pytest.approx(expected, rel=2e-3, abs=1e-5), row
+    logits = [r["logit"] for r in rows]
+    assert logits == sorted(logits, reverse=True)
+
+
+def test_cli_search_answers_the_same_from_model_and_atlas(model_dir, atlas_path):
+    token = _shared_token(atlas_path)
+    from_model = runner.invoke(app, ["search", model_dir, "--id", str(token), "--top", "10", "--json"])
+    from_atlas = runner.invoke(app, ["search", "--atlas", str(atlas_path), "--id", str(token), "--top", "10",
+                                     "--json"])
+    assert from_model.exit_code == 0 and from_atlas.exit_code == 0, (from_model.output, from_atlas.output)
+    a, b = json.loads(from_model.stdout)["results"], json.loads(from_atlas.stdout)["results"]
+    assert [r["name"] for r in a] == [r["name"] for r in b]
+    assert [r["logit"] for r in a] == pytest.approx([r["logit"] for r in b], rel=1e-4, abs=1e-6)
+
+
+def test_an_atlas_without_the_search_stage_says_how_to_add_it(model, tmp_path):
+    path = tmp_path / "old.atlas.duckdb"
+    build_atlas(model, path, only=["neurons"], progress=False)
+    result = runner.invoke(app, ["search", "--atlas", str(path), "--id", "97", "--json"])
+    assert result.exit_code == 2
+    error = json.loads(result.stdout)["error"]
+    assert "--only search" in error["message"] and str(path) in error["message"]
