@@ -221,16 +221,59 @@ def test_replace_z_head_matches_native_prehook(run):
     close(got, native)
 
 
+#: A replacement must move the logits by this much more than the comparison's tolerance: an edit that
+#: changed nothing (a dead neuron, an ignored replacement) cannot pass as "equal to the native edit".
+MOVES = 100 * ATOL
+
+
+def moved(edited: torch.Tensor, plain: torch.Tensor) -> float:
+    return float((edited.float() - plain.float()).abs().max())
+
+
 def test_replace_neuron_matches_native_prehook(run):
     """5b. Zeroing neuron 5 of ``L1.mlp.act`` equals zeroing column 5 of the native down projection input."""
     native = run.native_logits([(1, "down", True, lambda m, args: (_zero((..., 5))(args[0]),))])
-    close(run.lmatlas_logits({"L1.mlp.act": _zero((..., 5))}), native)
+    assert moved(native, run.native_logits()) > MOVES, "zeroing neuron 5 must change the native logits"
+    got = run.lmatlas_logits({"L1.mlp.act": _zero((..., 5))})
+    assert moved(got, run.native_logits()) > MOVES, "lmatlas's zeroed neuron must change the logits"
+    close(got, native)
+
+
+def test_replace_neuron_from_a_position_matches_native_prehook(run):
+    """5b. ``L1.mlp.act@5:`` zeroes neuron 5 from position 5 on: earlier logits stay, later ones move as natively."""
+    plain = run.native_logits()
+    native = run.native_logits([(1, "down", True, lambda m, args: (_zero((..., slice(5, None), 5))(args[0]),))])
+    close(native[:, :5], plain[:, :5])
+    assert moved(native[:, 5:], plain[:, 5:]) > MOVES, "zeroing neuron 5 from position 5 must change the logits"
+    got = run.lmatlas_logits({"L1.mlp.act@5:": _zero((..., 5))})
+    close(got, native)
 
 
 def test_replace_pattern_identity_keeps_logits(run):
     """5c. Writing the captured ``L0.attn.pattern`` back (pattern @ v path) leaves the logits unchanged."""
     got = run.lmatlas_logits({"L0.attn.pattern": run.cache.pattern(0).clone()})
     close(got, run.native_logits(), atol=1e-4)
+
+
+def test_replace_pattern_matches_native_pattern_times_values(run):
+    """5c. A *new* ``L0.attn.pattern`` gives the logits of a native forward whose o-projection input is
+    that pattern times the native value projection, computed here by hand.
+
+    The new pattern: head h attends to key ``q - (h % 2)`` (itself, or the previous token), far from
+    the near-uniform attention of a random tiny model, so that ignoring it would show.
+    """
+    n_heads, n_kv, _ = run.sizes
+    batch, n = run.ids.shape
+    pattern = torch.zeros(batch, n_heads, n, n)  # [batch, head, pos, key_pos]
+    for h in range(n_heads):
+        for q in range(n):
+            pattern[:, h, q, max(q - h % 2, 0)] = 1.0
+    v = split_qkv(run, 0)["v"]  # [batch, key_pos, kv_head, d_head], the native projection's output
+    kv_of = torch.arange(n_heads) // (n_heads // n_kv)
+    z = torch.einsum("bhqk,bkhd->bqhd", pattern, v[:, :, kv_of].float())  # [batch, pos, head, d_head]
+    native = run.native_logits([(0, "o", True, lambda m, args: (z.flatten(2).to(args[0].dtype),))])
+    assert moved(native, run.native_logits()) > MOVES, "the new layer-0 pattern must change the logits"
+    close(run.lmatlas_logits({"L0.attn.pattern": pattern.clone()}), native, atol=1e-4)
 
 
 def test_replace_resid_mid_matches_native_write_edit(run):
