@@ -35,26 +35,26 @@ def test_atlas_plan_keeps_the_neediest_kv_heads(llama, tmp_path):
     # 2 layers x 4 query heads, 2 KV heads (query heads 0,1 -> KV 0; 2,3 -> KV 1)
     streaming = torch.tensor([[0.1, 0.0, 0.2, 0.9], [0.3, 0.0, 0.0, 0.1]])
     retrieval = torch.tensor([[0.0, 0.0, 0.0, 0.0], [0.0, 0.95, 0.0, 0.0]])
-    path = write_atlas(tmp_path / "a.duckdb", llama, {"streaming": streaming, "retrieval": retrieval})
+    path = write_atlas(tmp_path / "a.duckdb", llama, {"full_context": streaming, "retrieval": retrieval})
     plan = choose.from_atlas(llama, path, budget=0.5, sink=2, recent=8)
     # KV needs (max over query heads of max over detectors): L0.KV0 .1, L0.KV1 .9, L1.KV0 .95, L1.KV1 .1
     assert plan.full == {(0, 1), (1, 0)}
-    assert plan.budget == 0.5 and plan.method == "atlas:streaming+retrieval"
-    only_streaming = choose.from_atlas(llama, path, budget=0.25, detectors=["streaming"])
+    assert plan.budget == 0.5 and plan.method == "atlas:full_context+retrieval"
+    only_streaming = choose.from_atlas(llama, path, budget=0.25, detectors=["full_context"])
     assert only_streaming.full == {(0, 1)}
     assert choose.from_atlas(llama, path, budget=0.0).full == frozenset()
 
 
 def test_atlas_of_another_model_is_refused(llama, tmp_path):
     other = tiny_model("qwen2")
-    path = write_atlas(tmp_path / "other.duckdb", other, {"streaming": torch.zeros(2, 4), "retrieval": torch.zeros(2, 4)})
+    path = write_atlas(tmp_path / "other.duckdb", other, {"full_context": torch.zeros(2, 4), "retrieval": torch.zeros(2, 4)})
     with pytest.raises(AtlasError, match="atlas of another model"):
         choose.from_atlas(llama, path, budget=0.5)
 
 
 def test_atlas_without_scores_or_file_is_refused(llama, tmp_path):
     path = write_atlas(tmp_path / "partial.duckdb", llama, {"retrieval": torch.zeros(2, 4)})
-    with pytest.raises(AtlasError, match="no 'streaming' head scores"):
+    with pytest.raises(AtlasError, match="no 'full_context' head scores"):
         choose.from_atlas(llama, path, budget=0.5)
     with pytest.raises(AtlasError, match="lmatlas map"):
         choose.from_atlas(llama, tmp_path / "missing.duckdb", budget=0.5)
@@ -63,9 +63,9 @@ def test_atlas_without_scores_or_file_is_refused(llama, tmp_path):
 def test_census_plan_uses_the_census_scores(llama):
     from lmatlas.census.run import run_census
 
-    census = run_census(llama, detectors=["streaming", "retrieval"])
+    census = run_census(llama, detectors=["full_context", "retrieval"])
     plan = choose.from_census(llama, census, budget=0.25)
-    need = torch.maximum(census["streaming"].score, census["retrieval"].score).reshape(2, 2, 2).amax(-1)
+    need = torch.maximum(census["full_context"].score, census["retrieval"].score).reshape(2, 2, 2).amax(-1)
     best = divmod(int(need.argmax()), 2)
     assert plan.full == {best}
 
@@ -192,8 +192,8 @@ def test_model_generate_takes_a_kv_plan(llama):
         ref = llama.hf.generate(**batch, past_key_values=HeadwiseCache(llama, plan), max_new_tokens=6,
                                 do_sample=False, pad_token_id=258)
     expected = llama.tokenizer.decode(ref[0, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-    assert llama.generate(prompt, 6, kv_plan=plan) == [expected]
+    assert llama.generate(prompt, 6, kv=plan) == expected
     # every head full: the same text as the default cache
-    assert llama.generate(prompt, 6, kv_plan=choose.every_head(llama)) == llama.generate(prompt, 6)
+    assert llama.generate(prompt, 6, kv=choose.every_head(llama)) == llama.generate(prompt, 6)
     with pytest.raises(LmatlasError, match="not both"):
-        llama.generate(prompt, 2, kv_plan=plan, past_key_values=HeadwiseCache(llama, plan))
+        llama.generate(prompt, 2, kv=plan, past_key_values=HeadwiseCache(llama, plan))

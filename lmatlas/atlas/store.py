@@ -22,6 +22,7 @@ from typing import Any, Iterable
 import duckdb
 import pyarrow as pa
 
+from lmatlas.atlas.renames import legacy_detectors, rename_detectors
 from lmatlas.atlas.schema import ATLAS_KIND, SCHEMA_VERSION, TABLES, create_statements
 from lmatlas.errors import AtlasError
 
@@ -131,7 +132,28 @@ class AtlasStore:
             raise AtlasError(f"No atlas at {path}: build one with `lmatlas map --out {path}`.")
         store = cls(path, _connect(path, read_only=read_only))
         store._check_kind()
+        renames = legacy_detectors(store.con)
+        if renames and read_only:
+            store.close()
+            store._rename_in_place(renames)
+            store = cls(path, _connect(path, read_only=True))
+        elif renames:
+            rename_detectors(store.con, renames)
         return store
+
+    def _rename_in_place(self, renames: list[tuple[str, str]]) -> None:
+        """Open the file for writing just long enough to rename old head labels; a clear error if it cannot."""
+        names = ", ".join(f"{old!r} is now {new!r}" for old, new in renames)
+        try:
+            con = _connect(self.path, read_only=False)
+        except AtlasError as error:
+            raise AtlasError(f"{self.path} was written before a head label was renamed ({names}) and cannot be "
+                             f"updated in place ({error}). Make it writable and open it again, or rebuild it with "
+                             f"`lmatlas map --out {self.path}`.") from None
+        try:
+            rename_detectors(con, renames)
+        finally:
+            con.close()
 
     def _initialise(self, card: dict[str, Any]) -> None:
         from lmatlas import __version__
@@ -143,11 +165,14 @@ class AtlasStore:
                             "lmatlas_version": __version__, "created": _now()})
 
     def _migrate(self) -> None:
-        """Create tables added since the file was written (the schema only grows)."""
+        """Create tables added since the file was written (the schema only grows); rename old head labels."""
         with self.transaction():
             for statement in create_statements():
                 self.con.execute(statement)
             self._put_meta({"schema_version": SCHEMA_VERSION})
+        renames = legacy_detectors(self.con)
+        if renames:
+            rename_detectors(self.con, renames)
 
     def _check_kind(self) -> None:
         try:

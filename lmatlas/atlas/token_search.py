@@ -5,7 +5,7 @@ answers from the atlas of ``model`` built with default settings: the parts whose
 ``top_k`` most promoted tokens include ``token``, ranked by the logit they add through
 the final norm as the model applies it (:mod:`lmatlas.decode.search` defines the scale).
 It measures the scale on the same reference windows as the atlas stage ``search`` (the
-first windows of the default corpus), decodes every neuron's top tokens as the stage
+first windows of the default corpus, :func:`reference_windows`), decodes every neuron's top tokens as the stage
 ``neurons`` does, and every head's as the stage ``search`` does, so both give the same
 rows up to float rounding.
 

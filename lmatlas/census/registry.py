@@ -96,9 +96,17 @@ def register(detector_class: type[Detector]) -> type[Detector]:
     return detector_class
 
 
+#: Detectors renamed since atlases were first written: ``(old name, new name)``. ``streaming`` marked the
+#: heads that must keep the full KV cache, the opposite of DuoAttention's "streaming heads".
+RENAMED: tuple[tuple[str, str], ...] = (("streaming", "full_context"),)
+
+
 def get_detector(name: str) -> Detector:
     """A registered detector by name, with the list of names when there is no such detector."""
     _load_builtin()
+    renamed = dict(RENAMED).get(name)
+    if renamed is not None:
+        raise LmatlasError(f"Head type {name!r} is now called {renamed!r} ({DETECTORS[renamed].description}).")
     try:
         return DETECTORS[name]
     except KeyError:

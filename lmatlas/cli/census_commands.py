@@ -30,7 +30,7 @@ STYLES: dict[str, tuple[str, str]] = {
     "duplicate_token": ("dup", "blue"),
     "previous_token": ("prev", "cyan"),
     "local": ("loc", "green"),
-    "streaming": ("str", "bright_green"),
+    "full_context": ("full", "bright_green"),
     "attention_sink": ("sink", "grey62"),
     "dormant": ("dorm", "grey42"),
 }

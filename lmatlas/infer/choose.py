@@ -1,6 +1,6 @@
 """Choosing the KV heads that keep the full context: from the map, at random, or none at all.
 
-The census's ``streaming`` detector scores how much each query head's output changes
+The census's ``full_context`` detector scores how much each query head's output changes
 when it sees only sinks and a recent window (high = needs the full context); the
 ``retrieval`` detector scores how often a head's top attention lands on the needle
 token being copied. A KV head's need is the **maximum** over the query heads that
@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from lmatlas.census.run import Census
     from lmatlas.model.handle import Model
 
-DEFAULT_DETECTORS = ("streaming", "retrieval")
+DEFAULT_DETECTORS = ("full_context", "retrieval")
 
 
 def check_budget(budget: float) -> float:
@@ -82,7 +82,7 @@ def combine(tables: Sequence[torch.Tensor]) -> torch.Tensor:
 
 def from_census(model: "Model", census: "Census", budget: float, detectors: Sequence[str] = DEFAULT_DETECTORS,
                 sink: int = 4, recent: int = 256) -> KVPlan:
-    """A plan from a census run on ``model`` (its ``streaming``/``retrieval`` scores)."""
+    """A plan from a census run on ``model`` (its ``full_context``/``retrieval`` scores)."""
     lay = model.layout
     if (census.n_layers, census.n_heads) != (lay.n_layers, lay.n_heads):
         raise LmatlasError(f"This census is of another model ({census.n_layers} layers x {census.n_heads} heads).")

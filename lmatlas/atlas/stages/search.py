@@ -6,9 +6,13 @@ Per layer (one unit each):
   logit over ``ov_sources`` sampled source tokens (the build seed), with the source
   achieving each (:func:`lmatlas.decode.search.head_promoted`);
 * ``search_scale``: the final norm's factor ``s`` as the model applies it and the
-  layer's neurons' largest activations, measured on the first
-  :data:`~lmatlas.decode.search.CALIBRATION_WINDOWS` corpus windows
-  (:func:`lmatlas.decode.search.calibrate`; one forward, shared by every unit).
+  layer's neurons' largest activations, measured on the reference windows of
+  :func:`lmatlas.atlas.token_search.reference_windows` (the first windows of the default
+  corpus, whatever ``--corpus`` the build reads: the scale is the model's, so a search
+  from the model finds the same numbers; one forward, shared by every unit).
+
+Heads are decoded over :data:`~lmatlas.decode.search.HEAD_SOURCES` sampled sources (the
+build seed), not ``ov_sources``, for the same reason.
 
 With the ``neurons`` stage this is all :meth:`lmatlas.atlas.query.Atlas.search` reads;
 ``lmatlas search MODEL`` computes the same from the weights (:mod:`lmatlas.atlas.token_search`).
@@ -25,15 +29,15 @@ if TYPE_CHECKING:
 
 
 def compute(model: "Model", unit: str, ctx: BuildContext):
-    from lmatlas.decode.search import CALIBRATION_WINDOWS, HEAD_SOURCES, calibrate, head_promoted
+    from lmatlas.atlas.token_search import reference_windows
+    from lmatlas.decode.search import HEAD_SOURCES, calibrate, head_promoted
     from lmatlas.decode.token_text import token_texts
 
     layer, params = layer_of(unit), ctx.params
-    scale = ctx.remember("search.calibration", lambda: calibrate(model, ctx.corpus[:CALIBRATION_WINDOWS]))
+    scale = ctx.remember("search.calibration", lambda: calibrate(model, reference_windows(model)))
     heads = []
     for head in range(model.layout.n_heads):
-        found = head_promoted(model, layer, head, k=params.get("top_k", 20),
-                              sources=params.get("ov_sources", HEAD_SOURCES), seed=ctx.seed)
+        found = head_promoted(model, layer, head, k=params.get("top_k", 20), sources=HEAD_SOURCES, seed=ctx.seed)
         ids, sources = found.ids.tolist(), found.sources.tolist()
         heads.append({"layer": layer, "head": head, "tokens": token_texts(model.tokenizer, ids), "token_ids": ids,
                       "logits": [float(v) for v in found.logits.tolist()],

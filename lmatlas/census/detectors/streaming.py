@@ -22,7 +22,9 @@ long-range information is needed)::
 by the triangle inequality: 0 when the restriction changes nothing (a streaming head),
 1 when it flips the output; about half the relative change for small changes. *High =
 needs the full context (DuoAttention's "retrieval head" side); low = streamable.* The
-label ``streaming`` therefore marks heads that must keep the full KV cache.
+label, ``full_context``, marks the heads that must keep the full KV cache; the heads
+without it are DuoAttention's streaming heads. (Atlases written before the rename call
+it ``streaming``; opening one renames it in place, see :mod:`lmatlas.atlas.store`.)
 
 **One forward for every head.** ``z_h(q) = p_h[q] @ v`` depends only on head ``h``'s own
 pattern row and the layer's input, which the restriction of *this* head does not change.
@@ -136,8 +138,9 @@ def output_change(
 
 @register
 class StreamingSplit(Detector):
-    name = "streaming"
-    description = "needs the full context: output changes when restricted to attention sinks + a recent window"
+    name = "full_context"
+    description = ("needs the full KV cache: its output changes when it sees only attention sinks + a recent "
+                   "window (unlabelled heads can stream)")
     threshold = 0.5
     min_z = 3.0
 
@@ -153,7 +156,7 @@ class StreamingSplit(Detector):
     def score(self, model: "Model", battery: Battery) -> torch.Tensor:
         ids, mask = battery.input_ids, battery.meta["mask"]
         if int(mask.float().sum(-1).min()) == 0:
-            raise LmatlasError("Every row of a streaming battery needs counted queries (meta['mask']).")
+            raise LmatlasError("Every row of a full-context battery needs counted queries (meta['mask']).")
         scores = []
         step = rows_per_call(ids.shape[1], self.tokens_per_call)
         for start in range(0, ids.shape[0], step):

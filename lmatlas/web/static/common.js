@@ -82,7 +82,7 @@ LM.tokenLink = (token, value) => LM.el("a", { class: "tok", href: LM.searchUrl(t
 // Colours of head types: a fixed table for the built-in detectors, a stable hue for any other.
 LM.TYPE_COLOURS = {
   previous_token: "#4c78a8", duplicate_token: "#72b7b2", induction: "#e45756", successor: "#f58518",
-  retrieval: "#b279a2", streaming: "#54a24b", attention_sink: "#9d755d", copy_suppression: "#eeca3b",
+  retrieval: "#b279a2", full_context: "#54a24b", attention_sink: "#9d755d", copy_suppression: "#eeca3b",
   local: "#88d27a", dormant: "#bab0ac",
 };
 LM.NO_TYPE = "#e4e6eb";

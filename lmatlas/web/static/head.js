@@ -11,7 +11,8 @@
   document.title = `lmatlas · ${name}`;
   const imp = head.importance;
   page.append(el("h1", { id: "head-title" }, `Head ${name} `,
-    head.labels.map((t) => el("span", { class: "chip", style: `background:${LM.typeColour(t)}` }, t)),
+    head.labels.map((t) => el("span", { class: "chip", style: `background:${LM.typeColour(t)}`,
+      title: (head.scores.find((s) => s.detector === t) || {}).description || t }, t)),
     head.labels.length ? null : el("span", { class: "muted", style: "font-size:14px" }, "no label")),
   el("p", { class: "muted" }, `layer ${head.layer} · query head ${head.head} · KV group ${LM.fmt(head.kv_group)}` +
     (imp ? ` · importance ${LM.fmt(imp.delta_loss)} nats (rank ${imp.rank} of ${imp.of})` : ""),
@@ -62,7 +63,14 @@ function drawScores(panel, head) {
         `width:${Math.max(1, Math.round(60 * Math.min(1, s.baseline || 0)))}px;background:#bbb` })),
       el("td", { class: "num" }, LM.fmt(s.z, 1)),
       el("td", { class: "num" }, `≥${LM.fmt(s.threshold, 2)}` + (s.min_z === null ? "" : `, z≥${LM.fmt(s.min_z, 1)}`)),
-      el("td", {}, decision(s))))));
+      el("td", {}, decision(s))))),
+  el("h3", {}, "What each label means"),
+  el("dl", { id: "label-meanings" }, head.scores.flatMap((s) => [
+    el("dt", {}, el("span", { class: "chip", style: `background:${LM.typeColour(s.detector)}` }, s.detector),
+      s.label ? el("span", { class: "yes" }, " this head") : null),
+    el("dd", {}, s.description || "(a detector this version of lmatlas does not know)",
+      el("span", { class: "note" }, ` · labelled when score ≥ ${LM.fmt(s.threshold, 2)}` +
+        (s.min_z === null ? "" : ` and z ≥ ${LM.fmt(s.min_z, 1)} against the null battery`)))])));
 }
 
 function drawOV(panel, head) {

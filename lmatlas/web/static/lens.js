@@ -28,6 +28,9 @@ function grid(data) {
         `\np(final ${JSON.stringify(data.final_tokens[j])}) ${LM.fmt(c.final_prob)} · entropy ${LM.fmt(c.entropy, 2)}`,
     }, LM.show(c.tokens[0])))));
   }
-  rows.push(el("tr", {}, el("th", {}, "input"), data.tokens.map((t) => el("th", {}, LM.show(t)))));
-  return el("div", { class: "scroll" }, el("table", { class: "lens", id: "lens-table" }, rows));
+  // Column labels (the input tokens) above and below the rows, and no vertical scroll box: every layer, L0
+  // included, stays on the page; only a long prompt scrolls sideways, with the layer names pinned at the left.
+  const labels = () => el("tr", { class: "inputs" }, el("th", {}, "input"), data.tokens.map((t) => el("th", {}, LM.show(t))));
+  return el("div", { class: "scroll-x", id: "lens-box" }, el("table", { class: "lens", id: "lens-table" },
+    el("thead", {}, labels()), el("tbody", {}, rows), el("tfoot", {}, labels())));
 }
