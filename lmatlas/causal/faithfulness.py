@@ -1,12 +1,20 @@
 """Circuits from scored edges: faithfulness curves, MIB summaries, pruning to a target.
 
 A circuit of ``k`` edges is the ``k`` highest-|score| edges of a
-:class:`~lmatlas.causal.circuits.Graph`; its **nodes** are the heads and MLPs those
-edges touch (a key/value edge into ``L5.KV1`` brings the query heads of that group).
-It is run **as an edit**: on the clean prompts, every head and MLP outside it is
-patched with its activation from the corrupt run (heads through ``attn.z``, MLPs
-through ``mlp.out``). Its faithfulness is the fraction of the clean-minus-corrupt
-metric gap it keeps: ``(m_circuit - m_corrupt) / (m_clean - m_corrupt)``.
+:class:`~lmatlas.causal.circuits.Graph`. It is run at one of two granularities, and
+every result says which (``granularity`` in the JSON, the table, the atlas, the web):
+
+* ``"edges"`` (the default, MIB's): each input reads the corrupt stream plus the
+  clean-minus-corrupt writes of its in-circuit sources only
+  (:mod:`lmatlas.causal.edge_run`); a whole curve runs in a few batched forwards.
+* ``"nodes"``: the heads and MLPs the edges touch (a key/value edge into ``L5.KV1``
+  brings every query head of that group) run whole on the clean prompts; every other
+  head and MLP is patched with its corrupt activation (``attn.z``, ``mlp.out``). An
+  edge list read this way can leave out an edge the behaviour needs: a head kept
+  whole for one edge carries all of its others.
+
+Faithfulness is the fraction of the clean-minus-corrupt metric gap a circuit keeps:
+``(m_circuit - m_corrupt) / (m_clean - m_corrupt)``.
 
 The curve is measured at MIB's edge fractions (0.1% ... 100% of the edges); the
 summaries are MIB's: **CPR**, the area under the faithfulness curve (higher is
@@ -30,6 +38,7 @@ if TYPE_CHECKING:
     from lmatlas.model.handle import Model
 
 MIB_FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+GRANULARITIES = ("edges", "nodes")
 
 
 def circuit_nodes(model: "Model", edges: list[tuple[str, str, float]]) -> set[str]:
@@ -75,7 +84,7 @@ def run_circuit(model: "Model", task: "TaskBatch", nodes: set[str], metric: Call
 
 @dataclass
 class Circuit:
-    """A pruned circuit and the faithfulness curve it was chosen from."""
+    """A pruned circuit, the faithfulness curve it was chosen from, and how it was run (``granularity``)."""
 
     graph: Graph
     edges: list[tuple[str, str, float]]
@@ -84,60 +93,116 @@ class Circuit:
     curve: list[dict] = field(default_factory=list)  # [{"fraction", "edges", "nodes", "faithfulness"}]
     cpr: float = float("nan")
     cmd: float = float("nan")
+    granularity: str = "edges"
+    verification: dict | None = None  # top edges re-measured by exact edge patching
 
     def to_dict(self) -> dict:
-        return {"task": self.graph.task, "method": self.graph.method, "faithfulness": self.faithfulness,
-                "cpr": self.cpr, "cmd": self.cmd, "nodes": self.nodes,
+        return {"task": self.graph.task, "method": self.graph.method, "granularity": self.granularity,
+                "faithfulness": self.faithfulness, "cpr": self.cpr, "cmd": self.cmd, "nodes": self.nodes,
                 "edges": [{"source": s, "target": t, "score": v} for s, t, v in self.edges],
-                "curve": self.curve, "clean": self.graph.clean, "corrupt": self.graph.corrupt}
+                "curve": self.curve, "clean": self.graph.clean, "corrupt": self.graph.corrupt,
+                "verification": self.verification}
 
 
 def _area(xs: list[float], ys: list[float]) -> float:
     return float(sum((xs[i + 1] - xs[i]) * (ys[i + 1] + ys[i]) / 2 for i in range(len(xs) - 1)))
 
 
+def check_granularity(granularity: str) -> str:
+    from lmatlas.errors import TaskError
+
+    if granularity not in GRANULARITIES:
+        raise TaskError(f"Unknown granularity {granularity!r}: use 'edges' (each edge patched, MIB's) or 'nodes' "
+                        "(the heads and MLPs the edges touch run whole).")
+    return granularity
+
+
+class _NodeJudge:
+    """Faithfulness of the top ``k`` edges run as whole nodes (one forward per ``k``)."""
+
+    def __init__(self, model, task, graph, metric):
+        self.model, self.task, self.graph, self.metric = model, task, graph, metric
+        self.corrupt = model.run(task.corrupt, capture=["attn.z", "mlp.out"])
+        self.gap = graph.clean - graph.corrupt
+
+    def __call__(self, ranked, counts: list[int]) -> list[float]:
+        out = []
+        for k in counts:
+            value = run_circuit(self.model, self.task, circuit_nodes(self.model, ranked[:k]), self.metric, self.corrupt)
+            out.append((value - self.graph.corrupt) / self.gap if self.gap else float("nan"))
+        return out
+
+
+class _EdgeJudge:
+    """Faithfulness of the top ``k`` edges run edge by edge (all ``counts`` in batched forwards)."""
+
+    def __init__(self, model, task, graph, metric):
+        from lmatlas.causal.edge_run import EdgeRunner
+
+        self.runner = EdgeRunner(model, task, metric)
+
+    def __call__(self, ranked, counts: list[int]) -> list[float]:
+        from lmatlas.causal.edges import top_masks
+
+        return self.runner.faithfulness(top_masks(self.runner.index, ranked, counts)).tolist()
+
+
 def find_circuit(model: "Model", task: "TaskBatch", graph: Graph, metric: Callable | None = None, *,
-                 target: float = 0.8, fractions: tuple[float, ...] = MIB_FRACTIONS) -> Circuit:
-    """Measure the faithfulness curve of ``graph`` and keep the smallest circuit reaching ``target``."""
+                 target: float = 0.8, fractions: tuple[float, ...] = MIB_FRACTIONS,
+                 granularity: str = "edges", verify: int = 50) -> Circuit:
+    """Measure the faithfulness curve of ``graph`` and keep the smallest circuit reaching ``target``.
+
+    ``granularity="edges"`` runs every circuit edge by edge (the default); ``"nodes"``
+    runs the nodes the edges touch whole. ``verify`` top edges of the graph are
+    re-measured by exact edge patching (:func:`lmatlas.causal.edge_verify.verify_edges`).
+    """
+    check_granularity(granularity)
     metric = metric or logit_diff(task.answer, task.wrong)
-    corrupt = model.run(task.corrupt, capture=["attn.z", "mlp.out"])
+    judge = (_EdgeJudge if granularity == "edges" else _NodeJudge)(model, task, graph, metric)
     ranked = graph.edges()
-    gap = graph.clean - graph.corrupt
-    curve = []
-    for fraction in fractions:
-        k = max(1, round(fraction * len(ranked)))
-        nodes = circuit_nodes(model, ranked[:k])
-        value = run_circuit(model, task, nodes, metric, corrupt)
-        curve.append({"fraction": fraction, "edges": k, "nodes": len(nodes),
-                      "faithfulness": (value - graph.corrupt) / gap if gap else float("nan")})
+    counts = [max(1, round(fraction * len(ranked))) for fraction in fractions]
+    values = judge(ranked, counts)
+    curve = [{"fraction": f, "edges": k, "nodes": len(circuit_nodes(model, ranked[:k])), "faithfulness": v}
+             for f, k, v in zip(fractions, counts, values)]
     xs, ys = [c["fraction"] for c in curve], [c["faithfulness"] for c in curve]
-    chosen = next((c for c in curve if c["faithfulness"] >= target), curve[-1])
-    k = _smallest(model, task, ranked, metric, corrupt, graph, target, upper=chosen["edges"])
+    reached = [i for i, c in enumerate(curve) if c["faithfulness"] >= target]
+    chosen = reached[0] if reached else len(curve) - 1
+    k, value = _smallest(judge, ranked, target, 1, counts[chosen], values[chosen])
     edges = ranked[:k]
-    nodes = circuit_nodes(model, edges)
-    value = (run_circuit(model, task, nodes, metric, corrupt) - graph.corrupt) / gap if gap else float("nan")
-    return Circuit(graph, edges, sorted(nodes), value, curve, cpr=_area(xs, ys),
-                   cmd=_area(xs, [abs(1 - y) for y in ys]))
+    circuit = Circuit(graph, edges, sorted(circuit_nodes(model, edges)), value, curve, cpr=_area(xs, ys),
+                      cmd=_area(xs, [abs(1 - y) for y in ys]), granularity=granularity)
+    if verify:
+        from lmatlas.causal.edge_verify import verify_edges
+
+        circuit.verification = verify_edges(model, task, graph, metric, k=verify,
+                                            runner=getattr(judge, "runner", None))
+    return circuit
 
 
-def _smallest(model, task, ranked, metric, corrupt, graph, target, upper: int) -> int:
-    """Binary search (faithfulness is not monotone: a bracket, then the first k reaching ``target``)."""
-    gap = graph.clean - graph.corrupt
-    low, high = 1, upper
-    while low < high:
-        middle = (low + high) // 2
-        value = run_circuit(model, task, circuit_nodes(model, ranked[:middle]), metric, corrupt)
-        if gap and (value - graph.corrupt) / gap >= target:
-            high = middle
-        else:
-            low = middle + 1
-    return high
+def _smallest(judge, ranked, target: float, low: int, high: int, at_high: float, width: int = 8) -> tuple[int, float]:
+    """The first ``k`` in ``[low, high]`` reaching ``target`` (faithfulness is not monotone: a batched scan
+    of ``width`` candidates per round narrows the bracket), and its faithfulness."""
+    best, best_value = high, at_high
+    while low < best:
+        step = max(1, -(-(best - low) // width))
+        candidates = list(range(low, best, step))
+        values = judge(ranked, candidates)
+        hit = next((i for i, v in enumerate(values) if v >= target), None)
+        if hit is None:
+            low = candidates[-1] + 1
+            if step == 1:
+                break
+            continue
+        best, best_value = candidates[hit], values[hit]
+        low = candidates[hit - 1] + 1 if hit > 0 else low
+    return best, best_value
 
 
 def task_circuit(model: "Model", task: str, *, n: int = 8, seed: int = 0, steps: int = 0,
-                 target: float = 0.8) -> Circuit:
+                 target: float = 0.8, granularity: str = "edges", verify: int = 50) -> Circuit:
     """The circuit of a task by name: ``n`` prompt pairs (:func:`~lmatlas.causal.tasks.load_task` with
-    ``seed``), edges scored by EAP (``steps=0``) or EAP-IG, pruned to ``target`` faithfulness.
+    ``seed``), edges scored by EAP (``steps=0``) or EAP-IG, pruned to ``target`` faithfulness
+    measured at ``granularity`` (``"edges"`` or ``"nodes"``).
 
     What ``lmatlas circuit --task NAME`` and the explorer's circuit page both run.
     """
@@ -147,5 +212,7 @@ def task_circuit(model: "Model", task: str, *, n: int = 8, seed: int = 0, steps:
 
     if not 0 < target <= 1:
         raise TaskError(f"The faithfulness target must be in (0, 1], got {target}.")
+    check_granularity(granularity)
     batch = load_task(model, task, n=n, seed=seed)
-    return find_circuit(model, batch, edge_attribution(model, batch, steps=steps), target=target)
+    return find_circuit(model, batch, edge_attribution(model, batch, steps=steps), target=target,
+                        granularity=granularity, verify=verify)

@@ -1,0 +1,277 @@
+"""Run circuits of edges exactly, as MIB does: each input reads only its in-circuit sources.
+
+**What one circuit run computes.** The model runs on the clean prompts, but every
+downstream input ``v`` (a head's queries, a KV group's keys and values, an MLP's input,
+the logits) reads its own residual stream
+
+    ``x_v = corrupt_resid(v) + sum_{u -> v in circuit} (w_u - w_u^corrupt)``
+
+where ``corrupt_resid(v)`` is the stream ``v`` reads in the corrupt run, ``w_u^corrupt``
+what node ``u`` wrote there, and ``w_u`` what ``u`` writes *in this run* (so an upstream
+head carries clean information only through its own in-circuit inputs; ``embed`` writes
+the clean embedding). The full graph gives the clean run, the empty circuit the corrupt
+run. A node outside every edge still runs, on corrupt inputs: nothing is zeroed.
+
+**How, without re-implementing attention.** Inputs of one layer that read different
+streams are given different *copies* of the batch: copy ``c`` of layer ``l`` holds one
+distinct stream at ``L{l}.resid.pre``, the model computes q/k/v of every head from it
+natively (norm, projection, q/k-norm, rotary), and ``attn.q`` / ``attn.k`` / ``attn.v``
+then take each head's queries (each KV group's keys, values) from the copy that holds
+its stream, identically in all copies. The MLP reads its stream through ``resid.mid``
+(``resid.pre``'s copy with a parallel residual), the logits through the last
+``resid.post``. Inputs with the same in-circuit sources share a copy, so a circuit costs
+one forward of ``copies x prompts`` rows, ``copies`` being the most distinct streams of
+any layer (1 for the empty and the full circuit; at most ``heads + 2 * kv_heads + 1``).
+Many circuits (a whole faithfulness curve) run in the same forward.
+
+Everything goes through the model's hook sessions (``Model.run(replace=...)``); with a
+post-sublayer norm (Gemma 2/3, OLMo-2) the attention bias term scaled by that norm is
+taken from the run, not from the edges.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+import torch
+
+from lmatlas.causal.edges import EdgeIndex
+
+if TYPE_CHECKING:
+    from lmatlas.causal.tasks import TaskBatch
+    from lmatlas.model.handle import Model
+
+
+@dataclass
+class _Plan:
+    """Per layer: ``copies`` ``[K, C, S_l]`` source masks of each copy's stream; ``roles`` ``[K, R_l]`` copy per input."""
+
+    copies: list[torch.Tensor]
+    roles: list[torch.Tensor]
+    n_copies: int
+
+
+def _layer_targets(index: EdgeIndex, model: "Model", layer: int) -> list[int]:
+    """Target indices read at ``L{layer}.resid.pre``: queries, keys, values (+ the MLP with a parallel residual)."""
+    lay = model.layout
+    names = [f"L{layer}.H{h}.q" for h in range(lay.n_heads)]
+    names += [f"L{layer}.KV{g}.{p}" for p in ("k", "v") for g in range(lay.n_kv_heads)]
+    if lay.parallel_residual:
+        names.append(f"L{layer}.mlp")
+    return [index.targets.index(n) for n in names]
+
+
+def _plan(index: EdgeIndex, model: "Model", masks: torch.Tensor, extra: torch.Tensor) -> _Plan:
+    """Group each layer's inputs by their in-circuit sources (one copy per distinct set).
+
+    ``extra`` ``[K, n_targets]`` marks the input that also reads the patched edge's clean
+    write; it is the last column of each copy's weights.
+    """
+    per_head = model.layout.n_heads + 1
+    copies, roles = [], []
+    for layer in range(model.layout.n_layers):
+        n_src = 1 + layer * per_head
+        targets = _layer_targets(index, model, layer)
+        rows = torch.cat([masks[:, :n_src, targets], extra[:, None, targets]], 1).transpose(1, 2)  # [K, R, S_l + 1]
+        layer_copies, layer_roles = [], []
+        for k in range(rows.shape[0]):
+            unique, inverse = torch.unique(rows[k], dim=0, return_inverse=True)
+            layer_copies.append(unique)
+            layer_roles.append(inverse)
+        copies.append(layer_copies)
+        roles.append(torch.stack(layer_roles))
+    n_copies = max(c.shape[0] for layer in copies for c in layer)
+    padded = [torch.stack([torch.cat([c, c[:1].expand(n_copies - c.shape[0], -1)]) for c in layer]).float()
+              for layer in copies]
+    return _Plan(padded, roles, n_copies)
+
+
+class EdgeRunner:
+    """Exact edge-level runs of circuits on one task (the corrupt run is measured once).
+
+    ``runner.metric(masks)`` takes ``[K, n_sources, n_targets]`` bool circuits and returns
+    ``[K]``: the mean metric of each circuit run; ``runner.faithfulness(masks)`` the
+    fraction of the clean-minus-corrupt gap each keeps. ``runner.patched(edges)`` is
+    the exact counterpart of an edge score: per edge ``u -> v``, the corrupt run in which
+    input ``v`` alone reads ``u``'s clean write (everything after ``v`` computes normally).
+    """
+
+    def __init__(self, model: "Model", task: "TaskBatch", metric: Callable, index: EdgeIndex | None = None):
+        self.model, self.task, self.metric_fn = model, task, metric
+        self.index = index or EdgeIndex.of(model)
+        lay = model.layout
+        last = f"L{lay.n_layers - 1}.resid.post"
+        corrupt = model.run(task.corrupt, capture=["resid.pre", "resid.mid", "attn.out", "mlp.out", last])
+        clean = model.run(task.clean, capture=["L0.resid.pre"])
+        self.exact = torch.promote_types(model.dtype, torch.float32)
+        self.corrupt = {k: v.to(self.exact) for k, v in corrupt.values.items()}
+        self.embed_delta = clean["L0.resid.pre"].to(self.exact) - self.corrupt["L0.resid.pre"]  # [B, P, d]
+        self.clean_value = float(metric(clean.logits).mean())
+        self._clean_deltas: list[torch.Tensor] | None = None
+        self.corrupt_value = float(metric(corrupt.logits).mean())
+
+    @property
+    def gap(self) -> float:
+        return self.clean_value - self.corrupt_value
+
+    def faithfulness(self, masks: torch.Tensor, chunk: int = 16) -> torch.Tensor:
+        """``[K]`` ``(m_circuit - m_corrupt) / (m_clean - m_corrupt)`` (NaN when the task has no gap)."""
+        values = self.metric(masks, chunk)
+        return (values - self.corrupt_value) / self.gap if self.gap else torch.full_like(values, float("nan"))
+
+    def metric(self, masks: torch.Tensor, chunk: int = 16) -> torch.Tensor:
+        """``[K]`` mean metric of each circuit, ``chunk`` circuits per forward."""
+        masks = masks.unsqueeze(0) if masks.dim() == 2 else masks
+        masks = masks & self.index.allowed
+        none = torch.zeros(masks.shape[0], len(self.index.targets))
+        return torch.cat([self._run(masks[i: i + chunk], none[i: i + chunk], None)
+                          for i in range(0, masks.shape[0], chunk)])
+
+    def patched(self, edges: list[tuple[str, str]], chunk: int = 16) -> torch.Tensor:
+        """``[n]`` mean metric of the corrupt run with one edge each reading its source's clean write."""
+        self.index.mask(edges)  # checks every edge before any compute
+        deltas = self.clean_deltas()
+        sources = [self.index.source(s) for s, _ in edges]
+        extra = torch.zeros(len(edges), len(self.index.targets))
+        extra[torch.arange(len(edges)), torch.tensor([self.index.target(t) for _, t in edges])] = 1.0
+        out = []
+        for i in range(0, len(edges), chunk):
+            part = sources[i: i + chunk]
+            full = self.index.allowed.expand(len(part), -1, -1)
+            out.append(self._run(full, extra[i: i + chunk], torch.stack([deltas[s] for s in part])))
+        return torch.cat(out)
+
+    def clean_deltas(self) -> list[torch.Tensor]:
+        """``[B, P, d_model]`` clean-minus-corrupt write of every source, in source order (measured once)."""
+        if self._clean_deltas is None:
+            clean = self.model.run(self.task.clean, capture=["attn.out", "mlp.out"])
+            out = [self.embed_delta]
+            for layer in range(self.model.layout.n_layers):
+                heads = clean[f"L{layer}.attn.out"].to(self.exact) - self.corrupt[f"L{layer}.attn.out"]
+                out += list(heads.unbind(dim=2))
+                out.append(clean[f"L{layer}.mlp.out"].to(self.exact) - self.corrupt[f"L{layer}.mlp.out"])
+            self._clean_deltas = out
+        return self._clean_deltas
+
+    def _run(self, masks: torch.Tensor, extra: torch.Tensor, patch: torch.Tensor | None) -> torch.Tensor:
+        """Circuits on the clean prompts (``patch=None``), or the full graph on the corrupt prompts with
+        ``patch`` ``[K, B, P, d]`` added to the input ``extra`` marks (one patched edge per circuit)."""
+        plan = _plan(self.index, self.model, masks, extra)
+        state = _RunState(self, masks, plan, extra, patch)
+        n_rows = masks.shape[0] * plan.n_copies
+        tokens = (self.task.clean if patch is None else self.task.corrupt).repeat(n_rows, 1)
+        cache = self.model.run(tokens, replace=state.replacements())
+        batch = self.task.clean.shape[0]
+        logits = cache.logits.view(masks.shape[0], plan.n_copies, batch, *cache.logits.shape[1:])[:, 0]
+        return torch.stack([self.metric_fn(logits[k]).float().mean() for k in range(masks.shape[0])]).cpu()
+
+
+class _RunState:
+    """The replacement functions of one batched circuit run and the writes they collect.
+
+    Rows of the batch are ``(circuit k, copy c, prompt b)``; ``deltas`` holds
+    ``w_u - w_u^corrupt`` ``[K, B, P, d_model]`` of every source written so far.
+    """
+
+    def __init__(self, runner: EdgeRunner, masks: torch.Tensor, plan: _Plan, extra: torch.Tensor,
+                 patch: torch.Tensor | None):
+        self.r, self.masks, self.plan, self.extra = runner, masks.float(), plan, extra
+        self.K, self.C = masks.shape[0], plan.n_copies
+        embed = torch.zeros_like(runner.embed_delta) if patch is not None else runner.embed_delta
+        self.deltas: list[torch.Tensor] = [embed.unsqueeze(0).expand(self.K, -1, -1, -1)]
+        self.patch = patch if patch is not None else torch.zeros_like(self.deltas[0])  # [K, B, P, d]
+
+    def _stream(self, base: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """``base [B, P, d] + sum_s weights[..., s] * deltas[s]`` (the last weight for the patch)
+        -> ``[*weights.shape[:-1], B, P, d]``."""
+        stacked = torch.stack(self.deltas[: weights.shape[-1] - 1] + [self.patch], dim=1)  # [K, S + 1, B, P, d]
+        mixed = torch.einsum("kcs,ksbpd->kcbpd", weights, stacked) if weights.dim() == 3 else \
+            torch.einsum("ks,ksbpd->kbpd", weights, stacked)
+        return base + mixed
+
+    def _weights(self, target: int, n_src: int) -> torch.Tensor:
+        """``[K, n_src + 1]``: the in-circuit sources of one input, and whether it reads the patch."""
+        return torch.cat([self.masks[:, :n_src, target], self.extra[:, target: target + 1]], 1)
+
+    def _rows(self, value: torch.Tensor) -> torch.Tensor:
+        """``[K*C*B, ...] -> [K, C, B, ...]``."""
+        return value.view(self.K, self.C, -1, *value.shape[1:])
+
+    def _spread(self, per_circuit: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """``[K, B, ...]`` -> every copy: ``[K*C*B, ...]`` in ``like``'s dtype."""
+        out = per_circuit.unsqueeze(1).expand(self.K, self.C, *per_circuit.shape[1:])
+        return out.reshape(like.shape).to(like.dtype)
+
+    def replacements(self) -> dict:
+        lay = self.r.model.layout
+        out = {}
+        for layer in range(lay.n_layers):
+            out[f"L{layer}.resid.pre"] = self._pre(layer)
+            for part in ("q", "k", "v"):
+                out[f"L{layer}.attn.{part}"] = self._pick(layer, part)
+            out[f"L{layer}.attn.out"] = self._heads(layer)
+            if not lay.parallel_residual:
+                out[f"L{layer}.resid.mid"] = self._mid(layer)
+            out[f"L{layer}.mlp.out"] = self._mlp(layer)
+        out[f"L{lay.n_layers - 1}.resid.post"] = self._logits()
+        return out
+
+    def _pre(self, layer: int) -> Callable:
+        def fn(value, ctx):
+            base = self.r.corrupt[f"L{layer}.resid.pre"]
+            return self._stream(base, self.plan.copies[layer]).reshape(value.shape).to(value.dtype)
+        return fn
+
+    def _pick(self, layer: int, part: str) -> Callable:
+        lay = self.r.model.layout
+        offset = {"q": 0, "k": lay.n_heads, "v": lay.n_heads + lay.n_kv_heads}[part]
+        count = lay.n_heads if part == "q" else lay.n_kv_heads
+
+        def fn(value, ctx):
+            rows = self._rows(value)  # [K, C, B, P, n, d_head]
+            which = self.plan.roles[layer][:, offset: offset + count].to(value.device)  # [K, n]
+            ks = torch.arange(self.K, device=value.device)[:, None]
+            heads = torch.arange(count, device=value.device)[None, :]
+            picked = rows[ks, which, :, :, heads]  # [K, n, B, P, d_head]
+            return self._spread(picked.permute(0, 2, 3, 1, 4), value)
+        return fn
+
+    def _heads(self, layer: int) -> Callable:
+        def fn(value, ctx):
+            heads = self._rows(value)[:, 0].to(self.r.exact)  # [K, B, P, H, d]
+            delta = heads - self.r.corrupt[f"L{layer}.attn.out"].unsqueeze(0)
+            self.deltas.extend(delta.unbind(dim=3))
+            return None
+        return fn
+
+    def _mid(self, layer: int) -> Callable:
+        lay = self.r.model.layout
+
+        def fn(value, ctx):
+            n_src = 1 + layer * (lay.n_heads + 1) + lay.n_heads
+            weights = self._weights(self.r.index.targets.index(f"L{layer}.mlp"), n_src)
+            return self._spread(self._stream(self.r.corrupt[f"L{layer}.resid.mid"], weights), value)
+        return fn
+
+    def _mlp(self, layer: int) -> Callable:
+        lay = self.r.model.layout
+
+        def fn(value, ctx):
+            rows = self._rows(value)
+            if lay.parallel_residual:
+                copy = self.plan.roles[layer][:, -1].to(value.device)  # the MLP is the last role of the layer
+                written = rows[torch.arange(self.K, device=value.device), copy]
+            else:
+                written = rows[:, 0]
+            self.deltas.append(written.to(self.r.exact) - self.r.corrupt[f"L{layer}.mlp.out"].unsqueeze(0))
+            return self._spread(written, value) if lay.parallel_residual else None
+        return fn
+
+    def _logits(self) -> Callable:
+        last = f"L{self.r.model.layout.n_layers - 1}.resid.post"
+
+        def fn(value, ctx):
+            weights = self._weights(len(self.r.index.targets) - 1, len(self.r.index.sources))  # logits: last
+            return self._spread(self._stream(self.r.corrupt[last], weights), value)
+        return fn
