@@ -210,8 +210,8 @@ def test_typed_text_shows_neuron_activations_and_the_lens(page, server):
     page.fill("#prompt", "abcabc")
     page.click("#run")
     page.wait_for_selector("#lens-table")
-    assert page.locator("#lens-table tr").count() == 2 + 1  # layers + the input row
-    assert page.locator("#lens-table tr").first.locator("td").count() == model.tokenize("abcabc")["input_ids"].shape[1]
+    assert page.locator("#lens-table tbody tr").count() == 2  # one row per layer (input rows above and below)
+    assert page.locator("#lens-table tbody tr").first.locator("td").count() == model.tokenize("abcabc")["input_ids"].shape[1]
     assert page.errors == []
 
 
