@@ -24,11 +24,13 @@ __version__ = "0.1.0"
 #: Public names that live in heavier modules: name -> module, imported on first access.
 _LAZY: dict[str, str] = {
     "ActivationCache": "lmatlas.model.cache", "FidelityReport": "lmatlas.model.check", "Model": "lmatlas.model.handle",
+    "generate": "lmatlas.infer.compose",
     "Site": "lmatlas.model.sites", "check": "lmatlas.model.check", "load": "lmatlas.model.loading",
     "supported_model_types": "lmatlas.model.families",
 }
 
 if TYPE_CHECKING:
+    from lmatlas.infer.compose import generate
     from lmatlas.model import ActivationCache, FidelityReport, Model, Site, check, load, supported_model_types
 
 
@@ -47,6 +49,6 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "ActivationCache", "FidelityError", "FidelityReport", "LmatlasError", "Model", "ModelFileError",
-    "NotACausalLMError", "Site", "SiteError", "UnsupportedArchitectureError", "__version__", "check", "load",
+    "NotACausalLMError", "Site", "SiteError", "UnsupportedArchitectureError", "__version__", "check", "generate", "load",
     "supported_model_types",
 ]

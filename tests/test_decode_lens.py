@@ -123,7 +123,7 @@ def test_smollm2_lens_ends_at_the_models_prediction(smollm2):
     prompt = "The capital of France is"
     result = logit_lens(smollm2, prompt, k=5)
     assert result.shape == (30, smollm2.tokenize(prompt)["input_ids"].shape[1])
-    predicted = smollm2.generate(prompt, max_new_tokens=1)[0]  # greedy decoding, decoded on its own path
+    predicted = smollm2.generate(prompt, max_new_tokens=1)  # greedy decoding, decoded on its own path
     assert result.top_tokens[-1][-1][0].strip() == predicted.strip() and predicted.strip()
     assert float(result.kl[-1].abs().max()) < 1e-4
     # a robust fact only (no claim of monotone entropy or KL): layer 0 is far from the output

@@ -1,4 +1,4 @@
-"""Acceptance profile (early exit, skipped layers), implied speed-up, generate_with_strategy, the CLI."""
+"""Acceptance profile (early exit, skipped layers), implied speed-up, strategies by name, the CLI."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from conftest import get_tiny
 from lmatlas.cli import app
 from lmatlas.errors import LmatlasError
 from lmatlas.infer.decoding.acceptance import acceptance_profile, implied_speedup
-from lmatlas.infer.decoding.cli import generate_with_strategy
+import lmatlas
+from lmatlas.infer.decoding.strategies import DeCoRe, Speculative
 from lmatlas.model.norms import final_norm
 
 
@@ -55,25 +56,26 @@ def test_profile_matches_an_independent_computation():
 @pytest.mark.parametrize("strategy", ["greedy", "dola", "decore", "speculative"])
 def test_generate_with_strategy(strategy):
     model = get_tiny("llama")
-    kwargs = {"heads": ["L0.H0", "L1.H1"]} if strategy == "decore" else {}
-    report = generate_with_strategy(model, "abc abc ab", strategy, None, 6, False, **kwargs)
+    chosen = DeCoRe(heads=("L0.H0", "L1.H1")) if strategy == "decore" else strategy
+    result = lmatlas.generate(model, "abc abc ab", 6, strategy=chosen)
+    report = result.to_dict()
     assert report["strategy"] == strategy and report["new_tokens"] == len(report["token_ids"]) <= 6
     json.dumps(report)
     if strategy == "speculative":
-        greedy = generate_with_strategy(model, "abc abc ab", "greedy", None, 6, False)
-        assert report["token_ids"] == greedy["token_ids"] and report["drafter"] == "prompt-lookup"
+        greedy = lmatlas.generate(model, "abc abc ab", 6)
+        assert report["token_ids"] == greedy.token_ids and report["report"]["drafter"] == "prompt-lookup"
 
 
 def test_generate_with_strategy_bad_input():
     model = get_tiny("llama")
     with pytest.raises(LmatlasError, match="Unknown strategy"):
-        generate_with_strategy(model, "hi", "beam")
-    with pytest.raises(LmatlasError, match="--drafter goes with"):
-        generate_with_strategy(model, "hi", "dola", "heads")
+        lmatlas.generate(model, "hi", strategy="beam")
     with pytest.raises(LmatlasError, match="draft at least one"):
-        generate_with_strategy(model, "hi", "speculative", "prompt-lookup", draft_len=0)
+        lmatlas.generate(model, "hi", strategy=Speculative(draft_len=0))
+    with pytest.raises(LmatlasError, match="Unknown drafter"):
+        lmatlas.generate(model, "hi", strategy=Speculative(drafter="medusa"))
     with pytest.raises(LmatlasError, match="at least one head"):
-        generate_with_strategy(model, "hi", "decore", heads=[])
+        lmatlas.generate(model, "hi", strategy=DeCoRe(heads=()))
 
 
 def test_train_draft_heads_cli_bad_input():

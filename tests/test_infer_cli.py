@@ -70,9 +70,11 @@ def test_generate_table_with_every_head_full(model_dir):
     assert "KV bytes held" in result.output
 
 
-def test_generate_refuses_kv_and_edit_options_together(model_dir):
-    result = invoke("generate", model_dir, "hello", "--kv-budget", "1", "--ablate", "L0.H1")
-    assert result.exit_code == 2 and "one at a time" in result.output
+def test_generate_with_kv_and_edit_options_compares_under_the_cache(model_dir):
+    result = invoke("generate", model_dir, "hello", "--kv-budget", "1", "--ablate", "L0.H1", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["kv"]["method"] == "full" and data["edit"] and "edited" in data
 
 
 @pytest.mark.parametrize("args, message", [
@@ -82,7 +84,10 @@ def test_generate_refuses_kv_and_edit_options_together(model_dir):
     (["--kv-budget", "0.5"], "--atlas FILE"),
     (["--kv-snap", "16"], "must exceed the observation window"),
     (["--kv-snap", "64", "--kv-budget", "0.5"], "not both"),
-    (["--kv-snap", "64", "--strategy", "dola"], "one at a"),
+    (["--kv-snap", "64", "--strategy", "speculative", "--drafter", "early-exit"], "cannot roll those writes back"),
+    (["--strategy", "dola", "--drafter", "heads"], "--drafter goes with --strategy speculative"),
+    (["--strategy", "beam"], "Unknown strategy"),
+    (["-n", "0"], "at least one token"),
 ])
 def test_generate_bad_input(model_dir, args, message):
     result = invoke("generate", model_dir, "hello", *args)
@@ -107,3 +112,31 @@ def test_prune_bad_input(model_dir):
     assert result.exit_code == 2 and "--atlas FILE" in result.output
     result = invoke("prune", model_dir, "--fraction", "2", "--random-seed", "1")
     assert result.exit_code == 2 and "[0, 1]" in result.output
+
+
+def test_generate_composes_an_edit_a_kv_cache_and_a_strategy(model_dir):
+    """The CLI's edit + --kv-budget + --strategy equals lmatlas.generate with the same three values."""
+    import lmatlas
+    from lmatlas.edit import Ablate, Edit
+    from lmatlas.infer.generate import resolve_plan
+
+    prompt = "abcabcabc abcabc xyz abcabcab abcabc"
+    result = invoke("generate", model_dir, prompt, "--ablate", "L0.H1", "--kv-budget", "0.5", "--random-seed", "3",
+                    "--sink", "2", "--recent", "8", "--strategy", "speculative", "-n", "8", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    model = lmatlas.load(model_dir)
+    plan = resolve_plan(model, 0.5, None, 2, 8, 3)
+    ref = lmatlas.generate(model, prompt, 8, edit=Edit((Ablate("L0.H1"),)), kv=plan, strategy="speculative",
+                           compare=True)
+    assert data["edited"]["ids"] == ref.edited.ids and data["plain"]["ids"] == ref.plain.ids
+    assert data["strategy"] == "speculative" and data["kv"]["method"] == "random:3"
+
+
+def test_generate_with_a_strategy_and_a_kv_cache_prints_one_report(model_dir):
+    result = invoke("generate", model_dir, "abcabc abcabc", "--kv-snap", "40", "--strategy", "dola", "-n", "4",
+                    "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["strategy"] == "dola" and data["kv"]["method"] == "snapkv" and data["kv"]["bytes"] > 0
+    assert len(data["report"]["premature_layers"]) == data["new_tokens"]

@@ -109,8 +109,8 @@ def test_edited_continuation_equals_the_library_and_hand_made_hooks(client, mode
     assert data["edit"] == EDIT.describe() and data["max_new_tokens"] == 12
     assert data["prompt_tokens"] == model.tokenize(PROMPT)["input_ids"].shape[1]
     # through the library: generate(edit=...) and the unedited generate
-    assert data["edited"]["text"] == model.generate(PROMPT, 12, edit=EDIT)[0]
-    assert data["plain"]["text"] == model.generate(PROMPT, 12)[0]
+    assert data["edited"]["text"] == model.generate(PROMPT, 12, edit=EDIT)
+    assert data["plain"]["text"] == model.generate(PROMPT, 12)
     # by hand: Hugging Face's greedy generate, the same edit made by plain hooks
     edited = _by_hand(model, PROMPT, 12, head=(1, 2), scale=(0, 5, 0.5), clamp=(1, 7, 3.0))
     plain = _by_hand(model, PROMPT, 12)
@@ -141,7 +141,7 @@ def test_mean_ablation_uses_the_library(client, model):
     body = {"prompt": PROMPT, "max_new_tokens": 6,
             "interventions": [{"kind": "ablate", "target": "L0.H1", "how": "mean"}]}
     data = client.post("/api/edit", json=body).json()
-    assert data["edited"]["text"] == model.generate(PROMPT, 6, edit=Ablate("L0.H1", how="mean"))[0]
+    assert data["edited"]["text"] == model.generate(PROMPT, 6, edit=Ablate("L0.H1", how="mean"))
 
 
 def test_edit_file_loads_back_as_the_same_edit(client, model, tmp_path):

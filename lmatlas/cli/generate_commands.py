@@ -41,12 +41,14 @@ from rich.text import Text
 
 from lmatlas.cli.app import DEVICE_OPT, DTYPE_OPT, JSON_OPT, app, err, key_value_table, load_model, out, print_json, run
 from lmatlas.cli.infer_commands import (ATLAS_OPT as KV_ATLAS_OPT, KV_BUDGET_OPT, KV_SNAP_OPT, RANDOM_OPT, RECENT_OPT,
-                                        SINK_OPT, generate_with_kv_cache)
+                                        SINK_OPT, KVOptions, show_kv_run)
 from lmatlas.errors import InputError
+from lmatlas.infer.decoding.names import DRAFTER_NAMES, STRATEGY_NAMES
 
 if TYPE_CHECKING:
     from lmatlas.edit.edit import Edit
-    from lmatlas.edit.generation import Comparison, Continuation
+    from lmatlas.model.comparison import Comparison, Continuation
+    from lmatlas.model.generation import Generation
     from lmatlas.model.handle import Model
 
 ARGS = typer.Argument(..., metavar="[MODEL] PROMPT", show_default=False,
@@ -147,10 +149,11 @@ def plain_continuation(model: "Model", prompt: str, max_new_tokens: int, chat: b
     """Greedy continuation of ``prompt`` and each new token's log-probability (one teacher-forced forward)."""
     import torch
 
-    from lmatlas.edit.generation import Continuation, greedy, prompt_ids, stop_reason
+    from lmatlas.model.comparison import Continuation
+    from lmatlas.model.generation import generate, prompt_ids, stop_reason
 
     batch = prompt_ids(model, prompt, chat)
-    new = greedy(model, batch, max_new_tokens)
+    new = generate(model, prompt, max_new_tokens, chat=chat).token_ids
     logprobs: list[float] = []
     if new:
         n = batch["input_ids"].shape[1]
@@ -186,7 +189,7 @@ def _why_empty(continuation: "Continuation") -> Text:
 
 
 def show_plain(model: "Model", prompt: str, c: "Continuation", chat: bool) -> None:
-    out.print(Text(f"Continuation of {prompt!r}{' (chat template)' if chat else ''}", style="bold"))
+    out.print(Text(f"Continuation of {title(prompt)}{' (chat template)' if chat else ''}", style="bold"))
     table = Table(show_header=False, expand=True)
     table.add_column("text", overflow="fold")
     table.add_row(Text(_visible(c.text)) if c.text else _why_empty(c))
@@ -208,8 +211,10 @@ def show_comparison(model: "Model", comparison: "Comparison", chat: bool) -> Non
     n = max(len(plain.ids), len(edited.ids))
     differs = [i >= len(plain.ids) or i >= len(edited.ids) or plain.ids[i] != edited.ids[i] for i in range(n)]
     pp, ep = _pieces(model, plain.ids), _pieces(model, edited.ids)
-    out.print(Text(f"Continuations of {comparison.prompt!r}{' (chat template)' if chat else ''}", style="bold"))
+    out.print(Text(f"Continuations of {title(comparison.prompt)}{' (chat template)' if chat else ''}", style="bold"))
     out.print(Text(f"edit: {' | '.join(comparison.edit)}"))
+    if comparison.strategy != "greedy" or comparison.kv.get("method") != "default":
+        out.print(Text(f"both with strategy {comparison.strategy}, KV cache {comparison.kv.get('method')}"))
     side = Table(expand=True)
     side.add_column("unedited", overflow="fold", ratio=1)
     side.add_column("edited", overflow="fold", ratio=1)
@@ -240,17 +245,61 @@ def show_comparison(model: "Model", comparison: "Comparison", chat: bool) -> Non
             out.print(Text(f"{name} stopped: {c.stopped_by}", style="italic"))
 
 
-def _generate_with_strategy(args, strategy, drafter, max_new_tokens, chat, as_json, dtype, device) -> None:
-    from lmatlas.infer.decoding.cli import generate_with_strategy
+def title(prompt: str, limit: int = 80) -> str:
+    """A prompt as a title: quoted, cut to ``limit`` characters with its length when longer."""
+    if len(prompt) <= limit:
+        return repr(prompt)
+    return f"{prompt[:limit]!r}... ({len(prompt):,} characters)"
 
-    name, prompt = _split(args)
-    model = load_model(name, dtype, device)
-    report = generate_with_strategy(model, prompt, strategy, drafter, max_new_tokens, chat)
-    if as_json:
-        print_json(report)
-        return
-    out.print(report.get("text", ""), highlight=False, soft_wrap=True)
-    err.print(key_value_table(f"{strategy} decoding", {k: v for k, v in report.items() if k != "text"}))
+
+def read_prompt(args: list[str], prompt_file: Optional[str]) -> tuple[Optional[str], str]:
+    """``(model, prompt)`` from ``[MODEL] PROMPT`` or ``[MODEL] --prompt-file FILE``; empty prompts refused."""
+    if prompt_file is not None:
+        if len(args) > 1:
+            raise InputError("--prompt-file replaces the PROMPT argument: give at most a MODEL before it.")
+        path = Path(prompt_file)
+        if not path.is_file():
+            raise InputError(f"--prompt-file {prompt_file}: no such file.")
+        try:
+            prompt = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise InputError(f"--prompt-file {prompt_file}: not UTF-8 text.") from None
+        name = args[0] if args else None
+    else:
+        if not args:
+            raise InputError("Give a PROMPT (or --prompt-file FILE).")
+        name, prompt = _split(args)
+    if not prompt.strip():
+        raise InputError("The prompt is empty: give some text to continue.")
+    return name, prompt
+
+
+def strategy_value(name: Optional[str], drafter: Optional[str]) -> Any:
+    """The strategy ``--strategy``/``--drafter`` name (checked before the model loads; ``None`` = greedy)."""
+    from lmatlas.infer.decoding.strategies import Speculative, make_strategy
+
+    if drafter is not None and name != "speculative":
+        raise InputError(f"--drafter goes with --strategy speculative{'' if name is None else f', not {name}'}.")
+    if drafter is not None and drafter not in DRAFTER_NAMES:
+        raise InputError(f"Unknown drafter {drafter!r}: use one of {', '.join(DRAFTER_NAMES)}.")
+    if name == "speculative":
+        return Speculative(drafter=drafter or "prompt-lookup")
+    return make_strategy(name)
+
+
+def show_generation(model: "Model", prompt: str, result: "Generation", chat: bool) -> None:
+    """The text on stdout; what ran (strategy, KV cache, its report) as a table on stderr."""
+    out.print(result.text if result.text else f"(empty: {result.stopped_by or 'only special tokens'})",
+              highlight=False, soft_wrap=True)
+    summary: dict[str, Any] = {"prompt": title(prompt, 40), "strategy": result.strategy,
+                               "KV cache": result.kv.get("method"), "KV bytes held": result.kv.get("bytes"),
+                               "new tokens": len(result.token_ids), "seconds": round(result.seconds, 2),
+                               "tokens/s": round(result.tokens_per_s, 2)}
+    for key, value in result.report.items():
+        if isinstance(value, list) and len(value) > 8:
+            value = f"{len(value)} values, first {value[:8]}"
+        summary[key.replace("_", " ")] = round(value, 3) if isinstance(value, float) else value
+    err.print(key_value_table("generation", {k: v for k, v in summary.items() if v is not None}))
 
 
 @app.command()
@@ -265,7 +314,8 @@ def generate(
     alpha: float = typer.Option(4.0, "--alpha", help="Steering strength (times the mean-difference vector)."),
     edit_file: Optional[str] = typer.Option(None, "--edit", help="An edit file saved by Edit.save (JSON)."),
     save_edit: Optional[str] = typer.Option(None, "--save-edit", help="Write the combined edit to this JSON file."),
-    max_new_tokens: int = typer.Option(32, "--max-new-tokens", "-n", min=1, help="Tokens to generate."),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens", "-n", help="Tokens to generate (at least 1)."),
+    prompt_file: Optional[str] = typer.Option(None, "--prompt-file", help="Read the prompt from this text file."),
     chat: bool = typer.Option(False, "--chat", help="Apply the tokenizer's chat template (instruct models)."),
     kv_budget: Optional[float] = KV_BUDGET_OPT,
     atlas: Optional[Path] = KV_ATLAS_OPT,
@@ -273,51 +323,56 @@ def generate(
     recent: int = RECENT_OPT,
     random_seed: Optional[int] = RANDOM_OPT,
     kv_snap: Optional[int] = KV_SNAP_OPT,
-    strategy: Optional[str] = typer.Option(None, "--strategy", help="dola, decore or speculative decoding."),
-    drafter: Optional[str] = typer.Option(None, "--drafter", help="heads, early-exit or prompt-lookup (speculative)."),
+    strategy: Optional[str] = typer.Option(None, "--strategy", help=f"Decoding strategy: {', '.join(STRATEGY_NAMES)}."),
+    drafter: Optional[str] = typer.Option(None, "--drafter",
+                                          help=f"Speculative drafter: {', '.join(DRAFTER_NAMES)} (default prompt-lookup)."),
     as_json: bool = JSON_OPT,
     dtype: str = DTYPE_OPT,
     device: Optional[str] = DEVICE_OPT,
 ) -> None:
-    """Generate greedily; with edit options, show the unedited and the edited continuation side by side.
+    """Generate; with edit options, show the unedited and the edited continuation side by side.
 
-    ``--kv-budget`` runs with a head-wise KV cache, ``--kv-snap`` with SnapKV eviction
-    (:mod:`lmatlas.cli.infer_commands`);
-    ``--strategy`` decodes with DoLa, DeCoRe or speculative decoding (:mod:`lmatlas.infer.decoding`).
+    Edit options, a KV cache (--kv-budget or --kv-snap) and a decoding strategy (--strategy)
+    combine: the edit applies to every forward, the cache holds every sequence, the strategy
+    picks the tokens (see lmatlas.generate). A combination a part cannot serve is refused
+    with its reason before any compute.
     """
-    from lmatlas.edit.generation import compare
+    from lmatlas.infer.compose import generate as composed
 
     def body() -> Any:
-        edits_given = bool(ablate or scale or set_ or steer is not None or edit_file)
-        kv_given = kv_budget is not None or kv_snap is not None
-        if kv_given or strategy is not None:
-            if edits_given or (kv_given and strategy is not None):
-                raise InputError("Combine at most one of: edit options, --kv-budget/--kv-snap, --strategy (one at a "
-                                 "time).")
-            if kv_given:
-                return generate_with_kv_cache(args, max_new_tokens, kv_budget, atlas, sink, recent, random_seed,
-                                              as_json, dtype, device, kv_snap)
-            return _generate_with_strategy(args, strategy, drafter, max_new_tokens, chat, as_json, dtype, device)
-        name, prompt = _split(args)
-        if not prompt.strip():
-            raise InputError("The prompt is empty: give some text to continue.")
+        name, prompt = read_prompt(args, prompt_file)
+        if max_new_tokens < 1:
+            raise InputError(f"--max-new-tokens {max_new_tokens}: generate at least one token.")
         options = edit_options(ablate, scale, set_, steer, positive, negative, alpha, edit_file)
         if save_edit and options.empty:
             raise InputError("--save-edit needs an edit: add --ablate, --scale, --set, --steer or --edit.")
+        kv_options = KVOptions(kv_budget, atlas, sink, recent, random_seed, kv_snap)
+        kv_options.check()
+        chosen = strategy_value(strategy, drafter)
         model = load_model(name, dtype, device)
         edit = build_edit(model, options)
+        kv = kv_options.policy(model)
         saved = str(edit.save(save_edit, model)) if save_edit else None
         header = {"model": model.provenance.source, "chat": chat, "max_new_tokens": max_new_tokens}
-        if edit is None:
+        if edit is not None:
+            comparison = composed(model, prompt, max_new_tokens, edit=edit, kv=kv, strategy=chosen, chat=chat,
+                                  compare=True)
+            if as_json:
+                return print_json({**header, **comparison.to_dict(), "saved_edit": saved})
+            show_comparison(model, comparison, chat)
+            if saved:
+                out.print(f"Edit saved to {saved}")
+            return None
+        if chosen is None and kv is not None and not chat:
+            return show_kv_run(model, prompt, kv, max_new_tokens, as_json)
+        if chosen is None and kv is None:
             continuation = plain_continuation(model, prompt, max_new_tokens, chat)
             if as_json:
                 return print_json({**header, "prompt": prompt, **continuation.to_dict()})
             return show_plain(model, prompt, continuation, chat)
-        comparison = compare(model, prompt, edit, max_new_tokens, chat=chat)
+        result = composed(model, prompt, max_new_tokens, kv=kv, strategy=chosen, chat=chat)
         if as_json:
-            return print_json({**header, **comparison.to_dict(), "saved_edit": saved})
-        show_comparison(model, comparison, chat)
-        if saved:
-            out.print(f"Edit saved to {saved}")
+            return print_json({**header, "prompt": prompt, **result.to_dict()})
+        return show_generation(model, prompt, result, chat)
 
     run(body)

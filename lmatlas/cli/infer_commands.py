@@ -14,13 +14,14 @@ head keeps the ``N`` prompt entries the prompt's end attends to most.
 The result shows the text and what the cache held (bytes of storage), prefill and
 decode times and the peak memory each added.
 
-``generate`` is built as *options -> a setup step -> one greedy run*: each group of
-options (the KV cache here) turns into a value the run takes, so further groups (edits,
-decoding strategies) add their own options and setup without touching the others.
+Each group of options turns into a value (:class:`KVOptions` -> a KV policy) that the
+``generate`` command (:mod:`lmatlas.cli.generate_commands`) composes with an edit and a
+decoding strategy in one :func:`lmatlas.generate`.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -38,66 +39,75 @@ KV_SNAP_OPT = typer.Option(None, "--kv-snap", help="SnapKV: prompt entries each 
 RANDOM_OPT = typer.Option(None, "--random-seed", help="Choose the full heads at random with this seed (a baseline).")
 
 
-def split_model_and_prompt(args: list[str]) -> tuple[Optional[str], str]:
-    """``[PROMPT]`` or ``[MODEL, PROMPT]``."""
-    if len(args) == 1:
-        return None, args[0]
-    if len(args) == 2:
-        return args[0], args[1]
-    raise LmatlasError(f"Expected [MODEL] PROMPT, got {len(args)} arguments; quote the prompt.")
+@dataclass(frozen=True)
+class KVOptions:
+    """The KV-cache options of one command line (checked by :meth:`check` before the model loads)."""
 
+    budget: Optional[float] = None
+    atlas: Optional[Path] = None
+    sink: int = 4
+    recent: int = 256
+    random_seed: Optional[int] = None
+    snap: Optional[int] = None
 
-def generate_with_kv_cache(
-    args: list[str], max_new_tokens: int, kv_budget: Optional[float], atlas: Optional[Path], sink: int, recent: int,
-    random_seed: Optional[int], as_json: bool, dtype: str, device: Optional[str], kv_snap: Optional[int] = None,
-) -> None:
-    """``lmatlas generate ... --kv-budget F`` (a head-wise KV cache chosen from the map) or ``--kv-snap N`` (SnapKV).
+    @property
+    def given(self) -> bool:
+        return self.budget is not None or self.snap is not None
 
-    Called by the ``generate`` command (:mod:`lmatlas.cli.generate_commands`) when KV options are given.
-    """
-    from lmatlas.infer.choose import check_budget
-    from lmatlas.infer.generate import generate_kv, resolve_plan
-    from lmatlas.infer.plan import check_window
-    from lmatlas.infer.snap import SnapPlan
+    def check(self) -> None:
+        """Every KV option checked before the model loads."""
+        from lmatlas.infer.choose import check_budget
+        from lmatlas.infer.plan import check_window
+        from lmatlas.infer.snap import SnapPlan
 
-    def body():
-        source, prompt = split_model_and_prompt(args)
-        if kv_snap is not None and kv_budget is not None:
+        if self.snap is not None and self.budget is not None:
             raise LmatlasError("Give --kv-budget (head-wise cache) or --kv-snap (SnapKV), not both.")
-        snap_plan = SnapPlan(capacity=kv_snap) if kv_snap is not None else None  # checked before the model loads
-        if kv_budget is not None:  # every KV option is checked before the model loads
-            check_budget(kv_budget)
-            check_window(sink, recent)
-            if atlas is not None and not atlas.exists():
-                raise LmatlasError(f"No atlas at {atlas}: build one with `lmatlas map --out {atlas}`.")
-        loaded = load_model(source, dtype, device)
-        plan = snap_plan or resolve_plan(loaded, kv_budget, atlas, sink, recent, random_seed)
-        with err.status("Generating..."):
-            result = generate_kv(loaded, prompt, plan=plan, max_new_tokens=max_new_tokens)
-        data = result.to_dict()
-        if as_json:
-            print_json(data)
-            return
-        out.print(result.text, highlight=False, soft_wrap=True)
-        summary = {
-            "cache": data["plan"].get("method", "default"),
-            "full KV heads": (f"{data['plan']['full_kv_heads']} of {data['plan']['choosable_kv_heads']}"
-                              if "full_kv_heads" in data["plan"] else
-                              f"none: {data['plan']['capacity']} prompt entries each" if "capacity" in data["plan"]
-                              else "all"),
-            "KV bytes held": result.kv_bytes,
-            "prompt tokens": result.prompt_tokens,
-            "prefill s": round(result.prefill_s, 3),
-            "decode tokens/s": round(result.decode_tokens_per_s, 2) if result.decode_tokens_per_s else None,
-            "peak MB prefill / decode": "/".join(
-                f"{b / 2**20:.1f}" if b is not None else "?" for b in (result.peak_prefill_bytes,
-                                                                     result.peak_decode_bytes)),
-        }
-        for note in data["plan"].get("notes", []):
-            err.print(f"note: {note}", highlight=False)
-        err.print(key_value_table("KV cache", summary))
+        if self.snap is not None:
+            SnapPlan(capacity=self.snap)
+        if self.budget is not None:
+            check_budget(self.budget)
+            check_window(self.sink, self.recent)
+            if self.atlas is not None and not self.atlas.is_file():
+                raise LmatlasError(f"No atlas file at {self.atlas}: build one with `lmatlas map --out FILE.duckdb`.")
 
-    body()
+    def policy(self, model):
+        """The KV policy value for ``model`` (``None``: the default cache)."""
+        from lmatlas.infer.generate import resolve_plan
+        from lmatlas.infer.snap import SnapPlan
+
+        if self.snap is not None:
+            return SnapPlan(capacity=self.snap)
+        return resolve_plan(model, self.budget, self.atlas, self.sink, self.recent, self.random_seed)
+
+
+def show_kv_run(model, prompt: str, plan, max_new_tokens: int, as_json: bool) -> None:
+    """Greedy generation with a KV policy, measured phase by phase: the text, bytes held, times, peaks."""
+    from lmatlas.infer.generate import generate_kv
+
+    with err.status("Generating..."):
+        result = generate_kv(model, prompt, plan=plan, max_new_tokens=max_new_tokens)
+    data = result.to_dict()
+    if as_json:
+        print_json(data)
+        return
+    out.print(result.text, highlight=False, soft_wrap=True)
+    summary = {
+        "cache": data["plan"].get("method", "default"),
+        "full KV heads": (f"{data['plan']['full_kv_heads']} of {data['plan']['choosable_kv_heads']}"
+                          if "full_kv_heads" in data["plan"] else
+                          f"none: {data['plan']['capacity']} prompt entries each" if "capacity" in data["plan"]
+                          else "all"),
+        "KV bytes held": result.kv_bytes,
+        "prompt tokens": result.prompt_tokens,
+        "prefill s": round(result.prefill_s, 3),
+        "decode tokens/s": round(result.decode_tokens_per_s, 2) if result.decode_tokens_per_s else None,
+        "peak MB prefill / decode": "/".join(
+            f"{b / 2**20:.1f}" if b is not None else "?" for b in (result.peak_prefill_bytes,
+                                                                 result.peak_decode_bytes)),
+    }
+    for note in data["plan"].get("notes", []):
+        err.print(f"note: {note}", highlight=False)
+    err.print(key_value_table("KV cache", summary))
 
 
 @app.command()

@@ -5,7 +5,6 @@
 * :mod:`lmatlas.edit.edit` — :class:`Edit` (``|``), save / load;
 * :mod:`lmatlas.edit.stats` — means and resample banks for mean/resample ablation;
 * :mod:`lmatlas.edit.steering` — steering vectors and decoded directions;
-* :mod:`lmatlas.edit.generation` — generate with an edit, side by side with the unedited model.
 """
 
 from lmatlas.edit.edit import Edit

@@ -1,18 +1,41 @@
 """Use the map at inference: a head-aware KV cache, head pruning and decoding strategies.
 
+* :mod:`lmatlas.infer.compose` — ``lmatlas.generate``: an edit, a KV policy and a strategy in one call;
 * :mod:`lmatlas.infer.plan` — :class:`KVPlan`, which KV heads keep the whole context;
 * :mod:`lmatlas.infer.choose` — plans from an atlas, a census, at random, or uniform;
 * :mod:`lmatlas.infer.layer` / :mod:`lmatlas.infer.cache` — the head-wise cache;
 * :mod:`lmatlas.infer.snap` — SnapKV, score-based eviction (a baseline; ``SnapCache``);
 * :mod:`lmatlas.infer.attention` — the attention function that reads them;
 * :mod:`lmatlas.infer.memory` — storage bytes held and peak resident memory;
-* :mod:`lmatlas.infer.generate` — generate with a plan, with its measurements;
+* :mod:`lmatlas.infer.generate` — greedy with a plan, measured phase by phase;
 * :mod:`lmatlas.infer.prune` — remove heads physically (or mask them) by importance;
 * :mod:`lmatlas.infer.decoding` — DoLa, DeCoRe and speculative decoding (drafters, draft heads).
+
+The names below load on first use (``import lmatlas.infer.decoding.names`` stays light for the CLI).
 """
 
-from lmatlas.infer.cache import HeadwiseCache, SnapCache, make_cache
-from lmatlas.infer.plan import KVPlan, make_plan, plan_from_heads
-from lmatlas.infer.snap import SnapPlan
+from __future__ import annotations
 
-__all__ = ["HeadwiseCache", "KVPlan", "SnapCache", "SnapPlan", "make_cache", "make_plan", "plan_from_heads"]
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_LAZY = {
+    "HeadwiseCache": "lmatlas.infer.cache", "SnapCache": "lmatlas.infer.cache", "make_cache": "lmatlas.infer.cache",
+    "KVPlan": "lmatlas.infer.plan", "make_plan": "lmatlas.infer.plan", "plan_from_heads": "lmatlas.infer.plan",
+    "SnapPlan": "lmatlas.infer.snap",
+}
+
+if TYPE_CHECKING:
+    from lmatlas.infer.cache import HeadwiseCache, SnapCache, make_cache
+    from lmatlas.infer.plan import KVPlan, make_plan, plan_from_heads
+    from lmatlas.infer.snap import SnapPlan
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lmatlas.infer' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+__all__ = sorted(_LAZY)

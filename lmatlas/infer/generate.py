@@ -29,6 +29,7 @@ from lmatlas.infer.cache import make_cache
 from lmatlas.infer.memory import PeakMemory, cache_nbytes
 from lmatlas.infer.plan import KVPlan
 from lmatlas.infer.snap import SnapPlan
+from lmatlas.model.generation import check_unpadded
 
 if TYPE_CHECKING:
     from lmatlas.model.handle import Inputs, Model
@@ -52,16 +53,6 @@ class GenerationResult:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def check_prompt(batch: dict[str, torch.Tensor]) -> None:
-    """Raise, before any compute, on a padded batch (the head-wise cache needs one length per batch)."""
-    mask = batch.get("attention_mask")
-    if mask is not None and not bool(mask.bool().all()):
-        raise LmatlasError(
-            "The head-wise KV cache does not support padded batches yet: run one prompt at a time, or prompts "
-            "of the same length."
-        )
 
 
 def greedy(model: "Model", input_ids: torch.Tensor, cache=None, max_new_tokens: int = 16,
@@ -124,7 +115,7 @@ def generate_kv(model: "Model", prompt: "Inputs", plan: KVPlan | SnapPlan | None
                 max_new_tokens: int = 32, measure_memory: bool = True) -> GenerationResult:
     """Greedy generation of one prompt with a head-wise cache (``plan``, or one made from the other options)."""
     batch = model.tokenize(prompt)
-    check_prompt(batch)
+    check_unpadded(batch, "The head-wise KV cache")
     if batch["input_ids"].shape[0] != 1:
         raise LmatlasError("generate_kv runs one prompt at a time; pass a single string.")
     if plan is None:

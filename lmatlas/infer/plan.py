@@ -30,6 +30,7 @@ from lmatlas.errors import LmatlasError
 from lmatlas.model.sites import check_layer, parse_head
 
 if TYPE_CHECKING:
+    from lmatlas.infer.cache import HeadwiseCache
     from lmatlas.model.handle import Model
 
 log = logging.getLogger(__name__)
@@ -130,6 +131,12 @@ class KVPlan:
             "sink": self.sink, "recent": self.recent, "notes": list(self.notes),
             "full": sorted(f"L{layer}.KV{kv}" for layer, kv in self.full),
         }
+
+    def make_cache(self, model: "Model") -> "HeadwiseCache":
+        """A fresh :class:`~lmatlas.infer.cache.HeadwiseCache` for one sequence (the KV-policy protocol)."""
+        from lmatlas.infer.cache import HeadwiseCache
+
+        return HeadwiseCache(model, self)
 
 
 def make_plan(model: "Model", full: Iterable[tuple[int, int]], sink: int = 4, recent: int = 256,

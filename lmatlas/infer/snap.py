@@ -41,12 +41,17 @@ its own mask (every kept entry visible, the new tokens causal among themselves).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from lmatlas.errors import LmatlasError
 from lmatlas.infer.layer import LogicalLengthLayer
+
+if TYPE_CHECKING:
+    from lmatlas.infer.cache import SnapCache
+    from lmatlas.model.handle import Model
 
 PAYLOAD = "_lmatlas_snap"
 LOOKAHEAD = 64  # draft tokens a deferred compression can drop (query rows kept beyond the window)
@@ -84,6 +89,12 @@ class SnapPlan:
     def describe(self) -> dict:
         """A JSON-able summary (what a result records as provenance)."""
         return {"method": self.method, "capacity": self.capacity, "window": self.window, "kernel": self.kernel}
+
+    def make_cache(self, model: "Model") -> "SnapCache":
+        """A fresh :class:`~lmatlas.infer.cache.SnapCache` for one sequence (the KV-policy protocol)."""
+        from lmatlas.infer.cache import SnapCache
+
+        return SnapCache(model, self)
 
 
 @dataclass

@@ -10,8 +10,6 @@
 
 from __future__ import annotations
 
-import logging
-from contextlib import nullcontext as _nothing
 from typing import Any, Iterable, Mapping, Sequence, Union
 
 import torch
@@ -21,6 +19,8 @@ from lmatlas.errors import InputError, NotACausalLMError, SiteError
 from lmatlas.model.arch import ArchSpec, HeadLayout, get_path, read_layout
 from lmatlas.model.cache import ActivationCache
 from lmatlas.model.families import spec_for_model_type
+from lmatlas.model import comparison, generation
+from lmatlas.model.generation import describe_edit
 from lmatlas.model.hook_stack import HookStack
 from lmatlas.model.hooks import HookSession
 from lmatlas.model.positions import split_site_name
@@ -28,8 +28,6 @@ from lmatlas.model.provenance import Provenance
 from lmatlas.model.replacement import BoundReplacement, Replacement
 from lmatlas.model.sites import COMPONENTS, Site, check_layer, parse_sites
 from lmatlas.model.weights import ModelWeights
-
-_log = logging.getLogger(__name__)
 
 Inputs = Union[str, Sequence[str], torch.Tensor, Mapping[str, torch.Tensor]]
 SiteNames = Union[str, Site, Iterable[Union[str, Site]]]
@@ -190,7 +188,7 @@ class Model:
         """
         session = HookSession(self, self.sites(capture) if capture else (), self.replacements(replace),
                               keep_grad=keep_grad, prompt_len=prompt_len)
-        session.edit = _described(replace)
+        session.edit = describe_edit(replace)
         return session
 
     def edit(self, edit: Any) -> HookSession:
@@ -247,7 +245,7 @@ class Model:
         cache = ActivationCache(self.layout, input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
         session = HookSession(self, self.sites(capture) if capture else (), bound, store=cache.values,
                               extras=cache.extras, keep_grad=grad, prompt_len=prompt_len)
-        session.edit = _described(replace)
+        session.edit = describe_edit(replace)
         cache.edit = self.active_edits + (session.edit or [])
         with session, torch.set_grad_enabled(grad):
             stopper = self.blocks[stop].register_forward_hook(_stop_forward) if stop is not None else None
@@ -263,75 +261,34 @@ class Model:
                     stopper.remove()
         return cache
 
-    def generate(self, inputs: Inputs, max_new_tokens: int = 32, *, chat: bool = False, edit: Any = None,
-                 compare: bool = False, kv_plan: Any = None, **kwargs: Any) -> Any:
-        """Greedy (by default) generation; returns the new text of each sequence.
+    def generate(self, inputs: Inputs, max_new_tokens: int = 32, *, edit: Any = None, kv: Any = None,
+                 strategy: Any = None, compare: bool = False, chat: bool = False, **kwargs: Any) -> Any:
+        """Generate (greedy by default) and return the new text: a string for one prompt, a list for a list.
+
+        A thin pass-through to :func:`lmatlas.model.generation.generate` (``lmatlas.generate`` takes
+        the same arguments, also as names, and returns the whole
+        :class:`~lmatlas.model.generation.Generation`).
 
         Args:
+            edit: an :class:`~lmatlas.edit.Edit` (or intervention) applied at every step.
+            kv: a KV policy (``KVPlan``, ``SnapPlan`` from :mod:`lmatlas.infer`): a fresh cache per call.
+            strategy: a decoding strategy value (``Dola()``, ``Speculative()``, ... from
+                :mod:`lmatlas.infer.decoding`).
+            compare: return a :class:`~lmatlas.model.comparison.Comparison` of the unedited and the
+                edited continuation, each token's log-probability under both (needs ``edit``).
             chat: apply the tokenizer's chat template to a single prompt (instruct models need it).
-            edit: an :class:`~lmatlas.edit.Edit` (or intervention) applied at every step (its
-                interventions' ``steps`` choose which).
-            compare: return a :class:`~lmatlas.edit.generation.Comparison` of the unedited and the
-                edited continuation, with each token's log-probability under both (needs ``edit``).
-            kv_plan: a :class:`~lmatlas.infer.plan.KVPlan` (e.g. ``lmatlas.infer.choose.from_atlas(model,
-                atlas, budget=0.25)``): generate with a fresh head-wise KV cache made from it (full
-                heads keep every entry, the others sinks + a recent window), or a
-                :class:`~lmatlas.infer.snap.SnapPlan` (SnapKV eviction). Not with ``past_key_values``.
             kwargs: passed to ``transformers``' ``generate`` (``do_sample``, ``past_key_values``, ...).
-
-        An empty continuation is logged with the stop token that ended it.
         """
-        from lmatlas.edit import generation
-
-        if self.tokenizer is None:
-            raise InputError("generate() needs a tokenizer.")
         if compare:
-            if edit is None or not isinstance(inputs, str):
-                raise InputError("compare=True needs one prompt (a string) and an edit.")
-            return generation.compare(self, inputs, edit, max_new_tokens, chat=chat, **kwargs)
-        if chat and not isinstance(inputs, str):
-            raise InputError("chat=True takes one prompt (a string).")
-        batch = generation.prompt_ids(self, inputs, chat) if chat else self.tokenize(inputs)
-        if edit is not None:
-            generation.check_positions(self.replacements(edit), batch["input_ids"].shape[1], max_new_tokens)
-        kwargs.setdefault("do_sample", False)
-        if kv_plan is not None:
-            if kwargs.get("past_key_values") is not None:
-                raise InputError("Give either kv_plan (a head-wise cache is made from it) or past_key_values, not both.")
-            from lmatlas.infer.cache import make_cache
-            from lmatlas.infer.generate import check_prompt
-
-            check_prompt(batch)
-            kwargs["past_key_values"] = make_cache(self, kv_plan)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        with self.hooked(replace=edit) if edit is not None else _nothing(), torch.no_grad():
-            out = self.hf.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=pad, **kwargs)
-        new = out[:, batch["input_ids"].shape[1]:]
-        texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
-        for row, text in zip(new.tolist(), texts):
-            if not text.strip():
-                reason = generation.stop_reason(self, row, max_new_tokens) or "only special tokens were generated"
-                hint = " (an instruct model: try chat=True)" if not chat and getattr(
-                    self.tokenizer, "chat_template", None) else ""
-                _log.warning("Empty continuation: %s%s.", reason, hint)
-        return texts
+            return comparison.compare(self, inputs, edit, max_new_tokens, kv=kv, strategy=strategy, chat=chat,
+                                      **kwargs)
+        return generation.generate(self, inputs, max_new_tokens, edit=edit, kv=kv, strategy=strategy, chat=chat,
+                                   **kwargs).text
 
     def __repr__(self) -> str:
         lay = self.layout
         return (f"Model({self.provenance.source!r}, family={self.family}, layers={lay.n_layers}, "
                 f"heads={lay.n_heads}/{lay.n_kv_heads}kv, neurons={lay.d_mlp}, vocab={lay.d_vocab})")
-
-
-def _described(replace: Any) -> list[str] | None:
-    """What provenance records for a replacement: an edit's description, or the replaced site names."""
-    if replace is None:
-        return None
-    if hasattr(replace, "describe"):
-        described = replace.describe()
-        return described if isinstance(described, list) else [described]
-    if isinstance(replace, Mapping):
-        return [f"replace {name}" for name in replace]
-    return [f"replace {r.name}" for r in replace]
 
 
 class _StopForward(Exception):

@@ -27,6 +27,7 @@ from pydantic import BaseModel, Field
 
 from lmatlas.decode.token_text import token_texts
 from lmatlas.edit import Ablate, Edit, Scale, Set
+from lmatlas.infer.decoding.names import STRATEGY_NAMES
 from lmatlas.web import names
 from lmatlas.web.errors import Malformed
 from lmatlas.web.schemas import Prompt
@@ -76,10 +77,18 @@ class EditSpec(BaseModel):
                                       description="applied in order; an empty list is the unedited model")
 
 
+#: The strategies the playground offers: the registry's names (DeCoRe masks the atlas's top retrieval heads).
+StrategyName = Literal[STRATEGY_NAMES]  # type: ignore[valid-type]
+
+
 class EditRequest(Prompt, EditSpec):
     max_new_tokens: Optional[int] = Field(None, ge=1, le=MAX_NEW_TOKENS, description="tokens generated per "
                                           f"continuation (default {DEFAULT_NEW_TOKENS}, or the server's cap if lower)")
     chat: bool = Field(False, description="wrap the prompt in the tokenizer's chat template (instruct models)")
+    strategy: StrategyName = Field("greedy", description="decoding strategy of both continuations "
+                                   "(speculative: prompt lookup; decore: the atlas's top 10 retrieval heads masked)")
+    kv_snap: Optional[int] = Field(None, ge=33, le=1_000_000, description="SnapKV: prompt entries each KV head "
+                                   "keeps (both continuations); null for the full cache")
 
 
 class ContinuationView(BaseModel):
@@ -97,6 +106,8 @@ class EditComparison(BaseModel):
     max_new_tokens: int
     chat: bool
     edit: list[str] = Field(description="the edit's interventions, as lmatlas describes them")
+    strategy: str = Field(description="the decoding strategy both continuations ran with")
+    kv: dict[str, Any] = Field(description="the KV cache policy both ran with ({'method': 'default'}: full cache)")
     plain: ContinuationView
     edited: ContinuationView
     first_difference: Optional[int] = Field(description="first token index where the two differ; null if equal")
@@ -138,7 +149,7 @@ def build_edit(spec: EditSpec, layout: "HeadLayout") -> Edit:
 
 def check_request(model: "Model", request: EditRequest, limits: "Limits") -> tuple[int, int]:
     """``(prompt tokens, new tokens)``, after refusing an empty or too long prompt or too many new tokens."""
-    from lmatlas.edit.generation import prompt_ids
+    from lmatlas.model.generation import prompt_ids
 
     if not request.prompt.strip():
         raise Malformed("The prompt is empty: type some text.")
@@ -158,12 +169,31 @@ def _view(model: "Model", continuation) -> dict[str, Any]:
     return data
 
 
-def compare(model: "Model", request: EditRequest, edit: Edit, prompt_tokens: int, new_tokens: int) -> dict[str, Any]:
-    """Plain and edited greedy continuations side by side (run it through the app's model gate)."""
-    result = model.generate(request.prompt, new_tokens, edit=edit, compare=True, chat=request.chat)
+def strategy_for(request: EditRequest, retrieval_heads: list[str]) -> Any:
+    """The strategy value a request names (DeCoRe masks ``retrieval_heads``, read from the atlas)."""
+    from lmatlas.infer.decoding.strategies import DeCoRe, make_strategy
+
+    if request.strategy == "decore":
+        if not retrieval_heads:
+            raise Malformed("DeCoRe needs the atlas's retrieval heads: this atlas has no census retrieval scores.")
+        return DeCoRe(heads=tuple(retrieval_heads))
+    return make_strategy(request.strategy)
+
+
+def compare(model: "Model", request: EditRequest, edit: Edit, prompt_tokens: int, new_tokens: int,
+            retrieval_heads: list[str] = ()) -> dict[str, Any]:
+    """Plain and edited continuations side by side, with the request's strategy and KV cache
+    (:func:`lmatlas.generate` with ``compare=True``; run it through the app's model gate)."""
+    from lmatlas.infer.compose import generate
+    from lmatlas.infer.snap import SnapPlan
+
+    kv = SnapPlan(capacity=request.kv_snap) if request.kv_snap is not None else None
+    result = generate(model, request.prompt, new_tokens, edit=edit, kv=kv, strategy=strategy_for(request, list(retrieval_heads)),
+                      compare=True, chat=request.chat)
     return {"prompt": request.prompt, "prompt_tokens": prompt_tokens, "max_new_tokens": new_tokens,
-            "chat": request.chat, "edit": result.edit, "plain": _view(model, result.plain),
-            "edited": _view(model, result.edited), "first_difference": result.first_difference()}
+            "chat": request.chat, "edit": result.edit, "strategy": result.strategy, "kv": result.kv,
+            "plain": _view(model, result.plain), "edited": _view(model, result.edited),
+            "first_difference": result.first_difference()}
 
 
 def saved(model: "Model", edit: Edit) -> dict[str, Any]:

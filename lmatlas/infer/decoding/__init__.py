@@ -8,5 +8,5 @@
 * :mod:`~lmatlas.infer.decoding.drafters` — prompt-lookup, early-exit and draft-head drafters;
 * :mod:`~lmatlas.infer.decoding.draft_heads` — Medusa-1 style heads: train, save, load;
 * :mod:`~lmatlas.infer.decoding.acceptance` — how often an early exit agrees with the full model;
-* :mod:`~lmatlas.infer.decoding.cli` — one entry point per strategy for the ``generate`` command.
+* :mod:`~lmatlas.infer.decoding.strategies` — the strategies as values, registered once (``STRATEGIES``).
 """

@@ -25,6 +25,7 @@ from typing import Any, Sequence
 import torch
 
 from lmatlas.errors import InputError
+from lmatlas.model.generation import pad_token_id
 from lmatlas.infer.decoding.readout import LayerTap, exit_logits
 
 
@@ -44,7 +45,7 @@ def _sequences(model: Any, prompts: Sequence[str], new_tokens: int) -> list[torc
         ids = model.tokenize(prompt)["input_ids"]
         with torch.no_grad():
             seq = model.hf.generate(input_ids=ids, do_sample=False, max_new_tokens=new_tokens,
-                                    pad_token_id=model.tokenizer.eos_token_id or 0)
+                                    pad_token_id=pad_token_id(model.tokenizer))
         out.append((seq, ids.shape[1]))
     return out
 

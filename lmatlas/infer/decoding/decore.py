@@ -110,13 +110,14 @@ def decore_generate(
     model: nn.Module, input_ids: torch.Tensor, logits_processor: Any, stopping_criteria: Any,
     generation_config: Any, synced_gpus: bool = False, streamer: Any = None,
     lmatlas_model: Any = None, masked_heads: Sequence[str] | None = (), alpha_cap: float | None = None,
-    decore_trace: list | None = None, **model_kwargs: Any,
+    decore_trace: list | None = None, masked_cache: Any = None, **model_kwargs: Any,
 ) -> torch.Tensor:
     """A ``custom_generate`` callable: DeCoRe greedy decoding (see the module docstring).
 
     Extra ``generate`` arguments: ``lmatlas_model`` (the :class:`~lmatlas.model.handle.Model`
     wrapping ``model``, which applies the edit), ``masked_heads`` (``["L5.H3", ...]``;
-    ``None`` masks nothing), ``alpha_cap``, ``decore_trace`` (a list receiving each step's alpha).
+    ``None`` masks nothing), ``alpha_cap``, ``decore_trace`` (a list receiving each step's alpha),
+    ``masked_cache`` (an empty cache for the masked copy, e.g. a KV policy's; default a ``DynamicCache``).
     """
     from transformers import DynamicCache
 
@@ -128,7 +129,7 @@ def decore_generate(
         edit = masking_edit(head_names(lmatlas_model, masked_heads)).bind(lmatlas_model)   # checked once
     if input_ids.shape[0] != 1 and model_kwargs.get("attention_mask") is not None:
         raise InputError("DeCoRe decodes one sequence (or an unpadded batch) at a time.")
-    masked_cache = DynamicCache(config=model.config)
+    masked_cache = masked_cache if masked_cache is not None else DynamicCache(config=model.config)
 
     def scores(outputs: Any, ids: torch.Tensor) -> torch.Tensor:
         base = outputs.logits[:, -1].float()
@@ -151,21 +152,13 @@ def generate_decore(
 ) -> dict[str, Any]:
     """DeCoRe on an lmatlas model: ``{"text", "token_ids", "heads", "alphas"}``.
 
-    ``heads`` default to the census's top 10 retrieval heads (:func:`retrieval_heads`);
-    they are checked before any compute.
+    Shorthand for ``lmatlas.generate(model, prompt, strategy=DeCoRe(...))``. ``heads`` default to
+    the census's top 10 retrieval heads (:func:`retrieval_heads`); given heads are checked
+    before any compute; ``kwargs`` (``edit=``, ``kv=``, transformers' options) go to ``generate``.
     """
-    from lmatlas.edit.generation import prompt_ids
+    from lmatlas.infer.compose import generate
+    from lmatlas.infer.decoding.strategies import DeCoRe
 
-    heads = head_names(model, retrieval_heads(model) if heads is None else heads)
-    if kwargs.get("num_beams", 1) != 1:
-        raise InputError("DeCoRe decodes greedily: beam search (num_beams > 1) is not supported.")
-    batch = prompt_ids(model, prompt, chat) if chat else model.tokenize(prompt)
-    trace: list[float] = []
-    pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else model.tokenizer.eos_token_id
-    with torch.no_grad():
-        out = model.hf.generate(**batch, custom_generate=decore_generate, lmatlas_model=model, masked_heads=heads,
-                                alpha_cap=alpha_cap, decore_trace=trace, do_sample=False,
-                                max_new_tokens=max_new_tokens, pad_token_id=pad, **kwargs)
-    new = out[0, batch["input_ids"].shape[1]:].tolist()
-    return {"text": model.tokenizer.decode(new, skip_special_tokens=True), "token_ids": new, "heads": heads,
-            "alphas": trace}
+    strategy = DeCoRe(tuple(heads) if heads is not None else None, alpha_cap)
+    out = generate(model, prompt, max_new_tokens, strategy=strategy, chat=chat, **kwargs).first()
+    return {"text": out.text, "token_ids": out.token_ids, **out.report}

@@ -26,6 +26,7 @@ from typing import Any, Sequence
 import torch
 
 from lmatlas.errors import InputError
+from lmatlas.model.generation import pad_token_id
 
 TEMPLATES = ("Explain {} in simple terms.", "Write a short paragraph about {}.",
              "What are the advantages and disadvantages of {}?", "Give three interesting facts about {}.",
@@ -55,7 +56,7 @@ def prompt_token_lists(model: Any, source: str, n: int, prompt_len: int, texts: 
     if source == "chat":
         if getattr(model.tokenizer, "chat_template", None) is None:
             raise InputError(f"{model.card()['source']} has no chat template: train on a corpus (data='corpus').")
-        from lmatlas.edit.generation import prompt_ids
+        from lmatlas.model.generation import prompt_ids
 
         return [prompt_ids(model, text, True)["input_ids"][0].tolist() for text in chat_prompts(n, seed)]
     from lmatlas.atlas.corpus import corpus_windows, default_texts
@@ -77,8 +78,7 @@ def continuations(model: Any, prompts: Sequence[Sequence[int]], new_tokens: int)
     from lmatlas.infer.decoding.speculative import _NormTap
 
     hf = model.hf
-    pad = model.tokenizer.pad_token_id
-    pad = pad if pad is not None else (model.tokenizer.eos_token_id or 0)
+    pad = pad_token_id(model.tokenizer)
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)

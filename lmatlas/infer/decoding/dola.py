@@ -150,20 +150,12 @@ def generate_dola(
 ) -> dict[str, Any]:
     """DoLa on an lmatlas model: ``{"text", "token_ids", "premature_layers", "candidates"}``.
 
-    ``premature_layers`` is checked before any compute; ``kwargs`` go to ``generate``.
+    Shorthand for ``lmatlas.generate(model, prompt, strategy=Dola(...))``; ``kwargs`` (``edit=``,
+    ``kv=``, transformers' options) go to it, and everything is checked before any compute.
     """
-    from lmatlas.edit.generation import prompt_ids
+    from lmatlas.infer.compose import generate
+    from lmatlas.infer.decoding.strategies import Dola
 
-    candidate_layers(model.hf, premature_layers)
-    if kwargs.get("num_beams", 1) != 1:
-        raise InputError("DoLa decodes greedily: beam search (num_beams > 1) is not supported.")
-    batch = prompt_ids(model, prompt, chat) if chat else model.tokenize(prompt)
-    trace = DolaTrace()
-    pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else model.tokenizer.eos_token_id
-    with torch.no_grad():
-        out = model.hf.generate(**batch, custom_generate=dola_generate, premature_layers=premature_layers,
-                                relative_top=relative_top, dola_trace=trace, repetition_penalty=repetition_penalty,
-                                do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=pad, **kwargs)
-    new = out[0, batch["input_ids"].shape[1]:].tolist()
-    return {"text": model.tokenizer.decode(new, skip_special_tokens=True), "token_ids": new,
-            "premature_layers": [step[0] for step in trace.layers], "candidates": trace.candidates}
+    strategy = Dola(premature_layers, relative_top, repetition_penalty)
+    out = generate(model, prompt, max_new_tokens, strategy=strategy, chat=chat, **kwargs).first()
+    return {"text": out.text, "token_ids": out.token_ids, **out.report}

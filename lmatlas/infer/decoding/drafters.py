@@ -17,6 +17,7 @@ A drafter has ``check(hf)`` (raise before any compute if it cannot serve this mo
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -111,21 +112,57 @@ class Heads:
         return self.heads.propose(state.hf, state.hidden, k, self.min_prob)
 
 
-DRAFTERS = ("prompt-lookup", "early-exit", "heads")
+def _build_prompt_lookup(model: Any, layers: int | None, heads_path: str | None, min_prob: float) -> PromptLookup:
+    return PromptLookup()
+
+
+def _build_early_exit(model: Any, layers: int | None, heads_path: str | None, min_prob: float) -> EarlyExit:
+    return EarlyExit(layers if layers is not None else max(1, model.layout.n_layers - 2))
+
+
+def _build_heads(model: Any, layers: int | None, heads_path: str | None, min_prob: float) -> Heads:
+    from lmatlas.infer.decoding.draft_heads import load_draft_heads
+
+    return Heads(load_draft_heads(model, heads_path), min_prob)
+
+
+def _any_cache(kv: Any) -> str | None:
+    return None
+
+
+def _no_snapkv(kv: Any) -> str | None:
+    from lmatlas.infer.snap import SnapPlan
+
+    if not isinstance(kv, SnapPlan):
+        return None
+    return ("The early-exit drafter writes its drafts into the first layers' caches while SnapKV's compression of "
+            "the prompt is still deferred, and SnapKV cannot roll those writes back: use --drafter prompt-lookup or "
+            "heads with --kv-snap.")
+
+
+@dataclass(frozen=True)
+class DrafterKind:
+    """A drafter by name: how to build it and which KV policies it refuses (``refuses(kv) -> reason | None``)."""
+
+    build: Any
+    refuses: Any
+    summary: str
+
+
+#: Every drafter by name (the table the CLI's ``--drafter`` choices are read from).
+DRAFTERS = MappingProxyType({
+    "prompt-lookup": DrafterKind(_build_prompt_lookup, _any_cache, "n-gram lookup in the prompt and the text so far"),
+    "early-exit": DrafterKind(_build_early_exit, _no_snapkv, "the model's first layers read early"),
+    "heads": DrafterKind(_build_heads, _any_cache, "Medusa-1 draft heads trained on the model's own answers"),
+})
 
 
 def make_drafter(model: Any, name: str, *, layers: int | None = None, heads_path: str | None = None,
                  min_prob: float = 0.0) -> Any:
     """A drafter by name (``prompt-lookup``, ``early-exit``, ``heads``), checked against ``model``."""
-    if name == "prompt-lookup":
-        drafter = PromptLookup()
-    elif name == "early-exit":
-        drafter = EarlyExit(layers if layers is not None else max(1, model.layout.n_layers - 2))
-    elif name == "heads":
-        from lmatlas.infer.decoding.draft_heads import load_draft_heads
-
-        drafter = Heads(load_draft_heads(model, heads_path), min_prob)
-    else:
+    kind = DRAFTERS.get(name)
+    if kind is None:
         raise InputError(f"Unknown drafter {name!r}: use one of {', '.join(DRAFTERS)}.")
+    drafter = kind.build(model, layers, heads_path, min_prob)
     drafter.check(model.hf)
     return drafter

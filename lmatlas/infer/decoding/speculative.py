@@ -89,13 +89,14 @@ class _NormTap:
 
 def speculative_generate(
     model: Any, input_ids: torch.Tensor, drafter: Any, max_new_tokens: int = 32, draft_len: int = 4,
-    eos_token_ids: Sequence[int] | None = None,
+    eos_token_ids: Sequence[int] | None = None, cache: Any = None,
 ) -> SpeculativeResult:
     """Greedy decoding of one prompt ``input_ids`` ``[1, pos]`` with drafts from ``drafter``.
 
     ``drafter.propose(state, k) -> list[int]`` returns at most ``k`` tokens (see
     :mod:`lmatlas.infer.decoding.drafters`). Stops after ``max_new_tokens`` or an end token
-    (``eos_token_ids``, default the model's ``generation_config.eos_token_id``).
+    (``eos_token_ids``, default the model's ``generation_config.eos_token_id``). ``cache``: an
+    empty cache to decode with (a KV policy's; it must roll back with ``crop``), default a ``DynamicCache``.
     """
     from transformers import DynamicCache
 
@@ -111,7 +112,7 @@ def speculative_generate(
     start = time.perf_counter()
     ids = input_ids[0].tolist()
     prompt_len = len(ids)
-    cache = DynamicCache(config=hf.config)
+    cache = cache if cache is not None else DynamicCache(config=hf.config)
     result = SpeculativeResult([])
     with torch.no_grad(), _NormTap(hf) as tap:
         logits = hf(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits

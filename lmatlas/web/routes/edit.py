@@ -17,10 +17,13 @@ router = APIRouter(prefix="/api/edit", tags=["edit"], responses=MODEL_RESPONSES)
 def generate(body: editing.EditRequest, ex: Explorer = Depends(explorer)) -> dict:
     model = ex.need_model("The edit playground")
     edit = editing.build_edit(body, ex.layout)
+    heads = [f"L{row['layer']}.H{row['head']}" for row in ex.query(
+        "SELECT layer, head FROM head_scores WHERE detector = 'retrieval' ORDER BY score DESC LIMIT 10")] \
+        if body.strategy == "decore" and ex.has("head_scores") else []
 
     def work() -> dict:
         n, new = editing.check_request(model, body, ex.limits)  # tokenizes: inside the gate too
-        return editing.compare(model, body, edit, n, new)
+        return editing.compare(model, body, edit, n, new, heads)
 
     return clean(ex.gate.run(work))
 
