@@ -27,9 +27,21 @@ In one process:
    induction ``prefix_matching`` subscore (the same measurement as TransformerLens's).
 
     .venv/bin/python bench/census.py [--model smollm2-135m|gemma3-270m|tiny:<family>|DIR]
-        [--repeats 3] [--seed 0] [--no-tl] [--quick]
+        [--repeats 3] [--seed 0] [--detectors previous_token,duplicate_token,induction] [--no-tl]
+        [--quick] [--out FILE]
 
-``--quick``: tiny:llama, 1 repeat (seconds). One JSON object on stdout; progress on stderr.
+``--quick``: tiny:llama, 1 repeat (seconds). ``--detectors``: the census of step 1 runs only
+those (the agreement needs the three compared ones). One JSON object on stdout (and in
+``--out``); progress on stderr. The record says how it was taken: the command, the commit,
+torch's threads, the ``uptime`` load before and after, the library versions, and every
+head's score from both tools (``transformer_lens.scores``), so that a test can recompute the
+correlations and compare the census of the current code with the recorded one.
+
+The agreement record, ``bench/results/census_tl.json``, is made with TransformerLens
+installed beside the project (it is the ``bench`` extra)::
+
+    .venv/bin/python bench/census.py --detectors previous_token,duplicate_token,induction \
+        --out bench/results/census_tl.json
 """
 
 from __future__ import annotations
@@ -39,7 +51,9 @@ import copy
 import json
 import os
 import resource
+import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -101,6 +115,44 @@ class RssSampler:
 
 def load(name: str) -> lmatlas.Model:
     return tiny_model(name.removeprefix("tiny:")) if name.startswith("tiny:") else lmatlas.load(name)
+
+
+def uptime() -> str:
+    """``uptime``'s line: the load average of the machine (other processes slow every timing down)."""
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "load average: " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def commit() -> str | None:
+    """The checked-out commit, with ``+dirty`` when tracked files differ from it."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "lmatlas", "bench"],
+                               cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (head + ("+dirty" if dirty else "")) or None
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for dist in ("lmatlas", "torch", "transformers", "transformer-lens"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def grid(scores: torch.Tensor) -> list[list[float]]:
+    """``[layer, head]`` scores as nested lists, 6 decimals."""
+    return [[round(float(x), 6) for x in row] for row in scores.float()]
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -173,26 +225,34 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--detectors", default=None,
+                        help="comma-separated detectors for the census of step 1 (default: every registered one)")
     parser.add_argument("--no-tl", action="store_true", help="skip the TransformerLens comparison")
+    parser.add_argument("--out", default=None, help="also write the JSON here")
     parser.add_argument("--quick", action="store_true", help="tiny:llama, 1 repeat")
     args = parser.parse_args(argv)
     if args.quick:
         args.model, args.repeats = "tiny:llama", 1
 
+    uptime_before = uptime()
     started = time.perf_counter()
     model = load(args.model)
     log(f"loaded {model!r} in {time.perf_counter() - started:.1f}s; {torch.get_num_threads()} torch threads")
     load_start = os.getloadavg()[0]  # other processes on the machine slow every timing down
 
-    names = sorted(all_detectors())
+    names = sorted(args.detectors.split(",")) if args.detectors else sorted(all_detectors())
     with RssSampler() as sampler:
         started = time.perf_counter()
-        census = run_census(model, seed=args.seed, progress=lambda m: log(f"census {m}"))
+        census = run_census(model, names if args.detectors else None, seed=args.seed,
+                            progress=lambda m: log(f"census {m}"))
         census_s = time.perf_counter() - started
     rss_before = sampler.start
     log(f"full census of {len(names)} detectors: {census_s:.1f}s")
     report = {
-        "benchmark": "census", "model": args.model, "seed": args.seed, "torch_threads": torch.get_num_threads(),
+        "benchmark": "census", "model": args.model, "seed": args.seed,
+        "command": " ".join(["python", "bench/census.py", *(argv if argv is not None else sys.argv[1:])]),
+        "commit": commit(), "versions": versions(), "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(), "uptime_before": uptime_before,
         "layers": model.layout.n_layers, "heads": model.layout.n_heads,
         "load_average_1min": {"start": round(load_start, 2), "after_census": round(os.getloadavg()[0], 2)},
         "census": {
@@ -213,8 +273,15 @@ def main(argv: list[str] | None = None) -> None:
             report["transformer_lens"] = {
                 "skipped": "transformer-lens is not installed (pip install transformer-lens==4.3.0)"}
         else:
+            if not set(OURS) <= set(census.results):
+                raise SystemExit(f"the TransformerLens comparison needs the census of {OURS} (--detectors)")
             report["transformer_lens"] = compare(model, census, args)
-    print(json.dumps(report, indent=2))
+    report["uptime_after"] = uptime()
+    text = json.dumps(report, indent=2)
+    if args.out:
+        with open(args.out, "w") as handle:
+            handle.write(text + "\n")
+    print(text)
 
 
 def compare(model: lmatlas.Model, census, args) -> dict:
@@ -252,6 +319,14 @@ def compare(model: lmatlas.Model, census, args) -> dict:
                 spearman(induction.subscores["prefix_matching"]["score"], tl_scores["induction"]), 4),
         },
         "peak_rss_mb_after_tl": round(peak_rss_mb(), 1), "load_average_1min_after": round(os.getloadavg()[0], 2),
+        # every head's score, [layer][head]: the correlations above can be recomputed from these
+        "scores": {
+            "ours": {"previous_token": grid(census["previous_token"].score),
+                     "duplicate_token": grid(census["duplicate_token"].score),
+                     "induction_score": grid(induction.score),
+                     "induction_prefix_matching": grid(induction.subscores["prefix_matching"]["score"])},
+            "transformer_lens": {name: grid(tl_scores[name]) for name in OURS},
+        },
     }
 
 

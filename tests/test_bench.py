@@ -1,14 +1,30 @@
-"""The benchmarks keep running: quick runs of the trace and capture benchmarks print the JSON they promise."""
+"""The benchmarks keep running (quick runs print the JSON they promise), and the census's agreement with
+TransformerLens holds: its committed record is re-checked, and the current census is compared with it.
+
+TransformerLens is the ``bench`` extra, not installed by ``make test``: the agreement is measured by
+``bench/census.py`` with it installed and committed as ``bench/results/census_tl.json`` (every head's
+score from both tools). The tests below recompute the rank correlations from those scores, and run
+the current census on the same batteries to check that it still gives the recorded scores, so a
+change that breaks the census breaks the agreement test without TransformerLens installed.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import runpy
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pytest
+
 BENCH = Path(__file__).resolve().parent.parent / "bench"
+CENSUS_TL = BENCH / "results" / "census_tl.json"
+#: our score (key in the record) -> TransformerLens's detector it measures the same thing as
+SAME_MEASUREMENT = {"previous_token": "previous_token", "duplicate_token": "duplicate_token",
+                    "induction_prefix_matching": "induction"}
 
 
 def test_trace_benchmark_quick(capsys, monkeypatch):
@@ -31,7 +47,8 @@ def test_capture_benchmark_quick(tmp_path):
     assert report == json.loads(out.read_text())
     assert report["benchmark"] == "capture" and report["model"] == "tiny:llama"
     assert set(report["tools"]) == {"lmatlas", "hand"}
-    assert set(report["skipped"]) == {"transformer_lens", "nnsight"}
+    missing = {peer for peer in ("transformer_lens", "nnsight") if importlib.util.find_spec(peer) is None}
+    assert set(report["skipped"]) == missing  # peers run when installed (the bench extra), else say why not
     results = report["results"]
     assert results["plain_a"]["ratio"] == 1.0 and results["plain_b"]["ratio"] > 0
     n_layers = 2
@@ -72,3 +89,72 @@ def test_capture_benchmark_quick(tmp_path):
     assert [row.split(" | ")[:2] for row in rows[1:]] == [
         ["| one_kind", "lmatlas"], ["| one_kind", "hand"], ["| all", "lmatlas"], ["| all", "hand"],
         ["| common", "lmatlas"], ["| common", "hand"], ["| grad:one_kind", "lmatlas"], ["| grad:one_kind", "hand"]]
+
+
+def rank_correlation(a, b) -> float:
+    """Spearman's rho, written here: Pearson's correlation of the ranks, tied values sharing their mean rank."""
+    def ranks(x):
+        x = np.asarray(x, dtype=float).ravel()
+        order = np.argsort(x, kind="stable")
+        r = np.empty(len(x))
+        r[order] = np.arange(len(x), dtype=float)
+        for value in np.unique(x):
+            r[x == value] = r[x == value].mean()
+        return r - r.mean()
+
+    ra, rb = ranks(a), ranks(b)
+    return float((ra * rb).sum() / np.sqrt((ra**2).sum() * (rb**2).sum()))
+
+
+def test_rank_correlation():
+    assert rank_correlation([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert rank_correlation([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert rank_correlation([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(0.9486833)  # scipy.stats.spearmanr
+
+
+def census_tl_record() -> dict:
+    record = json.loads(CENSUS_TL.read_text())
+    assert record["benchmark"] == "census" and record["model"] == "smollm2-135m"
+    assert record["command"].startswith("python bench/census.py") and record["commit"]
+    assert "load average" in record["uptime_before"] and "load average" in record["uptime_after"]
+    assert record["versions"]["transformer-lens"] == "4.3.0" and record["torch_threads"] >= 1
+    return record
+
+
+def test_census_agrees_with_transformer_lens_in_the_record():
+    """Recorded on SmolLM2-135M: every head's score from our census and from TransformerLens's
+    ``detect_head`` on the same token ids; the rank correlations are recomputed here."""
+    record = census_tl_record()
+    tl = record["transformer_lens"]
+    ours, theirs = tl["scores"]["ours"], tl["scores"]["transformer_lens"]
+    shape = (record["layers"], record["heads"])
+    assert shape == (30, 9)
+    for key, value in ours.items():
+        assert np.asarray(value).shape == shape, key
+    for key, their_name in {**SAME_MEASUREMENT, "induction_score": "induction"}.items():
+        rho = rank_correlation(ours[key], theirs[their_name])
+        assert rho == pytest.approx(tl["spearman"][key], abs=1e-3), key
+    for key, their_name in SAME_MEASUREMENT.items():  # the same measurement: the heads rank alike
+        assert rank_correlation(ours[key], theirs[their_name]) > 0.9, key
+    # our induction score multiplies prefix matching by copying, which TransformerLens does not measure
+    assert 0.5 < tl["spearman"]["induction_score"] < tl["spearman"]["induction_prefix_matching"]
+
+
+@pytest.mark.slow
+def test_the_current_census_gives_the_recorded_scores(smollm2):
+    """The census of the current code, on the record's batteries (same model, same seed), gives the recorded
+    scores, so it still ranks the heads as TransformerLens did."""
+    from lmatlas.census.run import run_census
+
+    record = census_tl_record()
+    tl = record["transformer_lens"]
+    census = run_census(smollm2, ["previous_token", "duplicate_token", "induction"], seed=record["seed"],
+                        progress=False)
+    now = {"previous_token": census["previous_token"].score, "duplicate_token": census["duplicate_token"].score,
+           "induction_score": census["induction"].score,
+           "induction_prefix_matching": census["induction"].subscores["prefix_matching"]["score"]}
+    for key, scores in now.items():
+        scores = np.asarray(scores, dtype=float)
+        np.testing.assert_allclose(scores, np.asarray(tl["scores"]["ours"][key]), atol=1e-4, err_msg=key)
+    for key, their_name in SAME_MEASUREMENT.items():
+        assert rank_correlation(now[key], tl["scores"]["transformer_lens"][their_name]) > 0.9, key
