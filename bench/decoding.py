@@ -48,7 +48,7 @@ from lmatlas.infer.decoding.decore import random_heads, retrieval_heads
 from lmatlas.infer.decoding.dola import candidate_layers, js_divergence
 from lmatlas.infer.decoding.draft_heads import DraftHeadsError, load_draft_heads
 from lmatlas.infer.decoding.drafters import EarlyExit, Heads, PromptLookup
-from lmatlas.infer.decoding.readout import LayerTap, exit_logits
+from lmatlas.model.readout import LayerTap, exit_logits
 from lmatlas.infer.decoding.speculative import speculative_generate
 
 from intervals import wilson  # noqa: E402  (bench/ is on the path when a benchmark runs)

@@ -33,7 +33,7 @@ from transformers import DynamicCache
 
 import lmatlas
 from lmatlas.infer.decoding.dola import candidate_layers, contrast, js_divergence
-from lmatlas.infer.decoding.readout import LayerTap, blocks_of, exit_logits
+from lmatlas.model.readout import LayerTap, blocks_of, exit_logits
 from lmatlas.infer.decoding.speculative import crop_to
 
 TARGET = 1.2

@@ -38,4 +38,4 @@ def __getattr__(name: str) -> Any:
     return getattr(importlib.import_module(module), name)
 
 
-__all__ = sorted(_LAZY)
+__all__ = ["HeadwiseCache", "KVPlan", "SnapCache", "SnapPlan", "make_cache", "make_plan", "plan_from_heads"]

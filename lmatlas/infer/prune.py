@@ -57,24 +57,14 @@ def heads_by_layer(model: "Model", heads: Iterable[str] | Mapping[int, Iterable[
 
 @contextmanager
 def masked_heads(model: "Model", heads: Iterable[str] | Mapping[int, Iterable[int]]) -> Iterator[None]:
-    """Zero the named query heads' outputs (``attn.z``, before ``W_O``) inside the block."""
+    """Zero the named query heads' outputs (``attn.z``, before ``W_O``) inside the block: an
+    :class:`~lmatlas.edit.Ablate` edit per head, the one way lmatlas zeroes a head."""
+    from lmatlas.edit import Ablate, Edit
+
     chosen = heads_by_layer(model, heads)
-    d = model.layout.d_head
-    handles = []
-    for layer, hs in chosen.items():
-        columns = torch.tensor([h * d + i for h in sorted(hs) for i in range(d)])
-
-        def zero(module, args, kwargs, columns=columns):
-            z = args[0].clone()
-            z[..., columns.to(z.device)] = 0
-            return (z, *args[1:]), kwargs
-
-        handles.append(get_path(model.blocks[layer], model.spec.o).register_forward_pre_hook(zero, with_kwargs=True))
-    try:
+    edit = Edit(tuple(Ablate(f"L{layer}.H{head}") for layer, hs in sorted(chosen.items()) for head in sorted(hs)))
+    with model.edit(edit):
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @dataclass

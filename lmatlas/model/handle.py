@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping, Sequence, Union
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence, Union
 
 import torch
 from torch import nn
@@ -28,6 +28,9 @@ from lmatlas.model.provenance import Provenance
 from lmatlas.model.replacement import BoundReplacement, Replacement
 from lmatlas.model.sites import COMPONENTS, Site, check_layer, parse_sites
 from lmatlas.model.weights import ModelWeights
+
+if TYPE_CHECKING:
+    from lmatlas.model.edited import EditedModel
 
 Inputs = Union[str, Sequence[str], torch.Tensor, Mapping[str, torch.Tensor]]
 SiteNames = Union[str, Site, Iterable[Union[str, Site]]]

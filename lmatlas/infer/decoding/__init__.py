@@ -1,6 +1,5 @@
 """Decoding with the map: contrastive decoding (DoLa, DeCoRe) and speculative decoding.
 
-* :mod:`~lmatlas.infer.decoding.readout` — early-exit logits of any layer (final norm + unembedding);
 * :mod:`~lmatlas.infer.decoding.loop` — the greedy loop every contrastive strategy shares;
 * :mod:`~lmatlas.infer.decoding.dola` — DoLa as a ``custom_generate`` callable and ``generate_dola``;
 * :mod:`~lmatlas.infer.decoding.decore` — DeCoRe (retrieval heads masked by an edit) and its control;

@@ -4,7 +4,7 @@ For token sequences (the model's own greedy continuations of some prompts, or an
 text), teacher-forced once:
 
 * **early exit** at layer ``l``: the argmax of ``final_norm(h_l) @ W_U``
-  (:func:`~lmatlas.infer.decoding.readout.exit_logits`) against the full model's argmax,
+  (:func:`~lmatlas.model.readout.exit_logits`) against the full model's argmax,
   at every position: the agreement ``a_l``;
 * **layer skipping**: the same with a set of blocks bypassed (their attention and MLP
   writes zeroed, so the stream passes them unchanged), e.g. the least important blocks of
@@ -26,7 +26,7 @@ import torch
 
 from lmatlas.errors import InputError
 from lmatlas.model.generation import pad_token_id
-from lmatlas.infer.decoding.readout import LayerTap, exit_logits
+from lmatlas.model.readout import LayerTap, exit_logits
 
 
 def implied_speedup(agreement: float, cost: float, max_draft: int = 8) -> tuple[float, int]:

@@ -75,7 +75,7 @@ def stop_ids(model: Any) -> set[int]:
 
 def continuations(model: Any, prompts: Sequence[Sequence[int]], new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(hidden [n, pos, d_model], tokens [n, pos])`` for a batch of prompts (see the module docstring)."""
-    from lmatlas.infer.decoding.speculative import _NormTap
+    from lmatlas.model.readout import FinalNormTap
 
     hf = model.hf
     pad = pad_token_id(model.tokenizer)
@@ -90,7 +90,7 @@ def continuations(model: Any, prompts: Sequence[Sequence[int]], new_tokens: int)
                           max_new_tokens=new_tokens, pad_token_id=pad).cpu()
         full = torch.cat([mask, torch.ones((len(prompts), out.shape[1] - width), dtype=torch.long)], 1)
         positions = (full.cumsum(-1) - 1).clamp(min=0)
-        with _NormTap(hf) as tap:
+        with FinalNormTap(hf) as tap:
             hf(input_ids=out.to(model.device), attention_mask=full.to(model.device),
                position_ids=positions.to(model.device), use_cache=False)
         hidden = tap.value.float().cpu()

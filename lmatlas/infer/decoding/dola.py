@@ -1,7 +1,7 @@
 """DoLa: Decoding by Contrasting Layers (Chuang et al., 2023).
 
 At each step, with ``q_j`` the next-token distribution read from layer ``j``
-(:mod:`lmatlas.infer.decoding.readout`) and ``N`` the final layer:
+(:mod:`lmatlas.model.readout`) and ``N`` the final layer:
 
 1. **Premature layer**: among the candidate layers of a bucket, the one whose
    distribution is farthest from the final one,
@@ -41,7 +41,7 @@ from torch import nn
 
 from lmatlas.errors import InputError
 from lmatlas.infer.decoding.loop import check_greedy, greedy_loop
-from lmatlas.infer.decoding.readout import LayerTap, exit_logits, n_layers_of, ties_embeddings
+from lmatlas.model.readout import LayerTap, exit_logits, n_layers_of, ties_embeddings
 
 Layers = Union[str, Sequence[int], None]
 

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from lmatlas.errors import InputError
-from lmatlas.infer.decoding.readout import blocks_of, exit_logits
+from lmatlas.model.readout import blocks_of, exit_logits, first_blocks
 
 
 @dataclass
@@ -50,10 +50,6 @@ class PromptLookup:
         return []
 
 
-class _Stop(Exception):
-    pass
-
-
 @dataclass
 class EarlyExit:
     """Draft with the first ``layers`` blocks (their KV cache is the full model's; the verifying
@@ -71,27 +67,12 @@ class EarlyExit:
 
     def propose(self, state: Any, k: int) -> list[int]:
         hf = state.hf
-        block = blocks_of(hf)[self.layers - 1]
-        kept: dict[str, torch.Tensor] = {}
-
-        def stop(module, args, output):
-            kept["h"] = output[0] if isinstance(output, tuple) else output
-            raise _Stop
-
         out: list[int] = []
         token = state.ids[-1]
-        handle = block.register_forward_hook(stop)
-        try:
-            for _ in range(k):
-                try:
-                    hf.base_model(input_ids=torch.tensor([[token]], device=hf.device),
-                                  past_key_values=state.cache, use_cache=True)
-                except _Stop:
-                    pass
-                token = int(exit_logits(hf, kept["h"][0, -1]).argmax())
-                out.append(token)
-        finally:
-            handle.remove()
+        for _ in range(k):
+            hidden = first_blocks(hf, torch.tensor([[token]], device=hf.device), state.cache, self.layers)
+            token = int(exit_logits(hf, hidden[0, -1]).argmax())
+            out.append(token)
         return out
 
 

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from lmatlas.errors import InputError
-from lmatlas.infer.decoding.readout import final_norm_of
+from lmatlas.model.readout import FinalNormTap
 
 
 @dataclass
@@ -69,24 +69,6 @@ class SpeculativeResult:
                 "seconds": self.seconds, "tokens_per_s": len(self.token_ids) / max(self.seconds, 1e-9)}
 
 
-class _NormTap:
-    """Keeps the final norm's output ``[batch, pos, d_model]`` of the last forward."""
-
-    def __init__(self, hf: nn.Module):
-        self.norm = final_norm_of(hf)
-        self.value: torch.Tensor | None = None
-
-    def __enter__(self):
-        self.handle = self.norm.register_forward_hook(self._keep)
-        return self
-
-    def _keep(self, module, args, output):
-        self.value = output
-
-    def __exit__(self, *exc):
-        self.handle.remove()
-
-
 def speculative_generate(
     model: Any, input_ids: torch.Tensor, drafter: Any, max_new_tokens: int = 32, draft_len: int = 4,
     eos_token_ids: Sequence[int] | None = None, cache: Any = None,
@@ -114,7 +96,7 @@ def speculative_generate(
     prompt_len = len(ids)
     cache = cache if cache is not None else DynamicCache(config=hf.config)
     result = SpeculativeResult([])
-    with torch.no_grad(), _NormTap(hf) as tap:
+    with torch.no_grad(), FinalNormTap(hf) as tap:
         logits = hf(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
         token = int(logits[0, -1].argmax())
         hidden = tap.value[0, -1]

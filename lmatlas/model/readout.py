@@ -1,4 +1,4 @@
-"""Early-exit readouts: the residual stream entering block ``l`` read as next-token logits.
+"""Early-exit readouts and the taps that feed them: the residual stream read as next-token logits.
 
 The convention is the one of the DoLa paper and its code: "layer ``l``" is the hidden
 state after the first ``l`` blocks (``l = 0``: the embeddings, ``l = n_layers``: the
@@ -15,6 +15,11 @@ identity and says nothing about the input).
 forward pre-hooks on the blocks (plain PyTorch hooks, so it works inside any
 ``generate``, including transformers' own loop), and :func:`exit_logits` reads several
 layers in one matmul (``[n, d_model] @ W_U``: the unembedding is read from memory once).
+:class:`FinalNormTap` keeps the final norm's output (what the unembedding reads), and
+:func:`first_blocks` runs only the first blocks of the model (an early-exit drafter).
+
+These are lmatlas's decoding taps: they live in the model layer because they hook the
+native modules (decoding strategies, drafters and benchmarks use them, never raw hooks).
 """
 
 from __future__ import annotations
@@ -93,3 +98,48 @@ class LayerTap:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+
+class FinalNormTap:
+    """Keeps the final norm's output ``[batch, pos, d_model]`` of the last forward (``tap.value``)."""
+
+    def __init__(self, hf: nn.Module):
+        self.norm = final_norm_of(hf)
+        self.value: torch.Tensor | None = None
+        self._handle: Any = None
+
+    def __enter__(self) -> "FinalNormTap":
+        self._handle = self.norm.register_forward_hook(self._keep)
+        return self
+
+    def _keep(self, module, args, output) -> None:
+        self.value = output
+
+    def __exit__(self, *exc) -> None:
+        self._handle.remove()
+
+
+class _StopAfterBlock(Exception):
+    """Raised by the hook on the last block :func:`first_blocks` runs."""
+
+
+def first_blocks(hf: nn.Module, input_ids: torch.Tensor, cache: Any, n_blocks: int) -> torch.Tensor:
+    """``[batch, pos, d_model]``: the output of block ``n_blocks - 1`` (the blocks after it never run).
+
+    The first ``n_blocks`` layers of ``cache`` receive this forward's keys and values, as in
+    a full forward (an early-exit drafter shares the verifier's cache this way).
+    """
+    kept: dict[str, torch.Tensor] = {}
+
+    def stop(module, args, output):
+        kept["h"] = output[0] if isinstance(output, tuple) else output
+        raise _StopAfterBlock
+
+    handle = blocks_of(hf)[n_blocks - 1].register_forward_hook(stop)
+    try:
+        hf.base_model(input_ids=input_ids, past_key_values=cache, use_cache=True)
+    except _StopAfterBlock:
+        pass
+    finally:
+        handle.remove()
+    return kept["h"]
