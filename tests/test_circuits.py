@@ -11,6 +11,7 @@ import lmatlas
 from lmatlas.causal import load_task, logit_diff
 from lmatlas.causal.circuits import edge_attribution, nodes
 from lmatlas.causal.diagram import circuit_svg
+from lmatlas.causal.edge_run import EdgeRunner
 from lmatlas.causal.faithfulness import circuit_nodes, find_circuit, run_circuit
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "induction_model"
@@ -32,17 +33,35 @@ def test_the_induction_circuit_is_found(setup):
     for head in ("L0.H0", "L0.H2", "L0.H3"):  # the other layer-0 heads do nothing here
         row = graph.scores[graph.sources.index(head)]
         assert float(torch.nan_to_num(row, nan=0.0).abs().max()) < 0.25 * biggest
-    circuit = find_circuit(model, task, graph, target=0.8)
+    circuit = find_circuit(model, task, graph, target=0.8, granularity="nodes", verify=0)
     heads = {n for n in circuit.nodes if ".H" in n}
+    assert circuit.granularity == "nodes" and circuit.to_dict()["granularity"] == "nodes"
     assert {"L0.H1", "L1.H2"} <= heads and not heads & {"L0.H0", "L0.H2", "L0.H3"}
     assert circuit.faithfulness >= 0.8 and 0.8 < circuit.cpr <= 1.05 and circuit.cmd < 0.2
     assert circuit.curve[-1]["faithfulness"] == pytest.approx(1.0, abs=1e-4)  # every node kept = the model
 
 
+def test_edge_by_edge_the_induction_circuit_needs_its_key_edge(setup):
+    """Run edge by edge (the default), the few edges the node run called faithful are not enough."""
+    model, task = setup
+    graph = edge_attribution(model, task)
+    nodes = find_circuit(model, task, graph, target=0.8, granularity="nodes", verify=0)
+    circuit = find_circuit(model, task, graph, target=0.8, verify=20)
+    assert circuit.granularity == "edges" and circuit.faithfulness >= 0.8
+    assert ("L0.H1", "L1.KV2.k") in {(s, t) for s, t, _ in circuit.edges}
+    assert len(circuit.edges) > len(nodes.edges)
+    runner = EdgeRunner(model, task, logit_diff(task.answer, task.wrong))
+    kept = float(runner.faithfulness(runner.index.mask(nodes.edges)))
+    assert kept < 0.5 < nodes.faithfulness  # the node run's edges, run edge by edge, keep less than half
+    assert circuit.curve[-1]["faithfulness"] == pytest.approx(1.0, abs=1e-4)  # every edge kept = the model
+    check = circuit.verification
+    assert len(check["exact"]) == 20 and -1 <= check["spearman"] <= 1 and check["max_abs_error"] >= 0
+
+
 def test_eap_ig_finds_the_same_heads(setup):
     model, task = setup
-    circuit = find_circuit(model, task, edge_attribution(model, task, steps=4), target=0.8)
-    assert {"L0.H1", "L1.H2"} <= set(circuit.nodes)
+    circuit = find_circuit(model, task, edge_attribution(model, task, steps=4), target=0.8, verify=0)
+    assert {"L0.H1", "L1.H2"} <= set(circuit.nodes) and circuit.faithfulness >= 0.8
 
 
 def test_edges_respect_the_order_of_computation(llama):
@@ -75,7 +94,7 @@ def test_kv_edges_bring_their_query_heads(llama):
 
 def test_the_diagram_is_an_svg_of_the_circuit(setup):
     model, task = setup
-    circuit = find_circuit(model, task, edge_attribution(model, task), target=0.8)
+    circuit = find_circuit(model, task, edge_attribution(model, task), target=0.8, verify=0)
     svg = circuit_svg(circuit, model.layout.n_layers)
     assert svg.startswith("<svg") and svg.rstrip().endswith("</svg>")
     for node in circuit.nodes:

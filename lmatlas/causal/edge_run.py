@@ -164,7 +164,7 @@ class EdgeRunner:
         cache = self.model.run(tokens, replace=state.replacements())
         batch = self.task.clean.shape[0]
         logits = cache.logits.view(masks.shape[0], plan.n_copies, batch, *cache.logits.shape[1:])[:, 0]
-        return torch.stack([self.metric_fn(logits[k]).float().mean() for k in range(masks.shape[0])]).cpu()
+        return torch.stack([self.metric_fn(logits[k]).double().mean() for k in range(masks.shape[0])]).cpu()
 
 
 class _RunState:
@@ -176,7 +176,9 @@ class _RunState:
 
     def __init__(self, runner: EdgeRunner, masks: torch.Tensor, plan: _Plan, extra: torch.Tensor,
                  patch: torch.Tensor | None):
-        self.r, self.masks, self.plan, self.extra = runner, masks.float(), plan, extra
+        self.r, self.plan = runner, plan
+        self.masks, self.extra = masks.to(runner.exact), extra.to(runner.exact)
+        plan.copies = [c.to(runner.exact) for c in plan.copies]
         self.K, self.C = masks.shape[0], plan.n_copies
         embed = torch.zeros_like(runner.embed_delta) if patch is not None else runner.embed_delta
         self.deltas: list[torch.Tensor] = [embed.unsqueeze(0).expand(self.K, -1, -1, -1)]
