@@ -1,6 +1,6 @@
 """Edit the model: interventions as values, composed into edits, applied to any forward or ``generate``.
 
-* :mod:`lmatlas.edit.targets` — what an intervention acts on (``L5.H3``, ``L12.N1031``, sites, ``@positions``);
+* :mod:`lmatlas.model.targets` — what an intervention acts on (``L5.H3``, ``L12.N1031``, sites, ``@positions``);
 * :mod:`lmatlas.edit.interventions` — Ablate, Scale, Set, Add, Project, Patch, Learned;
 * :mod:`lmatlas.edit.edit` — :class:`Edit` (``|``), save / load;
 * :mod:`lmatlas.edit.stats` — means and resample banks for mean/resample ablation;

@@ -14,7 +14,7 @@ intervention                               new value of the target slice ``x``
 ``Learned(t, module)``                     ``module(x)`` (trainable: gradients reach its parameters)
 =========================================  ==============================================
 
-``t`` is a target string (:mod:`lmatlas.edit.targets`). ``steps`` chooses the forward
+``t`` is a target string (:mod:`lmatlas.model.targets`). ``steps`` chooses the forward
 calls an intervention acts on: ``None`` (all), ``"prompt"`` (the prompt forward only),
 ``"generated"`` (decoding steps only) or ``(start, stop)`` generation steps. Combine
 interventions with ``|`` into an :class:`~lmatlas.edit.edit.Edit`.
@@ -32,7 +32,7 @@ from lmatlas.errors import EditError
 from lmatlas.model.positions import HookContext
 from lmatlas.model.replacement import BoundReplacement
 
-from lmatlas.edit.targets import Target, parse_target
+from lmatlas.model.targets import Target, parse_target
 
 if TYPE_CHECKING:
     from lmatlas.edit.stats import AblationStats
@@ -132,8 +132,7 @@ class BoundTarget:
         return stats_for(self.model)
 
     def replacement(self, site) -> Callable:
-        index, steps = self.target.index, self.intervention.steps
-        axis = 2 if self.target.kind == "head" else -1
+        index, axis, steps = self.target.index, self.target.axis, self.intervention.steps
 
         def replace(value: torch.Tensor, ctx: HookContext) -> torch.Tensor | None:
             if not _acts_at(steps, ctx.step):
@@ -288,7 +287,7 @@ class Patch(Intervention):
                             f"position {int(rows.max())} was asked.")
         picked = full.index_select(1, rows)
         if bound.target.index is not None:
-            picked = picked.select(2 if bound.target.kind == "head" else -1, bound.target.index)
+            picked = picked.select(bound.target.axis, bound.target.index)
         if picked.shape != x.shape:
             raise EditError(f"Patch({self.target!r}): source slice {tuple(picked.shape)} does not match "
                             f"{tuple(x.shape)} (same batch size and prompt as the source run?).")
