@@ -21,7 +21,7 @@ import torch
 
 from lmatlas.edit.interventions import INTERVENTIONS, Intervention
 from lmatlas.errors import EditError
-from lmatlas.model.provenance import weights_fingerprint
+from lmatlas.model.provenance import check_made_for, identity
 from lmatlas.model.replacement import BoundReplacement
 
 if TYPE_CHECKING:
@@ -99,10 +99,7 @@ class Edit:
                 else:
                     params[f.name] = list(value) if isinstance(value, tuple) else value
             items.append({"type": type(intervention).__name__, **params})
-        card = model.card()
-        document = {"format": FORMAT, "model": {"source": card["source"], "file_sha256": card["file_sha256"],
-                                                "weights": weights_fingerprint(model.hf),
-                                                "family": card["family"], "layers": card["layers"]},
+        document = {"format": FORMAT, "model": {**identity(model), "family": model.family},
                     "interventions": items}
         if tensors:
             document["tensors"] = path.with_suffix(".safetensors").name
@@ -122,12 +119,8 @@ class Edit:
             raise EditError(f"Cannot read edit file {path}: {error}.") from None
         if not isinstance(document, dict) or document.get("format") != FORMAT:
             raise EditError(f"{path} is not an lmatlas edit file (expected format {FORMAT!r}).")
-        card, saved = model.card(), document.get("model", {})
-        mine = weights_fingerprint(model.hf)
-        if saved.get("file_sha256") != card["file_sha256"] or saved.get("weights") != mine:
-            raise EditError(f"{path} was made for {saved.get('source')!r} (weights {saved.get('weights')}), "
-                            f"not {card['source']!r} (weights {mine}): an edit names heads and neurons of one "
-                            "model and does not transfer.")
+        check_made_for(document.get("model", {}), model, str(path), EditError,
+                       "an edit names heads and neurons of one model and does not transfer.")
         tensors = load_file(str(path.with_name(document["tensors"]))) if document.get("tensors") else {}
         interventions = []
         for item in document.get("interventions", []):

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from lmatlas.model.provenance import check_made_for
 from lmatlas.errors import EditError
 from lmatlas.model.sites import Site
 
@@ -86,12 +87,8 @@ def stats_for(model: "Model", texts: list[str] | None = None) -> AblationStats:
 def stats_from_atlas(atlas, model: "Model") -> AblationStats:
     """Statistics whose neuron means come from ``atlas`` (refused if the atlas maps another model)."""
     card = atlas.card()
-    mine = model.card()
-    theirs_hash, my_hash = card.get("file_sha256"), mine.get("file_sha256")
-    if (theirs_hash and my_hash and theirs_hash != my_hash) or card.get("layers") != mine["layers"] or \
-            card.get("neurons_per_layer") != mine["neurons_per_layer"]:
-        raise EditError(f"The atlas maps {card.get('source')!r} ({theirs_hash}), not this model "
-                        f"({mine['source']!r}, {my_hash}): use the atlas built for this model.")
+    check_made_for(card, model, f"The atlas {getattr(atlas, 'path', '')}".rstrip(), EditError,
+                   "use the atlas built for this model.")
     stats = AblationStats(model, corpus_ids(model), f"atlas {card.get('source')}")
     table = atlas.sql("SELECT layer, neuron, mean FROM neuron_stats ORDER BY layer, neuron").to_pydict()
     lay = model.layout

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 
+from lmatlas.model.provenance import check_made_for
 from lmatlas.errors import AtlasError, LmatlasError
 from lmatlas.infer.plan import KVPlan, choosable_layers, check_window, make_plan
 
@@ -91,16 +92,8 @@ def from_census(model: "Model", census: "Census", budget: float, detectors: Sequ
 
 
 def check_atlas_model(atlas, model: "Model") -> None:
-    card, mine = atlas.card, model.card()
-    keys = ("model_type", "layers", "query_heads", "kv_heads", "vocab")
-    mismatch = {k: (card.get(k), mine.get(k)) for k in keys if card.get(k) != mine.get(k)}
-    if card.get("file_sha256") and mine.get("file_sha256") and card["file_sha256"] != mine["file_sha256"]:
-        mismatch["file_sha256"] = (card["file_sha256"][:12], mine["file_sha256"][:12])
-    if mismatch:
-        raise AtlasError(
-            f"{atlas.path} is the atlas of another model ({card.get('source')}), not of {model.provenance.source}. "
-            f"Differences (atlas, model): {mismatch}. Build this model's atlas with `lmatlas map`."
-        )
+    check_made_for(atlas.card, model, f"The atlas {atlas.path}", AtlasError,
+                   "build this model's atlas with `lmatlas map`.")
 
 
 def atlas_scores(model: "Model", path: str | Path, detectors: Sequence[str] = DEFAULT_DETECTORS) -> torch.Tensor:

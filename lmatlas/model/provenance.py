@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 
 def weights_fingerprint(module) -> str:
@@ -50,3 +51,44 @@ class Provenance:
         if self._sha256 is None and self.file:
             self._sha256 = sha256_file(self.file)
         return self._sha256
+
+
+#: The card fields that say which model a file was made for: family, sizes and the weights.
+IDENTITY = ("model_type", "layers", "query_heads", "kv_heads", "neurons_per_layer", "vocab")
+
+
+def identity(model: Any) -> dict[str, Any]:
+    """What a file lmatlas writes records of its model: the card's :data:`IDENTITY` fields, the source,
+    the weights file's SHA-256 and a weights fingerprint (:func:`weights_fingerprint`)."""
+    card = model.card()
+    return {"source": card.get("source"), **{key: card.get(key) for key in IDENTITY},
+            "file_sha256": card.get("file_sha256"), "weights": weights_fingerprint(model.hf)}
+
+
+def differences(recorded: dict[str, Any], model: Any) -> dict[str, tuple[Any, Any]]:
+    """``{field: (recorded, this model's)}`` for every identity field that differs.
+
+    A field the record lacks is not compared (older files record fewer). The weights are
+    compared by the file's SHA-256 when both sides have one (the same checkpoint in another
+    dtype is the same model), else by the weights fingerprint (in-memory and tiny models).
+    """
+    mine = identity(model)
+    out = {key: (recorded[key], mine[key]) for key in IDENTITY
+           if recorded.get(key) is not None and recorded[key] != mine[key]}
+    if recorded.get("file_sha256") and mine["file_sha256"]:
+        if recorded["file_sha256"] != mine["file_sha256"]:
+            out["file_sha256"] = (recorded["file_sha256"][:12], mine["file_sha256"][:12])
+    elif recorded.get("weights") and recorded["weights"] != mine["weights"]:
+        out["weights"] = (recorded["weights"], mine["weights"])
+    return out
+
+
+def check_made_for(recorded: dict[str, Any], model: Any, what: str, error: type[Exception], fix: str) -> None:
+    """Refuse a file made for another model: ``what`` names the file, ``fix`` says what to do instead.
+
+    The one check behind atlases, edits, draft heads and the explorer (see :func:`differences`).
+    """
+    mismatch = differences(recorded, model)
+    if mismatch:
+        raise error(f"{what} was made for another model ({recorded.get('source')!r}, not {model.provenance.source!r}; "
+                    f"differences, recorded vs this model: {mismatch}): {fix}")

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmatlas.errors import InputError, LmatlasError
-from lmatlas.model.provenance import weights_fingerprint
+from lmatlas.model.provenance import check_made_for, weights_fingerprint
 
 _log = logging.getLogger(__name__)
 FORMAT = "lmatlas-draft-heads/1"
@@ -162,12 +162,9 @@ def load_draft_heads(model: Any, path: str | Path | None = None) -> DraftHeads:
         raise DraftHeadsError(f"{path} is not a draft-heads file ({error}).") from None
     if meta.get("format") != FORMAT:
         raise DraftHeadsError(f"{path} is not a draft-heads file (format {meta.get('format')!r}).")
-    card = model.card()
-    if meta.get("file_sha256") != str(card.get("file_sha256")) or meta.get("weights") != weights_fingerprint(model.hf):
-        raise DraftHeadsError(
-            f"{path} holds draft heads trained for another model ({meta.get('source')}, file hash "
-            f"{meta.get('file_sha256')}); this model's card hash is {card.get('file_sha256')}. Train heads for it "
-            f"with `lmatlas train-draft-heads MODEL`.")
+    recorded = {**meta, "file_sha256": None if meta.get("file_sha256") in ("", "None") else meta.get("file_sha256")}
+    check_made_for(recorded, model, str(path), DraftHeadsError,
+                   "train heads for it with `lmatlas train-draft-heads MODEL`.")
     heads = DraftHeads(weight.shape[0], weight.shape[-1], meta={**meta, "train": json.loads(meta.get("train", "{}"))},
                        vocab=vocab)
     with torch.no_grad():
