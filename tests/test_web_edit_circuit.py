@@ -258,10 +258,12 @@ def test_circuit_from_the_atlas(paths, model, tmp_path):
     with TestClient(create_app(stored_path)) as c:  # no model: served from the atlas
         tasks = c.get("/api/circuit/tasks").json()
         assert tasks["tasks"] == list(TASKS) and tasks["live"] is False
-        assert tasks["stored"] == [{"task": "induction", "method": "eap", "edges": len(circuit.edges),
-                                    "faithfulness": pytest.approx(circuit.faithfulness)}]
+        assert tasks["stored"] == [{"task": "induction", "method": "eap", "granularity": "edges",
+                                    "edges": len(circuit.edges), "faithfulness": pytest.approx(circuit.faithfulness)}]
         data = c.get("/api/circuit", params={"task": "induction"}).json()
-        assert data["computed"] == "atlas" and data["curve"] == [] and data["cpr"] is None
+        assert data["computed"] == "atlas" and data["curve"] == [] and data["cpr"] == pytest.approx(circuit.cpr)
+        assert data["granularity"] == "edges"
+        assert data["verification"]["spearman"] == pytest.approx(circuit.verification["spearman"])
         assert data["circuit_edges"] == len(data["edges"]) == len(circuit.edges)
         assert sorted((e["source"], e["target"]) for e in data["edges"]) == sorted((s, t) for s, t, _ in circuit.edges)
         scores = {(s, t): v for s, t, v in circuit.edges}

@@ -17,7 +17,9 @@ neuron_stats       (layer, neuron): activation mean, max, fraction active, top c
 layer_lens         layer: logit-lens statistics over the corpus
 mlp_importance     layer: loss increase when the layer's MLP is mean-ablated on the corpus (exact or estimated: method)
 effects            (task, method, target): metric after patching, effect, fraction of the gap, exact check
-circuits           (task, method, source, target): edge score of a circuit, and its faithfulness
+circuits           (task, method, source, target): edge score of a circuit, its faithfulness, how it was
+                   run (granularity: edges, or nodes; NULL in older atlases = nodes), CPR, CMD and
+                   the verification of its top edges by exact edge patching (Spearman, largest error)
 corpus             corpus window: its token ids and token strings
 head_windows       (layer, head, rank): a window where the head writes most, its attention there
 neuron_contexts    (layer, neuron, rank): a top-activating position with per-token activation levels
@@ -80,6 +82,7 @@ TABLES: dict[str, str] = {
         "normalized DOUBLE, exact DOUBLE, PRIMARY KEY (task, method, target)"
     ),
     "circuits": (
+        "granularity VARCHAR, cpr DOUBLE, cmd DOUBLE, verified_spearman DOUBLE, verified_max_error DOUBLE, "
         "task VARCHAR, method VARCHAR, source VARCHAR, target VARCHAR, score DOUBLE, faithfulness DOUBLE, "
         "PRIMARY KEY (task, method, source, target)"
     ),
@@ -117,6 +120,8 @@ ADDED_COLUMNS: dict[str, list[tuple[str, str]]] = {
     "head_ov": [("top_source_ids", "INTEGER[]"), ("top_output_ids", "INTEGER[]")],
     "neurons": [("promoted_ids", "INTEGER[]"), ("suppressed_ids", "INTEGER[]"), ("exciting_ids", "INTEGER[]")],
     "neuron_stats": [("top_context_ids", "INTEGER[][]")],
+    "circuits": [("granularity", "VARCHAR"), ("cpr", "DOUBLE"), ("cmd", "DOUBLE"), ("verified_spearman", "DOUBLE"),
+                 ("verified_max_error", "DOUBLE")],
     "head_importance": [("estimate", "DOUBLE"), ("method", "VARCHAR")],
     "mlp_importance": [("estimate", "DOUBLE"), ("method", "VARCHAR")],
 }

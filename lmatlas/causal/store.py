@@ -34,13 +34,21 @@ def save_effects(path: str | Path, model: "Model", effects: "Effects") -> None:
 
 
 def save_circuit(path: str | Path, model: "Model", circuit: "Circuit") -> None:
-    """Write a circuit's edges with their scores and the circuit's faithfulness."""
+    """Write a circuit's edges with their scores, its faithfulness and granularity, CPR, CMD and verification.
+
+    One circuit per task and method: it replaces the one stored before (whatever its granularity).
+    """
     from lmatlas.atlas.store import AtlasStore
 
     graph = circuit.graph
-    rows = [{"task": graph.task, "method": graph.method, "source": s, "target": t, "score": v,
-             "faithfulness": circuit.faithfulness} for s, t, v in circuit.edges]
+    check = circuit.verification or {}
+    common = {"task": graph.task, "method": graph.method, "faithfulness": circuit.faithfulness,
+              "granularity": circuit.granularity, "cpr": circuit.cpr, "cmd": circuit.cmd,
+              "verified_spearman": check.get("spearman"), "verified_max_error": check.get("max_abs_error")}
+    rows = [{**common, "source": s, "target": t, "score": v} for s, t, v in circuit.edges]
     start = time.perf_counter()
     with AtlasStore.create_or_open(path, model.card()) as store:
+        with store.transaction():
+            store.con.execute("DELETE FROM circuits WHERE task = ? AND method = ?", [graph.task, graph.method])
         store.commit_unit("circuits", f"circuits/{graph.task}/{graph.method}", {"circuits": rows},
                           time.perf_counter() - start)

@@ -2,6 +2,7 @@
 
     lmatlas patch [MODEL] --task ioi [--targets heads] [--n 8] [--top 20] [--json]
     lmatlas attribute [MODEL] --task ioi [--targets heads] [--no-qk-fix] [--grad-drop] [--verify 10] [--json]
+    lmatlas circuit [MODEL] --task ioi [--ig-steps 0] [--granularity edges|nodes] [--verify 50] [--json]
 
 ``--task`` is ioi, capitals, induction, greater-than or a .jsonl file of
 ``{"clean", "corrupt", "answer", "wrong"}`` rows. ``--targets`` is a comma list of
@@ -118,20 +119,28 @@ def circuit_command(
     steps: int = typer.Option(0, "--ig-steps", help="EAP-IG interpolation steps (0 = plain EAP)."),
     target: float = typer.Option(0.8, "--faithfulness", help="Keep the smallest circuit reaching this faithfulness."),
     picture: Optional[str] = typer.Option(None, "--svg", help="Write the circuit diagram (SVG) to this file."),
+    granularity: str = typer.Option("edges", "--granularity", help="edges: each edge patched (MIB's run); nodes: "
+                                    "the heads and MLPs the edges touch run whole."),
+    verify: int = typer.Option(50, "--verify", help="Top edges re-measured by exact edge patching (0 = none)."),
     atlas: Optional[str] = ATLAS_OPT, as_json: bool = JSON_OPT, dtype: str = DTYPE_OPT, device: Optional[str] = DEVICE_OPT,
 ) -> None:
-    """Edge attribution (EAP / EAP-IG) over heads (q, k, v inputs) and MLPs, pruned to a faithful circuit."""
+    """Edge attribution (EAP / EAP-IG) over heads (q, k, v inputs) and MLPs, pruned to a faithful circuit
+    (faithfulness measured edge by edge unless --granularity nodes), its top edges verified exactly."""
     from pathlib import Path
 
     from lmatlas.causal.diagram import circuit_svg
-    from lmatlas.causal.faithfulness import task_circuit
+    from lmatlas.causal.faithfulness import check_granularity, task_circuit
     from lmatlas.errors import TaskError
 
     def body():
         if not 0 < target <= 1:
             raise TaskError(f"--faithfulness must be in (0, 1], got {target}.")
+        if verify < 0:
+            raise TaskError(f"--verify must be 0 or more, got {verify}.")
+        check_granularity(granularity)
         loaded = load_model(model, dtype, device)
-        circuit = task_circuit(loaded, task, n=n, steps=steps, target=target)
+        circuit = task_circuit(loaded, task, n=n, steps=steps, target=target, granularity=granularity,
+                               verify=verify)
         if picture:
             Path(picture).write_text(circuit_svg(circuit, loaded.layout.n_layers))
         if atlas:
@@ -141,16 +150,22 @@ def circuit_command(
         if as_json:
             print_json({**circuit.to_dict(), "svg": picture})
             return
-        table = Table(title=f"Circuit for {circuit.graph.task} ({circuit.graph.method}): {len(circuit.edges)} edges, "
-                            f"faithfulness {circuit.faithfulness:.2f}, CPR {circuit.cpr:.2f}, CMD {circuit.cmd:.2f}",
+        table = Table(title=f"Circuit for {circuit.graph.task} ({circuit.graph.method}, run as "
+                            f"{circuit.granularity}): {len(circuit.edges)} edges, faithfulness "
+                            f"{circuit.faithfulness:.2f}, CPR {circuit.cpr:.2f}, CMD {circuit.cmd:.2f}",
                       title_justify="left")
         for column in ("source", "target", "score"):
             table.add_column(column)
         for source, target_name, score in circuit.edges:
             table.add_row(source, target_name, f"{score:+.3f}")
         out.print(table)
-        out.print("faithfulness by edges kept: " + ", ".join(
+        out.print(f"faithfulness ({circuit.granularity}) by edges kept: " + ", ".join(
             f"{c['edges']}: {c['faithfulness']:.2f}" for c in circuit.curve))
+        check = circuit.verification
+        if check and check["exact"]:
+            rho = "n/a" if check["spearman"] is None else f"{check['spearman']:.2f}"
+            out.print(f"verified: top {len(check['exact'])} edges re-measured by exact edge patching, Spearman {rho}, "
+                      f"largest error {check['max_abs_error']:.3f} (gap {check['gap']:.3f})")
         if picture:
             out.print(f"diagram: {picture}")
 

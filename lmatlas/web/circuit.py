@@ -3,11 +3,16 @@
 Where it comes from, in order (``source="auto"``):
 
 1. the atlas's ``circuits`` table (written by ``lmatlas circuit --task T --atlas FILE``,
-   :func:`lmatlas.causal.store.save_circuit`): the circuit's edges and its faithfulness,
-   no model needed (the faithfulness curve is not stored);
+   :func:`lmatlas.causal.store.save_circuit`): the circuit's edges, its faithfulness, CPR,
+   CMD and verification, no model needed (the faithfulness curve is not stored);
 2. the live model: :func:`lmatlas.causal.faithfulness.task_circuit` (what ``lmatlas
    circuit`` runs) on a few prompt pairs, with the faithfulness curve and the graph's
    next-best edges, remembered per app (:class:`~lmatlas.web.state.Memo`).
+
+Every view names its ``granularity``: ``edges`` (each edge patched, MIB's run, the
+default) or ``nodes`` (the heads and MLPs the edges touch run whole; what every circuit
+stored before granularity was recorded is), and carries the ``verification`` of the
+graph's top edges by exact edge patching (Spearman, largest error) when it has one.
 
 The view (:func:`view`): ``edges`` ranked by ``|score|``, the first ``circuit_edges`` of
 them the circuit; ``nodes`` every writer and reader they touch, with its layer (``embed``
@@ -57,14 +62,26 @@ class CurvePoint(BaseModel):
     faithfulness: Optional[float]
 
 
+Granularity = Literal["edges", "nodes"]
+
+
+class Verification(BaseModel):
+    edges: Optional[int] = Field(description="how many top edges were re-measured by exact edge patching")
+    spearman: Optional[float] = Field(description="rank correlation of scores with exact effects")
+    max_abs_error: Optional[float] = Field(description="largest |score - exact effect|")
+    gap: Optional[float] = Field(description="clean - corrupt metric, for scale")
+
+
 class CircuitView(BaseModel):
     task: str
     method: str = Field(description="eap or eap-ig")
+    granularity: Granularity = Field(description="edges: each edge patched (MIB); nodes: touched nodes run whole")
+    verification: Optional[Verification] = Field(description="top edges re-measured exactly (null if not stored)")
     computed: Literal["atlas", "live"]
     layers: int
     faithfulness: Optional[float] = Field(description="fraction of the clean - corrupt gap the circuit keeps")
-    cpr: Optional[float] = Field(description="area under the faithfulness curve (live only)")
-    cmd: Optional[float] = Field(description="area under |1 - faithfulness| (live only)")
+    cpr: Optional[float] = Field(description="area under the faithfulness curve (live, or stored with it)")
+    cmd: Optional[float] = Field(description="area under |1 - faithfulness| (live, or stored with it)")
     clean: Optional[float] = Field(description="the task metric on clean prompts (live only)")
     corrupt: Optional[float] = Field(description="... on corrupt prompts (live only)")
     circuit_edges: int = Field(description="how many of `edges`, from the first, form the circuit")
@@ -78,6 +95,7 @@ class CircuitView(BaseModel):
 class StoredCircuit(BaseModel):
     task: str
     method: str
+    granularity: Granularity
     edges: int
     faithfulness: Optional[float]
 
@@ -115,24 +133,42 @@ def view(ranked: list[tuple[str, str, float]], in_circuit: int, layout: "HeadLay
 
 
 def stored(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """``[{task, method, edges, faithfulness}]`` from ``SELECT task, method, count(*), ...`` rows."""
-    return [{"task": r["task"], "method": r["method"], "edges": r["edges"], "faithfulness": r["faithfulness"]}
-            for r in rows]
+    """``[{task, method, granularity, edges, faithfulness}]`` from ``SELECT task, method, count(*), ...`` rows
+    (no granularity recorded: ``nodes``, how every circuit was run before it was)."""
+    return [{"task": r["task"], "method": r["method"], "granularity": r.get("granularity") or "nodes",
+             "edges": r["edges"], "faithfulness": r["faithfulness"]} for r in rows]
+
+
+def verification(check: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
+    """The page's summary of a circuit's verification (``None`` when it has none)."""
+    if not check or not check.get("exact"):
+        return None
+    return {"edges": len(check["exact"]), "spearman": check.get("spearman"),
+            "max_abs_error": check.get("max_abs_error"), "gap": check.get("gap")}
 
 
 def from_rows(task: str, method: str, rows: list[dict[str, Any]], layout: "HeadLayout") -> dict[str, Any]:
-    """The view of a circuit read from the atlas (``rows``: source, target, score, faithfulness)."""
+    """The view of a circuit read from the atlas (``rows``: source, target, score, faithfulness, and
+    granularity, cpr, cmd, verified_* where the atlas records them)."""
     ranked = [(r["source"], r["target"], r["score"]) for r in rows]
+    first = rows[0]
+    check = None
+    if first.get("verified_spearman") is not None or first.get("verified_max_error") is not None:
+        check = {"edges": None, "spearman": first.get("verified_spearman"),
+                 "max_abs_error": first.get("verified_max_error"), "gap": None}
     return view(ranked, len(ranked), layout, task=task, method=method, computed="atlas",
-                faithfulness=rows[0]["faithfulness"], cpr=None, cmd=None, clean=None, corrupt=None, curve=[],
-                params={})
+                granularity=first.get("granularity") or "nodes", verification=check,
+                faithfulness=first["faithfulness"], cpr=first.get("cpr"), cmd=first.get("cmd"), clean=None,
+                corrupt=None, curve=[], params={})
 
 
-def compute(model: "Model", task: str, *, n: int, seed: int, steps: int, target: float) -> "Circuit":
+def compute(model: "Model", task: str, *, n: int, seed: int, steps: int, target: float,
+            granularity: str = "edges", verify: int = 50) -> "Circuit":
     """The task's circuit on the live model (run it through the app's model gate)."""
     from lmatlas.causal.faithfulness import task_circuit
 
-    return task_circuit(model, task, n=n, seed=seed, steps=steps, target=target)
+    return task_circuit(model, task, n=n, seed=seed, steps=steps, target=target, granularity=granularity,
+                        verify=verify)
 
 
 def from_circuit(circuit: "Circuit", layout: "HeadLayout", top: int, params: dict[str, Any]) -> dict[str, Any]:
@@ -140,5 +176,6 @@ def from_circuit(circuit: "Circuit", layout: "HeadLayout", top: int, params: dic
     graph = circuit.graph
     ranked = graph.edges(max(top, len(circuit.edges)))  # the circuit is its first len(circuit.edges)
     return view(ranked, len(circuit.edges), layout, task=graph.task, method=graph.method, computed="live",
+                granularity=circuit.granularity, verification=verification(circuit.verification),
                 faithfulness=circuit.faithfulness, cpr=circuit.cpr, cmd=circuit.cmd, clean=graph.clean,
                 corrupt=graph.corrupt, curve=circuit.curve, params={**params, "prompts": graph.meta.get("prompts")})

@@ -16,12 +16,19 @@ from lmatlas.web.state import Explorer, clean
 router = APIRouter(prefix="/api/circuit", tags=["circuit"], responses=MODEL_RESPONSES)
 
 
+def _recorded(ex: Explorer) -> bool:
+    """Whether the atlas's ``circuits`` table has the granularity columns (older atlases do not)."""
+    return any(r["column_name"] == "granularity" for r in ex.query(
+        "SELECT column_name FROM information_schema.columns WHERE table_name = 'circuits'"))
+
+
 def _stored(ex: Explorer) -> list[dict]:
     if not ex.has("circuits"):
         return []
+    granularity = "any_value(granularity)" if _recorded(ex) else "NULL"
     return circuit.stored(ex.query(
-        "SELECT task, method, count(*) AS edges, any_value(faithfulness) AS faithfulness FROM circuits "
-        "GROUP BY task, method ORDER BY task, method"))
+        f"SELECT task, method, {granularity} AS granularity, count(*) AS edges, "
+        "any_value(faithfulness) AS faithfulness FROM circuits GROUP BY task, method ORDER BY task, method"))
 
 
 @router.get("/tasks", response_model=circuit.CircuitTasks, summary="Built-in tasks and the circuits the atlas holds")
@@ -34,7 +41,8 @@ def _from_atlas(ex: Explorer, task: str, method: Optional[str]) -> Optional[dict
     if not found:
         return None
     chosen = next((s["method"] for s in found if s["method"] == "eap"), found[0]["method"])
-    rows = ex.query("SELECT source, target, score, faithfulness FROM circuits WHERE task = ? AND method = ? "
+    extra = ", granularity, cpr, cmd, verified_spearman, verified_max_error" if _recorded(ex) else ""
+    rows = ex.query(f"SELECT source, target, score, faithfulness{extra} FROM circuits WHERE task = ? AND method = ? "
                     "ORDER BY abs(score) DESC, source, target", [task, chosen])
     return circuit.from_rows(task, chosen, rows, ex.layout)
 
@@ -50,6 +58,8 @@ def task_circuit(
     seed: int = Query(0, ge=0, le=2**31 - 1, description="seed of the task's prompts (live)"),
     steps: int = Query(0, ge=0, le=16, description="EAP-IG steps; 0 = plain EAP (live)"),
     faithfulness: float = Query(0.8, gt=0, le=1, description="keep the smallest circuit reaching this (live)"),
+    granularity: circuit.Granularity = Query("edges", description="edges: each edge patched (MIB's run); nodes: "
+                                             "the heads and MLPs the edges touch run whole (live)"),
     top: int = Query(100, ge=1, le=1000, description="edges returned: the circuit's, then the next best (live)"),
     ex: Explorer = Depends(explorer),
 ) -> dict:
@@ -69,8 +79,8 @@ def task_circuit(
                             f"`lmatlas circuit MODEL --task {task} --atlas {ex.path}`.")
     if n > ex.limits.circuit_pairs:
         raise Malformed(f"n is {n}; this explorer computes circuits on at most {ex.limits.circuit_pairs} prompt pairs.")
-    params = {"n": n, "seed": seed, "steps": steps, "target": faithfulness}
-    key = (task, n, seed, steps, faithfulness)
+    params = {"n": n, "seed": seed, "steps": steps, "target": faithfulness, "granularity": granularity}
+    key = (task, n, seed, steps, faithfulness, granularity)
     found = ex.memo.get(key)
     if found is None:
         found = ex.gate.run(lambda: circuit.compute(ex.model, task, **params))

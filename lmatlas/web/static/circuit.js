@@ -1,5 +1,7 @@
 // Circuits: a task's circuit as a graph (SVG): embed at the bottom, a row per layer, logits on top; edge width
 // and colour by score (blue raises the task's logit difference, red lowers it); a top-k slider; the faithfulness curve.
+// Every circuit names its granularity (edges: each edge patched; nodes: the touched nodes run whole) and shows the
+// verification of its top edges by exact edge patching.
 "use strict";
 
 const ROW_H = 74, COL_W = 86, MARGIN = 46, NODE_W = 70, NODE_H = 24;
@@ -16,7 +18,7 @@ const ROW_H = 74, COL_W = 86, MARGIN = 46, NODE_W = 70, NODE_H = 24;
     location.href = `/circuit?task=${encodeURIComponent(picker.value)}`;
   } }, tasks.tasks.map((t) => el("option", { value: t, selected: t === task || null }, t)));
   const storedNote = tasks.stored.length ? `The atlas holds circuits for ${tasks.stored.map((s) =>
-    `${s.task} (${s.method}, ${s.edges} edges)`).join(", ")}.` : "The atlas holds no circuit (lmatlas circuit MODEL " +
+    `${s.task} (${s.method}, ${s.granularity}, ${s.edges} edges)`).join(", ")}.` : "The atlas holds no circuit (lmatlas circuit MODEL " +
     "--task T --atlas FILE stores one).";
   const status = el("p", { class: "note", id: "circuit-status" }, tasks.live ? "computing…" : "");
   const panel = el("section", { class: "panel", id: "circuit-panel" });
@@ -25,7 +27,7 @@ const ROW_H = 74, COL_W = 86, MARGIN = 46, NODE_W = 70, NODE_H = 24;
       el("span", { class: "note" }, storedNote + (tasks.live ? " Others are computed with the live model." : ""))),
     status, panel);
   const query = new URLSearchParams({ task });
-  for (const key of ["source", "method", "n", "seed", "steps", "faithfulness", "top"]) {
+  for (const key of ["source", "method", "n", "seed", "steps", "faithfulness", "granularity", "top"]) {
     if (params.has(key)) query.set(key, params.get(key));
   }
   const started = performance.now();
@@ -49,11 +51,28 @@ function describe(data, ms, live, task) {
       `${data.method}${data.params.steps ? ` with ${data.params.steps} steps` : ""}, smallest circuit reaching ` +
       `faithfulness ${data.params.target}.`
     : `Read from the atlas (circuits table, ${data.method}).`;
-  return el("span", { id: "circuit-source", "data-computed": data.computed }, where, " ",
+  const run = data.granularity === "edges"
+    ? "run edge by edge (each input reads only its in-circuit sources)"
+    : "run as nodes (the heads and MLPs the edges touch run whole: an edge they carry may be missing from the list)";
+  const other = data.granularity === "edges" ? "nodes" : "edges";
+  return el("span", { id: "circuit-source", "data-computed": data.computed, "data-granularity": data.granularity },
+    where, " ",
     data.computed === "atlas" && live ? el("a", { href: `/circuit?task=${task}&source=live` }, "compute it live") : null,
+    el("br"), el("span", { id: "circuit-granularity" }, `Faithfulness ${run}. `),
+    live ? el("a", { href: `/circuit?task=${task}&source=live&granularity=${other}` }, `run it as ${other}`) : null,
     el("br"), `${data.circuit_edges} edges · ${data.circuit_nodes.length} nodes · faithfulness ` +
-    `${LM.fmt(data.faithfulness)}` + (data.cpr === null ? "" : ` · CPR ${LM.fmt(data.cpr)} · CMD ${LM.fmt(data.cmd)}`) +
-    (data.clean === null ? "" : ` · logit difference clean ${LM.fmt(data.clean)}, corrupt ${LM.fmt(data.corrupt)}`));
+    `${LM.fmt(data.faithfulness)} (${data.granularity})` +
+    (data.cpr === null ? "" : ` · CPR ${LM.fmt(data.cpr)} · CMD ${LM.fmt(data.cmd)}`) +
+    (data.clean === null ? "" : ` · logit difference clean ${LM.fmt(data.clean)}, corrupt ${LM.fmt(data.corrupt)}`),
+    el("br"), el("span", { id: "circuit-verification" }, verificationLine(data.verification)));
+}
+
+// The agreement of the edge scores with exact edge patching.
+function verificationLine(check) {
+  if (!check) return "No verification of the edge scores recorded.";
+  const count = check.edges === null ? "The top edges" : `The top ${check.edges} edges`;
+  return `${count} re-measured by exact edge patching: Spearman ${LM.fmt(check.spearman)}, largest error ` +
+    `${LM.fmt(check.max_abs_error)}` + (check.gap === null ? "." : ` (gap ${LM.fmt(check.gap)}).`);
 }
 
 // Node positions: one row per layer (embed below, logits above), nodes left to right in the order given.
