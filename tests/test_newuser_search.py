@@ -43,13 +43,8 @@ def atlas_path(model, tmp_path_factory):
     return path
 
 
-def _shared_token(atlas_path) -> int:
-    """A token some head and some neuron both promote (so the ranking must interleave kinds)."""
-    with Atlas.open(atlas_path) as atlas:
-        rows = atlas.sql("SELECT unnest(token_ids) AS t FROM head_promoted INTERSECT "
-                         "SELECT unnest(promoted_ids) AS t FROM neurons ORDER BY t").column("t").to_pylist()
-    assert rows
-    return int(rows[0])
+TOKEN = 97  # 'a'
+LIMIT = 20  # more than the tiny model's 8 heads: the ranking holds both kinds
 
 
 def _plain_scale(model, token: int):
@@ -68,17 +63,20 @@ def _plain_scale(model, token: int):
         hook.remove()
     final = torch.cat(captured["final"]).double()  # [windows, seq, d_model]
     eps = hf.model.norm.variance_epsilon
-    s = torch.rsqrt(final.pow(2).mean(-1) + eps)[:, 1:].mean().item()
-    neuron_max = torch.stack([torch.cat(captured[f"act{l}"]).flatten(0, 1).max(0).values.clamp(min=0)
-                              for l in range(len(hf.model.layers))]).double()
-    column = (hf.model.norm.weight.double() * hf.lm_head.weight[token].double()).detach()  # [d_model]
-    per_unit = torch.stack([b.mlp.down_proj.weight.double().T @ column for b in hf.model.layers])  # [layers, d_mlp]
+    factor = torch.rsqrt(final.pow(2).mean(-1) + eps)[:, 1:]  # [windows, seq - 1]: what the final norm multiplies by
+    s = factor.mean().item()
+    neuron_max = torch.stack([(torch.cat(captured[f"act{l}"])[:, 1:].double() * factor[..., None]).flatten(0, 1)
+                              .max(0).values.clamp(min=0) for l in range(len(hf.model.layers))])  # max of act * s
+    W_U = hf.lm_head.weight.double().detach()  # [vocab, d_model]
+    column = hf.model.norm.weight.double().detach() * (W_U[token] - W_U.mean(0))  # relative to the vocabulary mean
+    per_unit = torch.stack([b.mlp.down_proj.weight.double().T @ column for b in hf.model.layers]).detach()
     n_heads, d_head = hf.config.num_attention_heads, hf.config.hidden_size // hf.config.num_attention_heads
     group = n_heads // hf.config.num_key_value_heads
 
     def head_logit(layer: int, head: int, source: int) -> float:
         block = hf.model.layers[layer]
-        x = block.input_layernorm(hf.model.embed_tokens.weight[source][None]).double()[0]
+        with torch.no_grad():
+            x = block.input_layernorm(hf.model.embed_tokens.weight[source][None]).double()[0]
         kv = head // group
         v = x @ block.self_attn.v_proj.weight.double()[kv * d_head:(kv + 1) * d_head].T
         write = v @ block.self_attn.o_proj.weight.double()[:, head * d_head:(head + 1) * d_head].T
@@ -88,36 +86,43 @@ def _plain_scale(model, token: int):
 
 
 def test_model_and_atlas_give_the_same_ranking_of_heads_and_neurons(model, atlas_path):
-    token = _shared_token(atlas_path)
-    from_model = search_model(model, token, limit=50, progress=False)
+    token = TOKEN
+    from_model = search_model(model, token, limit=LIMIT)
     with Atlas.open(atlas_path) as atlas:
-        from_atlas = atlas.search(token, limit=50).to_pylist()
+        from_atlas = atlas.search(token, limit=LIMIT).to_pylist()
     assert {r["kind"] for r in from_model} == {"head", "neuron"}
     assert [r["name"] for r in from_model] == [r["name"] for r in from_atlas]
     assert [r["logit"] for r in from_model] == pytest.approx([r["logit"] for r in from_atlas], rel=1e-4, abs=1e-6)
     assert [r["source"] for r in from_model] == [r["source"] for r in from_atlas]
+    assert [r["top_tokens"] for r in from_model] == [r["top_tokens"] for r in from_atlas]
 
 
 def test_the_scale_is_the_logit_added_through_the_final_norm(model, atlas_path):
-    token = _shared_token(atlas_path)
+    """Every head and neuron scored in plain PyTorch; the search's ranking is the top of that list."""
+    token = TOKEN
     s, neuron_max, per_unit, head_logit = _plain_scale(model, token)
-    rows = search_model(model, token, limit=50, progress=False)
-    texts = token_texts(model.tokenizer, list(range(model.layout.d_vocab)))
-    for row in rows:
-        if row["kind"] == "neuron":
-            expected = s * float(neuron_max[row["layer"], row["index"]]) * float(per_unit[row["layer"], row["index"]].detach())
-        else:
-            source = texts.index(row["source"])  # the best source token, as displayed
-            expected = s * head_logit(row["layer"], row["index"], source)
-        assert row["logit"] == pytest.approx(expected, rel=2e-3, abs=1e-5), row
-    logits = [r["logit"] for r in rows]
-    assert logits == sorted(logits, reverse=True)
+    V = model.layout.d_vocab
+    sources = torch.randperm(V, generator=torch.Generator().manual_seed(0))[:256].sort().values.tolist()
+    texts = token_texts(model.tokenizer, list(range(V)))
+    everything = [(float(neuron_max[l, n] * per_unit[l, n]), f"L{l}.N{n}", None)
+                  for l in range(per_unit.shape[0]) for n in range(per_unit.shape[1])]
+    for l in range(per_unit.shape[0]):
+        for h in range(model.layout.n_heads):
+            logits = [head_logit(l, h, src) for src in sources]
+            best = max(range(len(sources)), key=logits.__getitem__)
+            everything.append((s * logits[best], f"L{l}.H{h}", texts[sources[best]]))
+    expected = sorted(everything, key=lambda e: -e[0])[:LIMIT]
+    assert {e[1].split(".")[1][0] for e in expected} == {"H", "N"}  # heads and neurons interleaved
+    rows = search_model(model, token, limit=LIMIT)
+    assert [r["name"] for r in rows] == [e[1] for e in expected]
+    assert [r["logit"] for r in rows] == pytest.approx([e[0] for e in expected], rel=1e-4, abs=1e-6)
+    assert [r["source"] for r in rows] == [e[2] for e in expected]
 
 
 def test_cli_search_answers_the_same_from_model_and_atlas(model_dir, atlas_path):
-    token = _shared_token(atlas_path)
-    from_model = runner.invoke(app, ["search", model_dir, "--id", str(token), "--top", "10", "--json"])
-    from_atlas = runner.invoke(app, ["search", "--atlas", str(atlas_path), "--id", str(token), "--top", "10",
+    token = TOKEN
+    from_model = runner.invoke(app, ["search", model_dir, "--id", str(token), "--top", str(LIMIT), "--json"])
+    from_atlas = runner.invoke(app, ["search", "--atlas", str(atlas_path), "--id", str(token), "--top", str(LIMIT),
                                      "--json"])
     assert from_model.exit_code == 0 and from_atlas.exit_code == 0, (from_model.output, from_atlas.output)
     a, b = json.loads(from_model.stdout)["results"], json.loads(from_atlas.stdout)["results"]

@@ -159,54 +159,47 @@ class Atlas:
         """Heads and neurons that write ``token``, on one scale: the logit they add to it, largest first.
 
         ``token`` is a token string (matched as given and with/without one leading space;
-        byte tokens are spelled ``<0xE2>``) or a token id. A part is found when the token
-        is among its top promoted tokens (a neuron's ``promoted``, a head's
-        ``head_promoted.tokens``); its logit is what it adds through the final norm as the
-        model applies it (:mod:`lmatlas.decode.search`): ``s * max_act * logit`` for a
-        neuron, ``s * ov_logit`` for a head attending to its best source. The same rows as
-        ``lmatlas search MODEL`` (:func:`lmatlas.atlas.token_search.search_model`).
+        byte tokens are spelled ``<0xE2>``) or a token id. The rows come from the stage
+        ``search`` (``token_writers``): for every token the strongest neurons and heads by
+        the logit they add through the final norm as the model applies it
+        (:mod:`lmatlas.decode.search`), the same rows as ``lmatlas search MODEL``
+        (:func:`lmatlas.atlas.token_search.search_model`). The atlas keeps
+        :data:`~lmatlas.decode.search.DEPTH` of each kind per token: a larger ``limit`` gets those.
 
         Returns:
-            ``kind, name, layer, index, logit, source, rank, top_tokens``: ``rank`` is the
-            token's place in the part's own list, ``source`` a head's best source token.
+            ``kind, name, layer, index, logit, source, rank, top_tokens``: ``source`` is a
+            head's best source token, ``top_tokens`` a neuron's own top promoted tokens.
 
         Raises:
-            AtlasError: the atlas lacks the stages a search reads (the message has the
-                command that adds them).
+            AtlasError: the atlas lacks the stage ``search`` (the message has the command that adds it).
         """
         from lmatlas.atlas.ranking import as_table, hit, ranked
 
         self._require_search()
         by_id = isinstance(token, int)
-        neuron_key, head_key = ("promoted_ids", "token_ids") if by_id else ("promoted", "tokens")
-        match = "list_position({column}, ?)" if by_id else "list_min([list_position({column}, v) for v in ?])"
+        match = "w.token_id = ?" if by_id else "list_contains(?, w.token)"
         value = int(token) if by_id else _token_variants(token)
-        neurons = self.sql(
-            "SELECT layer, neuron, pos, logit, top FROM (SELECT n.layer, n.neuron, pos, "
-            "s.final_scale * greatest(s.neuron_max[n.neuron + 1], 0) * n.promoted_logits[pos] AS logit, "
-            f"n.promoted[1:5] AS top FROM (SELECT *, {match.format(column=neuron_key)} AS pos FROM neurons) n "
-            "JOIN search_scale s USING (layer) WHERE pos IS NOT NULL) "
-            "ORDER BY logit DESC, layer, neuron LIMIT ?", [value, limit]).to_pylist()
-        heads = self.sql(
-            "SELECT h.layer, h.head, pos, s.final_scale * h.logits[pos] AS logit, h.sources[pos] AS source, "
-            f"h.tokens[1:5] AS top FROM (SELECT *, {match.format(column=head_key)} AS pos FROM head_promoted) h "
-            "JOIN search_scale s USING (layer) WHERE pos IS NOT NULL "
-            "ORDER BY logit DESC, h.layer, h.head LIMIT ?", [value, limit]).to_pylist()
-        hits = [hit("neuron", r["layer"], r["neuron"], r["logit"], rank=r["pos"], top_tokens=r["top"]) for r in neurons]
-        hits += [hit("head", r["layer"], r["head"], r["logit"], source=r["source"], rank=r["pos"], top_tokens=r["top"])
-                 for r in heads]
+        top = "n.promoted[1:5]" if self._has("neurons") else "NULL"
+        join = "LEFT JOIN neurons n ON w.kind = 'neuron' AND n.layer = w.layer AND n.neuron = w.idx" \
+            if self._has("neurons") else ""
+        rows = self.sql(
+            f"SELECT w.kind, w.layer, w.idx, w.logit, w.source, {top} AS top FROM token_writers w {join} "
+            f"WHERE {match} ORDER BY w.logit DESC, w.kind DESC, w.layer, w.idx LIMIT ?", [value, limit]).to_pylist()
+        hits = [hit(r["kind"], r["layer"], r["idx"], r["logit"], source=r["source"],
+                    top_tokens=r["top"] if r["kind"] == "neuron" else None) for r in rows]
         return as_table(ranked(hits, limit))
 
+    def _has(self, table: str) -> bool:
+        return bool(self.sql("SELECT count(*) AS n FROM information_schema.tables WHERE table_name = ?",
+                             [table]).column("n")[0].as_py())
+
     def _require_search(self) -> None:
-        """Refuse a search on an atlas without its ``neurons`` and ``search`` stages, naming the command."""
-        have = set(self.sql("SELECT table_name FROM information_schema.tables").column("table_name").to_pylist())
-        done = set(self.sql("SELECT DISTINCT stage FROM runs WHERE status = 'done'").column("stage").to_pylist())
-        missing = [stage for stage, table in (("neurons", "neurons"), ("search", "search_scale"))
-                   if table not in have or stage not in done]
-        if missing:
-            raise AtlasError(f"{self.path} cannot answer a token search: it lacks the stage(s) "
-                             f"{', '.join(missing)} (an older atlas, or one built with --only). Add them with: "
-                             f"{self.map_command(missing)}")
+        """Refuse a search on an atlas without its ``search`` stage, naming the command that adds it."""
+        done = self._has("token_writers") and bool(
+            self.sql("SELECT count(*) AS n FROM runs WHERE stage = 'search' AND status = 'done'").column("n")[0].as_py())
+        if not done:
+            raise AtlasError(f"{self.path} cannot answer a token search: it lacks the stage 'search' (an older "
+                             f"atlas, or one built with --only). Add it with: {self.map_command(['search'])}")
 
     def map_command(self, stages: list[str]) -> str:
         """The ``lmatlas map`` command that adds ``stages`` to this atlas (resuming it in place)."""

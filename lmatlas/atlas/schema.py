@@ -24,8 +24,7 @@ corpus             corpus window: its token ids and token strings
 head_windows       (layer, head, rank): a window where the head writes most, its attention there
 neuron_contexts    (layer, neuron, rank): a top-activating position with per-token activation levels
 neuron_histograms  (layer, neuron): histogram of the neuron's activations over the corpus
-head_promoted      (layer, head): the head's top-k output tokens over sampled sources, best source each
-search_scale       layer: the final norm's factor and each neuron's largest activation (search's scale)
+token_writers      (token, kind, layer, index): the strongest heads and neurons writing each token, on one scale
 =================  ===========================================================================
 
 The view ``layers`` joins ``layer_lens`` and ``mlp_importance``.
@@ -82,8 +81,8 @@ TABLES: dict[str, str] = {
         "normalized DOUBLE, exact DOUBLE, PRIMARY KEY (task, method, target)"
     ),
     "circuits": (
-        "granularity VARCHAR, cpr DOUBLE, cmd DOUBLE, verified_spearman DOUBLE, verified_max_error DOUBLE, "
         "task VARCHAR, method VARCHAR, source VARCHAR, target VARCHAR, score DOUBLE, faithfulness DOUBLE, "
+        "granularity VARCHAR, cpr DOUBLE, cmd DOUBLE, verified_spearman DOUBLE, verified_max_error DOUBLE, "
         "PRIMARY KEY (task, method, source, target)"
     ),
     "corpus": "window_id INTEGER PRIMARY KEY, ids INTEGER[], tokens VARCHAR[]",
@@ -99,11 +98,10 @@ TABLES: dict[str, str] = {
         "layer INTEGER, neuron INTEGER, lo DOUBLE, hi DOUBLE, scale DOUBLE, counts INTEGER[], "
         "PRIMARY KEY (layer, neuron)"
     ),
-    "head_promoted": (
-        "layer INTEGER, head INTEGER, tokens VARCHAR[], token_ids INTEGER[], logits DOUBLE[], sources VARCHAR[], "
-        "source_ids INTEGER[], PRIMARY KEY (layer, head)"
+    "token_writers": (
+        "token_id INTEGER, token VARCHAR, kind VARCHAR, layer INTEGER, idx INTEGER, logit DOUBLE, "
+        "source_id INTEGER, source VARCHAR, PRIMARY KEY (token_id, kind, layer, idx)"
     ),
-    "search_scale": "layer INTEGER PRIMARY KEY, final_scale DOUBLE, tokens INTEGER, neuron_max DOUBLE[]",
 }
 
 VIEWS: dict[str, str] = {
@@ -120,10 +118,10 @@ ADDED_COLUMNS: dict[str, list[tuple[str, str]]] = {
     "head_ov": [("top_source_ids", "INTEGER[]"), ("top_output_ids", "INTEGER[]")],
     "neurons": [("promoted_ids", "INTEGER[]"), ("suppressed_ids", "INTEGER[]"), ("exciting_ids", "INTEGER[]")],
     "neuron_stats": [("top_context_ids", "INTEGER[][]")],
-    "circuits": [("granularity", "VARCHAR"), ("cpr", "DOUBLE"), ("cmd", "DOUBLE"), ("verified_spearman", "DOUBLE"),
-                 ("verified_max_error", "DOUBLE")],
     "head_importance": [("estimate", "DOUBLE"), ("method", "VARCHAR")],
     "mlp_importance": [("estimate", "DOUBLE"), ("method", "VARCHAR")],
+    "circuits": [("granularity", "VARCHAR"), ("cpr", "DOUBLE"), ("cmd", "DOUBLE"), ("verified_spearman", "DOUBLE"),
+                 ("verified_max_error", "DOUBLE")],
 }
 
 

@@ -1,17 +1,15 @@
-"""One token search, from a model's weights, on the scale an atlas stores.
+"""One token search, from a model's weights or from its atlas, with the same rows.
 
-``search_model(model, token)`` answers what :meth:`lmatlas.atlas.query.Atlas.search`
-answers from the atlas of ``model`` built with default settings: the parts whose
-``top_k`` most promoted tokens include ``token``, ranked by the logit they add through
-the final norm as the model applies it (:mod:`lmatlas.decode.search` defines the scale).
-It measures the scale on the same reference windows as the atlas stage ``search`` (the
-first windows of the default corpus, :func:`reference_windows`), decodes every neuron's top tokens as the stage
-``neurons`` does, and every head's as the stage ``search`` does, so both give the same
-rows up to float rounding.
+``search_model(model, token)`` scores every head and neuron of ``model`` by the logit it
+adds to ``token`` through the final norm as the model applies it
+(:mod:`lmatlas.decode.search` defines the scale) and returns the strongest, heads and
+neurons interleaved. The atlas stage ``search`` stores exactly this for every token
+(:func:`writer_rows`), and :meth:`lmatlas.atlas.query.Atlas.search` reads it back, so
+both answer alike (up to float rounding). The scale is measured on :func:`reference_windows`,
+the first windows of the default corpus, in both.
 
-Cost: one forward over the reference windows, the neuron decoding (seconds for
-SmolLM2), and every head's OV circuit over the sampled sources (tens of seconds on a
-CPU for SmolLM2's 270 heads). An atlas answers in well under a second.
+Cost from the model: one forward over the reference windows plus one column of every
+part (seconds for SmolLM2 on a CPU, after loading). From an atlas: a query.
 """
 
 from __future__ import annotations
@@ -19,56 +17,70 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from lmatlas.atlas.ranking import hit, ranked
-from lmatlas.progress import ProgressArg, progress_task
 
 if TYPE_CHECKING:
+    from lmatlas.decode.search import Writers
     from lmatlas.model.handle import Model
 
-TOP_TOKENS = 5  # tokens shown per part (the atlas search shows the same number)
+TOP_TOKENS = 5  # a neuron's own top tokens shown beside it (the atlas shows the same number)
 
 
 def reference_windows(model: "Model"):
-    """``[n, seq_len]`` the windows the search scale is measured on: those an atlas build would use first."""
+    """``[n, seq_len]`` the windows the search scale is measured on: those an atlas build reads first."""
     from lmatlas.atlas.corpus import corpus_windows, load_texts
     from lmatlas.atlas.pipeline import DEFAULT_PARAMS
-    from lmatlas.decode.search import CALIBRATION_WINDOWS
 
     windows = corpus_windows(model, load_texts(None), DEFAULT_PARAMS["corpus_sequences"], DEFAULT_PARAMS["seq_len"])
-    return windows[:CALIBRATION_WINDOWS]
+    return windows[:REFERENCE_WINDOWS]
 
 
-def search_model(model: "Model", token: int, limit: int = 20, *, k: int = 20, seed: int = 0,
-                 progress: ProgressArg = True) -> list[dict[str, Any]]:
-    """The heads and neurons that promote ``token`` (an id), largest logit first (:func:`ranked` rows)."""
-    import torch
+#: Reference windows read to measure the scale (of 128 tokens each).
+REFERENCE_WINDOWS = 4
 
-    from lmatlas.decode.neurons import decode_neurons
-    from lmatlas.decode.search import calibrate, head_promoted
-    from lmatlas.decode.token_text import token_text, token_texts
+
+def writer_rows(model: "Model", found: "Writers") -> list[dict[str, Any]]:
+    """``token_writers`` rows: one per (token, part) of ``found``."""
+    from lmatlas.decode.token_text import token_texts
 
     lay = model.layout
-    scale = calibrate(model, reference_windows(model))
-    decoded = decode_neurons(model, k=k, inputs=False, progress=progress is True)
-    hits = []
-    rows, places = torch.nonzero(decoded.promoted.ids == int(token), as_tuple=True)
-    for row, place in zip(rows.tolist(), places.tolist()):
-        layer, neuron = divmod(row, lay.d_mlp)
-        per_unit = float(decoded.promoted.logits[row, place])
-        logit = scale.final_scale * float(scale.neuron_max[layer, neuron]) * per_unit
-        top = token_texts(model.tokenizer, decoded.promoted.ids[row, :TOP_TOKENS].tolist())
-        hits.append(hit("neuron", layer, neuron, logit, rank=place + 1, top_tokens=top))
-    with progress_task(f"Decoding {lay.n_layers * lay.n_heads} heads", total=lay.n_layers * lay.n_heads,
-                       enabled=progress) as task:
-        for layer in range(lay.n_layers):
-            for head in range(lay.n_heads):
-                found = head_promoted(model, layer, head, k=k, seed=seed)
-                task.advance()
-                where = (found.ids == int(token)).nonzero().flatten().tolist()
-                if not where:
-                    continue
-                place = where[0]
-                top = token_texts(model.tokenizer, found.ids[:TOP_TOKENS].tolist())
-                hits.append(hit("head", layer, head, scale.final_scale * float(found.logits[place]),
-                                source=token_text(model.tokenizer, int(found.sources[place])), rank=place + 1,
-                                top_tokens=top))
+    tokens = found.tokens.tolist()
+    texts = token_texts(model.tokenizer, tokens)
+    source_ids = found.head_sources.reshape(-1).tolist()
+    source_texts = iter(token_texts(model.tokenizer, source_ids))
+    rows = []
+    for i, (token, text) in enumerate(zip(tokens, texts)):
+        for row, logit in zip(found.neuron_rows[i].tolist(), found.neuron_logits[i].tolist()):
+            rows.append({"token_id": token, "token": text, "kind": "neuron", "layer": row // lay.d_mlp,
+                         "idx": row % lay.d_mlp, "logit": logit, "source_id": None, "source": None})
+        for row, logit, source in zip(found.head_rows[i].tolist(), found.head_logits[i].tolist(),
+                                      found.head_sources[i].tolist()):
+            rows.append({"token_id": token, "token": text, "kind": "head", "layer": row // lay.n_heads,
+                         "idx": row % lay.n_heads, "logit": logit, "source_id": source, "source": next(source_texts)})
+    return rows
+
+
+def search_model(model: "Model", token: int, limit: int = 20, *, seed: int = 0) -> list[dict[str, Any]]:
+    """The heads and neurons that write ``token`` (an id) most, largest logit first (:func:`ranked` rows).
+
+    Neurons carry their own :data:`TOP_TOKENS` promoted tokens (``top_tokens``), heads their
+    best source token (``source``).
+    """
+    import torch
+
+    from lmatlas.decode.neurons import output_directions
+    from lmatlas.decode.search import DEPTH, calibrate, token_writers
+    from lmatlas.decode.token_text import token_texts
+    from lmatlas.decode.vocab import topk_tokens
+
+    found = token_writers(model, calibrate(model, reference_windows(model)), token, depth=max(DEPTH, limit),
+                          seed=seed)
+    rows = writer_rows(model, found)
+    neurons = [(r["layer"], r["idx"]) for r in rows if r["kind"] == "neuron"]
+    tops = {}
+    if neurons:
+        directions = torch.stack([output_directions(model, layer)[n] for layer, n in neurons])
+        ids = topk_tokens(model, directions, TOP_TOKENS, norm="none", method="plain").ids.tolist()
+        tops = {key: token_texts(model.tokenizer, row) for key, row in zip(neurons, ids)}
+    hits = [hit(r["kind"], r["layer"], r["idx"], r["logit"], source=r["source"],
+                top_tokens=tops.get((r["layer"], r["idx"])) if r["kind"] == "neuron" else None) for r in rows]
     return ranked(hits, limit)

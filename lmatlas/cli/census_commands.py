@@ -3,6 +3,7 @@
     lmatlas heads [MODEL] [--json]                  layers x heads grid, coloured by type
     lmatlas heads [MODEL] --type induction [--json] each head's score, null baseline and z-score
     lmatlas heads [MODEL] --threshold induction=0.2 --min-z 5 --seed 1
+    lmatlas heads --atlas FILE [--type T] [--threshold ...]  the census an atlas stored (no model)
 
 Thresholds and minimum z-scores default to each detector's documented values
 (``lmatlas.census.detectors.<name>``); ``--threshold NAME=VALUE`` and
@@ -12,6 +13,7 @@ Thresholds and minimum z-scores default to each detector's documented values
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Optional
 
 import typer
@@ -19,6 +21,7 @@ from rich.table import Table
 from rich.text import Text
 
 from lmatlas.cli.app import DEVICE_OPT, DTYPE_OPT, JSON_OPT, MODEL_ARG, app, load_model, out, print_json, run
+from lmatlas.cli.atlas_source import ATLAS_OPT, check_atlas_use
 from lmatlas.errors import LmatlasError
 
 #: Short code and colour of each head type in the grid; earlier entries win a cell's colour.
@@ -144,19 +147,33 @@ def heads(
     threshold: list[str] = typer.Option([], "--threshold", help="NAME=VALUE minimum score (VALUE with --type)."),
     min_z: list[str] = typer.Option([], "--min-z", help="NAME=VALUE or VALUE minimum z-score; 'none' = no z."),
     top: int = typer.Option(20, "--top", help="Rows shown with --type (0 = all; --json always has all)."),
+    atlas: Optional[Path] = ATLAS_OPT,
     dtype: str = DTYPE_OPT,
     device: Optional[str] = DEVICE_OPT,
 ) -> None:
-    """Classify every attention head (previous-token, induction, sink, ...) with null baselines and z-scores."""
+    """Classify every attention head (previous-token, induction, sink, ...) with null baselines and z-scores.
+
+    Runs every detector's batteries on the model (minutes for SmolLM2 on a CPU), or reads
+    the census an atlas stored with --atlas FILE (a second; thresholds can still change).
+    """
     from lmatlas.census.registry import get_detector
-    from lmatlas.census.run import run_census
 
     def body():
         name = get_detector(head_type).name if head_type else None
         thresholds = parse_overrides(threshold, "--threshold", name, allow_none=False)
         min_zs = parse_overrides(min_z, "--min-z", name, allow_none=True)
-        loaded = load_model(model, dtype, device)
-        census = run_census(loaded, [name] if name else None, seed=seed, thresholds=thresholds, min_z=min_zs)
+        check_atlas_use(atlas, model, {"--seed": seed})
+        if atlas is not None:
+            from lmatlas.atlas.census_view import census_from_atlas
+            from lmatlas.atlas.query import Atlas
+
+            with Atlas.open(atlas) as opened:
+                census = census_from_atlas(opened, [name] if name else None, thresholds=thresholds, min_z=min_zs)
+        else:
+            from lmatlas.census.run import run_census
+
+            loaded = load_model(model, dtype, device)
+            census = run_census(loaded, [name] if name else None, seed=seed, thresholds=thresholds, min_z=min_zs)
         if name:
             result = census[name]
             if as_json:

@@ -9,9 +9,9 @@
 Both take the model first when it is given (``lmatlas lens gemma3-270m "Hi"``); with
 one argument it is the token / prompt and the packaged default model is used.
 
-``search`` ranks every head and neuron whose top promoted tokens include the token by
-the logit it adds through the final norm as the model applies it (one scale for both:
-:mod:`lmatlas.decode.search`); from a model it computes what an atlas stores
+``search`` ranks every head and neuron by the logit it adds to the token through the
+final norm as the model applies it (one scale for both: :mod:`lmatlas.decode.search`);
+from a model it computes what an atlas stores for every token
 (:mod:`lmatlas.atlas.token_search`), so both answer alike.
 """
 
@@ -74,8 +74,8 @@ def search(args: Optional[list[str]] = SEARCH_ARGS, token_id: Optional[int] = ty
            dtype: str = DTYPE_OPT, device: Optional[str] = DEVICE_OPT) -> None:
     """The heads and neurons that promote a token, ranked by the logit they add through the final norm.
 
-    From the model's weights (a minute for SmolLM2 on a CPU), or from an atlas with
-    --atlas FILE (under a second): the same rows either way.
+    Every head and neuron is scored, from the model's weights (seconds after loading), or
+    read from an atlas with --atlas FILE (no model): the same rows either way.
     """
 
     def body():
@@ -90,6 +90,11 @@ def search(args: Optional[list[str]] = SEARCH_ARGS, token_id: Optional[int] = ty
         if texts and not texts[0]:
             raise LmatlasError("The token is empty: give one token (e.g. ' dog', with its leading space) or --id N.")
         if atlas is not None:
+            from lmatlas.decode.search import DEPTH
+
+            if top > DEPTH:
+                raise LmatlasError(f"--top {top}: an atlas keeps the {DEPTH} strongest heads and {DEPTH} strongest "
+                                   f"neurons of each token; more need the model (drop --atlas).")
             return _search_atlas(atlas, texts[0] if texts else token_id, top, as_json)
         from lmatlas.atlas.token_search import search_model
         from lmatlas.decode.token_text import token_text
@@ -106,8 +111,8 @@ def search(args: Optional[list[str]] = SEARCH_ARGS, token_id: Optional[int] = ty
     run(body)
 
 
-CAPTION = ("logit added through the final norm as the model applies it: a neuron at its largest activation on "
-           "reference text, a head attending to its best source")
+CAPTION = ("logit added (relative to the vocabulary's mean) through the final norm as the model applies it: a "
+           "neuron where it adds most on reference text, a head attending to its best source token")
 
 
 def print_ranking(title: str, rows: list[dict], caption: str | None = None) -> None:

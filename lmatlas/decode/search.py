@@ -8,6 +8,11 @@ held at its value)::
 
     logit_t  =  s * (d * gain) @ W_U[:, t]          (LayerNorm: d centred first)
 
+Softmax ignores a shift of every logit, so the logit is taken **relative to the mean over
+the vocabulary**: ``u_t = W_U[:, t] - mean_v W_U[:, v]`` in place of ``W_U[:, t]``
+(a part that raises every token alike writes nothing any token could be told apart by;
+rankings *within* one part are unchanged).
+
 The weight-based decodings (:mod:`lmatlas.decode.neurons`, :mod:`lmatlas.decode.heads`)
 leave ``s`` out: they rank tokens *within* a part, where ``s`` changes nothing. To rank
 parts *against each other* the write ``d`` and the factor ``s`` must be the ones the
@@ -16,22 +21,26 @@ model actually has, so this module measures both on reference text (:func:`calib
 * ``s``: the final norm's factor as the model applies it, the mean of ``s(x)`` over
   every position but the first of each window (the first token's stream is an outlier
   in most models) -- :attr:`Calibration.final_scale`;
-* a **neuron** ``L{l}.N{n}`` writes ``act * W_out[n]`` (times its post-MLP norm gain):
-  its logit is ``s * max_act * promoted_logit``, with ``max_act`` the largest activation
-  it reaches on the reference text (:attr:`Calibration.neuron_max`, ``[n_layers, d_mlp]``,
-  0 for a neuron that is never positive) and ``promoted_logit`` its per-unit logit;
-* a **head** ``L{l}.H{h}`` attending (weight 1) to its best source token ``s_tok`` writes
-  its OV image of that token: its logit is ``s * ov_logit[s_tok, t]`` (the OV circuit of
-  :mod:`lmatlas.decode.heads`, post-attention norm gain included).
+* a **neuron** ``L{l}.N{n}`` writes ``act * W_out[n]`` (times its post-MLP norm gain) at
+  a position whose final norm applies ``s(x)``: its logit is
+  ``m * (W_out[n] * gain) . u_t`` with ``m = max over positions of act * s(x)``, the
+  most it adds on the reference text (:attr:`Calibration.neuron_scale`,
+  ``[n_layers, d_mlp]``, 0 for a neuron that is never positive). Taking ``s`` at the
+  neuron's own positions matters: a neuron that fires hugely only where the residual
+  stream is huge too (a "massive activation" on a delimiter) is divided by that norm;
+* a **head** ``L{l}.H{h}`` attending (weight 1) to source token ``s_tok`` writes its OV
+  image of that token: its logit is ``s * max over sources of ov_logit[s_tok, t]``, over
+  a seeded sample of :data:`HEAD_SOURCES` source tokens (the OV circuit of
+  :mod:`lmatlas.decode.heads`, post-attention norm gain included), with the source.
 
-**Who is found.** A part writes ``t`` when ``t`` is among its ``k`` most promoted tokens:
-a neuron's top-``k`` output tokens (what an atlas stores for every neuron), a head's
-top-``k`` distinct output tokens by their largest OV logit over a seeded sample of source
-tokens (:func:`head_promoted`, stored by the atlas stage ``search``). So a search from the
-model and one from its atlas find the same parts with the same logits.
+Every part is scored (no part is missed because the token is not among its own top
+tokens). :func:`token_writers` scores every part for one token (seconds);
+:func:`vocab_writers` does it for a slice of the vocabulary at once, keeping the
+``depth`` strongest neurons and heads of each token: the index an atlas stores, so that
+a search from the model and one from its atlas give the same rows.
 
-Limitation: a neuron whose activations are mostly negative promotes the tokens ranked
-*last* by its direction; it is not found here (its ``max_act`` scales its promoted side).
+Limitation: a neuron whose activations are mostly negative writes ``-W_out[n]``; its
+``max_act`` (clipped at 0) scores only its positive side.
 """
 
 from __future__ import annotations
@@ -41,31 +50,33 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from lmatlas.decode.heads import _blocks, ov_left, ov_right, token_ids
-from lmatlas.decode.topk import topk_rows
+from lmatlas.decode.heads import ov_left, ov_write, token_ids
+from lmatlas.decode.neurons import output_directions
+from lmatlas.decode.vocab import unembed_matrix
 from lmatlas.model.norms import final_norm, norm_eps
 
 if TYPE_CHECKING:
     from lmatlas.model.handle import Model
 
-#: Reference windows :func:`calibrate` reads by default (of the atlas corpus: 4 x 128 tokens).
-CALIBRATION_WINDOWS = 4
-#: Source tokens sampled per head by :func:`head_promoted` (the atlas's ``ov_sources``).
+#: Source tokens sampled per head (seeded): a head's logit is its best over these.
 HEAD_SOURCES = 256
+#: Neurons and heads kept per token by :func:`vocab_writers` (each kind).
+DEPTH = 20
 
 
 @dataclass
 class Calibration:
-    """The scale of one search, measured on reference text.
+    """The scale of a search, measured on reference text.
 
     Attributes:
-        final_scale: mean final-norm factor ``s(x)`` over the reference positions.
-        neuron_max: ``[n_layers, d_mlp]`` float32 largest activation of each neuron, clipped at 0.
+        final_scale: mean final-norm factor ``s(x)`` over the reference positions (the heads' scale).
+        neuron_scale: ``[n_layers, d_mlp]`` float32 largest ``act * s(x)`` of each neuron over the
+            reference positions, clipped at 0 (the neurons' scale).
         tokens: reference positions read.
     """
 
     final_scale: float
-    neuron_max: torch.Tensor
+    neuron_scale: torch.Tensor
     tokens: int
 
 
@@ -81,7 +92,10 @@ def norm_factor(model: "Model", resid: torch.Tensor) -> torch.Tensor:
 
 
 def calibrate(model: "Model", windows: torch.Tensor, batch: int = 4) -> Calibration:
-    """Measure the final norm's factor and every neuron's largest activation on ``windows`` ``[n, seq]``."""
+    """Measure the final norm's factor ``s`` and every neuron's largest ``act * s`` on ``windows`` ``[n, seq]``.
+
+    The first position of each window is left out (its stream is an outlier in most models).
+    """
     lay = model.layout
     last = lay.n_layers - 1
     total, count = 0.0, 0
@@ -89,59 +103,121 @@ def calibrate(model: "Model", windows: torch.Tensor, batch: int = 4) -> Calibrat
     for start in range(0, windows.shape[0], batch):
         ids = windows[start:start + batch]
         cache = model.run(ids, capture=["mlp.act", f"L{last}.resid.post"])
-        factor = norm_factor(model, cache.resid(last, "post"))[:, 1:]  # [batch, seq - 1]: first position left out
+        factor = norm_factor(model, cache.resid(last, "post"))[:, 1:]  # [batch, seq - 1]
         total += float(factor.double().sum())
         count += factor.numel()
         for layer in range(lay.n_layers):
-            acts = cache.neurons(layer).float().flatten(0, 1).max(0).values.cpu()  # [d_mlp]
-            best[layer] = torch.maximum(best[layer], acts)
-    return Calibration(final_scale=total / max(count, 1), neuron_max=best, tokens=count)
+            acts = cache.neurons(layer)[:, 1:].float() * factor[..., None]  # [batch, seq - 1, d_mlp]
+            best[layer] = torch.maximum(best[layer], acts.flatten(0, 1).max(0).values.cpu())
+    return Calibration(final_scale=total / max(count, 1), neuron_scale=best, tokens=count)
+
+
+def neuron_writes(model: "Model", calibration: Calibration) -> torch.Tensor:
+    """``[n_layers * d_mlp, d_model]`` float32: each neuron's write scaled by its largest ``act * s``.
+
+    Rows are layer-major (row ``l * d_mlp + n`` is ``L{l}.N{n}``) and already carry the
+    final norm's gain (:func:`lmatlas.decode.neurons.output_directions`), so ``row @ u_t``
+    is the logit the neuron adds.
+    """
+    scale = calibration.neuron_scale.clamp_min(0)  # [n_layers, d_mlp]
+    rows = [output_directions(model, layer) * scale[layer].to(model.device)[:, None]
+            for layer in range(model.layout.n_layers)]
+    return torch.cat(rows)
+
+
+def head_sources(model: "Model", seed: int = 0) -> torch.Tensor:
+    """``[n]`` the seeded sample of source tokens every head is scored over."""
+    return token_ids(model, min(HEAD_SOURCES, model.layout.d_vocab), seed)
+
+
+def head_factors(model: "Model", sources: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer ``(left [heads, n_sources, d_head], write [heads, d_head, d_model])`` float32.
+
+    ``left[h] @ write[h] @ W_U[:, t]`` is head ``h``'s OV logit for ``t`` attending to each
+    source (:func:`lmatlas.decode.heads.ov_left` and :func:`~lmatlas.decode.heads.ov_write`,
+    norm gains included; ``s`` not yet applied). Kept factored (rank ``d_head``).
+    """
+    lay = model.layout
+    out = []
+    with torch.no_grad():
+        for layer in range(lay.n_layers):
+            out.append((torch.stack([ov_left(model, layer, h, sources) for h in range(lay.n_heads)]),
+                        torch.stack([ov_write(model, layer, h) for h in range(lay.n_heads)])))
+    return out
+
+
+def mean_column(model: "Model", chunk: int = 8192) -> torch.Tensor:
+    """``[d_model]`` float32 mean of the unembedding's columns (summed one vocabulary slice at a time)."""
+    W_U = unembed_matrix(model)
+    total = torch.zeros(W_U.shape[0], dtype=torch.float64, device=W_U.device)
+    with torch.no_grad():
+        for start in range(0, W_U.shape[1], chunk):
+            total += W_U[:, start:start + chunk].double().sum(1)
+    return (total / W_U.shape[1]).float()
 
 
 @dataclass
-class HeadPromotion:
-    """One head's ``k`` most promoted output tokens over sampled sources, each with its best source.
+class Writers:
+    """The parts that write tokens, strongest first, for ``n`` tokens.
 
     Attributes:
-        ids: ``[k]`` output token ids, largest logit first (distinct).
-        logits: ``[k]`` float32 the largest OV logit of each over the sources (``s`` left out).
-        sources: ``[k]`` the source token achieving it.
+        tokens: ``[n]`` token ids.
+        neuron_rows: ``[n, depth]`` layer-major neuron rows (``l * d_mlp + n``).
+        neuron_logits: ``[n, depth]`` their logits.
+        head_rows: ``[n, depth]`` layer-major head rows (``l * n_heads + h``).
+        head_logits: ``[n, depth]`` their logits (at their best source).
+        head_sources: ``[n, depth]`` the best source token of each.
     """
 
-    ids: torch.Tensor
-    logits: torch.Tensor
-    sources: torch.Tensor
+    tokens: torch.Tensor
+    neuron_rows: torch.Tensor
+    neuron_logits: torch.Tensor
+    head_rows: torch.Tensor
+    head_logits: torch.Tensor
+    head_sources: torch.Tensor
 
 
-def head_promoted(model: "Model", layer: int, head: int, *, k: int = 20, sources: int | None = HEAD_SOURCES,
-                  seed: int = 0) -> HeadPromotion:
-    """The ``k`` distinct tokens head ``L{layer}.H{head}`` writes most, over ``sources`` sampled tokens.
+def vocab_writers(model: "Model", calibration: Calibration, tokens: torch.Tensor, *, depth: int = DEPTH,
+                  seed: int = 0, chunk: int = 512, writes: torch.Tensor | None = None,
+                  factors: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> Writers:
+    """The ``depth`` strongest neurons and heads of every token in ``tokens`` (``[n]`` ids).
 
-    Exact: a token among the ``k`` best by its largest logit over sources is among the
-    ``k`` best of the source achieving it (every token ranked above it there has a larger
-    maximum), so merging each source's top-``k`` is enough. Cost:
-    ``n_sources x d_vocab x d_head`` multiply-adds plus ``d_head x d_model x d_vocab`` for
-    the head's right factor.
+    Streams over ``tokens`` in chunks of ``chunk`` columns of ``W_U``: peak memory is
+    ``[n_layers * d_mlp, chunk]`` scores for the neurons and ``[heads, n_sources, chunk]``
+    per layer for the heads. ``writes`` (:func:`neuron_writes`) and ``factors``
+    (:func:`head_factors`) can be passed in to share them across calls.
     """
-    ids = token_ids(model, sources, seed)
-    right = ov_right(model, layer, head)  # [d_head, d_vocab]
-    out_ids, out_logits, out_src = [], [], []
-    for _, block in _blocks(ids):
-        ranking = topk_rows(ov_left(model, layer, head, block), right, k)  # [b, k]
-        out_ids.append(ranking.ids.cpu())
-        out_logits.append(ranking.logits.cpu())
-        out_src.append(block.cpu()[:, None].expand_as(ranking.ids))
-    flat_ids, flat_logits = torch.cat(out_ids).reshape(-1), torch.cat(out_logits).reshape(-1)
-    flat_src = torch.cat(out_src).reshape(-1)
-    order = torch.argsort(flat_logits, descending=True, stable=True)
-    seen: set[int] = set()
-    keep: list[int] = []
-    for i in order.tolist():
-        token = int(flat_ids[i])
-        if token not in seen:
-            seen.add(token)
-            keep.append(i)
-            if len(keep) == k:
-                break
-    pick = torch.tensor(keep, dtype=torch.long)
-    return HeadPromotion(flat_ids[pick], flat_logits[pick], flat_src[pick])
+    lay = model.layout
+    sources = head_sources(model, seed)
+    writes = neuron_writes(model, calibration) if writes is None else writes
+    factors = head_factors(model, sources) if factors is None else factors
+    s = calibration.final_scale
+    W_U = unembed_matrix(model)
+    mean = mean_column(model)
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("nr", "nl", "hr", "hl", "hs")}
+    with torch.no_grad():
+        for start in range(0, tokens.numel(), chunk):
+            ids = tokens[start:start + chunk].to(W_U.device)
+            columns = W_U[:, ids].float() - mean[:, None]  # [d_model, c]: relative to the vocabulary's mean
+            top = torch.topk(writes @ columns, min(depth, writes.shape[0]), dim=0)  # of [neurons, c]
+            parts["nr"].append(top.indices.T.cpu())
+            parts["nl"].append(top.values.T.cpu())
+            best, where = [], []
+            for left, write in factors:
+                logits = left @ (write @ columns)  # [heads, n_sources, c]
+                value, at = logits.max(1)  # [heads, c]
+                best.append(value)
+                where.append(sources.to(at.device)[at])
+            best_all, where_all = torch.cat(best) * s, torch.cat(where)  # [n_layers * heads, c]
+            top = torch.topk(best_all, min(depth, best_all.shape[0]), dim=0)
+            parts["hr"].append(top.indices.T.cpu())
+            parts["hl"].append(top.values.T.cpu())
+            parts["hs"].append(torch.gather(where_all, 0, top.indices).T.cpu())
+    cat = {k: torch.cat(v) for k, v in parts.items()}
+    return Writers(tokens.cpu(), cat["nr"], cat["nl"], cat["hr"], cat["hl"], cat["hs"])
+
+
+def token_writers(model: "Model", calibration: Calibration, token: int, *, depth: int = DEPTH,
+                  seed: int = 0) -> Writers:
+    """:func:`vocab_writers` for one token: what :func:`vocab_writers` stores for it, computed alone."""
+    return vocab_writers(model, calibration, torch.tensor([int(token)]), depth=depth, seed=seed, chunk=1)
