@@ -126,7 +126,8 @@ def reduce_scores(
             the softmax, masked entries at the float minimum) of query positions
             ``rows`` over key positions ``keys``; every key outside ``keys`` has
             probability 0. Overwritten (the block is the largest temporary).
-        rows, keys: absolute positions (step-1 slices with explicit start and stop).
+        rows: absolute query positions (a step-1 slice with explicit start and stop).
+        keys: absolute key positions (a step-1 slice with explicit start and stop).
         local_window: keys in ``(pos - local_window, pos]`` count as local.
         targets: ``[batch, n_rows]`` one key position per query (negative = none).
 
@@ -248,9 +249,9 @@ def _as_layers(model: "Model", layers: int | Iterable[int] | None) -> list[int]:
 
 def attention_stats(
     model: "Model",
-    input_ids,
+    input_ids: "torch.Tensor",
     *,
-    targets=None,
+    targets: "torch.Tensor | None" = None,
     local_window: int = 8,
     chunk: int = 256,
     layers: int | Iterable[int] | None = None,

@@ -469,7 +469,8 @@ def pruned_topk(rows: torch.Tensor, tokens: torch.Tensor, k: int = 20, *, top: b
         tokens: ``[V, d]`` token rows (``W_U.T`` for the unembedding, ``W_E`` for the embedding);
             float32 rows are used in place, other dtypes are converted where rescored.
         k: tokens per row and side.
-        top, bottom: which sides to compute (they share the low-precision pass).
+        top: compute the top side (it shares the low-precision pass with the bottom side).
+        bottom: compute the bottom side.
         method: ``auto`` (:func:`auto_method`), ``bf16``, ``int8`` or ``plain`` (chunked
             float32, :func:`lmatlas.decode.vocab.topk_rows`).
         row_block: rows per block (default: as many as fit 64 MB of low-precision scores).

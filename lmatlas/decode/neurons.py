@@ -29,7 +29,7 @@ exact pruned top-k of :mod:`lmatlas.decode.fast_topk` (SmolLM2's 46,080 neurons 
 seconds), identical to the plain float32 matmul + top-k.
 
 >>> dec = decode_neurons(model, k=20)                         # doctest: +SKIP
->>> dec.neuron(12, 1031, model.tokenizer)["promoted"][:3]     # doctest: +SKIP
+>>> dec.neuron(12, 1031, model.tokenizer)["promoted"]         # doctest: +SKIP
 [(' dog', 3.1), (' dogs', 2.9), (' puppy', 2.4)]
 """
 

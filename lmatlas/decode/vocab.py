@@ -197,9 +197,9 @@ def topk_tokens(model: "Model", vectors: torch.Tensor, k: int = 20, *, largest: 
         largest: top (promoted) tokens if true, bottom (suppressed) tokens otherwise.
         norm: ``"none"``, ``"gain"`` or ``"full"`` (module docstring).
         chunk: vocabulary slice size of the plain path; memory ``O(min(n, 1024) * chunk)`` floats.
-        bias, softcap: override whether ``b_U`` / soft-capping are applied
-            (default: only for ``norm="full"``). Soft-capping is applied to the
-            returned logits; it is monotonic so the ranking is unchanged.
+        bias: override whether ``b_U`` is added (default: only for ``norm="full"``).
+        softcap: override whether soft-capping is applied (default: only for ``norm="full"``);
+            it is applied to the returned logits and is monotonic, so the ranking is unchanged.
         method: ``"plain"`` (chunked float32), ``"bf16"`` / ``"int8"`` (the exact pruned
             top-k of :mod:`lmatlas.decode.fast_topk`, same result, much faster for many
             vectors) or ``"auto"``: pruned from :data:`PRUNED_FROM` vectors on (unless a

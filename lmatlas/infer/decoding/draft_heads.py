@@ -30,15 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmatlas.errors import InputError, LmatlasError
+from lmatlas.errors import DraftHeadsError, InputError
 from lmatlas.model.provenance import check_made_for, weights_fingerprint
 
 _log = logging.getLogger(__name__)
 FORMAT = "lmatlas-draft-heads/1"
-
-
-class DraftHeadsError(LmatlasError):
-    """Draft heads are missing, unreadable, or were trained for another model."""
 
 
 class DraftHeads(nn.Module):

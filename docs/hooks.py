@@ -1,0 +1,148 @@
+"""MkDocs hooks: pages generated from the code and the committed records, so they cannot drift.
+
+* ``cli.md`` — every command of the CLI with its options (from the Typer app);
+* ``errors.md`` — one section per error class: symptom, cause, fix (``lmatlas.errors.*.help``);
+* ``benchmarks.md`` — every ``bench/results/*.json`` record, its conditions and its figures;
+* ``guide/combinations.md`` is not a file: the generation page includes the table of
+  ``lmatlas.infer.compose.COMBINATIONS`` where it says ``{{ combinations }}``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+
+from mkdocs.structure.files import File
+
+ROOT = Path(__file__).resolve().parent.parent
+CONDITIONS = ("command", "commit", "torch_threads", "threads", "load_average_before", "load_average_after",
+              "load_before", "load_after", "uptime_before", "uptime_after", "load_avg_before", "load_avg_after",
+              "load_average_1min", "machine", "load_note", "note")
+
+
+def cli_page() -> str:
+    import click
+    import typer
+
+    from lmatlas.cli import app
+
+    group = typer.main.get_command(app)
+    lines = ["# Command line", "", "Every command of `lmatlas`, generated from the command line itself "
+             "(`lmatlas COMMAND --help` prints the same). Bad input exits with status 2 and one line; "
+             "`--json` prints a JSON error object instead.", ""]
+    for name in sorted(group.commands):
+        command = group.commands[name]
+        lines += [f"## `lmatlas {name}`", "", inspect.cleandoc(command.help or "").split("\n\n")[0], ""]
+        lines += ["| option | help | default |", "| --- | --- | --- |"]
+        for param in command.params:
+            if isinstance(param, click.Argument):
+                label = f"`{param.metavar or param.name.upper()}`"
+            else:
+                label = " ".join(f"`{opt}`" for opt in param.opts)
+            default = "" if param.default in (None, (), [], False) or param.required else f"`{param.default}`"
+            text = (getattr(param, "help", None) or "").replace("|", "\\|")
+            lines.append(f"| {label} | {text} | {default} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def errors_page() -> str:
+    import lmatlas.errors as errors
+
+    classes = [obj for obj in vars(errors).values()
+               if isinstance(obj, type) and issubclass(obj, errors.LmatlasError)]
+    lines = ["# Errors", "", "Every error lmatlas raises on bad input derives from `LmatlasError` and says what was "
+             "wrong and what to do. One section per class: what you see, why, and the fix.", ""]
+    for cls in classes:
+        parents = ", ".join(base.__name__ for base in cls.__bases__)
+        lines += [f"## {cls.__name__}", "", f"*{inspect.getdoc(cls)}* (subclass of {parents})", "",
+                  f"**Symptom.** {cls.help.symptom}", "", f"**Cause.** {cls.help.cause}", "",
+                  f"**Fix.** {cls.help.fix}", ""]
+    return "\n".join(lines)
+
+
+def _leaves(value, prefix: str = "", limit: int = 60) -> list[tuple[str, str]]:
+    """Scalar leaves of a record as ``(path, value)``; long lists summarised by their length."""
+    if isinstance(value, dict):
+        out = []
+        for key, item in value.items():
+            out += _leaves(item, f"{prefix}.{key}" if prefix else str(key), limit)
+        return out
+    if isinstance(value, list):
+        if len(value) > 8 or any(isinstance(item, (dict, list)) for item in value):
+            if all(isinstance(item, dict) for item in value) and len(value) <= 12:
+                out = []
+                for i, item in enumerate(value):
+                    out += _leaves(item, f"{prefix}[{i}]", limit)
+                return out
+            return [(prefix, f"{len(value)} entries")]
+        return [(prefix, ", ".join(str(item) for item in value))]
+    if isinstance(value, float):
+        return [(prefix, f"{value:.4g}")]
+    return [(prefix, str(value))]
+
+
+def benchmarks_page() -> str:
+    lines = ["# Benchmarks", "", "Generated from the committed records in `bench/results/` (each written by the "
+             "benchmark of the same name under `bench/`). The conditions each record states come first: a timing "
+             "taken under load says so here.", ""]
+    for path in sorted((ROOT / "bench" / "results").glob("*.json")):
+        record = json.loads(path.read_text())
+        lines += [f"## {path.stem}", "", f"Record: `bench/results/{path.name}`.", ""]
+        conditions = {key: record[key] for key in CONDITIONS if isinstance(record, dict) and key in record}
+        if conditions:
+            lines += ["| condition | value |", "| --- | --- |"]
+            lines += [f"| {k} | {str(v).replace('|', '/')} |" for k, v in conditions.items()]
+            lines.append("")
+        leaves = [(k, v) for k, v in _leaves(record) if k.split(".")[0] not in CONDITIONS]
+        lines += ["| figure | value |", "| --- | --- |"]
+        lines += [f"| `{k}` | {v.replace('|', '/')[:120]} |" for k, v in leaves[:80]]
+        if len(leaves) > 80:
+            lines.append(f"| ... | {len(leaves) - 80} more figures in the record |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def combinations_table() -> str:
+    from lmatlas.infer.compose import COMBINATIONS
+
+    rows = ["| edit | KV policy | strategy | what happens |", "| --- | --- | --- | --- |"]
+    rows += [f"| {edit} | {kv} | {strategy} | {outcome} |" for edit, kv, strategy, outcome in COMBINATIONS]
+    return "\n".join(rows)
+
+
+#: API reference pages: one per package, a section per module (from the modules' docstrings).
+PACKAGES = ("model", "decode", "census", "edit", "causal", "atlas", "infer", "errors")
+
+
+def reference_page(package: str) -> str:
+    import importlib
+    import pkgutil
+
+    module = importlib.import_module(f"lmatlas.{package}")
+    lines = [f"# lmatlas.{package}", ""]
+    if not hasattr(module, "__path__"):
+        return "\n".join(lines + [f"::: lmatlas.{package}", ""])
+    names = sorted(info.name for info in pkgutil.walk_packages(module.__path__, f"lmatlas.{package}.")
+                   if not info.ispkg or True)
+    for name in [f"lmatlas.{package}"] + names:
+        lines += [f"::: {name}", "    options:", "      show_submodules: false", "      members: false"
+                  if name.endswith("__init__") else "", ""]
+    return "\n".join(lines)
+
+
+GENERATED = {"cli.md": cli_page, "errors.md": errors_page, "benchmarks.md": benchmarks_page,
+             **{f"reference/{package}.md": (lambda package=package: reference_page(package)) for package in PACKAGES}}
+
+
+def on_files(files, config):
+    for name, make in GENERATED.items():
+        files.append(File.generated(config, name, content=make()))
+    return files
+
+
+def on_page_markdown(markdown: str, page, config, files) -> str:
+    if "{{ combinations }}" in markdown:
+        markdown = markdown.replace("{{ combinations }}", combinations_table())
+    return markdown
