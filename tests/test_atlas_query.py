@@ -35,11 +35,14 @@ def _write(path, card, neurons, scores, importance):
         {"layer": 0, "head": 1, "copying": 0.5, "suppression": 0.0, "top_sources": ["x", "y"],
          "top_outputs": [" red", " dog"], "top_logits": [5.0, 2.0], "top_source_ids": [7, 8], "top_output_ids": [3, 1]},
     ]}, 0.1)
-    store.commit_unit("search", "search/all", {  # scale 1: the logits are those stored
-        "head_promoted": [{"layer": 0, "head": 1, "tokens": [" red", " dog"], "token_ids": [3, 1], "logits": [5.0, 2.0],
-                           "sources": ["x", "y"], "source_ids": [7, 8]}],
-        "search_scale": [{"layer": layer, "final_scale": 1.0, "tokens": 1, "neuron_max": [1.0] * 3}
-                         for layer in range(2)]}, 0.1)
+    store.commit_unit("search", "search/V0", {"token_writers": [  # the strongest writers of each token
+        {"token_id": 3, "token": " red", "kind": "head", "layer": 0, "idx": 1, "logit": 5.0, "source_id": 7,
+         "source": "x"},
+        {"token_id": 3, "token": " red", "kind": "neuron", "layer": 1, "idx": 2, "logit": 3.0},
+        {"token_id": 1, "token": " dog", "kind": "neuron", "layer": 0, "idx": 0, "logit": 3.0},
+        {"token_id": 1, "token": " dog", "kind": "head", "layer": 0, "idx": 1, "logit": 2.0, "source_id": 8,
+         "source": "y"},
+        {"token_id": 4, "token": "dog", "kind": "neuron", "layer": 0, "idx": 1, "logit": 2.0}]}, 0.1)
     store.close()
     return path
 
@@ -81,11 +84,11 @@ def test_search_and_summary(pair):
         hits = atlas.search("red").to_pylist()
         # heads and neurons on one scale (the logit they add to the token): the head's pair logit 5.0 first
         assert hits == [
-            {"kind": "head", "name": "L0.H1", "layer": 0, "index": 1, "logit": 5.0, "source": "x", "rank": 1,
-             "top_tokens": [" red", " dog"]},
-            {"kind": "neuron", "name": "L1.N2", "layer": 1, "index": 2, "logit": 3.0, "source": None, "rank": 1,
+            {"kind": "head", "name": "L0.H1", "layer": 0, "index": 1, "logit": 5.0, "source": "x", "rank": None,
+             "top_tokens": None},
+            {"kind": "neuron", "name": "L1.N2", "layer": 1, "index": 2, "logit": 3.0, "source": None, "rank": None,
              "top_tokens": [" red", " blue"]}]
-        assert atlas.search(3).to_pylist() == hits[:1]  # by token id (the head stores ids; the neurons here do not)
+        assert atlas.search(3).to_pylist() == hits  # by token id
         assert [h["name"] for h in atlas.search(" dog", limit=2).to_pylist()] == ["L0.N0", "L0.N1"]
         summary = atlas.summary()
         assert summary["head_types"] == [{"type": "induction", "heads": 2, "scored": 4}]
@@ -143,11 +146,10 @@ def test_cli_search_in_an_atlas(pair):
     # the same rows as Atlas.search: one implementation
     with Atlas.open(pair[0]) as atlas:
         assert data["results"] == atlas.search(" dog").to_pylist()
-    assert [(r["name"], r["rank"], r["logit"]) for r in data["results"]] == [
-        ("L0.N0", 1, 3.0), ("L0.N1", 2, 2.0), ("L0.H1", 2, 2.0)]
+    assert [(r["name"], r["logit"]) for r in data["results"]] == [("L0.N0", 3.0), ("L0.N1", 2.0), ("L0.H1", 2.0)]
     table = runner.invoke(app, ["search", str(pair[0]), "red"])
     assert table.exit_code == 0 and "L1.N2" in table.stdout
     bad = runner.invoke(app, ["search", str(pair[0])])
     assert bad.exit_code == 2 and "Expected [MODEL] TEXT" in bad.output
     by_id = json.loads(runner.invoke(app, ["search", str(pair[0]), "--id", "3", "--json"]).stdout)
-    assert [r["name"] for r in by_id["results"]] == ["L0.H1"]
+    assert [r["name"] for r in by_id["results"]] == ["L0.H1", "L1.N2"]
