@@ -10,14 +10,17 @@ import importlib
 import pkgutil
 
 from lmatlas.cli.app import app
+from lmatlas.cli.help_text import clean_help
+from lmatlas.cli.usage import run_app
 
 for _module in sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name.endswith("_commands")):
     importlib.import_module(f"{__name__}.{_module}")
+clean_help(app)  # --help shows plain text, not the docstrings' reStructuredText
 
 
-def main() -> None:
-    """Console-script entry point."""
-    app()
+def main() -> int:
+    """Console-script entry point: bad input on one line, exit status 2 (:mod:`lmatlas.cli.usage`)."""
+    return run_app(app)
 
 
 __all__ = ["app", "main"]
