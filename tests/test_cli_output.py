@@ -45,7 +45,7 @@ def test_neurons_table_at_80_columns_shows_whole_tokens_and_pages(model_dir):
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
     assert max(len(line) for line in lines) <= 80
-    assert "neurons 0..19 of 96" in result.stdout and "76 more: --start N / --limit N" in result.stdout
+    assert "20 of 96 neurons" in result.stdout and "76 more: --start N / --limit N" in result.stdout
     rows = [line for line in lines if line.startswith("│ L1.N")]
     assert len(rows) == 20  # a screenful, not 96
     promoted = {r["neuron"]: [repr(t) for t, _ in r["promoted"]] for r in data["neurons"]}
@@ -55,7 +55,8 @@ def test_neurons_table_at_80_columns_shows_whole_tokens_and_pages(model_dir):
         tokens = [t for t in shown.split("  ") if t]
         assert tokens == promoted[cells[0]][: len(tokens)]  # whole tokens, in order, never cut
         assert len(tokens) + int(more) == 20
-    page = runner.invoke(app, ["neurons", model_dir, "--layer", "1", "--start", "90", "--limit", "0"])
+    page = runner.invoke(app, ["neurons", model_dir, "--layer", "1", "--start", "90", "--limit", "0", "--sort",
+                               "index"])
     assert [l.split("│")[1].strip() for l in page.stdout.splitlines() if l.startswith("│ L1.N")] == [
         f"L1.N{n}" for n in range(90, 96)]
 
