@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import AttentionInterface
 
 import lmatlas
 from lmatlas.causal import ablate, all_heads, attribute, load_task, logit_diff, patch, spearman
@@ -103,8 +105,8 @@ def test_qk_fix_recovers_queries_and_keys_of_saturated_induction_heads(fixture_m
     plain = attribute(fixture_model, task, targets, qk_fix=False, verify=0).effect()
     fixed = attribute(fixture_model, task, targets, qk_fix=True, verify=0).effect()
     h2, kv2 = targets.index("L1.H2.q"), targets.index("L1.KV2.k")
-    assert float(exact[h2]) > 0 > float(plain[h2]) and float(fixed[h2]) > 0  # measured 1.14, -2.87, 0.77
-    assert abs(float(plain[kv2] - exact[kv2])) > 5 and abs(float(fixed[kv2] - exact[kv2])) < 1  # -7.95 vs 0.10
+    assert float(exact[h2]) > 0 > float(plain[h2]) and float(fixed[h2]) > 0  # measured 1.13, -2.87, 0.77
+    assert abs(float(plain[kv2] - exact[kv2])) > 5 and abs(float(fixed[kv2] - exact[kv2])) < 1  # -7.95 vs 0.10 (fixed: -0.30)
     assert spearman(plain, exact) < 0.2 < 0.7 < spearman(fixed, exact)  # measured -0.12 and 0.83
 
 
@@ -143,3 +145,144 @@ def test_bad_tasks_and_targets_are_clear_errors(llama, tmp_path):
         patch(llama, task, ["L1.H7"])
     with pytest.raises(SiteError, match="KV heads"):
         attribute(llama, task, ["L1.KV5.k"])
+
+
+# -- the fixture's attribution values, against a plain PyTorch re-derivation ----------------------------------
+class PlainAttention:
+    """A plain eager attention for the fixture's Hugging Face forward, written here (no lmatlas hooks).
+
+    At ``layer`` it keeps the post-rotary queries and keys ``[batch, head, pos, d_head]`` and the
+    pattern ``[batch, head, pos, key_pos]``; with ``grad`` they are fresh leaves whose gradients the
+    metric's backward fills; ``patch = (kind, head, tensor)`` swaps one head's queries or keys first.
+    """
+
+    def __init__(self, layer: int, grad: bool = False, patch=None):
+        self.layer, self.grad, self.patch, self.kept = layer, grad, patch, {}
+
+    def __call__(self, module, query, key, value, attention_mask, *args, scaling=None, **kwargs):
+        if module.layer_idx == self.layer:
+            if self.patch is not None:
+                kind, head, tensor = self.patch
+                target = query if kind == "q" else key
+                target = target.clone()
+                target[:, head] = tensor[:, head]
+                query, key = (target, key) if kind == "q" else (query, target)
+            if self.grad:
+                query, key = query.detach().requires_grad_(), key.detach().requires_grad_()
+            self.kept.update(q=query, k=key)
+        n = query.shape[2]
+        rep = query.shape[1] // key.shape[1]
+        scores = query.float() @ key.repeat_interleave(rep, 1).float().transpose(2, 3) * scaling
+        scores = scores.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+        pattern = torch.softmax(scores, dim=-1)
+        if module.layer_idx == self.layer:
+            if self.grad:
+                pattern.retain_grad()
+            self.kept["pattern"] = pattern
+        out = pattern.to(value.dtype) @ value.repeat_interleave(rep, 1)
+        return out.transpose(1, 2).contiguous(), pattern
+
+    def run(self, model, ids) -> torch.Tensor:
+        """The fixture's logits ``[batch, pos, vocab]`` through this attention."""
+        AttentionInterface.register("plain_fixture_attention", self)
+        AttentionMaskInterface.register("plain_fixture_attention", ALL_MASK_ATTENTION_FUNCTIONS._global_mapping["sdpa"])
+        config = model.hf.config
+        saved, config._attn_implementation = config._attn_implementation, "plain_fixture_attention"
+        try:
+            with torch.set_grad_enabled(self.grad):
+                return model.hf(ids, use_cache=False).logits
+        finally:
+            config._attn_implementation = saved
+
+
+def _mean_logit_diff(task, logits) -> torch.Tensor:
+    last = logits[:, -1].float()
+    rows = torch.arange(len(last))
+    return (last[rows, task.answer] - last[rows, task.wrong]).mean()
+
+
+def test_attribution_values_of_the_fixture_equal_a_plain_rederivation(fixture_model):
+    """The README's figures for the fixture's layer-1 queries and keys, re-derived in plain PyTorch:
+
+    * exact: the corrupt run with one head's queries (or keys) taken from the clean run;
+    * plain AtP: ``sum (a_clean - a_corrupt) * d metric / d a`` over that head's queries (keys);
+    * QK fix: ``sum (P' - P) * d metric / d P``, ``P'`` the softmax of the patched scores.
+    """
+    model = fixture_model
+    task = load_task(model, "induction", n=16)
+    assert len(set(task.clean.shape[1:])) == 1 and task.clean.shape == task.corrupt.shape  # one length, no padding
+    clean = PlainAttention(1)
+    m_clean = float(_mean_logit_diff(task, clean.run(model, task.clean)))
+    corrupt = PlainAttention(1, grad=True)
+    m_corrupt = _mean_logit_diff(task, corrupt.run(model, task.corrupt))
+    m_corrupt.backward()
+    model.hf.zero_grad(set_to_none=True)  # the fixture is shared: leave no gradients on its weights
+    q, k, pattern = corrupt.kept["q"], corrupt.kept["k"], corrupt.kept["pattern"]
+    scale = model.hf.model.layers[1].self_attn.scaling
+    n = q.shape[2]
+    causal = torch.ones(n, n, dtype=torch.bool).triu(1)
+    targets = [f"L1.H{h}.q" for h in range(4)] + [f"L1.KV{h}.k" for h in range(4)]
+    exact, plain, fixed = [], [], []
+    for target in targets:
+        kind, head = ("q", int(target[4])) if target.endswith(".q") else ("k", int(target[5]))
+        source = clean.kept[kind]
+        patched = PlainAttention(1, patch=(kind, head, source))
+        exact.append(float(_mean_logit_diff(task, patched.run(model, task.corrupt)) - m_corrupt.detach()))
+        leaf = q if kind == "q" else k
+        plain.append(float(((source[:, head] - leaf[:, head].detach()) * leaf.grad[:, head]).sum()))
+        q2, k2 = q.detach().clone(), k.detach().clone()
+        (q2 if kind == "q" else k2)[:, head] = source[:, head]
+        after = torch.softmax((q2.float() @ k2.float().transpose(2, 3) * scale).masked_fill(causal, float("-inf")), -1)
+        fixed.append(float(((after - pattern.detach()) * pattern.grad).sum()))
+    exact, plain, fixed = torch.tensor(exact), torch.tensor(plain), torch.tensor(fixed)
+
+    ours_exact = patch(model, task, targets)
+    assert ours_exact.clean == pytest.approx(m_clean, abs=1e-4) and ours_exact.corrupt == pytest.approx(
+        float(m_corrupt), abs=1e-4)
+    torch.testing.assert_close(ours_exact.effect(), exact, atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(attribute(model, task, targets, qk_fix=False, verify=0).effect(), plain,
+                               atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(attribute(model, task, targets, qk_fix=True, verify=0).effect(), fixed,
+                               atol=1e-3, rtol=1e-4)
+    # the figures the README quotes (tests/test_causal.py's fixture, L1.H2's queries and L1.KV2's keys)
+    h2, kv2 = targets.index("L1.H2.q"), targets.index("L1.KV2.k")
+    quoted = {"exact q": (exact[h2], 1.13), "plain q": (plain[h2], -2.87), "fixed q": (fixed[h2], 0.77),
+              "exact k": (exact[kv2], 0.10), "plain k": (plain[kv2], -7.95), "fixed k": (fixed[kv2], -0.30),
+              "spearman plain": (spearman(plain, exact), -0.12), "spearman fixed": (spearman(fixed, exact), 0.83)}
+    for name, (value, figure) in quoted.items():
+        assert abs(float(value) - figure) <= 0.005, (name, float(value), figure)
+
+
+def test_attribution_of_the_previous_token_head_equals_a_plain_rederivation(fixture_model):
+    """AtP credits L0.H1 (patched alone: inert) with about half the gap, with the wrong sign (README);
+    re-derived here from the gradient at the native o_proj input of layer 0."""
+    model = fixture_model
+    task = load_task(model, "induction", n=16)
+    d_head = model.layout.d_head
+    o_proj = model.blocks[0].self_attn.o_proj
+    seen = {}
+
+    def keep(module, args):
+        seen["z"] = args[0]
+        if args[0].requires_grad:
+            args[0].retain_grad()
+
+    handle = o_proj.register_forward_pre_hook(keep)
+    try:
+        with torch.no_grad():
+            clean = model.hf(task.clean).logits
+        z_clean = seen["z"]
+        corrupt = model.hf(task.corrupt).logits
+        m_corrupt = _mean_logit_diff(task, corrupt)
+        m_corrupt.backward()
+    finally:
+        handle.remove()
+        model.hf.zero_grad(set_to_none=True)  # the fixture is shared: leave no gradients on its weights
+    z = seen["z"]
+    head = slice(d_head, 2 * d_head)  # L0.H1
+    estimate = float(((z_clean[..., head] - z[..., head].detach()) * z.grad[..., head]).sum())
+    gap = float(_mean_logit_diff(task, clean) - m_corrupt.detach())
+    ours = attribute(model, task, ["L0.H1"], verify=0)
+    assert float(ours.effect()[0]) == pytest.approx(estimate, abs=1e-3, rel=1e-4)
+    assert ours.clean - ours.corrupt == pytest.approx(gap, abs=1e-4)
+    assert abs(estimate / gap - (-0.49)) <= 0.005, estimate / gap  # "-0.49 of the gap"
