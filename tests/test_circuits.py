@@ -25,7 +25,7 @@ def setup():
 
 def test_the_induction_circuit_is_found(setup):
     model, task = setup
-    graph = edge_attribution(model, task)
+    graph = edge_attribution(model, task, qk=False)  # plain EAP
     top = [(s, t) for s, t, _ in graph.edges(5)]
     assert ("L0.H1", "L1.KV2.k") in top  # K-composition: previous-token head into the induction head's keys
     assert ("L1.H2", "logits") in top

@@ -40,10 +40,15 @@ def test_the_planted_circuit_is_faithful_and_every_edge_is_needed(case):
     assert runner.faithfulness(minus).max() <= 0.2, dict(zip(sorted(p.edges), runner.faithfulness(minus).tolist()))
 
 
-@pytest.mark.parametrize("steps", [0, 4], ids=["eap", "eap-ig"])
-def test_the_circuit_found_contains_the_planted_edges(case, steps):
+METHODS = [(0, "inputs", False), (0, "inputs", True), (4, "inputs", False), (4, "inputs", True),
+           (4, "activations", False), (4, "activations", True)]
+
+
+@pytest.mark.parametrize("steps, along, qk", METHODS,
+                         ids=["eap", "eap+qk", "eap-ig", "eap-ig+qk", "eap-ig-act", "eap-ig-act+qk"])
+def test_the_circuit_found_contains_the_planted_edges(case, steps, along, qk):
     p, _ = case
-    graph = edge_attribution(p.model, p.task, steps=steps)
+    graph = edge_attribution(p.model, p.task, steps=steps, along=along, qk=qk)
     circuit = find_circuit(p.model, p.task, graph, target=0.8, verify=10)
     assert circuit.granularity == "edges"
     assert p.edges <= {(s, t) for s, t, _ in circuit.edges}
@@ -55,7 +60,7 @@ def test_the_circuit_found_contains_the_planted_edges(case, steps):
 def test_the_node_run_hides_edges_the_edge_run_needs():
     """The failure this run fixes: kept whole, a head carries edges the circuit does not list."""
     p = planted("k", gqa=True)
-    graph = edge_attribution(p.model, p.task)
+    graph = edge_attribution(p.model, p.task, qk=False)
     nodes = find_circuit(p.model, p.task, graph, target=0.8, granularity="nodes", verify=0)
     assert nodes.granularity == "nodes" and nodes.faithfulness >= 0.8
     assert not p.edges <= {(s, t) for s, t, _ in nodes.edges}  # the node run calls an incomplete list faithful

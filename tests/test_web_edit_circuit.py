@@ -225,7 +225,7 @@ def test_live_circuit_equals_lmatlas_causal(client, model, task, n, seed, steps,
     graph = edge_attribution(model, batch, steps=steps)
     circuit = find_circuit(model, batch, graph, target=target)
     k = data["circuit_edges"]
-    assert data["computed"] == "live" and data["method"] == ("eap-ig" if steps else "eap")
+    assert data["computed"] == "live" and data["method"] == ("eap-ig+qk" if steps else "eap+qk")
     assert k == len(circuit.edges)
     got = [(e["source"], e["target"], e["score"]) for e in data["edges"]]
     assert [g[:2] for g in got[:k]] == [c[:2] for c in circuit.edges]
@@ -258,7 +258,7 @@ def test_circuit_from_the_atlas(paths, model, tmp_path):
     with TestClient(create_app(stored_path)) as c:  # no model: served from the atlas
         tasks = c.get("/api/circuit/tasks").json()
         assert tasks["tasks"] == list(TASKS) and tasks["live"] is False
-        assert tasks["stored"] == [{"task": "induction", "method": "eap", "granularity": "edges",
+        assert tasks["stored"] == [{"task": "induction", "method": "eap+qk", "granularity": "edges",
                                     "edges": len(circuit.edges), "faithfulness": pytest.approx(circuit.faithfulness)}]
         data = c.get("/api/circuit", params={"task": "induction"}).json()
         assert data["computed"] == "atlas" and data["curve"] == [] and data["cpr"] == pytest.approx(circuit.cpr)

@@ -14,7 +14,11 @@ site is on the autograd path, so ``d metric / d x_v`` for ``L5.H3.q`` is the
 vector-Jacobian product of ``resid.pre -> attn.q`` (norm, projection, q-norm, rotary)
 with the metric's gradient at head 3's queries only — one small local backward per input.
 EAP-IG (Hanna et al. 2024) averages these gradients over ``steps`` inputs interpolated
-between the corrupt and the clean embeddings.
+between the corrupt and the clean embeddings (``along="inputs"``), or with every layer's
+stream held on the straight path between the corrupt and the clean run
+(``along="activations"``, MIB's variant). ``qk=True`` (the default) replaces the scores of
+query and key edges by the QK-aware score, which recomputes the head's softmax exactly
+(:mod:`lmatlas.causal.edge_scores`): gradients through a saturated softmax under-score them.
 
 The result is a :class:`Graph` of scored edges; :mod:`lmatlas.causal.faithfulness`
 prunes it to a circuit and measures it.
@@ -133,17 +137,42 @@ def _final(model: "Model", cache):
     return cache[f"L{model.layout.n_layers - 1}.resid.post"]
 
 
+METHODS = ("eap", "eap-ig", "eap-ig-act")
+
+
+def method_name(steps: int, along: str, qk: bool) -> str:
+    """``eap``, ``eap-ig`` (inputs) or ``eap-ig-act`` (activations), ``+qk`` with the QK-aware score."""
+    base = "eap" if not steps else ("eap-ig" if along == "inputs" else "eap-ig-act")
+    return base + ("+qk" if qk else "")
+
+
 def edge_attribution(model: "Model", task: "TaskBatch", metric: Callable | None = None, *,
-                     steps: int = 0) -> Graph:
-    """Score every edge of the graph (EAP with ``steps=0``; EAP-IG with ``steps`` interpolation points)."""
+                     steps: int = 0, along: str = "inputs", qk: bool = True) -> Graph:
+    """Score every edge of the graph: EAP (``steps=0``) or EAP-IG with ``steps`` points ``along``
+    ``"inputs"`` or ``"activations"``; ``qk=True`` scores query and key edges QK-aware."""
+    from lmatlas.causal.edge_scores import held_streams, qk_scores, stream_captures
+    from lmatlas.errors import TaskError
+
+    if along not in ("inputs", "activations"):
+        raise TaskError(f"Unknown path {along!r} for EAP-IG: use 'inputs' or 'activations'.")
+    if steps < 0:
+        raise TaskError(f"EAP-IG steps must be 0 (plain EAP) or more, got {steps}.")
     metric = metric or logit_diff(task.answer, task.wrong)
     lay = model.layout
     capture = ["L0.resid.pre"] + [f"L{l}.{c}" for l in range(lay.n_layers) for c in ("attn.out", "mlp.out")]
     lastp = f"L{lay.n_layers - 1}.resid.post"
-    clean = model.run(task.clean, capture=capture + [lastp])
-    corrupt = model.run(task.corrupt, capture=capture + [lastp])
+    streams = stream_captures(model) if steps and along == "activations" else []
+    clean = model.run(task.clean, capture=capture + [lastp] + streams)
+    corrupt = model.run(task.corrupt, capture=capture + [lastp] + streams)
     delta = _writes(model, clean, lay.n_layers) - _writes(model, corrupt, lay.n_layers)  # [S, b, p, d]
-    if steps:
+    if steps and along == "activations":
+        total = None
+        for i in range(1, steps + 1):
+            held = held_streams(model, clean, corrupt, i / steps)
+            grads, _ = _input_grads(model, task.corrupt, metric, replace=held)
+            total = grads if total is None else total + grads
+        grads = total / steps
+    elif steps:
         embed_clean, embed_corrupt = clean["L0.resid.pre"], corrupt["L0.resid.pre"]
         total = None
         for i in range(1, steps + 1):
@@ -156,8 +185,11 @@ def edge_attribution(model: "Model", task: "TaskBatch", metric: Callable | None 
         grads, _ = _input_grads(model, task.corrupt, metric)
     scores = torch.einsum("sbpd,tbpd->st", delta, grads)
     sources, targets = nodes(model)
+    if qk:
+        for (i, j), value in qk_scores(model, task, metric, delta, sources, targets).items():
+            scores[i, j] = value
     allowed = torch.tensor([[_reads_after(model, s, t) for t in targets] for s in sources])
     scores = torch.where(allowed, scores, torch.full_like(scores, float("nan")))
-    return Graph(task.name, "eap-ig" if steps else "eap", sources, targets, scores,
+    return Graph(task.name, method_name(steps, along, qk), sources, targets, scores,
                  float(metric(clean.logits).mean()), float(metric(corrupt.logits).mean()),
-                 meta={"steps": steps, "prompts": len(task)})
+                 meta={"steps": steps, "prompts": len(task), "along": along if steps else None, "qk": qk})

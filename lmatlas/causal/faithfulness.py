@@ -199,10 +199,12 @@ def _smallest(judge, ranked, target: float, low: int, high: int, at_high: float,
 
 
 def task_circuit(model: "Model", task: str, *, n: int = 8, seed: int = 0, steps: int = 0,
-                 target: float = 0.8, granularity: str = "edges", verify: int = 50) -> Circuit:
+                 target: float = 0.8, granularity: str = "edges", verify: int = 50, along: str = "inputs",
+                 qk: bool = True) -> Circuit:
     """The circuit of a task by name: ``n`` prompt pairs (:func:`~lmatlas.causal.tasks.load_task` with
-    ``seed``), edges scored by EAP (``steps=0``) or EAP-IG, pruned to ``target`` faithfulness
-    measured at ``granularity`` (``"edges"`` or ``"nodes"``).
+    ``seed``), edges scored by EAP (``steps=0``) or EAP-IG ``along`` inputs or activations, query and
+    key edges QK-aware unless ``qk=False``, pruned to ``target`` faithfulness measured at
+    ``granularity`` (``"edges"`` or ``"nodes"``).
 
     What ``lmatlas circuit --task NAME`` and the explorer's circuit page both run.
     """
@@ -214,5 +216,5 @@ def task_circuit(model: "Model", task: str, *, n: int = 8, seed: int = 0, steps:
         raise TaskError(f"The faithfulness target must be in (0, 1], got {target}.")
     check_granularity(granularity)
     batch = load_task(model, task, n=n, seed=seed)
-    return find_circuit(model, batch, edge_attribution(model, batch, steps=steps), target=target,
-                        granularity=granularity, verify=verify)
+    graph = edge_attribution(model, batch, steps=steps, along=along, qk=qk)
+    return find_circuit(model, batch, graph, target=target, granularity=granularity, verify=verify)

@@ -2,7 +2,8 @@
 
     lmatlas patch [MODEL] --task ioi [--targets heads] [--n 8] [--top 20] [--json]
     lmatlas attribute [MODEL] --task ioi [--targets heads] [--no-qk-fix] [--grad-drop] [--verify 10] [--json]
-    lmatlas circuit [MODEL] --task ioi [--ig-steps 0] [--granularity edges|nodes] [--verify 50] [--json]
+    lmatlas circuit [MODEL] --task ioi [--ig-steps 0] [--ig-along inputs|activations] [--no-qk]
+                    [--granularity edges|nodes] [--verify 50] [--json]
 
 ``--task`` is ioi, capitals, induction, greater-than or a .jsonl file of
 ``{"clean", "corrupt", "answer", "wrong"}`` rows. ``--targets`` is a comma list of
@@ -117,6 +118,10 @@ def attribute_command(
 def circuit_command(
     model: Optional[str] = MODEL_ARG, task: str = TASK_OPT, n: int = N_OPT,
     steps: int = typer.Option(0, "--ig-steps", help="EAP-IG interpolation steps (0 = plain EAP)."),
+    along: str = typer.Option("inputs", "--ig-along", help="EAP-IG path: inputs (embeddings) or activations "
+                              "(every layer's stream held on the corrupt-clean line, MIB's variant)."),
+    qk: bool = typer.Option(True, "--qk/--no-qk", help="Score query and key edges QK-aware (the head's softmax "
+                            "recomputed exactly) instead of by the softmax's gradient."),
     target: float = typer.Option(0.8, "--faithfulness", help="Keep the smallest circuit reaching this faithfulness."),
     picture: Optional[str] = typer.Option(None, "--svg", help="Write the circuit diagram (SVG) to this file."),
     granularity: str = typer.Option("edges", "--granularity", help="edges: each edge patched (MIB's run); nodes: "
@@ -138,9 +143,11 @@ def circuit_command(
         if verify < 0:
             raise TaskError(f"--verify must be 0 or more, got {verify}.")
         check_granularity(granularity)
+        if along not in ("inputs", "activations"):
+            raise TaskError(f"--ig-along must be inputs or activations, got {along!r}.")
         loaded = load_model(model, dtype, device)
         circuit = task_circuit(loaded, task, n=n, steps=steps, target=target, granularity=granularity,
-                               verify=verify)
+                               verify=verify, along=along, qk=qk)
         if picture:
             Path(picture).write_text(circuit_svg(circuit, loaded.layout.n_layers))
         if atlas:

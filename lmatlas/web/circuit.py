@@ -63,6 +63,7 @@ class CurvePoint(BaseModel):
 
 
 Granularity = Literal["edges", "nodes"]
+MethodName = Literal["eap", "eap-ig", "eap-ig-act", "eap+qk", "eap-ig+qk", "eap-ig-act+qk"]
 
 
 class Verification(BaseModel):
@@ -74,7 +75,8 @@ class Verification(BaseModel):
 
 class CircuitView(BaseModel):
     task: str
-    method: str = Field(description="eap or eap-ig")
+    method: str = Field(description="eap, eap-ig (inputs) or eap-ig-act (activations); +qk: query and key "
+                        "edges scored QK-aware")
     granularity: Granularity = Field(description="edges: each edge patched (MIB); nodes: touched nodes run whole")
     verification: Optional[Verification] = Field(description="top edges re-measured exactly (null if not stored)")
     computed: Literal["atlas", "live"]
@@ -163,12 +165,12 @@ def from_rows(task: str, method: str, rows: list[dict[str, Any]], layout: "HeadL
 
 
 def compute(model: "Model", task: str, *, n: int, seed: int, steps: int, target: float,
-            granularity: str = "edges", verify: int = 50) -> "Circuit":
+            granularity: str = "edges", verify: int = 50, along: str = "inputs", qk: bool = True) -> "Circuit":
     """The task's circuit on the live model (run it through the app's model gate)."""
     from lmatlas.causal.faithfulness import task_circuit
 
     return task_circuit(model, task, n=n, seed=seed, steps=steps, target=target, granularity=granularity,
-                        verify=verify)
+                        verify=verify, along=along, qk=qk)
 
 
 def from_circuit(circuit: "Circuit", layout: "HeadLayout", top: int, params: dict[str, Any]) -> dict[str, Any]:

@@ -40,7 +40,7 @@ def _from_atlas(ex: Explorer, task: str, method: Optional[str]) -> Optional[dict
     found = [s for s in _stored(ex) if s["task"] == task and method in (None, s["method"])]
     if not found:
         return None
-    chosen = next((s["method"] for s in found if s["method"] == "eap"), found[0]["method"])
+    chosen = next((s["method"] for s in found if s["method"] in ("eap+qk", "eap")), found[0]["method"])
     extra = ", granularity, cpr, cmd, verified_spearman, verified_max_error" if _recorded(ex) else ""
     rows = ex.query(f"SELECT source, target, score, faithfulness{extra} FROM circuits WHERE task = ? AND method = ? "
                     "ORDER BY abs(score) DESC, source, target", [task, chosen])
@@ -53,10 +53,12 @@ def task_circuit(
     task: circuit.TaskName = Query(description="a built-in task"),
     source: Literal["auto", "atlas", "live"] = Query("auto", description="auto: the atlas's circuit if it holds "
                                                       "one, else computed with the live model"),
-    method: Optional[Literal["eap", "eap-ig"]] = Query(None, description="which stored circuit (atlas only)"),
+    method: Optional[circuit.MethodName] = Query(None, description="which stored circuit (atlas only)"),
     n: int = Query(4, ge=1, le=64, description="prompt pairs (live)"),
     seed: int = Query(0, ge=0, le=2**31 - 1, description="seed of the task's prompts (live)"),
     steps: int = Query(0, ge=0, le=16, description="EAP-IG steps; 0 = plain EAP (live)"),
+    along: Literal["inputs", "activations"] = Query("inputs", description="EAP-IG path (live)"),
+    qk: bool = Query(True, description="score query and key edges QK-aware (live)"),
     faithfulness: float = Query(0.8, gt=0, le=1, description="keep the smallest circuit reaching this (live)"),
     granularity: circuit.Granularity = Query("edges", description="edges: each edge patched (MIB's run); nodes: "
                                              "the heads and MLPs the edges touch run whole (live)"),
@@ -79,8 +81,9 @@ def task_circuit(
                             f"`lmatlas circuit MODEL --task {task} --atlas {ex.path}`.")
     if n > ex.limits.circuit_pairs:
         raise Malformed(f"n is {n}; this explorer computes circuits on at most {ex.limits.circuit_pairs} prompt pairs.")
-    params = {"n": n, "seed": seed, "steps": steps, "target": faithfulness, "granularity": granularity}
-    key = (task, n, seed, steps, faithfulness, granularity)
+    params = {"n": n, "seed": seed, "steps": steps, "target": faithfulness, "granularity": granularity,
+              "along": along, "qk": qk}
+    key = (task, n, seed, steps, faithfulness, granularity, along, qk)
     found = ex.memo.get(key)
     if found is None:
         found = ex.gate.run(lambda: circuit.compute(ex.model, task, **params))
