@@ -232,3 +232,14 @@ def test_the_cli_names_are_the_registries_keys():
     from lmatlas.infer.decoding.names import DRAFTER_NAMES, STRATEGY_NAMES
 
     assert STRATEGY_NAMES == tuple(STRATEGIES) and DRAFTER_NAMES == tuple(DRAFTERS)
+
+
+def test_a_prompt_longer_than_the_context_is_refused_before_any_forward(model):
+    """Model.run, the lens and generate all tokenize through Model.tokenize, which refuses it."""
+    calls = []
+    with model.hooked(replace={"L0.resid.pre": lambda value, ctx: calls.append(1)}):
+        with pytest.raises(InputError, match="300 tokens; this model's context is 256"):
+            model.run("a" * 300)
+        with pytest.raises(InputError, match="context"):
+            model.generate("a" * 300, 4)
+    assert calls == []

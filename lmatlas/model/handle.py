@@ -148,6 +148,7 @@ class Model:
             raise InputError(f"Token ids must be integers shaped [batch, pos] or [pos], got {tuple(ids.shape)} {ids.dtype}.")
         if ids.shape[-1] == 0:
             raise InputError("The input is empty (no tokens): pass some text or token ids.")
+        generation.check_context(self, int(ids.shape[-1]))
         if int(ids.min()) < 0 or int(ids.max()) >= self.layout.d_vocab:
             raise InputError(f"Token ids must lie in [0, {self.layout.d_vocab}) (the vocabulary), "
                              f"got values in [{int(ids.min())}, {int(ids.max())}].")
