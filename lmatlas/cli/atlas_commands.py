@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Any, Optional
 
@@ -77,11 +78,16 @@ def atlas_summary(path: Path) -> dict[str, Any]:
 
     with Atlas.open(path) as atlas:
         summary = atlas.summary()
+        summary["card"] = atlas.card
         summary["top_neurons"] = {
             word: atlas.neurons(promotes=word, limit=3).select(["layer", "neuron", "rank", "promoted"]).to_pylist()
             for word in SUMMARY_WORDS
         }
-    summary["open_with"] = f"python -c \"from lmatlas.atlas import Atlas; print(Atlas.open('{path}'))\""
+    if not summary["heads"]:  # a partial atlas without the structure stage: the model still has its heads
+        card = summary.get("card") or {}
+        summary["heads"] = int(card.get("layers") or 0) * int(card.get("query_heads") or 0)
+    summary.pop("card", None)
+    summary["open_with"] = f"lmatlas serve {shlex.quote(str(path))}"
     return summary
 
 
@@ -103,7 +109,7 @@ def print_summary(summary: dict[str, Any]) -> None:
             for word, found in summary["top_neurons"].items() if found]
     if rows:
         out.print(_table("Neurons promoting", rows))
-    out.print(Text(f"Open it: {summary['open_with']}"))
+    out.print(Text(f"Explore it in a browser: {summary['open_with']}"), soft_wrap=True)
 
 
 @app.command("map")

@@ -33,6 +33,9 @@ POSITION_WIDTH = 11  # characters a lens position column needs (a short token an
 ARGS = typer.Argument(..., metavar="[MODEL] TEXT", help="An optional model (hub id, directory, .gguf, packaged "
                       "name), then the token / prompt.", show_default=False)
 
+LENS_ARGS = typer.Argument(None, metavar="[MODEL] TEXT", help="An optional model (hub id, directory, .gguf, "
+                           "packaged name), then the prompt; none with --atlas.", show_default=False)
+
 SEARCH_ARGS = typer.Argument(None, metavar="[MODEL] TEXT", help="An optional model (hub id, directory, .gguf, "
                              "packaged name), then the token; no model with --atlas.", show_default=False)
 
@@ -122,7 +125,8 @@ def print_ranking(title: str, rows: list[dict], caption: str | None = None) -> N
     table = Table(title=title, caption=caption, title_justify="left")
     table.add_column("#", no_wrap=True)
     table.add_column("kind", no_wrap=True)
-    table.add_column("name", no_wrap=True, style="bold cyan")
+    table.add_column("name", no_wrap=True, style="bold cyan",  # the identifying column never shrinks
+                     min_width=max([len("name")] + [len(row["name"]) for row in rows]))
     add_columns(table, ["logit", "source"])
     with_tokens = any(row.get("top_tokens") for row in rows)
     if with_tokens:
@@ -149,14 +153,30 @@ def _search_atlas(path: Path, query: str | int, top: int, as_json: bool) -> None
 
 
 @app.command()
-def lens(args: list[str] = ARGS, k: int = typer.Option(5, "--k", min=1, help="Top tokens per cell in --json."),
+def lens(args: Optional[list[str]] = LENS_ARGS,
+         k: int = typer.Option(5, "--k", min=1, help="Top tokens per cell in --json."),
          embed: bool = typer.Option(False, "--embed", help="Also read the embedding (stream entering block 0)."),
-         as_json: bool = JSON_OPT, dtype: str = DTYPE_OPT, device: Optional[str] = DEVICE_OPT) -> None:
-    """The logit lens: every layer's top token, its probability, entropy and KL to the output, per position."""
+         atlas: Optional[Path] = ATLAS_OPT, as_json: bool = JSON_OPT, dtype: str = DTYPE_OPT,
+         device: Optional[str] = DEVICE_OPT) -> None:
+    """The logit lens: every layer's top token, its probability, entropy and KL to the output, per position.
+
+    A prompt needs the model. With --atlas FILE (and no prompt) it prints the lens statistics
+    the atlas stored over its corpus: per layer, mean entropy, probability of the final
+    prediction, KL to the output and top-1 agreement.
+    """
     from lmatlas.decode.lens import logit_lens
 
     def body():
-        name, texts = _split(args, 1)
+        given = list(args or [])
+        if atlas is not None:
+            if given:
+                raise LmatlasError("The logit lens of a new prompt needs the model: drop --atlas (with --atlas and no "
+                                   "prompt, lmatlas lens prints the statistics the atlas stored over its corpus).")
+            return _lens_atlas(atlas, as_json)
+        name, texts = _split(given, 1)
+        if not texts[0]:
+            raise LmatlasError('The prompt is empty: give the text to read, e.g. `lmatlas lens "The capital of '
+                               'France is"`.')
         model = load_model(name, dtype, device)
         result = logit_lens(model, texts[0], k=k, include_embed=embed)
         if as_json:
@@ -170,7 +190,8 @@ def lens(args: list[str] = ARGS, k: int = typer.Option(5, "--k", min=1, help="To
         table = Table(title="Logit lens: each layer's top token and its probability (green: the model's final "
                       "prediction); KL(output || layer) and entropy H in nats at the last position",
                       caption=caption, title_justify="left")
-        table.add_column("layer", style="bold cyan", no_wrap=True)
+        label = max([len("layer")] + [len(name) for name in result.labels])
+        table.add_column("layer", style="bold cyan", no_wrap=True, min_width=label)  # row labels never shrink
         for token in inputs[first:]:
             table.add_column(Text(repr(token)), no_wrap=True, overflow="ellipsis")  # shortened with …, never cut
         table.add_column("KL", justify="right", no_wrap=True)
@@ -186,3 +207,26 @@ def lens(args: list[str] = ARGS, k: int = typer.Option(5, "--k", min=1, help="To
         out.print(table)
 
     run(body)
+
+
+def _lens_atlas(path: Path, as_json: bool) -> None:
+    """``lmatlas lens --atlas FILE``: the per-layer lens statistics the atlas stored over its corpus."""
+    from lmatlas.atlas.query import Atlas
+    from lmatlas.errors import AtlasError
+
+    with Atlas.open(path) as opened:
+        rows = [r for r in opened.layers().to_pylist() if r["lens_entropy"] is not None]
+        if not rows:
+            raise AtlasError(f"{path} has no lens statistics: add them with {opened.map_command(['lens'])}")
+        corpus = opened.meta.get("corpus")
+    if as_json:
+        return print_json({"atlas": str(path), "corpus": corpus, "layers": rows})
+    table = Table(title=f"Logit lens over the atlas corpus ({corpus}): per layer, means over every position",
+                  title_justify="left")
+    table.add_column("layer", style="bold cyan", no_wrap=True, justify="right")
+    for column in ("entropy", "p(final)", "KL to output", "top-1 = output"):
+        table.add_column(column, justify="right", no_wrap=True)
+    for r in rows:
+        table.add_row(f"L{r['layer']}", f"{r['lens_entropy']:.2f}", f"{r['lens_final_prob']:.3f}",
+                      f"{r['lens_kl_to_final']:.2f}", f"{r['lens_top1_agreement']:.1%}")
+    out.print(table)
