@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from fixtures.planted import planted
+
 from lmatlas.causal import load_task, logit_diff
 from lmatlas.causal.circuits import edge_attribution
 from lmatlas.causal.edge_scores import _jvp

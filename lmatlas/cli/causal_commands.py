@@ -4,6 +4,7 @@
     lmatlas attribute [MODEL] --task ioi [--targets heads] [--no-qk-fix] [--grad-drop] [--verify 10] [--json]
     lmatlas circuit [MODEL] --task ioi [--ig-steps 0] [--ig-along inputs|activations] [--no-qk]
                     [--granularity edges|nodes] [--verify 50] [--json]
+    lmatlas explain-attention MODEL L5.H3 --prompt TEXT [--query-pos -1] [--key-pos N] [--top 8] [--json]
 
 ``--task`` is ioi, capitals, induction, greater-than or a .jsonl file of
 ``{"clean", "corrupt", "answer", "wrong"}`` rows. ``--targets`` is a comma list of
@@ -175,5 +176,40 @@ def circuit_command(
                       f"largest error {check['max_abs_error']:.3f} (gap {check['gap']:.3f})")
         if picture:
             out.print(f"diagram: {picture}")
+
+    run(body)
+
+
+@app.command("explain-attention")
+def explain_attention_command(
+    model: Optional[str] = MODEL_ARG,
+    head: str = typer.Argument(..., help="The head, e.g. L5.H3."),
+    prompt: str = typer.Option(..., "--prompt", "-p", help="The text the head reads."),
+    query_pos: int = typer.Option(-1, "--query-pos", help="The query token (negative counts from the end)."),
+    key_pos: Optional[int] = typer.Option(None, "--key-pos", help="The key token (default: where it attends most)."),
+    top: int = typer.Option(8, "--top", help="Sources shown per side (--json has all)."),
+    as_json: bool = JSON_OPT, dtype: str = DTYPE_OPT, device: Optional[str] = DEVICE_OPT,
+) -> None:
+    """Why a head attends where it does: its score on a (query, key) pair split over the upstream heads and
+    MLPs on the query side and on the key side, and which writes it moves (value side)."""
+    from lmatlas.causal.attention_sources import attention_sources
+
+    def body():
+        loaded = load_model(model, dtype, device)
+        found = attention_sources(loaded, head, prompt, query_pos=query_pos, key_pos=key_pos)
+        if as_json:
+            print_json(found.to_dict())
+            return
+        q, k = found.tokens[found.query_pos], found.tokens[found.key_pos]
+        out.print(f"{found.head} (KV group {found.kv_group}) at query {found.query_pos} {q!r} on key "
+                  f"{found.key_pos} {k!r}: score {found.score:+.3f}, attention {found.probability:.3f}")
+        for side, what in (("query", "contribution"), ("key", "contribution"), ("value", "share of the write")):
+            table = Table(title=f"{side} side", title_justify="left")
+            table.add_column("source")
+            table.add_column(what)
+            for source, value in found.top(side, top):
+                table.add_row(source, f"{value:+.3f}")
+            out.print(table)
+        out.print("rest: " + ", ".join(f"{name} {value:+.4f}" for name, value in found.rest.items()))
 
     run(body)
