@@ -34,21 +34,17 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 from typing import Callable
 
 import torch
 
 import lmatlas
-from lmatlas.model.tiny import tiny_model
+from harness import Log, load_model  # noqa: E402  (bench/ is on the path when a benchmark runs)
+
+log = Log('bench_trace')
 
 WARMUP = 2
-T0 = time.perf_counter()
-
-
-def log(message: str) -> None:
-    print(f"[bench_trace {time.perf_counter() - T0:6.1f}s] {message}", file=sys.stderr, flush=True)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -62,12 +58,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.model, args.seq, args.repeats = "tiny:llama", 32, 3
     return args
-
-
-def load_model(name: str) -> lmatlas.Model:
-    if name.startswith("tiny:"):
-        return tiny_model(name.removeprefix("tiny:"))
-    return lmatlas.load(name)
 
 
 def random_ids(model: lmatlas.Model, batch: int, seq: int, seed: int = 0) -> torch.Tensor:

@@ -83,16 +83,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import ctypes
 import gc
-import importlib.metadata
 import json
 import os
-import platform
-import re
 import statistics
-import subprocess
-import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -103,7 +97,9 @@ import torch
 
 import lmatlas
 from lmatlas.model.sites import COMPONENTS
-from lmatlas.model.tiny import tiny_model
+from harness import Log, load_model, peak_rss_mb, release_and_reset_peak, uptime, versions  # noqa: E402  (bench/ is on the path when a benchmark runs)
+
+log = Log('bench_capture')
 
 MB = 2**20
 ALL = list(COMPONENTS)
@@ -122,10 +118,6 @@ TOLERANCE = (1e-4, 1e-4)
 
 Store = dict[str, torch.Tensor]
 Run = Callable[[torch.Tensor], tuple[Store, torch.Tensor]]  # ids [batch, pos] -> (captured, logits)
-
-
-def log(message: str) -> None:
-    print(f"[capture {time.perf_counter() - T0:7.1f}s] {message}", file=sys.stderr, flush=True)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -161,22 +153,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # -- memory ------------------------------------------------------------------------------------------
-def _status_kb(field_name: str) -> int:
-    return int(re.search(rf"^{field_name}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M).group(1))
-
-
-def release_and_reset_peak() -> tuple[int, bool]:
-    """Free what can be freed, reset ``VmHWM`` to ``VmRSS``: ``(resident bytes, whether the reset worked)``."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-    Path("/proc/self/clear_refs").write_text("5")
-    rss, hwm = _status_kb("VmRSS"), _status_kb("VmHWM")
-    return rss * 1024, hwm <= rss + 1024
-
-
 def held_bytes(tensors) -> int:
     """Bytes of the distinct storages behind ``tensors`` (a view costs its whole storage, once)."""
     storages = {}
@@ -555,7 +531,7 @@ class Observer:
         """Run once after a high-water-mark reset; record peak, captured bytes and the comparison; seconds."""
         baseline, reset_ok = release_and_reset_peak()
         store, logits, seconds, loss = call(variant, ids, params)
-        peak = _status_kb("VmHWM") * 1024 - baseline
+        peak = int(peak_rss_mb() * 1024 * 1024) - baseline
         held = held_bytes(store.values())
         self.memory[variant.name] = {"peak_mb": round(peak / MB, 1), "captured_mb": round(held / MB, 1),
                                      "captured_bytes": held, "sites": len(store), "hwm_reset": reset_ok}
@@ -693,23 +669,6 @@ def judge(key: str, rows: dict[str, dict], time_noise: float, mem_noise: float) 
 
 
 # -- report ------------------------------------------------------------------------------------------
-def versions() -> dict[str, str | None]:
-    out: dict[str, str | None] = {"python": platform.python_version()}
-    for dist in ("lmatlas", "torch", "transformers", "transformer-lens", "nnsight"):
-        try:
-            out[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            out[dist] = None
-    return out
-
-
-def uptime() -> str:
-    try:
-        return subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
-    except OSError:
-        return "load average: " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
 def table(report: dict[str, Any]) -> str:
     """Markdown: one line per capture set and tool (time ratio to a plain forward, extra peak, captured)."""
     lines = ["| capture set | tool | sites | time / plain (quartiles) | extra peak MB | captured MB | max abs diff |",
@@ -727,10 +686,6 @@ def table(report: dict[str, Any]) -> str:
     lines.append(f"\nNoise: plain_b / plain_a median {noise['median']:.3f}, IQR {noise['iqr']:.3f}; "
                  f"memory {report['noise']['memory_mb']:.0f} MB. Load before: {report['uptime_before']}.")
     return "\n".join(lines)
-
-
-def load_model(name: str) -> lmatlas.Model:
-    return tiny_model(name.removeprefix("tiny:")) if name.startswith("tiny:") else lmatlas.load(name)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -764,7 +719,7 @@ def main(argv: list[str] | None = None) -> None:
         "benchmark": "capture", "model": args.model, "batch": args.batch, "seq": args.seq,
         "dtype": str(model.dtype).removeprefix("torch."), "device": str(model.device), "attn_implementation": args.attn,
         "repeats": len(times["plain_a"]), "repeats_asked": args.repeats, "warmup": args.warmup, "torch_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(), "uptime_before": before, "uptime_after": uptime(), "versions": versions(),
+        "cpu_count": os.cpu_count(), "uptime_before": before, "uptime_after": uptime(), "versions": versions(("transformer-lens", "nnsight")),
         "tools": {name: {"attention": t.attention, "module": t.module, "provides": t.provides,
                          "missing": [c for c in ALL if c not in t.provides], "notes": t.notes}
                   for name, t in tools.items()},

@@ -25,24 +25,18 @@ import json
 import os
 import statistics
 import sys
-import time
 
 import torch
 
 import lmatlas
 from lmatlas.causal import all_heads, attribute, load_task, patch, spearman
+from harness import peak_rss_mb, timed  # noqa: E402  (bench/ is on the path when a benchmark runs)
 
 
 def recall(estimate: torch.Tensor, exact: torch.Tensor, k: int = 10) -> float:
     top_exact = set(torch.argsort(exact.abs(), descending=True)[:k].tolist())
     top_estimate = set(torch.argsort(estimate.abs(), descending=True)[:k].tolist())
     return len(top_exact & top_estimate) / k
-
-
-def timed(fn):
-    start = time.perf_counter()
-    result = fn()
-    return time.perf_counter() - start, result
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -125,14 +119,6 @@ def _write(path: str | None, results: dict) -> None:
             handle.write(json.dumps(results, indent=2) + "\n")
 
 
-def _peak_rss_mb() -> float:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def _eap_ig(model, n: int) -> dict:
     """EAP-IG on IOI: time, peak process memory (VmHWM, reset before), circuit size and faithfulness."""
     from lmatlas.causal.circuits import edge_attribution
@@ -144,9 +130,9 @@ def _eap_ig(model, n: int) -> dict:
             handle.write("5")  # reset the high-water mark
     except OSError:
         pass
-    before = _peak_rss_mb()
+    before = peak_rss_mb()
     t, graph = timed(lambda: edge_attribution(model, task, steps=5))
-    peak = _peak_rss_mb()
+    peak = peak_rss_mb()
     t_circuit, circuit = timed(lambda: find_circuit(model, task, graph, target=0.8))
     return {"task": "ioi", "prompts": len(task), "steps": 5, "edges_scored": int((~graph.scores.isnan()).sum()),
             "seconds": t, "peak_rss_mb": peak, "rss_before_mb": before, "circuit_seconds": t_circuit,

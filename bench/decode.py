@@ -38,9 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
-import sys
 import time
 from typing import Callable
 
@@ -50,15 +48,12 @@ import lmatlas
 from lmatlas.decode.fast_topk import auto_method
 from lmatlas.decode.neurons import decode_neurons, output_directions
 from lmatlas.decode.vocab import TokenRanking, unembed_matrix
-from lmatlas.model.tiny import tiny_model
+from harness import Log, load_model, peak_rss_mb  # noqa: E402  (bench/ is on the path when a benchmark runs)
+
+log = Log('bench_decode')
 
 WARMUP = 1
 PLAIN_BLOCK = 1024
-T0 = time.perf_counter()
-
-
-def log(message: str) -> None:
-    print(f"[bench_decode {time.perf_counter() - T0:6.1f}s] {message}", file=sys.stderr, flush=True)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -78,12 +73,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def load_model(name: str) -> lmatlas.Model:
-    if name.startswith("tiny:"):
-        return tiny_model(name.removeprefix("tiny:"))
-    return lmatlas.load(name)
-
-
 def plain_decode(model: lmatlas.Model, k: int) -> tuple[TokenRanking, TokenRanking]:
     """The baseline: float32 matmul of all output directions with W_U, then topk (both sides)."""
     rows = torch.cat([output_directions(model, layer) for layer in range(model.layout.n_layers)])
@@ -95,10 +84,6 @@ def plain_decode(model: lmatlas.Model, k: int) -> tuple[TokenRanking, TokenRanki
         bottoms.append(torch.topk(scores, k, dim=1, largest=False))
     cat = lambda parts: TokenRanking(torch.cat([p.indices for p in parts]), torch.cat([p.values for p in parts]))
     return cat(tops), cat(bottoms)
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def compare(model: lmatlas.Model, got: TokenRanking, ref: TokenRanking) -> dict[str, int | float]:

@@ -36,7 +36,6 @@ import math
 import os
 import random
 import statistics
-import subprocess
 import sys
 import time
 
@@ -52,25 +51,10 @@ from lmatlas.model.readout import LayerTap, exit_logits
 from lmatlas.infer.decoding.speculative import speculative_generate
 
 from intervals import wilson  # noqa: E402  (bench/ is on the path when a benchmark runs)
+from harness import Log, load_average, uptime  # noqa: E402  (bench/ is on the path when a benchmark runs)
 
-T0 = time.perf_counter()
+log = Log('bench_decoding')
 
-
-def log(message: str) -> None:
-    sys.stderr.write(f"[{time.perf_counter() - T0:7.1f}s] {message}\n")
-    sys.stderr.flush()
-
-
-def load_avg() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
-
-
-def uptime() -> str:
-    """The machine's ``uptime`` line (load averages over 1, 5, 15 minutes)."""
-    try:
-        return subprocess.run(["uptime"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return f"load average: {', '.join(str(x) for x in load_avg())}"
 
 
 def bootstrap_diff(a: list[float], b: list[float], n: int = 2000, seed: int = 0) -> dict:
@@ -390,7 +374,7 @@ def main() -> None:
         before = uptime()
         start = time.perf_counter()
         data = compute()
-        data.update(uptime_before=before, uptime_after=uptime(), load_avg_after=load_avg(),
+        data.update(uptime_before=before, uptime_after=uptime(), load_avg_after=load_average(),
                     section_seconds=round(time.perf_counter() - start, 1), command=" ".join(sys.argv))
         results["sections"][name] = data
         with open(args.out, "w") as handle:

@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import statistics
-import time
 
 import torch
 from transformers import DynamicCache
@@ -35,6 +34,7 @@ import lmatlas
 from lmatlas.infer.decoding.dola import candidate_layers, contrast, js_divergence
 from lmatlas.model.readout import LayerTap, blocks_of, exit_logits
 from lmatlas.infer.decoding.speculative import crop_to
+from harness import timed  # noqa: E402  (bench/ is on the path when a benchmark runs)
 
 TARGET = 1.2
 
@@ -55,12 +55,6 @@ def least_acceptance(k: int, cost_ratio: float, target: float = TARGET) -> float
     return hi
 
 
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 def prefilled_cache(hf, context: int) -> tuple[DynamicCache, torch.Tensor]:
     """A cache holding ``context`` tokens of text, and the next token ``[1, 1]``."""
     ids = torch.randint(100, hf.config.vocab_size - 100, (1, context + 1), generator=torch.Generator().manual_seed(0))
@@ -79,7 +73,7 @@ def verify_curve(model, context: int, max_draft: int, repeats: int) -> dict:
         for k in range(max_draft + 1):
             ids = torch.cat([token, drafts[:, :k]], dim=1)
             keep = 1 if k == 0 else 0                            # greedy needs one row of logits; a verify, all
-            seconds = timed(lambda: hf(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=keep))
+            seconds, _ = timed(lambda: hf(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=keep))
             crop_to(cache, context)
             if round_:
                 times[k].append(seconds)
@@ -160,7 +154,7 @@ def dola_step(model, context: int, repeats: int) -> dict:
     with torch.no_grad():
         for round_ in range(repeats + 1):
             for name, fn in parts.items():
-                seconds = timed(fn)
+                seconds, _ = timed(fn)
                 if round_:
                     times[name].append(seconds)
     med = {name: statistics.median(values) for name, values in times.items()}

@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -34,15 +33,13 @@ import torch
 
 import lmatlas
 from lmatlas.edit import Ablate, Scale, Set
+from harness import Log  # noqa: E402  (bench/ is on the path when a benchmark runs)
+
+log = Log('bench_edit')
 
 WARMUP = 1
 TARGET = 1.10
 PROMPT = "Tell me a story about a lighthouse keeper."
-T0 = time.perf_counter()
-
-
-def log(message: str) -> None:
-    print(f"[bench_edit {time.perf_counter() - T0:6.1f}s] {message}", file=sys.stderr, flush=True)
 
 
 def three_interventions(model):

@@ -33,7 +33,6 @@ import json
 import os
 import re
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -41,9 +40,11 @@ import torch
 
 import lmatlas
 from lmatlas.edit import Ablate, Add, Set, steering_vector
+from harness import Log  # noqa: E402  (bench/ is on the path when a benchmark runs)
+
+log = Log('bench_edit_demos')
 
 RESULTS = Path(__file__).resolve().parent / "results" / "edit_demos.json"
-T0 = time.perf_counter()
 
 PROMPTS = [
     "Describe a quiet morning in a small town.", "Write a short paragraph about the ocean.",
@@ -86,10 +87,6 @@ STEER_LAYER = 12
 ALPHAS = (2.0, 4.0, 8.0, -4.0)
 
 WORD = re.compile(r"[a-z]+")
-
-
-def log(message: str) -> None:
-    print(f"[edit_demos {time.perf_counter() - T0:6.1f}s] {message}", file=sys.stderr, flush=True)
 
 
 def words(text: str) -> list[str]:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -38,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from test_web_e2e import CHROMIUM, CHROMIUM_ARGS, Server  # noqa: E402
+from harness import load_average  # noqa: E402  (bench/ is on the path when a benchmark runs)
 
 ATLAS_ONLY = [  # (label, path): every GET endpoint that reads only the atlas
     ("atlas", "/api/atlas"),
@@ -61,10 +61,6 @@ FRAME_PROBE = """() => {
   };
   window.benchRaf = requestAnimationFrame(tick);
 }"""
-
-
-def load_avg() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
 
 
 def timed_get(url: str) -> float:
@@ -178,7 +174,7 @@ def main() -> None:
     from lmatlas.atlas import Atlas
     from lmatlas.web import create_app
 
-    before = load_avg()
+    before = load_average()
     model = lmatlas.load(args.model)
     with Atlas.open(args.atlas) as atlas:
         stages = {r["stage"]: r["units"] for r in atlas.stages().to_pylist()}
@@ -197,7 +193,7 @@ def main() -> None:
         "api_under_300ms": all(v["median_ms"] < 300 for v in report["api"].values()),
         "overview_under_1s": report["overview"]["drawn_ms_median"] < 1000,
     }
-    report["load_avg_after"] = load_avg()
+    report["load_avg_after"] = load_average()
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:
