@@ -84,9 +84,9 @@ def test_search_and_summary(pair):
         hits = atlas.search("red").to_pylist()
         # heads and neurons on one scale (the logit they add to the token): the head's pair logit 5.0 first
         assert hits == [
-            {"kind": "head", "name": "L0.H1", "layer": 0, "index": 1, "logit": 5.0, "source": "x", "rank": None,
+            {"kind": "head", "name": "L0.H1", "layer": 0, "index": 1, "logit": 5.0, "source": "x",
              "top_tokens": None},
-            {"kind": "neuron", "name": "L1.N2", "layer": 1, "index": 2, "logit": 3.0, "source": None, "rank": None,
+            {"kind": "neuron", "name": "L1.N2", "layer": 1, "index": 2, "logit": 3.0, "source": None,
              "top_tokens": [" red", " blue"]}]
         assert atlas.search(3).to_pylist() == hits  # by token id
         assert [h["name"] for h in atlas.search(" dog", limit=2).to_pylist()] == ["L0.N0", "L0.N1"]

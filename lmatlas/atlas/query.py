@@ -167,7 +167,7 @@ class Atlas:
         :data:`~lmatlas.decode.search.DEPTH` of each kind per token: a larger ``limit`` gets those.
 
         Returns:
-            ``kind, name, layer, index, logit, source, rank, top_tokens``: ``source`` is a
+            ``kind, name, layer, index, logit, source, top_tokens``: ``source`` is a
             head's best source token, ``top_tokens`` a neuron's own top promoted tokens.
 
         Raises:

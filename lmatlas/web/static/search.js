@@ -14,8 +14,9 @@
     location.href = LM.searchUrl(input.value);
   } }, input, el("button", { type: "submit" }, "Search"));
   page.append(el("h1", {}, "Who writes a token?"), el("section", { class: "panel" }, form,
-    el("p", { class: "note" }, "Neurons and heads whose decoded outputs hold the token (with and without a leading " +
-      "space), best first."), results));
+    el("p", { class: "note" }, "Every head and neuron ranked by the logit it adds to the token (with and without a " +
+      "leading space) through the final norm as the model applies it: a neuron where it adds most on reference " +
+      "text, a head attending to its best source token. One scale for both kinds."), results));
   if (q) {
     try {
       const data = await LM.api(`/api/search?q=${encodeURIComponent(q)}&limit=50`);
