@@ -288,7 +288,7 @@ def strategy_value(name: Optional[str], drafter: Optional[str]) -> Any:
 
 
 def show_generation(model: "Model", prompt: str, result: "Generation", chat: bool) -> None:
-    """The text on stdout; what ran (strategy, KV cache, its report) as a table on stderr."""
+    """The text, then what ran (strategy, KV cache, its report) as a table, all on stdout."""
     out.print(result.text if result.text else f"(empty: {result.stopped_by or 'only special tokens'})",
               highlight=False, soft_wrap=True)
     summary: dict[str, Any] = {"prompt": title(prompt, 40), "strategy": result.strategy,
@@ -299,7 +299,7 @@ def show_generation(model: "Model", prompt: str, result: "Generation", chat: boo
         if isinstance(value, list) and len(value) > 8:
             value = f"{len(value)} values, first {value[:8]}"
         summary[key.replace("_", " ")] = round(value, 3) if isinstance(value, float) else value
-    err.print(key_value_table("generation", {k: v for k, v in summary.items() if v is not None}))
+    out.print(key_value_table("generation", {k: v for k, v in summary.items() if v is not None}))
 
 
 @app.command()

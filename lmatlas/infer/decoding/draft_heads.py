@@ -187,76 +187,33 @@ def train_draft_heads(
     vocabulary), which makes each draft a small matmul instead of a full unembedding; the
     coverage of held-out targets is reported (a token outside it is simply never drafted).
     """
-    from lmatlas.infer.decoding.distill import continuations, head_agreement, head_targets, prompt_token_lists
-    from lmatlas.progress import progress_task
+    from lmatlas.infer.decoding.distill import head_agreement
 
     if n_heads < 1:
         raise InputError(f"n_heads={n_heads}: train at least one draft head.")
     if new_tokens <= n_heads + 1:
         raise InputError(f"new_tokens={new_tokens}: generate more than n_heads + 1 = {n_heads + 1} tokens per prompt.")
+    if draft_vocab is not None and draft_vocab < 1:
+        raise InputError(f"draft_vocab={draft_vocab}: keep at least one token (or None for all).")
     if data is None:
         data = "chat" if getattr(model.tokenizer, "chat_template", None) is not None else "corpus"
     torch.manual_seed(seed)
     start, budget = time.perf_counter(), minutes * 60
-    prompts = prompt_token_lists(model, data, n_prompts, prompt_len, texts, seed)
-    train_parts, test_parts = [], []
-    chunk = 16
-    with progress_task("Draft heads: the model's own continuations", total=len(prompts), enabled=progress) as task:
-        for i in range(0, len(prompts), chunk):
-            hidden, tokens = continuations(model, prompts[i:i + chunk], new_tokens)
-            n_test = int(round(heldout * hidden.shape[0])) if hidden.shape[0] > 1 else 0
-            states, labels = head_targets(hidden[n_test:], tokens[n_test:], n_heads)
-            train_parts.append((states, labels))
-            if n_test:
-                test_parts.append(head_targets(hidden[:n_test], tokens[:n_test], n_heads))
-            task.update(min(i + chunk, len(prompts)))
-            if i > 0 and time.perf_counter() - start > budget / 2:
-                _log.info("Draft heads: data generation stopped at %d prompts (half the time budget)", i + chunk)
-                break
-    used_prompts = min(len(prompts), len(train_parts) * chunk)
+    train, test, used_prompts = _distilled(model, data, n_heads, n_prompts, prompt_len, new_tokens, texts, seed,
+                                           heldout, start + budget / 2, progress)
     data_seconds = time.perf_counter() - start
-    flat_h = torch.cat([s for s, _ in train_parts]).to(model.device)                 # [rows, d]
-    labels = torch.cat([l for _, l in train_parts], 1).to(model.device)              # [K, rows]
-    if flat_h.shape[0] == 0:
-        raise InputError("No usable positions: the model stopped too early; raise new_tokens or use data='corpus'.")
-    test_h = torch.cat([s for s, _ in test_parts]).to(model.device) if test_parts else flat_h[:0]
-    test_labels = torch.cat([l for _, l in test_parts], 1).to(model.device) if test_parts else labels[:, :0]
-    d = flat_h.shape[1]
     lm_head = model.hf.get_output_embeddings()
-    vocab, coverage = None, 1.0
-    if draft_vocab is not None:
-        if draft_vocab < 1:
-            raise InputError(f"draft_vocab={draft_vocab}: keep at least one token (or None for all).")
-        counts = torch.bincount(labels.reshape(-1).cpu(), minlength=lm_head.weight.shape[0])
-        vocab = torch.argsort(counts, descending=True)[:min(draft_vocab, int((counts > 0).sum()))].sort().values
-        if test_labels.numel():
-            coverage = float(torch.isin(test_labels.cpu(), vocab).float().mean())
-    heads = DraftHeads(n_heads, d, vocab=vocab).to(model.device)
-    before = head_agreement(heads, lm_head, test_h, test_labels)
-    optimiser = torch.optim.AdamW(heads.parameters(), lr=lr, weight_decay=0.0)
-    generator = torch.Generator().manual_seed(seed)
-    losses, step = [], 0
-    for param in lm_head.parameters():
-        param.requires_grad_(False)
-    with progress_task("Draft heads: training", total=max_steps, enabled=progress) as task:
-        while step < max_steps and time.perf_counter() - start < budget:
-            rows = torch.randint(flat_h.shape[0], (min(batch, flat_h.shape[0]),), generator=generator)
-            states = heads(flat_h[rows])                                           # [K, b, d]
-            logits = lm_head(states.to(lm_head.weight.dtype)).float()             # [K, b, V]
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, rows].reshape(-1))
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-            losses.append(float(loss.detach()))
-            step += 1
-            task.update(step, description=f"Draft heads: training (loss {losses[-1]:.3f})")
+    vocab, coverage = _draft_vocabulary(train[1], test[1], draft_vocab, lm_head.weight.shape[0])
+    heads = DraftHeads(n_heads, train[0].shape[1], vocab=vocab).to(model.device)
+    before = head_agreement(heads, lm_head, *test)
+    losses = _fit(heads, lm_head, train, max_steps, batch, lr, seed, start + budget, progress)
     heads.eval()
-    after = head_agreement(heads, lm_head, test_h, test_labels)
+    after = head_agreement(heads, lm_head, *test)
     heads.meta["train"] = {"n_heads": n_heads, "data": data, "prompts": used_prompts, "prompt_len": prompt_len,
-                           "new_tokens": new_tokens, "steps": step, "batch": batch, "lr": lr, "seed": seed,
+                           "new_tokens": new_tokens, "steps": len(losses), "batch": batch, "lr": lr, "seed": seed,
                            "data_seconds": round(data_seconds, 1),
-                           "seconds": round(time.perf_counter() - start, 1), "positions": int(flat_h.shape[0]),
-                           "heldout_positions": int(test_h.shape[0]),
+                           "seconds": round(time.perf_counter() - start, 1), "positions": int(train[0].shape[0]),
+                           "heldout_positions": int(test[0].shape[0]),
                            "first_loss": sum(losses[:10]) / max(len(losses[:10]), 1),
                            "final_loss": sum(losses[-10:]) / max(len(losses[-10:]), 1),
                            "draft_vocab": None if vocab is None else int(vocab.numel()),
@@ -265,3 +222,74 @@ def train_draft_heads(
                            "heldout_top1": [round(a, 4) for a in after]}
     heads.meta["weights"] = weights_fingerprint(model.hf)
     return heads
+
+
+Pairs = tuple[torch.Tensor, torch.Tensor]  # (states [rows, d_model], labels [n_heads, rows])
+
+
+def _distilled(model: Any, data: str, n_heads: int, n_prompts: int, prompt_len: int, new_tokens: int,
+               texts: list[str] | None, seed: int, heldout: float, deadline: float,
+               progress: Any) -> tuple[Pairs, Pairs, int]:
+    """``(train, test, prompts used)``: the model's own continuations as (state, next tokens) pairs;
+    generation stops at ``deadline`` (``time.perf_counter()``), a ``heldout`` fraction kept for testing."""
+    from lmatlas.infer.decoding.distill import continuations, head_targets, prompt_token_lists
+    from lmatlas.progress import progress_task
+
+    prompts = prompt_token_lists(model, data, n_prompts, prompt_len, texts, seed)
+    train_parts, test_parts = [], []
+    chunk = 16
+    with progress_task("Draft heads: the model's own continuations", total=len(prompts), enabled=progress) as task:
+        for i in range(0, len(prompts), chunk):
+            hidden, tokens = continuations(model, prompts[i:i + chunk], new_tokens)
+            n_test = int(round(heldout * hidden.shape[0])) if hidden.shape[0] > 1 else 0
+            train_parts.append(head_targets(hidden[n_test:], tokens[n_test:], n_heads))
+            if n_test:
+                test_parts.append(head_targets(hidden[:n_test], tokens[:n_test], n_heads))
+            task.update(min(i + chunk, len(prompts)))
+            if i > 0 and time.perf_counter() > deadline:
+                _log.info("Draft heads: data generation stopped at %d prompts (half the time budget)", i + chunk)
+                break
+    states = torch.cat([s for s, _ in train_parts]).to(model.device)                 # [rows, d]
+    labels = torch.cat([l for _, l in train_parts], 1).to(model.device)              # [K, rows]
+    if states.shape[0] == 0:
+        raise InputError("No usable positions: the model stopped too early; raise new_tokens or use data='corpus'.")
+    test_states = torch.cat([s for s, _ in test_parts]).to(model.device) if test_parts else states[:0]
+    test_labels = torch.cat([l for _, l in test_parts], 1).to(model.device) if test_parts else labels[:, :0]
+    return (states, labels), (test_states, test_labels), min(len(prompts), len(train_parts) * chunk)
+
+
+def _draft_vocabulary(labels: torch.Tensor, test_labels: torch.Tensor, size: int | None,
+                      d_vocab: int) -> tuple[torch.Tensor | None, float]:
+    """``(the ``size`` most frequent training targets, sorted; the share of held-out targets they cover)``."""
+    if size is None:
+        return None, 1.0
+    counts = torch.bincount(labels.reshape(-1).cpu(), minlength=d_vocab)
+    vocab = torch.argsort(counts, descending=True)[:min(size, int((counts > 0).sum()))].sort().values
+    coverage = float(torch.isin(test_labels.cpu(), vocab).float().mean()) if test_labels.numel() else 1.0
+    return vocab, coverage
+
+
+def _fit(heads: DraftHeads, lm_head: nn.Module, train: Pairs, max_steps: int, batch: int, lr: float, seed: int,
+         deadline: float, progress: Any) -> list[float]:
+    """Train ``heads`` (the unembedding frozen) by cross-entropy on ``train`` until ``max_steps`` or
+    ``deadline``; returns the loss of every step."""
+    from lmatlas.progress import progress_task
+
+    states_all, labels = train
+    optimiser = torch.optim.AdamW(heads.parameters(), lr=lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(seed)
+    losses: list[float] = []
+    for param in lm_head.parameters():
+        param.requires_grad_(False)
+    with progress_task("Draft heads: training", total=max_steps, enabled=progress) as task:
+        while len(losses) < max_steps and time.perf_counter() < deadline:
+            rows = torch.randint(states_all.shape[0], (min(batch, states_all.shape[0]),), generator=generator)
+            states = heads(states_all[rows])                                        # [K, b, d]
+            logits = lm_head(states.to(lm_head.weight.dtype)).float()             # [K, b, V]
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, rows].reshape(-1))
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            losses.append(float(loss.detach()))
+            task.update(len(losses), description=f"Draft heads: training (loss {losses[-1]:.3f})")
+    return losses
