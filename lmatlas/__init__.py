@@ -24,13 +24,14 @@ __version__ = "0.1.0"
 #: Public names that live in heavier modules: name -> module, imported on first access.
 _LAZY: dict[str, str] = {
     "ActivationCache": "lmatlas.model.cache", "FidelityReport": "lmatlas.model.check", "Model": "lmatlas.model.handle",
-    "generate": "lmatlas.infer.compose",
+    "generate": "lmatlas.infer.compose", "use_threads": "lmatlas.machine",
     "Site": "lmatlas.model.sites", "check": "lmatlas.model.check", "load": "lmatlas.model.loading",
     "supported_model_types": "lmatlas.model.families",
 }
 
 if TYPE_CHECKING:
     from lmatlas.infer.compose import generate
+    from lmatlas.machine import use_threads
     from lmatlas.model import ActivationCache, FidelityReport, Model, Site, check, load, supported_model_types
 
 
@@ -49,6 +50,6 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "ActivationCache", "FidelityError", "FidelityReport", "LmatlasError", "Model", "ModelFileError",
-    "NotACausalLMError", "Site", "SiteError", "UnsupportedArchitectureError", "__version__", "check", "generate", "load",
+    "NotACausalLMError", "Site", "SiteError", "UnsupportedArchitectureError", "__version__", "check", "generate", "load", "use_threads",
     "supported_model_types",
 ]

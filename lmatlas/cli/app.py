@@ -45,10 +45,22 @@ QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "err
 
 
 @app.callback()
-def options(verbose: bool = typer.Option(False, "--verbose", "-v",
-                                         help="Also show third-party progress bars, warnings and logs.")) -> None:
+def options(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also show third-party progress bars, warnings and logs."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for the work (default: the cores not busy "
+                                          "with other work, from the load average)."),
+) -> None:
     """Map, decode and edit every part of a causal LM."""
+    from lmatlas.machine import use_threads
+
     quiet_third_party(not verbose)
+    try:
+        choice = use_threads(threads)
+    except LmatlasError as error:
+        raise error_exit(error) from None
+    ctx = _current_context()
+    if ctx is not None:
+        ctx.obj = {"threads": choice}
 
 
 def quiet_third_party(quiet: bool) -> None:
@@ -71,14 +83,25 @@ def quiet_third_party(quiet: bool) -> None:
         hub_utils.disable_progress_bars() if quiet else hub_utils.enable_progress_bars()
 
 
-def _wants_json() -> bool:
-    """True inside a command invoked with ``--json`` (every command names that option ``as_json``)."""
+def _current_context() -> Any:
     try:  # typer ships its own copy of click; the context lives there
         from typer._click.globals import get_current_context
     except ImportError:  # older typer: plain click
         from click import get_current_context
-    ctx = get_current_context(silent=True)
+    return get_current_context(silent=True)
+
+
+def _wants_json() -> bool:
+    """True inside a command invoked with ``--json`` (every command names that option ``as_json``)."""
+    ctx = _current_context()
     return bool(ctx is not None and ctx.params.get("as_json"))
+
+
+def threads_used() -> Any:
+    """The :class:`~lmatlas.machine.ThreadChoice` of this invocation (``None`` outside the CLI)."""
+    ctx = _current_context()
+    root = ctx.find_root() if ctx is not None else None
+    return (root.obj or {}).get("threads") if root is not None and isinstance(root.obj, dict) else None
 
 
 def error_exit(error: Exception, type_name: str | None = None) -> typer.Exit:
@@ -104,7 +127,11 @@ def load_model(model: Optional[str], dtype: str, device: Optional[str]):
     from lmatlas.progress import progress_task
 
     with progress_task(f"Loading {model or 'the packaged default model'}", transient=True):
-        return load(model, dtype=dtype, device=device)
+        loaded = load(model, dtype=dtype, device=device)
+    choice = threads_used()
+    if choice is not None:  # said once the model is there: an error before stays one line
+        err.print(Text(f"Running on {choice.describe()}.", style="dim"), highlight=False)
+    return loaded
 
 
 def print_json(data: Any) -> None:
