@@ -243,3 +243,25 @@ def test_a_prompt_longer_than_the_context_is_refused_before_any_forward(model):
         with pytest.raises(InputError, match="context"):
             model.generate("a" * 300, 4)
     assert calls == []
+
+
+@pytest.mark.slow
+def test_the_triple_on_the_packaged_model(smollm2):
+    """SmolLM2: an edit + SnapKV + speculative decoding == greedy with the same edit and SnapKV, and DoLa
+    + the edit runs under both KV policies (a 200-token prompt, so SnapKV evicts)."""
+    from lmatlas.infer import choose
+
+    text = ("The quick brown fox jumps over the lazy dog. " * 20) + "The quick brown"
+    edit = Edit((Scale("L10.H2", 0.0), Scale("L12.N100", 2.0)))
+    plan = SnapPlan(capacity=64)
+    spec = lmatlas.generate(smollm2, text, 12, edit=edit, kv=plan, strategy="speculative")
+    batch = smollm2.tokenize(text)
+    assert batch["input_ids"].shape[1] > plan.capacity + plan.window
+    with smollm2.hooked(replace=edit), torch.no_grad():
+        ref = smollm2.hf.generate(**batch, past_key_values=plan.make_cache(smollm2), do_sample=False,
+                                  max_new_tokens=12, pad_token_id=smollm2.tokenizer.eos_token_id)
+    assert spec.token_ids == ref[0, batch["input_ids"].shape[1]:].tolist()
+    assert spec.report["mean_accepted_length"] > 1.5  # the repeated text is drafted and accepted
+    for kv in (plan, choose.uniform(smollm2, sink=4, recent=64)):
+        out = lmatlas.generate(smollm2, text, 6, edit=edit, kv=kv, strategy="dola")
+        assert len(out.report["premature_layers"]) == len(out.token_ids) > 0 and out.kv["bytes"] > 0
