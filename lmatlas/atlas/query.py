@@ -155,11 +155,12 @@ class Atlas:
             f"suppressed[1:5] AS suppressed, exciting[1:5] AS exciting FROM neurons {clause} "
             f"ORDER BY rank NULLS LAST, top_logit DESC LIMIT {int(limit)}", params)
 
-    def search(self, token: str | int, limit: int = 20) -> pa.Table:
+    def search(self, token: str | int, limit: int = 20, *, exact: bool = False) -> pa.Table:
         """Heads and neurons that write ``token``, on one scale: the logit they add to it, largest first.
 
-        ``token`` is a token string (matched as given and with/without one leading space;
-        byte tokens are spelled ``<0xE2>``) or a token id. The rows come from the stage
+        ``token`` is a token string (matched as given and with/without one leading space,
+        or with ``exact=True`` only as given; byte tokens are spelled ``<0xE2>``) or a token
+        id. The rows come from the stage
         ``search`` (``token_writers``): for every token the strongest neurons and heads by
         the logit they add through the final norm as the model applies it
         (:mod:`lmatlas.decode.search`), the same rows as ``lmatlas search MODEL``
@@ -178,7 +179,7 @@ class Atlas:
         self._require_search()
         by_id = isinstance(token, int)
         match = "w.token_id = ?" if by_id else "list_contains(?, w.token)"
-        value = int(token) if by_id else _token_variants(token)
+        value = int(token) if by_id else ([token] if exact else _token_variants(token))
         top = "n.promoted[1:5]" if self._has("neurons") else "NULL"
         join = "LEFT JOIN neurons n ON w.kind = 'neuron' AND n.layer = w.layer AND n.neuron = w.idx" \
             if self._has("neurons") else ""
@@ -188,6 +189,12 @@ class Atlas:
         hits = [hit(r["kind"], r["layer"], r["idx"], r["logit"], source=r["source"],
                     top_tokens=r["top"] if r["kind"] == "neuron" else None) for r in rows]
         return as_table(ranked(hits, limit))
+
+    def search_depth(self) -> int:
+        """How many neurons (and heads) the stage ``search`` kept per token (0 without the stage)."""
+        self._require_search()
+        return int(self.sql("SELECT count(*) AS n FROM token_writers WHERE kind = 'neuron' AND token_id = "
+                            "(SELECT min(token_id) FROM token_writers)").column("n")[0].as_py())
 
     def _has(self, table: str) -> bool:
         return bool(self.sql("SELECT count(*) AS n FROM information_schema.tables WHERE table_name = ?",

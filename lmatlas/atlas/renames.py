@@ -1,6 +1,6 @@
 """Head labels renamed since an atlas was written, renamed in the file too.
 
-:data:`lmatlas.census.registry.RENAMED` lists ``(old, new)`` detector names (the
+:data:`lmatlas.census.renamed.RENAMED` lists ``(old, new)`` detector names (the
 ``streaming`` label, which marked heads that *need* the full KV cache, is now
 ``full_context``). An atlas written before a rename stores the old name in
 ``head_scores.detector``, its census unit in ``runs`` and ``meta.planned_units``;
@@ -19,7 +19,7 @@ import duckdb
 
 def legacy_detectors(con: duckdb.DuckDBPyConnection) -> list[tuple[str, str]]:
     """The ``(old, new)`` renames whose old name this atlas still uses (empty for a current file)."""
-    from lmatlas.census.registry import RENAMED
+    from lmatlas.census.renamed import RENAMED
 
     try:
         names = {row[0] for row in con.execute("SELECT DISTINCT detector FROM head_scores").fetchall()}

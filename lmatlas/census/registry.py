@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from lmatlas.census.renamed import RENAMED
+
 from lmatlas.errors import LmatlasError, RegistryError
 
 if TYPE_CHECKING:
@@ -94,11 +96,6 @@ def register(detector_class: type[Detector]) -> type[Detector]:
         raise RegistryError(f"A detector named {detector_class.name!r} is already registered.")
     DETECTORS[detector_class.name] = detector_class()
     return detector_class
-
-
-#: Detectors renamed since atlases were first written: ``(old name, new name)``. ``streaming`` marked the
-#: heads that must keep the full KV cache, the opposite of DuoAttention's "streaming heads".
-RENAMED: tuple[tuple[str, str], ...] = (("streaming", "full_context"),)
 
 
 def get_detector(name: str) -> Detector:

@@ -87,7 +87,7 @@ def grid_table(census) -> Table:
     order = [n for n in STYLES if n in styles] + [n for n in names if n not in STYLES]
     table = Table(title=f"Head census of {census.provenance['model']}", caption=f"seed {census.seed}",
                   title_justify="left")
-    table.add_column("layer", justify="right", style="bold")
+    table.add_column("layer", justify="right", style="bold", no_wrap=True, min_width=len(str(census.n_layers - 1)))
     for head in range(census.n_heads):
         table.add_column(f"H{head}", justify="center")
     labels = census.labels
@@ -128,8 +128,9 @@ def type_table(result, top: int) -> Table:
         title_justify="left",
     )
     parts = list(result.subscores)
-    for column in ("head", "score", "null", "z", *parts, "label"):
-        table.add_column(column, justify="left" if column == "head" else "right")
+    table.add_column("head", no_wrap=True, min_width=max([4] + [len(row["head"]) for row in shown]))  # never shrinks
+    for column in ("score", "null", "z", *parts, "label"):
+        table.add_column(column, justify="right")
     for row in shown:
         table.add_row(
             row["head"], f"{row['score']:.3f}", f"{row['null']:.3f}", f"{row['z']:.1f}",

@@ -42,7 +42,7 @@ SEARCH_ARGS = typer.Argument(None, metavar="[MODEL] TEXT", help="An optional mod
 
 def _split(args: list[str], n_text: int) -> tuple[Optional[str], list[str]]:
     """``[MODEL] TEXT`` -> ``(model or None, texts)``; a clear error on a wrong count."""
-    from lmatlas.decode.vocab import DecodeError
+    from lmatlas.errors import DecodeError
 
     if len(args) == n_text:
         return None, args
@@ -53,7 +53,7 @@ def _split(args: list[str], n_text: int) -> tuple[Optional[str], list[str]]:
 
 
 def _token_id(model, text: Optional[str], token_id: Optional[int]) -> int:
-    from lmatlas.decode.vocab import DecodeError
+    from lmatlas.errors import DecodeError
 
     vocab = model.layout.d_vocab
     if token_id is not None:
@@ -93,11 +93,6 @@ def search(args: Optional[list[str]] = SEARCH_ARGS, token_id: Optional[int] = ty
         if texts and not texts[0]:
             raise LmatlasError("The token is empty: give one token (e.g. ' dog', with its leading space) or --id N.")
         if atlas is not None:
-            from lmatlas.decode.search import DEPTH
-
-            if top > DEPTH:
-                raise LmatlasError(f"--top {top}: an atlas keeps the {DEPTH} strongest heads and {DEPTH} strongest "
-                                   f"neurons of each token; more need the model (drop --atlas).")
             return _search_atlas(atlas, texts[0] if texts else token_id, top, as_json)
         from lmatlas.atlas.token_search import search_model
         from lmatlas.decode.token_text import token_text
@@ -146,7 +141,11 @@ def _search_atlas(path: Path, query: str | int, top: int, as_json: bool) -> None
     from lmatlas.atlas.query import Atlas
 
     with Atlas.open(path) as atlas:
-        rows = atlas.search(query, limit=top).to_pylist()
+        rows = atlas.search(query, limit=top, exact=True).to_pylist()  # one token, as a model search takes it
+        depth = atlas.search_depth()
+    if top > depth:
+        raise LmatlasError(f"--top {top}: the atlas keeps the {depth} strongest heads and {depth} strongest "
+                           "neurons of each token; more need the model (drop --atlas).")
     if as_json:
         return print_json({"atlas": str(path), "token": query, "results": rows})
     print_ranking(f"Heads and neurons promoting {query!r} in {path}, by the logit they add", rows, caption=CAPTION)
