@@ -87,6 +87,19 @@ def _plan(index: EdgeIndex, model: "Model", masks: torch.Tensor, extra: torch.Te
     return _Plan(padded, roles, n_copies)
 
 
+def _groups(copies: list[int], chunk: int) -> list[list[int]]:
+    """Circuits in forwards of at most ``chunk``, those needing as many copies together (a forward costs
+    ``circuits x its most copies`` rows: a curve's small circuits should not pay for its large ones)."""
+    order = sorted(range(len(copies)), key=lambda i: copies[i])
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and len(groups[-1]) < chunk and copies[i] <= 1.25 * copies[groups[-1][0]]:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
 class EdgeRunner:
     """Exact edge-level runs of circuits on one task (the corrupt run is measured once).
 
@@ -115,21 +128,31 @@ class EdgeRunner:
     def gap(self) -> float:
         return self.clean_value - self.corrupt_value
 
-    def faithfulness(self, masks: torch.Tensor, chunk: int = 16) -> torch.Tensor:
+    def chunk(self, budget: int = 2 ** 29) -> int:
+        """Circuits per forward: as many as keep the writes buffer ``[K, S, B, P, d]`` under ``budget`` bytes."""
+        b, p, d = self.embed_delta.shape
+        per_circuit = len(self.index.sources) * b * p * d * self.embed_delta.element_size()
+        return max(1, min(16, budget // max(1, per_circuit)))
+
+    def faithfulness(self, masks: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
         """``[K]`` ``(m_circuit - m_corrupt) / (m_clean - m_corrupt)`` (NaN when the task has no gap)."""
         values = self.metric(masks, chunk)
         return (values - self.corrupt_value) / self.gap if self.gap else torch.full_like(values, float("nan"))
 
-    def metric(self, masks: torch.Tensor, chunk: int = 16) -> torch.Tensor:
-        """``[K]`` mean metric of each circuit, ``chunk`` circuits per forward."""
+    def metric(self, masks: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+        """``[K]`` mean metric of each circuit, ``chunk`` circuits per forward (default: :meth:`chunk`)."""
+        chunk = chunk or self.chunk()
         masks = masks.unsqueeze(0) if masks.dim() == 2 else masks
         masks = masks & self.index.allowed
         none = torch.zeros(masks.shape[0], len(self.index.targets))
-        return torch.cat([self._run(masks[i: i + chunk], none[i: i + chunk], None)
-                          for i in range(0, masks.shape[0], chunk)])
+        out = torch.empty(masks.shape[0], dtype=torch.float64)
+        for group in _groups([_plan(self.index, self.model, m[None], none[:1]).n_copies for m in masks], chunk):
+            out[group] = self._run(masks[group], none[group], None)
+        return out
 
-    def patched(self, edges: list[tuple[str, str]], chunk: int = 16) -> torch.Tensor:
+    def patched(self, edges: list[tuple[str, str]], chunk: int | None = None) -> torch.Tensor:
         """``[n]`` mean metric of the corrupt run with one edge each reading its source's clean write."""
+        chunk = chunk or self.chunk()
         self.index.mask(edges)  # checks every edge before any compute
         deltas = self.clean_deltas()
         sources = [self.index.source(s) for s, _ in edges]
@@ -170,8 +193,8 @@ class EdgeRunner:
 class _RunState:
     """The replacement functions of one batched circuit run and the writes they collect.
 
-    Rows of the batch are ``(circuit k, copy c, prompt b)``; ``deltas`` holds
-    ``w_u - w_u^corrupt`` ``[K, B, P, d_model]`` of every source written so far.
+    Rows of the batch are ``(circuit k, copy c, prompt b)``; ``deltas`` ``[K, S, B, P, d_model]``
+    holds ``w_u - w_u^corrupt`` of the first ``written`` sources (filled as the forward goes).
     """
 
     def __init__(self, runner: EdgeRunner, masks: torch.Tensor, plan: _Plan, extra: torch.Tensor,
@@ -181,16 +204,27 @@ class _RunState:
         plan.copies = [c.to(runner.exact) for c in plan.copies]
         self.K, self.C = masks.shape[0], plan.n_copies
         embed = torch.zeros_like(runner.embed_delta) if patch is not None else runner.embed_delta
-        self.deltas: list[torch.Tensor] = [embed.unsqueeze(0).expand(self.K, -1, -1, -1)]
-        self.patch = patch if patch is not None else torch.zeros_like(self.deltas[0])  # [K, B, P, d]
+        self.deltas = embed.new_empty(self.K, len(runner.index.sources), *embed.shape)
+        self.deltas[:, 0] = embed
+        self.written = 1
+        self.patch = patch  # [K, B, P, d] or None
 
     def _stream(self, base: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """``base [B, P, d] + sum_s weights[..., s] * deltas[s]`` (the last weight for the patch)
         -> ``[*weights.shape[:-1], B, P, d]``."""
-        stacked = torch.stack(self.deltas[: weights.shape[-1] - 1] + [self.patch], dim=1)  # [K, S + 1, B, P, d]
-        mixed = torch.einsum("kcs,ksbpd->kcbpd", weights, stacked) if weights.dim() == 3 else \
-            torch.einsum("ks,ksbpd->kbpd", weights, stacked)
+        n = weights.shape[-1] - 1
+        shape = (weights.shape[0], -1, *base.shape) if weights.dim() == 3 else (weights.shape[0], *base.shape)
+        flat = self.deltas[:, :n].flatten(2)  # [K, S, B * P * d]
+        mixed = torch.bmm(weights[..., :n].reshape(self.K, -1, n), flat).view(shape)
+        if self.patch is not None:
+            lead = weights[..., n].reshape(*weights.shape[:-1], 1, 1, 1)
+            mixed = mixed + lead * (self.patch.unsqueeze(1) if weights.dim() == 3 else self.patch)
         return base + mixed
+
+    def _add(self, delta: torch.Tensor) -> None:
+        """Append the writes ``[K, n, B, P, d]`` of the next ``n`` sources."""
+        self.deltas[:, self.written: self.written + delta.shape[1]] = delta
+        self.written += delta.shape[1]
 
     def _weights(self, target: int, n_src: int) -> torch.Tensor:
         """``[K, n_src + 1]``: the in-circuit sources of one input, and whether it reads the patch."""
@@ -243,7 +277,7 @@ class _RunState:
         def fn(value, ctx):
             heads = self._rows(value)[:, 0].to(self.r.exact)  # [K, B, P, H, d]
             delta = heads - self.r.corrupt[f"L{layer}.attn.out"].unsqueeze(0)
-            self.deltas.extend(delta.unbind(dim=3))
+            self._add(delta.permute(0, 3, 1, 2, 4))
             return None
         return fn
 
@@ -266,7 +300,7 @@ class _RunState:
                 written = rows[torch.arange(self.K, device=value.device), copy]
             else:
                 written = rows[:, 0]
-            self.deltas.append(written.to(self.r.exact) - self.r.corrupt[f"L{layer}.mlp.out"].unsqueeze(0))
+            self._add((written.to(self.r.exact) - self.r.corrupt[f"L{layer}.mlp.out"].unsqueeze(0)).unsqueeze(1))
             return self._spread(written, value) if lay.parallel_residual else None
         return fn
 

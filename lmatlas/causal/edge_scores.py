@@ -61,12 +61,14 @@ def _jvp(output: torch.Tensor, source: torch.Tensor, tangents: torch.Tensor) -> 
     ``J`` the Jacobian of ``output`` with respect to ``source`` (by the double-backward trick)."""
     probe = torch.zeros_like(output, requires_grad=True)
     (transposed,) = torch.autograd.grad(output, source, grad_outputs=probe, create_graph=True)
-    out = []
-    for tangent in tangents:
-        (product,) = torch.autograd.grad(transposed, probe, grad_outputs=tangent.to(transposed.dtype),
-                                         retain_graph=True)
-        out.append(product.detach())
-    return torch.stack(out)
+    tangents = tangents.to(transposed.dtype)
+    try:  # all tangents in one vectorised backward
+        (products,) = torch.autograd.grad(transposed, probe, grad_outputs=tangents, retain_graph=True,
+                                          is_grads_batched=True)
+        return products.detach()
+    except RuntimeError:  # an op without a batching rule: one backward per tangent
+        return torch.stack([torch.autograd.grad(transposed, probe, grad_outputs=t, retain_graph=True)[0].detach()
+                            for t in tangents])
 
 
 def qk_scores(model: "Model", task: "TaskBatch", metric: Callable, delta: torch.Tensor,
