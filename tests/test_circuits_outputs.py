@@ -62,3 +62,28 @@ def test_the_atlas_keeps_granularity_and_verification_and_reads_old_circuits_as_
     with TestClient(create_app(path)) as client:
         view = client.get("/api/circuit", params={"task": "induction"}).json()
         assert view["granularity"] == "nodes" and view["verification"] is None and view["cpr"] is None
+
+
+def test_the_explorer_explains_a_heads_attention(tmp_path):
+    from fastapi.testclient import TestClient
+
+    import lmatlas
+    from lmatlas.web import create_app
+
+    path = tmp_path / "fixture.atlas.duckdb"
+    assert runner.invoke(app, ["circuit", FIXTURE, "--task", "induction", "--n", "4", "--atlas", str(path),
+                               "--verify", "0"]).exit_code == 0
+    with TestClient(create_app(path, model=lmatlas.load(FIXTURE))) as client:
+        answer = client.post("/api/circuit/attention-sources", json={"head": "L1.H2", "prompt": "abcdefabcde"})
+        assert answer.status_code == 200, answer.text
+        data = answer.json()
+        assert data["key_side"][0]["source"] == "L0.H1"  # the previous-token head makes the induction head attend
+        assert data["query_pos"] == len(data["tokens"]) - 1 and len(data["pattern"]) == len(data["tokens"])
+        bad = client.post("/api/circuit/attention-sources", json={"head": "L1.H9", "prompt": "abc"})
+        assert bad.status_code == 404 and "Head 9 is out of range" in bad.json()["error"]["message"]
+        bad = client.post("/api/circuit/attention-sources", json={"head": "L1.H2", "prompt": "abc", "query_pos": 50})
+        assert bad.status_code == 404 and "outside the prompt" in bad.json()["error"]["message"]
+        empty = client.post("/api/circuit/attention-sources", json={"head": "L1.H2", "prompt": " "})
+        assert empty.status_code == 422
+    with TestClient(create_app(path)) as client:  # no model
+        assert client.post("/api/circuit/attention-sources", json={"head": "L1.H2", "prompt": "ab"}).status_code == 409

@@ -181,3 +181,41 @@ def from_circuit(circuit: "Circuit", layout: "HeadLayout", top: int, params: dic
                 granularity=circuit.granularity, verification=verification(circuit.verification),
                 faithfulness=circuit.faithfulness, cpr=circuit.cpr, cmd=circuit.cmd, clean=graph.clean,
                 corrupt=graph.corrupt, curve=circuit.curve, params={**params, "prompts": graph.meta.get("prompts")})
+
+
+# -- attention explained (the circuit page's head panel) ------------------------------------------------------
+class AttentionRequest(BaseModel):
+    head: str = Field(description="the head, e.g. L5.H3")
+    prompt: str = Field(description="the text the head reads")
+    query_pos: int = Field(-1, ge=-100_000, le=100_000, description="the query token (negative: from the end)")
+    key_pos: Optional[int] = Field(None, ge=-100_000, le=100_000,
+                                   description="the key token (default: where the head attends most)")
+
+
+class SourcePart(BaseModel):
+    source: str = Field(description="embed, L5.H3 or L5.mlp")
+    value: float = Field(description="its contribution to the score (query, key side) or share of the write (value)")
+
+
+class AttentionSourcesView(BaseModel):
+    head: str
+    kv_group: int
+    query_pos: int
+    key_pos: int
+    tokens: list[str]
+    score: float = Field(description="the head's attention logit on (query, key), before softmax")
+    probability: float
+    pattern: list[float] = Field(description="the head's attention from the query over keys 0..query")
+    query_side: list[SourcePart] = Field(description="largest |contribution| first")
+    key_side: list[SourcePart]
+    value_side: list[SourcePart]
+    rest: dict[str, float] = Field(description="biases and exact remainders of each side")
+
+
+def sources_view(found: Any, top: int = 12) -> dict[str, Any]:
+    """The panel's view of :class:`~lmatlas.causal.attention_sources.AttentionSources` (``top`` per side)."""
+    sides = {f"{side}_side": [{"source": s, "value": v} for s, v in found.top(side, top)]
+             for side in ("query", "key", "value")}
+    return {"head": found.head, "kv_group": found.kv_group, "query_pos": found.query_pos, "key_pos": found.key_pos,
+            "tokens": found.tokens, "score": found.score, "probability": found.probability,
+            "pattern": found.pattern, "rest": found.rest, **sides}

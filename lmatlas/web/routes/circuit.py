@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, Query
 
 from lmatlas.causal.tasks import TASKS
 from lmatlas.errors import ExplorerError
-from lmatlas.web import circuit
+from lmatlas.web import circuit, live
 from lmatlas.web.errors import MODEL_RESPONSES, Malformed, NotFound
 from lmatlas.web.routes import explorer
 from lmatlas.web.state import Explorer, clean
@@ -89,3 +89,14 @@ def task_circuit(
         found = ex.gate.run(lambda: circuit.compute(ex.model, task, **params))
         ex.memo.put(key, found)
     return clean(circuit.from_circuit(found, ex.layout, top, params))
+
+
+@router.post("/attention-sources", response_model=circuit.AttentionSourcesView,
+             summary="Why a head attends where it does: its score split over upstream writes (needs --model)")
+def attention_sources(body: circuit.AttentionRequest, ex: Explorer = Depends(explorer)) -> dict:
+    from lmatlas.causal.attention_sources import attention_sources as explain
+
+    model = ex.need_model("Explaining a head's attention")
+    ids = live.prompt_ids(model, body.prompt, ex.limits.lens_tokens)
+    found = ex.gate.run(lambda: explain(model, body.head.strip(), ids, query_pos=body.query_pos, key_pos=body.key_pos))
+    return clean(circuit.sources_view(found))

@@ -1,0 +1,20 @@
+"""The explorer's circuit page in a browser: granularity, verification, and a head's attention explained."""
+
+from __future__ import annotations
+
+from test_web_e2e import browser, open_page, page, server  # noqa: F401 (fixtures)
+
+
+def test_the_circuit_page_names_granularity_and_explains_a_head(page, server):  # noqa: F811
+    open_page(page, server, "/circuit?task=induction")
+    assert page.locator("#circuit-source").get_attribute("data-granularity") == "edges"
+    assert "edge by edge" in page.locator("#circuit-granularity").inner_text()
+    assert "Spearman" in page.locator("#circuit-verification").inner_text()
+    page.locator("#circuit-svg g.node.head").first.click()
+    page.locator("#attention-sources #prompt").fill("abcdefabcde")
+    page.locator("#attention-sources #run").click()
+    page.wait_for_selector("#attention-sources-summary", timeout=30_000)
+    assert "score" in page.locator("#attention-sources-summary").inner_text()
+    for side in ("query", "key", "value"):
+        assert page.locator(f"table.sources[data-side='{side}'] tr").count() >= 1
+    assert page.errors == []
