@@ -242,9 +242,9 @@ BAD = [
     (["--ablate", "L0.H9"], "Head 9 is out of range"),
     (["--set", "L1.N96=1"], "Neuron 96 is out of range"),
     (["--ablate", "L7.H0"], "out of range"),
-    (["--set", "L1.N3=nan"], "every value of an edit must be finite"),
-    (["--scale", "L1.H0=inf"], "every value of an edit must be finite"),
-    (["--scale", "L1.H0"], "give TARGET=VALUE"),
+    (["--set", "L1.N3=nan"], "the value must be a finite number"),   # refused before the model loads
+    (["--scale", "L1.H0=inf"], "the factor must be a finite number"),
+    (["--scale", "L1.H0"], "give TARGET=FACTOR"),
     (["--set", "L1.N3=big"], "'big' is not a number"),
     (["--steer", "0"], "--steer LAYER needs --positive FILE and --negative FILE"),
     (["--positive", "x.txt"], "add --steer LAYER"),

@@ -46,7 +46,7 @@ def test_cli_threads_option_is_applied_and_reported(restore_threads, tmp_path):
     byte_tokenizer().save_pretrained(tmp_path)
     result = CliRunner().invoke(app, ["--threads", "1", "generate", str(tmp_path), "hello", "-n", "2", "--json"])
     assert result.exit_code == 0, result.output
-    assert "Running on 1 of" in result.stderr and "as asked" in result.stderr
+    assert "Ran on 1 of" in result.stderr and "as asked" in result.stderr
     assert json.loads(result.stdout)["max_new_tokens"] == 2 and torch.get_num_threads() == 1
     bad = CliRunner().invoke(app, ["--threads", "0", "info"])
     assert bad.exit_code == 2 and "whole number" in bad.output and "Traceback" not in bad.output

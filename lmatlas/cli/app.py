@@ -117,9 +117,21 @@ def error_exit(error: Exception, type_name: str | None = None) -> typer.Exit:
 def run(body: Callable[[], Any]) -> Any:
     """Run a command body; turn lmatlas errors into one clear line (or a JSON error object) and exit code 2."""
     try:
-        return body()
+        result = body()
     except LmatlasError as error:
         raise error_exit(error) from None
+    _say_threads()
+    return result
+
+
+def _say_threads() -> None:
+    """After a command that ran a model succeeded: one dim line on stderr saying which threads it used
+    (an error stays one line)."""
+    ctx = _current_context()
+    root = ctx.find_root() if ctx is not None else None
+    state = root.obj if root is not None and isinstance(root.obj, dict) else {}
+    if state.get("model_loaded") and state.get("threads") is not None:
+        err.print(Text(f"Ran on {state['threads'].describe()}.", style="dim"), highlight=False)
 
 
 def load_model(model: Optional[str], dtype: str, device: Optional[str]):
@@ -128,9 +140,10 @@ def load_model(model: Optional[str], dtype: str, device: Optional[str]):
 
     with progress_task(f"Loading {model or 'the packaged default model'}", transient=True):
         loaded = load(model, dtype=dtype, device=device)
-    choice = threads_used()
-    if choice is not None:  # said once the model is there: an error before stays one line
-        err.print(Text(f"Running on {choice.describe()}.", style="dim"), highlight=False)
+    ctx = _current_context()
+    root = ctx.find_root() if ctx is not None else None
+    if root is not None and isinstance(root.obj, dict):
+        root.obj["model_loaded"] = True  # run() says which threads it ran on once the command succeeds
     return loaded
 
 

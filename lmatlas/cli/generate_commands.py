@@ -6,17 +6,18 @@
     lmatlas generate [MODEL] "prompt" --edit kids.edit.json [--save-edit out.edit.json]
 
 With no edit option it generates once and prints the continuation with each token's
-log-probability. With an edit it generates twice (unedited, edited: greedy, the same
-prompt) and prints both continuations side by side, the differing tokens highlighted,
-the first difference, and each token's log-probability under both models
-(:func:`lmatlas.edit.generation.compare`). An empty continuation says which stop token
-ended it.
+log-probability. With an edit it generates twice (unedited, edited: the same prompt,
+KV cache and strategy) and prints both continuations side by side, the differing tokens
+highlighted, the first difference, and each token's log-probability under both models
+(:func:`lmatlas.model.comparison.compare`). ``--kv-budget``/``--kv-snap`` and
+``--strategy`` combine with the edit (:func:`lmatlas.generate`). An empty continuation
+says which stop token ended it.
 
 Edit options (:class:`EditOptions`, parsed by :func:`edit_options`; checked for syntax
 before the model loads, then against the model before anything runs):
 
 =========================  ===============================================================
-``--ablate T``             ``Ablate(T)`` (zero); repeatable
+``--ablate T``             ``Ablate(T)`` (zero); repeatable  (these three: :data:`lmatlas.edit.forms.FORMS`)
 ``--scale T=F``            ``Scale(T, F)``; repeatable
 ``--set T=V``              ``Set(T, V)`` (clamp a neuron); repeatable
 ``--steer L``              ``Add("L{L}.resid.post", steering_vector(...), alpha)`` with
@@ -39,9 +40,10 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from lmatlas.cli.app import DEVICE_OPT, DTYPE_OPT, JSON_OPT, app, err, key_value_table, load_model, out, print_json, run
+from lmatlas.cli.app import DEVICE_OPT, DTYPE_OPT, JSON_OPT, app, key_value_table, load_model, out, print_json, run
 from lmatlas.cli.infer_commands import (ATLAS_OPT as KV_ATLAS_OPT, KV_BUDGET_OPT, KV_SNAP_OPT, RANDOM_OPT, RECENT_OPT,
                                         SINK_OPT, KVOptions, show_kv_run)
+from lmatlas.edit.forms import FORMS
 from lmatlas.errors import InputError
 from lmatlas.infer.decoding.names import DRAFTER_NAMES, STRATEGY_NAMES
 
@@ -58,11 +60,13 @@ DIFFERENT = "bold black on yellow"  # style of the tokens where the two continua
 
 @dataclass(frozen=True)
 class EditOptions:
-    """The edit options of one command line, syntax-checked (targets are checked against the model later)."""
+    """The edit options of one command line, syntax-checked (targets are checked against the model later).
 
-    ablate: tuple[str, ...] = ()
-    scale: tuple[tuple[str, float], ...] = ()
-    set: tuple[tuple[str, float], ...] = ()
+    ``interventions`` holds ``(kind, target, value)`` per ``--ablate``/``--scale``/``--set``, read
+    through :data:`lmatlas.edit.forms.FORMS`.
+    """
+
+    interventions: tuple[tuple[str, str, Optional[float]], ...] = ()
     steer: Optional[int] = None
     positive: Optional[Path] = None
     negative: Optional[Path] = None
@@ -71,24 +75,13 @@ class EditOptions:
 
     @property
     def empty(self) -> bool:
-        return not (self.ablate or self.scale or self.set or self.steer is not None or self.edit_file)
+        return not (self.interventions or self.steer is not None or self.edit_file)
 
 
-def _pair(text: str, option: str) -> tuple[str, float]:
-    """``"L7.H2=2"`` -> ``("L7.H2", 2.0)``; the value's finiteness is checked by the intervention."""
-    target, sep, value = text.partition("=")
-    if not sep or not target.strip() or not value.strip():
-        raise InputError(f"{option} {text!r}: give TARGET=VALUE, e.g. {option} L7.H2=2.")
-    try:
-        return target.strip(), float(value)
-    except ValueError:
-        raise InputError(f"{option} {text!r}: {value.strip()!r} is not a number.") from None
-
-
-def edit_options(ablate: list[str], scale: list[str], set_: list[str], steer: Optional[int],
-                 positive: Optional[str], negative: Optional[str], alpha: float,
-                 edit_file: Optional[str]) -> EditOptions:
-    """Check the edit options' syntax and combinations (before any model is loaded)."""
+def edit_options(given: dict[str, list[str]], steer: Optional[int], positive: Optional[str],
+                 negative: Optional[str], alpha: float, edit_file: Optional[str]) -> EditOptions:
+    """Check the edit options' syntax and combinations (before any model is loaded); ``given`` maps each
+    form's kind (``"scale"``) to the texts of its option."""
     if steer is None and (positive or negative):
         raise InputError("--positive/--negative build a steering vector: add --steer LAYER.")
     if steer is not None and not (positive and negative):
@@ -98,12 +91,10 @@ def edit_options(ablate: list[str], scale: list[str], set_: list[str], steer: Op
     for name, path in (("--positive", positive), ("--negative", negative), ("--edit", edit_file)):
         if path is not None and not Path(path).is_file():
             raise InputError(f"{name} {path}: no such file.")
-    return EditOptions(
-        ablate=tuple(t.strip() for t in ablate), scale=tuple(_pair(t, "--scale") for t in scale),
-        set=tuple(_pair(t, "--set") for t in set_), steer=steer,
-        positive=Path(positive) if positive else None, negative=Path(negative) if negative else None,
-        alpha=alpha, edit_file=Path(edit_file) if edit_file else None,
-    )
+    interventions = tuple((kind, *FORMS[kind].parse(text)) for kind in FORMS for text in given.get(kind, ()))
+    return EditOptions(interventions=interventions, steer=steer, positive=Path(positive) if positive else None,
+                       negative=Path(negative) if negative else None, alpha=alpha,
+                       edit_file=Path(edit_file) if edit_file else None)
 
 
 def _prompts(path: Path, option: str) -> list[str]:
@@ -115,18 +106,14 @@ def _prompts(path: Path, option: str) -> list[str]:
 
 def build_edit(model: "Model", options: EditOptions) -> "Edit | None":
     """The :class:`~lmatlas.edit.Edit` the options describe, checked against ``model`` (``None`` if no option)."""
-    from lmatlas.edit import Ablate, Add, Edit, Scale, Set, steering_vector
+    from lmatlas.edit import Add, Edit, steering_vector
     from lmatlas.model.sites import check_layer
 
     if options.empty:
         return None
     edit = Edit.load(options.edit_file, model) if options.edit_file else Edit()
-    for target in options.ablate:
-        edit = edit | Ablate(target)
-    for target, factor in options.scale:
-        edit = edit | Scale(target, factor)
-    for target, value in options.set:
-        edit = edit | Set(target, value)
+    for kind, target, value in options.interventions:
+        edit = edit | FORMS[kind].make(target, value)
     if options.steer is not None:
         layer = check_layer(options.steer, model.layout)
         edit.bind(model)  # report a bad target before the steering prompts run
@@ -305,9 +292,9 @@ def show_generation(model: "Model", prompt: str, result: "Generation", chat: boo
 @app.command()
 def generate(
     args: list[str] = ARGS,
-    ablate: list[str] = typer.Option([], "--ablate", help="Zero-ablate a head, neuron or site (L5.H3); repeatable."),
-    scale: list[str] = typer.Option([], "--scale", help="TARGET=FACTOR, e.g. L7.H2=2; repeatable."),
-    set_: list[str] = typer.Option([], "--set", help="TARGET=VALUE, e.g. L28.N931=8 (clamp); repeatable."),
+    ablate: list[str] = typer.Option([], FORMS["ablate"].option, help=FORMS["ablate"].help),
+    scale: list[str] = typer.Option([], FORMS["scale"].option, help=FORMS["scale"].help),
+    set_: list[str] = typer.Option([], FORMS["set"].option, help=FORMS["set"].help),
     steer: Optional[int] = typer.Option(None, "--steer", help="Layer whose resid.post gets a steering vector."),
     positive: Optional[str] = typer.Option(None, "--positive", help="File of positive prompts, one per line."),
     negative: Optional[str] = typer.Option(None, "--negative", help="File of negative prompts, one per line."),
@@ -343,7 +330,8 @@ def generate(
         name, prompt = read_prompt(args, prompt_file)
         if max_new_tokens < 1:
             raise InputError(f"--max-new-tokens {max_new_tokens}: generate at least one token.")
-        options = edit_options(ablate, scale, set_, steer, positive, negative, alpha, edit_file)
+        options = edit_options({"ablate": ablate, "scale": scale, "set": set_}, steer, positive, negative, alpha,
+                               edit_file)
         if save_edit and options.empty:
             raise InputError("--save-edit needs an edit: add --ablate, --scale, --set, --steer or --edit.")
         kv_options = KVOptions(kv_budget, atlas, sink, recent, random_seed, kv_snap)

@@ -5,12 +5,37 @@
 * :mod:`lmatlas.edit.edit` — :class:`Edit` (``|``), save / load;
 * :mod:`lmatlas.edit.stats` — means and resample banks for mean/resample ablation;
 * :mod:`lmatlas.edit.steering` — steering vectors and decoded directions;
+* :mod:`lmatlas.edit.forms` — how the scalar interventions are written on the command line and in the explorer.
+
+The names below load on first use (``lmatlas.edit.forms`` stays light for the CLI).
 """
 
-from lmatlas.edit.edit import Edit
-from lmatlas.edit.interventions import Ablate, Add, Intervention, Learned, Patch, Project, Scale, Set
-from lmatlas.edit.stats import AblationStats, stats_for, stats_from_atlas
-from lmatlas.edit.steering import head_direction, neuron_direction, steering_vector
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_LAZY = {
+    "Edit": "lmatlas.edit.edit", "AblationStats": "lmatlas.edit.stats", "stats_for": "lmatlas.edit.stats",
+    "stats_from_atlas": "lmatlas.edit.stats", "head_direction": "lmatlas.edit.steering",
+    "neuron_direction": "lmatlas.edit.steering", "steering_vector": "lmatlas.edit.steering",
+    **{name: "lmatlas.edit.interventions" for name in
+       ("Ablate", "Add", "Intervention", "Learned", "Patch", "Project", "Scale", "Set")},
+}
+
+if TYPE_CHECKING:
+    from lmatlas.edit.edit import Edit
+    from lmatlas.edit.interventions import Ablate, Add, Intervention, Learned, Patch, Project, Scale, Set
+    from lmatlas.edit.stats import AblationStats, stats_for, stats_from_atlas
+    from lmatlas.edit.steering import head_direction, neuron_direction, steering_vector
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lmatlas.edit' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
 
 __all__ = [
     "AblationStats", "Ablate", "Add", "Edit", "Intervention", "Learned", "Patch", "Project", "Scale", "Set",

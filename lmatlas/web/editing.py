@@ -2,8 +2,9 @@
 :class:`~lmatlas.edit.Edit` and run with :meth:`Model.generate(edit=..., compare=True)
 <lmatlas.model.handle.Model.generate>`.
 
-A request lists interventions by kind (a table, :data:`KINDS`, maps each to its
-:mod:`lmatlas.edit` class; nothing is reimplemented here)::
+A request lists interventions by kind; the item schema of each kind is built from
+:data:`lmatlas.edit.forms.FORMS` (the table the command line reads too), so nothing is
+reimplemented here::
 
     {"prompt": "Once upon a time", "max_new_tokens": 24,
      "interventions": [{"kind": "ablate", "target": "L5.H3"},
@@ -23,10 +24,11 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, create_model
 
 from lmatlas.decode.token_text import token_texts
-from lmatlas.edit import Ablate, Edit, Scale, Set
+from lmatlas.edit import Edit
+from lmatlas.edit.forms import FORMS, Form
 from lmatlas.infer.decoding.names import STRATEGY_NAMES
 from lmatlas.web import names
 from lmatlas.web.errors import Malformed
@@ -45,31 +47,21 @@ _TARGET = dict(max_length=40, description="a head (L5.H3) or a neuron (L12.N1031
                json_schema_extra={"pattern": TARGET_PATTERN})
 
 
-class AblateItem(BaseModel):
-    """Replace the target's value: zero, or its mean over the model's default corpus."""
-
-    kind: Literal["ablate"]
-    target: str = Field(**_TARGET)
-    how: Literal["zero", "mean"] = "zero"
-
-
-class ScaleItem(BaseModel):
-    """Multiply the target's value by ``factor``."""
-
-    kind: Literal["scale"]
-    target: str = Field(**_TARGET)
-    factor: float = Field(ge=-1000, le=1000, description="1 leaves it unchanged, 0 ablates it")
+def item_model(form: Form) -> type[BaseModel]:
+    """The request item of one intervention kind, built from its :class:`~lmatlas.edit.forms.Form`:
+    ``{"kind", "target"}`` plus its number (bounded) or its choice."""
+    fields: dict[str, Any] = {"kind": (Literal[form.kind], ...), "target": (str, Field(**_TARGET))}
+    if form.value is not None:
+        fields[form.value] = (float, Field(ge=-form.bound, le=form.bound))
+    if form.choices is not None:
+        name, options = form.choices
+        fields[name] = (Literal[options], options[0])  # type: ignore[valid-type]
+    return create_model(f"{form.cls}Item", __doc__=form.help, **fields)
 
 
-class SetItem(BaseModel):
-    """Clamp the target to ``value`` at every position (a neuron's activation, every value of a head's z)."""
-
-    kind: Literal["set"]
-    target: str = Field(**_TARGET)
-    value: float = Field(ge=-10_000, le=10_000)
-
-
-Item = Annotated[Union[AblateItem, ScaleItem, SetItem], Field(discriminator="kind")]
+#: One request item per kind of :data:`~lmatlas.edit.forms.FORMS` (the schema follows the table).
+ITEMS = {kind: item_model(form) for kind, form in FORMS.items()}
+Item = Annotated[Union[tuple(ITEMS.values())], Field(discriminator="kind")]  # type: ignore[valid-type]
 
 
 class EditSpec(BaseModel):
@@ -121,12 +113,11 @@ class EditFile(BaseModel):
     interventions: list[dict[str, Any]]
 
 
-#: request kind -> the lmatlas intervention it makes (a table, not a dispatch on text).
-KINDS = {
-    "ablate": lambda item: Ablate(item.target, how=item.how),
-    "scale": lambda item: Scale(item.target, factor=float(item.factor)),
-    "set": lambda item: Set(item.target, value=float(item.value)),
-}
+def make_intervention(item: BaseModel) -> Any:
+    """The intervention a request item describes (through its form: nothing is reimplemented here)."""
+    form = FORMS[item.kind]
+    extra = {form.choices[0]: getattr(item, form.choices[0])} if form.choices is not None else {}
+    return form.make(item.target, getattr(item, form.value) if form.value is not None else None, **extra)
 
 
 def check_target(target: str, layout: "HeadLayout") -> None:
@@ -144,7 +135,7 @@ def build_edit(spec: EditSpec, layout: "HeadLayout") -> Edit:
     """The :class:`~lmatlas.edit.Edit` a request describes, every target checked first."""
     for item in spec.interventions:
         check_target(item.target, layout)
-    return Edit(tuple(KINDS[item.kind](item) for item in spec.interventions))
+    return Edit(tuple(make_intervention(item) for item in spec.interventions))
 
 
 def check_request(model: "Model", request: EditRequest, limits: "Limits") -> tuple[int, int]:
