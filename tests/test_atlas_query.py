@@ -143,10 +143,11 @@ def test_cli_search_in_an_atlas(pair):
     result = runner.invoke(app, ["search", str(pair[0]), " dog", "--json"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
-    # the same rows as Atlas.search: one implementation
+    # the same rows as Atlas.search: one implementation (one token, as a model search takes it)
     with Atlas.open(pair[0]) as atlas:
-        assert data["results"] == atlas.search(" dog").to_pylist()
-    assert [(r["name"], r["logit"]) for r in data["results"]] == [("L0.N0", 3.0), ("L0.N1", 2.0), ("L0.H1", 2.0)]
+        assert data["results"] == atlas.search(" dog", exact=True).to_pylist()
+        assert [r["name"] for r in atlas.search(" dog").to_pylist()] == ["L0.N0", "L0.N1", "L0.H1"]  # also "dog"
+    assert [(r["name"], r["logit"]) for r in data["results"]] == [("L0.N0", 3.0), ("L0.H1", 2.0)]
     table = runner.invoke(app, ["search", str(pair[0]), "red"])
     assert table.exit_code == 0 and "L1.N2" in table.stdout
     bad = runner.invoke(app, ["search", str(pair[0])])

@@ -28,6 +28,7 @@ from lmatlas.cli.app import DEVICE_OPT, DTYPE_OPT, JSON_OPT, app, load_model, ou
 from lmatlas.cli.atlas_source import ATLAS_OPT, check_atlas_use
 from lmatlas.errors import LmatlasError
 
+DEFAULT_TOP = 20  # rows of a search
 POSITION_WIDTH = 11  # characters a lens position column needs (a short token and its probability)
 
 ARGS = typer.Argument(..., metavar="[MODEL] TEXT", help="An optional model (hub id, directory, .gguf, packaged "
@@ -72,7 +73,7 @@ def _token_id(model, text: Optional[str], token_id: Optional[int]) -> int:
 
 @app.command()
 def search(args: Optional[list[str]] = SEARCH_ARGS, token_id: Optional[int] = typer.Option(None, "--id", help="Token id instead of "
-           "text."), top: int = typer.Option(20, "--top", min=1, help="Rows shown."),
+           "text."), top: Optional[int] = typer.Option(None, "--top", min=1, help="Rows shown (default 20)."),
            atlas: Optional[Path] = ATLAS_OPT, as_json: bool = JSON_OPT,
            dtype: str = DTYPE_OPT, device: Optional[str] = DEVICE_OPT) -> None:
     """The heads and neurons that promote a token, ranked by the logit they add through the final norm.
@@ -94,13 +95,14 @@ def search(args: Optional[list[str]] = SEARCH_ARGS, token_id: Optional[int] = ty
             raise LmatlasError("The token is empty: give one token (e.g. ' dog', with its leading space) or --id N.")
         if atlas is not None:
             return _search_atlas(atlas, texts[0] if texts else token_id, top, as_json)
+        rows = DEFAULT_TOP if top is None else top
         from lmatlas.atlas.token_search import search_model
         from lmatlas.decode.token_text import token_text
 
         model = load_model(name, dtype, device)
         token = _token_id(model, texts[0] if texts else None, token_id)
         text = token_text(model.tokenizer, token)
-        results = search_model(model, token, top)
+        results = search_model(model, token, rows)
         if as_json:
             return print_json({"token": text, "id": token, "results": results})
         print_ranking(f"Heads and neurons promoting {text!r} (id {token}), by the logit they add", results,
@@ -136,14 +138,14 @@ def print_ranking(title: str, rows: list[dict], caption: str | None = None) -> N
     out.print(table)
 
 
-def _search_atlas(path: Path, query: str | int, top: int, as_json: bool) -> None:
+def _search_atlas(path: Path, query: str | int, top: Optional[int], as_json: bool) -> None:
     """``lmatlas search --atlas FILE TEXT`` (or ``--id N``): :meth:`Atlas.search`, printed like a model search."""
     from lmatlas.atlas.query import Atlas
 
     with Atlas.open(path) as atlas:
-        rows = atlas.search(query, limit=top, exact=True).to_pylist()  # one token, as a model search takes it
+        rows = atlas.search(query, limit=DEFAULT_TOP if top is None else top, exact=True).to_pylist()
         depth = atlas.search_depth()
-    if top > depth:
+    if top is not None and top > depth:
         raise LmatlasError(f"--top {top}: the atlas keeps the {depth} strongest heads and {depth} strongest "
                            "neurons of each token; more need the model (drop --atlas).")
     if as_json:
