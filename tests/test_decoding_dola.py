@@ -30,14 +30,16 @@ def test_contrast_off_is_greedy(family):
         assert torch.equal(greedy, dola)
 
 
-def _reference_step(model, ids, layers, alpha, theta):
-    """The paper's formulas written out with plain sums on a full (cache-free) forward."""
+def _reference_step(model, ids, layers, alpha, theta, top_k=None):
+    """The paper's formulas written out with plain sums on a full (cache-free) forward (``top_k``: the
+    cheaper variant, both distributions renormalised over the final layer's top-k tokens)."""
     cache = model.run(ids, capture=[f"L{layer}.resid.pre" for layer in layers])
     final = cache.logits[0, -1].double()
     W_U = model.hf.get_output_embeddings().weight.double()              # [V, d_model]
     bias = getattr(model.hf.get_output_embeddings(), "bias", None)
     norm = final_norm(model)
-    p_final = torch.softmax(final, -1)
+    keep_ids = final.topk(top_k).indices if top_k is not None else torch.arange(final.shape[0])
+    p_final = torch.softmax(final[keep_ids], -1)
     best, best_layer, best_q = -1.0, None, None
     for layer in layers:
         h = norm(cache[f"L{layer}.resid.pre"][0, -1]).double()
@@ -45,14 +47,16 @@ def _reference_step(model, ids, layers, alpha, theta):
         cap = getattr(model.hf.config, "final_logit_softcapping", None)
         if cap:
             logits = torch.tanh(logits / cap) * cap
-        q = torch.softmax(logits, -1)
+        q = torch.softmax(logits[keep_ids], -1)
         m = 0.5 * (p_final + q)
         jsd = 0.5 * ((p_final * (p_final / m).log()).sum() + (q * (q / m).log()).sum())
         if jsd > best + 1e-12:
             best, best_layer, best_q = float(jsd), layer, q
     keep = p_final >= alpha * p_final.max()
+    inside = torch.full_like(p_final, -math.inf)
+    inside[keep] = p_final[keep].log() - best_q[keep].log()
     scores = torch.full_like(final, -math.inf)
-    scores[keep] = p_final[keep].log() - best_q[keep].log()
+    scores[keep_ids] = inside
     for token in set(ids[0].tolist()):                                  # CTRL repetition penalty
         s = scores[token]
         scores[token] = s / theta if s > 0 else s * theta
@@ -78,6 +82,29 @@ def test_each_step_matches_published_formulas(family):
             assert (token, trace.layers[step][0]) == (expected, layer), f"step {step}"
             seq = torch.cat([seq, torch.tensor([[token]])], 1)
     assert len(set(new)) > 1
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "qwen3"])
+def test_top_k_variant_matches_its_formulas_and_the_full_method_at_k_equal_vocab(family):
+    model = get_tiny(family)
+    layers = list(range(model.layout.n_layers))
+    ids = model.tokenize("Facts: the sky is blue, grass is")["input_ids"]
+
+    def run(top_k):
+        trace = DolaTrace()
+        with torch.no_grad():
+            out = model.hf.generate(input_ids=ids, custom_generate=dola_generate, premature_layers=layers,
+                                    dola_trace=trace, dola_top_k=top_k, repetition_penalty=1.2, do_sample=False,
+                                    max_new_tokens=8, pad_token_id=0)
+        return out[0, ids.shape[1]:].tolist(), [step[0] for step in trace.layers]
+
+    assert run(model.layout.d_vocab) == run(None)
+    new, chosen = run(12)
+    seq = ids
+    with torch.no_grad():
+        for step, token in enumerate(new):
+            assert (token, chosen[step]) == _reference_step(model, seq, layers, 0.1, 1.2, top_k=12), f"step {step}"
+            seq = torch.cat([seq, torch.tensor([[token]])], 1)
 
 
 def test_buckets_follow_the_paper():

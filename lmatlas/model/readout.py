@@ -67,6 +67,21 @@ def exit_logits(hf: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return softcap(hf, hf.get_output_embeddings()(normed)).float()
 
 
+def exit_logits_at(hf: nn.Module, hidden: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """``[n, batch, k]`` float32 logits of hidden states ``[n, batch, d_model]`` for ``token_ids`` ``[batch, k]`` only.
+
+    The same readout as :func:`exit_logits` restricted to ``k`` rows of the unembedding per
+    sequence: ``n * batch * k * d_model`` multiply-adds instead of ``n * batch * d_vocab * d_model``.
+    """
+    head = hf.get_output_embeddings()
+    normed = final_norm_of(hf)(hidden)                                   # [n, batch, d]
+    rows = head.weight[token_ids]                                        # [batch, k, d]
+    logits = torch.einsum("nbd,bkd->nbk", normed.to(rows.dtype), rows)
+    if getattr(head, "bias", None) is not None:
+        logits = logits + head.bias[token_ids][None]
+    return softcap(hf, logits).float()
+
+
 class LayerTap:
     """Capture ``h_l`` (the input of block ``l``) at the last position of each forward.
 

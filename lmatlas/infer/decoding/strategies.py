@@ -52,11 +52,14 @@ def _hf_kwargs(cache: Any, hf: dict) -> dict:
 
 @dataclass(frozen=True)
 class Dola:
-    """DoLa (:mod:`lmatlas.infer.decoding.dola`): ``premature_layers`` ``"low"``, ``"high"`` or a list."""
+    """DoLa (:mod:`lmatlas.infer.decoding.dola`): ``premature_layers`` ``"low"``, ``"high"`` or a list;
+    ``top_k``: read the premature layers on the final layer's top-k tokens only (the cheaper variant,
+    :func:`~lmatlas.infer.decoding.dola.top_k_scores`; ``None`` = the published method)."""
 
     premature_layers: Layers = "high"
     relative_top: float = 0.1
     repetition_penalty: float = 1.2
+    top_k: Optional[int] = None
     name: str = field(default="dola", init=False)
 
     def check(self, model: "Model", batch: dict, kv: "KVPolicy | None", hf: dict) -> None:
@@ -66,6 +69,8 @@ class Dola:
         if not 0.0 < self.relative_top <= 1.0:
             raise InputError(f"relative_top={self.relative_top}: the plausibility threshold must be in (0, 1].")
         candidate_layers(model.hf, self.premature_layers)
+        if self.top_k is not None and self.top_k < 1:
+            raise InputError(f"top_k={self.top_k}: score at least one token (or None for the whole vocabulary).")
 
     def decode(self, model: "Model", batch: dict, max_new_tokens: int, new_cache: CacheFactory, hf: dict) -> Decoded:
         from lmatlas.infer.decoding.dola import DolaTrace, dola_generate
@@ -74,6 +79,7 @@ class Dola:
         out = model.hf.generate(
             **batch, custom_generate=dola_generate, premature_layers=self.premature_layers,
             relative_top=self.relative_top, dola_trace=trace, repetition_penalty=self.repetition_penalty,
+            dola_top_k=self.top_k,
             do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=pad_token_id(model.tokenizer),
             **_hf_kwargs(cache, hf))
         report = {"premature_layers": [step[0] for step in trace.layers], "candidates": trace.candidates}
