@@ -148,7 +148,7 @@ def test_cli_search_in_an_atlas(pair):
         assert data["results"] == atlas.search(" dog", exact=True).to_pylist()
         assert [r["name"] for r in atlas.search(" dog").to_pylist()] == ["L0.N0", "L0.N1", "L0.H1"]  # also "dog"
     assert [(r["name"], r["logit"]) for r in data["results"]] == [("L0.N0", 3.0), ("L0.H1", 2.0)]
-    table = runner.invoke(app, ["search", str(pair[0]), "red"])
+    table = runner.invoke(app, ["search", str(pair[0]), " red"])
     assert table.exit_code == 0 and "L1.N2" in table.stdout
     bad = runner.invoke(app, ["search", str(pair[0])])
     assert bad.exit_code == 2 and "Expected [MODEL] TEXT" in bad.output
