@@ -35,14 +35,16 @@ def _write(path, card, neurons, scores, importance):
         {"layer": 0, "head": 1, "copying": 0.5, "suppression": 0.0, "top_sources": ["x", "y"],
          "top_outputs": [" red", " dog"], "top_logits": [5.0, 2.0], "top_source_ids": [7, 8], "top_output_ids": [3, 1]},
     ]}, 0.1)
-    store.commit_unit("search", "search/V0", {"token_writers": [  # the strongest writers of each token
-        {"token_id": 3, "token": " red", "kind": "head", "layer": 0, "idx": 1, "logit": 5.0, "source_id": 7,
-         "source": "x"},
-        {"token_id": 3, "token": " red", "kind": "neuron", "layer": 1, "idx": 2, "logit": 3.0},
-        {"token_id": 1, "token": " dog", "kind": "neuron", "layer": 0, "idx": 0, "logit": 3.0},
-        {"token_id": 1, "token": " dog", "kind": "head", "layer": 0, "idx": 1, "logit": 2.0, "source_id": 8,
-         "source": "y"},
-        {"token_id": 4, "token": "dog", "kind": "neuron", "layer": 0, "idx": 1, "logit": 2.0}]}, 0.1)
+    store.commit_unit("search", "search/V0", {  # the strongest writers of each token (parallel lists)
+        "token_writers": [
+            {"token_id": 3, "neuron_layers": [1], "neuron_indices": [2], "neuron_logits": [3.0],
+             "head_layers": [0], "head_indices": [1], "head_logits": [5.0], "head_sources": [7]},
+            {"token_id": 1, "neuron_layers": [0], "neuron_indices": [0], "neuron_logits": [3.0],
+             "head_layers": [0], "head_indices": [1], "head_logits": [2.0], "head_sources": [8]},
+            {"token_id": 4, "neuron_layers": [0], "neuron_indices": [1], "neuron_logits": [2.0],
+             "head_layers": [], "head_indices": [], "head_logits": [], "head_sources": []}],
+        "vocab": [{"token_id": i, "token": t} for i, t in
+                  [(1, " dog"), (3, " red"), (4, "dog"), (7, "x"), (8, "y")]]}, 0.1)
     store.close()
     return path
 

@@ -174,27 +174,38 @@ class Atlas:
         Raises:
             AtlasError: the atlas lacks the stage ``search`` (the message has the command that adds it).
         """
-        from lmatlas.atlas.ranking import as_table, hit, ranked
+        from lmatlas.atlas.ranking import as_table, ranked
+        from lmatlas.atlas.token_search import writer_hits
 
         self._require_search()
-        by_id = isinstance(token, int)
-        match = "w.token_id = ?" if by_id else "list_contains(?, w.token)"
-        value = int(token) if by_id else ([token] if exact else _token_variants(token))
-        top = "n.promoted[1:5]" if self._has("neurons") else "NULL"
-        join = "LEFT JOIN neurons n ON w.kind = 'neuron' AND n.layer = w.layer AND n.neuron = w.idx" \
-            if self._has("neurons") else ""
-        rows = self.sql(
-            f"SELECT w.kind, w.layer, w.idx, w.logit, w.source, {top} AS top FROM token_writers w {join} "
-            f"WHERE {match} ORDER BY w.logit DESC, w.kind DESC, w.layer, w.idx LIMIT ?", [value, limit]).to_pylist()
-        hits = [hit(r["kind"], r["layer"], r["idx"], r["logit"], source=r["source"],
-                    top_tokens=r["top"] if r["kind"] == "neuron" else None) for r in rows]
-        return as_table(ranked(hits, limit))
+        if isinstance(token, int):
+            ids = [int(token)]
+        else:
+            variants = [token] if exact else _token_variants(token)
+            ids = self.sql("SELECT token_id FROM vocab WHERE list_contains(?, token)", [variants]).column(
+                "token_id").to_pylist()
+        rows = self.sql("SELECT * FROM token_writers WHERE list_contains(?, token_id)", [ids]).to_pylist() if ids else []
+        sources = sorted({s for row in rows for s in row["head_sources"] or []})
+        texts = {}
+        if sources:
+            found = self.sql("SELECT token_id, token FROM vocab WHERE list_contains(?, token_id)", [sources])
+            texts = dict(zip(found.column("token_id").to_pylist(), found.column("token").to_pylist()))
+        hits = ranked([h for row in rows for h in writer_hits(row, texts.get)], limit)
+        neurons = [(h["layer"], h["index"]) for h in hits if h["kind"] == "neuron"]
+        if neurons and self._has("neurons"):
+            found = self.sql("SELECT layer, neuron, promoted[1:5] AS top FROM neurons WHERE list_contains(?, "
+                             "[layer, neuron])", [[list(n) for n in neurons]]).to_pylist()
+            tops = {(r["layer"], r["neuron"]): r["top"] for r in found}
+            for h in hits:
+                if h["kind"] == "neuron":
+                    h["top_tokens"] = tops.get((h["layer"], h["index"]))
+        return as_table(hits)
 
     def search_depth(self) -> int:
         """How many neurons (and heads) the stage ``search`` kept per token (0 without the stage)."""
         self._require_search()
-        return int(self.sql("SELECT count(*) AS n FROM token_writers WHERE kind = 'neuron' AND token_id = "
-                            "(SELECT min(token_id) FROM token_writers)").column("n")[0].as_py())
+        return int(self.sql("SELECT len(neuron_indices) AS n FROM token_writers ORDER BY token_id LIMIT 1")
+                   .column("n")[0].as_py())
 
     def _has(self, table: str) -> bool:
         return bool(self.sql("SELECT count(*) AS n FROM information_schema.tables WHERE table_name = ?",

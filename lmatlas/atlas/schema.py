@@ -24,7 +24,8 @@ corpus             corpus window: its token ids and token strings
 head_windows       (layer, head, rank): a window where the head writes most, its attention there
 neuron_contexts    (layer, neuron, rank): a top-activating position with per-token activation levels
 neuron_histograms  (layer, neuron): histogram of the neuron's activations over the corpus
-token_writers      (token, kind, layer, index): the strongest heads and neurons writing each token, on one scale
+token_writers      token: the strongest neurons and heads writing it, on one scale (parallel lists)
+vocab              token: its display string (what a search by text matches)
 =================  ===========================================================================
 
 The view ``layers`` joins ``layer_lens`` and ``mlp_importance``.
@@ -99,9 +100,10 @@ TABLES: dict[str, str] = {
         "PRIMARY KEY (layer, neuron)"
     ),
     "token_writers": (
-        "token_id INTEGER, token VARCHAR, kind VARCHAR, layer INTEGER, idx INTEGER, logit DOUBLE, "
-        "source_id INTEGER, source VARCHAR, PRIMARY KEY (token_id, kind, layer, idx)"
+        "token_id INTEGER PRIMARY KEY, neuron_layers SMALLINT[], neuron_indices INTEGER[], neuron_logits FLOAT[], "
+        "head_layers SMALLINT[], head_indices SMALLINT[], head_logits FLOAT[], head_sources INTEGER[]"
     ),
+    "vocab": "token_id INTEGER PRIMARY KEY, token VARCHAR",
 }
 
 VIEWS: dict[str, str] = {

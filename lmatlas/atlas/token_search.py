@@ -39,24 +39,24 @@ REFERENCE_WINDOWS = 4
 
 
 def writer_rows(model: "Model", found: "Writers") -> list[dict[str, Any]]:
-    """``token_writers`` rows: one per (token, part) of ``found``."""
-    from lmatlas.decode.token_text import token_texts
-
+    """``token_writers`` rows: one per token of ``found``, its writers as parallel lists, strongest first."""
     lay = model.layout
-    tokens = found.tokens.tolist()
-    texts = token_texts(model.tokenizer, tokens)
-    source_ids = found.head_sources.reshape(-1).tolist()
-    source_texts = iter(token_texts(model.tokenizer, source_ids))
     rows = []
-    for i, (token, text) in enumerate(zip(tokens, texts)):
-        for row, logit in zip(found.neuron_rows[i].tolist(), found.neuron_logits[i].tolist()):
-            rows.append({"token_id": token, "token": text, "kind": "neuron", "layer": row // lay.d_mlp,
-                         "idx": row % lay.d_mlp, "logit": logit, "source_id": None, "source": None})
-        for row, logit, source in zip(found.head_rows[i].tolist(), found.head_logits[i].tolist(),
-                                      found.head_sources[i].tolist()):
-            rows.append({"token_id": token, "token": text, "kind": "head", "layer": row // lay.n_heads,
-                         "idx": row % lay.n_heads, "logit": logit, "source_id": source, "source": next(source_texts)})
+    for i, token in enumerate(found.tokens.tolist()):
+        neurons, heads = found.neuron_rows[i].tolist(), found.head_rows[i].tolist()
+        rows.append({"token_id": token, "neuron_layers": [r // lay.d_mlp for r in neurons],
+                     "neuron_indices": [r % lay.d_mlp for r in neurons], "neuron_logits": found.neuron_logits[i].tolist(),
+                     "head_layers": [r // lay.n_heads for r in heads], "head_indices": [r % lay.n_heads for r in heads],
+                     "head_logits": found.head_logits[i].tolist(), "head_sources": found.head_sources[i].tolist()})
     return rows
+
+
+def writer_hits(row: dict[str, Any], source_text) -> list[dict[str, Any]]:
+    """The :func:`hit` rows of one ``token_writers`` row; ``source_text(id)`` spells a head's source token."""
+    hits = [hit("neuron", l, n, v) for l, n, v in zip(row["neuron_layers"], row["neuron_indices"], row["neuron_logits"])]
+    hits += [hit("head", l, h, v, source=source_text(s))
+             for l, h, v, s in zip(row["head_layers"], row["head_indices"], row["head_logits"], row["head_sources"])]
+    return hits
 
 
 def search_model(model: "Model", token: int, limit: int = 20, *, seed: int = 0) -> list[dict[str, Any]]:
@@ -69,18 +69,18 @@ def search_model(model: "Model", token: int, limit: int = 20, *, seed: int = 0) 
 
     from lmatlas.decode.neurons import output_directions
     from lmatlas.decode.search import DEPTH, calibrate, token_writers
-    from lmatlas.decode.token_text import token_texts
+    from lmatlas.decode.token_text import token_text, token_texts
     from lmatlas.decode.vocab import topk_tokens
 
     found = token_writers(model, calibrate(model, reference_windows(model)), token, depth=max(DEPTH, limit),
                           seed=seed)
-    rows = writer_rows(model, found)
-    neurons = [(r["layer"], r["idx"]) for r in rows if r["kind"] == "neuron"]
-    tops = {}
-    if neurons:
+    hits = ranked(writer_hits(writer_rows(model, found)[0], lambda i: token_text(model.tokenizer, i)), limit)
+    neurons = [(h["layer"], h["index"]) for h in hits if h["kind"] == "neuron"]
+    if neurons:  # each neuron's own top tokens, as the atlas's ``neurons`` table holds them
         directions = torch.stack([output_directions(model, layer)[n] for layer, n in neurons])
         ids = topk_tokens(model, directions, TOP_TOKENS, norm="none", method="plain").ids.tolist()
         tops = {key: token_texts(model.tokenizer, row) for key, row in zip(neurons, ids)}
-    hits = [hit(r["kind"], r["layer"], r["idx"], r["logit"], source=r["source"],
-                top_tokens=tops.get((r["layer"], r["idx"])) if r["kind"] == "neuron" else None) for r in rows]
-    return ranked(hits, limit)
+        for h in hits:
+            if h["kind"] == "neuron":
+                h["top_tokens"] = tops[(h["layer"], h["index"])]
+    return hits

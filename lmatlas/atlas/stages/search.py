@@ -4,7 +4,8 @@ For each slice of :data:`SLICE` tokens of the vocabulary (one unit each,
 ``search/V0``, ``search/V4096``, ...), :func:`lmatlas.decode.search.vocab_writers` scores
 every neuron and every head by the logit it adds to each token through the final norm
 as the model applies it, and the stage stores the :data:`~lmatlas.decode.search.DEPTH`
-strongest of each kind per token in ``token_writers`` (a head with its best source).
+strongest of each kind per token in ``token_writers`` (one row per token, parallel lists;
+a head with its best source token), and the tokens' display strings in ``vocab``.
 
 The scale is measured once per process on the reference windows of
 :func:`lmatlas.atlas.token_search.reference_windows` (the first windows of the default
@@ -43,8 +44,12 @@ def compute(model: "Model", unit: str, ctx: BuildContext):
     start = int(unit.rsplit("/V", 1)[1])
     calibration, writes, factors = ctx.remember("search.shared", lambda: _shared(model, ctx))
     tokens = torch.arange(start, min(start + SLICE, model.layout.d_vocab))
+    from lmatlas.decode.token_text import token_texts
+
     found = vocab_writers(model, calibration, tokens, seed=ctx.seed, writes=writes, factors=factors)
-    return {"token_writers": writer_rows(model, found)}
+    texts = token_texts(model.tokenizer, tokens.tolist())
+    return {"token_writers": writer_rows(model, found),
+            "vocab": [{"token_id": t, "token": text} for t, text in zip(tokens.tolist(), texts)]}
 
 
 stage(Stage(
