@@ -186,7 +186,8 @@ def from_circuit(circuit: "Circuit", layout: "HeadLayout", top: int, params: dic
 # -- attention explained (the circuit page's head panel) ------------------------------------------------------
 class AttentionRequest(BaseModel):
     head: str = Field(description="the head, e.g. L5.H3")
-    prompt: str = Field(description="the text the head reads")
+    prompt: str = Field(min_length=1, max_length=40_000, json_schema_extra={"pattern": r"\S"},
+                        description="the text the head reads (capped at the lens's token limit: see /api/live)")
     query_pos: int = Field(-1, ge=-100_000, le=100_000, description="the query token (negative: from the end)")
     key_pos: Optional[int] = Field(None, ge=-100_000, le=100_000,
                                    description="the key token (default: where the head attends most)")
