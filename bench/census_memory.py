@@ -68,7 +68,11 @@ difference; the chunk block ``[head, chunk, T]`` float32 is ``chunk_block_mb``).
 ``capture`` rows compare the measured pattern-capture peak with its predicted size.
 
     .venv/bin/python bench/census_memory.py [--lengths 1024 2048 4096 8192] [--layers 4]
-        [--chunk 256] [--capture-lengths 1024 2048] [--model smollm2-135m]
+        [--chunk 256] [--capture-lengths 1024 2048] [--model smollm2-135m] [--out FILE]
+
+The record, ``bench/results/census_memory.json``, is the default run with
+``--out bench/results/census_memory.json``; it holds the command, the commit, the
+``uptime`` load before and after, and the library versions next to the measurements.
 """
 
 from __future__ import annotations
@@ -79,6 +83,7 @@ import ctypes
 import gc
 import json
 import os
+import platform
 import re
 import subprocess
 import sys
@@ -111,6 +116,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="tight: freed memory goes straight back to the OS (see TIGHT_ALLOCATOR)")
     parser.add_argument("--quick", action="store_true",
                         help="tiny:llama at 64 and 128 tokens (a smoke test of the harness, not a measurement)")
+    parser.add_argument("--out", default=None, help="also write the JSON here")
     parser.add_argument("--worker", nargs="+", choices=["plain", "stats", "capture"], help=argparse.SUPPRESS)
     parser.add_argument("--tokens", type=int, nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -280,11 +286,44 @@ def linear_fit(tokens: list[int], peaks: list[float]) -> dict:
     return out
 
 
+def uptime() -> str:
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "load average: " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def commit() -> str | None:
+    """The checked-out commit, with ``+dirty`` when tracked files under lmatlas/ or bench/ differ from it."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "lmatlas", "bench"],
+                               cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (head + ("+dirty" if dirty else "")) or None
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for dist in ("lmatlas", "torch", "transformers"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.worker:
         worker(args)
         return
+    uptime_before = uptime()
     lengths = sorted(args.lengths)
     rows, capture_rows, meta = [], [], {}
     for tokens in lengths:
@@ -336,15 +375,21 @@ def main(argv: list[str] | None = None) -> None:
         "stats_peak_at_max_over_slope_times_T": ratio(
             last["stats_peak_mb"], fit["slope_mb_per_1k_tokens"] * last["tokens"] / 1024, 3),
     }
-    print(json.dumps({
+    text = json.dumps({
         "benchmark": "census_memory", "model": args.model, "input": "needle in a haystack (random tokens), batch 1",
+        "command": " ".join(["python", "bench/census_memory.py", *(argv if argv is not None else sys.argv[1:])]),
+        "commit": commit(), "versions": versions(), "cpu_count": os.cpu_count(),
+        "uptime_before": uptime_before, "uptime_after": uptime(),
         "layers_run": args.layers or meta.get("n_layers"), "n_layers": meta.get("n_layers"),
         "heads": meta.get("n_heads"), "chunk": args.chunk, "torch_threads": meta.get("torch_threads"),
         "baseline_rss_mb": rows[0]["baseline_rss_mb"] if rows else None,
         "method": "fresh subprocess per length running plain (cold), stats, plain; peak = VmHWM - VmRSS after "
                   "gc, malloc_trim(0) and a clear_refs high-water-mark reset before each run",
         "results": rows, "capture": capture_rows, "growth": growth,
-    }, indent=2))
+    }, indent=2)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    print(text)
 
 
 if __name__ == "__main__":

@@ -95,3 +95,24 @@ def test_peaks_against_the_patterns_hf_holds(long_tiny):
         layer_pattern_mb = one_layer_mb * (tokens / 2048) ** 2
         assert row["stats_peak_mb"] < 0.5 * layer_pattern_mb and row["stats_extra_mb"] < 0.25 * layer_pattern_mb, row
     assert rows[2048]["stats_peak_mb"] / rows[1024]["stats_peak_mb"] < 3, rows  # linear: 2; quadratic: 4
+
+
+def test_the_record_shows_memory_linear_in_the_context_length():
+    """``bench/results/census_memory.json`` (SmolLM2-135M, 1k-8k tokens) backs the README's "memory linear
+    in the context length": the statistics' peak grows like the length (x8), a full pattern like its square."""
+    record = json.loads((BENCH.parent / "results" / "census_memory.json").read_text())
+    assert record["benchmark"] == "census_memory" and record["model"] == "smollm2-135m"
+    assert record["command"].startswith("python bench/census_memory.py") and record["commit"]
+    assert "load average" in record["uptime_before"] and "load average" in record["uptime_after"]
+    rows = record["results"]
+    assert [row["tokens"] for row in rows] == [1024, 2048, 4096, 8192]
+    assert all(row["hwm_reset"] for row in rows) and all(row["hwm_reset"] for row in record["capture"])
+    growth = record["growth"]
+    assert growth["length_ratio"] == 8 and growth["full_pattern_ratio"] == 64
+    assert growth["stats_peak_ratio"] < 1.25 * growth["length_ratio"], growth  # measured 7.09
+    assert growth["stats_fit"]["r2"] > 0.99 and abs(growth["stats_fit"]["quadratic_share_at_max"]) < 0.05, growth
+    for row in rows:  # the statistics' own cost against one layer's full pattern (9 heads x T^2 float32)
+        one_layer_mb = record["heads"] * row["tokens"] ** 2 * 4 / MB
+        assert row["stats_extra_mb"] < 0.05 * one_layer_mb, row
+    for row in record["capture"]:  # capturing the patterns: the kernel's peak holds at least what was kept
+        assert row["capture_peak_mb"] >= row["kept_mb"] > 0, row
