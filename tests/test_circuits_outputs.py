@@ -87,3 +87,11 @@ def test_the_explorer_explains_a_heads_attention(tmp_path):
         assert empty.status_code == 422
     with TestClient(create_app(path)) as client:  # no model
         assert client.post("/api/circuit/attention-sources", json={"head": "L1.H2", "prompt": "ab"}).status_code == 409
+
+
+def test_a_task_whose_answer_is_not_one_token_is_refused_before_compute(tmp_path):
+    rows = tmp_path / "two.jsonl"
+    rows.write_text(json.dumps({"clean": "abcab", "corrupt": "abcxy", "answer": "cd", "wrong": "x"}) + "\n")
+    bad = runner.invoke(app, ["circuit", FIXTURE, "--task", str(rows)])
+    assert bad.exit_code == 2 and "'cd' is not one token" in bad.output
+    assert len([line for line in bad.output.splitlines() if line.strip()]) <= 2
