@@ -23,7 +23,7 @@ def server(tmp_path_factory):
     server.stop()
 
 
-def test_head_page_explains_every_label(page, server):
+def test_head_page_explains_every_label(page, server):  # noqa: F811  (page: the e2e fixture)
     open_page(page, server, "/head/L1.H2")
     meanings = page.locator("#label-meanings")
     text = meanings.inner_text()
@@ -34,7 +34,7 @@ def test_head_page_explains_every_label(page, server):
     assert page.errors == []
 
 
-def test_lens_page_keeps_column_labels_and_every_layer_in_view(page, server):
+def test_lens_page_keeps_column_labels_and_every_layer_in_view(page, server):  # noqa: F811
     open_page(page, server, "/lens")
     page.fill("#prompt", "The capital of France is")
     page.click("#run")

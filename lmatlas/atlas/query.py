@@ -184,7 +184,8 @@ class Atlas:
             variants = [token] if exact else _token_variants(token)
             ids = self.sql("SELECT token_id FROM vocab WHERE list_contains(?, token)", [variants]).column(
                 "token_id").to_pylist()
-        rows = self.sql("SELECT * FROM token_writers WHERE list_contains(?, token_id)", [ids]).to_pylist() if ids else []
+        rows = (self.sql("SELECT * FROM token_writers WHERE list_contains(?, token_id)", [ids]).to_pylist()
+                if ids else [])
         sources = sorted({s for row in rows for s in row["head_sources"] or []})
         texts = {}
         if sources:
@@ -214,7 +215,8 @@ class Atlas:
     def _require_search(self) -> None:
         """Refuse a search on an atlas without its ``search`` stage, naming the command that adds it."""
         done = self._has("token_writers") and bool(
-            self.sql("SELECT count(*) AS n FROM runs WHERE stage = 'search' AND status = 'done'").column("n")[0].as_py())
+            self.sql("SELECT count(*) AS n FROM runs WHERE stage = 'search' AND status = 'done'")
+            .column("n")[0].as_py())
         if not done:
             raise AtlasError(f"{self.path} cannot answer a token search: it lacks the stage 'search' (an older "
                              f"atlas, or one built with --only). Add it with: {self.map_command(['search'])}")

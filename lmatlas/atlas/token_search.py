@@ -45,7 +45,8 @@ def writer_rows(model: "Model", found: "Writers") -> list[dict[str, Any]]:
     for i, token in enumerate(found.tokens.tolist()):
         neurons, heads = found.neuron_rows[i].tolist(), found.head_rows[i].tolist()
         rows.append({"token_id": token, "neuron_layers": [r // lay.d_mlp for r in neurons],
-                     "neuron_indices": [r % lay.d_mlp for r in neurons], "neuron_logits": found.neuron_logits[i].tolist(),
+                     "neuron_indices": [r % lay.d_mlp for r in neurons],
+                     "neuron_logits": found.neuron_logits[i].tolist(),
                      "head_layers": [r // lay.n_heads for r in heads], "head_indices": [r % lay.n_heads for r in heads],
                      "head_logits": found.head_logits[i].tolist(), "head_sources": found.head_sources[i].tolist()})
     return rows
@@ -53,9 +54,10 @@ def writer_rows(model: "Model", found: "Writers") -> list[dict[str, Any]]:
 
 def writer_hits(row: dict[str, Any], source_text) -> list[dict[str, Any]]:
     """The :func:`hit` rows of one ``token_writers`` row; ``source_text(id)`` spells a head's source token."""
-    hits = [hit("neuron", l, n, v) for l, n, v in zip(row["neuron_layers"], row["neuron_indices"], row["neuron_logits"])]
-    hits += [hit("head", l, h, v, source=source_text(s))
-             for l, h, v, s in zip(row["head_layers"], row["head_indices"], row["head_logits"], row["head_sources"])]
+    hits = [hit("neuron", layer, n, v)
+            for layer, n, v in zip(row["neuron_layers"], row["neuron_indices"], row["neuron_logits"])]
+    heads = zip(row["head_layers"], row["head_indices"], row["head_logits"], row["head_sources"])
+    hits += [hit("head", layer, h, v, source=source_text(s)) for layer, h, v, s in heads]
     return hits
 
 

@@ -29,7 +29,6 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from lmatlas.census.renamed import RENAMED
-
 from lmatlas.errors import LmatlasError, RegistryError
 
 if TYPE_CHECKING:

@@ -19,7 +19,17 @@ from rich.table import Table
 from rich.text import Text
 
 from lmatlas.cli.app import (
-    DEVICE_OPT, DTYPE_OPT, JSON_OPT, MODEL_ARG, app, err, key_value_table, load_model, out, print_json, run,
+    DEVICE_OPT,
+    DTYPE_OPT,
+    JSON_OPT,
+    MODEL_ARG,
+    app,
+    err,
+    key_value_table,
+    load_model,
+    out,
+    print_json,
+    run,
 )
 from lmatlas.cli.tables import add_columns, column_width, token_list
 

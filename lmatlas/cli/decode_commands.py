@@ -114,7 +114,8 @@ def _from_atlas(path, layer, neuron, top, inputs) -> tuple[int, list[dict[str, A
     records = []
     for row in rows:
         record = {"neuron": f"L{layer}.N{row['neuron']}", "layer": layer, "index": row["neuron"]}
-        keys = [("promoted", "promoted"), ("suppressed", "suppressed")] + ([("excited_by", "exciting")] if inputs else [])
+        keys = [("promoted", "promoted"), ("suppressed", "suppressed")]
+        keys += [("excited_by", "exciting")] if inputs else []
         for key, column in keys:
             record[key] = [(t, round(float(v), 4)) for t, v in zip((row[column] or [])[:top],
                                                                  (row[f"{column}_logits"] or [])[:top])]

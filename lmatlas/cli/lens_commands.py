@@ -72,8 +72,9 @@ def _token_id(model, text: Optional[str], token_id: Optional[int]) -> int:
 
 
 @app.command()
-def search(args: Optional[list[str]] = SEARCH_ARGS, token_id: Optional[int] = typer.Option(None, "--id", help="Token id instead of "
-           "text."), top: Optional[int] = typer.Option(None, "--top", min=1, help="Rows shown (default 20)."),
+def search(args: Optional[list[str]] = SEARCH_ARGS,
+           token_id: Optional[int] = typer.Option(None, "--id", help="Token id instead of text."),
+           top: Optional[int] = typer.Option(None, "--top", min=1, help="Rows shown (default 20)."),
            atlas: Optional[Path] = ATLAS_OPT, as_json: bool = JSON_OPT,
            dtype: str = DTYPE_OPT, device: Optional[str] = DEVICE_OPT) -> None:
     """The heads and neurons that promote a token, ranked by the logit they add through the final norm.

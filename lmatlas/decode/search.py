@@ -187,7 +187,6 @@ def vocab_writers(model: "Model", calibration: Calibration, tokens: torch.Tensor
     per layer for the heads. ``writes`` (:func:`neuron_writes`) and ``factors``
     (:func:`head_factors`) can be passed in to share them across calls.
     """
-    lay = model.layout
     sources = head_sources(model, seed)
     writes = neuron_writes(model, calibration) if writes is None else writes
     factors = head_factors(model, sources) if factors is None else factors
