@@ -11,7 +11,7 @@ The scale is measured once per process on the reference windows of
 :func:`lmatlas.atlas.token_search.reference_windows` (the first windows of the default
 corpus, whatever ``--corpus`` the build reads: the scale is the model's), so
 ``lmatlas search MODEL`` finds the same rows as ``lmatlas search --atlas FILE``.
-Cost on SmolLM2 (CPU, one thread): about a minute for the whole vocabulary.
+Cost on SmolLM2 (one CPU thread): about 90 s for the whole vocabulary (12 units), 16 MB.
 """
 
 from __future__ import annotations
