@@ -31,73 +31,17 @@ taken from the run, not from the edges.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 import torch
 
+from lmatlas.causal.edge_plan import Plan, groups, plan
 from lmatlas.causal.edges import EdgeIndex
+from lmatlas.progress import ProgressArg, progress_task
 
 if TYPE_CHECKING:
     from lmatlas.causal.tasks import TaskBatch
     from lmatlas.model.handle import Model
-
-
-@dataclass
-class _Plan:
-    """Per layer: ``copies`` ``[K, C, S_l]`` source masks of each copy's stream; ``roles`` ``[K, R_l]`` copy per input."""
-
-    copies: list[torch.Tensor]
-    roles: list[torch.Tensor]
-    n_copies: int
-
-
-def _layer_targets(index: EdgeIndex, model: "Model", layer: int) -> list[int]:
-    """Target indices read at ``L{layer}.resid.pre``: queries, keys, values (+ the MLP with a parallel residual)."""
-    lay = model.layout
-    names = [f"L{layer}.H{h}.q" for h in range(lay.n_heads)]
-    names += [f"L{layer}.KV{g}.{p}" for p in ("k", "v") for g in range(lay.n_kv_heads)]
-    if lay.parallel_residual:
-        names.append(f"L{layer}.mlp")
-    return [index.targets.index(n) for n in names]
-
-
-def _plan(index: EdgeIndex, model: "Model", masks: torch.Tensor, extra: torch.Tensor) -> _Plan:
-    """Group each layer's inputs by their in-circuit sources (one copy per distinct set).
-
-    ``extra`` ``[K, n_targets]`` marks the input that also reads the patched edge's clean
-    write; it is the last column of each copy's weights.
-    """
-    per_head = model.layout.n_heads + 1
-    copies, roles = [], []
-    for layer in range(model.layout.n_layers):
-        n_src = 1 + layer * per_head
-        targets = _layer_targets(index, model, layer)
-        rows = torch.cat([masks[:, :n_src, targets], extra[:, None, targets]], 1).transpose(1, 2)  # [K, R, S_l + 1]
-        layer_copies, layer_roles = [], []
-        for k in range(rows.shape[0]):
-            unique, inverse = torch.unique(rows[k], dim=0, return_inverse=True)
-            layer_copies.append(unique)
-            layer_roles.append(inverse)
-        copies.append(layer_copies)
-        roles.append(torch.stack(layer_roles))
-    n_copies = max(c.shape[0] for layer in copies for c in layer)
-    padded = [torch.stack([torch.cat([c, c[:1].expand(n_copies - c.shape[0], -1)]) for c in layer]).float()
-              for layer in copies]
-    return _Plan(padded, roles, n_copies)
-
-
-def _groups(copies: list[int], chunk: int) -> list[list[int]]:
-    """Circuits in forwards of at most ``chunk``, those needing as many copies together (a forward costs
-    ``circuits x its most copies`` rows: a curve's small circuits should not pay for its large ones)."""
-    order = sorted(range(len(copies)), key=lambda i: copies[i])
-    groups: list[list[int]] = []
-    for i in order:
-        if groups and len(groups[-1]) < chunk and copies[i] <= 1.25 * copies[groups[-1][0]]:
-            groups[-1].append(i)
-        else:
-            groups.append([i])
-    return groups
 
 
 class EdgeRunner:
@@ -110,8 +54,9 @@ class EdgeRunner:
     input ``v`` alone reads ``u``'s clean write (everything after ``v`` computes normally).
     """
 
-    def __init__(self, model: "Model", task: "TaskBatch", metric: Callable, index: EdgeIndex | None = None):
-        self.model, self.task, self.metric_fn = model, task, metric
+    def __init__(self, model: "Model", task: "TaskBatch", metric: Callable, index: EdgeIndex | None = None,
+                 progress: ProgressArg = True):
+        self.model, self.task, self.metric_fn, self.progress = model, task, metric, progress
         self.index = index or EdgeIndex.of(model)
         lay = model.layout
         last = f"L{lay.n_layers - 1}.resid.post"
@@ -146,8 +91,11 @@ class EdgeRunner:
         masks = masks & self.index.allowed
         none = torch.zeros(masks.shape[0], len(self.index.targets))
         out = torch.empty(masks.shape[0], dtype=torch.float64)
-        for group in _groups([_plan(self.index, self.model, m[None], none[:1]).n_copies for m in masks], chunk):
-            out[group] = self._run(masks[group], none[group], None)
+        batches = groups([plan(self.index, self.model, m[None], none[:1]).n_copies for m in masks], chunk)
+        with progress_task("Running circuits edge by edge", total=masks.shape[0], enabled=self.progress) as task:
+            for group in batches:
+                out[group] = self._run(masks[group], none[group], None)
+                task.advance(len(group))
         return out
 
     def patched(self, edges: list[tuple[str, str]], chunk: int | None = None) -> torch.Tensor:
@@ -159,10 +107,12 @@ class EdgeRunner:
         extra = torch.zeros(len(edges), len(self.index.targets))
         extra[torch.arange(len(edges)), torch.tensor([self.index.target(t) for _, t in edges])] = 1.0
         out = []
-        for i in range(0, len(edges), chunk):
-            part = sources[i: i + chunk]
-            full = self.index.allowed.expand(len(part), -1, -1)
-            out.append(self._run(full, extra[i: i + chunk], torch.stack([deltas[s] for s in part])))
+        with progress_task("Patching edges one by one", total=len(edges), enabled=self.progress) as task:
+            for i in range(0, len(edges), chunk):
+                part = sources[i: i + chunk]
+                full = self.index.allowed.expand(len(part), -1, -1)
+                out.append(self._run(full, extra[i: i + chunk], torch.stack([deltas[s] for s in part])))
+                task.advance(len(part))
         return torch.cat(out)
 
     def clean_deltas(self) -> list[torch.Tensor]:
@@ -180,13 +130,13 @@ class EdgeRunner:
     def _run(self, masks: torch.Tensor, extra: torch.Tensor, patch: torch.Tensor | None) -> torch.Tensor:
         """Circuits on the clean prompts (``patch=None``), or the full graph on the corrupt prompts with
         ``patch`` ``[K, B, P, d]`` added to the input ``extra`` marks (one patched edge per circuit)."""
-        plan = _plan(self.index, self.model, masks, extra)
-        state = _RunState(self, masks, plan, extra, patch)
-        n_rows = masks.shape[0] * plan.n_copies
+        layout = plan(self.index, self.model, masks, extra)
+        state = _RunState(self, masks, layout, extra, patch)
+        n_rows = masks.shape[0] * layout.n_copies
         tokens = (self.task.clean if patch is None else self.task.corrupt).repeat(n_rows, 1)
         cache = self.model.run(tokens, replace=state.replacements())
         batch = self.task.clean.shape[0]
-        logits = cache.logits.view(masks.shape[0], plan.n_copies, batch, *cache.logits.shape[1:])[:, 0]
+        logits = cache.logits.view(masks.shape[0], layout.n_copies, batch, *cache.logits.shape[1:])[:, 0]
         return torch.stack([self.metric_fn(logits[k]).double().mean() for k in range(masks.shape[0])]).cpu()
 
 
@@ -197,7 +147,7 @@ class _RunState:
     holds ``w_u - w_u^corrupt`` of the first ``written`` sources (filled as the forward goes).
     """
 
-    def __init__(self, runner: EdgeRunner, masks: torch.Tensor, plan: _Plan, extra: torch.Tensor,
+    def __init__(self, runner: EdgeRunner, masks: torch.Tensor, plan: Plan, extra: torch.Tensor,
                  patch: torch.Tensor | None):
         self.r, self.plan = runner, plan
         self.masks, self.extra = masks.to(runner.exact), extra.to(runner.exact)
