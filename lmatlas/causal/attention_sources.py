@@ -75,11 +75,11 @@ def _upstream(model: "Model", cache, layer: int) -> tuple[list[str], torch.Tenso
     """``(names, writes [S, pos, d_model], biases [pos, d_model])`` of everything written before ``layer``."""
     names, parts = ["embed"], [cache["L0.resid.pre"][0]]
     bias = torch.zeros_like(parts[0])
-    for l in range(layer):
-        heads = cache[f"L{l}.attn.out"][0]  # [pos, head, d_model]
-        names += [f"L{l}.H{h}" for h in range(heads.shape[1])] + [f"L{l}.mlp"]
-        parts += list(heads.unbind(1)) + [cache[f"L{l}.mlp.out"][0]]
-        extra = cache.extras.get(f"L{l}.attn.bias")
+    for i in range(layer):
+        heads = cache[f"L{i}.attn.out"][0]  # [pos, head, d_model]
+        names += [f"L{i}.H{h}" for h in range(heads.shape[1])] + [f"L{i}.mlp"]
+        parts += list(heads.unbind(1)) + [cache[f"L{i}.mlp.out"][0]]
+        extra = cache.extras.get(f"L{i}.attn.bias")
         if extra is not None:
             bias = bias + (extra[0] if extra.dim() == 3 else extra)
     return names, torch.stack(parts).detach(), bias.detach()
@@ -128,7 +128,7 @@ def attention_sources(model: "Model", head: str, prompt: Any, *, query_pos: int 
     g = model.layout.kv_head(h)
     sites = ["L0.resid.pre", f"L{layer}.resid.pre", f"L{layer}.attn.q", f"L{layer}.attn.k", f"L{layer}.attn.v",
              f"L{layer}.attn.pattern", f"L{layer}.attn.out"] + \
-        [f"L{l}.{c}" for l in range(layer) for c in ("attn.out", "mlp.out")]
+        [f"L{i}.{c}" for i in range(layer) for c in ("attn.out", "mlp.out")]
     cache = model.run(ids, capture=sites, grad=True)
     zero = model.run(ids, capture=[f"L{layer}.attn.q", f"L{layer}.attn.k", f"L{layer}.attn.v"],
                      replace={f"L{layer}.resid.pre": 0.0})
@@ -169,7 +169,8 @@ def _value_shares(model, cache, moved_v, zero, layer, h, q_pos, names) -> tuple[
     attention = cache[f"L{layer}.attn.pattern"][0, h, q_pos].detach().float()  # [key_pos]
     w_o = model.W.W_O(layer)[h].detach().float()  # [d_head, d_model]
     write = cache[f"L{layer}.attn.out"][0, q_pos, h].detach().float()
-    scale = write.norm() / (attention @ cache[f"L{layer}.attn.v"][0, :, g].detach().float() @ w_o).norm().clamp_min(1e-30)
+    raw = attention @ cache[f"L{layer}.attn.v"][0, :, g].detach().float() @ w_o  # the write before any post-norm
+    scale = write.norm() / raw.norm().clamp_min(1e-30)
     per_source = torch.einsum("k,skd,dm->sm", attention, moved_v[:, :, g], w_o) * scale  # [S + 1, d_model]
     norm2 = float(write @ write) or 1.0
     shares = (per_source @ write / norm2).tolist()

@@ -36,7 +36,7 @@ def held_streams(model: "Model", clean, corrupt, alpha: float) -> dict:
     """Replacements holding ``resid.pre`` / ``resid.mid`` / the last ``resid.post`` at
     ``corrupt + alpha * (clean - corrupt)`` while keeping the model's gradient path."""
     lay = model.layout
-    names = [f"L{l}.{c}" for l in range(lay.n_layers) for c in ("resid.pre", "resid.mid")]
+    names = [f"L{i}.{c}" for i in range(lay.n_layers) for c in ("resid.pre", "resid.mid")]
     names.append(f"L{lay.n_layers - 1}.resid.post")
 
     def hold(name: str) -> Callable:
@@ -52,7 +52,7 @@ def held_streams(model: "Model", clean, corrupt, alpha: float) -> dict:
 def stream_captures(model: "Model") -> list[str]:
     """The streams :func:`held_streams` holds (capture them from the clean and corrupt runs)."""
     lay = model.layout
-    return [f"L{l}.{c}" for l in range(lay.n_layers) for c in ("resid.pre", "resid.mid")] + \
+    return [f"L{i}.{c}" for i in range(lay.n_layers) for c in ("resid.pre", "resid.mid")] + \
         [f"L{lay.n_layers - 1}.resid.post"]
 
 
@@ -80,10 +80,10 @@ def qk_scores(model: "Model", task: "TaskBatch", metric: Callable, delta: torch.
     from lmatlas.causal.attribution import _pattern_after
 
     lay = model.layout
-    sites = [f"L{l}.{c}" for l in range(lay.n_layers) for c in ("resid.pre", "attn.q", "attn.k", "attn.pattern")]
+    sites = [f"L{i}.{c}" for i in range(lay.n_layers) for c in ("resid.pre", "attn.q", "attn.k", "attn.pattern")]
     cache = model.run(task.corrupt, capture=sites, grad=True)
     value = metric(cache.logits).mean()
-    patterns = [cache[f"L{l}.attn.pattern"] for l in range(lay.n_layers)]
+    patterns = [cache[f"L{i}.attn.pattern"] for i in range(lay.n_layers)]
     grads = torch.autograd.grad(value, patterns, retain_graph=True, allow_unused=True)
     column = {name: j for j, name in enumerate(targets)}
     scores: dict[tuple[int, int], float] = {}

@@ -27,8 +27,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
-import torch
-
 from lmatlas.causal.circuits import Graph
 from lmatlas.causal.metrics import logit_diff
 
