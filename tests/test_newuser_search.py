@@ -137,3 +137,18 @@ def test_an_atlas_without_the_search_stage_says_how_to_add_it(model, tmp_path):
     assert result.exit_code == 2
     error = json.loads(result.stdout)["error"]
     assert "--only search" in error["message"] and str(path) in error["message"]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gemma3_text", "qwen2"])
+def test_model_and_atlas_agree_on_other_families(family, tmp_path):
+    """LayerNorm (centred writes), post-norms with a scaled embedding, q/k/v biases."""
+    from lmatlas.model.tiny import tiny_model
+
+    model = tiny_model(family)
+    path = tmp_path / f"{family}.atlas.duckdb"
+    build_atlas(model, path, only=["search"], progress=False)
+    from_model = search_model(model, TOKEN, limit=LIMIT)
+    with Atlas.open(path) as atlas:
+        from_atlas = atlas.search(TOKEN, limit=LIMIT).to_pylist()
+    assert [r["name"] for r in from_model] == [r["name"] for r in from_atlas]
+    assert [r["logit"] for r in from_model] == pytest.approx([r["logit"] for r in from_atlas], rel=1e-4, abs=1e-6)

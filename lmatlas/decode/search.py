@@ -40,7 +40,7 @@ tokens). :func:`token_writers` scores every part for one token (seconds);
 a search from the model and one from its atlas give the same rows.
 
 Limitation: a neuron whose activations are mostly negative writes ``-W_out[n]``; its
-``max_act`` (clipped at 0) scores only its positive side.
+scale (the largest ``act * s``, clipped at 0) scores only its positive side.
 """
 
 from __future__ import annotations
@@ -50,9 +50,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from lmatlas.decode.heads import ov_left, ov_write, token_ids
+from lmatlas.decode.heads import ov_left, ov_write, post_norm_gain, token_ids
 from lmatlas.decode.neurons import output_directions
-from lmatlas.decode.vocab import unembed_matrix
+from lmatlas.decode.vocab import final_norm_gain, unembed_matrix
 from lmatlas.model.norms import final_norm, norm_eps
 
 if TYPE_CHECKING:
@@ -134,16 +134,34 @@ def head_factors(model: "Model", sources: torch.Tensor) -> list[tuple[torch.Tens
     """Per layer ``(left [heads, n_sources, d_head], write [heads, d_head, d_model])`` float32.
 
     ``left[h] @ write[h] @ W_U[:, t]`` is head ``h``'s OV logit for ``t`` attending to each
-    source (:func:`lmatlas.decode.heads.ov_left` and :func:`~lmatlas.decode.heads.ov_write`,
-    norm gains included; ``s`` not yet applied). Kept factored (rank ``d_head``).
+    source (:func:`lmatlas.decode.heads.ov_left` and :func:`head_write`, norm gains
+    included; ``s`` not yet applied). Kept factored (rank ``d_head``).
     """
     lay = model.layout
     out = []
     with torch.no_grad():
         for layer in range(lay.n_layers):
             out.append((torch.stack([ov_left(model, layer, h, sources) for h in range(lay.n_heads)]),
-                        torch.stack([ov_write(model, layer, h) for h in range(lay.n_heads)])))
+                        torch.stack([head_write(model, layer, h) for h in range(lay.n_heads)])))
     return out
+
+
+def head_write(model: "Model", layer: int, head: int) -> torch.Tensor:
+    """``[d_head, d_model]`` float32 ``W_O[h]`` as the final norm reads it.
+
+    :func:`lmatlas.decode.heads.ov_write` (post-attention and final norm gains); before a
+    LayerNorm each row is centred first, as :func:`lmatlas.decode.vocab.prepare` does for
+    neuron directions (the norm subtracts the mean of what is written).
+    """
+    if not model.spec.norm_kind.centres:
+        return ov_write(model, layer, head)
+    W_O = model.W.W_O(layer)[head].detach().float()
+    post = post_norm_gain(model, layer)
+    if post is not None:
+        W_O = W_O * post
+    W_O = W_O - W_O.mean(-1, keepdim=True)
+    gain = final_norm_gain(model)
+    return W_O if gain is None else W_O * gain
 
 
 def mean_column(model: "Model", chunk: int = 8192) -> torch.Tensor:
