@@ -2,4 +2,4 @@
 
 from lmatlas.cli import main
 
-main()
+raise SystemExit(main())
