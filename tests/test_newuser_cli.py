@@ -86,7 +86,7 @@ def test_lens_from_the_atlas_prints_the_stored_statistics(paths, no_model):
 @pytest.mark.parametrize("args, message", [
     (["lens", "--atlas", "A", "Hello"], "needs the model"),
     (["heads", "MODEL", "--atlas", "A"], "not both"),
-    (["heads", "--atlas", "A", "--seed", "3"], "--seed needs the model"),
+    (["heads", "--atlas", "A", "--seed", "3"], "--seed 3 needs the model"),
     (["neurons", "--atlas", "A", "--layer", "0", "--top", "50"], "more need the model"),
     (["search", "--atlas", "A", "a", "--top", "50"], "more need the model"),
 ])

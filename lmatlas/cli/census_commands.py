@@ -163,13 +163,16 @@ def heads(
         name = get_detector(head_type).name if head_type else None
         thresholds = parse_overrides(threshold, "--threshold", name, allow_none=False)
         min_zs = parse_overrides(min_z, "--min-z", name, allow_none=True)
-        check_atlas_use(atlas, model, {"--seed": seed})
+        check_atlas_use(atlas, model, {})
         if atlas is not None:
             from lmatlas.atlas.census_view import census_from_atlas
             from lmatlas.atlas.query import Atlas
 
             with Atlas.open(atlas) as opened:
                 census = census_from_atlas(opened, [name] if name else None, thresholds=thresholds, min_z=min_zs)
+            if seed != census.seed:
+                raise LmatlasError(f"--seed {seed} needs the model: the atlas's census ran with seed {census.seed}. "
+                                   "Drop --atlas to run the batteries again.")
         else:
             from lmatlas.census.run import run_census
 
