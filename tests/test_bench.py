@@ -76,7 +76,8 @@ def test_capture_benchmark_quick(tmp_path):
     assert set(report["grad_losses"]) == {"grad/plain", "grad:one_kind/lmatlas", "grad:one_kind/hand"}
     assert all(loss["equal"] for loss in report["grad_losses"].values())
     for row in [*one.values(), *results["all"].values(), *grad.values()]:
-        assert row["median_s"] > 0 and row["ratio"] > 0 and row["peak_mb"] >= 0 and row["hwm_reset"]
+        assert row["median_s"] > 0 and row["ratio"] > 0, row
+        assert row["peak_mb"] >= 0 and row["hwm_reset"], row
     assert {"median", "iqr", "q25", "q75"} <= set(report["noise"]["time_ratio_plain_b_over_plain_a"])
     assert "load average" in report["uptime_before"]
     assert report["verdict"]["one_kind"]["compared_on_same_components_with"] == ["hand"]
