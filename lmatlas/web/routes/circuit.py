@@ -59,6 +59,7 @@ def task_circuit(
     steps: int = Query(0, ge=0, le=16, description="EAP-IG steps; 0 = plain EAP (live)"),
     along: Literal["inputs", "activations"] = Query("inputs", description="EAP-IG path (live)"),
     qk: bool = Query(True, description="score query and key edges QK-aware (live)"),
+    verify: int = Query(50, ge=0, le=200, description="top edges re-measured by exact edge patching (live)"),
     faithfulness: float = Query(0.8, gt=0, le=1, description="keep the smallest circuit reaching this (live)"),
     granularity: circuit.Granularity = Query("edges", description="edges: each edge patched (MIB's run); nodes: "
                                              "the heads and MLPs the edges touch run whole (live)"),
@@ -82,8 +83,8 @@ def task_circuit(
     if n > ex.limits.circuit_pairs:
         raise Malformed(f"n is {n}; this explorer computes circuits on at most {ex.limits.circuit_pairs} prompt pairs.")
     params = {"n": n, "seed": seed, "steps": steps, "target": faithfulness, "granularity": granularity,
-              "along": along, "qk": qk}
-    key = (task, n, seed, steps, faithfulness, granularity, along, qk)
+              "along": along, "qk": qk, "verify": verify}
+    key = (task, n, seed, steps, faithfulness, granularity, along, qk, verify)
     found = ex.memo.get(key)
     if found is None:
         found = ex.gate.run(lambda: circuit.compute(ex.model, task, **params))

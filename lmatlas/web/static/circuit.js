@@ -27,7 +27,7 @@ const ROW_H = 74, COL_W = 86, MARGIN = 46, NODE_W = 70, NODE_H = 24;
       el("span", { class: "note" }, storedNote + (tasks.live ? " Others are computed with the live model." : ""))),
     status, panel);
   const query = new URLSearchParams({ task });
-  for (const key of ["source", "method", "n", "seed", "steps", "along", "qk", "faithfulness", "granularity", "top"]) {
+  for (const key of ["source", "method", "n", "seed", "steps", "along", "qk", "verify", "faithfulness", "granularity", "top"]) {
     if (params.has(key)) query.set(key, params.get(key));
   }
   const started = performance.now();
