@@ -152,3 +152,19 @@ def test_model_and_atlas_agree_on_other_families(family, tmp_path):
         from_atlas = atlas.search(TOKEN, limit=LIMIT).to_pylist()
     assert [r["name"] for r in from_model] == [r["name"] for r in from_atlas]
     assert [r["logit"] for r in from_model] == pytest.approx([r["logit"] for r in from_atlas], rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_smollm2_dog_from_model_and_atlas(smollm2, tmp_path):
+    """The issue's case: " dog" on SmolLM2 had heads up to 274 and its first neuron at rank 256."""
+    path = tmp_path / "smollm2.atlas.duckdb"
+    build_atlas(smollm2, path, only=["search"], progress=False)  # about 90 s on one core
+    token = smollm2.tokenizer.encode(" dog", add_special_tokens=False)[0]
+    from_model = search_model(smollm2, token, limit=20)
+    with Atlas.open(path) as atlas:
+        from_atlas = atlas.search(" dog", limit=20, exact=True).to_pylist()
+    assert [r["name"] for r in from_model] == [r["name"] for r in from_atlas]
+    assert [r["logit"] for r in from_model] == pytest.approx([r["logit"] for r in from_atlas], rel=1e-4, abs=1e-5)
+    kinds = [r["kind"] for r in from_model]
+    assert "neuron" in kinds[:5] and "head" in kinds[:5]  # interleaved near the top
+    assert all(0 < r["logit"] < 20 for r in from_model)  # the model's own logit scale, not 274
