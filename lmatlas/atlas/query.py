@@ -203,7 +203,7 @@ class Atlas:
         return as_table(hits)
 
     def search_depth(self) -> int:
-        """How many neurons (and heads) the stage ``search`` kept per token (0 without the stage)."""
+        """How many neurons (and heads) the stage ``search`` kept per token (an error without the stage)."""
         self._require_search()
         return int(self.sql("SELECT len(neuron_indices) AS n FROM token_writers ORDER BY token_id LIMIT 1")
                    .column("n")[0].as_py())

@@ -23,6 +23,8 @@ if TYPE_CHECKING:
     from lmatlas.model.handle import Model
 
 TOP_TOKENS = 5  # a neuron's own top tokens shown beside it (the atlas shows the same number)
+#: Reference windows read to measure the scale (of 128 tokens each).
+REFERENCE_WINDOWS = 4
 
 
 def reference_windows(model: "Model"):
@@ -32,10 +34,6 @@ def reference_windows(model: "Model"):
 
     windows = corpus_windows(model, load_texts(None), DEFAULT_PARAMS["corpus_sequences"], DEFAULT_PARAMS["seq_len"])
     return windows[:REFERENCE_WINDOWS]
-
-
-#: Reference windows read to measure the scale (of 128 tokens each).
-REFERENCE_WINDOWS = 4
 
 
 def writer_rows(model: "Model", found: "Writers") -> list[dict[str, Any]]:
