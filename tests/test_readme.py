@@ -43,8 +43,10 @@ BLOCKS = [(_name(doc), section, line, code)
           for doc in DOCUMENTS for section, line, code in python_blocks(doc.read_text(encoding="utf-8"))]
 
 
-def test_the_readme_has_python_blocks():
-    assert sum(1 for doc, *_ in BLOCKS if doc == "README.md") >= 4
+def test_the_readme_and_every_guide_page_have_python_blocks():
+    assert sum(1 for doc, *_ in BLOCKS if doc == "README.md") >= 2
+    guides = {str(p.relative_to(ROOT)) for p in (ROOT / "docs" / "guide").glob("*.md")}
+    assert guides and guides <= {doc for doc, *_ in BLOCKS}, "a guide page without a runnable example"
     assert python_blocks("# A\n```python\nx = 1\n```\n## B\n```bash\nls\n```\n```python\ny = 2\n```\n") == [
         ("A", 2, "x = 1\n"), ("B", 9, "y = 2\n")]
 
