@@ -148,7 +148,8 @@ class _EdgeJudge:
 def find_circuit(model: "Model", task: "TaskBatch", graph: Graph, metric: Callable | None = None, *,
                  target: float = 0.8, fractions: tuple[float, ...] = MIB_FRACTIONS,
                  granularity: str = "edges", verify: int = 50) -> Circuit:
-    """Measure the faithfulness curve of ``graph`` and keep the smallest circuit reaching ``target``.
+    """Measure the faithfulness curve of ``graph`` and keep the smallest circuit reaching ``target``
+    (searched after the last curve point that falls short, to within 2% of its edges).
 
     ``granularity="edges"`` runs every circuit edge by edge (the default); ``"nodes"``
     runs the nodes the edges touch whole. ``verify`` top edges of the graph are
@@ -165,7 +166,8 @@ def find_circuit(model: "Model", task: "TaskBatch", graph: Graph, metric: Callab
     xs, ys = [c["fraction"] for c in curve], [c["faithfulness"] for c in curve]
     reached = [i for i, c in enumerate(curve) if c["faithfulness"] >= target]
     chosen = reached[0] if reached else len(curve) - 1
-    k, value = _smallest(judge, ranked, target, 1, counts[chosen], values[chosen])
+    low = counts[chosen - 1] + 1 if reached and chosen > 0 else 1  # the curve point before fell short
+    k, value = _smallest(judge, ranked, target, min(low, counts[chosen]), counts[chosen], values[chosen])
     edges = ranked[:k]
     circuit = Circuit(graph, edges, sorted(circuit_nodes(model, edges)), value, curve, cpr=_area(xs, ys),
                       cmd=_area(xs, [abs(1 - y) for y in ys]), granularity=granularity)
@@ -177,11 +179,13 @@ def find_circuit(model: "Model", task: "TaskBatch", graph: Graph, metric: Callab
     return circuit
 
 
-def _smallest(judge, ranked, target: float, low: int, high: int, at_high: float, width: int = 8) -> tuple[int, float]:
-    """The first ``k`` in ``[low, high]`` reaching ``target`` (faithfulness is not monotone: a batched scan
-    of ``width`` candidates per round narrows the bracket), and its faithfulness."""
+def _smallest(judge, ranked, target: float, low: int, high: int, at_high: float, width: int = 8,
+              tolerance: float = 0.02) -> tuple[int, float]:
+    """The first ``k`` in ``[low, high]`` reaching ``target``, to within ``tolerance * k`` edges, and its
+    faithfulness (faithfulness is not monotone: a batched scan of ``width`` candidates per round narrows
+    the bracket; each round is a few batched forwards)."""
     best, best_value = high, at_high
-    while low < best:
+    while low < best and best - low > tolerance * best:
         step = max(1, -(-(best - low) // width))
         candidates = list(range(low, best, step))
         values = judge(ranked, candidates)
