@@ -5,7 +5,10 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from lmatlas.model.handle import Model
 
 
 def weights_fingerprint(module) -> str:
@@ -57,7 +60,7 @@ class Provenance:
 IDENTITY = ("model_type", "layers", "query_heads", "kv_heads", "neurons_per_layer", "vocab")
 
 
-def identity(model: Any) -> dict[str, Any]:
+def identity(model: "Model") -> dict[str, Any]:
     """What a file lmatlas writes records of its model: the card's :data:`IDENTITY` fields, the source,
     the weights file's SHA-256 and a weights fingerprint (:func:`weights_fingerprint`)."""
     card = model.card()
@@ -65,7 +68,7 @@ def identity(model: Any) -> dict[str, Any]:
             "file_sha256": card.get("file_sha256"), "weights": weights_fingerprint(model.hf)}
 
 
-def differences(recorded: dict[str, Any], model: Any) -> dict[str, tuple[Any, Any]]:
+def differences(recorded: dict[str, Any], model: "Model") -> dict[str, tuple[Any, Any]]:
     """``{field: (recorded, this model's)}`` for every identity field that differs.
 
     A field the record lacks is not compared (older files record fewer). The weights are
@@ -83,7 +86,7 @@ def differences(recorded: dict[str, Any], model: Any) -> dict[str, tuple[Any, An
     return out
 
 
-def check_made_for(recorded: dict[str, Any], model: Any, what: str, error: type[Exception], fix: str) -> None:
+def check_made_for(recorded: dict[str, Any], model: "Model", what: str, error: type[Exception], fix: str) -> None:
     """Refuse a file made for another model: ``what`` names the file, ``fix`` says what to do instead.
 
     The one check behind atlases, edits, draft heads and the explorer (see :func:`differences`).

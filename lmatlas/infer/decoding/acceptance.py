@@ -20,13 +20,16 @@ costs, which is optimistic on a CPU; below 1 the drafter can only slow decoding 
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
 from lmatlas.errors import InputError
 from lmatlas.model.generation import pad_token_id
 from lmatlas.model.readout import LayerTap, exit_logits
+
+if TYPE_CHECKING:
+    from lmatlas.model.handle import Model
 
 
 def implied_speedup(agreement: float, cost: float, max_draft: int = 8) -> tuple[float, int]:
@@ -39,7 +42,7 @@ def implied_speedup(agreement: float, cost: float, max_draft: int = 8) -> tuple[
     return best
 
 
-def _sequences(model: Any, prompts: Sequence[str], new_tokens: int) -> list[torch.Tensor]:
+def _sequences(model: "Model", prompts: Sequence[str], new_tokens: int) -> list[torch.Tensor]:
     out = []
     for prompt in prompts:
         ids = model.tokenize(prompt)["input_ids"]
@@ -50,7 +53,7 @@ def _sequences(model: Any, prompts: Sequence[str], new_tokens: int) -> list[torc
     return out
 
 
-def acceptance_profile(model: Any, prompts: Sequence[str], new_tokens: int = 64,
+def acceptance_profile(model: "Model", prompts: Sequence[str], new_tokens: int = 64,
                        skip_sets: dict[str, Sequence[int]] | None = None) -> dict[str, Any]:
     """Early-exit agreement per layer (and per skipped-layer set) on the generated positions.
 

@@ -23,7 +23,7 @@ reproduces greedy decoding (the control the tests use).
 from __future__ import annotations
 
 import random
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from torch import nn
@@ -31,8 +31,11 @@ from torch import nn
 from lmatlas.errors import InputError
 from lmatlas.infer.decoding.loop import check_greedy, greedy_loop
 
+if TYPE_CHECKING:
+    from lmatlas.model.handle import Model
 
-def head_names(model: Any, heads: Sequence[str]) -> list[str]:
+
+def head_names(model: "Model", heads: Sequence[str]) -> list[str]:
     """Check ``["L5.H3", ...]`` against the model's sizes; an empty list is an error."""
     heads = list(heads)
     if not heads:
@@ -62,7 +65,7 @@ def masking_edit(heads: Sequence[str]) -> Any:
     return Edit(tuple(Ablate(head) for head in heads))
 
 
-def retrieval_heads(model: Any, top: int = 10, atlas: Any = None) -> list[str]:
+def retrieval_heads(model: "Model", top: int = 10, atlas: Any = None) -> list[str]:
     """The ``top`` heads by the census's retrieval score (from ``atlas`` if given, else a census run now)."""
     if top < 1:
         raise InputError(f"top={top}: take at least one retrieval head.")
@@ -83,7 +86,7 @@ def retrieval_heads(model: Any, top: int = 10, atlas: Any = None) -> list[str]:
     return [f"L{int(i) // n_heads}.H{int(i) % n_heads}" for i in order]
 
 
-def random_heads(model: Any, n: int, exclude: Sequence[str] = (), seed: int = 0) -> list[str]:
+def random_heads(model: "Model", n: int, exclude: Sequence[str] = (), seed: int = 0) -> list[str]:
     """``n`` heads drawn at random (seeded) among those not in ``exclude``: the control."""
     lay = model.layout
     pool = [f"L{l}.H{h}" for l in range(lay.n_layers) for h in range(lay.n_heads) if f"L{l}.H{h}" not in set(exclude)]
@@ -109,7 +112,7 @@ def decore_scores(base: torch.Tensor, masked: torch.Tensor, alpha_cap: float | N
 def decore_generate(
     model: nn.Module, input_ids: torch.Tensor, logits_processor: Any, stopping_criteria: Any,
     generation_config: Any, synced_gpus: bool = False, streamer: Any = None,
-    lmatlas_model: Any = None, masked_heads: Sequence[str] | None = (), alpha_cap: float | None = None,
+    lmatlas_model: "Model | None" = None, masked_heads: Sequence[str] | None = (), alpha_cap: float | None = None,
     decore_trace: list | None = None, masked_cache: Any = None, **model_kwargs: Any,
 ) -> torch.Tensor:
     """A ``custom_generate`` callable: DeCoRe greedy decoding (see the module docstring).
@@ -147,7 +150,7 @@ def decore_generate(
 
 
 def generate_decore(
-    model: Any, prompt: Any, max_new_tokens: int = 32, *, heads: Sequence[str] | None = None,
+    model: "Model", prompt: Any, max_new_tokens: int = 32, *, heads: Sequence[str] | None = None,
     alpha_cap: float | None = None, chat: bool = False, **kwargs: Any,
 ) -> dict[str, Any]:
     """DeCoRe on an lmatlas model: ``{"text", "token_ids", "heads", "alphas"}``.

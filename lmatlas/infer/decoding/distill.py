@@ -21,12 +21,15 @@ padding positions, and positions after an end token, are ``-100``.
 from __future__ import annotations
 
 import random
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
 from lmatlas.errors import InputError
 from lmatlas.model.generation import pad_token_id
+
+if TYPE_CHECKING:
+    from lmatlas.model.handle import Model
 
 TEMPLATES = ("Explain {} in simple terms.", "Write a short paragraph about {}.",
              "What are the advantages and disadvantages of {}?", "Give three interesting facts about {}.",
@@ -48,7 +51,7 @@ def chat_prompts(n: int, seed: int = 0) -> list[str]:
     return [pairs[i % len(pairs)] for i in range(n)]
 
 
-def prompt_token_lists(model: Any, source: str, n: int, prompt_len: int, texts: Sequence[str] | None,
+def prompt_token_lists(model: "Model", source: str, n: int, prompt_len: int, texts: Sequence[str] | None,
                        seed: int = 0) -> list[list[int]]:
     """The token ids of ``n`` prompts from ``source`` (``chat`` or ``corpus``); checked before any compute."""
     if source not in SOURCES:
@@ -64,7 +67,7 @@ def prompt_token_lists(model: Any, source: str, n: int, prompt_len: int, texts: 
     return corpus_windows(model, list(texts or default_texts()), n_sequences=n, seq_len=prompt_len).tolist()
 
 
-def stop_ids(model: Any) -> set[int]:
+def stop_ids(model: "Model") -> set[int]:
     from lmatlas.infer.decoding.speculative import _eos_ids
 
     stops = _eos_ids(model.hf, None)
@@ -73,7 +76,7 @@ def stop_ids(model: Any) -> set[int]:
     return stops
 
 
-def continuations(model: Any, prompts: Sequence[Sequence[int]], new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+def continuations(model: "Model", prompts: Sequence[Sequence[int]], new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(hidden [n, pos, d_model], tokens [n, pos])`` for a batch of prompts (see the module docstring)."""
     from lmatlas.model.readout import FinalNormTap
 

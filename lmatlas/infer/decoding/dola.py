@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Sequence, Union
+from typing import TYPE_CHECKING, Any, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +42,9 @@ from torch import nn
 from lmatlas.errors import InputError
 from lmatlas.infer.decoding.loop import check_greedy, greedy_loop
 from lmatlas.model.readout import LayerTap, exit_logits, exit_logits_at, n_layers_of, ties_embeddings
+
+if TYPE_CHECKING:
+    from lmatlas.model.handle import Model
 
 Layers = Union[str, Sequence[int], None]
 
@@ -172,7 +175,7 @@ def dola_generate(
 
 
 def generate_dola(
-    model: Any, prompt: Any, max_new_tokens: int = 32, *, premature_layers: Layers = "high",
+    model: "Model", prompt: Any, max_new_tokens: int = 32, *, premature_layers: Layers = "high",
     relative_top: float = RELATIVE_TOP, repetition_penalty: float = REPETITION_PENALTY, chat: bool = False,
     **kwargs: Any,
 ) -> dict[str, Any]:

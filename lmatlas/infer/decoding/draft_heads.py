@@ -24,7 +24,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,9 @@ from torch import nn
 
 from lmatlas.errors import DraftHeadsError, InputError
 from lmatlas.model.provenance import check_made_for, weights_fingerprint
+
+if TYPE_CHECKING:
+    from lmatlas.model.handle import Model
 
 _log = logging.getLogger(__name__)
 FORMAT = "lmatlas-draft-heads/1"
@@ -111,17 +114,17 @@ class DraftHeads(nn.Module):
         return tokens[:keep].tolist()
 
 
-def model_key(model: Any) -> str:
+def model_key(model: "Model") -> str:
     sha = model.card().get("file_sha256")
     return (sha or weights_fingerprint(model.hf))[:16]
 
 
-def default_path(model: Any) -> Path:
+def default_path(model: "Model") -> Path:
     root = Path(os.environ.get("LMATLAS_CACHE", Path.home() / ".cache" / "lmatlas")).expanduser()
     return root / "draft-heads" / f"{model_key(model)}.safetensors"
 
 
-def save_draft_heads(heads: DraftHeads, model: Any, path: str | Path) -> Path:
+def save_draft_heads(heads: DraftHeads, model: "Model", path: str | Path) -> Path:
     """Write ``heads`` for ``model`` (atomically: a temporary file, then a rename)."""
     from safetensors.torch import save_file
 
@@ -140,7 +143,7 @@ def save_draft_heads(heads: DraftHeads, model: Any, path: str | Path) -> Path:
     return path
 
 
-def load_draft_heads(model: Any, path: str | Path | None = None) -> DraftHeads:
+def load_draft_heads(model: "Model", path: str | Path | None = None) -> DraftHeads:
     """Load and check draft heads for ``model`` (default: :func:`default_path`)."""
     from safetensors import safe_open
 
@@ -170,7 +173,7 @@ def load_draft_heads(model: Any, path: str | Path | None = None) -> DraftHeads:
 
 
 def train_draft_heads(
-    model: Any, n_heads: int = 3, *, data: str | None = None, n_prompts: int = 64, prompt_len: int = 24,
+    model: "Model", n_heads: int = 3, *, data: str | None = None, n_prompts: int = 64, prompt_len: int = 24,
     new_tokens: int = 64, minutes: float = 4.0, max_steps: int = 400, batch: int = 128, lr: float = 3e-3,
     seed: int = 0, texts: list[str] | None = None, heldout: float = 0.125, draft_vocab: int | None = 4096,
     progress: Any = True,
@@ -227,7 +230,7 @@ def train_draft_heads(
 Pairs = tuple[torch.Tensor, torch.Tensor]  # (states [rows, d_model], labels [n_heads, rows])
 
 
-def _distilled(model: Any, data: str, n_heads: int, n_prompts: int, prompt_len: int, new_tokens: int,
+def _distilled(model: "Model", data: str, n_heads: int, n_prompts: int, prompt_len: int, new_tokens: int,
                texts: list[str] | None, seed: int, heldout: float, deadline: float,
                progress: Any) -> tuple[Pairs, Pairs, int]:
     """``(train, test, prompts used)``: the model's own continuations as (state, next tokens) pairs;

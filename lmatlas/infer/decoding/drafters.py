@@ -18,13 +18,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from lmatlas.errors import InputError
 from lmatlas.model.readout import blocks_of, exit_logits, first_blocks
+
+if TYPE_CHECKING:
+    from lmatlas.model.handle import Model
 
 
 @dataclass
@@ -93,15 +96,15 @@ class Heads:
         return self.heads.propose(state.hf, state.hidden, k, self.min_prob)
 
 
-def _build_prompt_lookup(model: Any, layers: int | None, heads_path: str | None, min_prob: float) -> PromptLookup:
+def _build_prompt_lookup(model: "Model", layers: int | None, heads_path: str | None, min_prob: float) -> PromptLookup:
     return PromptLookup()
 
 
-def _build_early_exit(model: Any, layers: int | None, heads_path: str | None, min_prob: float) -> EarlyExit:
+def _build_early_exit(model: "Model", layers: int | None, heads_path: str | None, min_prob: float) -> EarlyExit:
     return EarlyExit(layers if layers is not None else max(1, model.layout.n_layers - 2))
 
 
-def _build_heads(model: Any, layers: int | None, heads_path: str | None, min_prob: float) -> Heads:
+def _build_heads(model: "Model", layers: int | None, heads_path: str | None, min_prob: float) -> Heads:
     from lmatlas.infer.decoding.draft_heads import load_draft_heads
 
     return Heads(load_draft_heads(model, heads_path), min_prob)
@@ -138,7 +141,7 @@ DRAFTERS = MappingProxyType({
 })
 
 
-def make_drafter(model: Any, name: str, *, layers: int | None = None, heads_path: str | None = None,
+def make_drafter(model: "Model", name: str, *, layers: int | None = None, heads_path: str | None = None,
                  min_prob: float = 0.0) -> Any:
     """A drafter by name (``prompt-lookup``, ``early-exit``, ``heads``), checked against ``model``."""
     kind = DRAFTERS.get(name)

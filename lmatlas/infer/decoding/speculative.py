@@ -18,13 +18,16 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from torch import nn
 
 from lmatlas.errors import InputError
 from lmatlas.model.readout import FinalNormTap
+
+if TYPE_CHECKING:
+    from lmatlas.model.handle import Model
 
 
 @dataclass
@@ -70,7 +73,7 @@ class SpeculativeResult:
 
 
 def speculative_generate(
-    model: Any, input_ids: torch.Tensor, drafter: Any, max_new_tokens: int = 32, draft_len: int = 4,
+    model: "Model", input_ids: torch.Tensor, drafter: Any, max_new_tokens: int = 32, draft_len: int = 4,
     eos_token_ids: Sequence[int] | None = None, cache: Any = None,
 ) -> SpeculativeResult:
     """Greedy decoding of one prompt ``input_ids`` ``[1, pos]`` with drafts from ``drafter``.
