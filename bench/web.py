@@ -87,7 +87,7 @@ def bench_api(base: str, repeats: int, names: dict[str, str]) -> dict:
 
 def prompt_of(model, tokens: int) -> tuple[str, int]:
     """Natural text (the default corpus) cut so that it tokenizes to at most ``tokens`` tokens."""
-    from lmatlas.atlas.corpus import default_texts
+    from lmatlas.corpus import default_texts
 
     ids = model.tokenizer("\n\n".join(default_texts()), add_special_tokens=False)["input_ids"]
     n = tokens

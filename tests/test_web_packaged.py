@@ -38,7 +38,7 @@ def test_grid_and_windows_of_the_real_model(client, smollm2):
 
 
 def test_attention_on_2048_tokens(client, smollm2):
-    from lmatlas.atlas.corpus import default_texts
+    from lmatlas.corpus import default_texts
 
     ids = smollm2.tokenizer(" ".join(default_texts()), add_special_tokens=False)["input_ids"][:2040]
     prompt = smollm2.tokenizer.decode(ids)

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import duckdb
 
-from lmatlas.atlas.corpus import corpus_windows, load_texts
+from lmatlas.corpus import corpus_windows, load_texts
 from lmatlas.atlas.executors import Executor, LocalExecutor
 from lmatlas.atlas.stages import BuildContext, select_stages
 from lmatlas.atlas.store import AtlasStore

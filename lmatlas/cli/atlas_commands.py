@@ -140,7 +140,7 @@ def map_command(
     from lmatlas.errors import LmatlasError
 
     def body():
-        from lmatlas.atlas.corpus import load_texts
+        from lmatlas.corpus import load_texts
         from lmatlas.atlas.pipeline import build_atlas
         from lmatlas.atlas.stages import select_stages
 

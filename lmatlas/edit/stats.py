@@ -70,7 +70,7 @@ class AblationStats:
 
 def corpus_ids(model: "Model", texts: list[str] | None = None) -> torch.Tensor:
     """``[n, SEQ_LEN]`` token windows of ``texts`` (default: the atlas's default corpus)."""
-    from lmatlas.atlas.corpus import corpus_windows, default_texts
+    from lmatlas.corpus import corpus_windows, default_texts
 
     return corpus_windows(model, texts if texts is not None else default_texts(), N_SEQUENCES, SEQ_LEN)
 

@@ -30,7 +30,7 @@ class BuildContext:
     """What every unit of one build shares.
 
     Attributes:
-        corpus: ``[n, seq_len]`` token windows (see :mod:`lmatlas.atlas.corpus`).
+        corpus: ``[n, seq_len]`` token windows (see :mod:`lmatlas.corpus`).
         seed: the build's seed (batteries derive theirs from it).
         params: stage parameters (top-k sizes, ...), stamped on ``runs``.
         memo: per-process cache for values several units reuse.

@@ -62,7 +62,7 @@ def prompt_token_lists(model: "Model", source: str, n: int, prompt_len: int, tex
         from lmatlas.model.generation import prompt_ids
 
         return [prompt_ids(model, text, True)["input_ids"][0].tolist() for text in chat_prompts(n, seed)]
-    from lmatlas.atlas.corpus import corpus_windows, default_texts
+    from lmatlas.corpus import corpus_windows, default_texts
 
     return corpus_windows(model, list(texts or default_texts()), n_sequences=n, seq_len=prompt_len).tolist()
 

@@ -1,4 +1,7 @@
-"""The text an atlas measures activations, lens statistics and importance on.
+"""The corpus: the text the atlas, the census's statistics, mean ablation and draft heads read.
+
+It sits just above the model layer (``lmatlas.corpus``) so that every layer above uses
+the same windows of the same text.
 
 Default (offline, deterministic): the docstrings of a fixed list of Python standard
 library modules, as shipped with the running Python (3.11): plain English technical
