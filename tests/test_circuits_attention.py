@@ -95,3 +95,13 @@ def test_explain_attention_command():
     assert table.exit_code == 0 and "key side" in table.output and "rest:" in table.output
     bad = runner.invoke(app, ["explain-attention", fixture, "L1.H9", "--prompt", "abc"])
     assert bad.exit_code == 2 and "Head 9 is out of range" in bad.output
+
+
+def test_the_logit_row_is_the_heads_pattern_and_splits_over_sources_by_key(tiny):
+    found = attention_sources(tiny, "L1.H1", "hello world, hello")
+    config = tiny.hf.config
+    if getattr(config, "attn_logit_softcapping", None) is None and getattr(config, "sliding_window", None) is None:
+        assert torch.allclose(torch.tensor(found.scores).softmax(-1), torch.tensor(found.pattern), atol=1e-5)
+    by_key = torch.tensor(list(found.key_side_by_key.values())).sum(0)  # [keys]: sum over sources
+    assert float(by_key[found.key_pos]) == pytest.approx(sum(found.key_side.values()), abs=1e-5)
+    assert len(found.scores) == len(found.pattern) == found.query_pos + 1

@@ -53,10 +53,12 @@ class AttentionSources:
     score: float
     probability: float
     pattern: list[float]  # the head's attention at query_pos over keys 0..query_pos
+    scores: list[float]  # its logits scale * q . k_j over keys 0..query_pos (before any softcap or window)
     query_side: dict[str, float]  # source -> contribution to the score (largest |.| first)
     key_side: dict[str, float]
     value_side: dict[str, float]  # source -> share of the head's write at query_pos
     rest: dict[str, float] = field(default_factory=dict)  # biases and remainders of each side
+    key_side_by_key: dict[str, list[float]] = field(default_factory=dict)  # source -> its key-side part per key
 
     def top(self, side: str, k: int = 5) -> list[tuple[str, float]]:
         values = getattr(self, f"{side}_side")
@@ -65,6 +67,7 @@ class AttentionSources:
     def to_dict(self) -> dict[str, Any]:
         return {"head": self.head, "kv_group": self.kv_group, "query_pos": self.query_pos, "key_pos": self.key_pos,
                 "tokens": self.tokens, "score": self.score, "probability": self.probability, "pattern": self.pattern,
+                "scores": self.scores, "key_side_by_key": self.key_side_by_key,
                 "query_side": [{"source": s, "contribution": v} for s, v in self.top("query", 10 ** 6)],
                 "key_side": [{"source": s, "contribution": v} for s, v in self.top("key", 10 ** 6)],
                 "value_side": [{"source": s, "share": v} for s, v in self.top("value", 10 ** 6)],
@@ -146,6 +149,8 @@ def attention_sources(model: "Model", head: str, prompt: Any, *, query_pos: int 
     score = float(scale * q @ k)
     on_q = scale * parts["q"][:, q_pos, h] @ k  # [S + 1]
     on_k = scale * parts["k"][:, k_pos, g] @ q
+    by_key = scale * parts["k"][:, : q_pos + 1, g] @ q  # [S + 1, keys]: the row of logits, key side
+    row = scale * cache[f"L{layer}.attn.k"][0, : q_pos + 1, g].detach().float() @ q
     q_b = zero[f"L{layer}.attn.q"][0, q_pos, h].float()
     k_b = zero[f"L{layer}.attn.k"][0, k_pos, g].float()
     rest = {"query_bias": float(scale * q_b @ k), "query_from_attention_biases": float(on_q[-1]),
@@ -157,6 +162,7 @@ def attention_sources(model: "Model", head: str, prompt: Any, *, query_pos: int 
         [str(t) for t in ids[0].tolist()]
     return AttentionSources(head=f"L{layer}.H{h}", kv_group=g, query_pos=q_pos, key_pos=k_pos, tokens=tokens,
                             score=score, probability=float(pattern[k_pos]), pattern=pattern[: q_pos + 1].tolist(),
+                            scores=row.tolist(), key_side_by_key=dict(zip(names, by_key[:-1].tolist())),
                             query_side=dict(zip(names, on_q[:-1].tolist())),
                             key_side=dict(zip(names, on_k[:-1].tolist())), value_side=value,
                             rest={**rest, **value_rest})

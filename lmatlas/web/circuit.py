@@ -3,7 +3,7 @@
 Where it comes from, in order (``source="auto"``):
 
 1. the atlas's ``circuits`` table (written by ``lmatlas circuit --task T --atlas FILE``,
-   :func:`lmatlas.causal.store.save_circuit`): the circuit's edges, its faithfulness, CPR,
+   :func:`lmatlas.atlas.causal_results.save_circuit`): the circuit's edges, its faithfulness, CPR,
    CMD and verification, no model needed (the faithfulness curve is not stored);
 2. the live model: :func:`lmatlas.causal.faithfulness.task_circuit` (what ``lmatlas
    circuit`` runs) on a few prompt pairs, with the faithfulness curve and the graph's
@@ -207,6 +207,7 @@ class AttentionSourcesView(BaseModel):
     score: float = Field(description="the head's attention logit on (query, key), before softmax")
     probability: float
     pattern: list[float] = Field(description="the head's attention from the query over keys 0..query")
+    scores: list[float] = Field(description="its logits over keys 0..query (before any softcap or window)")
     query_side: list[SourcePart] = Field(description="largest |contribution| first")
     key_side: list[SourcePart]
     value_side: list[SourcePart]
@@ -219,4 +220,4 @@ def sources_view(found: Any, top: int = 12) -> dict[str, Any]:
              for side in ("query", "key", "value")}
     return {"head": found.head, "kv_group": found.kv_group, "query_pos": found.query_pos, "key_pos": found.key_pos,
             "tokens": found.tokens, "score": found.score, "probability": found.probability,
-            "pattern": found.pattern, "rest": found.rest, **sides}
+            "pattern": found.pattern, "scores": found.scores, "rest": found.rest, **sides}
