@@ -5,7 +5,7 @@ Hugging Face's greedy ``generate`` with plain PyTorch hooks doing the edit by ha
 forward pre-hook on ``o_proj`` zeroes a head's slice, one on ``down_proj`` scales or sets a
 neuron), and "ablating nothing" against the unedited model. Circuits are checked against
 :mod:`lmatlas.causal` run directly (``load_task`` + ``edge_attribution`` + ``find_circuit``)
-and against a circuit stored in a copy of the atlas with :func:`lmatlas.causal.store.save_circuit`.
+and against a circuit stored in a copy of the atlas with :func:`lmatlas.atlas.causal_results.save_circuit`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from fastapi.testclient import TestClient
 from lmatlas.causal import load_task
 from lmatlas.causal.circuits import edge_attribution
 from lmatlas.causal.faithfulness import find_circuit
-from lmatlas.causal.store import save_circuit
+from lmatlas.atlas.causal_results import save_circuit
 from lmatlas.causal.tasks import TASKS
 from lmatlas.edit import Ablate, Edit, Scale, Set
 from lmatlas.web import create_app

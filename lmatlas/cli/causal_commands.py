@@ -42,7 +42,7 @@ def _targets(spec: str, layout) -> list[str]:
 
 def _keep(atlas: Optional[str], model, effects) -> None:
     if atlas:
-        from lmatlas.causal.store import save_effects
+        from lmatlas.atlas.causal_results import save_effects
 
         save_effects(atlas, model, effects)
 
@@ -152,7 +152,7 @@ def circuit_command(
         if picture:
             Path(picture).write_text(circuit_svg(circuit, loaded.layout.n_layers))
         if atlas:
-            from lmatlas.causal.store import save_circuit
+            from lmatlas.atlas.causal_results import save_circuit
 
             save_circuit(atlas, loaded, circuit)
         if as_json:
