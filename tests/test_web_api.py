@@ -291,7 +291,8 @@ def test_openapi_documents_every_endpoint_and_error_body(client):
     assert set(paths) == {"/api/atlas", "/api/heads", "/api/layers", "/api/neurons", "/api/heads/{name}",
                           "/api/heads/{name}/windows", "/api/heads/{name}/attention", "/api/neurons/{name}",
                           "/api/neurons/{name}/activations", "/api/search", "/api/lens", "/api/live", "/api/diff",
-                          "/api/edit", "/api/edit/file", "/api/circuit", "/api/circuit/tasks"}
+                          "/api/edit", "/api/edit/file", "/api/circuit", "/api/circuit/tasks",
+                          "/api/circuit/attention-sources"}
     assert paths["/api/edit"]["post"]["responses"]["429"]["content"]["application/json"]["schema"]["$ref"] \
         == "#/components/schemas/ErrorBody"
     assert paths["/api/circuit"]["get"]["responses"]["409"]["content"]["application/json"]["schema"]["$ref"] \
