@@ -38,9 +38,9 @@ import time
 from typing import Callable
 
 import torch
+from harness import Log, load_model  # noqa: E402  (bench/ is on the path when a benchmark runs)
 
 import lmatlas
-from harness import Log, load_model  # noqa: E402  (bench/ is on the path when a benchmark runs)
 
 log = Log('bench_trace')
 

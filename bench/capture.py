@@ -94,10 +94,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from harness import Log, load_model, peak_rss_mb, release_and_reset_peak, uptime, versions  # noqa: E402  (bench/ is on the path when a benchmark runs)
 
 import lmatlas
 from lmatlas.model.sites import COMPONENTS
-from harness import Log, load_model, peak_rss_mb, release_and_reset_peak, uptime, versions  # noqa: E402  (bench/ is on the path when a benchmark runs)
 
 log = Log('bench_capture')
 

@@ -27,10 +27,10 @@ import statistics
 import sys
 
 import torch
+from harness import peak_rss_mb, timed  # noqa: E402  (bench/ is on the path when a benchmark runs)
 
 import lmatlas
 from lmatlas.causal import all_heads, attribute, load_task, patch, spearman
-from harness import peak_rss_mb, timed  # noqa: E402  (bench/ is on the path when a benchmark runs)
 
 
 def recall(estimate: torch.Tensor, exact: torch.Tensor, k: int = 10) -> float:

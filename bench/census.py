@@ -50,8 +50,8 @@ import argparse
 import copy
 import json
 import os
-import resource
 import platform
+import resource
 import statistics
 import subprocess
 import sys

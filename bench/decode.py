@@ -43,12 +43,12 @@ import time
 from typing import Callable
 
 import torch
+from harness import Log, load_model, peak_rss_mb  # noqa: E402  (bench/ is on the path when a benchmark runs)
 
 import lmatlas
 from lmatlas.decode.fast_topk import auto_method
 from lmatlas.decode.neurons import decode_neurons, output_directions
 from lmatlas.decode.vocab import TokenRanking, unembed_matrix
-from harness import Log, load_model, peak_rss_mb  # noqa: E402  (bench/ is on the path when a benchmark runs)
 
 log = Log('bench_decode')
 

@@ -41,17 +41,16 @@ import time
 
 import torch
 import torch.nn.functional as F
+from harness import Log, load_average, uptime  # noqa: E402  (bench/ is on the path when a benchmark runs)
+from intervals import wilson  # noqa: E402  (bench/ is on the path when a benchmark runs)
 
 import lmatlas
 from lmatlas.infer.decoding.decore import random_heads, retrieval_heads
 from lmatlas.infer.decoding.dola import candidate_layers, js_divergence
 from lmatlas.infer.decoding.draft_heads import DraftHeadsError, load_draft_heads
 from lmatlas.infer.decoding.drafters import EarlyExit, Heads, PromptLookup
-from lmatlas.model.readout import LayerTap, exit_logits
 from lmatlas.infer.decoding.speculative import speculative_generate
-
-from intervals import wilson  # noqa: E402  (bench/ is on the path when a benchmark runs)
-from harness import Log, load_average, uptime  # noqa: E402  (bench/ is on the path when a benchmark runs)
+from lmatlas.model.readout import LayerTap, exit_logits
 
 log = Log('bench_decoding')
 

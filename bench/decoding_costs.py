@@ -28,13 +28,13 @@ import os
 import statistics
 
 import torch
+from harness import timed  # noqa: E402  (bench/ is on the path when a benchmark runs)
 from transformers import DynamicCache
 
 import lmatlas
 from lmatlas.infer.decoding.dola import candidate_layers, contrast, js_divergence
-from lmatlas.model.readout import LayerTap, blocks_of, exit_logits
 from lmatlas.infer.decoding.speculative import crop_to
-from harness import timed  # noqa: E402  (bench/ is on the path when a benchmark runs)
+from lmatlas.model.readout import LayerTap, blocks_of, exit_logits
 
 TARGET = 1.2
 

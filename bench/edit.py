@@ -30,10 +30,10 @@ import time
 from pathlib import Path
 
 import torch
+from harness import Log  # noqa: E402  (bench/ is on the path when a benchmark runs)
 
 import lmatlas
 from lmatlas.edit import Ablate, Scale, Set
-from harness import Log  # noqa: E402  (bench/ is on the path when a benchmark runs)
 
 log = Log('bench_edit')
 

@@ -26,12 +26,11 @@ import statistics
 import time
 
 import torch
+from harness import Log, conditions, load_model, write_record  # noqa: E402  (bench/ is on the path when a benchmark runs)
 
 import lmatlas
 from lmatlas.edit import Edit, Scale
 from lmatlas.infer.needle import haystack_text
-
-from harness import Log, conditions, load_model, write_record  # noqa: E402  (bench/ is on the path when a benchmark runs)
 
 log = Log("bench_generate")
 

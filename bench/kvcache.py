@@ -51,13 +51,12 @@ import time
 from pathlib import Path
 
 import torch
+from intervals import wilson  # noqa: E402  (bench/ is on the path when a benchmark runs)
 
 import lmatlas
 from lmatlas.infer import HeadwiseCache, SnapCache, SnapPlan, choose
 from lmatlas.infer.generate import greedy
 from lmatlas.infer.needle import Haystack, depths, is_correct
-
-from intervals import wilson  # noqa: E402  (bench/ is on the path when a benchmark runs)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -353,7 +352,7 @@ def main(argv=None) -> None:
             print(json.dumps({method: speed[method]}), file=sys.stderr, flush=True)
             save()
         base = speed.get("default")
-        for method, row in speed.items():
+        for row in speed.values():
             if base and row["decode_tokens_per_s"] and base["decode_tokens_per_s"]:
                 row["decode_ratio_vs_default"] = round(row["decode_tokens_per_s"] / base["decode_tokens_per_s"], 3)
                 row["kv_ratio_vs_default"] = round(base["kv_bytes"] / row["kv_bytes"], 3)

@@ -36,8 +36,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from test_web_e2e import CHROMIUM, CHROMIUM_ARGS, Server  # noqa: E402
 from harness import load_average  # noqa: E402  (bench/ is on the path when a benchmark runs)
+from test_web_e2e import CHROMIUM, CHROMIUM_ARGS, Server  # noqa: E402
 
 ATLAS_ONLY = [  # (label, path): every GET endpoint that reads only the atlas
     ("atlas", "/api/atlas"),

@@ -16,7 +16,12 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from lmatlas.errors import (
-    FidelityError, LmatlasError, ModelFileError, NotACausalLMError, SiteError, UnsupportedArchitectureError,
+    FidelityError,
+    LmatlasError,
+    ModelFileError,
+    NotACausalLMError,
+    SiteError,
+    UnsupportedArchitectureError,
 )
 
 __version__ = "0.1.0"

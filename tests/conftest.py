@@ -49,3 +49,19 @@ def gemma3():
     import lmatlas
 
     return lmatlas.load("gemma3-270m")
+
+
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory):
+    """The explorer tests' tiny model: its two atlases (``a``, ``b``) and its directory (``model``), once per module."""
+    from test_web_atlas import web_atlases
+
+    return web_atlases(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def model(paths):
+    """The explorer tests' tiny model, loaded from its directory (a module may define its own ``model``)."""
+    from lmatlas.model.loading import load
+
+    return load(paths["model"])

@@ -38,7 +38,7 @@ def test_grid_json_finds_the_hand_set_heads(grid_json, model_dir):
     for name, heads in EXPECTED.items():
         assert set(grid_json["detectors"][name]["labelled"]) == heads, name
         assert set(grid_json["labels"]) == {f"L{l}.H{h}" for l in range(2) for h in range(4)}
-    for name, detector in grid_json["detectors"].items():  # every registered detector, each with its null
+    for detector in grid_json["detectors"].values():  # every registered detector, each with its null
         assert len(detector["score"]) == 2 and len(detector["null"][0]) == 4 and detector["null_battery"]["name"]
     assert {"previous_token", "induction"} <= set(grid_json["labels"]["L0.H0"] + grid_json["labels"]["L1.H0"])
 

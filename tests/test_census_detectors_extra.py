@@ -32,7 +32,11 @@ from lmatlas.census.detectors.copy_suppression import CopySuppression, suppressi
 from lmatlas.census.detectors.retrieval import RetrievalDetector, needle_battery
 from lmatlas.census.detectors.streaming import StreamingSplit, output_change, restrict_pattern
 from lmatlas.census.detectors.successor import (
-    SuccessorDetector, effective_embedding, ov_logits, readout_matrix, successor_ov_scores,
+    SuccessorDetector,
+    effective_embedding,
+    ov_logits,
+    readout_matrix,
+    successor_ov_scores,
 )
 from lmatlas.census.ordinals import NoOrdinalTokensError, ordinal_tokens
 from lmatlas.census.registry import get_detector

@@ -17,6 +17,7 @@ from functools import partial
 
 import pytest
 import torch
+from test_kv_cache import attend, plain_scores  # noqa: E402
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import AttentionInterface
 
@@ -30,8 +31,6 @@ from lmatlas.infer.plan import choosable_layers
 from lmatlas.infer.snap import SnapLayer
 from lmatlas.model.handle import Model
 from lmatlas.model.tiny import tiny_model
-
-from test_kv_cache import attend, plain_scores  # noqa: E402
 
 PROMPT = "abcabcabc abcabc xyz abcabcab"  # repeats: prompt lookup drafts and gets some accepted
 NEW = 10

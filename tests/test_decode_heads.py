@@ -19,7 +19,14 @@ import pytest
 import torch
 
 from lmatlas.decode.heads import (
-    copying_scores, decode_ov, head_inputs, ov_left, post_norm_gain, promoting_heads, self_hits, token_ids,
+    copying_scores,
+    decode_ov,
+    head_inputs,
+    ov_left,
+    post_norm_gain,
+    promoting_heads,
+    self_hits,
+    token_ids,
 )
 from lmatlas.decode.qk import decode_qk, qk_vectors
 from lmatlas.decode.vocab import DecodeError, final_norm_gain

@@ -226,9 +226,10 @@ def tiny_dir(tmp_path_factory):
 def test_cli_neurons_json_matches_the_python_api(tiny_dir):
     import json
 
+    from typer.testing import CliRunner
+
     import lmatlas
     from lmatlas.cli import app
-    from typer.testing import CliRunner
 
     result = CliRunner().invoke(app, ["neurons", tiny_dir, "--layer", "1", "--top", "4", "--json"])
     assert result.exit_code == 0, result.output
@@ -244,8 +245,9 @@ def test_cli_neurons_json_matches_the_python_api(tiny_dir):
 
 
 def test_cli_neurons_table_and_bad_input(tiny_dir):
-    from lmatlas.cli import app
     from typer.testing import CliRunner
+
+    from lmatlas.cli import app
 
     runner = CliRunner()
     result = runner.invoke(app, ["neurons", tiny_dir, "--layer", "0", "--neuron", "3", "--top", "5"])

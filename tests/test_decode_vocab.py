@@ -15,7 +15,13 @@ import torch
 from lmatlas.decode import fast_topk
 from lmatlas.decode.fast_topk import SCORERS, build_index, pruned_topk, validate_scorer
 from lmatlas.decode.vocab import (
-    DecodeError, final_norm_gain, project, top_and_bottom, topk_rows, topk_tokens, unembed_matrix,
+    DecodeError,
+    final_norm_gain,
+    project,
+    top_and_bottom,
+    topk_rows,
+    topk_tokens,
+    unembed_matrix,
 )
 from lmatlas.errors import LmatlasError
 from lmatlas.model.arch import get_path

@@ -6,13 +6,13 @@ import json
 
 import pytest
 import torch
+from conftest import get_tiny
 from typer.testing import CliRunner
 
-from conftest import get_tiny
+import lmatlas
 from lmatlas.cli import app
 from lmatlas.errors import LmatlasError
 from lmatlas.infer.decoding.acceptance import acceptance_profile, implied_speedup
-import lmatlas
 from lmatlas.infer.decoding.strategies import DeCoRe, Speculative
 from lmatlas.model.norms import final_norm
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import TINY_TYPES, get_tiny
+
 from lmatlas.errors import LmatlasError
 from lmatlas.infer.decoding.decore import decore_generate, generate_decore, head_names, random_heads
 

@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import TINY_TYPES, get_tiny
+
 from lmatlas.errors import LmatlasError
 from lmatlas.infer.decoding.dola import DolaTrace, candidate_layers, dola_generate, generate_dola
 from lmatlas.model.norms import final_norm

@@ -6,12 +6,17 @@ import math
 
 import pytest
 import torch
-
 from conftest import TINY_TYPES, get_tiny
+
 from lmatlas.errors import LmatlasError
-from lmatlas.infer.decoding.draft_heads import (DraftHeads, DraftHeadsError, load_draft_heads, save_draft_heads,
-                                                train_draft_heads)
 from lmatlas.infer.decoding.distill import continuations, head_agreement, head_targets, prompt_token_lists
+from lmatlas.infer.decoding.draft_heads import (
+    DraftHeads,
+    DraftHeadsError,
+    load_draft_heads,
+    save_draft_heads,
+    train_draft_heads,
+)
 from lmatlas.infer.decoding.drafters import EarlyExit, Heads, PromptLookup, make_drafter
 from lmatlas.infer.decoding.speculative import speculative_generate
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lmatlas.errors import LmatlasError
-from lmatlas.infer.prune import (PRUNABLE, least_important, masked_heads, perplexity, prune_heads, random_heads)
+from lmatlas.infer.prune import PRUNABLE, least_important, masked_heads, perplexity, prune_heads, random_heads
 from lmatlas.model.tiny import tiny_model
 
 FAMILIES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "gemma": "gemma",

@@ -20,7 +20,7 @@ from lmatlas.infer import HeadwiseCache, make_plan
 from lmatlas.infer.memory import cache_nbytes
 from lmatlas.infer.plan import choosable_layers
 from lmatlas.model.handle import Model
-from lmatlas.model.tiny import TINY_CONFIGS, _SPECIAL_IDS, byte_tokenizer, tiny_model
+from lmatlas.model.tiny import _SPECIAL_IDS, TINY_CONFIGS, byte_tokenizer, tiny_model
 
 FAMILIES = sorted(TINY_CONFIGS) + ["mistral_sliding"]
 SINK, RECENT, PROMPT, NEW = 3, 6, 30, 8

@@ -14,6 +14,7 @@ from functools import partial
 
 import pytest
 import torch
+from test_kv_cache import FAMILIES, NEW, PROMPT, attend, generate, load, plain_scores, prompt  # noqa: E402
 from transformers.cache_utils import DynamicCache
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import AttentionInterface
@@ -25,8 +26,6 @@ from lmatlas.infer.memory import cache_nbytes, storage_nbytes
 from lmatlas.infer.plan import choosable_layers
 from lmatlas.infer.snap import SnapLayer
 from lmatlas.model.arch import get_path
-
-from test_kv_cache import FAMILIES, NEW, PROMPT, attend, generate, load, plain_scores, prompt  # noqa: E402
 
 WINDOW, KERNEL, CAPACITY = 6, 3, 14
 

@@ -11,14 +11,12 @@ import time
 from pathlib import Path
 
 import pytest
+from test_web_atlas import web_atlases  # noqa: E402  (the shared tiny model and its full atlas)
 from typer.testing import CliRunner
 
 from lmatlas.atlas import Atlas
 from lmatlas.atlas.store import AtlasStore
 from lmatlas.cli import app
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_web_atlas import web_atlases  # noqa: E402  (the shared tiny model and its full atlas)
 
 runner = CliRunner()
 LMATLAS = str(Path(sys.executable).with_name("lmatlas"))

@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
+from test_web_atlas import web_atlases  # noqa: E402
+from test_web_e2e import Server, browser, open_page, page  # noqa: E402,F401  (fixtures)
 
 from lmatlas.model.loading import load
 from lmatlas.web import create_app
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_web_atlas import web_atlases  # noqa: E402
-from test_web_e2e import Server, browser, open_page, page  # noqa: E402,F401  (fixtures)
 
 
 @pytest.fixture(scope="module")

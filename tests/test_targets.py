@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import get_tiny
+
 from lmatlas.edit import Ablate
 from lmatlas.errors import SiteError
 from lmatlas.model.sites import Site
@@ -32,7 +32,7 @@ def test_a_component_alone_names_every_layer(layout):
     target = parse_target("attn.z", layout)
     assert [s.layer for s in target.sites] == [0, 1] and target.kind == "site"
     with pytest.raises(SiteError, match="names 2 sites"):
-        target.site
+        _ = target.site
 
 
 @pytest.mark.parametrize("text, message", [

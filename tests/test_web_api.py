@@ -7,14 +7,13 @@ projection), never against the code under test.
 
 from __future__ import annotations
 
-import sys
 import threading
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from web_support import expect_error, gate_held
 
 from lmatlas.atlas import Atlas
 from lmatlas.decode.token_text import token_text
@@ -23,9 +22,6 @@ from lmatlas.model.loading import load
 from lmatlas.web import create_app
 from lmatlas.web.live import decode_lower_triangle
 from lmatlas.web.state import Limits
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from web_support import expect_error, gate_held, model, paths  # noqa: E402,F401 (fixtures)
 
 
 @pytest.fixture(scope="module")

@@ -7,20 +7,17 @@ atlas B (another seed's weights, same architecture) with a few stages, for the d
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from test_atlas_build import _save_tiny  # noqa: E402
 
 from lmatlas.atlas import Atlas, build_atlas
 from lmatlas.atlas.pipeline import make_context
 from lmatlas.atlas.stages.neuron_contexts import CONTEXT_AFTER, CONTEXT_BEFORE, HISTOGRAM_BINS
 from lmatlas.model.loading import load
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_atlas_build import _save_tiny  # noqa: E402
 
 PARAMS = {"corpus_sequences": 4, "seq_len": 32, "importance_sequences": 2, "top_contexts": 3, "ov_sources": 32}
 B_STAGES = ["structure", "ov", "neurons", "importance", "activations"]

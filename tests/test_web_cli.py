@@ -12,13 +12,11 @@ from pathlib import Path
 
 import psutil
 import pytest
+from test_web_atlas import web_atlases  # noqa: E402
+from test_web_e2e import free_port  # noqa: E402
 from typer.testing import CliRunner
 
 from lmatlas.cli import app
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_web_atlas import web_atlases  # noqa: E402
-from test_web_e2e import free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -17,18 +17,15 @@ import json
 import os
 import re
 import socket
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
+from test_web_atlas import web_atlases  # noqa: E402
 
 from lmatlas.model.loading import load
 from lmatlas.web import create_app
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_web_atlas import web_atlases  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -12,24 +12,20 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from web_support import expect_error, gate_held
 
+from lmatlas.atlas.causal_results import save_circuit
 from lmatlas.causal import load_task
 from lmatlas.causal.circuits import edge_attribution
 from lmatlas.causal.faithfulness import find_circuit
-from lmatlas.atlas.causal_results import save_circuit
 from lmatlas.causal.tasks import TASKS
 from lmatlas.edit import Ablate, Edit, Scale, Set
 from lmatlas.web import create_app
 from lmatlas.web.state import Limits
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from web_support import expect_error, gate_held, model, paths  # noqa: E402,F401 (fixtures)
 
 PROMPT = "the cat sat on the mat"
 

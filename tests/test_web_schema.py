@@ -6,20 +6,15 @@ Examples per operation and mode are bounded (hypothesis ``max_examples``) so the
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 from schemathesis.generation import GenerationMode
 from schemathesis.specs.openapi.checks import positive_data_acceptance
+from test_web_atlas import web_atlases  # noqa: E402
 
 from lmatlas.model.loading import load
 from lmatlas.web import create_app
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_web_atlas import web_atlases  # noqa: E402
 
 EXAMPLES = 20
 #: What JSON Schema cannot express: a prompt's cap in tokens (and the server's caps from ``Limits``), and

@@ -1,15 +1,10 @@
-"""Shared pieces of the explorer's API tests: the atlas and model fixtures, the JSON error shape, a busy gate."""
+"""Shared pieces of the explorer's API tests: the JSON error shape and a busy gate (fixtures: conftest.py)."""
 
 from __future__ import annotations
 
 import threading
 from contextlib import contextmanager
 from typing import Iterator
-
-import pytest
-
-from lmatlas.model.loading import load
-from test_web_atlas import web_atlases
 
 
 def expect_error(response, status: int, *fragments: str) -> dict:
@@ -39,14 +34,3 @@ def gate_held(gate) -> Iterator[None]:
     finally:
         release.set()
         holder.join(5)
-
-
-@pytest.fixture(scope="module")
-def paths(tmp_path_factory):
-    """The tiny model's two atlases (``a``, ``b``) and its directory (``model``), made once per module."""
-    return web_atlases(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def model(paths):
-    return load(paths["model"])

@@ -24,10 +24,10 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import duckdb
 
-from lmatlas.corpus import corpus_windows, load_texts
 from lmatlas.atlas.executors import Executor, LocalExecutor
 from lmatlas.atlas.stages import BuildContext, select_stages
 from lmatlas.atlas.store import AtlasStore
+from lmatlas.corpus import corpus_windows, load_texts
 from lmatlas.errors import AtlasError
 from lmatlas.progress import ProgressArg, progress_task
 

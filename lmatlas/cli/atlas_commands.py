@@ -140,9 +140,9 @@ def map_command(
     from lmatlas.errors import LmatlasError
 
     def body():
-        from lmatlas.corpus import load_texts
         from lmatlas.atlas.pipeline import build_atlas
         from lmatlas.atlas.stages import select_stages
+        from lmatlas.corpus import load_texts
 
         path = out_path or default_out(model)
         stages = [s.strip() for s in only.split(",")] if only else None

@@ -13,8 +13,18 @@ from typing import Optional
 
 import typer
 
-from lmatlas.cli.app import DEVICE_OPT, DTYPE_OPT, JSON_OPT, MODEL_ARG, app, key_value_table, load_model, out, \
-    print_json, run
+from lmatlas.cli.app import (
+    DEVICE_OPT,
+    DTYPE_OPT,
+    JSON_OPT,
+    MODEL_ARG,
+    app,
+    key_value_table,
+    load_model,
+    out,
+    print_json,
+    run,
+)
 
 
 @app.command("train-draft-heads")

@@ -41,8 +41,16 @@ from rich.table import Table
 from rich.text import Text
 
 from lmatlas.cli.app import DEVICE_OPT, DTYPE_OPT, JSON_OPT, app, key_value_table, load_model, out, print_json, run
-from lmatlas.cli.infer_commands import (ATLAS_OPT as KV_ATLAS_OPT, KV_BUDGET_OPT, KV_SNAP_OPT, RANDOM_OPT, RECENT_OPT,
-                                        SINK_OPT, KVOptions, show_kv_run)
+from lmatlas.cli.infer_commands import ATLAS_OPT as KV_ATLAS_OPT
+from lmatlas.cli.infer_commands import (
+    KV_BUDGET_OPT,
+    KV_SNAP_OPT,
+    RANDOM_OPT,
+    RECENT_OPT,
+    SINK_OPT,
+    KVOptions,
+    show_kv_run,
+)
 from lmatlas.edit.forms import FORMS
 from lmatlas.errors import InputError
 from lmatlas.infer.decoding.names import DRAFTER_NAMES, STRATEGY_NAMES

@@ -27,8 +27,7 @@ from typing import Optional
 
 import typer
 
-from lmatlas.cli.app import (DEVICE_OPT, DTYPE_OPT, JSON_OPT, app, err, key_value_table, load_model, out,
-                             print_json, run)
+from lmatlas.cli.app import DEVICE_OPT, DTYPE_OPT, JSON_OPT, app, err, key_value_table, load_model, out, print_json, run
 from lmatlas.errors import LmatlasError
 
 KV_BUDGET_OPT = typer.Option(None, "--kv-budget", help="Fraction of KV heads kept full (0-1); omit for the default cache.")

@@ -14,7 +14,16 @@ from rich.table import Table
 from rich.text import Text
 
 from lmatlas.cli.app import (
-    DEVICE_OPT, DTYPE_OPT, JSON_OPT, MODEL_ARG, app, key_value_table, load_model, out, print_json, run,
+    DEVICE_OPT,
+    DTYPE_OPT,
+    JSON_OPT,
+    MODEL_ARG,
+    app,
+    key_value_table,
+    load_model,
+    out,
+    print_json,
+    run,
 )
 
 
@@ -37,7 +46,8 @@ def info(model: Optional[str] = MODEL_ARG, as_json: bool = JSON_OPT, dtype: str 
 def check(model: Optional[str] = MODEL_ARG, as_json: bool = JSON_OPT, dtype: str = DTYPE_OPT,
           device: Optional[str] = DEVICE_OPT, prompt: Optional[str] = typer.Option(None, help="Text to run.")) -> None:
     """Check fidelity: hooked forward == plain forward, and the residual stream == the sum of its writes."""
-    from lmatlas.model.check import DEFAULT_PROMPT, check as run_check
+    from lmatlas.model.check import DEFAULT_PROMPT
+    from lmatlas.model.check import check as run_check
 
     def body():
         report = run_check(load_model(model, dtype, device), prompt or DEFAULT_PROMPT)

@@ -9,7 +9,13 @@
 """
 
 from lmatlas.decode.vocab import (
-    DecodeError, TokenRanking, final_norm_gain, project, top_and_bottom, topk_tokens, unembed_matrix,
+    DecodeError,
+    TokenRanking,
+    final_norm_gain,
+    project,
+    top_and_bottom,
+    topk_tokens,
+    unembed_matrix,
 )
 
 __all__ = [

@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from lmatlas.decode.fast_topk import METHODS, pruned_topk
-from lmatlas.decode.topk import ROW_BLOCK, TokenRanking, topk_rows
+from lmatlas.decode.topk import TokenRanking, topk_rows
 from lmatlas.errors import DecodeError
 from lmatlas.model.norms import final_norm, final_readout, norm_gain
 

@@ -31,7 +31,6 @@ import torch
 from lmatlas.errors import EditError
 from lmatlas.model.positions import HookContext
 from lmatlas.model.replacement import BoundReplacement
-
 from lmatlas.model.targets import Target, parse_target
 
 if TYPE_CHECKING:

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from lmatlas.model.provenance import check_made_for
 from lmatlas.errors import EditError
+from lmatlas.model.provenance import check_made_for
 from lmatlas.model.sites import Site
 
 if TYPE_CHECKING:

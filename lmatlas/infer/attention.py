@@ -38,9 +38,9 @@ from typing import Any
 import torch
 
 from lmatlas.errors import LmatlasError
-from lmatlas.model.attention import _base_function, register_attention
 from lmatlas.infer import snap
 from lmatlas.infer.layer import PAYLOAD, WindowedCall
+from lmatlas.model.attention import _base_function, register_attention
 
 PREFIX = "headwise_"
 CHUNK = 256  # query rows of a windowed head computed at once

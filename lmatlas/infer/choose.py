@@ -28,9 +28,9 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 
-from lmatlas.model.provenance import check_made_for
 from lmatlas.errors import AtlasError, LmatlasError
-from lmatlas.infer.plan import KVPlan, choosable_layers, check_window, make_plan
+from lmatlas.infer.plan import KVPlan, check_window, choosable_layers, make_plan
+from lmatlas.model.provenance import check_made_for
 
 if TYPE_CHECKING:
     from lmatlas.census.run import Census

@@ -16,10 +16,10 @@ import torch
 from torch import nn
 
 from lmatlas.errors import InputError, NotACausalLMError, SiteError
+from lmatlas.model import comparison, generation
 from lmatlas.model.arch import ArchSpec, HeadLayout, get_path, read_layout
 from lmatlas.model.cache import ActivationCache
 from lmatlas.model.families import spec_for_model_type
-from lmatlas.model import comparison, generation
 from lmatlas.model.generation import describe_edit
 from lmatlas.model.hook_stack import HookStack
 from lmatlas.model.hooks import HookSession

@@ -16,10 +16,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
+from lmatlas.causal.tasks import TASKS
 from lmatlas.errors import LmatlasError
 from lmatlas.web import errors, names
-from lmatlas.causal.tasks import TASKS
-from lmatlas.web.routes import circuit, diff as diff_page, edit, head, lens, neuron, overview, search
+from lmatlas.web.routes import circuit, edit, head, lens, neuron, overview, search
+from lmatlas.web.routes import diff as diff_page
 from lmatlas.web.state import Explorer, Limits
 
 if TYPE_CHECKING:
