@@ -30,8 +30,9 @@ def test_the_planted_upstream_head_is_the_main_source_of_its_side(kind, gqa):
 def test_every_side_sums_to_the_score(tiny):
     found = attention_sources(tiny, "L1.H3", "hello world, hello")
     rest = found.rest
-    assert sum(found.query_side.values()) + rest["query_bias"] + rest["query_from_attention_biases"] \
-        + rest["query_remainder"] == pytest.approx(found.score, abs=1e-6)
+    assert sum(found.query_side.values()) + rest["query_bias"] + rest["query_from_attention_biases"] + rest[
+        "query_remainder"
+    ] == pytest.approx(found.score, abs=1e-6)
     assert abs(rest["query_remainder"]) < 1e-4 + 1e-3 * abs(found.score)
     assert abs(rest["key_remainder"]) < 1e-4 + 1e-3 * abs(found.score)
 
@@ -55,21 +56,28 @@ def test_query_side_contributions_match_a_frozen_norm_by_hand():
     x = cache["L1.resid.pre"][0, -1]
     s = torch.rsqrt(x.pow(2).mean() + block.input_layernorm.variance_epsilon)
     k = cache["L1.attn.k"][0, 2, model.layout.kv_head(2)]
-    w_q = block.self_attn.q_proj.weight[2 * 16:3 * 16]  # head 2's rows
-    writes = {"embed": cache["L0.resid.pre"][0, -1], "L0.H1": cache["L0.attn.out"][0, -1, 1],
-              "L0.mlp": cache["L0.mlp.out"][0, -1]}
+    w_q = block.self_attn.q_proj.weight[2 * 16 : 3 * 16]  # head 2's rows
+    writes = {
+        "embed": cache["L0.resid.pre"][0, -1],
+        "L0.H1": cache["L0.attn.out"][0, -1, 1],
+        "L0.mlp": cache["L0.mlp.out"][0, -1],
+    }
     for name, w in writes.items():
-        q_u = _rotate(w_q @ (block.input_layernorm.weight * w * s), model.hf.model.rotary_emb.inv_freq,
-                      torch.tensor([6]))[0]
+        q_u = _rotate(
+            w_q @ (block.input_layernorm.weight * w * s), model.hf.model.rotary_emb.inv_freq, torch.tensor([6])
+        )[0]
         assert found.query_side[name] == pytest.approx(float((q_u @ k).detach()) / 4.0, rel=1e-5, abs=1e-9)
 
 
-@pytest.mark.parametrize("head, kwargs, words", [
-    ("L1.H9", {}, "Head 9 is out of range"),
-    ("L5.H0", {}, "Layer 5 is out of range"),
-    ("L1.H0", {"query_pos": 40}, "Query position 40 is outside the prompt"),
-    ("L1.H0", {"query_pos": 2, "key_pos": 3}, "Key position 3 is outside what position 2 attends to"),
-])
+@pytest.mark.parametrize(
+    "head, kwargs, words",
+    [
+        ("L1.H9", {}, "Head 9 is out of range"),
+        ("L5.H0", {}, "Layer 5 is out of range"),
+        ("L1.H0", {"query_pos": 40}, "Query position 40 is outside the prompt"),
+        ("L1.H0", {"query_pos": 2, "key_pos": 3}, "Key position 3 is outside what position 2 attends to"),
+    ],
+)
 def test_bad_requests_are_refused_in_one_line(llama, head, kwargs, words):
     with pytest.raises(SiteError) as caught:
         attention_sources(llama, head, "hello world", **kwargs)

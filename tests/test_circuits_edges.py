@@ -40,12 +40,19 @@ def test_the_planted_circuit_is_faithful_and_every_edge_is_needed(case):
     assert runner.faithfulness(minus).max() <= 0.2, dict(zip(sorted(p.edges), runner.faithfulness(minus).tolist()))
 
 
-METHODS = [(0, "inputs", False), (0, "inputs", True), (4, "inputs", False), (4, "inputs", True),
-           (4, "activations", False), (4, "activations", True)]
+METHODS = [
+    (0, "inputs", False),
+    (0, "inputs", True),
+    (4, "inputs", False),
+    (4, "inputs", True),
+    (4, "activations", False),
+    (4, "activations", True),
+]
 
 
-@pytest.mark.parametrize("steps, along, qk", METHODS,
-                         ids=["eap", "eap+qk", "eap-ig", "eap-ig+qk", "eap-ig-act", "eap-ig-act+qk"])
+@pytest.mark.parametrize(
+    "steps, along, qk", METHODS, ids=["eap", "eap+qk", "eap-ig", "eap-ig+qk", "eap-ig-act", "eap-ig-act+qk"]
+)
 def test_the_circuit_found_contains_the_planted_edges(case, steps, along, qk):
     p, _ = case
     graph = edge_attribution(p.model, p.task, steps=steps, along=along, qk=qk)
@@ -127,10 +134,10 @@ def test_a_two_edge_path_matches_a_plain_pytorch_derivation():
     v = (_rms(x, norm, eps) @ attn.v_proj.weight.T).view(b, p, 2, dh)
     final = corrupt["L1.resid.post"].clone()
     for head in (0, 1):  # both read KV group 0
-        scores = torch.einsum("bqd,bkd->bqk", q[:, :, head], k[:, :, 0]) / dh ** 0.5
+        scores = torch.einsum("bqd,bkd->bqk", q[:, :, head], k[:, :, 0]) / dh**0.5
         scores = scores.masked_fill(torch.ones(p, p, dtype=torch.bool).triu(1), float("-inf"))
         z = torch.einsum("bqk,bkd->bqd", scores.softmax(-1), v[:, :, 0])
-        write = z @ attn.o_proj.weight[:, head * dh:(head + 1) * dh].T
+        write = z @ attn.o_proj.weight[:, head * dh : (head + 1) * dh].T
         final += write - corrupt["L1.attn.out"][:, :, head]
     logits = _rms(final, hf.model.norm.weight, hf.model.norm.variance_epsilon) @ hf.lm_head.weight.T
     expected = float(metric(logits.detach()).mean())
@@ -148,17 +155,22 @@ def test_one_edge_patch_into_the_logits_matches_a_direct_computation(llama):
     stream = corrupt[last] + clean["L0.attn.out"][:, :, 2] - corrupt["L0.attn.out"][:, :, 2]
     norm = llama.hf.model.norm
     logits = _rms(stream, norm.weight, norm.variance_epsilon) @ llama.hf.lm_head.weight.T
-    assert float(runner.patched([("L0.H2", "logits")])) == pytest.approx(float(metric(logits.detach()).mean()), abs=1e-5)
+    assert float(runner.patched([("L0.H2", "logits")])) == pytest.approx(
+        float(metric(logits.detach()).mean()), abs=1e-5
+    )
 
 
-@pytest.mark.parametrize("edge, error, words", [
-    (("L1.H0", "L0.mlp"), TaskError, "reads the residual stream before"),
-    (("L1.mlp", "L1.H0.q"), TaskError, "reads the residual stream before"),
-    (("L0.H9", "logits"), SiteError, "Head 9 is out of range"),
-    (("embed", "L1.KV5.k"), SiteError, "KV group 5 is out of range"),
-    (("L7.mlp", "logits"), SiteError, "Layer 7 is out of range"),
-    (("embed", "L1.H0"), SiteError, "is not an edge target"),
-])
+@pytest.mark.parametrize(
+    "edge, error, words",
+    [
+        (("L1.H0", "L0.mlp"), TaskError, "reads the residual stream before"),
+        (("L1.mlp", "L1.H0.q"), TaskError, "reads the residual stream before"),
+        (("L0.H9", "logits"), SiteError, "Head 9 is out of range"),
+        (("embed", "L1.KV5.k"), SiteError, "KV group 5 is out of range"),
+        (("L7.mlp", "logits"), SiteError, "Layer 7 is out of range"),
+        (("embed", "L1.H0"), SiteError, "is not an edge target"),
+    ],
+)
 def test_bad_edges_are_refused_in_one_line(llama, edge, error, words):
     with pytest.raises(error) as caught:
         EdgeIndex.of(llama).mask([edge])

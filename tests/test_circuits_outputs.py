@@ -15,12 +15,29 @@ runner = CliRunner()
 
 
 def test_the_json_and_the_table_name_the_granularity():
-    data = json.loads(runner.invoke(app, ["circuit", FIXTURE, "--task", "induction", "--n", "8", "--json",
-                                          "--verify", "5"]).stdout)
+    data = json.loads(
+        runner.invoke(app, ["circuit", FIXTURE, "--task", "induction", "--n", "8", "--json", "--verify", "5"]).stdout
+    )
     assert data["granularity"] == "edges" and len(data["verification"]["exact"]) == 5
     assert data["curve"][-1]["faithfulness"] > 0.99
-    nodes = json.loads(runner.invoke(app, ["circuit", FIXTURE, "--task", "induction", "--n", "8", "--json",
-                                           "--granularity", "nodes", "--verify", "0"]).stdout)
+    nodes = json.loads(
+        runner.invoke(
+            app,
+            [
+                "circuit",
+                FIXTURE,
+                "--task",
+                "induction",
+                "--n",
+                "8",
+                "--json",
+                "--granularity",
+                "nodes",
+                "--verify",
+                "0",
+            ],
+        ).stdout
+    )
     assert nodes["granularity"] == "nodes" and nodes["verification"] is None
     table = runner.invoke(app, ["circuit", FIXTURE, "--task", "induction", "--n", "8", "--verify", "5"])
     assert table.exit_code == 0 and "run as edges" in table.output and "re-measured by exact edge" in table.output
@@ -40,13 +57,28 @@ def test_the_atlas_keeps_granularity_and_verification_and_reads_old_circuits_as_
 
     path = tmp_path / "fixture.atlas.duckdb"
     for granularity in ("nodes", "edges"):  # the second replaces the first: one circuit per task and method
-        result = runner.invoke(app, ["circuit", FIXTURE, "--task", "induction", "--n", "8", "--atlas", str(path),
-                                     "--granularity", granularity, "--verify", "5", "--json"])
+        result = runner.invoke(
+            app,
+            [
+                "circuit",
+                FIXTURE,
+                "--task",
+                "induction",
+                "--n",
+                "8",
+                "--atlas",
+                str(path),
+                "--granularity",
+                granularity,
+                "--verify",
+                "5",
+                "--json",
+            ],
+        )
         assert result.exit_code == 0, result.output
     edges = json.loads(result.stdout)["edges"]
     con = duckdb.connect(str(path))
-    rows = con.execute("SELECT granularity, verified_spearman, cpr, count(*) FROM circuits "
-                       "GROUP BY ALL").fetchall()
+    rows = con.execute("SELECT granularity, verified_spearman, cpr, count(*) FROM circuits GROUP BY ALL").fetchall()
     assert len(rows) == 1 and rows[0][0] == "edges" and rows[0][1] is not None and rows[0][3] == len(edges)
     con.execute("UPDATE circuits SET granularity = NULL")  # as an atlas written before granularity was recorded
     con.close()
@@ -71,8 +103,12 @@ def test_the_explorer_explains_a_heads_attention(tmp_path):
     from lmatlas.web import create_app
 
     path = tmp_path / "fixture.atlas.duckdb"
-    assert runner.invoke(app, ["circuit", FIXTURE, "--task", "induction", "--n", "4", "--atlas", str(path),
-                               "--verify", "0"]).exit_code == 0
+    assert (
+        runner.invoke(
+            app, ["circuit", FIXTURE, "--task", "induction", "--n", "4", "--atlas", str(path), "--verify", "0"]
+        ).exit_code
+        == 0
+    )
     with TestClient(create_app(path, model=lmatlas.load(FIXTURE))) as client:
         answer = client.post("/api/circuit/attention-sources", json={"head": "L1.H2", "prompt": "abcdefabcde"})
         assert answer.status_code == 200, answer.text

@@ -20,14 +20,21 @@ def test_the_jvp_through_norm_projection_and_rotary_is_a_finite_difference():
     model = tiny_model("qwen3", seed=2, dtype=torch.float64)  # q/k norms and rotary
     ids = torch.randint(0, 250, (2, 7), generator=torch.Generator().manual_seed(0))
     cache = model.run(ids, capture=["L1.resid.pre", "L1.attn.q", "L1.attn.k"], grad=True)
-    delta = torch.randn(2, *cache["L1.resid.pre"].shape, generator=torch.Generator().manual_seed(1),
-                        dtype=torch.float64)
+    delta = torch.randn(
+        2, *cache["L1.resid.pre"].shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64
+    )
     eps = 1e-4
     for site in ("L1.attn.q", "L1.attn.k"):
         moved = _jvp(cache[site], cache["L1.resid.pre"], delta)
         for i in range(2):
-            ends = [model.run(ids, capture=[site], replace={"L1.resid.pre": cache["L1.resid.pre"].detach() + sign * eps
-                                                            * delta[i]})[site] for sign in (1, -1)]
+            ends = [
+                model.run(
+                    ids,
+                    capture=[site],
+                    replace={"L1.resid.pre": cache["L1.resid.pre"].detach() + sign * eps * delta[i]},
+                )[site]
+                for sign in (1, -1)
+            ]
             finite = (ends[0] - ends[1]) / (2 * eps)
             assert (moved[i] - finite).abs().max() <= 1e-4 * finite.abs().max()
 
@@ -51,8 +58,9 @@ def test_the_qk_score_of_a_query_edge_is_its_pattern_change_times_the_pattern_gr
     graph = edge_attribution(llama, task, qk=True)
     got = float(graph.scores[graph.sources.index("L0.H3"), graph.targets.index("L1.H2.q")])
     clean = llama.run(task.clean, capture=["L0.attn.out"])
-    corrupt = llama.run(task.corrupt, capture=["L0.attn.out", "L1.resid.pre", "L1.attn.q", "L1.attn.k",
-                                                "L1.attn.pattern"], grad=True)
+    corrupt = llama.run(
+        task.corrupt, capture=["L0.attn.out", "L1.resid.pre", "L1.attn.q", "L1.attn.k", "L1.attn.pattern"], grad=True
+    )
     (grad,) = torch.autograd.grad(metric(corrupt.logits).mean(), corrupt["L1.attn.pattern"], retain_graph=True)
     delta = (clean["L0.attn.out"][:, :, 3] - corrupt["L0.attn.out"][:, :, 3].detach()).unsqueeze(0)
     q = corrupt["L1.attn.q"].detach() + _jvp(corrupt["L1.attn.q"], corrupt["L1.resid.pre"], delta)[0]

@@ -65,13 +65,22 @@ class AttentionSources:
         return sorted(values.items(), key=lambda kv: -abs(kv[1]))[:k]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"head": self.head, "kv_group": self.kv_group, "query_pos": self.query_pos, "key_pos": self.key_pos,
-                "tokens": self.tokens, "score": self.score, "probability": self.probability, "pattern": self.pattern,
-                "scores": self.scores, "key_side_by_key": self.key_side_by_key,
-                "query_side": [{"source": s, "contribution": v} for s, v in self.top("query", 10 ** 6)],
-                "key_side": [{"source": s, "contribution": v} for s, v in self.top("key", 10 ** 6)],
-                "value_side": [{"source": s, "share": v} for s, v in self.top("value", 10 ** 6)],
-                "rest": self.rest}
+        return {
+            "head": self.head,
+            "kv_group": self.kv_group,
+            "query_pos": self.query_pos,
+            "key_pos": self.key_pos,
+            "tokens": self.tokens,
+            "score": self.score,
+            "probability": self.probability,
+            "pattern": self.pattern,
+            "scores": self.scores,
+            "key_side_by_key": self.key_side_by_key,
+            "query_side": [{"source": s, "contribution": v} for s, v in self.top("query", 10**6)],
+            "key_side": [{"source": s, "contribution": v} for s, v in self.top("key", 10**6)],
+            "value_side": [{"source": s, "share": v} for s, v in self.top("value", 10**6)],
+            "rest": self.rest,
+        }
 
 
 def _upstream(model: "Model", cache, layer: int) -> tuple[list[str], torch.Tensor, torch.Tensor]:
@@ -88,8 +97,9 @@ def _upstream(model: "Model", cache, layer: int) -> tuple[list[str], torch.Tenso
     return names, torch.stack(parts).detach(), bias.detach()
 
 
-def _frozen(model: "Model", output: torch.Tensor, pre: torch.Tensor, at_zero: torch.Tensor,
-            tangents: torch.Tensor) -> torch.Tensor:
+def _frozen(
+    model: "Model", output: torch.Tensor, pre: torch.Tensor, at_zero: torch.Tensor, tangents: torch.Tensor
+) -> torch.Tensor:
     """``L(w)`` ``[n, pos, n_heads, d_head]`` for each ``w`` in ``tangents`` ``[n, pos, d_model]`` (batch 1)."""
     centre = model.spec.norm_kind.centres
     x = pre.detach()[0]
@@ -98,8 +108,11 @@ def _frozen(model: "Model", output: torch.Tensor, pre: torch.Tensor, at_zero: to
     moved = _jvp(output, pre, full)[:, 0].float()  # [n + 1, pos, heads, d_head]
     shift = (output.detach()[0] - at_zero[0]).float()  # L(x) = q - q_b
     gap = shift - moved[-1]  # = shift * kappa * |c(x)|^2, one kappa per position
-    kappa = (gap * shift).sum((-1, -2)) / (shift * shift).sum((-1, -2)).clamp_min(1e-30) \
-        / c(x.float()).pow(2).sum(-1).clamp_min(1e-30)  # [pos]
+    kappa = (
+        (gap * shift).sum((-1, -2))
+        / (shift * shift).sum((-1, -2)).clamp_min(1e-30)
+        / c(x.float()).pow(2).sum(-1).clamp_min(1e-30)
+    )  # [pos]
     dots = (c(tangents.float()) * c(x.float())).sum(-1)  # [n, pos]
     return moved[:-1] + shift * (kappa * dots)[..., None, None]
 
@@ -116,8 +129,9 @@ def _check(model: "Model", n: int, query_pos: int, key_pos: int | None) -> tuple
     return q, k
 
 
-def attention_sources(model: "Model", head: str, prompt: Any, *, query_pos: int = -1,
-                      key_pos: int | None = None) -> AttentionSources:
+def attention_sources(
+    model: "Model", head: str, prompt: Any, *, query_pos: int = -1, key_pos: int | None = None
+) -> AttentionSources:
     """Split ``head``'s attention score at (``query_pos``, ``key_pos``) over upstream writes.
 
     ``key_pos`` defaults to the key the head attends to most. ``prompt`` is one text or
@@ -129,23 +143,35 @@ def attention_sources(model: "Model", head: str, prompt: Any, *, query_pos: int 
         raise SiteError(f"attention_sources explains one prompt at a time, got {ids.shape[0]}.")
     q_pos, k_pos = _check(model, ids.shape[1], query_pos, key_pos)
     g = model.layout.kv_head(h)
-    sites = ["L0.resid.pre", f"L{layer}.resid.pre", f"L{layer}.attn.q", f"L{layer}.attn.k", f"L{layer}.attn.v",
-             f"L{layer}.attn.pattern", f"L{layer}.attn.out"] + \
-        [f"L{i}.{c}" for i in range(layer) for c in ("attn.out", "mlp.out")]
+    sites = [
+        "L0.resid.pre",
+        f"L{layer}.resid.pre",
+        f"L{layer}.attn.q",
+        f"L{layer}.attn.k",
+        f"L{layer}.attn.v",
+        f"L{layer}.attn.pattern",
+        f"L{layer}.attn.out",
+    ] + [f"L{i}.{c}" for i in range(layer) for c in ("attn.out", "mlp.out")]
     cache = model.run(ids, capture=sites, grad=True)
-    zero = model.run(ids, capture=[f"L{layer}.attn.q", f"L{layer}.attn.k", f"L{layer}.attn.v"],
-                     replace={f"L{layer}.resid.pre": 0.0})
+    zero = model.run(
+        ids, capture=[f"L{layer}.attn.q", f"L{layer}.attn.k", f"L{layer}.attn.v"], replace={f"L{layer}.resid.pre": 0.0}
+    )
     pattern = cache[f"L{layer}.attn.pattern"][0, h, q_pos].detach().float()
     k_pos = int(pattern[: q_pos + 1].argmax()) if k_pos is None else k_pos
     names, writes, bias = _upstream(model, cache, layer)
     tangents = torch.cat([writes, bias.unsqueeze(0)])
     pre = cache[f"L{layer}.resid.pre"]
-    parts = {p: _frozen(model, cache[f"L{layer}.attn.{p}"], pre, zero[f"L{layer}.attn.{p}"], tangents)
-             for p in ("q", "k", "v")}
+    parts = {
+        p: _frozen(model, cache[f"L{layer}.attn.{p}"], pre, zero[f"L{layer}.attn.{p}"], tangents)
+        for p in ("q", "k", "v")
+    }
     q = cache[f"L{layer}.attn.q"][0, q_pos, h].detach().float()
     k = cache[f"L{layer}.attn.k"][0, k_pos, g].detach().float()
-    scale = model.layout.d_head ** -0.5 if getattr(model.hf.config, "query_pre_attn_scalar", None) is None \
+    scale = (
+        model.layout.d_head**-0.5
+        if getattr(model.hf.config, "query_pre_attn_scalar", None) is None
         else float(model.hf.config.query_pre_attn_scalar) ** -0.5
+    )
     score = float(scale * q @ k)
     on_q = scale * parts["q"][:, q_pos, h] @ k  # [S + 1]
     on_k = scale * parts["k"][:, k_pos, g] @ q
@@ -153,19 +179,36 @@ def attention_sources(model: "Model", head: str, prompt: Any, *, query_pos: int 
     row = scale * cache[f"L{layer}.attn.k"][0, : q_pos + 1, g].detach().float() @ q
     q_b = zero[f"L{layer}.attn.q"][0, q_pos, h].float()
     k_b = zero[f"L{layer}.attn.k"][0, k_pos, g].float()
-    rest = {"query_bias": float(scale * q_b @ k), "query_from_attention_biases": float(on_q[-1]),
-            "query_remainder": score - float(scale * q_b @ k) - float(on_q.sum()),
-            "key_bias": float(scale * q @ k_b), "key_from_attention_biases": float(on_k[-1]),
-            "key_remainder": score - float(scale * q @ k_b) - float(on_k.sum())}
+    rest = {
+        "query_bias": float(scale * q_b @ k),
+        "query_from_attention_biases": float(on_q[-1]),
+        "query_remainder": score - float(scale * q_b @ k) - float(on_q.sum()),
+        "key_bias": float(scale * q @ k_b),
+        "key_from_attention_biases": float(on_k[-1]),
+        "key_remainder": score - float(scale * q @ k_b) - float(on_k.sum()),
+    }
     value, value_rest = _value_shares(model, cache, parts["v"], zero, layer, h, q_pos, names)
-    tokens = model.tokenizer.convert_ids_to_tokens(ids[0].tolist()) if model.tokenizer is not None else \
-        [str(t) for t in ids[0].tolist()]
-    return AttentionSources(head=f"L{layer}.H{h}", kv_group=g, query_pos=q_pos, key_pos=k_pos, tokens=tokens,
-                            score=score, probability=float(pattern[k_pos]), pattern=pattern[: q_pos + 1].tolist(),
-                            scores=row.tolist(), key_side_by_key=dict(zip(names, by_key[:-1].tolist())),
-                            query_side=dict(zip(names, on_q[:-1].tolist())),
-                            key_side=dict(zip(names, on_k[:-1].tolist())), value_side=value,
-                            rest={**rest, **value_rest})
+    tokens = (
+        model.tokenizer.convert_ids_to_tokens(ids[0].tolist())
+        if model.tokenizer is not None
+        else [str(t) for t in ids[0].tolist()]
+    )
+    return AttentionSources(
+        head=f"L{layer}.H{h}",
+        kv_group=g,
+        query_pos=q_pos,
+        key_pos=k_pos,
+        tokens=tokens,
+        score=score,
+        probability=float(pattern[k_pos]),
+        pattern=pattern[: q_pos + 1].tolist(),
+        scores=row.tolist(),
+        key_side_by_key=dict(zip(names, by_key[:-1].tolist())),
+        query_side=dict(zip(names, on_q[:-1].tolist())),
+        key_side=dict(zip(names, on_k[:-1].tolist())),
+        value_side=value,
+        rest={**rest, **value_rest},
+    )
 
 
 def _value_shares(model, cache, moved_v, zero, layer, h, q_pos, names) -> tuple[dict[str, float], dict[str, float]]:
@@ -182,6 +225,9 @@ def _value_shares(model, cache, moved_v, zero, layer, h, q_pos, names) -> tuple[
     shares = (per_source @ write / norm2).tolist()
     v_b = zero[f"L{layer}.attn.v"][0, :, g].float()
     bias_share = float((attention @ v_b @ w_o) * scale @ write / norm2)
-    rest = {"value_bias": bias_share, "value_from_attention_biases": shares[-1],
-            "value_remainder": 1.0 - bias_share - sum(shares)}
+    rest = {
+        "value_bias": bias_share,
+        "value_from_attention_biases": shares[-1],
+        "value_remainder": 1.0 - bias_share - sum(shares),
+    }
     return dict(zip(names, shares[:-1])), rest

@@ -59,8 +59,10 @@ def plan(index: EdgeIndex, model: "Model", masks: torch.Tensor, extra: torch.Ten
         copies.append(layer_copies)
         roles.append(torch.stack(layer_roles))
     n_copies = max(c.shape[0] for layer in copies for c in layer)
-    padded = [torch.stack([torch.cat([c, c[:1].expand(n_copies - c.shape[0], -1)]) for c in layer]).float()
-              for layer in copies]
+    padded = [
+        torch.stack([torch.cat([c, c[:1].expand(n_copies - c.shape[0], -1)]) for c in layer]).float()
+        for layer in copies
+    ]
     return Plan(padded, roles, n_copies)
 
 

@@ -54,8 +54,14 @@ class EdgeRunner:
     input ``v`` alone reads ``u``'s clean write (everything after ``v`` computes normally).
     """
 
-    def __init__(self, model: "Model", task: "TaskBatch", metric: Callable, index: EdgeIndex | None = None,
-                 progress: ProgressArg = True):
+    def __init__(
+        self,
+        model: "Model",
+        task: "TaskBatch",
+        metric: Callable,
+        index: EdgeIndex | None = None,
+        progress: ProgressArg = True,
+    ):
         self.model, self.task, self.metric_fn, self.progress = model, task, metric, progress
         self.index = index or EdgeIndex.of(model)
         lay = model.layout
@@ -73,7 +79,7 @@ class EdgeRunner:
     def gap(self) -> float:
         return self.clean_value - self.corrupt_value
 
-    def chunk(self, budget: int = 2 ** 29) -> int:
+    def chunk(self, budget: int = 2**29) -> int:
         """Circuits per forward: as many as keep the writes buffer ``[K, S, B, P, d]`` under ``budget`` bytes."""
         b, p, d = self.embed_delta.shape
         per_circuit = len(self.index.sources) * b * p * d * self.embed_delta.element_size()
@@ -109,9 +115,9 @@ class EdgeRunner:
         out = []
         with progress_task("Patching edges one by one", total=len(edges), enabled=self.progress) as task:
             for i in range(0, len(edges), chunk):
-                part = sources[i: i + chunk]
+                part = sources[i : i + chunk]
                 full = self.index.allowed.expand(len(part), -1, -1)
-                out.append(self._run(full, extra[i: i + chunk], torch.stack([deltas[s] for s in part])))
+                out.append(self._run(full, extra[i : i + chunk], torch.stack([deltas[s] for s in part])))
                 task.advance(len(part))
         return torch.cat(out)
 
@@ -147,8 +153,9 @@ class _RunState:
     holds ``w_u - w_u^corrupt`` of the first ``written`` sources (filled as the forward goes).
     """
 
-    def __init__(self, runner: EdgeRunner, masks: torch.Tensor, plan: Plan, extra: torch.Tensor,
-                 patch: torch.Tensor | None):
+    def __init__(
+        self, runner: EdgeRunner, masks: torch.Tensor, plan: Plan, extra: torch.Tensor, patch: torch.Tensor | None
+    ):
         self.r, self.plan = runner, plan
         self.masks, self.extra = masks.to(runner.exact), extra.to(runner.exact)
         plan.copies = [c.to(runner.exact) for c in plan.copies]
@@ -173,12 +180,12 @@ class _RunState:
 
     def _add(self, delta: torch.Tensor) -> None:
         """Append the writes ``[K, n, B, P, d]`` of the next ``n`` sources."""
-        self.deltas[:, self.written: self.written + delta.shape[1]] = delta
+        self.deltas[:, self.written : self.written + delta.shape[1]] = delta
         self.written += delta.shape[1]
 
     def _weights(self, target: int, n_src: int) -> torch.Tensor:
         """``[K, n_src + 1]``: the in-circuit sources of one input, and whether it reads the patch."""
-        return torch.cat([self.masks[:, :n_src, target], self.extra[:, target: target + 1]], 1)
+        return torch.cat([self.masks[:, :n_src, target], self.extra[:, target : target + 1]], 1)
 
     def _rows(self, value: torch.Tensor) -> torch.Tensor:
         """``[K*C*B, ...] -> [K, C, B, ...]``."""
@@ -207,6 +214,7 @@ class _RunState:
         def fn(value, ctx):
             base = self.r.corrupt[f"L{layer}.resid.pre"]
             return self._stream(base, self.plan.copies[layer]).reshape(value.shape).to(value.dtype)
+
         return fn
 
     def _pick(self, layer: int, part: str) -> Callable:
@@ -216,11 +224,12 @@ class _RunState:
 
         def fn(value, ctx):
             rows = self._rows(value)  # [K, C, B, P, n, d_head]
-            which = self.plan.roles[layer][:, offset: offset + count].to(value.device)  # [K, n]
+            which = self.plan.roles[layer][:, offset : offset + count].to(value.device)  # [K, n]
             ks = torch.arange(self.K, device=value.device)[:, None]
             heads = torch.arange(count, device=value.device)[None, :]
             picked = rows[ks, which, :, :, heads]  # [K, n, B, P, d_head]
             return self._spread(picked.permute(0, 2, 3, 1, 4), value)
+
         return fn
 
     def _heads(self, layer: int) -> Callable:
@@ -229,6 +238,7 @@ class _RunState:
             delta = heads - self.r.corrupt[f"L{layer}.attn.out"].unsqueeze(0)
             self._add(delta.permute(0, 3, 1, 2, 4))
             return None
+
         return fn
 
     def _mid(self, layer: int) -> Callable:
@@ -238,6 +248,7 @@ class _RunState:
             n_src = 1 + layer * (lay.n_heads + 1) + lay.n_heads
             weights = self._weights(self.r.index.targets.index(f"L{layer}.mlp"), n_src)
             return self._spread(self._stream(self.r.corrupt[f"L{layer}.resid.mid"], weights), value)
+
         return fn
 
     def _mlp(self, layer: int) -> Callable:
@@ -252,6 +263,7 @@ class _RunState:
                 written = rows[:, 0]
             self._add((written.to(self.r.exact) - self.r.corrupt[f"L{layer}.mlp.out"].unsqueeze(0)).unsqueeze(1))
             return self._spread(written, value) if lay.parallel_residual else None
+
         return fn
 
     def _logits(self) -> Callable:
@@ -260,4 +272,5 @@ class _RunState:
         def fn(value, ctx):
             weights = self._weights(len(self.r.index.targets) - 1, len(self.r.index.sources))  # logits: last
             return self._spread(self._stream(self.r.corrupt[last], weights), value)
+
         return fn

@@ -44,6 +44,7 @@ def held_streams(model: "Model", clean, corrupt, alpha: float) -> dict:
 
         def fn(value, ctx):
             return value + (target.to(value.dtype) - value).detach()
+
         return fn
 
     return {name: hold(name) for name in names}
@@ -52,8 +53,9 @@ def held_streams(model: "Model", clean, corrupt, alpha: float) -> dict:
 def stream_captures(model: "Model") -> list[str]:
     """The streams :func:`held_streams` holds (capture them from the clean and corrupt runs)."""
     lay = model.layout
-    return [f"L{i}.{c}" for i in range(lay.n_layers) for c in ("resid.pre", "resid.mid")] + \
-        [f"L{lay.n_layers - 1}.resid.post"]
+    return [f"L{i}.{c}" for i in range(lay.n_layers) for c in ("resid.pre", "resid.mid")] + [
+        f"L{lay.n_layers - 1}.resid.post"
+    ]
 
 
 def _jvp(output: torch.Tensor, source: torch.Tensor, tangents: torch.Tensor) -> torch.Tensor:
@@ -63,16 +65,19 @@ def _jvp(output: torch.Tensor, source: torch.Tensor, tangents: torch.Tensor) -> 
     (transposed,) = torch.autograd.grad(output, source, grad_outputs=probe, create_graph=True)
     tangents = tangents.to(transposed.dtype)
     try:  # all tangents in one vectorised backward
-        (products,) = torch.autograd.grad(transposed, probe, grad_outputs=tangents, retain_graph=True,
-                                          is_grads_batched=True)
+        (products,) = torch.autograd.grad(
+            transposed, probe, grad_outputs=tangents, retain_graph=True, is_grads_batched=True
+        )
         return products.detach()
     except RuntimeError:  # an op without a batching rule: one backward per tangent
-        return torch.stack([torch.autograd.grad(transposed, probe, grad_outputs=t, retain_graph=True)[0].detach()
-                            for t in tangents])
+        return torch.stack(
+            [torch.autograd.grad(transposed, probe, grad_outputs=t, retain_graph=True)[0].detach() for t in tangents]
+        )
 
 
-def qk_scores(model: "Model", task: "TaskBatch", metric: Callable, delta: torch.Tensor,
-              sources: list[str], targets: list[str]) -> dict[tuple[int, int], float]:
+def qk_scores(
+    model: "Model", task: "TaskBatch", metric: Callable, delta: torch.Tensor, sources: list[str], targets: list[str]
+) -> dict[tuple[int, int], float]:
     """``{(source index, target index): score}`` for every query and key edge (see the module docstring).
 
     ``delta`` is ``[n_sources, batch, pos, d_model]``: each source's clean-minus-corrupt write.

@@ -30,8 +30,15 @@ def exact_edge_effects(runner: "EdgeRunner", edges: list[tuple[str, str]]) -> to
     return runner.patched(edges) - runner.corrupt_value
 
 
-def verify_edges(model: "Model", task: "TaskBatch", graph: "Graph", metric: Callable, *, k: int = 50,
-                 runner: "EdgeRunner | None" = None) -> dict:
+def verify_edges(
+    model: "Model",
+    task: "TaskBatch",
+    graph: "Graph",
+    metric: Callable,
+    *,
+    k: int = 50,
+    runner: "EdgeRunner | None" = None,
+) -> dict:
     """Re-measure the top ``k`` edges of ``graph`` exactly; their agreement with the scores.
 
     Returns ``{"edges", "estimated", "exact", "spearman", "max_abs_error", "gap"}``
@@ -42,8 +49,7 @@ def verify_edges(model: "Model", task: "TaskBatch", graph: "Graph", metric: Call
     runner = runner or EdgeRunner(model, task, metric)
     top = graph.edges(k)
     if not top:
-        return {"edges": [], "estimated": [], "exact": [], "spearman": None, "max_abs_error": None,
-                "gap": runner.gap}
+        return {"edges": [], "estimated": [], "exact": [], "spearman": None, "max_abs_error": None, "gap": runner.gap}
     estimated = torch.tensor([score for _, _, score in top])
     exact = exact_edge_effects(runner, [(s, t) for s, t, _ in top])
     return {

@@ -68,8 +68,10 @@ class EdgeIndex:
             source, target = str(edge[0]).strip(), str(edge[1]).strip()
             i, j = self.source(source), self.target(target)
             if not bool(self.allowed[i, j]):
-                raise TaskError(f"There is no edge {source} -> {target}: {target} reads the residual stream before "
-                                f"{source} writes to it (an edge goes from an earlier node to a later input).")
+                raise TaskError(
+                    f"There is no edge {source} -> {target}: {target} reads the residual stream before "
+                    f"{source} writes to it (an edge goes from an earlier node to a later input)."
+                )
             out[i, j] = True
         return out
 
@@ -84,8 +86,10 @@ class EdgeIndex:
 
 def _unknown(name: str, role: str, pattern: re.Pattern, index: EdgeIndex) -> str:
     """One line: why ``name`` is not a node of this graph (out of range, or malformed)."""
-    examples = {"source": "'embed', 'L3.H1' or 'L3.mlp'",
-                "target": "'L3.H1.q', 'L3.KV0.k', 'L3.KV0.v', 'L3.mlp' or 'logits'"}
+    examples = {
+        "source": "'embed', 'L3.H1' or 'L3.mlp'",
+        "target": "'L3.H1.q', 'L3.KV0.k', 'L3.KV0.v', 'L3.mlp' or 'logits'",
+    }
     match = pattern.match(name)
     if match:
         layer = int(match["layer"])
@@ -95,8 +99,10 @@ def _unknown(name: str, role: str, pattern: re.Pattern, index: EdgeIndex) -> str
         if layer >= layers:
             return f"Layer {layer} is out of range in {name!r}: this model has layers 0..{layers - 1}."
         if match["head"] is not None and int(match["head"]) >= heads:
-            return (f"Head {match['head']} is out of range in {name!r}: this model has {heads} query heads "
-                    f"(0..{heads - 1}).")
+            return (
+                f"Head {match['head']} is out of range in {name!r}: this model has {heads} query heads "
+                f"(0..{heads - 1})."
+            )
         if match.groupdict().get("kv") is not None and int(match["kv"]) >= kv:
             return f"KV group {match['kv']} is out of range in {name!r}: this model has {kv} KV heads (0..{kv - 1})."
     return f"{name!r} is not an edge {role} of the circuit graph: use {examples[role]}."
