@@ -129,6 +129,12 @@ def _check(model: "Model", n: int, query_pos: int, key_pos: int | None) -> tuple
     return q, k
 
 
+def _scale(model: "Model") -> float:
+    """The factor of ``q . k`` in the attention logit (``d_head ** -0.5``, or Gemma's query scalar)."""
+    scalar = getattr(model.hf.config, "query_pre_attn_scalar", None)
+    return model.layout.d_head**-0.5 if scalar is None else float(scalar) ** -0.5
+
+
 def attention_sources(
     model: "Model", head: str, prompt: Any, *, query_pos: int = -1, key_pos: int | None = None
 ) -> AttentionSources:
@@ -143,16 +149,9 @@ def attention_sources(
         raise SiteError(f"attention_sources explains one prompt at a time, got {ids.shape[0]}.")
     q_pos, k_pos = _check(model, ids.shape[1], query_pos, key_pos)
     g = model.layout.kv_head(h)
-    sites = [
-        "L0.resid.pre",
-        f"L{layer}.resid.pre",
-        f"L{layer}.attn.q",
-        f"L{layer}.attn.k",
-        f"L{layer}.attn.v",
-        f"L{layer}.attn.pattern",
-        f"L{layer}.attn.out",
-    ] + [f"L{i}.{c}" for i in range(layer) for c in ("attn.out", "mlp.out")]
-    cache = model.run(ids, capture=sites, grad=True)
+    here = [f"L{layer}.{c}" for c in ("resid.pre", "attn.q", "attn.k", "attn.v", "attn.pattern", "attn.out")]
+    earlier = [f"L{i}.{c}" for i in range(layer) for c in ("attn.out", "mlp.out")]
+    cache = model.run(ids, capture=["L0.resid.pre", *here, *earlier], grad=True)
     zero = model.run(
         ids, capture=[f"L{layer}.attn.q", f"L{layer}.attn.k", f"L{layer}.attn.v"], replace={f"L{layer}.resid.pre": 0.0}
     )
@@ -167,11 +166,7 @@ def attention_sources(
     }
     q = cache[f"L{layer}.attn.q"][0, q_pos, h].detach().float()
     k = cache[f"L{layer}.attn.k"][0, k_pos, g].detach().float()
-    scale = (
-        model.layout.d_head**-0.5
-        if getattr(model.hf.config, "query_pre_attn_scalar", None) is None
-        else float(model.hf.config.query_pre_attn_scalar) ** -0.5
-    )
+    scale = _scale(model)
     score = float(scale * q @ k)
     on_q = scale * parts["q"][:, q_pos, h] @ k  # [S + 1]
     on_k = scale * parts["k"][:, k_pos, g] @ q
@@ -188,11 +183,9 @@ def attention_sources(
         "key_remainder": score - float(scale * q @ k_b) - float(on_k.sum()),
     }
     value, value_rest = _value_shares(model, cache, parts["v"], zero, layer, h, q_pos, names)
-    tokens = (
-        model.tokenizer.convert_ids_to_tokens(ids[0].tolist())
-        if model.tokenizer is not None
-        else [str(t) for t in ids[0].tolist()]
-    )
+    tokens = [str(t) for t in ids[0].tolist()]
+    if model.tokenizer is not None:
+        tokens = model.tokenizer.convert_ids_to_tokens(ids[0].tolist())
     return AttentionSources(
         head=f"L{layer}.H{h}",
         kv_group=g,
