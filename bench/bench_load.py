@@ -40,11 +40,20 @@ def main(argv: list[str] | None = None) -> None:
     cold = [timed_load(args.model, cache=False) for _ in range(args.repeats)]
     warm = [timed_load(args.model, cache=True) for _ in range(args.repeats)]
     cold_s, warm_s = statistics.median(cold), statistics.median(warm)
-    print(json.dumps({
-        "benchmark": "load", "model": args.model, "repeats": args.repeats,
-        "results": {"cold_gguf": {"median_s": round(cold_s, 3), "ratio_vs_cold": 1.0},
-                    "warm_cache": {"median_s": round(warm_s, 3), "ratio_vs_cold": round(warm_s / cold_s, 4)}},
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "benchmark": "load",
+                "model": args.model,
+                "repeats": args.repeats,
+                "results": {
+                    "cold_gguf": {"median_s": round(cold_s, 3), "ratio_vs_cold": 1.0},
+                    "warm_cache": {"median_s": round(warm_s, 3), "ratio_vs_cold": round(warm_s / cold_s, 4)},
+                },
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

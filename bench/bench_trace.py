@@ -42,7 +42,7 @@ from harness import Log, load_model  # noqa: E402  (bench/ is on the path when a
 
 import lmatlas
 
-log = Log('bench_trace')
+log = Log("bench_trace")
 
 WARMUP = 2
 
@@ -82,6 +82,7 @@ def make_variants(model: lmatlas.Model, ids: torch.Tensor) -> dict[str, Callable
         def run() -> float:
             cache = model.run(ids, capture=capture, replace=replace)
             return megabytes(cache.values.values())
+
         return run
 
     def plain() -> float:
@@ -124,8 +125,9 @@ def measure(variants: dict[str, Callable], repeats: int) -> tuple[dict[str, list
 
 def summarise(times: dict[str, list[float]]) -> dict[str, dict[str, float]]:
     medians = {name: statistics.median(values) for name, values in times.items()}
-    return {name: {"median_s": round(m, 6), "ratio_vs_plain": round(m / medians["plain"], 3)}
-            for name, m in medians.items()}
+    return {
+        name: {"median_s": round(m, 6), "ratio_vs_plain": round(m / medians["plain"], 3)} for name, m in medians.items()
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -137,12 +139,23 @@ def main(argv: list[str] | None = None) -> None:
     ids = random_ids(model, args.batch, args.seq)
     load_before = os.getloadavg()
     times, captured = measure(make_variants(model, ids), args.repeats)
-    print(json.dumps({
-        "load_average_before": load_before, "load_average_after": os.getloadavg(),
-        "benchmark": "trace", "model": args.model, "seq": args.seq, "batch": args.batch, "repeats": args.repeats,
-        "torch_threads": torch.get_num_threads(), "results": summarise(times),
-        "captured_mb": {name: None if mb is None else round(mb, 3) for name, mb in captured.items()},
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "load_average_before": load_before,
+                "load_average_after": os.getloadavg(),
+                "benchmark": "trace",
+                "model": args.model,
+                "seq": args.seq,
+                "batch": args.batch,
+                "repeats": args.repeats,
+                "torch_threads": torch.get_num_threads(),
+                "results": summarise(times),
+                "captured_mb": {name: None if mb is None else round(mb, 3) for name, mb in captured.items()},
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -99,7 +99,7 @@ from harness import Log, load_model, peak_rss_mb, release_and_reset_peak, uptime
 import lmatlas
 from lmatlas.model.sites import COMPONENTS
 
-log = Log('bench_capture')
+log = Log("bench_capture")
 
 MB = 2**20
 ALL = list(COMPONENTS)
@@ -127,16 +127,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1, help="warm-up rounds (see warm_up)")
-    parser.add_argument("--max-minutes", type=float, default=None,
-                        help="stop adding timed rounds (at least two) when the whole run would exceed this")
+    parser.add_argument(
+        "--max-minutes",
+        type=float,
+        default=None,
+        help="stop adding timed rounds (at least two) when the whole run would exceed this",
+    )
     parser.add_argument("--tools", default=None, help="comma-separated subset of " + ",".join(TOOLS))
     parser.add_argument("--grad-sets", nargs="*", default=["one_kind"], choices=list(SETS))
     parser.add_argument("--attn", default="eager", choices=["eager", "sdpa"])
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--out", type=Path, default=None, help=f"write the JSON here too (default {DEFAULT_OUT}; "
-                        "--quick writes nothing unless given)")
-    parser.add_argument("--quick", action="store_true",
-                        help="tiny:llama, 2 x 16 tokens, 3 repeats, lmatlas + hand only (a smoke test)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help=f"write the JSON here too (default {DEFAULT_OUT}; --quick writes nothing unless given)",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny:llama, 2 x 16 tokens, 3 repeats, lmatlas + hand only (a smoke test)"
+    )
     parser.add_argument("--table", type=Path, help="print the markdown table of a result JSON and exit")
     args = parser.parse_args(argv)
     if args.quick:
@@ -205,8 +214,15 @@ def lmatlas_tool(model: lmatlas.Model) -> Tool:
         return run
 
     api = "model.run" if hasattr(model, "run") else "model.trace"
-    return Tool("lmatlas", "HF eager (model config); lmatlas_eager wrapper (HF eager output + its own float32 "
-                "pattern) when q/k/v/pattern are captured", "model.hf", ALL, make, [f"API: {api}"])
+    return Tool(
+        "lmatlas",
+        "HF eager (model config); lmatlas_eager wrapper (HF eager output + its own float32 "
+        "pattern) when q/k/v/pattern are captured",
+        "model.hf",
+        ALL,
+        make,
+        [f"API: {api}"],
+    )
 
 
 def hand_tool(model: lmatlas.Model, attn: str) -> Tool:
@@ -281,8 +297,14 @@ def hand_tool(model: lmatlas.Model, attn: str) -> Tool:
 
         return run
 
-    return Tool("hand", f"HF {attn} (model config)", "model.hf", provides, make,
-                ["attn.q/attn.k after rotary exist only inside LlamaAttention.forward: no module hook sees them"])
+    return Tool(
+        "hand",
+        f"HF {attn} (model config)",
+        "model.hf",
+        provides,
+        make,
+        ["attn.q/attn.k after rotary exist only inside LlamaAttention.forward: no module hook sees them"],
+    )
 
 
 #: lmatlas component -> TransformerLens bridge hook name (``{i}`` = layer); all in lmatlas's layouts.
@@ -330,6 +352,7 @@ def transformer_lens_tool(model: lmatlas.Model) -> Tool:
             def keeper(site: str):
                 def hook(tensor, hook):
                     kept[site] = tensor
+
                 return hook
 
             logits = tl.run_with_hooks(ids, fwd_hooks=[(hook, keeper(site)) for site, hook in names.items()])
@@ -337,11 +360,19 @@ def transformer_lens_tool(model: lmatlas.Model) -> Tool:
 
         return run
 
-    return Tool("transformer_lens", "its own re-implemented attention (matmul, float32 softmax, matmul) in "
-                "PositionEmbeddingsAttentionBridge, whatever the config says", "a structural copy of model.hf "
-                "sharing its parameters, wrapped by build_bridge_from_module (it replaces submodules in place)",
-                ALL, make, ["attn.out = hook_result from a second bridge with set_use_attn_result(True)",
-                            "attn.q/attn.k = hook_rot_q/hook_rot_k (after rotary)"])
+    return Tool(
+        "transformer_lens",
+        "its own re-implemented attention (matmul, float32 softmax, matmul) in "
+        "PositionEmbeddingsAttentionBridge, whatever the config says",
+        "a structural copy of model.hf "
+        "sharing its parameters, wrapped by build_bridge_from_module (it replaces submodules in place)",
+        ALL,
+        make,
+        [
+            "attn.out = hook_result from a second bridge with set_use_attn_result(True)",
+            "attn.q/attn.k = hook_rot_q/hook_rot_k (after rotary)",
+        ],
+    )
 
 
 def nnsight_tool(model: lmatlas.Model, attn: str) -> Tool:
@@ -353,8 +384,10 @@ def nnsight_tool(model: lmatlas.Model, attn: str) -> Tool:
     layers = [wrapped.model.layers[i] for i in range(lay.n_layers)]
     for layer in layers:
         layer.self_attn.source  # noqa: B018 -- instrument the attention forward before any trace starts
-    w_o = [hf.model.layers[i].self_attn.o_proj.weight.view(lay.d_model, lay.n_heads, lay.d_head)
-           for i in range(lay.n_layers)]
+    w_o = [
+        hf.model.layers[i].self_attn.o_proj.weight.view(lay.d_model, lay.n_heads, lay.d_head)
+        for i in range(lay.n_layers)
+    ]
     provides = [c for c in ALL if attn == "eager" or c != "attn.pattern"]
 
     def make(components: list[str], grad: bool) -> Run:
@@ -400,12 +433,20 @@ def nnsight_tool(model: lmatlas.Model, attn: str) -> Tool:
 
         return run
 
-    return Tool("nnsight", f"HF {attn} (model config), forward source-instrumented by nnsight",
-                "a structural copy of model.hf sharing its parameters (nnsight installs its own forward on every "
-                "module it wraps)", provides, make,
-                ["nnsight.LanguageModel is deprecated in 0.8: TransformersModel(module, tokenizer=..., "
-                 "task='text-generation')", "attn.q/attn.k from self_attn.source.apply_rotary_pos_emb_0.output",
-                 "attn.out computed inside the trace from o_proj.input and o_proj.weight"])
+    return Tool(
+        "nnsight",
+        f"HF {attn} (model config), forward source-instrumented by nnsight",
+        "a structural copy of model.hf sharing its parameters (nnsight installs its own forward on every "
+        "module it wraps)",
+        provides,
+        make,
+        [
+            "nnsight.LanguageModel is deprecated in 0.8: TransformersModel(module, tokenizer=..., "
+            "task='text-generation')",
+            "attn.q/attn.k from self_attn.source.apply_rotary_pos_emb_0.output",
+            "attn.out computed inside the trace from o_proj.input and o_proj.weight",
+        ],
+    )
 
 
 def setup_tools(model: lmatlas.Model, args: argparse.Namespace) -> tuple[dict, dict]:
@@ -441,15 +482,16 @@ def untouched(module: torch.nn.Module) -> None:
 # -- variants ----------------------------------------------------------------------------------------
 @dataclass
 class Variant:
-    name: str          # "plain_a", "all/lmatlas", "grad:one_kind/hand", "grad/plain"
+    name: str  # "plain_a", "all/lmatlas", "grad:one_kind/hand", "grad/plain"
     run: Run
     grad: bool
-    baseline: str      # the variant its ratio is taken against
+    baseline: str  # the variant its ratio is taken against
 
 
 def plain_run(model: lmatlas.Model) -> Run:
     def run(ids: torch.Tensor) -> tuple[Store, torch.Tensor]:
         return {}, model.hf(input_ids=ids, use_cache=False).logits
+
     return run
 
 
@@ -463,8 +505,10 @@ def build_variants(model, tools: dict[str, Tool], grad_sets: list[str]) -> tuple
         # lmatlas and the tools that lack a component (their "all" run is this one); the others are
         # already compared with lmatlas on identical components in "all"
         sets["common"] = {t: common for t in tools if t == "lmatlas" or sets["all"][t] == common}
-    variants = [Variant("plain_a", plain_run(model), False, "plain_a"),
-                Variant("plain_b", plain_run(model), False, "plain_a")]
+    variants = [
+        Variant("plain_a", plain_run(model), False, "plain_a"),
+        Variant("plain_b", plain_run(model), False, "plain_a"),
+    ]
     for set_name, per_tool in sets.items():
         for t, components in per_tool.items():
             if set_name == "common" and sets["all"][t] == components:
@@ -513,9 +557,13 @@ def compare(store: Store, reference: Store) -> dict[str, Any]:
         worst[component] = max(worst.get(component, 0.0), diff)
         scale[component] = max(scale.get(component, 0.0), largest)
         equal = equal and diff <= atol + rtol * largest
-    return {"equal": equal, "sites_compared": sum(1 for n in reference if n in store),
-            "max_abs_diff": max(worst.values(), default=0.0), "max_abs_diff_by_component": worst,
-            "max_diff_over_max_abs_value": max((worst[c] / scale[c] for c in worst if scale[c] > 0), default=0.0)}
+    return {
+        "equal": equal,
+        "sites_compared": sum(1 for n in reference if n in store),
+        "max_abs_diff": max(worst.values(), default=0.0),
+        "max_abs_diff_by_component": worst,
+        "max_diff_over_max_abs_value": max((worst[c] / scale[c] for c in worst if scale[c] > 0), default=0.0),
+    }
 
 
 @dataclass
@@ -533,8 +581,13 @@ class Observer:
         store, logits, seconds, loss = call(variant, ids, params)
         peak = int(peak_rss_mb() * 1024 * 1024) - baseline
         held = held_bytes(store.values())
-        self.memory[variant.name] = {"peak_mb": round(peak / MB, 1), "captured_mb": round(held / MB, 1),
-                                     "captured_bytes": held, "sites": len(store), "hwm_reset": reset_ok}
+        self.memory[variant.name] = {
+            "peak_mb": round(peak / MB, 1),
+            "captured_mb": round(held / MB, 1),
+            "captured_bytes": held,
+            "sites": len(store),
+            "hwm_reset": reset_ok,
+        }
         if variant.grad and store:
             self.memory[variant.name]["captures_in_graph"] = all(t.requires_grad for t in store.values())
         if loss is not None:
@@ -556,9 +609,13 @@ class Observer:
         if self.losses:
             first = next(iter(self.losses.values()))
             self.checks["grad_losses"] = {
-                name: {"loss": v, "abs_diff_vs_plain": abs(v - first),
-                       "equal": abs(v - first) <= TOLERANCE[0] * abs(first) + TOLERANCE[1]}
-                for name, v in self.losses.items()}
+                name: {
+                    "loss": v,
+                    "abs_diff_vs_plain": abs(v - first),
+                    "equal": abs(v - first) <= TOLERANCE[0] * abs(first) + TOLERANCE[1],
+                }
+                for name, v in self.losses.items()
+            }
 
 
 def warm_up(variants: list[Variant], ids: torch.Tensor, params, rounds: int) -> None:
@@ -572,8 +629,9 @@ def warm_up(variants: list[Variant], ids: torch.Tensor, params, rounds: int) -> 
         log("warm-up round done")
 
 
-def timing_rounds(variants: list[Variant], ids: torch.Tensor, params, repeats: int, budget_s: float | None,
-                  observer: Observer) -> dict[str, list[float]]:
+def timing_rounds(
+    variants: list[Variant], ids: torch.Tensor, params, repeats: int, budget_s: float | None, observer: Observer
+) -> dict[str, list[float]]:
     """Up to ``repeats`` rounds of every variant, the first one through ``observer``; the order rotates by
     one each round. With ``budget_s`` no round starts that would end after it, but two rounds always run."""
     times: dict[str, list[float]] = {v.name: [] for v in variants}
@@ -602,8 +660,14 @@ def timing_rounds(variants: list[Variant], ids: torch.Tensor, params, repeats: i
 
 def quartiles(values: list[float]) -> dict[str, float]:
     q1, q2, q3 = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else values * 3
-    return {"median": round(q2, 4), "q25": round(q1, 4), "q75": round(q3, 4), "iqr": round(q3 - q1, 4),
-            "min": round(min(values), 4), "max": round(max(values), 4)}
+    return {
+        "median": round(q2, 4),
+        "q25": round(q1, 4),
+        "q75": round(q3, 4),
+        "iqr": round(q3 - q1, 4),
+        "min": round(min(values), 4),
+        "max": round(max(values), 4),
+    }
 
 
 def summarise(variants, times, memory, checks, sets, tools, skipped) -> dict[str, Any]:
@@ -615,16 +679,23 @@ def summarise(variants, times, memory, checks, sets, tools, skipped) -> dict[str
     def row(name: str) -> dict[str, Any]:
         baseline = by_name[name].baseline
         q = quartiles(ratios[name])
-        out = {"median_s": round(statistics.median(times[name]), 4), "ratio": q["median"],
-               "ratio_iqr": [q["q25"], q["q75"]], **memory[name],
-               "extra_peak_mb": round(memory[name]["peak_mb"] - memory[baseline]["peak_mb"], 1)}
+        out = {
+            "median_s": round(statistics.median(times[name]), 4),
+            "ratio": q["median"],
+            "ratio_iqr": [q["q25"], q["q75"]],
+            **memory[name],
+            "extra_peak_mb": round(memory[name]["peak_mb"] - memory[baseline]["peak_mb"], 1),
+        }
         if name in checks:
             out["check"] = checks[name]
         return out
 
     results: dict[str, Any] = {"plain_a": row("plain_a"), "plain_b": row("plain_b")}
     verdict: dict[str, Any] = {}
-    for prefix, set_names in (("", list(sets)), ("grad:", [s for s in SETS if any(k.startswith(f"grad:{s}/") for k in times)])):
+    for prefix, set_names in (
+        ("", list(sets)),
+        ("grad:", [s for s in SETS if any(k.startswith(f"grad:{s}/") for k in times)]),
+    ):
         for set_name in set_names:
             key = f"{prefix}{set_name}"
             rows = {}
@@ -638,8 +709,12 @@ def summarise(variants, times, memory, checks, sets, tools, skipped) -> dict[str
             verdict[key] = judge(key, rows, noise["iqr"], mem_noise)
     if "grad/plain" in times:
         results["grad/plain"] = row("grad/plain")
-    return {"results": results, "grad_losses": checks.get("grad_losses", {}), "noise": {"time_ratio_plain_b_over_plain_a": noise, "memory_mb": round(mem_noise, 1)},
-            "verdict": verdict}
+    return {
+        "results": results,
+        "grad_losses": checks.get("grad_losses", {}),
+        "noise": {"time_ratio_plain_b_over_plain_a": noise, "memory_mb": round(mem_noise, 1)},
+        "verdict": verdict,
+    }
 
 
 def judge(key: str, rows: dict[str, dict], time_noise: float, mem_noise: float) -> dict[str, Any]:
@@ -655,36 +730,47 @@ def judge(key: str, rows: dict[str, dict], time_noise: float, mem_noise: float) 
     if others:
         fastest = min(others, key=lambda t: others[t]["ratio"])
         smallest = min(others, key=lambda t: others[t]["extra_peak_mb"])
-        out.update({
-            "compared_on_same_components_with": sorted(others),
-            "fastest_other": fastest, "fastest_other_ratio": others[fastest]["ratio"],
-            "time_noise_iqr": time_noise,
-            "not_slower_than_fastest_beyond_noise": mine["ratio"] <= others[fastest]["ratio"] + time_noise,
-            "smallest_other": smallest, "smallest_other_extra_peak_mb": others[smallest]["extra_peak_mb"],
-            "lmatlas_extra_peak_mb": mine["extra_peak_mb"], "memory_noise_mb": mem_noise,
-            "not_larger_than_smallest_beyond_noise":
-                mine["extra_peak_mb"] <= others[smallest]["extra_peak_mb"] + mem_noise,
-        })
+        out.update(
+            {
+                "compared_on_same_components_with": sorted(others),
+                "fastest_other": fastest,
+                "fastest_other_ratio": others[fastest]["ratio"],
+                "time_noise_iqr": time_noise,
+                "not_slower_than_fastest_beyond_noise": mine["ratio"] <= others[fastest]["ratio"] + time_noise,
+                "smallest_other": smallest,
+                "smallest_other_extra_peak_mb": others[smallest]["extra_peak_mb"],
+                "lmatlas_extra_peak_mb": mine["extra_peak_mb"],
+                "memory_noise_mb": mem_noise,
+                "not_larger_than_smallest_beyond_noise": mine["extra_peak_mb"]
+                <= others[smallest]["extra_peak_mb"] + mem_noise,
+            }
+        )
     return out
 
 
 # -- report ------------------------------------------------------------------------------------------
 def table(report: dict[str, Any]) -> str:
     """Markdown: one line per capture set and tool (time ratio to a plain forward, extra peak, captured)."""
-    lines = ["| capture set | tool | sites | time / plain (quartiles) | extra peak MB | captured MB | max abs diff |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| capture set | tool | sites | time / plain (quartiles) | extra peak MB | captured MB | max abs diff |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for key, rows in report["results"].items():
         if not isinstance(rows, dict) or "median_s" in rows:
             continue
         for tool, r in rows.items():
             diff = r.get("check", {}).get("max_abs_diff")
             q25, q75 = r["ratio_iqr"]
-            lines.append(f"| {key} | {tool} | {r['sites']} | {r['ratio']:.2f} ({q25:.2f}-{q75:.2f}) | "
-                         f"{r['extra_peak_mb']:.0f} | "
-                         f"{r['captured_mb']:.0f} | {'-' if diff is None else f'{diff:.1e}'} |")
+            lines.append(
+                f"| {key} | {tool} | {r['sites']} | {r['ratio']:.2f} ({q25:.2f}-{q75:.2f}) | "
+                f"{r['extra_peak_mb']:.0f} | "
+                f"{r['captured_mb']:.0f} | {'-' if diff is None else f'{diff:.1e}'} |"
+            )
     noise = report["noise"]["time_ratio_plain_b_over_plain_a"]
-    lines.append(f"\nNoise: plain_b / plain_a median {noise['median']:.3f}, IQR {noise['iqr']:.3f}; "
-                 f"memory {report['noise']['memory_mb']:.0f} MB. Load before: {report['uptime_before']}.")
+    lines.append(
+        f"\nNoise: plain_b / plain_a median {noise['median']:.3f}, IQR {noise['iqr']:.3f}; "
+        f"memory {report['noise']['memory_mb']:.0f} MB. Load before: {report['uptime_before']}."
+    )
     return "\n".join(lines)
 
 
@@ -716,17 +802,36 @@ def main(argv: list[str] | None = None) -> None:
     untouched(model.hf)
     summary = summarise(variants, times, memory, checks, sets, tools, skipped)
     report = {
-        "benchmark": "capture", "model": args.model, "batch": args.batch, "seq": args.seq,
-        "dtype": str(model.dtype).removeprefix("torch."), "device": str(model.device), "attn_implementation": args.attn,
-        "repeats": len(times["plain_a"]), "repeats_asked": args.repeats, "warmup": args.warmup, "torch_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(), "uptime_before": before, "uptime_after": uptime(), "versions": versions(("transformer-lens", "nnsight")),
-        "tools": {name: {"attention": t.attention, "module": t.module, "provides": t.provides,
-                         "missing": [c for c in ALL if c not in t.provides], "notes": t.notes}
-                  for name, t in tools.items()},
-        "skipped": skipped, "tolerance": {"rtol": TOLERANCE[0], "atol": TOLERANCE[1]},
+        "benchmark": "capture",
+        "model": args.model,
+        "batch": args.batch,
+        "seq": args.seq,
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "device": str(model.device),
+        "attn_implementation": args.attn,
+        "repeats": len(times["plain_a"]),
+        "repeats_asked": args.repeats,
+        "warmup": args.warmup,
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "uptime_before": before,
+        "uptime_after": uptime(),
+        "versions": versions(("transformer-lens", "nnsight")),
+        "tools": {
+            name: {
+                "attention": t.attention,
+                "module": t.module,
+                "provides": t.provides,
+                "missing": [c for c in ALL if c not in t.provides],
+                "notes": t.notes,
+            }
+            for name, t in tools.items()
+        },
+        "skipped": skipped,
+        "tolerance": {"rtol": TOLERANCE[0], "atol": TOLERANCE[1]},
         "method": "round-robin in one process, order rotated each round; ratio = median over rounds of time / "
-                  "plain_a time of that round; peak = VmHWM - VmRSS after gc, malloc_trim(0), clear_refs reset, "
-                  "in the first round",
+        "plain_a time of that round; peak = VmHWM - VmRSS after gc, malloc_trim(0), clear_refs reset, "
+        "in the first round",
         **summary,
     }
     text = json.dumps(report, indent=2)

@@ -48,8 +48,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--exact-repeats", type=int, default=1, help="timed runs of exact patching (<= --repeats)")
     parser.add_argument("--per-forward", type=int, default=16)
     parser.add_argument("--eap-ig", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--qk-tasks", default="all", help="tasks that also patch every query and KV key "
-                        "(comma-separated, 'all' or 'none')")
+    parser.add_argument(
+        "--qk-tasks",
+        default="all",
+        help="tasks that also patch every query and KV key (comma-separated, 'all' or 'none')",
+    )
     parser.add_argument("--out", default="bench/results/causal.json")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
@@ -60,10 +63,16 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         model = lmatlas.load(args.model)
     heads = all_heads(model.layout)
-    qk = [f"{h}.q" for h in heads] + [f"L{l}.KV{g}.k" for l in range(model.layout.n_layers)
-                                       for g in range(model.layout.n_kv_heads)]
-    results = {"model": model.provenance.source, "heads": len(heads), "threads": torch.get_num_threads(),
-               "load": os.getloadavg(), "tasks": {}}
+    qk = [f"{h}.q" for h in heads] + [
+        f"L{l}.KV{g}.k" for l in range(model.layout.n_layers) for g in range(model.layout.n_kv_heads)
+    ]
+    results = {
+        "model": model.provenance.source,
+        "heads": len(heads),
+        "threads": torch.get_num_threads(),
+        "load": os.getloadavg(),
+        "tasks": {},
+    }
     for name in args.tasks.split(","):
         with_qk = args.qk_tasks == "all" or name in args.qk_tasks.split(",")
         task = load_task(model, name, n=args.n)
@@ -87,20 +96,30 @@ def main(argv: list[str] | None = None) -> dict:
         medians = {k: statistics.median(v) for k, v in times.items() if v}
         exact_e, atp_e = exact.effect(), atp.effect()
         results["tasks"][name] = {
-            "prompts": len(task), "tokens": int(task.clean.shape[1]),
-            "clean_metric": exact.clean, "corrupt_metric": exact.corrupt,
+            "prompts": len(task),
+            "tokens": int(task.clean.shape[1]),
+            "clean_metric": exact.clean,
+            "corrupt_metric": exact.corrupt,
             "median_s": medians,
             "speedup_attribution_vs_exact_heads": medians["exact"] / medians["atp"],
-            "head_outputs": {"spearman": spearman(atp_e, exact_e), "top10_recall": recall(atp_e, exact_e),
-                             "exact_top10": exact.top(10), "atp_top10": atp.top(10)},
+            "head_outputs": {
+                "spearman": spearman(atp_e, exact_e),
+                "top10_recall": recall(atp_e, exact_e),
+                "exact_top10": exact.top(10),
+                "atp_top10": atp.top(10),
+            },
             "verification": verified.verification,
         }
         if with_qk:
             results["tasks"][name]["queries_and_keys"] = {
-                "plain": {"spearman": spearman(plain_qk.effect(), exact_qk.effect()),
-                          "top10_recall": recall(plain_qk.effect(), exact_qk.effect())},
-                "qk_fix": {"spearman": spearman(fixed_qk.effect(), exact_qk.effect()),
-                           "top10_recall": recall(fixed_qk.effect(), exact_qk.effect())},
+                "plain": {
+                    "spearman": spearman(plain_qk.effect(), exact_qk.effect()),
+                    "top10_recall": recall(plain_qk.effect(), exact_qk.effect()),
+                },
+                "qk_fix": {
+                    "spearman": spearman(fixed_qk.effect(), exact_qk.effect()),
+                    "top10_recall": recall(fixed_qk.effect(), exact_qk.effect()),
+                },
                 "largest_miss_fixed": _largest_miss(qk, exact_qk.effect(), plain_qk.effect(), fixed_qk.effect()),
             }
         _write(args.out, results)  # after every task, so a stopped run keeps what it measured
@@ -134,18 +153,33 @@ def _eap_ig(model, n: int) -> dict:
     t, graph = timed(lambda: edge_attribution(model, task, steps=5))
     peak = peak_rss_mb()
     t_circuit, circuit = timed(lambda: find_circuit(model, task, graph, target=0.8))
-    return {"task": "ioi", "prompts": len(task), "steps": 5, "edges_scored": int((~graph.scores.isnan()).sum()),
-            "seconds": t, "peak_rss_mb": peak, "rss_before_mb": before, "circuit_seconds": t_circuit,
-            "circuit_edges": len(circuit.edges), "circuit_nodes": len(circuit.nodes),
-            "faithfulness": circuit.faithfulness, "cpr": circuit.cpr, "cmd": circuit.cmd,
-            "top_edges": [list(e) for e in circuit.edges[:10]]}
+    return {
+        "task": "ioi",
+        "prompts": len(task),
+        "steps": 5,
+        "edges_scored": int((~graph.scores.isnan()).sum()),
+        "seconds": t,
+        "peak_rss_mb": peak,
+        "rss_before_mb": before,
+        "circuit_seconds": t_circuit,
+        "circuit_edges": len(circuit.edges),
+        "circuit_nodes": len(circuit.nodes),
+        "faithfulness": circuit.faithfulness,
+        "cpr": circuit.cpr,
+        "cmd": circuit.cmd,
+        "top_edges": [list(e) for e in circuit.edges[:10]],
+    }
 
 
 def _largest_miss(targets, exact, plain, fixed) -> dict:
     """The target whose exact effect plain AtP underestimates most, and what the QK fix says."""
     miss = int((exact.abs() - plain.abs()).argmax())
-    return {"target": targets[miss], "exact": float(exact[miss]), "plain": float(plain[miss]),
-            "qk_fix": float(fixed[miss])}
+    return {
+        "target": targets[miss],
+        "exact": float(exact[miss]),
+        "plain": float(plain[miss]),
+        "qk_fix": float(fixed[miss]),
+    }
 
 
 if __name__ == "__main__":

@@ -72,8 +72,11 @@ from lmatlas.model.tiny import tiny_model  # noqa: E402
 
 T0 = time.perf_counter()
 OURS = ["previous_token", "duplicate_token", "induction"]
-TL_NAMES = {"previous_token": "previous_token_head", "duplicate_token": "duplicate_token_head",
-            "induction": "induction_head"}
+TL_NAMES = {
+    "previous_token": "previous_token_head",
+    "duplicate_token": "duplicate_token_head",
+    "induction": "induction_head",
+}
 
 
 def log(message: str) -> None:
@@ -129,10 +132,16 @@ def commit() -> str | None:
     """The checked-out commit, with ``+dirty`` when tracked files differ from it."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                              timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "lmatlas", "bench"],
-                               cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", "lmatlas", "bench"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return (head + ("+dirty" if dirty else "")) or None
@@ -203,8 +212,9 @@ def boot_transformer_lens(model: lmatlas.Model):
         tokenizer.save_pretrained(folder)
         tokenizer = AutoTokenizer.from_pretrained(folder)
     name = getattr(model.hf.config, "_name_or_path", "") or model.family
-    return TransformerBridge.boot_transformers(name, hf_model=copy.deepcopy(model.hf), tokenizer=tokenizer,
-                                               device=str(model.device))
+    return TransformerBridge.boot_transformers(
+        name, hf_model=copy.deepcopy(model.hf), tokenizer=tokenizer, device=str(model.device)
+    )
 
 
 def transformer_lens_scores(bridge, model: lmatlas.Model, seed: int) -> dict[str, torch.Tensor]:
@@ -225,8 +235,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--detectors", default=None,
-                        help="comma-separated detectors for the census of step 1 (default: every registered one)")
+    parser.add_argument(
+        "--detectors",
+        default=None,
+        help="comma-separated detectors for the census of step 1 (default: every registered one)",
+    )
     parser.add_argument("--no-tl", action="store_true", help="skip the TransformerLens comparison")
     parser.add_argument("--out", default=None, help="also write the JSON here")
     parser.add_argument("--quick", action="store_true", help="tiny:llama, 1 repeat")
@@ -243,26 +256,37 @@ def main(argv: list[str] | None = None) -> None:
     names = sorted(args.detectors.split(",")) if args.detectors else sorted(all_detectors())
     with RssSampler() as sampler:
         started = time.perf_counter()
-        census = run_census(model, names if args.detectors else None, seed=args.seed,
-                            progress=lambda m: log(f"census {m}"))
+        census = run_census(
+            model, names if args.detectors else None, seed=args.seed, progress=lambda m: log(f"census {m}")
+        )
         census_s = time.perf_counter() - started
     rss_before = sampler.start
     log(f"full census of {len(names)} detectors: {census_s:.1f}s")
     report = {
-        "benchmark": "census", "model": args.model, "seed": args.seed,
+        "benchmark": "census",
+        "model": args.model,
+        "seed": args.seed,
         "command": " ".join(["python", "bench/census.py", *(argv if argv is not None else sys.argv[1:])]),
-        "commit": commit(), "versions": versions(), "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(), "uptime_before": uptime_before,
-        "layers": model.layout.n_layers, "heads": model.layout.n_heads,
+        "commit": commit(),
+        "versions": versions(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "uptime_before": uptime_before,
+        "layers": model.layout.n_layers,
+        "heads": model.layout.n_heads,
         "load_average_1min": {"start": round(load_start, 2), "after_census": round(os.getloadavg()[0], 2)},
         "census": {
-            "detectors": names, "total_s": round(census_s, 3), "under_2_minutes": census_s < 120,
+            "detectors": names,
+            "total_s": round(census_s, 3),
+            "under_2_minutes": census_s < 120,
             "seconds_per_detector": {n: round(r.seconds, 3) for n, r in census.results.items()},
             "labelled_heads": {n: len(r.heads()) for n, r in census.results.items()},
             "battery_shapes": {n: "x".join(map(str, r.battery["shape"])) for n, r in census.results.items()},
             "skipped": census.skipped,
-            "rss_mb_before_census": round(rss_before, 1), "peak_rss_mb_during_census": round(sampler.peak, 1),
-            "census_extra_peak_mb": round(sampler.peak - rss_before, 1), "peak_rss_mb_process": round(peak_rss_mb(), 1),
+            "rss_mb_before_census": round(rss_before, 1),
+            "peak_rss_mb_during_census": round(sampler.peak, 1),
+            "census_extra_peak_mb": round(sampler.peak - rss_before, 1),
+            "peak_rss_mb_process": round(peak_rss_mb(), 1),
         },
     }
 
@@ -271,7 +295,8 @@ def main(argv: list[str] | None = None) -> None:
             import transformer_lens  # noqa: F401
         except ImportError:
             report["transformer_lens"] = {
-                "skipped": "transformer-lens is not installed (pip install transformer-lens==4.3.0)"}
+                "skipped": "transformer-lens is not installed (pip install transformer-lens==4.3.0)"
+            }
         else:
             if not set(OURS) <= set(census.results):
                 raise SystemExit(f"the TransformerLens comparison needs the census of {OURS} (--detectors)")
@@ -290,8 +315,10 @@ def compare(model: lmatlas.Model, census, args) -> dict:
     started = time.perf_counter()
     bridge = boot_transformer_lens(model)
     boot_s = time.perf_counter() - started
-    log(f"TransformerLens {transformer_lens.__version__ if hasattr(transformer_lens, '__version__') else ''} "
-        f"bridge booted in {boot_s:.1f}s")
+    log(
+        f"TransformerLens {transformer_lens.__version__ if hasattr(transformer_lens, '__version__') else ''} "
+        f"bridge booted in {boot_s:.1f}s"
+    )
     times: dict[str, list[float]] = {"ours_3_with_nulls": [], "transformer_lens_3": []}
     tl_scores = None
     for round_ in range(args.repeats):
@@ -301,13 +328,16 @@ def compare(model: lmatlas.Model, census, args) -> dict:
         start = time.perf_counter()
         tl_scores = transformer_lens_scores(bridge, model, args.seed)
         times["transformer_lens_3"].append(time.perf_counter() - start)
-        log(f"round {round_ + 1}/{args.repeats}: ours {times['ours_3_with_nulls'][-1]:.1f}s, "
-            f"TransformerLens {times['transformer_lens_3'][-1]:.1f}s")
+        log(
+            f"round {round_ + 1}/{args.repeats}: ours {times['ours_3_with_nulls'][-1]:.1f}s, "
+            f"TransformerLens {times['transformer_lens_3'][-1]:.1f}s"
+        )
     medians = {name: statistics.median(values) for name, values in times.items()}
     induction = census["induction"]
     return {
         "version": "4.3.0" if not hasattr(transformer_lens, "__version__") else transformer_lens.__version__,
-        "bridge_boot_s": round(boot_s, 3), "repeats": args.repeats,
+        "bridge_boot_s": round(boot_s, 3),
+        "repeats": args.repeats,
         "median_s": {name: round(m, 3) for name, m in medians.items()},
         "ratio_tl_over_ours": round(medians["transformer_lens_3"] / medians["ours_3_with_nulls"], 3),
         "ours_faster": medians["ours_3_with_nulls"] < medians["transformer_lens_3"],
@@ -316,15 +346,19 @@ def compare(model: lmatlas.Model, census, args) -> dict:
             "duplicate_token": round(spearman(census["duplicate_token"].score, tl_scores["duplicate_token"]), 4),
             "induction_score": round(spearman(induction.score, tl_scores["induction"]), 4),
             "induction_prefix_matching": round(
-                spearman(induction.subscores["prefix_matching"]["score"], tl_scores["induction"]), 4),
+                spearman(induction.subscores["prefix_matching"]["score"], tl_scores["induction"]), 4
+            ),
         },
-        "peak_rss_mb_after_tl": round(peak_rss_mb(), 1), "load_average_1min_after": round(os.getloadavg()[0], 2),
+        "peak_rss_mb_after_tl": round(peak_rss_mb(), 1),
+        "load_average_1min_after": round(os.getloadavg()[0], 2),
         # every head's score, [layer][head]: the correlations above can be recomputed from these
         "scores": {
-            "ours": {"previous_token": grid(census["previous_token"].score),
-                     "duplicate_token": grid(census["duplicate_token"].score),
-                     "induction_score": grid(induction.score),
-                     "induction_prefix_matching": grid(induction.subscores["prefix_matching"]["score"])},
+            "ours": {
+                "previous_token": grid(census["previous_token"].score),
+                "duplicate_token": grid(census["duplicate_token"].score),
+                "induction_score": grid(induction.score),
+                "induction_prefix_matching": grid(induction.subscores["prefix_matching"]["score"]),
+            },
             "transformer_lens": {name: grid(tl_scores[name]) for name in OURS},
         },
     }

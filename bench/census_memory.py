@@ -106,16 +106,24 @@ def log(message: str) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m",
-                        help="a packaged name, directory or .gguf (lmatlas.load), or tiny:<family>")
+    parser.add_argument(
+        "--model", default="smollm2-135m", help="a packaged name, directory or .gguf (lmatlas.load), or tiny:<family>"
+    )
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
     parser.add_argument("--capture-lengths", type=int, nargs="*", default=[1024, 2048])
     parser.add_argument("--layers", type=int, default=2, help="measure layers 0..N-1 (0 = every layer)")
     parser.add_argument("--chunk", type=int, default=256)
-    parser.add_argument("--allocator", choices=["tight", "default"], default="tight",
-                        help="tight: freed memory goes straight back to the OS (see TIGHT_ALLOCATOR)")
-    parser.add_argument("--quick", action="store_true",
-                        help="tiny:llama at 64 and 128 tokens (a smoke test of the harness, not a measurement)")
+    parser.add_argument(
+        "--allocator",
+        choices=["tight", "default"],
+        default="tight",
+        help="tight: freed memory goes straight back to the OS (see TIGHT_ALLOCATOR)",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny:llama at 64 and 128 tokens (a smoke test of the harness, not a measurement)",
+    )
     parser.add_argument("--out", default=None, help="also write the JSON here")
     parser.add_argument("--worker", nargs="+", choices=["plain", "stats", "capture"], help=argparse.SUPPRESS)
     parser.add_argument("--tokens", type=int, nargs="+", help=argparse.SUPPRESS)
@@ -170,7 +178,7 @@ def needle_input(vocab: int, tokens: int, seed: int = 0):
     ids = torch.randint(low, vocab, (1, tokens), generator=gen)
     k1, k2, value = torch.randint(low, vocab, (3,), generator=gen).tolist()
     at = tokens // 2
-    ids[0, at: at + 3] = torch.tensor([k1, k2, value])
+    ids[0, at : at + 3] = torch.tensor([k1, k2, value])
     ids[0, -2:] = torch.tensor([k1, k2])
     targets = torch.full_like(ids, -1)
     targets[0, -1] = at + 2
@@ -193,7 +201,7 @@ def _variant(model, name: str, layers: list[int], chunk: int):
     def through_last_layer(ids, session: HookSession | None = None) -> None:
         handle = model.blocks[layers[-1]].register_forward_hook(stop)
         try:
-            with torch.no_grad(), (session if session is not None else contextlib.nullcontext()):
+            with torch.no_grad(), session if session is not None else contextlib.nullcontext():
                 model.hf(input_ids=ids, use_cache=False)
         except Stop:
             pass
@@ -206,8 +214,15 @@ def _variant(model, name: str, layers: list[int], chunk: int):
 
     def stats(ids, targets) -> int:
         result = attention_stats(model, ids, targets=targets, layers=layers, chunk=chunk)
-        kept = [result.sink, result.previous, result.local, result.entropy, result.top1, result.top1_mass,
-                result.target]
+        kept = [
+            result.sink,
+            result.previous,
+            result.local,
+            result.entropy,
+            result.top1,
+            result.top1_mass,
+            result.target,
+        ]
         return sum(t.numel() * t.element_size() for t in kept)
 
     def capture(ids, targets) -> int:
@@ -237,21 +252,46 @@ def worker(args: argparse.Namespace) -> None:
             kept = run(ids, targets)
             seconds = time.perf_counter() - started
             peak = _status_kb("VmHWM") * 1024
-            print(json.dumps({
-                "variant": name, "order": order, "tokens": tokens, "peak_mb": round((peak - baseline) / MB, 1),
-                "baseline_rss_mb": round(baseline / MB, 1), "baseline_anon_mb": anon, "hwm_reset": reset_ok,
-                "kept_mb": round(kept / MB, 2),
-                "seconds": round(seconds, 2), "n_layers": model.layout.n_layers, "n_heads": model.layout.n_heads,
-                "torch_threads": torch.get_num_threads(),
-            }), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "variant": name,
+                        "order": order,
+                        "tokens": tokens,
+                        "peak_mb": round((peak - baseline) / MB, 1),
+                        "baseline_rss_mb": round(baseline / MB, 1),
+                        "baseline_anon_mb": anon,
+                        "hwm_reset": reset_ok,
+                        "kept_mb": round(kept / MB, 2),
+                        "seconds": round(seconds, 2),
+                        "n_layers": model.layout.n_layers,
+                        "n_heads": model.layout.n_heads,
+                        "torch_threads": torch.get_num_threads(),
+                    }
+                ),
+                flush=True,
+            )
 
 
 # -- the driver ------------------------------------------------------------------------------------------
 def measure(args: argparse.Namespace, variants: list[str], lengths: list[int]) -> dict[tuple[int, int], dict]:
     """Run one worker process; ``(order in variants, tokens) -> measurement``."""
-    command = [sys.executable, __file__, "--worker", *variants, "--tokens", *map(str, lengths),
-               "--model", args.model, "--layers", str(args.layers), "--chunk", str(args.chunk),
-               "--allocator", args.allocator]
+    command = [
+        sys.executable,
+        __file__,
+        "--worker",
+        *variants,
+        "--tokens",
+        *map(str, lengths),
+        "--model",
+        args.model,
+        "--layers",
+        str(args.layers),
+        "--chunk",
+        str(args.chunk),
+        "--allocator",
+        args.allocator,
+    ]
     env = dict(os.environ, **(TIGHT_ALLOCATOR if args.allocator == "tight" else {}))
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode != 0:
@@ -262,8 +302,10 @@ def measure(args: argparse.Namespace, variants: list[str], lengths: list[int]) -
         if line.startswith("{"):
             result = json.loads(line)
             results[result["order"], result["tokens"]] = result
-            log(f"{result['variant']:8s} T={result['tokens']:5d}: peak +{result['peak_mb']:8.1f} MB "
-                f"in {result['seconds']:6.1f}s")
+            log(
+                f"{result['variant']:8s} T={result['tokens']:5d}: peak +{result['peak_mb']:8.1f} MB "
+                f"in {result['seconds']:6.1f}s"
+            )
     return results
 
 
@@ -297,10 +339,16 @@ def commit() -> str | None:
     """The checked-out commit, with ``+dirty`` when tracked files under lmatlas/ or bench/ differ from it."""
     root = Path(__file__).resolve().parent.parent
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                              timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "lmatlas", "bench"],
-                               cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", "lmatlas", "bench"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return (head + ("+dirty" if dirty else "")) or None
@@ -332,37 +380,43 @@ def main(argv: list[str] | None = None) -> None:
         meta = stats
         heads, layers_run = stats["n_heads"], args.layers or stats["n_layers"]
         full_mb = layers_run * heads * tokens**2 * 4 / MB
-        rows.append({
-            "tokens": tokens,
-            "baseline_rss_mb": cold["baseline_rss_mb"],
-            "plain_peak_mb": plain["peak_mb"],
-            "plain_cold_peak_mb": cold["peak_mb"],
-            "retained_by_first_run_mb": round(plain["baseline_rss_mb"] - cold["baseline_rss_mb"], 1),
-            "retained_anon_mb": round(plain["baseline_anon_mb"] - cold["baseline_anon_mb"], 1),
-            "stats_peak_mb": stats["peak_mb"],
-            "stats_extra_mb": round(stats["peak_mb"] - plain["peak_mb"], 1),
-            "stats_over_plain": ratio(stats["peak_mb"], plain["peak_mb"], 3),
-            "stats_result_mb": stats["kept_mb"],
-            "chunk_block_mb": round(heads * args.chunk * tokens * 4 / MB, 1),
-            "full_pattern_mb": round(full_mb, 1),
-            "full_pattern_all_layers_gb": round(stats["n_layers"] * heads * tokens**2 * 4 / 2**30, 2),
-            "stats_result_all_layers_mb": round(7 * stats["n_layers"] * heads * tokens * 4 / MB, 1),
-            "plain_s": plain["seconds"],
-            "stats_s": stats["seconds"],
-            "time_ratio_stats_vs_plain": ratio(stats["seconds"], plain["seconds"]),
-            "hwm_reset": plain["hwm_reset"] and stats["hwm_reset"] and cold["hwm_reset"],
-        })
+        rows.append(
+            {
+                "tokens": tokens,
+                "baseline_rss_mb": cold["baseline_rss_mb"],
+                "plain_peak_mb": plain["peak_mb"],
+                "plain_cold_peak_mb": cold["peak_mb"],
+                "retained_by_first_run_mb": round(plain["baseline_rss_mb"] - cold["baseline_rss_mb"], 1),
+                "retained_anon_mb": round(plain["baseline_anon_mb"] - cold["baseline_anon_mb"], 1),
+                "stats_peak_mb": stats["peak_mb"],
+                "stats_extra_mb": round(stats["peak_mb"] - plain["peak_mb"], 1),
+                "stats_over_plain": ratio(stats["peak_mb"], plain["peak_mb"], 3),
+                "stats_result_mb": stats["kept_mb"],
+                "chunk_block_mb": round(heads * args.chunk * tokens * 4 / MB, 1),
+                "full_pattern_mb": round(full_mb, 1),
+                "full_pattern_all_layers_gb": round(stats["n_layers"] * heads * tokens**2 * 4 / 2**30, 2),
+                "stats_result_all_layers_mb": round(7 * stats["n_layers"] * heads * tokens * 4 / MB, 1),
+                "plain_s": plain["seconds"],
+                "stats_s": stats["seconds"],
+                "time_ratio_stats_vs_plain": ratio(stats["seconds"], plain["seconds"]),
+                "hwm_reset": plain["hwm_reset"] and stats["hwm_reset"] and cold["hwm_reset"],
+            }
+        )
     captures = measure(args, ["plain", "capture"], sorted(args.capture_lengths)) if args.capture_lengths else {}
     for tokens in sorted(args.capture_lengths):
         captured = captures[1, tokens]
         predicted = (args.layers or captured["n_layers"]) * captured["n_heads"] * tokens**2 * 4 / MB
         plain_peak = next((r["plain_peak_mb"] for r in rows if r["tokens"] == tokens), None)
-        capture_rows.append({
-            "tokens": tokens, "capture_peak_mb": captured["peak_mb"],
-            "capture_minus_plain_mb": None if plain_peak is None else round(captured["peak_mb"] - plain_peak, 1),
-            "predicted_pattern_mb": round(predicted, 2), "kept_mb": captured["kept_mb"],
-            "hwm_reset": captured["hwm_reset"],
-        })
+        capture_rows.append(
+            {
+                "tokens": tokens,
+                "capture_peak_mb": captured["peak_mb"],
+                "capture_minus_plain_mb": None if plain_peak is None else round(captured["peak_mb"] - plain_peak, 1),
+                "predicted_pattern_mb": round(predicted, 2),
+                "kept_mb": captured["kept_mb"],
+                "hwm_reset": captured["hwm_reset"],
+            }
+        )
     first, last = rows[0], rows[-1]
     fit = linear_fit([r["tokens"] for r in rows], [r["stats_peak_mb"] for r in rows])
     growth = {
@@ -373,20 +427,34 @@ def main(argv: list[str] | None = None) -> None:
         "plain_peak_ratio": ratio(last["plain_peak_mb"], first["plain_peak_mb"]),
         "full_pattern_ratio": round((last["tokens"] / first["tokens"]) ** 2, 2),  # [layer, head, T, T]
         "stats_peak_at_max_over_slope_times_T": ratio(
-            last["stats_peak_mb"], fit["slope_mb_per_1k_tokens"] * last["tokens"] / 1024, 3),
+            last["stats_peak_mb"], fit["slope_mb_per_1k_tokens"] * last["tokens"] / 1024, 3
+        ),
     }
-    text = json.dumps({
-        "benchmark": "census_memory", "model": args.model, "input": "needle in a haystack (random tokens), batch 1",
-        "command": " ".join(["python", "bench/census_memory.py", *(argv if argv is not None else sys.argv[1:])]),
-        "commit": commit(), "versions": versions(), "cpu_count": os.cpu_count(),
-        "uptime_before": uptime_before, "uptime_after": uptime(),
-        "layers_run": args.layers or meta.get("n_layers"), "n_layers": meta.get("n_layers"),
-        "heads": meta.get("n_heads"), "chunk": args.chunk, "torch_threads": meta.get("torch_threads"),
-        "baseline_rss_mb": rows[0]["baseline_rss_mb"] if rows else None,
-        "method": "fresh subprocess per length running plain (cold), stats, plain; peak = VmHWM - VmRSS after "
-                  "gc, malloc_trim(0) and a clear_refs high-water-mark reset before each run",
-        "results": rows, "capture": capture_rows, "growth": growth,
-    }, indent=2)
+    text = json.dumps(
+        {
+            "benchmark": "census_memory",
+            "model": args.model,
+            "input": "needle in a haystack (random tokens), batch 1",
+            "command": " ".join(["python", "bench/census_memory.py", *(argv if argv is not None else sys.argv[1:])]),
+            "commit": commit(),
+            "versions": versions(),
+            "cpu_count": os.cpu_count(),
+            "uptime_before": uptime_before,
+            "uptime_after": uptime(),
+            "layers_run": args.layers or meta.get("n_layers"),
+            "n_layers": meta.get("n_layers"),
+            "heads": meta.get("n_heads"),
+            "chunk": args.chunk,
+            "torch_threads": meta.get("torch_threads"),
+            "baseline_rss_mb": rows[0]["baseline_rss_mb"] if rows else None,
+            "method": "fresh subprocess per length running plain (cold), stats, plain; peak = VmHWM - VmRSS after "
+            "gc, malloc_trim(0) and a clear_refs high-water-mark reset before each run",
+            "results": rows,
+            "capture": capture_rows,
+            "growth": growth,
+        },
+        indent=2,
+    )
     if args.out:
         Path(args.out).write_text(text + "\n")
     print(text)

@@ -50,7 +50,7 @@ from lmatlas.decode.fast_topk import auto_method
 from lmatlas.decode.neurons import decode_neurons, output_directions
 from lmatlas.decode.vocab import TokenRanking, unembed_matrix
 
-log = Log('bench_decode')
+log = Log("bench_decode")
 
 WARMUP = 1
 PLAIN_BLOCK = 1024
@@ -62,8 +62,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--k", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--methods", default="auto", help="comma-separated: auto, bf16, int8")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads for every variant (default: torch's default, the machine's cores)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads for every variant (default: torch's default, the machine's cores)",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny:llama, 2 repeats (a few seconds)")
     args = parser.parse_args(argv)
     if args.quick:
@@ -79,7 +83,7 @@ def plain_decode(model: lmatlas.Model, k: int) -> tuple[TokenRanking, TokenRanki
     W_U = unembed_matrix(model).detach().float()
     tops, bottoms = [], []
     for r0 in range(0, rows.shape[0], PLAIN_BLOCK):
-        scores = rows[r0:r0 + PLAIN_BLOCK] @ W_U
+        scores = rows[r0 : r0 + PLAIN_BLOCK] @ W_U
         tops.append(torch.topk(scores, k, dim=1))
         bottoms.append(torch.topk(scores, k, dim=1, largest=False))
     cat = lambda parts: TokenRanking(torch.cat([p.indices for p in parts]), torch.cat([p.values for p in parts]))
@@ -108,8 +112,13 @@ def compare(model: lmatlas.Model, got: TokenRanking, ref: TokenRanking) -> dict[
         else:
             real += 1
     identical = (got.logits - ref.logits)[same].abs().max().item() if same.any() else 0.0
-    return {"rows": int(same.numel()), "identical_sets": int(same.sum()), "tie_only_differences": ties,
-            "real_differences": real, "max_abs_logit_diff_where_identical": identical}
+    return {
+        "rows": int(same.numel()),
+        "identical_sets": int(same.sum()),
+        "tie_only_differences": ties,
+        "real_differences": real,
+        "max_abs_logit_diff_where_identical": identical,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -144,9 +153,12 @@ def main(argv: list[str] | None = None) -> None:
     summary = {}
     for name, values in times.items():
         median = statistics.median(values)
-        entry = {"median_s": round(median, 3), "runs_s": [round(v, 3) for v in values],
-                 "ratio_vs_plain": round(plain_median / median, 3),
-                 "effective_gflops": round(2 * n * V * d / median / 1e9, 1)}
+        entry = {
+            "median_s": round(median, 3),
+            "runs_s": [round(v, 3) for v in values],
+            "ratio_vs_plain": round(plain_median / median, 3),
+            "effective_gflops": round(2 * n * V * d / median / 1e9, 1),
+        }
         if name != "plain":
             entry["ratio_per_round"] = [round(p / v, 3) for p, v in zip(times["plain"], values)]
         summary[name] = entry
@@ -156,15 +168,32 @@ def main(argv: list[str] | None = None) -> None:
         dec = results[name]
         summary[name]["method"] = dec.method
         summary[name]["rescored_per_row"] = round(dec.rescored, 1)
-        exact[name] = {"top": compare(model, dec.promoted, plain_top),
-                       "bottom": compare(model, dec.suppressed, plain_bottom)}
-    print(json.dumps({
-        "benchmark": "decode", "model": args.model, "neurons": n, "vocab": V, "d_model": d, "k": args.k,
-        "repeats": args.repeats, "torch_threads": torch.get_num_threads(), "load_avg": os.getloadavg(),
-        "dense_gflop": round(2 * n * V * d / 1e9, 1), "results": summary, "exact": exact,
-        "rss_after_load_mb": round(rss_loaded, 1), "peak_rss_mb": round(peak_fast or 0.0, 1),
-        "peak_rss_mb_after_plain": round(peak_rss_mb(), 1),
-    }, indent=2))
+        exact[name] = {
+            "top": compare(model, dec.promoted, plain_top),
+            "bottom": compare(model, dec.suppressed, plain_bottom),
+        }
+    print(
+        json.dumps(
+            {
+                "benchmark": "decode",
+                "model": args.model,
+                "neurons": n,
+                "vocab": V,
+                "d_model": d,
+                "k": args.k,
+                "repeats": args.repeats,
+                "torch_threads": torch.get_num_threads(),
+                "load_avg": os.getloadavg(),
+                "dense_gflop": round(2 * n * V * d / 1e9, 1),
+                "results": summary,
+                "exact": exact,
+                "rss_after_load_mb": round(rss_loaded, 1),
+                "peak_rss_mb": round(peak_fast or 0.0, 1),
+                "peak_rss_mb_after_plain": round(peak_rss_mb(), 1),
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

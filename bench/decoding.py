@@ -52,8 +52,7 @@ from lmatlas.infer.decoding.drafters import EarlyExit, Heads, PromptLookup
 from lmatlas.infer.decoding.speculative import speculative_generate
 from lmatlas.model.readout import LayerTap, exit_logits
 
-log = Log('bench_decoding')
-
+log = Log("bench_decoding")
 
 
 def bootstrap_diff(a: list[float], b: list[float], n: int = 2000, seed: int = 0) -> dict:
@@ -72,13 +71,13 @@ def answer_scores(model, layers, question: str, answer: str) -> tuple[float, flo
     n = len(prompt)
     ids = torch.tensor([full])
     with torch.no_grad(), LayerTap(model.hf, layers, positions="all") as tap:
-        final = model.hf(input_ids=ids, use_cache=False).logits[0, n - 1:-1].float()      # [m, V]
+        final = model.hf(input_ids=ids, use_cache=False).logits[0, n - 1 : -1].float()  # [m, V]
         target = ids[0, n:]
-        hidden = torch.stack([tap.last[layer][0, n - 1:-1] for layer in layers])        # [L, m, d]
-        premature = exit_logits(model.hf, hidden)                                         # [L, m, V]
+        hidden = torch.stack([tap.last[layer][0, n - 1 : -1] for layer in layers])  # [L, m, d]
+        premature = exit_logits(model.hf, hidden)  # [L, m, V]
     log_final = F.log_softmax(final, -1)
     greedy = float(log_final.gather(1, target[:, None]).sum())
-    chosen = js_divergence(final, premature).argmax(0)                                   # [m]
+    chosen = js_divergence(final, premature).argmax(0)  # [m]
     picked = premature[chosen, torch.arange(final.shape[0])]
     dola = F.log_softmax(log_final - F.log_softmax(picked, -1), -1)
     return greedy, float(dola.gather(1, target[:, None]).sum())
@@ -116,8 +115,14 @@ def truthfulqa(model, path: str, questions: int, minutes: float | None = None) -
             log(f"truthfulqa: time budget of {minutes} min reached after {i + 1} questions")
             break
     scored = len(mc["greedy"]["mc1"])
-    out = {"questions": scored, "requested": len(rows), "of": 817, "subset": f"the first {scored} rows of the file",
-           "premature_layers": layers, "seconds": time.perf_counter() - start}
+    out = {
+        "questions": scored,
+        "requested": len(rows),
+        "of": 817,
+        "subset": f"the first {scored} rows of the file",
+        "premature_layers": layers,
+        "seconds": time.perf_counter() - start,
+    }
     for metric in ("mc1", "mc2"):
         out[metric] = {m: statistics.fmean(mc[m][metric]) for m in mc}
         out[metric]["dola_minus_greedy"] = bootstrap_diff(mc["greedy"][metric], mc["dola"][metric])
@@ -126,36 +131,76 @@ def truthfulqa(model, path: str, questions: int, minutes: float | None = None) -
 
 # -- context faithfulness --------------------------------------------------------------------------
 CAPITALS = [
-    ("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Japan", "Tokyo"),
-    ("China", "Beijing"), ("Russia", "Moscow"), ("Egypt", "Cairo"), ("Canada", "Ottawa"), ("Australia", "Canberra"),
-    ("Brazil", "Brasilia"), ("Argentina", "Buenos Aires"), ("Mexico", "Mexico City"), ("India", "New Delhi"),
-    ("Portugal", "Lisbon"), ("Greece", "Athens"), ("Turkey", "Ankara"), ("Poland", "Warsaw"), ("Austria", "Vienna"),
-    ("Sweden", "Stockholm"), ("Norway", "Oslo"), ("Finland", "Helsinki"), ("Denmark", "Copenhagen"),
-    ("Ireland", "Dublin"), ("Netherlands", "Amsterdam"), ("Belgium", "Brussels"), ("Switzerland", "Bern"),
-    ("Hungary", "Budapest"), ("Kenya", "Nairobi"), ("Peru", "Lima"), ("Chile", "Santiago"), ("Thailand", "Bangkok"),
-    ("Vietnam", "Hanoi"), ("South Korea", "Seoul"), ("Indonesia", "Jakarta"), ("Iran", "Tehran"), ("Iraq", "Baghdad"),
-    ("Cuba", "Havana"), ("Colombia", "Bogota"), ("Ukraine", "Kyiv"),
+    ("France", "Paris"),
+    ("Germany", "Berlin"),
+    ("Italy", "Rome"),
+    ("Spain", "Madrid"),
+    ("Japan", "Tokyo"),
+    ("China", "Beijing"),
+    ("Russia", "Moscow"),
+    ("Egypt", "Cairo"),
+    ("Canada", "Ottawa"),
+    ("Australia", "Canberra"),
+    ("Brazil", "Brasilia"),
+    ("Argentina", "Buenos Aires"),
+    ("Mexico", "Mexico City"),
+    ("India", "New Delhi"),
+    ("Portugal", "Lisbon"),
+    ("Greece", "Athens"),
+    ("Turkey", "Ankara"),
+    ("Poland", "Warsaw"),
+    ("Austria", "Vienna"),
+    ("Sweden", "Stockholm"),
+    ("Norway", "Oslo"),
+    ("Finland", "Helsinki"),
+    ("Denmark", "Copenhagen"),
+    ("Ireland", "Dublin"),
+    ("Netherlands", "Amsterdam"),
+    ("Belgium", "Brussels"),
+    ("Switzerland", "Bern"),
+    ("Hungary", "Budapest"),
+    ("Kenya", "Nairobi"),
+    ("Peru", "Lima"),
+    ("Chile", "Santiago"),
+    ("Thailand", "Bangkok"),
+    ("Vietnam", "Hanoi"),
+    ("South Korea", "Seoul"),
+    ("Indonesia", "Jakarta"),
+    ("Iran", "Tehran"),
+    ("Iraq", "Baghdad"),
+    ("Cuba", "Havana"),
+    ("Colombia", "Bogota"),
+    ("Ukraine", "Kyiv"),
 ]
 
 
 def battery(countries: int = 0) -> list[dict]:
     """Closed-book and contradicting-context questions; the swapped capital is another row's."""
     items = []
-    for i, (country, capital) in enumerate(CAPITALS[:countries or len(CAPITALS)]):
+    for i, (country, capital) in enumerate(CAPITALS[: countries or len(CAPITALS)]):
         other = CAPITALS[(i + 7) % len(CAPITALS)][1]
         question = f"What is the capital of {country}? Answer with the city name only."
         items.append({"kind": "closed", "prompt": question, "truth": capital, "swap": other})
-        items.append({"kind": "context", "truth": capital, "swap": other,
-                      "prompt": f"Context: The capital of {country} is {other}.\n{question}"})
+        items.append(
+            {
+                "kind": "context",
+                "truth": capital,
+                "swap": other,
+                "prompt": f"Context: The capital of {country} is {other}.\n{question}",
+            }
+        )
     return items
 
 
 def faithfulness(model, heads: list[str], control: list[str], countries: int = 0, new_tokens: int = 8) -> dict:
     from lmatlas.infer.decoding.cli import generate_with_strategy
 
-    methods = {"greedy": dict(strategy="greedy"), "decore": dict(strategy="decore", heads=heads),
-               "decore_random_heads": dict(strategy="decore", heads=control),
-               "dola": dict(strategy="dola")}
+    methods = {
+        "greedy": dict(strategy="greedy"),
+        "decore": dict(strategy="decore", heads=heads),
+        "decore_random_heads": dict(strategy="decore", heads=control),
+        "dola": dict(strategy="dola"),
+    }
     items = battery(countries)
     out: dict = {"items": len(items), "heads": heads, "random_heads": control, "methods": {}}
     for name, kwargs in methods.items():
@@ -173,9 +218,13 @@ def faithfulness(model, heads: list[str], control: list[str], countries: int = 0
                 context_truth += item["truth"].lower() in text
         n = len(items) // 2
         out["methods"][name] = {
-            "closed_book_accuracy": closed / n, "closed_ci95": wilson(closed, n),
-            "follows_context": context_follow / n, "follows_ci95": wilson(context_follow, n),
-            "answers_memory_despite_context": context_truth / n, "seconds_per_token": seconds / max(tokens, 1)}
+            "closed_book_accuracy": closed / n,
+            "closed_ci95": wilson(closed, n),
+            "follows_context": context_follow / n,
+            "follows_ci95": wilson(context_follow, n),
+            "answers_memory_despite_context": context_truth / n,
+            "seconds_per_token": seconds / max(tokens, 1),
+        }
         log(f"faithfulness {name}: {out['methods'][name]}")
     base = out["methods"]["greedy"]["seconds_per_token"]
     for name in out["methods"]:
@@ -188,9 +237,12 @@ def cost_per_token(model, heads: list[str], prompts: int, new_tokens: int) -> di
     than the battery's, so the prompt's prefill weighs less), methods interleaved per prompt."""
     from lmatlas.infer.decoding.cli import generate_with_strategy
 
-    methods = {"greedy": dict(strategy="greedy"), "dola": dict(strategy="dola"),
-               "decore": dict(strategy="decore", heads=heads)}
-    for kwargs in methods.values():                           # warm-up
+    methods = {
+        "greedy": dict(strategy="greedy"),
+        "dola": dict(strategy="dola"),
+        "decore": dict(strategy="decore", heads=heads),
+    }
+    for kwargs in methods.values():  # warm-up
         generate_with_strategy(model, SPEC_PROMPTS[0], max_new_tokens=4, chat=True, **kwargs)
     seconds = {name: 0.0 for name in methods}
     tokens = {name: 0 for name in methods}
@@ -202,8 +254,11 @@ def cost_per_token(model, heads: list[str], prompts: int, new_tokens: int) -> di
     out = {"prompts": prompts, "new_tokens": new_tokens, "methods": {}}
     for name in methods:
         per_token = seconds[name] / max(tokens[name], 1)
-        out["methods"][name] = {"seconds_per_token": per_token, "tokens": tokens[name],
-                                "vs_greedy": per_token / (seconds["greedy"] / max(tokens["greedy"], 1))}
+        out["methods"][name] = {
+            "seconds_per_token": per_token,
+            "tokens": tokens[name],
+            "vs_greedy": per_token / (seconds["greedy"] / max(tokens["greedy"], 1)),
+        }
     out["targets"] = {"dola_max": 1.3, "decore_max": 2.2}
     return out
 
@@ -228,8 +283,10 @@ def acceptance(model, prompts: int, new_tokens: int, atlas: str | None) -> dict:
     texts = [f"{p}" for p in SPEC_PROMPTS[:prompts]]
     if chosen is None:
         cache = model.run(texts[0], capture=["resid.pre", "resid.post"])
-        ratio = [float((cache[f"L{l}.resid.post"] - cache[f"L{l}.resid.pre"]).norm() / cache[f"L{l}.resid.pre"].norm())
-                 for l in range(n)]
+        ratio = [
+            float((cache[f"L{l}.resid.post"] - cache[f"L{l}.resid.pre"]).norm() / cache[f"L{l}.resid.pre"].norm())
+            for l in range(n)
+        ]
         chosen = sorted(sorted(range(n), key=lambda l: ratio[l])[:count])
         how = "smallest relative write |resid.post - resid.pre| / |resid.pre| (no atlas importance for every layer)"
     profile = acceptance_profile(model, texts, new_tokens, skip_sets={"skip_20pct": chosen})
@@ -262,9 +319,16 @@ SPEC_PROMPTS = [
 ]
 
 
-def speculative(model, n_prompts: int, new_tokens: int, draft_len: int, heads_path: str | None,
-                early_exit_prompts: int | None = None, minutes: float | None = None,
-                heads_min_prob: float | None = None) -> dict:
+def speculative(
+    model,
+    n_prompts: int,
+    new_tokens: int,
+    draft_len: int,
+    heads_path: str | None,
+    early_exit_prompts: int | None = None,
+    minutes: float | None = None,
+    heads_min_prob: float | None = None,
+) -> dict:
     """Every method on the same prompts, interleaved per prompt; the early-exit drafter (slow on a CPU)
     only on the first ``early_exit_prompts`` prompts, its ratio taken against greedy on those prompts."""
     from lmatlas.edit.generation import prompt_ids
@@ -282,11 +346,11 @@ def speculative(model, n_prompts: int, new_tokens: int, draft_len: int, heads_pa
     prompts = (SPEC_PROMPTS * 2)[:n_prompts]
     limit = {"ours_early_exit": early_exit_prompts if early_exit_prompts is not None else len(prompts)}
     pad = model.tokenizer.eos_token_id
-    runs = {name: [] for name in ["greedy", "hf_prompt_lookup", *drafters]}   # (prompt, seconds, tokens, identical)
+    runs = {name: [] for name in ["greedy", "hf_prompt_lookup", *drafters]}  # (prompt, seconds, tokens, identical)
     accepted = {name: [] for name in drafters}
-    drafted = {name: [] for name in drafters}              # drafts proposed per verifying forward
+    drafted = {name: [] for name in drafters}  # drafts proposed per verifying forward
     warm = prompt_ids(model, prompts[0], True)["input_ids"]
-    with torch.no_grad():                                  # warm-up: first calls allocate and pick kernels
+    with torch.no_grad():  # warm-up: first calls allocate and pick kernels
         model.hf.generate(input_ids=warm, do_sample=False, max_new_tokens=8, pad_token_id=pad)
     for drafter in drafters.values():
         speculative_generate(model, warm, drafter, 8, draft_len=draft_len)
@@ -297,13 +361,18 @@ def speculative(model, n_prompts: int, new_tokens: int, draft_len: int, heads_pa
             start = time.perf_counter()
             greedy = model.hf.generate(input_ids=ids, do_sample=False, max_new_tokens=new_tokens, pad_token_id=pad)
             seconds = time.perf_counter() - start
-            reference = greedy[0, ids.shape[1]:].tolist()
+            reference = greedy[0, ids.shape[1] :].tolist()
             runs["greedy"].append((i, seconds, len(reference), True))
             start = time.perf_counter()
-            lookup = model.hf.generate(input_ids=ids, do_sample=False, max_new_tokens=new_tokens, pad_token_id=pad,
-                                       prompt_lookup_num_tokens=draft_len)
+            lookup = model.hf.generate(
+                input_ids=ids,
+                do_sample=False,
+                max_new_tokens=new_tokens,
+                pad_token_id=pad,
+                prompt_lookup_num_tokens=draft_len,
+            )
             seconds = time.perf_counter() - start
-            new = lookup[0, ids.shape[1]:].tolist()
+            new = lookup[0, ids.shape[1] :].tolist()
             runs["hf_prompt_lookup"].append((i, seconds, len(new), new == reference))
         for name, drafter in drafters.items():
             if i >= limit.get(name, len(prompts)):
@@ -312,31 +381,45 @@ def speculative(model, n_prompts: int, new_tokens: int, draft_len: int, heads_pa
             runs[name].append((i, result.seconds, len(result.token_ids), result.token_ids == reference))
             accepted[name].extend(a + 1 for a in result.accepted)
             drafted[name].extend(result.drafted)
-        log(f"speculative {i + 1}/{len(prompts)}: " + ", ".join(f"{k} {sum(r[1] for r in v):.1f}s"
-                                                                 for k, v in runs.items()))
+        log(
+            f"speculative {i + 1}/{len(prompts)}: "
+            + ", ".join(f"{k} {sum(r[1] for r in v):.1f}s" for k, v in runs.items())
+        )
         if minutes is not None and time.perf_counter() - begin > minutes * 60:
             log(f"speculative: time budget of {minutes} min reached after {i + 1} prompts")
             break
     greedy_by_prompt = {i: (s, n) for i, s, n, _ in runs["greedy"]}
-    out = {"prompts": len(runs["greedy"]), "requested_prompts": len(prompts), "new_tokens": new_tokens, "draft_len": draft_len,
-           "greedy_tokens": sum(n for _, _, n, _ in runs["greedy"]), "draft_heads": heads_meta, "methods": {}}
+    out = {
+        "prompts": len(runs["greedy"]),
+        "requested_prompts": len(prompts),
+        "new_tokens": new_tokens,
+        "draft_len": draft_len,
+        "greedy_tokens": sum(n for _, _, n, _ in runs["greedy"]),
+        "draft_heads": heads_meta,
+        "methods": {},
+    }
     for name, rows in runs.items():
-        if not rows:                                       # e.g. the early-exit drafter with --early-exit-prompts 0
+        if not rows:  # e.g. the early-exit drafter with --early-exit-prompts 0
             continue
         seconds, tokens = sum(r[1] for r in rows), sum(r[2] for r in rows)
         base_s = sum(greedy_by_prompt[r[0]][0] for r in rows)
         base_n = sum(greedy_by_prompt[r[0]][1] for r in rows)
         rate = tokens / seconds
         per_prompt = [(greedy_by_prompt[i][0] / greedy_by_prompt[i][1]) / (sec / max(n, 1)) for i, sec, n, _ in rows]
-        out["methods"][name] = {"prompts": len(rows), "tokens_per_s": rate, "ratio_vs_greedy": rate / (base_n / base_s),
-                                "median_ratio_per_prompt": statistics.median(per_prompt),
-                                "identical_to_greedy": f"{sum(r[3] for r in rows)}/{len(rows)}",
-                                "median_s_per_prompt": statistics.median(r[1] for r in rows),
-                                "seconds_per_prompt": [round(r[1], 3) for r in rows]}
+        out["methods"][name] = {
+            "prompts": len(rows),
+            "tokens_per_s": rate,
+            "ratio_vs_greedy": rate / (base_n / base_s),
+            "median_ratio_per_prompt": statistics.median(per_prompt),
+            "identical_to_greedy": f"{sum(r[3] for r in rows)}/{len(rows)}",
+            "median_s_per_prompt": statistics.median(r[1] for r in rows),
+            "seconds_per_prompt": [round(r[1], 3) for r in rows],
+        }
         if name in accepted:
             out["methods"][name]["mean_accepted_length"] = statistics.fmean(accepted[name])
-            out["methods"][name]["drafted_histogram"] = {str(k): drafted[name].count(k)
-                                                          for k in sorted(set(drafted[name]))}
+            out["methods"][name]["drafted_histogram"] = {
+                str(k): drafted[name].count(k) for k in sorted(set(drafted[name]))
+            }
     return out
 
 
@@ -350,16 +433,28 @@ def main() -> None:
     parser.add_argument("--cost-prompts", type=int, default=4, help="Prompts for DoLa / DeCoRe time per token.")
     parser.add_argument("--cost-tokens", type=int, default=64, help="New tokens per prompt for time per token.")
     parser.add_argument("--draft-len", type=int, default=4)
-    parser.add_argument("--early-exit-prompts", type=int, default=None,
-                        help="Run the (slow on CPU) early-exit drafter on the first N prompts only.")
+    parser.add_argument(
+        "--early-exit-prompts",
+        type=int,
+        default=None,
+        help="Run the (slow on CPU) early-exit drafter on the first N prompts only.",
+    )
     parser.add_argument("--retrieval-heads", type=int, default=10)
     parser.add_argument("--heads-file", default=None)
-    parser.add_argument("--heads-min-prob", type=float, default=None,
-                        help="Also run the heads drafter drafting only while each head's probability >= this.")
+    parser.add_argument(
+        "--heads-min-prob",
+        type=float,
+        default=None,
+        help="Also run the heads drafter drafting only while each head's probability >= this.",
+    )
     parser.add_argument("--atlas", default=None, help="Take retrieval heads from this atlas (else run the census).")
-    parser.add_argument("--minutes", type=float, default=None,
-                        help="Time budget of the truthfulqa and speculative sections (each stops after the item "
-                             "that passes it and reports how many it did).")
+    parser.add_argument(
+        "--minutes",
+        type=float,
+        default=None,
+        help="Time budget of the truthfulqa and speculative sections (each stops after the item "
+        "that passes it and reports how many it did).",
+    )
     parser.add_argument("--only", default="truthfulqa,faithfulness,speculative")
     parser.add_argument("--out", default="bench/results/decoding.json")
     args = parser.parse_args()
@@ -373,8 +468,13 @@ def main() -> None:
         before = uptime()
         start = time.perf_counter()
         data = compute()
-        data.update(uptime_before=before, uptime_after=uptime(), load_avg_after=load_average(),
-                    section_seconds=round(time.perf_counter() - start, 1), command=" ".join(sys.argv))
+        data.update(
+            uptime_before=before,
+            uptime_after=uptime(),
+            load_avg_after=load_average(),
+            section_seconds=round(time.perf_counter() - start, 1),
+            command=" ".join(sys.argv),
+        )
         results["sections"][name] = data
         with open(args.out, "w") as handle:
             json.dump(results, handle, indent=2)
@@ -395,9 +495,19 @@ def main() -> None:
     if "acceptance" in only:
         section("acceptance", lambda: acceptance(model, 5, 48, args.atlas))
     if "speculative" in only:
-        section("speculative", lambda: speculative(model, args.prompts, args.new_tokens, args.draft_len,
-                                                   args.heads_file, args.early_exit_prompts, args.minutes,
-                                                   args.heads_min_prob))
+        section(
+            "speculative",
+            lambda: speculative(
+                model,
+                args.prompts,
+                args.new_tokens,
+                args.draft_len,
+                args.heads_file,
+                args.early_exit_prompts,
+                args.minutes,
+                args.heads_min_prob,
+            ),
+        )
     if "faithfulness" in only:
         section("faithfulness", faithfulness_section)
     if "truthfulqa" in only:

@@ -69,10 +69,10 @@ def verify_curve(model, context: int, max_draft: int, repeats: int) -> dict:
     cache, token = prefilled_cache(hf, context)
     drafts = torch.randint(100, hf.config.vocab_size - 100, (1, max_draft), generator=torch.Generator().manual_seed(1))
     times: dict[int, list[float]] = {k: [] for k in range(max_draft + 1)}
-    for round_ in range(repeats + 1):                           # round 0 warms every size up
+    for round_ in range(repeats + 1):  # round 0 warms every size up
         for k in range(max_draft + 1):
             ids = torch.cat([token, drafts[:, :k]], dim=1)
-            keep = 1 if k == 0 else 0                            # greedy needs one row of logits; a verify, all
+            keep = 1 if k == 0 else 0  # greedy needs one row of logits; a verify, all
             seconds, _ = timed(lambda: hf(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=keep))
             crop_to(cache, context)
             if round_:
@@ -81,14 +81,23 @@ def verify_curve(model, context: int, max_draft: int, repeats: int) -> dict:
     rows = []
     for k in range(max_draft + 1):
         ratio = statistics.median(times[k]) / base
-        rows.append({"draft": k, "forward_s_median": round(statistics.median(times[k]), 5),
-                     "cost_vs_greedy_step": round(ratio, 3),
-                     "least_acceptance_for_1.2x": None if k == 0 else least_acceptance(k, ratio)})
+        rows.append(
+            {
+                "draft": k,
+                "forward_s_median": round(statistics.median(times[k]), 5),
+                "cost_vs_greedy_step": round(ratio, 3),
+                "least_acceptance_for_1.2x": None if k == 0 else least_acceptance(k, ratio),
+            }
+        )
     reachable = [r for r in rows if r["least_acceptance_for_1.2x"] is not None]
     best = min(reachable, key=lambda r: r["least_acceptance_for_1.2x"]) if reachable else None
-    return {"context": context, "repeats": repeats, "rows": rows,
-            "easiest_draft_length": best["draft"] if best else None,
-            "least_acceptance_for_1.2x": round(best["least_acceptance_for_1.2x"], 3) if best else None}
+    return {
+        "context": context,
+        "repeats": repeats,
+        "rows": rows,
+        "easiest_draft_length": best["draft"] if best else None,
+        "least_acceptance_for_1.2x": round(best["least_acceptance_for_1.2x"], 3) if best else None,
+    }
 
 
 def predicted_from_measured(curve: dict, decoding_json: str) -> dict:
@@ -118,8 +127,9 @@ def predicted_from_measured(curve: dict, decoding_json: str) -> dict:
             "mean_forward_cost_vs_greedy_step": round(mean_cost, 3),
             "predicted_ratio_vs_greedy": round(row["mean_accepted_length"] / mean_cost, 3),
             "measured_ratio_vs_greedy": round(row["ratio_vs_greedy"], 3),
-            "measured_median_ratio_per_prompt": (round(row["median_ratio_per_prompt"], 3)
-                                                 if "median_ratio_per_prompt" in row else None),
+            "measured_median_ratio_per_prompt": (
+                round(row["median_ratio_per_prompt"], 3) if "median_ratio_per_prompt" in row else None
+            ),
         }
     return out
 
@@ -137,8 +147,8 @@ def dola_step(model, context: int, repeats: int) -> dict:
 
     with LayerTap(hf, layers) as tap:
         final = step()
-        hidden = torch.stack([tap.last[layer] for layer in layers])          # [n, 1, d_model]
-    premature = exit_logits(hf, hidden)                                      # [n, 1, V]
+        hidden = torch.stack([tap.last[layer] for layer in layers])  # [n, 1, d_model]
+    premature = exit_logits(hf, hidden)  # [n, 1, V]
 
     def choose_and_contrast():
         chosen = js_divergence(final, premature).argmax(0)
@@ -148,8 +158,12 @@ def dola_step(model, context: int, repeats: int) -> dict:
         with LayerTap(hf, layers):
             step()
 
-    parts = {"greedy_step": step, "tapped_step": tapped_step,
-             "readout": lambda: exit_logits(hf, hidden), "jsd_and_contrast": choose_and_contrast}
+    parts = {
+        "greedy_step": step,
+        "tapped_step": tapped_step,
+        "readout": lambda: exit_logits(hf, hidden),
+        "jsd_and_contrast": choose_and_contrast,
+    }
     times: dict[str, list[float]] = {name: [] for name in parts}
     with torch.no_grad():
         for round_ in range(repeats + 1):
@@ -160,15 +174,22 @@ def dola_step(model, context: int, repeats: int) -> dict:
     med = {name: statistics.median(values) for name, values in times.items()}
     d_model, vocab = hidden.shape[-1], premature.shape[-1]
     block_params = sum(p.numel() for p in blocks_of(hf).parameters())
-    model_macs = block_params + d_model * vocab                              # per token: blocks + unembedding
+    model_macs = block_params + d_model * vocab  # per token: blocks + unembedding
     readout_macs = len(layers) * d_model * vocab
     extra = med["tapped_step"] - med["greedy_step"] + med["readout"] + med["jsd_and_contrast"]
-    return {"candidates": layers, "context": context, "repeats": repeats,
-            "seconds_median": {name: round(value, 5) for name, value in med.items()},
-            "vs_greedy_step": {name: round(value / med["greedy_step"], 3) for name, value in med.items()},
-            "predicted_dola_vs_greedy": round(1 + extra / med["greedy_step"], 3),
-            "macs_per_token": {"model": model_macs, "readouts": readout_macs,
-                               "readouts_vs_model": round(readout_macs / model_macs, 3)}}
+    return {
+        "candidates": layers,
+        "context": context,
+        "repeats": repeats,
+        "seconds_median": {name: round(value, 5) for name, value in med.items()},
+        "vs_greedy_step": {name: round(value / med["greedy_step"], 3) for name, value in med.items()},
+        "predicted_dola_vs_greedy": round(1 + extra / med["greedy_step"], 3),
+        "macs_per_token": {
+            "model": model_macs,
+            "readouts": readout_macs,
+            "readouts_vs_model": round(readout_macs / model_macs, 3),
+        },
+    }
 
 
 def main(argv=None) -> None:
@@ -176,8 +197,11 @@ def main(argv=None) -> None:
     parser.add_argument("--context", type=int, default=256)
     parser.add_argument("--max-draft", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--decoding", default="bench/results/decoding.json",
-                        help="decoding.json whose speculative section gives the measured acceptance")
+    parser.add_argument(
+        "--decoding",
+        default="bench/results/decoding.json",
+        help="decoding.json whose speculative section gives the measured acceptance",
+    )
     parser.add_argument("--model", default=None)
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
@@ -186,9 +210,16 @@ def main(argv=None) -> None:
     with torch.no_grad():
         curve = verify_curve(model, args.context, args.max_draft, args.repeats)
         dola = dola_step(model, args.context, args.repeats)
-    report = {"benchmark": "decoding-costs", "model": model.provenance.source, "torch_threads": torch.get_num_threads(),
-              "load_before": load_before, "load_after": os.getloadavg(), "verify_curve": curve,
-              "speculative_predicted_vs_measured": predicted_from_measured(curve, args.decoding), "dola_step": dola}
+    report = {
+        "benchmark": "decoding-costs",
+        "model": model.provenance.source,
+        "torch_threads": torch.get_num_threads(),
+        "load_before": load_before,
+        "load_after": os.getloadavg(),
+        "verify_curve": curve,
+        "speculative_predicted_vs_measured": predicted_from_measured(curve, args.decoding),
+        "dola_step": dola,
+    }
     text = json.dumps(report, indent=1)
     if args.out:
         with open(args.out, "w") as handle:

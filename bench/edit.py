@@ -35,7 +35,7 @@ from harness import Log  # noqa: E402  (bench/ is on the path when a benchmark r
 import lmatlas
 from lmatlas.edit import Ablate, Scale, Set
 
-log = Log('bench_edit')
+log = Log("bench_edit")
 
 WARMUP = 1
 TARGET = 1.10
@@ -79,20 +79,37 @@ def main(argv: list[str] | None = None) -> dict:
             if round_ >= WARMUP:
                 times[variant].append(elapsed)
         if round_ >= WARMUP:
-            log(f"repeat {round_ - WARMUP + 1}/{repeats}: plain {times['plain'][-1]:.3f}s, "
-                f"edit {times['edit'][-1]:.3f}s")
+            log(
+                f"repeat {round_ - WARMUP + 1}/{repeats}: plain {times['plain'][-1]:.3f}s, "
+                f"edit {times['edit'][-1]:.3f}s"
+            )
     ratios = [e / p for e, p in zip(times["edit"], times["plain"])]
     medians = {v: statistics.median(t) for v, t in times.items()}
     ratio = statistics.median(ratios)
     report = {
-        "benchmark": "edit", "model": name, "new_tokens": n, "repeats": repeats, "threads": 1,
-        "edit": edit.describe(), "prompt": PROMPT, "chat": chat,
-        "results": {v: {"median_s": round(medians[v], 4), "min_s": round(min(times[v]), 4),
-                        "s_per_token": round(medians[v] / n, 5), "all_s": [round(t, 6) for t in times[v]]}
-                    for v in variants},
-        "ratio": round(ratio, 4), "ratio_of_medians": round(medians["edit"] / medians["plain"], 4),
-        "ratio_min": round(min(ratios), 4), "ratio_max": round(max(ratios), 4),
-        "target": TARGET, "meets_target": ratio <= TARGET,
+        "benchmark": "edit",
+        "model": name,
+        "new_tokens": n,
+        "repeats": repeats,
+        "threads": 1,
+        "edit": edit.describe(),
+        "prompt": PROMPT,
+        "chat": chat,
+        "results": {
+            v: {
+                "median_s": round(medians[v], 4),
+                "min_s": round(min(times[v]), 4),
+                "s_per_token": round(medians[v] / n, 5),
+                "all_s": [round(t, 6) for t in times[v]],
+            }
+            for v in variants
+        },
+        "ratio": round(ratio, 4),
+        "ratio_of_medians": round(medians["edit"] / medians["plain"], 4),
+        "ratio_min": round(min(ratios), 4),
+        "ratio_max": round(max(ratios), 4),
+        "target": TARGET,
+        "meets_target": ratio <= TARGET,
         "load_average": {"start": load_start, "end": os.getloadavg()},
     }
     text = json.dumps(report, indent=2)

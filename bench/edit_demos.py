@@ -42,27 +42,70 @@ from harness import Log  # noqa: E402  (bench/ is on the path when a benchmark r
 import lmatlas
 from lmatlas.edit import Ablate, Add, Set, steering_vector
 
-log = Log('bench_edit_demos')
+log = Log("bench_edit_demos")
 
 RESULTS = Path(__file__).resolve().parent / "results" / "edit_demos.json"
 
 PROMPTS = [
-    "Describe a quiet morning in a small town.", "Write a short paragraph about the ocean.",
-    "What makes a good breakfast?", "Tell me about the history of trains.",
-    "Describe your ideal weekend.", "Write a few sentences about autumn.",
-    "What is the best way to learn a new language?", "Describe a walk through a forest.",
-    "Tell me about a famous painting.", "Write a short description of a busy market.",
-    "What should I cook for dinner tonight?", "Describe a rainy afternoon.",
-    "Tell me something interesting about the moon.", "Write a paragraph about a river.",
-    "What are the benefits of exercise?", "Describe an old library.",
-    "Tell me about the city of Paris.", "Write a few sentences about gardening.",
-    "What is a good hobby to start?", "Describe a mountain village in winter.",
-    "Tell me about the invention of the telephone.", "Write a short note about coffee.",
-    "Describe a summer evening by the lake.", "What makes a house feel like home?",
+    "Describe a quiet morning in a small town.",
+    "Write a short paragraph about the ocean.",
+    "What makes a good breakfast?",
+    "Tell me about the history of trains.",
+    "Describe your ideal weekend.",
+    "Write a few sentences about autumn.",
+    "What is the best way to learn a new language?",
+    "Describe a walk through a forest.",
+    "Tell me about a famous painting.",
+    "Write a short description of a busy market.",
+    "What should I cook for dinner tonight?",
+    "Describe a rainy afternoon.",
+    "Tell me something interesting about the moon.",
+    "Write a paragraph about a river.",
+    "What are the benefits of exercise?",
+    "Describe an old library.",
+    "Tell me about the city of Paris.",
+    "Write a few sentences about gardening.",
+    "What is a good hobby to start?",
+    "Describe a mountain village in winter.",
+    "Tell me about the invention of the telephone.",
+    "Write a short note about coffee.",
+    "Describe a summer evening by the lake.",
+    "What makes a house feel like home?",
 ]
-TOPIC = {"child", "children", "childhood", "kid", "kids", "parent", "parents", "parenting", "school", "schools",
-         "play", "playing", "toy", "toys", "baby", "babies", "boy", "boys", "girl", "girls", "son", "sons",
-         "daughter", "daughters", "mom", "dad", "mother", "father", "family", "families", "teen", "teenagers"}
+TOPIC = {
+    "child",
+    "children",
+    "childhood",
+    "kid",
+    "kids",
+    "parent",
+    "parents",
+    "parenting",
+    "school",
+    "schools",
+    "play",
+    "playing",
+    "toy",
+    "toys",
+    "baby",
+    "babies",
+    "boy",
+    "boys",
+    "girl",
+    "girls",
+    "son",
+    "sons",
+    "daughter",
+    "daughters",
+    "mom",
+    "dad",
+    "mother",
+    "father",
+    "family",
+    "families",
+    "teen",
+    "teenagers",
+}
 CLAMP_TIMES = (4.0, 16.0, 64.0)
 
 PAIRS = [
@@ -73,16 +116,103 @@ PAIRS = [
     ("This is the best thing ever.", "This is the worst thing ever."),
     ("Everyone was kind and friendly.", "Everyone was cruel and hostile."),
 ]
-POSITIVE = {"good", "great", "love", "loved", "lovely", "happy", "happiness", "wonderful", "beautiful", "joy",
-            "joyful", "excellent", "amazing", "best", "enjoy", "enjoyed", "delightful", "perfect", "fantastic",
-            "delicious", "kind", "friendly", "pleasant", "bright", "warm", "peaceful", "fun", "exciting",
-            "glad", "cheerful", "incredible", "awesome", "favorite", "nice", "calm", "vibrant", "enjoying",
-            "excited", "thrilled", "smile", "laughter", "delight", "success", "hope"}
-NEGATIVE = {"bad", "terrible", "hate", "hated", "sad", "sadness", "awful", "horrible", "worst", "pain", "angry",
-            "fear", "ugly", "poor", "disappointing", "disgusting", "miserable", "cruel", "hostile", "boring",
-            "dark", "cold", "lonely", "painful", "worse", "unfortunately", "sick", "tired", "dull", "gloomy",
-            "broken", "dead", "scary", "nasty", "unpleasant", "fail", "failed", "wrong", "harsh", "death", "grief",
-            "cry", "crying", "suffering", "despair", "anger", "hurt", "tragic", "bitter"}
+POSITIVE = {
+    "good",
+    "great",
+    "love",
+    "loved",
+    "lovely",
+    "happy",
+    "happiness",
+    "wonderful",
+    "beautiful",
+    "joy",
+    "joyful",
+    "excellent",
+    "amazing",
+    "best",
+    "enjoy",
+    "enjoyed",
+    "delightful",
+    "perfect",
+    "fantastic",
+    "delicious",
+    "kind",
+    "friendly",
+    "pleasant",
+    "bright",
+    "warm",
+    "peaceful",
+    "fun",
+    "exciting",
+    "glad",
+    "cheerful",
+    "incredible",
+    "awesome",
+    "favorite",
+    "nice",
+    "calm",
+    "vibrant",
+    "enjoying",
+    "excited",
+    "thrilled",
+    "smile",
+    "laughter",
+    "delight",
+    "success",
+    "hope",
+}
+NEGATIVE = {
+    "bad",
+    "terrible",
+    "hate",
+    "hated",
+    "sad",
+    "sadness",
+    "awful",
+    "horrible",
+    "worst",
+    "pain",
+    "angry",
+    "fear",
+    "ugly",
+    "poor",
+    "disappointing",
+    "disgusting",
+    "miserable",
+    "cruel",
+    "hostile",
+    "boring",
+    "dark",
+    "cold",
+    "lonely",
+    "painful",
+    "worse",
+    "unfortunately",
+    "sick",
+    "tired",
+    "dull",
+    "gloomy",
+    "broken",
+    "dead",
+    "scary",
+    "nasty",
+    "unpleasant",
+    "fail",
+    "failed",
+    "wrong",
+    "harsh",
+    "death",
+    "grief",
+    "cry",
+    "crying",
+    "suffering",
+    "despair",
+    "anger",
+    "hurt",
+    "tragic",
+    "bitter",
+}
 STEER_LAYER = 12
 ALPHAS = (2.0, 4.0, 8.0, -4.0)
 
@@ -95,8 +225,12 @@ def words(text: str) -> list[str]:
 
 def chat_batch(model, prompts) -> dict[str, torch.Tensor]:
     """The prompts through the chat template, left-padded into one batch ``[n, pos]`` with its attention mask."""
-    rows = [model.tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                                tokenize=True, return_dict=True)["input_ids"] for p in prompts]
+    rows = [
+        model.tokenizer.apply_chat_template(
+            [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True, return_dict=True
+        )["input_ids"]
+        for p in prompts
+    ]
     width, pad = max(map(len, rows)), model.tokenizer.pad_token_id
     ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
@@ -146,14 +280,24 @@ def children_neuron(model, prompts, n_new: int) -> dict:
         log(f"(a) generating: {name}")
         texts = continuations(model, prompts, edit, n_new)
         per_prompt = [sum(w in TOPIC for w in words(t)) for t in texts]
-        out[name] = {"topic_words": sum(per_prompt), "prompts_with_topic": sum(c > 0 for c in per_prompt),
-                     "words": sum(len(words(t)) for t in texts), "per_prompt": per_prompt,
-                     "examples": texts[:3]}
-    return {"neuron": neuron, "candidates_top1_children": [f"L{l}.N{i}" for _, l, i in candidates],
-            "decoded_promoted": dec.neuron(layer, index, model.tokenizer)["promoted"],
-            "control": control, "control_promoted": dec.neuron(layer, control_index, model.tokenizer)["promoted"],
-            "corpus_max_activation": round(peak, 4), "clamp_values": values,
-            "issue_neuron_L28.N931_is_chosen": neuron == "L28.N931", "conditions": out}
+        out[name] = {
+            "topic_words": sum(per_prompt),
+            "prompts_with_topic": sum(c > 0 for c in per_prompt),
+            "words": sum(len(words(t)) for t in texts),
+            "per_prompt": per_prompt,
+            "examples": texts[:3],
+        }
+    return {
+        "neuron": neuron,
+        "candidates_top1_children": [f"L{l}.N{i}" for _, l, i in candidates],
+        "decoded_promoted": dec.neuron(layer, index, model.tokenizer)["promoted"],
+        "control": control,
+        "control_promoted": dec.neuron(layer, control_index, model.tokenizer)["promoted"],
+        "corpus_max_activation": round(peak, 4),
+        "clamp_values": values,
+        "issue_neuron_L28.N931_is_chosen": neuron == "L28.N931",
+        "conditions": out,
+    }
 
 
 # -- (b) retrieval heads --------------------------------------------------------------------------------------
@@ -162,7 +306,7 @@ def copy_accuracy(model, battery, edit) -> dict:
     ids, targets = battery.input_ids, battery.meta["targets"]
     correct, logprob, n = 0, 0.0, 0
     for row in range(ids.shape[0]):
-        logits = model.run(ids[row:row + 1], replace=edit).logits[0].float()  # [pos, d_vocab]
+        logits = model.run(ids[row : row + 1], replace=edit).logits[0].float()  # [pos, d_vocab]
         steps = (targets[row] >= 0).nonzero()[:, 0]
         want = ids[row, targets[row, steps]]
         lp = torch.log_softmax(logits[steps], -1)
@@ -194,7 +338,7 @@ def retrieval_heads(model, seeds=(0, 1, 2)) -> dict:
 
     conditions["retrieval_heads"] = (ablate(heads), heads)
     for seed in seeds:
-        pick = torch.randperm(len(others), generator=torch.Generator().manual_seed(seed))[:len(heads)].tolist()
+        pick = torch.randperm(len(others), generator=torch.Generator().manual_seed(seed))[: len(heads)].tolist()
         chosen = sorted((others[i] for i in pick), key=lambda h: tuple(int(x) for x in h[1:].split(".H")))
         conditions[f"random_seed{seed}"] = (ablate(chosen), chosen)
     out = {}
@@ -202,19 +346,30 @@ def retrieval_heads(model, seeds=(0, 1, 2)) -> dict:
         log(f"(b) copy accuracy: {name}")
         out[name] = {"heads": names, **copy_accuracy(model, battery, edit)}
     randoms = [out[f"random_seed{s}"]["accuracy"] for s in seeds]
-    return {"retrieval_heads": heads, "scores": {h: round(float(result.score[int(h[1:].split('.H')[0]),
-                                                                          int(h.split('.H')[1])]), 3) for h in heads},
-            "battery": {"rows": int(battery.input_ids.shape[0]), "length": int(battery.input_ids.shape[1]),
-                        "needle": battery.meta["needle"], "seed": 1},
-            "conditions": out, "random_mean_accuracy": round(statistics.mean(randoms), 4)}
+    return {
+        "retrieval_heads": heads,
+        "scores": {h: round(float(result.score[int(h[1:].split(".H")[0]), int(h.split(".H")[1])]), 3) for h in heads},
+        "battery": {
+            "rows": int(battery.input_ids.shape[0]),
+            "length": int(battery.input_ids.shape[1]),
+            "needle": battery.meta["needle"],
+            "seed": 1,
+        },
+        "conditions": out,
+        "random_mean_accuracy": round(statistics.mean(randoms), 4),
+    }
 
 
 # -- (c) steering -------------------------------------------------------------------------------------------
 def sentiment(texts) -> dict:
     pos = [sum(w in POSITIVE for w in words(t)) for t in texts]
     neg = [sum(w in NEGATIVE for w in words(t)) for t in texts]
-    return {"score": round(statistics.mean(p - n for p, n in zip(pos, neg)), 3), "positive_words": sum(pos),
-            "negative_words": sum(neg), "examples": texts[:2]}
+    return {
+        "score": round(statistics.mean(p - n for p, n in zip(pos, neg)), 3),
+        "positive_words": sum(pos),
+        "negative_words": sum(neg),
+        "examples": texts[:2],
+    }
 
 
 def steering(model, prompts, n_new: int) -> dict:
@@ -230,9 +385,14 @@ def steering(model, prompts, n_new: int) -> dict:
             texts = continuations(model, prompts, Add(site, v, alpha=alpha), n_new)
             out[f"{name}_alpha{alpha:g}"] = sentiment(texts)
             log(f"(c) {name} alpha {alpha:g}: score {out[f'{name}_alpha{alpha:g}']['score']}")
-    return {"site": site, "pairs": len(PAIRS), "vector_norm": round(float(vector.norm()), 3),
-            "stream_norm_median": round(float(stream.norm(dim=-1).median()), 3), "alphas": list(ALPHAS),
-            "conditions": out}
+    return {
+        "site": site,
+        "pairs": len(PAIRS),
+        "vector_norm": round(float(vector.norm()), 3),
+        "stream_norm_median": round(float(stream.norm(dim=-1).median()), 3),
+        "alphas": list(ALPHAS),
+        "conditions": out,
+    }
 
 
 def main(argv=None) -> dict:
@@ -244,14 +404,24 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     model = lmatlas.load()
-    prompts = PROMPTS[:args.prompts]
+    prompts = PROMPTS[: args.prompts]
     path = Path(args.out)
     report = json.loads(path.read_text()) if path.is_file() else {}
-    report.update({"benchmark": "edit_demos", "model": model.provenance.source, "threads": 1,
-                   "prompts": len(prompts), "new_tokens": args.new_tokens, "decoding": "greedy, chat template"})
-    parts = {"a": ("children_neuron", lambda: children_neuron(model, prompts, args.new_tokens)),
-             "b": ("retrieval_heads", lambda: retrieval_heads(model)),
-             "c": ("steering", lambda: steering(model, prompts, args.new_tokens))}
+    report.update(
+        {
+            "benchmark": "edit_demos",
+            "model": model.provenance.source,
+            "threads": 1,
+            "prompts": len(prompts),
+            "new_tokens": args.new_tokens,
+            "decoding": "greedy, chat template",
+        }
+    )
+    parts = {
+        "a": ("children_neuron", lambda: children_neuron(model, prompts, args.new_tokens)),
+        "b": ("retrieval_heads", lambda: retrieval_heads(model)),
+        "c": ("steering", lambda: steering(model, prompts, args.new_tokens)),
+    }
     for key in args.only.split(","):
         name, fn = parts[key.strip()]
         started = time.perf_counter()

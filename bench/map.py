@@ -50,14 +50,25 @@ def main(argv: list[str] | None = None) -> None:
     size_mb = out.stat().st_size / 1e6
     if not args.out:
         os.remove(out)
-    print(json.dumps({
-        "benchmark": "map", "model": args.model, "stages": only or "all", "torch_threads": torch.get_num_threads(),
-        "corpus_tokens": int(ctx.corpus.numel()), "units": report.planned,
-        "load_s": round(load_s, 2), "corpus_forward_s": round(corpus_forward_s, 3), "build_s": round(build_s, 1),
-        "ratio_vs_corpus_forward": round(build_s / corpus_forward_s, 1),
-        "seconds_by_stage": {k: round(v, 1) for k, v in sorted(report.seconds_by_stage.items())},
-        "file_mb": round(size_mb, 1),
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "benchmark": "map",
+                "model": args.model,
+                "stages": only or "all",
+                "torch_threads": torch.get_num_threads(),
+                "corpus_tokens": int(ctx.corpus.numel()),
+                "units": report.planned,
+                "load_s": round(load_s, 2),
+                "corpus_forward_s": round(corpus_forward_s, 3),
+                "build_s": round(build_s, 1),
+                "ratio_vs_corpus_forward": round(build_s / corpus_forward_s, 1),
+                "seconds_by_stage": {k: round(v, 1) for k, v in sorted(report.seconds_by_stage.items())},
+                "file_mb": round(size_mb, 1),
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

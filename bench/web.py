@@ -77,8 +77,11 @@ def bench_api(base: str, repeats: int, names: dict[str, str]) -> dict:
         path = path.format(**names)
         timed_get(base + path)  # warm-up
         runs = [timed_get(base + path) for _ in range(repeats)]
-        out[label] = {"path": path, "median_ms": round(1000 * statistics.median(runs), 2),
-                      "max_ms": round(1000 * max(runs), 2)}
+        out[label] = {
+            "path": path,
+            "median_ms": round(1000 * statistics.median(runs), 2),
+            "max_ms": round(1000 * max(runs), 2),
+        }
     baseline = out["baseline"]["median_ms"]
     for entry in out.values():
         entry["ratio_vs_baseline"] = round(entry["median_ms"] / baseline, 2)
@@ -118,9 +121,11 @@ def bench_pages(base: str, model, page_repeats: int, tokens: int, head: str, sho
         if shots:
             shots.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(shots / "overview.png"), full_page=True)
-        result["overview"] = {"drawn_ms_median": round(statistics.median(drawn), 1),
-                              "runs_ms": [round(x, 1) for x in drawn],
-                              "grid_cells": cells}
+        result["overview"] = {
+            "drawn_ms_median": round(statistics.median(drawn), 1),
+            "runs_ms": [round(x, 1) for x in drawn],
+            "grid_cells": cells,
+        }
 
         text, count = prompt_of(model, tokens)
         page.goto(base + f"/head/{head}")
@@ -143,9 +148,12 @@ def bench_pages(base: str, model, page_repeats: int, tokens: int, head: str, sho
         if shots:
             page.screenshot(path=str(shots / "head.png"), full_page=False)
         result["attention_2k"] = {
-            "head": head, "prompt_tokens": count, "canvas_tokens": canvas_tokens,
+            "head": head,
+            "prompt_tokens": count,
+            "canvas_tokens": canvas_tokens,
             "response_bytes": len(response.body()),
-            "request_s": round(server_s, 3), "request_to_drawn_s": round(total_s, 3),
+            "request_s": round(server_s, 3),
+            "request_to_drawn_s": round(total_s, 3),
             "draw_after_response_ms": round(drawn_at - response_done, 1),
             "longest_task_ms": round(max(long_tasks), 1) if long_tasks else 0.0,
             "long_tasks_over_50ms": len(long_tasks),
@@ -180,9 +188,14 @@ def main() -> None:
         stages = {r["stage"]: r["units"] for r in atlas.stages().to_pylist()}
     server = Server(create_app(args.atlas, model=model))
     try:
-        report = {"benchmark": "web", "atlas": str(args.atlas),
-                  "atlas_mb": round(Path(args.atlas).stat().st_size / 2**20, 1),
-                  "atlas_stages": stages, "model": model.provenance.source, "load_avg_before": before}
+        report = {
+            "benchmark": "web",
+            "atlas": str(args.atlas),
+            "atlas_mb": round(Path(args.atlas).stat().st_size / 2**20, 1),
+            "atlas_stages": stages,
+            "model": model.provenance.source,
+            "load_avg_before": before,
+        }
         names = {"head": args.head, "neuron": args.neuron, "layer": args.neuron[1:].split(".")[0]}
         report["api"] = bench_api(server.url, args.repeats, names)
         report.update(bench_pages(server.url, model, args.page_repeats, args.tokens, args.head, args.screenshots))

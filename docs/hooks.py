@@ -16,9 +16,24 @@ from pathlib import Path
 from mkdocs.structure.files import File
 
 ROOT = Path(__file__).resolve().parent.parent
-CONDITIONS = ("command", "commit", "torch_threads", "threads", "load_average_before", "load_average_after",
-              "load_before", "load_after", "uptime_before", "uptime_after", "load_avg_before", "load_avg_after",
-              "load_average_1min", "machine", "load_note", "note")
+CONDITIONS = (
+    "command",
+    "commit",
+    "torch_threads",
+    "threads",
+    "load_average_before",
+    "load_average_after",
+    "load_before",
+    "load_after",
+    "uptime_before",
+    "uptime_after",
+    "load_avg_before",
+    "load_avg_after",
+    "load_average_1min",
+    "machine",
+    "load_note",
+    "note",
+)
 
 
 def cli_page() -> str:
@@ -28,9 +43,14 @@ def cli_page() -> str:
     from lmatlas.cli import app
 
     group = typer.main.get_command(app)
-    lines = ["# Command line", "", "Every command of `lmatlas`, generated from the command line itself "
-             "(`lmatlas COMMAND --help` prints the same). Bad input exits with status 2 and one line; "
-             "`--json` prints a JSON error object instead.", ""]
+    lines = [
+        "# Command line",
+        "",
+        "Every command of `lmatlas`, generated from the command line itself "
+        "(`lmatlas COMMAND --help` prints the same). Bad input exits with status 2 and one line; "
+        "`--json` prints a JSON error object instead.",
+        "",
+    ]
     for name in sorted(group.commands):
         command = group.commands[name]
         lines += [f"## `lmatlas {name}`", "", inspect.cleandoc(command.help or "").split("\n\n")[0], ""]
@@ -50,15 +70,28 @@ def cli_page() -> str:
 def errors_page() -> str:
     import lmatlas.errors as errors
 
-    classes = [obj for obj in vars(errors).values()
-               if isinstance(obj, type) and issubclass(obj, errors.LmatlasError)]
-    lines = ["# Errors", "", "Every error lmatlas raises on bad input derives from `LmatlasError` and says what was "
-             "wrong and what to do. One section per class: what you see, why, and the fix.", ""]
+    classes = [obj for obj in vars(errors).values() if isinstance(obj, type) and issubclass(obj, errors.LmatlasError)]
+    lines = [
+        "# Errors",
+        "",
+        "Every error lmatlas raises on bad input derives from `LmatlasError` and says what was "
+        "wrong and what to do. One section per class: what you see, why, and the fix.",
+        "",
+    ]
     for cls in classes:
         parents = ", ".join(base.__name__ for base in cls.__bases__)
-        lines += [f"## {cls.__name__}", "", f"*{inspect.getdoc(cls)}* (subclass of {parents})", "",
-                  f"**Symptom.** {cls.help.symptom}", "", f"**Cause.** {cls.help.cause}", "",
-                  f"**Fix.** {cls.help.fix}", ""]
+        lines += [
+            f"## {cls.__name__}",
+            "",
+            f"*{inspect.getdoc(cls)}* (subclass of {parents})",
+            "",
+            f"**Symptom.** {cls.help.symptom}",
+            "",
+            f"**Cause.** {cls.help.cause}",
+            "",
+            f"**Fix.** {cls.help.fix}",
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -84,9 +117,14 @@ def _leaves(value, prefix: str = "", limit: int = 60) -> list[tuple[str, str]]:
 
 
 def benchmarks_page() -> str:
-    lines = ["# Benchmarks", "", "Generated from the committed records in `bench/results/` (each written by the "
-             "benchmark of the same name under `bench/`). The conditions each record states come first: a timing "
-             "taken under load says so here.", ""]
+    lines = [
+        "# Benchmarks",
+        "",
+        "Generated from the committed records in `bench/results/` (each written by the "
+        "benchmark of the same name under `bench/`). The conditions each record states come first: a timing "
+        "taken under load says so here.",
+        "",
+    ]
     for path in sorted((ROOT / "bench" / "results").glob("*.json")):
         record = json.loads(path.read_text())
         lines += [f"## {path.stem}", "", f"Record: `bench/results/{path.name}`.", ""]
@@ -124,16 +162,26 @@ def reference_page(package: str) -> str:
     lines = [f"# lmatlas.{package}", ""]
     if not hasattr(module, "__path__"):
         return "\n".join(lines + [f"::: lmatlas.{package}", ""])
-    names = sorted(info.name for info in pkgutil.walk_packages(module.__path__, f"lmatlas.{package}.")
-                   if not info.ispkg or True)
+    names = sorted(
+        info.name for info in pkgutil.walk_packages(module.__path__, f"lmatlas.{package}.") if not info.ispkg or True
+    )
     for name in [f"lmatlas.{package}"] + names:
-        lines += [f"::: {name}", "    options:", "      show_submodules: false", "      members: false"
-                  if name.endswith("__init__") else "", ""]
+        lines += [
+            f"::: {name}",
+            "    options:",
+            "      show_submodules: false",
+            "      members: false" if name.endswith("__init__") else "",
+            "",
+        ]
     return "\n".join(lines)
 
 
-GENERATED = {"cli.md": cli_page, "errors.md": errors_page, "benchmarks.md": benchmarks_page,
-             **{f"reference/{package}.md": (lambda package=package: reference_page(package)) for package in PACKAGES}}
+GENERATED = {
+    "cli.md": cli_page,
+    "errors.md": errors_page,
+    "benchmarks.md": benchmarks_page,
+    **{f"reference/{package}.md": (lambda package=package: reference_page(package)) for package in PACKAGES},
+}
 
 
 def on_files(files, config):

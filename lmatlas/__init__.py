@@ -28,9 +28,14 @@ __version__ = "0.1.0"
 
 #: Public names that live in heavier modules: name -> module, imported on first access.
 _LAZY: dict[str, str] = {
-    "ActivationCache": "lmatlas.model.cache", "FidelityReport": "lmatlas.model.check", "Model": "lmatlas.model.handle",
-    "generate": "lmatlas.infer.compose", "use_threads": "lmatlas.machine",
-    "Site": "lmatlas.model.sites", "check": "lmatlas.model.check", "load": "lmatlas.model.loading",
+    "ActivationCache": "lmatlas.model.cache",
+    "FidelityReport": "lmatlas.model.check",
+    "Model": "lmatlas.model.handle",
+    "generate": "lmatlas.infer.compose",
+    "use_threads": "lmatlas.machine",
+    "Site": "lmatlas.model.sites",
+    "check": "lmatlas.model.check",
+    "load": "lmatlas.model.loading",
     "supported_model_types": "lmatlas.model.families",
 }
 
@@ -54,7 +59,20 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
-    "ActivationCache", "FidelityError", "FidelityReport", "LmatlasError", "Model", "ModelFileError",
-    "NotACausalLMError", "Site", "SiteError", "UnsupportedArchitectureError", "__version__", "check", "generate", "load", "use_threads",
+    "ActivationCache",
+    "FidelityError",
+    "FidelityReport",
+    "LmatlasError",
+    "Model",
+    "ModelFileError",
+    "NotACausalLMError",
+    "Site",
+    "SiteError",
+    "UnsupportedArchitectureError",
+    "__version__",
+    "check",
+    "generate",
+    "load",
+    "use_threads",
     "supported_model_types",
 ]

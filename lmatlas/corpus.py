@@ -32,11 +32,45 @@ if TYPE_CHECKING:
 
 #: Standard-library modules whose docstrings make the default corpus.
 DEFAULT_MODULES = (
-    "argparse", "bisect", "calendar", "collections", "contextlib", "csv", "dataclasses", "datetime", "decimal",
-    "difflib", "email.message", "enum", "fractions", "functools", "heapq", "http.client", "inspect", "ipaddress",
-    "itertools", "json", "logging", "pathlib", "pickle", "queue", "random", "shutil", "smtplib", "statistics",
-    "string", "subprocess", "tarfile", "tempfile", "textwrap", "threading", "typing", "unittest", "urllib.parse",
-    "uuid", "zipfile",
+    "argparse",
+    "bisect",
+    "calendar",
+    "collections",
+    "contextlib",
+    "csv",
+    "dataclasses",
+    "datetime",
+    "decimal",
+    "difflib",
+    "email.message",
+    "enum",
+    "fractions",
+    "functools",
+    "heapq",
+    "http.client",
+    "inspect",
+    "ipaddress",
+    "itertools",
+    "json",
+    "logging",
+    "pathlib",
+    "pickle",
+    "queue",
+    "random",
+    "shutil",
+    "smtplib",
+    "statistics",
+    "string",
+    "subprocess",
+    "tarfile",
+    "tempfile",
+    "textwrap",
+    "threading",
+    "typing",
+    "unittest",
+    "urllib.parse",
+    "uuid",
+    "zipfile",
 )
 
 
@@ -69,8 +103,10 @@ def load_texts(path: str | Path | None = None) -> list[str]:
     try:
         texts = _read(path, suffix)
     except UnicodeDecodeError as err:
-        raise LmatlasError(f"The corpus {path} is not UTF-8 text (byte {err.start}: {err.reason}): pass a .txt or "
-                           ".jsonl file of UTF-8 text, or a .parquet file with a 'text' column.") from None
+        raise LmatlasError(
+            f"The corpus {path} is not UTF-8 text (byte {err.start}: {err.reason}): pass a .txt or "
+            ".jsonl file of UTF-8 text, or a .parquet file with a 'text' column."
+        ) from None
     except OSError as err:
         raise LmatlasError(f"Cannot read the corpus {path}: {err.strerror or err}.") from None
     texts = [t for t in texts if t]
@@ -83,8 +119,10 @@ def _read(path: Path, suffix: str) -> list[str]:
     if suffix in (".txt", ".jsonl"):
         content = path.read_text(encoding="utf-8")
         if "\x00" in content:
-            raise LmatlasError(f"The corpus {path} looks binary (it holds NUL bytes), not text: pass a .txt or "
-                               ".jsonl file of UTF-8 text, or a .parquet file with a 'text' column.")
+            raise LmatlasError(
+                f"The corpus {path} looks binary (it holds NUL bytes), not text: pass a .txt or "
+                ".jsonl file of UTF-8 text, or a .parquet file with a 'text' column."
+            )
     if suffix == ".txt":
         return [block.strip() for block in content.split("\n\n")]
     if suffix == ".jsonl":

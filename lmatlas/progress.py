@@ -43,8 +43,9 @@ class Task:
         self.started = time.monotonic()
         self._sink = sink
 
-    def update(self, completed: float | None = None, *, total: float | None = None,
-               description: str | None = None) -> None:
+    def update(
+        self, completed: float | None = None, *, total: float | None = None, description: str | None = None
+    ) -> None:
         """Set how much is done (and optionally the total or the description)."""
         if completed is not None:
             self.completed = completed
@@ -91,13 +92,20 @@ class _LinePrinter:
 def _callback_sink(callback: Callable[..., Any]) -> Callable[[Task], None]:
     def sink(task: Task) -> None:
         callback(task.completed, task.total, task.description)
+
     return sink
 
 
 @contextmanager
-def progress_task(description: str, total: float | None = None, enabled: ProgressArg = True, *,
-                  stream: TextIO | None = None, min_interval: float = 5.0,
-                  transient: bool = False) -> Iterator[Task]:
+def progress_task(
+    description: str,
+    total: float | None = None,
+    enabled: ProgressArg = True,
+    *,
+    stream: TextIO | None = None,
+    min_interval: float = 5.0,
+    transient: bool = False,
+) -> Iterator[Task]:
     """A progress reporter for one operation (a context manager yielding a :class:`Task`).
 
     Args:
@@ -152,9 +160,16 @@ def _new_display(stream: TextIO, transient: bool):
         TimeRemainingColumn,
     )
 
-    return Progress(TextColumn("[bold]{task.description:<28}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                    console=Console(file=stream), transient=transient)
+    return Progress(
+        TextColumn("[bold]{task.description:<28}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=Console(file=stream),
+        transient=transient,
+    )
 
 
 @contextmanager

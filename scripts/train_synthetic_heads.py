@@ -92,7 +92,11 @@ def char_tokenizer():
     backend.decoder = decoders.Fuse()
     backend.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", BOS)])
     return PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>",
+        tokenizer_object=backend,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
         clean_up_tokenization_spaces=False,
     )
 
@@ -125,10 +129,10 @@ def repeated_batch(batch: int, generator: torch.Generator) -> Batch:
         n_len = int(length[b])
         start = 1 + int(torch.randint(0, SEQ_LEN - 2 * n_len, (1,), generator=generator))
         block = torch.randperm(N_CONTENT, generator=generator)[:n_len]
-        ids[b, start: start + n_len] = block
-        ids[b, start + n_len: start + 2 * n_len] = block
+        ids[b, start : start + n_len] = block
+        ids[b, start + n_len : start + 2 * n_len] = block
         second = start + n_len
-        labels[b, second: second + n_len - 1] = block[1:]  # at a_j (second copy) predict a_(j+1)
+        labels[b, second : second + n_len - 1] = block[1:]  # at a_j (second copy) predict a_(j+1)
         first[b] = start
     return Batch(ids, labels, first, length)
 
@@ -137,9 +141,17 @@ def build_model(seed: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=N_CONTENT + len(SPECIALS), hidden_size=64, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=SEQ_LEN * 2,
-        tie_word_embeddings=False, bos_token_id=BOS, eos_token_id=BOS + 1, pad_token_id=BOS + 2,
+        vocab_size=N_CONTENT + len(SPECIALS),
+        hidden_size=64,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=SEQ_LEN * 2,
+        tie_word_embeddings=False,
+        bos_token_id=BOS,
+        eos_token_id=BOS + 1,
+        pad_token_id=BOS + 2,
     )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config)
@@ -155,8 +167,9 @@ def train(model, steps: int, batch: int, lr: float, seed: int, log_every: int = 
     for step in range(1, steps + 1):
         data = repeated_batch(batch, generator)
         logits = model(input_ids=data.ids).logits
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), data.labels[:, :-1].flatten(),
-                                                 ignore_index=-100)
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1), data.labels[:, :-1].flatten(), ignore_index=-100
+        )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -236,8 +249,11 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
 
     model = build_model(args.seed)
-    print(f"training {sum(p.numel() for p in model.parameters())} parameters for {args.steps} steps "
-          f"({torch.get_num_threads()} threads)", flush=True)
+    print(
+        f"training {sum(p.numel() for p in model.parameters())} parameters for {args.steps} steps "
+        f"({torch.get_num_threads()} threads)",
+        flush=True,
+    )
     history = train(model, args.steps, args.batch, args.lr, args.seed)
     model.eval()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -245,13 +261,32 @@ def main(argv: list[str] | None = None) -> None:
     char_tokenizer().save_pretrained(args.out)
     report = {
         "task": f"<bos> noise A A filler; |A| in [{MIN_L}, {MAX_L}], {SEQ_LEN} tokens, loss on the second copy",
-        "vocab": CHARS, "seed": args.seed, "steps": args.steps, "batch": args.batch, "lr": args.lr,
-        "torch_threads": torch.get_num_threads(), "final_loss": history[-1]["loss"], **measure(args.out),
+        "vocab": CHARS,
+        "seed": args.seed,
+        "steps": args.steps,
+        "batch": args.batch,
+        "lr": args.lr,
+        "torch_threads": torch.get_num_threads(),
+        "final_loss": history[-1]["loss"],
+        **measure(args.out),
     }
     (args.out / "heads.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps({k: report[k] for k in ("copy_accuracy", "previous_token_head", "induction_head",
-                                             "previous_token_heads", "induction_heads",
-                                             "previous_token_scores", "induction_scores")}))
+    print(
+        json.dumps(
+            {
+                k: report[k]
+                for k in (
+                    "copy_accuracy",
+                    "previous_token_head",
+                    "induction_head",
+                    "previous_token_heads",
+                    "induction_heads",
+                    "previous_token_scores",
+                    "induction_scores",
+                )
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

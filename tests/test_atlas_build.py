@@ -122,8 +122,9 @@ def test_resume_after_sigkill(tmp_path):
         f"build_atlas(load({str(model_dir)!r}), {str(path)!r}, only=['importance'], "
         "params={'corpus_sequences': 8, 'seq_len': 64, 'importance_sequences': 8})"
     )
-    proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "COLUMNS": "200"})
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], stderr=subprocess.PIPE, text=True, env={**os.environ, "COLUMNS": "200"}
+    )
     committed = 0
     for line in proc.stderr:
         if line.startswith("committed "):
@@ -215,13 +216,34 @@ def test_every_stage_fills_its_tables(tiny_dir, tmp_path):
     path = tmp_path / "all.atlas.duckdb"
     report = build_atlas(model, path, params={**SMALL, "ov_sources": 32}, progress=False)
     assert report.skipped == 0 and set(report.seconds_by_stage) == {
-        "activations", "census", "importance", "lens", "neurons", "ov", "structure",
-        "corpus", "head_windows", "neuron_contexts", "search"}
+        "activations",
+        "census",
+        "importance",
+        "lens",
+        "neurons",
+        "ov",
+        "structure",
+        "corpus",
+        "head_windows",
+        "neuron_contexts",
+        "search",
+    }
     with Atlas.open(path) as atlas:
-        for table, rows in {"heads": 8, "head_importance": 8, "mlp_importance": 2, "neurons": 192,
-                            "neuron_stats": 192, "head_ov": 8, "layer_lens": 2, "corpus": 4,
-                            "head_windows": 8 * 3, "neuron_contexts": 192 * 3, "neuron_histograms": 192,
-                            "token_writers": 260, "vocab": 260}.items():
+        for table, rows in {
+            "heads": 8,
+            "head_importance": 8,
+            "mlp_importance": 2,
+            "neurons": 192,
+            "neuron_stats": 192,
+            "head_ov": 8,
+            "layer_lens": 2,
+            "corpus": 4,
+            "head_windows": 8 * 3,
+            "neuron_contexts": 192 * 3,
+            "neuron_histograms": 192,
+            "token_writers": 260,
+            "vocab": 260,
+        }.items():
             assert atlas.count(table) == rows, table
         scored = {r["type"] for r in atlas.head_types().to_pylist()}
         assert {"previous_token", "induction", "duplicate_token", "attention_sink"} <= scored
@@ -237,8 +259,9 @@ def test_attribution_importance_is_verified_and_close_to_exact(tmp_path):
     model = get_tiny("llama")
     fast, slow = tmp_path / "fast.atlas.duckdb", tmp_path / "slow.atlas.duckdb"
     build_atlas(model, fast, only=["importance"], params={**SMALL, "importance_verify": 3}, progress=False)
-    build_atlas(model, slow, only=["importance"], params={**SMALL, "importance_method": "mean-ablation"},
-                progress=False)
+    build_atlas(
+        model, slow, only=["importance"], params={**SMALL, "importance_method": "mean-ablation"}, progress=False
+    )
     with Atlas.open(fast) as a, Atlas.open(slow) as b:
         rows = a.sql("SELECT * FROM head_importance ORDER BY layer, head").to_pylist()
         exact = [r["delta_loss"] for r in b.sql("SELECT * FROM head_importance ORDER BY layer, head").to_pylist()]
@@ -254,4 +277,5 @@ def test_attribution_importance_is_verified_and_close_to_exact(tmp_path):
     assert [r["delta_loss"] for r in mlp_fast] == pytest.approx([r["delta_loss"] for r in mlp_slow], abs=1e-6)
     estimates = torch.tensor([r["estimate"] for r in rows])
     from lmatlas.causal import spearman
+
     assert spearman(estimates, torch.tensor(exact)) > 0.5

@@ -92,9 +92,23 @@ def ray_head():
     log_path = Path(temp) / "head.log"
     log = log_path.open("w")
     head = subprocess.Popen(
-        [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
-         "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "ray.scripts.scripts",
+            "start",
+            "--head",
+            "--block",
+            f"--port={port}",
+            "--num-cpus=2",
+            "--include-dashboard=false",
+            "--disable-usage-stats",
+            f"--temp-dir={temp}",
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     try:
         deadline = time.monotonic() + 120
@@ -209,8 +223,12 @@ def test_an_address_nothing_listens_on_fails_fast(tiny_dir, ctx):
 
 def test_unregistered_stages_and_empty_work_start_no_cluster(tiny_dir, ctx):
     ray = pytest.importorskip("ray")
-    custom = Stage("custom", "defined outside lmatlas.atlas.stages", plan=lambda m, c: ["custom/all"],
-                   compute=lambda m, unit, c: {})
+    custom = Stage(
+        "custom",
+        "defined outside lmatlas.atlas.stages",
+        plan=lambda m, c: ["custom/all"],
+        compute=lambda m, unit, c: {},
+    )
     executor = RayExecutor(tiny_dir, ctx)
     with pytest.raises(LmatlasError, match="custom are not registered"):
         list(executor.run([(custom, "custom/all")]))

@@ -119,8 +119,9 @@ def test_an_atlas_open_in_a_notebook_blocks_map_with_a_clear_message(built, tiny
         result = runner.invoke(app, ["map", str(tiny_dir), "--out", str(held), "--only", "structure"])
         _one_line_exit_2(result, f"is open in process {proc.pid}", "close it there", f"kill {proc.pid}")
         assert "permission denied" not in result.output.lower()
-        as_json = json.loads(runner.invoke(app, ["map", str(tiny_dir), "--out", str(held), "--only", "structure",
-                                                 "--json"]).stdout)
+        as_json = json.loads(
+            runner.invoke(app, ["map", str(tiny_dir), "--out", str(held), "--only", "structure", "--json"]).stdout
+        )
         assert as_json["error"]["type"] == "AtlasError" and str(proc.pid) in as_json["error"]["message"]
     finally:
         proc.kill()
@@ -140,17 +141,20 @@ def test_reading_an_atlas_being_written_says_so(built, tmp_path):
 
 
 # -- item: Atlas.sql is a sandbox ---------------------------------------------------------------------------
-@pytest.mark.parametrize("query", [
-    "COPY heads TO '{dir}/leak.csv'",
-    "SELECT * FROM read_csv('/etc/hostname')",
-    "INSTALL httpfs",
-    "LOAD httpfs",
-    "ATTACH '{dir}/other.duckdb' AS other",
-    "SET enable_external_access = true",
-    "CREATE TABLE x AS SELECT 1",
-    "DELETE FROM heads",
-    "SELECT * FROM no_such_table",
-])
+@pytest.mark.parametrize(
+    "query",
+    [
+        "COPY heads TO '{dir}/leak.csv'",
+        "SELECT * FROM read_csv('/etc/hostname')",
+        "INSTALL httpfs",
+        "LOAD httpfs",
+        "ATTACH '{dir}/other.duckdb' AS other",
+        "SET enable_external_access = true",
+        "CREATE TABLE x AS SELECT 1",
+        "DELETE FROM heads",
+        "SELECT * FROM no_such_table",
+    ],
+)
 def test_atlas_sql_cannot_leave_the_file(built, tmp_path, query):
     _, path = built
     with Atlas.open(path) as atlas:
@@ -172,8 +176,13 @@ def truncated(built, tmp_path):
 
 def test_commands_on_a_truncated_atlas_say_so_in_one_line(built, truncated, tmp_path):
     _, good = built
-    for args in (["show", str(truncated)], ["diff", str(good), str(truncated)], ["diff", str(truncated), str(good)],
-                 ["search", str(truncated), "a"], ["export", str(truncated), "--parquet", str(tmp_path / "pq")]):
+    for args in (
+        ["show", str(truncated)],
+        ["diff", str(good), str(truncated)],
+        ["diff", str(truncated), str(good)],
+        ["search", str(truncated), "a"],
+        ["export", str(truncated), "--parquet", str(tmp_path / "pq")],
+    ):
         _one_line_exit_2(runner.invoke(app, args), "is damaged")
     assert not (tmp_path / "pq").exists()
     assert [p.name for p in tmp_path.iterdir() if "partial" in p.name] == []
@@ -198,8 +207,9 @@ def test_export_is_all_or_nothing(built, tmp_path, monkeypatch):
         return real(table, where, *args, **kwargs)
 
     monkeypatch.setattr(pq, "write_table", failing)
-    _one_line_exit_2(runner.invoke(app, ["export", str(path), "--parquet", str(target)]), "No space left",
-                     "Nothing was exported")
+    _one_line_exit_2(
+        runner.invoke(app, ["export", str(path), "--parquet", str(target)]), "No space left", "Nothing was exported"
+    )
     assert sorted(p.name for p in target.iterdir()) == before  # the earlier export is intact
     assert [p.name for p in tmp_path.iterdir()] == ["export"]  # no partial folder left behind
     _one_line_exit_2(runner.invoke(app, ["export", str(path), "--parquet", str(tmp_path / "new")]), "No space left")
@@ -231,8 +241,7 @@ def test_a_full_disk_stops_map_with_what_was_kept_and_the_resume_command(tiny_di
     assert data["resume_command"] == command
 
     monkeypatch.setattr(AtlasStore, "commit_unit", real)
-    resumed = runner.invoke(app, ["map", str(tiny_dir), "--out", str(path), "--only", "structure,importance",
-                                  "--json"])
+    resumed = runner.invoke(app, ["map", str(tiny_dir), "--out", str(path), "--only", "structure,importance", "--json"])
     assert resumed.exit_code == 0, resumed.output
     data = json.loads(resumed.stdout)
     assert data["build"]["computed"] == 1 and data["build"]["skipped"] == 2
@@ -242,8 +251,10 @@ def test_a_full_disk_stops_map_with_what_was_kept_and_the_resume_command(tiny_di
 def test_map_checks_the_corpus_and_device_before_loading(tiny_dir, tmp_path):
     binary = tmp_path / "corpus.txt"
     binary.write_bytes(bytes(range(256)) * 40)
-    _one_line_exit_2(runner.invoke(app, ["map", str(tiny_dir), "--out", str(tmp_path / "a.duckdb"), "--corpus",
-                                         str(binary)]), "is not UTF-8 text")
+    _one_line_exit_2(
+        runner.invoke(app, ["map", str(tiny_dir), "--out", str(tmp_path / "a.duckdb"), "--corpus", str(binary)]),
+        "is not UTF-8 text",
+    )
     nul = tmp_path / "nul.jsonl"
     nul.write_bytes(b"\x00" * 100)
     _one_line_exit_2(runner.invoke(app, ["map", str(tiny_dir), "--corpus", str(nul)]), "looks binary")
@@ -255,8 +266,22 @@ def test_map_checks_the_corpus_and_device_before_loading(tiny_dir, tmp_path):
 
 def test_map_takes_device_and_dtype(tiny_dir, tmp_path):
     path = tmp_path / "bf16.atlas.duckdb"
-    result = runner.invoke(app, ["map", str(tiny_dir), "--out", str(path), "--only", "structure", "--device", "cpu",
-                                 "--dtype", "bfloat16", "--json"])
+    result = runner.invoke(
+        app,
+        [
+            "map",
+            str(tiny_dir),
+            "--out",
+            str(path),
+            "--only",
+            "structure",
+            "--device",
+            "cpu",
+            "--dtype",
+            "bfloat16",
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     with Atlas.open(path) as atlas:
         assert atlas.card["dtype"] == "bfloat16" and atlas.count("heads") == 8

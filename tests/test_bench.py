@@ -23,8 +23,11 @@ import pytest
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 CENSUS_TL = BENCH / "results" / "census_tl.json"
 #: our score (key in the record) -> TransformerLens's detector it measures the same thing as
-SAME_MEASUREMENT = {"previous_token": "previous_token", "duplicate_token": "duplicate_token",
-                    "induction_prefix_matching": "induction"}
+SAME_MEASUREMENT = {
+    "previous_token": "previous_token",
+    "duplicate_token": "duplicate_token",
+    "induction_prefix_matching": "induction",
+}
 
 
 def test_trace_benchmark_quick(capsys, monkeypatch):
@@ -40,8 +43,12 @@ def test_trace_benchmark_quick(capsys, monkeypatch):
 def test_capture_benchmark_quick(tmp_path):
     """``bench/capture.py --quick``: lmatlas and hand-written hooks on the tiny llama, captures checked equal."""
     out = tmp_path / "capture.json"
-    done = subprocess.run([sys.executable, str(BENCH / "capture.py"), "--quick", "--out", str(out)],
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "capture.py"), "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(done.stdout)
     assert report == json.loads(out.read_text())
@@ -55,9 +62,13 @@ def test_capture_benchmark_quick(tmp_path):
     # one site kind: resid.post at both layers, bit-identical between lmatlas and hooks written by hand
     one = results["one_kind"]
     assert one["lmatlas"]["sites"] == one["hand"]["sites"] == n_layers
-    assert one["hand"]["check"] == {"equal": True, "sites_compared": n_layers, "max_abs_diff": 0.0,
-                                    "max_abs_diff_by_component": {"resid.post": 0.0},
-                                    "max_diff_over_max_abs_value": 0.0}
+    assert one["hand"]["check"] == {
+        "equal": True,
+        "sites_compared": n_layers,
+        "max_abs_diff": 0.0,
+        "max_abs_diff_by_component": {"resid.post": 0.0},
+        "max_diff_over_max_abs_value": 0.0,
+    }
     # every site: lmatlas has all 11 components; module hooks cannot see q/k after rotary
     assert results["all"]["lmatlas"]["sites"] == 11 * n_layers
     assert set(report["tools"]["hand"]["missing"]) == {"attn.q", "attn.k"}
@@ -82,18 +93,27 @@ def test_capture_benchmark_quick(tmp_path):
     assert "load average" in report["uptime_before"]
     assert report["verdict"]["one_kind"]["compared_on_same_components_with"] == ["hand"]
     # the README table is made from the same JSON
-    done = subprocess.run([sys.executable, str(BENCH / "capture.py"), "--table", str(out)],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "capture.py"), "--table", str(out)], capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     rows = [line for line in done.stdout.splitlines() if line.startswith("| ") and "---" not in line]
     assert rows[0].startswith("| capture set | tool |")
     assert [row.split(" | ")[:2] for row in rows[1:]] == [
-        ["| one_kind", "lmatlas"], ["| one_kind", "hand"], ["| all", "lmatlas"], ["| all", "hand"],
-        ["| common", "lmatlas"], ["| common", "hand"], ["| grad:one_kind", "lmatlas"], ["| grad:one_kind", "hand"]]
+        ["| one_kind", "lmatlas"],
+        ["| one_kind", "hand"],
+        ["| all", "lmatlas"],
+        ["| all", "hand"],
+        ["| common", "lmatlas"],
+        ["| common", "hand"],
+        ["| grad:one_kind", "lmatlas"],
+        ["| grad:one_kind", "hand"],
+    ]
 
 
 def rank_correlation(a, b) -> float:
     """Spearman's rho, written here: Pearson's correlation of the ranks, tied values sharing their mean rank."""
+
     def ranks(x):
         x = np.asarray(x, dtype=float).ravel()
         order = np.argsort(x, kind="stable")
@@ -149,11 +169,15 @@ def test_the_current_census_gives_the_recorded_scores(smollm2):
 
     record = census_tl_record()
     tl = record["transformer_lens"]
-    census = run_census(smollm2, ["previous_token", "duplicate_token", "induction"], seed=record["seed"],
-                        progress=False)
-    now = {"previous_token": census["previous_token"].score, "duplicate_token": census["duplicate_token"].score,
-           "induction_score": census["induction"].score,
-           "induction_prefix_matching": census["induction"].subscores["prefix_matching"]["score"]}
+    census = run_census(
+        smollm2, ["previous_token", "duplicate_token", "induction"], seed=record["seed"], progress=False
+    )
+    now = {
+        "previous_token": census["previous_token"].score,
+        "duplicate_token": census["duplicate_token"].score,
+        "induction_score": census["induction"].score,
+        "induction_prefix_matching": census["induction"].subscores["prefix_matching"]["score"],
+    }
     for key, scores in now.items():
         scores = np.asarray(scores, dtype=float)
         np.testing.assert_allclose(scores, np.asarray(tl["scores"]["ours"][key]), atol=1e-4, err_msg=key)

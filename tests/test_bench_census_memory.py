@@ -78,8 +78,19 @@ def test_peaks_against_the_patterns_hf_holds(long_tiny):
     """At 1k and 2k tokens: capturing the patterns costs at least their storage; the statistics a
     fraction of one layer's pattern, growing linearly (x2 from 1k to 2k tokens; a pattern grows x4)."""
     folder, hf = long_tiny
-    report = run_benchmark("--model", str(folder), "--lengths", "1024", "2048", "--capture-lengths", "2048",
-                           "--layers", "0", "--chunk", "32")
+    report = run_benchmark(
+        "--model",
+        str(folder),
+        "--lengths",
+        "1024",
+        "2048",
+        "--capture-lengths",
+        "2048",
+        "--layers",
+        "0",
+        "--chunk",
+        "32",
+    )
     pattern_mb = eager_pattern_bytes(hf, 2048) / MB  # every layer's [1, head, T, T]
     one_layer_mb = pattern_mb / hf.config.num_hidden_layers
     assert pattern_mb == pytest.approx(128.0)  # 2 layers x 4 heads x 2048^2 float32: the reference is what HF holds

@@ -18,8 +18,11 @@ def test_edit_benchmark_quick(capsys, monkeypatch):
     runpy.run_path(str(BENCH / "edit.py"), run_name="__main__")
     report = json.loads(capsys.readouterr().out)
     assert report["benchmark"] == "edit" and report["model"] == "tiny:llama" and report["new_tokens"] == 8
-    assert report["edit"] == ["Ablate('L0.H1', how='zero', seed=0)", "Scale('L1.H0', factor=2.0)",
-                              "Set('L1.N3', value=8.0)"]
+    assert report["edit"] == [
+        "Ablate('L0.H1', how='zero', seed=0)",
+        "Scale('L1.H0', factor=2.0)",
+        "Set('L1.N3', value=8.0)",
+    ]
     plain, edit = report["results"]["plain"]["all_s"], report["results"]["edit"]["all_s"]
     assert len(plain) == len(edit) == report["repeats"] == 3 and min(plain + edit) > 0
     # the reported figures follow from the raw timings

@@ -10,8 +10,9 @@ BENCH = runpy.run_path(str(Path(__file__).resolve().parent.parent / "bench" / "g
 
 def test_quick_run_records_every_variant(tmp_path):
     out = tmp_path / "generate.json"
-    record = BENCH["main"](["--model", "tiny:llama", "--lengths", "16", "--new", "4", "--repeats", "2",
-                            "--out", str(out)])
+    record = BENCH["main"](
+        ["--model", "tiny:llama", "--lengths", "16", "--new", "4", "--repeats", "2", "--out", str(out)]
+    )
     row = record["lengths"]["16"]
     assert set(row) == {"hf", "lmatlas", "model", "edit"} and row["hf"]["ratio_of_medians_vs_hf"] == 1.0
     assert all(len(v["runs"]) == 2 and v["median_s"] > 0 for v in row.values())

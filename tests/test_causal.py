@@ -37,7 +37,7 @@ def _native_head_patch(model, task, layer, head):
 
     def swap(module, args):
         z = args[0].clone()
-        z[..., head * d_head:(head + 1) * d_head] = clean_z[..., head * d_head:(head + 1) * d_head]
+        z[..., head * d_head : (head + 1) * d_head] = clean_z[..., head * d_head : (head + 1) * d_head]
         return (z,)
 
     handle = o_proj.register_forward_pre_hook(swap)
@@ -106,7 +106,9 @@ def test_qk_fix_recovers_queries_and_keys_of_saturated_induction_heads(fixture_m
     fixed = attribute(fixture_model, task, targets, qk_fix=True, verify=0).effect()
     h2, kv2 = targets.index("L1.H2.q"), targets.index("L1.KV2.k")
     assert float(exact[h2]) > 0 > float(plain[h2]) and float(fixed[h2]) > 0  # measured 1.13, -2.87, 0.77
-    assert abs(float(plain[kv2] - exact[kv2])) > 5 and abs(float(fixed[kv2] - exact[kv2])) < 1  # -7.95 vs 0.10 (fixed: -0.30)
+    assert (
+        abs(float(plain[kv2] - exact[kv2])) > 5 and abs(float(fixed[kv2] - exact[kv2])) < 1
+    )  # -7.95 vs 0.10 (fixed: -0.30)
     assert spearman(plain, exact) < 0.2 < 0.7 < spearman(fixed, exact)  # measured -0.12 and 0.83
 
 
@@ -238,17 +240,27 @@ def test_attribution_values_of_the_fixture_equal_a_plain_rederivation(fixture_mo
 
     ours_exact = patch(model, task, targets)
     assert ours_exact.clean == pytest.approx(m_clean, abs=1e-4) and ours_exact.corrupt == pytest.approx(
-        float(m_corrupt), abs=1e-4)
+        float(m_corrupt), abs=1e-4
+    )
     torch.testing.assert_close(ours_exact.effect(), exact, atol=1e-3, rtol=1e-4)
-    torch.testing.assert_close(attribute(model, task, targets, qk_fix=False, verify=0).effect(), plain,
-                               atol=1e-3, rtol=1e-4)
-    torch.testing.assert_close(attribute(model, task, targets, qk_fix=True, verify=0).effect(), fixed,
-                               atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(
+        attribute(model, task, targets, qk_fix=False, verify=0).effect(), plain, atol=1e-3, rtol=1e-4
+    )
+    torch.testing.assert_close(
+        attribute(model, task, targets, qk_fix=True, verify=0).effect(), fixed, atol=1e-3, rtol=1e-4
+    )
     # the figures the README quotes (tests/test_causal.py's fixture, L1.H2's queries and L1.KV2's keys)
     h2, kv2 = targets.index("L1.H2.q"), targets.index("L1.KV2.k")
-    quoted = {"exact q": (exact[h2], 1.13), "plain q": (plain[h2], -2.87), "fixed q": (fixed[h2], 0.77),
-              "exact k": (exact[kv2], 0.10), "plain k": (plain[kv2], -7.95), "fixed k": (fixed[kv2], -0.30),
-              "spearman plain": (spearman(plain, exact), -0.12), "spearman fixed": (spearman(fixed, exact), 0.83)}
+    quoted = {
+        "exact q": (exact[h2], 1.13),
+        "plain q": (plain[h2], -2.87),
+        "fixed q": (fixed[h2], 0.77),
+        "exact k": (exact[kv2], 0.10),
+        "plain k": (plain[kv2], -7.95),
+        "fixed k": (fixed[kv2], -0.30),
+        "spearman plain": (spearman(plain, exact), -0.12),
+        "spearman fixed": (spearman(fixed, exact), 0.83),
+    }
     for name, (value, figure) in quoted.items():
         assert abs(float(value) - figure) <= 0.005, (name, float(value), figure)
 

@@ -22,8 +22,9 @@ def test_patch_json_ranks_the_induction_head_first():
 
 
 def test_attribute_table_and_verification():
-    result = runner.invoke(app, ["attribute", FIXTURE, "--task", "induction", "--targets", "heads,L1.H2.q",
-                                 "--verify", "3"])
+    result = runner.invoke(
+        app, ["attribute", FIXTURE, "--task", "induction", "--targets", "heads,L1.H2.q", "--verify", "3"]
+    )
     assert result.exit_code == 0, result.output
     assert "L1.H2" in result.stdout and "verified top 3" in result.stdout
 
@@ -51,10 +52,18 @@ def test_results_are_kept_in_the_atlas(tmp_path):
     from lmatlas.atlas import Atlas
 
     path = tmp_path / "fixture.atlas.duckdb"
-    assert runner.invoke(app, ["attribute", FIXTURE, "--task", "induction", "--verify", "2", "--atlas",
-                               str(path), "--json"]).exit_code == 0
-    assert runner.invoke(app, ["circuit", FIXTURE, "--task", "induction", "--n", "16", "--atlas",
-                               str(path), "--json"]).exit_code == 0
+    assert (
+        runner.invoke(
+            app, ["attribute", FIXTURE, "--task", "induction", "--verify", "2", "--atlas", str(path), "--json"]
+        ).exit_code
+        == 0
+    )
+    assert (
+        runner.invoke(
+            app, ["circuit", FIXTURE, "--task", "induction", "--n", "16", "--atlas", str(path), "--json"]
+        ).exit_code
+        == 0
+    )
     with Atlas.open(path) as atlas:
         effects = atlas.sql("SELECT * FROM effects WHERE method = 'attribution+qk'").to_pylist()
         assert len(effects) == 8 and sum(r["exact"] is not None for r in effects) == 2

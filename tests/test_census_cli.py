@@ -79,21 +79,25 @@ def test_type_table(model_dir):
 
 
 def test_overrides_change_the_labels(model_dir):
-    result = runner.invoke(app, ["heads", model_dir, "--type", "attention_sink", "--json",
-                                 "--threshold", "0", "--min-z", "none"])
+    result = runner.invoke(
+        app, ["heads", model_dir, "--type", "attention_sink", "--json", "--threshold", "0", "--min-z", "none"]
+    )
     data = json.loads(result.stdout)
     assert data["threshold"] == 0.0 and data["min_z"] is None and len(data["labelled"]) == 8
     result = runner.invoke(app, ["heads", model_dir, "--type", "dormant", "--json", "--min-z", "dormant=1"])
     assert json.loads(result.stdout)["labelled"] == []  # silent on random tokens as well: z = 0
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--type", "nope"], "Unknown head type 'nope'"),
-    (["--threshold", "0.3"], "give NAME=VALUE"),
-    (["--threshold", "induction=abc"], "not a number"),
-    (["--threshold", "nope=0.2"], "Unknown head type 'nope'"),
-    (["--type", "induction", "--threshold", "2"], "must lie in [0, 1]"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--type", "nope"], "Unknown head type 'nope'"),
+        (["--threshold", "0.3"], "give NAME=VALUE"),
+        (["--threshold", "induction=abc"], "not a number"),
+        (["--threshold", "nope=0.2"], "Unknown head type 'nope'"),
+        (["--type", "induction", "--threshold", "2"], "must lie in [0, 1]"),
+    ],
+)
 def test_bad_input_exits_2_with_one_line(model_dir, args, message):
     result = runner.invoke(app, ["heads", model_dir, *args])
     assert result.exit_code == 2

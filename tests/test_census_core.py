@@ -101,8 +101,15 @@ def test_batteries_shrink_to_a_short_context_and_refuse_a_tiny_one():
     from lmatlas.model.tiny import byte_tokenizer
 
     def model_with(context):
-        config = LlamaConfig(vocab_size=260, hidden_size=32, intermediate_size=32, num_hidden_layers=1,
-                             num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=context)
+        config = LlamaConfig(
+            vocab_size=260,
+            hidden_size=32,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=context,
+        )
         return Model.from_hf(LlamaForCausalLM(config), byte_tokenizer())
 
     battery = batteries.repeated_battery(model_with(41), "induction", 0)
@@ -149,7 +156,8 @@ def test_positional_detectors_match_a_plain_rederivation(family_model):
     expected = {
         ("previous_token", False): _mean_over(real_p, lambda b, q: [q - 1], range(2, pos)),
         ("previous_token", True): average_other(
-            null_p, lambda q: [k for k in range(1, q + 1) if k != q - 1], range(2, pos)),
+            null_p, lambda q: [k for k in range(1, q + 1) if k != q - 1], range(2, pos)
+        ),
         ("attention_sink", False): _mean_over(real_p, lambda b, q: [0], range(1, pos)),
         ("attention_sink", True): average_other(null_p, lambda q: list(range(1, q + 1)), range(1, pos)),
         ("local", False): _mean_over(real_p, lambda b, q: [q] + list(range(q - w + 1, q - 1)), range(2 * w, pos)),
@@ -247,7 +255,7 @@ def _plain_per_example(model, name: str, battery) -> torch.Tensor:
     n_layers, n, n_heads = patterns.shape[:3]
     out = torch.zeros(n, n_layers, n_heads)
     for b in range(n):  # (w - 1) average keys outside the window (and after the first token)
-        out[b] = torch.stack([patterns[:, b, :, q, 1: q - w + 1].mean(-1) * (w - 1) for q in queries]).mean(0)
+        out[b] = torch.stack([patterns[:, b, :, q, 1 : q - w + 1].mean(-1) * (w - 1) for q in queries]).mean(0)
     return out
 
 
@@ -256,8 +264,10 @@ def test_z_scores_are_welch_statistics(family_model):
     re-derived here (the batteries each detector documents, scored from captured patterns)."""
     model = family_model
     census = run_census(model, ["duplicate_token", "local"], seed=2)
-    real = {"duplicate_token": batteries.repeated_battery(model, "duplicate_token", 2),
-            "local": batteries.random_battery(model, "local", 2)}
+    real = {
+        "duplicate_token": batteries.repeated_battery(model, "duplicate_token", 2),
+        "local": batteries.random_battery(model, "local", 2),
+    }
     null = {name: batteries.random_battery(model, name, 2, null=True) for name in real}
     for name in ("duplicate_token", "local"):
         assert not torch.equal(real[name].input_ids, null[name].input_ids)
@@ -280,8 +290,12 @@ def test_labels_follow_thresholds_and_overrides(handbuilt):
     default = run_census(handbuilt, ["attention_sink", "dormant"])
     assert default["attention_sink"].heads() == ["L0.H1"] and default["dormant"].heads() == ["L0.H3"]
     # No z requirement and threshold 0: every head is a "sink".
-    loose = run_census(handbuilt, ["attention_sink", "dormant"], thresholds={"attention_sink": 0.0},
-                       min_z={"attention_sink": None, "dormant": 1.0})
+    loose = run_census(
+        handbuilt,
+        ["attention_sink", "dormant"],
+        thresholds={"attention_sink": 0.0},
+        min_z={"attention_sink": None, "dormant": 1.0},
+    )
     assert len(loose["attention_sink"].heads()) == 8 and loose["attention_sink"].min_z is None
     assert loose["dormant"].heads() == []  # silent on random tokens too: z = 0 < 1
     assert loose.labels["L0.H1"] == ["attention_sink"] and loose.labels["L0.H3"] == ["attention_sink"]

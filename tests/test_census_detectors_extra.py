@@ -67,8 +67,13 @@ def test_ordinals_keep_single_tokens_and_never_pair_across_a_gap():
     week = seqs["weekdays"]
     assert week.space and week.items == tuple(days)
     ids = tok.ids
-    expected = [(" Monday", " Tuesday"), (" Thursday", " Friday"), (" Friday", " Saturday"),
-                (" Saturday", " Sunday"), (" Sunday", " Monday")]  # cyclic wrap; no Tuesday -> Thursday
+    expected = [
+        (" Monday", " Tuesday"),
+        (" Thursday", " Friday"),
+        (" Friday", " Saturday"),
+        (" Saturday", " Sunday"),
+        (" Sunday", " Monday"),
+    ]  # cyclic wrap; no Tuesday -> Thursday
     assert week.pairs() == [(ids[a], ids[b]) for a, b in expected]
     digits = seqs["digits"]  # bare spelling wins (3 pairs) over the spaced one (none)
     assert not digits.space and digits.pairs() == [(ids["1"], ids["2"]), (ids["2"], ids["3"]), (ids["3"], ids["4"])]
@@ -82,9 +87,7 @@ def test_ordinals_on_the_byte_tokenizer():
     tok = get_tiny("llama").tokenizer
     seqs = ordinal_tokens(tok)
     assert set(seqs) == {"digits", "letters", "lowercase_letters"}
-    assert [tok.decode([a]) + tok.decode([b]) for a, b in seqs["digits"].pairs()] == [
-        f"{i}{i + 1}" for i in range(9)
-    ]
+    assert [tok.decode([a]) + tok.decode([b]) for a, b in seqs["digits"].pairs()] == [f"{i}{i + 1}" for i in range(9)]
 
 
 # -- successor ----------------------------------------------------------------------------------------
@@ -102,8 +105,8 @@ def _llama_ov_by_hand(hf, ids: torch.Tensor, layer: int, head: int, mlp0: bool) 
     block = hf.model.layers[layer]
     xn = rms(x, block.input_layernorm.weight, eps)
     kv = head // group
-    v = xn @ block.self_attn.v_proj.weight[kv * d_head:(kv + 1) * d_head].T
-    out = v @ block.self_attn.o_proj.weight[:, head * d_head:(head + 1) * d_head].T
+    v = xn @ block.self_attn.v_proj.weight[kv * d_head : (kv + 1) * d_head].T
+    out = v @ block.self_attn.o_proj.weight[:, head * d_head : (head + 1) * d_head].T
     return (out * hf.model.norm.weight) @ hf.lm_head.weight.T
 
 
@@ -256,8 +259,8 @@ def test_needle_battery_layout():
         ids, targets = battery.input_ids, battery.meta["targets"]
         for b in range(4):
             d = int(battery.meta["depth"][b])
-            needle = ids[b, d:d + 8]
-            before = torch.cat([ids[b, :d], ids[b, d + 8:88]])
+            needle = ids[b, d : d + 8]
+            before = torch.cat([ids[b, :d], ids[b, d + 8 : 88]])
             assert not torch.isin(needle, before).any()  # the haystack never holds a needle token
             steps = (targets[b] >= 0).nonzero().flatten()
             assert steps.tolist() == list(range(88, 95))  # the copy's first 7 tokens predict the next ones
@@ -328,6 +331,7 @@ def test_streaming_split_equals_replacing_each_layers_pattern(family):
     diff, total = output_change(model, ids, mask, n_sink=2, window=8, chunk=4)
     cache = model.run(ids, capture=["attn.z"])
     for layer in range(model.layout.n_layers):
+
         def restrict(pattern, site):
             return _restricted_by_hand(pattern, 2, 8)
 
@@ -423,7 +427,6 @@ _EIGHT_K = textwrap.dedent("""
 """)
 
 
-
 @pytest.mark.slow
 def test_smollm2_retrieval_at_8k_tokens_never_holds_a_pattern(smollm2):
     """8192 tokens: one layer's full patterns would be 9 x 8192^2 float32 = 2.4 GB; peak RSS must stay far below.
@@ -435,10 +438,11 @@ def test_smollm2_retrieval_at_8k_tokens_never_holds_a_pattern(smollm2):
     # Large allocations go straight to mmap so that freed temporaries leave the resident set
     # (as in bench/census_memory.py); otherwise malloc's arenas keep them and the peak reads high.
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MKL_DISABLE_FAST_MM": "1"}
-    out = subprocess.run([sys.executable, "-c", _EIGHT_K], capture_output=True, text=True, check=True, timeout=1800,
-                         env=env)
+    out = subprocess.run(
+        [sys.executable, "-c", _EIGHT_K], capture_output=True, text=True, check=True, timeout=1800, env=env
+    )
     report = json.loads(out.stdout.strip().splitlines()[-1])
-    one_layer = smollm2.layout.n_heads * 8192 ** 2 * 4
+    one_layer = smollm2.layout.n_heads * 8192**2 * 4
     assert report["length"] == 8192
     # Beyond what the model's own 8k forward needs, the statistics add far less than one layer's patterns.
     assert report["growth"] - report["plain"] < 0.25 * one_layer, report

@@ -80,8 +80,16 @@ def _neutral(junk: int) -> dict[str, torch.Tensor]:
 
 def handbuilt_model(seed: int = 0) -> Model:
     config = GPT2Config(
-        vocab_size=260, n_embd=D_MODEL, n_layer=2, n_head=N_HEADS, n_inner=8, n_positions=N_POS,
-        tie_word_embeddings=False, bos_token_id=256, eos_token_id=257, pad_token_id=258,
+        vocab_size=260,
+        n_embd=D_MODEL,
+        n_layer=2,
+        n_head=N_HEADS,
+        n_inner=8,
+        n_positions=N_POS,
+        tie_word_embeddings=False,
+        bos_token_id=256,
+        eos_token_id=257,
+        pad_token_id=258,
     )
     hf = GPT2LMHeadModel(config).eval()
     generator = torch.Generator().manual_seed(seed)
@@ -94,16 +102,16 @@ def handbuilt_model(seed: int = 0) -> Model:
             if ".ln_" in name or name.startswith("transformer.ln_f"):
                 if name.endswith("weight"):
                     param.fill_(1.0)
-        hf.transformer.wte.weight[:, TOK:TOK + D_TOK] = tokens
+        hf.transformer.wte.weight[:, TOK : TOK + D_TOK] = tokens
         hf.transformer.wte.weight[:, CONST] = 1.0
-        hf.transformer.wpe.weight[:, POS:POS + N_POS] = torch.eye(N_POS)
-        hf.lm_head.weight[:, TOK:TOK + D_TOK] = tokens
+        hf.transformer.wpe.weight[:, POS : POS + N_POS] = torch.eye(N_POS)
+        hf.lm_head.weight[:, TOK : TOK + D_TOK] = tokens
 
         previous = {"Q": _head(), "K": _head(), "V": _head(), "O": torch.zeros(D_HEAD, D_MODEL)}
-        previous["Q"][POS:POS + N_POS, :N_POS] = STRENGTH * torch.eye(N_POS)
-        previous["K"][POS:POS + N_POS - 1, 1:N_POS] = torch.eye(N_POS - 1)  # key p' -> head dim p' + 1
-        previous["V"][TOK:TOK + D_TOK, :D_TOK] = VALUE * torch.eye(D_TOK)
-        previous["O"][:D_TOK, PREV:PREV + D_TOK] = torch.eye(D_TOK)
+        previous["Q"][POS : POS + N_POS, :N_POS] = STRENGTH * torch.eye(N_POS)
+        previous["K"][POS : POS + N_POS - 1, 1:N_POS] = torch.eye(N_POS - 1)  # key p' -> head dim p' + 1
+        previous["V"][TOK : TOK + D_TOK, :D_TOK] = VALUE * torch.eye(D_TOK)
+        previous["O"][:D_TOK, PREV : PREV + D_TOK] = torch.eye(D_TOK)
 
         sink = {"Q": _head(), "K": _head(), "V": _head(), "O": torch.zeros(D_HEAD, D_MODEL)}
         sink["Q"][CONST, 0] = STRENGTH
@@ -115,10 +123,10 @@ def handbuilt_model(seed: int = 0) -> Model:
         _set_layer(hf.transformer.h[0], [previous, sink, _neutral(1), dormant])
 
         induction = {"Q": _head(), "K": _head(), "V": _head(), "O": torch.zeros(D_HEAD, D_MODEL)}
-        induction["Q"][TOK:TOK + D_TOK, :D_TOK] = MATCH * torch.eye(D_TOK)
-        induction["K"][PREV:PREV + D_TOK, :D_TOK] = torch.eye(D_TOK)
-        induction["V"][TOK:TOK + D_TOK, :D_TOK] = VALUE * torch.eye(D_TOK)
-        induction["O"][:D_TOK, TOK:TOK + D_TOK] = 2.0 * torch.eye(D_TOK)  # louder than the current token
+        induction["Q"][TOK : TOK + D_TOK, :D_TOK] = MATCH * torch.eye(D_TOK)
+        induction["K"][PREV : PREV + D_TOK, :D_TOK] = torch.eye(D_TOK)
+        induction["V"][TOK : TOK + D_TOK, :D_TOK] = VALUE * torch.eye(D_TOK)
+        induction["O"][:D_TOK, TOK : TOK + D_TOK] = 2.0 * torch.eye(D_TOK)  # louder than the current token
         _set_layer(hf.transformer.h[1], [induction, _neutral(2), _neutral(3), _neutral(4)])
     return Model.from_hf(hf, byte_tokenizer(), source="handbuilt:gpt2")
 

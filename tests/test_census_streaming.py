@@ -163,8 +163,12 @@ def test_stats_probe_chains_with_site_probes():
     ids = _ids(6)
     stats = AttentionStats.empty([1], 2, model.layout.n_heads, T, model.device, with_target=False)
     probe = StreamingStatsProbe(stats, 0, WINDOW, chunk=11)
-    session = HookSession(model, capture=[model.sites("L1.attn.pattern")[0]],
-                          replace={model.sites("L1.attn.q")[0]: lambda q, site: q * 3.0}, probes={1: probe})
+    session = HookSession(
+        model,
+        capture=[model.sites("L1.attn.pattern")[0]],
+        replace={model.sites("L1.attn.q")[0]: lambda q, site: q * 3.0},
+        probes={1: probe},
+    )
     with session:
         model.forward(ids)
     pattern = session.store["L1.attn.pattern"].float()[None]
@@ -243,4 +247,4 @@ def test_real_gemma3_across_its_sliding_window(gemma3):
     pattern = torch.stack([cache.pattern(layer) for layer in layers]).float()
     _assert_matches(stats, pattern, targets, 8)
     assert stats.local.shape == (2, 1, gemma3.layout.n_heads, pos)
-    assert (pattern[0, ..., 600, :600 - 512] == 0).all()  # the window is real: layer 0 cannot see that far back
+    assert (pattern[0, ..., 600, : 600 - 512] == 0).all()  # the window is real: layer 0 cannot see that far back

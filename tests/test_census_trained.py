@@ -141,6 +141,7 @@ def test_streaming_stats_see_the_same_heads(model):
     stats = attention_stats(model, ids, targets=targets, chunk=5)
     patterns = _patterns(model, ids)[0]
     torch.testing.assert_close(stats.previous[..., 1:].mean(dim=(1, 3)), _previous_scores(patterns), atol=1e-5, rtol=0)
-    torch.testing.assert_close(stats.target[..., queries].mean(dim=(1, 3)), _induction_scores(patterns), atol=1e-5,
-                               rtol=0)
+    torch.testing.assert_close(
+        stats.target[..., queries].mean(dim=(1, 3)), _induction_scores(patterns), atol=1e-5, rtol=0
+    )
     assert stats.previous[0, :, PREVIOUS_TOKEN_HEAD[1], 1:].mean() > 0.9

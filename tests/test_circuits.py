@@ -80,7 +80,9 @@ def test_a_full_circuit_is_the_model_and_an_empty_one_the_corrupt_run(llama):
     metric = logit_diff(task.answer, task.wrong)
     corrupt = llama.run(task.corrupt, capture=["attn.z", "mlp.out"])
     every = set(nodes(llama)[0])
-    assert run_circuit(llama, task, every, metric, corrupt) == pytest.approx(float(metric(llama.run(task.clean).logits).mean()), abs=1e-4)
+    assert run_circuit(llama, task, every, metric, corrupt) == pytest.approx(
+        float(metric(llama.run(task.clean).logits).mean()), abs=1e-4
+    )
     # nothing kept: every head and MLP from the corrupt run, only the embedding is clean
     kept = run_circuit(llama, task, {"embed"}, metric, corrupt)
     assert isinstance(kept, float)
@@ -112,13 +114,22 @@ def test_a_hand_built_model_whose_edges_are_all_known():
             o_proj = model.blocks[layer].self_attn.o_proj.weight  # [d_model, head * d_head]
             for head in range(4):
                 if (layer, head) != (1, 3):
-                    o_proj[:, head * 16:(head + 1) * 16] = 0
+                    o_proj[:, head * 16 : (head + 1) * 16] = 0
         model.blocks[1].mlp.down_proj.weight.zero_()
     task = load_task(model, "induction", n=4)
     graph = edge_attribution(model, task)
-    live = {("embed", "L0.mlp"), ("embed", "L1.H3.q"), ("L0.mlp", "L1.H3.q"), ("embed", "L1.KV1.k"),
-            ("L0.mlp", "L1.KV1.k"), ("embed", "L1.KV1.v"), ("L0.mlp", "L1.KV1.v"), ("embed", "logits"),
-            ("L0.mlp", "logits"), ("L1.H3", "logits")}
+    live = {
+        ("embed", "L0.mlp"),
+        ("embed", "L1.H3.q"),
+        ("L0.mlp", "L1.H3.q"),
+        ("embed", "L1.KV1.k"),
+        ("L0.mlp", "L1.KV1.k"),
+        ("embed", "L1.KV1.v"),
+        ("L0.mlp", "L1.KV1.v"),
+        ("embed", "logits"),
+        ("L0.mlp", "logits"),
+        ("L1.H3", "logits"),
+    }
     nonzero = {(s, t) for s, t, v in graph.edges() if v != 0.0}
     assert nonzero <= live, nonzero - live
     assert len(nonzero) >= len(live) - 2  # the known edges carry signal (a few may cancel to ~0 by chance)

@@ -55,10 +55,12 @@ def test_neurons_table_at_80_columns_shows_whole_tokens_and_pages(model_dir):
         tokens = [t for t in shown.split("  ") if t]
         assert tokens == promoted[cells[0]][: len(tokens)]  # whole tokens, in order, never cut
         assert len(tokens) + int(more) == 20
-    page = runner.invoke(app, ["neurons", model_dir, "--layer", "1", "--start", "90", "--limit", "0", "--sort",
-                               "index"])
+    page = runner.invoke(
+        app, ["neurons", model_dir, "--layer", "1", "--start", "90", "--limit", "0", "--sort", "index"]
+    )
     assert [l.split("│")[1].strip() for l in page.stdout.splitlines() if l.startswith("│ L1.N")] == [
-        f"L1.N{n}" for n in range(90, 96)]
+        f"L1.N{n}" for n in range(90, 96)
+    ]
 
 
 def test_lens_table_at_80_columns_says_what_it_leaves_out(model_dir):
@@ -75,8 +77,9 @@ def test_empty_prompt_is_one_line(model_dir):
     assert result.exit_code == 2 and "The prompt is empty" in result.output and "Traceback" not in result.output
 
 
-@pytest.mark.parametrize("name, suggestion", [("gemma3-27b", "gemma3-270m"), ("smollm2", "smollm2-135m"),
-                                              ("smolm2-135m", "smollm2-135m")])
+@pytest.mark.parametrize(
+    "name, suggestion", [("gemma3-27b", "gemma3-270m"), ("smollm2", "smollm2-135m"), ("smolm2-135m", "smollm2-135m")]
+)
 def test_a_mistyped_packaged_name_suggests_the_right_one_at_once(name, suggestion):
     started = time.perf_counter()
     result = runner.invoke(app, ["info", name])
@@ -104,8 +107,7 @@ def test_progress_prints_one_line_per_step_off_a_terminal(tmp_path):
             for name in ("a", "b", "c"):
                 task.advance(description=f"unit {name}")
                 task.update(task.completed)  # same step again: no new line
-    assert log.read_text().splitlines() == [
-        line for line in log.read_text().splitlines() if line.startswith("unit ")]
+    assert log.read_text().splitlines() == [line for line in log.read_text().splitlines() if line.startswith("unit ")]
     assert [line.split(":")[0] for line in log.read_text().splitlines()] == ["unit a", "unit b", "unit c"]
     seen = []
     with progress_task("x", total=2, enabled=lambda done, total, what: seen.append((done, total, what))) as task:
@@ -116,12 +118,19 @@ def test_progress_prints_one_line_per_step_off_a_terminal(tmp_path):
 
 
 def test_long_library_calls_report_progress_by_default(tmp_path):
-    code = ("from lmatlas.model.tiny import tiny_model; from lmatlas.decode.neurons import decode_neurons; "
-            "from lmatlas.census.run import run_census; m = tiny_model('llama'); "
-            "decode_neurons(m, k=3); run_census(m, ['previous_token', 'induction']); "
-            "decode_neurons(m, k=3, progress=False)")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    code = (
+        "from lmatlas.model.tiny import tiny_model; from lmatlas.decode.neurons import decode_neurons; "
+        "from lmatlas.census.run import run_census; m = tiny_model('llama'); "
+        "decode_neurons(m, k=3); run_census(m, ['previous_token', 'induction']); "
+        "decode_neurons(m, k=3, progress=False)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
     assert result.returncode == 0, result.stderr
     lines = result.stderr.splitlines()
     assert sum(line.startswith("Decoding 192 neurons") for line in lines) >= 1

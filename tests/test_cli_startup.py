@@ -25,8 +25,9 @@ COMMANDS = ("map", "show", "export", "diff", "search", "lens", "neurons", "heads
 
 
 def _python(code: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          env=env or os.environ.copy())
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env or os.environ.copy()
+    )
 
 
 def test_import_lmatlas_and_the_cli_help_load_no_heavy_module():
@@ -45,8 +46,10 @@ def test_import_lmatlas_and_the_cli_help_load_no_heavy_module():
 
 
 def test_lazy_names_still_resolve():
-    result = _python("import sys, lmatlas; assert 'torch' not in sys.modules; "
-                     "print(lmatlas.load.__module__, lmatlas.Model.__name__, 'torch' in sys.modules)")
+    result = _python(
+        "import sys, lmatlas; assert 'torch' not in sys.modules; "
+        "print(lmatlas.load.__module__, lmatlas.Model.__name__, 'torch' in sys.modules)"
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["lmatlas.model.loading", "Model", "True"]
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
@@ -58,8 +61,9 @@ def test_lazy_names_still_resolve():
 def test_help_is_fast_enough():
     """A coarse wall-clock guard on top of the module check (the slow start took 3.7 s)."""
     started = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "lmatlas.cli", "--help"], capture_output=True, text=True,
-                            timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "lmatlas.cli", "--help"], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0 and "Usage" in result.stdout, result.stderr
     assert time.perf_counter() - started < 3.0
 
@@ -73,10 +77,10 @@ def model_dir(tmp_path_factory):
 
 
 def _cli(args: list[str]) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("HF_HUB_DISABLE_PROGRESS_BARS", "TRANSFORMERS_VERBOSITY")}
-    return subprocess.run([sys.executable, "-m", "lmatlas.cli", *args], capture_output=True, text=True,
-                          timeout=300, env=env)
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_DISABLE_PROGRESS_BARS", "TRANSFORMERS_VERBOSITY")}
+    return subprocess.run(
+        [sys.executable, "-m", "lmatlas.cli", *args], capture_output=True, text=True, timeout=300, env=env
+    )
 
 
 def test_commands_are_quiet_unless_verbose(model_dir):
@@ -89,11 +93,14 @@ def test_commands_are_quiet_unless_verbose(model_dir):
     assert "Loading weights" in loud.stderr  # the third-party bar is only hidden, not gone
 
 
-@pytest.mark.parametrize("args, kind", [
-    (["info", "/nowhere/model.gguf"], "ModelFileError"),
-    (["map", "--only", "nope"], "LmatlasError"),
-    (["show", "/nowhere/x.duckdb"], "AtlasError"),
-])
+@pytest.mark.parametrize(
+    "args, kind",
+    [
+        (["info", "/nowhere/model.gguf"], "ModelFileError"),
+        (["map", "--only", "nope"], "LmatlasError"),
+        (["show", "/nowhere/x.duckdb"], "AtlasError"),
+    ],
+)
 def test_errors_under_json_are_a_json_object_on_stdout(args, kind):
     result = CliRunner().invoke(app, [*args, "--json"])
     assert result.exit_code == 2, result.output

@@ -44,8 +44,12 @@ def model() -> Model:
 
 def headwise(model: Model):
     """Half of the KV heads full, the others a sink of 2 + 6 recent (the prompt is ~30 tokens: evicts)."""
-    full = [(layer, kv) for i, layer in enumerate(choosable_layers(model)) for kv in range(model.layout.n_kv_heads)
-            if (i + kv) % 2 == 0]
+    full = [
+        (layer, kv)
+        for i, layer in enumerate(choosable_layers(model))
+        for kv in range(model.layout.n_kv_heads)
+        if (i + kv) % 2 == 0
+    ]
     return make_plan(model, full, sink=2, recent=6)
 
 
@@ -62,7 +66,7 @@ def by_hand(model: Model, edit, kv, n: int = NEW) -> list[int]:
     extra = {"past_key_values": kv.make_cache(model)} if kv is not None else {}
     with model.hooked(replace=edit) if edit is not None else torch.no_grad(), torch.no_grad():
         out = model.hf.generate(**batch, do_sample=False, max_new_tokens=n, pad_token_id=258, **extra)
-    return out[0, batch["input_ids"].shape[1]:].tolist()
+    return out[0, batch["input_ids"].shape[1] :].tolist()
 
 
 def weight_edited(model: Model) -> Model:
@@ -70,7 +74,7 @@ def weight_edited(model: Model) -> Model:
     hf = copy.deepcopy(model.hf)
     d_head = model.layout.d_head
     with torch.no_grad():
-        hf.model.layers[0].self_attn.o_proj.weight[:, d_head:2 * d_head] = 0.0
+        hf.model.layers[0].self_attn.o_proj.weight[:, d_head : 2 * d_head] = 0.0
         hf.model.layers[1].mlp.down_proj.weight[:, 5] *= 3.0
     return Model.from_hf(hf, model.tokenizer, source="tiny:llama-weight-edited")
 
@@ -129,8 +133,9 @@ def test_decore_with_edit_equals_decore_on_weight_edited_model(model, policy):
     copy_model = weight_edited(model)
     reference = lmatlas.generate(copy_model, PROMPT, NEW, kv=POLICIES[policy](copy_model), strategy=strategy)
     assert edited.token_ids == reference.token_ids
-    torch.testing.assert_close(torch.tensor(edited.report["alphas"]), torch.tensor(reference.report["alphas"]),
-                               rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        torch.tensor(edited.report["alphas"]), torch.tensor(reference.report["alphas"]), rtol=1e-4, atol=1e-5
+    )
 
 
 def _hiding_attention(module, query, key, value, attention_mask, *args, kept, n_prompt, **kwargs):
@@ -141,7 +146,7 @@ def _hiding_attention(module, query, key, value, attention_mask, *args, kept, n_
         hidden = torch.ones(n, dtype=torch.bool)
         hidden[list(positions)] = False
         hidden[n_prompt:] = False
-        allowed[:, kv * rep:(kv + 1) * rep, n_prompt:, :] &= ~hidden
+        allowed[:, kv * rep : (kv + 1) * rep, n_prompt:, :] &= ~hidden
     return attend(query, scores, values, allowed)
 
 
@@ -151,11 +156,21 @@ def test_snapkv_with_edit_equals_the_masked_reference_with_the_edit(model):
     n_prompt = batch["input_ids"].shape[1]
     cache = plan.make_cache(model)
     with model.hooked(replace=EDIT), torch.no_grad():
-        out = model.hf.generate(**batch, past_key_values=cache, do_sample=False, max_new_tokens=NEW, pad_token_id=258,
-                                output_logits=True, return_dict_in_generate=True)
+        out = model.hf.generate(
+            **batch,
+            past_key_values=cache,
+            do_sample=False,
+            max_new_tokens=NEW,
+            pad_token_id=258,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
     assert out.sequences[0, n_prompt:].tolist() == lmatlas.generate(model, PROMPT, NEW, edit=EDIT, kv=plan).token_ids
-    kept = {i: [set(p) for p in layer.positions[0, :, :plan.capacity].tolist()]
-            for i, layer in enumerate(cache.layers) if isinstance(layer, SnapLayer)}
+    kept = {
+        i: [set(p) for p in layer.positions[0, :, : plan.capacity].tolist()]
+        for i, layer in enumerate(cache.layers)
+        if isinstance(layer, SnapLayer)
+    }
     name = "compose_snapref"
     AttentionInterface.register(name, partial(_hiding_attention, kept=kept, n_prompt=n_prompt))
     AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS._global_mapping["sdpa"])
@@ -198,8 +213,10 @@ def test_compare_with_every_policy(model, policy, strategy):
 
 
 def test_model_generate_passes_through(model):
-    assert model.generate(PROMPT, NEW, edit=EDIT, kv=headwise(model)) == lmatlas.generate(
-        model, PROMPT, NEW, edit=EDIT, kv=headwise(model)).text
+    assert (
+        model.generate(PROMPT, NEW, edit=EDIT, kv=headwise(model))
+        == lmatlas.generate(model, PROMPT, NEW, edit=EDIT, kv=headwise(model)).text
+    )
     assert isinstance(model.generate(PROMPT, 2), str)
     assert isinstance(model.generate([PROMPT, PROMPT], 2), list)
 
@@ -257,9 +274,14 @@ def test_the_triple_on_the_packaged_model(smollm2):
     batch = smollm2.tokenize(text)
     assert batch["input_ids"].shape[1] > plan.capacity + plan.window
     with smollm2.hooked(replace=edit), torch.no_grad():
-        ref = smollm2.hf.generate(**batch, past_key_values=plan.make_cache(smollm2), do_sample=False,
-                                  max_new_tokens=12, pad_token_id=smollm2.tokenizer.eos_token_id)
-    assert spec.token_ids == ref[0, batch["input_ids"].shape[1]:].tolist()
+        ref = smollm2.hf.generate(
+            **batch,
+            past_key_values=plan.make_cache(smollm2),
+            do_sample=False,
+            max_new_tokens=12,
+            pad_token_id=smollm2.tokenizer.eos_token_id,
+        )
+    assert spec.token_ids == ref[0, batch["input_ids"].shape[1] :].tolist()
     assert spec.report["mean_accepted_length"] > 1.5  # the repeated text is drafted and accepted
     for kv in (plan, choose.uniform(smollm2, sink=4, recent=64)):
         out = lmatlas.generate(smollm2, text, 6, edit=edit, kv=kv, strategy="dola")

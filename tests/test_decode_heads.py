@@ -87,8 +87,9 @@ def test_ov_decoding_matches_the_full_matrix(model_type):
         low, high = self_rank_bounds(full, k, largest)
         assert low - 1e-9 <= score <= high + 1e-9
     best = torch.topk(full.reshape(-1), 12).values
-    torch.testing.assert_close(torch.tensor([p[2] for p in result.pairs], dtype=torch.float64), best,
-                               rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        torch.tensor([p[2] for p in result.pairs], dtype=torch.float64), best, rtol=1e-4, atol=1e-5
+    )
     for source, output, logit in result.pairs:
         assert float(full[source, output]) == pytest.approx(logit, rel=1e-4, abs=1e-5)
     assert result.kv_head == model.layout.kv_head(head)
@@ -119,8 +120,7 @@ def test_ov_values_are_what_the_model_computes(model_type):
     ids = torch.arange(model.layout.d_vocab)
     cache = model.run(ids[:, None], capture=["L0.attn.z"])
     for head in range(model.layout.n_heads):
-        torch.testing.assert_close(ov_left(model, 0, head, ids), cache.z(0, head)[:, 0].float(),
-                                   rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(ov_left(model, 0, head, ids), cache.z(0, head)[:, 0].float(), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("model_type", RUNTIME_TYPES)
@@ -174,7 +174,7 @@ def planted_model():
         eye = torch.eye(lay.d_head, lay.d_model)  # [d_head, d_model]: the first 16 dims
         block.v_proj.weight[: lay.d_head] = eye
         for head, sign in ((0, 1.0), (1, -1.0)):
-            block.o_proj.weight[:, head * lay.d_head:(head + 1) * lay.d_head] = sign * eye.T
+            block.o_proj.weight[:, head * lay.d_head : (head + 1) * lay.d_head] = sign * eye.T
     return model
 
 
@@ -188,8 +188,9 @@ def test_planted_copying_and_suppression_heads_are_found():
     assert scores.copying[0].max() < 0.2 and chance < 0.05  # untouched random heads stay near chance
     # decode_ov's top-k breaks ties arbitrarily, self_ranks in the source's favour: the padding token
     # (a zero embedding, so every output ties) may differ, nothing else
-    assert decode_ov(model, 1, 0, k=10).copying == pytest.approx(float(scores.copying[1, 0]),
-                                                                abs=1.01 / model.layout.d_vocab)
+    assert decode_ov(model, 1, 0, k=10).copying == pytest.approx(
+        float(scores.copying[1, 0]), abs=1.01 / model.layout.d_vocab
+    )
 
 
 def test_copying_scores_on_a_sample_are_seeded_and_match_decode_ov(llama):
@@ -200,8 +201,7 @@ def test_copying_scores_on_a_sample_are_seeded_and_match_decode_ov(llama):
     assert ids.numel() == 64 and torch.equal(ids, ids.sort().values) and ids.unique().numel() == 64
     one = decode_ov(llama, 1, 2, sources=ids, k=5)
     assert float(a.copying[1, 2]) == pytest.approx(one.copying)
-    assert torch.isnan(a.copying[0, 0]) and [name for name, _ in a.ranked()] in (["L0.H1", "L1.H2"],
-                                                                                 ["L1.H2", "L0.H1"])
+    assert torch.isnan(a.copying[0, 0]) and [name for name, _ in a.ranked()] in (["L0.H1", "L1.H2"], ["L1.H2", "L0.H1"])
 
 
 @pytest.mark.parametrize("model_type", ["llama", "gemma3_text", "qwen2", "gpt2"])
@@ -223,7 +223,7 @@ def test_head_inputs_use_the_embedding_modules_scale():
     gemma = get_tiny("gemma3_text")
     ids = torch.tensor([1, 2, 3])
     raw = head_inputs(gemma, 0, ids, norm_input=False)
-    scale = gemma.hf.config.hidden_size ** 0.5
+    scale = gemma.hf.config.hidden_size**0.5
     torch.testing.assert_close(raw, gemma.W.W_E[ids].float() * scale, rtol=1e-3, atol=1e-5)
 
 

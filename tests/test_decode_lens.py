@@ -26,8 +26,11 @@ def direct_lens(model, prompt: str):
     outputs, handles = [], []
     for block in model.blocks:
         handles.append(block.register_forward_hook(lambda m, i, o: outputs.append(o[0] if isinstance(o, tuple) else o)))
-    handles.append(model.blocks[0].register_forward_pre_hook(
-        lambda m, args, kwargs: outputs.insert(0, args[0] if args else kwargs["hidden_states"]), with_kwargs=True))
+    handles.append(
+        model.blocks[0].register_forward_pre_hook(
+            lambda m, args, kwargs: outputs.insert(0, args[0] if args else kwargs["hidden_states"]), with_kwargs=True
+        )
+    )
     try:
         ids = model.tokenizer(prompt, return_tensors="pt")["input_ids"]
         with torch.no_grad():
@@ -65,8 +68,9 @@ def test_lens_matches_the_direct_computation(model_type):
         top = torch.topk(p, 4, dim=-1)
         torch.testing.assert_close(result.top_probs[r].double(), top.values, rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(p.gather(-1, result.top_ids[r]), top.values, rtol=1e-4, atol=1e-6)
-        torch.testing.assert_close(result.final_prob[r].double(), p[torch.arange(p.shape[0]), final_ids],
-                                   rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(
+            result.final_prob[r].double(), p[torch.arange(p.shape[0]), final_ids], rtol=1e-4, atol=1e-6
+        )
         torch.testing.assert_close(result.entropy[r].double(), -(p * logp).sum(-1), rtol=1e-4, atol=1e-5)
         kl = (final.exp() * (final - logp)).sum(-1)
         torch.testing.assert_close(result.kl[r].double(), kl, rtol=1e-3, atol=1e-5)
@@ -98,7 +102,9 @@ def test_token_ids_and_strings_agree(llama):
         if not 0xD800 <= cp <= 0xDFFF:
             char = chr(cp)
             byte_of.update(zip(llama.tokenizer.encode(char, add_special_tokens=False), char.encode()))
-    assert result.top_tokens[0][0] == [d if "\ufffd" not in d else f"<0x{byte_of[i]:02X}>" for i, d in zip(ids, decoded)]
+    assert result.top_tokens[0][0] == [
+        d if "\ufffd" not in d else f"<0x{byte_of[i]:02X}>" for i, d in zip(ids, decoded)
+    ]
     data = result.to_dict()
     json.dumps(data)
     assert [row["layer"] for row in data["layers"]] == ["L0", "L1"]

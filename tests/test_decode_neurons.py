@@ -91,7 +91,7 @@ def test_every_neuron_against_the_native_modules(model_type, method):
         # inputs: the tokens with the largest native pre-activation, values up to per-neuron biases
         for name, pre in native_input_preacts(model, layer).items():
             r = dec.inputs[name]
-            shift = (r.logits[rows, :1] - torch.gather(pre, 1, r.ids[rows, :1]))
+            shift = r.logits[rows, :1] - torch.gather(pre, 1, r.ids[rows, :1])
             assert_same_topk(r.ids[rows], r.logits[rows], pre + shift, K)
             assert_offset(r.logits[rows], pre, r.ids[rows])
 
@@ -125,19 +125,61 @@ def test_progress_covers_all_phases(llama):
 
 def test_gemma_inputs_use_the_embedding_scale():
     model = get_tiny("gemma3_text")
-    assert embed_scale(model) == pytest.approx(model.layout.d_model ** 0.5, rel=1e-3)
+    assert embed_scale(model) == pytest.approx(model.layout.d_model**0.5, rel=1e-3)
     # the raw ("none") input tokens are the embedding rows times that scale
     torch.testing.assert_close(input_tokens(model, "none"), model.W.W_E.float() * embed_scale(model))
 
 
 # -- SmolLM2 -------------------------------------------------------------------------------------------------
-NOUNS = [" dog", " dogs", " cat", " cats", " water", " car", " house", " fish", " tree", " horse", " bird", " book",
-         " food", " coffee", " music", " money", " fire", " city", " king", " rain", " snow", " bread", " milk",
-         " children", " phone", " computer", " ship", " train", " river", " mountain", " flower", " gold", " oil",
-         " sugar", " eye", " school", " sea", " hair", " hands", " blood"]
+NOUNS = [
+    " dog",
+    " dogs",
+    " cat",
+    " cats",
+    " water",
+    " car",
+    " house",
+    " fish",
+    " tree",
+    " horse",
+    " bird",
+    " book",
+    " food",
+    " coffee",
+    " music",
+    " money",
+    " fire",
+    " city",
+    " king",
+    " rain",
+    " snow",
+    " bread",
+    " milk",
+    " children",
+    " phone",
+    " computer",
+    " ship",
+    " train",
+    " river",
+    " mountain",
+    " flower",
+    " gold",
+    " oil",
+    " sugar",
+    " eye",
+    " school",
+    " sea",
+    " hair",
+    " hands",
+    " blood",
+]
 PROMPT = "Let me tell you a story about the"
-CALIBRATION = ["The weather today is nice, so I think", "My favourite thing in the world is",
-               "Once upon a time there was a", "The most important lesson I learned is"]
+CALIBRATION = [
+    "The weather today is nice, so I think",
+    "My favourite thing in the world is",
+    "Once upon a time there was a",
+    "The most important lesson I learned is",
+]
 
 
 @pytest.fixture(scope="module")
@@ -205,9 +247,11 @@ def test_smollm2_clamping_a_word_neuron_makes_the_model_say_the_word(smollm2, sm
     base = _probability(model, word)
     boosted = _probability(model, word, (t_layer, t_neuron, 10 * _max_activation(model, t_layer, t_neuron)))
     controlled = _probability(model, word, (c_layer, c_neuron, 10 * _max_activation(model, c_layer, c_neuron)))
-    message = (f"L{t_layer}.N{t_neuron} ({noun_ids[word]!r}) vs control L{c_layer}.N{c_neuron} "
-               f"({noun_ids[top1[control].item()]!r}): base {base:.2e}, clamped {boosted:.2e}, "
-               f"control {controlled:.2e}")
+    message = (
+        f"L{t_layer}.N{t_neuron} ({noun_ids[word]!r}) vs control L{c_layer}.N{c_neuron} "
+        f"({noun_ids[top1[control].item()]!r}): base {base:.2e}, clamped {boosted:.2e}, "
+        f"control {controlled:.2e}"
+    )
     assert boosted > 20 * base, message
     assert controlled <= base, message
 
@@ -253,9 +297,11 @@ def test_cli_neurons_table_and_bad_input(tiny_dir):
     result = runner.invoke(app, ["neurons", tiny_dir, "--layer", "0", "--neuron", "3", "--top", "5"])
     assert result.exit_code == 0, result.output
     assert "L0.N3" in result.stdout and "promoted" in result.stdout and "L0.N4" not in result.stdout
-    for args, message in ((["--layer", "9"], "Layer 9 is out of range"),
-                          (["--layer", "0", "--neuron", "500"], "Neuron 500 is out of range"),
-                          (["--layer", "0", "--top", "0"], "k=0")):
+    for args, message in (
+        (["--layer", "9"], "Layer 9 is out of range"),
+        (["--layer", "0", "--neuron", "500"], "Neuron 500 is out of range"),
+        (["--layer", "0", "--top", "0"], "k=0"),
+    ):
         result = runner.invoke(app, ["neurons", tiny_dir, *args])
         assert result.exit_code == 2, result.output
         assert message in result.output

@@ -21,7 +21,7 @@ def test_implied_speedup_by_hand():
     # a = 0.5, k = 1: E = 1 + 0.5 = 1.5 tokens for 1 + 0.5 forwards -> 1.0; k = 2: 1.75 / 2 = 0.875
     speedup, k = implied_speedup(0.5, 0.5, max_draft=2)
     assert k == 1 and speedup == pytest.approx(1.0)
-    assert implied_speedup(0.3, 0.9, max_draft=3) == pytest.approx(((1 + 0.3) / 1.9, 1))   # a slowdown
+    assert implied_speedup(0.3, 0.9, max_draft=3) == pytest.approx(((1 + 0.3) / 1.9, 1))  # a slowdown
     speedup, k = implied_speedup(0.9, 0.1, max_draft=8)
     expected = max((1 - 0.9 ** (j + 1)) / 0.1 / (1 + 0.1 * j) for j in range(1, 9))
     assert speedup == pytest.approx(expected)

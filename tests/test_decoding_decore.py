@@ -16,8 +16,15 @@ def test_nothing_masked_is_greedy(family):
     ids = model.tokenize("The cat sat on the mat. The cat")["input_ids"]
     with torch.no_grad():
         greedy = model.hf.generate(input_ids=ids, do_sample=False, max_new_tokens=12, pad_token_id=0)
-        decore = model.hf.generate(input_ids=ids, custom_generate=decore_generate, lmatlas_model=model,
-                                   masked_heads=None, do_sample=False, max_new_tokens=12, pad_token_id=0)
+        decore = model.hf.generate(
+            input_ids=ids,
+            custom_generate=decore_generate,
+            lmatlas_model=model,
+            masked_heads=None,
+            do_sample=False,
+            max_new_tokens=12,
+            pad_token_id=0,
+        )
     assert torch.equal(greedy, decore)
 
 
@@ -27,10 +34,12 @@ def _masked_logits(model, ids, heads):
     handles = []
     for name in heads:
         layer, head = (int(p[1:]) for p in name.split("."))
+
         def zero(module, args, head=head):
             x = args[0].clone()
-            x[..., head * d_head:(head + 1) * d_head] = 0
+            x[..., head * d_head : (head + 1) * d_head] = 0
             return (x,)
+
         handles.append(model.hf.model.layers[layer].self_attn.o_proj.register_forward_pre_hook(zero))
     try:
         return model.hf(input_ids=ids, use_cache=False).logits[0, -1].double()
@@ -57,7 +66,7 @@ def test_each_step_matches_published_formula(family):
             assert abs(result["alphas"][step] - alpha) < 1e-4
             assert token == int(scores.argmax()), f"step {step}"
             seq = torch.cat([seq, torch.tensor([[token]])], 1)
-    with torch.no_grad():   # the contrast changes something on this model (not a disguised greedy)
+    with torch.no_grad():  # the contrast changes something on this model (not a disguised greedy)
         greedy = model.hf.generate(input_ids=ids, do_sample=False, max_new_tokens=10, pad_token_id=0)
     masked_differs = not torch.equal(_masked_logits(model, ids, heads), model.hf(input_ids=ids).logits[0, -1].double())
     assert masked_differs
@@ -85,8 +94,14 @@ def test_bad_input_before_compute(monkeypatch):
     with pytest.raises(LmatlasError, match="at least one head"):
         generate_decore(model, "hello", 4, heads=[])
     with pytest.raises(LmatlasError, match="at least one head"):
-        model.hf.generate(input_ids=torch.tensor([[5, 6]]), custom_generate=decore_generate, lmatlas_model=model,
-                          masked_heads=[], max_new_tokens=2, pad_token_id=0)
+        model.hf.generate(
+            input_ids=torch.tensor([[5, 6]]),
+            custom_generate=decore_generate,
+            lmatlas_model=model,
+            masked_heads=[],
+            max_new_tokens=2,
+            pad_token_id=0,
+        )
     with pytest.raises(LmatlasError, match="does not exist"):
         generate_decore(model, "hello", 4, heads=["L99.H0"])
     with pytest.raises(LmatlasError, match="L<layer>.H<head>"):
@@ -94,8 +109,15 @@ def test_bad_input_before_compute(monkeypatch):
     with pytest.raises(LmatlasError, match="beam search"):
         generate_decore(model, "hello", 4, heads=["L0.H0"], num_beams=2)
     with pytest.raises(LmatlasError, match="beam search"):
-        model.hf.generate(input_ids=torch.tensor([[5, 6]]), custom_generate=decore_generate, lmatlas_model=model,
-                          masked_heads=["L0.H0"], num_beams=2, max_new_tokens=2, pad_token_id=0)
+        model.hf.generate(
+            input_ids=torch.tensor([[5, 6]]),
+            custom_generate=decore_generate,
+            lmatlas_model=model,
+            masked_heads=["L0.H0"],
+            num_beams=2,
+            max_new_tokens=2,
+            pad_token_id=0,
+        )
 
 
 @pytest.mark.slow
@@ -105,8 +127,15 @@ def test_decore_on_smollm2(smollm2):
     ids = model.tokenize(prompt)["input_ids"]
     with torch.no_grad():
         greedy = model.hf.generate(input_ids=ids, do_sample=False, max_new_tokens=8, pad_token_id=0)
-        off = model.hf.generate(input_ids=ids, custom_generate=decore_generate, lmatlas_model=model,
-                                masked_heads=None, do_sample=False, max_new_tokens=8, pad_token_id=0)
+        off = model.hf.generate(
+            input_ids=ids,
+            custom_generate=decore_generate,
+            lmatlas_model=model,
+            masked_heads=None,
+            do_sample=False,
+            max_new_tokens=8,
+            pad_token_id=0,
+        )
     assert torch.equal(greedy, off)
     heads = ["L18.H6", "L17.H3", "L18.H7", "L20.H6"]
     result = generate_decore(model, ids, 4, heads=heads)

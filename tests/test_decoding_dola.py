@@ -25,8 +25,15 @@ def test_contrast_off_is_greedy(family):
     for penalty in (1.0, 1.2):
         greedy = _greedy(model, ids, 12, repetition_penalty=penalty)
         with torch.no_grad():
-            dola = model.hf.generate(input_ids=ids, custom_generate=dola_generate, premature_layers=None,
-                                     do_sample=False, max_new_tokens=12, pad_token_id=0, repetition_penalty=penalty)
+            dola = model.hf.generate(
+                input_ids=ids,
+                custom_generate=dola_generate,
+                premature_layers=None,
+                do_sample=False,
+                max_new_tokens=12,
+                pad_token_id=0,
+                repetition_penalty=penalty,
+            )
         assert torch.equal(greedy, dola)
 
 
@@ -35,7 +42,7 @@ def _reference_step(model, ids, layers, alpha, theta, top_k=None):
     cheaper variant, both distributions renormalised over the final layer's top-k tokens)."""
     cache = model.run(ids, capture=[f"L{layer}.resid.pre" for layer in layers])
     final = cache.logits[0, -1].double()
-    W_U = model.hf.get_output_embeddings().weight.double()              # [V, d_model]
+    W_U = model.hf.get_output_embeddings().weight.double()  # [V, d_model]
     bias = getattr(model.hf.get_output_embeddings(), "bias", None)
     norm = final_norm(model)
     keep_ids = final.topk(top_k).indices if top_k is not None else torch.arange(final.shape[0])
@@ -57,7 +64,7 @@ def _reference_step(model, ids, layers, alpha, theta, top_k=None):
     inside[keep] = p_final[keep].log() - best_q[keep].log()
     scores = torch.full_like(final, -math.inf)
     scores[keep_ids] = inside
-    for token in set(ids[0].tolist()):                                  # CTRL repetition penalty
+    for token in set(ids[0].tolist()):  # CTRL repetition penalty
         s = scores[token]
         scores[token] = s / theta if s > 0 else s * theta
     return int(scores.argmax()), best_layer
@@ -71,10 +78,17 @@ def test_each_step_matches_published_formulas(family):
     ids = model.tokenize("Facts: the sky is blue, grass is")["input_ids"]
     trace = DolaTrace()
     with torch.no_grad():
-        out = model.hf.generate(input_ids=ids, custom_generate=dola_generate, premature_layers=layers,
-                                dola_trace=trace, repetition_penalty=1.2, do_sample=False, max_new_tokens=10,
-                                pad_token_id=0)
-    new = out[0, ids.shape[1]:].tolist()
+        out = model.hf.generate(
+            input_ids=ids,
+            custom_generate=dola_generate,
+            premature_layers=layers,
+            dola_trace=trace,
+            repetition_penalty=1.2,
+            do_sample=False,
+            max_new_tokens=10,
+            pad_token_id=0,
+        )
+    new = out[0, ids.shape[1] :].tolist()
     seq = ids
     with torch.no_grad():
         for step, token in enumerate(new):
@@ -93,10 +107,18 @@ def test_top_k_variant_matches_its_formulas_and_the_full_method_at_k_equal_vocab
     def run(top_k):
         trace = DolaTrace()
         with torch.no_grad():
-            out = model.hf.generate(input_ids=ids, custom_generate=dola_generate, premature_layers=layers,
-                                    dola_trace=trace, dola_top_k=top_k, repetition_penalty=1.2, do_sample=False,
-                                    max_new_tokens=8, pad_token_id=0)
-        return out[0, ids.shape[1]:].tolist(), [step[0] for step in trace.layers]
+            out = model.hf.generate(
+                input_ids=ids,
+                custom_generate=dola_generate,
+                premature_layers=layers,
+                dola_trace=trace,
+                dola_top_k=top_k,
+                repetition_penalty=1.2,
+                do_sample=False,
+                max_new_tokens=8,
+                pad_token_id=0,
+            )
+        return out[0, ids.shape[1] :].tolist(), [step[0] for step in trace.layers]
 
     assert run(model.layout.d_vocab) == run(None)
     new, chosen = run(12)
@@ -111,7 +133,7 @@ def test_buckets_follow_the_paper():
     model = get_tiny("llama")
     assert candidate_layers(model.hf, [0, 1]) == [0, 1]
     assert candidate_layers(model.hf, None) == []
-    assert candidate_layers(model.hf, "high") == list(range(n := model.layout.n_layers)[n // 2::2])
+    assert candidate_layers(model.hf, "high") == list(range(n := model.layout.n_layers)[n // 2 :: 2])
 
 
 def test_bad_input_before_compute(monkeypatch):
@@ -122,16 +144,31 @@ def test_bad_input_before_compute(monkeypatch):
         raise AssertionError("a forward ran")
 
     monkeypatch.setattr(model.hf, "forward", boom)
-    for layers, words in (([n], "final layer"), ([n + 3], "does not exist"), ([-1], "does not exist"),
-                          ([], "empty"), ("middle", "use 'low'")):
+    for layers, words in (
+        ([n], "final layer"),
+        ([n + 3], "does not exist"),
+        ([-1], "does not exist"),
+        ([], "empty"),
+        ("middle", "use 'low'"),
+    ):
         with pytest.raises(LmatlasError, match=words):
             generate_dola(model, "hello", 4, premature_layers=layers)
         with pytest.raises(LmatlasError, match=words):
-            model.hf.generate(input_ids=torch.tensor([[5, 6]]), custom_generate=dola_generate,
-                              premature_layers=layers, max_new_tokens=2, pad_token_id=0)
+            model.hf.generate(
+                input_ids=torch.tensor([[5, 6]]),
+                custom_generate=dola_generate,
+                premature_layers=layers,
+                max_new_tokens=2,
+                pad_token_id=0,
+            )
     with pytest.raises(LmatlasError, match="beam search"):
-        model.hf.generate(input_ids=torch.tensor([[5, 6]]), custom_generate=dola_generate, num_beams=2,
-                          max_new_tokens=2, pad_token_id=0)
+        model.hf.generate(
+            input_ids=torch.tensor([[5, 6]]),
+            custom_generate=dola_generate,
+            num_beams=2,
+            max_new_tokens=2,
+            pad_token_id=0,
+        )
     with pytest.raises(LmatlasError, match="beam search"):
         generate_dola(model, "hello", 4, num_beams=2)
 
@@ -142,12 +179,20 @@ def test_dola_on_smollm2(smollm2):
     ids = model.tokenize("The capital of France is")["input_ids"]
     greedy = _greedy(model, ids, 16)
     with torch.no_grad():
-        off = model.hf.generate(input_ids=ids, custom_generate=dola_generate, premature_layers=None,
-                                do_sample=False, max_new_tokens=16, pad_token_id=0)
+        off = model.hf.generate(
+            input_ids=ids,
+            custom_generate=dola_generate,
+            premature_layers=None,
+            do_sample=False,
+            max_new_tokens=16,
+            pad_token_id=0,
+        )
     assert torch.equal(greedy, off)
     result = generate_dola(model, "The capital of France is", 8)
     assert result["candidates"] == list(range(15, 30, 2))
-    assert set(result["premature_layers"]) <= set(result["candidates"]) and 1 <= len(result["token_ids"]) <= 8  # may stop at <|im_end|>
+    assert (
+        set(result["premature_layers"]) <= set(result["candidates"]) and 1 <= len(result["token_ids"]) <= 8
+    )  # may stop at <|im_end|>
     seq = ids
     for step, token in enumerate(result["token_ids"][:4]):
         expected, layer = _reference_step(model, seq, result["candidates"], 0.1, 1.2)

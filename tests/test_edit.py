@@ -22,7 +22,7 @@ def model():
 def native(model, module_path, fn, pre: bool, layer: int):
     """Run the plain model with one native PyTorch hook ``fn`` on a module of block ``layer``."""
     module = get_path(model.blocks[layer], module_path) if module_path else model.blocks[layer]
-    handle = (module.register_forward_pre_hook(fn) if pre else module.register_forward_hook(fn))
+    handle = module.register_forward_pre_hook(fn) if pre else module.register_forward_hook(fn)
     try:
         return model.forward(PROMPT)
     finally:
@@ -65,13 +65,26 @@ def test_resample_draws_real_activations_deterministically(model):
     assert all(bool((bank - v).abs().min() < 1e-6) for v in drawn)
 
 
-@pytest.mark.parametrize("intervention, module_path, pre, layer, native_fn", [
-    (Scale("L0.N5", 3.0), "mlp.down_proj", True, 0,
-     lambda m, a: (torch.cat([a[0][..., :5], a[0][..., 5:6] * 3.0, a[0][..., 6:]], -1),)),
-    (Set("L1.N9", 4.0), "mlp.down_proj", True, 1,
-     lambda m, a: (torch.cat([a[0][..., :9], torch.full_like(a[0][..., 9:10], 4.0), a[0][..., 10:]], -1),)),
-    (Scale("L0.H1", 0.5), "self_attn.o_proj", True, 0, _z_pre(1, lambda h: h * 0.5)),
-])
+@pytest.mark.parametrize(
+    "intervention, module_path, pre, layer, native_fn",
+    [
+        (
+            Scale("L0.N5", 3.0),
+            "mlp.down_proj",
+            True,
+            0,
+            lambda m, a: (torch.cat([a[0][..., :5], a[0][..., 5:6] * 3.0, a[0][..., 6:]], -1),),
+        ),
+        (
+            Set("L1.N9", 4.0),
+            "mlp.down_proj",
+            True,
+            1,
+            lambda m, a: (torch.cat([a[0][..., :9], torch.full_like(a[0][..., 9:10], 4.0), a[0][..., 10:]], -1),),
+        ),
+        (Scale("L0.H1", 0.5), "self_attn.o_proj", True, 0, _z_pre(1, lambda h: h * 0.5)),
+    ],
+)
 def test_scale_and_set_equal_native_hooks(model, intervention, module_path, pre, layer, native_fn):
     expected = native(model, module_path, native_fn, pre=pre, layer=layer)
     assert torch.equal(model.run(PROMPT, replace=intervention).logits, expected)
@@ -111,10 +124,12 @@ def test_learned_intervention_is_trainable(model):
 def test_composition_order_is_left_to_right(model):
     vector = torch.ones(64)
     x = model.run(PROMPT, capture=["L0.resid.post"])["L0.resid.post"]
-    first = model.run(PROMPT, replace=Scale("L0.resid.post", 2.0) | Add("L0.resid.post", vector),
-                      capture=["L0.resid.post"])["L0.resid.post"]
-    second = model.run(PROMPT, replace=Add("L0.resid.post", vector) | Scale("L0.resid.post", 2.0),
-                       capture=["L0.resid.post"])["L0.resid.post"]
+    first = model.run(
+        PROMPT, replace=Scale("L0.resid.post", 2.0) | Add("L0.resid.post", vector), capture=["L0.resid.post"]
+    )["L0.resid.post"]
+    second = model.run(
+        PROMPT, replace=Add("L0.resid.post", vector) | Scale("L0.resid.post", 2.0), capture=["L0.resid.post"]
+    )["L0.resid.post"]
     torch.testing.assert_close(first, x * 2 + 1)
     torch.testing.assert_close(second, (x + 1) * 2)
 
@@ -124,9 +139,15 @@ def test_an_edit_inside_generate_equals_the_edit_teacher_forced(model):
     batch = model.tokenize("Once upon")
     n = batch["input_ids"].shape[1]
     with model.edit(edit), torch.no_grad():
-        out = model.hf.generate(**batch, max_new_tokens=6, do_sample=False, output_logits=True,
-                                return_dict_in_generate=True, pad_token_id=model.tokenizer.pad_token_id)
-    forced = model.run(out.sequences, replace=edit, prompt_len=n).logits[:, n - 1: n + 5]
+        out = model.hf.generate(
+            **batch,
+            max_new_tokens=6,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+            pad_token_id=model.tokenizer.pad_token_id,
+        )
+    forced = model.run(out.sequences, replace=edit, prompt_len=n).logits[:, n - 1 : n + 5]
     torch.testing.assert_close(torch.stack(out.logits, 1), forced, rtol=1e-4, atol=1e-4)
 
 
@@ -137,22 +158,36 @@ def test_steps_choose_the_forward_calls(model):
 
     def logits(edit):
         with model.edit(edit), torch.no_grad():
-            out = model.hf.generate(**batch, max_new_tokens=5, do_sample=False, output_logits=True,
-                                    return_dict_in_generate=True, pad_token_id=model.tokenizer.pad_token_id)
+            out = model.hf.generate(
+                **batch,
+                max_new_tokens=5,
+                do_sample=False,
+                output_logits=True,
+                return_dict_in_generate=True,
+                pad_token_id=model.tokenizer.pad_token_id,
+            )
         return torch.stack(out.logits, 1)
 
-    torch.testing.assert_close(logits(Add("L0.resid.post", vector, steps="prompt")),
-                               logits(Add(f"L0.resid.post@:{n}", vector)))
-    torch.testing.assert_close(logits(Add("L0.resid.post", vector, steps="generated")),
-                               logits(Add(f"L0.resid.post@{n}:", vector)))
-    torch.testing.assert_close(logits(Add("L0.resid.post", vector, steps=(2, 4))),
-                               logits(Add(f"L0.resid.post@{n + 1}:{n + 3}", vector)))
+    torch.testing.assert_close(
+        logits(Add("L0.resid.post", vector, steps="prompt")), logits(Add(f"L0.resid.post@:{n}", vector))
+    )
+    torch.testing.assert_close(
+        logits(Add("L0.resid.post", vector, steps="generated")), logits(Add(f"L0.resid.post@{n}:", vector))
+    )
+    torch.testing.assert_close(
+        logits(Add("L0.resid.post", vector, steps=(2, 4))), logits(Add(f"L0.resid.post@{n + 1}:{n + 3}", vector))
+    )
 
 
 def test_save_and_load_round_trip(model, tmp_path):
-    edit = (Ablate("L1.H2") | Scale("L0.N5", 3.0) | Set("L1.N9@-1", 4.0)
-            | Add("L0.resid.post", torch.linspace(0, 1, 64), alpha=2.0, steps=(1, 3))
-            | Project("L1.resid.mid", torch.ones(64)) | Patch("L1.H0", torch.zeros(1, 23, 4, 16)))
+    edit = (
+        Ablate("L1.H2")
+        | Scale("L0.N5", 3.0)
+        | Set("L1.N9@-1", 4.0)
+        | Add("L0.resid.post", torch.linspace(0, 1, 64), alpha=2.0, steps=(1, 3))
+        | Project("L1.resid.mid", torch.ones(64))
+        | Patch("L1.H0", torch.zeros(1, 23, 4, 16))
+    )
     path = edit.save(tmp_path / "my.edit.json", model)
     assert (tmp_path / "my.edit.safetensors").exists()
     loaded = Edit.load(path, model)
@@ -192,26 +227,33 @@ def test_compare_scores_both_continuations_under_both_models(model):
     for continuation in (result.plain, result.edited):
         ids = torch.cat([model.tokenize("Once upon")["input_ids"][0], torch.tensor(continuation.ids)])[None]
         for under, edit_used in ((continuation.logprob_plain, None), (continuation.logprob_edited, edit)):
-            logits = model.run(ids, replace=edit_used).logits[0, n - 1: n - 1 + len(continuation.ids)]
+            logits = model.run(ids, replace=edit_used).logits[0, n - 1 : n - 1 + len(continuation.ids)]
             expected = torch.log_softmax(logits.float(), -1).gather(1, torch.tensor(continuation.ids)[:, None])[:, 0]
             torch.testing.assert_close(torch.tensor(under), expected, rtol=1e-5, atol=1e-5)
-    assert result.plain.ids == model.hf.generate(**model.tokenize("Once upon"), max_new_tokens=6, do_sample=False,
-                                                 pad_token_id=model.tokenizer.pad_token_id)[0, n:].tolist()
+    assert (
+        result.plain.ids
+        == model.hf.generate(
+            **model.tokenize("Once upon"), max_new_tokens=6, do_sample=False, pad_token_id=model.tokenizer.pad_token_id
+        )[0, n:].tolist()
+    )
 
 
-@pytest.mark.parametrize("edit, error, message", [
-    (Ablate("L0.attn.zz"), SiteError, "Did you mean"),
-    (Ablate("L1.H9"), SiteError, "Head 9 is out of range"),
-    (Set("L1.N500", 1.0), SiteError, "Neuron 500 is out of range"),
-    (Add("L0.resid.post", torch.ones(63)), EditError, r"needs \(64,\)"),
-    (Add("L0.resid.post", torch.tensor([float("nan")] * 64)), EditError, "NaN or infinite"),
-    (Set("L1.N9", float("inf")), EditError, "finite"),
-    (Scale("L1.H1", float("nan")), EditError, "finite"),
-    (Set("L1.N9@40", 1.0), SiteError, "outside the input"),
-    (Ablate("L1.H1", how="average"), EditError, "zero, mean, resample"),
-    (Add("L0.resid.post", torch.ones(64), steps="later"), EditError, "steps="),
-    (Patch("L1.H0", {}), EditError, "holds no L1.attn.z"),
-])
+@pytest.mark.parametrize(
+    "edit, error, message",
+    [
+        (Ablate("L0.attn.zz"), SiteError, "Did you mean"),
+        (Ablate("L1.H9"), SiteError, "Head 9 is out of range"),
+        (Set("L1.N500", 1.0), SiteError, "Neuron 500 is out of range"),
+        (Add("L0.resid.post", torch.ones(63)), EditError, r"needs \(64,\)"),
+        (Add("L0.resid.post", torch.tensor([float("nan")] * 64)), EditError, "NaN or infinite"),
+        (Set("L1.N9", float("inf")), EditError, "finite"),
+        (Scale("L1.H1", float("nan")), EditError, "finite"),
+        (Set("L1.N9@40", 1.0), SiteError, "outside the input"),
+        (Ablate("L1.H1", how="average"), EditError, "zero, mean, resample"),
+        (Add("L0.resid.post", torch.ones(64), steps="later"), EditError, "steps="),
+        (Patch("L1.H0", {}), EditError, "holds no L1.attn.z"),
+    ],
+)
 def test_bad_edits_fail_before_any_compute(model, edit, error, message):
     calls = []
     handle = model.blocks[0].register_forward_pre_hook(lambda *a: calls.append(1))

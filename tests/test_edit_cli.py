@@ -21,8 +21,9 @@ from lmatlas.cli import app
 from lmatlas.model.tiny import byte_tokenizer, tiny_hf_model
 
 runner = CliRunner()
-CHAT_TEMPLATE = ("{% for m in messages %}<bos>{{ m['content'] }}<eos>{% endfor %}"
-                 "{% if add_generation_prompt %}<bos>{% endif %}")
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<bos>{{ m['content'] }}<eos>{% endfor %}{% if add_generation_prompt %}<bos>{% endif %}"
+)
 EOS, D_HEAD = 257, 16  # the tiny models' <eos> id and head size (4 query heads, d_model 64)
 
 
@@ -73,12 +74,15 @@ def native_hooks(hf, ablate=(), scale=(), set_=(), add=None):
             x = args[0].clone()
             fn(x)
             return (x, *args[1:])
+
         stack.callback(module.register_forward_pre_hook(pre).remove)
 
     for layer, head in ablate:
-        on_input(layers[layer].self_attn.o_proj, lambda x, h=head: x[..., h * D_HEAD:(h + 1) * D_HEAD].zero_())
+        on_input(layers[layer].self_attn.o_proj, lambda x, h=head: x[..., h * D_HEAD : (h + 1) * D_HEAD].zero_())
     for layer, head, factor in scale:
-        on_input(layers[layer].self_attn.o_proj, lambda x, h=head, f=factor: x[..., h * D_HEAD:(h + 1) * D_HEAD].mul_(f))
+        on_input(
+            layers[layer].self_attn.o_proj, lambda x, h=head, f=factor: x[..., h * D_HEAD : (h + 1) * D_HEAD].mul_(f)
+        )
     for layer, neuron, value in set_:
         on_input(layers[layer].mlp.down_proj, lambda x, n=neuron, v=value: x[..., n].fill_(v))
     if add is not None:
@@ -88,6 +92,7 @@ def native_hooks(hf, ablate=(), scale=(), set_=(), add=None):
             if isinstance(output, tuple):
                 return (output[0] + vector, *output[1:])
             return output + vector
+
         stack.callback(layers[layer].register_forward_hook(post).remove)
     return stack
 
@@ -95,28 +100,29 @@ def native_hooks(hf, ablate=(), scale=(), set_=(), add=None):
 def native_greedy(hf, prompt_ids: list[int], n: int, hooks=None) -> tuple[list[int], list[float]]:
     """Greedy loop of full forwards (no KV cache), stopping at <eos>; then each new token's log-probability."""
     ids = list(prompt_ids)
-    with torch.no_grad(), (hooks if hooks is not None else ExitStack()):
+    with torch.no_grad(), hooks if hooks is not None else ExitStack():
         for _ in range(n):
             logits = hf(torch.tensor([ids]), use_cache=False).logits[0, -1]
             ids.append(int(logits.argmax()))
             if ids[-1] == EOS:
                 break
-        new = ids[len(prompt_ids):]
-        logits = hf(torch.tensor([ids]), use_cache=False).logits[0, len(prompt_ids) - 1: len(ids) - 1]
+        new = ids[len(prompt_ids) :]
+        logits = hf(torch.tensor([ids]), use_cache=False).logits[0, len(prompt_ids) - 1 : len(ids) - 1]
     logprobs = torch.log_softmax(logits.float(), -1)[torch.arange(len(new)), torch.tensor(new)].tolist()
     return new, logprobs
 
 
 def native_score(hf, prompt_ids: list[int], new: list[int], hooks=None) -> list[float]:
-    with torch.no_grad(), (hooks if hooks is not None else ExitStack()):
-        logits = hf(torch.tensor([prompt_ids + new]), use_cache=False).logits[0, len(prompt_ids) - 1: -1]
+    with torch.no_grad(), hooks if hooks is not None else ExitStack():
+        logits = hf(torch.tensor([prompt_ids + new]), use_cache=False).logits[0, len(prompt_ids) - 1 : -1]
     return torch.log_softmax(logits.float(), -1)[torch.arange(len(new)), torch.tensor(new)].tolist()
 
 
 def prompt_of(tokenizer, text: str, chat: bool = False) -> list[int]:
     if chat:
-        return tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                             tokenize=True, return_dict=True)["input_ids"]
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=True
+        )["input_ids"]
     return tokenizer(text)["input_ids"]
 
 
@@ -158,8 +164,11 @@ def test_edit_options_match_native_hooks(tiny):
     hooks = lambda: native_hooks(hf, ablate=[(0, 1)], scale=[(1, 0, 2.0)], set_=[(1, 3, 5.0)])  # noqa: E731
     plain, plain_lp = native_greedy(hf, prompt, 8)
     edited, edited_lp = native_greedy(hf, prompt, 8, hooks())
-    assert data["edit"] == ["Ablate('L0.H1', how='zero', seed=0)", "Scale('L1.H0', factor=2.0)",
-                            "Set('L1.N3', value=5.0)"]
+    assert data["edit"] == [
+        "Ablate('L0.H1', how='zero', seed=0)",
+        "Scale('L1.H0', factor=2.0)",
+        "Set('L1.N3', value=5.0)",
+    ]
     assert data["plain"]["ids"] == plain and data["edited"]["ids"] == edited
     assert data["plain"]["logprob_plain"] == pytest.approx(plain_lp, abs=1e-4)
     assert data["edited"]["logprob_edited"] == pytest.approx(edited_lp, abs=1e-4)
@@ -177,8 +186,9 @@ def test_side_by_side_table(tiny):
     for expected in ("unedited", "edited", "First difference at token", "Set('L1.N3', value=5.0)", "plain"):
         assert expected in text, expected
     prompt = prompt_of(tokenizer, "hello there")
-    edited, edited_lp = native_greedy(hf, prompt, 8, native_hooks(hf, ablate=[(0, 1)], scale=[(1, 0, 2.0)],
-                                                                  set_=[(1, 3, 5.0)]))
+    edited, edited_lp = native_greedy(
+        hf, prompt, 8, native_hooks(hf, ablate=[(0, 1)], scale=[(1, 0, 2.0)], set_=[(1, 3, 5.0)])
+    )
     assert f"{edited_lp[-1]:.3f}" in text
 
 
@@ -186,13 +196,34 @@ def test_steering_vector_from_files_matches_native_addition(tiny, tmp_path):
     path, hf, tokenizer = tiny
     (tmp_path / "pos.txt").write_text("I love this\n\nwonderful day\n")
     (tmp_path / "neg.txt").write_text("I hate this\nawful day\n")
-    data = json_of(invoke(path, "hello", "-n", "6", "--steer", "0", "--positive", str(tmp_path / "pos.txt"),
-                          "--negative", str(tmp_path / "neg.txt"), "--alpha", "3", "--json"))
+    data = json_of(
+        invoke(
+            path,
+            "hello",
+            "-n",
+            "6",
+            "--steer",
+            "0",
+            "--positive",
+            str(tmp_path / "pos.txt"),
+            "--negative",
+            str(tmp_path / "neg.txt"),
+            "--alpha",
+            "3",
+            "--json",
+        )
+    )
 
     def last_stream(texts):  # block 0's output at the last token: hidden_states[1]
         with torch.no_grad():
-            return torch.stack([hf(torch.tensor([tokenizer(t)["input_ids"]]), output_hidden_states=True,
-                                   use_cache=False).hidden_states[1][0, -1] for t in texts]).mean(0)
+            return torch.stack(
+                [
+                    hf(
+                        torch.tensor([tokenizer(t)["input_ids"]]), output_hidden_states=True, use_cache=False
+                    ).hidden_states[1][0, -1]
+                    for t in texts
+                ]
+            ).mean(0)
 
     vector = last_stream(["I love this", "wonderful day"]) - last_stream(["I hate this", "awful day"])
     prompt = prompt_of(tokenizer, "hello")
@@ -207,9 +238,24 @@ def test_save_edit_then_reload_gives_the_same_continuations(tiny, tmp_path):
     (tmp_path / "pos.txt").write_text("good\n")
     (tmp_path / "neg.txt").write_text("bad\n")
     saved = tmp_path / "my.edit.json"
-    first = json_of(invoke(path, "hello", "-n", "6", *EDIT_ARGS, "--steer", "1", "--positive",
-                           str(tmp_path / "pos.txt"), "--negative", str(tmp_path / "neg.txt"),
-                           "--save-edit", str(saved), "--json"))
+    first = json_of(
+        invoke(
+            path,
+            "hello",
+            "-n",
+            "6",
+            *EDIT_ARGS,
+            "--steer",
+            "1",
+            "--positive",
+            str(tmp_path / "pos.txt"),
+            "--negative",
+            str(tmp_path / "neg.txt"),
+            "--save-edit",
+            str(saved),
+            "--json",
+        )
+    )
     assert first["saved_edit"] == str(saved) and (tmp_path / "my.edit.safetensors").is_file()
     document = json.loads(saved.read_text())
     assert [i["type"] for i in document["interventions"]] == ["Ablate", "Scale", "Set", "Add"]
@@ -233,7 +279,8 @@ def test_empty_continuation_says_which_stop_token(tiny, tmp_path):
     assert data["edited"]["stopped_by"] == "the model generated '<eos>' (a stop token) as its first token"
     table = invoke(path, "hello", "-n", "5", "--edit", str(tmp_path / "eos.edit.json"))
     assert "(empty: the model generated '<eos>' (a stop token) as its first token)" in " ".join(
-        table.stdout.replace("│", " ").split())
+        table.stdout.replace("│", " ").split()
+    )
 
 
 # -- bad input: exit 2, one line, before anything runs ----------------------------------------------------
@@ -242,7 +289,7 @@ BAD = [
     (["--ablate", "L0.H9"], "Head 9 is out of range"),
     (["--set", "L1.N96=1"], "Neuron 96 is out of range"),
     (["--ablate", "L7.H0"], "out of range"),
-    (["--set", "L1.N3=nan"], "the value must be a finite number"),   # refused before the model loads
+    (["--set", "L1.N3=nan"], "the value must be a finite number"),  # refused before the model loads
     (["--scale", "L1.H0=inf"], "the factor must be a finite number"),
     (["--scale", "L1.H0"], "give TARGET=FACTOR"),
     (["--set", "L1.N3=big"], "'big' is not a number"),
@@ -265,11 +312,27 @@ def test_bad_input_exits_2_with_one_line(tiny, args, message):
 def test_bad_steering_layer_and_empty_files(tiny, tmp_path):
     (tmp_path / "empty.txt").write_text("\n\n")
     (tmp_path / "pos.txt").write_text("good\n")
-    result = invoke(tiny[0], "hello", "--steer", "5", "--positive", str(tmp_path / "pos.txt"), "--negative",
-                    str(tmp_path / "pos.txt"))
+    result = invoke(
+        tiny[0],
+        "hello",
+        "--steer",
+        "5",
+        "--positive",
+        str(tmp_path / "pos.txt"),
+        "--negative",
+        str(tmp_path / "pos.txt"),
+    )
     assert result.exit_code == 2 and "Layer 5" in result.output, result.output
-    result = invoke(tiny[0], "hello", "--steer", "0", "--positive", str(tmp_path / "pos.txt"), "--negative",
-                    str(tmp_path / "empty.txt"))
+    result = invoke(
+        tiny[0],
+        "hello",
+        "--steer",
+        "0",
+        "--positive",
+        str(tmp_path / "pos.txt"),
+        "--negative",
+        str(tmp_path / "empty.txt"),
+    )
     assert result.exit_code == 2 and "holds no prompts" in result.output, result.output
 
 
@@ -343,10 +406,12 @@ def test_positions_generation_never_reaches_are_refused_before_compute(tiny):
 
 
 def test_generate_help_loads_no_heavy_module():
-    code = ("import sys\nfrom typer.testing import CliRunner\nfrom lmatlas.cli import app\n"
-            "result = CliRunner().invoke(app, ['generate', '--help'])\n"
-            "assert result.exit_code == 0 and '--save-edit' in result.output, result.output\n"
-            "print([m for m in ('torch', 'transformers', 'duckdb', 'pyarrow') if m in sys.modules])\n")
+    code = (
+        "import sys\nfrom typer.testing import CliRunner\nfrom lmatlas.cli import app\n"
+        "result = CliRunner().invoke(app, ['generate', '--help'])\n"
+        "assert result.exit_code == 0 and '--save-edit' in result.output, result.output\n"
+        "print([m for m in ('torch', 'transformers', 'duckdb', 'pyarrow') if m in sys.modules])\n"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"

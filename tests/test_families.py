@@ -26,8 +26,23 @@ def test_every_path_in_the_spec_resolves(tiny):
     for name in ("embed", "layers", "final_norm", "unembed", "pos_embed"):
         if getattr(spec, name):
             assert isinstance(get_path(tiny.hf, getattr(spec, name)), torch.nn.Module)
-    for name in ("attn", "q", "k", "v", "qkv", "o", "mlp", "mlp_in", "mlp_gate", "gate_up", "mlp_out",
-                 "attn_norm", "mlp_norm", "attn_post_norm", "mlp_post_norm"):
+    for name in (
+        "attn",
+        "q",
+        "k",
+        "v",
+        "qkv",
+        "o",
+        "mlp",
+        "mlp_in",
+        "mlp_gate",
+        "gate_up",
+        "mlp_out",
+        "attn_norm",
+        "mlp_norm",
+        "attn_post_norm",
+        "mlp_post_norm",
+    ):
         if getattr(spec, name):
             assert isinstance(get_path(block, getattr(spec, name)), torch.nn.Module), name
 

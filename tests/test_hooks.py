@@ -84,8 +84,10 @@ def test_an_exception_inside_a_replacement_leaves_the_model_clean(llama):
 
 def test_identity_replacements_change_nothing(tiny):
     plain = tiny.forward(PROMPT)
-    keep = {name: (lambda value, site: value) for name in ("resid.pre", "attn.z", "mlp.act", "mlp.out", "resid.post",
-                                                           "attn.q", "attn.k", "attn.v")}
+    keep = {
+        name: (lambda value, site: value)
+        for name in ("resid.pre", "attn.z", "mlp.act", "mlp.out", "resid.post", "attn.q", "attn.k", "attn.v")
+    }
     cache = tiny.run(PROMPT, replace=keep)
     assert torch.equal(plain, cache.logits)
 
@@ -131,8 +133,7 @@ def test_ablating_a_head_through_attn_out_equals_through_z(tiny):
 def test_resid_mid_replacement_sets_the_stream(tiny):
     clean = tiny.run(PROMPT, capture=["L0.resid.mid"])
     target = clean["L0.resid.mid"] * 0.5
-    edited = tiny.run(PROMPT, capture=["L0.resid.mid", "L0.resid.post", "L0.mlp.out"],
-                    replace={"L0.resid.mid": target})
+    edited = tiny.run(PROMPT, capture=["L0.resid.mid", "L0.resid.post", "L0.mlp.out"], replace={"L0.resid.mid": target})
     assert torch.allclose(edited["L0.resid.mid"], target)
     if not tiny.layout.parallel_residual:
         rebuilt = target + edited["L0.mlp.out"]

@@ -25,6 +25,7 @@ def exact_norms(model):
     offset = model.spec.norm_kind is NormKind.RMS_OFFSET
     for module in model.hf.modules():
         if type(module).__name__.endswith("RMSNorm"):
+
             def forward(x, module=module, eps=norm_eps(module)):
                 gain = 1.0 + module.weight if offset else module.weight
                 return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * gain

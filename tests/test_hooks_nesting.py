@@ -21,7 +21,7 @@ def _no_hooks_left(model) -> bool:
 
 def _sharpen(pattern, ctx):
     """Square and renormalise each attention row (a visible, order-dependent change)."""
-    squared = pattern ** 2
+    squared = pattern**2
     return squared / squared.sum(-1, keepdim=True)
 
 

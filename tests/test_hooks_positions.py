@@ -35,8 +35,14 @@ def _edit(model) -> dict:
 
 def _generate(model, batch, replace=None):
     def go():
-        return model.hf.generate(**batch, max_new_tokens=NEW, do_sample=False, output_logits=True,
-                                 return_dict_in_generate=True, pad_token_id=model.tokenizer.pad_token_id)
+        return model.hf.generate(
+            **batch,
+            max_new_tokens=NEW,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+            pad_token_id=model.tokenizer.pad_token_id,
+        )
 
     if replace is None:
         return go()
@@ -54,7 +60,7 @@ def test_an_edit_during_generate_equals_the_edit_teacher_forced(model_type):
         edited = _generate(model, batch, edit)
         plain = _generate(model, batch)
     step_logits = torch.stack(edited.logits, dim=1)  # [1, NEW, vocab]: the logits of each decoding step
-    forced = model.run(edited.sequences, replace=edit, prompt_len=n).logits[:, n - 1: n - 1 + NEW]
+    forced = model.run(edited.sequences, replace=edit, prompt_len=n).logits[:, n - 1 : n - 1 + NEW]
     torch.testing.assert_close(step_logits, forced, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(torch.stack(plain.logits, dim=1)[:, 0], step_logits[:, 0], atol=1e-3)
 
@@ -69,12 +75,14 @@ def test_a_tensor_patch_applies_row_by_row_during_generate(llama):
     with torch.no_grad():
         patched = _generate(llama, batch, {"L0.resid.post": source})
         prompt_only = _generate(llama, batch, {"L0.resid.post": source[:, :n]})  # covers the prompt only
-    forced = llama.run(patched.sequences, replace={"L0.resid.post": source}).logits[:, n - 1: n - 1 + NEW]
-    torch.testing.assert_close(torch.stack(patched.logits, 1)[:, : forced.shape[1]], forced[:, : NEW], rtol=1e-4,
-                               atol=1e-4)
+    forced = llama.run(patched.sequences, replace={"L0.resid.post": source}).logits[:, n - 1 : n - 1 + NEW]
+    torch.testing.assert_close(
+        torch.stack(patched.logits, 1)[:, : forced.shape[1]], forced[:, :NEW], rtol=1e-4, atol=1e-4
+    )
     forced_prompt = llama.run(prompt_only.sequences, replace={"L0.resid.post": source[:, :n]}).logits
-    torch.testing.assert_close(torch.stack(prompt_only.logits, 1), forced_prompt[:, n - 1: n - 1 + NEW], rtol=1e-4,
-                               atol=1e-4)
+    torch.testing.assert_close(
+        torch.stack(prompt_only.logits, 1), forced_prompt[:, n - 1 : n - 1 + NEW], rtol=1e-4, atol=1e-4
+    )
 
 
 def test_the_context_says_positions_step_batch_and_prompt(llama):
@@ -98,30 +106,37 @@ def test_the_context_says_positions_step_batch_and_prompt(llama):
 def test_position_selectors_in_a_forward(llama):
     clean = llama.run(PROMPT, capture=["L0.resid.post"])["L0.resid.post"]
     n = clean.shape[1]
-    cache = llama.run(PROMPT, capture=["L0.resid.post"], replace={
-        "L0.resid.post@1:3": torch.zeros(1, 2, llama.layout.d_model),
-        "L0.resid.post@-1": 7.0,
-        "L0.resid.post@0,4": lambda x, ctx: x * 0 + ctx.positions.view(1, -1, 1).float(),
-    })
+    cache = llama.run(
+        PROMPT,
+        capture=["L0.resid.post"],
+        replace={
+            "L0.resid.post@1:3": torch.zeros(1, 2, llama.layout.d_model),
+            "L0.resid.post@-1": 7.0,
+            "L0.resid.post@0,4": lambda x, ctx: x * 0 + ctx.positions.view(1, -1, 1).float(),
+        },
+    )
     got = cache["L0.resid.post"]
     assert float(got[:, 1:3].abs().max()) == 0.0
     assert float((got[:, n - 1] - 7.0).abs().max()) == 0.0
     assert float((got[:, 0]).abs().max()) == 0.0 and float((got[:, 4] - 4.0).abs().max()) == 0.0
-    torch.testing.assert_close(got[:, 5:n - 1], clean[:, 5:n - 1])
+    torch.testing.assert_close(got[:, 5 : n - 1], clean[:, 5 : n - 1])
 
 
-@pytest.mark.parametrize("replace, message", [
-    ({"L0.attn.zz": 0.0}, "Did you mean 'attn.z'"),
-    ({"L9.attn.z": 0.0}, "Layer 9 is out of range"),
-    ({"L0.resid.post@99": 0.0}, "outside the input"),
-    ({"L0.resid.post@-99": 0.0}, "outside the input"),
-    ({"L0.resid.post@a:b": 0.0}, "Malformed positions"),
-    ({"L0.attn.z": torch.zeros(3, 5)}, r"has shape \(3, 5\)"),
-    ({"L0.attn.z": lambda z, ctx: z[:, :, :1]}, r"expected \(1, 14, 4, 16\)"),  # no silent broadcast over heads
-    ({"L0.resid.post": torch.zeros(64)}, "exactly that shape"),  # a bare vector does not broadcast either
-    ({"L0.resid.post@0,1": torch.zeros(1, 3, 64)}, "one entry per selected position"),
-    ({"L0.mlp.out": lambda x, ctx: "nope"}, "returned str"),
-])
+@pytest.mark.parametrize(
+    "replace, message",
+    [
+        ({"L0.attn.zz": 0.0}, "Did you mean 'attn.z'"),
+        ({"L9.attn.z": 0.0}, "Layer 9 is out of range"),
+        ({"L0.resid.post@99": 0.0}, "outside the input"),
+        ({"L0.resid.post@-99": 0.0}, "outside the input"),
+        ({"L0.resid.post@a:b": 0.0}, "Malformed positions"),
+        ({"L0.attn.z": torch.zeros(3, 5)}, r"has shape \(3, 5\)"),
+        ({"L0.attn.z": lambda z, ctx: z[:, :, :1]}, r"expected \(1, 14, 4, 16\)"),  # no silent broadcast over heads
+        ({"L0.resid.post": torch.zeros(64)}, "exactly that shape"),  # a bare vector does not broadcast either
+        ({"L0.resid.post@0,1": torch.zeros(1, 3, 64)}, "one entry per selected position"),
+        ({"L0.mlp.out": lambda x, ctx: "nope"}, "returned str"),
+    ],
+)
 def test_bad_replacements_are_clear_errors(llama, replace, message):
     calls = []
     handle = llama.blocks[1].register_forward_hook(lambda *a: calls.append(1))
@@ -139,7 +154,7 @@ def test_two_threads_on_two_copies_do_not_disturb_each_other():
     a, b = tiny_model("llama"), tiny_model("llama")
 
     def sharpen(pattern, ctx):
-        squared = pattern ** 2
+        squared = pattern**2
         return squared / squared.sum(-1, keepdim=True)
 
     expected_a = a.run(PROMPT, replace={"attn.pattern": sharpen}).logits

@@ -18,19 +18,46 @@ from lmatlas.model.tiny import TINY_CONFIGS, tiny_hf_model, tiny_model
 FAMILIES = list(TINY_CONFIGS)
 ATOL = 1e-5
 
-_LLAMA = dict(block="model.layers.{}", q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj",
-              o="self_attn.o_proj", up="mlp.up_proj", gate="mlp.gate_proj", down="mlp.down_proj")
+_LLAMA = dict(
+    block="model.layers.{}",
+    q="self_attn.q_proj",
+    k="self_attn.k_proj",
+    v="self_attn.v_proj",
+    o="self_attn.o_proj",
+    up="mlp.up_proj",
+    gate="mlp.gate_proj",
+    down="mlp.down_proj",
+)
 _SANDWICH = dict(_LLAMA, post="post_attention_layernorm")
 #: Native module names per family, written out by hand (``post``: post-attention norm).
 NATIVE: dict[str, dict[str, str]] = {
-    "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "qwen3": _LLAMA, "gemma": _LLAMA,
-    "gemma2": _SANDWICH, "gemma3_text": _SANDWICH, "olmo2": _SANDWICH,
-    "phi3": dict(block="model.layers.{}", qkv="self_attn.qkv_proj", split="concat", o="self_attn.o_proj",
-                 gate_up="mlp.gate_up_proj", down="mlp.down_proj"),
-    "gpt2": dict(block="transformer.h.{}", qkv="attn.c_attn", split="concat", o="attn.c_proj",
-                 up="mlp.c_fc", down="mlp.c_proj"),
-    "gpt_neox": dict(block="gpt_neox.layers.{}", qkv="attention.query_key_value", split="per_head",
-                     o="attention.dense", up="mlp.dense_h_to_4h", down="mlp.dense_4h_to_h"),
+    "llama": _LLAMA,
+    "mistral": _LLAMA,
+    "qwen2": _LLAMA,
+    "qwen3": _LLAMA,
+    "gemma": _LLAMA,
+    "gemma2": _SANDWICH,
+    "gemma3_text": _SANDWICH,
+    "olmo2": _SANDWICH,
+    "phi3": dict(
+        block="model.layers.{}",
+        qkv="self_attn.qkv_proj",
+        split="concat",
+        o="self_attn.o_proj",
+        gate_up="mlp.gate_up_proj",
+        down="mlp.down_proj",
+    ),
+    "gpt2": dict(
+        block="transformer.h.{}", qkv="attn.c_attn", split="concat", o="attn.c_proj", up="mlp.c_fc", down="mlp.c_proj"
+    ),
+    "gpt_neox": dict(
+        block="gpt_neox.layers.{}",
+        qkv="attention.query_key_value",
+        split="per_head",
+        o="attention.dense",
+        up="mlp.dense_h_to_4h",
+        down="mlp.dense_4h_to_h",
+    ),
 }
 
 
@@ -84,9 +111,11 @@ def run(request) -> Run:
     handles = []
     for layer in range(model.hf.config.num_hidden_layers):
         for key in keys:
+
             def hook(mod, args, out, key=key, layer=layer):
                 out = out[0] if isinstance(out, tuple) else out
                 r.rec[(layer, key)] = (args[0].detach(), out.detach())
+
             handles.append(r.module(layer, key).register_forward_hook(hook))
     try:
         cache = model.run(ids, capture=["attn.pattern", "attn.k", "attn.v", "attn.z", "attn.out"])
@@ -209,6 +238,7 @@ def _zero(index):
         x = x.clone()
         x[index] = 0.0
         return x
+
     return edit
 
 

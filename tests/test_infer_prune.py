@@ -9,8 +9,15 @@ from lmatlas.errors import LmatlasError
 from lmatlas.infer.prune import PRUNABLE, least_important, masked_heads, perplexity, prune_heads, random_heads
 from lmatlas.model.tiny import tiny_model
 
-FAMILIES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "gemma": "gemma",
-            "gemma2": "gemma2", "gemma3": "gemma3_text"}
+FAMILIES = {
+    "llama": "llama",
+    "mistral": "mistral",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "gemma": "gemma",
+    "gemma2": "gemma2",
+    "gemma3": "gemma3_text",
+}
 IDS = torch.randint(0, 250, (2, 24), generator=torch.Generator().manual_seed(0))
 
 
@@ -21,7 +28,7 @@ def reference_zeroed_z(model, heads: dict[int, list[int]]) -> torch.Tensor:
         for layer, hs in heads.items():
             o = model.blocks[layer].self_attn.o_proj
             for h in hs:
-                o.weight[:, h * d:(h + 1) * d] = 0
+                o.weight[:, h * d : (h + 1) * d] = 0
         return model.hf(IDS, use_cache=False).logits
 
 

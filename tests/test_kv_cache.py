@@ -38,8 +38,7 @@ def load(family: str) -> Model:
 def half_plan(model: Model):
     """Alternate full / windowed KV heads across the choosable layers (at least one of each where possible)."""
     n_kv = model.layout.n_kv_heads
-    full = [(layer, kv) for i, layer in enumerate(choosable_layers(model)) for kv in range(n_kv)
-            if (i + kv) % 2 == 0]
+    full = [(layer, kv) for i, layer in enumerate(choosable_layers(model)) for kv in range(n_kv) if (i + kv) % 2 == 0]
     return make_plan(model, full, sink=SINK, recent=RECENT)
 
 
@@ -76,7 +75,7 @@ def _reference_attention(module, query, key, value, attention_mask, *args, plan,
     if layer in plan.layers:
         for kv in range(n_kv):
             if kv not in plan.full_heads(layer):
-                allowed[:, kv * rep:(kv + 1) * rep] &= (j < plan.sink) | (i - j <= plan.recent)
+                allowed[:, kv * rep : (kv + 1) * rep] &= (j < plan.sink) | (i - j <= plan.recent)
     return attend(query, scores, values, allowed)
 
 
@@ -96,8 +95,16 @@ def reference_logits(model: Model, ids: torch.Tensor, plan) -> torch.Tensor:
 
 def generate(model: Model, ids: torch.Tensor, cache=None, **kwargs):
     with torch.no_grad():
-        return model.hf.generate(ids, max_new_tokens=NEW, do_sample=False, output_logits=True,
-                                 return_dict_in_generate=True, past_key_values=cache, pad_token_id=258, **kwargs)
+        return model.hf.generate(
+            ids,
+            max_new_tokens=NEW,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+            past_key_values=cache,
+            pad_token_id=258,
+            **kwargs,
+        )
 
 
 def prompt(seed: int = 0, length: int = PROMPT) -> torch.Tensor:
@@ -150,8 +157,9 @@ def test_prefill_in_pieces_equals_one_prefill(family):
     with torch.no_grad():
         one = model.hf(ids, past_key_values=HeadwiseCache(model, plan), use_cache=True).logits
         cache = HeadwiseCache(model, plan)
-        parts = [model.hf(ids[:, a:b], past_key_values=cache, use_cache=True).logits
-                 for a, b in ((0, 7), (7, 8), (8, 30))]
+        parts = [
+            model.hf(ids[:, a:b], past_key_values=cache, use_cache=True).logits for a, b in ((0, 7), (7, 8), (8, 30))
+        ]
     torch.testing.assert_close(torch.cat(parts, 1), one, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(one, reference_logits(model, ids, plan), rtol=1e-4, atol=1e-4)
 

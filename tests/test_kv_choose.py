@@ -22,9 +22,20 @@ def write_atlas(path, model, scores: dict[str, torch.Tensor]):
     store = AtlasStore.create_or_open(path, model.card())
     try:
         for name, table in scores.items():
-            rows = [{"layer": l, "head": h, "detector": name, "score": float(table[l, h]), "baseline": 0.0,
-                     "z": 0.0, "label": False, "seed": 0}
-                    for l in range(table.shape[0]) for h in range(table.shape[1])]
+            rows = [
+                {
+                    "layer": l,
+                    "head": h,
+                    "detector": name,
+                    "score": float(table[l, h]),
+                    "baseline": 0.0,
+                    "z": 0.0,
+                    "label": False,
+                    "seed": 0,
+                }
+                for l in range(table.shape[0])
+                for h in range(table.shape[1])
+            ]
             store.commit_unit("census", f"census/{name}", {"head_scores": rows}, 0.0)
     finally:
         store.close()
@@ -47,7 +58,9 @@ def test_atlas_plan_keeps_the_neediest_kv_heads(llama, tmp_path):
 
 def test_atlas_of_another_model_is_refused(llama, tmp_path):
     other = tiny_model("qwen2")
-    path = write_atlas(tmp_path / "other.duckdb", other, {"full_context": torch.zeros(2, 4), "retrieval": torch.zeros(2, 4)})
+    path = write_atlas(
+        tmp_path / "other.duckdb", other, {"full_context": torch.zeros(2, 4), "retrieval": torch.zeros(2, 4)}
+    )
     with pytest.raises(AtlasError, match="another model"):
         choose.from_atlas(llama, path, budget=0.5)
 
@@ -128,8 +141,12 @@ def test_padded_batch_is_refused_before_compute(llama):
         assert calls == []  # refused before any forward
         batch = llama.tokenize(["a short one", "a much longer prompt here"])
         with pytest.raises(LmatlasError, match="padded batches"), torch.no_grad():
-            llama.hf.generate(**batch, past_key_values=HeadwiseCache(llama, choose.uniform(llama, 2, 4)),
-                              max_new_tokens=2, pad_token_id=258)
+            llama.hf.generate(
+                **batch,
+                past_key_values=HeadwiseCache(llama, choose.uniform(llama, 2, 4)),
+                max_new_tokens=2,
+                pad_token_id=258,
+            )
     finally:
         handle.remove()
 
@@ -173,10 +190,10 @@ def test_greedy_runner_equals_generate_and_reports(llama):
     ids = torch.randint(0, 250, (1, 30), generator=torch.Generator().manual_seed(2))
     plan = make_plan(llama, [(1, 1)], sink=2, recent=5)
     with torch.no_grad():
-        ref = llama.hf.generate(ids, past_key_values=HeadwiseCache(llama, plan), max_new_tokens=6, do_sample=False,
-                                pad_token_id=258)
-    result = greedy(llama, ids, HeadwiseCache(llama, plan), max_new_tokens=6, measure_memory=True,
-                    stop_at_eos=False)
+        ref = llama.hf.generate(
+            ids, past_key_values=HeadwiseCache(llama, plan), max_new_tokens=6, do_sample=False, pad_token_id=258
+        )
+    result = greedy(llama, ids, HeadwiseCache(llama, plan), max_new_tokens=6, measure_memory=True, stop_at_eos=False)
     assert result.tokens == ref[0, 30:].tolist()
     assert result.kv_bytes > 0 and result.plan["full_kv_heads"] == 1
     assert result.peak_prefill_bytes is not None and result.decode_tokens_per_s > 0
@@ -189,9 +206,10 @@ def test_model_generate_takes_a_kv_plan(llama):
     plan = make_plan(llama, [(1, 1)], sink=2, recent=5)
     batch = llama.tokenize(prompt)
     with torch.no_grad():
-        ref = llama.hf.generate(**batch, past_key_values=HeadwiseCache(llama, plan), max_new_tokens=6,
-                                do_sample=False, pad_token_id=258)
-    expected = llama.tokenizer.decode(ref[0, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        ref = llama.hf.generate(
+            **batch, past_key_values=HeadwiseCache(llama, plan), max_new_tokens=6, do_sample=False, pad_token_id=258
+        )
+    expected = llama.tokenizer.decode(ref[0, batch["input_ids"].shape[1] :], skip_special_tokens=True)
     assert llama.generate(prompt, 6, kv=plan) == expected
     # every head full: the same text as the default cache
     assert llama.generate(prompt, 6, kv=choose.every_head(llama)) == llama.generate(prompt, 6)

@@ -60,16 +60,19 @@ def reference_keep(pattern: torch.Tensor, n_kv: int, capacity: int, window: int,
     for b in range(batch):
         rows = []
         for kv in range(n_kv):
-            raw = [sum(float(pattern[b, h, r, p]) for h in range(kv * rep, (kv + 1) * rep) for r in range(prefix, m)) / rep
-                   for p in range(prefix)]
+            raw = [
+                sum(float(pattern[b, h, r, p]) for h in range(kv * rep, (kv + 1) * rep) for r in range(prefix, m)) / rep
+                for p in range(prefix)
+            ]
             half = kernel // 2
             pooled = []
             for p in range(prefix):
-                near = raw[max(0, p - half): min(prefix, p + half + 1)]
+                near = raw[max(0, p - half) : min(prefix, p + half + 1)]
                 pooled.append(sum(near) / len(near))
             order = sorted(range(prefix), key=lambda p: -pooled[p])
-            rows.append((set(order[: capacity - window]) | set(range(prefix, m)), pooled,
-                         pooled[order[capacity - window - 1]]))
+            rows.append(
+                (set(order[: capacity - window]) | set(range(prefix, m)), pooled, pooled[order[capacity - window - 1]])
+            )
         keep.append(rows)
     return keep
 
@@ -145,7 +148,7 @@ def _reference_attention(module, query, key, value, attention_mask, *args, kept,
             hidden = torch.ones(n, dtype=torch.bool)
             hidden[list(positions)] = False
             hidden[n_prompt:] = False
-            allowed[:, kv * rep:(kv + 1) * rep, n_prompt:, :] &= ~hidden
+            allowed[:, kv * rep : (kv + 1) * rep, n_prompt:, :] &= ~hidden
     return attend(query, scores, values, allowed)
 
 
@@ -184,7 +187,7 @@ def test_several_tokens_on_a_compressed_cache_equal_one_at_a_time(family):
         block = model.hf(extra, past_key_values=together, use_cache=True).logits
         single = SnapCache(model, plan)
         model.hf(ids, past_key_values=single, use_cache=True)
-        rows = [model.hf(extra[:, i:i + 1], past_key_values=single, use_cache=True).logits for i in range(4)]
+        rows = [model.hf(extra[:, i : i + 1], past_key_values=single, use_cache=True).logits for i in range(4)]
     torch.testing.assert_close(block, torch.cat(rows, dim=1), rtol=1e-4, atol=1e-4)
     assert together.get_seq_length() == PROMPT + 4
 
@@ -196,8 +199,14 @@ def test_assisted_generation_rolls_back_and_equals_greedy(family):
     plan = SnapPlan(capacity=20, window=WINDOW, kernel=KERNEL)
     plain = generate(model, ids, SnapCache(model, plan))
     with torch.no_grad():
-        assisted = model.hf.generate(ids, max_new_tokens=NEW, do_sample=False, pad_token_id=258,
-                                     past_key_values=SnapCache(model, plan), prompt_lookup_num_tokens=3)
+        assisted = model.hf.generate(
+            ids,
+            max_new_tokens=NEW,
+            do_sample=False,
+            pad_token_id=258,
+            past_key_values=SnapCache(model, plan),
+            prompt_lookup_num_tokens=3,
+        )
     assert torch.equal(plain.sequences, assisted)
 
 
@@ -238,8 +247,10 @@ def test_generate_with_a_snap_plan_and_plan_errors():
     ids = prompt()
     plan = SnapPlan(capacity=CAPACITY, window=WINDOW)
     text = model.tokenizer.decode(ids[0])
-    assert model.generate(text, max_new_tokens=4, kv=plan) == generate_kv(
-        model, text, plan=plan, max_new_tokens=4, measure_memory=False).text
+    assert (
+        model.generate(text, max_new_tokens=4, kv=plan)
+        == generate_kv(model, text, plan=plan, max_new_tokens=4, measure_memory=False).text
+    )
     result = greedy(model, ids, make_cache(model, plan), max_new_tokens=4)
     assert result.plan == {"method": "snapkv", "capacity": CAPACITY, "window": WINDOW, "kernel": 5}
     with pytest.raises(LmatlasError, match="must exceed the observation window"):

@@ -117,16 +117,26 @@ def test_corrupt_weights(saved_llama, tmp_path):
 
 
 def test_sequence_classification_checkpoint_is_not_a_causal_lm(tmp_path):
-    config = AutoConfig.for_model("llama", **{"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                                             "num_attention_heads": 2, "vocab_size": 64, "num_labels": 2})
+    config = AutoConfig.for_model(
+        "llama",
+        **{
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "vocab_size": 64,
+            "num_labels": 2,
+        },
+    )
     AutoModelForSequenceClassification.from_config(config).save_pretrained(tmp_path)
     with pytest.raises(NotACausalLMError, match="LlamaForSequenceClassification"):
         load(tmp_path)
 
 
 def test_encoder_checkpoint_is_not_a_causal_lm(tmp_path):
-    BertForMaskedLM(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                               vocab_size=64)).save_pretrained(tmp_path)
+    BertForMaskedLM(
+        BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=64)
+    ).save_pretrained(tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["architectures"] == ["BertForMaskedLM"]
     with pytest.raises(NotACausalLMError, match="not a causal language model"):
         load(tmp_path)
@@ -135,8 +145,9 @@ def test_encoder_checkpoint_is_not_a_causal_lm(tmp_path):
 def test_from_hf_rejects_a_model_without_lm_head():
     from transformers import LlamaConfig, LlamaModel
 
-    base = LlamaModel(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                                  vocab_size=64))
+    base = LlamaModel(
+        LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=64)
+    )
     with pytest.raises(NotACausalLMError, match="no language-model head"):
         lmatlas.Model.from_hf(base, None)
 

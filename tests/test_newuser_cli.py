@@ -54,8 +54,12 @@ def test_heads_from_the_atlas_is_the_stored_census(paths, no_model):
     assert {head: sorted(labels) for head, labels in data["labels"].items()} == stored
     typed = json.loads(invoke("heads", "--atlas", str(paths["a"]), "--type", "previous_token", "--json").stdout)
     with Atlas.open(paths["a"]) as atlas:
-        scores = {f"L{r['layer']}.H{r['head']}": r["score"] for r in atlas.sql(
-            "SELECT layer, head, score FROM head_scores WHERE detector = 'previous_token'").to_pylist()}
+        scores = {
+            f"L{r['layer']}.H{r['head']}": r["score"]
+            for r in atlas.sql(
+                "SELECT layer, head, score FROM head_scores WHERE detector = 'previous_token'"
+            ).to_pylist()
+        }
     assert {r["head"]: r["score"] for r in typed["rows"]} == pytest.approx(scores, abs=1e-6)
     grid = invoke("heads", "--atlas", str(paths["a"]))
     assert grid.exit_code == 0 and "Head census" in grid.stdout
@@ -81,13 +85,16 @@ def test_lens_from_the_atlas_prints_the_stored_statistics(paths, no_model):
     assert "Logit lens over the atlas corpus" in table.stdout and "L1" in table.stdout
 
 
-@pytest.mark.parametrize("args, message", [
-    (["lens", "--atlas", "A", "Hello"], "needs the model"),
-    (["heads", "MODEL", "--atlas", "A"], "not both"),
-    (["heads", "--atlas", "A", "--seed", "3"], "--seed 3 needs the model"),
-    (["neurons", "--atlas", "A", "--layer", "0", "--top", "50"], "more need the model"),
-    (["search", "--atlas", "A", "a", "--top", "50"], "more need the model"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["lens", "--atlas", "A", "Hello"], "needs the model"),
+        (["heads", "MODEL", "--atlas", "A"], "not both"),
+        (["heads", "--atlas", "A", "--seed", "3"], "--seed 3 needs the model"),
+        (["neurons", "--atlas", "A", "--layer", "0", "--top", "50"], "more need the model"),
+        (["search", "--atlas", "A", "a", "--top", "50"], "more need the model"),
+    ],
+)
 def test_what_only_the_model_answers_is_refused_from_an_atlas(paths, no_model, args, message):
     args = [str(paths["a"]) if a == "A" else str(paths["model"]) if a == "MODEL" else a for a in args]
     result = invoke(*args, "--json")
@@ -108,26 +115,33 @@ def test_row_labels_never_shrink(paths, columns):
 
 
 def test_neurons_list_the_sharpest_first(paths):
-    every = json.loads(invoke("neurons", "--atlas", str(paths["a"]), "--layer", "0", "--limit", "0", "--sort", "index",
-                              "--json").stdout)["neurons"]
+    every = json.loads(
+        invoke(
+            "neurons", "--atlas", str(paths["a"]), "--layer", "0", "--limit", "0", "--sort", "index", "--json"
+        ).stdout
+    )["neurons"]
     assert [r["index"] for r in every] == list(range(len(every)))
-    default = json.loads(invoke("neurons", "--atlas", str(paths["a"]), "--layer", "0", "--limit", "5",
-                                "--json").stdout)["neurons"]
+    default = json.loads(
+        invoke("neurons", "--atlas", str(paths["a"]), "--layer", "0", "--limit", "5", "--json").stdout
+    )["neurons"]
     expected = sorted(every, key=lambda r: (-r["promoted"][0][1], r["index"]))[:5]
     assert [r["neuron"] for r in default] == [r["neuron"] for r in expected] != [f"L0.N{i}" for i in range(5)]
 
 
 # -- item 8: bad input is refused before the model loads --------------------------------------------------------
-@pytest.mark.parametrize("args, message", [
-    (["lens", "/nowhere/model.gguf", ""], "The prompt is empty"),
-    (["search", "/nowhere/model.gguf", ""], "The token is empty"),
-    (["search", "/nowhere/model.gguf", "--id", "-1"], "negative"),
-    (["neurons", "/nowhere/model.gguf", "--layer", "-1"], "negative"),
-    (["neurons", "/nowhere/model.gguf", "--layer", "0", "--neuron", "-3"], "negative"),
-    (["neurons", "/nowhere/model.gguf", "--layer", "0", "--sort", "size"], "--sort 'size'"),
-    (["heads", "/nowhere/model.gguf", "--type", "streaming"], "now called 'full_context'"),
-    (["heads", "/nowhere/model.gguf", "--threshold", "induction=high"], "not a number"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["lens", "/nowhere/model.gguf", ""], "The prompt is empty"),
+        (["search", "/nowhere/model.gguf", ""], "The token is empty"),
+        (["search", "/nowhere/model.gguf", "--id", "-1"], "negative"),
+        (["neurons", "/nowhere/model.gguf", "--layer", "-1"], "negative"),
+        (["neurons", "/nowhere/model.gguf", "--layer", "0", "--neuron", "-3"], "negative"),
+        (["neurons", "/nowhere/model.gguf", "--layer", "0", "--sort", "size"], "--sort 'size'"),
+        (["heads", "/nowhere/model.gguf", "--type", "streaming"], "now called 'full_context'"),
+        (["heads", "/nowhere/model.gguf", "--threshold", "induction=high"], "not a number"),
+    ],
+)
 def test_bad_input_is_refused_before_the_model_loads(no_model, args, message):
     result = invoke(*args)
     assert result.exit_code == 2, result.output
@@ -173,9 +187,27 @@ def test_show_counts_the_models_heads_on_a_partial_atlas(paths, tmp_path):
     path = tmp_path / "partial.atlas.duckdb"
     store = AtlasStore.create_or_open(path, model.card())
     try:
-        store.commit_unit("census", "census/induction", {"head_scores": [
-            {"layer": l, "head": h, "detector": "induction", "score": 0.9, "baseline": 0.0, "z": 9.0, "label": True,
-             "seed": 0} for l in range(2) for h in range(4)]}, 0.0)
+        store.commit_unit(
+            "census",
+            "census/induction",
+            {
+                "head_scores": [
+                    {
+                        "layer": l,
+                        "head": h,
+                        "detector": "induction",
+                        "score": 0.9,
+                        "baseline": 0.0,
+                        "z": 9.0,
+                        "label": True,
+                        "seed": 0,
+                    }
+                    for l in range(2)
+                    for h in range(4)
+                ]
+            },
+            0.0,
+        )
     finally:
         store.close()
     shown = json.loads(invoke("show", str(path), "--json").stdout)

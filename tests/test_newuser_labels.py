@@ -26,10 +26,26 @@ def old_atlas(path, model):
     """An atlas as written before the rename: head scores and the census unit under ``streaming``."""
     store = AtlasStore.create_or_open(path, model.card())
     try:
-        rows = [{"layer": l, "head": h, "detector": "streaming", "score": 0.9 if (l, h) == (1, 2) else 0.1,
-                 "baseline": 0.0, "z": 9.0, "label": (l, h) == (1, 2), "seed": 0} for l in range(2) for h in range(4)]
-        store.commit_unit("structure", "structure/all", {"heads": [
-            {"layer": l, "head": h, "kv_group": h // 2} for l in range(2) for h in range(4)]}, 0.0)
+        rows = [
+            {
+                "layer": l,
+                "head": h,
+                "detector": "streaming",
+                "score": 0.9 if (l, h) == (1, 2) else 0.1,
+                "baseline": 0.0,
+                "z": 9.0,
+                "label": (l, h) == (1, 2),
+                "seed": 0,
+            }
+            for l in range(2)
+            for h in range(4)
+        ]
+        store.commit_unit(
+            "structure",
+            "structure/all",
+            {"heads": [{"layer": l, "head": h, "kv_group": h // 2} for l in range(2) for h in range(4)]},
+            0.0,
+        )
         store.commit_unit("census", "census/streaming", {"head_scores": rows}, 0.0)
         store.put_meta({"planned_units": ["structure/all", "census/streaming"]})
     finally:
@@ -50,7 +66,9 @@ def test_an_old_atlas_is_renamed_when_opened(llama, tmp_path):
         assert atlas.heads(type="streaming").num_rows == 0
         assert atlas.missing_units() == []  # the renamed unit is still done: a resumed build skips it
         assert atlas.sql("SELECT unit FROM runs ORDER BY unit").column("unit").to_pylist() == [
-            "census/full_context", "structure/all"]
+            "census/full_context",
+            "structure/all",
+        ]
 
 
 def test_an_old_atlas_that_cannot_be_written_is_refused_with_the_rebuild_command(llama, tmp_path):

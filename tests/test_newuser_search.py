@@ -54,8 +54,9 @@ def _plain_scale(model, token: int):
     captured: dict[str, list[torch.Tensor]] = {"final": [], **{f"act{l}": [] for l in range(len(hf.model.layers))}}
     hooks = [hf.model.norm.register_forward_hook(lambda m, i, o: captured["final"].append(i[0].detach()))]
     for l, block in enumerate(hf.model.layers):
-        hooks.append(block.mlp.down_proj.register_forward_hook(
-            lambda m, i, o, l=l: captured[f"act{l}"].append(i[0].detach())))
+        hooks.append(
+            block.mlp.down_proj.register_forward_hook(lambda m, i, o, l=l: captured[f"act{l}"].append(i[0].detach()))
+        )
     with torch.no_grad():
         for row in windows:
             hf(row[None])
@@ -65,8 +66,15 @@ def _plain_scale(model, token: int):
     eps = hf.model.norm.variance_epsilon
     factor = torch.rsqrt(final.pow(2).mean(-1) + eps)[:, 1:]  # [windows, seq - 1]: what the final norm multiplies by
     s = factor.mean().item()
-    neuron_max = torch.stack([(torch.cat(captured[f"act{l}"])[:, 1:].double() * factor[..., None]).flatten(0, 1)
-                              .max(0).values.clamp(min=0) for l in range(len(hf.model.layers))])  # max of act * s
+    neuron_max = torch.stack(
+        [
+            (torch.cat(captured[f"act{l}"])[:, 1:].double() * factor[..., None])
+            .flatten(0, 1)
+            .max(0)
+            .values.clamp(min=0)
+            for l in range(len(hf.model.layers))
+        ]
+    )  # max of act * s
     W_U = hf.lm_head.weight.double().detach()  # [vocab, d_model]
     column = hf.model.norm.weight.double().detach() * (W_U[token] - W_U.mean(0))  # relative to the vocabulary mean
     per_unit = torch.stack([b.mlp.down_proj.weight.double().T @ column for b in hf.model.layers]).detach()
@@ -78,8 +86,8 @@ def _plain_scale(model, token: int):
         with torch.no_grad():
             x = block.input_layernorm(hf.model.embed_tokens.weight[source][None]).double()[0]
         kv = head // group
-        v = x @ block.self_attn.v_proj.weight.double()[kv * d_head:(kv + 1) * d_head].T
-        write = v @ block.self_attn.o_proj.weight.double()[:, head * d_head:(head + 1) * d_head].T
+        v = x @ block.self_attn.v_proj.weight.double()[kv * d_head : (kv + 1) * d_head].T
+        write = v @ block.self_attn.o_proj.weight.double()[:, head * d_head : (head + 1) * d_head].T
         return float((write @ column).detach())
 
     return s, neuron_max, per_unit, head_logit
@@ -104,8 +112,11 @@ def test_the_scale_is_the_logit_added_through_the_final_norm(model, atlas_path):
     V = model.layout.d_vocab
     sources = torch.randperm(V, generator=torch.Generator().manual_seed(0))[:256].sort().values.tolist()
     texts = token_texts(model.tokenizer, list(range(V)))
-    everything = [(float(neuron_max[l, n] * per_unit[l, n]), f"L{l}.N{n}", None)
-                  for l in range(per_unit.shape[0]) for n in range(per_unit.shape[1])]
+    everything = [
+        (float(neuron_max[l, n] * per_unit[l, n]), f"L{l}.N{n}", None)
+        for l in range(per_unit.shape[0])
+        for n in range(per_unit.shape[1])
+    ]
     for l in range(per_unit.shape[0]):
         for h in range(model.layout.n_heads):
             logits = [head_logit(l, h, src) for src in sources]
@@ -122,8 +133,9 @@ def test_the_scale_is_the_logit_added_through_the_final_norm(model, atlas_path):
 def test_cli_search_answers_the_same_from_model_and_atlas(model_dir, atlas_path):
     token = TOKEN
     from_model = runner.invoke(app, ["search", model_dir, "--id", str(token), "--top", str(LIMIT), "--json"])
-    from_atlas = runner.invoke(app, ["search", "--atlas", str(atlas_path), "--id", str(token), "--top", str(LIMIT),
-                                     "--json"])
+    from_atlas = runner.invoke(
+        app, ["search", "--atlas", str(atlas_path), "--id", str(token), "--top", str(LIMIT), "--json"]
+    )
     assert from_model.exit_code == 0 and from_atlas.exit_code == 0, (from_model.output, from_atlas.output)
     a, b = json.loads(from_model.stdout)["results"], json.loads(from_atlas.stdout)["results"]
     assert [r["name"] for r in a] == [r["name"] for r in b]

@@ -39,8 +39,11 @@ def _name(document: Path) -> str:
     return str(document.relative_to(ROOT))
 
 
-BLOCKS = [(_name(doc), section, line, code)
-          for doc in DOCUMENTS for section, line, code in python_blocks(doc.read_text(encoding="utf-8"))]
+BLOCKS = [
+    (_name(doc), section, line, code)
+    for doc in DOCUMENTS
+    for section, line, code in python_blocks(doc.read_text(encoding="utf-8"))
+]
 
 
 def test_the_readme_and_every_guide_page_have_python_blocks():
@@ -48,7 +51,9 @@ def test_the_readme_and_every_guide_page_have_python_blocks():
     guides = {str(p.relative_to(ROOT)) for p in (ROOT / "docs" / "guide").glob("*.md")}
     assert guides and guides <= {doc for doc, *_ in BLOCKS}, "a guide page without a runnable example"
     assert python_blocks("# A\n```python\nx = 1\n```\n## B\n```bash\nls\n```\n```python\ny = 2\n```\n") == [
-        ("A", 2, "x = 1\n"), ("B", 9, "y = 2\n")]
+        ("A", 2, "x = 1\n"),
+        ("B", 9, "y = 2\n"),
+    ]
 
 
 def asserts_in(code: str) -> int:
@@ -64,7 +69,8 @@ def test_asserts_in_counts_assert_statements():
 def test_every_block_asserts_what_it_promises(document, section, line, code):
     assert asserts_in(code) >= 1, (
         f"{document}:{line} ({section}) runs but checks nothing: add assert lines for the values or "
-        "properties its comments state")
+        "properties its comments state"
+    )
 
 
 @pytest.fixture(scope="module")

@@ -64,11 +64,16 @@ def test_shapes_of_every_site(tiny):
     cache = tiny.run(PROMPT, capture=tiny.sites())
     batch, pos = cache.input_ids.shape
     expected = {
-        "resid.pre": (batch, pos, lay.d_model), "resid.mid": (batch, pos, lay.d_model),
-        "resid.post": (batch, pos, lay.d_model), "attn.q": (batch, pos, lay.n_heads, lay.d_head),
-        "attn.k": (batch, pos, lay.n_kv_heads, lay.d_head), "attn.v": (batch, pos, lay.n_kv_heads, lay.d_head),
-        "attn.pattern": (batch, lay.n_heads, pos, pos), "attn.z": (batch, pos, lay.n_heads, lay.d_head),
-        "attn.out": (batch, pos, lay.n_heads, lay.d_model), "mlp.act": (batch, pos, lay.d_mlp),
+        "resid.pre": (batch, pos, lay.d_model),
+        "resid.mid": (batch, pos, lay.d_model),
+        "resid.post": (batch, pos, lay.d_model),
+        "attn.q": (batch, pos, lay.n_heads, lay.d_head),
+        "attn.k": (batch, pos, lay.n_kv_heads, lay.d_head),
+        "attn.v": (batch, pos, lay.n_kv_heads, lay.d_head),
+        "attn.pattern": (batch, lay.n_heads, pos, pos),
+        "attn.z": (batch, pos, lay.n_heads, lay.d_head),
+        "attn.out": (batch, pos, lay.n_heads, lay.d_model),
+        "mlp.act": (batch, pos, lay.d_mlp),
         "mlp.out": (batch, pos, lay.d_model),
     }
     assert set(expected) == set(COMPONENTS)

@@ -17,11 +17,18 @@ def layout():
     return get_tiny("llama").layout  # 2 layers, 4 query heads, 2 KV heads, 96 neurons
 
 
-@pytest.mark.parametrize("text, site, index, axis", [
-    ("L1.H3", "attn.z", 3, 2), ("L1.H3.q", "attn.q", 3, 2), ("L1.H3.out", "attn.out", 3, 2),
-    ("L0.KV1.k", "attn.k", 1, 2), ("L0.KV1.v", "attn.v", 1, 2), ("L1.N95", "mlp.act", 95, -1),
-    ("L1.resid.post", "resid.post", None, None),
-])
+@pytest.mark.parametrize(
+    "text, site, index, axis",
+    [
+        ("L1.H3", "attn.z", 3, 2),
+        ("L1.H3.q", "attn.q", 3, 2),
+        ("L1.H3.out", "attn.out", 3, 2),
+        ("L0.KV1.k", "attn.k", 1, 2),
+        ("L0.KV1.v", "attn.v", 1, 2),
+        ("L1.N95", "mlp.act", 95, -1),
+        ("L1.resid.post", "resid.post", None, None),
+    ],
+)
 def test_each_spelling_names_one_slice(layout, text, site, index, axis):
     target = parse_target(text + "@-1", layout)
     assert target.site == Site(int(text[1]), site) and target.index == index and target.axis == axis
@@ -35,11 +42,19 @@ def test_a_component_alone_names_every_layer(layout):
         _ = target.site
 
 
-@pytest.mark.parametrize("text, message", [
-    ("L1.H4", "0..3"), ("L1.KV2.k", "0..1"), ("L1.N96", "96 neurons"), ("L2.H0", "0..1"),
-    ("L1.attn.q.H3", "'L1.H3.q'"), ("L1.attn.out.H3", "'L1.H3.out'"), ("L1.attn.z.H3", "'L1.H3'"),
-    ("L1.H3.k", "L<layer>"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("L1.H4", "0..3"),
+        ("L1.KV2.k", "0..1"),
+        ("L1.N96", "96 neurons"),
+        ("L2.H0", "0..1"),
+        ("L1.attn.q.H3", "'L1.H3.q'"),
+        ("L1.attn.out.H3", "'L1.H3.out'"),
+        ("L1.attn.z.H3", "'L1.H3'"),
+        ("L1.H3.k", "L<layer>"),
+    ],
+)
 def test_bad_targets_say_what_to_write(layout, text, message):
     with pytest.raises(SiteError) as error:
         parse_target(text, layout)

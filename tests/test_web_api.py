@@ -48,9 +48,17 @@ _error = expect_error
 def test_atlas_info(client, paths, model):
     info = client.get("/api/atlas").json()
     assert info["model"]["layers"] == 2 and info["model"]["query_heads"] == 4
-    assert info["available"] == {"model": True, "diff": True, "corpus": True, "head_windows": True,
-                                 "neuron_contexts": True, "neuron_histograms": True, "head_scores": True,
-                                 "neuron_stats": True, "circuits": False}
+    assert info["available"] == {
+        "model": True,
+        "diff": True,
+        "corpus": True,
+        "head_windows": True,
+        "neuron_contexts": True,
+        "neuron_histograms": True,
+        "head_scores": True,
+        "neuron_stats": True,
+        "circuits": False,
+    }
     assert {d["name"] for d in info["detectors"]} >= {"induction", "previous_token"}
     assert {s["stage"] for s in info["stages"]} >= {"census", "head_windows", "neuron_contexts", "corpus"}
 
@@ -99,9 +107,9 @@ def test_head_windows_show_corpus_tokens(client, paths):
     assert data["available"] and len(data["windows"]) == 3
     corpus = {r["window_id"]: r["tokens"] for r in _sql(paths["a"], "SELECT window_id, tokens FROM corpus")}
     for w in data["windows"]:
-        assert w["tokens"] == corpus[w["window_id"]][w["start"]: w["query_pos"] + 1]
+        assert w["tokens"] == corpus[w["window_id"]][w["start"] : w["query_pos"] + 1]
         assert len(w["attention"]) == len(w["tokens"])
-        assert w["after"] == corpus[w["window_id"]][w["query_pos"] + 1: w["query_pos"] + 7]
+        assert w["after"] == corpus[w["window_id"]][w["query_pos"] + 1 : w["query_pos"] + 7]
 
 
 def test_neuron_detail(client, paths):
@@ -173,42 +181,48 @@ def test_live_lens_last_layer_is_the_model_output(client, model):
         assert cell["tokens"][0] == token_text(model.tokenizer, int(top.indices[j, 0]))
 
 
-@pytest.mark.parametrize("url, status, fragment", [
-    ("/api/heads/L2.H0", 404, "Layer 2 is out of range"),
-    ("/api/heads/L1.H4", 404, "Head 4 is out of range"),
-    ("/api/heads/L1.N4", 422, "not a head name"),
-    ("/api/heads/L1.H2x", 422, "not a head name"),
-    ("/api/heads/L1.H99999999999999", 422, "not a head name"),
-    ("/api/heads/L1.H-1/windows", 422, "not a head name"),
-    ("/api/neurons/L0.N96", 404, "Neuron 96 is out of range"),
-    ("/api/neurons/L0.H1", 422, "not a neuron name"),
-    ("/api/neurons/%00", 422, "not a neuron name"),
-    ("/api/neurons?layer=2", 404, "Layer 2 is out of range"),
-    ("/api/neurons?layer=-1", 422, "layer"),
-    ("/api/neurons?layer=x", 422, "layer"),
-    ("/api/neurons", 422, "layer"),
-    ("/api/neurons?layer=0&sort=random();DROP", 422, "sort"),
-    ("/api/neurons?layer=0&limit=0", 422, "limit"),
-    ("/api/search?q=", 422, "q"),
-    ("/api/search", 422, "q"),
-    ("/api/search?q=a&limit=100000", 422, "limit"),
-    ("/api/nope", 404, "Not Found"),
-])
+@pytest.mark.parametrize(
+    "url, status, fragment",
+    [
+        ("/api/heads/L2.H0", 404, "Layer 2 is out of range"),
+        ("/api/heads/L1.H4", 404, "Head 4 is out of range"),
+        ("/api/heads/L1.N4", 422, "not a head name"),
+        ("/api/heads/L1.H2x", 422, "not a head name"),
+        ("/api/heads/L1.H99999999999999", 422, "not a head name"),
+        ("/api/heads/L1.H-1/windows", 422, "not a head name"),
+        ("/api/neurons/L0.N96", 404, "Neuron 96 is out of range"),
+        ("/api/neurons/L0.H1", 422, "not a neuron name"),
+        ("/api/neurons/%00", 422, "not a neuron name"),
+        ("/api/neurons?layer=2", 404, "Layer 2 is out of range"),
+        ("/api/neurons?layer=-1", 422, "layer"),
+        ("/api/neurons?layer=x", 422, "layer"),
+        ("/api/neurons", 422, "layer"),
+        ("/api/neurons?layer=0&sort=random();DROP", 422, "sort"),
+        ("/api/neurons?layer=0&limit=0", 422, "limit"),
+        ("/api/search?q=", 422, "q"),
+        ("/api/search", 422, "q"),
+        ("/api/search?q=a&limit=100000", 422, "limit"),
+        ("/api/nope", 404, "Not Found"),
+    ],
+)
 def test_bad_input_is_a_clear_4xx(client, url, status, fragment):
     _error(client.get(url), status, fragment)
 
 
-@pytest.mark.parametrize("url, body, status, fragment", [
-    ("/api/heads/L1.H3/attention", {"prompt": ""}, 422, "prompt"),
-    ("/api/heads/L1.H3/attention", {"prompt": "   "}, 422, "empty"),
-    ("/api/heads/L1.H3/attention", {}, 422, "prompt"),
-    ("/api/heads/L1.H3/attention", {"prompt": 3}, 422, "prompt"),
-    ("/api/heads/L1.H3/attention", {"prompt": "x" * 40_001}, 422, "prompt"),
-    ("/api/heads/L5.H3/attention", {"prompt": "hi"}, 404, "Layer 5"),
-    ("/api/neurons/L1.X5/activations", {"prompt": "hi"}, 422, "not a neuron name"),
-    ("/api/lens", {"prompt": "hi", "k": 0}, 422, "k"),
-    ("/api/lens", {"prompt": "hi", "k": 11}, 422, "k"),
-])
+@pytest.mark.parametrize(
+    "url, body, status, fragment",
+    [
+        ("/api/heads/L1.H3/attention", {"prompt": ""}, 422, "prompt"),
+        ("/api/heads/L1.H3/attention", {"prompt": "   "}, 422, "empty"),
+        ("/api/heads/L1.H3/attention", {}, 422, "prompt"),
+        ("/api/heads/L1.H3/attention", {"prompt": 3}, 422, "prompt"),
+        ("/api/heads/L1.H3/attention", {"prompt": "x" * 40_001}, 422, "prompt"),
+        ("/api/heads/L5.H3/attention", {"prompt": "hi"}, 404, "Layer 5"),
+        ("/api/neurons/L1.X5/activations", {"prompt": "hi"}, 422, "not a neuron name"),
+        ("/api/lens", {"prompt": "hi", "k": 0}, 422, "k"),
+        ("/api/lens", {"prompt": "hi", "k": 11}, 422, "k"),
+    ],
+)
 def test_bad_live_input(client, url, body, status, fragment):
     _error(client.post(url, json=body), status, fragment)
 
@@ -253,24 +267,43 @@ def test_model_requests_are_serialised_and_bounded(paths, model):
 
 
 def test_pages_and_static_files(client):
-    for url, page in [("/", "overview"), ("/head/L1.H2", "head"), ("/neuron/L0.N3", "neuron"),
-                      ("/search?q=a", "search"), ("/lens", "lens"), ("/diff", "diff"), ("/edit", "edit"),
-                      ("/edit?ablate=L1.H2&scale=L0.N5:0.5", "edit"), ("/circuit", "circuit"),
-                      ("/circuit?task=induction", "circuit")]:
+    for url, page in [
+        ("/", "overview"),
+        ("/head/L1.H2", "head"),
+        ("/neuron/L0.N3", "neuron"),
+        ("/search?q=a", "search"),
+        ("/lens", "lens"),
+        ("/diff", "diff"),
+        ("/edit", "edit"),
+        ("/edit?ablate=L1.H2&scale=L0.N5:0.5", "edit"),
+        ("/circuit", "circuit"),
+        ("/circuit?task=induction", "circuit"),
+    ]:
         response = client.get(url)
         assert response.status_code == 200 and f'data-page="{page}"' in response.text
         assert "text/html" in response.headers["content-type"]
-    for asset in ("common.js", "overview.js", "head.js", "attention.js", "neuron.js", "edit.js", "circuit.js",
-                  "style.css"):
+    for asset in (
+        "common.js",
+        "overview.js",
+        "head.js",
+        "attention.js",
+        "neuron.js",
+        "edit.js",
+        "circuit.js",
+        "style.css",
+    ):
         assert client.get(f"/static/{asset}").status_code == 200
     assert "http" not in client.get("/").text.replace("http://www.w3.org", "")  # nothing from the network
 
 
-@pytest.mark.parametrize("url, status, fragment", [
-    ("/head/L9.H0", 404, "Layer 9 is out of range"),
-    ("/head/nonsense", 422, "not a head name"),
-    ("/neuron/L0.N1000", 404, "Neuron 1000 is out of range"),
-])
+@pytest.mark.parametrize(
+    "url, status, fragment",
+    [
+        ("/head/L9.H0", 404, "Layer 9 is out of range"),
+        ("/head/nonsense", 422, "not a head name"),
+        ("/neuron/L0.N1000", 404, "Neuron 1000 is out of range"),
+    ],
+)
 def test_bad_page_names(client, url, status, fragment):
     response = client.get(url)
     assert response.status_code == status and 'id="page-error"' in response.text and fragment in response.text
@@ -284,19 +317,42 @@ def test_diff_page_without_diff(bare):
 def test_openapi_documents_every_endpoint_and_error_body(client):
     schema = client.get("/openapi.json").json()
     paths = schema["paths"]
-    assert set(paths) == {"/api/atlas", "/api/heads", "/api/layers", "/api/neurons", "/api/heads/{name}",
-                          "/api/heads/{name}/windows", "/api/heads/{name}/attention", "/api/neurons/{name}",
-                          "/api/neurons/{name}/activations", "/api/search", "/api/lens", "/api/live", "/api/diff",
-                          "/api/edit", "/api/edit/file", "/api/circuit", "/api/circuit/tasks",
-                          "/api/circuit/attention-sources"}
-    assert paths["/api/edit"]["post"]["responses"]["429"]["content"]["application/json"]["schema"]["$ref"] \
+    assert set(paths) == {
+        "/api/atlas",
+        "/api/heads",
+        "/api/layers",
+        "/api/neurons",
+        "/api/heads/{name}",
+        "/api/heads/{name}/windows",
+        "/api/heads/{name}/attention",
+        "/api/neurons/{name}",
+        "/api/neurons/{name}/activations",
+        "/api/search",
+        "/api/lens",
+        "/api/live",
+        "/api/diff",
+        "/api/edit",
+        "/api/edit/file",
+        "/api/circuit",
+        "/api/circuit/tasks",
+        "/api/circuit/attention-sources",
+    }
+    assert (
+        paths["/api/edit"]["post"]["responses"]["429"]["content"]["application/json"]["schema"]["$ref"]
         == "#/components/schemas/ErrorBody"
-    assert paths["/api/circuit"]["get"]["responses"]["409"]["content"]["application/json"]["schema"]["$ref"] \
+    )
+    assert (
+        paths["/api/circuit"]["get"]["responses"]["409"]["content"]["application/json"]["schema"]["$ref"]
         == "#/components/schemas/ErrorBody"
-    assert paths["/api/lens"]["post"]["responses"]["429"]["content"]["application/json"]["schema"]["$ref"] \
+    )
+    assert (
+        paths["/api/lens"]["post"]["responses"]["429"]["content"]["application/json"]["schema"]["$ref"]
         == "#/components/schemas/ErrorBody"
-    assert paths["/api/heads/{name}"]["get"]["responses"]["422"]["content"]["application/json"]["schema"]["$ref"] \
+    )
+    assert (
+        paths["/api/heads/{name}"]["get"]["responses"]["422"]["content"]["application/json"]["schema"]["$ref"]
         == "#/components/schemas/ErrorBody"
+    )
     assert "HTTPValidationError" not in schema["components"]["schemas"]
 
 
@@ -312,8 +368,9 @@ def test_refuses_a_diff_of_another_architecture(paths, tmp_path):
     from lmatlas.model.tiny import tiny_model
 
     other = tmp_path / "gpt2.atlas.duckdb"
-    build_atlas(tiny_model("gpt2"), other, only=["structure"], params={"corpus_sequences": 1, "seq_len": 16},
-                progress=False)
+    build_atlas(
+        tiny_model("gpt2"), other, only=["structure"], params={"corpus_sequences": 1, "seq_len": 16}, progress=False
+    )
     with pytest.raises(AtlasError, match="different architectures"):
         create_app(paths["a"], diff=other)
 

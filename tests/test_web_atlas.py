@@ -79,7 +79,7 @@ def test_head_windows_equal_a_direct_computation(web_paths, eager):
     rows = _rows(web_paths["a"], "SELECT * FROM head_windows WHERE layer = 1 ORDER BY head, rank")
     assert len(rows) == n_heads * 3
     for head in range(n_heads):
-        w_o = o_proj.weight.detach()[:, head * d_head:(head + 1) * d_head]  # [d_model, d_head]
+        w_o = o_proj.weight.detach()[:, head * d_head : (head + 1) * d_head]  # [d_model, d_head]
         write = (z[:, :, head] @ w_o.T).norm(dim=-1)[:, 1:]  # [window, pos - 1]: position 0 excluded
         best, query = write.max(dim=1)
         order = best.argsort(descending=True)[:3].tolist()

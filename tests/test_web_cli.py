@@ -23,8 +23,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def _serve(*args: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen([sys.executable, "-c", "from lmatlas.cli import main; main()", "serve", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    return subprocess.Popen(
+        [sys.executable, "-c", "from lmatlas.cli import main; main()", "serve", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
 
 
 def _get(url: str, timeout: float = 60.0):
@@ -48,8 +53,9 @@ def test_serve_binds_to_loopback_and_answers(tmp_path_factory):
         assert info["model"]["layers"] == 2 and info["available"]["model"] and info["available"]["diff"]
         listening = [c.laddr for c in psutil.Process(proc.pid).net_connections() if c.status == psutil.CONN_LISTEN]
         assert listening and all(addr.ip == "127.0.0.1" and addr.port == port for addr in listening)
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/api/lens", data=b'{"prompt": "abc"}',
-                                         headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/api/lens", data=b'{"prompt": "abc"}', headers={"Content-Type": "application/json"}
+        )
         with urllib.request.urlopen(request, timeout=60) as response:
             assert json.loads(response.read())["layers"] == ["L0", "L1"]
     finally:
@@ -57,10 +63,13 @@ def test_serve_binds_to_loopback_and_answers(tmp_path_factory):
         proc.wait(20)
 
 
-@pytest.mark.parametrize("args, fragment", [
-    (["/no/such.atlas.duckdb"], "No atlas at"),
-    (["README.md"], "not an atlas"),
-])
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["/no/such.atlas.duckdb"], "No atlas at"),
+        (["README.md"], "not an atlas"),
+    ],
+)
 def test_serve_bad_input_exits_2_with_one_line(args, fragment):
     result = CliRunner().invoke(app, ["serve", *[str(ROOT / a) if a == "README.md" else a for a in args]])
     assert result.exit_code == 2
@@ -74,7 +83,8 @@ def test_serve_refuses_a_diff_of_another_model(tmp_path_factory, tmp_path):
 
     paths = web_atlases(tmp_path_factory)
     other = tmp_path / "gpt2.atlas.duckdb"
-    build_atlas(tiny_model("gpt2"), other, only=["structure"], params={"corpus_sequences": 1, "seq_len": 16},
-                progress=False)
+    build_atlas(
+        tiny_model("gpt2"), other, only=["structure"], params={"corpus_sequences": 1, "seq_len": 16}, progress=False
+    )
     result = CliRunner().invoke(app, ["serve", str(paths["a"]), "--diff", str(other)])
     assert result.exit_code == 2 and "different architectures" in result.output

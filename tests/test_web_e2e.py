@@ -28,8 +28,16 @@ from lmatlas.model.loading import load
 from lmatlas.web import create_app
 
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 ARTEFACTS = Path(os.environ.get("LMATLAS_ARTEFACTS", Path(__file__).resolve().parent.parent / "tmp" / "artefacts"))
 
 
@@ -63,8 +71,10 @@ class Server:
 
 def launch_chromium(playwright):
     if not Path(CHROMIUM).exists():
-        pytest.fail(f"{CHROMIUM} is missing: the explorer's browser tests need Debian's chromium "
-                    "(`apt-get install -y chromium`, which `make test` runs).")
+        pytest.fail(
+            f"{CHROMIUM} is missing: the explorer's browser tests need Debian's chromium "
+            "(`apt-get install -y chromium`, which `make test` runs)."
+        )
     return playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
 
 
@@ -109,11 +119,19 @@ def open_page(page, server, path):
     return response
 
 
-@pytest.mark.parametrize("path, marker", [
-    ("/", "#grid .cell"), ("/head/L1.H2", "#score-table"), ("/neuron/L0.N3", "#promoted"),
-    ("/search?q=a", "#result-table"), ("/lens", "#prompt"), ("/diff", "#diff-summary"),
-    ("/edit", "#generate"), ("/circuit?task=induction", "#circuit-svg g.node"),
-])
+@pytest.mark.parametrize(
+    "path, marker",
+    [
+        ("/", "#grid .cell"),
+        ("/head/L1.H2", "#score-table"),
+        ("/neuron/L0.N3", "#promoted"),
+        ("/search?q=a", "#result-table"),
+        ("/lens", "#prompt"),
+        ("/diff", "#diff-summary"),
+        ("/edit", "#generate"),
+        ("/circuit?task=induction", "#circuit-svg g.node"),
+    ],
+)
 def test_every_page_opens_without_console_errors(page, server, path, marker):
     response = open_page(page, server, path)
     assert response.status == 200
@@ -208,7 +226,10 @@ def test_typed_text_shows_neuron_activations_and_the_lens(page, server):
     page.click("#run")
     page.wait_for_selector("#lens-table")
     assert page.locator("#lens-table tbody tr").count() == 2  # one row per layer (input rows above and below)
-    assert page.locator("#lens-table tbody tr").first.locator("td").count() == model.tokenize("abcabc")["input_ids"].shape[1]
+    assert (
+        page.locator("#lens-table tbody tr").first.locator("td").count()
+        == model.tokenize("abcabc")["input_ids"].shape[1]
+    )
     assert page.errors == []
 
 
@@ -231,7 +252,7 @@ def test_a_bad_name_shows_the_error(page, server):
 
 
 def test_edit_playground_from_head_and_neuron_pages(page, server):
-    """"add to edit" on a head and a neuron page builds one edit; generating shows both continuations."""
+    """ "add to edit" on a head and a neuron page builds one edit; generating shows both continuations."""
     from lmatlas.edit import Ablate
 
     open_page(page, server, "/head/L1.H2")

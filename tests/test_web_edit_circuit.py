@@ -57,8 +57,9 @@ def _by_hand(model, prompt: str, max_new_tokens: int, head=None, scale=None, cla
     def zero_head(h):
         def hook(module, args):
             x = args[0].clone()
-            x[..., h * d_head:(h + 1) * d_head] = 0
+            x[..., h * d_head : (h + 1) * d_head] = 0
             return (x,)
+
         return hook
 
     def neuron(n, fn):
@@ -66,25 +67,31 @@ def _by_hand(model, prompt: str, max_new_tokens: int, head=None, scale=None, cla
             x = args[0].clone()
             x[..., n] = fn(x[..., n])
             return (x,)
+
         return hook
 
     if head:
         handles.append(model.blocks[head[0]].self_attn.o_proj.register_forward_pre_hook(zero_head(head[1])))
     if scale:
-        handles.append(model.blocks[scale[0]].mlp.down_proj.register_forward_pre_hook(
-            neuron(scale[1], lambda a: a * scale[2])))
+        handles.append(
+            model.blocks[scale[0]].mlp.down_proj.register_forward_pre_hook(neuron(scale[1], lambda a: a * scale[2]))
+        )
     if clamp:
-        handles.append(model.blocks[clamp[0]].mlp.down_proj.register_forward_pre_hook(
-            neuron(clamp[1], lambda a: torch.full_like(a, clamp[2]))))
+        handles.append(
+            model.blocks[clamp[0]].mlp.down_proj.register_forward_pre_hook(
+                neuron(clamp[1], lambda a: torch.full_like(a, clamp[2]))
+            )
+        )
     batch = model.tokenizer(prompt, return_tensors="pt")
     try:
         with torch.no_grad():
-            out = model.hf.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                    pad_token_id=model.tokenizer.pad_token_id)
+            out = model.hf.generate(
+                **batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=model.tokenizer.pad_token_id
+            )
     finally:
         for handle in handles:
             handle.remove()
-    return out[0, batch["input_ids"].shape[1]:].tolist()
+    return out[0, batch["input_ids"].shape[1] :].tolist()
 
 
 def _first_difference(a: list[int], b: list[int]):
@@ -95,8 +102,11 @@ def _first_difference(a: list[int], b: list[int]):
 
 
 # -- the edit playground ---------------------------------------------------------------------------------------
-EDIT_ITEMS = [{"kind": "ablate", "target": "L1.H2"}, {"kind": "scale", "target": "L0.N5", "factor": 0.5},
-              {"kind": "set", "target": "L1.N7", "value": 3.0}]
+EDIT_ITEMS = [
+    {"kind": "ablate", "target": "L1.H2"},
+    {"kind": "scale", "target": "L0.N5", "factor": 0.5},
+    {"kind": "set", "target": "L1.N7", "value": 3.0},
+]
 EDIT = Ablate("L1.H2") | Scale("L0.N5", factor=0.5) | Set("L1.N7", value=3.0)
 
 
@@ -120,7 +130,7 @@ def test_edited_continuation_equals_the_library_and_hand_made_hooks(client, mode
     ids = torch.tensor([model.tokenize(PROMPT)["input_ids"][0].tolist() + edited])
     n = data["prompt_tokens"]
     with torch.no_grad():
-        logp = model.hf(ids).logits[0, n - 1:-1].log_softmax(-1)
+        logp = model.hf(ids).logits[0, n - 1 : -1].log_softmax(-1)
     expected = logp.gather(1, torch.tensor(edited)[:, None])[:, 0].tolist()
     assert data["edited"]["logprob_plain"] == pytest.approx(expected, abs=1e-4)
 
@@ -134,8 +144,11 @@ def test_ablating_nothing_is_the_plain_model(client, model):
 
 
 def test_mean_ablation_uses_the_library(client, model):
-    body = {"prompt": PROMPT, "max_new_tokens": 6,
-            "interventions": [{"kind": "ablate", "target": "L0.H1", "how": "mean"}]}
+    body = {
+        "prompt": PROMPT,
+        "max_new_tokens": 6,
+        "interventions": [{"kind": "ablate", "target": "L0.H1", "how": "mean"}],
+    }
     data = client.post("/api/edit", json=body).json()
     assert data["edited"]["text"] == model.generate(PROMPT, 6, edit=Ablate("L0.H1", how="mean"))
 
@@ -144,8 +157,11 @@ def test_edit_file_loads_back_as_the_same_edit(client, model, tmp_path):
     response = client.post("/api/edit/file", json={"interventions": EDIT_ITEMS})
     assert response.status_code == 200
     document = response.json()
-    assert document["format"] == "lmatlas.edit/1" and [i["type"] for i in document["interventions"]] == \
-        ["Ablate", "Scale", "Set"]
+    assert document["format"] == "lmatlas.edit/1" and [i["type"] for i in document["interventions"]] == [
+        "Ablate",
+        "Scale",
+        "Set",
+    ]
     path = tmp_path / "downloaded.edit.json"
     path.write_text(json.dumps(document))
     loaded = Edit.load(path, model)
@@ -154,33 +170,39 @@ def test_edit_file_loads_back_as_the_same_edit(client, model, tmp_path):
     assert json.loads(saved.read_text()) == document
 
 
-@pytest.mark.parametrize("items, status, fragment", [
-    ([{"kind": "ablate", "target": "L2.H0"}], 404, "Layer 2 is out of range"),
-    ([{"kind": "ablate", "target": "L1.H4"}], 404, "Head 4 is out of range"),
-    ([{"kind": "set", "target": "L0.N96", "value": 1}], 404, "Neuron 96 is out of range"),
-    ([{"kind": "ablate", "target": "L1.resid.post"}], 422, "not a head or neuron name"),
-    ([{"kind": "ablate", "target": "head 3"}], 422, "not a head or neuron name"),
-    ([{"kind": "ablate", "target": "L1.H2", "how": "resample"}], 422, "how"),
-    ([{"kind": "scale", "target": "L1.H2"}], 422, "factor"),
-    ([{"kind": "scale", "target": "L1.H2", "factor": 1e9}], 422, "factor"),
-    ([{"kind": "rotate", "target": "L1.H2"}], 422, "rotate"),
-    ([{"target": "L1.H2"}], 422, "kind"),
-    ([{"kind": "ablate", "target": "L0.H0"}] * 65, 422, "interventions"),
-])
+@pytest.mark.parametrize(
+    "items, status, fragment",
+    [
+        ([{"kind": "ablate", "target": "L2.H0"}], 404, "Layer 2 is out of range"),
+        ([{"kind": "ablate", "target": "L1.H4"}], 404, "Head 4 is out of range"),
+        ([{"kind": "set", "target": "L0.N96", "value": 1}], 404, "Neuron 96 is out of range"),
+        ([{"kind": "ablate", "target": "L1.resid.post"}], 422, "not a head or neuron name"),
+        ([{"kind": "ablate", "target": "head 3"}], 422, "not a head or neuron name"),
+        ([{"kind": "ablate", "target": "L1.H2", "how": "resample"}], 422, "how"),
+        ([{"kind": "scale", "target": "L1.H2"}], 422, "factor"),
+        ([{"kind": "scale", "target": "L1.H2", "factor": 1e9}], 422, "factor"),
+        ([{"kind": "rotate", "target": "L1.H2"}], 422, "rotate"),
+        ([{"target": "L1.H2"}], 422, "kind"),
+        ([{"kind": "ablate", "target": "L0.H0"}] * 65, 422, "interventions"),
+    ],
+)
 def test_bad_edits_are_clear_errors(client, items, status, fragment):
     _error(client.post("/api/edit", json={"prompt": "hi", "interventions": items}), status, fragment)
     if status == 404 or "not a head" in fragment:  # the file endpoint checks targets the same way
         _error(client.post("/api/edit/file", json={"interventions": items}), status, fragment)
 
 
-@pytest.mark.parametrize("body, fragment", [
-    ({"prompt": "   "}, "empty"),
-    ({"prompt": ""}, "prompt"),
-    ({}, "prompt"),
-    ({"prompt": "hi", "max_new_tokens": 0}, "max_new_tokens"),
-    ({"prompt": "hi", "max_new_tokens": 257}, "max_new_tokens"),
-    ({"prompt": "hi", "chat": True}, "chat template"),
-])
+@pytest.mark.parametrize(
+    "body, fragment",
+    [
+        ({"prompt": "   "}, "empty"),
+        ({"prompt": ""}, "prompt"),
+        ({}, "prompt"),
+        ({"prompt": "hi", "max_new_tokens": 0}, "max_new_tokens"),
+        ({"prompt": "hi", "max_new_tokens": 257}, "max_new_tokens"),
+        ({"prompt": "hi", "chat": True}, "chat template"),
+    ],
+)
 def test_bad_generation_requests(client, body, fragment):
     _error(client.post("/api/edit", json=body), 422, fragment)
 
@@ -238,8 +260,11 @@ def test_live_circuit_equals_lmatlas_causal(client, model, task, n, seed, steps,
     for e in data["edges"]:  # every edge has both ends among the nodes, drawn upwards (or into its layer's MLP)
         assert e["source"] in names and e["node"] in names
         assert names[e["source"]]["layer"] <= names[e["node"]]["layer"]
-        assert e["node"] == e["target"].rsplit(".", 1)[0] if (".KV" in e["target"] or e["target"].endswith(".q")) \
+        assert (
+            e["node"] == e["target"].rsplit(".", 1)[0]
+            if (".KV" in e["target"] or e["target"].endswith(".q"))
             else e["node"] == e["target"]
+        )
     assert names["embed"]["layer"] == -1 and names.get("logits", {"layer": 2})["layer"] == 2
     again = client.get("/api/circuit", params=params).json()  # remembered: the same answer
     assert again == data
@@ -254,8 +279,15 @@ def test_circuit_from_the_atlas(paths, model, tmp_path):
     with TestClient(create_app(stored_path)) as c:  # no model: served from the atlas
         tasks = c.get("/api/circuit/tasks").json()
         assert tasks["tasks"] == list(TASKS) and tasks["live"] is False
-        assert tasks["stored"] == [{"task": "induction", "method": "eap+qk", "granularity": "edges",
-                                    "edges": len(circuit.edges), "faithfulness": pytest.approx(circuit.faithfulness)}]
+        assert tasks["stored"] == [
+            {
+                "task": "induction",
+                "method": "eap+qk",
+                "granularity": "edges",
+                "edges": len(circuit.edges),
+                "faithfulness": pytest.approx(circuit.faithfulness),
+            }
+        ]
         data = c.get("/api/circuit", params={"task": "induction"}).json()
         assert data["computed"] == "atlas" and data["curve"] == [] and data["cpr"] == pytest.approx(circuit.cpr)
         assert data["granularity"] == "edges"
@@ -263,34 +295,42 @@ def test_circuit_from_the_atlas(paths, model, tmp_path):
         assert data["circuit_edges"] == len(data["edges"]) == len(circuit.edges)
         assert sorted((e["source"], e["target"]) for e in data["edges"]) == sorted((s, t) for s, t, _ in circuit.edges)
         scores = {(s, t): v for s, t, v in circuit.edges}
-        assert [e["score"] for e in data["edges"]] == pytest.approx([scores[(e["source"], e["target"])]
-                                                                     for e in data["edges"]])
+        assert [e["score"] for e in data["edges"]] == pytest.approx(
+            [scores[(e["source"], e["target"])] for e in data["edges"]]
+        )
         assert data["faithfulness"] == pytest.approx(circuit.faithfulness)
         assert data["circuit_nodes"] == circuit.nodes
         assert c.get("/api/atlas").json()["available"]["circuits"] is True
         _error(c.get("/api/circuit", params={"task": "greater-than"}), 409, "--model")
         _error(c.get("/api/circuit", params={"task": "greater-than", "source": "atlas"}), 404, "no circuit")
-        _error(c.get("/api/circuit", params={"task": "induction", "method": "eap-ig", "source": "atlas"}), 404,
-               "no eap-ig circuit")
+        _error(
+            c.get("/api/circuit", params={"task": "induction", "method": "eap-ig", "source": "atlas"}),
+            404,
+            "no eap-ig circuit",
+        )
         _error(c.get("/api/circuit", params={"task": "induction", "source": "live"}), 409, "--model")
     with TestClient(create_app(stored_path, model=model)) as c:  # with a model, source=live computes it
         assert c.get("/api/circuit", params={"task": "induction"}).json()["computed"] == "atlas"
         live = c.get("/api/circuit", params={"task": "induction", "source": "live", "n": 4}).json()
-        assert live["computed"] == "live" and [(e["source"], e["target"]) for e in live["edges"][:len(circuit.edges)]] \
-            == [(s, t) for s, t, _ in circuit.edges]
+        assert live["computed"] == "live" and [
+            (e["source"], e["target"]) for e in live["edges"][: len(circuit.edges)]
+        ] == [(s, t) for s, t, _ in circuit.edges]
 
 
-@pytest.mark.parametrize("params, status, fragment", [
-    ({"task": "bogus"}, 422, "'ioi', 'capitals', 'induction' or 'greater-than'"),
-    ({}, 422, "task"),
-    ({"task": "ioi"}, 422, "no usable row"),  # the byte tokenizer has no one-token names
-    ({"task": "induction", "n": 17}, 422, "at most 16"),
-    ({"task": "induction", "n": 0}, 422, "n"),
-    ({"task": "induction", "faithfulness": 0}, 422, "faithfulness"),
-    ({"task": "induction", "steps": 17}, 422, "steps"),
-    ({"task": "induction", "source": "somewhere"}, 422, "source"),
-    ({"task": "induction", "source": "atlas"}, 404, "lmatlas circuit MODEL --task induction --atlas"),
-])
+@pytest.mark.parametrize(
+    "params, status, fragment",
+    [
+        ({"task": "bogus"}, 422, "'ioi', 'capitals', 'induction' or 'greater-than'"),
+        ({}, 422, "task"),
+        ({"task": "ioi"}, 422, "no usable row"),  # the byte tokenizer has no one-token names
+        ({"task": "induction", "n": 17}, 422, "at most 16"),
+        ({"task": "induction", "n": 0}, 422, "n"),
+        ({"task": "induction", "faithfulness": 0}, 422, "faithfulness"),
+        ({"task": "induction", "steps": 17}, 422, "steps"),
+        ({"task": "induction", "source": "somewhere"}, 422, "source"),
+        ({"task": "induction", "source": "atlas"}, 404, "lmatlas circuit MODEL --task induction --atlas"),
+    ],
+)
 def test_bad_circuit_requests(client, params, status, fragment):
     _error(client.get("/api/circuit", params=params), status, fragment)
 

@@ -18,8 +18,9 @@ PARAMS = {"corpus_sequences": 2, "seq_len": 64}
 @pytest.fixture(scope="module")
 def client(smollm2, tmp_path_factory):
     path = tmp_path_factory.mktemp("smollm2-web") / "small.atlas.duckdb"
-    build_atlas(smollm2, path, only=["structure", "corpus", "head_windows", "neuron_contexts"], params=PARAMS,
-                progress=False)
+    build_atlas(
+        smollm2, path, only=["structure", "corpus", "head_windows", "neuron_contexts"], params=PARAMS, progress=False
+    )
     with TestClient(create_app(path, model=smollm2)) as c:
         yield c
 
@@ -48,8 +49,12 @@ def test_attention_on_2048_tokens(client, smollm2):
     assert data["n"] == n == len(data["tokens"])
     pattern = decode_lower_triangle(data["data"], n)
     np.testing.assert_allclose(pattern.sum(-1), 1.0, atol=n / 65535)  # every query's row is a distribution
-    direct = smollm2.run(smollm2.tokenize(prompt)["input_ids"], capture=["L5.attn.pattern"], stop_after=5,
-                         lm_head=False).pattern(5, 3)[0].float().numpy()
+    direct = (
+        smollm2.run(smollm2.tokenize(prompt)["input_ids"], capture=["L5.attn.pattern"], stop_after=5, lm_head=False)
+        .pattern(5, 3)[0]
+        .float()
+        .numpy()
+    )
     np.testing.assert_allclose(pattern, direct, atol=1.0 / 65535)
     too_long = client.post("/api/heads/L5.H3/attention", json={"prompt": prompt + prompt})
     assert too_long.status_code == 422 and "at most 2048" in too_long.json()["error"]["message"]

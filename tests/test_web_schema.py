@@ -21,8 +21,13 @@ EXAMPLES = 20
 #: whether a task has usable prompts for this tokenizer (the tiny byte tokenizer has no one-token names):
 #: schema-valid requests past them are refused with 422. Only for these operations is "valid data
 #: accepted" not checked.
-NOT_EXPRESSIBLE = {"POST /api/heads/{name}/attention", "POST /api/neurons/{name}/activations", "POST /api/lens",
-                   "POST /api/edit", "GET /api/circuit"}
+NOT_EXPRESSIBLE = {
+    "POST /api/heads/{name}/attention",
+    "POST /api/neurons/{name}/activations",
+    "POST /api/lens",
+    "POST /api/edit",
+    "GET /api/circuit",
+}
 #: Operations that generate or compute a circuit per call get fewer examples (each is a real model run).
 EXAMPLES_OF = {"POST /api/edit": 12, "GET /api/circuit": 8}
 
@@ -46,9 +51,13 @@ def test_api_conforms_to_its_schema_and_never_fails(app, mode):
     for operation in operations:
 
         @given(case=operation.as_strategy(generation_mode=mode))
-        @settings(max_examples=EXAMPLES_OF.get(operation.label, EXAMPLES), deadline=None,
-                  suppress_health_check=list(HealthCheck), database=None,
-                  phases=[Phase.explicit, Phase.generate])  # no shrinking: a failure is reported as found
+        @settings(
+            max_examples=EXAMPLES_OF.get(operation.label, EXAMPLES),
+            deadline=None,
+            suppress_health_check=list(HealthCheck),
+            database=None,
+            phases=[Phase.explicit, Phase.generate],
+        )  # no shrinking: a failure is reported as found
         def check(case):
             skip = [positive_data_acceptance] if operation.label in NOT_EXPRESSIBLE else []
             response = case.call_and_validate(excluded_checks=skip)

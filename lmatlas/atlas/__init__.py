@@ -9,8 +9,12 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_WHERE = {"Atlas": "lmatlas.atlas.query", "AtlasDiff": "lmatlas.atlas.diff", "diff_atlases": "lmatlas.atlas.diff",
-          "build_atlas": "lmatlas.atlas.pipeline"}
+_WHERE = {
+    "Atlas": "lmatlas.atlas.query",
+    "AtlasDiff": "lmatlas.atlas.diff",
+    "diff_atlases": "lmatlas.atlas.diff",
+    "build_atlas": "lmatlas.atlas.pipeline",
+}
 
 __all__ = ["Atlas", "AtlasDiff", "build_atlas", "diff_atlases"]
 

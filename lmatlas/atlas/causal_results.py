@@ -24,13 +24,24 @@ def save_effects(path: str | Path, model: "Model", effects: "Effects") -> None:
     checked = {}
     if effects.verification:
         checked = dict(zip(effects.verification["targets"], effects.verification["exact"]))
-    rows = [{"task": effects.task, "method": effects.method, "metric": effects.metric, "target": r["target"],
-             "value": r["value"], "effect": r["effect"], "normalized": r["normalized"],
-             "exact": checked.get(r["target"])} for r in effects.rows()]
+    rows = [
+        {
+            "task": effects.task,
+            "method": effects.method,
+            "metric": effects.metric,
+            "target": r["target"],
+            "value": r["value"],
+            "effect": r["effect"],
+            "normalized": r["normalized"],
+            "exact": checked.get(r["target"]),
+        }
+        for r in effects.rows()
+    ]
     start = time.perf_counter()
     with AtlasStore.create_or_open(path, model.card()) as store:
-        store.commit_unit("effects", f"effects/{effects.task}/{effects.method}", {"effects": rows},
-                          time.perf_counter() - start)
+        store.commit_unit(
+            "effects", f"effects/{effects.task}/{effects.method}", {"effects": rows}, time.perf_counter() - start
+        )
 
 
 def save_circuit(path: str | Path, model: "Model", circuit: "Circuit") -> None:
@@ -42,13 +53,21 @@ def save_circuit(path: str | Path, model: "Model", circuit: "Circuit") -> None:
 
     graph = circuit.graph
     check = circuit.verification or {}
-    common = {"task": graph.task, "method": graph.method, "faithfulness": circuit.faithfulness,
-              "granularity": circuit.granularity, "cpr": circuit.cpr, "cmd": circuit.cmd,
-              "verified_spearman": check.get("spearman"), "verified_max_error": check.get("max_abs_error")}
+    common = {
+        "task": graph.task,
+        "method": graph.method,
+        "faithfulness": circuit.faithfulness,
+        "granularity": circuit.granularity,
+        "cpr": circuit.cpr,
+        "cmd": circuit.cmd,
+        "verified_spearman": check.get("spearman"),
+        "verified_max_error": check.get("max_abs_error"),
+    }
     rows = [{**common, "source": s, "target": t, "score": v} for s, t, v in circuit.edges]
     start = time.perf_counter()
     with AtlasStore.create_or_open(path, model.card()) as store:
         with store.transaction():
             store.con.execute("DELETE FROM circuits WHERE task = ? AND method = ?", [graph.task, graph.method])
-        store.commit_unit("circuits", f"circuits/{graph.task}/{graph.method}", {"circuits": rows},
-                          time.perf_counter() - start)
+        store.commit_unit(
+            "circuits", f"circuits/{graph.task}/{graph.method}", {"circuits": rows}, time.perf_counter() - start
+        )

@@ -22,9 +22,12 @@ if TYPE_CHECKING:
     from lmatlas.census.run import Census
 
 
-def census_from_atlas(atlas: "Atlas", detectors: list[str] | None = None,
-                      thresholds: Mapping[str, float] | None = None,
-                      min_z: float | Mapping[str, float | None] | None = None) -> "Census":
+def census_from_atlas(
+    atlas: "Atlas",
+    detectors: list[str] | None = None,
+    thresholds: Mapping[str, float] | None = None,
+    min_z: float | Mapping[str, float | None] | None = None,
+) -> "Census":
     """The stored census of ``atlas`` (``detectors``: only those), labels under the given thresholds.
 
     ``thresholds`` and ``min_z`` are read as :func:`lmatlas.census.run.run_census` reads them
@@ -35,8 +38,9 @@ def census_from_atlas(atlas: "Atlas", detectors: list[str] | None = None,
 
     card = atlas.card
     n_layers, n_heads = int(card.get("layers") or 0), int(card.get("query_heads") or 0)
-    rows = atlas.sql("SELECT layer, head, detector, score, baseline, z, seed FROM head_scores "
-                     "ORDER BY detector, layer, head").to_pylist()
+    rows = atlas.sql(
+        "SELECT layer, head, detector, score, baseline, z, seed FROM head_scores ORDER BY detector, layer, head"
+    ).to_pylist()
     if not rows:
         raise AtlasError(f"{atlas.path} has no head census: add it with {atlas.map_command(['census'])}")
     if not (n_layers and n_heads):
@@ -66,9 +70,21 @@ def census_from_atlas(atlas: "Atlas", detectors: list[str] | None = None,
         else:
             z_min = min_z
         results[name] = DetectorResult(
-            name=name, description=detector.description if detector else "", score=score, null=null,
-            score_std=torch.zeros_like(score), null_std=torch.zeros_like(null), z=z, n=0, n_null=0, seed=seed,
-            threshold=float(threshold), min_z=z_min, battery={"stored_in": str(atlas.path)}, null_battery={})
+            name=name,
+            description=detector.description if detector else "",
+            score=score,
+            null=null,
+            score_std=torch.zeros_like(score),
+            null_std=torch.zeros_like(null),
+            z=z,
+            n=0,
+            n_null=0,
+            seed=seed,
+            threshold=float(threshold),
+            min_z=z_min,
+            battery={"stored_in": str(atlas.path)},
+            null_battery={},
+        )
     seed = next(iter(results.values())).seed if results else 0
     provenance = {"model": card.get("source"), "atlas": str(atlas.path), "seed": seed}
     return Census(n_layers=n_layers, n_heads=n_heads, seed=seed, results=results, provenance=provenance)

@@ -91,31 +91,43 @@ def _diff(con, path_a: Path, path_b: Path, top: int) -> AtlasDiff:
     report = AtlasDiff(str(path_a), str(path_b))
     heads = "FROM x_head_scores x JOIN y_head_scores y USING (layer, head, detector)"
     report.heads_compared = int(con.sql(f"SELECT count(DISTINCT (layer, head)) {heads}").fetchall()[0][0])
-    report.label_flips = _rows(con,
+    report.label_flips = _rows(
+        con,
         f"SELECT 'L' || layer || '.H' || head AS head, detector, x.label AS label_a, y.label AS label_b, "
         f"x.score AS score_a, y.score AS score_b {heads} WHERE x.label IS DISTINCT FROM y.label "
-        "ORDER BY abs(y.score - x.score) DESC, layer, head")
-    report.most_changed_heads = _rows(con,
+        "ORDER BY abs(y.score - x.score) DESC, layer, head",
+    )
+    report.most_changed_heads = _rows(
+        con,
         f"SELECT 'L' || layer || '.H' || head AS head, detector, x.score AS score_a, y.score AS score_b, "
         f"y.score - x.score AS change {heads} WHERE x.score IS DISTINCT FROM y.score "
-        "ORDER BY abs(y.score - x.score) DESC, layer, head LIMIT ?", [top])
+        "ORDER BY abs(y.score - x.score) DESC, layer, head LIMIT ?",
+        [top],
+    )
     key = "promoted_ids" if _has_ids(con) else "promoted"
     neurons = "FROM x_neurons x JOIN y_neurons y USING (layer, neuron)"
-    n, same = con.sql(f"SELECT count(*), avg(CASE WHEN x.{key}[1] = y.{key}[1] THEN 1.0 ELSE 0.0 END) "
-                      f"{neurons}").fetchall()[0]
+    n, same = con.sql(
+        f"SELECT count(*), avg(CASE WHEN x.{key}[1] = y.{key}[1] THEN 1.0 ELSE 0.0 END) {neurons}"
+    ).fetchall()[0]
     report.neurons_compared = int(n)
     report.top_token_unchanged = same
     # overlap of the top-k as sets of distinct tokens (ids are distinct; strings may repeat)
-    overlap = (f"len(list_intersect(x.{key}, y.{key})) / greatest(len(list_distinct(x.{key})), 1)")
-    report.most_changed_neurons = _rows(con,
+    overlap = f"len(list_intersect(x.{key}, y.{key})) / greatest(len(list_distinct(x.{key})), 1)"
+    report.most_changed_neurons = _rows(
+        con,
         f"SELECT * FROM (SELECT 'L' || layer || '.N' || neuron AS neuron, layer, neuron AS index, "
         f"x.promoted[1:5] AS top_a, y.promoted[1:5] AS top_b, {overlap} AS overlap {neurons}) "
-        "WHERE overlap < 1 ORDER BY overlap, layer, index LIMIT ?", [top])
+        "WHERE overlap < 1 ORDER BY overlap, layer, index LIMIT ?",
+        [top],
+    )
     for row in report.most_changed_neurons:
         del row["layer"], row["index"]
-    report.importance_changes = _rows(con,
+    report.importance_changes = _rows(
+        con,
         "SELECT 'L' || layer || '.H' || head AS head, x.delta_loss AS importance_a, y.delta_loss AS importance_b "
         "FROM x_head_importance x JOIN y_head_importance y USING (layer, head) "
         "WHERE x.delta_loss IS DISTINCT FROM y.delta_loss "
-        "ORDER BY abs(y.delta_loss - x.delta_loss) DESC, layer, head LIMIT ?", [top])
+        "ORDER BY abs(y.delta_loss - x.delta_loss) DESC, layer, head LIMIT ?",
+        [top],
+    )
     return report

@@ -35,8 +35,14 @@ if TYPE_CHECKING:
     from lmatlas.model.handle import Model
 
 DEFAULT_PARAMS: dict[str, Any] = {
-    "corpus_sequences": 16, "seq_len": 128, "importance_sequences": 2, "top_k": 20, "top_contexts": 5, "batch": 4,
-    "importance_method": "attribution", "importance_verify": 8,
+    "corpus_sequences": 16,
+    "seq_len": 128,
+    "importance_sequences": 2,
+    "top_k": 20,
+    "top_contexts": 5,
+    "batch": 4,
+    "importance_method": "attribution",
+    "importance_verify": 8,
 }
 
 
@@ -49,8 +55,9 @@ class BuildReport:
     seconds_by_stage: dict[str, float] = field(default_factory=dict)
 
 
-def make_context(model: "Model", corpus: str | Path | None = None, seed: int = 0,
-                 params: dict[str, Any] | None = None) -> BuildContext:
+def make_context(
+    model: "Model", corpus: str | Path | None = None, seed: int = 0, params: dict[str, Any] | None = None
+) -> BuildContext:
     """The shared build context: corpus windows, seed and parameters."""
     merged = {**DEFAULT_PARAMS, **(params or {})}
     windows = corpus_windows(model, load_texts(corpus), merged["corpus_sequences"], merged["seq_len"])
@@ -101,8 +108,14 @@ def build_atlas(
         with progress_task(f"atlas {Path(out).name}", total=len(planned), enabled=progress) as task:
             task.update(report.skipped)
             for result in executor.run(pending):
-                _write(store, report, command, lambda: store.commit_unit(
-                    result.stage, result.unit, result.rows, result.seconds, seeds={"seed": seed}, params=ctx.params))
+                _write(
+                    store,
+                    report,
+                    command,
+                    lambda: store.commit_unit(
+                        result.stage, result.unit, result.rows, result.seconds, seeds={"seed": seed}, params=ctx.params
+                    ),
+                )
                 report.computed.append(result.unit)
                 report.seconds_by_stage[result.stage] = report.seconds_by_stage.get(result.stage, 0.0) + result.seconds
                 task.advance(description=f"committed {result.unit} ({result.seconds:.2f}s)")
@@ -111,8 +124,9 @@ def build_atlas(
         store.close()
 
 
-def resume_command(model: "Model", out: str | Path, only: list[str] | None, corpus: str | Path | None,
-                   seed: int) -> str:
+def resume_command(
+    model: "Model", out: str | Path, only: list[str] | None, corpus: str | Path | None, seed: int
+) -> str:
     """The ``lmatlas map`` command that builds (or resumes) this atlas."""
     import shlex
 
@@ -138,8 +152,15 @@ def resume_command(model: "Model", out: str | Path, only: list[str] | None, corp
 def _record_plan(store: AtlasStore, ctx: BuildContext, seed: int, planned: list, command: str) -> None:
     before = store.meta().get("planned_units", [])
     units = before + [unit for _, unit in planned if unit not in set(before)]
-    store.put_meta({"corpus": ctx.params["corpus"], "params": ctx.params, "seed": seed, "planned_units": units,
-                    "resume_command": command})
+    store.put_meta(
+        {
+            "corpus": ctx.params["corpus"],
+            "params": ctx.params,
+            "seed": seed,
+            "planned_units": units,
+            "resume_command": command,
+        }
+    )
 
 
 def _write(store: AtlasStore, report: BuildReport, command: str, write: Callable[[], None]) -> None:

@@ -76,11 +76,14 @@ class Atlas:
                 raise damaged(self.path, err) from None
             first = str(err).splitlines()[0]
             if isinstance(err, duckdb.PermissionException) or "disabled by configuration" in str(err):
-                raise AtlasError(f"Not allowed on an atlas: {first}. Atlas.sql only reads the atlas's own "
-                                 "tables (no other files, COPY, extensions or network).") from None
+                raise AtlasError(
+                    f"Not allowed on an atlas: {first}. Atlas.sql only reads the atlas's own "
+                    "tables (no other files, COPY, extensions or network)."
+                ) from None
             if "read-only mode" in str(err):
-                raise AtlasError(f"Atlases are read-only here: {first}. Build or extend one with "
-                                 "`lmatlas map` / build_atlas().") from None
+                raise AtlasError(
+                    f"Atlases are read-only here: {first}. Build or extend one with `lmatlas map` / build_atlas()."
+                ) from None
             raise AtlasError(f"SQL error on {self.path}: {first}") from None
 
     @property
@@ -93,8 +96,10 @@ class Atlas:
 
     def stages(self) -> pa.Table:
         """Per stage: units done, total seconds, last finished."""
-        return self.sql("SELECT stage, count(*) AS units, sum(seconds) AS seconds, max(finished) AS finished "
-                        "FROM runs WHERE status = 'done' GROUP BY stage ORDER BY stage")
+        return self.sql(
+            "SELECT stage, count(*) AS units, sum(seconds) AS seconds, max(finished) AS finished "
+            "FROM runs WHERE status = 'done' GROUP BY stage ORDER BY stage"
+        )
 
     def missing_units(self) -> list[str]:
         """Units a build planned but did not finish (empty when the atlas is complete), in plan order."""
@@ -108,8 +113,10 @@ class Atlas:
     # -- heads ---------------------------------------------------------------------------------------
     def head_types(self) -> pa.Table:
         """Per detector: how many heads carry its label."""
-        return self.sql("SELECT detector AS type, count(*) FILTER (WHERE label) AS heads, count(*) AS scored "
-                        "FROM head_scores GROUP BY detector ORDER BY detector")
+        return self.sql(
+            "SELECT detector AS type, count(*) FILTER (WHERE label) AS heads, count(*) AS scored "
+            "FROM head_scores GROUP BY detector ORDER BY detector"
+        )
 
     def heads(self, type: str | None = None, layer: int | None = None) -> pa.Table:
         """Heads with their labels, importance and copying score; with ``type``, only that type's
@@ -125,7 +132,9 @@ class Atlas:
             return self.sql(
                 "SELECT s.layer, s.head, h.kv_group, s.detector AS type, s.score, s.baseline, s.z, s.seed "
                 "FROM head_scores s JOIN heads h USING (layer, head) "
-                f"WHERE {clause} ORDER BY s.score DESC", params)
+                f"WHERE {clause} ORDER BY s.score DESC",
+                params,
+            )
         clause = f"WHERE {' AND '.join(where)}" if where else ""
         return self.sql(
             "SELECT h.layer, h.head, h.kv_group, "
@@ -134,7 +143,9 @@ class Atlas:
             "any_value(o.suppression) AS suppression "
             "FROM heads h LEFT JOIN head_scores s USING (layer, head) LEFT JOIN head_importance i USING (layer, head) "
             f"LEFT JOIN head_ov o USING (layer, head) {clause} GROUP BY h.layer, h.head, h.kv_group "
-            "ORDER BY h.layer, h.head", params)
+            "ORDER BY h.layer, h.head",
+            params,
+        )
 
     # -- neurons ----------------------------------------------------------------------------------------
     def neurons(self, promotes: str | None = None, layer: int | None = None, limit: int = 50) -> pa.Table:
@@ -153,7 +164,9 @@ class Atlas:
         return self.sql(
             f"SELECT layer, neuron, {rank} AS rank, promoted[1:5] AS promoted, promoted_logits[1] AS top_logit, "
             f"suppressed[1:5] AS suppressed, exciting[1:5] AS exciting FROM neurons {clause} "
-            f"ORDER BY rank NULLS LAST, top_logit DESC LIMIT {int(limit)}", params)
+            f"ORDER BY rank NULLS LAST, top_logit DESC LIMIT {int(limit)}",
+            params,
+        )
 
     def search(self, token: str | int, limit: int = 20, *, exact: bool = False) -> pa.Table:
         """Heads and neurons that write ``token``, on one scale: the logit they add to it, largest first.
@@ -182,10 +195,14 @@ class Atlas:
             ids = [int(token)]
         else:
             variants = [token] if exact else _token_variants(token)
-            ids = self.sql("SELECT token_id FROM vocab WHERE list_contains(?, token)", [variants]).column(
-                "token_id").to_pylist()
-        rows = (self.sql("SELECT * FROM token_writers WHERE list_contains(?, token_id)", [ids]).to_pylist()
-                if ids else [])
+            ids = (
+                self.sql("SELECT token_id FROM vocab WHERE list_contains(?, token)", [variants])
+                .column("token_id")
+                .to_pylist()
+            )
+        rows = (
+            self.sql("SELECT * FROM token_writers WHERE list_contains(?, token_id)", [ids]).to_pylist() if ids else []
+        )
         sources = sorted({s for row in rows for s in row["head_sources"] or []})
         texts = {}
         if sources:
@@ -194,8 +211,10 @@ class Atlas:
         hits = ranked([h for row in rows for h in writer_hits(row, texts.get)], limit)
         neurons = [(h["layer"], h["index"]) for h in hits if h["kind"] == "neuron"]
         if neurons and self._has("neurons"):
-            found = self.sql("SELECT layer, neuron, promoted[1:5] AS top FROM neurons WHERE list_contains(?, "
-                             "[layer, neuron])", [[list(n) for n in neurons]]).to_pylist()
+            found = self.sql(
+                "SELECT layer, neuron, promoted[1:5] AS top FROM neurons WHERE list_contains(?, [layer, neuron])",
+                [[list(n) for n in neurons]],
+            ).to_pylist()
             tops = {(r["layer"], r["neuron"]): r["top"] for r in found}
             for h in hits:
                 if h["kind"] == "neuron":
@@ -205,21 +224,29 @@ class Atlas:
     def search_depth(self) -> int:
         """How many neurons (and heads) the stage ``search`` kept per token (an error without the stage)."""
         self._require_search()
-        return int(self.sql("SELECT len(neuron_indices) AS n FROM token_writers ORDER BY token_id LIMIT 1")
-                   .column("n")[0].as_py())
+        return int(
+            self.sql("SELECT len(neuron_indices) AS n FROM token_writers ORDER BY token_id LIMIT 1")
+            .column("n")[0]
+            .as_py()
+        )
 
     def _has(self, table: str) -> bool:
-        return bool(self.sql("SELECT count(*) AS n FROM information_schema.tables WHERE table_name = ?",
-                             [table]).column("n")[0].as_py())
+        return bool(
+            self.sql("SELECT count(*) AS n FROM information_schema.tables WHERE table_name = ?", [table])
+            .column("n")[0]
+            .as_py()
+        )
 
     def _require_search(self) -> None:
         """Refuse a search on an atlas without its ``search`` stage, naming the command that adds it."""
         done = self._has("token_writers") and bool(
-            self.sql("SELECT count(*) AS n FROM runs WHERE stage = 'search' AND status = 'done'")
-            .column("n")[0].as_py())
+            self.sql("SELECT count(*) AS n FROM runs WHERE stage = 'search' AND status = 'done'").column("n")[0].as_py()
+        )
         if not done:
-            raise AtlasError(f"{self.path} cannot answer a token search: it lacks the stage 'search' (an older "
-                             f"atlas, or one built with --only). Add it with: {self.map_command(['search'])}")
+            raise AtlasError(
+                f"{self.path} cannot answer a token search: it lacks the stage 'search' (an older "
+                f"atlas, or one built with --only). Add it with: {self.map_command(['search'])}"
+            )
 
     def map_command(self, stages: list[str]) -> str:
         """The ``lmatlas map`` command that adds ``stages`` to this atlas (resuming it in place)."""
@@ -255,16 +282,21 @@ class Atlas:
             "neurons_with_stats": self.count("neuron_stats"),
             "most_important_heads": self.sql(
                 "SELECT 'L' || layer || '.H' || head AS head, delta_loss FROM head_importance "
-                "ORDER BY delta_loss DESC LIMIT 5").to_pylist(),
+                "ORDER BY delta_loss DESC LIMIT 5"
+            ).to_pylist(),
         }
 
     def _repr_html_(self) -> str:
         summary = self.summary()
-        rows = "".join(f"<tr><td>{html.escape(str(r['type']))}</td><td>{r['heads']}</td><td>{r['scored']}</td></tr>"
-                       for r in summary["head_types"])
-        return (f"<b>lmatlas atlas</b> of {html.escape(str(summary['model']))} ({html.escape(str(summary['family']))})"
-                f" — {html.escape(summary['path'])}<br>{summary['heads']} heads, {summary['neurons_decoded']} neurons "
-                f"decoded<table><tr><th>head type</th><th>heads</th><th>scored</th></tr>{rows}</table>")
+        rows = "".join(
+            f"<tr><td>{html.escape(str(r['type']))}</td><td>{r['heads']}</td><td>{r['scored']}</td></tr>"
+            for r in summary["head_types"]
+        )
+        return (
+            f"<b>lmatlas atlas</b> of {html.escape(str(summary['model']))} ({html.escape(str(summary['family']))})"
+            f" — {html.escape(summary['path'])}<br>{summary['heads']} heads, {summary['neurons_decoded']} neurons "
+            f"decoded<table><tr><th>head type</th><th>heads</th><th>scored</th></tr>{rows}</table>"
+        )
 
     def __repr__(self) -> str:
         return f"Atlas({str(self.path)!r}, model={self.card.get('source')!r})"

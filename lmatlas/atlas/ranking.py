@@ -16,16 +16,33 @@ from typing import Any, Iterable
 import pyarrow as pa
 
 #: The columns of a ranking, in order (``top_tokens``: a neuron's own most promoted tokens).
-SCHEMA = pa.schema([("kind", pa.string()), ("name", pa.string()), ("layer", pa.int64()), ("index", pa.int64()),
-                    ("logit", pa.float64()), ("source", pa.string()), ("top_tokens", pa.list_(pa.string()))])
+SCHEMA = pa.schema(
+    [
+        ("kind", pa.string()),
+        ("name", pa.string()),
+        ("layer", pa.int64()),
+        ("index", pa.int64()),
+        ("logit", pa.float64()),
+        ("source", pa.string()),
+        ("top_tokens", pa.list_(pa.string())),
+    ]
+)
 
 
-def hit(kind: str, layer: int, index: int, logit: float, *, source: str | None = None,
-        top_tokens: list[str] | None = None) -> dict[str, Any]:
+def hit(
+    kind: str, layer: int, index: int, logit: float, *, source: str | None = None, top_tokens: list[str] | None = None
+) -> dict[str, Any]:
     """One row: ``kind`` is ``"neuron"`` (``L3.N17``) or ``"head"`` (``L3.H1``, with its best ``source``)."""
     name = f"L{layer}.{'N' if kind == 'neuron' else 'H'}{index}"
-    return {"kind": kind, "name": name, "layer": int(layer), "index": int(index), "logit": float(logit),
-            "source": source, "top_tokens": top_tokens}
+    return {
+        "kind": kind,
+        "name": name,
+        "layer": int(layer),
+        "index": int(index),
+        "logit": float(logit),
+        "source": source,
+        "top_tokens": top_tokens,
+    }
 
 
 def ranked(hits: Iterable[dict[str, Any]], limit: int | None = None) -> list[dict[str, Any]]:

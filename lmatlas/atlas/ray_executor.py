@@ -66,8 +66,7 @@ def import_ray():
         import ray
     except ImportError:
         raise LmatlasError(
-            f"The Ray executor needs Ray, which is not installed: {INSTALL_HINT} "
-            "(or build with the local executor)."
+            f"The Ray executor needs Ray, which is not installed: {INSTALL_HINT} (or build with the local executor)."
         ) from None
     return ray
 
@@ -93,8 +92,10 @@ def reloadable_source(source: str | Path | None) -> str | None:
     if path.exists():
         return str(path.resolve())
     if path.suffix == ".gguf" or text.startswith((".", "/", "~")):
-        raise ModelFileError(f"Model source not found: {text}. Ray workers load the model by source: pass an "
-                             "existing directory or .gguf file, a packaged model name or a hub id.")
+        raise ModelFileError(
+            f"Model source not found: {text}. Ray workers load the model by source: pass an "
+            "existing directory or .gguf file, a packaged model name or a hub id."
+        )
     return text  # a hub id or a packaged model name
 
 
@@ -106,8 +107,10 @@ def check_reachable(address: str, timeout: float = 10.0) -> None:
     try:
         socket.create_connection((host, int(port)), timeout=timeout).close()
     except OSError as err:
-        raise LmatlasError(f"No Ray cluster answers at {address} ({err}). Start one with `ray start --head` and "
-                           "pass the address it prints, or omit --address to start a local cluster.") from None
+        raise LmatlasError(
+            f"No Ray cluster answers at {address} ({err}). Start one with `ray start --head` and "
+            "pass the address it prints, or omit --address to start a local cluster."
+        ) from None
 
 
 def fingerprint(card: dict[str, Any]) -> dict[str, Any]:
@@ -117,8 +120,9 @@ def fingerprint(card: dict[str, Any]) -> dict[str, Any]:
 class AtlasWorker:
     """One Ray actor's state: the model (loaded once), a private BuildContext, the stage registry."""
 
-    def load(self, source: str | None, ctx: "BuildContext", dtype: str, load_kwargs: dict[str, Any],
-             check_card: bool) -> tuple[str, dict[str, Any] | None]:
+    def load(
+        self, source: str | None, ctx: "BuildContext", dtype: str, load_kwargs: dict[str, Any], check_card: bool
+    ) -> tuple[str, dict[str, Any] | None]:
         """Load the model; returns this worker's label (``host:pid``) and, if asked, the model's fingerprint."""
         import lmatlas
         from lmatlas.atlas.stages import all_stages
@@ -131,8 +135,10 @@ class AtlasWorker:
 
     def run(self, stage_name: str, unit: str) -> UnitResult:
         if stage_name not in self.stages:
-            raise AtlasError(f"Stage {stage_name!r} is not registered on Ray worker {self.label}: every worker "
-                             "needs the same lmatlas version as the driver.")
+            raise AtlasError(
+                f"Stage {stage_name!r} is not registered on Ray worker {self.label}: every worker "
+                "needs the same lmatlas version as the driver."
+            )
         return run_unit(self.model, self.stages[stage_name], unit, self.ctx)
 
 
@@ -156,9 +162,18 @@ class RayExecutor:
         worker_of: ``unit -> "host:pid"`` of the worker that computed it (filled as units finish).
     """
 
-    def __init__(self, model_source: str | Path | None, ctx: "BuildContext", *, address: str | None = None,
-                 num_workers: int = 2, dtype: str = "float32", load_kwargs: dict[str, Any] | None = None,
-                 worker_options: dict[str, Any] | None = None, expect_card: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        model_source: str | Path | None,
+        ctx: "BuildContext",
+        *,
+        address: str | None = None,
+        num_workers: int = 2,
+        dtype: str = "float32",
+        load_kwargs: dict[str, Any] | None = None,
+        worker_options: dict[str, Any] | None = None,
+        expect_card: dict[str, Any] | None = None,
+    ):
         if num_workers < 1:
             raise LmatlasError(f"num_workers must be at least 1 (got {num_workers}).")
         import_ray()
@@ -199,8 +214,10 @@ class RayExecutor:
         """Initialise Ray; True if this executor did (and so shuts it down at the end)."""
         if ray.is_initialized():
             if self.address:
-                raise LmatlasError(f"Ray is already initialised in this process, so address={self.address!r} cannot "
-                                   "be used: omit the address to use that Ray, or call ray.shutdown() first.")
+                raise LmatlasError(
+                    f"Ray is already initialised in this process, so address={self.address!r} cannot "
+                    "be used: omit the address to use that Ray, or call ray.shutdown() first."
+                )
             return False
         quiet = dict(logging_level=logging.ERROR, log_to_driver=False, include_dashboard=False)
         try:
@@ -235,8 +252,10 @@ class RayExecutor:
             have = ray.cluster_resources()
             short = {k: (v, have.get(k, 0)) for k, v in needs.items() if v and have.get(k, 0) < v}
             if short:
-                raise LmatlasError(f"This machine cannot run even one atlas worker: it needs vs has {short}. "
-                                   "Lower worker_options, or pass the address of a cluster that has them.")
+                raise LmatlasError(
+                    f"This machine cannot run even one atlas worker: it needs vs has {short}. "
+                    "Lower worker_options, or pass the address of a cluster that has them."
+                )
         actor_class = ray.remote(AtlasWorker).options(**self.worker_options)
         return [actor_class.remote() for _ in range(self.num_workers)]
 
@@ -269,8 +288,10 @@ class RayExecutor:
         model stops the build before any work is done, and every worker gets work.
         """
         ctx_ref = ray.put(replace(self.ctx, memo={}))  # each worker keeps its own memo
-        loading = {actor.load.remote(self.source, ctx_ref, self.dtype, self.load_kwargs, self.expect is not None):
-                   actor for actor in actors}
+        loading = {
+            actor.load.remote(self.source, ctx_ref, self.dtype, self.load_kwargs, self.expect is not None): actor
+            for actor in actors
+        }
         labels: dict[Any, str] = {}
         while loading:
             [ref], _ = ray.wait(list(loading), num_returns=1)
@@ -282,12 +303,15 @@ class RayExecutor:
             label, found = ray.get(ref)
         except ray.exceptions.RayError as err:
             cause = getattr(err, "cause", None) or err
-            raise LmatlasError(f"A Ray worker could not load the model {self.source!r}: "
-                               f"{type(cause).__name__}: {cause}") from err
+            raise LmatlasError(
+                f"A Ray worker could not load the model {self.source!r}: {type(cause).__name__}: {cause}"
+            ) from err
         if self.expect is not None and found != self.expect:
             diff = {k: (self.expect[k], found[k]) for k in FINGERPRINT if self.expect[k] != found[k]}
-            raise AtlasError(f"Ray worker {label} loaded a different model from {self.source!r} than the driver's "
-                             f"(driver vs worker: {diff}). Make the same model file visible to every node.")
+            raise AtlasError(
+                f"Ray worker {label} loaded a different model from {self.source!r} than the driver's "
+                f"(driver vs worker: {diff}). Make the same model file visible to every node."
+            )
         return label
 
 
@@ -299,8 +323,10 @@ def _result(ray: Any, ref: Any, unit: str, label: str) -> UnitResult:
         cause = err.cause if err.cause is not None else err
         raise AtlasError(f"Atlas unit {unit} failed on Ray worker {label}: {type(cause).__name__}: {cause}") from err
     except ray.exceptions.RayError as err:  # the worker process died (out of memory, killed, node lost)
-        raise AtlasError(f"Atlas unit {unit} was lost: Ray worker {label} died ({type(err).__name__}: {err}). "
-                         "Finished units are saved; rerun to resume.") from err
+        raise AtlasError(
+            f"Atlas unit {unit} was lost: Ray worker {label} died ({type(err).__name__}: {err}). "
+            "Finished units are saved; rerun to resume."
+        ) from err
 
 
 def _check_registered(work: list[tuple["Stage", str]]) -> None:

@@ -122,14 +122,22 @@ ADDED_COLUMNS: dict[str, list[tuple[str, str]]] = {
     "neuron_stats": [("top_context_ids", "INTEGER[][]")],
     "head_importance": [("estimate", "DOUBLE"), ("method", "VARCHAR")],
     "mlp_importance": [("estimate", "DOUBLE"), ("method", "VARCHAR")],
-    "circuits": [("granularity", "VARCHAR"), ("cpr", "DOUBLE"), ("cmd", "DOUBLE"), ("verified_spearman", "DOUBLE"),
-                 ("verified_max_error", "DOUBLE")],
+    "circuits": [
+        ("granularity", "VARCHAR"),
+        ("cpr", "DOUBLE"),
+        ("cmd", "DOUBLE"),
+        ("verified_spearman", "DOUBLE"),
+        ("verified_max_error", "DOUBLE"),
+    ],
 }
 
 
 def create_statements() -> list[str]:
     """``CREATE TABLE IF NOT EXISTS`` for every table, then the added columns an older file lacks."""
     tables = [f"CREATE TABLE IF NOT EXISTS {name} ({columns})" for name, columns in TABLES.items()]
-    added = [f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {kind}"
-             for table, columns in ADDED_COLUMNS.items() for column, kind in columns]
+    added = [
+        f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {kind}"
+        for table, columns in ADDED_COLUMNS.items()
+        for column, kind in columns
+    ]
     return tables + added + [f"CREATE OR REPLACE VIEW {name} AS {query}" for name, query in VIEWS.items()]

@@ -34,15 +34,24 @@ Rows = dict[str, list[dict[str, Any]]]  # table name -> rows (column -> value)
 SANDBOX = {"enable_external_access": False, "lock_configuration": True}
 
 _HOLDER = re.compile(r"Conflicting lock is held in (?P<program>.+?) \(PID (?P<pid>\d+)\)")
-_DAMAGE = ("Could not read enough bytes", "Corrupt database", "checksum", "INTERNAL Error", "block id",
-           "Failed to load metadata", "invalidated")
+_DAMAGE = (
+    "Could not read enough bytes",
+    "Corrupt database",
+    "checksum",
+    "INTERNAL Error",
+    "block id",
+    "Failed to load metadata",
+    "invalidated",
+)
 
 
 def damaged(path: Path, err: Exception) -> AtlasError:
     """The error for a truncated or corrupt atlas file."""
     first = str(err).splitlines()[0] if str(err) else type(err).__name__
-    return AtlasError(f"{path} is damaged (truncated or corrupt: {first}). Restore a copy, or delete it and "
-                      f"rebuild it with `lmatlas map --out {path}`.")
+    return AtlasError(
+        f"{path} is damaged (truncated or corrupt: {first}). Restore a copy, or delete it and "
+        f"rebuild it with `lmatlas map --out {path}`."
+    )
 
 
 def is_damage(err: Exception) -> bool:
@@ -58,11 +67,15 @@ def lock_error(path: Path, message: str, read_only: bool) -> AtlasError | None:
     who = f"process {found['pid']} ({found['program']})" if found else "another process"
     kill = f" (`kill {found['pid']}`)" if found else ""
     if read_only:
-        return AtlasError(f"{path} is being written by {who}: wait for that build to finish, or stop it{kill}; "
-                          "the units it finished are kept and the same `lmatlas map` command resumes.")
-    return AtlasError(f"{path} is open in {who} (a notebook's Atlas.open, `lmatlas show`, a web explorer, or "
-                      f"another build): close it there (atlas.close()) or end that process{kill}, then run this "
-                      "again; or pass another --out file.")
+        return AtlasError(
+            f"{path} is being written by {who}: wait for that build to finish, or stop it{kill}; "
+            "the units it finished are kept and the same `lmatlas map` command resumes."
+        )
+    return AtlasError(
+        f"{path} is open in {who} (a notebook's Atlas.open, `lmatlas show`, a web explorer, or "
+        f"another build): close it there (atlas.close()) or end that process{kill}, then run this "
+        "again; or pass another --out file."
+    )
 
 
 def _connect(path: Path, read_only: bool) -> duckdb.DuckDBPyConnection:
@@ -78,14 +91,17 @@ def _connect(path: Path, read_only: bool) -> duckdb.DuckDBPyConnection:
         if held is not None:
             raise held from None
         if "different configuration" in message:
-            raise AtlasError(f"{path} is already open in this process (an Atlas or a build): close it first "
-                             "(atlas.close(), or use `with Atlas.open(...) as atlas:`).") from None
+            raise AtlasError(
+                f"{path} is already open in this process (an Atlas or a build): close it first "
+                "(atlas.close(), or use `with Atlas.open(...) as atlas:`)."
+            ) from None
         if is_damage(err):
             raise damaged(path, err) from None
         if "Permission denied" in message:
-            raise AtlasError(f"Cannot {'read' if read_only else 'write'} {path}: permission denied. "
-                             f"{'Check the file permissions' if read_only else 'Choose a writable --out path'}."
-                             ) from None
+            raise AtlasError(
+                f"Cannot {'read' if read_only else 'write'} {path}: permission denied. "
+                f"{'Check the file permissions' if read_only else 'Choose a writable --out path'}."
+            ) from None
         raise AtlasError(f"Cannot open {path}: {message.splitlines()[0]}") from None
 
 
@@ -125,8 +141,11 @@ class AtlasStore:
         path = Path(path)
         if path.is_dir():
             found = sorted(str(p) for p in path.glob("*.duckdb"))
-            hint = (f"atlases there: {', '.join(found[:5])}" if found else
-                    f"build one with `lmatlas map --out {path / 'model.atlas.duckdb'}`")
+            hint = (
+                f"atlases there: {', '.join(found[:5])}"
+                if found
+                else f"build one with `lmatlas map --out {path / 'model.atlas.duckdb'}`"
+            )
             raise AtlasError(f"{path} is a directory, not an atlas file: give the .duckdb file ({hint}).")
         if not path.is_file():
             raise AtlasError(f"No atlas at {path}: build one with `lmatlas map --out {path}`.")
@@ -147,9 +166,11 @@ class AtlasStore:
         try:
             con = _connect(self.path, read_only=False)
         except AtlasError as error:
-            raise AtlasError(f"{self.path} was written before a head label was renamed ({names}) and cannot be "
-                             f"updated in place ({error}). Make it writable and open it again, or rebuild it with "
-                             f"`lmatlas map --out {self.path}`.") from None
+            raise AtlasError(
+                f"{self.path} was written before a head label was renamed ({names}) and cannot be "
+                f"updated in place ({error}). Make it writable and open it again, or rebuild it with "
+                f"`lmatlas map --out {self.path}`."
+            ) from None
         try:
             rename_detectors(con, renames)
         finally:
@@ -161,8 +182,15 @@ class AtlasStore:
         with self.transaction():
             for statement in create_statements():
                 self.con.execute(statement)
-            self._put_meta({"kind": ATLAS_KIND, "schema_version": SCHEMA_VERSION, "model": card,
-                            "lmatlas_version": __version__, "created": _now()})
+            self._put_meta(
+                {
+                    "kind": ATLAS_KIND,
+                    "schema_version": SCHEMA_VERSION,
+                    "model": card,
+                    "lmatlas_version": __version__,
+                    "created": _now(),
+                }
+            )
 
     def _migrate(self) -> None:
         """Create tables added since the file was written (the schema only grows); rename old head labels."""
@@ -220,8 +248,9 @@ class AtlasStore:
         with self.transaction():
             self._put_meta(items)
 
-    def commit_unit(self, stage: str, unit: str, rows: Rows, seconds: float, seeds: dict | None = None,
-                    params: dict | None = None) -> None:
+    def commit_unit(
+        self, stage: str, unit: str, rows: Rows, seconds: float, seeds: dict | None = None, params: dict | None = None
+    ) -> None:
         """Write a finished unit's rows and mark it done, in one transaction."""
         from lmatlas import __version__
 
@@ -231,8 +260,15 @@ class AtlasStore:
             versions = {"lmatlas": __version__, **_library_versions()}
             self.con.execute(
                 "INSERT OR REPLACE INTO runs VALUES (?, ?, 'done', ?, ?, ?, ?, ?)",
-                [stage, unit, seconds, datetime.now(timezone.utc).replace(tzinfo=None), json.dumps(seeds or {}),
-                 json.dumps(versions), json.dumps(params or {}, default=str)],
+                [
+                    stage,
+                    unit,
+                    seconds,
+                    datetime.now(timezone.utc).replace(tzinfo=None),
+                    json.dumps(seeds or {}),
+                    json.dumps(versions),
+                    json.dumps(params or {}, default=str),
+                ],
             )
 
     def _insert(self, table: str, records: Iterable[dict[str, Any]]) -> None:

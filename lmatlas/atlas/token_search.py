@@ -42,18 +42,27 @@ def writer_rows(model: "Model", found: "Writers") -> list[dict[str, Any]]:
     rows = []
     for i, token in enumerate(found.tokens.tolist()):
         neurons, heads = found.neuron_rows[i].tolist(), found.head_rows[i].tolist()
-        rows.append({"token_id": token, "neuron_layers": [r // lay.d_mlp for r in neurons],
-                     "neuron_indices": [r % lay.d_mlp for r in neurons],
-                     "neuron_logits": found.neuron_logits[i].tolist(),
-                     "head_layers": [r // lay.n_heads for r in heads], "head_indices": [r % lay.n_heads for r in heads],
-                     "head_logits": found.head_logits[i].tolist(), "head_sources": found.head_sources[i].tolist()})
+        rows.append(
+            {
+                "token_id": token,
+                "neuron_layers": [r // lay.d_mlp for r in neurons],
+                "neuron_indices": [r % lay.d_mlp for r in neurons],
+                "neuron_logits": found.neuron_logits[i].tolist(),
+                "head_layers": [r // lay.n_heads for r in heads],
+                "head_indices": [r % lay.n_heads for r in heads],
+                "head_logits": found.head_logits[i].tolist(),
+                "head_sources": found.head_sources[i].tolist(),
+            }
+        )
     return rows
 
 
 def writer_hits(row: dict[str, Any], source_text) -> list[dict[str, Any]]:
     """The :func:`hit` rows of one ``token_writers`` row; ``source_text(id)`` spells a head's source token."""
-    hits = [hit("neuron", layer, n, v)
-            for layer, n, v in zip(row["neuron_layers"], row["neuron_indices"], row["neuron_logits"])]
+    hits = [
+        hit("neuron", layer, n, v)
+        for layer, n, v in zip(row["neuron_layers"], row["neuron_indices"], row["neuron_logits"])
+    ]
     heads = zip(row["head_layers"], row["head_indices"], row["head_logits"], row["head_sources"])
     hits += [hit("head", layer, h, v, source=source_text(s)) for layer, h, v, s in heads]
     return hits
@@ -72,8 +81,7 @@ def search_model(model: "Model", token: int, limit: int = 20, *, seed: int = 0) 
     from lmatlas.decode.token_text import token_text, token_texts
     from lmatlas.decode.vocab import topk_tokens
 
-    found = token_writers(model, calibrate(model, reference_windows(model)), token, depth=max(DEPTH, limit),
-                          seed=seed)
+    found = token_writers(model, calibrate(model, reference_windows(model)), token, depth=max(DEPTH, limit), seed=seed)
     hits = ranked(writer_hits(writer_rows(model, found)[0], lambda i: token_text(model.tokenizer, i)), limit)
     neurons = [(h["layer"], h["index"]) for h in hits if h["kind"] == "neuron"]
     if neurons:  # each neuron's own top tokens, as the atlas's ``neurons`` table holds them

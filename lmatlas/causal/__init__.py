@@ -25,7 +25,25 @@ from lmatlas.causal.targets import all_heads, expand, parse_component
 from lmatlas.causal.tasks import TaskBatch, load_task
 
 __all__ = [
-    "AttentionSources", "EdgeIndex", "EdgeRunner", "attention_sources", "verify_edges",
-    "Effects", "TaskBatch", "ablate", "all_heads", "attribute", "expand", "kl_to", "load_task", "log_prob",
-    "logit_diff", "loss", "parse_component", "patch", "probability", "spearman", "verify_effects",
+    "AttentionSources",
+    "EdgeIndex",
+    "EdgeRunner",
+    "attention_sources",
+    "verify_edges",
+    "Effects",
+    "TaskBatch",
+    "ablate",
+    "all_heads",
+    "attribute",
+    "expand",
+    "kl_to",
+    "load_task",
+    "log_prob",
+    "logit_diff",
+    "loss",
+    "parse_component",
+    "patch",
+    "probability",
+    "spearman",
+    "verify_effects",
 ]

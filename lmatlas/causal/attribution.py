@@ -61,8 +61,15 @@ def _pattern_after(model: "Model", layer: int, q: torch.Tensor, k: torch.Tensor)
     """``[n, head, pos, key_pos]`` causal attention pattern from queries ``[n, pos, head, d]`` and keys ``[n, pos, kv, d]``."""
     module = get_path(model.blocks[layer], model.spec.attn)
     softcap = getattr(model.hf.config, "attn_logit_softcapping", None)
-    return attention_probs(module, q.transpose(1, 2), k.transpose(1, 2), None,
-                           scaling=getattr(module, "scaling", None), softcap=softcap, is_causal=True)
+    return attention_probs(
+        module,
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        None,
+        scaling=getattr(module, "scaling", None),
+        softcap=softcap,
+        is_causal=True,
+    )
 
 
 def _qk_fixed(model: "Model", component: Component, clean, corrupt, grad) -> float:
@@ -83,8 +90,16 @@ def _qk_fixed(model: "Model", component: Component, clean, corrupt, grad) -> flo
     return float((product if mask is None else product[..., mask]).sum())
 
 
-def attribute(model: "Model", task: "TaskBatch", targets: Sequence[str], metric: Callable | None = None, *,
-              qk_fix: bool = True, grad_drop: bool = False, verify: int = 10) -> Effects:
+def attribute(
+    model: "Model",
+    task: "TaskBatch",
+    targets: Sequence[str],
+    metric: Callable | None = None,
+    *,
+    qk_fix: bool = True,
+    grad_drop: bool = False,
+    verify: int = 10,
+) -> Effects:
     """Estimate every target's patching effect at once (AtP / AtP*); verify the top ``verify`` exactly.
 
     Returns :class:`~lmatlas.causal.effects.Effects` whose ``values`` are the estimated
@@ -105,15 +120,24 @@ def attribute(model: "Model", task: "TaskBatch", targets: Sequence[str], metric:
     grads = dict(zip(sites, torch.autograd.grad(m_corrupt, [corrupt[s] for s in sites])))
     estimates = []
     for component in components:
-        if component.site.layer in qk_layers and component.site.component in ("attn.q", "attn.k") \
-                and component.positions is None:
+        if (
+            component.site.layer in qk_layers
+            and component.site.component in ("attn.q", "attn.k")
+            and component.positions is None
+        ):
             estimates.append(_qk_fixed(model, component, clean, corrupt, grads))
         else:
             estimates.append(_linear(component, clean, corrupt, grads))
     m_clean = float(metric(clean.logits).mean())
-    effects = Effects(task.name, getattr(metric, "__name__", "metric"),
-                      "attribution" + ("+qk" if qk_fix else "") + ("+graddrop" if grad_drop else ""),
-                      list(targets), float(m_corrupt.detach()) + torch.tensor(estimates), m_clean, float(m_corrupt.detach()))
+    effects = Effects(
+        task.name,
+        getattr(metric, "__name__", "metric"),
+        "attribution" + ("+qk" if qk_fix else "") + ("+graddrop" if grad_drop else ""),
+        list(targets),
+        float(m_corrupt.detach()) + torch.tensor(estimates),
+        m_clean,
+        float(m_corrupt.detach()),
+    )
     if grad_drop:
         effects.extra["grad_drop"] = _grad_drop(model, task, components, metric, clean, sites)
     if verify:
@@ -129,8 +153,12 @@ def _grad_drop(model, task, components, metric, clean, sites) -> torch.Tensor:
     for dropped in range(1, n_layers):
         cut = {f"L{dropped}.attn.out": lambda v, ctx: v.detach(), f"L{dropped}.mlp.out": lambda v, ctx: v.detach()}
         corrupt = model.run(task.corrupt, capture=sites, replace=cut, grad=True)
-        grads = dict(zip(sites, torch.autograd.grad(metric(corrupt.logits).mean(), [corrupt[s] for s in sites],
-                                                    allow_unused=True)))
+        grads = dict(
+            zip(
+                sites,
+                torch.autograd.grad(metric(corrupt.logits).mean(), [corrupt[s] for s in sites], allow_unused=True),
+            )
+        )
         for i, component in enumerate(components):
             if component.site.layer < dropped and grads[str(component.site)] is not None:
                 total[i] += abs(_linear(component, clean, corrupt, grads))

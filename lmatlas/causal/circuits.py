@@ -62,12 +62,18 @@ class Graph:
         return [(self.sources[i // width], self.targets[i % width], float(flat[i])) for i in order.tolist()]
 
     def to_dict(self, k: int | None = 200) -> dict:
-        return {"task": self.task, "method": self.method, "clean": self.clean, "corrupt": self.corrupt,
-                "edges": [{"source": s, "target": t, "score": v} for s, t, v in self.edges(k)], **self.meta}
+        return {
+            "task": self.task,
+            "method": self.method,
+            "clean": self.clean,
+            "corrupt": self.corrupt,
+            "edges": [{"source": s, "target": t, "score": v} for s, t, v in self.edges(k)],
+            **self.meta,
+        }
 
 
 def _layer(name: str) -> int:
-    return -1 if name == "embed" else (10 ** 9 if name == "logits" else int(name.split(".")[0][1:]))
+    return -1 if name == "embed" else (10**9 if name == "logits" else int(name.split(".")[0][1:]))
 
 
 def nodes(model: "Model") -> tuple[list[str], list[str]]:
@@ -104,13 +110,22 @@ def _writes(model: "Model", cache, layers: int) -> torch.Tensor:
 def _input_grads(model: "Model", inputs: torch.Tensor, metric: Callable, replace=None) -> tuple[torch.Tensor, float]:
     """``([n_targets, batch, pos, d_model], metric)``: d metric / d x_v for every downstream input ``v``."""
     lay = model.layout
-    sites = [f"L{layer}.{c}" for layer in range(lay.n_layers)
-             for c in ("resid.pre", "resid.mid", "attn.q", "attn.k", "attn.v", "mlp.out")]
+    sites = [
+        f"L{layer}.{c}"
+        for layer in range(lay.n_layers)
+        for c in ("resid.pre", "resid.mid", "attn.q", "attn.k", "attn.v", "mlp.out")
+    ]
     last = f"L{lay.n_layers - 1}.resid.post"
     cache = model.run(inputs, capture=sites + [last], replace=replace, grad=True)
     value = metric(cache.logits).mean()
-    grads = dict(zip(sites + [last], torch.autograd.grad(
-        value, [cache[s] for s in sites] + [_final(model, cache)], retain_graph=True, allow_unused=True)))
+    grads = dict(
+        zip(
+            sites + [last],
+            torch.autograd.grad(
+                value, [cache[s] for s in sites] + [_final(model, cache)], retain_graph=True, allow_unused=True
+            ),
+        )
+    )
     rows = []
     for layer in range(lay.n_layers):
         pre = cache[f"L{layer}.resid.pre"]
@@ -146,8 +161,15 @@ def method_name(steps: int, along: str, qk: bool) -> str:
     return base + ("+qk" if qk else "")
 
 
-def edge_attribution(model: "Model", task: "TaskBatch", metric: Callable | None = None, *,
-                     steps: int = 0, along: str = "inputs", qk: bool = True) -> Graph:
+def edge_attribution(
+    model: "Model",
+    task: "TaskBatch",
+    metric: Callable | None = None,
+    *,
+    steps: int = 0,
+    along: str = "inputs",
+    qk: bool = True,
+) -> Graph:
     """Score every edge of the graph: EAP (``steps=0``) or EAP-IG with ``steps`` points ``along``
     ``"inputs"`` or ``"activations"``; ``qk=True`` scores query and key edges QK-aware."""
     from lmatlas.causal.edge_scores import held_streams, qk_scores, stream_captures
@@ -190,6 +212,13 @@ def edge_attribution(model: "Model", task: "TaskBatch", metric: Callable | None 
             scores[i, j] = value
     allowed = torch.tensor([[_reads_after(model, s, t) for t in targets] for s in sources])
     scores = torch.where(allowed, scores, torch.full_like(scores, float("nan")))
-    return Graph(task.name, method_name(steps, along, qk), sources, targets, scores,
-                 float(metric(clean.logits).mean()), float(metric(corrupt.logits).mean()),
-                 meta={"steps": steps, "prompts": len(task), "along": along if steps else None, "qk": qk})
+    return Graph(
+        task.name,
+        method_name(steps, along, qk),
+        sources,
+        targets,
+        scores,
+        float(metric(clean.logits).mean()),
+        float(metric(corrupt.logits).mean()),
+        meta={"steps": steps, "prompts": len(task), "along": along if steps else None, "qk": qk},
+    )

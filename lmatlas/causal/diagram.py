@@ -41,22 +41,31 @@ def circuit_svg(circuit: "Circuit", n_layers: int) -> str:
     rows = sorted(by_row)
     height = MARGIN * 2 + ROW * (len(rows) - 1)
     y_of = {r: height - MARGIN - i * ROW for i, r in enumerate(rows)}
-    where = {node: (MARGIN + COLUMN * i + COLUMN // 2, y_of[r]) for r, names in by_row.items()
-             for i, node in enumerate(names)}
+    where = {
+        node: (MARGIN + COLUMN * i + COLUMN // 2, y_of[r])
+        for r, names in by_row.items()
+        for i, node in enumerate(names)
+    }
     biggest = max((abs(v) for _, _, v in circuit.edges), default=1.0) or 1.0
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-             f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">',
-             f'<text x="8" y="16">{escape(circuit.graph.task)}: {len(circuit.edges)} edges, '
-             f'faithfulness {circuit.faithfulness:.2f} ({escape(circuit.graph.method)})</text>']
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">',
+        f'<text x="8" y="16">{escape(circuit.graph.task)}: {len(circuit.edges)} edges, '
+        f"faithfulness {circuit.faithfulness:.2f} ({escape(circuit.graph.method)})</text>",
+    ]
     for source, target, score in circuit.edges:
         (x1, y1), (x2, y2) = where[source], where[input_node(target)]
         colour = "#2563eb" if score > 0 else "#dc2626"
         stroke = 0.8 + 5 * abs(score) / biggest
         label = escape(f"{source} -> {target}: {score:+.3f}")
-        parts.append(f'<line x1="{x1}" y1="{y1}" x2="{x2}" y2="{y2}" stroke="{colour}" stroke-width="{stroke:.2f}" '
-                     f'stroke-opacity="0.7"><title>{label}</title></line>')
+        parts.append(
+            f'<line x1="{x1}" y1="{y1}" x2="{x2}" y2="{y2}" stroke="{colour}" stroke-width="{stroke:.2f}" '
+            f'stroke-opacity="0.7"><title>{label}</title></line>'
+        )
     for node, (x, y) in where.items():
-        parts.append(f'<rect x="{x - 40}" y="{y - 13}" width="80" height="26" rx="6" fill="#f8fafc" stroke="#334155"/>'
-                     f'<text x="{x}" y="{y + 4}" text-anchor="middle">{escape(node)}</text>')
+        parts.append(
+            f'<rect x="{x - 40}" y="{y - 13}" width="80" height="26" rx="6" fill="#f8fafc" stroke="#334155"/>'
+            f'<text x="{x}" y="{y + 4}" text-anchor="middle">{escape(node)}</text>'
+        )
     parts.append("</svg>")
     return "\n".join(parts)

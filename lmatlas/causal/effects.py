@@ -17,6 +17,7 @@ import torch
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     """Spearman rank correlation of two 1-d tensors (average ranks for ties)."""
+
     def ranks(x: torch.Tensor) -> torch.Tensor:
         order = torch.argsort(x)
         r = torch.empty_like(x, dtype=torch.float64)
@@ -64,9 +65,18 @@ class Effects:
 
     def rows(self) -> list[dict[str, Any]]:
         normalized = self.normalized().tolist()
-        return [{"target": t, "value": float(v), "effect": float(e), "normalized": n}
-                for t, v, e, n in zip(self.targets, self.values.tolist(), self.effect().tolist(), normalized)]
+        return [
+            {"target": t, "value": float(v), "effect": float(e), "normalized": n}
+            for t, v, e, n in zip(self.targets, self.values.tolist(), self.effect().tolist(), normalized)
+        ]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"task": self.task, "metric": self.metric, "method": self.method, "clean": self.clean,
-                "corrupt": self.corrupt, "verification": self.verification, "effects": self.rows()}
+        return {
+            "task": self.task,
+            "metric": self.metric,
+            "method": self.method,
+            "clean": self.clean,
+            "corrupt": self.corrupt,
+            "verification": self.verification,
+            "effects": self.rows(),
+        }

@@ -95,11 +95,20 @@ class Circuit:
     verification: dict | None = None  # top edges re-measured by exact edge patching
 
     def to_dict(self) -> dict:
-        return {"task": self.graph.task, "method": self.graph.method, "granularity": self.granularity,
-                "faithfulness": self.faithfulness, "cpr": self.cpr, "cmd": self.cmd, "nodes": self.nodes,
-                "edges": [{"source": s, "target": t, "score": v} for s, t, v in self.edges],
-                "curve": self.curve, "clean": self.graph.clean, "corrupt": self.graph.corrupt,
-                "verification": self.verification}
+        return {
+            "task": self.graph.task,
+            "method": self.graph.method,
+            "granularity": self.granularity,
+            "faithfulness": self.faithfulness,
+            "cpr": self.cpr,
+            "cmd": self.cmd,
+            "nodes": self.nodes,
+            "edges": [{"source": s, "target": t, "score": v} for s, t, v in self.edges],
+            "curve": self.curve,
+            "clean": self.graph.clean,
+            "corrupt": self.graph.corrupt,
+            "verification": self.verification,
+        }
 
 
 def _area(xs: list[float], ys: list[float]) -> float:
@@ -110,8 +119,10 @@ def check_granularity(granularity: str) -> str:
     from lmatlas.errors import TaskError
 
     if granularity not in GRANULARITIES:
-        raise TaskError(f"Unknown granularity {granularity!r}: use 'edges' (each edge patched, MIB's) or 'nodes' "
-                        "(the heads and MLPs the edges touch run whole).")
+        raise TaskError(
+            f"Unknown granularity {granularity!r}: use 'edges' (each edge patched, MIB's) or 'nodes' "
+            "(the heads and MLPs the edges touch run whole)."
+        )
     return granularity
 
 
@@ -145,9 +156,17 @@ class _EdgeJudge:
         return self.runner.faithfulness(top_masks(self.runner.index, ranked, counts)).tolist()
 
 
-def find_circuit(model: "Model", task: "TaskBatch", graph: Graph, metric: Callable | None = None, *,
-                 target: float = 0.8, fractions: tuple[float, ...] = MIB_FRACTIONS,
-                 granularity: str = "edges", verify: int = 50) -> Circuit:
+def find_circuit(
+    model: "Model",
+    task: "TaskBatch",
+    graph: Graph,
+    metric: Callable | None = None,
+    *,
+    target: float = 0.8,
+    fractions: tuple[float, ...] = MIB_FRACTIONS,
+    granularity: str = "edges",
+    verify: int = 50,
+) -> Circuit:
     """Measure the faithfulness curve of ``graph`` and keep the smallest circuit reaching ``target``
     (searched after the last curve point that falls short, to within 2% of its edges).
 
@@ -161,26 +180,36 @@ def find_circuit(model: "Model", task: "TaskBatch", graph: Graph, metric: Callab
     ranked = graph.edges()
     counts = [max(1, round(fraction * len(ranked))) for fraction in fractions]
     values = judge(ranked, counts)
-    curve = [{"fraction": f, "edges": k, "nodes": len(circuit_nodes(model, ranked[:k])), "faithfulness": v}
-             for f, k, v in zip(fractions, counts, values)]
+    curve = [
+        {"fraction": f, "edges": k, "nodes": len(circuit_nodes(model, ranked[:k])), "faithfulness": v}
+        for f, k, v in zip(fractions, counts, values)
+    ]
     xs, ys = [c["fraction"] for c in curve], [c["faithfulness"] for c in curve]
     reached = [i for i, c in enumerate(curve) if c["faithfulness"] >= target]
     chosen = reached[0] if reached else len(curve) - 1
     low = counts[chosen - 1] + 1 if reached and chosen > 0 else 1  # the curve point before fell short
     k, value = _smallest(judge, ranked, target, min(low, counts[chosen]), counts[chosen], values[chosen])
     edges = ranked[:k]
-    circuit = Circuit(graph, edges, sorted(circuit_nodes(model, edges)), value, curve, cpr=_area(xs, ys),
-                      cmd=_area(xs, [abs(1 - y) for y in ys]), granularity=granularity)
+    circuit = Circuit(
+        graph,
+        edges,
+        sorted(circuit_nodes(model, edges)),
+        value,
+        curve,
+        cpr=_area(xs, ys),
+        cmd=_area(xs, [abs(1 - y) for y in ys]),
+        granularity=granularity,
+    )
     if verify:
         from lmatlas.causal.edge_verify import verify_edges
 
-        circuit.verification = verify_edges(model, task, graph, metric, k=verify,
-                                            runner=getattr(judge, "runner", None))
+        circuit.verification = verify_edges(model, task, graph, metric, k=verify, runner=getattr(judge, "runner", None))
     return circuit
 
 
-def _smallest(judge, ranked, target: float, low: int, high: int, at_high: float, width: int = 8,
-              tolerance: float = 0.02) -> tuple[int, float]:
+def _smallest(
+    judge, ranked, target: float, low: int, high: int, at_high: float, width: int = 8, tolerance: float = 0.02
+) -> tuple[int, float]:
     """The first ``k`` in ``[low, high]`` reaching ``target``, to within ``tolerance * k`` edges, and its
     faithfulness (faithfulness is not monotone: a batched scan of ``width`` candidates per round narrows
     the bracket; each round is a few batched forwards)."""
@@ -200,9 +229,19 @@ def _smallest(judge, ranked, target: float, low: int, high: int, at_high: float,
     return best, best_value
 
 
-def task_circuit(model: "Model", task: str, *, n: int = 8, seed: int = 0, steps: int = 0,
-                 target: float = 0.8, granularity: str = "edges", verify: int = 50, along: str = "inputs",
-                 qk: bool = True) -> Circuit:
+def task_circuit(
+    model: "Model",
+    task: str,
+    *,
+    n: int = 8,
+    seed: int = 0,
+    steps: int = 0,
+    target: float = 0.8,
+    granularity: str = "edges",
+    verify: int = 50,
+    along: str = "inputs",
+    qk: bool = True,
+) -> Circuit:
     """The circuit of a task by name: ``n`` prompt pairs (:func:`~lmatlas.causal.tasks.load_task` with
     ``seed``), edges scored by EAP (``steps=0``) or EAP-IG ``along`` inputs or activations, query and
     key edges QK-aware unless ``qk=False``, pruned to ``target`` faithfulness measured at

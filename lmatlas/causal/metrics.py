@@ -38,6 +38,7 @@ def _ids(ids, logits: torch.Tensor) -> torch.Tensor:
 
 def logit_diff(answer, wrong) -> Metric:
     """``logit[answer] - logit[wrong]`` at the last position (token ids per prompt or one id)."""
+
     def metric(logits: torch.Tensor) -> torch.Tensor:
         last = _last(logits)
         return (last.gather(1, _ids(answer, last)) - last.gather(1, _ids(wrong, last)))[:, 0]
@@ -98,7 +99,8 @@ def sequence_loss(ids) -> Metric:
         if targets.shape[0] != logits.shape[0]:
             targets = targets.repeat(logits.shape[0] // targets.shape[0], 1)
         losses = torch.nn.functional.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(), targets[:, 1:].flatten(), reduction="none")
+            logits[:, :-1].flatten(0, 1).float(), targets[:, 1:].flatten(), reduction="none"
+        )
         return losses.view(logits.shape[0], -1).mean(-1)
 
     metric.__name__ = "sequence_loss"

@@ -38,12 +38,18 @@ def _write(dst: torch.Tensor, src: torch.Tensor, component: Component, local: to
         d.index_copy_(1, local, s.index_select(1, local))
 
 
-def _patched_metric(model: "Model", inputs: torch.Tensor, components: Sequence[Component],
-                    sources: dict[str, torch.Tensor], metric: Metric, per_forward: int) -> list[float]:
+def _patched_metric(
+    model: "Model",
+    inputs: torch.Tensor,
+    components: Sequence[Component],
+    sources: dict[str, torch.Tensor],
+    metric: Metric,
+    per_forward: int,
+) -> list[float]:
     """Metric of ``inputs`` with each component patched from ``sources`` (``site -> [n, pos, ...]``)."""
     n, values = inputs.shape[0], []
     for start in range(0, len(components), per_forward):
-        chunk = components[start:start + per_forward]
+        chunk = components[start : start + per_forward]
         replace: dict[str, Callable] = {}
         for site in dict.fromkeys(str(c.site) for c in chunk):
             members = [(j, c) for j, c in enumerate(chunk) if str(c.site) == site]
@@ -54,7 +60,7 @@ def _patched_metric(model: "Model", inputs: torch.Tensor, components: Sequence[C
                     local = None
                     if component.positions is not None:
                         local = component.positions.select(ctx.positions.to(value.device), ctx.prompt_len)
-                    _write(out[j * n:(j + 1) * n], source.to(out.dtype), component, local)
+                    _write(out[j * n : (j + 1) * n], source.to(out.dtype), component, local)
                 return out
 
             replace[site] = fn
@@ -63,8 +69,14 @@ def _patched_metric(model: "Model", inputs: torch.Tensor, components: Sequence[C
     return values
 
 
-def patch(model: "Model", task: "TaskBatch", targets: Sequence[str], metric: Callable | None = None, *,
-          targets_per_forward: int = TARGETS_PER_FORWARD) -> Effects:
+def patch(
+    model: "Model",
+    task: "TaskBatch",
+    targets: Sequence[str],
+    metric: Callable | None = None,
+    *,
+    targets_per_forward: int = TARGETS_PER_FORWARD,
+) -> Effects:
     """Exact denoising patching: the corrupt run with each target from the clean run.
 
     Args:
@@ -79,14 +91,30 @@ def patch(model: "Model", task: "TaskBatch", targets: Sequence[str], metric: Cal
     sites = sorted({str(c.site) for c in components})
     clean = model.run(task.clean, capture=sites)
     corrupt = model.run(task.corrupt)
-    values = _patched_metric(model, task.corrupt, components, {s: clean[s] for s in sites}, metric,
-                             targets_per_forward)
-    return Effects(task.name, getattr(metric, "__name__", "metric"), "patch", list(targets), torch.tensor(values),
-                   float(metric(clean.logits).mean()), float(metric(corrupt.logits).mean()))
+    values = _patched_metric(model, task.corrupt, components, {s: clean[s] for s in sites}, metric, targets_per_forward)
+    return Effects(
+        task.name,
+        getattr(metric, "__name__", "metric"),
+        "patch",
+        list(targets),
+        torch.tensor(values),
+        float(metric(clean.logits).mean()),
+        float(metric(corrupt.logits).mean()),
+    )
 
 
-def ablate(model: "Model", inputs: torch.Tensor, targets: Sequence[str], metric: Metric, how: str = "zero", *,
-           stats=None, seed: int = 0, targets_per_forward: int = TARGETS_PER_FORWARD, name: str = "inputs") -> Effects:
+def ablate(
+    model: "Model",
+    inputs: torch.Tensor,
+    targets: Sequence[str],
+    metric: Metric,
+    how: str = "zero",
+    *,
+    stats=None,
+    seed: int = 0,
+    targets_per_forward: int = TARGETS_PER_FORWARD,
+    name: str = "inputs",
+) -> Effects:
     """The metric of ``inputs`` with each target ablated (``how``: zero, mean or resample).
 
     Means and resample banks come from ``stats`` (an :class:`~lmatlas.edit.stats.AblationStats`;
@@ -109,9 +137,19 @@ def ablate(model: "Model", inputs: torch.Tensor, targets: Sequence[str], metric:
         elif how == "mean":
             sources[site_name] = (stats or stats_for(model)).mean(site).to(value.dtype).expand_as(value)
         else:
-            sources[site_name] = (stats or stats_for(model)).resample(site, None, "site", tuple(value.shape[:2]),
-                                                                      generator).to(value.dtype)
+            sources[site_name] = (
+                (stats or stats_for(model))
+                .resample(site, None, "site", tuple(value.shape[:2]), generator)
+                .to(value.dtype)
+            )
     values = _patched_metric(model, inputs, components, sources, metric, targets_per_forward)
     base = float(metric(clean.logits).mean())
-    return Effects(name, getattr(metric, "__name__", "metric"), f"ablate-{how}", list(targets),
-                   torch.tensor(values), clean=base, corrupt=base)
+    return Effects(
+        name,
+        getattr(metric, "__name__", "metric"),
+        f"ablate-{how}",
+        list(targets),
+        torch.tensor(values),
+        clean=base,
+        corrupt=base,
+    )

@@ -34,14 +34,52 @@ from lmatlas.errors import TaskError
 if TYPE_CHECKING:
     from lmatlas.model.handle import Model
 
-NAMES = ["Mary", "John", "Tom", "James", "Anna", "Sarah", "David", "Paul", "Mark", "Lisa", "Kate", "Peter",
-         "Emma", "Jack", "Alice", "Bob", "Laura", "Mike", "Susan", "George"]
+NAMES = [
+    "Mary",
+    "John",
+    "Tom",
+    "James",
+    "Anna",
+    "Sarah",
+    "David",
+    "Paul",
+    "Mark",
+    "Lisa",
+    "Kate",
+    "Peter",
+    "Emma",
+    "Jack",
+    "Alice",
+    "Bob",
+    "Laura",
+    "Mike",
+    "Susan",
+    "George",
+]
 PLACES = ["store", "park", "school", "beach", "office", "garden", "station", "market"]
 OBJECTS = ["drink", "book", "ball", "letter", "gift", "key", "cake", "phone"]
-CAPITALS = {"France": "Paris", "Italy": "Rome", "Spain": "Madrid", "Germany": "Berlin", "Japan": "Tokyo",
-            "Russia": "Moscow", "Egypt": "Cairo", "Greece": "Athens", "Poland": "Warsaw", "Austria": "Vienna",
-            "Ireland": "Dublin", "Norway": "Oslo", "Sweden": "Stockholm", "Canada": "Ottawa", "China": "Beijing",
-            "Peru": "Lima", "Kenya": "Nairobi", "Cuba": "Havana", "Portugal": "Lisbon", "Hungary": "Budapest"}
+CAPITALS = {
+    "France": "Paris",
+    "Italy": "Rome",
+    "Spain": "Madrid",
+    "Germany": "Berlin",
+    "Japan": "Tokyo",
+    "Russia": "Moscow",
+    "Egypt": "Cairo",
+    "Greece": "Athens",
+    "Poland": "Warsaw",
+    "Austria": "Vienna",
+    "Ireland": "Dublin",
+    "Norway": "Oslo",
+    "Sweden": "Stockholm",
+    "Canada": "Ottawa",
+    "China": "Beijing",
+    "Peru": "Lima",
+    "Kenya": "Nairobi",
+    "Cuba": "Havana",
+    "Portugal": "Lisbon",
+    "Hungary": "Budapest",
+}
 TASKS = ("ioi", "capitals", "induction", "greater-than")
 
 
@@ -79,16 +117,20 @@ def _batch(model: "Model", name: str, rows: list[tuple[str, str, str, str]], n: 
             pieces = model.tokenizer.convert_ids_to_tokens(model.tokenizer.encode(bad, add_special_tokens=False))
             problem = f"answer {bad!r} is not one token (it splits into {pieces})"
         elif len(c_ids) != len(x_ids):
-            problem = (f"clean and corrupt prompts tokenize to {len(c_ids)} and {len(x_ids)} tokens; "
-                       "they must align position by position")
+            problem = (
+                f"clean and corrupt prompts tokenize to {len(c_ids)} and {len(x_ids)} tokens; "
+                "they must align position by position"
+            )
         if problem:
             if strict:
                 raise TaskError(f"Row {i + 1} of task {name}: {problem}.")
             continue
         if clean and len(c_ids) != len(clean[0]):
             if strict:
-                raise TaskError(f"Row {i + 1} of task {name} has {len(c_ids)} tokens, the first row "
-                                f"{len(clean[0])}: give rows of one length (or split the file by length).")
+                raise TaskError(
+                    f"Row {i + 1} of task {name} has {len(c_ids)} tokens, the first row "
+                    f"{len(clean[0])}: give rows of one length (or split the file by length)."
+                )
             continue
         clean.append(c_ids), corrupt.append(x_ids), answer.append(a_id), wrong.append(w_id)
         if len(clean) == n:
@@ -102,8 +144,12 @@ def _ioi(rng: random.Random) -> tuple[str, str, str, str]:
     a, b, c = rng.sample(NAMES, 3)
     place, obj = rng.choice(PLACES), rng.choice(OBJECTS)
     template = "When {a} and {b} went to the {place}, {s} gave a {obj} to"
-    return (template.format(a=a, b=b, place=place, s=b, obj=obj), template.format(a=a, b=b, place=place, s=c, obj=obj),
-            f" {a}", f" {b}")
+    return (
+        template.format(a=a, b=b, place=place, s=b, obj=obj),
+        template.format(a=a, b=b, place=place, s=c, obj=obj),
+        f" {a}",
+        f" {b}",
+    )
 
 
 def _capitals(rng: random.Random) -> tuple[str, str, str, str]:
@@ -141,8 +187,10 @@ def load_task(model: "Model", name: str, n: int = 16, seed: int = 0) -> TaskBatc
     if name == "induction":
         return _induction(model, n, 12, seed)
     if name not in makers:
-        raise TaskError(f"Unknown task {name!r}: use one of {', '.join(TASKS)} or a .jsonl file of "
-                        "{\"clean\", \"corrupt\", \"answer\", \"wrong\"} rows.")
+        raise TaskError(
+            f"Unknown task {name!r}: use one of {', '.join(TASKS)} or a .jsonl file of "
+            '{"clean", "corrupt", "answer", "wrong"} rows.'
+        )
     rows = [makers[name](rng) for _ in range(n * 8)]
     return _batch(model, name, rows, n, strict=False)
 
@@ -158,8 +206,10 @@ def _from_file(model: "Model", path: Path) -> TaskBatch:
             row = json.loads(line)
             rows.append((row["clean"], row["corrupt"], row["answer"], row["wrong"]))
         except (json.JSONDecodeError, KeyError, TypeError) as error:
-            raise TaskError(f"Line {number} of {path} is not a JSON object with clean, corrupt, answer and wrong "
-                            f"({type(error).__name__}: {error}).") from None
+            raise TaskError(
+                f"Line {number} of {path} is not a JSON object with clean, corrupt, answer and wrong "
+                f"({type(error).__name__}: {error})."
+            ) from None
     if not rows:
         raise TaskError(f"Task file {path} is empty: one JSON object per line.")
     return _batch(model, path.stem, rows, len(rows), strict=True)

@@ -173,8 +173,12 @@ def random_battery(
     kind = "null" if null else "random"
     drawn = distinct_tokens(ordinary_tokens(model), n, 2 * half + N_COMPARE, _generator(kind, seed))
     meta = {
-        "kind": kind, "null": null, "prefix": len(prefix_ids(model)), "half": half,
-        "compare": drawn[:, 2 * half:].to(model.device), "measure": ("copy", "norms") if null else (),
+        "kind": kind,
+        "null": null,
+        "prefix": len(prefix_ids(model)),
+        "half": half,
+        "compare": drawn[:, 2 * half :].to(model.device),
+        "measure": ("copy", "norms") if null else (),
     }
     return _battery(model, f"{name}/null" if null else name, seed, _with_prefix(model, drawn[:, : 2 * half]), meta)
 
@@ -190,8 +194,12 @@ def repeated_battery(model: "Model", name: str, seed: int, *, n: int = N_EXAMPLE
     drawn = distinct_tokens(ordinary_tokens(model), n, half + N_COMPARE, _generator("repeated", seed))
     body = torch.cat([drawn[:, :half], drawn[:, :half]], dim=1)
     meta = {
-        "kind": "repeated", "null": False, "prefix": len(prefix_ids(model)), "half": half,
-        "compare": drawn[:, half:].to(model.device), "measure": ("copy",),
+        "kind": "repeated",
+        "null": False,
+        "prefix": len(prefix_ids(model)),
+        "half": half,
+        "compare": drawn[:, half:].to(model.device),
+        "measure": ("copy",),
     }
     return _battery(model, name, seed, _with_prefix(model, body), meta)
 

@@ -89,8 +89,9 @@ def _content_key(model: "Model", battery: Battery) -> tuple:
     return id(model), tuple(battery.input_ids.shape), digest.hexdigest()
 
 
-def readout(model: "Model", battery: Battery, *, copy: bool = False, norms: bool = False,
-            offsets: Iterable[int] = ()) -> Readout:
+def readout(
+    model: "Model", battery: Battery, *, copy: bool = False, norms: bool = False, offsets: Iterable[int] = ()
+) -> Readout:
     """Run ``battery`` once and reduce it (see the module docstring); memoised inside :func:`shared`.
 
     Args:

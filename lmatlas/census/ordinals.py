@@ -36,15 +36,79 @@ class OrdinalSequence:
     cyclic: bool = False
 
 
-_ONES = ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
-         "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen", "twenty")
-_ORDINAL_WORDS = ("first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth", "tenth",
-                  "eleventh", "twelfth")
+_ONES = (
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "eleven",
+    "twelve",
+    "thirteen",
+    "fourteen",
+    "fifteen",
+    "sixteen",
+    "seventeen",
+    "eighteen",
+    "nineteen",
+    "twenty",
+)
+_ORDINAL_WORDS = (
+    "first",
+    "second",
+    "third",
+    "fourth",
+    "fifth",
+    "sixth",
+    "seventh",
+    "eighth",
+    "ninth",
+    "tenth",
+    "eleventh",
+    "twelfth",
+)
 _DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
-_MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
-           "November", "December")
-_ROMAN = ("I", "II", "III", "IV", "V", "VI", "VII", "VIII", "IX", "X", "XI", "XII", "XIII", "XIV", "XV", "XVI",
-          "XVII", "XVIII", "XIX", "XX")
+_MONTHS = (
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+)
+_ROMAN = (
+    "I",
+    "II",
+    "III",
+    "IV",
+    "V",
+    "VI",
+    "VII",
+    "VIII",
+    "IX",
+    "X",
+    "XI",
+    "XII",
+    "XIII",
+    "XIV",
+    "XV",
+    "XVI",
+    "XVII",
+    "XVIII",
+    "XIX",
+    "XX",
+)
 
 #: The ordinal sequences, as the successor-heads paper's tasks (canonical spellings, in order).
 ORDINAL_SEQUENCES: dict[str, OrdinalSequence] = {
@@ -130,9 +194,7 @@ def _resolve(name: str, seq: OrdinalSequence, tokenizer: Any, space: bool) -> Or
     return OrdinalTokens(name, tuple(items), tuple(ids), tuple(index), len(seq.items), seq.cyclic, space)
 
 
-def ordinal_tokens(
-    tokenizer: Any, names: list[str] | None = None, min_pairs: int = 3
-) -> dict[str, OrdinalTokens]:
+def ordinal_tokens(tokenizer: Any, names: list[str] | None = None, min_pairs: int = 3) -> dict[str, OrdinalTokens]:
     """Resolve the ordinal table for ``tokenizer``: ``{name: OrdinalTokens}``.
 
     Args:
@@ -148,9 +210,7 @@ def ordinal_tokens(
     names = list(ORDINAL_SEQUENCES) if names is None else list(names)
     unknown = [n for n in names if n not in ORDINAL_SEQUENCES]
     if unknown:
-        raise NoOrdinalTokensError(
-            f"Unknown ordinal sequence(s) {unknown}. Known: {', '.join(ORDINAL_SEQUENCES)}."
-        )
+        raise NoOrdinalTokensError(f"Unknown ordinal sequence(s) {unknown}. Known: {', '.join(ORDINAL_SEQUENCES)}.")
     out: dict[str, OrdinalTokens] = {}
     for name in names:
         spaced = _resolve(name, ORDINAL_SEQUENCES[name], tokenizer, space=True)

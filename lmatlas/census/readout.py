@@ -18,8 +18,9 @@ if TYPE_CHECKING:
 
 
 # -- running the decoder without its LM head ----------------------------------------------------------
-def run_body(model: "Model", input_ids: torch.Tensor, replace: dict | None = None, capture=(),
-             stop_after: int | None = None) -> dict[str, torch.Tensor]:
+def run_body(
+    model: "Model", input_ids: torch.Tensor, replace: dict | None = None, capture=(), stop_after: int | None = None
+) -> dict[str, torch.Tensor]:
     """Run the decoder blocks (not the LM head) with lmatlas hooks; returns the captured ``{site: tensor}``.
 
     Detectors reduce what they need inside ``replace`` callbacks that return ``None``

@@ -96,7 +96,9 @@ class DetectorResult:
         for layer in range(n_layers):
             for head in range(n_heads):
                 row = {
-                    "head": head_name(layer, head), "layer": layer, "index": head,
+                    "head": head_name(layer, head),
+                    "layer": layer,
+                    "index": head,
                     "score": round(float(self.score[layer, head]), _DIGITS),
                     "null": round(float(self.null[layer, head]), _DIGITS),
                     "z": round(float(self.z[layer, head]), 3),
@@ -113,13 +115,21 @@ class DetectorResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "description": self.description, "threshold": self.threshold, "min_z": self.min_z,
-            "seed": self.seed, "n": self.n, "n_null": self.n_null,
-            "battery": self.battery, "null_battery": self.null_battery, "seconds": round(self.seconds, 3),
+            "description": self.description,
+            "threshold": self.threshold,
+            "min_z": self.min_z,
+            "seed": self.seed,
+            "n": self.n,
+            "n_null": self.n_null,
+            "battery": self.battery,
+            "null_battery": self.null_battery,
+            "seconds": round(self.seconds, 3),
             "labelled": self.heads(),
-            "score": _round(self.score), "null": _round(self.null),
+            "score": _round(self.score),
+            "null": _round(self.null),
             "z": torch.round(self.z.double(), decimals=3).tolist(),
-            "score_std": _round(self.score_std), "null_std": _round(self.null_std),
+            "score_std": _round(self.score_std),
+            "null_std": _round(self.null_std),
             "subscores": {name: {k: _round(v) for k, v in parts.items()} for name, parts in self.subscores.items()},
         }
 
@@ -149,7 +159,8 @@ class Census:
         labelled = {name: result.labelled for name, result in self.results.items()}
         return {
             head_name(layer, head): [name for name, mask in labelled.items() if mask[layer, head]]
-            for layer in range(self.n_layers) for head in range(self.n_heads)
+            for layer in range(self.n_layers)
+            for head in range(self.n_heads)
         }
 
     def labels_of(self, layer: int, head: int) -> list[str]:
@@ -158,15 +169,23 @@ class Census:
     def to_dict(self) -> dict[str, Any]:
         """Everything, JSON-ready (floats rounded to 6 decimals, z-scores to 3)."""
         return {
-            "provenance": self.provenance, "seed": self.seed, "layers": self.n_layers, "heads": self.n_heads,
+            "provenance": self.provenance,
+            "seed": self.seed,
+            "layers": self.n_layers,
+            "heads": self.n_heads,
             "detectors": {name: result.to_dict() for name, result in self.results.items()},
-            "skipped": self.skipped, "labels": self.labels,
+            "skipped": self.skipped,
+            "labels": self.labels,
         }
 
 
 def _battery_info(battery: Battery) -> dict[str, Any]:
-    return {"name": battery.name, "shape": list(battery.input_ids.shape), "seed": battery.seed,
-            "kind": battery.meta.get("kind")}
+    return {
+        "name": battery.name,
+        "shape": list(battery.input_ids.shape),
+        "seed": battery.seed,
+        "kind": battery.meta.get("kind"),
+    }
 
 
 def _resolve(detectors: Iterable[str | Detector] | None) -> list[Detector]:
@@ -185,8 +204,7 @@ def _per_detector(value: float | Mapping[str, float | None] | None, names: list[
         unknown = sorted(set(value) - set(names))
         if unknown:
             raise LmatlasError(
-                f"{what} given for {', '.join(unknown)}, which this census does not run. "
-                f"It runs: {', '.join(names)}."
+                f"{what} given for {', '.join(unknown)}, which this census does not run. It runs: {', '.join(names)}."
             )
         return dict(value)
     return {name: value for name in names}
@@ -205,11 +223,17 @@ def provenance(model: "Model", seed: int) -> dict[str, Any]:
     import lmatlas
 
     return {
-        "model": model.provenance.source, "family": model.family, "file": model.provenance.file,
-        "file_sha256": model.provenance.sha256, "revision": model.provenance.revision,
-        "dtype": str(model.dtype).removeprefix("torch."), "device": str(model.device),
-        "lmatlas_version": lmatlas.__version__, "torch_version": torch.__version__,
-        "transformers_version": transformers.__version__, "seed": seed,
+        "model": model.provenance.source,
+        "family": model.family,
+        "file": model.provenance.file,
+        "file_sha256": model.provenance.sha256,
+        "revision": model.provenance.revision,
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "device": str(model.device),
+        "lmatlas_version": lmatlas.__version__,
+        "torch_version": torch.__version__,
+        "transformers_version": transformers.__version__,
+        "seed": seed,
         "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 
@@ -232,8 +256,9 @@ def welch_z(scores: torch.Tensor, null: torch.Tensor) -> torch.Tensor:
     return (scores.mean(0) - null.mean(0)) / spread
 
 
-def run_detector(model: "Model", detector: Detector, seed: int = 0, threshold: float | None = None,
-                 min_z: float | None = _DEFAULT) -> DetectorResult:
+def run_detector(
+    model: "Model", detector: Detector, seed: int = 0, threshold: float | None = None, min_z: float | None = _DEFAULT
+) -> DetectorResult:
     """One detector: battery and null battery, per-example scores, means, z-scores and sub-scores."""
     started = time.perf_counter()
     lay = model.layout
@@ -249,15 +274,22 @@ def run_detector(model: "Model", detector: Detector, seed: int = 0, threshold: f
             "null": _stats(null_parts[part], detector.name, null_battery, lay.n_layers, lay.n_heads).mean(0),
         }
     return DetectorResult(
-        name=detector.name, description=detector.description,
-        score=scores.mean(0), null=null.mean(0),
+        name=detector.name,
+        description=detector.description,
+        score=scores.mean(0),
+        null=null.mean(0),
         score_std=scores.std(0) if len(scores) > 1 else torch.zeros_like(scores[0]),
         null_std=null.std(0) if len(null) > 1 else torch.zeros_like(null[0]),
-        z=welch_z(scores, null), n=len(scores), n_null=len(null), seed=int(seed),
+        z=welch_z(scores, null),
+        n=len(scores),
+        n_null=len(null),
+        seed=int(seed),
         threshold=_check_threshold(detector.name, detector.threshold if threshold is None else threshold),
         min_z=detector.min_z if min_z is _DEFAULT else min_z,
-        battery=_battery_info(battery), null_battery=_battery_info(null_battery),
-        subscores=subscores, seconds=time.perf_counter() - started,
+        battery=_battery_info(battery),
+        null_battery=_battery_info(null_battery),
+        subscores=subscores,
+        seconds=time.perf_counter() - started,
     )
 
 
@@ -289,8 +321,7 @@ def run_census(
     chosen = _resolve(detectors)
     names = [d.name for d in chosen]
     thresholds = {
-        name: _check_threshold(name, value)
-        for name, value in _per_detector(thresholds, names, "A threshold").items()
+        name: _check_threshold(name, value) for name, value in _per_detector(thresholds, names, "A threshold").items()
     }
     min_zs = _per_detector(min_z, names, "A min_z")
     results: dict[str, DetectorResult] = {}
@@ -310,5 +341,6 @@ def run_census(
                     raise
                 skipped[detector.name] = str(error)
         task.update(len(chosen), description="Head census: done")
-    return Census(model.layout.n_layers, model.layout.n_heads, int(seed), results, provenance(model, int(seed)),
-                  skipped)
+    return Census(
+        model.layout.n_layers, model.layout.n_heads, int(seed), results, provenance(model, int(seed)), skipped
+    )

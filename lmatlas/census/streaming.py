@@ -85,8 +85,14 @@ class AttentionStats:
             return torch.zeros(shape, dtype=dtype, device=device)
 
         return cls(
-            sink=zeros(), previous=zeros(), local=zeros(), entropy=zeros(), top1=zeros(torch.int64),
-            top1_mass=zeros(), target=zeros() if with_target else None, layers=list(layers),
+            sink=zeros(),
+            previous=zeros(),
+            local=zeros(),
+            entropy=zeros(),
+            top1=zeros(torch.int64),
+            top1_mass=zeros(),
+            target=zeros() if with_target else None,
+            layers=list(layers),
         )
 
     def index(self, layer: int) -> int:

@@ -40,15 +40,24 @@ DTYPE_OPT = typer.Option("float32", "--dtype", help="float32, bfloat16, float16 
 DEVICE_OPT = typer.Option(None, "--device", help="cpu, cuda, cuda:1, mps, ... (default cpu).")
 
 #: Environment that silences third-party progress bars and logs (set before they are imported).
-QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error",
-             "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1", "TOKENIZERS_PARALLELISM": "false"}
+QUIET_ENV = {
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
 
 
 @app.callback()
 def options(
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also show third-party progress bars, warnings and logs."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for the work (default: the cores not busy "
-                                          "with other work, from the load average)."),
+    verbose: bool = typer.Option(
+        False, "--verbose", "-v", help="Also show third-party progress bars, warnings and logs."
+    ),
+    threads: Optional[int] = typer.Option(
+        None,
+        "--threads",
+        help="CPU threads for the work (default: the cores not busy with other work, from the load average).",
+    ),
 ) -> None:
     """Map, decode and edit every part of a causal LM."""
     from lmatlas.machine import use_threads

@@ -56,8 +56,9 @@ def _table(title: str, rows: list[dict[str, Any]], columns: list[str] | None = N
     fixed = sum(min(natural[c], 24) for c in columns if c not in lists)
     width = column_width(out.width, fixed, len(lists)) if lists else 0
     for row in rows:
-        table.add_row(*(token_list(row[c], width) if isinstance(row.get(c), list) else Text(_cell(row.get(c)))
-                        for c in columns))
+        table.add_row(
+            *(token_list(row[c], width) if isinstance(row.get(c), list) else Text(_cell(row.get(c))) for c in columns)
+        )
     return table
 
 
@@ -102,21 +103,34 @@ def atlas_summary(path: Path) -> dict[str, Any]:
 
 
 def print_summary(summary: dict[str, Any]) -> None:
-    out.print(key_value_table("Atlas", {k: summary[k] for k in ("path", "model", "family", "heads",
-                                                                "neurons_decoded", "neurons_with_stats")}))
+    out.print(
+        key_value_table(
+            "Atlas",
+            {k: summary[k] for k in ("path", "model", "family", "heads", "neurons_decoded", "neurons_with_stats")},
+        )
+    )
     missing = summary.get("missing_units") or []
     if missing:
-        err.print(Text.assemble(("Unfinished: ", "bold yellow"), f"{len(missing)} planned units are missing "
-                                f"({missing_text(missing)})."), soft_wrap=True)
-        err.print(Text(f"Resume the build with: {summary.get('resume_command') or 'the command that built it'}"),
-                  soft_wrap=True)
+        err.print(
+            Text.assemble(
+                ("Unfinished: ", "bold yellow"), f"{len(missing)} planned units are missing ({missing_text(missing)})."
+            ),
+            soft_wrap=True,
+        )
+        err.print(
+            Text(f"Resume the build with: {summary.get('resume_command') or 'the command that built it'}"),
+            soft_wrap=True,
+        )
     out.print(_table("Stages", summary["stages"], ["stage", "units", "seconds"]))
     if summary["head_types"]:
         out.print(_table("Head types", summary["head_types"]))
     if summary["most_important_heads"]:
         out.print(_table("Most important heads (mean ablation)", summary["most_important_heads"]))
-    rows = [{"token": word, "neurons": ", ".join(f"L{n['layer']}.N{n['neuron']}" for n in found)}
-            for word, found in summary["top_neurons"].items() if found]
+    rows = [
+        {"token": word, "neurons": ", ".join(f"L{n['layer']}.N{n['neuron']}" for n in found)}
+        for word, found in summary["top_neurons"].items()
+        if found
+    ]
     if rows:
         out.print(_table("Neurons promoting", rows))
     out.print(Text(f"Explore it in a browser: {summary['open_with']}"), soft_wrap=True)
@@ -158,14 +172,23 @@ def map_command(
 
             def runner(ctx):
                 gpu = {"num_gpus": 1} if device and device.startswith("cuda") else {}
-                return RayExecutor.for_model(loaded, ctx, address=address, num_workers=workers,
-                                             load_kwargs={"device": device} if device else None,
-                                             worker_options={"num_cpus": 1, **gpu})
+                return RayExecutor.for_model(
+                    loaded,
+                    ctx,
+                    address=address,
+                    num_workers=workers,
+                    load_kwargs={"device": device} if device else None,
+                    worker_options={"num_cpus": 1, **gpu},
+                )
+
         report = build_atlas(loaded, path, only=stages, corpus=corpus, seed=seed, executor=runner)
         err.print(f"{len(report.computed)} units computed, {report.skipped} already done.")
         summary = atlas_summary(path)
-        summary["build"] = {"computed": len(report.computed), "skipped": report.skipped,
-                            "seconds_by_stage": report.seconds_by_stage}
+        summary["build"] = {
+            "computed": len(report.computed),
+            "skipped": report.skipped,
+            "seconds_by_stage": report.seconds_by_stage,
+        }
         print_json(summary) if as_json else print_summary(summary)
 
     run(body)
@@ -183,9 +206,11 @@ def show(path: Path = typer.Argument(..., help="An atlas file."), as_json: bool 
 
 
 @app.command()
-def export(path: Path = typer.Argument(..., help="An atlas file."),
-           parquet: Path = typer.Option(..., "--parquet", help="Directory for one .parquet file per table."),
-           as_json: bool = JSON_OPT) -> None:
+def export(
+    path: Path = typer.Argument(..., help="An atlas file."),
+    parquet: Path = typer.Option(..., "--parquet", help="Directory for one .parquet file per table."),
+    as_json: bool = JSON_OPT,
+) -> None:
     """Export every atlas table to Parquet (all files or none: written aside, then moved into place)."""
 
     def body():
@@ -238,8 +263,9 @@ def export_parquet(path: Path, target: Path) -> dict[str, dict[str, Any]]:
             staging.rename(target)
     except OSError as error:
         shutil.rmtree(staging, ignore_errors=True)
-        raise AtlasError(f"Cannot write the export to {target}: {error.strerror or error}. Nothing was "
-                         "exported.") from None
+        raise AtlasError(
+            f"Cannot write the export to {target}: {error.strerror or error}. Nothing was exported."
+        ) from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -247,8 +273,12 @@ def export_parquet(path: Path, target: Path) -> dict[str, dict[str, Any]]:
 
 
 @app.command()
-def diff(a: Path = typer.Argument(..., help="Atlas A (e.g. base)."), b: Path = typer.Argument(..., help="Atlas B."),
-         top: int = typer.Option(10, "--top"), as_json: bool = JSON_OPT) -> None:
+def diff(
+    a: Path = typer.Argument(..., help="Atlas A (e.g. base)."),
+    b: Path = typer.Argument(..., help="Atlas B."),
+    top: int = typer.Option(10, "--top"),
+    as_json: bool = JSON_OPT,
+) -> None:
     """Compare two atlases of one architecture: head scores, label flips, neurons' top tokens, importance."""
     from lmatlas.atlas.diff import diff_atlases
 
@@ -258,15 +288,25 @@ def diff(a: Path = typer.Argument(..., help="Atlas A (e.g. base)."), b: Path = t
             print_json(report.to_dict())
             return
         unchanged = report.top_token_unchanged
-        out.print(key_value_table("Atlas diff", {
-            "a": report.a, "b": report.b, "heads compared": report.heads_compared,
-            "label flips": len(report.label_flips), "neurons compared": report.neurons_compared,
-            "top token unchanged": "n/a" if unchanged is None else f"{unchanged:.1%}",
-        }))
-        for title, rows in (("Most changed head scores", report.most_changed_heads),
-                            ("Label flips", report.label_flips[:top]),
-                            ("Most changed neurons", report.most_changed_neurons),
-                            ("Importance changes", report.importance_changes)):
+        out.print(
+            key_value_table(
+                "Atlas diff",
+                {
+                    "a": report.a,
+                    "b": report.b,
+                    "heads compared": report.heads_compared,
+                    "label flips": len(report.label_flips),
+                    "neurons compared": report.neurons_compared,
+                    "top token unchanged": "n/a" if unchanged is None else f"{unchanged:.1%}",
+                },
+            )
+        )
+        for title, rows in (
+            ("Most changed head scores", report.most_changed_heads),
+            ("Label flips", report.label_flips[:top]),
+            ("Most changed neurons", report.most_changed_neurons),
+            ("Importance changes", report.importance_changes),
+        ):
             if rows:
                 out.print(_table(title, rows))
 

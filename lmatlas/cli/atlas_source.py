@@ -15,8 +15,12 @@ import typer
 
 from lmatlas.errors import LmatlasError
 
-ATLAS_OPT = typer.Option(None, "--atlas", help="Answer from this atlas file (seconds, no model) instead of "
-                         "loading the model.", show_default=False)
+ATLAS_OPT = typer.Option(
+    None,
+    "--atlas",
+    help="Answer from this atlas file (seconds, no model) instead of loading the model.",
+    show_default=False,
+)
 
 
 def check_atlas_use(atlas: Optional[Path], model: Optional[str], refused: dict[str, Any]) -> None:
@@ -30,5 +34,7 @@ def check_atlas_use(atlas: Optional[Path], model: Optional[str], refused: dict[s
         raise LmatlasError(f"Give a model or --atlas {atlas}, not both: the atlas answers without the model.")
     given = [name for name, value in refused.items() if value not in (None, False, [], ())]
     if given:
-        raise LmatlasError(f"{', '.join(given)} needs the model: the atlas stores the default settings only. "
-                           "Drop --atlas to compute from the model.")
+        raise LmatlasError(
+            f"{', '.join(given)} needs the model: the atlas stores the default settings only. "
+            "Drop --atlas to compute from the model."
+        )

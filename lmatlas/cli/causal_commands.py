@@ -61,8 +61,14 @@ def _show(effects, top: int, title: str) -> None:
 
 @app.command("patch")
 def patch_command(
-    model: Optional[str] = MODEL_ARG, task: str = TASK_OPT, targets: str = TARGETS_OPT, n: int = N_OPT,
-    top: int = TOP_OPT, atlas: Optional[str] = ATLAS_OPT, as_json: bool = JSON_OPT, dtype: str = DTYPE_OPT,
+    model: Optional[str] = MODEL_ARG,
+    task: str = TASK_OPT,
+    targets: str = TARGETS_OPT,
+    n: int = N_OPT,
+    top: int = TOP_OPT,
+    atlas: Optional[str] = ATLAS_OPT,
+    as_json: bool = JSON_OPT,
+    dtype: str = DTYPE_OPT,
     device: Optional[str] = DEVICE_OPT,
 ) -> None:
     """Exact activation patching: the corrupt prompts with each target taken from the clean run."""
@@ -84,11 +90,19 @@ def patch_command(
 
 @app.command("attribute")
 def attribute_command(
-    model: Optional[str] = MODEL_ARG, task: str = TASK_OPT, targets: str = TARGETS_OPT, n: int = N_OPT,
+    model: Optional[str] = MODEL_ARG,
+    task: str = TASK_OPT,
+    targets: str = TARGETS_OPT,
+    n: int = N_OPT,
     qk_fix: bool = typer.Option(True, "--qk-fix/--no-qk-fix", help="Recompute patterns exactly for q/k targets."),
-    grad_drop: bool = typer.Option(False, "--grad-drop", help="Also report GradDrop magnitudes (one backward per layer)."),
+    grad_drop: bool = typer.Option(
+        False, "--grad-drop", help="Also report GradDrop magnitudes (one backward per layer)."
+    ),
     verify: int = typer.Option(10, "--verify", help="Re-measure this many top targets with exact patching."),
-    top: int = TOP_OPT, atlas: Optional[str] = ATLAS_OPT, as_json: bool = JSON_OPT, dtype: str = DTYPE_OPT,
+    top: int = TOP_OPT,
+    atlas: Optional[str] = ATLAS_OPT,
+    as_json: bool = JSON_OPT,
+    dtype: str = DTYPE_OPT,
     device: Optional[str] = DEVICE_OPT,
 ) -> None:
     """Attribution patching (AtP*): every target at once, the top ones verified by exact patching."""
@@ -109,26 +123,44 @@ def attribute_command(
         _show(effects, top, f"Attribution patching ({effects.method}), task {batch.name}")
         check = effects.verification
         if check:
-            out.print(f"verified top {len(check['targets'])} by exact patching: Spearman {check['spearman']:.2f}, "
-                      f"largest error {check['max_abs_error']:.3f} (gap {check['gap']:.3f})")
+            out.print(
+                f"verified top {len(check['targets'])} by exact patching: Spearman {check['spearman']:.2f}, "
+                f"largest error {check['max_abs_error']:.3f} (gap {check['gap']:.3f})"
+            )
 
     run(body)
 
 
 @app.command("circuit")
 def circuit_command(
-    model: Optional[str] = MODEL_ARG, task: str = TASK_OPT, n: int = N_OPT,
+    model: Optional[str] = MODEL_ARG,
+    task: str = TASK_OPT,
+    n: int = N_OPT,
     steps: int = typer.Option(0, "--ig-steps", help="EAP-IG interpolation steps (0 = plain EAP)."),
-    along: str = typer.Option("inputs", "--ig-along", help="EAP-IG path: inputs (embeddings) or activations "
-                              "(every layer's stream held on the corrupt-clean line, MIB's variant)."),
-    qk: bool = typer.Option(True, "--qk/--no-qk", help="Score query and key edges QK-aware (the head's softmax "
-                            "recomputed exactly) instead of by the softmax's gradient."),
+    along: str = typer.Option(
+        "inputs",
+        "--ig-along",
+        help="EAP-IG path: inputs (embeddings) or activations "
+        "(every layer's stream held on the corrupt-clean line, MIB's variant).",
+    ),
+    qk: bool = typer.Option(
+        True,
+        "--qk/--no-qk",
+        help="Score query and key edges QK-aware (the head's softmax "
+        "recomputed exactly) instead of by the softmax's gradient.",
+    ),
     target: float = typer.Option(0.8, "--faithfulness", help="Keep the smallest circuit reaching this faithfulness."),
     picture: Optional[str] = typer.Option(None, "--svg", help="Write the circuit diagram (SVG) to this file."),
-    granularity: str = typer.Option("edges", "--granularity", help="edges: each edge patched (MIB's run); nodes: "
-                                    "the heads and MLPs the edges touch run whole."),
+    granularity: str = typer.Option(
+        "edges",
+        "--granularity",
+        help="edges: each edge patched (MIB's run); nodes: the heads and MLPs the edges touch run whole.",
+    ),
     verify: int = typer.Option(50, "--verify", help="Top edges re-measured by exact edge patching (0 = none)."),
-    atlas: Optional[str] = ATLAS_OPT, as_json: bool = JSON_OPT, dtype: str = DTYPE_OPT, device: Optional[str] = DEVICE_OPT,
+    atlas: Optional[str] = ATLAS_OPT,
+    as_json: bool = JSON_OPT,
+    dtype: str = DTYPE_OPT,
+    device: Optional[str] = DEVICE_OPT,
 ) -> None:
     """Edge attribution (EAP / EAP-IG) over heads (q, k, v inputs) and MLPs, pruned to a faithful circuit
     (faithfulness measured edge by edge unless --granularity nodes), its top edges verified exactly."""
@@ -147,8 +179,9 @@ def circuit_command(
         if along not in ("inputs", "activations"):
             raise TaskError(f"--ig-along must be inputs or activations, got {along!r}.")
         loaded = load_model(model, dtype, device)
-        circuit = task_circuit(loaded, task, n=n, steps=steps, target=target, granularity=granularity,
-                               verify=verify, along=along, qk=qk)
+        circuit = task_circuit(
+            loaded, task, n=n, steps=steps, target=target, granularity=granularity, verify=verify, along=along, qk=qk
+        )
         if picture:
             Path(picture).write_text(circuit_svg(circuit, loaded.layout.n_layers))
         if atlas:
@@ -158,22 +191,28 @@ def circuit_command(
         if as_json:
             print_json({**circuit.to_dict(), "svg": picture})
             return
-        table = Table(title=f"Circuit for {circuit.graph.task} ({circuit.graph.method}, run as "
-                            f"{circuit.granularity}): {len(circuit.edges)} edges, faithfulness "
-                            f"{circuit.faithfulness:.2f}, CPR {circuit.cpr:.2f}, CMD {circuit.cmd:.2f}",
-                      title_justify="left")
+        table = Table(
+            title=f"Circuit for {circuit.graph.task} ({circuit.graph.method}, run as "
+            f"{circuit.granularity}): {len(circuit.edges)} edges, faithfulness "
+            f"{circuit.faithfulness:.2f}, CPR {circuit.cpr:.2f}, CMD {circuit.cmd:.2f}",
+            title_justify="left",
+        )
         for column in ("source", "target", "score"):
             table.add_column(column)
         for source, target_name, score in circuit.edges:
             table.add_row(source, target_name, f"{score:+.3f}")
         out.print(table)
-        out.print(f"faithfulness ({circuit.granularity}) by edges kept: " + ", ".join(
-            f"{c['edges']}: {c['faithfulness']:.2f}" for c in circuit.curve))
+        out.print(
+            f"faithfulness ({circuit.granularity}) by edges kept: "
+            + ", ".join(f"{c['edges']}: {c['faithfulness']:.2f}" for c in circuit.curve)
+        )
         check = circuit.verification
         if check and check["exact"]:
             rho = "n/a" if check["spearman"] is None else f"{check['spearman']:.2f}"
-            out.print(f"verified: top {len(check['exact'])} edges re-measured by exact edge patching, Spearman {rho}, "
-                      f"largest error {check['max_abs_error']:.3f} (gap {check['gap']:.3f})")
+            out.print(
+                f"verified: top {len(check['exact'])} edges re-measured by exact edge patching, Spearman {rho}, "
+                f"largest error {check['max_abs_error']:.3f} (gap {check['gap']:.3f})"
+            )
         if picture:
             out.print(f"diagram: {picture}")
 
@@ -188,7 +227,9 @@ def explain_attention_command(
     query_pos: int = typer.Option(-1, "--query-pos", help="The query token (negative counts from the end)."),
     key_pos: Optional[int] = typer.Option(None, "--key-pos", help="The key token (default: where it attends most)."),
     top: int = typer.Option(8, "--top", help="Sources shown per side (--json has all)."),
-    as_json: bool = JSON_OPT, dtype: str = DTYPE_OPT, device: Optional[str] = DEVICE_OPT,
+    as_json: bool = JSON_OPT,
+    dtype: str = DTYPE_OPT,
+    device: Optional[str] = DEVICE_OPT,
 ) -> None:
     """Why a head attends where it does: its score on a (query, key) pair split over the upstream heads and
     MLPs on the query side and on the key side, and which writes it moves (value side)."""
@@ -201,8 +242,10 @@ def explain_attention_command(
             print_json(found.to_dict())
             return
         q, k = found.tokens[found.query_pos], found.tokens[found.key_pos]
-        out.print(f"{found.head} (KV group {found.kv_group}) at query {found.query_pos} {q!r} on key "
-                  f"{found.key_pos} {k!r}: score {found.score:+.3f}, attention {found.probability:.3f}")
+        out.print(
+            f"{found.head} (KV group {found.kv_group}) at query {found.query_pos} {q!r} on key "
+            f"{found.key_pos} {k!r}: score {found.score:+.3f}, attention {found.probability:.3f}"
+        )
         for side, what in (("query", "contribution"), ("key", "contribution"), ("value", "share of the write")):
             table = Table(title=f"{side} side", title_justify="left")
             table.add_column("source")

@@ -85,8 +85,9 @@ def grid_table(census) -> Table:
     names = list(census.results)
     styles = {name: _style(name, i) for i, name in enumerate(names)}
     order = [n for n in STYLES if n in styles] + [n for n in names if n not in STYLES]
-    table = Table(title=f"Head census of {census.provenance['model']}", caption=f"seed {census.seed}",
-                  title_justify="left")
+    table = Table(
+        title=f"Head census of {census.provenance['model']}", caption=f"seed {census.seed}", title_justify="left"
+    )
     table.add_column("layer", justify="right", style="bold", no_wrap=True, min_width=len(str(census.n_layers - 1)))
     for head in range(census.n_heads):
         table.add_column(f"H{head}", justify="center")
@@ -111,8 +112,9 @@ def legend(census) -> Table:
     for i, (name, result) in enumerate(census.results.items()):
         code, colour = _style(name, i)
         min_z = "no z requirement" if result.min_z is None else f"z >= {result.min_z:g}"
-        table.add_row(Text(code, style=colour), name, str(len(result.heads())),
-                      f"score >= {result.threshold:g} and {min_z}")
+        table.add_row(
+            Text(code, style=colour), name, str(len(result.heads())), f"score >= {result.threshold:g} and {min_z}"
+        )
     for name, reason in census.skipped.items():
         table.add_row(Text("-", style="grey50"), name, "-", Text(f"skipped: {reason}", style="grey50"))
     return table
@@ -124,7 +126,7 @@ def type_table(result, top: int) -> Table:
     min_z = "no z requirement" if result.min_z is None else f"z >= {result.min_z:g}"
     table = Table(
         title=f"{result.name}: {result.description}\nlabel: score >= {result.threshold:g} and {min_z}; "
-              f"{len(result.heads())} of {len(rows)} heads labelled; showing {len(shown)}",
+        f"{len(result.heads())} of {len(rows)} heads labelled; showing {len(shown)}",
         title_justify="left",
     )
     parts = list(result.subscores)
@@ -133,8 +135,12 @@ def type_table(result, top: int) -> Table:
         table.add_column(column, justify="right")
     for row in shown:
         table.add_row(
-            row["head"], f"{row['score']:.3f}", f"{row['null']:.3f}", f"{row['z']:.1f}",
-            *(f"{row[p]:.3f}" for p in parts), Text("yes", style="bold green") if row["labelled"] else Text(""),
+            row["head"],
+            f"{row['score']:.3f}",
+            f"{row['null']:.3f}",
+            f"{row['z']:.1f}",
+            *(f"{row[p]:.3f}" for p in parts),
+            Text("yes", style="bold green") if row["labelled"] else Text(""),
         )
     return table
 
@@ -171,8 +177,10 @@ def heads(
             with Atlas.open(atlas) as opened:
                 census = census_from_atlas(opened, [name] if name else None, thresholds=thresholds, min_z=min_zs)
             if seed != census.seed:
-                raise LmatlasError(f"--seed {seed} needs the model: the atlas's census ran with seed {census.seed}. "
-                                   "Drop --atlas to run the batteries again.")
+                raise LmatlasError(
+                    f"--seed {seed} needs the model: the atlas's census ran with seed {census.seed}. "
+                    "Drop --atlas to run the batteries again."
+                )
         else:
             from lmatlas.census.run import run_census
 
@@ -181,11 +189,20 @@ def heads(
         if name:
             result = census[name]
             if as_json:
-                print_json({"provenance": census.provenance, "type": name, "layers": census.n_layers,
-                            "heads": census.n_heads, **{k: v for k, v in result.to_dict().items()
-                                                        if k not in ("score", "null", "z", "score_std", "null_std",
-                                                                     "subscores")},
-                            "rows": result.rows()})
+                print_json(
+                    {
+                        "provenance": census.provenance,
+                        "type": name,
+                        "layers": census.n_layers,
+                        "heads": census.n_heads,
+                        **{
+                            k: v
+                            for k, v in result.to_dict().items()
+                            if k not in ("score", "null", "z", "score_std", "null_std", "subscores")
+                        },
+                        "rows": result.rows(),
+                    }
+                )
             else:
                 out.print(type_table(result, top))
             return

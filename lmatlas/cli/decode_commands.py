@@ -35,11 +35,15 @@ def neurons(
     neuron: Optional[int] = typer.Option(None, "--neuron", "-n", help="Show only this neuron."),
     top: int = typer.Option(20, "--top", "-k", min=1, help="Tokens per ranking."),
     inputs: bool = typer.Option(True, "--inputs/--no-inputs", help="Also decode which tokens excite each neuron."),
-    limit: Optional[int] = typer.Option(None, "--limit", min=0, help=f"Neurons shown (default {SCREENFUL} in the "
-                                        "table, all with --json; 0 = all)."),
+    limit: Optional[int] = typer.Option(
+        None, "--limit", min=0, help=f"Neurons shown (default {SCREENFUL} in the table, all with --json; 0 = all)."
+    ),
     start: int = typer.Option(0, "--start", min=0, help="First neuron shown (in the --sort order)."),
-    sort: str = typer.Option("logit", "--sort", help="logit: the neurons whose top token gets the largest logit "
-                             "first (default); index: 0, 1, 2, ..."),
+    sort: str = typer.Option(
+        "logit",
+        "--sort",
+        help="logit: the neurons whose top token gets the largest logit first (default); index: 0, 1, 2, ...",
+    ),
     atlas: Optional[Path] = ATLAS_OPT,
     as_json: bool = JSON_OPT,
     dtype: str = DTYPE_OPT,
@@ -63,10 +67,19 @@ def neurons(
             if sort == "logit":
                 records.sort(key=lambda r: (-(r["promoted"][0][1] if r["promoted"] else float("-inf")), r["index"]))
             shown = limit if limit is not None else (0 if as_json else SCREENFUL)
-            records = records[start:] if shown == 0 else records[start:start + shown]
+            records = records[start:] if shown == 0 else records[start : start + shown]
         if as_json:
-            print_json({"layer": layer, "k": top, "neurons_in_layer": count, "sort": sort, "start": start,
-                        **({"atlas": str(atlas)} if atlas else {}), "neurons": records})
+            print_json(
+                {
+                    "layer": layer,
+                    "k": top,
+                    "neurons_in_layer": count,
+                    "sort": sort,
+                    "start": start,
+                    **({"atlas": str(atlas)} if atlas else {}),
+                    "neurons": records,
+                }
+            )
             return
         _print(records, layer, neuron, count, top, sort, start)
 
@@ -102,23 +115,30 @@ def _from_atlas(path, layer, neuron, top, inputs) -> tuple[int, list[dict[str, A
         where, params = "layer = ?", [layer]
         if neuron is not None:
             where, params = where + " AND neuron = ?", params + [neuron]
-        rows = opened.sql("SELECT neuron, promoted, promoted_logits, suppressed, suppressed_logits, exciting, "
-                          f"exciting_logits FROM neurons WHERE {where} ORDER BY neuron", params).to_pylist()
+        rows = opened.sql(
+            "SELECT neuron, promoted, promoted_logits, suppressed, suppressed_logits, exciting, "
+            f"exciting_logits FROM neurons WHERE {where} ORDER BY neuron",
+            params,
+        ).to_pylist()
         if not rows:
-            raise AtlasError(f"{path} has no decoded neurons of layer {layer}: add them with "
-                             f"{opened.map_command(['neurons'])}")
+            raise AtlasError(
+                f"{path} has no decoded neurons of layer {layer}: add them with {opened.map_command(['neurons'])}"
+            )
     stored = len(rows[0]["promoted"] or [])
     if top > stored:
-        raise LmatlasError(f"--top {top}: the atlas stores {stored} tokens per neuron; more need the model "
-                           "(drop --atlas).")
+        raise LmatlasError(
+            f"--top {top}: the atlas stores {stored} tokens per neuron; more need the model (drop --atlas)."
+        )
     records = []
     for row in rows:
         record = {"neuron": f"L{layer}.N{row['neuron']}", "layer": layer, "index": row["neuron"]}
         keys = [("promoted", "promoted"), ("suppressed", "suppressed")]
         keys += [("excited_by", "exciting")] if inputs else []
         for key, column in keys:
-            record[key] = [(t, round(float(v), 4)) for t, v in zip((row[column] or [])[:top],
-                                                                 (row[f"{column}_logits"] or [])[:top])]
+            record[key] = [
+                (t, round(float(v), 4))
+                for t, v in zip((row[column] or [])[:top], (row[f"{column}_logits"] or [])[:top])
+            ]
         records.append(record)
     return count or len(rows), records
 
@@ -128,11 +148,15 @@ def _print(records, layer, neuron, count, top, sort, start) -> None:
 
     columns = ["promoted", "suppressed"] + [k for k in (records[0] if records else {}) if k.startswith("excited_by")]
     order = "by the logit of their top token" if sort == "logit" else "by index"
-    title = (f"Layer {layer}: neuron {neuron} of {count:,}" if neuron is not None else
-             f"Layer {layer}: {len(records)} of {count:,} neurons, {order}" + (f", from #{start}" if start else ""))
+    title = (
+        f"Layer {layer}: neuron {neuron} of {count:,}"
+        if neuron is not None
+        else f"Layer {layer}: {len(records)} of {count:,} neurons, {order}" + (f", from #{start}" if start else "")
+    )
     rest = count - len(records)
-    caption = (f"{rest:,} more: --start N / --limit N (0 = all), --sort index, or --json"
-               if neuron is None and rest else None)
+    caption = (
+        f"{rest:,} more: --start N / --limit N (0 = all), --sort index, or --json" if neuron is None and rest else None
+    )
     table = Table(title=f"{title}: top {top} tokens per ranking", caption=caption, title_justify="left")
     label = max([len("neuron")] + [len(r["neuron"]) for r in records])
     table.add_column("neuron", style="bold cyan", no_wrap=True, min_width=label)  # the row label never shrinks

@@ -35,11 +35,17 @@ def train_draft_heads_command(
     steps: int = typer.Option(400, "--steps", help="At most this many optimiser steps."),
     prompts: int = typer.Option(64, "--prompts", help="Prompts the model answers or continues (the training data)."),
     new_tokens: int = typer.Option(64, "--new-tokens", help="Tokens generated per prompt."),
-    data: Optional[str] = typer.Option(None, "--data", help="chat (answers to a table of instructions; default "
-                                       "with a chat template) or corpus (continuations of corpus windows)."),
+    data: Optional[str] = typer.Option(
+        None,
+        "--data",
+        help="chat (answers to a table of instructions; default "
+        "with a chat template) or corpus (continuations of corpus windows).",
+    ),
     out_path: Optional[str] = typer.Option(None, "--out", help="Where to write the heads (default: the cache)."),
     seed: int = typer.Option(0, "--seed"),
-    as_json: bool = JSON_OPT, dtype: str = DTYPE_OPT, device: Optional[str] = DEVICE_OPT,
+    as_json: bool = JSON_OPT,
+    dtype: str = DTYPE_OPT,
+    device: Optional[str] = DEVICE_OPT,
 ) -> None:
     """Train draft heads for speculative decoding (``generate --strategy speculative --drafter heads``)."""
 
@@ -52,8 +58,16 @@ def train_draft_heads_command(
         if heads < 1 or minutes <= 0 or steps < 1 or prompts < 1 or new_tokens <= heads + 1:
             raise InputError("--heads, --steps and --prompts must be >= 1, --minutes > 0, --new-tokens > heads + 1.")
         loaded = load_model(model, dtype, device)
-        trained = train_draft_heads(loaded, heads, data=data, n_prompts=prompts, new_tokens=new_tokens,
-                                    minutes=minutes, max_steps=steps, seed=seed)
+        trained = train_draft_heads(
+            loaded,
+            heads,
+            data=data,
+            n_prompts=prompts,
+            new_tokens=new_tokens,
+            minutes=minutes,
+            max_steps=steps,
+            seed=seed,
+        )
         path = save_draft_heads(trained, loaded, out_path or default_path(loaded))
         report = {"path": str(path), **trained.meta["train"]}
         if as_json:

@@ -37,10 +37,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 import typer
-from rich.table import Table
-from rich.text import Text
 
-from lmatlas.cli.app import DEVICE_OPT, DTYPE_OPT, JSON_OPT, app, key_value_table, load_model, out, print_json, run
+from lmatlas.cli.app import DEVICE_OPT, DTYPE_OPT, JSON_OPT, app, load_model, out, print_json, run
+from lmatlas.cli.generation_view import plain_continuation, show_comparison, show_generation, show_plain
 from lmatlas.cli.infer_commands import ATLAS_OPT as KV_ATLAS_OPT
 from lmatlas.cli.infer_commands import (
     KV_BUDGET_OPT,
@@ -57,13 +56,14 @@ from lmatlas.infer.decoding.names import DRAFTER_NAMES, STRATEGY_NAMES
 
 if TYPE_CHECKING:
     from lmatlas.edit.edit import Edit
-    from lmatlas.model.comparison import Comparison, Continuation
-    from lmatlas.model.generation import Generation
     from lmatlas.model.handle import Model
 
-ARGS = typer.Argument(..., metavar="[MODEL] PROMPT", show_default=False,
-                      help="An optional model (hub id, directory, .gguf, packaged name), then the prompt.")
-DIFFERENT = "bold black on yellow"  # style of the tokens where the two continuations differ
+ARGS = typer.Argument(
+    ...,
+    metavar="[MODEL] PROMPT",
+    show_default=False,
+    help="An optional model (hub id, directory, .gguf, packaged name), then the prompt.",
+)
 
 
 @dataclass(frozen=True)
@@ -86,8 +86,14 @@ class EditOptions:
         return not (self.interventions or self.steer is not None or self.edit_file)
 
 
-def edit_options(given: dict[str, list[str]], steer: Optional[int], positive: Optional[str],
-                 negative: Optional[str], alpha: float, edit_file: Optional[str]) -> EditOptions:
+def edit_options(
+    given: dict[str, list[str]],
+    steer: Optional[int],
+    positive: Optional[str],
+    negative: Optional[str],
+    alpha: float,
+    edit_file: Optional[str],
+) -> EditOptions:
     """Check the edit options' syntax and combinations (before any model is loaded); ``given`` maps each
     form's kind (``"scale"``) to the texts of its option."""
     if steer is None and (positive or negative):
@@ -100,9 +106,14 @@ def edit_options(given: dict[str, list[str]], steer: Optional[int], positive: Op
         if path is not None and not Path(path).is_file():
             raise InputError(f"{name} {path}: no such file.")
     interventions = tuple((kind, *FORMS[kind].parse(text)) for kind in FORMS for text in given.get(kind, ()))
-    return EditOptions(interventions=interventions, steer=steer, positive=Path(positive) if positive else None,
-                       negative=Path(negative) if negative else None, alpha=alpha,
-                       edit_file=Path(edit_file) if edit_file else None)
+    return EditOptions(
+        interventions=interventions,
+        steer=steer,
+        positive=Path(positive) if positive else None,
+        negative=Path(negative) if negative else None,
+        alpha=alpha,
+        edit_file=Path(edit_file) if edit_file else None,
+    )
 
 
 def _prompts(path: Path, option: str) -> list[str]:
@@ -125,8 +136,9 @@ def build_edit(model: "Model", options: EditOptions) -> "Edit | None":
     if options.steer is not None:
         layer = check_layer(options.steer, model.layout)
         edit.bind(model)  # report a bad target before the steering prompts run
-        vector = steering_vector(model, _prompts(options.positive, "--positive"),
-                                 _prompts(options.negative, "--negative"), layer)
+        vector = steering_vector(
+            model, _prompts(options.positive, "--positive"), _prompts(options.negative, "--negative"), layer
+        )
         edit = edit | Add(f"L{layer}.resid.post", vector, alpha=options.alpha)
     edit.bind(model)  # every target, value and vector checked before generation
     return edit
@@ -138,113 +150,6 @@ def _split(args: list[str]) -> tuple[Optional[str], str]:
     if len(args) == 2:
         return args[0], args[1]
     raise InputError(f"Expected [MODEL] PROMPT, got {len(args)} arguments: quote a prompt that contains spaces.")
-
-
-def plain_continuation(model: "Model", prompt: str, max_new_tokens: int, chat: bool) -> "Continuation":
-    """Greedy continuation of ``prompt`` and each new token's log-probability (one teacher-forced forward)."""
-    import torch
-
-    from lmatlas.model.comparison import Continuation
-    from lmatlas.model.generation import generate, prompt_ids, stop_reason
-
-    batch = prompt_ids(model, prompt, chat)
-    new = generate(model, prompt, max_new_tokens, chat=chat).token_ids
-    logprobs: list[float] = []
-    if new:
-        n = batch["input_ids"].shape[1]
-        ids = torch.cat([batch["input_ids"][0], torch.tensor(new, device=model.device)])[None]
-        with torch.no_grad():
-            logits = model.forward(ids)[0, n - 1: n - 1 + len(new)].float()
-        logprobs = torch.log_softmax(logits, -1)[torch.arange(len(new)), torch.tensor(new)].tolist()
-    special = set(model.tokenizer.all_special_ids or ())
-    return Continuation(text=model.tokenizer.decode([i for i in new if i not in special], skip_special_tokens=True),
-                        ids=new, tokens=model.tokenizer.convert_ids_to_tokens(new), logprob_plain=logprobs,
-                        stopped_by=stop_reason(model, new, max_new_tokens))
-
-
-def _visible(piece: str) -> str:
-    """Control characters as escapes (a generated form feed must not clear the terminal)."""
-    return "".join(ch if ch.isprintable() or ch == "\n" else ch.encode("unicode_escape").decode() for ch in piece)
-
-
-def _pieces(model: "Model", ids: list[int]) -> list[str]:
-    return [model.tokenizer.decode([i]) for i in ids]
-
-
-def _highlighted(pieces: list[str], differs: list[bool]) -> Text:
-    text = Text()
-    for piece, different in zip(pieces, differs):
-        text.append(_visible(piece), style=DIFFERENT if different else "")
-    return text
-
-
-def _why_empty(continuation: "Continuation") -> Text:
-    reason = continuation.stopped_by or "only special tokens were generated"
-    return Text(f"(empty: {reason})", style="italic red")
-
-
-def show_plain(model: "Model", prompt: str, c: "Continuation", chat: bool) -> None:
-    out.print(Text(f"Continuation of {title(prompt)}{' (chat template)' if chat else ''}", style="bold"))
-    table = Table(show_header=False, expand=True)
-    table.add_column("text", overflow="fold")
-    table.add_row(Text(_visible(c.text)) if c.text else _why_empty(c))
-    out.print(table)
-    out.print(Text("Tokens and their log-probabilities", style="bold"))
-    tokens = Table()
-    for column in ("#", "token", "log p"):
-        tokens.add_column(column, justify="left" if column == "token" else "right")
-    for i, (piece, lp) in enumerate(zip(_pieces(model, c.ids), c.logprob_plain)):
-        tokens.add_row(str(i), Text(repr(piece)), f"{lp:.3f}")
-    out.print(tokens)
-    if c.stopped_by and c.text:
-        out.print(Text(f"stopped: {c.stopped_by}", style="italic"))
-
-
-def show_comparison(model: "Model", comparison: "Comparison", chat: bool) -> None:
-    """Both continuations side by side (differences highlighted), the first difference, per-token log-probs."""
-    plain, edited = comparison.plain, comparison.edited
-    n = max(len(plain.ids), len(edited.ids))
-    differs = [i >= len(plain.ids) or i >= len(edited.ids) or plain.ids[i] != edited.ids[i] for i in range(n)]
-    pp, ep = _pieces(model, plain.ids), _pieces(model, edited.ids)
-    out.print(Text(f"Continuations of {title(comparison.prompt)}{' (chat template)' if chat else ''}", style="bold"))
-    out.print(Text(f"edit: {' | '.join(comparison.edit)}"))
-    if comparison.strategy != "greedy" or comparison.kv.get("method") != "default":
-        out.print(Text(f"both with strategy {comparison.strategy}, KV cache {comparison.kv.get('method')}"))
-    side = Table(expand=True)
-    side.add_column("unedited", overflow="fold", ratio=1)
-    side.add_column("edited", overflow="fold", ratio=1)
-    side.add_row(_highlighted(pp, differs) if plain.text else _why_empty(plain),
-                 _highlighted(ep, differs) if edited.text else _why_empty(edited))
-    out.print(side)
-    first = comparison.first_difference()
-    if first is None:
-        out.print(Text("The two continuations are identical.", style="bold"))
-    else:
-        a = repr(pp[first]) if first < len(pp) else "(end)"
-        b = repr(ep[first]) if first < len(ep) else "(end)"
-        out.print(Text(f"First difference at token {first}: unedited {a}, edited {b}.", style="bold"))
-    out.print(Text("Each token's log-probability under the unedited (plain) and the edited model", style="bold"))
-    tokens = Table()
-    for column in ("#", "unedited token", "plain", "edited", "edited token", "plain ", "edited "):
-        tokens.add_column(column, justify="left" if "token" in column else "right")
-    for i in range(n):
-        style = DIFFERENT if differs[i] else ""
-        left = (Text(repr(pp[i]), style=style), f"{plain.logprob_plain[i]:.3f}", f"{plain.logprob_edited[i]:.3f}") \
-            if i < len(pp) else ("", "", "")
-        right = (Text(repr(ep[i]), style=style), f"{edited.logprob_plain[i]:.3f}", f"{edited.logprob_edited[i]:.3f}") \
-            if i < len(ep) else ("", "", "")
-        tokens.add_row(str(i), *left, *right)
-    out.print(tokens)
-    for name, c in (("unedited", plain), ("edited", edited)):
-        if c.stopped_by and c.text:
-            out.print(Text(f"{name} stopped: {c.stopped_by}", style="italic"))
-
-
-def title(prompt: str, limit: int = 80) -> str:
-    """A prompt as a title: quoted, cut to ``limit`` characters with its length when longer."""
-    if len(prompt) <= limit:
-        return repr(prompt)
-    return f"{prompt[:limit]!r}... ({len(prompt):,} characters)"
 
 
 def read_prompt(args: list[str], prompt_file: Optional[str]) -> tuple[Optional[str], str]:
@@ -282,21 +187,6 @@ def strategy_value(name: Optional[str], drafter: Optional[str]) -> Any:
     return make_strategy(name)
 
 
-def show_generation(model: "Model", prompt: str, result: "Generation", chat: bool) -> None:
-    """The text, then what ran (strategy, KV cache, its report) as a table, all on stdout."""
-    out.print(result.text if result.text else f"(empty: {result.stopped_by or 'only special tokens'})",
-              highlight=False, soft_wrap=True)
-    summary: dict[str, Any] = {"prompt": title(prompt, 40), "strategy": result.strategy,
-                               "KV cache": result.kv.get("method"), "KV bytes held": result.kv.get("bytes"),
-                               "new tokens": len(result.token_ids), "seconds": round(result.seconds, 2),
-                               "tokens/s": round(result.tokens_per_s, 2)}
-    for key, value in result.report.items():
-        if isinstance(value, list) and len(value) > 8:
-            value = f"{len(value)} values, first {value[:8]}"
-        summary[key.replace("_", " ")] = round(value, 3) if isinstance(value, float) else value
-    out.print(key_value_table("generation", {k: v for k, v in summary.items() if v is not None}))
-
-
 @app.command()
 def generate(
     args: list[str] = ARGS,
@@ -319,8 +209,9 @@ def generate(
     random_seed: Optional[int] = RANDOM_OPT,
     kv_snap: Optional[int] = KV_SNAP_OPT,
     strategy: Optional[str] = typer.Option(None, "--strategy", help=f"Decoding strategy: {', '.join(STRATEGY_NAMES)}."),
-    drafter: Optional[str] = typer.Option(None, "--drafter",
-                                          help=f"Speculative drafter: {', '.join(DRAFTER_NAMES)} (default prompt-lookup)."),
+    drafter: Optional[str] = typer.Option(
+        None, "--drafter", help=f"Speculative drafter: {', '.join(DRAFTER_NAMES)} (default prompt-lookup)."
+    ),
     as_json: bool = JSON_OPT,
     dtype: str = DTYPE_OPT,
     device: Optional[str] = DEVICE_OPT,
@@ -338,8 +229,9 @@ def generate(
         name, prompt = read_prompt(args, prompt_file)
         if max_new_tokens < 1:
             raise InputError(f"--max-new-tokens {max_new_tokens}: generate at least one token.")
-        options = edit_options({"ablate": ablate, "scale": scale, "set": set_}, steer, positive, negative, alpha,
-                               edit_file)
+        options = edit_options(
+            {"ablate": ablate, "scale": scale, "set": set_}, steer, positive, negative, alpha, edit_file
+        )
         if save_edit and options.empty:
             raise InputError("--save-edit needs an edit: add --ablate, --scale, --set, --steer or --edit.")
         kv_options = KVOptions(kv_budget, atlas, sink, recent, random_seed, kv_snap)
@@ -351,8 +243,9 @@ def generate(
         saved = str(edit.save(save_edit, model)) if save_edit else None
         header = {"model": model.provenance.source, "chat": chat, "max_new_tokens": max_new_tokens}
         if edit is not None:
-            comparison = composed(model, prompt, max_new_tokens, edit=edit, kv=kv, strategy=chosen, chat=chat,
-                                  compare=True)
+            comparison = composed(
+                model, prompt, max_new_tokens, edit=edit, kv=kv, strategy=chosen, chat=chat, compare=True
+            )
             if as_json:
                 return print_json({**header, **comparison.to_dict(), "saved_edit": saved})
             show_comparison(model, comparison, chat)

@@ -30,11 +30,15 @@ import typer
 from lmatlas.cli.app import DEVICE_OPT, DTYPE_OPT, JSON_OPT, app, err, key_value_table, load_model, out, print_json, run
 from lmatlas.errors import LmatlasError
 
-KV_BUDGET_OPT = typer.Option(None, "--kv-budget", help="Fraction of KV heads kept full (0-1); omit for the default cache.")
+KV_BUDGET_OPT = typer.Option(
+    None, "--kv-budget", help="Fraction of KV heads kept full (0-1); omit for the default cache."
+)
 ATLAS_OPT = typer.Option(None, "--atlas", help="The model's atlas: census scores choose the full heads.")
 SINK_OPT = typer.Option(4, "--sink", help="Entries kept at the start of the context by windowed heads.")
 RECENT_OPT = typer.Option(256, "--recent", help="Most recent entries kept by windowed heads.")
-KV_SNAP_OPT = typer.Option(None, "--kv-snap", help="SnapKV: prompt entries each KV head keeps (> 32); omit for no eviction.")
+KV_SNAP_OPT = typer.Option(
+    None, "--kv-snap", help="SnapKV: prompt entries each KV head keeps (> 32); omit for no eviction."
+)
 RANDOM_OPT = typer.Option(None, "--random-seed", help="Choose the full heads at random with this seed (a baseline).")
 
 
@@ -92,17 +96,20 @@ def show_kv_run(model, prompt: str, plan, max_new_tokens: int, as_json: bool) ->
     out.print(result.text, highlight=False, soft_wrap=True)
     summary = {
         "cache": data["plan"].get("method", "default"),
-        "full KV heads": (f"{data['plan']['full_kv_heads']} of {data['plan']['choosable_kv_heads']}"
-                          if "full_kv_heads" in data["plan"] else
-                          f"none: {data['plan']['capacity']} prompt entries each" if "capacity" in data["plan"]
-                          else "all"),
+        "full KV heads": (
+            f"{data['plan']['full_kv_heads']} of {data['plan']['choosable_kv_heads']}"
+            if "full_kv_heads" in data["plan"]
+            else f"none: {data['plan']['capacity']} prompt entries each"
+            if "capacity" in data["plan"]
+            else "all"
+        ),
         "KV bytes held": result.kv_bytes,
         "prompt tokens": result.prompt_tokens,
         "prefill s": round(result.prefill_s, 3),
         "decode tokens/s": round(result.decode_tokens_per_s, 2) if result.decode_tokens_per_s else None,
         "peak MB prefill / decode": "/".join(
-            f"{b / 2**20:.1f}" if b is not None else "?" for b in (result.peak_prefill_bytes,
-                                                                 result.peak_decode_bytes)),
+            f"{b / 2**20:.1f}" if b is not None else "?" for b in (result.peak_prefill_bytes, result.peak_decode_bytes)
+        ),
     }
     for note in data["plan"].get("notes", []):
         err.print(f"note: {note}", highlight=False)
@@ -149,16 +156,22 @@ def prune(
         if len(ids) < 256 * windows:
             raise LmatlasError(f"The text has {len(ids)} tokens; perplexity needs {256 * windows} (--windows).")
         step = len(ids) // windows
-        batch = torch.tensor([ids[i * step:i * step + 256] for i in range(windows)], device=loaded.device)
+        batch = torch.tensor([ids[i * step : i * step + 256] for i in range(windows)], device=loaded.device)
         with err.status("Measuring, pruning, measuring..."):
             before = pruning.perplexity(loaded, batch)
             report = pruning.prune_heads(loaded, heads)
             after = pruning.perplexity(loaded, batch)
-        data = {"heads_removed": report.removed_heads, "kv_heads_removed": report.removed_kv_heads,
-                "ghost_heads": report.ghost_heads, "params_before": report.params_before,
-                "params_after": report.params_after, "perplexity_before": round(before, 4),
-                "perplexity_after": round(after, 4), "chosen_by": "random" if random_seed is not None else "importance",
-                "heads": sorted(heads)}
+        data = {
+            "heads_removed": report.removed_heads,
+            "kv_heads_removed": report.removed_kv_heads,
+            "ghost_heads": report.ghost_heads,
+            "params_before": report.params_before,
+            "params_after": report.params_after,
+            "perplexity_before": round(before, 4),
+            "perplexity_after": round(after, 4),
+            "chosen_by": "random" if random_seed is not None else "importance",
+            "heads": sorted(heads),
+        }
         if as_json:
             print_json(data)
             return

@@ -31,14 +31,26 @@ from lmatlas.errors import LmatlasError
 DEFAULT_TOP = 20  # rows of a search
 POSITION_WIDTH = 11  # characters a lens position column needs (a short token and its probability)
 
-ARGS = typer.Argument(..., metavar="[MODEL] TEXT", help="An optional model (hub id, directory, .gguf, packaged "
-                      "name), then the token / prompt.", show_default=False)
+ARGS = typer.Argument(
+    ...,
+    metavar="[MODEL] TEXT",
+    help="An optional model (hub id, directory, .gguf, packaged name), then the token / prompt.",
+    show_default=False,
+)
 
-LENS_ARGS = typer.Argument(None, metavar="[MODEL] TEXT", help="An optional model (hub id, directory, .gguf, "
-                           "packaged name), then the prompt; none with --atlas.", show_default=False)
+LENS_ARGS = typer.Argument(
+    None,
+    metavar="[MODEL] TEXT",
+    help="An optional model (hub id, directory, .gguf, packaged name), then the prompt; none with --atlas.",
+    show_default=False,
+)
 
-SEARCH_ARGS = typer.Argument(None, metavar="[MODEL] TEXT", help="An optional model (hub id, directory, .gguf, "
-                             "packaged name), then the token; no model with --atlas.", show_default=False)
+SEARCH_ARGS = typer.Argument(
+    None,
+    metavar="[MODEL] TEXT",
+    help="An optional model (hub id, directory, .gguf, packaged name), then the token; no model with --atlas.",
+    show_default=False,
+)
 
 
 def _split(args: list[str], n_text: int) -> tuple[Optional[str], list[str]]:
@@ -66,17 +78,23 @@ def _token_id(model, text: Optional[str], token_id: Optional[int]) -> int:
     ids = model.tokenizer.encode(text, add_special_tokens=False)
     if len(ids) != 1:
         pieces = [model.tokenizer.decode([i]) for i in ids]
-        raise DecodeError(f"{text!r} is {len(ids)} tokens {pieces}, not one: search one token "
-                          f"(mind the leading space: ' dog' vs 'dog') or pass --id.")
+        raise DecodeError(
+            f"{text!r} is {len(ids)} tokens {pieces}, not one: search one token "
+            f"(mind the leading space: ' dog' vs 'dog') or pass --id."
+        )
     return ids[0]
 
 
 @app.command()
-def search(args: Optional[list[str]] = SEARCH_ARGS,
-           token_id: Optional[int] = typer.Option(None, "--id", help="Token id instead of text."),
-           top: Optional[int] = typer.Option(None, "--top", min=1, help="Rows shown (default 20)."),
-           atlas: Optional[Path] = ATLAS_OPT, as_json: bool = JSON_OPT,
-           dtype: str = DTYPE_OPT, device: Optional[str] = DEVICE_OPT) -> None:
+def search(
+    args: Optional[list[str]] = SEARCH_ARGS,
+    token_id: Optional[int] = typer.Option(None, "--id", help="Token id instead of text."),
+    top: Optional[int] = typer.Option(None, "--top", min=1, help="Rows shown (default 20)."),
+    atlas: Optional[Path] = ATLAS_OPT,
+    as_json: bool = JSON_OPT,
+    dtype: str = DTYPE_OPT,
+    device: Optional[str] = DEVICE_OPT,
+) -> None:
     """The heads and neurons that promote a token, ranked by the logit they add through the final norm.
 
     Every head and neuron is scored, from the model's weights (seconds after loading), or
@@ -106,14 +124,17 @@ def search(args: Optional[list[str]] = SEARCH_ARGS,
         results = search_model(model, token, rows)
         if as_json:
             return print_json({"token": text, "id": token, "results": results})
-        print_ranking(f"Heads and neurons promoting {text!r} (id {token}), by the logit they add", results,
-                      caption=CAPTION)
+        print_ranking(
+            f"Heads and neurons promoting {text!r} (id {token}), by the logit they add", results, caption=CAPTION
+        )
 
     run(body)
 
 
-CAPTION = ("logit added (relative to the vocabulary's mean) through the final norm as the model applies it: a "
-           "neuron where it adds most on reference text, a head attending to its best source token")
+CAPTION = (
+    "logit added (relative to the vocabulary's mean) through the final norm as the model applies it: a "
+    "neuron where it adds most on reference text, a head attending to its best source token"
+)
 
 
 def print_ranking(title: str, rows: list[dict], caption: str | None = None) -> None:
@@ -123,16 +144,25 @@ def print_ranking(title: str, rows: list[dict], caption: str | None = None) -> N
     table = Table(title=title, caption=caption, title_justify="left")
     table.add_column("#", no_wrap=True)
     table.add_column("kind", no_wrap=True)
-    table.add_column("name", no_wrap=True, style="bold cyan",  # the identifying column never shrinks
-                     min_width=max([len("name")] + [len(row["name"]) for row in rows]))
+    table.add_column(
+        "name",
+        no_wrap=True,
+        style="bold cyan",  # the identifying column never shrinks
+        min_width=max([len("name")] + [len(row["name"]) for row in rows]),
+    )
     add_columns(table, ["logit", "source"])
     with_tokens = any(row.get("top_tokens") for row in rows)
     if with_tokens:
         add_columns(table, ["top tokens"])
     width = column_width(out.width, 40, 1)
     for i, row in enumerate(rows, 1):
-        cells = [str(i), row["kind"], row["name"], f"{row['logit']:.3f}",
-                 Text("" if row.get("source") is None else shown(row["source"]))]
+        cells = [
+            str(i),
+            row["kind"],
+            row["name"],
+            f"{row['logit']:.3f}",
+            Text("" if row.get("source") is None else shown(row["source"])),
+        ]
         if with_tokens:
             cells.append(token_list(row.get("top_tokens") or [], width))
         table.add_row(*cells)
@@ -147,19 +177,25 @@ def _search_atlas(path: Path, query: str | int, top: Optional[int], as_json: boo
         rows = atlas.search(query, limit=DEFAULT_TOP if top is None else top, exact=True).to_pylist()
         depth = atlas.search_depth()
     if top is not None and top > depth:
-        raise LmatlasError(f"--top {top}: the atlas keeps the {depth} strongest heads and {depth} strongest "
-                           "neurons of each token; more need the model (drop --atlas).")
+        raise LmatlasError(
+            f"--top {top}: the atlas keeps the {depth} strongest heads and {depth} strongest "
+            "neurons of each token; more need the model (drop --atlas)."
+        )
     if as_json:
         return print_json({"atlas": str(path), "token": query, "results": rows})
     print_ranking(f"Heads and neurons promoting {query!r} in {path}, by the logit they add", rows, caption=CAPTION)
 
 
 @app.command()
-def lens(args: Optional[list[str]] = LENS_ARGS,
-         k: int = typer.Option(5, "--k", min=1, help="Top tokens per cell in --json."),
-         embed: bool = typer.Option(False, "--embed", help="Also read the embedding (stream entering block 0)."),
-         atlas: Optional[Path] = ATLAS_OPT, as_json: bool = JSON_OPT, dtype: str = DTYPE_OPT,
-         device: Optional[str] = DEVICE_OPT) -> None:
+def lens(
+    args: Optional[list[str]] = LENS_ARGS,
+    k: int = typer.Option(5, "--k", min=1, help="Top tokens per cell in --json."),
+    embed: bool = typer.Option(False, "--embed", help="Also read the embedding (stream entering block 0)."),
+    atlas: Optional[Path] = ATLAS_OPT,
+    as_json: bool = JSON_OPT,
+    dtype: str = DTYPE_OPT,
+    device: Optional[str] = DEVICE_OPT,
+) -> None:
     """The logit lens: every layer's top token, its probability, entropy and KL to the output, per position.
 
     A prompt needs the model. With --atlas FILE (and no prompt) it prints the lens statistics
@@ -172,13 +208,16 @@ def lens(args: Optional[list[str]] = LENS_ARGS,
         given = list(args or [])
         if atlas is not None:
             if given:
-                raise LmatlasError("The logit lens of a new prompt needs the model: drop --atlas (with --atlas and no "
-                                   "prompt, lmatlas lens prints the statistics the atlas stored over its corpus).")
+                raise LmatlasError(
+                    "The logit lens of a new prompt needs the model: drop --atlas (with --atlas and no "
+                    "prompt, lmatlas lens prints the statistics the atlas stored over its corpus)."
+                )
             return _lens_atlas(atlas, as_json)
         name, texts = _split(given, 1)
         if not texts[0]:
-            raise LmatlasError('The prompt is empty: give the text to read, e.g. `lmatlas lens "The capital of '
-                               'France is"`.')
+            raise LmatlasError(
+                'The prompt is empty: give the text to read, e.g. `lmatlas lens "The capital of France is"`.'
+            )
         model = load_model(name, dtype, device)
         result = logit_lens(model, texts[0], k=k, include_embed=embed)
         if as_json:
@@ -187,11 +226,15 @@ def lens(args: Optional[list[str]] = LENS_ARGS,
         inputs = result.input_tokens or [str(i) for i in result.input_ids.tolist()]
         fit = max(1, (out.width - 30) // POSITION_WIDTH)  # position columns that fit the terminal
         first = max(0, pos - fit)
-        caption = (f"positions 0..{first - 1} not shown ({pos} in all): widen the terminal or use --json"
-                   if first else None)
-        table = Table(title="Logit lens: each layer's top token and its probability (green: the model's final "
-                      "prediction); KL(output || layer) and entropy H in nats at the last position",
-                      caption=caption, title_justify="left")
+        caption = (
+            f"positions 0..{first - 1} not shown ({pos} in all): widen the terminal or use --json" if first else None
+        )
+        table = Table(
+            title="Logit lens: each layer's top token and its probability (green: the model's final "
+            "prediction); KL(output || layer) and entropy H in nats at the last position",
+            caption=caption,
+            title_justify="left",
+        )
         label = max([len("layer")] + [len(name) for name in result.labels])
         table.add_column("layer", style="bold cyan", no_wrap=True, min_width=label)  # row labels never shrink
         for token in inputs[first:]:
@@ -223,12 +266,18 @@ def _lens_atlas(path: Path, as_json: bool) -> None:
         corpus = opened.meta.get("corpus")
     if as_json:
         return print_json({"atlas": str(path), "corpus": corpus, "layers": rows})
-    table = Table(title=f"Logit lens over the atlas corpus ({corpus}): per layer, means over every position",
-                  title_justify="left")
+    table = Table(
+        title=f"Logit lens over the atlas corpus ({corpus}): per layer, means over every position", title_justify="left"
+    )
     table.add_column("layer", style="bold cyan", no_wrap=True, justify="right")
     for column in ("entropy", "p(final)", "KL to output", "top-1 = output"):
         table.add_column(column, justify="right", no_wrap=True)
     for r in rows:
-        table.add_row(f"L{r['layer']}", f"{r['lens_entropy']:.2f}", f"{r['lens_final_prob']:.3f}",
-                      f"{r['lens_kl_to_final']:.2f}", f"{r['lens_top1_agreement']:.1%}")
+        table.add_row(
+            f"L{r['layer']}",
+            f"{r['lens_entropy']:.2f}",
+            f"{r['lens_final_prob']:.3f}",
+            f"{r['lens_kl_to_final']:.2f}",
+            f"{r['lens_top1_agreement']:.1%}",
+        )
     out.print(table)

@@ -1,8 +1,8 @@
 """Model commands: ``info`` (the model card), ``check`` (fidelity), ``sites`` (the grammar).
 
-    lmatlas info [MODEL] [--json]      the model card
-    lmatlas check [MODEL] [--json]     fidelity: hooks exact, residual decomposition
-    lmatlas sites [MODEL] [--json]     the site grammar and its shapes
+lmatlas info [MODEL] [--json]      the model card
+lmatlas check [MODEL] [--json]     fidelity: hooks exact, residual decomposition
+lmatlas sites [MODEL] [--json]     the site grammar and its shapes
 """
 
 from __future__ import annotations
@@ -28,8 +28,12 @@ from lmatlas.cli.app import (
 
 
 @app.command()
-def info(model: Optional[str] = MODEL_ARG, as_json: bool = JSON_OPT, dtype: str = DTYPE_OPT,
-         device: Optional[str] = DEVICE_OPT) -> None:
+def info(
+    model: Optional[str] = MODEL_ARG,
+    as_json: bool = JSON_OPT,
+    dtype: str = DTYPE_OPT,
+    device: Optional[str] = DEVICE_OPT,
+) -> None:
     """Print the model card: family, layers, heads, neurons, vocab, parameters, dtype, file hash."""
 
     def body():
@@ -43,8 +47,13 @@ def info(model: Optional[str] = MODEL_ARG, as_json: bool = JSON_OPT, dtype: str 
 
 
 @app.command()
-def check(model: Optional[str] = MODEL_ARG, as_json: bool = JSON_OPT, dtype: str = DTYPE_OPT,
-          device: Optional[str] = DEVICE_OPT, prompt: Optional[str] = typer.Option(None, help="Text to run.")) -> None:
+def check(
+    model: Optional[str] = MODEL_ARG,
+    as_json: bool = JSON_OPT,
+    dtype: str = DTYPE_OPT,
+    device: Optional[str] = DEVICE_OPT,
+    prompt: Optional[str] = typer.Option(None, help="Text to run."),
+) -> None:
     """Check fidelity: hooked forward == plain forward, and the residual stream == the sum of its writes."""
     from lmatlas.model.check import DEFAULT_PROMPT
     from lmatlas.model.check import check as run_check
@@ -67,8 +76,12 @@ def check(model: Optional[str] = MODEL_ARG, as_json: bool = JSON_OPT, dtype: str
 
 
 @app.command()
-def sites(model: Optional[str] = typer.Argument(None, help="Give a model to see its layer and head ranges."),
-          as_json: bool = JSON_OPT, dtype: str = DTYPE_OPT, device: Optional[str] = DEVICE_OPT) -> None:
+def sites(
+    model: Optional[str] = typer.Argument(None, help="Give a model to see its layer and head ranges."),
+    as_json: bool = JSON_OPT,
+    dtype: str = DTYPE_OPT,
+    device: Optional[str] = DEVICE_OPT,
+) -> None:
     """List the site grammar: every component, its shape and meaning."""
     from lmatlas.model.sites import COMPONENTS
 
@@ -77,8 +90,12 @@ def sites(model: Optional[str] = typer.Argument(None, help="Give a model to see 
         ranges = {}
         if model is not None:
             lay = load_model(model, dtype, device).layout
-            ranges = {"layers": f"0..{lay.n_layers - 1}", "heads": f"0..{lay.n_heads - 1}",
-                      "kv_heads": f"0..{lay.n_kv_heads - 1}", "neurons": f"0..{lay.d_mlp - 1}"}
+            ranges = {
+                "layers": f"0..{lay.n_layers - 1}",
+                "heads": f"0..{lay.n_heads - 1}",
+                "kv_heads": f"0..{lay.n_kv_heads - 1}",
+                "neurons": f"0..{lay.d_mlp - 1}",
+            }
         if as_json:
             print_json({"components": rows, "ranges": ranges})
             return

@@ -19,9 +19,11 @@ def _click_exceptions() -> tuple[type, type, type, tuple[type, ...]]:
     try:  # typer ships its own copy of click
         from typer._click import exceptions
         from typer.exceptions import Abort
+
         aborts: tuple[type, ...] = (Abort,)
     except ImportError:  # older typer: plain click
         from click import exceptions
+
         aborts = (exceptions.Abort,)
     no_args = getattr(exceptions, "NoArgsIsHelpError", type(None))
     return exceptions.ClickException, exceptions.UsageError, no_args, aborts

@@ -20,8 +20,11 @@ from lmatlas.cli.app import DEVICE_OPT, DTYPE_OPT, app, err, load_model, run
 @app.command()
 def serve(
     path: Path = typer.Argument(..., help="An atlas file (lmatlas map --out FILE)."),
-    model: Optional[str] = typer.Option(None, "--model", help="The atlas's model, for typed prompts and the lens "
-                                        "(hub id, directory, .gguf or packaged name)."),
+    model: Optional[str] = typer.Option(
+        None,
+        "--model",
+        help="The atlas's model, for typed prompts and the lens (hub id, directory, .gguf or packaged name).",
+    ),
     host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (default: this machine only)."),
     port: int = typer.Option(8000, "--port", min=1, max=65535, help="Port."),
     diff: Optional[Path] = typer.Option(None, "--diff", help="A second atlas of the same architecture to compare."),

@@ -19,5 +19,11 @@ from lmatlas.decode.vocab import (
 )
 
 __all__ = [
-    "DecodeError", "TokenRanking", "final_norm_gain", "project", "top_and_bottom", "topk_tokens", "unembed_matrix",
+    "DecodeError",
+    "TokenRanking",
+    "final_norm_gain",
+    "project",
+    "top_and_bottom",
+    "topk_tokens",
+    "unembed_matrix",
 ]

@@ -256,8 +256,9 @@ class TokenIndex:
     seg_norms: torch.Tensor = field(init=False)
 
     def __post_init__(self):
-        self.seg_norms = torch.stack([self.norm_u.view(self.w, self.M).amax(0),
-                                      self.norm_eu.view(self.w, self.M).amax(0)])
+        self.seg_norms = torch.stack(
+            [self.norm_u.view(self.w, self.M).amax(0), self.norm_eu.view(self.w, self.M).amax(0)]
+        )
 
 
 MAX_SEGMENT = 32  # tokens per segment (measured on SmolLM2: 16 and 64 are slower)
@@ -282,7 +283,7 @@ def build_index(tokens: torch.Tensor, scorer: Scorer, k: int, chunk: int = 4096)
     M = math.ceil(V / w)
     with torch.no_grad():
         tokens = tokens.detach()
-        norms = torch.cat([norm_up(tokens[i:i + chunk]) for i in range(0, V, chunk)])
+        norms = torch.cat([norm_up(tokens[i : i + chunk]) for i in range(0, V, chunk)])
         sorted_ids = torch.full((M * w,), -1, dtype=torch.int64, device=tokens.device)
         sorted_ids[:V] = torch.argsort(norms, descending=True)
         perm = sorted_ids.view(M, w).T.reshape(-1)  # sorted position j*w + i -> column i*M + j
@@ -292,14 +293,14 @@ def build_index(tokens: torch.Tensor, scorer: Scorer, k: int, chunk: int = 4096)
         norm_eu = torch.empty(M * w, device=tokens.device)
         seg_scale = None
         if scorer.segment_scales:  # one scale per segment: its largest |entry|
-            peak = torch.cat([tokens[i:i + chunk].float().abs().amax(1) for i in range(0, V, chunk)])
+            peak = torch.cat([tokens[i : i + chunk].float().abs().amax(1) for i in range(0, V, chunk)])
             seg_scale = Int8Scorer.scale_of(torch.where(valid, peak[perm.clamp_min(0)], 0.0).view(w, M).amax(0))
         for c0 in range(0, M * w, chunk):
-            ids = perm[c0:c0 + chunk]
+            ids = perm[c0 : c0 + chunk]
             cols = tokens.index_select(0, ids.clamp_min(0)).float()
             cols[ids < 0] = 0
-            scale = None if seg_scale is None else seg_scale.repeat(w)[c0:c0 + chunk]
-            lp[c0:c0 + chunk], norm_eu[c0:c0 + chunk] = scorer.quantize_tokens(cols, scale)
+            scale = None if seg_scale is None else seg_scale.repeat(w)[c0 : c0 + chunk]
+            lp[c0 : c0 + chunk], norm_eu[c0 : c0 + chunk] = scorer.quantize_tokens(cols, scale)
     return TokenIndex(scorer, tokens, k, w, M, perm, lp, seg_scale, norm_u, norm_eu)
 
 
@@ -337,13 +338,14 @@ def validate_scorer(scorer: Scorer, device: torch.device | str = "cpu", d: int =
             a, u = a.to(device), u.to(device)
             index = build_index(u, scorer, 20)
             rows = _prepare_rows(a, scorer)
-            raw = scorer.matmul(rows.lp, index.lp, torch.empty(64, index.M * index.w, dtype=scorer.score_dtype,
-                                                               device=device))
+            raw = scorer.matmul(
+                rows.lp, index.lp, torch.empty(64, index.M * index.w, dtype=scorer.score_dtype, device=device)
+            )
             seg_scale = None if index.seg_scale is None else index.seg_scale.repeat(index.w)[None, :]
             approx = scorer.dequant(raw, None if rows.scale is None else rows.scale[:, None], seg_scale)
             cols = torch.where((index.perm >= 0)[:, None], u[index.perm.clamp_min(0)], 0.0)
             exact = a.double() @ cols.double().T
-            bound = (approx.abs() * _rho(scorer) + rows.coef[:, :1] * index.norm_u + rows.coef[:, 1:] * index.norm_eu)
+            bound = approx.abs() * _rho(scorer) + rows.coef[:, :1] * index.norm_u + rows.coef[:, 1:] * index.norm_eu
             _VALIDATED[key] = bool(((exact - approx.double()).abs() <= bound.double() + ETA).all())
         except (RuntimeError, NotImplementedError):
             _VALIDATED[key] = False
@@ -364,8 +366,10 @@ def auto_method(device: torch.device | str = "cpu") -> str:
     """
     if torch.device(device).type != "cpu":
         return "plain"
-    native_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or \
-        getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    native_bf16 = (
+        getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+        or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    )
     return "bf16" if native_bf16 and validate_scorer(SCORERS["bf16"], device) else "plain"
 
 
@@ -403,8 +407,11 @@ def _top(a: torch.Tensor, rows: _Rows, index: TokenIndex, raw_view: torch.Tensor
     # 2. segments, then members, whose upper bound reaches it
     n_idx, j_idx = (torch.addcmul(upper + seg_bound, upper.abs(), rho) >= tau).nonzero(as_tuple=True)
     cols = torch.arange(w, device=dev)[None, :] * M + j_idx[:, None]  # [P, w] columns of surviving segments
-    approx = scorer.dequant(raw_view.reshape(-1)[cols + (n_idx * (w * M))[:, None]],
-                            None if rs is None else rs[n_idx], None if ss is None else ss[0, j_idx][:, None])
+    approx = scorer.dequant(
+        raw_view.reshape(-1)[cols + (n_idx * (w * M))[:, None]],
+        None if rs is None else rs[n_idx],
+        None if ss is None else ss[0, j_idx][:, None],
+    )
     keep = torch.addcmul(approx + seg_bound[n_idx, j_idx][:, None], approx.abs(), rho) >= tau[n_idx]
     row, tok = n_idx[:, None].expand_as(cols)[keep], index.perm[cols[keep]]
     real = tok >= 0
@@ -452,16 +459,26 @@ def exact_pairs(a: torch.Tensor, tokens: torch.Tensor, row: torch.Tensor, tok: t
     torch.cumsum(torch.bincount(tok, minlength=V), 0, out=crow[1:])
     with warnings.catch_warnings():  # "sparse CSR support is in beta"
         warnings.simplefilter("ignore", UserWarning)
-        pattern = torch.sparse_csr_tensor(crow, row, torch.zeros(row.numel(), device=a.device), size=(V, n),
-                                          check_invariants=False)
+        pattern = torch.sparse_csr_tensor(
+            crow, row, torch.zeros(row.numel(), device=a.device), size=(V, n), check_invariants=False
+        )
     scores = torch.sparse.sampled_addmm(pattern, tokens, a.T, beta=0.0).values()
     by_row = torch.argsort(row, stable=True)
     return scores[by_row], row[by_row], tok[by_row]
 
 
-def pruned_topk(rows: torch.Tensor, tokens: torch.Tensor, k: int = 20, *, top: bool = True, bottom: bool = True,
-                method: str = "auto", row_block: int | None = None, progress: Progress | None = None,
-                index: TokenIndex | None = None) -> PrunedTopK:
+def pruned_topk(
+    rows: torch.Tensor,
+    tokens: torch.Tensor,
+    k: int = 20,
+    *,
+    top: bool = True,
+    bottom: bool = True,
+    method: str = "auto",
+    row_block: int | None = None,
+    progress: Progress | None = None,
+    index: TokenIndex | None = None,
+) -> PrunedTopK:
     """Exact top-k / bottom-k of ``rows @ tokens.T``, pruned with a low-precision pass.
 
     Args:
@@ -513,9 +530,9 @@ def pruned_topk(rows: torch.Tensor, tokens: torch.Tensor, k: int = 20, *, top: b
     # torch's thread count is process-global: never change it here (other threads may be running models).
     with torch.no_grad():
         for r0 in range(0, n, row_block):
-            a = rows[r0:r0 + row_block]
+            a = rows[r0 : r0 + row_block]
             prepared = _prepare_rows(a, scorer)
-            raw = scorer.matmul(prepared.lp, index.lp, buffer[:a.shape[0]])  # [nb, M*w]
+            raw = scorer.matmul(prepared.lp, index.lp, buffer[: a.shape[0]])  # [nb, M*w]
             raw_view = raw.view(a.shape[0], index.w, index.M)
             for sign in sides:
                 if sign < 0:  # bottom-k of s = top-k of -s: negate the scores and the rows, exactly
@@ -531,7 +548,8 @@ def pruned_topk(rows: torch.Tensor, tokens: torch.Tensor, k: int = 20, *, top: b
     def cat(sign: int) -> TokenRanking | None:
         if sign not in parts:
             return None
-        return TokenRanking(ids=torch.cat([p.ids for p in parts[sign]]),
-                            logits=torch.cat([p.logits for p in parts[sign]]))
+        return TokenRanking(
+            ids=torch.cat([p.ids for p in parts[sign]]), logits=torch.cat([p.logits for p in parts[sign]])
+        )
 
     return PrunedTopK(cat(1), cat(-1), method, rescored / max(1, n * len(sides)))

@@ -113,7 +113,7 @@ def head_inputs(model: "Model", layer: int, ids: torch.Tensor, *, norm_input: bo
 
 def _blocks(ids: torch.Tensor, size: int = TOKEN_BLOCK):
     for start in range(0, ids.numel(), size):
-        yield start, ids[start:start + size]
+        yield start, ids[start : start + size]
 
 
 # -- OV circuit ------------------------------------------------------------------------------------------
@@ -134,8 +134,7 @@ def ov_write(model: "Model", layer: int, head: int) -> torch.Tensor:
     return W_O
 
 
-def ov_left(model: "Model", layer: int, head: int, sources: torch.Tensor, *,
-            norm_input: bool = True) -> torch.Tensor:
+def ov_left(model: "Model", layer: int, head: int, sources: torch.Tensor, *, norm_input: bool = True) -> torch.Tensor:
     """``[n, d_head]`` float32 ``x_s @ W_V[kv] + b_V[kv]``: the head's value vector for each source token."""
     check_head(layer, head, model.layout)
     kv = model.layout.kv_head(head)
@@ -151,8 +150,9 @@ def ov_right(model: "Model", layer: int, head: int) -> torch.Tensor:
         return ov_write(model, layer, head) @ unembed_matrix(model).float()
 
 
-def ov_factors(model: "Model", layer: int, head: int, sources: torch.Tensor, *,
-               norm_input: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def ov_factors(
+    model: "Model", layer: int, head: int, sources: torch.Tensor, *, norm_input: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(left [n, d_head], right [d_head, d_vocab])`` float32 with ``left @ right`` = the OV logits.
 
     Row ``i`` of the product is what head ``head`` adds to the logits when it
@@ -196,11 +196,17 @@ class OVDecoding:
         pair_out = decode([p[1] for p in self.pairs]) if self.pairs else []
         shown = self.sources[:rows].tolist()
         return {
-            "head": self.name, "kv_head": self.kv_head, "n_sources": int(self.sources.numel()),
-            "k": int(self.top.ids.shape[1]), "copying": self.copying, "suppression": self.suppression,
+            "head": self.name,
+            "kv_head": self.kv_head,
+            "n_sources": int(self.sources.numel()),
+            "k": int(self.top.ids.shape[1]),
+            "copying": self.copying,
+            "suppression": self.suppression,
             "pairs": [{"source": s, "output": o, "logit": p[2]} for s, o, p in zip(pair_src, pair_out, self.pairs)],
-            "sources": [{"source": src, "top": decode(self.top.ids[i].tolist()),
-                         "bottom": decode(self.bottom.ids[i].tolist())} for i, src in enumerate(decode(shown))],
+            "sources": [
+                {"source": src, "top": decode(self.top.ids[i].tolist()), "bottom": decode(self.bottom.ids[i].tolist())}
+                for i, src in enumerate(decode(shown))
+            ],
         }
 
 
@@ -209,9 +215,18 @@ def _own_in(ranking: TokenRanking, sources: torch.Tensor) -> torch.Tensor:
     return (ranking.ids == sources.to(ranking.ids.device)[:, None]).any(1)
 
 
-def decode_ov(model: "Model", layer: int, head: int, *, sources: int | torch.Tensor | list[int] | None = None,
-              k: int = 10, n_pairs: int = 20, norm_input: bool = True, seed: int = 0,
-              chunk: int = 8192) -> OVDecoding:
+def decode_ov(
+    model: "Model",
+    layer: int,
+    head: int,
+    *,
+    sources: int | torch.Tensor | list[int] | None = None,
+    k: int = 10,
+    n_pairs: int = 20,
+    norm_input: bool = True,
+    seed: int = 0,
+    chunk: int = 8192,
+) -> OVDecoding:
     """Decode one head's OV circuit over ``sources`` (default: the whole vocabulary, in blocks).
 
     Cost: ``n_sources x d_vocab x d_head`` multiply-adds, twice (top and bottom).
@@ -234,8 +249,14 @@ def decode_ov(model: "Model", layer: int, head: int, *, sources: int | torch.Ten
     pairs = [(int(ids[i // keep]), int(top.ids.reshape(-1)[i]), float(flat[i])) for i in best.tolist()]
     top = TokenRanking(top.ids[:, :k].contiguous(), top.logits[:, :k].contiguous())
     return OVDecoding(
-        layer=layer, head=head, kv_head=model.layout.kv_head(head), sources=ids, top=top, bottom=bottom,
-        pairs=pairs, copying=float(_own_in(top, ids).double().mean()),
+        layer=layer,
+        head=head,
+        kv_head=model.layout.kv_head(head),
+        sources=ids,
+        top=top,
+        bottom=bottom,
+        pairs=pairs,
+        copying=float(_own_in(top, ids).double().mean()),
         suppression=float(_own_in(bottom, ids).double().mean()),
     )
 
@@ -262,8 +283,13 @@ class CopyingScores:
         return [row for row in out if row[0] in self.heads][:n]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"n_sources": self.n_sources, "k": self.k, "seed": self.seed,
-                "copying": self.copying.tolist(), "suppression": self.suppression.tolist()}
+        return {
+            "n_sources": self.n_sources,
+            "k": self.k,
+            "seed": self.seed,
+            "copying": self.copying.tolist(),
+            "suppression": self.suppression.tolist(),
+        }
 
 
 def _k_best(values: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
@@ -271,8 +297,16 @@ def _k_best(values: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
     return torch.topk(values, min(k, values.shape[1]), dim=1, largest=largest, sorted=False).values
 
 
-def self_hits(model: "Model", layer: int, head: int, sources: torch.Tensor, k: int = 10, *,
-              norm_input: bool = True, chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+def self_hits(
+    model: "Model",
+    layer: int,
+    head: int,
+    sources: torch.Tensor,
+    k: int = 10,
+    *,
+    norm_input: bool = True,
+    chunk: int = 8192,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(copied [n], suppressed [n])`` bool: is each source's own token in its top-``k`` / bottom-``k`` outputs?
 
     One pass over the vocabulary keeping only the running ``k``-th largest and smallest
@@ -292,7 +326,7 @@ def self_hits(model: "Model", layer: int, head: int, sources: torch.Tensor, k: i
             own = torch.empty(block.numel(), device=left.device)
             high = low = None  # [b, k] running k largest / smallest logits
             for c0 in range(0, right.shape[1], chunk):
-                scores = left @ right[:, c0:c0 + chunk]  # [b, chunk]
+                scores = left @ right[:, c0 : c0 + chunk]  # [b, chunk]
                 inside = (block >= c0) & (block < c0 + chunk)
                 own[inside] = scores[rows[inside], block[inside] - c0]
                 top, bottom = _k_best(scores, k, largest=True), _k_best(scores, k, largest=False)
@@ -304,9 +338,16 @@ def self_hits(model: "Model", layer: int, head: int, sources: torch.Tensor, k: i
     return copied, suppressed
 
 
-def copying_scores(model: "Model", *, heads: list[tuple[int, int]] | None = None,
-                   sources: int | torch.Tensor | list[int] | None = DEFAULT_SAMPLE, k: int = 10, seed: int = 0,
-                   norm_input: bool = True, progress: bool = False) -> CopyingScores:
+def copying_scores(
+    model: "Model",
+    *,
+    heads: list[tuple[int, int]] | None = None,
+    sources: int | torch.Tensor | list[int] | None = DEFAULT_SAMPLE,
+    k: int = 10,
+    seed: int = 0,
+    norm_input: bool = True,
+    progress: bool = False,
+) -> CopyingScores:
     """Copying and suppression scores of ``heads`` (default: every query head of every layer).
 
     ``sources``: a sample size (default 1024 tokens, seeded: the score's standard
@@ -367,12 +408,26 @@ class TokenPromotion:
         """``[(layer, head, max, argmax source, mean), ...]``, the ``n`` largest ``max`` first."""
         H = self.max.shape[1]
         order = torch.argsort(self.max.reshape(-1), descending=True, stable=True)[:n].tolist()
-        return [(i // H, i % H, float(self.max.reshape(-1)[i]), int(self.argmax.reshape(-1)[i]),
-                 float(self.mean.reshape(-1)[i])) for i in order]
+        return [
+            (
+                i // H,
+                i % H,
+                float(self.max.reshape(-1)[i]),
+                int(self.argmax.reshape(-1)[i]),
+                float(self.mean.reshape(-1)[i]),
+            )
+            for i in order
+        ]
 
 
-def promoting_heads(model: "Model", token: int, *, sources: int | torch.Tensor | list[int] | None = None,
-                    norm_input: bool = True, seed: int = 0) -> TokenPromotion:
+def promoting_heads(
+    model: "Model",
+    token: int,
+    *,
+    sources: int | torch.Tensor | list[int] | None = None,
+    norm_input: bool = True,
+    seed: int = 0,
+) -> TokenPromotion:
     """Every head's OV logit for output ``token`` over ``sources`` (default: the whole vocabulary).
 
     One output column is cheap: ``logit[s] = x_s . (W_V[kv] @ w_h) + b_V[kv] . w_h`` with

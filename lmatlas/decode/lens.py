@@ -77,12 +77,23 @@ class LensResult:
             "final_ids": self.final_ids.tolist(),
             "final_tokens": self.final_tokens,
             "layers": [
-                {"layer": self.labels[r], "positions": [
-                    {"top": [{"id": i, "token": t, "prob": p} for i, t, p in
-                             zip(self.top_ids[r, j].tolist(), tokens[r][j], self.top_probs[r, j].tolist())],
-                     "final_prob": float(self.final_prob[r, j]), "entropy": float(self.entropy[r, j]),
-                     "kl": float(self.kl[r, j])}
-                    for j in range(pos)]}
+                {
+                    "layer": self.labels[r],
+                    "positions": [
+                        {
+                            "top": [
+                                {"id": i, "token": t, "prob": p}
+                                for i, t, p in zip(
+                                    self.top_ids[r, j].tolist(), tokens[r][j], self.top_probs[r, j].tolist()
+                                )
+                            ],
+                            "final_prob": float(self.final_prob[r, j]),
+                            "entropy": float(self.entropy[r, j]),
+                            "kl": float(self.kl[r, j]),
+                        }
+                        for j in range(pos)
+                    ],
+                }
                 for r in range(rows)
             ],
         }
@@ -118,8 +129,7 @@ def logit_lens(model: "Model", inputs: "Inputs", *, k: int = 5, include_embed: b
     if not 1 <= k <= model.layout.d_vocab:
         raise DecodeError(f"k={k} is out of range: pick 1..{model.layout.d_vocab} (the vocabulary size).")
     if isinstance(inputs, str) and _n_tokens(model, inputs) == 0:
-        raise DecodeError("The prompt is empty: give the text to read, e.g. `lmatlas lens \"The capital of France "
-                          "is\"`.")
+        raise DecodeError('The prompt is empty: give the text to read, e.g. `lmatlas lens "The capital of France is"`.')
     if not isinstance(inputs, str) and hasattr(inputs, "numel") and inputs.numel() == 0:
         raise DecodeError("The prompt has no tokens: give at least one token id.")
     input_ids, streams, final_logits, labels = _streams(model, inputs, include_embed)
@@ -143,8 +153,14 @@ def logit_lens(model: "Model", inputs: "Inputs", *, k: int = 5, include_embed: b
     tok = model.tokenizer
     strings = (lambda ids: token_texts(tok, ids)) if tok is not None else None  # byte tokens as <0xE2>
     return LensResult(
-        input_ids=input_ids.cpu(), labels=labels, top_ids=top_ids, top_probs=top_probs, final_ids=final_ids.cpu(),
-        final_prob=final_prob, entropy=entropy, kl=kl,
+        input_ids=input_ids.cpu(),
+        labels=labels,
+        top_ids=top_ids,
+        top_probs=top_probs,
+        final_ids=final_ids.cpu(),
+        final_prob=final_prob,
+        entropy=entropy,
+        kl=kl,
         input_tokens=strings(input_ids.tolist()) if strings else None,
         top_tokens=[[strings(top_ids[r, j].tolist()) for j in range(pos)] for r in range(rows)] if strings else None,
         final_tokens=strings(final_ids.tolist()) if strings else None,

@@ -90,7 +90,8 @@ class NeuronDecoding:
             raise DecodeError(f"Layer {layer} was not decoded: this decoding covers layers {self.layers}.")
         if not 0 <= neuron < self.d_mlp:
             raise DecodeError(
-                f"Neuron {neuron} is out of range: layers have {self.d_mlp} neurons (0..{self.d_mlp - 1}).")
+                f"Neuron {neuron} is out of range: layers have {self.d_mlp} neurons (0..{self.d_mlp - 1})."
+            )
         return self.layers.index(layer) * self.d_mlp + neuron
 
     def neuron(self, layer: int, neuron: int, tokenizer: Any = None) -> dict[str, Any]:
@@ -100,8 +101,11 @@ class NeuronDecoding:
         """
         i = self.row(layer, neuron)
         out: dict[str, Any] = {"neuron": neuron_name(layer, neuron), "layer": layer, "index": neuron}
-        rankings = {"promoted": self.promoted, "suppressed": self.suppressed,
-                    **{f"excited_by_{name}": r for name, r in self.inputs.items()}}
+        rankings = {
+            "promoted": self.promoted,
+            "suppressed": self.suppressed,
+            **{f"excited_by_{name}": r for name, r in self.inputs.items()},
+        }
         for key, ranking in rankings.items():
             ids = ranking.ids[i].tolist()
             tokens = token_texts(tokenizer, ids) if tokenizer is not None else ids  # byte tokens as <0xE2>
@@ -166,13 +170,13 @@ def input_tokens(model: "Model", norm: str = "gain", chunk: int = 8192) -> torch
         norm_module = get_path(model.blocks[0], model.spec.mlp_norm)
     out = torch.empty(W_E.shape, dtype=torch.float32, device=W_E.device)
     for start in range(0, W_E.shape[0], chunk):
-        e = W_E[start:start + chunk].float() * scale
+        e = W_E[start : start + chunk].float() * scale
         if norm_module is not None:
             eps = norm_eps(norm_module)
             if model.spec.norm_kind.centres:
                 e = e - e.mean(-1, keepdim=True)
             e = e * torch.rsqrt(e.pow(2).mean(-1, keepdim=True) + eps)
-        out[start:start + chunk] = e
+        out[start : start + chunk] = e
     return out
 
 
@@ -227,6 +231,7 @@ def decode_neurons(
             if tokens.data_ptr() not in indexes:
                 indexes[tokens.data_ptr()] = build_index(tokens, SCORERS[method], k)
             index = indexes[tokens.data_ptr()]
+
         def report(done: int, n: int) -> None:
             if callable(progress):
                 progress(phase * n + done, n_phases * n)
@@ -247,5 +252,13 @@ def decode_neurons(
         for phase, name in enumerate(names, start=1):
             rows = torch.cat([input_directions(model, l, norm)[name] for l in layers])  # [rows, d_model]
             decoded_inputs[name] = run(rows, tokens, phase, n_phases, both=False).top
-    return NeuronDecoding(layers=layers, d_mlp=lay.d_mlp, k=k, promoted=out.top, suppressed=out.bottom,
-                          inputs=decoded_inputs, method=out.method, rescored=out.rescored)
+    return NeuronDecoding(
+        layers=layers,
+        d_mlp=lay.d_mlp,
+        k=k,
+        promoted=out.top,
+        suppressed=out.bottom,
+        inputs=decoded_inputs,
+        method=out.method,
+        rescored=out.rescored,
+    )

@@ -49,15 +49,16 @@ def _projected(model: "Model", layer: int, ids: torch.Tensor, which: str, norm_i
     return _qk_norm(getattr(attn, f"{which}_norm", None), out)
 
 
-def qk_vectors(model: "Model", layer: int, head: int, ids: torch.Tensor, *,
-               norm_input: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def qk_vectors(
+    model: "Model", layer: int, head: int, ids: torch.Tensor, *, norm_input: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(queries [n, d_head], keys [n, d_head])`` of ``ids`` for query head ``head``, pre-rotary.
 
     ``queries`` carry the attention ``scaling``, so ``queries @ keys.T`` are attention logits
     at relative distance 0. Keys come from the head's KV group.
     """
     check_head(layer, head, model.layout)
-    scaling = float(getattr(get_path(model.blocks[layer], model.spec.attn), "scaling", model.layout.d_head ** -0.5))
+    scaling = float(getattr(get_path(model.blocks[layer], model.spec.attn), "scaling", model.layout.d_head**-0.5))
     q = _projected(model, layer, ids, "q", norm_input)[:, head] * scaling
     k = _projected(model, layer, ids, "k", norm_input)[:, model.layout.kv_head(head)]
     return q, k
@@ -87,17 +88,32 @@ class QKDecoding:
     def to_dict(self, tokenizer: Any = None, rows: int = 20) -> dict[str, Any]:
         decode = (lambda ids: TokenRanking.tokens_of(ids, tokenizer)) if tokenizer is not None else (lambda ids: ids)
         return {
-            "head": self.name, "kv_head": self.kv_head, "n_queries": int(self.queries.numel()),
-            "preferred_keys": [{"key": t, "mean_score": s} for t, s in
-                               zip(decode(self.preferred.ids[0].tolist()), self.preferred.logits[0].tolist())],
-            "queries": [{"query": q, "top_keys": decode(self.top.ids[i].tolist())}
-                        for i, q in enumerate(decode(self.queries[:rows].tolist()))],
+            "head": self.name,
+            "kv_head": self.kv_head,
+            "n_queries": int(self.queries.numel()),
+            "preferred_keys": [
+                {"key": t, "mean_score": s}
+                for t, s in zip(decode(self.preferred.ids[0].tolist()), self.preferred.logits[0].tolist())
+            ],
+            "queries": [
+                {"query": q, "top_keys": decode(self.top.ids[i].tolist())}
+                for i, q in enumerate(decode(self.queries[:rows].tolist()))
+            ],
         }
 
 
-def decode_qk(model: "Model", layer: int, head: int, *, queries: int | torch.Tensor | list[int] | None = None,
-              keys: int | torch.Tensor | list[int] | None = None, k: int = 10, norm_input: bool = True,
-              seed: int = 0, chunk: int = 8192) -> QKDecoding:
+def decode_qk(
+    model: "Model",
+    layer: int,
+    head: int,
+    *,
+    queries: int | torch.Tensor | list[int] | None = None,
+    keys: int | torch.Tensor | list[int] | None = None,
+    k: int = 10,
+    norm_input: bool = True,
+    seed: int = 0,
+    chunk: int = 8192,
+) -> QKDecoding:
     """For each query token, the ``k`` key tokens (default: the whole vocabulary) it attends to most.
 
     Key vectors of all candidate keys are built once (``[n_keys, d_head]`` float32),
@@ -112,5 +128,11 @@ def decode_qk(model: "Model", layer: int, head: int, *, queries: int | torch.Ten
     top = topk_rows(q_vecs, key_vecs.T, k, chunk=chunk)
     preferred = topk_rows(q_vecs.mean(0, keepdim=True), key_vecs.T, k, chunk=chunk)
     to_ids = k_ids.to(top.ids.device)
-    return QKDecoding(layer, head, model.layout.kv_head(head), q_ids, TokenRanking(to_ids[top.ids], top.logits),
-                      TokenRanking(to_ids[preferred.ids], preferred.logits))
+    return QKDecoding(
+        layer,
+        head,
+        model.layout.kv_head(head),
+        q_ids,
+        TokenRanking(to_ids[top.ids], top.logits),
+        TokenRanking(to_ids[preferred.ids], preferred.logits),
+    )

@@ -101,7 +101,7 @@ def calibrate(model: "Model", windows: torch.Tensor, batch: int = 4) -> Calibrat
     total, count = 0.0, 0
     best = torch.zeros(lay.n_layers, lay.d_mlp)
     for start in range(0, windows.shape[0], batch):
-        ids = windows[start:start + batch]
+        ids = windows[start : start + batch]
         cache = model.run(ids, capture=["mlp.act", f"L{last}.resid.post"])
         factor = norm_factor(model, cache.resid(last, "post"))[:, 1:]  # [batch, seq - 1]
         total += float(factor.double().sum())
@@ -120,8 +120,10 @@ def neuron_writes(model: "Model", calibration: Calibration) -> torch.Tensor:
     is the logit the neuron adds.
     """
     scale = calibration.neuron_scale.clamp_min(0)  # [n_layers, d_mlp]
-    rows = [output_directions(model, layer) * scale[layer].to(model.device)[:, None]
-            for layer in range(model.layout.n_layers)]
+    rows = [
+        output_directions(model, layer) * scale[layer].to(model.device)[:, None]
+        for layer in range(model.layout.n_layers)
+    ]
     return torch.cat(rows)
 
 
@@ -141,8 +143,12 @@ def head_factors(model: "Model", sources: torch.Tensor) -> list[tuple[torch.Tens
     out = []
     with torch.no_grad():
         for layer in range(lay.n_layers):
-            out.append((torch.stack([ov_left(model, layer, h, sources) for h in range(lay.n_heads)]),
-                        torch.stack([head_write(model, layer, h) for h in range(lay.n_heads)])))
+            out.append(
+                (
+                    torch.stack([ov_left(model, layer, h, sources) for h in range(lay.n_heads)]),
+                    torch.stack([head_write(model, layer, h) for h in range(lay.n_heads)]),
+                )
+            )
     return out
 
 
@@ -170,7 +176,7 @@ def mean_column(model: "Model", chunk: int = 8192) -> torch.Tensor:
     total = torch.zeros(W_U.shape[0], dtype=torch.float64, device=W_U.device)
     with torch.no_grad():
         for start in range(0, W_U.shape[1], chunk):
-            total += W_U[:, start:start + chunk].double().sum(1)
+            total += W_U[:, start : start + chunk].double().sum(1)
     return (total / W_U.shape[1]).float()
 
 
@@ -195,9 +201,17 @@ class Writers:
     head_sources: torch.Tensor
 
 
-def vocab_writers(model: "Model", calibration: Calibration, tokens: torch.Tensor, *, depth: int = DEPTH,
-                  seed: int = 0, chunk: int = 512, writes: torch.Tensor | None = None,
-                  factors: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> Writers:
+def vocab_writers(
+    model: "Model",
+    calibration: Calibration,
+    tokens: torch.Tensor,
+    *,
+    depth: int = DEPTH,
+    seed: int = 0,
+    chunk: int = 512,
+    writes: torch.Tensor | None = None,
+    factors: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+) -> Writers:
     """The ``depth`` strongest neurons and heads of every token in ``tokens`` (``[n]`` ids).
 
     Streams over ``tokens`` in chunks of ``chunk`` columns of ``W_U``: peak memory is
@@ -214,7 +228,7 @@ def vocab_writers(model: "Model", calibration: Calibration, tokens: torch.Tensor
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("nr", "nl", "hr", "hl", "hs")}
     with torch.no_grad():
         for start in range(0, tokens.numel(), chunk):
-            ids = tokens[start:start + chunk].to(W_U.device)
+            ids = tokens[start : start + chunk].to(W_U.device)
             columns = W_U[:, ids].float() - mean[:, None]  # [d_model, c]: relative to the vocabulary's mean
             top = torch.topk(writes @ columns, min(depth, writes.shape[0]), dim=0)  # of [neurons, c]
             parts["nr"].append(top.indices.T.cpu())
@@ -234,7 +248,8 @@ def vocab_writers(model: "Model", calibration: Calibration, tokens: torch.Tensor
     return Writers(tokens.cpu(), cat["nr"], cat["nl"], cat["hr"], cat["hl"], cat["hs"])
 
 
-def token_writers(model: "Model", calibration: Calibration, token: int, *, depth: int = DEPTH,
-                  seed: int = 0) -> Writers:
+def token_writers(
+    model: "Model", calibration: Calibration, token: int, *, depth: int = DEPTH, seed: int = 0
+) -> Writers:
     """:func:`vocab_writers` for one token: what :func:`vocab_writers` stores for it, computed alone."""
     return vocab_writers(model, calibration, torch.tensor([int(token)]), depth=depth, seed=seed, chunk=1)

@@ -25,8 +25,9 @@ _BYTE_PIECES = re.compile(r"(?:<0x[0-9A-Fa-f]{2}>)+")
 @lru_cache(maxsize=1)
 def _byte_decoder() -> dict[str, int]:
     """The byte-level BPE alphabet (GPT-2's ``bytes_to_unicode``), inverted: printable char -> byte."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     chars, extra = {}, 0
     for byte in range(256):
         if byte in printable:
@@ -46,7 +47,7 @@ def render_bytes(raw: bytes) -> str:
 def piece_bytes(piece: str) -> bytes | None:
     """The bytes behind a token piece, when the piece spells them (byte-level BPE or ``<0xNN>``)."""
     if _BYTE_PIECES.fullmatch(piece):
-        return bytes(int(piece[i + 3:i + 5], 16) for i in range(0, len(piece), 6))
+        return bytes(int(piece[i + 3 : i + 5], 16) for i in range(0, len(piece), 6))
     decoder = _byte_decoder()
     if piece and all(c in decoder for c in piece):
         return bytes(decoder[c] for c in piece)

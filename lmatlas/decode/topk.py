@@ -42,7 +42,7 @@ class TokenRanking:
         flat = self.ids.reshape(-1).tolist()
         strings = tokenizer.batch_decode([[i] for i in flat], clean_up_tokenization_spaces=False)
         k = self.ids.shape[1] if self.ids.dim() == 2 else 1
-        return [strings[i:i + k] for i in range(0, len(strings), k)]
+        return [strings[i : i + k] for i in range(0, len(strings), k)]
 
     def row(self, i: int, tokenizer: Any = None) -> list[tuple[int, str | None, float]]:
         """Row ``i`` as ``[(id, string or None, logit), ...]``."""
@@ -55,8 +55,16 @@ class TokenRanking:
         return tokenizer.batch_decode([[i] for i in ids], clean_up_tokenization_spaces=False)
 
 
-def topk_rows(rows: torch.Tensor, W_U: torch.Tensor, k: int, *, largest: bool = True,
-              b_U: torch.Tensor | None = None, chunk: int = 8192, row_block: int = ROW_BLOCK) -> TokenRanking:
+def topk_rows(
+    rows: torch.Tensor,
+    W_U: torch.Tensor,
+    k: int,
+    *,
+    largest: bool = True,
+    b_U: torch.Tensor | None = None,
+    chunk: int = 8192,
+    row_block: int = ROW_BLOCK,
+) -> TokenRanking:
     """Exact chunked top-k of ``rows @ W_U (+ b_U)``: ``rows`` ``[n, d]`` float32, ``W_U`` ``[d, V]`` any dtype.
 
     Streams over ``W_U`` in slices of ``chunk`` columns (each converted to float32
@@ -69,13 +77,13 @@ def topk_rows(rows: torch.Tensor, W_U: torch.Tensor, k: int, *, largest: bool = 
     vals = torch.empty(n, k, dtype=torch.float32, device=rows.device)
     with torch.no_grad():
         for r0 in range(0, n, row_block):
-            block = rows[r0:r0 + row_block].float()
+            block = rows[r0 : r0 + row_block].float()
             best_v = best_i = None
             for start in range(0, V, chunk):
-                W = W_U[:, start:start + chunk].float()
+                W = W_U[:, start : start + chunk].float()
                 scores = block @ W
                 if b_U is not None:
-                    scores += b_U[start:start + chunk]
+                    scores += b_U[start : start + chunk]
                 kk = min(k, scores.shape[1])
                 v, i = torch.topk(scores, kk, dim=1, largest=largest, sorted=False)
                 i += start
@@ -85,6 +93,6 @@ def topk_rows(rows: torch.Tensor, W_U: torch.Tensor, k: int, *, largest: bool = 
                 best_v, pick = torch.topk(v, kk, dim=1, largest=largest, sorted=False)
                 best_i = torch.gather(i, 1, pick)
             order = torch.sort(best_v, dim=1, descending=largest, stable=True).indices
-            vals[r0:r0 + row_block] = torch.gather(best_v, 1, order)
-            ids[r0:r0 + row_block] = torch.gather(best_i, 1, order)
+            vals[r0 : r0 + row_block] = torch.gather(best_v, 1, order)
+            ids[r0 : r0 + row_block] = torch.gather(best_i, 1, order)
     return TokenRanking(ids=ids, logits=vals)

@@ -86,8 +86,10 @@ def softcap_value(model: "Model") -> float | None:
 
 def _check_norm(norm: str) -> None:
     if norm not in NORM_MODES:
-        raise DecodeError(f"Unknown norm mode {norm!r}: use one of {', '.join(NORM_MODES)} "
-                          "('gain' for directions, 'full' for residual-stream vectors).")
+        raise DecodeError(
+            f"Unknown norm mode {norm!r}: use one of {', '.join(NORM_MODES)} "
+            "('gain' for directions, 'full' for residual-stream vectors)."
+        )
 
 
 def _as_rows(model: "Model", vectors: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
@@ -130,11 +132,18 @@ def vocab_chunks(model: "Model", chunk: int = 8192):
     """Yield ``(start, W_U[:, start:start+chunk] as float32)``: the unembedding, one slice at a time."""
     W_U = unembed_matrix(model)
     for start in range(0, W_U.shape[1], chunk):
-        yield start, W_U[:, start:start + chunk].float()
+        yield start, W_U[:, start : start + chunk].float()
 
 
-def project(model: "Model", vectors: torch.Tensor, *, norm: str = "gain", bias: bool | None = None,
-            softcap: bool | None = None, chunk: int = 8192) -> torch.Tensor:
+def project(
+    model: "Model",
+    vectors: torch.Tensor,
+    *,
+    norm: str = "gain",
+    bias: bool | None = None,
+    softcap: bool | None = None,
+    chunk: int = 8192,
+) -> torch.Tensor:
     """Full logits ``[..., d_vocab]`` (float32) of ``vectors`` ``[..., d_model]``, for SMALL batches.
 
     Applies the ``norm`` mode (see the module docstring), then ``@ W_U`` (float32,
@@ -149,7 +158,7 @@ def project(model: "Model", vectors: torch.Tensor, *, norm: str = "gain", bias: 
     out = torch.empty(rows.shape[0], model.layout.d_vocab, dtype=torch.float32, device=rows.device)
     with torch.no_grad():
         for start, W in vocab_chunks(model, chunk):
-            torch.matmul(rows, W, out=out[:, start:start + W.shape[1]])
+            torch.matmul(rows, W, out=out[:, start : start + W.shape[1]])
     if b_U is not None:
         out += b_U
     return _apply_softcap(out, cap).reshape(*lead, -1)
@@ -165,8 +174,17 @@ def check_k(model: "Model", k: int) -> int:
 PRUNED_FROM = 256
 
 
-def _ranked(model: "Model", vectors: torch.Tensor, k: int, norm: str, chunk: int, bias: bool | None,
-            softcap: bool | None, method: str, sides: tuple[bool, ...]) -> list[TokenRanking]:
+def _ranked(
+    model: "Model",
+    vectors: torch.Tensor,
+    k: int,
+    norm: str,
+    chunk: int,
+    bias: bool | None,
+    softcap: bool | None,
+    method: str,
+    sides: tuple[bool, ...],
+) -> list[TokenRanking]:
     """Top (``True``) and/or bottom (``False``) rankings of ``vectors``, plain chunked or pruned."""
     check_k(model, k)
     if method not in METHODS:
@@ -178,17 +196,25 @@ def _ranked(model: "Model", vectors: torch.Tensor, k: int, norm: str, chunk: int
     if method == "plain" or b_U is not None:
         rankings = [topk_rows(rows, unembed_matrix(model), k, largest=side, b_U=b_U, chunk=chunk) for side in sides]
     else:
-        result = pruned_topk(rows, unembed_matrix(model).T, k, top=True in sides, bottom=False in sides,
-                             method=method)
+        result = pruned_topk(rows, unembed_matrix(model).T, k, top=True in sides, bottom=False in sides, method=method)
         rankings = [result.top if side else result.bottom for side in sides]
     for ranking in rankings:
         ranking.logits = _apply_softcap(ranking.logits, cap)
     return rankings
 
 
-def topk_tokens(model: "Model", vectors: torch.Tensor, k: int = 20, *, largest: bool = True, norm: str = "gain",
-                chunk: int = 8192, bias: bool | None = None, softcap: bool | None = None,
-                method: str = "auto") -> TokenRanking:
+def topk_tokens(
+    model: "Model",
+    vectors: torch.Tensor,
+    k: int = 20,
+    *,
+    largest: bool = True,
+    norm: str = "gain",
+    chunk: int = 8192,
+    bias: bool | None = None,
+    softcap: bool | None = None,
+    method: str = "auto",
+) -> TokenRanking:
     """The ``k`` tokens with the largest (or, with ``largest=False``, smallest) logits of each vector.
 
     Args:
@@ -211,8 +237,9 @@ def topk_tokens(model: "Model", vectors: torch.Tensor, k: int = 20, *, largest: 
     return _ranked(model, vectors, k, norm, chunk, bias, softcap, method, (largest,))[0]
 
 
-def top_and_bottom(model: "Model", vectors: torch.Tensor, k: int = 20, *, norm: str = "gain",
-                   chunk: int = 8192, method: str = "auto") -> tuple[TokenRanking, TokenRanking]:
+def top_and_bottom(
+    model: "Model", vectors: torch.Tensor, k: int = 20, *, norm: str = "gain", chunk: int = 8192, method: str = "auto"
+) -> tuple[TokenRanking, TokenRanking]:
     """``(top, bottom)``: the ``k`` most promoted and the ``k`` most suppressed tokens of each vector.
 
     The pruned methods share one low-precision pass between the two sides.

@@ -16,11 +16,17 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _LAZY = {
-    "Edit": "lmatlas.edit.edit", "AblationStats": "lmatlas.edit.stats", "stats_for": "lmatlas.edit.stats",
-    "stats_from_atlas": "lmatlas.edit.stats", "head_direction": "lmatlas.edit.steering",
-    "neuron_direction": "lmatlas.edit.steering", "steering_vector": "lmatlas.edit.steering",
-    **{name: "lmatlas.edit.interventions" for name in
-       ("Ablate", "Add", "Intervention", "Learned", "Patch", "Project", "Scale", "Set")},
+    "Edit": "lmatlas.edit.edit",
+    "AblationStats": "lmatlas.edit.stats",
+    "stats_for": "lmatlas.edit.stats",
+    "stats_from_atlas": "lmatlas.edit.stats",
+    "head_direction": "lmatlas.edit.steering",
+    "neuron_direction": "lmatlas.edit.steering",
+    "steering_vector": "lmatlas.edit.steering",
+    **{
+        name: "lmatlas.edit.interventions"
+        for name in ("Ablate", "Add", "Intervention", "Learned", "Patch", "Project", "Scale", "Set")
+    },
 }
 
 if TYPE_CHECKING:
@@ -38,6 +44,19 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "AblationStats", "Ablate", "Add", "Edit", "Intervention", "Learned", "Patch", "Project", "Scale", "Set",
-    "head_direction", "neuron_direction", "stats_for", "stats_from_atlas", "steering_vector",
+    "AblationStats",
+    "Ablate",
+    "Add",
+    "Edit",
+    "Intervention",
+    "Learned",
+    "Patch",
+    "Project",
+    "Scale",
+    "Set",
+    "head_direction",
+    "neuron_direction",
+    "stats_for",
+    "stats_from_atlas",
+    "steering_vector",
 ]

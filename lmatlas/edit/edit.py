@@ -42,8 +42,9 @@ class Edit:
         more = other.interventions if isinstance(other, Edit) else (other,)
         if not all(isinstance(i, Intervention) for i in more):
             raise EditError(f"Only interventions and edits compose with |, got {type(other).__name__}.")
-        return Edit(self.interventions + tuple(more), self.stats if self.stats is not None else
-                    getattr(other, "stats", None))
+        return Edit(
+            self.interventions + tuple(more), self.stats if self.stats is not None else getattr(other, "stats", None)
+        )
 
     def __iter__(self) -> Iterator[Intervention]:
         return iter(self.interventions)
@@ -94,13 +95,14 @@ class Edit:
                 elif isinstance(value, torch.nn.Module):
                     raise EditError(f"{intervention.describe()} holds a module: save its state_dict yourself.")
                 elif f.name == "source" and value is not None:
-                    raise EditError(f"{intervention.describe()}: save the source tensor, not a cache "
-                                    "(Patch(target, cache['L5.attn.z'])).")
+                    raise EditError(
+                        f"{intervention.describe()}: save the source tensor, not a cache "
+                        "(Patch(target, cache['L5.attn.z']))."
+                    )
                 else:
                     params[f.name] = list(value) if isinstance(value, tuple) else value
             items.append({"type": type(intervention).__name__, **params})
-        document = {"format": FORMAT, "model": {**identity(model), "family": model.family},
-                    "interventions": items}
+        document = {"format": FORMAT, "model": {**identity(model), "family": model.family}, "interventions": items}
         if tensors:
             document["tensors"] = path.with_suffix(".safetensors").name
             save_file(tensors, str(path.with_suffix(".safetensors")))
@@ -119,15 +121,21 @@ class Edit:
             raise EditError(f"Cannot read edit file {path}: {error}.") from None
         if not isinstance(document, dict) or document.get("format") != FORMAT:
             raise EditError(f"{path} is not an lmatlas edit file (expected format {FORMAT!r}).")
-        check_made_for(document.get("model", {}), model, str(path), EditError,
-                       "an edit names heads and neurons of one model and does not transfer.")
+        check_made_for(
+            document.get("model", {}),
+            model,
+            str(path),
+            EditError,
+            "an edit names heads and neurons of one model and does not transfer.",
+        )
         tensors = load_file(str(path.with_name(document["tensors"]))) if document.get("tensors") else {}
         interventions = []
         for item in document.get("interventions", []):
             kind = INTERVENTIONS.get(item.get("type"))
             if kind is None:
-                raise EditError(f"Unknown intervention {item.get('type')!r} in {path}: "
-                                f"known: {', '.join(INTERVENTIONS)}.")
+                raise EditError(
+                    f"Unknown intervention {item.get('type')!r} in {path}: known: {', '.join(INTERVENTIONS)}."
+                )
             params = {}
             for key, value in item.items():
                 if key == "type":

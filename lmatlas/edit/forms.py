@@ -81,9 +81,19 @@ class Form:
 
 
 #: Every intervention kind written as text, in the order the command line applies them.
-FORMS = MappingProxyType({form.kind: form for form in (
-    Form("ablate", "Ablate", None, "Zero-ablate a head, neuron or site (L5.H3); repeatable.",
-         choices=("how", ("zero", "mean"))),
-    Form("scale", "Scale", "factor", "Multiply a target by a factor, e.g. L7.H2=2; repeatable.", bound=1000.0),
-    Form("set", "Set", "value", "Clamp a target to a value, e.g. L28.N931=8; repeatable.", bound=10_000.0),
-)})
+FORMS = MappingProxyType(
+    {
+        form.kind: form
+        for form in (
+            Form(
+                "ablate",
+                "Ablate",
+                None,
+                "Zero-ablate a head, neuron or site (L5.H3); repeatable.",
+                choices=("how", ("zero", "mean")),
+            ),
+            Form("scale", "Scale", "factor", "Multiply a target by a factor, e.g. L7.H2=2; repeatable.", bound=1000.0),
+            Form("set", "Set", "value", "Clamp a target to a value, e.g. L28.N931=8; repeatable.", bound=10_000.0),
+        )
+    }
+)

@@ -275,21 +275,27 @@ class Patch(Intervention):
             return source
         if source is not None and str(site) in source:
             return source[str(site)]
-        raise EditError(f"Patch({self.target!r}): the source holds no {site}; capture it in the source run "
-                        f"(model.run(..., capture=[{str(site)!r}])).")
+        raise EditError(
+            f"Patch({self.target!r}): the source holds no {site}; capture it in the source run "
+            f"(model.run(..., capture=[{str(site)!r}]))."
+        )
 
     def transform(self, x, ctx, bound):
         full = self._tensor(ctx.site).detach()
         rows = ctx.positions.to(full.device)
         if int(rows.max()) >= full.shape[1]:
-            raise EditError(f"Patch({self.target!r}): the source has {full.shape[1]} positions, "
-                            f"position {int(rows.max())} was asked.")
+            raise EditError(
+                f"Patch({self.target!r}): the source has {full.shape[1]} positions, "
+                f"position {int(rows.max())} was asked."
+            )
         picked = full.index_select(1, rows)
         if bound.target.index is not None:
             picked = picked.select(bound.target.axis, bound.target.index)
         if picked.shape != x.shape:
-            raise EditError(f"Patch({self.target!r}): source slice {tuple(picked.shape)} does not match "
-                            f"{tuple(x.shape)} (same batch size and prompt as the source run?).")
+            raise EditError(
+                f"Patch({self.target!r}): source slice {tuple(picked.shape)} does not match "
+                f"{tuple(x.shape)} (same batch size and prompt as the source run?)."
+            )
         return picked.to(dtype=x.dtype, device=x.device)
 
 

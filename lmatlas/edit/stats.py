@@ -37,8 +37,10 @@ class AblationStats:
 
     def _measure(self, site: Site) -> None:
         if site.component == "attn.pattern":
-            raise EditError(f"Mean/resample ablation of {site} is not supported (a pattern's shape depends on the "
-                            "input): ablate the head's attn.z or attn.out instead.")
+            raise EditError(
+                f"Mean/resample ablation of {site} is not supported (a pattern's shape depends on the "
+                "input): ablate the head's attn.z or attn.out instead."
+            )
         with self.model.hook_stack.suspended():  # statistics of the unedited model
             value = self.model.run(self.input_ids, capture=[str(site)], stop_after=site.layer)[str(site)]
         flat = value.reshape(-1, *value.shape[2:]).float()  # [sequence * position, *site_shape]
@@ -58,8 +60,9 @@ class AblationStats:
             self._measure(site)
         return self._slice(self._means[site], index, kind, 0)
 
-    def resample(self, site: Site, index: int | None, kind: str, lead: tuple[int, int],
-                 generator: torch.Generator) -> torch.Tensor:
+    def resample(
+        self, site: Site, index: int | None, kind: str, lead: tuple[int, int], generator: torch.Generator
+    ) -> torch.Tensor:
         """``[batch, pos, *slice_shape]`` values drawn at random from the bank."""
         if site not in self._banks:
             self._measure(site)
@@ -87,8 +90,13 @@ def stats_for(model: "Model", texts: list[str] | None = None) -> AblationStats:
 def stats_from_atlas(atlas, model: "Model") -> AblationStats:
     """Statistics whose neuron means come from ``atlas`` (refused if the atlas maps another model)."""
     card = atlas.card()
-    check_made_for(card, model, f"The atlas {getattr(atlas, 'path', '')}".rstrip(), EditError,
-                   "use the atlas built for this model.")
+    check_made_for(
+        card,
+        model,
+        f"The atlas {getattr(atlas, 'path', '')}".rstrip(),
+        EditError,
+        "use the atlas built for this model.",
+    )
     stats = AblationStats(model, corpus_ids(model), f"atlas {card.get('source')}")
     table = atlas.sql("SELECT layer, neuron, mean FROM neuron_stats ORDER BY layer, neuron").to_pydict()
     lay = model.layout

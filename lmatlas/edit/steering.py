@@ -32,15 +32,18 @@ def _last_token_streams(model: "Model", prompts: Sequence[str], site: str) -> to
     return torch.stack(rows)
 
 
-def steering_vector(model: "Model", positive: Sequence[str], negative: Sequence[str], layer: int,
-                    site: str = "resid.post") -> torch.Tensor:
+def steering_vector(
+    model: "Model", positive: Sequence[str], negative: Sequence[str], layer: int, site: str = "resid.post"
+) -> torch.Tensor:
     """``[d_model]`` float32: mean of ``L{layer}.{site}`` at the last token over ``positive`` minus over ``negative``.
 
     Apply it with ``Add(f"L{layer}.{site}", vector, alpha)``.
     """
     if isinstance(positive, str) or isinstance(negative, str) or not positive or not negative:
-        raise EditError("steering_vector needs non-empty lists of positive and negative prompts "
-                        "(lists of strings, e.g. positive=['I love this'], negative=['I hate this']).")
+        raise EditError(
+            "steering_vector needs non-empty lists of positive and negative prompts "
+            "(lists of strings, e.g. positive=['I love this'], negative=['I hate this'])."
+        )
     name = f"L{check_layer(int(layer), model.layout)}.{site}"
     with torch.no_grad():
         return _last_token_streams(model, positive, name).mean(0) - _last_token_streams(model, negative, name).mean(0)

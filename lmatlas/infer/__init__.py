@@ -20,8 +20,12 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _LAZY = {
-    "HeadwiseCache": "lmatlas.infer.cache", "SnapCache": "lmatlas.infer.cache", "make_cache": "lmatlas.infer.cache",
-    "KVPlan": "lmatlas.infer.plan", "make_plan": "lmatlas.infer.plan", "plan_from_heads": "lmatlas.infer.plan",
+    "HeadwiseCache": "lmatlas.infer.cache",
+    "SnapCache": "lmatlas.infer.cache",
+    "make_cache": "lmatlas.infer.cache",
+    "KVPlan": "lmatlas.infer.plan",
+    "make_plan": "lmatlas.infer.plan",
+    "plan_from_heads": "lmatlas.infer.plan",
     "SnapPlan": "lmatlas.infer.snap",
 }
 

@@ -65,7 +65,11 @@ def check_no_padding(attention_mask: torch.Tensor | None) -> None:
 
 
 def windowed_attention(
-    query: torch.Tensor, call: WindowedCall, scaling: float, softcap: float | None, chunk: int = CHUNK,
+    query: torch.Tensor,
+    call: WindowedCall,
+    scaling: float,
+    softcap: float | None,
+    chunk: int = CHUNK,
 ) -> torch.Tensor:
     """Attention of the windowed heads: ``query`` ``[batch, n_q, n, d]`` -> ``[batch, n_q, n, d_v]``.
 
@@ -86,8 +90,11 @@ def windowed_attention(
             keys, values, k_pos = call.win_keys, call.win_values, pos
         else:
             index = columns.nonzero().flatten()
-            keys, values, k_pos = (call.win_keys.index_select(2, index), call.win_values.index_select(2, index),
-                                   pos.index_select(0, index))
+            keys, values, k_pos = (
+                call.win_keys.index_select(2, index),
+                call.win_values.index_select(2, index),
+                pos.index_select(0, index),
+            )
         keys = keys.repeat_interleave(rep, dim=1) if rep > 1 else keys
         values = values.repeat_interleave(rep, dim=1) if rep > 1 else values
         scores = torch.matmul(query[:, :, r0:r1].float(), keys.float().transpose(2, 3)).mul_(scaling)
@@ -139,8 +146,9 @@ def headwise_attention(
     if call.full_idx:
         heads = _query_heads(call.full_idx, rep)
         index = torch.tensor(heads, device=query.device)
-        full_out, _ = run_base(module, query.index_select(1, index), call.full_keys, call.full_values,
-                               attention_mask, *args, **kwargs)
+        full_out, _ = run_base(
+            module, query.index_select(1, index), call.full_keys, call.full_values, attention_mask, *args, **kwargs
+        )
         out[:, :, heads] = full_out
     heads = _query_heads(call.win_idx, rep)
     index = torch.tensor(heads, device=query.device)

@@ -45,8 +45,10 @@ def _layers(model: "Model", full_layer) -> list:
         elif kind in ("sliding_attention", "chunked_attention"):
             layers.append(SlidingLayer(**layer_kwargs))
         else:
-            raise LmatlasError(f"Layer {index} is a {kind!r} layer: lmatlas's KV caches support attention "
-                               "layers (full, sliding or chunked) only.")
+            raise LmatlasError(
+                f"Layer {index} is a {kind!r} layer: lmatlas's KV caches support attention "
+                "layers (full, sliding or chunked) only."
+            )
     return layers
 
 
@@ -77,8 +79,12 @@ class HeadwiseCache(_InstalledCache):
 
     def __init__(self, model: "Model", plan: KVPlan):
         plan.check_model(model)
-        super().__init__(model, _layers(
-            model, lambda index: HeadwiseLayer(plan.full_heads(index), plan.n_kv_heads, plan.sink, plan.recent)))
+        super().__init__(
+            model,
+            _layers(
+                model, lambda index: HeadwiseLayer(plan.full_heads(index), plan.n_kv_heads, plan.sink, plan.recent)
+            ),
+        )
         self.plan = plan
 
     def __repr__(self) -> str:

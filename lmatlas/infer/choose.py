@@ -64,8 +64,9 @@ def kv_scores(model: "Model", scores: torch.Tensor) -> dict[tuple[int, int], flo
     return {(layer, kv): float(grouped[layer, kv]) for layer in choosable_layers(model) for kv in range(lay.n_kv_heads)}
 
 
-def from_scores(model: "Model", scores: torch.Tensor, budget: float, sink: int = 4, recent: int = 256,
-                method: str = "scores") -> KVPlan:
+def from_scores(
+    model: "Model", scores: torch.Tensor, budget: float, sink: int = 4, recent: int = 256, method: str = "scores"
+) -> KVPlan:
     """Keep the ``budget`` fraction of KV heads with the highest scores full (ties: lower layer, lower head)."""
     check_window(sink, recent)
     ranked = sorted(kv_scores(model, scores).items(), key=lambda item: (-item[1], item[0]))
@@ -81,8 +82,14 @@ def combine(tables: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack([t.float().nan_to_num(0.0) for t in tables]).amax(0)
 
 
-def from_census(model: "Model", census: "Census", budget: float, detectors: Sequence[str] = DEFAULT_DETECTORS,
-                sink: int = 4, recent: int = 256) -> KVPlan:
+def from_census(
+    model: "Model",
+    census: "Census",
+    budget: float,
+    detectors: Sequence[str] = DEFAULT_DETECTORS,
+    sink: int = 4,
+    recent: int = 256,
+) -> KVPlan:
     """A plan from a census run on ``model`` (its ``full_context``/``retrieval`` scores)."""
     lay = model.layout
     if (census.n_layers, census.n_heads) != (lay.n_layers, lay.n_heads):
@@ -92,8 +99,9 @@ def from_census(model: "Model", census: "Census", budget: float, detectors: Sequ
 
 
 def check_atlas_model(atlas, model: "Model") -> None:
-    check_made_for(atlas.card, model, f"The atlas {atlas.path}", AtlasError,
-                   "build this model's atlas with `lmatlas map`.")
+    check_made_for(
+        atlas.card, model, f"The atlas {atlas.path}", AtlasError, "build this model's atlas with `lmatlas map`."
+    )
 
 
 def atlas_scores(model: "Model", path: str | Path, detectors: Sequence[str] = DEFAULT_DETECTORS) -> torch.Tensor:
@@ -120,8 +128,14 @@ def atlas_scores(model: "Model", path: str | Path, detectors: Sequence[str] = DE
     return combine(tables)
 
 
-def from_atlas(model: "Model", path: str | Path, budget: float, detectors: Sequence[str] = DEFAULT_DETECTORS,
-               sink: int = 4, recent: int = 256) -> KVPlan:
+def from_atlas(
+    model: "Model",
+    path: str | Path,
+    budget: float,
+    detectors: Sequence[str] = DEFAULT_DETECTORS,
+    sink: int = 4,
+    recent: int = 256,
+) -> KVPlan:
     """A plan from the census scores stored in ``model``'s atlas."""
     check_budget(budget)
     scores = atlas_scores(model, path, detectors)

@@ -34,22 +34,54 @@ if TYPE_CHECKING:
 #: (edit, KV policy, strategy) -> what happens. Every combination of (none, an edit) x (default,
 #: head-wise, SnapKV) x (greedy, DoLa, DeCoRe, speculative prompt-lookup) runs; the one refusal is a drafter's.
 COMBINATIONS = (
-    ("any", "default, head-wise, SnapKV", "greedy, DoLa, DeCoRe", "runs: the edit's hooks see every forward, "
-     "each sequence (and DeCoRe's masked copy) gets a fresh cache of the policy"),
-    ("any", "default, head-wise, SnapKV", "speculative (prompt-lookup, heads)", "runs: verification forwards go "
-     "through the policy's cache, rolled back with crop; output identical to greedy under the same edit and policy"),
-    ("any", "default, head-wise", "speculative (early-exit)", "runs, identical to greedy under the same edit and "
-     "policy"),
-    ("any", "SnapKV", "speculative (early-exit)", "refused: the drafter writes into the first layers' caches while "
-     "SnapKV's compression is deferred, and SnapKV cannot roll those writes back"),
-    ("an edit", "any", "any, compare=True", "runs: both continuations under the same policy and strategy, scored "
-     "through a fresh cache of the policy"),
+    (
+        "any",
+        "default, head-wise, SnapKV",
+        "greedy, DoLa, DeCoRe",
+        "runs: the edit's hooks see every forward, "
+        "each sequence (and DeCoRe's masked copy) gets a fresh cache of the policy",
+    ),
+    (
+        "any",
+        "default, head-wise, SnapKV",
+        "speculative (prompt-lookup, heads)",
+        "runs: verification forwards go "
+        "through the policy's cache, rolled back with crop; output identical to greedy under the same edit and policy",
+    ),
+    (
+        "any",
+        "default, head-wise",
+        "speculative (early-exit)",
+        "runs, identical to greedy under the same edit and policy",
+    ),
+    (
+        "any",
+        "SnapKV",
+        "speculative (early-exit)",
+        "refused: the drafter writes into the first layers' caches while "
+        "SnapKV's compression is deferred, and SnapKV cannot roll those writes back",
+    ),
+    (
+        "an edit",
+        "any",
+        "any, compare=True",
+        "runs: both continuations under the same policy and strategy, scored through a fresh cache of the policy",
+    ),
 )
 
 
-def generate(model: "Model", inputs: "Inputs", max_new_tokens: int = 32, *, edit: Any = None,
-             kv: "KVPolicy | None" = None, strategy: Any = None, compare: bool = False, chat: bool = False,
-             **hf: Any) -> "Generation | Comparison":
+def generate(
+    model: "Model",
+    inputs: "Inputs",
+    max_new_tokens: int = 32,
+    *,
+    edit: Any = None,
+    kv: "KVPolicy | None" = None,
+    strategy: Any = None,
+    compare: bool = False,
+    chat: bool = False,
+    **hf: Any,
+) -> "Generation | Comparison":
     """Generate with an edit, a KV policy and a strategy, each optional (see the module docstring).
 
     Args:
@@ -67,8 +99,10 @@ def generate(model: "Model", inputs: "Inputs", max_new_tokens: int = 32, *, edit
     """
     chosen = make_strategy(strategy)
     if kv is not None and isinstance(kv, str):
-        raise InputError(f"kv={kv!r}: pass a KV policy value, e.g. lmatlas.infer.SnapPlan(capacity=512) or a "
-                         "KVPlan from lmatlas.infer.choose.")
+        raise InputError(
+            f"kv={kv!r}: pass a KV policy value, e.g. lmatlas.infer.SnapPlan(capacity=512) or a "
+            "KVPlan from lmatlas.infer.choose."
+        )
     if compare:
         return comparison.compare(model, inputs, edit, max_new_tokens, kv=kv, strategy=chosen, chat=chat, **hf)
     return generation.generate(model, inputs, max_new_tokens, edit=edit, kv=kv, strategy=chosen, chat=chat, **hf)

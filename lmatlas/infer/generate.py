@@ -55,8 +55,14 @@ class GenerationResult:
         return asdict(self)
 
 
-def greedy(model: "Model", input_ids: torch.Tensor, cache=None, max_new_tokens: int = 16,
-           measure_memory: bool = False, stop_at_eos: bool = True) -> GenerationResult:
+def greedy(
+    model: "Model",
+    input_ids: torch.Tensor,
+    cache=None,
+    max_new_tokens: int = 16,
+    measure_memory: bool = False,
+    stop_at_eos: bool = True,
+) -> GenerationResult:
     """Greedy decoding of ``input_ids`` ``[batch=1, pos]`` with ``cache`` (``None``: the default cache)."""
     cache = cache if cache is not None else DynamicCache(config=model.hf.config)
     eos = getattr(model.tokenizer, "eos_token_id", None) if stop_at_eos and model.tokenizer is not None else None
@@ -80,16 +86,28 @@ def greedy(model: "Model", input_ids: torch.Tensor, cache=None, max_new_tokens: 
     steps = len(tokens) - 1  # forwards run in the decode loop
     text = model.tokenizer.decode(tokens, skip_special_tokens=True) if model.tokenizer is not None else ""
     return GenerationResult(
-        text=text, tokens=tokens, prompt_tokens=int(input_ids.shape[1]), kv_bytes=cache_nbytes(cache),
-        kv_bytes_prefill=kv_prefill, prefill_s=prefill_s, decode_s=decode_s,
+        text=text,
+        tokens=tokens,
+        prompt_tokens=int(input_ids.shape[1]),
+        kv_bytes=cache_nbytes(cache),
+        kv_bytes_prefill=kv_prefill,
+        prefill_s=prefill_s,
+        decode_s=decode_s,
         decode_tokens_per_s=steps / decode_s if steps and decode_s > 0 else None,
-        peak_prefill_bytes=getattr(peak_prefill, "added", None), peak_decode_bytes=getattr(peak_decode, "added", None),
+        peak_prefill_bytes=getattr(peak_prefill, "added", None),
+        peak_decode_bytes=getattr(peak_decode, "added", None),
         plan=cache.plan.describe() if hasattr(cache, "plan") else {"method": "default"},
     )
 
 
-def resolve_plan(model: "Model", budget: float | None = None, atlas: str | Path | None = None,
-                 sink: int = 4, recent: int = 256, seed: int | None = None) -> KVPlan | None:
+def resolve_plan(
+    model: "Model",
+    budget: float | None = None,
+    atlas: str | Path | None = None,
+    sink: int = 4,
+    recent: int = 256,
+    seed: int | None = None,
+) -> KVPlan | None:
     """The plan the CLI options describe: ``None`` (default cache) when no budget is given;
     from ``atlas`` when given, else random heads with ``seed`` (or uniform for budget 0)."""
     if budget is None:
@@ -109,10 +127,18 @@ def resolve_plan(model: "Model", budget: float | None = None, atlas: str | Path 
     return choose.random_plan(model, budget, seed, sink, recent)
 
 
-def generate_kv(model: "Model", prompt: "Inputs", plan: KVPlan | SnapPlan | None = None,
-                budget: float | None = None,
-                atlas: str | Path | None = None, sink: int = 4, recent: int = 256, seed: int | None = None,
-                max_new_tokens: int = 32, measure_memory: bool = True) -> GenerationResult:
+def generate_kv(
+    model: "Model",
+    prompt: "Inputs",
+    plan: KVPlan | SnapPlan | None = None,
+    budget: float | None = None,
+    atlas: str | Path | None = None,
+    sink: int = 4,
+    recent: int = 256,
+    seed: int | None = None,
+    max_new_tokens: int = 32,
+    measure_memory: bool = True,
+) -> GenerationResult:
     """Greedy generation of one prompt with a head-wise cache (``plan``, or one made from the other options)."""
     batch = model.tokenize(prompt)
     check_unpadded(batch, "The head-wise KV cache")

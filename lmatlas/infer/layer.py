@@ -126,8 +126,10 @@ class HeadwiseLayer(LogicalLengthLayer):
         self.keys = self.values = None
 
     def __repr__(self) -> str:
-        return (f"HeadwiseLayer(full={list(self.full_idx)}, windowed={list(self.win_idx)}, sink={self.sink}, "
-                f"recent={self.recent}, length={self.length})")
+        return (
+            f"HeadwiseLayer(full={list(self.full_idx)}, windowed={list(self.win_idx)}, sink={self.sink}, "
+            f"recent={self.recent}, length={self.length})"
+        )
 
     # -- storage -------------------------------------------------------------------------------------
     def tensors(self) -> list[torch.Tensor]:
@@ -183,17 +185,25 @@ class HeadwiseLayer(LogicalLengthLayer):
             self.full_values = torch.cat([self.full_values, self._select(value_states, self.full_idx)], dim=-2)
         new_pos = torch.arange(start, start + n, device=self.win_pos.device)
         call = WindowedCall(
-            self.full_idx, self.win_idx, self.full_keys, self.full_values,
+            self.full_idx,
+            self.win_idx,
+            self.full_keys,
+            self.full_values,
             torch.cat([self.win_keys, self._select(key_states, self.win_idx)], dim=-2),
             torch.cat([self.win_values, self._select(value_states, self.win_idx)], dim=-2),
-            torch.cat([self.win_pos, new_pos]), start, self.sink, self.recent,
+            torch.cat([self.win_pos, new_pos]),
+            start,
+            self.sink,
+            self.recent,
         )
         self.win_keys, self.win_values, self.win_pos = call.win_keys, call.win_values, call.win_pos
         if not self.record_past:
             self._trim()
         self.keys, self.values = self.full_keys, self.full_values
-        return (placeholder(key_states, self.n_kv_heads, self.length, call),
-                placeholder(value_states, self.n_kv_heads, self.length, call))
+        return (
+            placeholder(key_states, self.n_kv_heads, self.length, call),
+            placeholder(value_states, self.n_kv_heads, self.length, call),
+        )
 
     # -- sizes ---------------------------------------------------------------------------------------
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:

@@ -31,10 +31,46 @@ from pathlib import Path
 from lmatlas.errors import LmatlasError
 
 WORDS = (
-    "apple", "river", "candle", "falcon", "marble", "violin", "harbor", "pepper", "lantern", "meadow",
-    "copper", "glacier", "orchid", "saddle", "thunder", "walnut", "compass", "emerald", "feather", "hammer",
-    "island", "jacket", "kettle", "ladder", "mirror", "needle", "oyster", "pillow", "quartz", "rocket",
-    "silver", "tulip", "umbrella", "velvet", "window", "yogurt", "zebra", "anchor", "basket", "cactus",
+    "apple",
+    "river",
+    "candle",
+    "falcon",
+    "marble",
+    "violin",
+    "harbor",
+    "pepper",
+    "lantern",
+    "meadow",
+    "copper",
+    "glacier",
+    "orchid",
+    "saddle",
+    "thunder",
+    "walnut",
+    "compass",
+    "emerald",
+    "feather",
+    "hammer",
+    "island",
+    "jacket",
+    "kettle",
+    "ladder",
+    "mirror",
+    "needle",
+    "oyster",
+    "pillow",
+    "quartz",
+    "rocket",
+    "silver",
+    "tulip",
+    "umbrella",
+    "velvet",
+    "window",
+    "yogurt",
+    "zebra",
+    "anchor",
+    "basket",
+    "cactus",
 )
 NEEDLE = "The special magic number for {word} is: {number}."
 QUESTION = "\n\nQuestion: What is the special magic number for {word}?\nAnswer: The special magic number for {word} is:"
@@ -97,7 +133,7 @@ class Haystack:
         if body_len < 50:
             raise LmatlasError(f"A needle prompt of {length} tokens leaves no room for text; use 256 tokens or more.")
         start = rng.randrange(0, len(self.ids) - body_len)
-        body = list(self.ids[start:start + body_len])
+        body = list(self.ids[start : start + body_len])
         local_ends = [e - start for e in self.ends if start < e <= start + body_len] or [body_len]
         spots = []
         for d in [depth] + [rng.random() for _ in words[1:]]:

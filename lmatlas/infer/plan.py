@@ -116,7 +116,9 @@ class KVPlan:
     def check_model(self, model: "Model") -> None:
         """Raise unless the plan was made for a model with ``model``'s layers and KV heads."""
         lay = model.layout
-        if (lay.n_layers, lay.n_kv_heads) != (self.n_layers, self.n_kv_heads) or list(self.layers) != choosable_layers(model):
+        if (lay.n_layers, lay.n_kv_heads) != (self.n_layers, self.n_kv_heads) or list(self.layers) != choosable_layers(
+            model
+        ):
             raise LmatlasError(
                 f"This KV plan was made for another model ({self.model_id or 'unknown'}: {self.n_layers} layers, "
                 f"{self.n_kv_heads} KV heads); {model.provenance.source} has {lay.n_layers} layers and "
@@ -126,9 +128,14 @@ class KVPlan:
     def describe(self) -> dict:
         """A JSON-able summary (what a result records as provenance)."""
         return {
-            "method": self.method, "budget": round(self.budget, 4), "full_kv_heads": len(self.full),
-            "choosable_kv_heads": self.n_choosable, "choosable_layers": list(self.layers),
-            "sink": self.sink, "recent": self.recent, "notes": list(self.notes),
+            "method": self.method,
+            "budget": round(self.budget, 4),
+            "full_kv_heads": len(self.full),
+            "choosable_kv_heads": self.n_choosable,
+            "choosable_layers": list(self.layers),
+            "sink": self.sink,
+            "recent": self.recent,
+            "notes": list(self.notes),
             "full": sorted(f"L{layer}.KV{kv}" for layer, kv in self.full),
         }
 
@@ -139,12 +146,27 @@ class KVPlan:
         return HeadwiseCache(model, self)
 
 
-def make_plan(model: "Model", full: Iterable[tuple[int, int]], sink: int = 4, recent: int = 256,
-              method: str = "custom", notes: Iterable[str] = ()) -> KVPlan:
+def make_plan(
+    model: "Model",
+    full: Iterable[tuple[int, int]],
+    sink: int = 4,
+    recent: int = 256,
+    method: str = "custom",
+    notes: Iterable[str] = (),
+) -> KVPlan:
     """A plan for ``model`` keeping the ``(layer, kv_head)`` pairs in ``full`` full."""
     lay = model.layout
-    return KVPlan(lay.n_layers, lay.n_kv_heads, tuple(choosable_layers(model)), frozenset(full), sink, recent,
-                  method, tuple(notes), model.provenance.source)
+    return KVPlan(
+        lay.n_layers,
+        lay.n_kv_heads,
+        tuple(choosable_layers(model)),
+        frozenset(full),
+        sink,
+        recent,
+        method,
+        tuple(notes),
+        model.provenance.source,
+    )
 
 
 def plan_from_heads(model: "Model", heads: Iterable[str], sink: int = 4, recent: int = 256) -> KVPlan:
@@ -171,8 +193,10 @@ def plan_from_heads(model: "Model", heads: Iterable[str], sink: int = 4, recent:
         group = set(range(kv * lay.group_size, (kv + 1) * lay.group_size))
         if named != group:
             extra = ", ".join(f"L{layer}.H{h}" for h in sorted(group - named))
-            note = (f"L{layer} KV head {kv} is shared by query heads {sorted(group)}; keeping it full for "
-                    f"{sorted(named)} also keeps {extra} full")
+            note = (
+                f"L{layer} KV head {kv} is shared by query heads {sorted(group)}; keeping it full for "
+                f"{sorted(named)} also keeps {extra} full"
+            )
             log.warning(note)
             notes.append(note)
     return make_plan(model, chosen, sink, recent, method="heads", notes=notes)

@@ -84,8 +84,7 @@ class PruneReport:
 
 
 def _linear(rows_from: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
-    new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None,
-                    device=weight.device, dtype=weight.dtype)
+    new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
     with torch.no_grad():
         new.weight.copy_(weight)
         if bias is not None:
@@ -128,18 +127,24 @@ def prune_heads(model: "Model", heads: Iterable[str] | Mapping[int, Iterable[int
                     q_rows.append(torch.zeros_like(q.weight[:d]))
                     o_cols.append(torch.zeros_like(o.weight[:, :d]))
                 else:
-                    q_rows.append(q.weight[head * d:(head + 1) * d])
-                    o_cols.append(o.weight[:, head * d:(head + 1) * d])
+                    q_rows.append(q.weight[head * d : (head + 1) * d])
+                    o_cols.append(o.weight[:, head * d : (head + 1) * d])
             q_bias = None
             if q.bias is not None:
-                q_bias = torch.cat([q.bias[h * d:(h + 1) * d] if h is not None else torch.zeros_like(q.bias[:d])
-                                    for _, h in order])
+                q_bias = torch.cat(
+                    [q.bias[h * d : (h + 1) * d] if h is not None else torch.zeros_like(q.bias[:d]) for _, h in order]
+                )
             kv_rows = torch.cat([torch.arange(g * d, (g + 1) * d) for g in kept_groups])
             new_q = _linear(q, torch.cat(q_rows), q_bias)
             new_k = _linear(k, k.weight[kv_rows], None if k.bias is None else k.bias[kv_rows])
             new_v = _linear(v, v.weight[kv_rows], None if v.bias is None else v.bias[kv_rows])
             new_o = _linear(o, torch.cat(o_cols, dim=1), o.bias)
-        for path, module in ((model.spec.q, new_q), (model.spec.k, new_k), (model.spec.v, new_v), (model.spec.o, new_o)):
+        for path, module in (
+            (model.spec.q, new_q),
+            (model.spec.k, new_k),
+            (model.spec.v, new_v),
+            (model.spec.o, new_o),
+        ):
             parent, _, name = path.rpartition(".")
             setattr(get_path(block, parent) if parent else block, name, module)
         attn.num_key_value_groups = new_rep
@@ -147,15 +152,21 @@ def prune_heads(model: "Model", heads: Iterable[str] | Mapping[int, Iterable[int
             if hasattr(attn, attr):
                 setattr(attn, attr, value)
         ghosts = sum(1 for _, h in order if h is None)
-        per_layer[layer] = {"removed": len(remove), "kv_removed": lay.n_kv_heads - len(kept_groups) if any(
-            groups.values()) else lay.n_kv_heads - 1, "ghosts": ghosts, "heads_now": len(order)}
+        per_layer[layer] = {
+            "removed": len(remove),
+            "kv_removed": lay.n_kv_heads - len(kept_groups) if any(groups.values()) else lay.n_kv_heads - 1,
+            "ghosts": ghosts,
+            "heads_now": len(order),
+        }
         kept_record[str(layer)] = sorted(h for _, h in order if h is not None)
     model.hf.config.lmatlas_pruned_heads = kept_record
     return PruneReport(
         removed_heads=sum(len(r) for r in chosen.values()),
         removed_kv_heads=sum(p["kv_removed"] for p in per_layer.values()),
         ghost_heads=sum(p["ghosts"] for p in per_layer.values()),
-        params_before=before, params_after=model.n_params(), per_layer=per_layer,
+        params_before=before,
+        params_after=model.n_params(),
+        per_layer=per_layer,
     )
 
 
@@ -189,7 +200,7 @@ def least_important(importance: torch.Tensor, fraction: float) -> list[str]:
         raise LmatlasError(f"The fraction of heads to prune must be in [0, 1], got {fraction}.")
     n_layers, n_heads = importance.shape
     ranked = sorted(((abs(float(importance[l, h])), l, h) for l in range(n_layers) for h in range(n_heads)))
-    return [f"L{l}.H{h}" for _, l, h in ranked[:round(fraction * n_layers * n_heads)]]
+    return [f"L{l}.H{h}" for _, l, h in ranked[: round(fraction * n_layers * n_heads)]]
 
 
 def random_heads(model: "Model", fraction: float, seed: int) -> list[str]:

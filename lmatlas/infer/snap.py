@@ -132,8 +132,9 @@ def votes(query: torch.Tensor, keys: torch.Tensor, scaling: float, softcap: floa
     prefix = torch.softmax(scores, dim=-1)[..., : m - w].sum(dim=2)  # [batch, n_q, m - w]
     prefix = prefix.view(batch, n_kv, rep, m - w).mean(dim=2)
     if kernel > 1:
-        prefix = F.avg_pool1d(prefix.reshape(batch * n_kv, 1, m - w), kernel, stride=1, padding=kernel // 2,
-                              count_include_pad=False).view(batch, n_kv, m - w)
+        prefix = F.avg_pool1d(
+            prefix.reshape(batch * n_kv, 1, m - w), kernel, stride=1, padding=kernel // 2, count_include_pad=False
+        ).view(batch, n_kv, m - w)
     return prefix
 
 
@@ -212,9 +213,9 @@ class SnapLayer(LogicalLengthLayer):
         first: the votes then come from the window that ends at the last *accepted* token.
         """
         if self.record_past:
-            self.pending = (query[:, :, -(self.plan.window + LOOKAHEAD):].clone(), scaling, softcap)
+            self.pending = (query[:, :, -(self.plan.window + LOOKAHEAD) :].clone(), scaling, softcap)
             return
-        self._compress(query[:, :, -self.plan.window:], scaling, softcap)
+        self._compress(query[:, :, -self.plan.window :], scaling, softcap)
 
     def _compress(self, window_query: torch.Tensor, scaling: float, softcap: float | None) -> None:
         scores = votes(window_query, self.keys, scaling, softcap, self.plan.kernel)
@@ -237,7 +238,7 @@ class SnapLayer(LogicalLengthLayer):
             )
         self._cut(removed)
         if self.held > self.plan.capacity:
-            self._compress(rows[:, :, end - self.plan.window:end], scaling, softcap)
+            self._compress(rows[:, :, end - self.plan.window : end], scaling, softcap)
 
     def _cut(self, removed: int) -> None:
         """Drop the last ``removed`` entries (a copy: the removed entries are really freed)."""

@@ -9,6 +9,15 @@ from lmatlas.model.loading import load
 from lmatlas.model.sites import COMPONENTS, Site
 
 __all__ = [
-    "ARCH_SPECS", "COMPONENTS", "ActivationCache", "ArchSpec", "FidelityReport", "HeadLayout", "Model", "Site",
-    "check", "load", "supported_model_types",
+    "ARCH_SPECS",
+    "COMPONENTS",
+    "ActivationCache",
+    "ArchSpec",
+    "FidelityReport",
+    "HeadLayout",
+    "Model",
+    "Site",
+    "check",
+    "load",
+    "supported_model_types",
 ]

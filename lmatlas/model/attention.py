@@ -75,8 +75,8 @@ def _bounds(part: slice | None, length: int) -> tuple[int, int]:
 
 def _mask_block(attention_mask: torch.Tensor, rows: tuple[int, int], keys: tuple[int, int]) -> torch.Tensor:
     """The ``[..., rows, keys]`` block of a 4-d mask (a query axis of size 1 broadcasts over all rows)."""
-    block = attention_mask[..., keys[0]: keys[1]]
-    return block if block.shape[-2] == 1 else block[..., rows[0]: rows[1], :]
+    block = attention_mask[..., keys[0] : keys[1]]
+    return block if block.shape[-2] == 1 else block[..., rows[0] : rows[1], :]
 
 
 def _masked_out(block: torch.Tensor) -> torch.Tensor:
@@ -116,8 +116,9 @@ def attention_scores(
     exact = torch.promote_types(query.dtype, torch.float32)  # float32, or float64 for a float64 model
     scores = torch.matmul(query[:, :, r0:r1].to(exact), repeat_kv(key[:, :, k0:k1], n_rep).to(exact).transpose(2, 3))
     if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad):
-        return _scale_and_mask_differentiably(scores, module, attention_mask, scaling, softcap, is_causal,
-                                              q_len, (r0, r1), (k0, k1))
+        return _scale_and_mask_differentiably(
+            scores, module, attention_mask, scaling, softcap, is_causal, q_len, (r0, r1), (k0, k1)
+        )
     scores.mul_(scaling)  # in place: one [batch, head, rows, keys] buffer, however long the context
     if softcap is not None:
         scores = scores.div_(softcap).tanh_().mul_(softcap)
@@ -333,8 +334,14 @@ def _probed_attention(
         return run_base(module, query, key, value, attention_mask, *args, **kwargs)
     query, key, value = probe.on_qkv(query, key, value)
     call = AttentionCall(
-        module, query, key, value, attention_mask,
-        scaling=kwargs.get("scaling"), softcap=kwargs.get("softcap"), is_causal=kwargs.get("is_causal"),
+        module,
+        query,
+        key,
+        value,
+        attention_mask,
+        scaling=kwargs.get("scaling"),
+        softcap=kwargs.get("softcap"),
+        is_causal=kwargs.get("is_causal"),
     )
     observe = getattr(probe, "on_call", None)
     if observe is not None:

@@ -46,8 +46,10 @@ class FidelityReport:
 
     @property
     def passed(self) -> bool:
-        return self.logits_exact and self.decomposition_rel_error <= self.tolerance and all(
-            err <= self.tolerance for err in self.layer_rel_errors
+        return (
+            self.logits_exact
+            and self.decomposition_rel_error <= self.tolerance
+            and all(err <= self.tolerance for err in self.layer_rel_errors)
         )
 
     def raise_if_failed(self) -> "FidelityReport":
@@ -92,7 +94,12 @@ def check(model: "Model", prompt: "Inputs" = DEFAULT_PROMPT, tolerance: float | 
 
     n_tokens = int(cache.input_ids.shape[-1])
     return FidelityReport(
-        model=model.provenance.source, dtype=str(model.dtype).removeprefix("torch."), n_tokens=n_tokens,
-        logits_exact=exact, max_logit_diff=max_diff, decomposition_rel_error=total_error,
-        tolerance=tolerance, layer_rel_errors=layer_errors,
+        model=model.provenance.source,
+        dtype=str(model.dtype).removeprefix("torch."),
+        n_tokens=n_tokens,
+        logits_exact=exact,
+        max_logit_diff=max_diff,
+        decomposition_rel_error=total_error,
+        tolerance=tolerance,
+        layer_rel_errors=layer_errors,
     )

@@ -45,8 +45,14 @@ class Continuation:
     stopped_by: str | None = None  # the stop token that ended it, when it ended before max_new_tokens
 
     def to_dict(self) -> dict[str, Any]:
-        return {"text": self.text, "ids": self.ids, "tokens": self.tokens, "logprob_plain": self.logprob_plain,
-                "logprob_edited": self.logprob_edited, "stopped_by": self.stopped_by}
+        return {
+            "text": self.text,
+            "ids": self.ids,
+            "tokens": self.tokens,
+            "logprob_plain": self.logprob_plain,
+            "logprob_edited": self.logprob_edited,
+            "stopped_by": self.stopped_by,
+        }
 
 
 @dataclass
@@ -68,9 +74,15 @@ class Comparison:
         return None if len(self.plain.ids) == len(self.edited.ids) else min(len(self.plain.ids), len(self.edited.ids))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"prompt": self.prompt, "edit": self.edit, "strategy": self.strategy, "kv": self.kv,
-                "plain": self.plain.to_dict(), "edited": self.edited.to_dict(),
-                "first_difference": self.first_difference()}
+        return {
+            "prompt": self.prompt,
+            "edit": self.edit,
+            "strategy": self.strategy,
+            "kv": self.kv,
+            "plain": self.plain.to_dict(),
+            "edited": self.edited.to_dict(),
+            "first_difference": self.first_difference(),
+        }
 
 
 def score(model: "Model", prompt: torch.Tensor, new: list[int], edit: Any, kv: "KVPolicy | None") -> list[float]:
@@ -80,20 +92,32 @@ def score(model: "Model", prompt: torch.Tensor, new: list[int], edit: Any, kv: "
     n = prompt.shape[1]
     ids = torch.cat([prompt[0], torch.tensor(new, device=prompt.device)])[None]
     if kv is None:
-        logits = model.run(ids, replace=edit, prompt_len=n).logits[0, n - 1: n - 1 + len(new)].float()
+        logits = model.run(ids, replace=edit, prompt_len=n).logits[0, n - 1 : n - 1 + len(new)].float()
     else:
         with model.hooked(replace=edit, prompt_len=n) if edit is not None else nullcontext(), torch.no_grad():
             cache = kv.make_cache(model)
             first = model.hf(input_ids=prompt, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[0]
-            rest = model.hf(input_ids=ids[:, n:n + len(new) - 1], past_key_values=cache,
-                            use_cache=True).logits[0] if len(new) > 1 else first[:0]
+            rest = (
+                model.hf(input_ids=ids[:, n : n + len(new) - 1], past_key_values=cache, use_cache=True).logits[0]
+                if len(new) > 1
+                else first[:0]
+            )
         logits = torch.cat([first, rest]).float()
     index = torch.tensor(new, device=logits.device)[:, None]
     return torch.log_softmax(logits, -1).gather(1, index)[:, 0].tolist()
 
 
-def compare(model: "Model", prompt: str, edit: Any, max_new_tokens: int = 32, *, kv: "KVPolicy | None" = None,
-            strategy: "Strategy | None" = None, chat: bool = False, **hf: Any) -> Comparison:
+def compare(
+    model: "Model",
+    prompt: str,
+    edit: Any,
+    max_new_tokens: int = 32,
+    *,
+    kv: "KVPolicy | None" = None,
+    strategy: "Strategy | None" = None,
+    chat: bool = False,
+    **hf: Any,
+) -> Comparison:
     """Generate without and with ``edit`` (same ``kv`` and ``strategy``); score both continuations under both."""
     if edit is None or not isinstance(prompt, str):
         raise InputError("compare=True needs one prompt (a string) and an edit.")
@@ -103,14 +127,22 @@ def compare(model: "Model", prompt: str, edit: Any, max_new_tokens: int = 32, *,
     out = []
     for decoded in runs:
         new = generation.trim_after_stop(model, decoded.ids[0].tolist())
-        out.append(Continuation(
-            text=model.tokenizer.decode([i for i in new if i not in special], skip_special_tokens=True), ids=new,
-            tokens=model.tokenizer.convert_ids_to_tokens(new),
-            logprob_plain=score(model, batch["input_ids"], new, None, kv),
-            logprob_edited=score(model, batch["input_ids"], new, edit, kv),
-            stopped_by=generation.stop_reason(model, new, max_new_tokens),
-        ))
+        out.append(
+            Continuation(
+                text=model.tokenizer.decode([i for i in new if i not in special], skip_special_tokens=True),
+                ids=new,
+                tokens=model.tokenizer.convert_ids_to_tokens(new),
+                logprob_plain=score(model, batch["input_ids"], new, None, kv),
+                logprob_edited=score(model, batch["input_ids"], new, edit, kv),
+                stopped_by=generation.stop_reason(model, new, max_new_tokens),
+            )
+        )
     described = generation.describe_edit(edit) or []
-    return Comparison(prompt=prompt, plain=out[0], edited=out[1], edit=described,
-                      strategy=strategy.name if strategy is not None else "greedy",
-                      kv={"method": "default"} if kv is None else dict(kv.describe()))
+    return Comparison(
+        prompt=prompt,
+        plain=out[0],
+        edited=out[1],
+        edit=described,
+        strategy=strategy.name if strategy is not None else "greedy",
+        kv={"method": "default"} if kv is None else dict(kv.describe()),
+    )

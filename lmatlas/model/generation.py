@@ -64,8 +64,9 @@ class Strategy(Protocol):
 
     def check(self, model: "Model", batch: dict[str, torch.Tensor], kv: KVPolicy | None, hf: dict) -> None: ...
 
-    def decode(self, model: "Model", batch: dict[str, torch.Tensor], max_new_tokens: int,
-               new_cache: CacheFactory, hf: dict) -> "Decoded": ...
+    def decode(
+        self, model: "Model", batch: dict[str, torch.Tensor], max_new_tokens: int, new_cache: CacheFactory, hf: dict
+    ) -> "Decoded": ...
 
 
 @dataclass
@@ -108,10 +109,19 @@ class Generation:
         return replace(self, text=self.text[0], token_ids=self.token_ids[0], stopped_by=self.stopped_by[0])
 
     def to_dict(self) -> dict[str, Any]:
-        return {"text": self.text, "token_ids": self.token_ids, "new_tokens": _count(self.token_ids),
-                "prompt_tokens": self.prompt_tokens, "strategy": self.strategy, "edit": self.edit, "kv": self.kv,
-                "report": self.report, "seconds": round(self.seconds, 4),
-                "tokens_per_s": round(self.tokens_per_s, 3), "stopped_by": self.stopped_by}
+        return {
+            "text": self.text,
+            "token_ids": self.token_ids,
+            "new_tokens": _count(self.token_ids),
+            "prompt_tokens": self.prompt_tokens,
+            "strategy": self.strategy,
+            "edit": self.edit,
+            "kv": self.kv,
+            "report": self.report,
+            "seconds": round(self.seconds, 4),
+            "tokens_per_s": round(self.tokens_per_s, 3),
+            "stopped_by": self.stopped_by,
+        }
 
 
 def _count(ids: list) -> int:
@@ -135,8 +145,9 @@ def prompt_ids(model: "Model", prompt: "Inputs", chat: bool) -> dict[str, torch.
         raise InputError("chat=True takes one prompt (a string).")
     if getattr(model.tokenizer, "chat_template", None) is None:
         raise InputError(f"{model.provenance.source} has no chat template: drop chat=True (--chat).")
-    ids = model.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                              return_tensors="pt", return_dict=True)
+    ids = model.tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
     return model.tokenize({"input_ids": ids["input_ids"]})
 
 
@@ -153,19 +164,23 @@ def check_context(model: "Model", prompt_len: int, max_new_tokens: int = 0) -> N
     if limit is None:
         return
     if prompt_len > limit:
-        raise InputError(f"The prompt has {prompt_len:,} tokens; this model's context is {limit:,} tokens: "
-                         "shorten the prompt.")
+        raise InputError(
+            f"The prompt has {prompt_len:,} tokens; this model's context is {limit:,} tokens: shorten the prompt."
+        )
     if prompt_len + max_new_tokens > limit:
-        raise InputError(f"A {prompt_len:,}-token prompt plus {max_new_tokens:,} new tokens would cross this model's "
-                         f"context of {limit:,} tokens: ask for at most {limit - prompt_len:,} new tokens.")
+        raise InputError(
+            f"A {prompt_len:,}-token prompt plus {max_new_tokens:,} new tokens would cross this model's "
+            f"context of {limit:,} tokens: ask for at most {limit - prompt_len:,} new tokens."
+        )
 
 
 def check_unpadded(batch: dict[str, torch.Tensor], what: str) -> None:
     """Refuse a padded batch (``what`` needs one length per batch)."""
     mask = batch.get("attention_mask")
     if mask is not None and not bool(mask.bool().all()):
-        raise InputError(f"{what} does not support padded batches: run one prompt at a time, or prompts of the "
-                         "same length.")
+        raise InputError(
+            f"{what} does not support padded batches: run one prompt at a time, or prompts of the same length."
+        )
 
 
 def check_positions(replacements: list, prompt_len: int, max_new_tokens: int) -> None:
@@ -182,11 +197,16 @@ def check_positions(replacements: list, prompt_len: int, max_new_tokens: int) ->
             continue
         positions.check(prompt_len, replacement.name)
         start, _, indices = positions.absolute(prompt_len)
-        late = [p for p in (indices or ()) if p >= reached] if indices is not None else \
-            ([start] if start is not None and start >= reached else [])
+        late = (
+            [p for p in (indices or ()) if p >= reached]
+            if indices is not None
+            else ([start] if start is not None and start >= reached else [])
+        )
         if late:
-            raise SiteError(f"Position @{positions} of {replacement.name} is never reached: a {prompt_len}-token "
-                            f"prompt and {max_new_tokens} new tokens run positions 0..{reached - 1}.")
+            raise SiteError(
+                f"Position @{positions} of {replacement.name} is never reached: a {prompt_len}-token "
+                f"prompt and {max_new_tokens} new tokens run positions 0..{reached - 1}."
+            )
 
 
 def stop_reason(model: "Model", new_ids: list[int], max_new_tokens: int) -> str | None:
@@ -207,7 +227,7 @@ def trim_after_stop(model: "Model", row: list[int]) -> list[int]:
     stops = end_tokens(model)
     for i, token in enumerate(row):
         if token in stops:
-            return row[:i + 1]
+            return row[: i + 1]
     return row
 
 
@@ -222,8 +242,16 @@ def end_tokens(model: "Model") -> set[int]:
 
 
 # -- the core ------------------------------------------------------------------------------------
-def prepare(model: "Model", inputs: "Inputs", max_new_tokens: int, edit: Any, kv: KVPolicy | None,
-            strategy: Strategy | None, chat: bool, hf: dict) -> tuple[dict[str, torch.Tensor], list]:
+def prepare(
+    model: "Model",
+    inputs: "Inputs",
+    max_new_tokens: int,
+    edit: Any,
+    kv: KVPolicy | None,
+    strategy: Strategy | None,
+    chat: bool,
+    hf: dict,
+) -> tuple[dict[str, torch.Tensor], list]:
     """Tokenize and check everything before any compute: ``(batch, bound replacements)``."""
     if model.tokenizer is None:
         raise InputError("generate() needs a tokenizer.")
@@ -236,22 +264,34 @@ def prepare(model: "Model", inputs: "Inputs", max_new_tokens: int, edit: Any, kv
     check_positions(bound, n, max_new_tokens)
     if kv is not None:
         if not isinstance(kv, KVPolicy):
-            raise InputError(f"kv={kv!r} is not a KV policy: pass a KVPlan or a SnapPlan (lmatlas.infer), or a "
-                             "policy name to lmatlas.generate.")
+            raise InputError(
+                f"kv={kv!r} is not a KV policy: pass a KVPlan or a SnapPlan (lmatlas.infer), or a "
+                "policy name to lmatlas.generate."
+            )
         if hf.get("past_key_values") is not None:
             raise InputError("Give either kv (a cache is made from the policy) or past_key_values, not both.")
         check_unpadded(batch, "A KV policy")
     if strategy is not None:
         if not isinstance(strategy, Strategy):
-            raise InputError(f"strategy={strategy!r} is not a decoding strategy: pass one from "
-                             "lmatlas.infer.decoding, or a strategy name to lmatlas.generate.")
+            raise InputError(
+                f"strategy={strategy!r} is not a decoding strategy: pass one from "
+                "lmatlas.infer.decoding, or a strategy name to lmatlas.generate."
+            )
         strategy.check(model, batch, kv, hf)
     return batch, bound
 
 
-def decode(model: "Model", batch: dict[str, torch.Tensor], max_new_tokens: int, edit: Any,
-           kv: KVPolicy | None, strategy: Strategy | None, hf: dict) -> Decoded:
+def decode(
+    model: "Model",
+    batch: dict[str, torch.Tensor],
+    max_new_tokens: int,
+    edit: Any,
+    kv: KVPolicy | None,
+    strategy: Strategy | None,
+    hf: dict,
+) -> Decoded:
     """Run the strategy under the edit's hook session with caches from ``kv`` (checked by :func:`prepare`)."""
+
     def new_cache() -> Any:
         return kv.make_cache(model) if kv is not None else None
 
@@ -263,12 +303,20 @@ def decode(model: "Model", batch: dict[str, torch.Tensor], max_new_tokens: int, 
         if cache is not None:
             kwargs["past_key_values"] = cache
         out = model.hf.generate(**batch, max_new_tokens=max_new_tokens, **kwargs)
-    return Decoded(out[:, batch["input_ids"].shape[1]:], {}, cache)
+    return Decoded(out[:, batch["input_ids"].shape[1] :], {}, cache)
 
 
-def generate(model: "Model", inputs: "Inputs", max_new_tokens: int = 32, *, edit: Any = None,
-             kv: KVPolicy | None = None, strategy: Strategy | None = None, chat: bool = False,
-             **hf: Any) -> Generation:
+def generate(
+    model: "Model",
+    inputs: "Inputs",
+    max_new_tokens: int = 32,
+    *,
+    edit: Any = None,
+    kv: KVPolicy | None = None,
+    strategy: Strategy | None = None,
+    chat: bool = False,
+    **hf: Any,
+) -> Generation:
     """Generate under an edit, a KV policy and a strategy (each optional; see the module docstring).
 
     Args:
@@ -293,17 +341,25 @@ def generate(model: "Model", inputs: "Inputs", max_new_tokens: int = 32, *, edit
     reasons = [stop_reason(model, row, max_new_tokens) for row in rows]
     for text, reason in zip(texts, reasons):
         if not text.strip():
-            hint = " (an instruct model: try chat=True)" if not chat and getattr(
-                model.tokenizer, "chat_template", None) else ""
+            hint = (
+                " (an instruct model: try chat=True)"
+                if not chat and getattr(model.tokenizer, "chat_template", None)
+                else ""
+            )
             _log.warning("Empty continuation: %s%s.", reason or "only special tokens were generated", hint)
     single = isinstance(inputs, str) or (isinstance(inputs, torch.Tensor) and inputs.dim() == 1)
     kv_report = {"method": "default"} if kv is None else dict(kv.describe())
     if decoded.cache is not None and hasattr(decoded.cache, "nbytes"):
         kv_report["bytes"] = int(decoded.cache.nbytes())
     return Generation(
-        text=texts[0] if single else texts, token_ids=rows[0] if single else rows,
-        prompt_tokens=int(batch["input_ids"].shape[1]), strategy=strategy.name if strategy is not None else "greedy",
-        edit=model.active_edits + (describe_edit(edit) or []), kv=kv_report, report=decoded.report, seconds=seconds,
+        text=texts[0] if single else texts,
+        token_ids=rows[0] if single else rows,
+        prompt_tokens=int(batch["input_ids"].shape[1]),
+        strategy=strategy.name if strategy is not None else "greedy",
+        edit=model.active_edits + (describe_edit(edit) or []),
+        kv=kv_report,
+        report=decoded.report,
+        seconds=seconds,
         stopped_by=reasons[0] if single else reasons,
     )
 

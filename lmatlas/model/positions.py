@@ -67,6 +67,7 @@ class Positions:
 
     def absolute(self, prompt_len: int) -> tuple[int | None, int | None, tuple[int, ...] | None]:
         """Resolve negative numbers against the prompt length."""
+
         def fix(p: int | None) -> int | None:
             return None if p is None else (p + prompt_len if p < 0 else p)
 

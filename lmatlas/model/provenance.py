@@ -64,8 +64,12 @@ def identity(model: "Model") -> dict[str, Any]:
     """What a file lmatlas writes records of its model: the card's :data:`IDENTITY` fields, the source,
     the weights file's SHA-256 and a weights fingerprint (:func:`weights_fingerprint`)."""
     card = model.card()
-    return {"source": card.get("source"), **{key: card.get(key) for key in IDENTITY},
-            "file_sha256": card.get("file_sha256"), "weights": weights_fingerprint(model.hf)}
+    return {
+        "source": card.get("source"),
+        **{key: card.get(key) for key in IDENTITY},
+        "file_sha256": card.get("file_sha256"),
+        "weights": weights_fingerprint(model.hf),
+    }
 
 
 def differences(recorded: dict[str, Any], model: "Model") -> dict[str, tuple[Any, Any]]:
@@ -76,8 +80,11 @@ def differences(recorded: dict[str, Any], model: "Model") -> dict[str, tuple[Any
     dtype is the same model), else by the weights fingerprint (in-memory and tiny models).
     """
     mine = identity(model)
-    out = {key: (recorded[key], mine[key]) for key in IDENTITY
-           if recorded.get(key) is not None and recorded[key] != mine[key]}
+    out = {
+        key: (recorded[key], mine[key])
+        for key in IDENTITY
+        if recorded.get(key) is not None and recorded[key] != mine[key]
+    }
     if recorded.get("file_sha256") and mine["file_sha256"]:
         if recorded["file_sha256"] != mine["file_sha256"]:
             out["file_sha256"] = (recorded["file_sha256"][:12], mine["file_sha256"][:12])
@@ -93,5 +100,7 @@ def check_made_for(recorded: dict[str, Any], model: "Model", what: str, error: t
     """
     mismatch = differences(recorded, model)
     if mismatch:
-        raise error(f"{what} was made for another model ({recorded.get('source')!r}, not {model.provenance.source!r}; "
-                    f"differences, recorded vs this model: {mismatch}): {fix}")
+        raise error(
+            f"{what} was made for another model ({recorded.get('source')!r}, not {model.provenance.source!r}; "
+            f"differences, recorded vs this model: {mismatch}): {fix}"
+        )

@@ -74,8 +74,8 @@ def exit_logits_at(hf: nn.Module, hidden: torch.Tensor, token_ids: torch.Tensor)
     sequence: ``n * batch * k * d_model`` multiply-adds instead of ``n * batch * d_vocab * d_model``.
     """
     head = hf.get_output_embeddings()
-    normed = final_norm_of(hf)(hidden)                                   # [n, batch, d]
-    rows = head.weight[token_ids]                                        # [batch, k, d]
+    normed = final_norm_of(hf)(hidden)  # [n, batch, d]
+    rows = head.weight[token_ids]  # [batch, k, d]
     logits = torch.einsum("nbd,bkd->nbk", normed.to(rows.dtype), rows)
     if getattr(head, "bias", None) is not None:
         logits = logits + head.bias[token_ids][None]
@@ -107,6 +107,7 @@ class LayerTap:
         def hook(module, args, kwargs):
             hidden = args[0] if args else kwargs["hidden_states"]
             self.last[layer] = hidden[:, -1].detach() if self.positions == "last" else hidden.detach()
+
         return hook
 
     def __exit__(self, *exc) -> None:

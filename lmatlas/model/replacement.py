@@ -96,8 +96,10 @@ class BoundReplacement:
             if _is_scalar(new):
                 return torch.full_like(part, float(new))
             if not isinstance(new, torch.Tensor):
-                raise SiteError(f"The replacement function for {self.name} returned {type(new).__name__}: "
-                                "return a tensor, a number or None.")
+                raise SiteError(
+                    f"The replacement function for {self.name} returned {type(new).__name__}: "
+                    "return a tensor, a number or None."
+                )
             if tuple(new.shape) != tuple(part.shape):
                 raise _shape_error(self.name, tuple(new.shape), tuple(part.shape), self.site, "")
             return new.to(dtype=part.dtype, device=part.device)
@@ -109,8 +111,13 @@ class BoundReplacement:
         if self.site.info.pos_axis == 2 and picked.dim() == part.dim() and picked.shape[-1] > part.shape[-1]:
             picked = picked[..., : part.shape[-1]]  # a pattern row's keys beyond this call's cache are zero
         if tuple(picked.shape) != tuple(part.shape):
-            raise _shape_error(self.name, tuple(tensor.shape), self._expected(tensor, part, axis), self.site,
-                               "; the position axis lists the selected positions" if self.positions else "")
+            raise _shape_error(
+                self.name,
+                tuple(tensor.shape),
+                self._expected(tensor, part, axis),
+                self.site,
+                "; the position axis lists the selected positions" if self.positions else "",
+            )
         return picked.to(dtype=part.dtype, device=part.device)
 
     def _rows(self, tensor: torch.Tensor, chosen: torch.Tensor, call: CallInfo, axis: int) -> torch.Tensor | None:

@@ -39,8 +39,11 @@ COMPONENTS: dict[str, Component] = {
         "[batch, pos, head, d_head]", "queries as the attention sees them (after rotary and q-norm)", "head", True
     ),
     "attn.k": Component(
-        "[batch, key_pos, kv_head, d_head]", "keys as the attention sees them (after rotary and k-norm)",
-        "kv_head", True, key_positions=True,
+        "[batch, key_pos, kv_head, d_head]",
+        "keys as the attention sees them (after rotary and k-norm)",
+        "kv_head",
+        True,
+        key_positions=True,
     ),
     "attn.v": Component(
         "[batch, key_pos, kv_head, d_head]", "values of each KV head", "kv_head", True, key_positions=True
@@ -125,7 +128,9 @@ def check_head(layer: int, head: int, layout: HeadLayout, kv: bool = False) -> i
     count = layout.n_kv_heads if kv else layout.n_heads
     kind = "KV heads" if kv else "query heads"
     if not 0 <= head < count:
-        raise SiteError(f"Head {head} is out of range at layer {layer}: this model has {count} {kind} (0..{count - 1}).")
+        raise SiteError(
+            f"Head {head} is out of range at layer {layer}: this model has {count} {kind} (0..{count - 1})."
+        )
     return head
 
 

@@ -65,8 +65,10 @@ class Target:
     def site(self) -> Site:
         """The one site of a single-site target (patching and attribution need exactly one)."""
         if len(self.sites) != 1:
-            raise SiteError(f"Target {self.text!r} names {len(self.sites)} sites: name one layer "
-                            f"(e.g. 'L3.{self.sites[0].component}').")
+            raise SiteError(
+                f"Target {self.text!r} names {len(self.sites)} sites: name one layer "
+                f"(e.g. 'L3.{self.sites[0].component}')."
+            )
         return self.sites[0]
 
     def select(self, value):
@@ -81,8 +83,13 @@ class Target:
         if self.kind == "head":
             return (layout.d_model,) if component == "attn.out" else (layout.d_head,)
         shape = COMPONENTS[component].shape
-        sizes = {"d_model": layout.d_model, "d_head": layout.d_head, "neuron": layout.d_mlp,
-                 "head": layout.n_heads, "kv_head": layout.n_kv_heads}
+        sizes = {
+            "d_model": layout.d_model,
+            "d_head": layout.d_head,
+            "neuron": layout.d_mlp,
+            "head": layout.n_heads,
+            "kv_head": layout.n_kv_heads,
+        }
         return tuple(sizes[name] for name in shape.strip("[]").split(", ")[2:] if name in sizes)
 
 
@@ -102,8 +109,10 @@ def parse_target(text: str, layout: HeadLayout) -> Target:
             return Target(text, (Site(layer, _PART_SITE[match["part"]]),), index, positions)
     if match := _OLD_SITE_HEAD.match(name):
         part = "" if match["part"] == "z" else f".{match['part']}"
-        raise SiteError(f"Target {name!r}: write a head's part as L<layer>.H<head>[.q|.out], here "
-                        f"'L{match['layer']}.H{match['index']}{part}'.")
+        raise SiteError(
+            f"Target {name!r}: write a head's part as L<layer>.H<head>[.q|.out], here "
+            f"'L{match['layer']}.H{match['index']}{part}'."
+        )
     sites = parse_sites(name, layout)
     for site in sites:
         check_layer(site.layer, layout)

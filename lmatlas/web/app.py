@@ -28,15 +28,36 @@ if TYPE_CHECKING:
 
 STATIC = Path(__file__).resolve().parent / "static"
 #: API routers, one module per page.
-ROUTERS = (overview.router, head.router, neuron.router, search.router, lens.router, diff_page.router,
-           edit.router, circuit.router)
+ROUTERS = (
+    overview.router,
+    head.router,
+    neuron.router,
+    search.router,
+    lens.router,
+    diff_page.router,
+    edit.router,
+    circuit.router,
+)
 #: page -> its HTML shell in ``static/``.
-PAGES = {"overview": "overview.html", "head": "head.html", "neuron": "neuron.html", "search": "search.html",
-         "lens": "lens.html", "diff": "diff.html", "edit": "edit.html", "circuit": "circuit.html"}
+PAGES = {
+    "overview": "overview.html",
+    "head": "head.html",
+    "neuron": "neuron.html",
+    "search": "search.html",
+    "lens": "lens.html",
+    "diff": "diff.html",
+    "edit": "edit.html",
+    "circuit": "circuit.html",
+}
 
 
-def create_app(atlas_path: str | Path, model: "Model | None" = None, diff: str | Path | None = None,
-               *, limits: Limits | None = None) -> FastAPI:
+def create_app(
+    atlas_path: str | Path,
+    model: "Model | None" = None,
+    diff: str | Path | None = None,
+    *,
+    limits: Limits | None = None,
+) -> FastAPI:
     """The explorer over ``atlas_path`` (opened read-only).
 
     Args:
@@ -56,9 +77,12 @@ def create_app(atlas_path: str | Path, model: "Model | None" = None, diff: str |
         explorer.close()
 
     source = explorer.card.get("source") or "model"
-    app = FastAPI(title=f"lmatlas explorer: {source}", version="1", lifespan=lifespan,
-                  description="Browse an lmatlas atlas: heads, neurons, layers, search, lens, diff, "
-                              "edits and circuits.")
+    app = FastAPI(
+        title=f"lmatlas explorer: {source}",
+        version="1",
+        lifespan=lifespan,
+        description="Browse an lmatlas atlas: heads, neurons, layers, search, lens, diff, edits and circuits.",
+    )
     app.state.explorer = explorer
     errors.install(app)
     for router in ROUTERS:
@@ -72,8 +96,9 @@ def create_app(atlas_path: str | Path, model: "Model | None" = None, diff: str |
 def _page(page: str, status: int = 200, message: str | None = None) -> HTMLResponse:
     text = (STATIC / PAGES[page]).read_text(encoding="utf-8")
     if message is not None:
-        text = text.replace('<main id="page">', f'<main id="page"><p class="error" id="page-error">'
-                                                 f'{html.escape(message)}</p>', 1)
+        text = text.replace(
+            '<main id="page">', f'<main id="page"><p class="error" id="page-error">{html.escape(message)}</p>', 1
+        )
     return HTMLResponse(text, status_code=status)
 
 
@@ -110,8 +135,12 @@ def _pages(app: FastAPI, explorer: Explorer) -> None:
     @app.get("/edit", include_in_schema=False)
     def edit_page() -> HTMLResponse:
         if explorer.model is None:
-            return _page("edit", 409, f"The edit playground needs a live model: start the explorer with "
-                                      f"`lmatlas serve {explorer.path} --model MODEL`.")
+            return _page(
+                "edit",
+                409,
+                f"The edit playground needs a live model: start the explorer with "
+                f"`lmatlas serve {explorer.path} --model MODEL`.",
+            )
         return _page("edit")
 
     @app.get("/circuit", include_in_schema=False)
@@ -123,6 +152,7 @@ def _pages(app: FastAPI, explorer: Explorer) -> None:
     @app.get("/diff", include_in_schema=False)
     def diff_page(request: Request) -> HTMLResponse:
         if explorer.diff is None:
-            return _page("diff", 404, f"No second atlas to compare: start with "
-                                      f"`lmatlas serve {explorer.path} --diff B`.")
+            return _page(
+                "diff", 404, f"No second atlas to compare: start with `lmatlas serve {explorer.path} --diff B`."
+            )
         return _page("diff")

@@ -75,8 +75,9 @@ class Verification(BaseModel):
 
 class CircuitView(BaseModel):
     task: str
-    method: str = Field(description="eap, eap-ig (inputs) or eap-ig-act (activations); +qk: query and key "
-                        "edges scored QK-aware")
+    method: str = Field(
+        description="eap, eap-ig (inputs) or eap-ig-act (activations); +qk: query and key edges scored QK-aware"
+    )
     granularity: Granularity = Field(description="edges: each edge patched (MIB); nodes: touched nodes run whole")
     verification: Optional[Verification] = Field(description="top edges re-measured exactly (null if not stored)")
     computed: Literal["atlas", "live"]
@@ -118,35 +119,56 @@ def node_info(name: str, n_layers: int) -> dict[str, Any]:
     if part == "mlp":
         return {"name": name, "kind": "mlp", "layer": int(layer[1:]), "index": None}
     kind = "kv" if part.startswith("KV") else "head"
-    return {"name": name, "kind": kind, "layer": int(layer[1:]), "index": int(part[2 if kind == "kv" else 1:])}
+    return {"name": name, "kind": kind, "layer": int(layer[1:]), "index": int(part[2 if kind == "kv" else 1 :])}
 
 
-def view(ranked: list[tuple[str, str, float]], in_circuit: int, layout: "HeadLayout",
-         **meta: Any) -> dict[str, Any]:
+def view(ranked: list[tuple[str, str, float]], in_circuit: int, layout: "HeadLayout", **meta: Any) -> dict[str, Any]:
     """The page's graph: ``ranked`` edges (the first ``in_circuit`` are the circuit) and their nodes."""
-    edges = [{"source": s, "target": t, "node": input_node(t), "score": v, "in_circuit": i < in_circuit}
-             for i, (s, t, v) in enumerate(ranked)]
+    edges = [
+        {"source": s, "target": t, "node": input_node(t), "score": v, "in_circuit": i < in_circuit}
+        for i, (s, t, v) in enumerate(ranked)
+    ]
     kept = {e["source"] for e in edges if e["in_circuit"]} | {e["node"] for e in edges if e["in_circuit"]}
     names = {e["source"] for e in edges} | {e["node"] for e in edges}
-    nodes = sorted((dict(node_info(n, layout.n_layers), in_circuit=n in kept) for n in names),
-                   key=lambda n: (n["layer"], n["kind"] == "mlp", n["kind"], n["index"] or 0))
-    return {"layers": layout.n_layers, "circuit_edges": in_circuit,
-            "circuit_nodes": sorted(nodes_in(layout, ranked[:in_circuit])), "edges": edges, "nodes": nodes, **meta}
+    nodes = sorted(
+        (dict(node_info(n, layout.n_layers), in_circuit=n in kept) for n in names),
+        key=lambda n: (n["layer"], n["kind"] == "mlp", n["kind"], n["index"] or 0),
+    )
+    return {
+        "layers": layout.n_layers,
+        "circuit_edges": in_circuit,
+        "circuit_nodes": sorted(nodes_in(layout, ranked[:in_circuit])),
+        "edges": edges,
+        "nodes": nodes,
+        **meta,
+    }
 
 
 def stored(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """``[{task, method, granularity, edges, faithfulness}]`` from ``SELECT task, method, count(*), ...`` rows
     (no granularity recorded: ``nodes``, how every circuit was run before it was)."""
-    return [{"task": r["task"], "method": r["method"], "granularity": r.get("granularity") or "nodes",
-             "edges": r["edges"], "faithfulness": r["faithfulness"]} for r in rows]
+    return [
+        {
+            "task": r["task"],
+            "method": r["method"],
+            "granularity": r.get("granularity") or "nodes",
+            "edges": r["edges"],
+            "faithfulness": r["faithfulness"],
+        }
+        for r in rows
+    ]
 
 
 def verification(check: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
     """The page's summary of a circuit's verification (``None`` when it has none)."""
     if not check or not check.get("exact"):
         return None
-    return {"edges": len(check["exact"]), "spearman": check.get("spearman"),
-            "max_abs_error": check.get("max_abs_error"), "gap": check.get("gap")}
+    return {
+        "edges": len(check["exact"]),
+        "spearman": check.get("spearman"),
+        "max_abs_error": check.get("max_abs_error"),
+        "gap": check.get("gap"),
+    }
 
 
 def from_rows(task: str, method: str, rows: list[dict[str, Any]], layout: "HeadLayout") -> dict[str, Any]:
@@ -156,41 +178,97 @@ def from_rows(task: str, method: str, rows: list[dict[str, Any]], layout: "HeadL
     first = rows[0]
     check = None
     if first.get("verified_spearman") is not None or first.get("verified_max_error") is not None:
-        check = {"edges": None, "spearman": first.get("verified_spearman"),
-                 "max_abs_error": first.get("verified_max_error"), "gap": None}
-    return view(ranked, len(ranked), layout, task=task, method=method, computed="atlas",
-                granularity=first.get("granularity") or "nodes", verification=check,
-                faithfulness=first["faithfulness"], cpr=first.get("cpr"), cmd=first.get("cmd"), clean=None,
-                corrupt=None, curve=[], params={})
+        check = {
+            "edges": None,
+            "spearman": first.get("verified_spearman"),
+            "max_abs_error": first.get("verified_max_error"),
+            "gap": None,
+        }
+    return view(
+        ranked,
+        len(ranked),
+        layout,
+        task=task,
+        method=method,
+        computed="atlas",
+        granularity=first.get("granularity") or "nodes",
+        verification=check,
+        faithfulness=first["faithfulness"],
+        cpr=first.get("cpr"),
+        cmd=first.get("cmd"),
+        clean=None,
+        corrupt=None,
+        curve=[],
+        params={},
+    )
 
 
-def compute(model: "Model", task: str, *, n: int, seed: int, steps: int, target: float,
-            granularity: str = "edges", verify: int = 50, along: str = "inputs", qk: bool = True) -> "Circuit":
+def compute(
+    model: "Model",
+    task: str,
+    *,
+    n: int,
+    seed: int,
+    steps: int,
+    target: float,
+    granularity: str = "edges",
+    verify: int = 50,
+    along: str = "inputs",
+    qk: bool = True,
+) -> "Circuit":
     """The task's circuit on the live model (run it through the app's model gate)."""
     from lmatlas.causal.faithfulness import task_circuit
 
-    return task_circuit(model, task, n=n, seed=seed, steps=steps, target=target, granularity=granularity,
-                        verify=verify, along=along, qk=qk)
+    return task_circuit(
+        model,
+        task,
+        n=n,
+        seed=seed,
+        steps=steps,
+        target=target,
+        granularity=granularity,
+        verify=verify,
+        along=along,
+        qk=qk,
+    )
 
 
 def from_circuit(circuit: "Circuit", layout: "HeadLayout", top: int, params: dict[str, Any]) -> dict[str, Any]:
     """The view of a live circuit: its edges, then the graph's next-best up to ``top`` edges in all."""
     graph = circuit.graph
     ranked = graph.edges(max(top, len(circuit.edges)))  # the circuit is its first len(circuit.edges)
-    return view(ranked, len(circuit.edges), layout, task=graph.task, method=graph.method, computed="live",
-                granularity=circuit.granularity, verification=verification(circuit.verification),
-                faithfulness=circuit.faithfulness, cpr=circuit.cpr, cmd=circuit.cmd, clean=graph.clean,
-                corrupt=graph.corrupt, curve=circuit.curve, params={**params, "prompts": graph.meta.get("prompts")})
+    return view(
+        ranked,
+        len(circuit.edges),
+        layout,
+        task=graph.task,
+        method=graph.method,
+        computed="live",
+        granularity=circuit.granularity,
+        verification=verification(circuit.verification),
+        faithfulness=circuit.faithfulness,
+        cpr=circuit.cpr,
+        cmd=circuit.cmd,
+        clean=graph.clean,
+        corrupt=graph.corrupt,
+        curve=circuit.curve,
+        params={**params, "prompts": graph.meta.get("prompts")},
+    )
 
 
 # -- attention explained (the circuit page's head panel) ------------------------------------------------------
 class AttentionRequest(BaseModel):
     head: str = Field(description="the head, e.g. L5.H3")
-    prompt: str = Field(min_length=1, max_length=40_000, json_schema_extra={"pattern": r"\S"},
-                        description="the text the head reads (capped at the lens's token limit: see /api/live)")
+    prompt: str = Field(
+        min_length=1,
+        max_length=40_000,
+        json_schema_extra={"pattern": r"\S"},
+        description="the text the head reads (capped at the lens's token limit: see /api/live)",
+    )
     query_pos: int = Field(-1, ge=-100_000, le=100_000, description="the query token (negative: from the end)")
-    key_pos: Optional[int] = Field(None, ge=-100_000, le=100_000,
-                                   description="the key token (default: where the head attends most)")
+    key_pos: Optional[int] = Field(
+        None, ge=-100_000, le=100_000, description="the key token (default: where the head attends most)"
+    )
 
 
 class SourcePart(BaseModel):
@@ -216,8 +294,20 @@ class AttentionSourcesView(BaseModel):
 
 def sources_view(found: Any, top: int = 12) -> dict[str, Any]:
     """The panel's view of :class:`~lmatlas.causal.attention_sources.AttentionSources` (``top`` per side)."""
-    sides = {f"{side}_side": [{"source": s, "value": v} for s, v in found.top(side, top)]
-             for side in ("query", "key", "value")}
-    return {"head": found.head, "kv_group": found.kv_group, "query_pos": found.query_pos, "key_pos": found.key_pos,
-            "tokens": found.tokens, "score": found.score, "probability": found.probability,
-            "pattern": found.pattern, "scores": found.scores, "rest": found.rest, **sides}
+    sides = {
+        f"{side}_side": [{"source": s, "value": v} for s, v in found.top(side, top)]
+        for side in ("query", "key", "value")
+    }
+    return {
+        "head": found.head,
+        "kv_group": found.kv_group,
+        "query_pos": found.query_pos,
+        "key_pos": found.key_pos,
+        "tokens": found.tokens,
+        "score": found.score,
+        "probability": found.probability,
+        "pattern": found.pattern,
+        "scores": found.scores,
+        "rest": found.rest,
+        **sides,
+    }

@@ -43,8 +43,9 @@ if TYPE_CHECKING:
 MAX_NEW_TOKENS = 256
 DEFAULT_NEW_TOKENS = 24
 TARGET_PATTERN = r"^L\d{1,6}\.(H\d{1,6}|N\d{1,9})$"  # names.HEAD_NAME or names.NEURON_NAME
-_TARGET = dict(max_length=40, description="a head (L5.H3) or a neuron (L12.N1031)",
-               json_schema_extra={"pattern": TARGET_PATTERN})
+_TARGET = dict(
+    max_length=40, description="a head (L5.H3) or a neuron (L12.N1031)", json_schema_extra={"pattern": TARGET_PATTERN}
+)
 
 
 def item_model(form: Form) -> type[BaseModel]:
@@ -65,8 +66,9 @@ Item = Annotated[Union[tuple(ITEMS.values())], Field(discriminator="kind")]  # t
 
 
 class EditSpec(BaseModel):
-    interventions: list[Item] = Field(default_factory=list, max_length=64,
-                                      description="applied in order; an empty list is the unedited model")
+    interventions: list[Item] = Field(
+        default_factory=list, max_length=64, description="applied in order; an empty list is the unedited model"
+    )
 
 
 #: The strategies the playground offers: the registry's names (DeCoRe masks the atlas's top retrieval heads).
@@ -74,13 +76,24 @@ StrategyName = Literal[STRATEGY_NAMES]  # type: ignore[valid-type]
 
 
 class EditRequest(Prompt, EditSpec):
-    max_new_tokens: Optional[int] = Field(None, ge=1, le=MAX_NEW_TOKENS, description="tokens generated per "
-                                          f"continuation (default {DEFAULT_NEW_TOKENS}, or the server's cap if lower)")
+    max_new_tokens: Optional[int] = Field(
+        None,
+        ge=1,
+        le=MAX_NEW_TOKENS,
+        description=f"tokens generated per continuation (default {DEFAULT_NEW_TOKENS}, or the server's cap if lower)",
+    )
     chat: bool = Field(False, description="wrap the prompt in the tokenizer's chat template (instruct models)")
-    strategy: StrategyName = Field("greedy", description="decoding strategy of both continuations "
-                                   "(speculative: prompt lookup; decore: the atlas's top 10 retrieval heads masked)")
-    kv_snap: Optional[int] = Field(None, ge=33, le=1_000_000, description="SnapKV: prompt entries each KV head "
-                                   "keeps (both continuations); null for the full cache")
+    strategy: StrategyName = Field(
+        "greedy",
+        description="decoding strategy of both continuations "
+        "(speculative: prompt lookup; decore: the atlas's top 10 retrieval heads masked)",
+    )
+    kv_snap: Optional[int] = Field(
+        None,
+        ge=33,
+        le=1_000_000,
+        description="SnapKV: prompt entries each KV head keeps (both continuations); null for the full cache",
+    )
 
 
 class ContinuationView(BaseModel):
@@ -127,8 +140,10 @@ def check_target(target: str, layout: "HeadLayout") -> None:
     elif names.NEURON_NAME.match(target):
         names.neuron(target, layout)
     else:
-        raise Malformed(f"{target!r} is not a head or neuron name: expected L<layer>.H<head> (e.g. 'L5.H3') "
-                        "or L<layer>.N<neuron> (e.g. 'L12.N1031').")
+        raise Malformed(
+            f"{target!r} is not a head or neuron name: expected L<layer>.H<head> (e.g. 'L5.H3') "
+            "or L<layer>.N<neuron> (e.g. 'L12.N1031')."
+        )
 
 
 def build_edit(spec: EditSpec, layout: "HeadLayout") -> Edit:
@@ -149,8 +164,9 @@ def check_request(model: "Model", request: EditRequest, limits: "Limits") -> tup
         raise Malformed(f"max_new_tokens is {new}; this explorer generates at most {limits.new_tokens}.")
     n = int(prompt_ids(model, request.prompt, request.chat)["input_ids"].shape[1])
     if n > limits.edit_tokens:
-        raise Malformed(f"The prompt is {n} tokens; the edit playground takes at most {limits.edit_tokens}. "
-                        "Shorten it.")
+        raise Malformed(
+            f"The prompt is {n} tokens; the edit playground takes at most {limits.edit_tokens}. Shorten it."
+        )
     return n, new
 
 
@@ -171,20 +187,42 @@ def strategy_for(request: EditRequest, retrieval_heads: list[str]) -> Any:
     return make_strategy(request.strategy)
 
 
-def compare(model: "Model", request: EditRequest, edit: Edit, prompt_tokens: int, new_tokens: int,
-            retrieval_heads: list[str] = ()) -> dict[str, Any]:
+def compare(
+    model: "Model",
+    request: EditRequest,
+    edit: Edit,
+    prompt_tokens: int,
+    new_tokens: int,
+    retrieval_heads: list[str] = (),
+) -> dict[str, Any]:
     """Plain and edited continuations side by side, with the request's strategy and KV cache
     (:func:`lmatlas.generate` with ``compare=True``; run it through the app's model gate)."""
     from lmatlas.infer.compose import generate
     from lmatlas.infer.snap import SnapPlan
 
     kv = SnapPlan(capacity=request.kv_snap) if request.kv_snap is not None else None
-    result = generate(model, request.prompt, new_tokens, edit=edit, kv=kv, strategy=strategy_for(request, list(retrieval_heads)),
-                      compare=True, chat=request.chat)
-    return {"prompt": request.prompt, "prompt_tokens": prompt_tokens, "max_new_tokens": new_tokens,
-            "chat": request.chat, "edit": result.edit, "strategy": result.strategy, "kv": result.kv,
-            "plain": _view(model, result.plain), "edited": _view(model, result.edited),
-            "first_difference": result.first_difference()}
+    result = generate(
+        model,
+        request.prompt,
+        new_tokens,
+        edit=edit,
+        kv=kv,
+        strategy=strategy_for(request, list(retrieval_heads)),
+        compare=True,
+        chat=request.chat,
+    )
+    return {
+        "prompt": request.prompt,
+        "prompt_tokens": prompt_tokens,
+        "max_new_tokens": new_tokens,
+        "chat": request.chat,
+        "edit": result.edit,
+        "strategy": result.strategy,
+        "kv": result.kv,
+        "plain": _view(model, result.plain),
+        "edited": _view(model, result.edited),
+        "first_difference": result.first_difference(),
+    }
 
 
 def saved(model: "Model", edit: Edit) -> dict[str, Any]:

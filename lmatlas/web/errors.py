@@ -91,8 +91,9 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, error: HTTPException) -> JSONResponse:
         kind = "NotFound" if error.status_code == 404 else "HTTPError"
-        return JSONResponse(error_body(kind, str(error.detail)), status_code=error.status_code,
-                            headers=getattr(error, "headers", None))
+        return JSONResponse(
+            error_body(kind, str(error.detail)), status_code=error.status_code, headers=getattr(error, "headers", None)
+        )
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:

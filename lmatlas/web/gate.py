@@ -38,7 +38,8 @@ class ModelGate:
             if self._admitted >= self.capacity:
                 raise ModelBusyError(
                     f"The model is busy ({self._admitted} requests running or queued, the limit is "
-                    f"{self.capacity}): retry in a moment.")
+                    f"{self.capacity}): retry in a moment."
+                )
             self._admitted += 1
         try:
             with self._model:

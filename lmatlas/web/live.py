@@ -70,8 +70,12 @@ def decode_lower_triangle(data: str, n: int) -> np.ndarray:
 def attention(model: "Model", ids: torch.Tensor, layer: int, head: int) -> dict[str, Any]:
     cache = _run(model, ids, layer, "attn.pattern")
     pattern = cache.pattern(layer, head)[0]  # [pos, key_pos]
-    return {"tokens": tokens(model, ids), "n": pattern.shape[0], "encoding": ENCODING,
-            "data": encode_lower_triangle(pattern)}
+    return {
+        "tokens": tokens(model, ids),
+        "n": pattern.shape[0],
+        "encoding": ENCODING,
+        "data": encode_lower_triangle(pattern),
+    }
 
 
 def activations(model: "Model", ids: torch.Tensor, layer: int, neuron: int) -> dict[str, Any]:
@@ -84,8 +88,16 @@ def lens(model: "Model", ids: torch.Tensor, k: int) -> dict[str, Any]:
 
     result = logit_lens(model, ids, k=k)
     rows, pos = result.shape
-    cells = [[{"tokens": result.top_tokens[r][j], "probs": result.top_probs[r, j].tolist(),
-               "final_prob": float(result.final_prob[r, j]), "entropy": float(result.entropy[r, j])}
-              for j in range(pos)] for r in range(rows)]
-    return {"tokens": result.input_tokens, "final_tokens": result.final_tokens, "layers": result.labels,
-            "cells": cells}
+    cells = [
+        [
+            {
+                "tokens": result.top_tokens[r][j],
+                "probs": result.top_probs[r, j].tolist(),
+                "final_prob": float(result.final_prob[r, j]),
+                "entropy": float(result.entropy[r, j]),
+            }
+            for j in range(pos)
+        ]
+        for r in range(rows)
+    ]
+    return {"tokens": result.input_tokens, "final_tokens": result.final_tokens, "layers": result.labels, "cells": cells}

@@ -185,8 +185,12 @@ class SearchResults(BaseModel):
 
 
 class Prompt(BaseModel):
-    prompt: str = Field(min_length=1, max_length=40_000, json_schema_extra={"pattern": r"\S"},
-                        description="text to run through the model (capped in tokens: see /api/live)")
+    prompt: str = Field(
+        min_length=1,
+        max_length=40_000,
+        json_schema_extra={"pattern": r"\S"},
+        description="text to run through the model (capped in tokens: see /api/live)",
+    )
 
 
 class LensPrompt(Prompt):

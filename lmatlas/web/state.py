@@ -42,9 +42,15 @@ def clean(value: Any) -> Any:
 def layout_of(card: dict[str, Any]) -> HeadLayout:
     """The sizes an atlas's model card records, as a :class:`HeadLayout` (for name range checks)."""
     try:
-        return HeadLayout(n_layers=card["layers"], d_model=card["d_model"], n_heads=card["query_heads"],
-                          n_kv_heads=card["kv_heads"], d_head=card["d_head"], d_mlp=card["neurons_per_layer"],
-                          d_vocab=card["vocab"])
+        return HeadLayout(
+            n_layers=card["layers"],
+            d_model=card["d_model"],
+            n_heads=card["query_heads"],
+            n_kv_heads=card["kv_heads"],
+            d_head=card["d_head"],
+            d_mlp=card["neurons_per_layer"],
+            d_vocab=card["vocab"],
+        )
     except KeyError as missing:
         raise AtlasError(f"The atlas's model card lacks {missing}: rebuild it with `lmatlas map`.") from None
 
@@ -116,19 +122,27 @@ class Explorer:
         self.card, self.path = self.atlas.card, Path(self.atlas.path)
 
     @classmethod
-    def open(cls, atlas_path: str | Path, model: "Model | None" = None, diff: str | Path | None = None,
-             limits: Limits | None = None) -> "Explorer":
+    def open(
+        cls,
+        atlas_path: str | Path,
+        model: "Model | None" = None,
+        diff: str | Path | None = None,
+        limits: Limits | None = None,
+    ) -> "Explorer":
         """Open the atlas read-only, check the model belongs to it, compute the diff if asked."""
         atlas = Atlas.open(atlas_path)
         try:
             layout = layout_of(atlas.card)
             if model is not None:
                 theirs = model.card()
-                mismatch = {k: (atlas.card.get(k), theirs.get(k)) for k in SAME_MODEL
-                            if atlas.card.get(k) != theirs.get(k)}
+                mismatch = {
+                    k: (atlas.card.get(k), theirs.get(k)) for k in SAME_MODEL if atlas.card.get(k) != theirs.get(k)
+                }
                 if mismatch:
-                    raise AtlasError(f"{atlas_path} is the atlas of {atlas.card.get('source')}, not of "
-                                     f"{theirs.get('source')} (differences: {mismatch}). Pass the atlas's own model.")
+                    raise AtlasError(
+                        f"{atlas_path} is the atlas of {atlas.card.get('source')}, not of "
+                        f"{theirs.get('source')} (differences: {mismatch}). Pass the atlas's own model."
+                    )
             report = None
             if diff is not None:
                 from lmatlas.atlas.diff import diff_atlases
@@ -137,8 +151,14 @@ class Explorer:
         except BaseException:
             atlas.close()
             raise
-        return cls(atlas, layout, model=model, limits=limits or Limits(), diff=report,
-                   diff_path=None if diff is None else str(diff))
+        return cls(
+            atlas,
+            layout,
+            model=model,
+            limits=limits or Limits(),
+            diff=report,
+            diff_path=None if diff is None else str(diff),
+        )
 
     def has(self, table: str) -> bool:
         return table in self.tables
@@ -161,8 +181,9 @@ class Explorer:
 
     def need_model(self, what: str) -> "Model":
         if self.model is None:
-            raise ExplorerError(f"{what} needs a live model: start the explorer with "
-                                f"`lmatlas serve {self.path} --model MODEL`.")
+            raise ExplorerError(
+                f"{what} needs a live model: start the explorer with `lmatlas serve {self.path} --model MODEL`."
+            )
         return self.model
 
     def close(self) -> None:

@@ -33,7 +33,7 @@ def _reduce(model: "Model", ctx: BuildContext) -> list[dict[str, torch.Tensor]]:
     corpus, n_layers = ctx.corpus, model.layout.n_layers
     stats: list[dict[str, torch.Tensor]] = [{} for _ in range(n_layers)]
     for start in range(0, corpus.shape[0], batch):
-        ids = corpus[start: start + batch]
+        ids = corpus[start : start + batch]
         cache = model.run(ids, capture=["mlp.act"])
         for layer in range(n_layers):
             acts = cache.neurons(layer).float().flatten(0, 1)  # [positions, neuron]
@@ -41,8 +41,13 @@ def _reduce(model: "Model", ctx: BuildContext) -> list[dict[str, torch.Tensor]]:
             values, index = acts.topk(min(k, acts.shape[0]), dim=0)
             entry = stats[layer]
             if not entry:
-                entry.update(sum=acts.sum(0), max=acts.max(0).values, positive=(acts > 0).sum(0),
-                             top_values=values, top_index=index + offset)
+                entry.update(
+                    sum=acts.sum(0),
+                    max=acts.max(0).values,
+                    positive=(acts > 0).sum(0),
+                    top_values=values,
+                    top_index=index + offset,
+                )
                 continue
             entry["sum"] += acts.sum(0)
             entry["max"] = torch.maximum(entry["max"], acts.max(0).values)
@@ -58,7 +63,7 @@ def _reduce(model: "Model", ctx: BuildContext) -> list[dict[str, torch.Tensor]]:
 def context_ids(corpus: torch.Tensor, flat_index: int) -> list[int]:
     """The ids of the ``CONTEXT_TOKENS`` tokens before corpus position ``flat_index``, then that token."""
     row, pos = divmod(int(flat_index), corpus.shape[1])
-    return corpus[row, max(0, pos - CONTEXT_TOKENS): pos + 1].tolist()
+    return corpus[row, max(0, pos - CONTEXT_TOKENS) : pos + 1].tolist()
 
 
 def context(model: "Model", corpus: torch.Tensor, flat_index: int) -> str:
@@ -80,20 +85,25 @@ def compute(model: "Model", unit: str, ctx: BuildContext):
     positions = ctx.corpus.numel()
     rows = []
     for neuron in range(model.layout.d_mlp):
-        rows.append({
-            "layer": layer, "neuron": neuron,
-            "mean": float(entry["sum"][neuron]) / positions,
-            "max": float(entry["max"][neuron]),
-            "frac_active": float(entry["positive"][neuron]) / positions,
-            "top_contexts": [context(model, ctx.corpus, i) for i in entry["top_index"][:, neuron].tolist()],
-            "top_context_ids": [context_ids(ctx.corpus, i) for i in entry["top_index"][:, neuron].tolist()],
-        })
+        rows.append(
+            {
+                "layer": layer,
+                "neuron": neuron,
+                "mean": float(entry["sum"][neuron]) / positions,
+                "max": float(entry["max"][neuron]),
+                "frac_active": float(entry["positive"][neuron]) / positions,
+                "top_contexts": [context(model, ctx.corpus, i) for i in entry["top_index"][:, neuron].tolist()],
+                "top_context_ids": [context_ids(ctx.corpus, i) for i in entry["top_index"][:, neuron].tolist()],
+            }
+        )
     return {"neuron_stats": rows}
 
 
-stage(Stage(
-    name="activations",
-    description="neuron activation statistics and top-activating contexts over the corpus",
-    plan=lambda model, ctx: [f"activations/L{layer}" for layer in range(model.layout.n_layers)],
-    compute=compute,
-))
+stage(
+    Stage(
+        name="activations",
+        description="neuron activation statistics and top-activating contexts over the corpus",
+        plan=lambda model, ctx: [f"activations/L{layer}" for layer in range(model.layout.n_layers)],
+        compute=compute,
+    )
+)

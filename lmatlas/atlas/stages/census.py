@@ -34,17 +34,29 @@ def compute(model: "Model", unit: str, ctx: BuildContext):
         return {}
     labelled = result.labelled
     n_layers, n_heads = result.score.shape
-    return {"head_scores": [
-        {"layer": layer, "head": head, "detector": name, "score": float(result.score[layer, head]),
-         "baseline": float(result.null[layer, head]), "z": float(result.z[layer, head]),
-         "label": bool(labelled[layer, head]), "seed": result.seed}
-        for layer in range(n_layers) for head in range(n_heads)
-    ]}
+    return {
+        "head_scores": [
+            {
+                "layer": layer,
+                "head": head,
+                "detector": name,
+                "score": float(result.score[layer, head]),
+                "baseline": float(result.null[layer, head]),
+                "z": float(result.z[layer, head]),
+                "label": bool(labelled[layer, head]),
+                "seed": result.seed,
+            }
+            for layer in range(n_layers)
+            for head in range(n_heads)
+        ]
+    }
 
 
-stage(Stage(
-    name="census",
-    description="every head detector: score, null-battery baseline, z-score and label",
-    plan=plan,
-    compute=compute,
-))
+stage(
+    Stage(
+        name="census",
+        description="every head detector: score, null-battery baseline, z-score and label",
+        plan=plan,
+        compute=compute,
+    )
+)

@@ -26,9 +26,11 @@ def compute(model: "Model", unit: str, ctx: BuildContext):
     return {"corpus": rows}
 
 
-stage(Stage(
-    name="corpus",
-    description="the corpus windows as token ids and strings (what stored contexts point into)",
-    plan=lambda model, ctx: ["corpus/all"],
-    compute=compute,
-))
+stage(
+    Stage(
+        name="corpus",
+        description="the corpus windows as token ids and strings (what stored contexts point into)",
+        plan=lambda model, ctx: ["corpus/all"],
+        compute=compute,
+    )
+)

@@ -44,7 +44,7 @@ def _scan(model: "Model", ctx: BuildContext) -> dict[str, torch.Tensor]:
     group = max(1, min(n_layers, CAPTURE_BYTES // per_layer))
     norms, queries, rows = [], [], []
     for start in range(0, corpus.shape[0], batch):
-        ids = corpus[start: start + batch]
+        ids = corpus[start : start + batch]
         per_layer_norm, per_layer_query, per_layer_rows = [], [], []
         for layer in range(n_layers):
             if layer % group == 0:
@@ -76,15 +76,27 @@ def compute(model: "Model", unit: str, ctx: BuildContext):
         for rank, window in enumerate(norms.topk(keep).indices.tolist()):
             query = int(scan["query"][window, layer, head])
             start = max(0, query - span + 1)
-            attention = scan["rows"][window, layer, head, start: query + 1]
-            out.append({"layer": layer, "head": head, "rank": rank, "window_id": window, "query_pos": query,
-                        "start": start, "write_norm": float(norms[window]), "attention": attention.tolist()})
+            attention = scan["rows"][window, layer, head, start : query + 1]
+            out.append(
+                {
+                    "layer": layer,
+                    "head": head,
+                    "rank": rank,
+                    "window_id": window,
+                    "query_pos": query,
+                    "start": start,
+                    "write_norm": float(norms[window]),
+                    "attention": attention.tolist(),
+                }
+            )
     return {"head_windows": out}
 
 
-stage(Stage(
-    name="head_windows",
-    description="each head's strongest corpus windows: where it writes most, with its attention from there",
-    plan=lambda model, ctx: [f"head_windows/L{layer}" for layer in range(model.layout.n_layers)],
-    compute=compute,
-))
+stage(
+    Stage(
+        name="head_windows",
+        description="each head's strongest corpus windows: where it writes most, with its attention from there",
+        plan=lambda model, ctx: [f"head_windows/L{layer}" for layer in range(model.layout.n_layers)],
+        compute=compute,
+    )
+)

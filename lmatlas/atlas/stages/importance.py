@@ -98,8 +98,11 @@ def compute(model: "Model", unit: str, ctx: BuildContext):
 
     def row(target: str) -> dict:
         measured = target in exact
-        return {"delta_loss": exact[target] if measured else estimate[target], "estimate": estimate.get(target),
-                "method": "mean-ablation" if measured else "attribution"}
+        return {
+            "delta_loss": exact[target] if measured else estimate[target],
+            "estimate": estimate.get(target),
+            "method": "mean-ablation" if measured else "attribution",
+        }
 
     return {
         "head_importance": [{"layer": layer, "head": h, **row(name)} for h, name in enumerate(heads)],
@@ -107,9 +110,11 @@ def compute(model: "Model", unit: str, ctx: BuildContext):
     }
 
 
-stage(Stage(
-    name="importance",
-    description="loss increase when each head and MLP is mean-ablated (attribution, top heads verified exactly)",
-    plan=lambda model, ctx: [f"importance/L{layer}" for layer in range(model.layout.n_layers)],
-    compute=compute,
-))
+stage(
+    Stage(
+        name="importance",
+        description="loss increase when each head and MLP is mean-ablated (attribution, top heads verified exactly)",
+        plan=lambda model, ctx: [f"importance/L{layer}" for layer in range(model.layout.n_layers)],
+        compute=compute,
+    )
+)

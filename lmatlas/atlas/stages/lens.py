@@ -29,20 +29,30 @@ def compute(model: "Model", unit: str, ctx: BuildContext):
     windows = ctx.corpus[: ctx.params.get("lens_sequences", DEFAULT_SEQUENCES)]
     for ids in windows:
         lens = logit_lens(model, ids, k=1)
-        stats = torch.stack([lens.entropy, lens.final_prob, lens.kl,
-                             (lens.top_ids[:, :, 0] == lens.final_ids).float()]).sum(-1)  # [4, layers]
+        stats = torch.stack(
+            [lens.entropy, lens.final_prob, lens.kl, (lens.top_ids[:, :, 0] == lens.final_ids).float()]
+        ).sum(-1)  # [4, layers]
         totals = stats if totals is None else totals + stats
     means = (totals / windows.numel()).tolist()
-    return {"layer_lens": [
-        {"layer": layer, "entropy": means[0][layer], "final_prob": means[1][layer], "kl_to_final": means[2][layer],
-         "top1_agreement": means[3][layer]}
-        for layer in range(model.layout.n_layers)
-    ]}
+    return {
+        "layer_lens": [
+            {
+                "layer": layer,
+                "entropy": means[0][layer],
+                "final_prob": means[1][layer],
+                "kl_to_final": means[2][layer],
+                "top1_agreement": means[3][layer],
+            }
+            for layer in range(model.layout.n_layers)
+        ]
+    }
 
 
-stage(Stage(
-    name="lens",
-    description="logit-lens entropy, final-prediction probability, KL and top-1 agreement per layer",
-    plan=lambda model, ctx: ["lens/all"],
-    compute=compute,
-))
+stage(
+    Stage(
+        name="lens",
+        description="logit-lens entropy, final-prediction probability, KL and top-1 agreement per layer",
+        plan=lambda model, ctx: ["lens/all"],
+        compute=compute,
+    )
+)

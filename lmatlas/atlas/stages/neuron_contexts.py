@@ -45,7 +45,7 @@ def _first_pass(model: "Model", ctx: BuildContext) -> list[dict[str, torch.Tenso
     corpus, batch, k = ctx.corpus, ctx.params.get("batch", 4), ctx.params.get("top_contexts", 5)
     stats: list[dict[str, torch.Tensor]] = [{} for _ in range(model.layout.n_layers)]
     for start in range(0, corpus.shape[0], batch):
-        for layer, acts in enumerate(_acts(model, corpus[start: start + batch])):
+        for layer, acts in enumerate(_acts(model, corpus[start : start + batch])):
             flat = acts.flatten(0, 1)  # [positions, neuron]
             values, index = flat.topk(min(k, flat.shape[0]), dim=0)
             index = index + start * corpus.shape[1]
@@ -72,14 +72,15 @@ def _second_pass(model: "Model", ctx: BuildContext, stats: list[dict[str, torch.
         entry["counts"] = torch.zeros(n * HISTOGRAM_BINS, dtype=torch.int64)
         entry["spans"] = torch.full((k, n, offsets.numel()), float("nan"))
     for start in range(0, corpus.shape[0], batch):
-        for layer, acts in enumerate(_acts(model, corpus[start: start + batch])):
+        for layer, acts in enumerate(_acts(model, corpus[start : start + batch])):
             entry = stats[layer]
             flat = acts.flatten(0, 1)  # [positions, neuron]
             n = flat.shape[1]
             width = (entry["hi"] - entry["lo"]).clamp_min(1e-12)
             bins = ((flat - entry["lo"]) / width * HISTOGRAM_BINS).long().clamp(0, HISTOGRAM_BINS - 1)
-            entry["counts"].scatter_add_(0, (bins + torch.arange(n) * HISTOGRAM_BINS).flatten(),
-                                         torch.ones(bins.numel(), dtype=torch.int64))
+            entry["counts"].scatter_add_(
+                0, (bins + torch.arange(n) * HISTOGRAM_BINS).flatten(), torch.ones(bins.numel(), dtype=torch.int64)
+            )
             window, pos = entry["top_index"] // seq_len - start, entry["top_index"] % seq_len  # [k, neuron]
             inside = (window >= 0) & (window < acts.shape[0])
             if not inside.any():
@@ -87,8 +88,9 @@ def _second_pass(model: "Model", ctx: BuildContext, stats: list[dict[str, torch.
             where = pos[..., None] + offsets  # [k, neuron, span]
             valid = inside[..., None] & (where >= 0) & (where < seq_len)
             neuron = torch.arange(n)[None, :, None].expand_as(where)
-            picked = acts[window.clamp(0, acts.shape[0] - 1)[..., None].expand_as(where),
-                          where.clamp(0, seq_len - 1), neuron]
+            picked = acts[
+                window.clamp(0, acts.shape[0] - 1)[..., None].expand_as(where), where.clamp(0, seq_len - 1), neuron
+            ]
             entry["spans"] = torch.where(valid, picked, entry["spans"])
     for entry in stats:
         entry["counts"] = entry["counts"].view(-1, HISTOGRAM_BINS)
@@ -109,20 +111,38 @@ def compute(model: "Model", unit: str, ctx: BuildContext):
     levels, top_index, top_values = levels.tolist(), entry["top_index"].tolist(), entry["top_values"].tolist()
     contexts, histograms = [], []
     for neuron in range(entry["lo"].numel()):
-        histograms.append({"layer": layer, "neuron": neuron, "lo": float(entry["lo"][neuron]),
-                           "hi": float(entry["hi"][neuron]), "scale": float(scale[neuron]),
-                           "counts": entry["counts"][neuron].tolist()})
+        histograms.append(
+            {
+                "layer": layer,
+                "neuron": neuron,
+                "lo": float(entry["lo"][neuron]),
+                "hi": float(entry["hi"][neuron]),
+                "scale": float(scale[neuron]),
+                "counts": entry["counts"][neuron].tolist(),
+            }
+        )
         for rank in range(len(top_index)):
             window, pos = divmod(top_index[rank][neuron], seq_len)
-            contexts.append({"layer": layer, "neuron": neuron, "rank": rank, "window_id": window, "pos": pos,
-                             "start": max(0, pos - CONTEXT_BEFORE), "activation": top_values[rank][neuron],
-                             "levels": [int(v) for v in levels[rank][neuron] if v == v]})  # v != v: NaN
+            contexts.append(
+                {
+                    "layer": layer,
+                    "neuron": neuron,
+                    "rank": rank,
+                    "window_id": window,
+                    "pos": pos,
+                    "start": max(0, pos - CONTEXT_BEFORE),
+                    "activation": top_values[rank][neuron],
+                    "levels": [int(v) for v in levels[rank][neuron] if v == v],
+                }
+            )  # v != v: NaN
     return {"neuron_contexts": contexts, "neuron_histograms": histograms}
 
 
-stage(Stage(
-    name="neuron_contexts",
-    description="each neuron's top corpus contexts with per-token activations, and its activation histogram",
-    plan=lambda model, ctx: [f"neuron_contexts/L{layer}" for layer in range(model.layout.n_layers)],
-    compute=compute,
-))
+stage(
+    Stage(
+        name="neuron_contexts",
+        description="each neuron's top corpus contexts with per-token activations, and its activation histogram",
+        plan=lambda model, ctx: [f"neuron_contexts/L{layer}" for layer in range(model.layout.n_layers)],
+        compute=compute,
+    )
+)

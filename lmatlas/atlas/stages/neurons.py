@@ -29,29 +29,34 @@ def compute(model: "Model", unit: str, ctx: BuildContext):
 
     layer = layer_of(unit)
     decoding = ctx.remember("neurons.decoding", lambda: _decode_all(model, ctx))
-    rankings = {"promoted": decoding.promoted, "suppressed": decoding.suppressed,
-                "exciting": decoding.inputs.get("gate", decoding.inputs.get("in"))}
+    rankings = {
+        "promoted": decoding.promoted,
+        "suppressed": decoding.suppressed,
+        "exciting": decoding.inputs.get("gate", decoding.inputs.get("in")),
+    }
     first = decoding.row(layer, 0)
     rows = [{"layer": layer, "neuron": n} for n in range(decoding.d_mlp)]
     for name, ranking in rankings.items():
         if ranking is None:
             ids = logits = [[] for _ in rows]
         else:
-            ids = ranking.ids[first: first + decoding.d_mlp].tolist()
-            logits = ranking.logits[first: first + decoding.d_mlp].tolist()
+            ids = ranking.ids[first : first + decoding.d_mlp].tolist()
+            logits = ranking.logits[first : first + decoding.d_mlp].tolist()
         texts = token_texts(model.tokenizer, [i for row_ids in ids for i in row_ids])
         offset = 0
         for row, row_ids, row_logits in zip(rows, ids, logits):
-            row[name] = texts[offset: offset + len(row_ids)]
+            row[name] = texts[offset : offset + len(row_ids)]
             row[f"{name}_ids"] = row_ids
             row[f"{name}_logits"] = [float(v) for v in row_logits]
             offset += len(row_ids)
     return {"neurons": rows}
 
 
-stage(Stage(
-    name="neurons",
-    description="tokens each neuron promotes, suppresses and is excited by (weights through the unembedding)",
-    plan=lambda model, ctx: [f"neurons/L{layer}" for layer in range(model.layout.n_layers)],
-    compute=compute,
-))
+stage(
+    Stage(
+        name="neurons",
+        description="tokens each neuron promotes, suppresses and is excited by (weights through the unembedding)",
+        plan=lambda model, ctx: [f"neurons/L{layer}" for layer in range(model.layout.n_layers)],
+        compute=compute,
+    )
+)

@@ -25,21 +25,38 @@ def compute(model: "Model", unit: str, ctx: BuildContext):
     layer, params = layer_of(unit), ctx.params
     rows = []
     for head in range(model.layout.n_heads):
-        decoding = decode_ov(model, layer, head, sources=params.get("ov_sources", 256), k=params.get("ov_k", 10),
-                             n_pairs=params.get("ov_pairs", 10), seed=ctx.seed)
+        decoding = decode_ov(
+            model,
+            layer,
+            head,
+            sources=params.get("ov_sources", 256),
+            k=params.get("ov_k", 10),
+            n_pairs=params.get("ov_pairs", 10),
+            seed=ctx.seed,
+        )
         source_ids = [int(p[0]) for p in decoding.pairs]
         output_ids = [int(p[1]) for p in decoding.pairs]
-        rows.append({"layer": layer, "head": head, "copying": decoding.copying, "suppression": decoding.suppression,
-                     "top_sources": token_texts(model.tokenizer, source_ids),
-                     "top_outputs": token_texts(model.tokenizer, output_ids),
-                     "top_logits": [float(p[2]) for p in decoding.pairs],
-                     "top_source_ids": source_ids, "top_output_ids": output_ids})
+        rows.append(
+            {
+                "layer": layer,
+                "head": head,
+                "copying": decoding.copying,
+                "suppression": decoding.suppression,
+                "top_sources": token_texts(model.tokenizer, source_ids),
+                "top_outputs": token_texts(model.tokenizer, output_ids),
+                "top_logits": [float(p[2]) for p in decoding.pairs],
+                "top_source_ids": source_ids,
+                "top_output_ids": output_ids,
+            }
+        )
     return {"head_ov": rows}
 
 
-stage(Stage(
-    name="ov",
-    description="each head's OV circuit through the vocabulary: copying, suppression, top source→output pairs",
-    plan=lambda model, ctx: [f"ov/L{layer}" for layer in range(model.layout.n_layers)],
-    compute=compute,
-))
+stage(
+    Stage(
+        name="ov",
+        description="each head's OV circuit through the vocabulary: copying, suppression, top source→output pairs",
+        plan=lambda model, ctx: [f"ov/L{layer}" for layer in range(model.layout.n_layers)],
+        compute=compute,
+    )
+)

@@ -48,13 +48,17 @@ def compute(model: "Model", unit: str, ctx: BuildContext):
 
     found = vocab_writers(model, calibration, tokens, seed=ctx.seed, writes=writes, factors=factors)
     texts = token_texts(model.tokenizer, tokens.tolist())
-    return {"token_writers": writer_rows(model, found),
-            "vocab": [{"token_id": t, "token": text} for t, text in zip(tokens.tolist(), texts)]}
+    return {
+        "token_writers": writer_rows(model, found),
+        "vocab": [{"token_id": t, "token": text} for t, text in zip(tokens.tolist(), texts)],
+    }
 
 
-stage(Stage(
-    name="search",
-    description="for every token, the heads and neurons that write it most (one scale: logits through the final norm)",
-    plan=lambda model, ctx: [f"search/V{start}" for start in range(0, model.layout.d_vocab, SLICE)],
-    compute=compute,
-))
+stage(
+    Stage(
+        name="search",
+        description="for every token, the heads and neurons that write it most (one scale: logits through the final norm)",
+        plan=lambda model, ctx: [f"search/V{start}" for start in range(0, model.layout.d_vocab, SLICE)],
+        compute=compute,
+    )
+)

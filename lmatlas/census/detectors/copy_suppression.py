@@ -74,7 +74,7 @@ def suppression_hits(
     vocab, index = torch.unique(torch.cat([ids.flatten(), compare.flatten()]), return_inverse=True)
     readout = readout_matrix(model, vocab).T  # [U, d_model]: only the tokens that occur here
     row_readout = readout[index[: ids.numel()].view_as(ids)]  # [batch, pos, d_model]: each position's token
-    compare_readout = readout[index[ids.numel():].view_as(compare)]  # [batch, n_compare, d_model]
+    compare_readout = readout[index[ids.numel() :].view_as(compare)]  # [batch, n_compare, d_model]
 
     def top1(pattern, site):  # [batch, head, pos, key_pos] -> top-1 key at the queries: [batch, head, n_q]
         attended[site.layer] = pattern[:, :, queries].argmax(-1)

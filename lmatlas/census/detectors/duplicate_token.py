@@ -27,7 +27,7 @@ from lmatlas.census.registry import Battery, Detector, register
 def second_half(values: torch.Tensor, battery: Battery) -> torch.Tensor:
     """``[..., pos] -> [..., half]``: the queries of the second half of a (repeated or null) battery."""
     start = battery.meta["prefix"] + battery.meta["half"]
-    return values[..., start: start + battery.meta["half"]]
+    return values[..., start : start + battery.meta["half"]]
 
 
 @register

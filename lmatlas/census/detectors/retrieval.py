@@ -107,8 +107,15 @@ def needle_battery(
         depth[i] = len(prefix) + d
         steps = torch.arange(needle - 1)
         targets[i, copy_at + steps] = depth[i] + steps + 1
-    meta = {"kind": kind, "null": null, "prefix": len(prefix), "needle": needle, "depth": depth,
-            "targets": targets.to(model.device), "mask": (targets >= 0).to(model.device)}
+    meta = {
+        "kind": kind,
+        "null": null,
+        "prefix": len(prefix),
+        "needle": needle,
+        "depth": depth,
+        "targets": targets.to(model.device),
+        "mask": (targets >= 0).to(model.device),
+    }
     return Battery(f"{name}/null" if null else name, ids.to(model.device), int(seed), meta)
 
 
@@ -118,8 +125,13 @@ def rows_per_call(length: int, tokens_per_call: int) -> int:
 
 
 def retrieval_hits(
-    model: "Model", input_ids: torch.Tensor, targets: torch.Tensor, *, layers: list[int] | None = None,
-    chunk: int = 256, tokens_per_call: int = 8192,
+    model: "Model",
+    input_ids: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    layers: list[int] | None = None,
+    chunk: int = 256,
+    tokens_per_call: int = 8192,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(hits, needle_mass)``, each ``[batch, layer, head]`` over the queries with a target.
 
@@ -150,15 +162,17 @@ class RetrievalDetector(Detector):
     threshold = 0.3
     min_z = 3.0
 
-    def __init__(self, n_examples: int = 6, length: int = 1024, needle: int = 24, chunk: int = 256,
-                 tokens_per_call: int = 8192):
+    def __init__(
+        self, n_examples: int = 6, length: int = 1024, needle: int = 24, chunk: int = 256, tokens_per_call: int = 8192
+    ):
         self.n_examples, self.length, self.needle = n_examples, length, needle
         self.chunk, self.tokens_per_call = chunk, tokens_per_call
         self._last = LastResult()
 
     def battery(self, model: "Model", seed: int, null: bool = False) -> Battery:
-        return needle_battery(model, self.name, seed, null=null, n=self.n_examples, length=self.length,
-                              needle=self.needle)
+        return needle_battery(
+            model, self.name, seed, null=null, n=self.n_examples, length=self.length, needle=self.needle
+        )
 
     def score(self, model: "Model", battery: Battery) -> torch.Tensor:
         return self._measure(model, battery)["hits"]
@@ -169,8 +183,13 @@ class RetrievalDetector(Detector):
 
     def _measure(self, model: "Model", battery: Battery) -> dict[str, torch.Tensor]:
         def compute():
-            hits, mass = retrieval_hits(model, battery.input_ids, battery.meta["targets"], chunk=self.chunk,
-                                        tokens_per_call=self.tokens_per_call)
+            hits, mass = retrieval_hits(
+                model,
+                battery.input_ids,
+                battery.meta["targets"],
+                chunk=self.chunk,
+                tokens_per_call=self.tokens_per_call,
+            )
             return {"hits": hits, "needle_mass": mass}
 
         return self._last.get(model, battery, compute)

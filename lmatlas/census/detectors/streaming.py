@@ -69,8 +69,9 @@ def streaming_keep(rows: torch.Tensor, keys: torch.Tensor, n_sink: int, window: 
 def restrict_pattern(pattern: torch.Tensor, n_sink: int, window: int) -> torch.Tensor:
     """``[batch, head, pos, key_pos]`` pattern restricted to sinks + recent window and renormalised per row."""
     pos, n_keys = pattern.shape[-2:]
-    keep = streaming_keep(torch.arange(pos, device=pattern.device), torch.arange(n_keys, device=pattern.device),
-                          n_sink, window)
+    keep = streaming_keep(
+        torch.arange(pos, device=pattern.device), torch.arange(n_keys, device=pattern.device), n_sink, window
+    )
     kept = pattern * keep
     return kept / kept.sum(-1, keepdim=True).clamp_min(torch.finfo(kept.dtype).tiny)
 
@@ -100,8 +101,12 @@ class _SplitProbe(Probe):
                 keys = call.visible_keys(rows)
                 probs = call.probs(rows, keys)  # [batch, head, n_rows, n_keys] float32
                 device = probs.device
-                keep = streaming_keep(torch.arange(rows.start, rows.stop, device=device),
-                                      torch.arange(keys.start, keys.stop, device=device), self.n_sink, self.window)
+                keep = streaming_keep(
+                    torch.arange(rows.start, rows.stop, device=device),
+                    torch.arange(keys.start, keys.stop, device=device),
+                    self.n_sink,
+                    self.window,
+                )
                 kept = probs * keep
                 kept = kept / kept.sum(-1, keepdim=True).clamp_min(torch.finfo(kept.dtype).tiny)
                 v = value[:, :, keys].float()
@@ -113,7 +118,12 @@ class _SplitProbe(Probe):
 
 
 def output_change(
-    model: "Model", input_ids: torch.Tensor, mask: torch.Tensor, *, n_sink: int = 4, window: int = 64,
+    model: "Model",
+    input_ids: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    n_sink: int = 4,
+    window: int = 64,
     chunk: int = 256,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(diff, total)``, each ``[batch, layer, head]``: the sums of the score's numerator and denominator.
@@ -124,8 +134,10 @@ def output_change(
     """
     lay, ids = model.layout, input_ids.to(model.device)
     mask = mask.to(model.device)
-    probes = {layer: _SplitProbe(model.W.W_O(layer).detach().float(), mask, n_sink, window, chunk)
-              for layer in range(lay.n_layers)}
+    probes = {
+        layer: _SplitProbe(model.W.W_O(layer).detach().float(), mask, n_sink, window, chunk)
+        for layer in range(lay.n_layers)
+    }
     with HookSession(model, probes=probes):
         model.run(ids, lm_head=False)
     missing = [layer for layer, probe in probes.items() if probe.calls != 1]
@@ -139,19 +151,30 @@ def output_change(
 @register
 class StreamingSplit(Detector):
     name = "full_context"
-    description = ("needs the full KV cache: its output changes when it sees only attention sinks + a recent "
-                   "window (unlabelled heads can stream)")
+    description = (
+        "needs the full KV cache: its output changes when it sees only attention sinks + a recent "
+        "window (unlabelled heads can stream)"
+    )
     threshold = 0.5
     min_z = 3.0
 
-    def __init__(self, n_examples: int = 6, length: int = 1024, needle: int = 24, n_sink: int = 4,
-                 window: int = 64, chunk: int = 256, tokens_per_call: int = 8192):
+    def __init__(
+        self,
+        n_examples: int = 6,
+        length: int = 1024,
+        needle: int = 24,
+        n_sink: int = 4,
+        window: int = 64,
+        chunk: int = 256,
+        tokens_per_call: int = 8192,
+    ):
         self.n_examples, self.length, self.needle = n_examples, length, needle
         self.n_sink, self.window, self.chunk, self.tokens_per_call = n_sink, window, chunk, tokens_per_call
 
     def battery(self, model: "Model", seed: int, null: bool = False) -> Battery:
-        return needle_battery(model, self.name, seed, null=null, n=self.n_examples, length=self.length,
-                              needle=self.needle)
+        return needle_battery(
+            model, self.name, seed, null=null, n=self.n_examples, length=self.length, needle=self.needle
+        )
 
     def score(self, model: "Model", battery: Battery) -> torch.Tensor:
         ids, mask = battery.input_ids, battery.meta["mask"]
@@ -161,7 +184,8 @@ class StreamingSplit(Detector):
         step = rows_per_call(ids.shape[1], self.tokens_per_call)
         for start in range(0, ids.shape[0], step):
             rows = slice(start, start + step)
-            diff, total = output_change(model, ids[rows], mask[rows], n_sink=self.n_sink, window=self.window,
-                                        chunk=self.chunk)
+            diff, total = output_change(
+                model, ids[rows], mask[rows], n_sink=self.n_sink, window=self.window, chunk=self.chunk
+            )
             scores.append(torch.where(total > 0, diff / total.clamp_min(1e-30), 0.0))
         return torch.cat(scores).float()

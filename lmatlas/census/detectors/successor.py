@@ -78,8 +78,13 @@ def effective_embedding(model: "Model", token_ids: torch.Tensor, embedding: str 
     if embedding == "embed":
         with torch.no_grad():
             return get_path(model.hf, model.spec.embed)(ids).float()
-    store = run_body(model, ids[:, None], replace={"L0.attn.out": lambda v, s: torch.zeros_like(v)},
-                     capture=["L0.resid.post"], stop_after=0)
+    store = run_body(
+        model,
+        ids[:, None],
+        replace={"L0.attn.out": lambda v, s: torch.zeros_like(v)},
+        capture=["L0.resid.post"],
+        stop_after=0,
+    )
     return store["L0.resid.post"][:, 0].float()
 
 
@@ -115,8 +120,9 @@ def successor_ov_scores(
     for name, seq in sequences.items():
         pairs = seq.pairs()
         cand = list(seq.ids)
-        logits = ov_logits(model, effective_embedding(model, [a for a, _ in pairs], embedding),
-                           readout_matrix(model, cand))
+        logits = ov_logits(
+            model, effective_embedding(model, [a for a, _ in pairs], embedding), readout_matrix(model, cand)
+        )
         target = torch.tensor([cand.index(b) for _, b in pairs], device=logits.device)
         hits = (logits.argmax(-1) == target).float()  # [layer, head, n_pairs]
         per_seq[name] = hits.mean(-1)
@@ -196,8 +202,16 @@ class SuccessorDetector(Detector):
             counted = targets[i, items_at + 1] >= 0
             sources[i, items_at + 1] = torch.where(counted, torch.tensor(row), -1)
             source_pos[i, items_at + 1] = torch.where(counted, items_at, -1)
-        meta = {"kind": name, "null": null, "prefix": len(prefix), "targets": targets, "sources": sources,
-                "source_pos": source_pos, "candidates": candidates, "sequences": chosen}
+        meta = {
+            "kind": name,
+            "null": null,
+            "prefix": len(prefix),
+            "targets": targets,
+            "sources": sources,
+            "source_pos": source_pos,
+            "candidates": candidates,
+            "sequences": chosen,
+        }
         return Battery(name, ids.to(model.device), seed, meta)
 
     def score(self, model: "Model", battery: Battery) -> torch.Tensor:
@@ -206,6 +220,7 @@ class SuccessorDetector(Detector):
 
     def subscores(self, model: "Model", battery: Battery) -> dict[str, torch.Tensor]:
         """``{"ov", "behaviour"}``: each ``[n_examples, layer, head]`` hit rates over the counted positions."""
+
         def compute():
             ov, behaviour, counted = self.components(model, battery)
             n = counted.sum(-1).clamp_min(1)[:, None, None].float()
@@ -215,8 +230,11 @@ class SuccessorDetector(Detector):
 
     def components(self, model: "Model", battery: Battery) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(ov_hits, behaviour_hits, counted)``: ``[n_examples, pos, layer, head]`` 0/1 floats and ``[n, pos]``."""
-        ids, targets, cands = (battery.input_ids.to(model.device), battery.meta["targets"].to(model.device),
-                               battery.meta["candidates"].to(model.device))
+        ids, targets, cands = (
+            battery.input_ids.to(model.device),
+            battery.meta["targets"].to(model.device),
+            battery.meta["candidates"].to(model.device),
+        )
         vocab = torch.unique(cands[cands >= 0])  # the union of all candidates, sorted
         readout = readout_matrix(model, vocab)  # [d_model, U]
         allowed = (cands[:, :, None] == vocab[None, None, :]).any(1)  # [n, U]

@@ -47,14 +47,16 @@ def _sequences(model: "Model", prompts: Sequence[str], new_tokens: int) -> list[
     for prompt in prompts:
         ids = model.tokenize(prompt)["input_ids"]
         with torch.no_grad():
-            seq = model.hf.generate(input_ids=ids, do_sample=False, max_new_tokens=new_tokens,
-                                    pad_token_id=pad_token_id(model.tokenizer))
+            seq = model.hf.generate(
+                input_ids=ids, do_sample=False, max_new_tokens=new_tokens, pad_token_id=pad_token_id(model.tokenizer)
+            )
         out.append((seq, ids.shape[1]))
     return out
 
 
-def acceptance_profile(model: "Model", prompts: Sequence[str], new_tokens: int = 64,
-                       skip_sets: dict[str, Sequence[int]] | None = None) -> dict[str, Any]:
+def acceptance_profile(
+    model: "Model", prompts: Sequence[str], new_tokens: int = 64, skip_sets: dict[str, Sequence[int]] | None = None
+) -> dict[str, Any]:
     """Early-exit agreement per layer (and per skipped-layer set) on the generated positions.
 
     Returns ``{"positions", "early_exit": [{"layer", "agreement", "speedup", "draft_len"}],
@@ -74,8 +76,8 @@ def acceptance_profile(model: "Model", prompts: Sequence[str], new_tokens: int =
     with torch.no_grad():
         for seq, prompt_len in _sequences(model, prompts, new_tokens):
             with LayerTap(model.hf, layers, positions="all") as tap:
-                final = model.hf(input_ids=seq, use_cache=False).logits[0].argmax(-1)     # [pos]
-            span = slice(prompt_len - 1, seq.shape[1] - 1)       # positions whose next token was generated
+                final = model.hf(input_ids=seq, use_cache=False).logits[0].argmax(-1)  # [pos]
+            span = slice(prompt_len - 1, seq.shape[1] - 1)  # positions whose next token was generated
             target = final[span]
             total += int(target.numel())
             for i, layer in enumerate(layers):
@@ -96,8 +98,15 @@ def acceptance_profile(model: "Model", prompts: Sequence[str], new_tokens: int =
     for name, skipped in skip_sets.items():
         a = skip_agree[name] / max(total, 1)
         speedup, k = implied_speedup(a, (n - len(skipped)) / n)
-        skipped_rows.append({"name": name, "layers": sorted(int(l) for l in skipped), "agreement": a,
-                             "speedup": speedup, "draft_len": k})
+        skipped_rows.append(
+            {
+                "name": name,
+                "layers": sorted(int(l) for l in skipped),
+                "agreement": a,
+                "speedup": speedup,
+                "draft_len": k,
+            }
+        )
     return {"positions": total, "layers": n, "early_exit": rows, "skipped": skipped_rows}
 
 
@@ -110,7 +119,8 @@ def least_important_layers(atlas: Any, fraction: float = 0.2) -> list[int]:
     rows = atlas.sql(
         "SELECT m.layer, abs(m.delta_loss) + COALESCE(h.total, 0) AS importance FROM mlp_importance m "
         "LEFT JOIN (SELECT layer, SUM(abs(delta_loss)) AS total FROM head_importance GROUP BY layer) h "
-        "ON m.layer = h.layer ORDER BY importance").to_pylist()
+        "ON m.layer = h.layer ORDER BY importance"
+    ).to_pylist()
     if not rows:
         raise InputError("This atlas has no importance tables: build it with the importance stage.")
     count = max(1, round(fraction * len(rows)))

@@ -39,8 +39,10 @@ def head_names(model: "Model", heads: Sequence[str]) -> list[str]:
     """Check ``["L5.H3", ...]`` against the model's sizes; an empty list is an error."""
     heads = list(heads)
     if not heads:
-        raise InputError("DeCoRe needs at least one head to mask: pass heads such as ['L5.H3'], or take the "
-                         "census's retrieval heads (retrieval_heads(model) / --heads from an atlas).")
+        raise InputError(
+            "DeCoRe needs at least one head to mask: pass heads such as ['L5.H3'], or take the "
+            "census's retrieval heads (retrieval_heads(model) / --heads from an atlas)."
+        )
     lay = model.layout
     out = []
     for name in heads:
@@ -52,8 +54,10 @@ def head_names(model: "Model", heads: Sequence[str]) -> list[str]:
         if not (layer_part.startswith("L") and head_part.startswith("H")):
             raise InputError(f"Head {name!r}: write heads as 'L<layer>.H<head>' (e.g. 'L5.H3').")
         if not (0 <= layer < lay.n_layers and 0 <= head < lay.n_heads):
-            raise InputError(f"Head {name!r} does not exist: this model has layers 0..{lay.n_layers - 1} and "
-                             f"heads 0..{lay.n_heads - 1}.")
+            raise InputError(
+                f"Head {name!r} does not exist: this model has layers 0..{lay.n_layers - 1} and "
+                f"heads 0..{lay.n_heads - 1}."
+            )
         out.append(f"L{layer}.H{head}")
     return sorted(set(out), key=lambda h: tuple(int(p[1:]) for p in h.split(".")))
 
@@ -73,14 +77,15 @@ def retrieval_heads(model: "Model", top: int = 10, atlas: Any = None) -> list[st
         from lmatlas.atlas import Atlas
 
         atlas = Atlas.open(atlas) if isinstance(atlas, str) else atlas
-        table = atlas.sql("SELECT layer, head, score FROM head_scores WHERE detector = 'retrieval' "
-                          "ORDER BY score DESC").to_pylist()
+        table = atlas.sql(
+            "SELECT layer, head, score FROM head_scores WHERE detector = 'retrieval' ORDER BY score DESC"
+        ).to_pylist()
         if not table:
             raise InputError("This atlas has no retrieval scores: build it with the census stage.")
         return [f"L{row['layer']}.H{row['head']}" for row in table[:top]]
     from lmatlas.census.run import run_census
 
-    score = run_census(model, detectors=["retrieval"])["retrieval"].score          # [layer, head]
+    score = run_census(model, detectors=["retrieval"])["retrieval"].score  # [layer, head]
     order = torch.argsort(score.flatten(), descending=True)[:top]
     n_heads = score.shape[1]
     return [f"L{int(i) // n_heads}.H{int(i) % n_heads}" for i in order]
@@ -101,7 +106,9 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(log_p.exp() * log_p).sum(-1)
 
 
-def decore_scores(base: torch.Tensor, masked: torch.Tensor, alpha_cap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def decore_scores(
+    base: torch.Tensor, masked: torch.Tensor, alpha_cap: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(scores [batch, V], alpha [batch])``: ``(1 + a) * base - a * masked`` with ``a`` the base entropy."""
     alpha = entropy(base)
     if alpha_cap is not None:
@@ -110,10 +117,19 @@ def decore_scores(base: torch.Tensor, masked: torch.Tensor, alpha_cap: float | N
 
 
 def decore_generate(
-    model: nn.Module, input_ids: torch.Tensor, logits_processor: Any, stopping_criteria: Any,
-    generation_config: Any, synced_gpus: bool = False, streamer: Any = None,
-    lmatlas_model: "Model | None" = None, masked_heads: Sequence[str] | None = (), alpha_cap: float | None = None,
-    decore_trace: list | None = None, masked_cache: Any = None, **model_kwargs: Any,
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    logits_processor: Any,
+    stopping_criteria: Any,
+    generation_config: Any,
+    synced_gpus: bool = False,
+    streamer: Any = None,
+    lmatlas_model: "Model | None" = None,
+    masked_heads: Sequence[str] | None = (),
+    alpha_cap: float | None = None,
+    decore_trace: list | None = None,
+    masked_cache: Any = None,
+    **model_kwargs: Any,
 ) -> torch.Tensor:
     """A ``custom_generate`` callable: DeCoRe greedy decoding (see the module docstring).
 
@@ -129,7 +145,7 @@ def decore_generate(
         raise InputError("DeCoRe needs lmatlas_model=<the lmatlas Model wrapping this module> (it applies the edit).")
     edit = None
     if masked_heads is not None:
-        edit = masking_edit(head_names(lmatlas_model, masked_heads)).bind(lmatlas_model)   # checked once
+        edit = masking_edit(head_names(lmatlas_model, masked_heads)).bind(lmatlas_model)  # checked once
     if input_ids.shape[0] != 1 and model_kwargs.get("attention_mask") is not None:
         raise InputError("DeCoRe decodes one sequence (or an unpadded batch) at a time.")
     masked_cache = masked_cache if masked_cache is not None else DynamicCache(config=model.config)
@@ -138,20 +154,30 @@ def decore_generate(
         base = outputs.logits[:, -1].float()
         seen = masked_cache.get_seq_length()
         with lmatlas_model.hooked(replace=edit) if edit is not None else torch.no_grad():
-            masked = model(input_ids=ids[:, seen:], past_key_values=masked_cache, use_cache=True,
-                           logits_to_keep=1).logits[:, -1].float()
+            masked = (
+                model(input_ids=ids[:, seen:], past_key_values=masked_cache, use_cache=True, logits_to_keep=1)
+                .logits[:, -1]
+                .float()
+            )
         out, alpha = decore_scores(base, masked, alpha_cap)
         if decore_trace is not None:
             decore_trace.append(float(alpha[0]))
         return out
 
-    return greedy_loop(model, input_ids, logits_processor, stopping_criteria, generation_config,
-                       model_kwargs, scores, streamer)
+    return greedy_loop(
+        model, input_ids, logits_processor, stopping_criteria, generation_config, model_kwargs, scores, streamer
+    )
 
 
 def generate_decore(
-    model: "Model", prompt: Any, max_new_tokens: int = 32, *, heads: Sequence[str] | None = None,
-    alpha_cap: float | None = None, chat: bool = False, **kwargs: Any,
+    model: "Model",
+    prompt: Any,
+    max_new_tokens: int = 32,
+    *,
+    heads: Sequence[str] | None = None,
+    alpha_cap: float | None = None,
+    chat: bool = False,
+    **kwargs: Any,
 ) -> dict[str, Any]:
     """DeCoRe on an lmatlas model: ``{"text", "token_ids", "heads", "alphas"}``.
 

@@ -31,16 +31,56 @@ from lmatlas.model.generation import pad_token_id
 if TYPE_CHECKING:
     from lmatlas.model.handle import Model
 
-TEMPLATES = ("Explain {} in simple terms.", "Write a short paragraph about {}.",
-             "What are the advantages and disadvantages of {}?", "Give three interesting facts about {}.",
-             "Write a short story that involves {}.", "How would you teach a beginner about {}?")
-TOPICS = ("volcanoes", "the printing press", "honey bees", "electric cars", "chess", "the Roman Empire",
-          "black holes", "coffee", "the internet", "rainforests", "solar panels", "the human heart",
-          "jazz music", "earthquakes", "the Moon landing", "recycling", "dinosaurs", "money", "sleep",
-          "the Olympic Games", "glaciers", "submarines", "public libraries", "mushrooms", "trains",
-          "the immune system", "origami", "hurricanes", "the stock market", "penguins", "bread baking",
-          "satellites", "the Great Wall of China", "robots", "coral reefs", "time zones", "musical scales",
-          "spiders", "democracy", "wind turbines")
+TEMPLATES = (
+    "Explain {} in simple terms.",
+    "Write a short paragraph about {}.",
+    "What are the advantages and disadvantages of {}?",
+    "Give three interesting facts about {}.",
+    "Write a short story that involves {}.",
+    "How would you teach a beginner about {}?",
+)
+TOPICS = (
+    "volcanoes",
+    "the printing press",
+    "honey bees",
+    "electric cars",
+    "chess",
+    "the Roman Empire",
+    "black holes",
+    "coffee",
+    "the internet",
+    "rainforests",
+    "solar panels",
+    "the human heart",
+    "jazz music",
+    "earthquakes",
+    "the Moon landing",
+    "recycling",
+    "dinosaurs",
+    "money",
+    "sleep",
+    "the Olympic Games",
+    "glaciers",
+    "submarines",
+    "public libraries",
+    "mushrooms",
+    "trains",
+    "the immune system",
+    "origami",
+    "hurricanes",
+    "the stock market",
+    "penguins",
+    "bread baking",
+    "satellites",
+    "the Great Wall of China",
+    "robots",
+    "coral reefs",
+    "time zones",
+    "musical scales",
+    "spiders",
+    "democracy",
+    "wind turbines",
+)
 SOURCES = ("chat", "corpus")
 
 
@@ -51,8 +91,9 @@ def chat_prompts(n: int, seed: int = 0) -> list[str]:
     return [pairs[i % len(pairs)] for i in range(n)]
 
 
-def prompt_token_lists(model: "Model", source: str, n: int, prompt_len: int, texts: Sequence[str] | None,
-                       seed: int = 0) -> list[list[int]]:
+def prompt_token_lists(
+    model: "Model", source: str, n: int, prompt_len: int, texts: Sequence[str] | None, seed: int = 0
+) -> list[list[int]]:
     """The token ids of ``n`` prompts from ``source`` (``chat`` or ``corpus``); checked before any compute."""
     if source not in SOURCES:
         raise InputError(f"Unknown distillation source {source!r}: use one of {', '.join(SOURCES)}.")
@@ -76,7 +117,9 @@ def stop_ids(model: "Model") -> set[int]:
     return stops
 
 
-def continuations(model: "Model", prompts: Sequence[Sequence[int]], new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+def continuations(
+    model: "Model", prompts: Sequence[Sequence[int]], new_tokens: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(hidden [n, pos, d_model], tokens [n, pos])`` for a batch of prompts (see the module docstring)."""
     from lmatlas.model.readout import FinalNormTap
 
@@ -86,16 +129,25 @@ def continuations(model: "Model", prompts: Sequence[Sequence[int]], new_tokens: 
     ids = torch.full((len(prompts), width), pad, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for i, prompt in enumerate(prompts):
-        ids[i, width - len(prompt):] = torch.tensor(list(prompt))
-        mask[i, width - len(prompt):] = 1
+        ids[i, width - len(prompt) :] = torch.tensor(list(prompt))
+        mask[i, width - len(prompt) :] = 1
     with torch.no_grad():
-        out = hf.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), do_sample=False,
-                          max_new_tokens=new_tokens, pad_token_id=pad).cpu()
+        out = hf.generate(
+            input_ids=ids.to(model.device),
+            attention_mask=mask.to(model.device),
+            do_sample=False,
+            max_new_tokens=new_tokens,
+            pad_token_id=pad,
+        ).cpu()
         full = torch.cat([mask, torch.ones((len(prompts), out.shape[1] - width), dtype=torch.long)], 1)
         positions = (full.cumsum(-1) - 1).clamp(min=0)
         with FinalNormTap(hf) as tap:
-            hf(input_ids=out.to(model.device), attention_mask=full.to(model.device),
-               position_ids=positions.to(model.device), use_cache=False)
+            hf(
+                input_ids=out.to(model.device),
+                attention_mask=full.to(model.device),
+                position_ids=positions.to(model.device),
+                use_cache=False,
+            )
         hidden = tap.value.float().cpu()
     tokens = out.clone()
     tokens[:, :width] = -100
@@ -103,7 +155,7 @@ def continuations(model: "Model", prompts: Sequence[Sequence[int]], new_tokens: 
     for row in range(tokens.shape[0]):
         for t in range(width, tokens.shape[1]):
             if int(out[row, t]) in stops:
-                tokens[row, t + 1:] = -100            # the end token is a target, what follows is padding
+                tokens[row, t + 1 :] = -100  # the end token is a target, what follows is padding
                 break
     return hidden, tokens
 
@@ -115,20 +167,21 @@ def head_targets(hidden: torch.Tensor, tokens: torch.Tensor, n_heads: int) -> tu
     span = pos - 1 - n_heads
     if span < 1:
         raise InputError(f"Sequences of {pos} tokens are too short for {n_heads} draft heads.")
-    labels = torch.stack([tokens[:, 2 + k: 2 + k + span] for k in range(n_heads)]).reshape(n_heads, -1)
+    labels = torch.stack([tokens[:, 2 + k : 2 + k + span] for k in range(n_heads)]).reshape(n_heads, -1)
     usable = (labels >= 0).all(0).nonzero().squeeze(1)
     return hidden[:, :span].reshape(-1, d)[usable], labels[:, usable]
 
 
 @torch.no_grad()
-def head_agreement(heads: Any, lm_head: Any, states: torch.Tensor, labels: torch.Tensor,
-                   chunk: int = 256) -> list[float]:
+def head_agreement(
+    heads: Any, lm_head: Any, states: torch.Tensor, labels: torch.Tensor, chunk: int = 256
+) -> list[float]:
     """Top-1 agreement of each head with the model's own tokens: ``[n_heads]`` fractions of ``labels``
     (the heads' :meth:`~lmatlas.infer.decoding.draft_heads.DraftHeads.guess`, as they draft)."""
     if states.shape[0] == 0:
         return [0.0] * labels.shape[0]
     hits = torch.zeros(labels.shape[0])
     for i in range(0, states.shape[0], chunk):
-        guess = heads.guess(lm_head, states[i:i + chunk])                                 # [K, b]
-        hits += (guess == labels[:, i:i + chunk]).sum(1).float().cpu()
+        guess = heads.guess(lm_head, states[i : i + chunk])  # [K, b]
+        hits += (guess == labels[:, i : i + chunk]).sum(1).float().cpu()
     return (hits / states.shape[0]).tolist()

@@ -74,11 +74,15 @@ def candidate_layers(hf: nn.Module, layers: Layers) -> list[int]:
         raise InputError("premature_layers is an empty list: name at least one layer, or pass None for greedy.")
     for layer in chosen:
         if layer == n:
-            raise InputError(f"Premature layer {layer} is the final layer of this {n}-layer model: the contrast "
-                             f"would be zero; choose layers in 0..{n - 1}.")
+            raise InputError(
+                f"Premature layer {layer} is the final layer of this {n}-layer model: the contrast "
+                f"would be zero; choose layers in 0..{n - 1}."
+            )
         if not 0 <= layer < n:
-            raise InputError(f"Premature layer {layer} does not exist: this model has layers 0..{n} "
-                             f"(0 = embeddings, {n} = final); choose layers in 0..{n - 1}.")
+            raise InputError(
+                f"Premature layer {layer} does not exist: this model has layers 0..{n} "
+                f"(0 = embeddings, {n} = final); choose layers in 0..{n - 1}."
+            )
     return sorted(set(chosen))
 
 
@@ -92,8 +96,9 @@ def js_divergence(final_logits: torch.Tensor, premature_logits: torch.Tensor) ->
     return 0.5 * (kl_pm + kl_qm)
 
 
-def contrast(final_logits: torch.Tensor, premature_logits: torch.Tensor,
-             relative_top: float = RELATIVE_TOP) -> torch.Tensor:
+def contrast(
+    final_logits: torch.Tensor, premature_logits: torch.Tensor, relative_top: float = RELATIVE_TOP
+) -> torch.Tensor:
     """``[batch, V]`` DoLa scores ``log q_N - log q_M`` on plausible tokens, ``-inf`` elsewhere."""
     log_final = F.log_softmax(final_logits.float(), -1)
     log_premature = F.log_softmax(premature_logits.float(), -1)
@@ -109,8 +114,9 @@ class DolaTrace:
     layers: list[list[int]] = field(default_factory=list)
 
 
-def top_k_scores(model: nn.Module, final: torch.Tensor, hidden: torch.Tensor, top_k: int,
-                 relative_top: float) -> tuple[torch.Tensor, torch.Tensor]:
+def top_k_scores(
+    model: nn.Module, final: torch.Tensor, hidden: torch.Tensor, top_k: int, relative_top: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The cheaper DoLa: ``(scores [batch, V], chosen [batch])`` with the premature layers read on the
     final layer's ``top_k`` tokens only.
 
@@ -119,20 +125,28 @@ def top_k_scores(model: nn.Module, final: torch.Tensor, hidden: torch.Tensor, to
     and the contrast is taken there; every other token scores ``-inf``. With ``top_k = d_vocab``
     this is the published method.
     """
-    ids = final.topk(min(top_k, final.shape[-1]), dim=-1).indices                 # [batch, k]
-    premature = exit_logits_at(model, hidden, ids)                                # [n, batch, k]
-    final_k = final.gather(-1, ids)                                               # [batch, k]
-    chosen = js_divergence(final_k, premature).argmax(0)                          # [batch]
-    picked = premature[chosen, torch.arange(final.shape[0])]                      # [batch, k]
-    inside = contrast(final_k, picked, relative_top)                              # [batch, k]
+    ids = final.topk(min(top_k, final.shape[-1]), dim=-1).indices  # [batch, k]
+    premature = exit_logits_at(model, hidden, ids)  # [n, batch, k]
+    final_k = final.gather(-1, ids)  # [batch, k]
+    chosen = js_divergence(final_k, premature).argmax(0)  # [batch]
+    picked = premature[chosen, torch.arange(final.shape[0])]  # [batch, k]
+    inside = contrast(final_k, picked, relative_top)  # [batch, k]
     return torch.full_like(final, -math.inf).scatter(-1, ids, inside), chosen
 
 
 def dola_generate(
-    model: nn.Module, input_ids: torch.Tensor, logits_processor: Any, stopping_criteria: Any,
-    generation_config: Any, synced_gpus: bool = False, streamer: Any = None,
-    premature_layers: Layers = "high", relative_top: float = RELATIVE_TOP, dola_trace: DolaTrace | None = None,
-    dola_top_k: int | None = None, **model_kwargs: Any,
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    logits_processor: Any,
+    stopping_criteria: Any,
+    generation_config: Any,
+    synced_gpus: bool = False,
+    streamer: Any = None,
+    premature_layers: Layers = "high",
+    relative_top: float = RELATIVE_TOP,
+    dola_trace: DolaTrace | None = None,
+    dola_top_k: int | None = None,
+    **model_kwargs: Any,
 ) -> torch.Tensor:
     """A ``custom_generate`` callable for ``model.generate``: DoLa greedy decoding (see the module docstring).
 
@@ -151,32 +165,48 @@ def dola_generate(
     if dola_trace is not None:
         dola_trace.candidates = layers
     if not layers:
-        return greedy_loop(model, input_ids, logits_processor, stopping_criteria, generation_config,
-                           model_kwargs, lambda outputs, ids: outputs.logits[:, -1].float(), streamer)
+        return greedy_loop(
+            model,
+            input_ids,
+            logits_processor,
+            stopping_criteria,
+            generation_config,
+            model_kwargs,
+            lambda outputs, ids: outputs.logits[:, -1].float(),
+            streamer,
+        )
 
     with LayerTap(model, layers) as tap:
+
         def scores(outputs: Any, ids: torch.Tensor) -> torch.Tensor:
             final = outputs.logits[:, -1].float()
-            hidden = torch.stack([tap.last[layer] for layer in layers])      # [n, batch, d_model]
+            hidden = torch.stack([tap.last[layer] for layer in layers])  # [n, batch, d_model]
             if dola_top_k is not None:
                 out, chosen = top_k_scores(model, final, hidden, dola_top_k, relative_top)
                 if dola_trace is not None:
                     dola_trace.layers.append([layers[int(i)] for i in chosen])
                 return out
-            premature = exit_logits(model, hidden)                         # [n, batch, V]: one matmul
-            chosen = js_divergence(final, premature).argmax(0)             # [batch]
+            premature = exit_logits(model, hidden)  # [n, batch, V]: one matmul
+            chosen = js_divergence(final, premature).argmax(0)  # [batch]
             if dola_trace is not None:
                 dola_trace.layers.append([layers[int(i)] for i in chosen])
-            picked = premature[chosen, torch.arange(final.shape[0])]       # [batch, V]
+            picked = premature[chosen, torch.arange(final.shape[0])]  # [batch, V]
             return contrast(final, picked, relative_top)
 
-        return greedy_loop(model, input_ids, logits_processor, stopping_criteria, generation_config,
-                           model_kwargs, scores, streamer)
+        return greedy_loop(
+            model, input_ids, logits_processor, stopping_criteria, generation_config, model_kwargs, scores, streamer
+        )
 
 
 def generate_dola(
-    model: "Model", prompt: Any, max_new_tokens: int = 32, *, premature_layers: Layers = "high",
-    relative_top: float = RELATIVE_TOP, repetition_penalty: float = REPETITION_PENALTY, chat: bool = False,
+    model: "Model",
+    prompt: Any,
+    max_new_tokens: int = 32,
+    *,
+    premature_layers: Layers = "high",
+    relative_top: float = RELATIVE_TOP,
+    repetition_penalty: float = REPETITION_PENALTY,
+    chat: bool = False,
     **kwargs: Any,
 ) -> dict[str, Any]:
     """DoLa on an lmatlas model: ``{"text", "token_ids", "premature_layers", "candidates"}``.

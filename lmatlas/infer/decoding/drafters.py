@@ -45,9 +45,9 @@ class PromptLookup:
         ids = state.ids
         for n in range(min(self.max_ngram, len(ids) - 1), self.min_ngram - 1, -1):
             tail = ids[-n:]
-            for start in range(len(ids) - n - 1, -1, -1):            # latest earlier occurrence first
-                if ids[start:start + n] == tail:
-                    follow = ids[start + n:start + n + k]
+            for start in range(len(ids) - n - 1, -1, -1):  # latest earlier occurrence first
+                if ids[start : start + n] == tail:
+                    follow = ids[start + n : start + n + k]
                     if follow:
                         return follow
         return []
@@ -65,8 +65,9 @@ class EarlyExit:
         if not 1 <= self.layers < n:
             raise InputError(f"Early exit after {self.layers} layers: choose 1..{n - 1} for this {n}-layer model.")
         if "sliding_attention" in (getattr(hf.config, "layer_types", None) or []):
-            raise InputError("The early-exit drafter does not support sliding-window caches yet: use prompt-lookup "
-                             "or heads.")
+            raise InputError(
+                "The early-exit drafter does not support sliding-window caches yet: use prompt-lookup or heads."
+            )
 
     def propose(self, state: Any, k: int) -> list[int]:
         hf = state.hf
@@ -119,9 +120,11 @@ def _no_snapkv(kv: Any) -> str | None:
 
     if not isinstance(kv, SnapPlan):
         return None
-    return ("The early-exit drafter writes its drafts into the first layers' caches while SnapKV's compression of "
-            "the prompt is still deferred, and SnapKV cannot roll those writes back: use --drafter prompt-lookup or "
-            "heads with --kv-snap.")
+    return (
+        "The early-exit drafter writes its drafts into the first layers' caches while SnapKV's compression of "
+        "the prompt is still deferred, and SnapKV cannot roll those writes back: use --drafter prompt-lookup or "
+        "heads with --kv-snap."
+    )
 
 
 @dataclass(frozen=True)
@@ -134,15 +137,20 @@ class DrafterKind:
 
 
 #: Every drafter by name (the table the CLI's ``--drafter`` choices are read from).
-DRAFTERS = MappingProxyType({
-    "prompt-lookup": DrafterKind(_build_prompt_lookup, _any_cache, "n-gram lookup in the prompt and the text so far"),
-    "early-exit": DrafterKind(_build_early_exit, _no_snapkv, "the model's first layers read early"),
-    "heads": DrafterKind(_build_heads, _any_cache, "Medusa-1 draft heads trained on the model's own answers"),
-})
+DRAFTERS = MappingProxyType(
+    {
+        "prompt-lookup": DrafterKind(
+            _build_prompt_lookup, _any_cache, "n-gram lookup in the prompt and the text so far"
+        ),
+        "early-exit": DrafterKind(_build_early_exit, _no_snapkv, "the model's first layers read early"),
+        "heads": DrafterKind(_build_heads, _any_cache, "Medusa-1 draft heads trained on the model's own answers"),
+    }
+)
 
 
-def make_drafter(model: "Model", name: str, *, layers: int | None = None, heads_path: str | None = None,
-                 min_prob: float = 0.0) -> Any:
+def make_drafter(
+    model: "Model", name: str, *, layers: int | None = None, heads_path: str | None = None, min_prob: float = 0.0
+) -> Any:
     """A drafter by name (``prompt-lookup``, ``early-exit``, ``heads``), checked against ``model``."""
     kind = DRAFTERS.get(name)
     if kind is None:

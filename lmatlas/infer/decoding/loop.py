@@ -27,15 +27,23 @@ ScoresFn = Callable[[Any, torch.Tensor], torch.Tensor]
 def check_greedy(generation_config: Any, strategy: str) -> None:
     """Refuse beam search and sampling before any compute: these strategies decode greedily."""
     if getattr(generation_config, "num_beams", 1) not in (None, 1):
-        raise InputError(f"{strategy} decodes greedily one sequence at a time: beam search "
-                         f"(num_beams={generation_config.num_beams}) is not supported; drop num_beams.")
+        raise InputError(
+            f"{strategy} decodes greedily one sequence at a time: beam search "
+            f"(num_beams={generation_config.num_beams}) is not supported; drop num_beams."
+        )
     if getattr(generation_config, "do_sample", False):
         raise InputError(f"{strategy} decodes greedily: pass do_sample=False.")
 
 
 def greedy_loop(
-    hf: nn.Module, input_ids: torch.Tensor, logits_processor: Any, stopping_criteria: Any,
-    generation_config: Any, model_kwargs: dict, scores: ScoresFn, streamer: Any = None,
+    hf: nn.Module,
+    input_ids: torch.Tensor,
+    logits_processor: Any,
+    stopping_criteria: Any,
+    generation_config: Any,
+    model_kwargs: dict,
+    scores: ScoresFn,
+    streamer: Any = None,
 ) -> torch.Tensor:
     """Decode greedily with ``scores`` in place of the logits; returns ``[batch, prompt + new]`` ids."""
     pad = generation_config._pad_token_tensor
@@ -43,8 +51,7 @@ def greedy_loop(
     unfinished = torch.ones(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
     outputs = hf._prefill(input_ids, generation_config, model_kwargs)
     while True:
-        model_kwargs = hf._update_model_kwargs_for_generation(outputs, model_kwargs,
-                                                              is_encoder_decoder=False)
+        model_kwargs = hf._update_model_kwargs_for_generation(outputs, model_kwargs, is_encoder_decoder=False)
         step_scores = logits_processor(input_ids, scores(outputs, input_ids))
         next_tokens = torch.argmax(step_scores, dim=-1)
         if has_eos and pad is not None:
@@ -60,4 +67,3 @@ def greedy_loop(
     if streamer is not None:
         streamer.end()
     return input_ids
-

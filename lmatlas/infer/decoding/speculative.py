@@ -67,14 +67,24 @@ class SpeculativeResult:
         return sum(self.accepted) / max(sum(self.drafted), 1)
 
     def stats(self) -> dict[str, Any]:
-        return {"new_tokens": len(self.token_ids), "verify_forwards": len(self.accepted),
-                "mean_accepted_length": self.mean_accepted_length, "acceptance_rate": self.acceptance_rate,
-                "seconds": self.seconds, "tokens_per_s": len(self.token_ids) / max(self.seconds, 1e-9)}
+        return {
+            "new_tokens": len(self.token_ids),
+            "verify_forwards": len(self.accepted),
+            "mean_accepted_length": self.mean_accepted_length,
+            "acceptance_rate": self.acceptance_rate,
+            "seconds": self.seconds,
+            "tokens_per_s": len(self.token_ids) / max(self.seconds, 1e-9),
+        }
 
 
 def speculative_generate(
-    model: "Model", input_ids: torch.Tensor, drafter: Any, max_new_tokens: int = 32, draft_len: int = 4,
-    eos_token_ids: Sequence[int] | None = None, cache: Any = None,
+    model: "Model",
+    input_ids: torch.Tensor,
+    drafter: Any,
+    max_new_tokens: int = 32,
+    draft_len: int = 4,
+    eos_token_ids: Sequence[int] | None = None,
+    cache: Any = None,
 ) -> SpeculativeResult:
     """Greedy decoding of one prompt ``input_ids`` ``[1, pos]`` with drafts from ``drafter``.
 
@@ -103,7 +113,7 @@ def speculative_generate(
         logits = hf(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
         token = int(logits[0, -1].argmax())
         hidden = tap.value[0, -1]
-        cache.activate_past_recording()                 # sliding-window layers keep what a crop may need
+        cache.activate_past_recording()  # sliding-window layers keep what a crop may need
         result.token_ids.append(token)
         ids.append(token)
         while len(result.token_ids) < max_new_tokens and token not in stops:
@@ -113,7 +123,7 @@ def speculative_generate(
             crop_to(cache, in_cache)
             verify = torch.tensor([[ids[-1], *draft]], device=input_ids.device)
             logits = hf(input_ids=verify, past_key_values=cache, use_cache=True).logits[0]
-            greedy = logits.argmax(-1).tolist()                          # [k + 1]
+            greedy = logits.argmax(-1).tolist()  # [k + 1]
             accepted = 0
             while accepted < len(draft) and draft[accepted] == greedy[accepted]:
                 accepted += 1

@@ -37,8 +37,10 @@ def _greedy_only(name: str, hf: dict) -> None:
     if hf.get("do_sample"):
         raise InputError(f"{name} decodes greedily: drop do_sample=True.")
     if hf.get("num_beams", 1) not in (None, 1):
-        raise InputError(f"{name} decodes greedily one sequence at a time: beam search (num_beams="
-                         f"{hf['num_beams']}) is not supported; drop num_beams.")
+        raise InputError(
+            f"{name} decodes greedily one sequence at a time: beam search (num_beams="
+            f"{hf['num_beams']}) is not supported; drop num_beams."
+        )
 
 
 def _one_sequence(name: str, batch: dict[str, torch.Tensor]) -> None:
@@ -77,13 +79,20 @@ class Dola:
 
         trace, cache = DolaTrace(), new_cache()
         out = model.hf.generate(
-            **batch, custom_generate=dola_generate, premature_layers=self.premature_layers,
-            relative_top=self.relative_top, dola_trace=trace, repetition_penalty=self.repetition_penalty,
+            **batch,
+            custom_generate=dola_generate,
+            premature_layers=self.premature_layers,
+            relative_top=self.relative_top,
+            dola_trace=trace,
+            repetition_penalty=self.repetition_penalty,
             dola_top_k=self.top_k,
-            do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=pad_token_id(model.tokenizer),
-            **_hf_kwargs(cache, hf))
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=pad_token_id(model.tokenizer),
+            **_hf_kwargs(cache, hf),
+        )
         report = {"premature_layers": [step[0] for step in trace.layers], "candidates": trace.candidates}
-        return Decoded(out[:, batch["input_ids"].shape[1]:], report, cache)
+        return Decoded(out[:, batch["input_ids"].shape[1] :], report, cache)
 
 
 @dataclass(frozen=True)
@@ -111,10 +120,19 @@ class DeCoRe:
         alphas: list[float] = []
         cache = new_cache()
         out = model.hf.generate(
-            **batch, custom_generate=decore_generate, lmatlas_model=model, masked_heads=heads,
-            masked_cache=new_cache(), alpha_cap=self.alpha_cap, decore_trace=alphas, do_sample=False,
-            max_new_tokens=max_new_tokens, pad_token_id=pad_token_id(model.tokenizer), **_hf_kwargs(cache, hf))
-        return Decoded(out[:, batch["input_ids"].shape[1]:], {"heads": heads, "alphas": alphas}, cache)
+            **batch,
+            custom_generate=decore_generate,
+            lmatlas_model=model,
+            masked_heads=heads,
+            masked_cache=new_cache(),
+            alpha_cap=self.alpha_cap,
+            decore_trace=alphas,
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=pad_token_id(model.tokenizer),
+            **_hf_kwargs(cache, hf),
+        )
+        return Decoded(out[:, batch["input_ids"].shape[1] :], {"heads": heads, "alphas": alphas}, cache)
 
 
 @dataclass(frozen=True)
@@ -150,11 +168,16 @@ class Speculative:
 
         drafter = make_drafter(model, self.drafter, layers=self.layers, heads_path=self.heads_path)
         cache = new_cache()
-        result = speculative_generate(model, batch["input_ids"], drafter, max_new_tokens, draft_len=self.draft_len,
-                                      cache=cache)
-        report = {"drafter": self.drafter, "draft_len": self.draft_len,
-                  "mean_accepted_length": result.mean_accepted_length, "acceptance_rate": result.acceptance_rate,
-                  "verify_forwards": len(result.accepted)}
+        result = speculative_generate(
+            model, batch["input_ids"], drafter, max_new_tokens, draft_len=self.draft_len, cache=cache
+        )
+        report = {
+            "drafter": self.drafter,
+            "draft_len": self.draft_len,
+            "mean_accepted_length": result.mean_accepted_length,
+            "acceptance_rate": result.acceptance_rate,
+            "verify_forwards": len(result.accepted),
+        }
         return Decoded(torch.tensor([result.token_ids], device=batch["input_ids"].device), report, cache)
 
 

@@ -13,8 +13,12 @@ from lmatlas.web.state import Explorer, clean
 router = APIRouter(prefix="/api", tags=["lens"])
 
 
-@router.post("/lens", response_model=LensGrid, responses=MODEL_RESPONSES,
-             summary="Logit lens: each layer's top tokens at each position (needs --model)")
+@router.post(
+    "/lens",
+    response_model=LensGrid,
+    responses=MODEL_RESPONSES,
+    summary="Logit lens: each layer's top tokens at each position (needs --model)",
+)
 def lens(body: LensPrompt, ex: Explorer = Depends(explorer)) -> dict:
     model = ex.need_model("The logit lens")
     ids = live.prompt_ids(model, body.prompt, ex.limits.lens_tokens)
@@ -24,7 +28,11 @@ def lens(body: LensPrompt, ex: Explorer = Depends(explorer)) -> dict:
 @router.get("/live", response_model=LiveStatus, summary="The attached model and its request queue")
 def live_status(ex: Explorer = Depends(explorer)) -> dict:
     chat = ex.model is not None and getattr(ex.model.tokenizer, "chat_template", None) is not None
-    return {"model": ex.model.provenance.source if ex.model is not None else None, "chat_template": chat,
-            "admitted": ex.gate.admitted,
-            "capacity": ex.gate.capacity, "prompt_tokens": ex.limits.prompt_tokens,
-            "lens_tokens": ex.limits.lens_tokens}
+    return {
+        "model": ex.model.provenance.source if ex.model is not None else None,
+        "chat_template": chat,
+        "admitted": ex.gate.admitted,
+        "capacity": ex.gate.capacity,
+        "prompt_tokens": ex.limits.prompt_tokens,
+        "lens_tokens": ex.limits.lens_tokens,
+    }

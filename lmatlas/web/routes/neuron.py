@@ -13,8 +13,9 @@ from lmatlas.web.state import Explorer, clean
 
 router = APIRouter(prefix="/api/neurons", tags=["neuron"])
 
-NEURON = Path(description="a neuron in the site grammar, e.g. L12.N1031",
-              json_schema_extra={"pattern": names.NEURON_NAME.pattern})
+NEURON = Path(
+    description="a neuron in the site grammar, e.g. L12.N1031", json_schema_extra={"pattern": names.NEURON_NAME.pattern}
+)
 
 
 def _pairs(tokens: list | None, values: list | None) -> list[dict]:
@@ -30,32 +31,45 @@ def _contexts(ex: Explorer, layer: int, neuron: int) -> list[dict]:
         "c.tokens[x.start + 1: x.start + len(x.levels)] AS tokens "
         "FROM neuron_contexts x JOIN corpus c USING (window_id) "
         "JOIN neuron_histograms h USING (layer, neuron) WHERE x.layer = ? AND x.neuron = ? ORDER BY x.rank",
-        [layer, neuron])
+        [layer, neuron],
+    )
     out = []
     for r in rows:
         scale = r["scale"] or 0.0
         values = [level * scale / 127 for level in r["levels"]]
         if 0 <= r["peak"] < len(values):
             values[r["peak"]] = r["activation"]  # the peak is stored exactly
-        out.append({"rank": r["rank"], "activation": r["activation"], "tokens": r["tokens"], "values": values,
-                    "peak": r["peak"]})
+        out.append(
+            {
+                "rank": r["rank"],
+                "activation": r["activation"],
+                "tokens": r["tokens"],
+                "values": values,
+                "peak": r["peak"],
+            }
+        )
     return out
 
 
-@router.get("/{name}", response_model=NeuronDetail, responses=ERROR_RESPONSES,
-            summary="Everything the atlas knows of a neuron")
+@router.get(
+    "/{name}", response_model=NeuronDetail, responses=ERROR_RESPONSES, summary="Everything the atlas knows of a neuron"
+)
 def neuron_detail(name: str = NEURON, ex: Explorer = Depends(explorer)) -> dict:
     layer, neuron = names.neuron(name, ex.layout)
     decoded = ex.query("SELECT * FROM neurons WHERE layer = ? AND neuron = ?", [layer, neuron])
-    stats = ex.query("SELECT mean, max, frac_active, top_contexts FROM neuron_stats WHERE layer = ? AND neuron = ?",
-                     [layer, neuron])
+    stats = ex.query(
+        "SELECT mean, max, frac_active, top_contexts FROM neuron_stats WHERE layer = ? AND neuron = ?", [layer, neuron]
+    )
     histogram = []
     if ex.has("neuron_histograms"):
-        histogram = ex.query("SELECT lo, hi, counts FROM neuron_histograms WHERE layer = ? AND neuron = ?",
-                             [layer, neuron])
+        histogram = ex.query(
+            "SELECT lo, hi, counts FROM neuron_histograms WHERE layer = ? AND neuron = ?", [layer, neuron]
+        )
     d = decoded[0] if decoded else {}
     return {
-        "name": name, "layer": layer, "neuron": neuron,
+        "name": name,
+        "layer": layer,
+        "neuron": neuron,
         "promoted": _pairs(d.get("promoted"), d.get("promoted_logits")),
         "suppressed": _pairs(d.get("suppressed"), d.get("suppressed_logits")),
         "exciting": _pairs(d.get("exciting"), d.get("exciting_logits")),
@@ -66,8 +80,12 @@ def neuron_detail(name: str = NEURON, ex: Explorer = Depends(explorer)) -> dict:
     }
 
 
-@router.post("/{name}/activations", response_model=LiveActivations, responses=MODEL_RESPONSES,
-             summary="The neuron's activation on every token of a prompt (needs --model)")
+@router.post(
+    "/{name}/activations",
+    response_model=LiveActivations,
+    responses=MODEL_RESPONSES,
+    summary="The neuron's activation on every token of a prompt (needs --model)",
+)
 def neuron_activations(body: Prompt, name: str = NEURON, ex: Explorer = Depends(explorer)) -> dict:
     layer, neuron = names.neuron(name, ex.layout)
     model = ex.need_model("A neuron's activations on a prompt")

@@ -32,31 +32,63 @@ def detectors_info(ex: Explorer) -> list[dict]:
     from lmatlas.census.registry import all_detectors
 
     known = all_detectors()
-    rows = ex.query("SELECT detector, count(*) FILTER (WHERE label) AS labelled FROM head_scores "
-                    "GROUP BY detector ORDER BY detector")
+    rows = ex.query(
+        "SELECT detector, count(*) FILTER (WHERE label) AS labelled FROM head_scores "
+        "GROUP BY detector ORDER BY detector"
+    )
     out = []
     for row in rows:
         detector = known.get(row["detector"])
-        out.append({"name": row["detector"], "labelled": row["labelled"],
-                    "description": detector.description if detector else "",
-                    "threshold": detector.threshold if detector else None,
-                    "min_z": detector.min_z if detector else None})
+        out.append(
+            {
+                "name": row["detector"],
+                "labelled": row["labelled"],
+                "description": detector.description if detector else "",
+                "threshold": detector.threshold if detector else None,
+                "min_z": detector.min_z if detector else None,
+            }
+        )
     return out
 
 
 @router.get("/atlas", response_model=AtlasInfo, summary="What this atlas holds")
 def atlas_info(ex: Explorer = Depends(explorer)) -> dict:
     card = ex.card
-    keep = ("source", "family", "model_type", "layers", "d_model", "query_heads", "kv_heads", "d_head",
-            "neurons_per_layer", "vocab", "parameters", "dtype", "file_sha256")
+    keep = (
+        "source",
+        "family",
+        "model_type",
+        "layers",
+        "d_model",
+        "query_heads",
+        "kv_heads",
+        "d_head",
+        "neurons_per_layer",
+        "vocab",
+        "parameters",
+        "dtype",
+        "file_sha256",
+    )
     stages = ex.query("SELECT stage, count(*) AS units FROM runs WHERE status = 'done' GROUP BY stage ORDER BY stage")
-    optional = ("corpus", "head_windows", "neuron_contexts", "neuron_histograms", "head_scores", "neuron_stats",
-                "circuits")
+    optional = (
+        "corpus",
+        "head_windows",
+        "neuron_contexts",
+        "neuron_histograms",
+        "head_scores",
+        "neuron_stats",
+        "circuits",
+    )
     available = {"model": ex.model is not None, "diff": ex.diff is not None}
     available.update({t: ex.has(t) and bool(ex.query(f"SELECT 1 AS x FROM {t} LIMIT 1")) for t in optional})
-    return {"path": str(ex.path), "model": {k: card.get(k) for k in keep}, "stages": stages,
-            "detectors": detectors_info(ex), "available": available,
-            "limits": dataclasses.asdict(ex.limits)}
+    return {
+        "path": str(ex.path),
+        "model": {k: card.get(k) for k in keep},
+        "stages": stages,
+        "detectors": detectors_info(ex),
+        "available": available,
+        "limits": dataclasses.asdict(ex.limits),
+    }
 
 
 @router.get("/heads", response_model=HeadGrid, summary="Every head: type, labels, detector scores, importance")
@@ -64,7 +96,8 @@ def head_grid(ex: Explorer = Depends(explorer)) -> dict:
     heads = ex.query(
         "SELECT h.layer, h.head, h.kv_group, i.delta_loss AS importance, o.copying, o.suppression "
         "FROM heads h LEFT JOIN head_importance i USING (layer, head) LEFT JOIN head_ov o USING (layer, head) "
-        "ORDER BY h.layer, h.head")
+        "ORDER BY h.layer, h.head"
+    )
     scores = ex.query("SELECT layer, head, detector, score, z, label FROM head_scores ORDER BY detector")
     types = sorted({s["detector"] for s in scores})
     by_head: dict[tuple[int, int], list[dict]] = {}
@@ -74,12 +107,24 @@ def head_grid(ex: Explorer = Depends(explorer)) -> dict:
     for h in heads:
         mine = by_head.get((h["layer"], h["head"]), [])
         labelled = sorted((s for s in mine if s["label"]), key=lambda s: -(s["z"] if s["z"] is not None else 1e9))
-        cells.append({**h, "name": f"L{h['layer']}.H{h['head']}", "labels": sorted(s["detector"] for s in labelled),
-                      "type": labelled[0]["detector"] if labelled else None,
-                      "scores": {s["detector"]: s["score"] for s in mine}, "z": {s["detector"]: s["z"] for s in mine}})
+        cells.append(
+            {
+                **h,
+                "name": f"L{h['layer']}.H{h['head']}",
+                "labels": sorted(s["detector"] for s in labelled),
+                "type": labelled[0]["detector"] if labelled else None,
+                "scores": {s["detector"]: s["score"] for s in mine},
+                "z": {s["detector"]: s["z"] for s in mine},
+            }
+        )
     metrics = list(BASE_METRICS) + [f"{t}.score" for t in types] + [f"{t}.z" for t in types]
-    return {"layers": ex.layout.n_layers, "heads": ex.layout.n_heads, "types": types, "metrics": metrics,
-            "cells": cells}
+    return {
+        "layers": ex.layout.n_layers,
+        "heads": ex.layout.n_heads,
+        "types": types,
+        "metrics": metrics,
+        "cells": cells,
+    }
 
 
 @router.get("/layers", response_model=list[LayerRow], summary="Per layer: logit-lens statistics, MLP importance")
@@ -91,19 +136,26 @@ def layers(ex: Explorer = Depends(explorer)) -> list[dict]:
         "SELECT grid.layer, l.lens_entropy, l.lens_final_prob, l.lens_kl_to_final, l.lens_top1_agreement, "
         "l.mlp_delta_loss, coalesce(lab.labelled_heads, 0) AS labelled_heads, imp.max_head_importance "
         "FROM grid LEFT JOIN layers l USING (layer) LEFT JOIN lab USING (layer) LEFT JOIN imp USING (layer) "
-        "ORDER BY grid.layer", [ex.layout.n_layers])
+        "ORDER BY grid.layer",
+        [ex.layout.n_layers],
+    )
 
 
 @router.get("/neurons", response_model=NeuronPage, summary="The neurons of one layer with their top tokens")
-def neurons(layer: int = Query(ge=0, le=100_000, description="layer index"),
-            sort: NeuronSort = Query("top_logit", description="order of the neurons"),
-            offset: int = Query(0, ge=0, le=10_000_000), limit: int = Query(50, ge=1, le=500),
-            ex: Explorer = Depends(explorer)) -> dict:
+def neurons(
+    layer: int = Query(ge=0, le=100_000, description="layer index"),
+    sort: NeuronSort = Query("top_logit", description="order of the neurons"),
+    offset: int = Query(0, ge=0, le=10_000_000),
+    limit: int = Query(50, ge=1, le=500),
+    ex: Explorer = Depends(explorer),
+) -> dict:
     names.layer(layer, ex.layout)
     total = ex.query("SELECT count(*) AS n FROM neurons WHERE layer = ?", [layer])[0]["n"]
     rows = ex.query(
         "SELECT n.neuron, 'L' || n.layer || '.N' || n.neuron AS name, coalesce(n.promoted[1:5], []) AS promoted, "
         "n.promoted_logits[1] AS top_logit, coalesce(n.suppressed[1:3], []) AS suppressed, s.mean, s.max, "
         "s.frac_active FROM neurons n LEFT JOIN neuron_stats s USING (layer, neuron) WHERE n.layer = ? "
-        f"ORDER BY {NEURON_ORDER[sort]} LIMIT ? OFFSET ?", [layer, limit, offset])
+        f"ORDER BY {NEURON_ORDER[sort]} LIMIT ? OFFSET ?",
+        [layer, limit, offset],
+    )
     return {"layer": layer, "total": total, "sort": sort, "offset": offset, "neurons": rows}
