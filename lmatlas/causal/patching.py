@@ -13,7 +13,7 @@ inputs themselves (noising): what breaks when a component is removed.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
@@ -21,6 +21,7 @@ from lmatlas.causal.effects import Effects
 from lmatlas.causal.metrics import Metric, logit_diff
 from lmatlas.causal.targets import Component, parse_component
 from lmatlas.errors import TaskError
+from lmatlas.progress import progress_task
 
 if TYPE_CHECKING:
     from lmatlas.causal.tasks import TaskBatch
@@ -45,8 +46,15 @@ def _patched_metric(
     sources: dict[str, torch.Tensor],
     metric: Metric,
     per_forward: int,
+    progress: Any = True,
 ) -> list[float]:
-    """Metric of ``inputs`` with each component patched from ``sources`` (``site -> [n, pos, ...]``)."""
+    """Metric of ``inputs`` with each component patched from ``sources`` (``site -> [n, pos, ...]``);
+    ``progress`` reports the targets done (see :mod:`lmatlas.progress`)."""
+    with progress_task("Patching targets", total=len(components), enabled=progress) as task:
+        return _patched_values(model, inputs, components, sources, metric, per_forward, task)
+
+
+def _patched_values(model, inputs, components, sources, metric, per_forward, task) -> list[float]:
     n, values = inputs.shape[0], []
     for start in range(0, len(components), per_forward):
         chunk = components[start : start + per_forward]
@@ -66,6 +74,7 @@ def _patched_metric(
             replace[site] = fn
         logits = model.run(inputs.repeat(len(chunk), 1), replace=replace).logits
         values.extend(metric(logits).view(len(chunk), n).mean(1).tolist())
+        task.update(len(values))
     return values
 
 
@@ -76,6 +85,7 @@ def patch(
     metric: Callable | None = None,
     *,
     targets_per_forward: int = TARGETS_PER_FORWARD,
+    progress: Any = True,
 ) -> Effects:
     """Exact denoising patching: the corrupt run with each target from the clean run.
 
@@ -91,7 +101,9 @@ def patch(
     sites = sorted({str(c.site) for c in components})
     clean = model.run(task.clean, capture=sites)
     corrupt = model.run(task.corrupt)
-    values = _patched_metric(model, task.corrupt, components, {s: clean[s] for s in sites}, metric, targets_per_forward)
+    values = _patched_metric(
+        model, task.corrupt, components, {s: clean[s] for s in sites}, metric, targets_per_forward, progress
+    )
     return Effects(
         task.name,
         getattr(metric, "__name__", "metric"),
@@ -113,6 +125,7 @@ def ablate(
     stats=None,
     seed: int = 0,
     targets_per_forward: int = TARGETS_PER_FORWARD,
+    progress: Any = True,
     name: str = "inputs",
 ) -> Effects:
     """The metric of ``inputs`` with each target ablated (``how``: zero, mean or resample).
@@ -142,7 +155,7 @@ def ablate(
                 .resample(site, None, "site", tuple(value.shape[:2]), generator)
                 .to(value.dtype)
             )
-    values = _patched_metric(model, inputs, components, sources, metric, targets_per_forward)
+    values = _patched_metric(model, inputs, components, sources, metric, targets_per_forward, progress)
     base = float(metric(clean.logits).mean())
     return Effects(
         name,

@@ -1,71 +1,27 @@
-"""What activation patching and attribution act on: components named in the site grammar.
+"""What activation patching and attribution act on: targets of the one grammar (:mod:`lmatlas.model.targets`).
 
-=====================  ===================  ============================  =============================
-target                 site                 slice (axis, index)           meaning
-=====================  ===================  ============================  =============================
-``L5.H3``              ``L5.attn.z``        head 3 (axis 2)               a head's output, all positions
-``L5.H3@7``            ``L5.attn.z``        head 3, position 7            ... at one position
-``L5.H3.q``            ``L5.attn.q``        query head 3 (axis 2)         a head's queries
-``L5.KV1.k`` / ``.v``  ``L5.attn.k/v``      KV head 1 (axis 2)            a KV group's keys / values
-``L3.resid.post``      the site             all                           a layer's residual stream
-``L3.attn.out``        ``L3.attn.out``      all heads                     the attention write
-``L3.mlp.out``         the site             all                           the MLP write
-``L3.N5``              ``L3.mlp.act``       neuron 5 (last axis)          one neuron
-=====================  ===================  ============================  =============================
-
-Keys and values belong to KV heads (GQA-native: no un-grouping), so their targets
-name the KV head; patching one changes every query head of its group.
+Patching and attribution take exactly one site per target (``L5.H3``, ``L5.H3.q``,
+``L5.KV1.k``, ``L3.resid.post``, ``L3.N5``, with ``@positions``); a pattern is patched
+through the queries or keys that make it. :func:`expand` names target families.
 """
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
-
 from lmatlas.errors import SiteError
 from lmatlas.model.arch import HeadLayout
-from lmatlas.model.positions import Positions, split_site_name
-from lmatlas.model.sites import Site, check_head, head_or_neuron, parse_sites
+from lmatlas.model.sites import parse_sites
+from lmatlas.model.targets import Target, parse_target
 
-_QUERY = re.compile(r"^L\d+\.H\d+\.q$")
-_KV = re.compile(r"^L(?P<layer>\d+)\.KV(?P<index>\d+)\.(?P<part>[kv])$")
-
-
-@dataclass(frozen=True)
-class Component:
-    """A patchable component: ``site``, the ``index`` along ``axis`` (or all of it), optional positions."""
-
-    name: str
-    site: Site
-    axis: int | None = None
-    index: int | None = None
-    positions: Positions | None = None
-
-    def select(self, value):
-        """The component's slice of a site value (``value`` itself when it is the whole site)."""
-        return value if self.index is None else value.select(self.axis, self.index)
+#: A patchable component is a single-site target.
+Component = Target
 
 
-def parse_component(text: str, layout: HeadLayout) -> Component:
-    """Parse and range-check one target name (see the module docstring)."""
-    name, positions = split_site_name(text.strip())
-    query = name.endswith(".q") and _QUERY.match(name)
-    unit = head_or_neuron(name[: -len(".q")] if query else name, layout)
-    if unit is not None:
-        kind, layer, index = unit
-        if kind == "neuron":
-            return Component(text, Site(layer, "mlp.act"), -1, index, positions)
-        return Component(text, Site(layer, "attn.q" if query else "attn.z"), 2, index, positions)
-    if match := _KV.match(name):
-        layer, kv = int(match["layer"]), int(match["index"])
-        check_head(layer, kv, layout, kv=True)
-        return Component(text, Site(layer, f"attn.{match['part']}"), 2, kv, positions)
-    sites = parse_sites(name, layout)
-    if len(sites) != 1:
-        raise SiteError(f"Target {text!r} names {len(sites)} sites: name one layer (e.g. 'L3.{name}').")
-    if sites[0].component == "attn.pattern":
+def parse_component(text: str, layout: HeadLayout) -> Target:
+    """Parse and range-check one single-site target (:func:`lmatlas.model.targets.parse_target`)."""
+    target = parse_target(text, layout)
+    if target.site.component == "attn.pattern":
         raise SiteError("Patch a head's pattern through its queries or keys ('L5.H3.q', 'L5.KV1.k').")
-    return Component(text, sites[0], None, None, positions)
+    return target
 
 
 def all_heads(layout: HeadLayout) -> list[str]:

@@ -181,7 +181,11 @@ def map_command(
                     worker_options={"num_cpus": 1, **gpu},
                 )
 
-        report = build_atlas(loaded, path, only=stages, corpus=corpus, seed=seed, executor=runner)
+        try:
+            report = build_atlas(loaded, path, only=stages, corpus=corpus, seed=seed, executor=runner)
+        except KeyboardInterrupt:
+            err.print(resume_line(path, model, only), highlight=False, soft_wrap=True)
+            raise typer.Exit(code=130) from None
         err.print(f"{len(report.computed)} units computed, {report.skipped} already done.")
         summary = atlas_summary(path)
         summary["build"] = {
@@ -192,6 +196,17 @@ def map_command(
         print_json(summary) if as_json else print_summary(summary)
 
     run(body)
+
+
+def resume_line(path: Path, model: Optional[str], only: Optional[str]) -> str:
+    """What an interrupted ``map`` says: what was kept and the command that resumes."""
+    command = " ".join(
+        ["lmatlas map", *([model] if model else []), "--out", str(path), *(["--only", only] if only else [])]
+    )
+    return (
+        f"Interrupted: every unit finished before the interrupt is kept in {path}; "
+        f"resume with `{command}` (finished units are skipped)."
+    )
 
 
 @app.command()
