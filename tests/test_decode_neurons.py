@@ -275,7 +275,7 @@ def test_cli_neurons_json_matches_the_python_api(tiny_dir):
     import lmatlas
     from lmatlas.cli import app
 
-    result = CliRunner().invoke(app, ["neurons", tiny_dir, "--layer", "1", "--top", "4", "--json"])
+    result = CliRunner().invoke(app, ["neurons", tiny_dir, "--layer", "1", "--top", "4", "--sort", "index", "--json"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert data["layer"] == 1 and data["k"] == 4 and len(data["neurons"]) == 96
@@ -300,7 +300,7 @@ def test_cli_neurons_table_and_bad_input(tiny_dir):
     for args, message in (
         (["--layer", "9"], "Layer 9 is out of range"),
         (["--layer", "0", "--neuron", "500"], "Neuron 500 is out of range"),
-        (["--layer", "0", "--top", "0"], "k=0"),
+        (["--layer", "0", "--top", "0"], "greater than or equal to 1"),
     ):
         result = runner.invoke(app, ["neurons", tiny_dir, *args])
         assert result.exit_code == 2, result.output
