@@ -50,10 +50,8 @@ import argparse
 import copy
 import json
 import os
-import platform
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -63,6 +61,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
+from harness import commit, uptime, versions  # noqa: E402  (bench/ is on the path when a benchmark runs)
 
 import lmatlas  # noqa: E402
 from lmatlas.census import batteries  # noqa: E402
@@ -118,45 +117,6 @@ class RssSampler:
 
 def load(name: str) -> lmatlas.Model:
     return tiny_model(name.removeprefix("tiny:")) if name.startswith("tiny:") else lmatlas.load(name)
-
-
-def uptime() -> str:
-    """``uptime``'s line: the load average of the machine (other processes slow every timing down)."""
-    try:
-        return subprocess.run(["uptime"], capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "load average: " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
-def commit() -> str | None:
-    """The checked-out commit, with ``+dirty`` when tracked files differ from it."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no", "--", "lmatlas", "bench"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return (head + ("+dirty" if dirty else "")) or None
-
-
-def versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for dist in ("lmatlas", "torch", "transformers", "transformer-lens"):
-        try:
-            out[dist] = version(dist)
-        except PackageNotFoundError:
-            pass
-    return out
 
 
 def grid(scores: torch.Tensor) -> list[list[float]]:
@@ -268,7 +228,7 @@ def main(argv: list[str] | None = None) -> None:
         "seed": args.seed,
         "command": " ".join(["python", "bench/census.py", *(argv if argv is not None else sys.argv[1:])]),
         "commit": commit(),
-        "versions": versions(),
+        "versions": versions(("transformer-lens",)),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "uptime_before": uptime_before,

@@ -83,7 +83,6 @@ import ctypes
 import gc
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -91,6 +90,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from harness import commit, uptime, versions  # noqa: E402  (bench/ is on the path when a benchmark runs)
 
 MB = 2**20
 WARMUP_TOKENS = 128
@@ -325,44 +325,6 @@ def linear_fit(tokens: list[int], peaks: list[float]) -> dict:
     if len(t) >= 3:
         quad = np.polyfit(t, y, 2)[0]
         out["quadratic_share_at_max"] = round(float(quad * t.max() ** 2 / y.max()), 4)
-    return out
-
-
-def uptime() -> str:
-    try:
-        return subprocess.run(["uptime"], capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "load average: " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
-def commit() -> str | None:
-    """The checked-out commit, with ``+dirty`` when tracked files under lmatlas/ or bench/ differ from it."""
-    root = Path(__file__).resolve().parent.parent
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no", "--", "lmatlas", "bench"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return (head + ("+dirty" if dirty else "")) or None
-
-
-def versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for dist in ("lmatlas", "torch", "transformers"):
-        try:
-            out[dist] = version(dist)
-        except PackageNotFoundError:
-            pass
     return out
 
 

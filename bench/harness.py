@@ -62,21 +62,21 @@ def uptime() -> str:
 
 
 def commit() -> str | None:
-    """The checked-out commit (``None`` outside a git checkout), ``+dirty`` when files are modified."""
+    """The checked-out commit, with ``+dirty`` when tracked files under lmatlas/ or bench/ differ from it."""
     try:
         head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True, cwd=ROOT
+            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", "lmatlas", "bench"],
+            cwd=ROOT,
             capture_output=True,
             text=True,
-            check=True,
-            cwd=ROOT,
+            timeout=10,
         ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
+    except (OSError, subprocess.SubprocessError):
         return None
-    return head + ("+dirty" if dirty else "")
+    return (head + ("+dirty" if dirty else "")) or None
 
 
 def versions(extra: Iterable[str] = ()) -> dict[str, str | None]:
