@@ -1,7 +1,7 @@
 """MkDocs hooks: pages generated from the code and the committed records, so they cannot drift.
 
 * ``cli.md`` — every command of the CLI with its options (from the Typer app);
-* ``errors.md`` — one section per error class: symptom, cause, fix (``lmatlas.errors.*.help``);
+* ``errors.md`` and ``errors/<Class>.md`` — one page per error class: symptom, cause, fix (``lmatlas.errors.*.help``);
 * ``benchmarks.md`` — every ``bench/results/*.json`` record, its conditions and its figures;
 * ``guide/combinations.md`` is not a file: the generation page includes the table of
   ``lmatlas.infer.compose.COMBINATIONS`` where it says ``{{ combinations }}``.
@@ -67,32 +67,54 @@ def cli_page() -> str:
     return "\n".join(lines)
 
 
-def errors_page() -> str:
+def _error_classes() -> list[type]:
     import lmatlas.errors as errors
 
-    classes = [obj for obj in vars(errors).values() if isinstance(obj, type) and issubclass(obj, errors.LmatlasError)]
+    return [obj for obj in vars(errors).values() if isinstance(obj, type) and issubclass(obj, errors.LmatlasError)]
+
+
+def errors_page() -> str:
+    """The index: every error class with its one-line meaning, linking to its own page."""
     lines = [
         "# Errors",
         "",
         "Every error lmatlas raises on bad input derives from `LmatlasError` and says what was "
-        "wrong and what to do. One section per class: what you see, why, and the fix.",
+        "wrong and what to do: one line and exit status 2 on the command line, a JSON object "
+        '`{"error": {"type", "message"}}` under `--json`, a 4xx answer from the explorer. '
+        "Each class has a page: what you see, why, and the fix.",
         "",
+        "| error | what it means |",
+        "| --- | --- |",
     ]
-    for cls in classes:
-        parents = ", ".join(base.__name__ for base in cls.__bases__)
-        lines += [
-            f"## {cls.__name__}",
+    lines += [f"| [{cls.__name__}](errors/{cls.__name__}.md) | {inspect.getdoc(cls)} |" for cls in _error_classes()]
+    return "\n".join(lines) + "\n"
+
+
+def error_page(cls: type) -> str:
+    """One error class: symptom, cause, fix (from its ``help``)."""
+    parents = ", ".join(base.__name__ for base in cls.__bases__)
+    return "\n".join(
+        [
+            f"# {cls.__name__}",
             "",
             f"*{inspect.getdoc(cls)}* (subclass of {parents})",
             "",
-            f"**Symptom.** {cls.help.symptom}",
+            "## Symptom",
             "",
-            f"**Cause.** {cls.help.cause}",
+            cls.help.symptom,
             "",
-            f"**Fix.** {cls.help.fix}",
+            "## Cause",
+            "",
+            cls.help.cause,
+            "",
+            "## Fix",
+            "",
+            cls.help.fix,
+            "",
+            "[All errors](../errors.md)",
             "",
         ]
-    return "\n".join(lines)
+    )
 
 
 def _leaves(value, prefix: str = "", limit: int = 60) -> list[tuple[str, str]]:
@@ -187,6 +209,8 @@ GENERATED = {
 def on_files(files, config):
     for name, make in GENERATED.items():
         files.append(File.generated(config, name, content=make()))
+    for cls in _error_classes():  # one page per error class, reached from the errors index
+        files.append(File.generated(config, f"errors/{cls.__name__}.md", content=error_page(cls)))
     return files
 
 

@@ -55,7 +55,11 @@ def test_generated_pages_name_every_command_error_and_record(hooks):
     assert all(f"## `lmatlas {name}`" in cli for name in get_command(app).commands)
     assert "`--strategy`" in cli and "`--prompt-file`" in cli
     page = hooks.errors_page()
-    assert all(f"## {name}" in page for name in ("SiteError", "InputError", "AtlasError", "DraftHeadsError"))
+    assert all(f"[{name}](errors/{name}.md)" in page for name in ("SiteError", "InputError", "DraftHeadsError"))
+    from lmatlas.errors import SiteError
+
+    one = hooks.error_page(SiteError)
+    assert all(part in one for part in ("## Symptom", "## Cause", "## Fix", SiteError.help.fix))
     bench = hooks.benchmarks_page()
     assert all(f"## {path.stem}" in bench for path in (ROOT / "bench" / "results").glob("*.json"))
     table = hooks.combinations_table()
