@@ -6,6 +6,10 @@ one plain forward pass over the build corpus (``corpus_forward_s``), so
 ``ratio_vs_corpus_forward`` says how many corpus forwards the whole atlas costs.
 
     .venv/bin/python bench/map.py [--model smollm2-135m] [--only structure,importance] [--out FILE]
+                                  [--record bench/results/map.json]
+
+``--record`` writes the result with the conditions it was measured under (command, commit,
+threads, load before and after: :mod:`harness`) and the process's peak resident memory.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from harness import conditions, peak_rss_mb, write_record  # noqa: E402  (bench/ is on the path when a benchmark runs)
 
 import lmatlas
 from lmatlas.atlas.pipeline import build_atlas, make_context
@@ -29,7 +34,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--only", default=None, help="comma-separated stages (default: all)")
     parser.add_argument("--out", default=None, help="atlas file (default: a temporary file, removed)")
+    parser.add_argument("--record", default=None, help="write the result with its conditions to this JSON file")
     args = parser.parse_args(argv)
+    before = conditions()
 
     start = time.perf_counter()
     model = lmatlas.load(args.model)
@@ -50,25 +57,24 @@ def main(argv: list[str] | None = None) -> None:
     size_mb = out.stat().st_size / 1e6
     if not args.out:
         os.remove(out)
-    print(
-        json.dumps(
-            {
-                "benchmark": "map",
-                "model": args.model,
-                "stages": only or "all",
-                "torch_threads": torch.get_num_threads(),
-                "corpus_tokens": int(ctx.corpus.numel()),
-                "units": report.planned,
-                "load_s": round(load_s, 2),
-                "corpus_forward_s": round(corpus_forward_s, 3),
-                "build_s": round(build_s, 1),
-                "ratio_vs_corpus_forward": round(build_s / corpus_forward_s, 1),
-                "seconds_by_stage": {k: round(v, 1) for k, v in sorted(report.seconds_by_stage.items())},
-                "file_mb": round(size_mb, 1),
-            },
-            indent=2,
-        )
-    )
+    result = {
+        "benchmark": "map",
+        "model": args.model,
+        "stages": only or "all",
+        "torch_threads": torch.get_num_threads(),
+        "corpus_tokens": int(ctx.corpus.numel()),
+        "units": report.planned,
+        "load_s": round(load_s, 2),
+        "corpus_forward_s": round(corpus_forward_s, 3),
+        "build_s": round(build_s, 1),
+        "ratio_vs_corpus_forward": round(build_s / corpus_forward_s, 1),
+        "seconds_by_stage": {k: round(v, 1) for k, v in sorted(report.seconds_by_stage.items())},
+        "file_mb": round(size_mb, 1),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+    }
+    print(json.dumps(result, indent=2))
+    if args.record:
+        write_record(args.record, result, before)
 
 
 if __name__ == "__main__":
