@@ -79,8 +79,8 @@ def corpus_ids(model: "Model", texts: list[str] | None = None) -> torch.Tensor:
 
 
 def stats_for(model: "Model", texts: list[str] | None = None) -> AblationStats:
-    """The model's corpus statistics, built once and cached on the model (per text set)."""
-    cache = model.__dict__.setdefault("_ablation_stats", {})
+    """The model's corpus statistics, built once per model and text set (kept in ``model.memo``)."""
+    cache = model.memo.setdefault(__name__, {})
     key = None if texts is None else hash(tuple(texts))
     if key not in cache:
         cache[key] = AblationStats(model, corpus_ids(model, texts), "default corpus" if texts is None else "texts")

@@ -47,6 +47,8 @@ class Model:
         W: per-head / per-neuron weight views (:class:`~lmatlas.model.weights.ModelWeights`).
         provenance: source, file and hash.
         hook_stack: the active hook sessions of this model (see :mod:`lmatlas.model.hooks`).
+        memo: what upper layers compute once per model and keep (``{module name: value}``, e.g. the
+            corpus statistics of mean ablation); they never set attributes on the model itself.
     """
 
     def __init__(self, hf: nn.Module, tokenizer: Any, spec: ArchSpec, provenance: Provenance):
@@ -57,6 +59,7 @@ class Model:
         self.W = ModelWeights(spec, hf, self.layout)
         self.provenance = provenance
         self.hook_stack = HookStack(self)
+        self.memo: dict[str, Any] = {}
 
     @classmethod
     def from_hf(
