@@ -25,6 +25,7 @@ import pyarrow as pa
 from lmatlas.atlas.renames import legacy_detectors, rename_detectors
 from lmatlas.atlas.schema import ATLAS_KIND, SCHEMA_VERSION, TABLES, create_statements
 from lmatlas.errors import AtlasError
+from lmatlas.model.provenance import card_differences
 
 Rows = dict[str, list[dict[str, Any]]]  # table name -> rows (column -> value)
 
@@ -216,8 +217,7 @@ class AtlasStore:
 
     def _check_same_model(self, card: dict[str, Any]) -> None:
         theirs = self.meta().get("model", {})
-        keys = ("file_sha256", "model_type", "layers", "query_heads", "vocab")
-        mismatch = {k: (theirs.get(k), card.get(k)) for k in keys if theirs.get(k) != card.get(k)}
+        mismatch = card_differences(theirs, card)
         if mismatch:
             self.close()
             raise AtlasError(

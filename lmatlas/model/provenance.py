@@ -73,22 +73,27 @@ def identity(model: "Model") -> dict[str, Any]:
 
 
 def differences(recorded: dict[str, Any], model: "Model") -> dict[str, tuple[Any, Any]]:
-    """``{field: (recorded, this model's)}`` for every identity field that differs.
+    """``{field: (recorded, this model's)}`` for every identity field that differs (see :func:`card_differences`)."""
+    return card_differences(recorded, identity(model))
 
-    A field the record lacks is not compared (older files record fewer). The weights are
+
+def card_differences(recorded: dict[str, Any], mine: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """``{field: (recorded, mine)}`` for every identity field of two model records that differs.
+
+    A field either side lacks is not compared (older files record fewer). The weights are
     compared by the file's SHA-256 when both sides have one (the same checkpoint in another
-    dtype is the same model), else by the weights fingerprint (in-memory and tiny models).
+    dtype is the same model), else by the weights fingerprint when both have one (in-memory
+    and tiny models).
     """
-    mine = identity(model)
     out = {
         key: (recorded[key], mine[key])
         for key in IDENTITY
-        if recorded.get(key) is not None and recorded[key] != mine[key]
+        if recorded.get(key) is not None and mine.get(key) is not None and recorded[key] != mine[key]
     }
-    if recorded.get("file_sha256") and mine["file_sha256"]:
+    if recorded.get("file_sha256") and mine.get("file_sha256"):
         if recorded["file_sha256"] != mine["file_sha256"]:
             out["file_sha256"] = (recorded["file_sha256"][:12], mine["file_sha256"][:12])
-    elif recorded.get("weights") and recorded["weights"] != mine["weights"]:
+    elif recorded.get("weights") and mine.get("weights") and recorded["weights"] != mine["weights"]:
         out["weights"] = (recorded["weights"], mine["weights"])
     return out
 

@@ -19,13 +19,11 @@ from typing import TYPE_CHECKING, Any, Callable, Hashable
 from lmatlas.atlas.query import Atlas
 from lmatlas.errors import AtlasError, ExplorerError
 from lmatlas.model.arch import HeadLayout
+from lmatlas.model.provenance import card_differences
 from lmatlas.web.gate import ModelGate
 
 if TYPE_CHECKING:
     from lmatlas.model.handle import Model
-
-#: Model-card fields that must agree between the atlas and an attached model.
-SAME_MODEL = ("model_type", "layers", "query_heads", "kv_heads", "neurons_per_layer", "vocab")
 
 
 def clean(value: Any) -> Any:
@@ -135,9 +133,7 @@ class Explorer:
             layout = layout_of(atlas.card)
             if model is not None:
                 theirs = model.card()
-                mismatch = {
-                    k: (atlas.card.get(k), theirs.get(k)) for k in SAME_MODEL if atlas.card.get(k) != theirs.get(k)
-                }
+                mismatch = card_differences(atlas.card, theirs)
                 if mismatch:
                     raise AtlasError(
                         f"{atlas_path} is the atlas of {atlas.card.get('source')}, not of "
