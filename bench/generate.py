@@ -31,6 +31,7 @@ from harness import Log, conditions, load_model, write_record  # noqa: E402  (be
 import lmatlas
 from lmatlas.edit import Edit, Scale
 from lmatlas.infer.needle import haystack_text
+from lmatlas.model.generation import context_limit
 
 log = Log("bench_generate")
 
@@ -69,7 +70,9 @@ def main(argv: list[str] | None = None) -> dict:
     before = conditions()
     model = load_model(args.model)
     results = {}
-    for length in args.lengths:
+    limit = context_limit(model) or max(args.lengths) + args.new
+    for asked in args.lengths:
+        length = min(asked, limit - args.new)  # prompt + new tokens stay inside the context (8192 -> 8128)
         prompt = prompt_of(model, length)
         runs = variants(model, prompt, args.new)
         for fn in runs.values():  # warm-up

@@ -31,7 +31,6 @@ from lmatlas.causal.metrics import logit_diff
 from lmatlas.causal.patching import patch
 from lmatlas.causal.targets import Component, parse_component
 from lmatlas.errors import TaskError
-from lmatlas.model.arch import get_path
 from lmatlas.model.attention import attention_probs
 
 if TYPE_CHECKING:
@@ -59,7 +58,7 @@ def _linear(component: Component, clean, corrupt, grad) -> float:
 
 def _pattern_after(model: "Model", layer: int, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """``[n, head, pos, key_pos]`` causal attention pattern from queries ``[n, pos, head, d]`` and keys ``[n, pos, kv, d]``."""
-    module = get_path(model.blocks[layer], model.spec.attn)
+    module = model.module("attn", layer)
     softcap = getattr(model.hf.config, "attn_logit_softcapping", None)
     return attention_probs(
         module,

@@ -36,7 +36,6 @@ from typing import TYPE_CHECKING, Iterable, Iterator
 import torch
 
 from lmatlas.census.registry import Battery
-from lmatlas.model.arch import get_path
 from lmatlas.model.norms import final_readout
 
 if TYPE_CHECKING:
@@ -133,7 +132,7 @@ def _forward(model: "Model", battery: Battery, offsets: set[int], parts: list[st
         queries = torch.arange(prefix + half, prefix + 2 * half)
         copy = torch.zeros(lay.n_layers, n, lay.n_heads, len(queries))
         gain, centres = final_readout(model)
-        unembed = get_path(model.hf, model.spec.unembed).weight  # [d_vocab, d_model]
+        unembed = model.module("unembed").weight  # [d_vocab, d_model]
         compare_all = battery.meta["compare"]
 
     for start in range(0, n, BATCH):

@@ -55,7 +55,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from lmatlas.decode.vocab import DecodeError, TokenRanking, final_norm_gain, topk_rows, unembed_matrix
-from lmatlas.model.arch import get_path
 from lmatlas.model.norms import block_norm_gain
 from lmatlas.model.sites import check_head, check_layer, head_name
 
@@ -94,7 +93,7 @@ def token_ids(model: "Model", tokens: int | torch.Tensor | list[int] | None, see
 def embed_tokens(model: "Model", ids: torch.Tensor) -> torch.Tensor:
     """``[n, d_model]`` the native embedding module's output (with the family's scale), model dtype."""
     with torch.no_grad():
-        return get_path(model.hf, model.spec.embed)(ids.to(model.device))
+        return model.module("embed")(ids.to(model.device))
 
 
 def attn_input(model: "Model", layer: int, x: torch.Tensor, *, norm_input: bool = True) -> torch.Tensor:
@@ -102,7 +101,7 @@ def attn_input(model: "Model", layer: int, x: torch.Tensor, *, norm_input: bool 
     check_layer(layer, model.layout)
     if norm_input and model.spec.attn_norm:
         with torch.no_grad():
-            x = get_path(model.blocks[layer], model.spec.attn_norm)(x)
+            x = model.module("attn_norm", layer)(x)
     return x.float()
 
 

@@ -43,7 +43,6 @@ import torch
 from lmatlas.decode.fast_topk import SCORERS, PrunedTopK, TokenIndex, auto_method, build_index, pruned_topk
 from lmatlas.decode.token_text import token_texts
 from lmatlas.decode.vocab import DecodeError, TokenRanking, check_k, prepare, unembed_matrix
-from lmatlas.model.arch import get_path
 from lmatlas.model.norms import block_norm_gain, norm_eps
 from lmatlas.model.sites import check_layer, neuron_name
 from lmatlas.progress import ProgressArg, progress_task
@@ -167,7 +166,7 @@ def input_tokens(model: "Model", norm: str = "gain", chunk: int = 8192) -> torch
     scale = embed_scale(model)
     norm_module = None
     if norm == "gain" and model.spec.mlp_norm is not None:
-        norm_module = get_path(model.blocks[0], model.spec.mlp_norm)
+        norm_module = model.module("mlp_norm", 0)
     out = torch.empty(W_E.shape, dtype=torch.float32, device=W_E.device)
     for start in range(0, W_E.shape[0], chunk):
         e = W_E[start : start + chunk].float() * scale
@@ -182,7 +181,7 @@ def input_tokens(model: "Model", norm: str = "gain", chunk: int = 8192) -> torch
 
 def embed_scale(model: "Model") -> float:
     """The factor the embedding module multiplies ``W_E`` rows by (``sqrt(d_model)`` for Gemma), else 1."""
-    embed = get_path(model.hf, model.spec.embed)
+    embed = model.module("embed")
     scale = getattr(embed, "embed_scale", None)
     return 1.0 if scale is None else float(scale)
 

@@ -18,7 +18,6 @@ import torch
 
 from lmatlas.decode.heads import _blocks, head_inputs, token_ids
 from lmatlas.decode.vocab import DecodeError, TokenRanking, topk_rows
-from lmatlas.model.arch import get_path
 from lmatlas.model.sites import check_head, head_name
 
 if TYPE_CHECKING:
@@ -45,7 +44,7 @@ def _projected(model: "Model", layer: int, ids: torch.Tensor, which: str, norm_i
     out = torch.einsum("nd,hde->nhe", head_inputs(model, layer, ids, norm_input=norm_input), W)
     if b is not None:
         out = out + b.detach().float()
-    attn = get_path(model.blocks[layer], model.spec.attn)
+    attn = model.module("attn", layer)
     return _qk_norm(getattr(attn, f"{which}_norm", None), out)
 
 
@@ -58,7 +57,7 @@ def qk_vectors(
     at relative distance 0. Keys come from the head's KV group.
     """
     check_head(layer, head, model.layout)
-    scaling = float(getattr(get_path(model.blocks[layer], model.spec.attn), "scaling", model.layout.d_head**-0.5))
+    scaling = float(getattr(model.module("attn", layer), "scaling", model.layout.d_head**-0.5))
     q = _projected(model, layer, ids, "q", norm_input)[:, head] * scaling
     k = _projected(model, layer, ids, "k", norm_input)[:, model.layout.kv_head(head)]
     return q, k

@@ -84,6 +84,13 @@ class Model:
     def blocks(self) -> nn.ModuleList:
         return get_path(self.hf, self.spec.layers)
 
+    def module(self, part: str, layer: int | None = None) -> nn.Module:
+        """The native module the family's ArchSpec names ``part``: model-wide (``"embed"``, ``"unembed"``,
+        ``"final_norm"``) or, with ``layer``, inside that block (``"attn"``, ``"attn_norm"``, ``"mlp_norm"``,
+        ``"q"``, ``"o"``, ...). Upper layers read modules through this, never by walking ``hf`` themselves."""
+        path = getattr(self.spec, part)
+        return get_path(self.hf if layer is None else self.blocks[check_layer(layer, self.layout)], path)
+
     @property
     def device(self) -> torch.device:
         return get_path(self.hf, self.spec.embed).weight.device

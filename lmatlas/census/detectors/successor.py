@@ -62,7 +62,6 @@ from lmatlas.census.readout import LastResult, readout_matrix, run_body  # noqa:
 from lmatlas.census.registry import Battery, Detector, register
 from lmatlas.decode.heads import post_norm_gain
 from lmatlas.errors import LmatlasError
-from lmatlas.model.arch import get_path
 
 if TYPE_CHECKING:
     from lmatlas.model.handle import Model
@@ -77,7 +76,7 @@ def effective_embedding(model: "Model", token_ids: torch.Tensor, embedding: str 
     ids = torch.as_tensor(token_ids, dtype=torch.long, device=model.device)
     if embedding == "embed":
         with torch.no_grad():
-            return get_path(model.hf, model.spec.embed)(ids).float()
+            return model.module("embed")(ids).float()
     store = run_body(
         model,
         ids[:, None],
@@ -95,10 +94,9 @@ def ov_logits(model: "Model", x: torch.Tensor, readout: torch.Tensor, layers: li
     out = []
     with torch.no_grad():
         for layer in layers:
-            block = model.blocks[layer]
             xn = x.to(model.dtype)
             if spec.attn_norm:
-                xn = get_path(block, spec.attn_norm)(xn)
+                xn = model.module("attn_norm", layer)(xn)
             v = torch.einsum("nm,kmd->knd", xn.float(), W.W_V(layer).float())  # [kv_head, n, d_head]
             if W.b_V(layer) is not None:
                 v = v + W.b_V(layer).float()[:, None]
