@@ -25,6 +25,11 @@ depend on how the prompt was split into forwards, equals a full-attention forwar
 the per-head mask (the tests check this), and a needle that only reached the windowed
 heads during prefill cannot leak into the answer.
 
+**Other policies.** Keys carrying ``_lmatlas_attend`` (:data:`CUSTOM`: an object with
+``attend(run_base, module, query, key, value, attention_mask, *args, **kwargs)``) are
+handed to that object: a cache layer of another policy (full prefill then windowed
+decode, the hybrid, DuoAttention's gates) brings its own attention without a new branch here.
+
 **Probes.** lmatlas's hooks that read q/k/v or patterns (``attn.q/k/v/pattern``, census
 probes) wrap the model's attention function; combined with a head-wise cache they would
 see the placeholders, not the keys used, so that combination raises a clear error.
@@ -43,6 +48,7 @@ from lmatlas.infer.layer import PAYLOAD, WindowedCall
 from lmatlas.model.attention import _base_function, register_attention
 
 PREFIX = "headwise_"
+CUSTOM = "_lmatlas_attend"  # keys carrying an object with .attend(...) bring their own attention
 CHUNK = 256  # query rows of a windowed head computed at once
 
 
@@ -126,7 +132,8 @@ def headwise_attention(
     run_base = _base_function(base, module)
     call: WindowedCall | None = getattr(key, PAYLOAD, None)
     snap_call: snap.SnapCall | None = getattr(key, snap.PAYLOAD, None)
-    if call is None and snap_call is None:
+    custom = getattr(key, CUSTOM, None)
+    if call is None and snap_call is None and custom is None:
         return run_base(module, query, key, value, attention_mask, *args, **kwargs)
     if getattr(module, "_lmatlas_probe", None) is not None:
         raise LmatlasError(
@@ -135,6 +142,8 @@ def headwise_attention(
             "the default cache (past_key_values=None)."
         )
     check_no_padding(attention_mask)
+    if custom is not None:
+        return custom.attend(run_base, module, query, key, value, attention_mask, *args, **kwargs)
     if snap_call is not None:
         return snap.attend(run_base, module, query, key, value, attention_mask, args, kwargs, snap_call)
     batch, n_heads, n, _ = query.shape
