@@ -202,3 +202,13 @@ class DraftHeadsError(LmatlasError):
         cause="No heads file was trained for this model yet, the file is damaged, or it belongs to another model.",
         fix="Train heads for this model with `lmatlas train-draft-heads MODEL` (or pass the path of its heads file).",
     )
+
+
+class DictionaryError(LmatlasError, ValueError):
+    """A sparse dictionary (SAE, transcoder) or its training does not fit: bad k, width, site, file or model."""
+
+    help = Help(
+        symptom='`lmatlas features ...` stops with "k=64 must be below the 32 latents", "L15.attn.pattern cannot take a dictionary", "was made for another model" or "NaN at L15.resid.post".',
+        cause="A dictionary's sizes do not match its site, its site is not a vector site, its file belongs to another model or site, or the activations it would train on are not finite or would not fit on disk.",
+        fix="Follow the message: pick k below the number of latents, a residual or MLP site (`L15.resid.post`, `L15.mlp.in`/`mlp.out`), the model and site the file records, or free the disk space it names.",
+    )
