@@ -12,8 +12,7 @@ that needs them (``lmatlas.load``, ``lmatlas.Model``, ...), through the module
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from lmatlas.errors import (
     FidelityError,
@@ -23,6 +22,7 @@ from lmatlas.errors import (
     SiteError,
     UnsupportedArchitectureError,
 )
+from lmatlas.lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -45,17 +45,7 @@ if TYPE_CHECKING:
     from lmatlas.model import ActivationCache, FidelityReport, Model, Site, check, load, supported_model_types
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'lmatlas' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value  # later lookups skip __getattr__
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
 
 
 __all__ = [

@@ -12,8 +12,9 @@ The names below load on first use (``lmatlas.edit.forms`` stays light for the CL
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from lmatlas.lazy import lazy_exports
 
 _LAZY = {
     "Edit": "lmatlas.edit.edit",
@@ -36,11 +37,7 @@ if TYPE_CHECKING:
     from lmatlas.edit.steering import head_direction, neuron_direction, steering_vector
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'lmatlas.edit' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
 
 
 __all__ = [

@@ -16,8 +16,9 @@ The names below load on first use (``import lmatlas.infer.decoding.names`` stays
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from lmatlas.lazy import lazy_exports
 
 _LAZY = {
     "HeadwiseCache": "lmatlas.infer.cache",
@@ -35,11 +36,7 @@ if TYPE_CHECKING:
     from lmatlas.infer.snap import SnapPlan
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'lmatlas.infer' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
 
 
 __all__ = ["HeadwiseCache", "KVPlan", "SnapCache", "SnapPlan", "make_cache", "make_plan", "plan_from_heads"]
