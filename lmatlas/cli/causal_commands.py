@@ -190,33 +190,38 @@ def circuit_command(
             save_circuit(atlas, loaded, circuit)
         if as_json:
             print_json({**circuit.to_dict(), "svg": picture})
-            return
-        table = Table(
-            title=f"Circuit for {circuit.graph.task} ({circuit.graph.method}, run as "
-            f"{circuit.granularity}): {len(circuit.edges)} edges, faithfulness "
-            f"{circuit.faithfulness:.2f}, CPR {circuit.cpr:.2f}, CMD {circuit.cmd:.2f}",
-            title_justify="left",
-        )
-        for column in ("source", "target", "score"):
-            table.add_column(column)
-        for source, target_name, score in circuit.edges:
-            table.add_row(source, target_name, f"{score:+.3f}")
-        out.print(table)
-        out.print(
-            f"faithfulness ({circuit.granularity}) by edges kept: "
-            + ", ".join(f"{c['edges']}: {c['faithfulness']:.2f}" for c in circuit.curve)
-        )
-        check = circuit.verification
-        if check and check["exact"]:
-            rho = "n/a" if check["spearman"] is None else f"{check['spearman']:.2f}"
-            out.print(
-                f"verified: top {len(check['exact'])} edges re-measured by exact edge patching, Spearman {rho}, "
-                f"largest error {check['max_abs_error']:.3f} (gap {check['gap']:.3f})"
-            )
-        if picture:
-            out.print(f"diagram: {picture}")
+        else:
+            _print_circuit(circuit, picture)
 
     run(body)
+
+
+def _print_circuit(circuit, picture: Optional[str]) -> None:
+    """The circuit as a table, its faithfulness curve and its exact verification."""
+    table = Table(
+        title=f"Circuit for {circuit.graph.task} ({circuit.graph.method}, run as "
+        f"{circuit.granularity}): {len(circuit.edges)} edges, faithfulness "
+        f"{circuit.faithfulness:.2f}, CPR {circuit.cpr:.2f}, CMD {circuit.cmd:.2f}",
+        title_justify="left",
+    )
+    for column in ("source", "target", "score"):
+        table.add_column(column)
+    for source, target_name, score in circuit.edges:
+        table.add_row(source, target_name, f"{score:+.3f}")
+    out.print(table)
+    out.print(
+        f"faithfulness ({circuit.granularity}) by edges kept: "
+        + ", ".join(f"{c['edges']}: {c['faithfulness']:.2f}" for c in circuit.curve)
+    )
+    check = circuit.verification
+    if check and check["exact"]:
+        rho = "n/a" if check["spearman"] is None else f"{check['spearman']:.2f}"
+        out.print(
+            f"verified: top {len(check['exact'])} edges re-measured by exact edge patching, Spearman {rho}, "
+            f"largest error {check['max_abs_error']:.3f} (gap {check['gap']:.3f})"
+        )
+    if picture:
+        out.print(f"diagram: {picture}")
 
 
 @app.command("explain-attention")
