@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from lmatlas.errors import LmatlasError
-from lmatlas.infer.prune import PRUNABLE, least_important, masked_heads, perplexity, prune_heads, random_heads
+from lmatlas.infer.prune import least_important, masked_heads, perplexity, prune_heads, random_heads
+from lmatlas.model.surgery import PRUNABLE
 from lmatlas.model.tiny import tiny_model
 
 FAMILIES = {

@@ -55,8 +55,6 @@ if TYPE_CHECKING:
     from lmatlas.atlas.stages import BuildContext, Stage
     from lmatlas.model.handle import Model
 
-#: Card fields a worker's model must share with the driver's (the store checks the first five).
-FINGERPRINT = ("file_sha256", "model_type", "layers", "query_heads", "vocab", "dtype")
 INSTALL_HINT = "pip install 'lmatlas[ray]'"
 
 
@@ -113,8 +111,22 @@ def check_reachable(address: str, timeout: float = 10.0) -> None:
         ) from None
 
 
-def fingerprint(card: dict[str, Any]) -> dict[str, Any]:
-    return {key: card.get(key) for key in FINGERPRINT}
+def worker_identity(model: "Model") -> dict[str, Any]:
+    """What a worker's model must share with the driver's: the one identity every lmatlas file records
+    (:func:`lmatlas.model.provenance.identity`) plus the dtype the units compute in."""
+    from lmatlas.model.provenance import identity
+
+    return {**identity(model), "dtype": model.card().get("dtype")}
+
+
+def identity_differences(expect: dict[str, Any], found: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """``{field: (driver's, worker's)}``: the provenance comparison, and the dtype."""
+    from lmatlas.model.provenance import card_differences
+
+    out = card_differences(expect, found)
+    if expect.get("dtype") and found.get("dtype") and expect["dtype"] != found["dtype"]:
+        out["dtype"] = (expect["dtype"], found["dtype"])
+    return out
 
 
 class AtlasWorker:
@@ -123,7 +135,7 @@ class AtlasWorker:
     def load(
         self, source: str | None, ctx: "BuildContext", dtype: str, load_kwargs: dict[str, Any], check_card: bool
     ) -> tuple[str, dict[str, Any] | None]:
-        """Load the model; returns this worker's label (``host:pid``) and, if asked, the model's fingerprint."""
+        """Load the model; returns this worker's label (``host:pid``) and, if asked, its model's identity."""
         import lmatlas
         from lmatlas.atlas.stages import all_stages
 
@@ -131,7 +143,7 @@ class AtlasWorker:
         self.ctx = ctx
         self.stages = all_stages()
         self.label = f"{socket.gethostname()}:{os.getpid()}"
-        return self.label, fingerprint(self.model.card()) if check_card else None
+        return self.label, worker_identity(self.model) if check_card else None
 
     def run(self, stage_name: str, unit: str) -> UnitResult:
         if stage_name not in self.stages:
@@ -156,7 +168,8 @@ class RayExecutor:
         dtype: the workers' dtype (the driver's model should have the same).
         load_kwargs: more ``lmatlas.load`` arguments (``device``, ``device_map``, ``revision``).
         worker_options: Ray actor options (default ``{"num_cpus": 1}``; e.g. ``{"num_gpus": 1}``).
-        expect_card: the driver's model card; each worker checks it loaded the same model.
+        expect_card: the driver's model identity (:func:`worker_identity`, or a card); each worker checks that it
+            loaded the same model (sizes, then the file hash or the weights fingerprint, and the dtype).
 
     Attributes:
         worker_of: ``unit -> "host:pid"`` of the worker that computed it (filled as units finish).
@@ -181,14 +194,14 @@ class RayExecutor:
         self.ctx, self.address, self.num_workers = ctx, address, num_workers
         self.dtype, self.load_kwargs = dtype, dict(load_kwargs or {})
         self.worker_options = dict(worker_options or {"num_cpus": 1})
-        self.expect = fingerprint(expect_card) if expect_card else None
+        self.expect = dict(expect_card) if expect_card else None
         self.worker_of: dict[str, str] = {}
 
     @classmethod
     def for_model(cls, model: "Model", ctx: "BuildContext", **kwargs: Any) -> "RayExecutor":
         """An executor whose workers load ``model``'s source in ``model``'s dtype, checked against its card."""
         kwargs.setdefault("dtype", str(model.dtype).removeprefix("torch."))
-        kwargs.setdefault("expect_card", model.card())
+        kwargs.setdefault("expect_card", worker_identity(model))
         return cls(model.provenance.source, ctx, **kwargs)
 
     # -- running ---------------------------------------------------------------------------------
@@ -306,8 +319,8 @@ class RayExecutor:
             raise LmatlasError(
                 f"A Ray worker could not load the model {self.source!r}: {type(cause).__name__}: {cause}"
             ) from err
-        if self.expect is not None and found != self.expect:
-            diff = {k: (self.expect[k], found[k]) for k in FINGERPRINT if self.expect[k] != found[k]}
+        diff = identity_differences(self.expect, found) if self.expect is not None else {}
+        if diff:
             raise AtlasError(
                 f"Ray worker {label} loaded a different model from {self.source!r} than the driver's "
                 f"(driver vs worker: {diff}). Make the same model file visible to every node."

@@ -5,14 +5,9 @@ whose removal costs least. lmatlas reads that cost from the atlas (``head_import
 the corpus loss increase when a head is ablated) and removes heads for real:
 
 * **physical** (:func:`prune_heads`): the query heads' rows of ``W_Q`` and columns of
-  ``W_O`` are cut out; a KV head's rows of ``W_K``/``W_V`` go only when *every* query
-  head that reads it is removed. Grouped-query attention repeats each KV head the same
-  number of times, so a layer whose groups end up uneven keeps *ghost* heads (zero
-  ``W_Q`` rows and zero ``W_O`` columns: they write nothing) to fill the smaller groups;
-  the report counts them. The attention module's ``num_key_value_groups`` and
-  ``config.lmatlas_pruned_heads`` (``{layer: [kept original heads]}``) are updated;
-  transformers' configs have one head count for all layers, so ``num_attention_heads``
-  is left as is and a pruned model is not meant to be saved and reloaded by transformers.
+  ``W_O`` are cut out, KV heads only when every query head reading them goes, uneven
+  groups filled with *ghost* heads that write nothing (the surgery itself is
+  :mod:`lmatlas.model.surgery`); the report counts removed heads, KV heads and ghosts.
 * **mask** (:func:`masked_heads`): a context manager zeroing the heads' ``attn.z``
   before ``W_O`` (zero ablation). Removing a head computes exactly that, so masked
   and pruned models agree (the tests check this): measure with the mask, then prune.
@@ -27,21 +22,18 @@ from __future__ import annotations
 
 import random
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator, Mapping
 
 import torch
-from torch import nn
 
 from lmatlas.errors import AtlasError, LmatlasError
-from lmatlas.model.arch import QKVLayout, get_path
 from lmatlas.model.sites import parse_head
+from lmatlas.model.surgery import check_prunable, remove_query_heads
 
 if TYPE_CHECKING:
     from lmatlas.model.handle import Model
-
-PRUNABLE = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3")
 
 
 def heads_by_layer(model: "Model", heads: Iterable[str] | Mapping[int, Iterable[int]]) -> dict[int, set[int]]:
@@ -83,90 +75,19 @@ class PruneReport:
         return 1 - self.params_after / self.params_before
 
 
-def _linear(rows_from: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
-    new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
-    with torch.no_grad():
-        new.weight.copy_(weight)
-        if bias is not None:
-            new.bias.copy_(bias)
-    return new
-
-
-def _check_prunable(model: "Model") -> None:
-    if model.spec.qkv_layout != QKVLayout.SEPARATE or model.family not in PRUNABLE:
-        raise LmatlasError(
-            f"Physical head pruning supports {', '.join(PRUNABLE)}; {model.family} has "
-            f"{'fused q/k/v projections' if model.spec.qkv_layout != QKVLayout.SEPARATE else 'q/k norms over all heads'}. "
-            "Measure with masked_heads(model, heads) instead."
-        )
-
-
 def prune_heads(model: "Model", heads: Iterable[str] | Mapping[int, Iterable[int]]) -> PruneReport:
     """Remove the named query heads from ``model`` in place (see the module docstring)."""
-    _check_prunable(model)
+    check_prunable(model)
     chosen = heads_by_layer(model, heads)
-    lay = model.layout
-    d, rep = lay.d_head, lay.group_size
     before = model.n_params()
-    per_layer: dict[int, dict[str, int]] = {}
-    kept_record = dict(getattr(model.hf.config, "lmatlas_pruned_heads", {}) or {})
-    for layer, remove in sorted(chosen.items()):
-        if str(layer) in kept_record:
-            raise LmatlasError(f"Layer {layer} was already pruned; prune a fresh copy of the model.")
-        block = model.blocks[layer]
-        attn = get_path(block, model.spec.attn)
-        q, k, v, o = (get_path(block, path) for path in (model.spec.q, model.spec.k, model.spec.v, model.spec.o))
-        groups = {g: [h for h in range(g * rep, (g + 1) * rep) if h not in remove] for g in range(lay.n_kv_heads)}
-        kept_groups = [g for g in groups if groups[g]] or [0]  # a layer with no head left keeps one ghost
-        new_rep = max(1, max(len(groups[g]) for g in kept_groups))
-        order = [(g, groups[g][i] if i < len(groups[g]) else None) for g in kept_groups for i in range(new_rep)]
-        with torch.no_grad():
-            q_rows, o_cols = [], []
-            for _, head in order:
-                if head is None:
-                    q_rows.append(torch.zeros_like(q.weight[:d]))
-                    o_cols.append(torch.zeros_like(o.weight[:, :d]))
-                else:
-                    q_rows.append(q.weight[head * d : (head + 1) * d])
-                    o_cols.append(o.weight[:, head * d : (head + 1) * d])
-            q_bias = None
-            if q.bias is not None:
-                q_bias = torch.cat(
-                    [q.bias[h * d : (h + 1) * d] if h is not None else torch.zeros_like(q.bias[:d]) for _, h in order]
-                )
-            kv_rows = torch.cat([torch.arange(g * d, (g + 1) * d) for g in kept_groups])
-            new_q = _linear(q, torch.cat(q_rows), q_bias)
-            new_k = _linear(k, k.weight[kv_rows], None if k.bias is None else k.bias[kv_rows])
-            new_v = _linear(v, v.weight[kv_rows], None if v.bias is None else v.bias[kv_rows])
-            new_o = _linear(o, torch.cat(o_cols, dim=1), o.bias)
-        for path, module in (
-            (model.spec.q, new_q),
-            (model.spec.k, new_k),
-            (model.spec.v, new_v),
-            (model.spec.o, new_o),
-        ):
-            parent, _, name = path.rpartition(".")
-            setattr(get_path(block, parent) if parent else block, name, module)
-        attn.num_key_value_groups = new_rep
-        for attr, value in (("num_heads", len(order)), ("num_key_value_heads", len(kept_groups))):
-            if hasattr(attn, attr):
-                setattr(attn, attr, value)
-        ghosts = sum(1 for _, h in order if h is None)
-        per_layer[layer] = {
-            "removed": len(remove),
-            "kv_removed": lay.n_kv_heads - len(kept_groups) if any(groups.values()) else lay.n_kv_heads - 1,
-            "ghosts": ghosts,
-            "heads_now": len(order),
-        }
-        kept_record[str(layer)] = sorted(h for _, h in order if h is not None)
-    model.hf.config.lmatlas_pruned_heads = kept_record
+    done = {layer: remove_query_heads(model, layer, remove) for layer, remove in sorted(chosen.items())}
     return PruneReport(
-        removed_heads=sum(len(r) for r in chosen.values()),
-        removed_kv_heads=sum(p["kv_removed"] for p in per_layer.values()),
-        ghost_heads=sum(p["ghosts"] for p in per_layer.values()),
+        removed_heads=sum(s.removed for s in done.values()),
+        removed_kv_heads=sum(s.kv_removed for s in done.values()),
+        ghost_heads=sum(s.ghosts for s in done.values()),
         params_before=before,
         params_after=model.n_params(),
-        per_layer=per_layer,
+        per_layer={layer: asdict(s) for layer, s in done.items()},
     )
 
 
