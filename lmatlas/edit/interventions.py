@@ -95,7 +95,7 @@ class Intervention:
     def bind(self, model: "Model", stats: "AblationStats | None" = None) -> list[BoundReplacement]:
         """Check against ``model`` and turn into site replacements (one per site the target touches)."""
         _check_steps(self.steps)
-        target = parse_target(self.target, model.layout)
+        target = parse_target(self.target, model.layout, model.dictionaries)
         self.check(model, target)
         bound = BoundTarget(self, target, model, stats)
         self.prepare(bound)

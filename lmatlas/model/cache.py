@@ -11,6 +11,7 @@ group, and say their shapes:
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -18,6 +19,8 @@ import torch
 from lmatlas.errors import SiteError
 from lmatlas.model.arch import HeadLayout
 from lmatlas.model.sites import Site, check_head, check_layer, check_neuron
+
+_FEATURE_INDEX = re.compile(r"^(?P<site>L\d+\..+\.F)(?P<index>\d+)$")  # "L15.resid.post.F123"
 
 
 @dataclass
@@ -44,6 +47,9 @@ class ActivationCache:
     # -- raw access -----------------------------------------------------------------------------
     def __getitem__(self, name: str | Site) -> torch.Tensor:
         key = str(name)
+        latent = _FEATURE_INDEX.match(key)
+        if latent and key not in self.values and latent["site"] in self.values:  # one feature: [batch, pos]
+            return self.values[latent["site"]][..., int(latent["index"])]
         if key not in self.values:
             raise SiteError(
                 f"{key!r} was not captured. Captured sites: {', '.join(sorted(self.values)) or 'none'}. "

@@ -19,6 +19,7 @@ from lmatlas.errors import InputError, NotACausalLMError, SiteError
 from lmatlas.model import comparison, generation
 from lmatlas.model.arch import ArchSpec, HeadLayout, get_path, read_layout
 from lmatlas.model.cache import ActivationCache
+from lmatlas.model.dictionary_sites import DictionaryRegistry
 from lmatlas.model.families import spec_for_model_type
 from lmatlas.model.generation import describe_edit
 from lmatlas.model.hook_stack import HookStack
@@ -28,6 +29,7 @@ from lmatlas.model.provenance import Provenance
 from lmatlas.model.replacement import BoundReplacement, Replacement
 from lmatlas.model.sites import COMPONENTS, Site, check_layer, parse_sites
 from lmatlas.model.weights import ModelWeights
+from lmatlas.model.work import WorkCounter
 
 if TYPE_CHECKING:
     from lmatlas.model.edited import EditedModel
@@ -47,8 +49,11 @@ class Model:
         W: per-head / per-neuron weight views (:class:`~lmatlas.model.weights.ModelWeights`).
         provenance: source, file and hash.
         hook_stack: the active hook sessions of this model (see :mod:`lmatlas.model.hooks`).
+        dictionaries: the sparse dictionaries attached to sites (``attach``/``detach``); their latents
+            are sites (``L15.resid.post.F123``, see :mod:`lmatlas.model.dictionary_sites`).
         memo: what upper layers compute once per model and keep (``{module name: value}``, e.g. the
             corpus statistics of mean ablation); they never set attributes on the model itself.
+        work: forwards, tokens and layer-tokens run so far (:mod:`lmatlas.model.work`).
     """
 
     def __init__(self, hf: nn.Module, tokenizer: Any, spec: ArchSpec, provenance: Provenance):
@@ -59,7 +64,9 @@ class Model:
         self.W = ModelWeights(spec, hf, self.layout)
         self.provenance = provenance
         self.hook_stack = HookStack(self)
+        self.dictionaries = DictionaryRegistry(self.layout)
         self.memo: dict[str, Any] = {}
+        self.work = WorkCounter()
 
     @classmethod
     def from_hf(
@@ -111,6 +118,7 @@ class Model:
             names = [names]
         out: list[Site] = []
         for name in names:
+            self.dictionaries.check_name(str(name))
             out.extend(parse_sites(name, self.layout))
         return sorted(set(out))
 
@@ -175,8 +183,10 @@ class Model:
 
     def forward(self, inputs: Inputs) -> torch.Tensor:
         """Plain forward pass: ``[batch, pos, d_vocab]`` logits (no gradients, no hooks of lmatlas's own)."""
+        batch = self.tokenize(inputs)
+        self.work.add(*batch["input_ids"].shape[:2], self.layout.n_layers)
         with torch.no_grad():
-            return self.hf(**self.tokenize(inputs), use_cache=False).logits
+            return self.hf(**batch, use_cache=False).logits
 
     def replacements(self, replace: "Mapping[str | Site, Replacement] | Any | None") -> list[BoundReplacement]:
         """Bind ``{site_name[@positions]: tensor | number | fn}`` to sites (``"attn.z"`` = every layer).
@@ -193,6 +203,7 @@ class Model:
         out: list[BoundReplacement] = []
         for name, value in replace.items():
             site_name, positions = split_site_name(str(name))
+            self.dictionaries.check_name(site_name)
             for site in parse_sites(site_name, self.layout):
                 out.append(BoundReplacement(site, value, positions))
         return out
@@ -273,6 +284,7 @@ class Model:
             if replacement.positions is not None:
                 _check_inside(replacement, n, prompt_len or n)
         stop = None if stop_after is None else check_layer(int(stop_after), self.layout)
+        self.work.add(batch["input_ids"].shape[0], n, self.layout.n_layers if stop is None else stop + 1)
         cache = ActivationCache(self.layout, input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
         session = HookSession(
             self,

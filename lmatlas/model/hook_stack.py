@@ -24,6 +24,8 @@ import torch
 from lmatlas.errors import HookOrderError
 from lmatlas.model.arch import get_path
 from lmatlas.model.attention import AttentionProbe, Probe, ProbeChain, wrapper_name
+from lmatlas.model.dictionary_sites import Attached, encode_input
+from lmatlas.model.dictionary_sites import splice as splice_features
 from lmatlas.model.norms import frozen_scale
 from lmatlas.model.positions import CallInfo
 from lmatlas.model.replacement import BoundReplacement
@@ -93,6 +95,7 @@ class HookStack:
         self.sites: frozenset[Site] = frozenset()
         self.replacers: dict[Site, list[BoundReplacement]] = {}
         self.capturers: dict[Site, list["HookSession"]] = {}
+        self.spliced: dict[Site, list[Attached]] = {}  # written site -> dictionaries spliced there
         self.call: CallInfo | None = None
         self._handles: list[Any] = []
         self._probed: list[torch.nn.Module] = []
@@ -149,6 +152,13 @@ class HookStack:
                 out = replacement.apply(value if new is None else new, where.to(value.device), call)
                 if out is not None:
                     new = out
+        for entry in self.spliced.get(site, ()):  # feature sites: x + decode(f') - decode(f)
+            current = value if new is None else new
+            source = self._scratch[(site.layer, "mlp.in")] if entry.transcoder else current
+            f = encode_input(entry, source)
+            out = splice_features(entry, current, f, self.apply(entry.site, f, where))
+            if out is not None:
+                new = out
         for session in self.capturers.get(site, ()):
             kept = value if new is None else new
             session.store[str(site)] = kept if session.keep_grad else kept.detach()
@@ -174,6 +184,12 @@ class HookStack:
                 probes[layer].append(probe)
         self.capturers, self.replacers = dict(capturers), dict(replacers)
         self.sites = frozenset(capturers) | frozenset(replacers)
+        spliced: dict[Site, list[Attached]] = defaultdict(list)
+        for site in sorted(s for s in self.sites if s.is_feature):
+            entry = self.model.dictionaries.get(site)  # raises (before any forward) when none is attached
+            spliced[entry.writes].append(entry)
+        self.spliced = dict(spliced)
+        self.sites |= frozenset(spliced)
         self._install(probes)
 
     def _remove(self) -> None:
@@ -187,7 +203,7 @@ class HookStack:
             self.model.hf.config._attn_implementation = self._saved_attn
             self._saved_attn = None
         self._scratch.clear()
-        self.sites, self.capturers, self.replacers = frozenset(), {}, {}
+        self.sites, self.capturers, self.replacers, self.spliced = frozenset(), {}, {}, {}
 
     def _install(self, extra_probes: dict[int, list[AttentionProbe]]) -> None:
         by_layer: dict[int, set[str]] = defaultdict(set)
@@ -215,6 +231,8 @@ class HookStack:
                 self._hook(get_path(block, spec.o), pre=True, fn=self._attn_z(layer))
             if components & {"attn.out", "resid.mid"}:
                 self._hook(get_path(block, spec.attn_write), pre=False, fn=self._attn_write(layer, components))
+            if "mlp.F" in components:  # a transcoder reads the MLP's normalised input
+                self._hook(get_path(block, spec.mlp), pre=True, fn=self._mlp_in(layer))
             if "mlp.act" in components:
                 self._hook(get_path(block, spec.mlp_out), pre=True, fn=self._mlp_act(layer))
             if "mlp.out" in components:
@@ -329,6 +347,12 @@ class HookStack:
                 elif grad:  # value: current; gradient: through mid (the direct residual path is cancelled)
                     new_write = splice(current, mid) - (pre - pre.detach())
             return None if new_write is None else _with_first(output, new_write)
+
+        return hook
+
+    def _mlp_in(self, layer: int) -> Callable:
+        def hook(module, args, kwargs):
+            self._scratch[(layer, "mlp.in")] = args[0] if args else kwargs["hidden_states"]
 
         return hook
 

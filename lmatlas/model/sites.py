@@ -4,6 +4,11 @@ A *site* is ``L{layer}.{component}``, for example ``L12.attn.z``. The same strin
 used in Python, the CLI, the atlas and URLs. ``attn.z`` (no layer) or ``L*.attn.z``
 means the component at every layer. A head is ``L12.H3``; a neuron ``L12.N1031``.
 
+A sparse dictionary attached to a site (``model.dictionaries.attach``, see
+:mod:`lmatlas.model.dictionary_sites`) makes its latents sites too: ``L15.resid.post.F``
+is the SAE's latent vector ``[batch, pos, latent]``, ``L15.resid.post.F123`` one latent;
+a transcoder that replaces MLP 15 has ``L15.mlp.F`` and ``L15.mlp.F77``.
+
 Shapes use ``batch``, ``pos`` (query position), ``key_pos``, ``head`` (query heads),
 ``kv_head`` and ``neuron``.
 """
@@ -61,7 +66,15 @@ COMPONENTS: dict[str, Component] = {
     "mlp.out": Component("[batch, pos, d_model]", "the MLP's write to the residual stream"),
 }
 
+#: Feature sites: the latents of a dictionary attached at a site (``L15.resid.post.F``), by the base they
+#: splice into. ``mlp.F`` is a transcoder's: it reads the MLP's normalised input and replaces ``mlp.out``.
+FEATURE_COMPONENTS: dict[str, Component] = {
+    f"{base}.F": Component("[batch, pos, latent]", f"latents of the sparse dictionary attached at {base}")
+    for base in ("resid.pre", "resid.mid", "resid.post", "mlp.out", "mlp")
+}
+
 _SITE_RE = re.compile(r"^(?:L(?P<layer>\d+|\*)\.)?(?P<component>[a-z_]+\.[a-z_]+)$")
+_FEATURE_RE = re.compile(r"^(?:L(?P<layer>\d+|\*)\.)?(?P<base>[a-z_]+(?:\.[a-z_]+)?)\.F(?P<index>\d+)?$")
 _HEAD_RE = re.compile(r"^L(?P<layer>\d+)\.H(?P<index>\d+)$")
 _NEURON_RE = re.compile(r"^L(?P<layer>\d+)\.N(?P<index>\d+)$")
 
@@ -78,7 +91,12 @@ class Site:
 
     @property
     def info(self) -> Component:
-        return COMPONENTS[self.component]
+        return COMPONENTS.get(self.component) or FEATURE_COMPONENTS[self.component]
+
+    @property
+    def is_feature(self) -> bool:
+        """A dictionary's latents (``L15.resid.post.F``), not a native site."""
+        return self.component in FEATURE_COMPONENTS
 
 
 def _unknown_component(name: str, component: str) -> SiteError:
@@ -108,6 +126,8 @@ def parse_sites(name: str | Site, layout: HeadLayout) -> list[Site]:
     """
     if isinstance(name, Site):
         name = str(name)
+    if feature := parse_feature(name, layout):
+        return [site for site, _ in feature]
     match = _SITE_RE.match(name.strip())
     if not match:
         raise SiteError(
@@ -120,6 +140,28 @@ def parse_sites(name: str | Site, layout: HeadLayout) -> list[Site]:
     if layer in (None, "*"):
         return [Site(i, component) for i in range(layout.n_layers)]
     return [Site(check_layer(int(layer), layout, name), component)]
+
+
+def parse_feature(name: str, layout: HeadLayout) -> list[tuple[Site, int | None]] | None:
+    """``"L15.resid.post.F123" -> [(Site(15, "resid.post.F"), 123)]`` (``None`` when ``name`` names no feature).
+
+    Only the grammar and the layer are checked here; whether a dictionary is attached and the
+    latent's range are checked by the model's registry (:mod:`lmatlas.model.dictionary_sites`).
+    """
+    match = _FEATURE_RE.match(name.strip())
+    if not match:
+        return None
+    component = f"{match['base']}.F"
+    if component not in FEATURE_COMPONENTS:
+        bases = ", ".join(c.removesuffix(".F") for c in FEATURE_COMPONENTS)
+        raise SiteError(
+            f"{match['base']} cannot take a dictionary ({name!r}): features live at {bases} "
+            "(an SAE on a residual stream or mlp.out, a transcoder at 'mlp'), e.g. 'L15.resid.post.F123'."
+        )
+    index = None if match["index"] is None else int(match["index"])
+    layer = match["layer"]
+    layers = range(layout.n_layers) if layer in (None, "*") else [check_layer(int(layer), layout, name)]
+    return [(Site(i, component), index) for i in layers]
 
 
 def check_head(layer: int, head: int, layout: HeadLayout, kv: bool = False) -> int:

@@ -9,6 +9,8 @@ target                   site                slice (axis)        meaning
 ``L5.KV1.k`` / ``.v``    ``L5.attn.k`` / v   KV head 1 (2)       a KV group's keys / values (every query
                                                                  head of the group reads them)
 ``L12.N1031``            ``L12.mlp.act``     neuron 1031 (-1)    one neuron
+``L15.resid.post.F123``  ``L15.resid.post.F`` latent 123 (-1) one feature of the dictionary attached there
+``L15.mlp.F77``          ``L15.mlp.F``       latent 77 (-1)      one latent of the transcoder of MLP 15
 ``L10.resid.post``       the site            all of it           a site (``attn.z`` alone: every layer)
 ``L5.H3@-1``             (any of the above)  only the last prompt token (positions follow an ``@``)
 =======================  ==================  ==================  ==========================================
@@ -27,8 +29,9 @@ from dataclasses import dataclass
 
 from lmatlas.errors import SiteError
 from lmatlas.model.arch import HeadLayout
+from lmatlas.model.dictionary_sites import DictionaryRegistry
 from lmatlas.model.positions import Positions, split_site_name
-from lmatlas.model.sites import COMPONENTS, Site, check_head, check_layer, head_or_neuron, parse_sites
+from lmatlas.model.sites import COMPONENTS, Site, check_head, check_layer, head_or_neuron, parse_feature, parse_sites
 
 _HEAD_PART = re.compile(r"^L(?P<layer>\d+)\.H(?P<index>\d+)\.(?P<part>q|out)$")
 _KV_PART = re.compile(r"^L(?P<layer>\d+)\.KV(?P<index>\d+)\.(?P<part>[kv])$")
@@ -42,7 +45,7 @@ class Target:
     """A parsed target: the ``sites`` it touches, ``index`` along ``axis`` (``None``: all), ``positions``.
 
     ``kind`` is ``"head"`` (a query or KV head's slice, axis 2), ``"neuron"`` (``mlp.act``, last
-    axis) or ``"site"`` (every value of each site).
+    axis), ``"feature"`` (a dictionary latent, last axis) or ``"site"`` (every value of each site).
     """
 
     text: str
@@ -54,12 +57,14 @@ class Target:
     def kind(self) -> str:
         if self.index is None:
             return "site"
+        if self.sites[0].is_feature:
+            return "feature"
         return "neuron" if self.sites[0].component == "mlp.act" else "head"
 
     @property
     def axis(self) -> int | None:
         """The axis ``index`` selects along in the site's value (``None`` for a whole site)."""
-        return None if self.index is None else (-1 if self.kind == "neuron" else HEAD_AXIS)
+        return None if self.index is None else (-1 if self.kind in ("neuron", "feature") else HEAD_AXIS)
 
     @property
     def site(self) -> Site:
@@ -78,8 +83,10 @@ class Target:
     def slice_shape(self, layout: HeadLayout) -> tuple[int, ...]:
         """The per-position shape of the target's slice (``()`` for a neuron)."""
         component = self.sites[0].component
-        if self.kind == "neuron":
+        if self.kind in ("neuron", "feature"):
             return ()
+        if self.sites[0].is_feature:
+            raise SiteError(f"Edit one latent of {self.text!r} at a time, e.g. '{self.text}123'.")
         if self.kind == "head":
             return (layout.d_model,) if component == "attn.out" else (layout.d_head,)
         shape = COMPONENTS[component].shape
@@ -93,11 +100,19 @@ class Target:
         return tuple(sizes[name] for name in shape.strip("[]").split(", ")[2:] if name in sizes)
 
 
-def parse_target(text: str, layout: HeadLayout) -> Target:
-    """Parse and range-check a target (see the module docstring)."""
+def parse_target(text: str, layout: HeadLayout, dictionaries: DictionaryRegistry | None = None) -> Target:
+    """Parse and range-check a target (see the module docstring).
+
+    A feature target (``L15.resid.post.F123``) is checked against ``dictionaries`` (the model's
+    registry) when given: a dictionary must be attached there and the latent within its range.
+    """
     if not isinstance(text, str):
         raise SiteError(f"A target is a string such as 'L5.H3', 'L12.N1031' or 'L10.resid.post', got {text!r}.")
     name, positions = split_site_name(text.strip())
+    if feature := parse_feature(name, layout):
+        if dictionaries is not None:
+            dictionaries.check_name(name)
+        return Target(text, tuple(site for site, _ in feature), feature[0][1], positions)
     unit = head_or_neuron(name, layout)
     if unit is not None:
         kind, layer, index = unit

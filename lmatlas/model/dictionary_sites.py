@@ -1,0 +1,258 @@
+"""Dictionary sites: a sparse dictionary attached at a site makes its latents sites of the model.
+
+A *dictionary* (an SAE or a skip-transcoder, :mod:`lmatlas.features`) maps a vector
+``x [..., d_in]`` to latents ``f = encode(x) [..., n_latents]`` and back ``decode(f) [..., d_out]``.
+The model layer needs nothing more than the :class:`SiteDictionary` protocol, so features can
+be captured and edited by every layer above the model (edits, patching, generation) while the
+dictionaries themselves live in :mod:`lmatlas.features`.
+
+The model learns which dictionary belongs to a site through its registry,
+``model.dictionaries`` (:class:`DictionaryRegistry`)::
+
+    model.dictionaries.attach(sae, "L15.resid.post")     # an SAE: L15.resid.post.F is its latents
+    model.dictionaries.attach(transcoder, "L15.mlp")     # a transcoder: L15.mlp.F replaces MLP 15
+    cache = model.run("text", capture=["L15.resid.post.F"])     # [batch, pos, latent]
+    cache["L15.resid.post.F123"]                                 # [batch, pos], one latent
+
+**The splice.** Where a feature site is hooked, the base value ``x`` (``resid.post`` for an SAE
+there; ``mlp.out`` for a transcoder, whose latents are encoded from the MLP's normalised input
+``u``) becomes::
+
+    f  = encode(x)                      (transcoder: encode(u))
+    f' = the feature site's replacements applied to f (edits), then captured
+    x' = x + (decode(f') - decode(f))   = decode(f') + error,  error = x - decode(f)
+
+so an unedited splice (``f' is f``) returns ``x`` itself, bit for bit: the reconstruction error
+is kept and the dictionary changes nothing until a latent is edited. A transcoder's affine skip
+cancels in the difference. With gradients on, the value is the same and autograd sees
+``x + decode(f')``: the upstream gradient passes the splice unchanged (identity), and the
+latents (a leaf computed from the detached input) get ``d loss / d f = W_dec · d loss / d x'`` —
+the gradient of adding along each decoder direction, which is what attribution needs.
+
+Errors come before any compute: a width that does not match the site, a site that cannot take
+a dictionary, a latent out of range (the valid range is named), a feature site with nothing
+attached (the message says how to attach).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterator, Protocol, runtime_checkable
+
+import torch
+
+from lmatlas.errors import SiteError
+from lmatlas.model.arch import HeadLayout
+from lmatlas.model.sites import FEATURE_COMPONENTS, Site, check_layer, parse_feature
+
+#: What each feature component reads (its encoder input) and writes (the site it splices into).
+READS = {"resid.pre.F": "resid.pre", "resid.mid.F": "resid.mid", "resid.post.F": "resid.post"}
+READS.update({"mlp.out.F": "mlp.out", "mlp.F": "mlp.in"})
+WRITES = {component: base.replace("mlp.in", "mlp.out") for component, base in READS.items()}
+
+
+@runtime_checkable
+class SiteDictionary(Protocol):
+    """What the model needs of a dictionary: its number of latents, ``encode`` and ``decode``.
+
+    ``encode(x [..., d_in]) -> [..., n_latents]``; ``decode(f [..., n_latents]) -> [..., d_out]``,
+    affine in ``f`` (a transcoder's skip term, which depends on its input, is left out of it).
+    """
+
+    n_latents: int
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def decode(self, f: torch.Tensor) -> torch.Tensor: ...
+
+
+def _width(dictionary: Any, side: str) -> int | None:
+    """``d_in``/``d_out`` of a dictionary: the attribute if it has one, else its weights' shape."""
+    value = getattr(dictionary, side, None)
+    if value is not None:
+        return int(value)
+    if side == "d_in" and getattr(dictionary, "W_enc", None) is not None:
+        weight = dictionary.W_enc  # [d_in, n_latents]
+        return int(weight.shape[0])
+    if getattr(dictionary, "W_dec", None) is not None:
+        return int(dictionary.W_dec.shape[-1])  # [n_latents, d_out]
+    return None
+
+
+@dataclass(frozen=True)
+class Attached:
+    """One dictionary at one feature site: ``site`` (``L15.resid.post.F``), what it reads and writes."""
+
+    site: Site
+    dictionary: Any
+
+    @property
+    def reads(self) -> Site:
+        return Site(self.site.layer, READS[self.site.component])
+
+    @property
+    def writes(self) -> Site:
+        return Site(self.site.layer, WRITES[self.site.component])
+
+    @property
+    def n_latents(self) -> int:
+        return int(self.dictionary.n_latents)
+
+    @property
+    def transcoder(self) -> bool:
+        return self.site.component == "mlp.F"
+
+
+def feature_site(base: str, layout: HeadLayout) -> Site:
+    """``"L15.resid.post" -> Site(15, "resid.post.F")``; ``"L15.mlp"`` (a transcoder) ``-> Site(15, "mlp.F")``."""
+    text = base.strip().removesuffix(".F")
+    if "." not in text:
+        raise SiteError(
+            f"Name the site of a dictionary with its layer, e.g. 'L15.resid.post' or 'L15.mlp', got {base!r}."
+        )
+    head, _, rest = text.partition(".")
+    if not (head.startswith("L") and head[1:].isdigit()):
+        raise SiteError(
+            f"Name the site of a dictionary with its layer, e.g. 'L15.resid.post' or 'L15.mlp', got {base!r}."
+        )
+    check_layer(int(head[1:]), layout, base)
+    (site, _), *_ = parse_feature(f"{text}.F", layout)
+    return site
+
+
+class DictionaryRegistry:
+    """The dictionaries attached to one model (``model.dictionaries``), one per feature site.
+
+    Attaching checks the dictionary's width against the site; every feature site or target is
+    checked against what is attached before a forward runs.
+    """
+
+    def __init__(self, layout: HeadLayout):
+        self.layout = layout
+        self._attached: dict[Site, Attached] = {}
+
+    def attach(self, dictionary: Any, site: str | None = None) -> str:
+        """Attach ``dictionary`` at ``site`` (default: the site its card records); returns the feature site name.
+
+        ``site`` is the base: ``"L15.resid.post"`` for an SAE, ``"L15.mlp"`` for a transcoder.
+        Attach before entering a hook session that uses it (sessions read the registry when they start).
+        """
+        from lmatlas.errors import DictionaryError
+
+        site = site if site is not None else _recorded_site(dictionary)
+        feature = feature_site(site, self.layout)
+        if not isinstance(dictionary, SiteDictionary):
+            raise DictionaryError(
+                f"{type(dictionary).__name__} is not a dictionary: it needs n_latents, encode(x) and decode(f)."
+            )
+        entry = Attached(feature, dictionary)
+        lay = self.layout
+        for side, want in (("d_in", lay.d_model), ("d_out", lay.d_model)):
+            got = _width(dictionary, side)
+            if got is not None and got != want:
+                raise DictionaryError(
+                    f"The dictionary's {side} is {got}, but {entry.reads if side == 'd_in' else entry.writes} "
+                    f"of this model has width {want}: it was trained for another model or site."
+                )
+        self._attached[feature] = entry
+        return str(feature)
+
+    def detach(self, site: str | Site) -> None:
+        """Remove the dictionary at ``site`` (``"L15.resid.post"`` or ``"L15.resid.post.F"``)."""
+        feature = site if isinstance(site, Site) else feature_site(str(site), self.layout)
+        self._attached.pop(feature, None)
+
+    @contextmanager
+    def attached(self, dictionary: Any, site: str | None = None) -> Iterator[str]:
+        """``with model.dictionaries.attached(sae, "L3.resid.post") as name:`` attach for one block only."""
+        name = self.attach(dictionary, site)
+        try:
+            yield name
+        finally:
+            self.detach(name)
+
+    def __contains__(self, site: object) -> bool:
+        return site in self._attached
+
+    def __iter__(self) -> Iterator[Attached]:
+        return iter(sorted(self._attached.values(), key=lambda entry: entry.site))
+
+    def __len__(self) -> int:
+        return len(self._attached)
+
+    def get(self, site: Site) -> Attached:
+        """The dictionary at feature site ``site``; a :class:`SiteError` that says how to attach one if none is."""
+        entry = self._attached.get(site)
+        if entry is None:
+            base = "L{}.{}".format(site.layer, site.component.removesuffix(".F"))
+            have = ", ".join(str(e.site) for e in self) or "none"
+            raise SiteError(
+                f"No dictionary is attached at {base}, so {site} has no latents (attached: {have}). "
+                f"Attach one first: model.dictionaries.attach(dictionary, {base!r}) "
+                "(e.g. a dictionary from lmatlas.features), or `--features FILE` on the command line."
+            )
+        return entry
+
+    def check(self, site: Site, index: int | None = None) -> Attached:
+        """Check a feature site (and latent ``index``) against what is attached."""
+        entry = self.get(site)
+        if index is not None and not 0 <= index < entry.n_latents:
+            raise SiteError(
+                f"Feature {index} is out of range at {site}: the dictionary attached there has "
+                f"{entry.n_latents} latents (F0..F{entry.n_latents - 1})."
+            )
+        return entry
+
+    def check_name(self, name: str) -> None:
+        """Check every feature a site or target name mentions (nothing for non-feature names)."""
+        for site, index in parse_feature(name.partition("@")[0], self.layout) or ():
+            self.check(site, index)
+
+
+def _recorded_site(dictionary: Any) -> str:
+    card = getattr(dictionary, "card", None)
+    site = getattr(card, "site", None) or getattr(dictionary, "site", None)
+    if isinstance(site, (list, tuple)):  # a transcoder's card may list what it reads and writes
+        site = _transcoder_base(site)
+    if not site:
+        raise SiteError("This dictionary records no site: pass one, e.g. attach(dictionary, 'L15.resid.post').")
+    return str(site)
+
+
+def _transcoder_base(sites: list | tuple) -> str:
+    """``["L15.mlp.in", "L15.mlp.out"] -> "L15.mlp"`` (the base a transcoder attaches to)."""
+    first = str(sites[0])
+    return first.rsplit(".", 1)[0] if first.count(".") >= 2 else first
+
+
+def encode_input(entry: Attached, x: torch.Tensor) -> torch.Tensor:
+    """``[batch, pos, latent]`` latents of ``x`` (detached under autograd: the latents are a leaf of the graph)."""
+    grad = torch.is_grad_enabled()
+    weight = getattr(entry.dictionary, "W_dec", None)
+    dtype = weight.dtype if isinstance(weight, torch.Tensor) else x.dtype
+    f = entry.dictionary.encode((x.detach() if grad else x).to(dtype))
+    return f.detach().requires_grad_(True) if grad and f.is_floating_point() else f
+
+
+def splice(entry: Attached, x: torch.Tensor, f: torch.Tensor, used: torch.Tensor | None) -> torch.Tensor | None:
+    """``x + decode(used) - decode(f)`` (``None`` when nothing changed and no gradient is wanted).
+
+    ``x [batch, pos, d_model]`` is the written value, ``f`` the latents, ``used`` the latents after
+    edits (``None``: unedited). With gradients on, the value is the same and the graph is
+    ``x + decode(used)`` (see the module docstring).
+    """
+    grad = torch.is_grad_enabled()
+    if used is None and not grad:
+        return None
+    used = f if used is None else used
+    decode = entry.dictionary.decode
+    with torch.no_grad():
+        value = x if used is f else x + (decode(used) - decode(f)).to(x.dtype)
+    if not grad:
+        return value
+    path = decode(used).to(x.dtype)
+    return value.detach() + (x - x.detach()) + (path - path.detach())
+
+
+__all__ = ["SiteDictionary", "DictionaryRegistry", "Attached", "FEATURE_COMPONENTS", "feature_site"]
