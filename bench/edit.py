@@ -14,8 +14,9 @@ edit       ``model.generate(prompt, n, chat=True, edit=EDIT)`` with
 Variants alternate within every repeat (after ``WARMUP`` rounds), so machine noise
 spreads over both; ``ratio`` is the median of the per-repeat ratios ``edit / plain``
 (paired: each repeat's two runs are seconds apart), ``ratio_of_medians`` the ratio of
-the two medians. Target: ratio <= 1.10. One thread (on a shared 2-core machine more
-threads only add contention); ``load_average`` is the machine's at the start and end.
+the two medians. Target: ratio <= 1.10, judged on the quartiles of the paired ratios
+(``meets_target`` is null when they cross it). One thread (on a shared 2-core machine more
+threads only add contention); the record's ``conditions`` hold the command, commit and load.
 
     .venv/bin/python bench/edit.py [--new-tokens 64] [--repeats 9] [--quick] [--out FILE]
 """
@@ -24,13 +25,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
-from pathlib import Path
 
 import torch
-from harness import Log  # noqa: E402  (bench/ is on the path when a benchmark runs)
+from harness import Log, conditions, ratio_verdict, write_record  # noqa: E402  (bench/ is on the path when a benchmark runs)
 
 import lmatlas
 from lmatlas.edit import Ablate, Scale, Set
@@ -59,7 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default=None, help="Also write the JSON here (e.g. bench/results/edit.json).")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    load_start = os.getloadavg()
+    before = conditions()
     if args.quick:
         from lmatlas.model.tiny import tiny_model
 
@@ -108,15 +107,11 @@ def main(argv: list[str] | None = None) -> dict:
         "ratio_of_medians": round(medians["edit"] / medians["plain"], 4),
         "ratio_min": round(min(ratios), 4),
         "ratio_max": round(max(ratios), 4),
-        "target": TARGET,
-        "meets_target": ratio <= TARGET,
-        "load_average": {"start": load_start, "end": os.getloadavg()},
+        **ratio_verdict(ratios, TARGET),
     }
-    text = json.dumps(report, indent=2)
-    print(text)
+    print(json.dumps(report, indent=2))
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+        write_record(args.out, report, before)
     return report
 
 
