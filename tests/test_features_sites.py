@@ -184,3 +184,18 @@ def test_errors_before_compute(model, sae):
         with pytest.raises(SiteError, match="No dictionary is attached at L0.resid.post"):
             model.edit(Scale("L0.resid.post.F1", 2.0))
     assert model.hook_stack.sessions == []
+
+
+def test_mlp_in_is_the_mlp_modules_input(model):
+    """``mlp.in`` (a transcoder's input) is what the native MLP module receives; replacing it changes only that."""
+    mlp = get_path(model.blocks[1], model.spec.mlp)
+    seen = {}
+    handle = mlp.register_forward_pre_hook(lambda module, args: seen.setdefault("u", args[0]))
+    try:
+        model.forward(PROMPT)
+    finally:
+        handle.remove()
+    cache = model.run(PROMPT, capture=["L1.mlp.in"])
+    assert torch.equal(cache["L1.mlp.in"], seen["u"])
+    expected = _hooked_forward(model, mlp, lambda module, args: (args[0] * 0.5,), pre=True)
+    torch.testing.assert_close(model.run(PROMPT, replace={"L1.mlp.in": lambda v, ctx: v * 0.5}).logits, expected)

@@ -73,6 +73,7 @@ def test_shapes_of_every_site(tiny):
         "attn.pattern": (batch, lay.n_heads, pos, pos),
         "attn.z": (batch, pos, lay.n_heads, lay.d_head),
         "attn.out": (batch, pos, lay.n_heads, lay.d_model),
+        "mlp.in": (batch, pos, lay.d_model),
         "mlp.act": (batch, pos, lay.d_mlp),
         "mlp.out": (batch, pos, lay.d_model),
     }

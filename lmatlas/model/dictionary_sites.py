@@ -48,7 +48,7 @@ from lmatlas.model.sites import FEATURE_COMPONENTS, Site, check_layer, parse_fea
 
 #: What each feature component reads (its encoder input) and writes (the site it splices into).
 READS = {"resid.pre.F": "resid.pre", "resid.mid.F": "resid.mid", "resid.post.F": "resid.post"}
-READS.update({"mlp.out.F": "mlp.out", "mlp.F": "mlp.in"})
+READS.update({"mlp.act.F": "mlp.act", "mlp.out.F": "mlp.out", "mlp.F": "mlp.in"})
 WRITES = {component: base.replace("mlp.in", "mlp.out") for component, base in READS.items()}
 
 
@@ -148,7 +148,8 @@ class DictionaryRegistry:
             )
         entry = Attached(feature, dictionary)
         lay = self.layout
-        for side, want in (("d_in", lay.d_model), ("d_out", lay.d_model)):
+        want = lay.d_mlp if feature.component == "mlp.act.F" else lay.d_model
+        for side in ("d_in", "d_out"):
             got = _width(dictionary, side)
             if got is not None and got != want:
                 raise DictionaryError(
@@ -211,19 +212,14 @@ class DictionaryRegistry:
 
 
 def _recorded_site(dictionary: Any) -> str:
+    """The base a dictionary's card records: its site for an SAE, ``L15.mlp`` for a transcoder (``L15.mlp.in``)."""
     card = getattr(dictionary, "card", None)
-    site = getattr(card, "site", None) or getattr(dictionary, "site", None)
-    if isinstance(site, (list, tuple)):  # a transcoder's card may list what it reads and writes
-        site = _transcoder_base(site)
-    if not site:
+    site = str(getattr(card, "site", None) or getattr(dictionary, "site", None) or "")
+    if not site or site == "?":
         raise SiteError("This dictionary records no site: pass one, e.g. attach(dictionary, 'L15.resid.post').")
-    return str(site)
-
-
-def _transcoder_base(sites: list | tuple) -> str:
-    """``["L15.mlp.in", "L15.mlp.out"] -> "L15.mlp"`` (the base a transcoder attaches to)."""
-    first = str(sites[0])
-    return first.rsplit(".", 1)[0] if first.count(".") >= 2 else first
+    if getattr(card, "kind", None) == "transcoder" or site.endswith(".mlp.in"):
+        return site.removesuffix(".in")
+    return site
 
 
 def encode_input(entry: Attached, x: torch.Tensor) -> torch.Tensor:

@@ -231,7 +231,7 @@ class HookStack:
                 self._hook(get_path(block, spec.o), pre=True, fn=self._attn_z(layer))
             if components & {"attn.out", "resid.mid"}:
                 self._hook(get_path(block, spec.attn_write), pre=False, fn=self._attn_write(layer, components))
-            if "mlp.F" in components:  # a transcoder reads the MLP's normalised input
+            if components & {"mlp.in", "mlp.F"}:  # a transcoder reads the MLP's normalised input
                 self._hook(get_path(block, spec.mlp), pre=True, fn=self._mlp_in(layer))
             if "mlp.act" in components:
                 self._hook(get_path(block, spec.mlp_out), pre=True, fn=self._mlp_act(layer))
@@ -351,8 +351,21 @@ class HookStack:
         return hook
 
     def _mlp_in(self, layer: int) -> Callable:
+        site = Site(layer, "mlp.in")
+
         def hook(module, args, kwargs):
-            self._scratch[(layer, "mlp.in")] = args[0] if args else kwargs["hidden_states"]
+            hidden = args[0] if args else kwargs["hidden_states"]
+            grad = torch.is_grad_enabled() and site in self.sites
+            if grad:  # its own node (without a pre-norm it is resid.mid itself): only the MLP's reading
+                hidden = hidden.view_as(hidden)
+            new = self.apply(site, hidden, self._positions(hidden)) if site in self.sites else None
+            used = hidden if new is None else new
+            self._scratch[(layer, "mlp.in")] = used
+            if new is None and not grad:
+                return None
+            if args:
+                return (used, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": used}
 
         return hook
 

@@ -21,7 +21,7 @@ sessions around it keep working. Leaving out of order is an error.
 
 **Gradients.** Run the forward with gradients enabled (``Model.run(..., grad=True)``
 or your own ``torch.enable_grad()``) and a session with ``keep_grad=True`` stores
-tensors that lie on the path to the logits, for all eleven components:
+tensors that lie on the path to the logits, for all twelve components:
 ``torch.autograd.grad(loss, cache["L3.attn.pattern"])`` is the derivative of the
 loss with respect to that site, with the site's replacement semantics (the pattern
 multiplies the values; ``attn.out`` adds its per-head change to the write;
@@ -43,8 +43,12 @@ attn.pattern   attention probe (eager pattern next to the fast kernel)
 attn.z         forward pre-hook on the output projection ``o``
 attn.out       forward hook on the attention write: ``z_h @ W_O[h]`` per head,
                times the scale of a post-attention norm if any
+mlp.in         forward pre-hook on the MLP (its input, after the pre-MLP norm)
 mlp.act        forward pre-hook on the down projection ``mlp_out``
 mlp.out        forward hook on the MLP write (``mlp`` or its post norm)
+(features)     ``L15.resid.post.F``: spliced into the site they write (see
+               :mod:`lmatlas.model.dictionary_sites`); a transcoder's ``L15.mlp.F``
+               reads ``mlp.in`` and writes ``mlp.out``
 =============  ==============================================================
 
 Replacements (tensors, numbers or ``fn(value, ctx)``) and position selectors

@@ -62,6 +62,9 @@ COMPONENTS: dict[str, Component] = {
         "each head's own write to the residual stream, z_h @ W_O[h] (times any post-attention norm's scale)",
         "head",
     ),
+    "mlp.in": Component(
+        "[batch, pos, d_model]", "the MLP's input after its pre-norm (what its projections read; a transcoder's input)"
+    ),
     "mlp.act": Component("[batch, pos, neuron]", "input of the down projection: one value per neuron"),
     "mlp.out": Component("[batch, pos, d_model]", "the MLP's write to the residual stream"),
 }
@@ -70,7 +73,7 @@ COMPONENTS: dict[str, Component] = {
 #: splice into. ``mlp.F`` is a transcoder's: it reads the MLP's normalised input and replaces ``mlp.out``.
 FEATURE_COMPONENTS: dict[str, Component] = {
     f"{base}.F": Component("[batch, pos, latent]", f"latents of the sparse dictionary attached at {base}")
-    for base in ("resid.pre", "resid.mid", "resid.post", "mlp.out", "mlp")
+    for base in ("resid.pre", "resid.mid", "resid.post", "mlp.act", "mlp.out", "mlp")
 }
 
 _SITE_RE = re.compile(r"^(?:L(?P<layer>\d+|\*)\.)?(?P<component>[a-z_]+\.[a-z_]+)$")
