@@ -82,6 +82,7 @@ def launch_chromium(playwright):
 def server(tmp_path_factory):
     paths = web_atlases(tmp_path_factory)
     server = Server(create_app(paths["a"], model=load(paths["model"]), diff=paths["b"]))
+    server.atlas_path = paths["a"]
     yield server
     server.stop()
 
@@ -280,6 +281,21 @@ def test_edit_playground_from_head_and_neuron_pages(page, server):
     assert "prompt=" in page.url  # the prompt is part of the shareable URL
     ARTEFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(ARTEFACTS / "edit_playground_two_continuations.png"), full_page=True)
+    # the same edit with DoLa and a head-wise cache chosen from the atlas: what lmatlas.generate gives
+    import lmatlas
+    from lmatlas.infer.choose import from_atlas
+
+    page.select_option("#strategy", "dola")
+    page.select_option("#kv-kind", "budget")
+    page.fill("#kv-amount", "0.5")
+    page.click("#generate")
+    page.wait_for_selector("#run-note:has-text('dola')", timeout=30_000)
+    plan = from_atlas(model, server.atlas_path, 0.5)
+    composed = lmatlas.generate(
+        model, prompt, 10, edit=Ablate("L1.H2") | Ablate("L0.N5"), kv=plan, strategy="dola", compare=True
+    )
+    assert page.locator("#edited span.gen").count() == len(composed.edited.ids)
+    assert "atlas:full_context+retrieval" in page.locator("#run-note").inner_text()
     with page.expect_download() as download:
         page.click("#download")
     saved = json.loads(Path(download.value.path()).read_text())

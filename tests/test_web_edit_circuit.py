@@ -153,6 +153,36 @@ def test_mean_ablation_uses_the_library(client, model):
     assert data["edited"]["text"] == model.generate(PROMPT, 6, edit=Ablate("L0.H1", how="mean"))
 
 
+def test_kv_policies_and_strategies_compose_as_in_python(client, model, paths):
+    """The playground's head-wise cache is the plan `lmatlas generate --kv-budget` makes from the same atlas;
+    SnapKV and a strategy go through the one generate too."""
+    import lmatlas
+    from lmatlas.infer.choose import from_atlas
+    from lmatlas.infer.snap import SnapPlan
+
+    body = {"prompt": PROMPT, "max_new_tokens": 6, "interventions": EDIT_ITEMS[:1]}
+    plan = from_atlas(model, paths["a"], 0.5)
+    data = client.post("/api/edit", json={**body, "kv_budget": 0.5, "strategy": "dola"}).json()
+    expected = lmatlas.generate(model, PROMPT, 6, edit=EDIT_ITEMS_EDIT, kv=plan, strategy="dola", compare=True)
+    assert data["kv"] == clean_json(expected.kv) and data["kv"]["method"] == "atlas:full_context+retrieval"
+    assert data["strategy"] == expected.strategy
+    assert data["edited"]["ids"] == expected.edited.ids and data["plain"]["ids"] == expected.plain.ids
+    snap = client.post("/api/edit", json={**body, "kv_snap": 40}).json()
+    expected = lmatlas.generate(model, PROMPT, 6, edit=EDIT_ITEMS_EDIT, kv=SnapPlan(capacity=40), compare=True)
+    assert snap["kv"]["method"] == expected.kv["method"] and snap["edited"]["ids"] == expected.edited.ids
+    _error(client.post("/api/edit", json={**body, "kv_snap": 40, "kv_budget": 0.5}), 422, "not both")
+    _error(client.post("/api/edit", json={**body, "kv_budget": 1.5}), 422, "kv_budget")
+    live = client.get("/api/live").json()
+    assert live["kv_budget"] is True and "dola" in live["strategies"]
+
+
+EDIT_ITEMS_EDIT = Edit((Ablate("L1.H2"),))
+
+
+def clean_json(value):
+    return json.loads(json.dumps(value))
+
+
 def test_edit_file_loads_back_as_the_same_edit(client, model, tmp_path):
     response = client.post("/api/edit/file", json={"interventions": EDIT_ITEMS})
     assert response.status_code == 200

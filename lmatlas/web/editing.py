@@ -71,6 +71,9 @@ class EditSpec(BaseModel):
     )
 
 
+#: The head-wise cache the playground offers: the CLI's defaults (``lmatlas generate --kv-budget``).
+KV_DETECTORS, KV_SINK, KV_RECENT = ("full_context", "retrieval"), 4, 256
+
 #: The strategies the playground offers: the registry's names (DeCoRe masks the atlas's top retrieval heads).
 StrategyName = Literal[STRATEGY_NAMES]  # type: ignore[valid-type]
 
@@ -93,6 +96,14 @@ class EditRequest(Prompt, EditSpec):
         ge=33,
         le=1_000_000,
         description="SnapKV: prompt entries each KV head keeps (both continuations); null for the full cache",
+    )
+    kv_budget: Optional[float] = Field(
+        None,
+        gt=0,
+        le=1,
+        description="head-wise cache: the fraction of KV heads that keep the whole context, chosen by the atlas's "
+        f"census scores ({' + '.join(KV_DETECTORS)}); the others keep {KV_SINK} sink + {KV_RECENT} recent tokens. "
+        "Null for the full cache",
     )
 
 
@@ -187,6 +198,37 @@ def strategy_for(request: EditRequest, retrieval_heads: list[str]) -> Any:
     return make_strategy(request.strategy)
 
 
+def kv_policy(model: "Model", request: EditRequest, head_scores: list[dict[str, Any]]) -> Any:
+    """The KV policy a request names: SnapKV, a head-wise plan from the atlas's census rows
+    (``head_scores``: ``{"detector", "layer", "head", "score"}``), or ``None`` (the full cache)."""
+    import torch
+
+    from lmatlas.infer.choose import combine, from_scores
+    from lmatlas.infer.snap import SnapPlan
+
+    if request.kv_snap is not None and request.kv_budget is not None:
+        raise Malformed("Choose one KV cache: kv_snap (SnapKV) or kv_budget (head-wise), not both.")
+    if request.kv_snap is not None:
+        return SnapPlan(capacity=request.kv_snap)
+    if request.kv_budget is None:
+        return None
+    lay = model.layout
+    tables = []
+    for detector in KV_DETECTORS:
+        table = torch.full((lay.n_layers, lay.n_heads), float("nan"))
+        for row in head_scores:
+            if row["detector"] == detector and row["score"] is not None:
+                table[row["layer"], row["head"]] = float(row["score"])
+        if torch.isnan(table).all():
+            raise Malformed(
+                f"A head-wise cache needs the atlas's {detector!r} census scores, which this atlas lacks: "
+                "complete it with `lmatlas map`."
+            )
+        tables.append(table)
+    method = "atlas:" + "+".join(KV_DETECTORS)
+    return from_scores(model, combine(tables), request.kv_budget, KV_SINK, KV_RECENT, method=method)
+
+
 def compare(
     model: "Model",
     request: EditRequest,
@@ -194,13 +236,13 @@ def compare(
     prompt_tokens: int,
     new_tokens: int,
     retrieval_heads: list[str] = (),
+    head_scores: list[dict[str, Any]] = (),
 ) -> dict[str, Any]:
     """Plain and edited continuations side by side, with the request's strategy and KV cache
     (:func:`lmatlas.generate` with ``compare=True``; run it through the app's model gate)."""
     from lmatlas.infer.compose import generate
-    from lmatlas.infer.snap import SnapPlan
 
-    kv = SnapPlan(capacity=request.kv_snap) if request.kv_snap is not None else None
+    kv = kv_policy(model, request, list(head_scores))
     result = generate(
         model,
         request.prompt,

@@ -232,6 +232,10 @@ class LiveStatus(BaseModel):
     capacity: int
     prompt_tokens: int
     lens_tokens: int
+    strategies: list[str] = Field(description="decoding strategies the edit playground offers (the registry's names)")
+    kv_budget: bool = Field(
+        description="whether the playground can offer a head-wise KV cache (the atlas has census scores to choose from)"
+    )
 
 
 class DiffReport(BaseModel):

@@ -31,9 +31,17 @@ def generate(body: editing.EditRequest, ex: Explorer = Depends(explorer)) -> dic
         else []
     )
 
+    scores = (
+        ex.query(
+            "SELECT detector, layer, head, score FROM head_scores WHERE detector IN (?, ?)", list(editing.KV_DETECTORS)
+        )
+        if body.kv_budget is not None and ex.has("head_scores")
+        else []
+    )
+
     def work() -> dict:
         n, new = editing.check_request(model, body, ex.limits)  # tokenizes: inside the gate too
-        return editing.compare(model, body, edit, n, new, heads)
+        return editing.compare(model, body, edit, n, new, heads, scores)
 
     return clean(ex.gate.run(work))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends
 
+from lmatlas.infer.decoding.names import STRATEGY_NAMES
 from lmatlas.web import live
 from lmatlas.web.errors import MODEL_RESPONSES
 from lmatlas.web.routes import explorer
@@ -35,4 +36,6 @@ def live_status(ex: Explorer = Depends(explorer)) -> dict:
         "capacity": ex.gate.capacity,
         "prompt_tokens": ex.limits.prompt_tokens,
         "lens_tokens": ex.limits.lens_tokens,
+        "strategies": list(STRATEGY_NAMES),
+        "kv_budget": ex.has("head_scores"),
     }

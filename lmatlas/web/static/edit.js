@@ -22,6 +22,9 @@ const HOWS = ["zero", "mean"];
     value: Math.min(24, LM.info.limits.new_tokens), style: "width:70px" });
   const chat = el("input", { type: "checkbox", id: "chat", checked: live.chat_template || null,
     disabled: live.chat_template ? null : true });
+  const strategy = el("select", { id: "strategy", "aria-label": "decoding strategy" },
+    live.strategies.map((name) => el("option", { value: name, selected: name === "greedy" || null }, name)));
+  const cache = kvControls(live);
   const status = el("span", { class: "note", id: "edit-status" });
   const out = el("div", { id: "edit-out" });
   const sync = () => {
@@ -36,7 +39,7 @@ const HOWS = ["zero", "mean"];
     const started = performance.now();
     try {
       const data = await LM.api("/api/edit", { prompt: prompt.value, max_new_tokens: Number(tokens.value),
-        chat: chat.checked, interventions: interventions(rows) });
+        chat: chat.checked, interventions: interventions(rows), strategy: strategy.value, ...cache.request() });
       drawComparison(out, data);
       status.textContent = `done in ${Math.round(performance.now() - started)} ms`;
     } catch (error) {
@@ -74,11 +77,33 @@ const HOWS = ["zero", "mean"];
       el("h2", {}, "Prompt"), prompt,
       el("div", { class: "controls" }, generate, el("label", {}, "new tokens ", tokens),
         el("label", { title: live.chat_template ? "wrap the prompt in the chat template" :
-          "this model's tokenizer has no chat template" }, chat, " chat template"), status)),
+          "this model's tokenizer has no chat template" }, chat, " chat template"), status),
+      el("div", { class: "controls", id: "run-options" }, el("label", {}, "strategy ", strategy), cache.element)),
     out);
   redraw();
   LM.ready();
 })().catch((error) => LM.fail(document.getElementById("page"), error));
+
+// The KV cache both continuations use: full, head-wise (a fraction of KV heads keep everything, chosen by the
+// atlas's census) or SnapKV (each KV head keeps its N most attended prompt entries).
+function kvControls(live) {
+  const { el } = LM;
+  const kinds = [["full", "full cache"], ["budget", "head-wise"], ["snap", "SnapKV"]];
+  const kind = el("select", { id: "kv-kind", "aria-label": "KV cache" }, kinds.map(([value, label]) =>
+    el("option", { value, disabled: value === "budget" && !live.kv_budget ? true : null }, label)));
+  const amount = el("input", { type: "number", id: "kv-amount", step: "any", style: "width:80px", hidden: true });
+  const hint = el("span", { class: "note", id: "kv-hint" });
+  kind.addEventListener("change", () => {
+    amount.hidden = kind.value === "full";
+    amount.value = kind.value === "budget" ? 0.25 : kind.value === "snap" ? 256 : "";
+    hint.textContent = kind.value === "budget" ? "fraction of KV heads kept whole (others: 4 sink + 256 recent)"
+      : kind.value === "snap" ? "prompt entries each KV head keeps" : "";
+  });
+  const request = () => kind.value === "budget" ? { kv_budget: Number(amount.value) }
+    : kind.value === "snap" ? { kv_snap: Number(amount.value) } : {};
+  return { element: el("label", { title: live.kv_budget ? "" : "head-wise needs the atlas's census scores" },
+    "KV cache ", kind, " ", amount, " ", hint), request };
+}
 
 // URL parameters -> [{kind, target, value}] ("scale=L2.N10:0.5" -> scale L2.N10 by 0.5).
 function parseEdit(params) {
@@ -133,6 +158,11 @@ function rowEditor(row, i, rows, redraw, sync) {
     el("button", { class: "plain", title: "remove", onclick: () => { rows.splice(i, 1); redraw(); } }, "×"));
 }
 
+function kvText(kv) {
+  if (!kv || kv.method === "default") return "full";
+  return Object.entries(kv).map(([k, v]) => `${k} ${typeof v === "object" ? JSON.stringify(v) : v}`).join(", ");
+}
+
 // The two continuations side by side; tokens from the first difference on are marked.
 function drawComparison(out, data) {
   const { el } = LM;
@@ -153,6 +183,7 @@ function drawComparison(out, data) {
     el("p", { id: "diff-note", class: at === null ? "muted" : "" }, differ,
       data.edit.length ? ` Edit: ${data.edit.join(" | ")}` : " No intervention: both runs are the plain model."),
     el("div", { class: "row" }, column("plain", "Plain model", data.plain), column("edited", "Edited model", data.edited)),
-    el("p", { class: "note" }, `${data.prompt_tokens} prompt tokens · greedy · hover a token for its ` +
+    el("p", { class: "note", id: "run-note" }, `${data.prompt_tokens} prompt tokens · ${data.strategy} · ` +
+      `KV cache ${kvText(data.kv)} · hover a token for its ` +
       "log-probability under both models; highlighted tokens come after the first difference."));
 }
