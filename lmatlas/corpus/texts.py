@@ -1,7 +1,4 @@
-"""The corpus: the text the atlas, the census's statistics, mean ablation and draft heads read.
-
-It sits just above the model layer (``lmatlas.corpus``) so that every layer above uses
-the same windows of the same text.
+"""The small corpora: the default (stdlib docstrings) and the user's text files.
 
 Default (offline, deterministic): the docstrings of a fixed list of Python standard
 library modules, as shipped with the running Python (3.11): plain English technical
@@ -9,7 +6,9 @@ prose with code, thousands of tokens. Or the user's own text:
 
 * ``.txt`` — paragraphs separated by blank lines;
 * ``.jsonl`` — one JSON object per line with a ``"text"`` field;
-* ``.parquet`` — a ``text`` column.
+* ``.parquet`` — a ``text`` column;
+* a folder built by ``lmatlas corpus build`` — the texts of its ``train`` split (the held-out
+  documents are never read here).
 
 Texts are tokenized, joined with the end-of-sequence token and cut into
 ``n_sequences`` windows of ``seq_len`` tokens (:func:`corpus_windows`).
@@ -28,6 +27,7 @@ import torch
 from lmatlas.errors import LmatlasError
 
 if TYPE_CHECKING:
+    from lmatlas.corpus.store import Corpus
     from lmatlas.model.handle import Model
 
 #: Standard-library modules whose docstrings make the default corpus.
@@ -91,10 +91,18 @@ def default_texts() -> list[str]:
 
 
 def load_texts(path: str | Path | None = None) -> list[str]:
-    """The default corpus, or the texts of a ``.txt`` / ``.jsonl`` / ``.parquet`` file."""
+    """The default corpus, the texts of a ``.txt`` / ``.jsonl`` / ``.parquet`` file, or the train split
+    of a built corpus folder."""
     if path is None:
         return default_texts()
     path = Path(path)
+    if path.is_dir():
+        from lmatlas.corpus.store import Corpus
+
+        texts = Corpus(path).texts("train")
+        if not texts:
+            raise LmatlasError(f"The corpus {path} holds no training documents.")
+        return texts
     if not path.is_file():
         raise LmatlasError(f"Corpus file not found: {path}. Pass a .txt, .jsonl or .parquet file, or omit --corpus.")
     suffix = path.suffix.lower()
@@ -147,8 +155,18 @@ def _read(path: Path, suffix: str) -> list[str]:
     return [str(t) for t in table.column("text").to_pylist() if t]
 
 
-def corpus_windows(model: "Model", texts: list[str], n_sequences: int = 16, seq_len: int = 128) -> torch.Tensor:
-    """``[n, seq_len]`` token windows cut from the joined, tokenized texts (fewer rows if the text runs out)."""
+def corpus_windows(
+    model: "Model", texts: "list[str] | Corpus", n_sequences: int = 16, seq_len: int = 128
+) -> torch.Tensor:
+    """``[n, seq_len]`` token windows cut from the joined, tokenized texts (fewer rows if the text runs out).
+
+    ``texts`` may be a built :class:`~lmatlas.corpus.store.Corpus`: the same windows are then cut
+    from its train split's cached tokens (the held-out split is never used here).
+    """
+    from lmatlas.corpus.store import Corpus
+
+    if isinstance(texts, Corpus):
+        return texts.windows(model, n_sequences, seq_len, split="train")
     separator = model.tokenizer.eos_token_id
     stream: list[int] = []
     needed = n_sequences * seq_len
