@@ -88,7 +88,7 @@ def build_atlas(
             process, or cannot be written (a full disk: the message says what is kept and
             the command that resumes).
     """
-    stages = select_stages(only)
+    stages = select_stages(only, model)
     ctx = make_context(model, corpus, seed, params)  # a bad corpus fails before the file is touched
     ctx.progress = progress is True
     store = AtlasStore.create_or_open(out, model.card())

@@ -26,6 +26,10 @@ neuron_contexts    (layer, neuron, rank): a top-activating position with per-tok
 neuron_histograms  (layer, neuron): histogram of the neuron's activations over the corpus
 token_writers      token: the strongest neurons and heads writing it, on one scale (parallel lists)
 vocab              token: its display string (what a search by text matches)
+features           (site, feature): a dictionary latent (``L15.resid.post.F123``): decoded tokens, density
+feature_contexts   (site, feature, rank): a top-activating corpus span with per-token activation levels
+feature_links      (site, feature, relation, rank): a head (``L3.H1``: writes, reads_q, reads_k) or neuron
+                   (``L2.N5``: aligns) linked to the feature, with ``unit_layer``/``unit_index`` to join on
 =================  ===========================================================================
 
 The view ``layers`` joins ``layer_lens`` and ``mlp_importance``.
@@ -104,6 +108,19 @@ TABLES: dict[str, str] = {
         "head_layers SMALLINT[], head_indices SMALLINT[], head_logits FLOAT[], head_sources INTEGER[]"
     ),
     "vocab": "token_id INTEGER PRIMARY KEY, token VARCHAR",
+    "features": (
+        "site VARCHAR, feature INTEGER, name VARCHAR, layer INTEGER, kind VARCHAR, n_latents INTEGER, "
+        "density DOUBLE, max DOUBLE, promoted VARCHAR[], promoted_logits DOUBLE[], promoted_ids INTEGER[], "
+        "suppressed VARCHAR[], suppressed_logits DOUBLE[], suppressed_ids INTEGER[], PRIMARY KEY (site, feature)"
+    ),
+    "feature_contexts": (
+        "site VARCHAR, feature INTEGER, rank INTEGER, window_id INTEGER, pos INTEGER, start INTEGER, "
+        "activation DOUBLE, tokens VARCHAR[], levels TINYINT[], PRIMARY KEY (site, feature, rank)"
+    ),
+    "feature_links": (
+        "site VARCHAR, feature INTEGER, relation VARCHAR, rank INTEGER, unit VARCHAR, unit_layer INTEGER, "
+        "unit_index INTEGER, score DOUBLE, PRIMARY KEY (site, feature, relation, rank)"
+    ),
 }
 
 VIEWS: dict[str, str] = {

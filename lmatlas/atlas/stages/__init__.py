@@ -59,12 +59,15 @@ class Stage:
         description: one line for ``lmatlas map --help`` and the README.
         plan: ``(model, ctx) -> [unit, ...]`` unit names start with ``"<name>/"``.
         compute: ``(model, unit, ctx) -> {table: rows}``.
+        default: built when no stage is named: ``True``, ``False``, or ``model -> bool`` (the
+            ``features`` stage runs by default only for a model with dictionaries attached).
     """
 
     name: str
     description: str
     plan: Callable[["Model", BuildContext], list[str]]
     compute: Callable[["Model", str, BuildContext], "Rows"]
+    default: bool | Callable[["Model"], bool] = True
 
 
 STAGES: dict[str, Stage] = {}
@@ -81,11 +84,11 @@ def all_stages() -> dict[str, Stage]:
     return dict(STAGES)
 
 
-def select_stages(only: list[str] | None) -> list[Stage]:
-    """The stages to build, in registry order; a clear error for an unknown name."""
+def select_stages(only: list[str] | None, model: "Model | None" = None) -> list[Stage]:
+    """The stages to build, in registry order (without ``only``: the default ones); a clear error for an unknown name."""
     stages = all_stages()
     if not only:
-        return list(stages.values())
+        return [s for s in stages.values() if (s.default(model) if callable(s.default) else s.default)]
     unknown = [name for name in only if name not in stages]
     if unknown:
         raise LmatlasError(f"Unknown atlas stage(s) {', '.join(unknown)}. Stages: {', '.join(stages)}.")

@@ -1,0 +1,136 @@
+"""The atlas's ``features`` stage, its search and its explorer pages, each against a plain-PyTorch re-derivation.
+
+A tiny llama with a random TopK SAE at ``L0.resid.post`` and a random transcoder at ``L1.mlp``:
+decoded tokens, density, top contexts and every link formula are recomputed from the Hugging
+Face modules' own weights (never through ``model.W``).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_features_sites import TinyTopK
+
+from lmatlas.atlas import Atlas, build_atlas
+from lmatlas.atlas.pipeline import make_context
+from lmatlas.atlas.stages import select_stages
+from lmatlas.model.tiny import tiny_model
+
+PARAMS = {"corpus_sequences": 4, "seq_len": 32, "top_contexts": 3}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    model = tiny_model("llama")
+    assert "features" not in [s.name for s in select_stages(None, model)]  # off by default
+    sae, transcoder = TinyTopK(64, 40, 5), TinyTopK(64, 24, 3, seed=2)
+    model.dictionaries.attach(sae, "L0.resid.post")
+    model.dictionaries.attach(transcoder, "L1.mlp")
+    assert "features" in [s.name for s in select_stages(None, model)]  # on once dictionaries are attached
+    path = tmp_path_factory.mktemp("features") / "tiny.atlas.duckdb"
+    report = build_atlas(model, path, only=["features", "structure"], params=PARAMS, progress=False)
+    return model, path, report, sae, transcoder
+
+
+def _rows(path, query, params=None):
+    with Atlas.open(path) as atlas:
+        return atlas.sql(query, params).to_pylist() if params else atlas.sql(query).to_pylist()
+
+
+def test_build_is_resumable_and_tables_join_with_heads(built):
+    model, path, report, sae, transcoder = built
+    assert report.planned == 3 and "features/L0.resid.post.F" in report.computed
+    again = build_atlas(model, path, only=["features", "structure"], params=PARAMS, progress=False)
+    assert again.skipped == again.planned == 3 and again.computed == []
+    assert len(_rows(path, "SELECT * FROM features")) == 40 + 24
+    joined = _rows(
+        path,
+        "SELECT l.unit, h.layer, h.head FROM feature_links l JOIN heads h "
+        "ON l.unit_layer = h.layer AND l.unit_index = h.head WHERE l.relation = 'writes'",
+    )
+    assert joined and all(r["unit"] == f"L{r['layer']}.H{r['head']}" for r in joined)
+
+
+def test_decoded_tokens_are_the_decoder_rows_through_the_unembedding(built):
+    model, path, _, sae, _ = built
+    hf = model.hf
+    logits = (sae.W_dec.detach() * hf.model.norm.weight.detach()) @ hf.lm_head.weight.detach().T  # [latents, vocab]
+    rows = _rows(path, "SELECT feature, promoted_ids, suppressed_ids FROM features WHERE site = 'L0.resid.post.F'")
+    for row in rows:
+        assert row["promoted_ids"] == logits[row["feature"]].topk(20).indices.tolist()
+        assert row["suppressed_ids"] == logits[row["feature"]].topk(20, largest=False).indices.tolist()
+
+
+def test_density_and_top_contexts_match_a_native_hook(built):
+    model, path, _, sae, _ = built
+    windows = make_context(model, params=PARAMS).corpus
+    seen = []
+    handle = model.blocks[0].register_forward_hook(
+        lambda m, a, out: seen.append(out[0] if isinstance(out, tuple) else out)
+    )
+    try:
+        model.forward(windows)
+    finally:
+        handle.remove()
+    with torch.no_grad():
+        f = sae.encode(seen[0]).flatten(0, 1)  # [positions, latents]
+    rows = _rows(path, "SELECT feature, density, max FROM features WHERE site = 'L0.resid.post.F' ORDER BY feature")
+    torch.testing.assert_close(
+        torch.tensor([r["density"] for r in rows], dtype=torch.float64), (f > 0).double().mean(0)
+    )
+    torch.testing.assert_close(
+        torch.tensor([r["max"] for r in rows], dtype=torch.float64), f.max(0).values.double(), rtol=1e-5, atol=1e-6
+    )
+    firing = int(f.max(0).values.argmax())
+    (top,) = _rows(
+        path, "SELECT * FROM feature_contexts WHERE site = 'L0.resid.post.F' AND feature = ? AND rank = 0", [firing]
+    )
+    position = top["window_id"] * PARAMS["seq_len"] + top["pos"]
+    assert abs(top["activation"] - float(f[position, firing])) < 1e-5
+    assert top["levels"][top["pos"] - top["start"]] == 127  # the peak, on the scale of the latent's max
+
+
+def _by_hand(model, d: torch.Tensor, layer: int) -> dict[str, torch.Tensor]:
+    """Link scores of unit direction ``d [d_model]`` for layer ``layer``, from the HF modules' weights."""
+    block = model.hf.model.layers[layer]
+    attn, g = block.self_attn, block.input_layernorm.weight.detach()
+    n_heads, n_kv, dh = 4, 2, 16
+    q, k, v, o = (m.weight.detach() for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj))
+    writes, reads_q, reads_k = [], [], []
+    for h in range(n_heads):
+        kv = h // (n_heads // n_kv)
+        ov = o[:, h * dh : (h + 1) * dh] @ v[kv * dh : (kv + 1) * dh] @ torch.diag(g)  # [d_model, d_model]
+        writes.append((ov.T @ d).norm())
+        reads_q.append((q[h * dh : (h + 1) * dh] @ (g * d)).norm())
+        reads_k.append((k[kv * dh : (kv + 1) * dh] @ (g * d)).norm())
+    down = block.mlp.down_proj.weight.detach()  # [d_model, d_mlp]
+    aligns = torch.nn.functional.cosine_similarity(down.T, d[None, :], dim=-1)
+    return {
+        "writes": torch.stack(writes),
+        "reads_q": torch.stack(reads_q),
+        "reads_k": torch.stack(reads_k),
+        "aligns": aligns,
+    }
+
+
+@pytest.mark.parametrize("site, dictionary", [("L0.resid.post.F", 3), ("L1.mlp.F", 4)])
+def test_every_link_is_its_formula_by_hand(built, site, dictionary):
+    model, path = built[0], built[1]
+    W_dec = built[dictionary].W_dec.detach()
+    rows = _rows(path, "SELECT * FROM feature_links WHERE site = ?", [site])
+    assert {r["relation"] for r in rows} == (
+        {"writes", "aligns"} if site == "L1.mlp.F" else {"writes", "reads_q", "reads_k", "aligns"}
+    )
+    for feature in (0, 7):
+        d = W_dec[feature] / W_dec[feature].norm()
+        hand = {layer: _by_hand(model, d, layer) for layer in range(2)}
+        mine = [r for r in rows if r["feature"] == feature]
+        for row in mine:
+            expected = float(hand[row["unit_layer"]][row["relation"]][row["unit_index"]])
+            assert abs(row["score"] - expected) <= 1e-4 * max(1.0, abs(expected)), row
+        for relation in {r["relation"] for r in mine}:
+            top = next(r for r in mine if r["relation"] == relation and r["rank"] == 0)
+            layers = [1] if relation.startswith("reads") else ([0] if site.startswith("L0") else [0, 1])
+            values = torch.cat([hand[layer][relation] for layer in layers])
+            best = values.abs().max() if relation == "aligns" else values.max()
+            assert abs(abs(top["score"]) - float(best)) <= 1e-4 * max(1.0, float(best))
