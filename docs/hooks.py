@@ -138,6 +138,36 @@ def _leaves(value, prefix: str = "", limit: int = 60) -> list[tuple[str, str]]:
     return [(prefix, str(value))]
 
 
+def _harness():
+    """bench/harness.py (it imports torch only to measure, not to read records)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_harness", ROOT / "bench" / "harness.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _verdict(record) -> str:
+    """Whether the record was taken quiet (1-minute load <= CPUs + 0.5 throughout) and what it does not state."""
+    state = _harness().record_conditions(record)
+    cpus = state.get("cpus", 2)
+    if state["max_load"] is None:
+        load = "**load not recorded**"
+    elif state["quiet"]:
+        load = f"quiet: the 1-minute load stayed at or below {state['max_load']:.2f} on {cpus} CPUs"
+    else:
+        load = f"**under load**: the 1-minute load reached {state['max_load']:.2f} on {cpus} CPUs"
+    missing = state["missing"]
+    stated = (
+        "; at its top level it does not state " + ", ".join(missing) + " (the guide quotes a figure only where the "
+        "record, or the section it comes from, states them)"
+        if missing
+        else ""
+    )
+    return load + stated + "."
+
+
 def benchmarks_page() -> str:
     lines = [
         "# Benchmarks",
@@ -149,7 +179,7 @@ def benchmarks_page() -> str:
     ]
     for path in sorted((ROOT / "bench" / "results").glob("*.json")):
         record = json.loads(path.read_text())
-        lines += [f"## {path.stem}", "", f"Record: `bench/results/{path.name}`.", ""]
+        lines += [f"## {path.stem}", "", f"Record: `bench/results/{path.name}`.", "", _verdict(record), ""]
         conditions = {key: record[key] for key in CONDITIONS if isinstance(record, dict) and key in record}
         if conditions:
             lines += ["| condition | value |", "| --- | --- |"]
