@@ -50,7 +50,7 @@ from lmatlas.infer.decoding.dola import candidate_layers, js_divergence
 from lmatlas.infer.decoding.draft_heads import DraftHeadsError, load_draft_heads
 from lmatlas.infer.decoding.drafters import EarlyExit, Heads, PromptLookup
 from lmatlas.infer.decoding.speculative import speculative_generate
-from lmatlas.model.readout import LayerTap, exit_logits
+from lmatlas.model.readout import LayerTap, exit_logits, exit_logits_at
 
 log = Log("bench_decoding")
 
@@ -64,8 +64,17 @@ def bootstrap_diff(a: list[float], b: list[float], n: int = 2000, seed: int = 0)
 
 
 # -- TruthfulQA -------------------------------------------------------------------------------------
-def answer_scores(model, layers, question: str, answer: str) -> tuple[float, float]:
-    """(greedy log-likelihood, DoLa score) of `` answer`` after ``Q: question\\nA:``."""
+#: Cheaper DoLa variants scored beside the published method: the premature layers read on the final
+#: layer's top-k tokens only (plus the answer token, so multiple choice can score it), or half the layers.
+TOP_KS = (50, 200)
+
+
+def answer_scores(model, layers, question: str, answer: str) -> dict[str, float]:
+    """Log-score of `` answer`` after ``Q: question\nA:`` by each method: ``greedy`` (the model's
+    log-likelihood), ``dola`` (published: the premature layer chosen per token by the largest JSD over
+    the whole vocabulary among ``layers``), ``dola_top{k}`` (JSD and contrast over the final layer's
+    top-k tokens and the answer token, renormalised there) and ``dola_half`` (every other layer of
+    ``layers``)."""
     prompt = model.tokenizer(f"Q: {question}\nA:", add_special_tokens=False)["input_ids"]
     full = model.tokenizer(f"Q: {question}\nA: {answer}", add_special_tokens=False)["input_ids"]
     n = len(prompt)
@@ -75,12 +84,31 @@ def answer_scores(model, layers, question: str, answer: str) -> tuple[float, flo
         target = ids[0, n:]
         hidden = torch.stack([tap.last[layer][0, n - 1 : -1] for layer in layers])  # [L, m, d]
         premature = exit_logits(model.hf, hidden)  # [L, m, V]
-    log_final = F.log_softmax(final, -1)
-    greedy = float(log_final.gather(1, target[:, None]).sum())
+        out = {"greedy": float(F.log_softmax(final, -1).gather(1, target[:, None]).sum())}
+        out["dola"] = _contrast_score(final, premature, target)
+        out["dola_half"] = _contrast_score(final, premature[::2], target)
+        for k in TOP_KS:
+            inside = with_answer(final.topk(k, dim=-1).indices, target)  # [m, k]
+            cheap = exit_logits_at(model.hf, hidden, inside)  # [L, m, k]: only k rows of the unembedding
+            out[f"dola_top{k}"] = _contrast_score(final.gather(1, inside), cheap, torch.zeros_like(target))
+    return out
+
+
+def with_answer(top: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``[m, k]`` token ids: the answer token first, then the top-k ids without it (the last one
+    dropped when the answer is not among them)."""
+    present = top == target[:, None]  # [m, k]
+    answer_first = top.gather(1, present.logical_not().int().argsort(dim=1, stable=True))
+    added = torch.cat([target[:, None], top[:, :-1]], 1)
+    return torch.where(present.any(1, keepdim=True), answer_first, added)
+
+
+def _contrast_score(final: torch.Tensor, premature: torch.Tensor, target: torch.Tensor) -> float:
+    """Sum over answer tokens of ``log_softmax(log q_N - log q_M)[target]``, ``M`` the largest-JSD layer."""
     chosen = js_divergence(final, premature).argmax(0)  # [m]
     picked = premature[chosen, torch.arange(final.shape[0])]
-    dola = F.log_softmax(log_final - F.log_softmax(picked, -1), -1)
-    return greedy, float(dola.gather(1, target[:, None]).sum())
+    dola = F.log_softmax(F.log_softmax(final, -1) - F.log_softmax(picked, -1), -1)
+    return float(dola.gather(1, target[:, None]).sum())
 
 
 def split_answers(text: str) -> list[str]:
@@ -94,7 +122,8 @@ def truthfulqa(model, path: str, questions: int, minutes: float | None = None) -
         rows = list(csv.DictReader(handle))
     rows = rows[:questions] if questions else rows
     layers = candidate_layers(model.hf, "high")
-    mc = {"greedy": {"mc1": [], "mc2": []}, "dola": {"mc1": [], "mc2": []}}
+    methods = ("greedy", "dola", "dola_half", *(f"dola_top{k}" for k in TOP_KS))
+    mc = {method: {"mc1": [], "mc2": []} for method in methods}
     start = time.perf_counter()
     for i, row in enumerate(rows):
         best, correct = row["Best Answer"].strip(), split_answers(row["Correct Answers"])
@@ -102,8 +131,8 @@ def truthfulqa(model, path: str, questions: int, minutes: float | None = None) -
         if best not in correct:
             correct = [best] + correct
         scores = {a: answer_scores(model, layers, row["Question"], a) for a in dict.fromkeys(correct + incorrect)}
-        for j, method in enumerate(("greedy", "dola")):
-            s = {a: v[j] for a, v in scores.items()}
+        for method in methods:
+            s = {a: v[method] for a, v in scores.items()}
             mc[method]["mc1"].append(float(all(s[best] > s[a] for a in incorrect)))
             top = max(s.values())
             p_true = sum(math.exp(s[a] - top) for a in correct)
@@ -126,6 +155,8 @@ def truthfulqa(model, path: str, questions: int, minutes: float | None = None) -
     for metric in ("mc1", "mc2"):
         out[metric] = {m: statistics.fmean(mc[m][metric]) for m in mc}
         out[metric]["dola_minus_greedy"] = bootstrap_diff(mc["greedy"][metric], mc["dola"][metric])
+        for method in methods[2:]:
+            out[metric][f"{method}_minus_dola"] = bootstrap_diff(mc["dola"][metric], mc[method][metric])
     return out
 
 
