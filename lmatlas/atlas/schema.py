@@ -26,6 +26,8 @@ neuron_contexts    (layer, neuron, rank): a top-activating position with per-tok
 neuron_histograms  (layer, neuron): histogram of the neuron's activations over the corpus
 token_writers      token: the strongest neurons and heads writing it, on one scale (parallel lists)
 vocab              token: its display string (what a search by text matches)
+labels             (unit, side): a unit's label: rule (JSON), sentence, headline score with interval,
+                   all scores, nulls, n, corpus hash, seed (see :mod:`lmatlas.labels`)
 features           (site, feature): a dictionary latent (``L15.resid.post.F123``): decoded tokens, density
 feature_contexts   (site, feature, rank): a top-activating corpus span with per-token activation levels
 feature_links      (site, feature, relation, rank): a head (``L3.H1``: writes, reads_q, reads_k) or neuron

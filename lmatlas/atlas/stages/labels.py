@@ -1,0 +1,44 @@
+"""Stage ``labels``: a scored rule, or "unlabelled", for every neuron and head (see :mod:`lmatlas.labels`).
+
+The corpus windows are split into fit and held-out halves by window (the build seed); one
+pass over the corpus captures every layer's neuron activations and reduces its attention to
+the sums the head rules need (remembered per process, :func:`lmatlas.labels.capture.capture`);
+each unit ``labels/L{layer}`` then labels that layer's neurons (input side; output side by
+steering for the ``label_steer`` best, default 4) and heads, one row per unit and side in the
+``labels`` table. A corpus with fewer than 8 windows is refused before any compute.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from lmatlas.atlas.stages import BuildContext, Stage, layer_of, stage
+
+if TYPE_CHECKING:
+    from lmatlas.model.handle import Model
+
+
+def _plan(model: "Model", ctx: BuildContext) -> list[str]:
+    from lmatlas.labels.split import check_windows
+
+    check_windows(ctx.corpus.shape[0])
+    return [f"labels/L{layer}" for layer in range(model.layout.n_layers)]
+
+
+def compute(model: "Model", unit: str, ctx: BuildContext):
+    from lmatlas.labels.capture import capture, label_layer
+
+    data = ctx.remember(
+        "labels.capture", lambda: capture(model, ctx.corpus, seed=ctx.seed, batch=ctx.params.get("batch", 4))
+    )
+    return {"labels": label_layer(model, data, layer_of(unit), steer=ctx.params.get("label_steer", 4))}
+
+
+stage(
+    Stage(
+        name="labels",
+        description="a rule for every neuron and head, scored on held-out windows against nulls, or 'unlabelled'",
+        plan=_plan,
+        compute=compute,
+    )
+)

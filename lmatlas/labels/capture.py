@@ -1,0 +1,239 @@
+"""Labels from one pass over the corpus: capture once, then label one layer at a time.
+
+:func:`capture` runs the corpus windows ``[window, pos]`` through the model once (``batch``
+windows per forward), keeping every layer's neuron activations ``[window, pos, d_mlp]``
+(float16, to halve the memory of 30 x 1,536 neurons) and reducing every layer's attention
+patterns at once to the sums each head rule needs on the fit and held-out windows
+(:func:`lmatlas.labels.heads.explained_sums`): patterns are never kept.
+
+:func:`label_layer` then labels one layer's neurons (input side, all of them; output side,
+the ``steer`` best of them by simulation score) and heads, and returns the rows of the
+atlas ``labels`` table (:mod:`lmatlas.atlas.stages.labels`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from lmatlas.labels import heads as head_rules
+from lmatlas.labels import sentences
+from lmatlas.labels.inputs import label_inputs
+from lmatlas.labels.keys import Family, families
+from lmatlas.labels.outputs import steering
+from lmatlas.labels.split import corpus_hash, fit_windows
+
+if TYPE_CHECKING:
+    from lmatlas.model.handle import Model
+
+PROMPT_TOKENS = 64
+
+
+@dataclass(frozen=True)
+class Captured:
+    """What labelling a model's layers needs, from one pass over ``windows [window, pos]``."""
+
+    windows: torch.Tensor
+    fit: torch.Tensor  # [window] bool
+    acts: list[torch.Tensor]  # per layer [window, pos, d_mlp] float16
+    head_fit: list[dict[str, torch.Tensor]]  # per layer: explained_sums on the fit windows
+    head_held: list[dict[str, torch.Tensor]]
+    families: list[Family]
+    corpus_hash: str
+    seed: int
+
+
+def raw_text(model: "Model"):
+    """``ids -> [text]``: each token decoded alone (what format and delimiter rules read)."""
+    return lambda ids: [model.tokenizer.decode([i]) for i in ids]
+
+
+def capture(model: "Model", windows: torch.Tensor, seed: int = 0, batch: int = 4) -> Captured:
+    """One forward per ``batch`` windows: neuron activations kept, attention reduced to rule sums."""
+    fit = fit_windows(windows.shape[0], seed)  # refuses a corpus too small before any compute
+    text = raw_text(model)
+    masks = head_rules.rule_masks(windows, text)
+    n_layers = model.layout.n_layers
+    acts: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
+    sums: list[list[dict[str, torch.Tensor]]] = [[] for _ in range(n_layers)]
+    with torch.no_grad():
+        for start in range(0, windows.shape[0], batch):
+            ids = windows[start : start + batch]
+            cache = model.run(ids, capture=["mlp.act", "attn.pattern"], lm_head=False)
+            part = {name: mask[start : start + batch] for name, mask in masks.items()}
+            for layer in range(n_layers):
+                acts[layer].append(cache.neurons(layer).to(torch.float16))
+                sums[layer].append(head_rules.explained_sums(cache.pattern(layer).float(), part))
+            del cache
+    joined = [{k: torch.cat([s[k] for s in layer]) for k in layer[0]} for layer in sums]
+    return Captured(
+        windows=windows,
+        fit=fit,
+        acts=[torch.cat(a) for a in acts],
+        head_fit=[{k: v[fit] for k, v in layer.items()} for layer in joined],
+        head_held=[{k: v[~fit] for k, v in layer.items()} for layer in joined],
+        families=families(windows, text),
+        corpus_hash=corpus_hash(windows),
+        seed=seed,
+    )
+
+
+def _row(unit: str, kind: str, layer: int, index: int, side: str, data: Captured, **fields: Any) -> dict[str, Any]:
+    return {
+        "unit": unit,
+        "kind": kind,
+        "layer": layer,
+        "idx": index,
+        "side": side,
+        "labelled": bool(fields["labelled"]),
+        "rule": json.dumps(fields["rule"]),
+        "sentence": fields["sentence"],
+        "score": _finite(fields["score"]),
+        "score_lo": _finite(fields["score_lo"]),
+        "score_hi": _finite(fields["score_hi"]),
+        "scores": json.dumps({k: _finite(v) for k, v in fields["scores"].items()}),
+        "nulls": json.dumps({k: _finite(v) for k, v in fields["nulls"].items()}),
+        "n": int(fields["n"]),
+        "corpus_hash": data.corpus_hash,
+        "seed": data.seed,
+    }
+
+
+def _finite(x: float) -> float | None:
+    x = float(x)
+    return None if x != x else round(x, 6)
+
+
+def neuron_rows(model: "Model", data: Captured, layer: int, steer: int = 4) -> list[dict[str, Any]]:
+    """Input-side rows for every neuron of ``layer``; output-side rows for the ``steer`` best."""
+    from lmatlas.decode.token_text import token_texts
+
+    spell = lambda ids: token_texts(model.tokenizer, ids)  # noqa: E731
+    acts = data.acts[layer].float()
+    labels = label_inputs(acts, data.families, data.fit, seed=data.seed + layer)
+    per_unit = {k: v.tolist() for k, v in labels.scores.items()}
+    rows = []
+    for n in range(acts.shape[-1]):
+        s = {k: v[n] for k, v in per_unit.items()}
+        keys = labels.keys[n]
+        spelled = (
+            [spell(list(k)) if isinstance(k, tuple) else spell([k])[0] for k in keys]
+            if labels.family[n] != "format"
+            else keys
+        )
+        rule = {
+            "family": labels.family[n],
+            "keys": keys,
+            "tokens": spelled,
+            "weights": labels.weights[n],
+            "threshold": float(labels.threshold[n]),
+        }
+        text = sentences.input_sentence(
+            sentences.input_rule(labels.family[n], keys, spell), s, bool(labels.labelled[n])
+        )
+        nulls = {k: v for k, v in s.items() if k.startswith("null_")}
+        main = {k: v for k, v in s.items() if not k.startswith("null_")}
+        rows.append(
+            _row(
+                f"L{layer}.N{n}",
+                "neuron",
+                layer,
+                n,
+                "input",
+                data,
+                labelled=labels.labelled[n],
+                rule=rule,
+                sentence=text,
+                score=s["auroc"],
+                score_lo=s["auroc_lo"],
+                score_hi=s["auroc_hi"],
+                scores=main,
+                nulls=nulls,
+                n=labels.n_heldout,
+            )
+        )
+    return rows + output_rows(model, data, layer, labels, steer)
+
+
+def steered_neurons(labels, steer: int) -> list[int]:
+    """The ``steer`` neurons whose output side is checked: best held-out simulation, labelled ones first."""
+    simulation = labels.scores["simulation"].nan_to_num(-1.0)
+    order = (simulation + 2.0 * labels.labelled.float()).argsort(descending=True)
+    return sorted(order[:steer].tolist())
+
+
+def output_rows(model: "Model", data: Captured, layer: int, labels, steer: int) -> list[dict[str, Any]]:
+    """Output-side rows (steering) for the neurons :func:`steered_neurons` picks."""
+    from lmatlas.decode.token_text import token_texts
+
+    neurons = steered_neurons(labels, steer)
+    fit_acts = data.acts[layer][data.fit].float().flatten(0, 1)
+    delta = fit_acts[:, neurons].max(0).values.clamp_min(0)
+    prompts = data.windows[~data.fit][:2, :PROMPT_TOKENS]
+    rows = []
+    for result in steering(model, layer, neurons, delta, prompts, seed=data.seed):
+        texts = token_texts(model.tokenizer, result.promoted)
+        s = {"steering": result.steering, "steering_lo": result.lo, "steering_hi": result.hi, "null": result.null}
+        rule = {"promoted": result.promoted, "tokens": texts, "delta": result.delta}
+        rows.append(
+            _row(
+                f"L{layer}.N{result.neuron}",
+                "neuron",
+                layer,
+                result.neuron,
+                "output",
+                data,
+                labelled=result.verified,
+                rule=rule,
+                sentence=sentences.output_sentence(texts, s, result.verified),
+                score=result.steering,
+                score_lo=result.lo,
+                score_hi=result.hi,
+                scores={"steering": result.steering, "delta": result.delta},
+                nulls={"random_sets_95": result.null},
+                n=result.n,
+            )
+        )
+    return rows
+
+
+def head_rows(data: Captured, layer: int) -> list[dict[str, Any]]:
+    """One attention row per head of ``layer``."""
+    rows = []
+    for label in head_rules.label_heads(layer, data.head_fit[layer], data.head_held[layer], seed=data.seed):
+        s = {
+            "explained": label.explained,
+            "explained_lo": label.explained_lo,
+            "explained_hi": label.explained_hi,
+            "null_layer": label.null_layer,
+            "null_uniform": label.null_uniform,
+        }
+        rule = {"rule": label.rule, "description": sentences.describe_rule(label.rule), "by_rule": label.by_rule}
+        rows.append(
+            _row(
+                f"L{layer}.H{label.head}",
+                "head",
+                layer,
+                label.head,
+                "attention",
+                data,
+                labelled=label.labelled,
+                rule=rule,
+                sentence=sentences.head_sentence(label.rule, s, label.labelled),
+                score=label.explained,
+                score_lo=label.explained_lo,
+                score_hi=label.explained_hi,
+                scores={"explained": label.explained},
+                nulls={"layer": label.null_layer, "uniform": label.null_uniform},
+                n=label.n_queries,
+            )
+        )
+    return rows
+
+
+def label_layer(model: "Model", data: Captured, layer: int, steer: int = 4) -> list[dict[str, Any]]:
+    """Every label row of one layer: neurons (input, and output for ``steer`` of them) and heads."""
+    return neuron_rows(model, data, layer, steer) + head_rows(data, layer)

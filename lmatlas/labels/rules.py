@@ -1,0 +1,100 @@
+"""Applying a key-set rule to positions, and fitting the best short one per unit, for many units at once.
+
+A unit's rule is ``keys [unit, K]`` of one family (:mod:`lmatlas.labels.keys`) with its first
+``size [unit]`` entries in use and ``weights [unit, K]``: the rule *fires* at a position
+where any of its keys is present, and *predicts* the largest weight among the keys
+present there (keys are kept in order of weight, so that is the first one present: its
+*level*), or the unit's ``baseline`` where none is (the simulation: a per-key mean
+activation, fitted on the fit split).
+
+Fitting (:func:`candidates`, :func:`best_sizes`): each key gets ``hits`` (fit positions where
+it is present and the unit fires) and ``count`` (fit positions where it is present); the
+``MAX_KEYS`` keys with the largest ``hits^2 / (count + 1)`` (many firings, few misses) and at
+least ``MIN_HITS`` hits are the candidates, in that order; the rule is the prefix whose
+F1 on the fit split, less ``SIZE_PENALTY`` per extra key, is largest.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lmatlas.labels.keys import Family
+
+MAX_KEYS = 6
+MIN_HITS = 2
+SIZE_PENALTY = 0.01
+CHUNK = 2048
+
+
+def key_stats(family: Family, fire: torch.Tensor, acts: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``(hits [keys, unit], sums [keys, unit], count [keys])`` over the positions of ``family``.
+
+    ``fire [n, unit]`` bool, ``acts [n, unit]``: ``sums`` adds the activation where a key is present.
+    """
+    n_keys, units = len(family.keys), fire.shape[1]
+    hits, sums = torch.zeros(n_keys + 1, units), torch.zeros(n_keys + 1, units)
+    index = torch.where(family.index < 0, n_keys, family.index)
+    fire_f, acts_f = fire.float(), acts.float()
+    for slot in range(index.shape[1]):
+        hits.index_add_(0, index[:, slot], fire_f)
+        sums.index_add_(0, index[:, slot], acts_f)
+    count = torch.bincount(index.flatten(), minlength=n_keys + 1).float()
+    return hits[:-1], sums[:-1], count[:-1]
+
+
+def candidates(hits: torch.Tensor, count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(keys [unit, MAX_KEYS], valid [unit, MAX_KEYS])``: the candidate keys of each unit, best first."""
+    score = torch.where(hits >= MIN_HITS, hits**2 / (count[:, None] + 1), torch.full_like(hits, -1.0))
+    k = min(MAX_KEYS, score.shape[0])
+    values, keys = score.topk(k, dim=0)  # [k, unit]
+    return keys.T.contiguous(), (values > 0).T.contiguous()
+
+
+def _table(family: Family, keys: torch.Tensor, size: torch.Tensor, values: torch.Tensor, fill) -> torch.Tensor:
+    """``[keys + 1, unit]``: ``values[u, j]`` at row ``keys[u, j]`` for ``j < size[u]``, ``fill`` elsewhere."""
+    units, width = keys.shape
+    table = torch.full((len(family.keys) + 1, units), fill, dtype=values.dtype)
+    used = torch.arange(width)[None, :] < size[:, None]
+    unit = torch.arange(units)[:, None].expand_as(keys)
+    table[keys[used], unit[used]] = values[used]
+    return table
+
+
+def first_rank(family: Family, keys: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``[n, unit]`` int: the best (1-based) candidate rank present at each position, ``MAX_KEYS + 1`` if none."""
+    width = keys.shape[1]
+    ranks = torch.arange(1, width + 1, dtype=torch.int16).expand(keys.shape[0], -1).contiguous()
+    table = _table(family, keys, valid.sum(1), ranks, width + 1)
+    index = torch.where(family.index < 0, len(family.keys), family.index)
+    out = []
+    for start in range(0, index.shape[0], CHUNK):
+        block = index[start : start + CHUNK]
+        out.append(table[block].min(dim=1).values)  # [c, slots, unit] -> [c, unit]
+    return torch.cat(out)
+
+
+def best_sizes(rank: torch.Tensor, fire: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(size [unit], objective [unit])``: the prefix with the best penalised fit F1 (size 0 = no rule)."""
+    positives = fire.sum(0).float()
+    best = torch.full((rank.shape[1],), -1.0)
+    size = torch.zeros(rank.shape[1], dtype=torch.long)
+    for s in range(1, valid.shape[1] + 1):
+        predicted = rank <= s
+        tp = (predicted & fire).sum(0).float()
+        f1 = 2 * tp / (predicted.sum(0).float() + positives).clamp_min(1)
+        objective = torch.where(valid[:, s - 1], f1 - SIZE_PENALTY * (s - 1), torch.full_like(f1, -1.0))
+        better = objective > best
+        best, size = torch.where(better, objective, best), torch.where(better, s, size)
+    return size, best
+
+
+def predict(family: Family, keys: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
+    """``[n, unit]`` int: the level of each unit's rule at each position of ``family``.
+
+    Level ``j >= 1``: the rule's ``j``-th key (the first ``size[u]`` of ``keys [unit, K]``, in
+    their order) is the first of its keys present there; 0: none is (the rule does not fire).
+    With keys ordered by weight, the level names the largest weight present.
+    """
+    width = keys.shape[1]
+    rank = first_rank(family, keys, torch.arange(width)[None, :] < size[:, None])
+    return torch.where(rank <= size[None, :], rank, torch.zeros_like(rank))
