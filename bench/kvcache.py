@@ -71,7 +71,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--digits", type=int, default=5)
     p.add_argument("--continuation", type=int, default=256)
     p.add_argument("--scores", default=None, help="JSON of head rankings (read; written by --rank/--census-atlas)")
-    p.add_argument("--rank", choices=["duo", "grad"], default=None, help="compute this ranking, add it to --scores")
+    p.add_argument(
+        "--rank", choices=["duo", "grad", "census"], default=None, help="compute this ranking, add it to --scores"
+    )
     p.add_argument("--rank-lengths", type=int, nargs="*", default=[1024, 2048, 4096])
     p.add_argument("--rank-trials", type=int, default=8, help="training prompts per rank length")
     p.add_argument("--rank-steps", type=int, default=60)
@@ -109,10 +111,17 @@ def add_ranking(model, args, log) -> None:
         kv = scores.reshape(model.layout.n_layers, model.layout.n_kv_heads, -1).nan_to_num(0.0).amax(-1)
         data["rankings"]["census"] = {"kv_scores": kv.tolist(), "source": f"atlas {Path(args.census_atlas).name}"}
     if args.rank:
-        trials = rank_trials(model, args)
+        trials = rank_trials(model, args) if args.rank != "census" else []
         log(f"{args.rank}: {len(trials)} prompts at {args.rank_lengths}")
         start, threads, load0 = time.perf_counter(), torch.get_num_threads(), load_average()
-        if args.rank == "duo":
+        if args.rank == "census":
+            from lmatlas.census.run import run_census
+
+            census = run_census(model, detectors=list(choose.DEFAULT_DETECTORS), seed=args.seed)
+            scores = choose.combine([census[name].score for name in choose.DEFAULT_DETECTORS])
+            kv = scores.reshape(model.layout.n_layers, model.layout.n_kv_heads, -1).amax(-1)
+            entry = {"kv_scores": kv.tolist(), "detectors": list(choose.DEFAULT_DETECTORS)}
+        elif args.rank == "duo":
             result = train_gates(model, trials, args.rank_steps, args.sink, args.recent, seed=args.seed)
             entry = {"kv_scores": result.gates, "losses": result.losses, "settings": result.settings}
         else:

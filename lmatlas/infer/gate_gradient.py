@@ -32,7 +32,8 @@ def answer_logprob(model: "Model", gates: torch.Tensor, trial: GateTrial, sink: 
     start, stop = trial.answer
     ids = torch.tensor([trial.input_ids[:stop]])
     logits = model.hf(ids[:, : stop - 1], past_key_values=GateCache(model, gates, sink, recent), use_cache=True).logits
-    logp = torch.log_softmax(logits[0, start - 1 : stop - 1].float(), dim=-1)
+    rows = logits[0, start - 1 : stop - 1]
+    logp = torch.log_softmax(rows.to(torch.promote_types(rows.dtype, torch.float32)), dim=-1)
     return logp.gather(-1, ids[0, start:stop, None]).sum()
 
 
