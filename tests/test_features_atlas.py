@@ -134,3 +134,15 @@ def test_every_link_is_its_formula_by_hand(built, site, dictionary):
             values = torch.cat([hand[layer][relation] for layer in layers])
             best = values.abs().max() if relation == "aligns" else values.max()
             assert abs(abs(top["score"]) - float(best)) <= 1e-4 * max(1.0, float(best))
+
+
+def test_search_finds_features_by_their_decoded_tokens(built):
+    path = built[1]
+    row = _rows(path, "SELECT name, promoted, promoted_ids FROM features WHERE max > 0 ORDER BY name LIMIT 1")[0]
+    with Atlas.open(path) as atlas:
+        by_id = atlas.search(row["promoted_ids"][0], limit=100).to_pylist()
+        by_text = atlas.search(row["promoted"][0], limit=100, exact=True).to_pylist()
+    assert row["name"] in [h["name"] for h in by_id if h["kind"] == "feature"]
+    assert row["name"] in [h["name"] for h in by_text]
+    every = _rows(path, "SELECT name FROM features WHERE list_contains(promoted_ids, ?)", [row["promoted_ids"][0]])
+    assert {h["name"] for h in by_id} == {r["name"] for r in every}  # exactly the features that decode to it

@@ -180,26 +180,42 @@ class Atlas:
         (:func:`lmatlas.atlas.token_search.search_model`). The atlas keeps
         :data:`~lmatlas.decode.search.DEPTH` of each kind per token: a larger ``limit`` gets those.
 
+        With the stage ``features``, the dictionary features whose decoded tokens include the
+        token follow (``kind="feature"``, ``L15.resid.post.F123``), ranked among themselves
+        (:func:`lmatlas.atlas.token_search.feature_hits`: their logit is on another scale).
+
         Returns:
             ``kind, name, layer, index, logit, source, top_tokens``: ``source`` is a
-            head's best source token, ``top_tokens`` a neuron's own top promoted tokens.
+            head's best source token, ``top_tokens`` a neuron's (or feature's) own top promoted tokens.
 
         Raises:
             AtlasError: the atlas lacks the stage ``search`` (the message has the command that adds it).
         """
-        from lmatlas.atlas.ranking import as_table, ranked
-        from lmatlas.atlas.token_search import writer_hits
+        from lmatlas.atlas.ranking import as_table
+        from lmatlas.atlas.token_search import feature_hits
 
+        features = self._stage_done("features")
+        variants = [] if isinstance(token, int) else ([token] if exact else _token_variants(token))
+        if features and not self._search_done():
+            ids = [int(token)] if isinstance(token, int) else []
+            return as_table(feature_hits(self.sql, ids, variants, limit))
         self._require_search()
         if isinstance(token, int):
             ids = [int(token)]
         else:
-            variants = [token] if exact else _token_variants(token)
             ids = (
                 self.sql("SELECT token_id FROM vocab WHERE list_contains(?, token)", [variants])
                 .column("token_id")
                 .to_pylist()
             )
+        hits = self._writer_hits(ids, limit)
+        return as_table(hits + (feature_hits(self.sql, ids, variants, limit) if features else []))
+
+    def _writer_hits(self, ids: list[int], limit: int) -> list[dict]:
+        """The heads and neurons of ``token_writers`` that write the tokens ``ids``, ranked (:meth:`search`)."""
+        from lmatlas.atlas.ranking import ranked
+        from lmatlas.atlas.token_search import writer_hits
+
         rows = (
             self.sql("SELECT * FROM token_writers WHERE list_contains(?, token_id)", [ids]).to_pylist() if ids else []
         )
@@ -219,7 +235,7 @@ class Atlas:
             for h in hits:
                 if h["kind"] == "neuron":
                     h["top_tokens"] = tops.get((h["layer"], h["index"]))
-        return as_table(hits)
+        return hits
 
     def search_depth(self) -> int:
         """How many neurons (and heads) the stage ``search`` kept per token (an error without the stage)."""
@@ -237,12 +253,17 @@ class Atlas:
             .as_py()
         )
 
+    def _stage_done(self, stage: str) -> bool:
+        """Whether any unit of ``stage`` is in the file."""
+        query = "SELECT count(*) AS n FROM runs WHERE stage = ? AND status = 'done'"
+        return bool(self.sql(query, [stage]).column("n")[0].as_py())
+
+    def _search_done(self) -> bool:
+        return self._has("token_writers") and self._stage_done("search")
+
     def _require_search(self) -> None:
         """Refuse a search on an atlas without its ``search`` stage, naming the command that adds it."""
-        done = self._has("token_writers") and bool(
-            self.sql("SELECT count(*) AS n FROM runs WHERE stage = 'search' AND status = 'done'").column("n")[0].as_py()
-        )
-        if not done:
+        if not self._search_done():
             raise AtlasError(
                 f"{self.path} cannot answer a token search: it lacks the stage 'search' (an older "
                 f"atlas, or one built with --only). Add it with: {self.map_command(['search'])}"

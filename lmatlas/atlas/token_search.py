@@ -68,6 +68,37 @@ def writer_hits(row: dict[str, Any], source_text) -> list[dict[str, Any]]:
     return hits
 
 
+def feature_hits(sql, ids: list[int], variants: list[str], limit: int) -> list[dict[str, Any]]:
+    """Features (the atlas's ``features`` table) whose decoded tokens include the token, strongest first.
+
+    ``logit`` is the latent's own decoded logit for the token times its largest corpus activation:
+    what its decoder direction adds to the token when it fires most, through the final norm's gain
+    (its per-position scale left out, unlike the heads' and neurons' logits: another scale, so
+    features are ranked among themselves and listed after them).
+    """
+    rows = sql(
+        "SELECT name, layer, feature, max, promoted, promoted_ids, promoted_logits FROM features "
+        "WHERE list_has_any(promoted_ids, ?) OR list_has_any(promoted, ?)",
+        [ids or [-1], variants or [""]],
+    ).to_pylist()
+    hits = []
+    for row in rows:
+        at = next(i for i, (t, s) in enumerate(zip(row["promoted_ids"], row["promoted"])) if t in ids or s in variants)
+        logit = float(row["promoted_logits"][at]) * max(float(row["max"] or 0.0), 0.0)
+        hits.append(
+            {
+                "kind": "feature",
+                "name": row["name"],
+                "layer": row["layer"],
+                "index": row["feature"],
+                "logit": logit,
+                "source": None,
+                "top_tokens": row["promoted"][:TOP_TOKENS],
+            }
+        )
+    return sorted(hits, key=lambda h: (-h["logit"], h["name"]))[:limit]
+
+
 def search_model(model: "Model", token: int, limit: int = 20, *, seed: int = 0) -> list[dict[str, Any]]:
     """The heads and neurons that write ``token`` (an id) most, largest logit first (:func:`ranked` rows).
 
