@@ -221,7 +221,7 @@ def pod_to_paragraphs(text: str) -> list[str]:
             elif command == "end":
                 skip_block = False
             elif command.startswith("head") or command == "item":
-                label = _squash(_pod_inline(rest))
+                label = _squash(_pod_inline(rest)).lstrip("*• ")
                 if label and label not in ("*", "•") and not label.isdigit():
                     paragraphs.append(label)
             continue
@@ -248,7 +248,9 @@ def _rst_inline(text: str) -> str:
         inner = m.group(1)
         titled = re.match(r"(.*?)\s*<[^>]*>$", inner, re.S)
         inner = titled.group(1) if titled and titled.group(1) else inner
-        return inner.lstrip("~!")
+        if inner.startswith("~"):
+            inner = inner[1:].rsplit(".", 1)[-1]  # Sphinx shows only the last component
+        return inner.lstrip("!")
 
     text = _RST_ROLE.sub(role, text)
     text = re.sub(r"``([^`]*)``", r"\1", text)
@@ -292,6 +294,7 @@ def rst_to_paragraphs(text: str) -> list[str]:
         stripped = line.strip()
         if stripped.startswith(".. "):
             flush()
+            literal_next = False
             directive = re.match(r"\.\. ([\w:-]+)::", stripped)
             if directive is None or directive.group(1) in _RST_CODE_DIRECTIVES or directive.group(1).startswith("auto"):
                 drop_indent = indent  # a comment, target, substitution or code directive: drop its body
@@ -302,6 +305,7 @@ def rst_to_paragraphs(text: str) -> list[str]:
             continue
         if literal_next and indent > 0 and not current:
             drop_indent = indent - 1  # the literal block after a paragraph ending in "::"
+            literal_next = False
             continue
         literal_next = False
         if stripped.startswith((">>> ", "$ ")):
