@@ -1,12 +1,19 @@
-"""Benchmark: the full atlas of a model, end to end (target for SmolLM2-135M on 2 cores: < 10 minutes).
+"""Benchmark: the full atlas of a model, end to end (target for SmolLM2-135M on 2 quiet cores: <= 3 minutes).
 
-Measures, in one run: model load, each stage's total unit time (from the build
-report), the whole build's wall time, and the atlas file's size. The baseline is
-one plain forward pass over the build corpus (``corpus_forward_s``), so
+Measures, in one run: model load, each stage's total unit time, the work it did
+(forwards, tokens, layer-tokens: :mod:`lmatlas.model.work`, counted on the model's run
+path, so comparable between runs taken under different loads) and its peak resident
+memory, the whole build's wall time, and the atlas file's size. The baseline is one
+plain forward pass over the build corpus (``corpus_forward_s``), so
 ``ratio_vs_corpus_forward`` says how many corpus forwards the whole atlas costs.
 
     .venv/bin/python bench/map.py [--model smollm2-135m] [--only structure,importance] [--out FILE]
-                                  [--record bench/results/map.json]
+                                  [--record bench/results/map.json] [--baseline COMMIT]
+
+``--baseline COMMIT`` builds the same stages with the code of ``COMMIT`` (its ``lmatlas/``
+and ``bench/``, exported with ``git archive`` to a temporary folder and run there in a
+subprocess) right after this build, on the same machine under the same load, and reports
+each stage's time as a ratio to it (``baseline``, ``speedup_by_stage``).
 
 ``--record`` writes the result with the conditions it was measured under (command, commit,
 threads, load before and after: :mod:`harness`) and the process's peak resident memory.
@@ -17,29 +24,50 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from harness import conditions, peak_rss_mb, write_record  # noqa: E402  (bench/ is on the path when a benchmark runs)
+from harness import (  # noqa: E402  (bench/ is on the path when a benchmark runs)
+    ROOT,
+    conditions,
+    load_model,
+    peak_rss_mb,
+    release_and_reset_peak,
+    write_record,
+)
 
-import lmatlas
+from lmatlas.atlas.executors import LocalExecutor, run_unit
 from lmatlas.atlas.pipeline import build_atlas, make_context
+from lmatlas.model.work import Work
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--only", default=None, help="comma-separated stages (default: all)")
-    parser.add_argument("--out", default=None, help="atlas file (default: a temporary file, removed)")
-    parser.add_argument("--record", default=None, help="write the result with its conditions to this JSON file")
-    args = parser.parse_args(argv)
-    before = conditions()
+class CountingExecutor(LocalExecutor):
+    """Runs units like :class:`LocalExecutor` and keeps, per stage, the work done and the peak memory."""
 
+    def __init__(self, model, ctx):
+        super().__init__(model, ctx)
+        self.work: dict[str, Work] = {}
+        self.peak_mb: dict[str, float] = {}
+
+    def run(self, work):
+        for stage, unit in work:
+            release_and_reset_peak()
+            before = self.model.work.snapshot()
+            result = run_unit(self.model, stage, unit, self.ctx)
+            done = self.model.work.snapshot() - before
+            self.work[stage.name] = self.work.get(stage.name, Work()) + done
+            self.peak_mb[stage.name] = max(self.peak_mb.get(stage.name, 0.0), peak_rss_mb())
+            yield result
+
+
+def measure(model_name: str, only: list[str] | None, out: str | None) -> dict:
+    """One build: load, corpus-forward baseline, the build with per-stage time, work and memory."""
     start = time.perf_counter()
-    model = lmatlas.load(args.model)
+    model = load_model(model_name)
     load_s = time.perf_counter() - start
     ctx = make_context(model)
     with torch.no_grad():
@@ -48,18 +76,18 @@ def main(argv: list[str] | None = None) -> None:
         model.forward(ctx.corpus)
         corpus_forward_s = time.perf_counter() - start
 
-    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="lmatlas-map-")) / "atlas.duckdb"
-    only = args.only.split(",") if args.only else None
-    print(f"building {out}", file=sys.stderr)
+    path = Path(out) if out else Path(tempfile.mkdtemp(prefix="lmatlas-map-")) / "atlas.duckdb"
+    print(f"building {path}", file=sys.stderr)
+    executor = CountingExecutor(model, make_context(model))
     start = time.perf_counter()
-    report = build_atlas(model, out, only=only, progress=True)
+    report = build_atlas(model, path, only=only, progress=True, executor=lambda ctx: _bind(executor, ctx))
     build_s = time.perf_counter() - start
-    size_mb = out.stat().st_size / 1e6
-    if not args.out:
-        os.remove(out)
-    result = {
+    size_mb = path.stat().st_size / 1e6
+    if not out:
+        os.remove(path)
+    return {
         "benchmark": "map",
-        "model": args.model,
+        "model": model_name,
         "stages": only or "all",
         "torch_threads": torch.get_num_threads(),
         "corpus_tokens": int(ctx.corpus.numel()),
@@ -69,9 +97,55 @@ def main(argv: list[str] | None = None) -> None:
         "build_s": round(build_s, 1),
         "ratio_vs_corpus_forward": round(build_s / corpus_forward_s, 1),
         "seconds_by_stage": {k: round(v, 1) for k, v in sorted(report.seconds_by_stage.items())},
+        "work_by_stage": {k: v.to_dict() for k, v in sorted(executor.work.items())},
+        "peak_rss_mb_by_stage": {k: round(v, 1) for k, v in sorted(executor.peak_mb.items())},
         "file_mb": round(size_mb, 1),
         "peak_rss_mb": round(peak_rss_mb(), 1),
     }
+
+
+def _bind(executor: CountingExecutor, ctx) -> CountingExecutor:
+    executor.ctx = ctx  # the build's own context (its parameters and memo)
+    return executor
+
+
+def baseline(commit: str, model_name: str, only: list[str] | None) -> dict:
+    """The same build with the code of ``commit``, in a subprocess (its ``bench/map.py``'s JSON output)."""
+    folder = Path(tempfile.mkdtemp(prefix="lmatlas-map-baseline-"))
+    archive = subprocess.run(["git", "archive", commit, "lmatlas", "bench"], cwd=ROOT, check=True, capture_output=True)
+    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive.stdout, check=True)
+    command = [sys.executable, str(folder / "bench" / "map.py"), "--model", model_name]
+    if only:
+        command += ["--only", ",".join(only)]
+    env = {**os.environ, "PYTHONPATH": str(folder)}
+    done = subprocess.run(command, cwd=folder, env=env, check=True, stdout=subprocess.PIPE)
+    result = json.loads(done.stdout)
+    result["commit"] = commit
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--only", default=None, help="comma-separated stages (default: all)")
+    parser.add_argument("--out", default=None, help="atlas file (default: a temporary file, removed)")
+    parser.add_argument("--record", default=None, help="write the result with its conditions to this JSON file")
+    parser.add_argument("--baseline", default=None, help="a commit whose build of the same stages runs after this one")
+    args = parser.parse_args(argv)
+    before = conditions()
+    only = args.only.split(",") if args.only else None
+    result = measure(args.model, only, args.out)
+    if args.baseline:
+        old = baseline(args.baseline, args.model, only)
+        result["baseline"] = {
+            key: old.get(key) for key in ("commit", "build_s", "corpus_forward_s", "seconds_by_stage", "work_by_stage")
+        }
+        result["speedup_by_stage"] = {
+            name: round(old["seconds_by_stage"][name] / seconds, 2)
+            for name, seconds in result["seconds_by_stage"].items()
+            if seconds > 0 and old["seconds_by_stage"].get(name)
+        }
+        result["speedup_build"] = round(old["build_s"] / result["build_s"], 2)
     print(json.dumps(result, indent=2))
     if args.record:
         write_record(args.record, result, before)
