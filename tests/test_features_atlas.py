@@ -146,3 +146,86 @@ def test_search_finds_features_by_their_decoded_tokens(built):
     assert row["name"] in [h["name"] for h in by_text]
     every = _rows(path, "SELECT name FROM features WHERE list_contains(promoted_ids, ?)", [row["promoted_ids"][0]])
     assert {h["name"] for h in by_id} == {r["name"] for r in every}  # exactly the features that decode to it
+
+
+@pytest.fixture(scope="module")
+def client(built):
+    from fastapi.testclient import TestClient
+
+    from lmatlas.web import create_app
+
+    with TestClient(create_app(built[1])) as c:
+        yield c
+
+
+def test_feature_page_and_api(client, built):
+    path = built[1]
+    row = _rows(path, "SELECT * FROM features WHERE site = 'L0.resid.post.F' AND max > 0 ORDER BY feature LIMIT 1")[0]
+    name = row["name"]
+    data = client.get(f"/api/features/{name}").json()
+    assert data["density"] == row["density"] and data["kind"] == "sae" and data["n_latents"] == 40
+    assert [p["token"] for p in data["promoted"]] == row["promoted"]
+    assert client.get(f"/api/features/L0.F{row['feature']}").json()["name"] == name  # one dictionary at layer 0
+    links = _rows(
+        path, "SELECT relation, unit FROM feature_links WHERE site = ? AND feature = ?", [row["site"], row["feature"]]
+    )
+    assert sorted((k, link["unit"]) for k, ls in data["links"].items() for link in ls) == sorted(
+        (r["relation"], r["unit"]) for r in links
+    )
+    top = data["contexts"][0]
+    assert top["values"][top["peak"]] == top["activation"] == max(c["activation"] for c in data["contexts"])
+    page = client.get(f"/feature/{name}")
+    assert page.status_code == 200 and "/static/feature.js" in page.text
+    assert client.get("/static/feature.js").status_code == 200
+    for bad, status, text in [
+        ("L0.resid.post.F40", 404, "F0..F39"),
+        ("L0.resid.mid.F3", 404, "No dictionary at L0.resid.mid"),
+        ("L0.resid.post.X3", 422, "not a feature name"),
+    ]:
+        answer = client.get(f"/api/features/{bad}")
+        assert answer.status_code == status and text in answer.text, (bad, answer.text)
+    assert client.get("/feature/L0.resid.post.F40").status_code == 404
+
+
+def test_head_and_neuron_pages_list_their_features(client, built):
+    path = built[1]
+    for unit in ("L0.H1", "L1.H2", "L0.N5"):
+        got = client.get(f"/api/features/linked/{unit}?limit=200").json()["features"]
+        expected = _rows(
+            path,
+            "SELECT f.name, l.relation FROM feature_links l JOIN features f USING (site, feature) WHERE l.unit = ?",
+            [unit],
+        )
+        assert sorted((f["name"], f["relation"]) for f in got) == sorted((r["name"], r["relation"]) for r in expected)
+        assert [f["rank"] for f in got] == sorted(f["rank"] for f in got)
+        page = "head" if ".H" in unit else "neuron"
+        assert "/static/feature.section.js" in client.get(f"/{page}/{unit}").text
+    assert client.get("/api/features/linked/L0.X1").status_code == 422
+
+
+def test_map_features_from_a_dictionary_folder(tmp_path):
+    """``lmatlas map DIR --only features --features FOLDER``: a sparsify folder's latents mapped; a bad folder refused."""
+    import json
+
+    from test_atlas_build import _save_tiny
+    from typer.testing import CliRunner
+
+    from lmatlas.cli import app
+    from lmatlas.features.dictionary import DictionaryCard, TopKSAE
+    from lmatlas.features.files import save
+
+    model_dir = _save_tiny(tmp_path / "tiny")
+    sae = TopKSAE(64, 32, 4, card=DictionaryCard("sae", "L1.resid.post", 64, 32, 4))
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.copy_(torch.randn_like(p, generator=torch.Generator().manual_seed(p.numel())))
+    folder = save(sae, tmp_path / "sae")
+    out = tmp_path / "tiny.atlas.duckdb"
+    args = ["map", str(model_dir), "--out", str(out), "--only", "features", "--features", str(folder), "--json"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["build"]["computed"] == 1
+    rows = _rows(out, "SELECT feature, promoted_ids FROM features WHERE site = 'L1.resid.post.F' ORDER BY feature")
+    assert len(rows) == 32
+    bad = CliRunner().invoke(app, ["map", str(model_dir), "--out", str(out), "--features", str(tmp_path / "none")])
+    assert bad.exit_code == 2 and "No dictionary folder" in bad.output

@@ -327,6 +327,8 @@ def test_openapi_documents_every_endpoint_and_error_body(client):
         "/api/heads/{name}/attention",
         "/api/neurons/{name}",
         "/api/neurons/{name}/activations",
+        "/api/features/{name}",
+        "/api/features/linked/{unit}",
         "/api/search",
         "/api/lens",
         "/api/live",

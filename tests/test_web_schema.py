@@ -44,7 +44,7 @@ def app(tmp_path_factory):
 def test_api_conforms_to_its_schema_and_never_fails(app, mode):
     schema = schemathesis.openapi.from_asgi("/openapi.json", app)
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert len(operations) == 18  # 17 + POST /api/circuit/attention-sources
+    assert len(operations) == 20  # 17 + POST /api/circuit/attention-sources + GET /api/features/{name}, linked/{unit}
     if mode is GenerationMode.NEGATIVE:  # an operation without parameters has no invalid request to make
         operations = [op for op in operations if len(op.path_parameters) + len(op.query) + len(op.body)]
     statuses: dict[str, set[int]] = {}

@@ -146,11 +146,17 @@ def map_command(
     executor: str = typer.Option("local", "--executor", help="local or ray."),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: start locally)."),
     workers: int = typer.Option(2, "--workers", help="Ray workers when starting a local cluster."),
+    features: Optional[list[Path]] = typer.Option(
+        None,
+        "--features",
+        help="A dictionary folder (sparsify or SAELens layout) whose features the atlas maps (stage features); "
+        "repeat for several.",
+    ),
     dtype: str = DTYPE_OPT,
     device: Optional[str] = DEVICE_OPT,
     as_json: bool = JSON_OPT,
 ) -> None:
-    """Build (or resume) the atlas of a model: every stage, or those named with --only."""
+    """Build (or resume) the atlas of a model: every default stage, or those named with --only."""
     from lmatlas.errors import LmatlasError
 
     def body():
@@ -165,7 +171,15 @@ def map_command(
             raise LmatlasError(f"Unknown executor {executor!r}: use 'local' or 'ray'.")
         if corpus is not None:
             load_texts(corpus)
+        from lmatlas.features.files import load as load_dictionary
+
+        dictionaries = [load_dictionary(folder) for folder in features or []]  # bad files fail before the model loads
         loaded = load_model(model, dtype, device)
+        if dictionaries:
+            from lmatlas.features.sites import attach
+
+            for dictionary in dictionaries:
+                attach(loaded, dictionary)
         runner = None
         if executor == "ray":
             from lmatlas.atlas.ray_executor import RayExecutor

@@ -19,7 +19,7 @@ from fastapi.staticfiles import StaticFiles
 from lmatlas.causal.tasks import TASKS
 from lmatlas.errors import LmatlasError
 from lmatlas.web import errors, names
-from lmatlas.web.routes import circuit, edit, head, lens, neuron, overview, search
+from lmatlas.web.routes import circuit, edit, feature, head, lens, neuron, overview, search
 from lmatlas.web.routes import diff as diff_page
 from lmatlas.web.state import Explorer, Limits
 
@@ -32,6 +32,7 @@ ROUTERS = (
     overview.router,
     head.router,
     neuron.router,
+    feature.router,
     search.router,
     lens.router,
     diff_page.router,
@@ -43,6 +44,7 @@ PAGES = {
     "overview": "overview.html",
     "head": "head.html",
     "neuron": "neuron.html",
+    "feature": "feature.html",
     "search": "search.html",
     "lens": "lens.html",
     "diff": "diff.html",
@@ -123,6 +125,10 @@ def _pages(app: FastAPI, explorer: Explorer) -> None:
     @app.get("/neuron/{name}", include_in_schema=False)
     def neuron_page(name: str) -> HTMLResponse:
         return checked("neuron", lambda: names.neuron(name, explorer.layout))
+
+    @app.get("/feature/{name}", include_in_schema=False)
+    def feature_page(name: str) -> HTMLResponse:
+        return checked("feature", lambda: feature.resolve(explorer, name))
 
     @app.get("/search", include_in_schema=False)
     def search_page() -> HTMLResponse:
