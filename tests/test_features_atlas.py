@@ -134,6 +134,11 @@ def test_every_link_is_its_formula_by_hand(built, site, dictionary):
             values = torch.cat([hand[layer][relation] for layer in layers])
             best = values.abs().max() if relation == "aligns" else values.max()
             assert abs(abs(top["score"]) - float(best)) <= 1e-4 * max(1.0, float(best))
+    from lmatlas.features.links import feature_links
+    from lmatlas.model.sites import parse_sites
+
+    (feature_site,) = parse_sites(site, model.layout)
+    assert feature_links(model, feature_site, W_dec, chunk=7) == feature_links(model, feature_site, W_dec)
 
 
 def test_search_finds_features_by_their_decoded_tokens(built):

@@ -121,28 +121,39 @@ def _top(scores: torch.Tensor, layers: list[int], width: int, n: int, by_magnitu
     return values, layer, picked % width
 
 
-def feature_links(model: "Model", site: Site, W_dec: torch.Tensor, top: int = 8) -> list[Link]:
-    """The top ``top`` links of every latent of the dictionary at feature site ``site`` (module docstring)."""
+def _scores(model: "Model", site: Site, d: torch.Tensor) -> dict[str, tuple[list[int], int, torch.Tensor]]:
+    """``relation -> (layers, units per layer, scores [n, len(layers) * units])`` for directions ``d [n, d_model]``."""
     lay = model.layout
-    d = directions(W_dec).to(model.W.W_O(0).device)
+    writers, readers = writer_layers(site, lay.n_layers), reader_layers(site, lay.n_layers)
+    mlps = writer_layers(site, lay.n_layers, neurons=True)
+    out = {}
+    if writers:
+        out["writes"] = (writers, lay.n_heads, torch.cat([ov_write_scores(model, d, l).cpu() for l in writers], 1))
+    if readers:
+        qk = [qk_read_scores(model, d, l) for l in readers]
+        out["reads_q"] = (readers, lay.n_heads, torch.cat([q.cpu() for q, _ in qk], 1))
+        out["reads_k"] = (readers, lay.n_heads, torch.cat([k.cpu() for _, k in qk], 1))
+    if mlps:
+        out["aligns"] = (mlps, lay.d_mlp, torch.cat([neuron_cosines(model, d, l).cpu() for l in mlps], 1))
+    return out
+
+
+def feature_links(model: "Model", site: Site, W_dec: torch.Tensor, top: int = 8, chunk: int = 1024) -> list[Link]:
+    """The top ``top`` links of every latent of the dictionary at feature site ``site`` (module docstring).
+
+    Latents go ``chunk`` at a time (the neuron scores of one chunk are ``[chunk, layers * d_mlp]``).
+    """
+    d_all = directions(W_dec).to(model.W.W_O(0).device)
     links: list[Link] = []
-    plans = [
-        ("writes", writer_layers(site, lay.n_layers), lay.n_heads, lambda l: ov_write_scores(model, d, l)),
-        ("reads_q", reader_layers(site, lay.n_layers), lay.n_heads, lambda l: qk_read_scores(model, d, l)[0]),
-        ("reads_k", reader_layers(site, lay.n_layers), lay.n_heads, lambda l: qk_read_scores(model, d, l)[1]),
-        ("aligns", writer_layers(site, lay.n_layers, neurons=True), lay.d_mlp, lambda l: neuron_cosines(model, d, l)),
-    ]
     with torch.no_grad():
-        for relation, layers, width, score in plans:
-            if not layers:
-                continue
-            scores = torch.cat([score(layer).cpu() for layer in layers], dim=1)
-            values, layer, index = _top(scores, layers, width, top, by_magnitude=relation == "aligns")
-            name = neuron_name if relation == "aligns" else head_name
-            for feature in range(d.shape[0]):
-                for rank in range(values.shape[1]):
-                    l, i = int(layer[feature, rank]), int(index[feature, rank])
-                    links.append(Link(feature, relation, rank, name(l, i), l, i, float(values[feature, rank])))
+        for start in range(0, d_all.shape[0], chunk):
+            for relation, (layers, width, scores) in _scores(model, site, d_all[start : start + chunk]).items():
+                values, layer, index = _top(scores, layers, width, top, by_magnitude=relation == "aligns")
+                name = neuron_name if relation == "aligns" else head_name
+                values, layer, index = values.tolist(), layer.tolist(), index.tolist()
+                for row in range(len(values)):
+                    for rank, (v, l, i) in enumerate(zip(values[row], layer[row], index[row])):
+                        links.append(Link(start + row, relation, rank, name(l, i), l, i, v))
     return links
 
 
