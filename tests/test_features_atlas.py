@@ -138,7 +138,14 @@ def test_every_link_is_its_formula_by_hand(built, site, dictionary):
     from lmatlas.model.sites import parse_sites
 
     (feature_site,) = parse_sites(site, model.layout)
-    assert feature_links(model, feature_site, W_dec, chunk=7) == feature_links(model, feature_site, W_dec)
+    chunked, whole = (
+        sorted(feature_links(model, feature_site, W_dec, chunk=size), key=lambda x: (x.feature, x.relation, x.rank))
+        for size in (7, 1024)
+    )
+    assert [(x.feature, x.relation, x.rank, x.unit) for x in chunked] == [
+        (x.feature, x.relation, x.rank, x.unit) for x in whole
+    ]
+    torch.testing.assert_close(torch.tensor([x.score for x in chunked]), torch.tensor([x.score for x in whole]))
 
 
 def test_search_finds_features_by_their_decoded_tokens(built):
