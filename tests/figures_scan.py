@@ -90,6 +90,7 @@ class Page:
     name: str
     numbers: list[Number] = field(default_factory=list)
     paragraphs: list[tuple[int, int, str]] = field(default_factory=list)
+    orphans: list[str] = field(default_factory=list)  # comments with no number before them on their line
 
 
 def pages() -> list[Path]:
@@ -101,13 +102,17 @@ def _blank(match: re.Match) -> str:
     return " " * len(match.group(0))
 
 
-def _numbers(text: str, page: str, line: int) -> list[Number]:
-    """The numbers of one prose line (code, comments and link targets already blanked)."""
+def _numbers(text: str, page: str, line: int, previous: str = "") -> list[Number]:
+    """The numbers of one prose line (code, comments and link targets already blanked).
+
+    ``previous`` is the prose line before it, for a name that ends one line and is versioned on the next.
+    """
     found: list[Number] = []
     for m in NUMBER.finditer(text):
         start, end = m.start(), m.end()
         before, after = text[:start], text[end:]
-        if re.match(r"\.\d", after) or any(p.search(before) for p in NOT_FIGURES):
+        named = previous.rstrip() + " " + before if not before.strip() else before
+        if re.match(r"\.\d", after) or any(p.search(named) for p in NOT_FIGURES):
             continue  # a version (0.8.1) or a versioned name
         if re.search(r"[A-Za-z]-$", before):
             continue  # part of a name: Llama-3.1, Medusa-1
@@ -125,24 +130,27 @@ def _numbers(text: str, page: str, line: int) -> list[Number]:
     return found
 
 
-def _bind(numbers: list[Number], comments: list[tuple[int, str]], text: str) -> None:
-    """Bind each group of adjacent comments, in order, to the last unbound numbers before it."""
+def _bind(numbers: list[Number], comments: list[tuple[int, str]], text: str) -> list[str]:
+    """Bind each group of adjacent comments, in order, to the last unbound numbers before it; the rest."""
     groups: list[list[tuple[int, str]]] = []
     for pos, body in comments:
         if groups and not text[groups[-1][-1][0] : pos].strip(" "):
             groups[-1].append((pos, body))
         else:
             groups.append([(pos, body)])
+    orphans = []
     for group in groups:
         pending = [n for n in numbers if n.start < group[0][0] and n.binding is None]
         for number, (_, body) in zip(pending[-len(group) :], group):
             number.binding = body
+        orphans += [body for _, body in group[: max(0, len(group) - len(pending))]]
+    return orphans
 
 
 def scan(path: Path) -> Page:
     """The numbers and paragraphs of one page's prose (fenced code blocks skipped)."""
     name = str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else path.name
-    page, in_code, paragraph = Page(name), False, []
+    page, in_code, paragraph, previous = Page(name), False, [], ""
     lines = path.read_text().splitlines()
     for i, raw in enumerate(lines + [""], start=1):
         if FENCE.match(raw):
@@ -152,15 +160,21 @@ def scan(path: Path) -> Page:
             continue
         comments: list[tuple[int, str]] = []
         text = raw
+        code = [c.span() for c in INLINE_CODE.finditer(COMMENT.sub(lambda m: " " * len(m.group(0)), raw))]
         for m in COMMENT.finditer(raw):
+            if any(a <= m.start() < b for a, b in code):
+                continue  # a comment shown as code (an example), not a citation
             body = " ".join(m.group(1).split())
             if body.startswith(("fig:", "test:")) or body == "param" or body.startswith("param:"):
                 comments.append((m.start(), "param" if body.startswith("param") else body))
         text = COMMENT.sub(lambda m: "\0" * len(m.group(0)), text)
         text = INLINE_CODE.sub(_blank, text)
         text = LINK_TARGET.sub(_blank, text)
-        numbers = _numbers(text.replace("\0", " "), name, i)
-        _bind(numbers, comments, text.replace("\0", " "))
+        numbers = _numbers(text.replace("\0", " "), name, i, previous)
+        previous = text.replace("\0", " ") if raw.strip() else ""
+        page.orphans += [
+            f"{name}:{i}: {body!r} follows no number" for body in _bind(numbers, comments, text.replace("\0", " "))
+        ]
         page.numbers += numbers
         if raw.strip():
             paragraph.append((i, text.replace("\0", " ")))

@@ -39,7 +39,10 @@ def scanned() -> list[fs.Page]:
 
 # -- the checks, as functions of scanned pages -------------------------------------------------------------
 def uncited(pages: list[fs.Page]) -> list[str]:
-    return [n.where() for page in pages for n in page.numbers if n.figure and n.binding is None]
+    """Figures without a citation, and citations that follow no number (they would check nothing)."""
+    return [n.where() for page in pages for n in page.numbers if n.figure and n.binding is None] + [
+        orphan for page in pages for orphan in page.orphans
+    ]
 
 
 def mismatches(pages: list[fs.Page]) -> list[str]:
@@ -94,8 +97,9 @@ def false_quiet(pages: list[fs.Page]) -> list[str]:
             if i + 1 < len(page.paragraphs) and page.paragraphs[i + 1][2].lstrip().startswith("|"):
                 last = page.paragraphs[i + 1][1]
             refs = [ref for n, c in cited if first <= n.line <= last for ref in c.refs]
-            if not refs:
-                out.append(f"{page.name}:{first}: says quiet but cites no record")
+            figures = [n for n in page.numbers if first <= n.line <= last and (n.figure or n.binding)]
+            if figures and not refs:
+                out.append(f"{page.name}:{first}: says quiet next to figures that cite no record")
             for file, steps in refs:
                 state = harness.record_conditions(fs.record(file), [s for s in steps if s != "*"])
                 if not state["quiet"]:
@@ -176,7 +180,8 @@ def _page(tmp_path: Path, text: str) -> fs.Page:
 def test_the_scanner_finds_figures_and_leaves_names_code_and_parameters(tmp_path):
     page = _page(
         tmp_path,
-        "SmolLM2-135M at 8k, Llama-3.1-8B, nnsight 0.8.1, Python 3.11, 4 x 128 tokens and `1.5 s` are not figures;\n"
+        "SmolLM2-135M at 8k, Llama-3.1-8B, nnsight 0.8.1, Python 3.11, 4 x 128 tokens and `1.5 s` are not figures,\n"
+        "nor a version on the next line after transformers\n5.2;\n"
         "budget 0.25 <!-- param --> neither; 12 trials neither.\n"
         "```\n2.5 s in code\n```\n"
         "But 351.5 s, 45 ms, 80%, 1.49x, 35/25 points, 2.8e-5 and a load of 1.4-3.5 are.\n",
@@ -202,6 +207,7 @@ def test_a_citation_binds_in_order_and_is_compared_at_the_shown_precision(record
     )
     assert len(mismatches([_page(records, swapped)])) == 2
     assert mismatches([_page(records, "a 1.0x ratio <!-- fig: missing.json#ratio -->\n")]), "no such record"
+    assert uncited([_page(records, "grew x7.09 <!-- fig: loaded.json#ratio -->\n")]), "a citation that binds nothing"
 
 
 def test_a_figure_cited_to_a_test_must_be_asserted_there(tmp_path):
@@ -221,12 +227,13 @@ def test_expressions_read_lists_and_arithmetic(records):
 
 
 def test_quiet_is_checked_against_the_records_load(records):
-    loaded = _page(records, "On a quiet machine: memory x7.09 <!-- fig: loaded.json#ratio -->\n")
+    loaded = _page(records, "On a quiet machine: memory grew 7.09x <!-- fig: loaded.json#ratio -->\n")
     quiet = _page(records, "On a quiet machine: built in 351.5 s <!-- fig: quiet.json#build_s -->\n")
     table = _page(records, "Quiet machine:\n\n| a | b |\n|---|---|\n| 7.09x <!-- fig: loaded.json#ratio --> | |\n")
-    bare = _page(records, "Measured on a quiet machine.\n")
+    bare = _page(records, "Measured on a quiet machine: 351.5 s.\n")
+    plan = _page(records, "The full grid is one quiet run, not yet made.\n")
     assert false_quiet([loaded]) and false_quiet([table]) and false_quiet([bare])
-    assert not false_quiet([quiet])
+    assert not false_quiet([quiet]) and not false_quiet([plan])
 
 
 def test_conditions_are_required_of_a_cited_record(records):
