@@ -199,3 +199,38 @@ def test_mlp_in_is_the_mlp_modules_input(model):
     assert torch.equal(cache["L1.mlp.in"], seen["u"])
     expected = _hooked_forward(model, mlp, lambda module, args: (args[0] * 0.5,), pre=True)
     torch.testing.assert_close(model.run(PROMPT, replace={"L1.mlp.in": lambda v, ctx: v * 0.5}).logits, expected)
+
+
+def test_skip_transcoder_attaches_where_its_card_says_and_keeps_the_mlp_exact(model):
+    """lmatlas's SkipTranscoder (card site L0.mlp.in): latents L0.mlp.F; the skip cancels in an edit's difference."""
+    from lmatlas.errors import DictionaryError
+    from lmatlas.features.dictionary import DictionaryCard, SkipTranscoder
+    from lmatlas.features.sites import attach
+    from lmatlas.model.provenance import identity
+
+    tc = SkipTranscoder(64, 64, 32, 4)
+    with torch.no_grad():
+        for i, p in enumerate(tc.parameters()):
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) * 0.3)
+    u = model.run(PROMPT, capture=["L0.mlp.in", "L0.mlp.out"])
+    assert attach(model, tc) == "L0.mlp.F"
+    try:
+        cache = model.run(PROMPT, capture=["L0.mlp.F", "L0.mlp.out"], replace=Scale("L0.mlp.F3", 0.0))
+        plain = model.run(PROMPT, capture=["L0.mlp.F"])
+    finally:
+        model.dictionaries.detach("L0.mlp")
+    with torch.no_grad():
+        f = tc.encode(u["L0.mlp.in"])
+        g = f.clone()
+        g[..., 3] = 0.0
+        reconstruction = tc.decode(f) + tc.skip(u["L0.mlp.in"])  # the transcoder's own prediction of the MLP
+        expected = reconstruction + (tc.decode(g) - tc.decode(f)) + (u["L0.mlp.out"] - reconstruction)
+    assert torch.equal(plain.logits, model.forward(PROMPT)) and torch.equal(plain["L0.mlp.F"], f)
+    torch.testing.assert_close(cache["L0.mlp.out"], expected, rtol=1e-5, atol=1e-5)
+    other = tiny_model("llama", seed=5)
+    stranger = SkipTranscoder(
+        64, 64, 32, 4, card=DictionaryCard("transcoder", "L0.mlp.in", 64, 32, 4, model=identity(other))
+    )
+    with pytest.raises(DictionaryError, match="another model|differ"):
+        attach(model, stranger)
+    assert len(model.dictionaries) == 0
