@@ -122,8 +122,9 @@ def _verdicts(value, where: str = ""):
 
 
 def _spread(node: dict) -> tuple[float, float] | None:
-    if isinstance(node.get("ratio_quartiles"), dict):
-        return node["ratio_quartiles"]["q1"], node["ratio_quartiles"]["q3"]
+    for key in ("ratio_quartiles", "quartiles"):
+        if isinstance(node.get(key), dict):
+            return node[key]["q1"], node[key]["q3"]
     for key in ("ratio_iqr", "interval", "ci"):
         if isinstance(node.get(key), list) and len(node[key]) == 2:
             return tuple(node[key])
