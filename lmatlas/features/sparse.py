@@ -19,6 +19,8 @@ checks both against the dense autograd formulation.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 
@@ -41,13 +43,15 @@ def gather_dots(indices: torch.Tensor, W: torch.Tensor, vectors: torch.Tensor) -
     """``out[b, j] = vectors[b] . W[indices[b, j]]``: ``[B, k]``, a sampled matmul at the ``B * k`` pairs only."""
     batch, k = indices.shape
     crow = torch.arange(0, batch * k + 1, k, device=indices.device)
-    pattern = torch.sparse_csr_tensor(
-        crow,
-        indices.reshape(-1),
-        torch.ones(batch * k, dtype=vectors.dtype),
-        (batch, W.shape[0]),
-        check_invariants=False,
-    )
+    with warnings.catch_warnings():  # "sparse CSR support is in beta"
+        warnings.simplefilter("ignore", UserWarning)
+        pattern = torch.sparse_csr_tensor(
+            crow,
+            indices.reshape(-1),
+            torch.ones(batch * k, dtype=vectors.dtype),
+            (batch, W.shape[0]),
+            check_invariants=False,
+        )
     return torch.sparse.sampled_addmm(pattern, vectors, W.t().to(vectors.dtype), beta=0.0).values().view(batch, k)
 
 

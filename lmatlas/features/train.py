@@ -268,7 +268,7 @@ def train(
     if held is not None:
         hx, hy = held.rows(in_site, 16384) * sx, held.rows(out_site, 16384) * sy
     lr = config.learning_rate()
-    opt = torch.optim.Adam(d.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8)
+    opt = torch.optim.Adam(d.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8, foreach=True)
     warm, decay = max(1, int(config.warmup * total_steps)), max(1, int(config.decay * total_steps))
 
     def rate(step: int) -> float:
@@ -334,7 +334,7 @@ def train(
                 fired[indices[values > 0]] = True
                 since += config.batch_size
                 since[fired] = 0
-                running.append(float(fvu))
+                running.append(float(fvu.detach()))
                 step += 1
                 task.update(step)
                 if step % config.eval_every == 0 or step == total_steps:
