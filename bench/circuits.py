@@ -252,7 +252,6 @@ def main(argv: list[str] | None = None) -> dict:
     log, before = Log("circuits"), conditions()
     torch.manual_seed(0)
     model = load_model(args.model)
-    gc.collect()
     gc.freeze()  # the model's objects leave the collector's scans: each step's peak reset takes ms, not 1 s
     try:
         return _run(args, model, methods, log, before)
