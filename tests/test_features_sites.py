@@ -234,3 +234,73 @@ def test_skip_transcoder_attaches_where_its_card_says_and_keeps_the_mlp_exact(mo
     with pytest.raises(DictionaryError, match="another model|differ"):
         attach(model, stranger)
     assert len(model.dictionaries) == 0
+
+
+def _block_output(model, layer, ids, change=None, keep=None):
+    """Logits of the plain model with block ``layer``'s output changed by ``change(x)`` (native hook)."""
+
+    def hook(module, args, output):
+        x = output[0] if isinstance(output, tuple) else output
+        new = x if change is None else change(x)
+        if keep is not None:
+            new.retain_grad()
+            keep.append(new)
+        return (new, *output[1:]) if isinstance(output, tuple) else new
+
+    handle = model.blocks[layer].register_forward_hook(hook)
+    try:
+        return model.hf(input_ids=ids, use_cache=False).logits
+    finally:
+        handle.remove()
+
+
+def test_error_node_is_the_residual_of_the_reconstruction(model, sae):
+    ids = model.tokenize(PROMPT)["input_ids"]
+    with model.dictionaries.attached(sae, "L1.resid.post"):
+        cache = model.run(ids, capture=["L1.resid.post.E", "L1.resid.post"])
+        zeroed = model.run(ids, replace={"L1.resid.post.E": 0.0}).logits
+    with torch.no_grad():
+        x = cache["L1.resid.post"]
+        assert torch.equal(cache["L1.resid.post.E"], x - sae.decode(sae.encode(x)))
+        assert torch.equal(cache.logits, model.forward(ids))  # hooking the error node changes nothing
+        by_hand = _block_output(model, 1, ids, lambda x: sae.decode(sae.encode(x)))  # only the reconstruction
+    torch.testing.assert_close(zeroed, by_hand, rtol=1e-5, atol=1e-5)
+
+
+def test_patching_and_attribution_take_features_and_the_error_node(model, sae):
+    """Exact patching of a latent and AtP of latents and of the error node, each against native hooks."""
+    from lmatlas.causal.attribution import attribute
+    from lmatlas.causal.metrics import logit_diff
+    from lmatlas.causal.patching import patch
+    from lmatlas.causal.tasks import load_task
+
+    task = load_task(model, "induction", n=3)
+    metric = logit_diff(task.answer, task.wrong)
+    targets = ["L1.resid.post.F5", "L1.resid.post.F11", "L1.resid.post.E"]
+    with model.dictionaries.attached(sae, "L1.resid.post"):
+        exact = patch(model, task, targets[:1], progress=False)
+        estimated = attribute(model, task, targets, verify=0)
+    with torch.no_grad():
+        x_clean = model.run(task.clean, capture=["L1.resid.post"])["L1.resid.post"]
+        f_clean = sae.encode(x_clean)
+
+        def patched(x):
+            f = sae.encode(x)
+            g = f.clone()
+            g[..., 5] = f_clean[..., 5]
+            return x + sae.decode(g) - sae.decode(f)
+
+        expected = float(metric(_block_output(model, 1, task.corrupt, patched)).mean())
+    assert abs(float(exact.values[0]) - expected) < 1e-4
+    kept = []
+    m = metric(_block_output(model, 1, task.corrupt, keep=kept)).mean()
+    m.backward()
+    g, x_corrupt = kept[0].grad, kept[0].detach()
+    with torch.no_grad():
+        f_corrupt = sae.encode(x_corrupt)
+        for j, i in enumerate((5, 11)):
+            by_hand = ((f_clean[..., i] - f_corrupt[..., i]) * (g @ sae.W_dec[i])).sum()
+            assert abs(float(estimated.values[j]) - (float(m) + float(by_hand))) < 1e-4
+        e_clean, e_corrupt = (x - sae.decode(sae.encode(x)) for x in (x_clean, x_corrupt))
+        by_hand = ((e_clean - e_corrupt) * g).sum()
+        assert abs(float(estimated.values[2]) - (float(m) + float(by_hand))) < 1e-4

@@ -103,6 +103,11 @@ class Attached:
     def transcoder(self) -> bool:
         return self.site.component == "mlp.F"
 
+    @property
+    def error_site(self) -> Site:
+        """The error node ``L15.resid.post.E``: the written value minus the dictionary's reconstruction."""
+        return Site(self.site.layer, self.site.component.removesuffix("F") + "E")
+
 
 def feature_site(base: str, layout: HeadLayout) -> Site:
     """``"L15.resid.post" -> Site(15, "resid.post.F")``; ``"L15.mlp"`` (a transcoder) ``-> Site(15, "mlp.F")``."""
@@ -183,7 +188,8 @@ class DictionaryRegistry:
         return len(self._attached)
 
     def get(self, site: Site) -> Attached:
-        """The dictionary at feature site ``site``; a :class:`SiteError` that says how to attach one if none is."""
+        """The dictionary at feature site ``site`` (or its error node); a :class:`SiteError` that says how to attach one."""
+        site = Site(site.layer, site.component[:-1] + "F")  # an error node belongs to its latents' dictionary
         entry = self._attached.get(site)
         if entry is None:
             base = "L{}.{}".format(site.layer, site.component.removesuffix(".F"))
@@ -231,24 +237,44 @@ def encode_input(entry: Attached, x: torch.Tensor) -> torch.Tensor:
     return f.detach().requires_grad_(True) if grad and f.is_floating_point() else f
 
 
-def splice(entry: Attached, x: torch.Tensor, f: torch.Tensor, used: torch.Tensor | None) -> torch.Tensor | None:
-    """``x + decode(used) - decode(f)`` (``None`` when nothing changed and no gradient is wanted).
+def error_term(entry: Attached, x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """``[batch, pos, d]`` the error node ``x - decode(f)`` (under autograd: on the path from ``x``, identity)."""
+    with torch.no_grad():
+        reconstruction = entry.dictionary.decode(f).to(x.dtype)
+    return x - reconstruction
+
+
+def splice(
+    entry: Attached,
+    x: torch.Tensor,
+    f: torch.Tensor,
+    used: torch.Tensor | None,
+    error: torch.Tensor | None = None,
+    new_error: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """``x + decode(used) - decode(f)``, or ``decode(used) + new_error`` when the error node was replaced.
 
     ``x [batch, pos, d_model]`` is the written value, ``f`` the latents, ``used`` the latents after
-    edits (``None``: unedited). With gradients on, the value is the same and the graph is
-    ``x + decode(used)`` (see the module docstring).
+    edits (``None``: unedited), ``error`` the error node when it is hooked (:func:`error_term`) and
+    ``new_error`` its replacement (``None``: unchanged). ``None`` when nothing changed and no gradient
+    is wanted. With gradients on, the value is the same and the graph is ``x + decode(used)``
+    (``error + decode(used)`` when the error node is hooked; see the module docstring).
     """
     grad = torch.is_grad_enabled()
-    if used is None and not grad:
+    if used is None and new_error is None and not grad:
         return None
     used = f if used is None else used
     decode = entry.dictionary.decode
     with torch.no_grad():
-        value = x if used is f else x + (decode(used) - decode(f)).to(x.dtype)
+        if new_error is not None:
+            value = decode(used).to(x.dtype) + new_error
+        else:
+            value = x if used is f else x + (decode(used) - decode(f)).to(x.dtype)
     if not grad:
         return value
     path = decode(used).to(x.dtype)
-    return value.detach() + (x - x.detach()) + (path - path.detach())
+    rest = x if error is None else (error if new_error is None else new_error)
+    return value.detach() + (rest - rest.detach()) + (path - path.detach())
 
 
 __all__ = ["SiteDictionary", "DictionaryRegistry", "Attached", "FEATURE_COMPONENTS", "feature_site"]

@@ -24,7 +24,7 @@ import torch
 from lmatlas.errors import HookOrderError
 from lmatlas.model.arch import get_path
 from lmatlas.model.attention import AttentionProbe, Probe, ProbeChain, wrapper_name
-from lmatlas.model.dictionary_sites import Attached, encode_input
+from lmatlas.model.dictionary_sites import Attached, encode_input, error_term
 from lmatlas.model.dictionary_sites import splice as splice_features
 from lmatlas.model.norms import frozen_scale
 from lmatlas.model.positions import CallInfo
@@ -156,7 +156,11 @@ class HookStack:
             current = value if new is None else new
             source = self._scratch[(site.layer, "mlp.in")] if entry.transcoder else current
             f = encode_input(entry, source)
-            out = splice_features(entry, current, f, self.apply(entry.site, f, where))
+            used, error, new_error = self.apply(entry.site, f, where), None, None
+            if entry.error_site in self.sites:  # the error node, hooked: current - decode(f)
+                error = error_term(entry, current, f)
+                new_error = self.apply(entry.error_site, error, where)
+            out = splice_features(entry, current, f, used, error, new_error)
             if out is not None:
                 new = out
         for session in self.capturers.get(site, ()):
@@ -187,7 +191,8 @@ class HookStack:
         spliced: dict[Site, list[Attached]] = defaultdict(list)
         for site in sorted(s for s in self.sites if s.is_feature):
             entry = self.model.dictionaries.get(site)  # raises (before any forward) when none is attached
-            spliced[entry.writes].append(entry)
+            if entry not in spliced[entry.writes]:
+                spliced[entry.writes].append(entry)
         self.spliced = dict(spliced)
         self.sites |= frozenset(spliced)
         self._install(probes)

@@ -70,14 +70,28 @@ COMPONENTS: dict[str, Component] = {
 }
 
 #: Feature sites: the latents of a dictionary attached at a site (``L15.resid.post.F``), by the base they
-#: splice into. ``mlp.F`` is a transcoder's: it reads the MLP's normalised input and replaces ``mlp.out``.
+#: splice into, and its error node (``L15.resid.post.E``: the site minus the reconstruction). ``mlp.F`` is
+#: a transcoder's: it reads the MLP's normalised input and replaces ``mlp.out`` (``mlp.E``: the MLP's
+#: write minus the transcoder's prediction).
+_FEATURE_BASES = ("resid.pre", "resid.mid", "resid.post", "mlp.act", "mlp.out", "mlp")
 FEATURE_COMPONENTS: dict[str, Component] = {
     f"{base}.F": Component("[batch, pos, latent]", f"latents of the sparse dictionary attached at {base}")
-    for base in ("resid.pre", "resid.mid", "resid.post", "mlp.act", "mlp.out", "mlp")
+    for base in _FEATURE_BASES
 }
+FEATURE_COMPONENTS.update(
+    {
+        f"{base}.E": Component(
+            "[batch, pos, neuron]" if base == "mlp.act" else "[batch, pos, d_model]",
+            f"reconstruction error of the dictionary at {base}: what its latents do not explain",
+        )
+        for base in _FEATURE_BASES
+    }
+)
 
 _SITE_RE = re.compile(r"^(?:L(?P<layer>\d+|\*)\.)?(?P<component>[a-z_]+\.[a-z_]+)$")
-_FEATURE_RE = re.compile(r"^(?:L(?P<layer>\d+|\*)\.)?(?P<base>[a-z_]+(?:\.[a-z_]+)?)\.F(?P<index>\d+)?$")
+_FEATURE_RE = re.compile(
+    r"^(?:L(?P<layer>\d+|\*)\.)?(?P<base>[a-z_]+(?:\.[a-z_]+)?)\.(?:F(?P<index>\d+)?|(?P<error>E))$"
+)
 _HEAD_RE = re.compile(r"^L(?P<layer>\d+)\.H(?P<index>\d+)$")
 _NEURON_RE = re.compile(r"^L(?P<layer>\d+)\.N(?P<index>\d+)$")
 
@@ -146,7 +160,8 @@ def parse_sites(name: str | Site, layout: HeadLayout) -> list[Site]:
 
 
 def parse_feature(name: str, layout: HeadLayout) -> list[tuple[Site, int | None]] | None:
-    """``"L15.resid.post.F123" -> [(Site(15, "resid.post.F"), 123)]`` (``None`` when ``name`` names no feature).
+    """``"L15.resid.post.F123" -> [(Site(15, "resid.post.F"), 123)]`` (``None`` when ``name`` names no feature);
+    ``"L15.resid.post.E"`` (the dictionary's error node) ``-> [(Site(15, "resid.post.E"), None)]``.
 
     Only the grammar and the layer are checked here; whether a dictionary is attached and the
     latent's range are checked by the model's registry (:mod:`lmatlas.model.dictionary_sites`).
@@ -154,9 +169,9 @@ def parse_feature(name: str, layout: HeadLayout) -> list[tuple[Site, int | None]
     match = _FEATURE_RE.match(name.strip())
     if not match:
         return None
-    component = f"{match['base']}.F"
+    component = f"{match['base']}.{'E' if match['error'] else 'F'}"
     if component not in FEATURE_COMPONENTS:
-        bases = ", ".join(c.removesuffix(".F") for c in FEATURE_COMPONENTS)
+        bases = ", ".join(_FEATURE_BASES)
         raise SiteError(
             f"{match['base']} cannot take a dictionary ({name!r}): features live at {bases} "
             "(an SAE on a residual stream or mlp.out, a transcoder at 'mlp'), e.g. 'L15.resid.post.F123'."

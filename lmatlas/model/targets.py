@@ -11,6 +11,7 @@ target                   site                slice (axis)        meaning
 ``L12.N1031``            ``L12.mlp.act``     neuron 1031 (-1)    one neuron
 ``L15.resid.post.F123``  ``L15.resid.post.F`` latent 123 (-1) one feature of the dictionary attached there
 ``L15.mlp.F77``          ``L15.mlp.F``       latent 77 (-1)      one latent of the transcoder of MLP 15
+``L15.resid.post.E``     the site            all of it           the dictionary's error node (site - reconstruction)
 ``L10.resid.post``       the site            all of it           a site (``attn.z`` alone: every layer)
 ``L5.H3@-1``             (any of the above)  only the last prompt token (positions follow an ``@``)
 =======================  ==================  ==================  ==========================================
@@ -31,7 +32,7 @@ from lmatlas.errors import SiteError
 from lmatlas.model.arch import HeadLayout
 from lmatlas.model.dictionary_sites import DictionaryRegistry
 from lmatlas.model.positions import Positions, split_site_name
-from lmatlas.model.sites import COMPONENTS, Site, check_head, check_layer, head_or_neuron, parse_feature, parse_sites
+from lmatlas.model.sites import Site, check_head, check_layer, head_or_neuron, parse_feature, parse_sites
 
 _HEAD_PART = re.compile(r"^L(?P<layer>\d+)\.H(?P<index>\d+)\.(?P<part>q|out)$")
 _KV_PART = re.compile(r"^L(?P<layer>\d+)\.KV(?P<index>\d+)\.(?P<part>[kv])$")
@@ -85,11 +86,11 @@ class Target:
         component = self.sites[0].component
         if self.kind in ("neuron", "feature"):
             return ()
-        if self.sites[0].is_feature:
+        if self.sites[0].component.endswith(".F"):
             raise SiteError(f"Edit one latent of {self.text!r} at a time, e.g. '{self.text}123'.")
         if self.kind == "head":
             return (layout.d_model,) if component == "attn.out" else (layout.d_head,)
-        shape = COMPONENTS[component].shape
+        shape = self.sites[0].info.shape
         sizes = {
             "d_model": layout.d_model,
             "d_head": layout.d_head,
