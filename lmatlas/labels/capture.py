@@ -51,19 +51,22 @@ def raw_text(model: "Model"):
     return lambda ids: [model.tokenizer.decode([i]) for i in ids]
 
 
-def capture(model: "Model", windows: torch.Tensor, seed: int = 0, batch: int = 4) -> Captured:
-    """One forward per ``batch`` windows: neuron activations kept, attention reduced to rule sums."""
+def capture(model: "Model", windows: torch.Tensor, seed: int = 0, batch: int = 4, upto: int | None = None) -> Captured:
+    """One forward per ``batch`` windows: neuron activations kept, attention reduced to rule sums.
+
+    ``upto``: stop after that layer (labelling one layer needs nothing later).
+    """
     fit = fit_windows(windows.shape[0], seed)  # refuses a corpus too small before any compute
     text = raw_text(model)
-    masks = head_rules.rule_masks(windows, text)
-    n_layers = model.layout.n_layers
+    rules = head_rules.rule_set(windows, text)
+    n_layers = model.layout.n_layers if upto is None else upto + 1
     acts: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
     sums: list[list[dict[str, torch.Tensor]]] = [[] for _ in range(n_layers)]
     with torch.no_grad():
         for start in range(0, windows.shape[0], batch):
             ids = windows[start : start + batch]
-            cache = model.run(ids, capture=["mlp.act", "attn.pattern"], lm_head=False)
-            part = {name: mask[start : start + batch] for name, mask in masks.items()}
+            cache = model.run(ids, capture=["mlp.act", "attn.pattern"], lm_head=False, stop_after=upto)
+            part = rules.rows(slice(start, start + batch))
             for layer in range(n_layers):
                 acts[layer].append(cache.neurons(layer).to(torch.float16))
                 sums[layer].append(head_rules.explained_sums(cache.pattern(layer).float(), part))
@@ -107,8 +110,10 @@ def _finite(x: float) -> float | None:
     return None if x != x else round(x, 6)
 
 
-def neuron_rows(model: "Model", data: Captured, layer: int, steer: int = 4) -> list[dict[str, Any]]:
-    """Input-side rows for every neuron of ``layer``; output-side rows for the ``steer`` best."""
+def neuron_rows(
+    model: "Model", data: Captured, layer: int, steer: int = 4, steer_also: int | None = None
+) -> list[dict[str, Any]]:
+    """Input-side rows for every neuron of ``layer``; output-side rows for the ``steer`` best (and ``steer_also``)."""
     from lmatlas.decode.token_text import token_texts
 
     spell = lambda ids: token_texts(model.tokenizer, ids)  # noqa: E731
@@ -155,7 +160,10 @@ def neuron_rows(model: "Model", data: Captured, layer: int, steer: int = 4) -> l
                 n=labels.n_heldout,
             )
         )
-    return rows + output_rows(model, data, layer, labels, steer)
+    neurons = steered_neurons(labels, steer)
+    if steer_also is not None and steer_also not in neurons:
+        neurons = sorted(neurons + [steer_also])
+    return rows + output_rows(model, data, layer, neurons)
 
 
 def steered_neurons(labels, steer: int) -> list[int]:
@@ -165,11 +173,10 @@ def steered_neurons(labels, steer: int) -> list[int]:
     return sorted(order[:steer].tolist())
 
 
-def output_rows(model: "Model", data: Captured, layer: int, labels, steer: int) -> list[dict[str, Any]]:
-    """Output-side rows (steering) for the neurons :func:`steered_neurons` picks."""
+def output_rows(model: "Model", data: Captured, layer: int, neurons: list[int]) -> list[dict[str, Any]]:
+    """Output-side rows (steering) for ``neurons`` of ``layer``."""
     from lmatlas.decode.token_text import token_texts
 
-    neurons = steered_neurons(labels, steer)
     fit_acts = data.acts[layer][data.fit].float().flatten(0, 1)
     delta = fit_acts[:, neurons].max(0).values.clamp_min(0)
     prompts = data.windows[~data.fit][:2, :PROMPT_TOKENS]
@@ -234,6 +241,8 @@ def head_rows(data: Captured, layer: int) -> list[dict[str, Any]]:
     return rows
 
 
-def label_layer(model: "Model", data: Captured, layer: int, steer: int = 4) -> list[dict[str, Any]]:
+def label_layer(
+    model: "Model", data: Captured, layer: int, steer: int = 4, steer_also: int | None = None
+) -> list[dict[str, Any]]:
     """Every label row of one layer: neurons (input, and output for ``steer`` of them) and heads."""
-    return neuron_rows(model, data, layer, steer) + head_rows(data, layer)
+    return neuron_rows(model, data, layer, steer, steer_also) + head_rows(data, layer)

@@ -67,8 +67,57 @@ def _is_delimiter(piece: str) -> bool:
     return "\n" in piece or (bool(stripped) and all(not c.isalnum() and not c.isspace() for c in stripped))
 
 
-def rule_masks(tokens: torch.Tensor, text: Callable[[list[int]], list[str]]) -> dict[str, torch.Tensor]:
-    """``{rule: [window, query, key] bool}`` for the windows ``tokens [window, pos]``, composites included."""
+@dataclass(frozen=True)
+class RuleSet:
+    """The rules of :data:`RULES` over windows ``[window, pos]``, precomputed once for every layer.
+
+    ``single[rule]``: ``[window, query]`` the one key the rule names (``-1``: none), for the
+    rules naming one key; ``multi[rule]``: ``[window, query, key]`` float masks for the others.
+    ``where``, ``uniform`` and ``has_first`` (``[window, query]``) per rule, composites
+    included: the queries it speaks about, the mass even attention puts on its keys, and
+    whether its keys already include key 0.
+    """
+
+    single: dict[str, torch.Tensor]
+    multi: dict[str, torch.Tensor]
+    where: dict[str, torch.Tensor]
+    uniform: dict[str, torch.Tensor]
+    has_first: dict[str, torch.Tensor]
+
+    def rows(self, index) -> "RuleSet":
+        """The same rules for the windows ``index`` (a slice or a mask)."""
+        pick = lambda d: {k: v[index] for k, v in d.items()}  # noqa: E731
+        return RuleSet(pick(self.single), pick(self.multi), pick(self.where), pick(self.uniform), pick(self.has_first))
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.where)
+
+
+def rule_set(tokens: torch.Tensor, text: Callable[[list[int]], list[str]]) -> RuleSet:
+    """Every rule (and its ``+first`` composite) over the windows ``tokens [window, pos]``."""
+    masks = _masks(tokens, text)
+    length = tokens.shape[1]
+    q = torch.arange(length)
+    single, multi, where, uniform, has_first = {}, {}, {}, {}, {}
+    for name, mask in masks.items():
+        count = mask.sum(-1)  # [w, q]
+        if name in ("induction", "duplicate", "delimiter"):
+            multi[name] = mask.float()
+        else:
+            single[name] = torch.where(count > 0, mask.float().argmax(-1), torch.full_like(count, -1))
+        where[name] = (count > 0) & (q[None, :] >= MIN_QUERY)
+        uniform[name] = count / (q[None, :] + 1)
+        has_first[name] = mask[..., 0]
+        if name != "first":  # the composite speaks where its rule does; key 0 joins the keys
+            composite = f"{name}+first"
+            where[composite], has_first[composite] = where[name], mask[..., 0]
+            uniform[composite] = (count + (~mask[..., 0]).long()) / (q[None, :] + 1)
+    return RuleSet(single, multi, where, uniform, has_first)
+
+
+def _masks(tokens: torch.Tensor, text: Callable[[list[int]], list[str]]) -> dict[str, torch.Tensor]:
+    """``{rule: [window, query, key] bool}`` for the base rules of :data:`RULES`."""
     windows, length = tokens.shape
     q = torch.arange(length)[:, None]
     k = torch.arange(length)[None, :]
@@ -82,9 +131,9 @@ def rule_masks(tokens: torch.Tensor, text: Callable[[list[int]], list[str]]) -> 
     after_copy[:, :, 1:] = same[:, :, :-1]
     position = torch.arange(length).expand(windows, -1)
     last_delim = _last_before(delim, position)  # [w, q]: last delimiter strictly before q, -1 if none
-    line_start = _last_before(newline, position) + 1  # first token after the last newline before q
-    has_newline = _last_before(newline, position) >= 0
-    masks = {
+    last_newline = _last_before(newline, position)
+    line_start = last_newline + 1  # the first token after the last newline before q
+    return {
         "previous": (k == q - 1).expand(windows, -1, -1),
         "two_back": (k == q - 2).expand(windows, -1, -1),
         "self": (k == q).expand(windows, -1, -1),
@@ -93,12 +142,8 @@ def rule_masks(tokens: torch.Tensor, text: Callable[[list[int]], list[str]]) -> 
         "duplicate": same & (k < q),
         "delimiter": delim[:, None, :] & causal,
         "last_delimiter": (k == last_delim[:, :, None]) & (last_delim[:, :, None] >= 0),
-        "line_start": (k == line_start[:, :, None]) & has_newline[:, :, None] & causal,
+        "line_start": (k == line_start[:, :, None]) & (last_newline[:, :, None] >= 0) & causal,
     }
-    for name in list(masks):
-        if name != "first":
-            masks[f"{name}+first"] = masks[name] | masks["first"]
-    return {name: mask.contiguous() for name, mask in masks.items()}
 
 
 def _last_before(flags: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
@@ -108,28 +153,29 @@ def _last_before(flags: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.full_like(running[:, :1], -1), running[:, :-1]], 1)
 
 
-def applicable(mask: torch.Tensor) -> torch.Tensor:
-    """``[window, query]`` bool: the queries a rule speaks about (it names a key; ``query >= MIN_QUERY``)."""
-    named = mask.any(-1)
-    named[:, :MIN_QUERY] = False
-    return named
+def explained_sums(patterns: torch.Tensor, rules: RuleSet) -> dict[str, torch.Tensor]:
+    """``{rule: [window, head]}`` explained mass summed over the queries the rule speaks about.
 
-
-def explained_sums(patterns: torch.Tensor, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``{rule: [window, head]}`` summed explained mass over applicable queries; ``{rule + "#n": [window]}`` counts.
-
-    ``patterns [window, head, query, key]`` of one layer; the uniform null of each rule is
-    under ``rule + "#uniform"`` (``[window]``, the mass of even attention over ``0..q``).
+    ``patterns [window, head, query, key]`` of one layer. Also ``rule + "#n"`` (``[window]``:
+    how many queries) and ``rule + "#uniform"`` (``[window]``: the summed mass of even
+    attention over ``0..q`` on the rule's keys), so ratios pool over any set of windows.
     """
-    length = patterns.shape[-1]
+    mass: dict[str, torch.Tensor] = {}
+    for name, key in rules.single.items():
+        index = key.clamp_min(0)[:, None, :, None].expand(-1, patterns.shape[1], -1, 1)
+        mass[name] = patterns.gather(-1, index)[..., 0] * (key >= 0)[:, None, :]  # [w, h, q]
+    for name, mask in rules.multi.items():
+        mass[name] = (patterns * mask[:, None]).sum(-1)
+    first = patterns[..., 0]
+    for name in list(mass):
+        if name != "first":
+            mass[f"{name}+first"] = mass[name] + first * (~rules.has_first[f"{name}+first"])[:, None, :]
     out: dict[str, torch.Tensor] = {}
-    for name, mask in masks.items():
-        where = applicable(mask)  # [w, q]
-        mass = torch.einsum("whqk,wqk->whq", patterns, mask.to(patterns.dtype))
-        out[name] = (mass * where[:, None, :]).sum(-1)
-        uniform = mask.sum(-1) / torch.arange(1, length + 1)
-        out[f"{name}#uniform"] = (uniform * where).sum(-1)
+    for name, value in mass.items():
+        where = rules.where[name]
+        out[name] = (value * where[:, None, :]).sum(-1)
         out[f"{name}#n"] = where.sum(-1).to(patterns.dtype)
+        out[f"{name}#uniform"] = (rules.uniform[name] * where).sum(-1).to(patterns.dtype)
     return out
 
 

@@ -3,10 +3,10 @@
 For ``acts [window, pos, unit]`` captured once over the corpus and a fit/held-out split
 of the windows (:mod:`lmatlas.labels.split`), every unit at once:
 
-1. **Firing.** A unit fires where its activation reaches ``threshold``: the larger of its
-   ``1 - TOP`` quantile on the fit split and ``PEAK_SHARE`` of its fit maximum (so a unit
-   that is silent almost everywhere is judged on its real peaks, and a dense one on its
-   top ``TOP``). The fit split covers its top-activating windows and every quantile below.
+1. **Firing.** A unit fires where its activation reaches ``threshold``: half its peak on
+   the fit split (:func:`thresholds`). The fit split holds its top-activating windows and
+   every quantile below; the held-out split is scored at every position, so the scores
+   weigh its peaks and its silence alike.
 2. **Rule.** In every family (token set, bigram, trigram, a token in the last few
    positions, a position/format property) the best short key set is fitted on the fit
    split (:mod:`lmatlas.labels.rules`); the family with the best penalised fit F1 wins
@@ -34,8 +34,8 @@ import torch
 from lmatlas.labels import rules, scores
 from lmatlas.labels.keys import Family
 
-TOP = 0.02
-PEAK_SHARE = 0.3
+PEAK_RANK = 0.002
+PEAK_SHARE = 0.5
 MIN_AUROC = 0.6
 RANDOM_DRAWS = 4
 FAMILY_COST = {"token": 0.0, "format": 0.005, "bigram": 0.01, "trigram": 0.02, "context": 0.02}
@@ -62,10 +62,14 @@ class InputLabels:
 
 
 def thresholds(acts: torch.Tensor) -> torch.Tensor:
-    """``[unit]``: the firing threshold of each unit from its fit activations ``acts [n, unit]``."""
-    k = max(1, math.ceil(TOP * acts.shape[0]))
-    top = acts.topk(k, dim=0).values[-1]
-    return torch.maximum(top, PEAK_SHARE * acts.max(0).values).clamp_min(1e-6)
+    """``[unit]``: the firing threshold of each unit from its fit activations ``acts [n, unit]``.
+
+    ``PEAK_SHARE`` of its peak (the ``PEAK_RANK``-quantile from the top, robust to one
+    outlier), at least its median (a unit positive everywhere still has silent positions).
+    """
+    k = max(1, math.ceil(PEAK_RANK * acts.shape[0]))
+    peak = acts.topk(k, dim=0).values[-1]
+    return torch.maximum(PEAK_SHARE * peak, acts.median(0).values).clamp_min(1e-6)
 
 
 @dataclass(frozen=True)
