@@ -32,6 +32,8 @@ features           (site, feature): a dictionary latent (``L15.resid.post.F123``
 feature_contexts   (site, feature, rank): a top-activating corpus span with per-token activation levels
 feature_links      (site, feature, relation, rank): a head (``L3.H1``: writes, reads_q, reads_k) or neuron
                    (``L2.N5``: aligns) linked to the feature, with ``unit_layer``/``unit_index`` to join on
+labels             (unit, side): a unit's label: rule (JSON), sentence, headline score with interval,
+                   all scores, nulls, n, corpus hash, seed (see :mod:`lmatlas.labels`)
 =================  ===========================================================================
 
 The view ``layers`` joins ``layer_lens`` and ``mlp_importance``.
@@ -122,6 +124,11 @@ TABLES: dict[str, str] = {
     "feature_links": (
         "site VARCHAR, feature INTEGER, relation VARCHAR, rank INTEGER, unit VARCHAR, unit_layer INTEGER, "
         "unit_index INTEGER, score DOUBLE, PRIMARY KEY (site, feature, relation, rank)"
+    ),
+    "labels": (
+        "unit VARCHAR, kind VARCHAR, layer INTEGER, idx INTEGER, side VARCHAR, labelled BOOLEAN, rule JSON, "
+        "sentence VARCHAR, score DOUBLE, score_lo DOUBLE, score_hi DOUBLE, scores JSON, nulls JSON, n INTEGER, "
+        "corpus_hash VARCHAR, seed INTEGER, PRIMARY KEY (unit, side)"
     ),
 }
 
