@@ -241,3 +241,37 @@ def test_map_features_from_a_dictionary_folder(tmp_path):
     assert len(rows) == 32
     bad = CliRunner().invoke(app, ["map", str(model_dir), "--out", str(out), "--features", str(tmp_path / "none")])
     assert bad.exit_code == 2 and "No dictionary folder" in bad.output
+
+
+def test_pages_render_in_headless_chromium(built):
+    """The feature page and the features sections of a head and a neuron page, drawn by real Chromium, no console error."""
+    from test_web_e2e import CHROMIUM, CHROMIUM_ARGS, Server
+
+    from lmatlas.web import create_app
+
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.fail("The playwright package is missing: pip install -e '.[dev]' (never `playwright install`).")
+    linked = _rows(built[1], "SELECT unit FROM feature_links WHERE relation = 'aligns' ORDER BY score DESC LIMIT 1")
+    server = Server(create_app(built[1]))
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            page = browser.new_page()
+            errors = []
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            for path, marker, rows in [
+                ("/feature/L0.F5", "#links-writes tr", 1),
+                ("/head/L0.H1", "#features-table tr", 1),
+                (f"/neuron/{linked[0]['unit']}", "#features-table tr", 1),
+            ]:
+                page.goto(server.url + path)
+                page.wait_for_selector("body[data-ready='1']", timeout=30_000)
+                page.wait_for_selector(marker, timeout=10_000)
+                assert page.locator(marker).count() >= rows, path
+            browser.close()
+    finally:
+        server.stop()
+    assert errors == []
