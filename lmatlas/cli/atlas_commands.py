@@ -198,7 +198,7 @@ def map_command(
         try:
             report = build_atlas(loaded, path, only=stages, corpus=corpus, seed=seed, executor=runner)
         except KeyboardInterrupt:
-            err.print(resume_line(path, model, only), highlight=False, soft_wrap=True)
+            err.print(resume_line(path, model, only, features), highlight=False, soft_wrap=True)
             raise typer.Exit(code=130) from None
         err.print(f"{len(report.computed)} units computed, {report.skipped} already done.")
         summary = atlas_summary(path)
@@ -212,10 +212,11 @@ def map_command(
     run(body)
 
 
-def resume_line(path: Path, model: Optional[str], only: Optional[str]) -> str:
+def resume_line(path: Path, model: Optional[str], only: Optional[str], features: Optional[list[Path]] = None) -> str:
     """What an interrupted ``map`` says: what was kept and the command that resumes."""
     command = " ".join(
         ["lmatlas map", *([model] if model else []), "--out", str(path), *(["--only", only] if only else [])]
+        + [f"--features {shlex.quote(str(folder))}" for folder in features or []]
     )
     return (
         f"Interrupted: every unit finished before the interrupt is kept in {path}; "

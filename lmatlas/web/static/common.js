@@ -117,6 +117,7 @@ LM.header = async function (here) {
     const name = text.trim();
     if (/^L\d+\.H\d+$/.test(name)) location.href = LM.headUrl(name);
     else if (/^L\d+\.N\d+$/.test(name)) location.href = LM.neuronUrl(name);
+    else if (/^L\d+(\.[a-z_]+){0,2}\.F\d+$/.test(name)) location.href = `/feature/${name}`;
     else if (text) location.href = LM.searchUrl(text);
   } }, go);
   const model = LM.el("span", { class: "model" });
