@@ -128,3 +128,27 @@ def test_errors_are_one_clear_line(built, tmp_path):
     with pytest.raises(LmatlasError, match="Unknown corpus source 'nope'"):
         build_corpus(tmp_path / "o3", sources=["nope"], log=lambda s: None)
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+
+
+def test_no_network_and_full_disk_are_one_clear_line(tmp_path, monkeypatch):
+    import errno
+    import subprocess
+
+    import lmatlas.corpus.build as build
+
+    def offline(cmd, **kwargs):
+        return subprocess.CompletedProcess(cmd, 100, "", "E: Failed to fetch ... Temporary failure resolving 'deb'\n")
+
+    monkeypatch.setattr(build.subprocess, "run", offline)
+    source = Source("docs", "debian", "some-doc", "1.0", "MIT", ("*.html",), "html")
+    with pytest.raises(LmatlasError, match="Cannot download some-doc=1.0: no network"):
+        build.fetch(source, tmp_path)
+    assert not list((tmp_path / "downloads" / "debian" / "some-doc").iterdir())  # nothing half-written kept
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(build, "_build_part", full)
+    local = Source("local", "local", str(tmp_path), "", "CC0-1.0", ("*.txt",), "text")
+    with pytest.raises(LmatlasError, match="The disk is full writing"):
+        build_corpus(tmp_path / "out", sources=(local,), log=lambda s: None)
