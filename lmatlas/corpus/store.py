@@ -92,8 +92,8 @@ class Corpus:
         manifest = self.path / "manifest.json"
         if not manifest.is_file():
             if not self.path.exists():
-                hint = " (run `lmatlas corpus build` first)" if self.path == _default_dir() else ""
-                raise LmatlasError(f"No corpus at {self.path}{hint}: build one with `lmatlas corpus build --out DIR`.")
+                build = "lmatlas corpus build" + ("" if self.path == _default_dir() else f" --out {self.path}")
+                raise LmatlasError(f"No corpus at {self.path}: build it with `{build}` (downloads about 130 MB once).")
             raise LmatlasError(
                 f"{self.path} is not a corpus folder (no manifest.json): build one with `lmatlas corpus build`."
             )
