@@ -290,6 +290,7 @@ def test_pages_and_static_files(client):
         "neuron.js",
         "edit.js",
         "circuit.js",
+        "attention_sources.js",
         "style.css",
     ):
         assert client.get(f"/static/{asset}").status_code == 200

@@ -19,7 +19,7 @@ from lmatlas.atlas.pipeline import make_context
 from lmatlas.atlas.stages.neuron_contexts import CONTEXT_AFTER, CONTEXT_BEFORE, HISTOGRAM_BINS
 from lmatlas.model.loading import load
 
-PARAMS = {"corpus_sequences": 4, "seq_len": 32, "importance_sequences": 2, "top_contexts": 3, "ov_sources": 32}
+PARAMS = {"corpus_sequences": 8, "seq_len": 32, "importance_sequences": 2, "top_contexts": 3, "ov_sources": 32}
 B_STAGES = ["structure", "ov", "neurons", "importance", "activations"]
 _BUILT: dict[str, dict[str, Path]] = {}
 

@@ -33,6 +33,7 @@
   live.append(el("h2", {}, "Attention on your text"));
   LM.livePane(live, { placeholder: "Type a prompt (up to " + LM.info.limits.prompt_tokens + " tokens)…",
     run: (prompt, out) => runAttention(name, prompt, out) });
+  if (LM.info.available.model) page.append(explainPanel(name));  // attention_sources.js
   LM.ready();
 })().catch((error) => LM.fail(document.getElementById("page"), error));
 
