@@ -137,7 +137,10 @@ def add_ranking(model, args, log) -> None:
             recent=args.recent,
         )
         data["rankings"][args.rank] = entry
-    Path(args.scores).write_text(json.dumps(data, indent=1) + "\n")
+    latest = read_scores(args.scores)  # another ranking may have been written meanwhile: keep it
+    latest["rankings"].update(data["rankings"])
+    latest["model"] = data["model"]
+    Path(args.scores).write_text(json.dumps(latest, indent=1) + "\n")
 
 
 def policy(model, spec: str, rankings: dict, args, length: int):
