@@ -227,7 +227,7 @@ def lmatlas_tool(model: lmatlas.Model) -> Tool:
 
 def hand_tool(model: lmatlas.Model, attn: str) -> Tool:
     lay, layers = model.layout, model.hf.model.layers
-    provides = ["resid.pre", "resid.mid", "resid.post", "attn.v", "attn.z", "attn.out", "mlp.act", "mlp.out"]
+    provides = ["resid.pre", "resid.mid", "resid.post", "attn.v", "attn.z", "attn.out", "mlp.in", "mlp.act", "mlp.out"]
     if attn == "eager":
         provides.insert(5, "attn.pattern")  # eager attention returns its weights; SDPA returns None
 
@@ -263,6 +263,9 @@ def hand_tool(model: lmatlas.Model, attn: str) -> Tool:
             def pattern(module, args, output):
                 keep(store, f"L{i}.attn.pattern", output[1])
 
+            def mlp_in(module, args):
+                keep(store, f"L{i}.mlp.in", args[0])
+
             def act(module, args):
                 keep(store, f"L{i}.mlp.act", args[0])
 
@@ -275,6 +278,7 @@ def hand_tool(model: lmatlas.Model, attn: str) -> Tool:
                 ("resid.mid", lambda: layer.post_attention_layernorm.register_forward_pre_hook(mid)),
                 ("attn.v", lambda: attn_module.v_proj.register_forward_hook(v_out)),
                 ("attn.pattern", lambda: attn_module.register_forward_hook(pattern)),
+                ("mlp.in", lambda: layer.mlp.register_forward_pre_hook(mlp_in)),
                 ("mlp.act", lambda: layer.mlp.down_proj.register_forward_pre_hook(act)),
                 ("mlp.out", lambda: layer.mlp.register_forward_hook(mlp_out)),
             ]

@@ -69,14 +69,16 @@ def test_capture_benchmark_quick(tmp_path):
         "max_abs_diff_by_component": {"resid.post": 0.0},
         "max_diff_over_max_abs_value": 0.0,
     }
-    # every site: lmatlas has all 11 components; module hooks cannot see q/k after rotary
-    assert results["all"]["lmatlas"]["sites"] == 11 * n_layers
+    # every site: lmatlas has every component of the site grammar; module hooks cannot see q/k after rotary
+    from lmatlas.model.sites import COMPONENTS
+
+    assert results["all"]["lmatlas"]["sites"] == len(COMPONENTS) * n_layers
     assert set(report["tools"]["hand"]["missing"]) == {"attn.q", "attn.k"}
     hand_all = results["all"]["hand"]
-    assert hand_all["check"]["equal"] and hand_all["check"]["sites_compared"] == 9 * n_layers
+    assert hand_all["check"]["equal"] and hand_all["check"]["sites_compared"] == 10 * n_layers
     assert results["common"]["hand"]["same_run_as"] == "all/hand"
-    assert results["common"]["lmatlas"]["sites"] == 9 * n_layers
-    # the same nine components hold the same storage in both (a view counts its whole storage once)
+    assert results["common"]["lmatlas"]["sites"] == 10 * n_layers
+    # the same ten components hold the same storage in both (a view counts its whole storage once)
     assert results["common"]["lmatlas"]["captured_bytes"] == hand_all["captured_bytes"] > 0
     # captured bytes: [batch, pos, d_model] float32 per layer for resid.post (tiny llama: d_model 64)
     assert one["lmatlas"]["captured_bytes"] == one["hand"]["captured_bytes"] == n_layers * 2 * 16 * 64 * 4
