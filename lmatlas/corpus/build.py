@@ -43,6 +43,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import numpy as np
+
 from lmatlas.corpus.clean import Deduplicator, why_dropped
 from lmatlas.corpus.extract import extract
 from lmatlas.corpus.sources import SOURCES, Source, select_sources
@@ -305,7 +307,7 @@ def build_corpus(
             (staging / "parts").mkdir()
             dedup = Deduplicator()
             parts: list[dict[str, Any]] = []
-            streams: dict[str, list[list[int]]] = {"train": [], "heldout": []}
+            streams: dict[str, list] = {"train": [], "heldout": []}
             for number, source in enumerate(table, 1):
                 say(f"[{number}/{len(table)}] {source.name}: extracting {source.fmt} from {source.pin}")
                 parts.append(_build_part(source, archives[source.name], staging, dedup, tok, heldout_fraction, streams))
@@ -338,7 +340,7 @@ def _build_part(
     dedup: Deduplicator,
     tok: Any,
     heldout_fraction: float,
-    streams: dict[str, list[list[int]]],
+    streams: dict[str, list],
 ) -> dict[str, Any]:
     dropped: dict[str, int] = {}
     files, binary, documents, heldout_docs, chars, tokens, heldout_tokens, paragraphs = 0, 0, 0, 0, 0, 0, 0, 0
@@ -375,7 +377,8 @@ def _build_part(
             if tok is not None:
                 ids = tok(body, add_special_tokens=False)["input_ids"]
                 n = len(ids)
-                streams[split].append([*ids, tok.eos_token_id] if tok.eos_token_id is not None else ids)
+                ids = [*ids, tok.eos_token_id] if tok.eos_token_id is not None else ids
+                streams[split].append(np.asarray(ids, dtype=np.uint32))  # compact: millions of ids
                 tokens += n
                 heldout_tokens += n if split == "heldout" else 0
             heldout_docs += split == "heldout"

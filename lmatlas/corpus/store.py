@@ -154,22 +154,22 @@ class Corpus:
 
     def _tokenize(self, tok: Any, fingerprint: str, folder: Path) -> None:
         separator = tok.eos_token_id
-        streams: dict[str, list[list[int]]] = {s: [] for s in SPLITS}
+        streams: dict[str, list] = {s: [] for s in SPLITS}
         for doc in self.documents():
             ids = tok(doc.text, add_special_tokens=False)["input_ids"]
-            streams[doc.split].append([*ids, separator] if separator is not None else ids)
+            streams[doc.split].append(np.asarray([*ids, separator] if separator is not None else ids, dtype=np.uint32))
         self._store_tokens(tok, fingerprint, folder, streams)
 
     def _key(self, fingerprint: str) -> str:
         return hashlib.sha256(f"{fingerprint}|{self.digest}".encode()).hexdigest()[:16]
 
-    def store_tokens(self, tok: Any, streams: dict[str, list[list[int]]]) -> None:
-        """Cache token ids computed elsewhere (the build tokenizes while it counts): per split, one list
+    def store_tokens(self, tok: Any, streams: dict[str, list]) -> None:
+        """Cache token ids computed elsewhere (the build tokenizes while it counts): per split, one sequence
         of ids per document in corpus order, each ending with the end-of-sequence token."""
         fingerprint = tokenizer_fingerprint(tok)
         self._store_tokens(tok, fingerprint, self.path / "tokens" / self._key(fingerprint), streams)
 
-    def _store_tokens(self, tok: Any, fingerprint: str, folder: Path, streams: dict[str, list[list[int]]]) -> None:
+    def _store_tokens(self, tok: Any, fingerprint: str, folder: Path, streams: dict[str, list]) -> None:
         separator = tok.eos_token_id
         dtype = np.uint16 if len(tok) <= 2**16 else np.uint32
         docs = {s: len(streams[s]) for s in SPLITS}
@@ -178,7 +178,8 @@ class Corpus:
         try:
             sizes = {}
             for split in SPLITS:
-                joined = np.fromiter((i for ids in streams[split] for i in ids), dtype=dtype)
+                chunks = [np.asarray(ids, dtype=dtype) for ids in streams[split]]
+                joined = np.concatenate(chunks) if chunks else np.zeros(0, dtype=dtype)
                 np.save(staging / f"{split}.npy", joined, allow_pickle=False)
                 sizes[split] = int(joined.size)
             info = {
