@@ -71,13 +71,31 @@ class Readout:
 
 
 @contextmanager
-def shared() -> Iterator[None]:
-    """Memoise readouts by battery content for the duration of the block (used by ``run_census``)."""
-    token = _MEMO.set({})
+def shared(memo: dict | None = None) -> Iterator[None]:
+    """Memoise readouts by battery content for the duration of the block (used by ``run_census``).
+
+    ``memo``: a dict to keep them in beyond the block (the atlas's census stage passes one per
+    build, so that its units, one detector each, share the forwards of their common batteries).
+    Inside an active block without a ``memo`` of its own, the outer memo stays in force.
+    """
+    if memo is None and _MEMO.get() is not None:
+        yield
+        return
+    token = _MEMO.set({} if memo is None else memo)
     try:
         yield
     finally:
         _MEMO.reset(token)
+
+
+def active_memo() -> dict | None:
+    """The memo of the enclosing :func:`shared` block (``None`` outside one): other shared passes keep theirs here."""
+    return _MEMO.get()
+
+
+def content_key(model: "Model", battery: Battery) -> tuple:
+    """What identifies a battery's forward: the model, the ids' shape and a hash of the ids (and ``compare``)."""
+    return _content_key(model, battery)
 
 
 def _content_key(model: "Model", battery: Battery) -> tuple:

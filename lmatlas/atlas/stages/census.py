@@ -3,6 +3,10 @@
 One unit per registered detector (``census/induction``, ...), each running
 :func:`lmatlas.census.run.run_census` for that detector with the build seed: the
 battery, its null battery, Welch z-scores and the detector's documented thresholds.
+The units of one build share the forwards of their common batteries (the readouts are
+memoised per build in ``ctx.memo``, :func:`lmatlas.census.measure.shared`): the null
+battery of six detectors runs once, not six times. A resumed build recomputes a shared
+forward once, for the first unit that needs it.
 A detector that cannot apply to the model (e.g. a context too short for its battery)
 stores no rows; its unit is still done, so resuming does not retry it.
 """
@@ -25,11 +29,13 @@ def plan(model: "Model", ctx: BuildContext) -> list[str]:
 
 
 def compute(model: "Model", unit: str, ctx: BuildContext):
+    from lmatlas.census.measure import shared
     from lmatlas.census.run import run_census
 
     name = unit.split("/", 1)[1]
     try:
-        result = run_census(model, detectors=[name], seed=ctx.seed, progress=ctx.progress)[name]
+        with shared(ctx.remember("census.readouts", dict)):
+            result = run_census(model, detectors=[name], seed=ctx.seed, progress=ctx.progress)[name]
     except LmatlasError:
         return {}
     labelled = result.labelled

@@ -34,6 +34,10 @@ gets right, as the paper does, would leave almost nothing to count.)
 **Null** (same shape): the copy is replaced by ``m`` fresh tokens that occur nowhere
 before; the targets are the same needle positions, which now hold unrelated tokens.
 
+Inside a census (:func:`lmatlas.census.measure.shared`) the needle battery's forward is shared
+with the ``full_context`` detector, which reads the same battery
+(:func:`lmatlas.census.detectors.streaming.needle_pass`): one forward computes both.
+
 Label: score >= 0.3 and z >= 3 (the paper's 0.1 is on generated answers to real
 questions, where a head can only be counted at steps the model gets right; with a
 teacher-forced random-token copy, previous-token and broadly attending heads land on
@@ -146,13 +150,19 @@ def retrieval_hits(
     for start in range(0, input_ids.shape[0], step):
         rows = slice(start, start + step)
         stats = attention_stats(model, input_ids[rows], targets=targets[rows], chunk=chunk, layers=layers)
-        tgt = targets[rows].to(stats.top1.device)
-        counted = (tgt >= 0)[None, :, None, :]  # [1, batch, 1, pos]
-        n = counted.sum(-1).clamp_min(1)
-        hit = (stats.top1 == tgt[None, :, None, :]) & counted
-        hits.append((hit.sum(-1) / n).permute(1, 0, 2))  # [batch, layer, head]
-        mass.append(((stats.target * counted).sum(-1) / n).permute(1, 0, 2))
+        row_hits, row_mass = hits_of(stats, targets[rows])
+        hits.append(row_hits)
+        mass.append(row_mass)
     return torch.cat(hits).float(), torch.cat(mass).float()
+
+
+def hits_of(stats, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(hits, needle_mass)`` ``[batch, layer, head]`` from one forward's :class:`AttentionStats` and its targets."""
+    tgt = targets.to(stats.top1.device)
+    counted = (tgt >= 0)[None, :, None, :]  # [1, batch, 1, pos]
+    n = counted.sum(-1).clamp_min(1)
+    hit = (stats.top1 == tgt[None, :, None, :]) & counted
+    return (hit.sum(-1) / n).permute(1, 0, 2), ((stats.target * counted).sum(-1) / n).permute(1, 0, 2)
 
 
 @register
@@ -182,14 +192,10 @@ class RetrievalDetector(Detector):
         return {"needle_mass": self._measure(model, battery)["needle_mass"]}
 
     def _measure(self, model: "Model", battery: Battery) -> dict[str, torch.Tensor]:
+        from lmatlas.census.detectors.streaming import needle_pass  # the pass both needle detectors share
+
         def compute():
-            hits, mass = retrieval_hits(
-                model,
-                battery.input_ids,
-                battery.meta["targets"],
-                chunk=self.chunk,
-                tokens_per_call=self.tokens_per_call,
-            )
-            return {"hits": hits, "needle_mass": mass}
+            done = needle_pass(model, battery, chunk=self.chunk, tokens_per_call=self.tokens_per_call, stats=True)
+            return {"hits": done.hits, "needle_mass": done.needle_mass}
 
         return self._last.get(model, battery, compute)

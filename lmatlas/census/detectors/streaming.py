@@ -40,6 +40,11 @@ layer, and the forward itself is unchanged. This equals, head by head, replacing
 retrieve). A head that averages over the whole context changes as much there, so its
 z-score stays low; a head whose full-context need is specific to retrieval stands out.
 
+**Shared with retrieval.** The ``retrieval`` detector reads the same needle battery. Inside a
+census (:func:`lmatlas.census.measure.shared`) :func:`needle_pass` runs each battery once
+for both: the retrieval statistics' probe and this detector's probe sit on the same forward
+(probes of nested hook sessions chain), so each number is the one a separate forward gives.
+
 Label: score >= 0.5 and z >= 3. A score of 0.5 is, for example, a restricted write of the
 same length as the full one but 60 degrees away from it. On SmolLM2-135M about 80% of the
 heads score below 0.3 and 4% are labelled; the top of the list are its retrieval heads.
@@ -47,12 +52,16 @@ heads score below 0.3 and 4% are labelled; the top of the list are its retrieval
 
 from __future__ import annotations
 
+from contextlib import ExitStack
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 
-from lmatlas.census.detectors.retrieval import needle_battery, rows_per_call
+from lmatlas.census import measure
+from lmatlas.census.detectors.retrieval import hits_of, needle_battery, rows_per_call
 from lmatlas.census.registry import Battery, Detector, register
+from lmatlas.census.streaming import attention_stats
 from lmatlas.errors import LmatlasError
 from lmatlas.model.attention import AttentionCall, Probe, repeat_kv
 from lmatlas.model.hooks import HookSession
@@ -140,11 +149,117 @@ def output_change(
     }
     with HookSession(model, probes=probes):
         model.run(ids, lm_head=False)
+    _check_calls(probes)
+    return _stacked(probes, lay.n_layers)
+
+
+#: ``(n_sink, window)`` of the default restriction: what a shared needle pass computes for ``full_context``.
+DEFAULT_SPLIT = (4, 64)
+
+
+@dataclass
+class NeedleMeasures:
+    """What one pass over a needle battery measured, each ``[batch, layer, head]``.
+
+    Attributes:
+        hits, needle_mass: the retrieval statistics (``None`` when not computed).
+        splits: ``(n_sink, window) -> (diff, total)``: the full-context score's sums.
+    """
+
+    hits: torch.Tensor | None = None
+    needle_mass: torch.Tensor | None = None
+    splits: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    def has(self, stats: bool, split: tuple[int, int] | None) -> bool:
+        return (not stats or self.hits is not None) and (split is None or split in self.splits)
+
+
+def needle_pass(
+    model: "Model",
+    battery: Battery,
+    *,
+    chunk: int = 256,
+    tokens_per_call: int = 8192,
+    stats: bool = False,
+    split: tuple[int, int] | None = None,
+) -> NeedleMeasures:
+    """Run a needle battery once for the retrieval statistics (``stats``) and/or a streaming ``split``.
+
+    Rows go ``tokens_per_call // pos`` at a time, as in :func:`retrieval_hits` and
+    :meth:`StreamingSplit.score`. Outside a shared census block only what is asked is
+    computed; inside one (:func:`lmatlas.census.measure.shared`) the pass computes what both
+    needle detectors need (the statistics and :data:`DEFAULT_SPLIT`) and is memoised by the
+    battery's content, so the second detector reads the first one's forward.
+    """
+    memo = measure.active_memo()
+    key = ("needle", *measure.content_key(model, battery), int(chunk), int(tokens_per_call))
+    if memo is not None:
+        hit = memo.get(key)
+        if hit is not None and hit.has(stats, split):
+            return hit
+        stats, splits = True, {DEFAULT_SPLIT} | ({split} if split else set())
+    else:
+        splits = {split} if split else set()
+    result = _needle_forwards(model, battery, int(chunk), int(tokens_per_call), stats, sorted(splits))
+    if memo is not None:
+        memo[key] = result
+    return result
+
+
+def _needle_forwards(
+    model: "Model", battery: Battery, chunk: int, tokens_per_call: int, stats: bool, splits: list[tuple[int, int]]
+) -> NeedleMeasures:
+    ids, targets, mask = battery.input_ids, battery.meta["targets"], battery.meta["mask"].to(model.device)
+    hits, mass = [], []
+    sums: dict[tuple[int, int], list[tuple[torch.Tensor, torch.Tensor]]] = {s: [] for s in splits}
+    step = rows_per_call(ids.shape[1], tokens_per_call)
+    for start in range(0, ids.shape[0], step):
+        rows = slice(start, start + step)
+        probes = {
+            s: {
+                layer: _SplitProbe(model.W.W_O(layer).detach().float(), mask[rows], s[0], s[1], chunk)
+                for layer in range(model.layout.n_layers)
+            }
+            for s in splits
+        }
+        sessions = [HookSession(model, probes=p) for p in probes.values()]
+        with _nested(sessions):
+            if stats:
+                found = attention_stats(model, ids[rows], targets=targets[rows], chunk=chunk)
+            else:
+                model.run(ids[rows].to(model.device), lm_head=False)
+        if stats:
+            row_hits, row_mass = hits_of(found, targets[rows])
+            hits.append(row_hits)
+            mass.append(row_mass)
+        for s, layer_probes in probes.items():
+            _check_calls(layer_probes)
+            sums[s].append(_stacked(layer_probes, model.layout.n_layers))
+    return NeedleMeasures(
+        hits=torch.cat(hits).float() if stats else None,
+        needle_mass=torch.cat(mass).float() if stats else None,
+        splits={s: (torch.cat([d for d, _ in parts]), torch.cat([t for _, t in parts])) for s, parts in sums.items()},
+    )
+
+
+def _nested(sessions: list[HookSession]) -> ExitStack:
+    """One ``with`` for all the probes' sessions (entered in order, left in reverse)."""
+    stack = ExitStack()
+    for session in sessions:
+        stack.enter_context(session)
+    return stack
+
+
+def _check_calls(probes: dict[int, _SplitProbe]) -> None:
     missing = [layer for layer, probe in probes.items() if probe.calls != 1]
     if missing:
         raise LmatlasError(f"The attention of layers {missing} did not run through lmatlas's attention function once.")
-    diff = torch.stack([probes[layer].diff for layer in range(lay.n_layers)], 1)
-    total = torch.stack([probes[layer].total for layer in range(lay.n_layers)], 1)
+
+
+def _stacked(probes: dict[int, _SplitProbe], n_layers: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(diff, total)`` ``[batch, layer, head]`` from one forward's probes."""
+    diff = torch.stack([probes[layer].diff for layer in range(n_layers)], 1)
+    total = torch.stack([probes[layer].total for layer in range(n_layers)], 1)
     return diff, total
 
 
@@ -163,8 +278,8 @@ class StreamingSplit(Detector):
         n_examples: int = 6,
         length: int = 1024,
         needle: int = 24,
-        n_sink: int = 4,
-        window: int = 64,
+        n_sink: int = DEFAULT_SPLIT[0],
+        window: int = DEFAULT_SPLIT[1],
         chunk: int = 256,
         tokens_per_call: int = 8192,
     ):
@@ -177,15 +292,10 @@ class StreamingSplit(Detector):
         )
 
     def score(self, model: "Model", battery: Battery) -> torch.Tensor:
-        ids, mask = battery.input_ids, battery.meta["mask"]
+        mask = battery.meta["mask"]
         if int(mask.float().sum(-1).min()) == 0:
             raise LmatlasError("Every row of a full-context battery needs counted queries (meta['mask']).")
-        scores = []
-        step = rows_per_call(ids.shape[1], self.tokens_per_call)
-        for start in range(0, ids.shape[0], step):
-            rows = slice(start, start + step)
-            diff, total = output_change(
-                model, ids[rows], mask[rows], n_sink=self.n_sink, window=self.window, chunk=self.chunk
-            )
-            scores.append(torch.where(total > 0, diff / total.clamp_min(1e-30), 0.0))
-        return torch.cat(scores).float()
+        split = (self.n_sink, self.window)
+        done = needle_pass(model, battery, chunk=self.chunk, tokens_per_call=self.tokens_per_call, split=split)
+        diff, total = done.splits[split]
+        return torch.where(total > 0, diff / total.clamp_min(1e-30), 0.0).float()
