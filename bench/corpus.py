@@ -71,6 +71,7 @@ def main() -> None:
                 "registry",
                 "package",
                 "version",
+                "pinned_version",
                 "licence",
                 "archive",
                 "archive_sha256",

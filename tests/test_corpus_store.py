@@ -152,3 +152,25 @@ def test_no_network_and_full_disk_are_one_clear_line(tmp_path, monkeypatch):
     local = Source("local", "local", str(tmp_path), "", "CC0-1.0", ("*.txt",), "text")
     with pytest.raises(LmatlasError, match="The disk is full writing"):
         build_corpus(tmp_path / "out", sources=(local,), log=lambda s: None)
+
+
+def test_a_pinned_debian_version_gone_from_the_archive(tmp_path, monkeypatch):
+    import subprocess
+    from pathlib import Path
+
+    import lmatlas.corpus.build as build
+
+    def archive(cmd, cwd=None, **kwargs):
+        if cmd[-1] == "some-doc=1.0":
+            return subprocess.CompletedProcess(cmd, 100, "", "E: Version '1.0' for 'some-doc' was not found\n")
+        (Path(cwd) / "some-doc_1:1.1_all.deb".replace(":", "%3a")).write_bytes(b"!<arch>\n")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(build.subprocess, "run", archive)
+    source = Source("docs", "debian", "some-doc", "1.0", "MIT", ("*.html",), "html")
+    with pytest.raises(LmatlasError, match="no longer offers some-doc=1.0.*--newer-versions"):
+        build.fetch(source, tmp_path)
+    taken = build.fetch(source, tmp_path, newer=True)
+    assert taken.name == "some-doc_1%3a1.1_all.deb" and build.archive_version(source, taken) == "1:1.1"
+    monkeypatch.setattr(build.subprocess, "run", None)  # a second build finds it without the network
+    assert build.fetch(source, tmp_path, newer=True) == taken

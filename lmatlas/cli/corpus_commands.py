@@ -65,6 +65,9 @@ def build_command(
     ),
     no_tokens: bool = typer.Option(False, "--no-tokens", help="Count no tokens (no model is loaded)."),
     heldout: float = typer.Option(0.05, "--heldout", min=0.001, max=0.5, help="Share of documents held out."),
+    newer_versions: bool = typer.Option(
+        False, "--newer-versions", help="Take a Debian package's current version when its pinned one is gone."
+    ),
     as_json: bool = JSON_OPT,
 ) -> None:
     """Download the sources (once), extract, clean, deduplicate and tokenize the corpus."""
@@ -84,6 +87,7 @@ def build_command(
             tokenizer=tok,
             tokenizer_name=name,
             heldout_fraction=heldout,
+            newer_versions=newer_versions,
             log=lambda line: err.print(line, highlight=False),
         )
         from lmatlas.corpus import Corpus, default_corpus_dir

