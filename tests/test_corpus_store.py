@@ -174,3 +174,12 @@ def test_a_pinned_debian_version_gone_from_the_archive(tmp_path, monkeypatch):
     assert taken.name == "some-doc_1%3a1.1_all.deb" and build.archive_version(source, taken) == "1:1.1"
     monkeypatch.setattr(build.subprocess, "run", None)  # a second build finds it without the network
     assert build.fetch(source, tmp_path, newer=True) == taken
+
+
+def test_build_refuses_to_replace_a_folder_that_is_not_a_corpus(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    source = Source("x", "local", str(tmp_path), "", "CC0-1.0", ("*.txt",), "text")
+    with pytest.raises(LmatlasError, match="is not a corpus folder"):
+        build_corpus(tmp_path / "mine", sources=(source,), log=lambda s: None)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"

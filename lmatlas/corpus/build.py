@@ -350,6 +350,8 @@ def build_corpus(
     cache = Path(cache) if cache is not None else cache_home()
     if not 0 < heldout_fraction < 1:
         raise LmatlasError(f"heldout_fraction must be between 0 and 1, not {heldout_fraction}.")
+    if out.exists() and not (out / "manifest.json").is_file() and (out.is_file() or any(out.iterdir())):
+        raise LmatlasError(f"{out} exists and is not a corpus folder: pass another --out.")
     archives = {s.name: fetch(s, cache, say, newer=newer_versions) for s in table}  # downloads first: fail early
     tok = getattr(tokenizer, "tokenizer", tokenizer)
     with _Writes(out):
@@ -371,8 +373,6 @@ def build_corpus(
             manifest = _manifest(parts, heldout_fraction, tok, tokenizer_name, dedup, time.perf_counter() - start)
             (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
             if out.exists():
-                if not (out / "manifest.json").is_file() and any(out.iterdir()):
-                    raise LmatlasError(f"{out} exists and is not a corpus folder: pass another --out.")
                 shutil.rmtree(out)
             staging.rename(out)
         finally:
