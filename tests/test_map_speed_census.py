@@ -59,3 +59,22 @@ def test_census_stage_shares_forwards_and_keeps_every_number(model):
     ran = {name for name, result in alone.items() if result is not None}
     share_a_battery = ran >= {"retrieval", "full_context"} or len(ran & {"previous_token", "local", "induction"}) >= 2
     assert forwards_shared < forwards_alone if share_a_battery else forwards_shared <= forwards_alone
+
+
+def test_retrieval_statistics_on_the_copy_steps_only_equal_the_full_reduction(model):
+    from lmatlas.census.detectors.retrieval import copy_steps, needle_battery
+    from lmatlas.census.streaming import attention_stats
+    from lmatlas.errors import LmatlasError
+
+    try:
+        battery = needle_battery(model, "retrieval", 0, n=3, length=96, needle=8)
+    except LmatlasError:
+        pytest.skip("this model's vocabulary is too small for a needle battery")
+    ids, targets = battery.input_ids, battery.meta["targets"]
+    full = attention_stats(model, ids, targets=targets, chunk=32)
+    some = attention_stats(model, ids, targets=targets, chunk=32, queries=copy_steps(targets))
+    counted = targets >= 0  # [batch, pos]
+    for name in ("top1", "target", "sink", "entropy", "top1_mass"):
+        a, b = getattr(full, name), getattr(some, name)
+        assert torch.equal(a.permute(0, 2, 1, 3)[:, :, counted], b.permute(0, 2, 1, 3)[:, :, counted]), name
+    assert counted.any() and (some.top1_mass.permute(0, 2, 1, 3)[:, :, ~counted] == 0).all()

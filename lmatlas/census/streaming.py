@@ -123,7 +123,12 @@ def _mass_at(probs: torch.Tensor, key_index: torch.Tensor, keys: slice) -> torch
 
 
 def reduce_scores(
-    scores: torch.Tensor, rows: slice, keys: slice, local_window: int, targets: torch.Tensor | None = None
+    scores: torch.Tensor,
+    rows: slice,
+    keys: slice,
+    local_window: int,
+    targets: torch.Tensor | None = None,
+    positions: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Softmax one block of masked attention logits and reduce it over its keys.
 
@@ -136,6 +141,8 @@ def reduce_scores(
         keys: absolute key positions (a step-1 slice with explicit start and stop).
         local_window: keys in ``(pos - local_window, pos]`` count as local.
         targets: ``[batch, n_rows]`` one key position per query (negative = none).
+        positions: ``[n_rows]`` absolute query positions of the rows of ``scores`` when they are
+            a selection from ``rows`` (default: every position of ``rows``).
 
     Returns:
         ``name -> [batch, head, n_rows]`` for every :class:`AttentionStats` field.
@@ -150,7 +157,7 @@ def reduce_scores(
     probs = shifted.exp()
     z = probs.sum(-1)
     probs.div_(z[..., None])
-    pos = torch.arange(rows.start, rows.stop, device=device)  # [n_rows]
+    pos = torch.arange(rows.start, rows.stop, device=device) if positions is None else positions.to(device)
     back = torch.arange(min(local_window, rows.stop), device=device)  # keys pos, pos-1, ... inside the window
     out = {
         "sink": _mass_at(probs, torch.zeros_like(pos)[None], keys),
@@ -177,10 +184,16 @@ class StreamingStatsProbe(Probe):
     """
 
     def __init__(
-        self, stats: AttentionStats, index: int, local_window: int, chunk: int, targets: torch.Tensor | None = None
+        self,
+        stats: AttentionStats,
+        index: int,
+        local_window: int,
+        chunk: int,
+        targets: torch.Tensor | None = None,
+        queries: torch.Tensor | None = None,
     ):
         self.stats, self.index = stats, index
-        self.local_window, self.chunk, self.targets = local_window, chunk, targets
+        self.local_window, self.chunk, self.targets, self.queries = local_window, chunk, targets, queries
         self.calls = 0
 
     def on_call(self, call: AttentionCall) -> None:
@@ -199,14 +212,23 @@ class StreamingStatsProbe(Probe):
         with torch.no_grad():
             for start in range(0, call.q_len, self.chunk):
                 rows = slice(start, min(start + self.chunk, call.q_len))
+                picked = None if self.queries is None else self.queries[rows].nonzero().flatten()
+                if picked is not None and picked.numel() == 0:
+                    continue
                 keys = call.visible_keys(rows)
                 scores = call.scores(rows, keys)
                 if additive_mask:  # an additive mask may hold -inf, which the shifted softmax must not see
                     scores.clamp_(min=torch.finfo(scores.dtype).min)
                 targets = None if self.targets is None else self.targets[:, rows]
-                block = reduce_scores(scores, rows, keys, self.local_window, targets)
+                where = rows
+                if picked is not None:  # the same chunk's scores, reduced only on the asked rows
+                    scores = scores[:, :, picked]
+                    targets = None if targets is None else targets[:, picked]
+                    where = picked + start
+                positions = None if picked is None else where
+                block = reduce_scores(scores, rows, keys, self.local_window, targets, positions=positions)
                 for name, value in block.items():
-                    layer_stats[name][:, :, rows] = value
+                    layer_stats[name][:, :, where] = value
 
 
 def _as_ids(model: "Model", input_ids) -> torch.Tensor:
@@ -261,6 +283,7 @@ def attention_stats(
     local_window: int = 8,
     chunk: int = 256,
     layers: int | Iterable[int] | None = None,
+    queries: "torch.Tensor | None" = None,
 ) -> AttentionStats:
     """Per-head attention statistics of one forward, computed in query chunks (memory linear in ``pos``).
 
@@ -273,6 +296,11 @@ def attention_stats(
         chunk: query rows reduced at once; the largest temporaries are two
             ``[batch, head, chunk, pos]`` float32 blocks.
         layers: layer numbers (default: every layer); the result is in sorted order.
+        queries: optional ``[pos]`` bool: reduce only these query positions (the statistics
+            of the others stay 0). Chunks without one are skipped; in the others the same
+            ``[chunk, keys]`` logits are computed and only the asked rows reduced, so their
+            numbers are exactly those of the full computation (the retrieval detector asks
+            for its ``needle - 1`` copy steps out of ``pos`` queries).
 
     Returns:
         :class:`AttentionStats` with ``[layer, batch, head, pos]`` tensors on the model's device.
@@ -290,8 +318,13 @@ def attention_stats(
     chosen = _as_layers(model, layers)
     batch, pos = ids.shape
     stats = AttentionStats.empty(chosen, batch, model.layout.n_heads, pos, ids.device, tgt is not None)
+    if queries is not None:
+        queries = torch.as_tensor(queries, dtype=torch.bool, device=ids.device).reshape(-1)
+        if queries.numel() != pos:
+            raise AttentionStatsError(f"queries must be {pos} booleans (one per position), got {queries.numel()}.")
     probes = {
-        layer: StreamingStatsProbe(stats, i, int(local_window), int(chunk), tgt) for i, layer in enumerate(chosen)
+        layer: StreamingStatsProbe(stats, i, int(local_window), int(chunk), tgt, queries)
+        for i, layer in enumerate(chosen)
     }
     with HookSession(model, probes=probes):
         model.run(ids, stop_after=chosen[-1], lm_head=False)

@@ -23,7 +23,8 @@ every other query).
 attention position is the target (a hit). The attention statistics come from
 :func:`lmatlas.census.streaming.attention_stats`, which reduces the pattern inside the
 attention function in query chunks: an ``8k``-token battery never holds a ``T x T``
-pattern. Subscore ``needle_mass``: the mean attention probability on the target.
+pattern. Only the copy steps are reduced (``queries=``): the other queries would be
+computed and discarded. Subscore ``needle_mass``: the mean attention probability on the target.
 
 *Difference from the paper:* the copy is teacher-forced rather than generated, so every
 copy step counts whether or not the model would have produced the token itself. (On
@@ -149,11 +150,18 @@ def retrieval_hits(
     step = rows_per_call(input_ids.shape[1], tokens_per_call)
     for start in range(0, input_ids.shape[0], step):
         rows = slice(start, start + step)
-        stats = attention_stats(model, input_ids[rows], targets=targets[rows], chunk=chunk, layers=layers)
+        stats = attention_stats(
+            model, input_ids[rows], targets=targets[rows], chunk=chunk, layers=layers, queries=copy_steps(targets[rows])
+        )
         row_hits, row_mass = hits_of(stats, targets[rows])
         hits.append(row_hits)
         mass.append(row_mass)
     return torch.cat(hits).float(), torch.cat(mass).float()
+
+
+def copy_steps(targets: torch.Tensor) -> torch.Tensor:
+    """``[pos]`` bool: the queries that count in some row (the only ones the statistics need)."""
+    return (targets >= 0).any(0)
 
 
 def hits_of(stats, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -59,7 +59,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from lmatlas.census import measure
-from lmatlas.census.detectors.retrieval import hits_of, needle_battery, rows_per_call
+from lmatlas.census.detectors.retrieval import copy_steps, hits_of, needle_battery, rows_per_call
 from lmatlas.census.registry import Battery, Detector, register
 from lmatlas.census.streaming import attention_stats
 from lmatlas.errors import LmatlasError
@@ -225,7 +225,9 @@ def _needle_forwards(
         sessions = [HookSession(model, probes=p) for p in probes.values()]
         with _nested(sessions):
             if stats:
-                found = attention_stats(model, ids[rows], targets=targets[rows], chunk=chunk)
+                found = attention_stats(
+                    model, ids[rows], targets=targets[rows], chunk=chunk, queries=copy_steps(targets[rows])
+                )
             else:
                 model.run(ids[rows].to(model.device), lm_head=False)
         if stats:
