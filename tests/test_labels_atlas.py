@@ -85,3 +85,23 @@ def test_a_corpus_too_small_for_a_held_out_split_is_refused_before_any_compute(t
     model = tiny_model("llama")
     with pytest.raises(InputError, match="at least 8"):
         build_atlas(model, tmp_path / "small.duckdb", only=["labels"], params={**PARAMS, "corpus_sequences": 5})
+
+
+def test_the_explorer_shows_labels_on_pages_and_matches_label_text(built):
+    from fastapi.testclient import TestClient
+
+    from lmatlas.web import create_app
+
+    _, path, _ = built
+    with Atlas.open(path) as atlas:
+        expected = explain(atlas, "L1.H2")["sentence"]
+        some = atlas.sql("SELECT unit, sentence FROM labels WHERE labelled AND kind = 'neuron' LIMIT 1").to_pylist()
+    with TestClient(create_app(path)) as client:
+        head = client.get("/api/heads/L1.H2").json()
+        assert head["explanation"]["sentence"] == expected
+        neuron = client.get("/api/neurons/L0.N3").json()
+        assert neuron["explanation"]["labels"][0]["side"] == "input"
+        if some:
+            word = some[0]["sentence"].split("(")[0].split()[-1]
+            found = client.get("/api/search", params={"q": word, "limit": 200}).json()
+            assert found["results"] == [] and any(r["sentence"] for r in found["labels"])

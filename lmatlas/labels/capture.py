@@ -23,13 +23,14 @@ from lmatlas.labels import heads as head_rules
 from lmatlas.labels import sentences
 from lmatlas.labels.inputs import label_inputs
 from lmatlas.labels.keys import Family, families
-from lmatlas.labels.outputs import steering
+from lmatlas.labels.outputs import clean_logprobs, steering
 from lmatlas.labels.split import corpus_hash, fit_windows
 
 if TYPE_CHECKING:
     from lmatlas.model.handle import Model
 
-PROMPT_TOKENS = 64
+PROMPT_TOKENS = 32
+PROMPTS = 2
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,8 @@ class Captured:
     families: list[Family]
     corpus_hash: str
     seed: int
+    prompts: torch.Tensor  # [PROMPTS, PROMPT_TOKENS] held-out prompts for steering
+    clean: torch.Tensor  # their unedited log-probabilities [PROMPTS, PROMPT_TOKENS, vocab]
 
 
 def raw_text(model: "Model"):
@@ -71,6 +74,7 @@ def capture(model: "Model", windows: torch.Tensor, seed: int = 0, batch: int = 4
                 acts[layer].append(cache.neurons(layer).to(torch.float16))
                 sums[layer].append(head_rules.explained_sums(cache.pattern(layer).float(), part))
             del cache
+    prompts = windows[~fit][:PROMPTS, :PROMPT_TOKENS]
     joined = [{k: torch.cat([s[k] for s in layer]) for k in layer[0]} for layer in sums]
     return Captured(
         windows=windows,
@@ -81,6 +85,8 @@ def capture(model: "Model", windows: torch.Tensor, seed: int = 0, batch: int = 4
         families=families(windows, text),
         corpus_hash=corpus_hash(windows),
         seed=seed,
+        prompts=prompts,
+        clean=clean_logprobs(model, prompts),
     )
 
 
@@ -179,9 +185,8 @@ def output_rows(model: "Model", data: Captured, layer: int, neurons: list[int]) 
 
     fit_acts = data.acts[layer][data.fit].float().flatten(0, 1)
     delta = fit_acts[:, neurons].max(0).values.clamp_min(0)
-    prompts = data.windows[~data.fit][:2, :PROMPT_TOKENS]
     rows = []
-    for result in steering(model, layer, neurons, delta, prompts, seed=data.seed):
+    for result in steering(model, layer, neurons, delta, data.prompts, seed=data.seed, clean=data.clean):
         texts = token_texts(model.tokenizer, result.promoted)
         s = {"steering": result.steering, "steering_lo": result.lo, "steering_hi": result.hi, "null": result.null}
         rule = {"promoted": result.promoted, "tokens": texts, "delta": result.delta}

@@ -37,7 +37,7 @@ from lmatlas.labels.keys import Family
 PEAK_RANK = 0.002
 PEAK_SHARE = 0.5
 MIN_AUROC = 0.6
-RANDOM_DRAWS = 4
+RANDOM_DRAWS = 2
 FAMILY_COST = {"token": 0.0, "format": 0.005, "bigram": 0.01, "trigram": 0.02, "context": 0.02}
 
 

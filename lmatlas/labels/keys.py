@@ -93,7 +93,7 @@ def _context(tokens: torch.Tensor, vocab: torch.Tensor) -> Family:
     slots = slots.reshape(-1, CONTEXT).sort(dim=1).values
     repeated = torch.cat([torch.zeros_like(slots[:, :1], dtype=torch.bool), slots[:, 1:] == slots[:, :-1]], 1)
     slots = torch.where(repeated, torch.full_like(slots, -1), slots)
-    return Family("context", tuple(int(t) for t in vocab.tolist()), slots)
+    return Family("context", tuple(int(t) for t in vocab.tolist()), _compact(slots))
 
 
 def _format_flags(tokens: torch.Tensor, text: Callable[[list[int]], list[str]]) -> torch.Tensor:
@@ -132,7 +132,14 @@ def _format_flags(tokens: torch.Tensor, text: Callable[[list[int]], list[str]]) 
 def _format(tokens: torch.Tensor, text: Callable[[list[int]], list[str]]) -> Family:
     flags = _format_flags(tokens, text)
     index = torch.where(flags, torch.arange(len(FORMATS)).expand_as(flags), torch.full(flags.shape, -1))
-    return Family("format", tuple(FORMATS), index)
+    return Family("format", tuple(FORMATS), _compact(index))
+
+
+def _compact(index: torch.Tensor) -> torch.Tensor:
+    """The same keys per row with the ``-1`` pads moved right and the all-pad columns dropped."""
+    index = index.sort(dim=1, descending=True).values
+    used = int((index >= 0).sum(1).max()) if index.numel() else 0
+    return index[:, : max(1, used)].contiguous()
 
 
 def families(tokens: torch.Tensor, text: Callable[[list[int]], list[str]]) -> list[Family]:

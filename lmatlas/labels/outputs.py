@@ -56,10 +56,25 @@ def promoted_tokens(model: "Model", layer: int, neurons: list[int], k: int = PRO
     return project(model, directions, norm="none").topk(k, dim=-1).indices.tolist()
 
 
+def clean_logprobs(model: "Model", prompts: torch.Tensor) -> torch.Tensor:
+    """``[p, pos, vocab]`` float32 log-probabilities of the unedited model (shared by every layer)."""
+    with torch.no_grad():
+        return model.run(prompts).logits.float().log_softmax(-1)
+
+
 def steering(
-    model: "Model", layer: int, neurons: list[int], delta: torch.Tensor, prompts: torch.Tensor, seed: int = 0
+    model: "Model",
+    layer: int,
+    neurons: list[int],
+    delta: torch.Tensor,
+    prompts: torch.Tensor,
+    seed: int = 0,
+    clean: torch.Tensor | None = None,
 ) -> list[Steering]:
-    """Raise each of ``neurons`` by ``delta [n]`` on ``prompts [p, pos]``; score its promoted tokens."""
+    """Raise each of ``neurons`` by ``delta [n]`` on ``prompts [p, pos]``; score its promoted tokens.
+
+    ``clean``: :func:`clean_logprobs` of ``prompts``, when already computed.
+    """
     if not neurons:
         return []
     promoted = promoted_tokens(model, layer, neurons)
@@ -72,7 +87,7 @@ def steering(
         return value + added.to(value.dtype)
 
     with torch.no_grad():
-        clean = model.run(prompts).logits.float().log_softmax(-1)  # [p, pos, vocab]
+        clean = clean_logprobs(model, prompts) if clean is None else clean  # [p, pos, vocab]
         edited = model.run(prompts.repeat(len(neurons), 1), replace={f"L{layer}.mlp.act": raise_neuron})
         change = edited.logits.float().log_softmax(-1) - clean.repeat(len(neurons), 1, 1)
     gen = torch.Generator().manual_seed(seed + layer)
@@ -84,7 +99,7 @@ def steering(
         chance = rows[:, random_sets].mean(-1)  # [positions, sets]
         excess = target - chance.mean(-1)
         weight = scores.window_weights(excess.shape[0], scores.BOOTSTRAP, seed + neuron)
-        lo, hi = scores.interval((weight @ excess[:, None].double().float()) / excess.shape[0])
+        lo, hi = scores.interval((weight @ excess[:, None]) / excess.shape[0])
         by_set = chance.mean(0)
         null = float((by_set - by_set.mean()).quantile(0.95))
         value = float(excess.mean())

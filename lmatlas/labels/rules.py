@@ -30,16 +30,21 @@ def key_stats(family: Family, fire: torch.Tensor, acts: torch.Tensor) -> tuple[t
     """``(hits [keys, unit], sums [keys, unit], count [keys])`` over the positions of ``family``.
 
     ``fire [n, unit]`` bool, ``acts [n, unit]``: ``sums`` adds the activation where a key is present.
+    One sparse ``[keys, n]`` incidence matrix times ``[n, 2 * unit]``.
     """
     n_keys, units = len(family.keys), fire.shape[1]
-    hits, sums = torch.zeros(n_keys + 1, units), torch.zeros(n_keys + 1, units)
-    index = torch.where(family.index < 0, n_keys, family.index)
-    fire_f, acts_f = fire.float(), acts.float()
-    for slot in range(index.shape[1]):
-        hits.index_add_(0, index[:, slot], fire_f)
-        sums.index_add_(0, index[:, slot], acts_f)
-    count = torch.bincount(index.flatten(), minlength=n_keys + 1).float()
-    return hits[:-1], sums[:-1], count[:-1]
+    present = family.index >= 0
+    keys = family.index[present]
+    positions = torch.arange(family.index.shape[0])[:, None].expand_as(family.index)[present]
+    incidence = torch.sparse_coo_tensor(
+        torch.stack([keys, positions]),
+        torch.ones(keys.numel()),
+        (n_keys, family.index.shape[0]),
+        check_invariants=False,
+    )
+    both = torch.sparse.mm(incidence, torch.cat([fire.float(), acts.float()], 1))
+    count = torch.bincount(keys, minlength=n_keys).float()
+    return both[:, :units], both[:, units:], count
 
 
 def candidates(hits: torch.Tensor, count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,18 +79,23 @@ def first_rank(family: Family, keys: torch.Tensor, valid: torch.Tensor) -> torch
 
 
 def best_sizes(rank: torch.Tensor, fire: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(size [unit], objective [unit])``: the prefix with the best penalised fit F1 (size 0 = no rule)."""
-    positives = fire.sum(0).float()
-    best = torch.full((rank.shape[1],), -1.0)
-    size = torch.zeros(rank.shape[1], dtype=torch.long)
-    for s in range(1, valid.shape[1] + 1):
-        predicted = rank <= s
-        tp = (predicted & fire).sum(0).float()
-        f1 = 2 * tp / (predicted.sum(0).float() + positives).clamp_min(1)
-        objective = torch.where(valid[:, s - 1], f1 - SIZE_PENALTY * (s - 1), torch.full_like(f1, -1.0))
-        better = objective > best
-        best, size = torch.where(better, objective, best), torch.where(better, s, size)
-    return size, best
+    """``(size [unit], objective [unit])``: the prefix with the best penalised fit F1 (size 0 = no rule).
+
+    Positions are counted by rank once (``bincount``); prefix sums give every size's F1.
+    """
+    n, units = rank.shape
+    width = valid.shape[1]
+    cell = (rank.long().clamp(1, width + 1) - 1) * units + torch.arange(units)[None, :]
+    every = torch.bincount(cell.flatten(), minlength=(width + 1) * units).view(width + 1, units).float()
+    firing = torch.bincount(cell.flatten(), weights=fire.flatten().float(), minlength=(width + 1) * units)
+    firing = firing.view(width + 1, units)
+    predicted, tp = every[:width].cumsum(0), firing[:width].cumsum(0)  # [size - 1, unit]
+    f1 = 2 * tp / (predicted + fire.sum(0).float()).clamp_min(1)
+    penalty = SIZE_PENALTY * torch.arange(width, dtype=f1.dtype)[:, None]
+    objective = torch.where(valid.T, f1 - penalty, torch.full_like(f1, -1.0))  # [size - 1, unit]
+    best, index = objective.max(0)
+    size = torch.where(best > -1.0, index + 1, torch.zeros_like(index))
+    return size, torch.where(best > -1.0, best, torch.full_like(best, -1.0))
 
 
 def predict(family: Family, keys: torch.Tensor, size: torch.Tensor) -> torch.Tensor:

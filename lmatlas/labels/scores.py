@@ -96,9 +96,18 @@ def correlation(predicted: torch.Tensor, actual: torch.Tensor, weight: torch.Ten
 
 
 def interval(replicates: torch.Tensor, level: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
-    """``([unit], [unit])``: the percentile interval of ``[b, unit]`` bootstrap replicates (NaNs ignored)."""
+    """``([unit], [unit])``: the percentile interval of ``[b, unit]`` bootstrap replicates (NaNs ignored).
+
+    Nearest-rank percentiles of the finite replicates of each unit (one sort; NaN when none).
+    """
+    ordered = replicates.sort(dim=0).values  # NaNs sort last
+    finite = (~replicates.isnan()).sum(0)  # [unit]
     tail = (1 - level) / 2
-    return replicates.nanquantile(tail, dim=0), replicates.nanquantile(1 - tail, dim=0)
+    last = (finite - 1).clamp_min(0)
+    lo = ordered.gather(0, (tail * last).round().long()[None])[0]
+    hi = ordered.gather(0, ((1 - tail) * last).round().long()[None])[0]
+    none = finite == 0
+    return lo.masked_fill(none, float("nan")), hi.masked_fill(none, float("nan"))
 
 
 def window_stats(

@@ -113,6 +113,12 @@ class Importance(BaseModel):
     of: int
 
 
+class Explanation(BaseModel):
+    sentence: str = Field(description="the label's sentence: its rule and held-out scores (lmatlas explain)")
+    labelled: bool = Field(description="false: no rule beat its null ('unlabelled'), scores still shown")
+    labels: list[dict[str, Any]] = Field(description="one row per side (input, output, attention) of the labels table")
+
+
 class HeadDetail(BaseModel):
     name: str
     layer: int
@@ -122,6 +128,7 @@ class HeadDetail(BaseModel):
     scores: list[DetectorScore]
     ov: Optional[HeadOV]
     importance: Optional[Importance]
+    explanation: Optional[Explanation] = None
 
 
 class HeadWindow(BaseModel):
@@ -177,11 +184,13 @@ class NeuronDetail(BaseModel):
     histogram: Optional[Histogram]
     contexts: list[NeuronContext]
     context_texts: list[str] = Field(description="top contexts as text (the activating token in «»)")
+    explanation: Optional[Explanation] = None
 
 
 class SearchResults(BaseModel):
     query: str
     results: list[dict[str, Any]] = Field(description="heads and neurons writing the token, best first")
+    labels: list[dict[str, Any]] = Field(default=[], description="labelled units whose label text matches the query")
 
 
 class Prompt(BaseModel):

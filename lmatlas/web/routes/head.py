@@ -7,6 +7,7 @@ from fastapi import APIRouter, Depends, Path
 
 from lmatlas.web import live, names
 from lmatlas.web.errors import ERROR_RESPONSES, MODEL_RESPONSES
+from lmatlas.web.labels import explanation
 from lmatlas.web.routes import explorer
 from lmatlas.web.routes.overview import detectors_info
 from lmatlas.web.schemas import HeadDetail, HeadWindows, LiveAttention, Prompt
@@ -70,6 +71,7 @@ def head_detail(name: str = HEAD, ex: Explorer = Depends(explorer)) -> dict:
             if importance
             else None
         ),
+        "explanation": explanation(ex, f"L{layer}.H{head}"),
     }
 
 

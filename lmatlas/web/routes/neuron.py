@@ -7,6 +7,7 @@ from fastapi import APIRouter, Depends, Path
 
 from lmatlas.web import live, names
 from lmatlas.web.errors import ERROR_RESPONSES, MODEL_RESPONSES
+from lmatlas.web.labels import explanation
 from lmatlas.web.routes import explorer
 from lmatlas.web.schemas import LiveActivations, NeuronDetail, Prompt
 from lmatlas.web.state import Explorer, clean
@@ -77,6 +78,7 @@ def neuron_detail(name: str = NEURON, ex: Explorer = Depends(explorer)) -> dict:
         "histogram": histogram[0] if histogram else None,
         "contexts": _contexts(ex, layer, neuron),
         "context_texts": (stats[0]["top_contexts"] or []) if stats else [],
+        "explanation": explanation(ex, f"L{layer}.N{neuron}"),
     }
 
 

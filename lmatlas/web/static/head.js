@@ -14,6 +14,7 @@
     head.labels.map((t) => el("span", { class: "chip", style: `background:${LM.typeColour(t)}`,
       title: (head.scores.find((s) => s.detector === t) || {}).description || t }, t)),
     head.labels.length ? null : el("span", { class: "muted", style: "font-size:14px" }, "no label")),
+  labelLine(head.explanation),
   el("p", { class: "muted" }, `layer ${head.layer} · query head ${head.head} · KV group ${LM.fmt(head.kv_group)}` +
     (imp ? ` · importance ${LM.fmt(imp.delta_loss)} nats (rank ${imp.rank} of ${imp.of})` : ""),
     " · ", el("a", { href: LM.headUrl(`L${head.layer}.H${(head.head + 1) % LM.info.model.query_heads}`) }, "next head"),
@@ -36,6 +37,15 @@
   if (LM.info.available.model) page.append(explainPanel(name));  // attention_sources.js
   LM.ready();
 })().catch((error) => LM.fail(document.getElementById("page"), error));
+
+// The unit's label (stage labels): its sentence, or "no label" without the stage.
+function labelLine(explanation) {
+  const { el } = LM;
+  if (!explanation) return el("p", { class: "muted", id: "label-sentence" }, "no label (the atlas has no stage labels)");
+  return el("p", { id: "label-sentence", class: explanation.labelled ? "label" : "muted",
+    title: "rule fitted on fit windows, scored on held-out windows against nulls (lmatlas explain)" },
+  explanation.sentence);
+}
 
 function decision(s) {
   if (s.label) return LM.el("span", { class: "yes" }, "✓ labelled");

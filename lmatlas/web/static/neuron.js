@@ -11,6 +11,8 @@
   document.title = `lmatlas · ${name}`;
   const st = n.stats;
   page.append(el("h1", { id: "neuron-title" }, `Neuron ${name}`),
+    el("p", { id: "label-sentence", class: n.explanation && n.explanation.labelled ? "label" : "muted" },
+      n.explanation ? n.explanation.sentence : "no label (the atlas has no stage labels)"),
     el("p", { class: "muted" }, `layer ${n.layer} · neuron ${n.neuron}` + (st ? ` · mean ${LM.fmt(st.mean)} · max ` +
       `${LM.fmt(st.max)} · active on ${LM.fmt(100 * st.frac_active, 1)}% of corpus tokens` : ""), " · ",
       el("a", { href: LM.neuronUrl(`L${n.layer}.N${(n.neuron + 1) % LM.info.model.neurons_per_layer}`) }, "next neuron"),

@@ -28,8 +28,21 @@
   LM.ready();
 })().catch((error) => LM.fail(document.getElementById("page"), error));
 
+function labelMatches(data) {
+  const { el } = LM;
+  if (!data.labels || !data.labels.length) return null;
+  return el("div", { id: "label-matches" }, el("h2", {}, "Labels mentioning it"),
+    el("table", {}, data.labels.map((r) => el("tr", { class: `label-match ${r.kind}` },
+      el("td", {}, el("a", { href: r.kind === "head" ? LM.headUrl(r.unit) : LM.neuronUrl(r.unit) }, r.unit)),
+      el("td", {}, r.sentence)))));
+}
+
 function show(box, data) {
   const { el } = LM;
+  if (!data.results.length && data.labels && data.labels.length) {
+    box.replaceChildren(labelMatches(data));
+    return;
+  }
   if (!data.results.length) {
     box.replaceChildren(el("p", { class: "muted", id: "no-results" }, `Nothing in this atlas writes ${JSON.stringify(data.query)}.`));
     return;
@@ -43,5 +56,6 @@ function show(box, data) {
       el("td", {}, el("a", { href: r.kind === "head" ? LM.headUrl(r.name) : LM.neuronUrl(r.name),
         class: "result-link" }, r.name)),
       extra.map((k) => el("td", { class: typeof r[k] === "number" ? "num" : null },
-        Array.isArray(r[k]) ? r[k].map((t) => typeof t === "string" ? LM.tokenLink(t) : LM.fmt(t)) : LM.fmt(r[k])))))));
+        Array.isArray(r[k]) ? r[k].map((t) => typeof t === "string" ? LM.tokenLink(t) : LM.fmt(t)) : LM.fmt(r[k])))))),
+  labelMatches(data));
 }
