@@ -105,3 +105,11 @@ def test_the_explorer_shows_labels_on_pages_and_matches_label_text(built):
             word = some[0]["sentence"].split("(")[0].split()[-1]
             found = client.get("/api/search", params={"q": word, "limit": 200}).json()
             assert found["results"] == [] and any(r["sentence"] for r in found["labels"])
+
+
+def test_the_atlas_answers_label_searches_and_explanations(built):
+    _, path, _ = built
+    with Atlas.open(path) as atlas:
+        heads = atlas.search_labels("attends to", limit=100, labelled_only=False)
+        assert heads.num_rows == 8 and set(heads.column("kind").to_pylist()) == {"head"}
+        assert atlas.explain("L0.H1") == explain(atlas, "L0.H1")

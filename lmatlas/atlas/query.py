@@ -237,6 +237,22 @@ class Atlas:
                     h["top_tokens"] = tops.get((h["layer"], h["index"]))
         return hits
 
+    def search_labels(self, text: str, limit: int = 20, *, labelled_only: bool = True) -> pa.Table:
+        """Units whose label (stage ``labels``) mentions ``text`` in its sentence or rule, best score first.
+
+        ``atlas.search_labels("induction")``, ``atlas.search_labels(" dog")``: columns ``unit,
+        kind, layer, index, side, labelled, sentence, score`` (empty without the stage).
+        """
+        from lmatlas.atlas.label_view import find_labels
+
+        return pa.Table.from_pylist(find_labels(self, text, limit, labelled_only))
+
+    def explain(self, unit: str) -> dict[str, Any]:
+        """A head's or neuron's label (``"L5.H3"``, ``"L12.N1031"``): sentence, scores, nulls (``lmatlas explain``)."""
+        from lmatlas.atlas.label_view import explain
+
+        return explain(self, unit)
+
     def search_depth(self) -> int:
         """How many neurons (and heads) the stage ``search`` kept per token (an error without the stage)."""
         self._require_search()
