@@ -37,7 +37,6 @@ CONDITIONS = (
 
 
 def cli_page() -> str:
-    import click
     import typer
 
     from lmatlas.cli import app
@@ -52,10 +51,20 @@ def cli_page() -> str:
         "",
     ]
     for name in sorted(group.commands):
-        command = group.commands[name]
-        lines += [f"## `lmatlas {name}`", "", inspect.cleandoc(command.help or "").split("\n\n")[0], ""]
+        lines += _command_section(f"lmatlas {name}", group.commands[name])
+    return "\n".join(lines)
+
+
+def _command_section(path: str, command) -> list[str]:
+    """A command's heading, first help paragraph and option table; a group's subcommands follow, one level down."""
+    import click
+
+    lines = [f"{'###' if path.count(' ') > 1 else '##'} `{path}`", ""]
+    lines += [inspect.cleandoc(command.help or "").split("\n\n")[0], ""]
+    params = [p for p in command.params if p.name != "help"]
+    if params:
         lines += ["| option | help | default |", "| --- | --- | --- |"]
-        for param in command.params:
+        for param in params:
             if isinstance(param, click.Argument):
                 label = f"`{param.metavar or param.name.upper()}`"
             else:
@@ -64,7 +73,9 @@ def cli_page() -> str:
             text = (getattr(param, "help", None) or "").replace("|", "\\|")
             lines.append(f"| {label} | {text} | {default} |")
         lines.append("")
-    return "\n".join(lines)
+    for sub in sorted(getattr(command, "commands", {}) or {}):
+        lines += _command_section(f"{path} {sub}", command.commands[sub])
+    return lines
 
 
 def _error_classes() -> list[type]:
