@@ -52,7 +52,10 @@ def test_generated_pages_name_every_command_error_and_record(hooks):
     from lmatlas.cli import app
 
     cli = hooks.cli_page()
-    assert all(f"## `lmatlas {name}`" in cli for name in get_command(app).commands)
+    group = get_command(app)
+    assert all(f"## `lmatlas {name}`" in cli for name in group.commands)
+    subcommands = [(name, sub) for name, c in group.commands.items() for sub in getattr(c, "commands", {})]
+    assert subcommands and all(f"### `lmatlas {name} {sub}`" in cli for name, sub in subcommands)
     assert "`--strategy`" in cli and "`--prompt-file`" in cli
     page = hooks.errors_page()
     assert all(f"[{name}](errors/{name}.md)" in page for name in ("SiteError", "InputError", "DraftHeadsError"))
