@@ -113,3 +113,19 @@ def test_the_atlas_answers_label_searches_and_explanations(built):
         heads = atlas.search_labels("attends to", limit=100, labelled_only=False)
         assert heads.num_rows == 8 and set(heads.column("kind").to_pylist()) == {"head"}
         assert atlas.explain("L0.H1") == explain(atlas, "L0.H1")
+
+
+def test_features_are_labelled_as_units_with_activations(tmp_path):
+    from test_features_sites import TinyTopK
+
+    model = tiny_model("llama")
+    model.dictionaries.attach(TinyTopK(64, 24, 3), "L0.resid.post")
+    path = tmp_path / "features.duckdb"
+    report = build_atlas(model, path, only=["labels"], params=PARAMS, progress=False)
+    assert "labels/features/L0.resid.post.F" in report.computed
+    with Atlas.open(path) as atlas:
+        rows = atlas.sql("SELECT * FROM labels WHERE kind = 'feature' ORDER BY idx").to_pylist()
+        assert [r["unit"] for r in rows] == [f"L0.resid.post.F{i}" for i in range(24)]
+        assert explain(atlas, "L0.resid.post.F3")["sentence"] == rows[3]["sentence"]
+        with pytest.raises(SiteError, match=r"F0\.\.L0\.resid\.post\.F23"):
+            explain(atlas, "L0.resid.post.F24")

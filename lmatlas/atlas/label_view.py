@@ -24,13 +24,24 @@ if TYPE_CHECKING:
     from lmatlas.atlas.query import Atlas
 
 UNIT_RE = re.compile(r"^L(?P<layer>\d+)\.(?P<kind>[HN])(?P<index>\d+)$")
+FEATURE_RE = re.compile(r"^L(?P<layer>\d+)\.(?P<site>[a-z.]+)\.F(?P<index>\d+)$")
 
 
 def check_unit(atlas: "Atlas", unit: str) -> tuple[str, int, int]:
-    """``"L5.H3" -> ("head", 5, 3)``, checked against the atlas's model sizes (the valid range in the error)."""
+    """``"L5.H3" -> ("head", 5, 3)``, checked against the atlas's model sizes (the valid range in the error).
+
+    A feature (``"L15.resid.post.F123"``) gives ``("feature", 15, 123)``; its range is checked
+    against the labels stored for its dictionary.
+    """
+    feature = FEATURE_RE.match(unit.strip())
+    if feature:
+        return "feature", int(feature["layer"]), int(feature["index"])
     match = UNIT_RE.match(unit.strip())
     if not match:
-        raise SiteError(f"{unit!r} is not a head or neuron name: expected L<layer>.H<head> or L<layer>.N<neuron>.")
+        raise SiteError(
+            f"{unit!r} is not a unit name: expected L<layer>.H<head>, L<layer>.N<neuron> or a feature "
+            "such as L15.resid.post.F123."
+        )
     card = atlas.card
     layer, index = int(match["layer"]), int(match["index"])
     kind = "head" if match["kind"] == "H" else "neuron"
@@ -105,13 +116,21 @@ def explain(atlas: "Atlas", unit: str) -> dict[str, Any]:
     """Everything the atlas says about ``unit`` (``"L5.H3"``, ``"L12.N1031"``), with one sentence."""
     kind, layer, index = check_unit(atlas, unit)
     require_labels(atlas)
-    name = f"L{layer}.{'H' if kind == 'head' else 'N'}{index}"
+    name = unit.strip() if kind == "feature" else f"L{layer}.{'H' if kind == 'head' else 'N'}{index}"
     rows = _rows(atlas, name)
+    if not rows and kind == "feature":
+        site = name.rsplit("F", 1)[0] + "F"
+        n = atlas.sql("SELECT count(*) AS n FROM labels WHERE starts_with(unit, ?) AND kind = 'feature'", [site])
+        count = n.column("n")[0].as_py()
+        have = f"features {site}0..{site}{count - 1}" if count else f"no feature labels at {site}"
+        raise SiteError(f"{name}: the atlas has {have} (build with --features and the stage labels).")
     if not rows:
         raise AtlasError(f"{atlas.path} has no label for {name}: resume the build with {atlas.map_command(['labels'])}")
     by_side = {r["side"]: r for r in rows}
     result: dict[str, Any] = {"unit": name, "kind": kind, "layer": layer, "index": index, "labels": rows}
-    if kind == "head":
+    if kind == "feature":
+        sentence = by_side["input"]["sentence"]
+    elif kind == "head":
         context = _head_context(atlas, layer, index)
         result.update(context)
         sentence = f"{by_side['attention']['sentence']}; {_head_extra(context)}"

@@ -29,6 +29,7 @@ from lmatlas.labels.split import corpus_hash, fit_windows
 if TYPE_CHECKING:
     from lmatlas.model.handle import Model
 
+LATENT_CHUNK = 4096
 PROMPT_TOKENS = 32
 PROMPTS = 2
 
@@ -116,60 +117,65 @@ def _finite(x: float) -> float | None:
     return None if x != x else round(x, 6)
 
 
+def _input_rows(model: "Model", data: Captured, labels, name_of) -> list[dict[str, Any]]:
+    """One input-side row per unit of ``labels``; ``name_of(i) -> (unit, kind, layer, index)``."""
+    from lmatlas.decode.token_text import token_texts
+
+    spell = lambda ids: token_texts(model.tokenizer, ids)  # noqa: E731
+    per_unit = {k: v.tolist() for k, v in labels.scores.items()}
+    rows = []
+    for n in range(len(labels.family)):
+        s = {k: v[n] for k, v in per_unit.items()}
+        family, keys = labels.family[n], labels.keys[n]
+        spelled = (
+            keys if family == "format" else [spell(list(k)) if isinstance(k, tuple) else spell([k])[0] for k in keys]
+        )
+        rule = {"family": family, "keys": keys, "tokens": spelled, "weights": labels.weights[n]}
+        rule["threshold"] = float(labels.threshold[n])
+        text = sentences.input_sentence(sentences.input_rule(family, keys, spell), s, bool(labels.labelled[n]))
+        nulls = {k: v for k, v in s.items() if k.startswith("null_")}
+        main = {k: v for k, v in s.items() if not k.startswith("null_")}
+        unit, kind, layer, index = name_of(n)
+        rows.append(
+            _row(unit, kind, layer, index, "input", data, labelled=labels.labelled[n], rule=rule, sentence=text,
+                 score=s["auroc"], score_lo=s["auroc_lo"], score_hi=s["auroc_hi"], scores=main, nulls=nulls,
+                 n=labels.n_heldout)
+        )  # fmt: skip
+    return rows
+
+
 def neuron_rows(
     model: "Model", data: Captured, layer: int, steer: int = 4, steer_also: int | None = None
 ) -> list[dict[str, Any]]:
     """Input-side rows for every neuron of ``layer``; output-side rows for the ``steer`` best (and ``steer_also``)."""
-    from lmatlas.decode.token_text import token_texts
-
-    spell = lambda ids: token_texts(model.tokenizer, ids)  # noqa: E731
-    acts = data.acts[layer].float()
-    labels = label_inputs(acts, data.families, data.fit, seed=data.seed + layer)
-    per_unit = {k: v.tolist() for k, v in labels.scores.items()}
-    rows = []
-    for n in range(acts.shape[-1]):
-        s = {k: v[n] for k, v in per_unit.items()}
-        keys = labels.keys[n]
-        spelled = (
-            [spell(list(k)) if isinstance(k, tuple) else spell([k])[0] for k in keys]
-            if labels.family[n] != "format"
-            else keys
-        )
-        rule = {
-            "family": labels.family[n],
-            "keys": keys,
-            "tokens": spelled,
-            "weights": labels.weights[n],
-            "threshold": float(labels.threshold[n]),
-        }
-        text = sentences.input_sentence(
-            sentences.input_rule(labels.family[n], keys, spell), s, bool(labels.labelled[n])
-        )
-        nulls = {k: v for k, v in s.items() if k.startswith("null_")}
-        main = {k: v for k, v in s.items() if not k.startswith("null_")}
-        rows.append(
-            _row(
-                f"L{layer}.N{n}",
-                "neuron",
-                layer,
-                n,
-                "input",
-                data,
-                labelled=labels.labelled[n],
-                rule=rule,
-                sentence=text,
-                score=s["auroc"],
-                score_lo=s["auroc_lo"],
-                score_hi=s["auroc_hi"],
-                scores=main,
-                nulls=nulls,
-                n=labels.n_heldout,
-            )
-        )
+    labels = label_inputs(data.acts[layer].float(), data.families, data.fit, seed=data.seed + layer)
+    rows = _input_rows(model, data, labels, lambda n: (f"L{layer}.N{n}", "neuron", layer, n))
     neurons = steered_neurons(labels, steer)
     if steer_also is not None and steer_also not in neurons:
         neurons = sorted(neurons + [steer_also])
     return rows + output_rows(model, data, layer, neurons)
+
+
+def feature_rows(model: "Model", data: Captured, site: str, batch: int = 4) -> list[dict[str, Any]]:
+    """Input-side rows for every latent of the dictionary at ``site`` (``"L15.resid.post.F"``): a feature
+    is labelled exactly as a neuron is, from its activation at every corpus position."""
+    from lmatlas.model.sites import parse_sites
+
+    (parsed,) = parse_sites(site, model.layout)
+    parts = []
+    with torch.no_grad():
+        for start in range(0, data.windows.shape[0], batch):
+            ids = data.windows[start : start + batch]
+            parts.append(model.run(ids, capture=[site], stop_after=parsed.layer, lm_head=False)[site].float())
+    acts = torch.cat(parts)  # [window, pos, latent]
+    rows = []
+    for first in range(0, acts.shape[-1], LATENT_CHUNK):
+        labels = label_inputs(
+            acts[..., first : first + LATENT_CHUNK], data.families, data.fit, data.seed + parsed.layer
+        )
+        name_of = lambda i: (f"{site}{first + i}", "feature", parsed.layer, first + i)  # noqa: E731
+        rows += _input_rows(model, data, labels, name_of)
+    return rows
 
 
 def steered_neurons(labels, steer: int) -> list[int]:

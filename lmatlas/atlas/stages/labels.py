@@ -5,7 +5,8 @@ pass over the corpus captures every layer's neuron activations and reduces its a
 the sums the head rules need (remembered per process, :func:`lmatlas.labels.capture.capture`);
 each unit ``labels/L{layer}`` then labels that layer's neurons (input side; output side by
 steering for the ``label_steer`` best, default 4) and heads, one row per unit and side in the
-``labels`` table. A corpus with fewer than 8 windows is refused before any compute.
+``labels`` table. With dictionaries attached (``lmatlas map --features``), one more unit per
+dictionary (``labels/features/L15.resid.post.F``) labels each latent as a neuron's input side. A corpus with fewer than 8 windows is refused before any compute.
 """
 
 from __future__ import annotations
@@ -22,15 +23,17 @@ def _plan(model: "Model", ctx: BuildContext) -> list[str]:
     from lmatlas.labels.split import check_windows
 
     check_windows(ctx.corpus.shape[0])
-    return [f"labels/L{layer}" for layer in range(model.layout.n_layers)]
+    features = [f"labels/features/{entry.site}" for entry in model.dictionaries]
+    return [f"labels/L{layer}" for layer in range(model.layout.n_layers)] + features
 
 
 def compute(model: "Model", unit: str, ctx: BuildContext):
-    from lmatlas.labels.capture import capture, label_layer
+    from lmatlas.labels.capture import capture, feature_rows, label_layer
 
-    data = ctx.remember(
-        "labels.capture", lambda: capture(model, ctx.corpus, seed=ctx.seed, batch=ctx.params.get("batch", 4))
-    )
+    batch = ctx.params.get("batch", 4)
+    data = ctx.remember("labels.capture", lambda: capture(model, ctx.corpus, seed=ctx.seed, batch=batch))
+    if "/features/" in unit:
+        return {"labels": feature_rows(model, data, unit.split("/features/", 1)[1], batch=batch)}
     return {"labels": label_layer(model, data, layer_of(unit), steer=ctx.params.get("label_steer", 4))}
 
 
