@@ -91,6 +91,7 @@ def build_atlas(
     stages = select_stages(only, model)
     ctx = make_context(model, corpus, seed, params)  # a bad corpus fails before the file is touched
     ctx.progress = progress is True
+    ctx.memo["requested_stages"] = list(only or [])  # a stage may refuse bad input only when asked for by name
     store = AtlasStore.create_or_open(out, model.card())
     command = resume_command(model, out, only, corpus, seed)
     report = BuildReport(Path(out), planned=0, skipped=0)

@@ -5,8 +5,10 @@ pass over the corpus captures every layer's neuron activations and reduces its a
 the sums the head rules need (remembered per process, :func:`lmatlas.labels.capture.capture`);
 each unit ``labels/L{layer}`` then labels that layer's neurons (input side; output side by
 steering for the ``label_steer`` best, default 4) and heads, one row per unit and side in the
-``labels`` table. With dictionaries attached (``lmatlas map --features``), one more unit per
-dictionary (``labels/features/L15.resid.post.F``) labels each latent as a neuron's input side. A corpus with fewer than 8 windows is refused before any compute.
+``labels`` table. With dictionaries attached (``lmatlas map --features``), one more unit
+per dictionary (``labels/features/L15.resid.post.F``) labels each latent as a neuron's input
+side. A corpus of fewer than 8 windows is refused when the stage is asked for by name
+(``--only labels``) and skipped in a default build.
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ if TYPE_CHECKING:
 
 
 def _plan(model: "Model", ctx: BuildContext) -> list[str]:
-    from lmatlas.labels.split import check_windows
+    from lmatlas.labels.split import MIN_WINDOWS, check_windows
 
+    if ctx.corpus.shape[0] < MIN_WINDOWS and "labels" not in ctx.memo.get("requested_stages", []):
+        return []  # part of a default build on a tiny corpus: no labels (asked for by name: refused)
     check_windows(ctx.corpus.shape[0])
     features = [f"labels/features/{entry.site}" for entry in model.dictionaries]
     return [f"labels/L{layer}" for layer in range(model.layout.n_layers)] + features
