@@ -2,7 +2,7 @@
 
     python bench/features.py [--model NAME] [--layer 15] [--tokens 1000000] [--heldout-tokens 32768]
                              [--latents 16384] [--k 32] [--epochs 1] [--windows 32] [--corpus PATH|interim]
-                             [--work DIR] [--out bench/results/features.json] [--reduced] [--no-transcoder]
+                             [--work DIR] [--out bench/results/features.json] [--reduced] [--only sae|transcoder]
 
 Stages, each timed, with the machine's conditions (threads, load before and after):
 
@@ -66,7 +66,7 @@ def interim_corpus(path: Path) -> Path:
 
 def verdicts(record: dict) -> dict:
     """``{target: True | False}`` from a full run's figures (``None`` where not measured)."""
-    sae, tc, h = record.get("sae", {}), record.get("transcoder", {}), record["harvest"]
+    sae, tc, h = record.get("sae") or {}, record.get("transcoder") or {}, record["harvest"]
     ev = sae.get("eval", {})
     out = {
         "harvest_seconds_per_1m_tokens": h["seconds"] / h["tokens"] * 1e6 <= TARGETS["harvest_seconds_per_1m_tokens"],
@@ -158,6 +158,7 @@ def main() -> None:
     parser.add_argument("--reduced", action="store_true", help="a reduced run: record the curve, no verdicts")
     parser.add_argument("--note", default="")
     parser.add_argument("--no-transcoder", action="store_true")
+    parser.add_argument("--only", choices=("sae", "transcoder"), default=None, help="run one of the two dictionaries")
     args = parser.parse_args()
     before = conditions()
     start = time.perf_counter()
@@ -199,10 +200,13 @@ def main() -> None:
             "heldout_mib": round(held.file_bytes() / 2**20, 1),
         },
     }
-    record["sae"] = one("sae", acts, held, model, args, f"L{L}.resid.post")
-    if not args.no_transcoder:
-        record["transcoder"] = one("transcoder", acts, held, model, args, f"L{L}.mlp.in")
     record["targets"] = TARGETS
+    if args.only in (None, "sae"):
+        record["sae"] = one("sae", acts, held, model, args, f"L{L}.resid.post")
+    if args.only is None and not args.no_transcoder:
+        write_record(args.out, {**record, "partial": "the transcoder stage has not finished"}, before)
+    if args.only == "transcoder" or (args.only is None and not args.no_transcoder):
+        record["transcoder"] = one("transcoder", acts, held, model, args, f"L{L}.mlp.in")
     record["verdicts"] = None if args.reduced else verdicts(record)
     record["table"] = markdown(record)
     write_record(args.out, record, before)
