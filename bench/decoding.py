@@ -41,7 +41,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from harness import Log, load_average, uptime  # noqa: E402  (bench/ is on the path when a benchmark runs)
+from harness import Log, conditions, load_average, uptime  # noqa: E402  (bench/ is on the path when a benchmark runs)
 from intervals import wilson  # noqa: E402  (bench/ is on the path when a benchmark runs)
 
 import lmatlas
@@ -50,6 +50,7 @@ from lmatlas.infer.decoding.dola import candidate_layers, js_divergence
 from lmatlas.infer.decoding.draft_heads import DraftHeadsError, load_draft_heads
 from lmatlas.infer.decoding.drafters import EarlyExit, Heads, PromptLookup
 from lmatlas.infer.decoding.speculative import speculative_generate
+from lmatlas.infer.decoding.strategies import DeCoRe, Dola
 from lmatlas.model.readout import LayerTap, exit_logits, exit_logits_at
 
 log = Log("bench_decoding")
@@ -223,22 +224,37 @@ def battery(countries: int = 0) -> list[dict]:
     return items
 
 
-def faithfulness(model, heads: list[str], control: list[str], countries: int = 0, new_tokens: int = 8) -> dict:
-    from lmatlas.infer.decoding.cli import generate_with_strategy
+def generate_with_strategy(model, prompt: str, max_new_tokens: int, strategy) -> dict:
+    """``{"text", "seconds", "new_tokens"}`` of one chat prompt under ``strategy`` (``lmatlas.generate``)."""
+    chat = getattr(model.tokenizer, "chat_template", None) is not None  # tiny test models have none
+    out = lmatlas.generate(model, prompt, max_new_tokens, strategy=strategy, chat=chat)
+    return {"text": out.text, "seconds": out.seconds, "new_tokens": len(out.token_ids)}
 
+
+def dola_variants(model) -> dict:
+    """The published DoLa and its cheaper variants as strategy values (see :data:`TOP_KS`)."""
+    half = candidate_layers(model.hf, "high")[::2]
+    return {
+        "dola": Dola(),
+        "dola_half": Dola(premature_layers=half),
+        **{f"dola_top{k}": Dola(top_k=k) for k in TOP_KS},
+    }
+
+
+def faithfulness(model, heads: list[str], control: list[str], countries: int = 0, new_tokens: int = 8) -> dict:
     methods = {
-        "greedy": dict(strategy="greedy"),
-        "decore": dict(strategy="decore", heads=heads),
-        "decore_random_heads": dict(strategy="decore", heads=control),
-        "dola": dict(strategy="dola"),
+        "greedy": "greedy",
+        "decore": DeCoRe(heads=tuple(heads)),
+        "decore_random_heads": DeCoRe(heads=tuple(control)),
+        "dola": Dola(),
     }
     items = battery(countries)
     out: dict = {"items": len(items), "heads": heads, "random_heads": control, "methods": {}}
-    for name, kwargs in methods.items():
+    for name, strategy in methods.items():
         closed = context_follow = context_truth = 0
         seconds = tokens = 0.0
         for item in items:
-            report = generate_with_strategy(model, item["prompt"], max_new_tokens=new_tokens, chat=True, **kwargs)
+            report = generate_with_strategy(model, item["prompt"], new_tokens, strategy)
             text = report["text"].lower()
             seconds += report["seconds"]
             tokens += report["new_tokens"]
@@ -264,22 +280,17 @@ def faithfulness(model, heads: list[str], control: list[str], countries: int = 0
 
 
 def cost_per_token(model, heads: list[str], prompts: int, new_tokens: int) -> dict:
-    """Seconds per generated token of greedy, DoLa and DeCoRe on the same chat prompts (longer outputs
-    than the battery's, so the prompt's prefill weighs less), methods interleaved per prompt."""
-    from lmatlas.infer.decoding.cli import generate_with_strategy
-
-    methods = {
-        "greedy": dict(strategy="greedy"),
-        "dola": dict(strategy="dola"),
-        "decore": dict(strategy="decore", heads=heads),
-    }
-    for kwargs in methods.values():  # warm-up
-        generate_with_strategy(model, SPEC_PROMPTS[0], max_new_tokens=4, chat=True, **kwargs)
+    """Seconds per generated token of greedy, DoLa (published and its cheaper variants) and DeCoRe on the
+    same chat prompts (longer outputs than the battery's, so the prompt's prefill weighs less), methods
+    interleaved per prompt."""
+    methods = {"greedy": "greedy", **dola_variants(model), "decore": DeCoRe(heads=tuple(heads))}
+    for strategy in methods.values():  # warm-up
+        generate_with_strategy(model, SPEC_PROMPTS[0], 4, strategy)
     seconds = {name: 0.0 for name in methods}
     tokens = {name: 0 for name in methods}
     for prompt in SPEC_PROMPTS[:prompts]:
-        for name, kwargs in methods.items():
-            report = generate_with_strategy(model, prompt, max_new_tokens=new_tokens, chat=True, **kwargs)
+        for name, strategy in methods.items():
+            report = generate_with_strategy(model, prompt, new_tokens, strategy)
             seconds[name] += report["seconds"]
             tokens[name] += report["new_tokens"]
     out = {"prompts": prompts, "new_tokens": new_tokens, "methods": {}}
@@ -362,7 +373,7 @@ def speculative(
 ) -> dict:
     """Every method on the same prompts, interleaved per prompt; the early-exit drafter (slow on a CPU)
     only on the first ``early_exit_prompts`` prompts, its ratio taken against greedy on those prompts."""
-    from lmatlas.edit.generation import prompt_ids
+    from lmatlas.model.generation import prompt_ids
 
     drafters = {"ours_prompt_lookup": PromptLookup(), "ours_early_exit": EarlyExit(max(1, model.layout.n_layers - 2))}
     heads_meta = None
@@ -380,14 +391,15 @@ def speculative(
     runs = {name: [] for name in ["greedy", "hf_prompt_lookup", *drafters]}  # (prompt, seconds, tokens, identical)
     accepted = {name: [] for name in drafters}
     drafted = {name: [] for name in drafters}  # drafts proposed per verifying forward
-    warm = prompt_ids(model, prompts[0], True)["input_ids"]
+    chat = getattr(model.tokenizer, "chat_template", None) is not None  # tiny test models have none
+    warm = prompt_ids(model, prompts[0], chat)["input_ids"]
     with torch.no_grad():  # warm-up: first calls allocate and pick kernels
         model.hf.generate(input_ids=warm, do_sample=False, max_new_tokens=8, pad_token_id=pad)
     for drafter in drafters.values():
         speculative_generate(model, warm, drafter, 8, draft_len=draft_len)
     begin = time.perf_counter()
     for i, prompt in enumerate(prompts):
-        ids = prompt_ids(model, prompt, True)["input_ids"]
+        ids = prompt_ids(model, prompt, chat)["input_ids"]
         with torch.no_grad():
             start = time.perf_counter()
             greedy = model.hf.generate(input_ids=ids, do_sample=False, max_new_tokens=new_tokens, pad_token_id=pad)
@@ -496,10 +508,11 @@ def main() -> None:
         results["sections"] = json.load(open(args.out)).get("sections", {})
 
     def section(name: str, compute) -> None:
-        before = uptime()
+        before, measured = uptime(), conditions()
         start = time.perf_counter()
         data = compute()
         data.update(
+            conditions={**measured, "load_after": load_average()},
             uptime_before=before,
             uptime_after=uptime(),
             load_avg_after=load_average(),
