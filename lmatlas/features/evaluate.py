@@ -55,6 +55,8 @@ class PCA:
 
 
 def fvu(y: torch.Tensor, y_hat: torch.Tensor) -> float:
+    """Fraction of variance unexplained: ``sum |y - y_hat|^2 / sum |y - mean(y)|^2`` (float64)."""
+    y, y_hat = y.detach(), y_hat.detach()
     return float((y - y_hat).double().pow(2).sum() / (y.double() - y.double().mean(0)).pow(2).sum())
 
 
