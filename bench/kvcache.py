@@ -10,6 +10,11 @@ there, so the grid is one resumable run. The summary (``--out``) holds, per cell
 method, the accuracy and the paired bootstrap intervals of every difference from the full
 cache, with the threads and the load each cell ran under.
 
+Cost on 2 CPU cores: with prefills of about 3, 6.5, 16 and 42 s at 1k, 2k, 4k and 8k tokens (2
+threads, nearly quiet), one prompt costs about 68 s per method over the four lengths, so the full
+grid (100 trials x 4 tasks x 15 methods) is about 110 hours, the peers about 60 more; the 8k cells
+alone with 6 methods about 30 hours. A GPU, or a subset of cells, is the practical route.
+
 Methods (``NAME@BUDGET``; the budget is the fraction of choosable KV heads kept full):
 
 ==================  =========================================================================

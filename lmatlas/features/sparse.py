@@ -13,7 +13,7 @@ by the whole decoder; here both directions gather the ``k`` selected rows instea
   ``k`` kept values to ``x``, to the ``k`` selected encoder columns and biases only.
 
 No ``[batch, n_latents]`` tensor is ever part of the graph: the cost of a backward is
-``O(batch * k * d)``, against ``O(batch * n_latents * d)`` densely. ``tests/test_features_train.py``
+``O(batch * k * d)``, against ``O(batch * n_latents * d)`` densely. ``tests/features/test_features_train.py``
 checks both against the dense autograd formulation.
 """
 

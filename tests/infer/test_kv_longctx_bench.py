@@ -1,0 +1,80 @@
+"""bench/kvcache.py's paired grid on a tiny model: a cheap cell, its metrics checked independently, and resume.
+
+* the scored log-probabilities equal one plain forward over prompt + answer (no cache);
+* the full cache paired with itself: zero drop, zero KL, interval [0, 0];
+* the bootstrap interval of a known sample contains its mean and shrinks with more trials;
+* a second run of the same grid measures nothing new (every line is already in the JSONL).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import runpy
+from pathlib import Path
+
+import pytest
+import torch
+from kv_metrics import compare, paired_bootstrap, score
+from kv_tasks import make_trial
+
+from lmatlas.infer import choose
+from lmatlas.infer.needle import Haystack
+from lmatlas.model.tiny import tiny_model
+
+BENCH = runpy.run_path(str(Path(__file__).resolve().parents[2] / "bench" / "kvcache.py"))
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("llama")
+
+
+@pytest.fixture(scope="module")
+def haystack(model):
+    return Haystack(model.tokenizer)
+
+
+def test_scores_equal_a_plain_forward_and_the_full_pair_is_zero(model, haystack):
+    trial = make_trial(haystack, "passkey", 300, 0, 2, 0, {})
+    full = score(model, trial.prompt_ids, trial.answer_ids)
+    ids = torch.tensor([list(trial.prompt_ids + trial.answer_ids)])
+    with torch.no_grad():
+        logits = model.hf(ids).logits[0, len(trial.prompt_ids) - 1 : -1]
+    expected = torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(trial.answer_ids)[:, None])[:, 0]
+    torch.testing.assert_close(full.token_logprob, expected, atol=1e-4, rtol=1e-4)
+    same = compare(full, full, trial.answer_ids)
+    assert same["logprob_drop"] == 0 and same["kl"] == 0
+    windowed = score(model, trial.prompt_ids, trial.answer_ids, choose.uniform(model, 2, 16).make_cache(model))
+    paired = compare(full, windowed, trial.answer_ids)
+    assert paired["kl"] > 0 and paired["kv_bytes"] < same["kv_bytes"]
+    assert trial.answer in "".join(model.tokenizer.decode(list(trial.prompt_ids)).split())  # the needle is there
+
+
+def test_bootstrap_brackets_the_mean_and_narrows():
+    rng = random.Random(0)
+    small = [rng.gauss(0.3, 1.0) for _ in range(30)]
+    large = [rng.gauss(0.3, 1.0) for _ in range(600)]
+    a, b = paired_bootstrap(small, 1000), paired_bootstrap(large, 1000)
+    assert a["low"] < a["mean"] < a["high"] and b["low"] < 0.3 < b["high"]
+    assert b["high"] - b["low"] < a["high"] - a["low"]
+    assert paired_bootstrap([0.0] * 5) == {"mean": 0.0, "low": 0.0, "high": 0.0, "n": 5}
+
+
+def test_a_tiny_cell_runs_pairs_and_resumes(tmp_path):
+    scores, out = tmp_path / "scores.json", tmp_path / "cell.json"
+    common = ["--model", "tiny:llama", "--recent", "16", "--scores", str(scores)]
+    BENCH["main"]([*common, "--rank", "grad", "--rank-lengths", "300", "--rank-trials", "1"])
+    assert "grad" in json.loads(scores.read_text())["rankings"]
+    grid = [*common, "--lengths", "300", "--trials", "2", "--tasks", "passkey", "continue", "--continuation", "16"]
+    grid += ["--methods", "full,grad@0.5,grad+fp@0.5,grad+hybrid@0.5,snapkv@0.5", "--out", str(out)]
+    BENCH["main"](grid)
+    lines = out.with_suffix(".jsonl").read_text().splitlines()
+    assert len(lines) == 2 * 2 * 5
+    record = json.loads(out.read_text())
+    rows = {(r["task"], r["method"]): r for r in record["summary"]}
+    assert rows["passkey", "full"]["logprob_drop"]["high"] == 0 and rows["passkey", "full"]["kv_ratio_vs_full"] == 1
+    assert rows["continue", "grad@0.5"]["kv_ratio_vs_full"] > 1.2 and rows["continue", "grad@0.5"]["kl"]["mean"] > 0
+    assert record["conditions"]["load_before"] and rows["passkey", "snapkv@0.5"]["threads"] == [1]
+    BENCH["main"](grid)
+    assert len(out.with_suffix(".jsonl").read_text().splitlines()) == len(lines)

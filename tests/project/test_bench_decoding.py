@@ -1,0 +1,43 @@
+"""bench/decoding.py's sections run on a tiny model through the library's one generate, and the cheaper
+DoLa variants' multiple-choice scores reduce to the published one when they keep every token."""
+
+import runpy
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmatlas.infer.decoding.dola import candidate_layers
+from lmatlas.model.tiny import tiny_model
+
+DECODING = runpy.run_path(str(Path(__file__).resolve().parents[2] / "bench" / "decoding.py"))
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("llama")
+
+
+def test_with_answer_puts_the_answer_first_and_keeps_k_ids():
+    top, answer = torch.tensor([[5, 3, 9], [1, 2, 4]]), torch.tensor([9, 7])
+    assert DECODING["with_answer"](top, answer).tolist() == [[9, 5, 3], [7, 1, 2]]
+
+
+def test_top_k_over_the_whole_vocabulary_is_the_published_score(model, monkeypatch):
+    layers = candidate_layers(model.hf, "high")
+    scores = DECODING["answer_scores"](model, layers, "abc", "def")
+    assert set(scores) == {"greedy", "dola", "dola_half", "dola_top50", "dola_top200"}
+    whole = model.hf.config.vocab_size
+    monkeypatch.setitem(DECODING["answer_scores"].__globals__, "TOP_KS", (whole,))
+    again = DECODING["answer_scores"](model, layers, "abc", "def")
+    assert again[f"dola_top{whole}"] == pytest.approx(scores["dola"], abs=1e-4)
+    assert again["greedy"] == scores["greedy"]
+
+
+def test_cost_and_faithfulness_sections_run_every_strategy(model):
+    cost = DECODING["cost_per_token"](model, ["L0.H0"], prompts=1, new_tokens=3)
+    assert set(cost["methods"]) == {"greedy", "dola", "dola_half", "dola_top50", "dola_top200", "decore"}
+    assert cost["methods"]["greedy"]["vs_greedy"] == 1.0
+    assert all(row["tokens"] == 3 for row in cost["methods"].values())
+    battery = DECODING["faithfulness"](model, ["L0.H0"], ["L1.H1"], countries=2, new_tokens=2)
+    assert battery["items"] == 4 and set(battery["methods"]) == {"greedy", "decore", "decore_random_heads", "dola"}
