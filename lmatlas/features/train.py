@@ -35,8 +35,10 @@ from typing import Any, Callable
 import torch
 
 from lmatlas.errors import DictionaryError
+from lmatlas.features.checkpoint import load_checkpoint, save_checkpoint
 from lmatlas.features.dictionary import Dictionary, DictionaryCard, build, check_sizes, split_site, transcoder_output
 from lmatlas.features.harvest import Activations
+from lmatlas.features.scaling import data_stats, fold_scales, initialise
 from lmatlas.features.sparse import sparse_decode, topk_encode
 from lmatlas.progress import ProgressArg, progress_task
 
@@ -96,45 +98,6 @@ def sites_for(site: str, transcoder: bool) -> tuple[str, str]:
     )
 
 
-def _stats(x: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """Mean ``[d]`` and the scale that gives the centred data unit mean square per dimension."""
-    mean = x.mean(0)
-    var = (x - mean).pow(2).sum(-1).mean()
-    return mean, float(math.sqrt(x.shape[1] / max(float(var), 1e-12)))
-
-
-def _init(d: Dictionary, card: DictionaryCard, x: torch.Tensor, y: torch.Tensor, sx: float, sy: float, seed: int):
-    """Initialise ``d`` in the scaled space (``x * sx``, ``y * sy``)."""
-    gen = torch.Generator().manual_seed(seed)
-    n = card.n_latents
-    with torch.no_grad():
-        W_dec = torch.randn(n, card.d_out, generator=gen)
-        d.W_dec.copy_(W_dec / W_dec.norm(dim=1, keepdim=True))
-        d.b_enc.zero_()
-        xs, ys = x * sx, y * sy
-        if card.kind == "sae":
-            d.W_enc.copy_(d.W_dec.t())
-            d.b_dec.copy_(xs.mean(0))
-        else:
-            xc, yc = xs - xs.mean(0), ys - ys.mean(0)
-            gram = xc.t() @ xc
-            ridge = 1e-4 * gram.diagonal().mean() * torch.eye(gram.shape[0])
-            W_skip = torch.linalg.solve(gram + ridge, xc.t() @ yc)
-            d.W_skip.copy_(W_skip)
-            d.b_dec.copy_(ys.mean(0) - xs.mean(0) @ W_skip)
-            d.W_enc.copy_(torch.randn(card.d_in, n, generator=gen) * (0.1 / math.sqrt(card.d_in)))
-
-
-def _fold(d: Dictionary, sx: float, sy: float) -> None:
-    """Turn a dictionary trained on ``x * sx -> y * sy`` into one on ``x -> y`` (latents divided by ``sy``)."""
-    with torch.no_grad():
-        d.W_enc.mul_(sx / sy)
-        d.b_enc.div_(sy)
-        d.b_dec.div_(sy)
-        if hasattr(d, "W_skip"):
-            d.W_skip.mul_(sx / sy)
-
-
 def step_loss(d: Dictionary, x: torch.Tensor, y: torch.Tensor, dead: torch.Tensor | None, config: TrainConfig):
     """One batch: ``(loss, fvu, indices of the kept latents [B, k], their values [B, k])`` in the scaled space."""
     dtype = getattr(torch, config.encoder_dtype)
@@ -169,68 +132,24 @@ def heldout_fvu(d: Dictionary, x: torch.Tensor, y: torch.Tensor, chunk: int = 81
     return err / float((y - y.mean(0)).pow(2).sum()), l0 / len(x)
 
 
-def _params(d: Dictionary) -> dict[str, torch.nn.Parameter]:
-    return dict(d.named_parameters())
-
-
-def _save_checkpoint(path: Path, d: Dictionary, opt: torch.optim.Adam, since: torch.Tensor, state: dict) -> None:
-    from safetensors.torch import save_file
-
-    path.mkdir(parents=True, exist_ok=True)
-    tensors = {f"param.{k}": v.detach().contiguous() for k, v in _params(d).items()}
-    for name, param in _params(d).items():
-        st = opt.state.get(param)
-        if st:
-            tensors[f"adam.{name}.exp_avg"] = st["exp_avg"].contiguous()
-            tensors[f"adam.{name}.exp_avg_sq"] = st["exp_avg_sq"].contiguous()
-            tensors[f"adam.{name}.step"] = st["step"].reshape(1).float()
-    tensors["since_fired"] = since
-    save_file(tensors, str(path / "state.safetensors.tmp"))
-    (path / "state.safetensors.tmp").replace(path / "state.safetensors")
-    (path / "state.json").write_text(json.dumps(state, indent=1))
-
-
-def _load_checkpoint(path: Path, d: Dictionary, opt: torch.optim.Adam) -> tuple[torch.Tensor, dict]:
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(path / "state.safetensors"))
-    with torch.no_grad():
-        for name, param in _params(d).items():
-            param.copy_(tensors[f"param.{name}"])
-            if f"adam.{name}.exp_avg" in tensors:
-                opt.state[param] = {
-                    "step": tensors[f"adam.{name}.step"].reshape(()).clone(),
-                    "exp_avg": tensors[f"adam.{name}.exp_avg"].clone(),
-                    "exp_avg_sq": tensors[f"adam.{name}.exp_avg_sq"].clone(),
-                }
-    return tensors["since_fired"].clone(), json.loads((path / "state.json").read_text())
-
-
 def _fmt_seconds(s: float) -> str:
     return f"{int(s // 60)}m{int(s % 60):02d}s" if s >= 60 else f"{s:.0f}s"
 
 
-def train(
-    activations: Activations | str | Path,
-    site: str,
-    config: TrainConfig = TrainConfig(),
-    *,
-    heldout: Activations | str | Path | None = None,
-    out: str | Path | None = None,
-    progress: ProgressArg = True,
-    max_steps: int | None = None,
-    on_eval: Callable[[dict[str, Any]], None] | None = None,
-) -> TrainResult:
-    """Train one dictionary on ``site`` of a harvest (``config.transcoder``: the MLP of ``site``'s layer).
+@dataclass(frozen=True)
+class _Plan:
+    """One run's checked shape: its sites, dictionary card and step schedule."""
 
-    ``heldout``: a harvest of held-out windows for the metrics reported as training goes
-    (``None``: the FVU on the training batches only). ``out``: checkpoints go to
-    ``out/checkpoint`` and a run resumes from there. ``max_steps`` stops early (as an
-    interrupt would; for tests of resuming).
-    """
-    check_sizes(config.n_latents, config.k)
-    acts = activations if isinstance(activations, Activations) else Activations(activations)
-    held = heldout if heldout is None or isinstance(heldout, Activations) else Activations(heldout)
+    in_site: str
+    out_site: str
+    card: DictionaryCard
+    steps_per_epoch: int
+    total_steps: int
+    dead_tokens: int
+
+
+def _plan(acts: Activations, site: str, config: TrainConfig) -> _Plan:
+    """Check ``site`` and ``config`` against the harvest (before any compute) and fix the schedule."""
     in_site, out_site = sites_for(site, config.transcoder)
     for name in {in_site, out_site}:
         if name not in acts.sites:
@@ -258,124 +177,203 @@ def train(
         model=acts.meta.get("model", {}),
         seed=config.seed,
     )
-    torch.manual_seed(config.seed)
-    d = build(card)
-    x0, y0 = acts.rows(in_site, _SAMPLE), acts.rows(out_site, _SAMPLE)
-    _, sx = _stats(x0)
-    _, sy = _stats(y0) if config.transcoder else (None, sx)
-    _init(d, card, x0, y0, sx, sy, config.seed)
-    hx = hy = None
-    if held is not None:
-        hx, hy = held.rows(in_site, 16384) * sx, held.rows(out_site, 16384) * sy
-    lr = config.learning_rate()
-    opt = torch.optim.Adam(d.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8, foreach=True)
-    warm, decay = max(1, int(config.warmup * total_steps)), max(1, int(config.decay * total_steps))
+    return _Plan(in_site, out_site, card, steps_per_epoch, total_steps, dead_tokens)
 
-    def rate(step: int) -> float:
-        return lr * min(1.0, (step + 1) / warm, (total_steps - step) / decay)
 
-    since = torch.zeros(config.n_latents, dtype=torch.int64)
-    history: list[dict[str, Any]] = []
-    step, elapsed_before = 0, 0.0
-    ckpt = Path(out) / "checkpoint" if out is not None else None
-    config_json = asdict(config)
-    if ckpt is not None and (ckpt / "state.json").is_file():
+class _Trainer:
+    """The state of one training run: the dictionary, Adam, the dead-latent counters and the history.
+
+    Built in a fixed order (seed, build, statistics, initialisation, optimiser, resume) so
+    the same call gives bit-identical weights; ``run`` steps through the seeded batches.
+    """
+
+    def __init__(
+        self,
+        acts: Activations,
+        held: Activations | None,
+        plan: _Plan,
+        config: TrainConfig,
+        out: str | Path | None,
+        on_eval: Callable[[dict[str, Any]], None] | None,
+    ) -> None:
+        self.acts, self.plan, self.config, self.on_eval = acts, plan, config, on_eval
+        torch.manual_seed(config.seed)
+        self.d = build(plan.card)
+        x0, y0 = acts.rows(plan.in_site, _SAMPLE), acts.rows(plan.out_site, _SAMPLE)
+        _, self.sx = data_stats(x0)
+        _, self.sy = data_stats(y0) if config.transcoder else (None, self.sx)
+        initialise(self.d, plan.card, x0, y0, self.sx, self.sy, config.seed)
+        self.hx = self.hy = None
+        if held is not None:
+            self.hx = held.rows(plan.in_site, 16384) * self.sx
+            self.hy = held.rows(plan.out_site, 16384) * self.sy
+        self.lr = config.learning_rate()
+        self.opt = torch.optim.Adam(self.d.parameters(), lr=self.lr, betas=(0.9, 0.999), eps=1e-8, foreach=True)
+        self.warm = max(1, int(config.warmup * plan.total_steps))
+        self.decay = max(1, int(config.decay * plan.total_steps))
+        self.since = torch.zeros(config.n_latents, dtype=torch.int64)
+        self.history: list[dict[str, Any]] = []
+        self.step, self.elapsed_before = 0, 0.0
+        self.ckpt = Path(out) / "checkpoint" if out is not None else None
+        self.config_json = asdict(config)
+        self._resume()
+        self.started, self.first_step = time.monotonic(), self.step
+        self.running: list[float] = []
+        kind = "Transcoder" if config.transcoder else "SAE"
+        self.label = f"{kind} {plan.in_site}{'->' + plan.out_site if config.transcoder else ''}"
+
+    def _resume(self) -> None:
+        """Load ``out/checkpoint`` when it holds this run (another run's checkpoint is an error)."""
+        ckpt = self.ckpt
+        if ckpt is None or not (ckpt / "state.json").is_file():
+            return
         state = json.loads((ckpt / "state.json").read_text())
-        if state.get("config") != config_json or state.get("site") != in_site:
+        if state.get("config") != self.config_json or state.get("site") != self.plan.in_site:
             raise DictionaryError(
                 f"{ckpt} holds a checkpoint of another run ({state.get('site')}, {state.get('config')}): pass another --out or delete it."
             )
-        since, state = _load_checkpoint(ckpt, d, opt)
-        step, history, elapsed_before = state["step"], state["history"], state["seconds"]
-    started, first_step = time.monotonic(), step
-    running: list[float] = []
+        self.since, state = load_checkpoint(ckpt, self.d, self.opt)
+        self.step, self.history, self.elapsed_before = state["step"], state["history"], state["seconds"]
 
-    def evaluate_now() -> dict[str, Any]:
+    def seconds(self) -> float:
+        return self.elapsed_before + time.monotonic() - self.started
+
+    def rate(self, step: int) -> float:
+        """Adam's rate at ``step``: a linear warm-up, flat, then a linear decay to zero."""
+        return self.lr * min(1.0, (step + 1) / self.warm, (self.plan.total_steps - step) / self.decay)
+
+    def optimise(self, batch: list[torch.Tensor]) -> None:
+        """One step on one batch (``[batch_size, d]`` per site): loss, sparse backward, Adam, renormalise."""
+        config, d = self.config, self.d
+        x = batch[0] * self.sx
+        y = batch[-1] * self.sy
+        for group in self.opt.param_groups:
+            group["lr"] = self.rate(self.step)
+        dead = self.since > self.plan.dead_tokens
+        loss, fvu, indices, values = step_loss(d, x, y, dead if bool(dead.any()) else None, config)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        with torch.no_grad():
+            grad, W = d.W_dec.grad, d.W_dec
+            grad -= (grad * W).sum(1, keepdim=True) * W
+        self.opt.step()
+        d.normalize_decoder()
+        fired = torch.zeros(config.n_latents, dtype=torch.bool)
+        fired[indices[values > 0]] = True
+        self.since += config.batch_size
+        self.since[fired] = 0
+        self.running.append(float(fvu.detach()))
+        self.step += 1
+
+    def evaluate(self) -> dict[str, Any]:
+        """One history row: the running train FVU, the dead fraction and (with a held-out set) FVU and L0."""
         row = {
-            "step": step,
-            "tokens": step * config.batch_size,
-            "seconds": round(elapsed_before + time.monotonic() - started, 2),
-            "train_fvu": round(sum(running) / max(1, len(running)), 5),
-            "dead_fraction": round(float((since > dead_tokens).float().mean()), 5),
+            "step": self.step,
+            "tokens": self.step * self.config.batch_size,
+            "seconds": round(self.seconds(), 2),
+            "train_fvu": round(sum(self.running) / max(1, len(self.running)), 5),
+            "dead_fraction": round(float((self.since > self.plan.dead_tokens).float().mean()), 5),
         }
-        if hx is not None:
-            fvu, l0 = heldout_fvu(d, hx, hy)
+        if self.hx is not None:
+            fvu, l0 = heldout_fvu(self.d, self.hx, self.hy)
             row.update(heldout_fvu=round(fvu, 5), l0=round(l0, 2))
-        running.clear()
+        self.running.clear()
         return row
 
-    sites = [in_site] if in_site == out_site else [in_site, out_site]
-    label = f"{'Transcoder' if config.transcoder else 'SAE'} {in_site}{'->' + out_site if config.transcoder else ''}"
-    with progress_task(f"Training {label}", total=total_steps, enabled=progress) as task:
-        task.update(step)
-        epoch, stop = step // steps_per_epoch, False
-        while step < total_steps and not stop:
-            skip = step - epoch * steps_per_epoch
-            for i, batch in enumerate(acts.batches(sites, config.batch_size, seed=config.seed, epoch=epoch)):
+    def report(self, task: Any) -> None:
+        """Evaluate, keep the row, show it on the progress line and pass it to ``on_eval``."""
+        row = self.evaluate()
+        self.history.append(row)
+        spent = row["seconds"] - self.elapsed_before
+        eta = spent / max(1, self.step - self.first_step) * (self.plan.total_steps - self.step)
+        shown = f"held-out FVU {row['heldout_fvu']:.3f}, " if "heldout_fvu" in row else ""
+        task.update(
+            self.step,
+            description=f"Training {self.label}: {shown}train FVU {row['train_fvu']:.3f}, "
+            f"dead {100 * row['dead_fraction']:.1f}%, ETA {_fmt_seconds(eta)}",
+        )
+        if self.on_eval is not None:
+            self.on_eval(row)
+
+    def checkpoint(self) -> None:
+        """Write the weights, Adam's state, the counters and the history to ``out/checkpoint``."""
+        state = {
+            "step": self.step,
+            "site": self.plan.in_site,
+            "config": self.config_json,
+            "history": self.history,
+            "seconds": self.seconds(),
+        }
+        save_checkpoint(self.ckpt, self.d, self.opt, self.since, state)
+
+    def run(self, task: Any, max_steps: int | None) -> None:
+        """Step until the schedule ends (or ``max_steps``), resuming mid-epoch at the right batch."""
+        config, plan = self.config, self.plan
+        sites = [plan.in_site] if plan.in_site == plan.out_site else [plan.in_site, plan.out_site]
+        task.update(self.step)
+        epoch, stop = self.step // plan.steps_per_epoch, False
+        while self.step < plan.total_steps and not stop:
+            skip = self.step - epoch * plan.steps_per_epoch
+            for i, batch in enumerate(self.acts.batches(sites, config.batch_size, seed=config.seed, epoch=epoch)):
                 if i < skip:
                     continue
-                if step >= total_steps or (max_steps is not None and step >= max_steps):
+                if self.step >= plan.total_steps or (max_steps is not None and self.step >= max_steps):
                     stop = True
                     break
-                x = batch[0] * sx
-                y = batch[-1] * sy
-                for group in opt.param_groups:
-                    group["lr"] = rate(step)
-                dead = since > dead_tokens
-                loss, fvu, indices, values = step_loss(d, x, y, dead if bool(dead.any()) else None, config)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                with torch.no_grad():
-                    grad, W = d.W_dec.grad, d.W_dec
-                    grad -= (grad * W).sum(1, keepdim=True) * W
-                opt.step()
-                d.normalize_decoder()
-                fired = torch.zeros(config.n_latents, dtype=torch.bool)
-                fired[indices[values > 0]] = True
-                since += config.batch_size
-                since[fired] = 0
-                running.append(float(fvu.detach()))
-                step += 1
-                task.update(step)
-                if step % config.eval_every == 0 or step == total_steps:
-                    row = evaluate_now()
-                    history.append(row)
-                    spent = row["seconds"] - elapsed_before
-                    eta = spent / max(1, step - first_step) * (total_steps - step)
-                    shown = f"held-out FVU {row['heldout_fvu']:.3f}, " if "heldout_fvu" in row else ""
-                    task.update(
-                        step,
-                        description=f"Training {label}: {shown}train FVU {row['train_fvu']:.3f}, "
-                        f"dead {100 * row['dead_fraction']:.1f}%, ETA {_fmt_seconds(eta)}",
-                    )
-                    if on_eval is not None:
-                        on_eval(row)
-                if ckpt is not None and (step % config.checkpoint_every == 0 or step == total_steps):
-                    seconds = elapsed_before + time.monotonic() - started
-                    _save_checkpoint(
-                        ckpt,
-                        d,
-                        opt,
-                        since,
-                        {"step": step, "site": in_site, "config": config_json, "history": history, "seconds": seconds},
-                    )
+                self.optimise(batch)
+                task.update(self.step)
+                last = self.step == plan.total_steps
+                if self.step % config.eval_every == 0 or last:
+                    self.report(task)
+                if self.ckpt is not None and (self.step % config.checkpoint_every == 0 or last):
+                    self.checkpoint()
             else:
                 epoch += 1
-                continue
-    seconds = elapsed_before + time.monotonic() - started
-    _fold(d, sx, sy)
-    training = {
-        **config_json,
-        "lr": lr,
-        "dead_tokens": dead_tokens,
-        "steps": step,
-        "tokens_seen": step * config.batch_size,
-        "harvest_tokens": acts.n_tokens,
-        "seconds": round(seconds, 2),
-        "scale_in": sx,
-        "scale_out": sy,
-        "history": history,
-        "finished": step >= total_steps,
-    }
-    d.card = card.replace(training=training)
-    return TrainResult(d, history, seconds, step, step * config.batch_size)
+
+    def result(self) -> TrainResult:
+        """Fold the scales back into the weights and record how training went on the card."""
+        seconds, step = self.seconds(), self.step
+        fold_scales(self.d, self.sx, self.sy)
+        training = {
+            **self.config_json,
+            "lr": self.lr,
+            "dead_tokens": self.plan.dead_tokens,
+            "steps": step,
+            "tokens_seen": step * self.config.batch_size,
+            "harvest_tokens": self.acts.n_tokens,
+            "seconds": round(seconds, 2),
+            "scale_in": self.sx,
+            "scale_out": self.sy,
+            "history": self.history,
+            "finished": step >= self.plan.total_steps,
+        }
+        self.d.card = self.plan.card.replace(training=training)
+        return TrainResult(self.d, self.history, seconds, step, step * self.config.batch_size)
+
+
+def train(
+    activations: Activations | str | Path,
+    site: str,
+    config: TrainConfig = TrainConfig(),
+    *,
+    heldout: Activations | str | Path | None = None,
+    out: str | Path | None = None,
+    progress: ProgressArg = True,
+    max_steps: int | None = None,
+    on_eval: Callable[[dict[str, Any]], None] | None = None,
+) -> TrainResult:
+    """Train one dictionary on ``site`` of a harvest (``config.transcoder``: the MLP of ``site``'s layer).
+
+    ``heldout``: a harvest of held-out windows for the metrics reported as training goes
+    (``None``: the FVU on the training batches only). ``out``: checkpoints go to
+    ``out/checkpoint`` and a run resumes from there. ``max_steps`` stops early (as an
+    interrupt would; for tests of resuming).
+    """
+    check_sizes(config.n_latents, config.k)
+    acts = activations if isinstance(activations, Activations) else Activations(activations)
+    held = heldout if heldout is None or isinstance(heldout, Activations) else Activations(heldout)
+    plan = _plan(acts, site, config)
+    trainer = _Trainer(acts, held, plan, config, out, on_eval)
+    with progress_task(f"Training {trainer.label}", total=plan.total_steps, enabled=progress) as task:
+        trainer.run(task, max_steps)
+    return trainer.result()
