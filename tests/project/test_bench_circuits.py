@@ -15,7 +15,7 @@ from lmatlas.causal.circuits import edge_attribution
 from lmatlas.causal.faithfulness import MIB_FRACTIONS, find_circuit
 from lmatlas.model.tiny import tiny_model
 
-BENCH = runpy.run_path(str(Path(__file__).resolve().parent.parent / "bench" / "circuits.py"))
+BENCH = runpy.run_path(str(Path(__file__).resolve().parents[2] / "bench" / "circuits.py"))
 ARGS = ["--model", "tiny:llama", "--tasks", "induction", "--n", "2", "--steps", "2", "--verify", "10"]
 METHODS = ["eap-ig-act", "eap+qk"]  # every method runs the same code here; these two cover IG and the QK score
 
