@@ -15,12 +15,16 @@ beside a PCA baseline with k components.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 from rich.table import Table
 
 from lmatlas.cli.app import DEVICE_OPT, DTYPE_OPT, JSON_OPT, MODEL_ARG, app, load_model, out, print_json, run
+
+if TYPE_CHECKING:
+    from lmatlas.features.pipeline import Run
+    from lmatlas.features.train import TrainConfig
 
 features_app = typer.Typer(
     no_args_is_help=True, help="Sparse dictionaries: train TopK SAEs and transcoders, evaluate them."
@@ -62,86 +66,111 @@ def train_command(
 ) -> None:
     """Train TopK SAEs (or skip-transcoders) on sites of a model, with held-out metrics as it goes."""
     from lmatlas.features.pipeline import plan, train_dictionaries
-    from lmatlas.features.train import TrainConfig
 
     def body():
-        from lmatlas.features.dictionary import check_sizes, split_site
-
-        check_sizes(latents, k)  # the cheap checks come before loading the model
-        for name in site:
-            split_site(name)
-        config = TrainConfig(
-            n_latents=latents,
-            k=k,
-            transcoder=transcoder,
-            tokens=None if epochs == 1 else int(epochs * tokens),
-            batch_size=batch,
-            lr=lr,
-            seed=seed,
-        )
+        config = _train_config(site, latents, k, transcoder, tokens, epochs, batch, lr, seed)
         loaded = load_model(model, dtype, device)
         plan(loaded, site, config)
         result = train_dictionaries(
             loaded, site, config, out_dir, tokens=tokens, heldout_tokens=heldout_tokens, corpus=corpus, layout=layout
         )
-        rows = []
-        for folder, d in result.dictionaries.items():
-            last = (d.card.training.get("history") or [{}])[-1]
-            rows.append(
-                {
-                    "folder": str(out_dir / folder),
-                    "site": d.card.site,
-                    "out_site": d.card.out_site,
-                    "kind": d.card.kind,
-                    "latents": d.card.n_latents,
-                    "k": d.card.k,
-                    "heldout_fvu": last.get("heldout_fvu"),
-                    "l0": last.get("l0"),
-                    "dead_fraction": last.get("dead_fraction"),
-                    "steps": d.card.training["steps"],
-                    "seconds": d.card.training["seconds"],
-                }
-            )
-        info = {
-            "dictionaries": rows,
-            "harvest": {
-                "train_tokens": result.train.n_tokens,
-                "heldout_tokens": result.heldout.n_tokens,
-                "bytes": result.train.file_bytes() + result.heldout.file_bytes(),
-                "corpus": result.corpus,
-            },
-        }
+        info = _train_info(result, out_dir)
         if as_json:
             print_json(info)
             return
-        h = info["harvest"]
-        out.print(
-            f"Harvest: {h['train_tokens']:,} training and {h['heldout_tokens']:,} held-out tokens, "
-            f"{h['bytes'] / 2**20:,.1f} MiB on disk ({h['corpus'].get('corpus')})"
-        )
-        if "short" in h["corpus"]:
-            out.print(f"[yellow]Note: {h['corpus']['short']}.[/yellow]")
-        table = Table(title="Dictionaries", title_justify="left")
-        for column in ("folder", "kind", "latents", "k", "held-out FVU", "L0", "dead", "steps", "seconds"):
-            table.add_column(column, justify="left" if column in ("folder", "kind") else "right")
-        for r in rows:
-            fvu = "-" if r["heldout_fvu"] is None else f"{r['heldout_fvu']:.3f}"
-            l0 = "-" if r["l0"] is None else f"{r['l0']:.1f}"
-            table.add_row(
-                r["folder"],
-                r["kind"],
-                f"{r['latents']:,}",
-                str(r["k"]),
-                fvu,
-                l0,
-                _pct(r["dead_fraction"] or 0),
-                str(r["steps"]),
-                f"{r['seconds']:.0f}",
-            )
-        out.print(table)
-        out.print("Evaluate with: lmatlas features eval MODEL " + str(out_dir))
+        _print_train(info, out_dir)
 
     run(body)
+
+
+def _train_config(
+    site: list[str],
+    latents: int,
+    k: int,
+    transcoder: bool,
+    tokens: int,
+    epochs: float,
+    batch: int,
+    lr: float | None,
+    seed: int,
+) -> "TrainConfig":
+    """Check the options that need no model (sizes, site names), then the training settings they give."""
+    from lmatlas.features.dictionary import check_sizes, split_site
+    from lmatlas.features.train import TrainConfig
+
+    check_sizes(latents, k)  # the cheap checks come before loading the model
+    for name in site:
+        split_site(name)
+    return TrainConfig(
+        n_latents=latents,
+        k=k,
+        transcoder=transcoder,
+        tokens=None if epochs == 1 else int(epochs * tokens),
+        batch_size=batch,
+        lr=lr,
+        seed=seed,
+    )
+
+
+def _train_info(result: "Run", out_dir: Path) -> dict:
+    """``{"dictionaries": [one row per dictionary, its last held-out metrics], "harvest": {...}}`` (the JSON output)."""
+    rows = []
+    for folder, d in result.dictionaries.items():
+        last = (d.card.training.get("history") or [{}])[-1]
+        rows.append(
+            {
+                "folder": str(out_dir / folder),
+                "site": d.card.site,
+                "out_site": d.card.out_site,
+                "kind": d.card.kind,
+                "latents": d.card.n_latents,
+                "k": d.card.k,
+                "heldout_fvu": last.get("heldout_fvu"),
+                "l0": last.get("l0"),
+                "dead_fraction": last.get("dead_fraction"),
+                "steps": d.card.training["steps"],
+                "seconds": d.card.training["seconds"],
+            }
+        )
+    return {
+        "dictionaries": rows,
+        "harvest": {
+            "train_tokens": result.train.n_tokens,
+            "heldout_tokens": result.heldout.n_tokens,
+            "bytes": result.train.file_bytes() + result.heldout.file_bytes(),
+            "corpus": result.corpus,
+        },
+    }
+
+
+def _print_train(info: dict, out_dir: Path) -> None:
+    """The harvest's line, a table of the dictionaries and the command that evaluates them."""
+    h = info["harvest"]
+    out.print(
+        f"Harvest: {h['train_tokens']:,} training and {h['heldout_tokens']:,} held-out tokens, "
+        f"{h['bytes'] / 2**20:,.1f} MiB on disk ({h['corpus'].get('corpus')})"
+    )
+    if "short" in h["corpus"]:
+        out.print(f"[yellow]Note: {h['corpus']['short']}.[/yellow]")
+    table = Table(title="Dictionaries", title_justify="left")
+    for column in ("folder", "kind", "latents", "k", "held-out FVU", "L0", "dead", "steps", "seconds"):
+        table.add_column(column, justify="left" if column in ("folder", "kind") else "right")
+    for r in info["dictionaries"]:
+        fvu = "-" if r["heldout_fvu"] is None else f"{r['heldout_fvu']:.3f}"
+        l0 = "-" if r["l0"] is None else f"{r['l0']:.1f}"
+        table.add_row(
+            r["folder"],
+            r["kind"],
+            f"{r['latents']:,}",
+            str(r["k"]),
+            fvu,
+            l0,
+            _pct(r["dead_fraction"] or 0),
+            str(r["steps"]),
+            f"{r['seconds']:.0f}",
+        )
+    out.print(table)
+    out.print("Evaluate with: lmatlas features eval MODEL " + str(out_dir))
 
 
 @features_app.command("eval")

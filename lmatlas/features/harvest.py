@@ -177,6 +177,30 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
+def _harvest_shard(
+    model: "Model", sites: list[str], windows: torch.Tensor, lo: int, batch_size: int, out: Path, shard: int, task: Any
+) -> None:
+    """Capture ``sites`` over one shard's ``windows [w, seq_len]`` (the first at index ``lo``) and write its files.
+
+    Per site: ``out/site/{shard}.bos.npy`` (position 0, ``[w, d]``) and ``out/site/{shard}.npy``
+    (the other positions, ``[w * (seq_len - 1), d]``), float16.
+    """
+    hi = lo + len(windows)
+    parts: dict[str, list[torch.Tensor]] = {site: [] for site in sites}
+    for start in range(lo, hi, batch_size):
+        ids = windows[start - lo : min(hi, start + batch_size) - lo]
+        with torch.no_grad():
+            values = capture(model, ids, sites)
+        for site, value in values.items():
+            check_finite(value, site, start)
+            parts[site].append(value.to(torch.float16).cpu())
+        task.update(min(hi, start + batch_size))
+    for site in sites:
+        block = torch.cat(parts[site])  # [w, seq_len, d]
+        _save_npy(out / site / f"{shard:05d}.bos.npy", block[:, 0].numpy())
+        _save_npy(out / site / f"{shard:05d}.npy", block[:, 1:].reshape(-1, block.shape[-1]).numpy())
+
+
 def harvest(
     model: "Model",
     sites: Sequence[str],
@@ -242,19 +266,7 @@ def harvest(
         task.update(done * shard_windows)
         for shard in range(done, n_shards):
             lo, hi = shard * shard_windows, min(n, (shard + 1) * shard_windows)
-            parts: dict[str, list[torch.Tensor]] = {site: [] for site in sites}
-            for start in range(lo, hi, batch_size):
-                ids = windows[start : min(hi, start + batch_size)]
-                with torch.no_grad():
-                    values = capture(model, ids, sites)
-                for site, value in values.items():
-                    check_finite(value, site, start)
-                    parts[site].append(value.to(torch.float16).cpu())
-                task.update(min(hi, start + batch_size))
-            for site in sites:
-                block = torch.cat(parts[site])  # [w, seq_len, d]
-                _save_npy(out / site / f"{shard:05d}.bos.npy", block[:, 0].numpy())
-                _save_npy(out / site / f"{shard:05d}.npy", block[:, 1:].reshape(-1, block.shape[-1]).numpy())
+            _harvest_shard(model, sites, windows[lo:hi], lo, batch_size, out, shard, task)
             meta["shards_done"] = shard + 1
             info_path.write_text(json.dumps(meta, indent=1))
     return Activations(out)
