@@ -135,14 +135,15 @@ def test_no_network_and_full_disk_are_one_clear_line(tmp_path, monkeypatch):
     import subprocess
 
     import lmatlas.corpus.build as build
+    import lmatlas.corpus.download as download
 
     def offline(cmd, **kwargs):
         return subprocess.CompletedProcess(cmd, 100, "", "E: Failed to fetch ... Temporary failure resolving 'deb'\n")
 
-    monkeypatch.setattr(build.subprocess, "run", offline)
+    monkeypatch.setattr(download.subprocess, "run", offline)
     source = Source("docs", "debian", "some-doc", "1.0", "MIT", ("*.html",), "html")
     with pytest.raises(LmatlasError, match="Cannot download some-doc=1.0: no network"):
-        build.fetch(source, tmp_path)
+        download.fetch(source, tmp_path)
     assert not list((tmp_path / "downloads" / "debian" / "some-doc").iterdir())  # nothing half-written kept
 
     def full(*args, **kwargs):
@@ -158,7 +159,7 @@ def test_a_pinned_debian_version_gone_from_the_archive(tmp_path, monkeypatch):
     import subprocess
     from pathlib import Path
 
-    import lmatlas.corpus.build as build
+    import lmatlas.corpus.download as download
 
     def archive(cmd, cwd=None, **kwargs):
         if cmd[-1] == "some-doc=1.0":
@@ -166,14 +167,14 @@ def test_a_pinned_debian_version_gone_from_the_archive(tmp_path, monkeypatch):
         (Path(cwd) / "some-doc_1:1.1_all.deb".replace(":", "%3a")).write_bytes(b"!<arch>\n")
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
-    monkeypatch.setattr(build.subprocess, "run", archive)
+    monkeypatch.setattr(download.subprocess, "run", archive)
     source = Source("docs", "debian", "some-doc", "1.0", "MIT", ("*.html",), "html")
     with pytest.raises(LmatlasError, match="no longer offers some-doc=1.0.*--newer-versions"):
-        build.fetch(source, tmp_path)
-    taken = build.fetch(source, tmp_path, newer=True)
-    assert taken.name == "some-doc_1%3a1.1_all.deb" and build.archive_version(source, taken) == "1:1.1"
-    monkeypatch.setattr(build.subprocess, "run", None)  # a second build finds it without the network
-    assert build.fetch(source, tmp_path, newer=True) == taken
+        download.fetch(source, tmp_path)
+    taken = download.fetch(source, tmp_path, newer=True)
+    assert taken.name == "some-doc_1%3a1.1_all.deb" and download.archive_version(source, taken) == "1:1.1"
+    monkeypatch.setattr(download.subprocess, "run", None)  # a second build finds it without the network
+    assert download.fetch(source, tmp_path, newer=True) == taken
 
 
 def test_build_refuses_to_replace_a_folder_that_is_not_a_corpus(tmp_path):
