@@ -199,6 +199,47 @@ def exact_pairs(a: torch.Tensor, tokens: torch.Tensor, row: torch.Tensor, tok: t
     return scores[by_row], row[by_row], tok[by_row]
 
 
+def _scan_blocks(
+    rows: torch.Tensor,
+    index: TokenIndex,
+    k: int,
+    sides: list[int],
+    row_block: int,
+    progress: Progress | None,
+) -> tuple[dict[int, TokenRanking], float]:
+    """The exact rankings of ``rows [n, d]`` per side (``1`` top, ``-1`` bottom), ``row_block`` rows at a time.
+
+    One low-precision GEMM per block against ``index`` serves both sides (the bottom side
+    negates its scores in place). Returns ``({side: ranking [n, k]}, tokens rescored in total)``.
+    """
+    n, scorer = rows.shape[0], index.scorer
+    buffer = torch.empty(min(row_block, n), index.M * index.w, dtype=scorer.score_dtype, device=rows.device)
+    parts: dict[int, list[TokenRanking]] = {s: [] for s in sides}
+    rescored = 0.0
+    # torch's thread count is process-global: never change it here (other threads may be running models).
+    with torch.no_grad():
+        for r0 in range(0, n, row_block):
+            a = rows[r0 : r0 + row_block]
+            prepared = _prepare_rows(a, scorer)
+            raw = scorer.matmul(prepared.lp, index.lp, buffer[: a.shape[0]])  # [nb, M*w]
+            raw_view = raw.view(a.shape[0], index.w, index.M)
+            for sign in sides:
+                if sign < 0:  # bottom-k of s = top-k of -s: negate the scores and the rows, exactly
+                    scorer.negate_(raw)
+                    a = -a
+                ranking, count = _top(a, prepared, index, raw_view, k)
+                ranking.logits *= sign
+                parts[sign].append(ranking)
+                rescored += count
+            if progress:
+                progress(min(n, r0 + row_block), n)
+    found = {
+        sign: TokenRanking(ids=torch.cat([p.ids for p in got]), logits=torch.cat([p.logits for p in got]))
+        for sign, got in parts.items()
+    }
+    return found, rescored
+
+
 def pruned_topk(
     rows: torch.Tensor,
     tokens: torch.Tensor,
@@ -255,33 +296,6 @@ def pruned_topk(
     width = index.M * index.w
     if row_block is None:
         row_block = max(16, min(1024, ROW_BYTES_BUDGET // (width * scorer.score_dtype.itemsize)))
-    buffer = torch.empty(min(row_block, n), width, dtype=scorer.score_dtype, device=rows.device)
     sides = [s for s, on in ((1, top), (-1, bottom)) if on]
-    parts: dict[int, list[TokenRanking]] = {s: [] for s in sides}
-    rescored = 0.0
-    # torch's thread count is process-global: never change it here (other threads may be running models).
-    with torch.no_grad():
-        for r0 in range(0, n, row_block):
-            a = rows[r0 : r0 + row_block]
-            prepared = _prepare_rows(a, scorer)
-            raw = scorer.matmul(prepared.lp, index.lp, buffer[: a.shape[0]])  # [nb, M*w]
-            raw_view = raw.view(a.shape[0], index.w, index.M)
-            for sign in sides:
-                if sign < 0:  # bottom-k of s = top-k of -s: negate the scores and the rows, exactly
-                    scorer.negate_(raw)
-                    a = -a
-                ranking, count = _top(a, prepared, index, raw_view, k)
-                ranking.logits *= sign
-                parts[sign].append(ranking)
-                rescored += count
-            if progress:
-                progress(min(n, r0 + row_block), n)
-
-    def cat(sign: int) -> TokenRanking | None:
-        if sign not in parts:
-            return None
-        return TokenRanking(
-            ids=torch.cat([p.ids for p in parts[sign]]), logits=torch.cat([p.logits for p in parts[sign]])
-        )
-
-    return PrunedTopK(cat(1), cat(-1), method, rescored / max(1, n * len(sides)))
+    found, rescored = _scan_blocks(rows, index, k, sides, row_block, progress)
+    return PrunedTopK(found.get(1), found.get(-1), method, rescored / max(1, n * len(sides)))
