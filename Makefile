@@ -36,8 +36,9 @@ lint: setup
 docs: setup
 	$(VENV)/bin/mkdocs build --strict --quiet --site-dir build/site
 
+# Two test processes, a test file each at a time (module fixtures stay in one process), one torch thread each.
 test: setup browser lint docs
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadfile
 
 clean:
 	rm -rf $(VENV)

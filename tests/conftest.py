@@ -14,6 +14,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one torch thread per test process: two processes share the 2 cores
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from support.models import TINY_TYPES, get_tiny  # noqa: E402
 from support.web import ARTEFACTS, Server, launch_chromium, web_atlases  # noqa: E402
