@@ -255,7 +255,33 @@ def on_files(files, config):
     return files
 
 
+def map_stages_table() -> str:
+    """The atlas build's stages from ``bench/results/map.json``: seconds, forwards, tokens, peak memory."""
+    record = json.loads((ROOT / "bench" / "results" / "map.json").read_text())
+    seconds, work = record["seconds_by_stage"], record.get("work_by_stage", {})
+    peaks = record.get("peak_rss_mb_by_stage", {})
+    rows = ["| stage | seconds | forwards | tokens | peak RSS (MB) |", "| --- | ---: | ---: | ---: | ---: |"]
+    for stage, value in sorted(seconds.items(), key=lambda item: -item[1]):
+        done = work.get(stage, {})
+        rows.append(
+            f"| {stage} | {value:.1f} | {done.get('forwards', '')} | {done.get('tokens', '')} | "
+            f"{peaks.get(stage, '')} |"
+        )
+    conditions = record.get("conditions", {})
+    before, after = conditions.get("load_before", [None])[0], conditions.get("load_after", [None])[0]
+    rows.append("")
+    rows.append(
+        f"Whole build {record['build_s']:.1f} s (model load {record['load_s']:.2f} s apart), "
+        f"{record.get('torch_threads')} threads, 1-minute load {before} before and {after} after on "
+        f"{conditions.get('cpu_count')} CPUs, commit `{str(conditions.get('commit'))[:10]}`; "
+        f"`{conditions.get('command')}`."
+    )
+    return "\n".join(rows)
+
+
 def on_page_markdown(markdown: str, page, config, files) -> str:
     if "{{ combinations }}" in markdown:
         markdown = markdown.replace("{{ combinations }}", combinations_table())
+    if "{{ map_stages }}" in markdown:
+        markdown = markdown.replace("{{ map_stages }}", map_stages_table())
     return markdown

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import pkgutil
 from pathlib import Path
 
@@ -65,5 +66,9 @@ def test_generated_pages_name_every_command_error_and_record(hooks):
     assert all(part in one for part in ("## Symptom", "## Cause", "## Fix", SiteError.help.fix))
     bench = hooks.benchmarks_page()
     assert all(f"## {path.stem}" in bench for path in (ROOT / "bench" / "results").glob("*.json"))
+    stages = hooks.map_stages_table()
+    record = json.loads((ROOT / "bench" / "results" / "map.json").read_text())
+    assert all(f"| {stage} | {value:.1f} |" in stages for stage, value in record["seconds_by_stage"].items())
+    assert f"Whole build {record['build_s']:.1f} s" in stages
     table = hooks.combinations_table()
     assert "speculative" in table and "refused" in table
