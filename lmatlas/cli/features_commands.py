@@ -57,7 +57,10 @@ def train_command(
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the initialisation and the data order."),
     corpus: Optional[str] = typer.Option(
-        None, "--corpus", help="A built corpus folder or a text file (default: the built corpus, else the small one)."
+        None,
+        "--corpus",
+        help="A built corpus folder (lmatlas corpus build writes ~/.cache/lmatlas/corpus/english) or a text file "
+        "(default: the small built-in corpus, as for the atlas).",
     ),
     layout: str = typer.Option("sparsify", "--layout", help="File layout: sparsify or saelens (SAEs only)."),
     as_json: bool = JSON_OPT,

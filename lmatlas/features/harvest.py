@@ -131,21 +131,16 @@ def corpus_windows_split(
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
     """``(train [n, seq_len], heldout [m, seq_len], where)``: token windows for a harvest.
 
-    ``corpus`` is a built corpus folder (``lmatlas corpus build``; its held-out split is
-    documents training never sees) or a text file; ``None`` takes the built default corpus
-    when there is one, else the small default corpus, whose last windows are held out.
+    ``corpus`` is a built corpus folder (``lmatlas corpus build`` writes
+    :func:`lmatlas.corpus.default_corpus_dir`; its held-out split is documents training never
+    sees) or a text file; ``None`` takes the small default corpus, as the atlas and the census do
+    (its last windows are held out), whatever happens to be built on this machine.
     """
     import lmatlas.corpus as corpora
 
     n_train, n_held = -(-train_tokens // (seq_len - 1)), max(1, -(-heldout_tokens // (seq_len - 1)))
     folder = Path(corpus) if corpus is not None else None
-    if (
-        folder is None
-        and hasattr(corpora, "default_corpus_dir")
-        and (corpora.default_corpus_dir() / "manifest.json").is_file()
-    ):
-        folder = corpora.default_corpus_dir()
-    if folder is not None and folder.is_dir() and hasattr(corpora, "open_corpus"):
+    if folder is not None and folder.is_dir():
         built = corpora.open_corpus(folder)
         train = built.windows(model, n_train, seq_len, seed=seed)
         held = built.windows(model, n_held, seq_len, seed=seed, split="heldout")
