@@ -17,7 +17,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 if os.environ.get("PYTEST_XDIST_WORKER"):  # one torch thread per test process: two processes share the 2 cores
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from support.models import TINY_TYPES, get_tiny  # noqa: E402
+from support.models import TINY_TYPES, get_tiny, save_tiny_hf  # noqa: E402
 from support.web import ARTEFACTS, Server, launch_chromium, web_atlases  # noqa: E402
 
 
@@ -29,6 +29,12 @@ def tiny(request):
 @pytest.fixture
 def llama():
     return get_tiny("llama")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny random Llama and its byte tokenizer saved to disk: a model the command line loads by path."""
+    return str(save_tiny_hf(tmp_path_factory.mktemp("tiny-llama")))
 
 
 @pytest.fixture(scope="session")

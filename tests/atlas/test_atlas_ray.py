@@ -25,6 +25,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from support.models import save_tiny_hf
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # CI has no network: never try to report usage
 
@@ -35,7 +36,7 @@ from lmatlas.atlas.stages import Stage, all_stages, select_stages  # noqa: E402
 from lmatlas.atlas.store import AtlasStore  # noqa: E402
 from lmatlas.errors import AtlasError, LmatlasError, ModelFileError  # noqa: E402
 from lmatlas.model.loading import PACKAGED_DEFAULT_LABEL, load  # noqa: E402
-from lmatlas.model.tiny import byte_tokenizer, tiny_hf_model, tiny_model  # noqa: E402
+from lmatlas.model.tiny import tiny_model  # noqa: E402
 
 SMALL = {"corpus_sequences": 4, "seq_len": 32, "importance_sequences": 2, "top_contexts": 3}
 RAY_PROCESSES = ("raylet", "gcs_server", "ray::", "plasma_store", "dashboard", "runtime_env")
@@ -43,10 +44,7 @@ RAY_PROCESSES = ("raylet", "gcs_server", "ray::", "plasma_store", "dashboard", "
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llama-ray")
-    tiny_hf_model("llama").save_pretrained(path)
-    byte_tokenizer().save_pretrained(path)
-    return path
+    return save_tiny_hf(tmp_path_factory.mktemp("tiny-llama-ray"))
 
 
 @pytest.fixture(scope="module")

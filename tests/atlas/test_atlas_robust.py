@@ -12,6 +12,7 @@ import sys
 
 import pytest
 import torch
+from support.models import save_tiny_hf
 from typer.testing import CliRunner
 
 from lmatlas.atlas import Atlas, build_atlas, diff_atlases
@@ -20,7 +21,7 @@ from lmatlas.cli import app
 from lmatlas.decode.token_text import token_texts
 from lmatlas.errors import AtlasError
 from lmatlas.model.loading import load
-from lmatlas.model.tiny import byte_tokenizer, tiny_hf_model
+from lmatlas.model.tiny import byte_tokenizer
 
 SMALL = {"corpus_sequences": 4, "seq_len": 32, "importance_sequences": 2, "top_contexts": 3, "ov_sources": 64}
 STAGES = ["structure", "neurons", "ov", "activations", "importance"]
@@ -29,10 +30,7 @@ runner = CliRunner()
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llama-bytes")
-    tiny_hf_model("llama").save_pretrained(path)
-    byte_tokenizer().save_pretrained(path)
-    return path
+    return save_tiny_hf(tmp_path_factory.mktemp("tiny-llama-bytes"))
 
 
 @pytest.fixture(scope="module")

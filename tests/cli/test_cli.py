@@ -5,20 +5,17 @@ from __future__ import annotations
 import json
 
 import pytest
+from support.models import save_tiny_hf
 from typer.testing import CliRunner
 
 from lmatlas.cli import app
-from lmatlas.model.tiny import byte_tokenizer, tiny_hf_model
 
 runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-qwen3")
-    tiny_hf_model("qwen3").save_pretrained(path)
-    byte_tokenizer().save_pretrained(path)
-    return str(path)
+    return str(save_tiny_hf(tmp_path_factory.mktemp("tiny-qwen3"), "qwen3"))
 
 
 def test_info_table(model_dir):

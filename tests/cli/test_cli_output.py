@@ -14,18 +14,9 @@ from typer.testing import CliRunner
 
 from lmatlas.cli import app
 from lmatlas.cli.tables import token_list
-from lmatlas.model.tiny import byte_tokenizer, tiny_hf_model
 from lmatlas.progress import progress_task
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tiny_hf_model("llama").save_pretrained(path)
-    byte_tokenizer().save_pretrained(path)
-    return str(path)
 
 
 def _cells(table: str) -> list[str]:

@@ -18,7 +18,6 @@ import pytest
 from typer.testing import CliRunner
 
 from lmatlas.cli import app
-from lmatlas.model.tiny import byte_tokenizer, tiny_hf_model
 
 HEAVY = ("torch", "transformers", "duckdb", "pyarrow")
 COMMANDS = ("map", "show", "export", "diff", "search", "lens", "neurons", "heads", "info", "check", "sites")
@@ -66,14 +65,6 @@ def test_help_is_fast_enough():
     )
     assert result.returncode == 0 and "Usage" in result.stdout, result.stderr
     assert time.perf_counter() - started < 3.0
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tiny_hf_model("llama").save_pretrained(path)
-    byte_tokenizer().save_pretrained(path)
-    return str(path)
 
 
 def _cli(args: list[str]) -> subprocess.CompletedProcess:

@@ -11,17 +11,8 @@ from typer.testing import CliRunner
 from lmatlas.cli import app
 from lmatlas.infer import HeadwiseCache, SnapCache, SnapPlan, choose
 from lmatlas.model.loading import load
-from lmatlas.model.tiny import byte_tokenizer, tiny_hf_model
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tiny_hf_model("llama").save_pretrained(path)
-    byte_tokenizer().save_pretrained(path)
-    return str(path)
 
 
 def invoke(*args: str):

@@ -18,17 +18,8 @@ from lmatlas.atlas.token_search import reference_windows, search_model
 from lmatlas.cli import app
 from lmatlas.decode.token_text import token_texts
 from lmatlas.model.loading import load
-from lmatlas.model.tiny import byte_tokenizer, tiny_hf_model
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tiny_hf_model("llama").save_pretrained(path)
-    byte_tokenizer().save_pretrained(path)
-    return str(path)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from support.decode import assert_same_topk
-from support.models import TINY_TYPES, get_tiny
+from support.models import TINY_TYPES, get_tiny, save_tiny_hf
 
 from lmatlas.decode.neurons import decode_neurons, embed_scale, input_tokens
 from lmatlas.decode.vocab import DecodeError
@@ -259,12 +259,8 @@ def test_smollm2_clamping_a_word_neuron_makes_the_model_say_the_word(smollm2, sm
 # -- CLI -----------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    from lmatlas.model.tiny import byte_tokenizer, tiny_hf_model
 
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tiny_hf_model("llama").save_pretrained(path)
-    byte_tokenizer().save_pretrained(path)
-    return str(path)
+    return str(save_tiny_hf(tmp_path_factory.mktemp("tiny-llama")))
 
 
 def test_cli_neurons_json_matches_the_python_api(tiny_dir):

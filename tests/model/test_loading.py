@@ -10,20 +10,18 @@ import os
 
 import pytest
 import torch
+from support.models import save_tiny_hf
 from transformers import AutoConfig, AutoModelForSequenceClassification, BertConfig, BertForMaskedLM
 
 import lmatlas
 from lmatlas import ModelFileError, NotACausalLMError, UnsupportedArchitectureError
 from lmatlas.model.loading import load
-from lmatlas.model.tiny import byte_tokenizer, tiny_hf_model
+from lmatlas.model.tiny import tiny_hf_model
 
 
 @pytest.fixture(scope="module")
 def saved_llama(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tiny_hf_model("llama").save_pretrained(path)
-    byte_tokenizer().save_pretrained(path)
-    return path
+    return save_tiny_hf(tmp_path_factory.mktemp("tiny-llama"))
 
 
 def test_load_local_directory(saved_llama):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from lmatlas.model.tiny import TINY_CONFIGS, byte_tokenizer, tiny_model
+from lmatlas.model.tiny import TINY_CONFIGS, byte_tokenizer, tiny_hf_model, tiny_model
 
 TINY_TYPES = sorted(TINY_CONFIGS)
 
@@ -26,5 +26,12 @@ def save_tiny(path, layers=2, seed=0):
     config = AutoConfig.for_model("llama", **{**TINY_CONFIGS["llama"], "num_hidden_layers": layers})
     torch.manual_seed(seed)
     AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return path
+
+
+def save_tiny_hf(path, family: str = "llama"):
+    """``lmatlas.model.tiny``'s random ``family`` model and the byte tokenizer saved to ``path`` (returned)."""
+    tiny_hf_model(family).save_pretrained(path)
     byte_tokenizer().save_pretrained(path)
     return path
