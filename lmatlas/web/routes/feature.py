@@ -13,6 +13,7 @@ from typing import Any, Optional
 from fastapi import APIRouter, Depends, Path
 from pydantic import BaseModel, Field
 
+from lmatlas.web.contexts import dequantised
 from lmatlas.web.errors import ERROR_RESPONSES, Malformed, NotFound
 from lmatlas.web.routes import explorer
 from lmatlas.web.schemas import TokenValue
@@ -115,21 +116,7 @@ def _contexts(ex: Explorer, site: str, index: int, top: float) -> list[dict]:
         "WHERE site = ? AND feature = ? ORDER BY rank",
         [site, index],
     )
-    out = []
-    for r in rows:
-        values = [level * (top or 0.0) / 127 for level in r["levels"]]
-        if 0 <= r["peak"] < len(values):
-            values[r["peak"]] = r["activation"]  # the peak is stored exactly
-        out.append(
-            {
-                "rank": r["rank"],
-                "activation": r["activation"],
-                "tokens": r["tokens"],
-                "values": values,
-                "peak": r["peak"],
-            }
-        )
-    return out
+    return [dequantised(r, top or 0.0) for r in rows]
 
 
 def _pairs(tokens: list | None, values: list | None) -> list[dict[str, Any]]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Path
 
 from lmatlas.web import live, names
+from lmatlas.web.contexts import dequantised
 from lmatlas.web.errors import ERROR_RESPONSES, MODEL_RESPONSES
 from lmatlas.web.labels import explanation
 from lmatlas.web.routes import explorer
@@ -34,22 +35,7 @@ def _contexts(ex: Explorer, layer: int, neuron: int) -> list[dict]:
         "JOIN neuron_histograms h USING (layer, neuron) WHERE x.layer = ? AND x.neuron = ? ORDER BY x.rank",
         [layer, neuron],
     )
-    out = []
-    for r in rows:
-        scale = r["scale"] or 0.0
-        values = [level * scale / 127 for level in r["levels"]]
-        if 0 <= r["peak"] < len(values):
-            values[r["peak"]] = r["activation"]  # the peak is stored exactly
-        out.append(
-            {
-                "rank": r["rank"],
-                "activation": r["activation"],
-                "tokens": r["tokens"],
-                "values": values,
-                "peak": r["peak"],
-            }
-        )
-    return out
+    return [dequantised(r, r["scale"] or 0.0) for r in rows]
 
 
 @router.get(
