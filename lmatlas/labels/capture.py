@@ -229,6 +229,8 @@ def head_rows(data: Captured, layer: int) -> list[dict[str, Any]]:
             "null_layer": label.null_layer,
             "null_uniform": label.null_uniform,
         }
+        if label.rule.startswith("near_previous"):
+            s["previous"] = label.by_rule["previous"]
         rule = {"rule": label.rule, "description": sentences.describe_rule(label.rule), "by_rule": label.by_rule}
         rows.append(
             _row(

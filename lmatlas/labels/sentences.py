@@ -56,17 +56,21 @@ def output_sentence(promoted: list[str], s: dict[str, float], verified: bool) ->
 
 
 def head_sentence(rule: str, s: dict[str, float], labelled: bool) -> str:
+    """``s``: explained (and its interval), nulls, and ``previous`` (the previous token's share) for a
+    ``near_previous`` rule, so a blurred previous-token head says how much of it is the previous token."""
+    alone = f"; the previous token alone {_pct(s['previous'])}" if "previous" in s else ""
     body = (
         f"attends to {describe_rule(rule)} (explains {_pct(s['explained'])} of its attention "
-        f"[{_pct(s['explained_lo'])}, {_pct(s['explained_hi'])}]; null {_pct(max(s['null_layer'], s['null_uniform']))})"
+        f"[{_pct(s['explained_lo'])}, {_pct(s['explained_hi'])}]{alone}; "
+        f"null {_pct(max(s['null_layer'], s['null_uniform']))})"
     )
     return body if labelled else "unlabelled: best rule " + body
 
 
 def describe_rule(rule: str) -> str:
-    """``"induction+first"`` -> ``"the token after ... (induction), else the first token (BOS / attention sink)"``."""
+    """``"induction+first"`` -> ``"the token after ... (induction), or the first token (BOS / attention sink)"``."""
     base, _, extra = rule.partition("+")
-    return RULES[base] + (f", else {RULES[extra]}" if extra else "")
+    return RULES[base] + (f", or {RULES[extra]}" if extra else "")
 
 
 def combined(input_text: str, output_text: str | None, output_verified: bool) -> str:
