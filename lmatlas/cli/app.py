@@ -48,6 +48,10 @@ QUIET_ENV = {
 }
 
 
+#: Commands whose forwards are per-token decode steps (thread choice: lmatlas.machine's ``decode`` workload).
+DECODE_COMMANDS = frozenset({"generate"})
+
+
 @app.callback()
 def options(
     verbose: bool = typer.Option(
@@ -56,18 +60,19 @@ def options(
     threads: Optional[int] = typer.Option(
         None,
         "--threads",
-        help="CPU threads for the work (default: the cores not busy with other work, from the load average).",
+        help="CPU threads for the work (default: chosen for the command's workload from the cores free now).",
     ),
 ) -> None:
     """Map, decode and edit every part of a causal LM."""
     from lmatlas.machine import use_threads
 
     quiet_third_party(not verbose)
+    ctx = _current_context()
+    workload = "decode" if ctx is not None and ctx.invoked_subcommand in DECODE_COMMANDS else "batch"
     try:
-        choice = use_threads(threads)
+        choice = use_threads(threads, workload)
     except LmatlasError as error:
         raise error_exit(error) from None
-    ctx = _current_context()
     if ctx is not None:
         ctx.obj = {"threads": choice}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import pytest
@@ -11,7 +12,15 @@ from typer.testing import CliRunner
 
 from lmatlas.cli import app
 from lmatlas.errors import InputError
-from lmatlas.machine import choose_threads, usable_cores, use_threads
+from lmatlas.machine import (
+    LARGE_FORWARD_TOKENS,
+    calibrate,
+    choose_threads,
+    pick_calibrated,
+    usable_cores,
+    use_threads,
+    workload_for,
+)
 
 
 @pytest.fixture
@@ -26,13 +35,65 @@ def test_default_takes_the_cores_not_busy(monkeypatch):
     for load in (0.0, cores + 3.0, cores - 1.0, 0.4):
         monkeypatch.setattr(os, "getloadavg", lambda load=load: (load, load, load))
         choice = choose_threads()
-        assert 1 <= choice.threads <= cores and choice.load == load
-        assert choice.threads == max(1, min(cores, round(cores - load + 0.5)))
+        assert 1 <= choice.threads <= cores and choice.load == load and choice.workload == "batch"
+        assert choice.threads == max(1, min(cores, math.floor(cores - load + 0.5 + 1e-9)))
         assert choice.threads == (cores if load < 0.5 else choice.threads) and (load < cores + 1 or choice.threads == 1)
     assert choose_threads(3).threads == 3 and choose_threads(3).reason == "as asked"
     for bad in (0, -1, 1.5, True):
         with pytest.raises(InputError, match="whole number"):
             choose_threads(bad)
+    with pytest.raises(InputError, match="decode, batch"):
+        choose_threads(workload="training")
+
+
+# (cores, load) -> threads for decode (a core counts when >= 75% free) and batch (>= 50% free), by hand.
+TABLE = [
+    ((2, 0.0), 2, 2),
+    ((2, 0.2), 2, 2),
+    ((2, 0.3), 1, 2),
+    ((2, 0.5), 1, 2),
+    ((2, 0.6), 1, 1),
+    ((2, 1.0), 1, 1),  # a sibling process on one core: one thread for every workload
+    ((2, 5.0), 1, 1),
+    ((8, 0.0), 8, 8),
+    ((8, 2.4), 5, 6),  # 5.6 cores free: 5 at least 75% free, 6 at least half
+    ((8, 2.6), 5, 5),
+    ((1, 0.0), 1, 1),
+]
+
+
+@pytest.mark.parametrize(("machine", "decode", "batch"), TABLE)
+def test_choice_per_workload_from_a_fake_reading(machine, decode, batch):
+    cores, load = machine
+    assert choose_threads(workload="decode", cores=cores, load=load).threads == decode
+    assert choose_threads(workload="batch", cores=cores, load=load).threads == batch
+    said = choose_threads(workload="decode", cores=cores, load=load).describe()
+    assert f"{decode} of {cores} CPU threads" in said and "decode work" in said and f"load {load:.2f}" in said
+
+
+def test_workload_of_a_forward_size():
+    assert workload_for(1).name == workload_for(9).name == "decode"
+    assert workload_for(LARGE_FORWARD_TOKENS).name == workload_for(8192).name == "batch"
+
+
+def test_calibration_keeps_the_fewest_threads_within_tolerance(restore_threads):
+    assert pick_calibrated({1: 1.0, 2: 0.55}) == 2
+    assert pick_calibrated({1: 1.0, 2: 0.97}) == 1  # within 5%: the second thread does not pay
+    assert pick_calibrated({1: 1.0, 2: 1.8, 4: 0.99}) == 1
+    # A fake step whose duration depends on the thread count set when it runs, read by a fake clock.
+    cost = {1: 10.0, 2: 6.0, 3: 7.0}
+    now = [0.0]
+    calls = []
+
+    def step():
+        calls.append(torch.get_num_threads())
+        now[0] += cost[torch.get_num_threads()]
+
+    result = calibrate(step, [1, 2, 3], rounds=3, clock=lambda: now[0])
+    assert result.threads == 2 and torch.get_num_threads() == 2
+    assert result.medians == {1: 10.0, 2: 6.0, 3: 7.0}
+    assert sorted(calls) == sorted([1, 2, 3] * 4)  # one warm-up and three timed runs each
+    assert calls[3:6] == [1, 2, 3] and calls[6:9] == [2, 3, 1]  # rounds alternate the order
 
 
 def test_use_threads_sets_torch(restore_threads):
@@ -46,7 +107,21 @@ def test_cli_threads_option_is_applied_and_reported(restore_threads, tmp_path):
     byte_tokenizer().save_pretrained(tmp_path)
     result = CliRunner().invoke(app, ["--threads", "1", "generate", str(tmp_path), "hello", "-n", "2", "--json"])
     assert result.exit_code == 0, result.output
-    assert "Ran on 1 of" in result.stderr and "as asked" in result.stderr
+    assert "Ran on 1 of" in result.stderr and "as asked" in result.stderr and "decode work" in result.stderr
     assert json.loads(result.stdout)["max_new_tokens"] == 2 and torch.get_num_threads() == 1
     bad = CliRunner().invoke(app, ["--threads", "0", "info"])
     assert bad.exit_code == 2 and "whole number" in bad.output and "Traceback" not in bad.output
+
+
+def test_cli_generate_chooses_for_decode_work(restore_threads, tmp_path, monkeypatch):
+    from lmatlas import machine
+    from lmatlas.model.tiny import byte_tokenizer, tiny_hf_model
+
+    tiny_hf_model("llama").save_pretrained(tmp_path)
+    byte_tokenizer().save_pretrained(tmp_path)
+    monkeypatch.setattr(machine, "usable_cores", lambda: 2)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.4, 0.4, 0.4))  # batch work would take 2 threads here
+    result = CliRunner().invoke(app, ["generate", str(tmp_path), "hello", "-n", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    assert "Ran on 1 of 2 CPU threads" in result.stderr and "decode work" in result.stderr
+    assert torch.get_num_threads() == 1
