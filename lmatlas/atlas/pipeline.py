@@ -18,6 +18,7 @@ missing. A full disk (or any other write failure) stops the build with an
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -92,6 +93,7 @@ def build_atlas(
     ctx = make_context(model, corpus, seed, params)  # a bad corpus fails before the file is touched
     ctx.progress = progress is True
     ctx.memo["requested_stages"] = list(only or [])  # a stage may refuse bad input only when asked for by name
+    ctx.memo["partial_dir"] = Path(f"{out}.partial")  # long units checkpoint inside themselves here
     store = AtlasStore.create_or_open(out, model.card())
     command = resume_command(model, out, only, corpus, seed)
     report = BuildReport(Path(out), planned=0, skipped=0)
@@ -120,6 +122,7 @@ def build_atlas(
                 report.computed.append(result.unit)
                 report.seconds_by_stage[result.stage] = report.seconds_by_stage.get(result.stage, 0.0) + result.seconds
                 task.advance(description=f"committed {result.unit} ({result.seconds:.2f}s)")
+        shutil.rmtree(ctx.memo["partial_dir"], ignore_errors=True)  # every unit is in the file: nothing to resume
         return report
     finally:
         store.close()

@@ -6,7 +6,9 @@ battery, its null battery, Welch z-scores and the detector's documented threshol
 The units of one build share the forwards of their common batteries (the readouts are
 memoised per build in ``ctx.memo``, :func:`lmatlas.census.measure.shared`): the null
 battery of six detectors runs once, not six times. A resumed build recomputes a shared
-forward once, for the first unit that needs it.
+forward once, for the first unit that needs it; the needle pass (minutes on a CPU) keeps each
+finished batch in the build's ``<atlas>.partial`` folder (:mod:`lmatlas.census.checkpoint`), so an
+interrupt inside it loses one batch, and the resumed build reads the rest back.
 A detector that cannot apply to the model (e.g. a context too short for its battery)
 stores no rows; its unit is still done, so resuming does not retry it.
 """
@@ -29,12 +31,13 @@ def plan(model: "Model", ctx: BuildContext) -> list[str]:
 
 
 def compute(model: "Model", unit: str, ctx: BuildContext):
+    from lmatlas.census.checkpoint import checkpoints
     from lmatlas.census.measure import shared
     from lmatlas.census.run import run_census
 
     name = unit.split("/", 1)[1]
     try:
-        with shared(ctx.remember("census.readouts", dict)):
+        with shared(ctx.remember("census.readouts", dict)), checkpoints(ctx.memo.get("partial_dir")):
             result = run_census(model, detectors=[name], seed=ctx.seed, progress=ctx.progress)[name]
     except LmatlasError:
         return {}

@@ -58,7 +58,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from lmatlas.census import measure
+from lmatlas.census import checkpoint, measure
 from lmatlas.census.detectors.retrieval import copy_steps, hits_of, needle_battery, rows_per_call
 from lmatlas.census.registry import Battery, Detector, register
 from lmatlas.census.streaming import attention_stats
@@ -213,7 +213,13 @@ def _needle_forwards(
     hits, mass = [], []
     sums: dict[tuple[int, int], list[tuple[torch.Tensor, torch.Tensor]]] = {s: [] for s in splits}
     step = rows_per_call(ids.shape[1], tokens_per_call)
-    for start in range(0, ids.shape[0], step):
+    key = checkpoint.pass_key(
+        "needle", battery, chunk=chunk, tokens_per_call=tokens_per_call, stats=stats, splits=splits
+    )
+    kept = {"hits": hits, "needle_mass": mass, **{f"split {s}": parts for s, parts in sums.items()}}
+    for index, start in enumerate(range(0, ids.shape[0], step)):
+        if checkpoint.load(key, index, kept, model.device):  # finished before an interrupt (census/checkpoint.py)
+            continue
         rows = slice(start, start + step)
         probes = {
             s: {
@@ -237,6 +243,7 @@ def _needle_forwards(
         for s, layer_probes in probes.items():
             _check_calls(layer_probes)
             sums[s].append(_stacked(layer_probes, model.layout.n_layers))
+        checkpoint.save(key, index, kept)
     return NeedleMeasures(
         hits=torch.cat(hits).float() if stats else None,
         needle_mass=torch.cat(mass).float() if stats else None,
