@@ -18,13 +18,20 @@ faithfulness  A battery from a table of capitals: closed-book ("What is the capi
               ``--cost-prompts`` chat prompts of ``--cost-tokens`` new tokens (prefill weighs less).
 acceptance    (``--only acceptance``) how often exiting at each layer agrees with the model's next
               token, and 20% of the layers skipped, with the speed-up each implies.
-speculative   Tokens/s and mean accepted length on ``--prompts`` chat prompts of ``--new-tokens``
-              tokens: greedy (transformers), transformers' prompt-lookup decoding, and ours with
-              the prompt-lookup, early-exit and draft-heads drafters, in one run; the output of
-              every method is compared with greedy's, token for token.
+speculative   Tokens/s, acceptance rate and mean accepted length on ``--prompts`` chat prompts of
+              ``--new-tokens`` tokens: greedy (transformers), transformers' prompt-lookup decoding,
+              and ours with each drafter of ``--drafters`` (``name[:draft_len][@min_prob]``:
+              prompt lookup, early exit, trained draft heads), interleaved per prompt; the output of
+              every method is compared with greedy's token for token, and the run exits with an
+              error naming the prompts where any differs.
+
+Threads: ``--threads auto`` (default) calibrates on this machine first (a verify forward timed
+with 1 .. cores threads, alternating; the fewest threads within 5% of the fastest) and every
+section records the choice; ``--threads N`` fixes it.
 
     .venv/bin/python bench/decoding.py --truthfulqa ../shared/data/truthfulqa/TruthfulQA.csv \
-        [--questions 200] [--prompts 20] [--new-tokens 256] [--only ...] [--out bench/results/decoding.json]
+        [--questions 200] [--prompts 20] [--new-tokens 256] [--only ...] [--threads auto|N]
+        [--drafters prompt-lookup:4,heads:2@0.5,...] [--out bench/results/decoding.json]
 """
 
 from __future__ import annotations
@@ -47,8 +54,7 @@ from intervals import wilson  # noqa: E402  (bench/ is on the path when a benchm
 import lmatlas
 from lmatlas.infer.decoding.decore import random_heads, retrieval_heads
 from lmatlas.infer.decoding.dola import candidate_layers, js_divergence
-from lmatlas.infer.decoding.draft_heads import DraftHeadsError, load_draft_heads
-from lmatlas.infer.decoding.drafters import EarlyExit, Heads, PromptLookup
+from lmatlas.infer.decoding.draft_heads import DraftHeadsError
 from lmatlas.infer.decoding.speculative import speculative_generate
 from lmatlas.infer.decoding.strategies import DeCoRe, Dola
 from lmatlas.model.readout import LayerTap, exit_logits, exit_logits_at
@@ -361,42 +367,90 @@ SPEC_PROMPTS = [
 ]
 
 
+#: The drafters of the speculative section, ``name[:draft_len][@min_prob]`` (draft heads: draft only while
+#: each head's probability is at least ``min_prob``). The verify curve (decoding_threads.json) prices a
+#: forward over 1 + k tokens at 1.14x a step for k = 1, 1.21x for 2, 1.5x for 3-4: short drafts pay first.
+DEFAULT_DRAFTERS = "prompt-lookup:4,prompt-lookup:2,heads:1,heads:2@0.5,heads:3@0.5,early-exit:1"
+
+
+def parse_drafters(spec: str, default_len: int) -> list[tuple[str, str, int, float]]:
+    """``"heads:2@0.5,prompt-lookup"`` -> ``[(label, drafter name, draft_len, min_prob), ...]``."""
+    out = []
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        name, _, prob = item.partition("@")
+        name, _, length = name.partition(":")
+        k, min_prob = int(length or default_len), float(prob or 0.0)
+        label = f"ours_{name.replace('-', '_')}_k{k}" + (f"_p{min_prob:g}" if min_prob else "")
+        out.append((label, name, k, min_prob))
+    return out
+
+
+def build_drafters(model, spec: str, default_len: int, heads_path: str | None) -> tuple[dict, dict | None]:
+    """``{label: (drafter, draft_len)}`` for ``spec`` (draft heads left out, with a log line, when none are
+    trained) and the heads' training record."""
+    from lmatlas.infer.decoding.drafters import make_drafter
+
+    drafters, heads_meta = {}, None
+    for label, name, k, min_prob in parse_drafters(spec, default_len):
+        try:
+            drafter = make_drafter(model, name, heads_path=heads_path, min_prob=min_prob)
+        except DraftHeadsError as error:
+            log(f"{label} left out: {error}")
+            continue
+        if name == "heads":
+            heads_meta = drafter.heads.meta.get("train")
+        drafters[label] = (drafter, k)
+    return drafters, heads_meta
+
+
+def verify_step(model, draft_len: int, context: int = 256):
+    """A verifying forward over ``1 + draft_len`` tokens on a ``context``-token cache (the step speculative
+    decoding repeats), for :func:`lmatlas.machine.calibrate`."""
+    from transformers import DynamicCache
+
+    vocab = model.hf.config.vocab_size
+    prompt = torch.randint(0, vocab, (1, context), generator=torch.Generator().manual_seed(0))
+    verify = torch.randint(0, vocab, (1, 1 + draft_len), generator=torch.Generator().manual_seed(1))
+    cache = DynamicCache(config=model.hf.config)
+    with torch.no_grad():
+        model.hf(input_ids=prompt, past_key_values=cache, use_cache=True, logits_to_keep=1)
+
+    def step():
+        with torch.no_grad():
+            model.hf(input_ids=verify, past_key_values=cache, use_cache=True)
+        cache.crop(context)
+
+    return step
+
+
 def speculative(
     model,
     n_prompts: int,
     new_tokens: int,
-    draft_len: int,
-    heads_path: str | None,
+    drafters: dict,
+    heads_meta: dict | None = None,
     early_exit_prompts: int | None = None,
     minutes: float | None = None,
-    heads_min_prob: float | None = None,
 ) -> dict:
-    """Every method on the same prompts, interleaved per prompt; the early-exit drafter (slow on a CPU)
-    only on the first ``early_exit_prompts`` prompts, its ratio taken against greedy on those prompts."""
+    """Greedy (transformers), transformers' prompt lookup and every drafter of ``drafters``
+    (``{label: (drafter, draft_len)}``) on the same prompts, interleaved per prompt; every output is
+    compared with greedy's token for token (``all_identical``). The early-exit drafters (slow on a CPU)
+    run on the first ``early_exit_prompts`` prompts only, their ratio taken against greedy on those."""
     from lmatlas.model.generation import prompt_ids
 
-    drafters = {"ours_prompt_lookup": PromptLookup(), "ours_early_exit": EarlyExit(max(1, model.layout.n_layers - 2))}
-    heads_meta = None
-    try:
-        heads = load_draft_heads(model, heads_path)
-        drafters["ours_heads"] = Heads(heads)
-        if heads_min_prob:
-            drafters[f"ours_heads_min_prob_{heads_min_prob}"] = Heads(heads, heads_min_prob)
-        heads_meta = heads.meta.get("train")
-    except DraftHeadsError as error:
-        log(f"no draft heads: {error}")
     prompts = (SPEC_PROMPTS * 2)[:n_prompts]
-    limit = {"ours_early_exit": early_exit_prompts if early_exit_prompts is not None else len(prompts)}
+    lookup_len = max([k for label, (_, k) in drafters.items() if "prompt_lookup" in label] or [4])
     pad = model.tokenizer.eos_token_id
     runs = {name: [] for name in ["greedy", "hf_prompt_lookup", *drafters]}  # (prompt, seconds, tokens, identical)
     accepted = {name: [] for name in drafters}
     drafted = {name: [] for name in drafters}  # drafts proposed per verifying forward
+    mismatches = []
     chat = getattr(model.tokenizer, "chat_template", None) is not None  # tiny test models have none
     warm = prompt_ids(model, prompts[0], chat)["input_ids"]
     with torch.no_grad():  # warm-up: first calls allocate and pick kernels
         model.hf.generate(input_ids=warm, do_sample=False, max_new_tokens=8, pad_token_id=pad)
-    for drafter in drafters.values():
-        speculative_generate(model, warm, drafter, 8, draft_len=draft_len)
+    for drafter, k in drafters.values():
+        speculative_generate(model, warm, drafter, 8, draft_len=k)
     begin = time.perf_counter()
     for i, prompt in enumerate(prompts):
         ids = prompt_ids(model, prompt, chat)["input_ids"]
@@ -412,18 +466,21 @@ def speculative(
                 do_sample=False,
                 max_new_tokens=new_tokens,
                 pad_token_id=pad,
-                prompt_lookup_num_tokens=draft_len,
+                prompt_lookup_num_tokens=lookup_len,
             )
             seconds = time.perf_counter() - start
             new = lookup[0, ids.shape[1] :].tolist()
             runs["hf_prompt_lookup"].append((i, seconds, len(new), new == reference))
-        for name, drafter in drafters.items():
-            if i >= limit.get(name, len(prompts)):
+        for name, (drafter, k) in drafters.items():
+            if "early_exit" in name and early_exit_prompts is not None and i >= early_exit_prompts:
                 continue
-            result = speculative_generate(model, ids, drafter, new_tokens, draft_len=draft_len)
+            result = speculative_generate(model, ids, drafter, new_tokens, draft_len=k)
             runs[name].append((i, result.seconds, len(result.token_ids), result.token_ids == reference))
-            accepted[name].extend(a + 1 for a in result.accepted)
+            accepted[name].extend(result.accepted)
             drafted[name].extend(result.drafted)
+        for name, rows in runs.items():
+            if rows and rows[-1][0] == i and not rows[-1][3]:
+                mismatches.append({"prompt": i, "method": name})
         log(
             f"speculative {i + 1}/{len(prompts)}: "
             + ", ".join(f"{k} {sum(r[1] for r in v):.1f}s" for k, v in runs.items())
@@ -431,39 +488,54 @@ def speculative(
         if minutes is not None and time.perf_counter() - begin > minutes * 60:
             log(f"speculative: time budget of {minutes} min reached after {i + 1} prompts")
             break
-    greedy_by_prompt = {i: (s, n) for i, s, n, _ in runs["greedy"]}
     out = {
         "prompts": len(runs["greedy"]),
         "requested_prompts": len(prompts),
         "new_tokens": new_tokens,
-        "draft_len": draft_len,
+        "drafters": {name: {"draft_len": k} for name, (_, k) in drafters.items()},
         "greedy_tokens": sum(n for _, _, n, _ in runs["greedy"]),
         "draft_heads": heads_meta,
-        "methods": {},
+        "all_identical": not mismatches,
+        "mismatches": mismatches,
+        "methods": {name: method_summary(rows, runs["greedy"]) for name, rows in runs.items() if rows},
     }
-    for name, rows in runs.items():
-        if not rows:  # e.g. the early-exit drafter with --early-exit-prompts 0
-            continue
-        seconds, tokens = sum(r[1] for r in rows), sum(r[2] for r in rows)
-        base_s = sum(greedy_by_prompt[r[0]][0] for r in rows)
-        base_n = sum(greedy_by_prompt[r[0]][1] for r in rows)
-        rate = tokens / seconds
-        per_prompt = [(greedy_by_prompt[i][0] / greedy_by_prompt[i][1]) / (sec / max(n, 1)) for i, sec, n, _ in rows]
-        out["methods"][name] = {
-            "prompts": len(rows),
-            "tokens_per_s": rate,
-            "ratio_vs_greedy": rate / (base_n / base_s),
-            "median_ratio_per_prompt": statistics.median(per_prompt),
-            "identical_to_greedy": f"{sum(r[3] for r in rows)}/{len(rows)}",
-            "median_s_per_prompt": statistics.median(r[1] for r in rows),
-            "seconds_per_prompt": [round(r[1], 3) for r in rows],
-        }
-        if name in accepted:
-            out["methods"][name]["mean_accepted_length"] = statistics.fmean(accepted[name])
-            out["methods"][name]["drafted_histogram"] = {
-                str(k): drafted[name].count(k) for k in sorted(set(drafted[name]))
-            }
+    for name in drafters:
+        if runs[name]:
+            out["methods"][name].update(acceptance_summary(accepted[name], drafted[name]))
     return out
+
+
+def method_summary(rows: list, greedy_rows: list) -> dict:
+    """Tokens/s of one method's ``rows`` ``(prompt, seconds, tokens, identical)`` and its ratio to greedy
+    on the same prompts (total tokens / total seconds, and the median of per-prompt ratios)."""
+    greedy_by_prompt = {i: (s, n) for i, s, n, _ in greedy_rows}
+    seconds, tokens = sum(r[1] for r in rows), sum(r[2] for r in rows)
+    base_s = sum(greedy_by_prompt[r[0]][0] for r in rows)
+    base_n = sum(greedy_by_prompt[r[0]][1] for r in rows)
+    per_prompt = [(greedy_by_prompt[i][0] / greedy_by_prompt[i][1]) / (sec / max(n, 1)) for i, sec, n, _ in rows]
+    return {
+        "prompts": len(rows),
+        "tokens_per_s": tokens / seconds,
+        "ratio_vs_greedy": (tokens / seconds) / (base_n / base_s),
+        "median_ratio_per_prompt": statistics.median(per_prompt),
+        "identical_to_greedy": f"{sum(r[3] for r in rows)}/{len(rows)}",
+        "median_s_per_prompt": statistics.median(r[1] for r in rows),
+        "seconds_per_prompt": [round(r[1], 3) for r in rows],
+    }
+
+
+def acceptance_summary(accepted: list[int], drafted: list[int]) -> dict:
+    """How much of the drafts the verification kept: ``acceptance_rate`` (accepted / drafted tokens),
+    ``acceptance_when_drafting`` (the same over forwards that had a draft), tokens per verifying forward."""
+    with_draft = [(a, d) for a, d in zip(accepted, drafted) if d]
+    return {
+        "verify_forwards": len(accepted),
+        "forwards_with_draft": len(with_draft),
+        "acceptance_rate": sum(accepted) / max(sum(drafted), 1),
+        "first_token_acceptance": sum(a > 0 for a, _ in with_draft) / max(len(with_draft), 1),
+        "mean_accepted_length": statistics.fmean(a + 1 for a in accepted) if accepted else None,
+        "drafted_histogram": {str(k): drafted.count(k) for k in sorted(set(drafted))},
+    }
 
 
 def main() -> None:
@@ -475,7 +547,18 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--cost-prompts", type=int, default=4, help="Prompts for DoLa / DeCoRe time per token.")
     parser.add_argument("--cost-tokens", type=int, default=64, help="New tokens per prompt for time per token.")
-    parser.add_argument("--draft-len", type=int, default=4)
+    parser.add_argument("--draft-len", type=int, default=4, help="Draft length of a drafter given without one.")
+    parser.add_argument(
+        "--drafters",
+        default=DEFAULT_DRAFTERS,
+        help="Speculative drafters, name[:draft_len][@min_prob] separated by commas.",
+    )
+    parser.add_argument(
+        "--threads",
+        default="auto",
+        help="Torch threads: a number, or auto (calibrate: a verify forward timed with 1..cores threads, "
+        "alternating, the fewest within 5%% of the fastest).",
+    )
     parser.add_argument(
         "--early-exit-prompts",
         type=int,
@@ -484,12 +567,6 @@ def main() -> None:
     )
     parser.add_argument("--retrieval-heads", type=int, default=10)
     parser.add_argument("--heads-file", default=None)
-    parser.add_argument(
-        "--heads-min-prob",
-        type=float,
-        default=None,
-        help="Also run the heads drafter drafting only while each head's probability >= this.",
-    )
     parser.add_argument("--atlas", default=None, help="Take retrieval heads from this atlas (else run the census).")
     parser.add_argument(
         "--minutes",
@@ -503,6 +580,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     model = lmatlas.load()
+    calibration = choose_bench_threads(model, args.threads)
     results: dict = {"model": model.card()["source"], "torch_threads": torch.get_num_threads(), "sections": {}}
     if os.path.exists(args.out):
         results["sections"] = json.load(open(args.out)).get("sections", {})
@@ -512,6 +590,7 @@ def main() -> None:
         start = time.perf_counter()
         data = compute()
         data.update(
+            threads={"torch_threads": torch.get_num_threads(), "choice": calibration},
             conditions={**measured, "load_after": load_average()},
             uptime_before=before,
             uptime_after=uptime(),
@@ -539,24 +618,33 @@ def main() -> None:
     if "acceptance" in only:
         section("acceptance", lambda: acceptance(model, 5, 48, args.atlas))
     if "speculative" in only:
+        drafters, heads_meta = build_drafters(model, args.drafters, args.draft_len, args.heads_file)
         section(
             "speculative",
             lambda: speculative(
-                model,
-                args.prompts,
-                args.new_tokens,
-                args.draft_len,
-                args.heads_file,
-                args.early_exit_prompts,
-                args.minutes,
-                args.heads_min_prob,
+                model, args.prompts, args.new_tokens, drafters, heads_meta, args.early_exit_prompts, args.minutes
             ),
         )
+        if not results["sections"]["speculative"]["all_identical"]:
+            sys.exit(f"speculative output differs from greedy: {results['sections']['speculative']['mismatches']}")
     if "faithfulness" in only:
         section("faithfulness", faithfulness_section)
     if "truthfulqa" in only:
         section("truthfulqa", lambda: truthfulqa(model, args.truthfulqa, args.questions, args.minutes))
     print(json.dumps(results, indent=2))
+
+
+def choose_bench_threads(model, threads: str) -> dict:
+    """Apply ``threads`` (a number, or ``auto``: :func:`lmatlas.machine.calibrate` on a 2-token verify
+    forward) and say which was used and why (logged and kept in every section)."""
+    from lmatlas.machine import calibrate, choose_threads, use_threads
+
+    if threads != "auto":
+        return {"how": "as asked", **use_threads(int(threads), "decode").__dict__}
+    rule = choose_threads(workload="decode")
+    measured = calibrate(verify_step(model, draft_len=1), rounds=5)
+    log(f"threads: calibrated {measured.to_dict()} (the load rule would take {rule.describe()})")
+    return {"how": "calibrated", **measured.to_dict(), "rule": rule.__dict__}
 
 
 if __name__ == "__main__":
