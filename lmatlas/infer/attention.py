@@ -16,7 +16,8 @@ mask function. For every call it looks at the keys it receives:
   :class:`~lmatlas.infer.layer.WindowedCall`): the query heads reading full KV heads go
   to the base function with the full entries and the model's mask; the query heads
   reading windowed KV heads are computed here, ``chunk`` query rows at a time, each
-  row seeing key ``j`` iff ``j <= i`` and (``j < sink`` or ``i - j <= recent``).
+  row seeing key ``j`` iff ``j <= i`` and (``j < sink`` or ``i - j < recent``): the plan's
+  :class:`~lmatlas.model.window.Window`, the rule the census's full-context detector simulates.
 
 **Prefill is windowed too.** As in DuoAttention (whose streaming heads use sink +
 recent attention in the pre-filling stage as well), a windowed head never sees an
@@ -82,7 +83,8 @@ def windowed_attention(
     ``n_q`` query heads read ``call.win_keys`` ``[batch, n_windowed, m, d]`` (query head
     ``h`` reads KV head ``h // (n_q // n_windowed)``). Computed in float32 like the
     eager reference: ``softmax(mask(softcap(q @ k.T * scaling))) @ v``; each chunk of
-    rows only touches the keys it can see (sinks + ``recent + chunk`` positions).
+    rows only touches the keys it can see (sinks + ``recent + chunk`` positions; visibility is
+    :meth:`Window.keeps <lmatlas.model.window.Window.keeps>`).
     """
     n = query.shape[2]
     rep = query.shape[1] // call.win_keys.shape[1]
@@ -91,7 +93,7 @@ def windowed_attention(
     for r0 in range(0, n, chunk):
         r1 = min(n, r0 + chunk)
         q_pos = torch.arange(call.q_start + r0, call.q_start + r1, device=pos.device)
-        columns = ((pos < call.sink) | (pos >= q_pos[0] - call.recent)) & (pos <= q_pos[-1])
+        columns = ((pos < call.window.sink) | (pos > q_pos[0] - call.window.recent)) & (pos <= q_pos[-1])
         if bool(columns.all()):
             keys, values, k_pos = call.win_keys, call.win_values, pos
         else:
@@ -106,8 +108,7 @@ def windowed_attention(
         scores = torch.matmul(query[:, :, r0:r1].float(), keys.float().transpose(2, 3)).mul_(scaling)
         if softcap is not None:
             scores = scores.div_(softcap).tanh_().mul_(softcap)
-        distance = q_pos[:, None] - k_pos[None, :]
-        visible = (distance >= 0) & ((k_pos[None, :] < call.sink) | (distance <= call.recent))
+        visible = call.window.keeps(q_pos, k_pos)
         scores.masked_fill_(~visible, float("-inf"))
         probs = torch.softmax(scores, dim=-1).to(values.dtype)
         outputs.append(torch.matmul(probs, values))

@@ -81,9 +81,7 @@ class HeadwiseCache(_InstalledCache):
         plan.check_model(model)
         super().__init__(
             model,
-            _layers(
-                model, lambda index: HeadwiseLayer(plan.full_heads(index), plan.n_kv_heads, plan.sink, plan.recent)
-            ),
+            _layers(model, lambda index: HeadwiseLayer(plan.full_heads(index), plan.n_kv_heads, plan.window)),
         )
         self.plan = plan
 

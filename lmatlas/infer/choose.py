@@ -29,8 +29,9 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 
 from lmatlas.errors import AtlasError, LmatlasError
-from lmatlas.infer.plan import KVPlan, check_window, choosable_layers, make_plan
+from lmatlas.infer.plan import KVPlan, choosable_layers, make_plan
 from lmatlas.model.provenance import check_made_for
+from lmatlas.model.window import Window
 
 if TYPE_CHECKING:
     from lmatlas.census.run import Census
@@ -68,7 +69,7 @@ def from_scores(
     model: "Model", scores: torch.Tensor, budget: float, sink: int = 4, recent: int = 256, method: str = "scores"
 ) -> KVPlan:
     """Keep the ``budget`` fraction of KV heads with the highest scores full (ties: lower layer, lower head)."""
-    check_window(sink, recent)
+    Window(sink, recent)  # checked before any compute
     ranked = sorted(kv_scores(model, scores).items(), key=lambda item: (-item[1], item[0]))
     count = n_full(model, budget)
     notes = []
@@ -144,7 +145,7 @@ def from_atlas(
 
 def random_plan(model: "Model", budget: float, seed: int = 0, sink: int = 4, recent: int = 256) -> KVPlan:
     """The same number of full KV heads as :func:`from_scores` would keep, chosen uniformly at random."""
-    check_window(sink, recent)
+    Window(sink, recent)  # checked before any compute
     pool = [(layer, kv) for layer in choosable_layers(model) for kv in range(model.layout.n_kv_heads)]
     chosen = random.Random(seed).sample(pool, n_full(model, budget))
     return make_plan(model, chosen, sink, recent, method=f"random:{seed}")

@@ -4,8 +4,8 @@ Xiao et al. (2024), "DuoAttention": give every KV head a gate ``g`` in [0, 1] an
 
     out_h = g * full_attention_h + (1 - g) * windowed_attention_h     (every query head of the KV group)
 
-where the windowed attention sees only the first ``sink`` and the ``recent`` latest keys
-(the rule of :mod:`lmatlas.infer.plan`). With the model frozen, the gates are trained so
+where the windowed attention sees only the first ``sink`` and the ``recent`` latest keys, the
+query's own included (a :class:`~lmatlas.model.window.Window`, the rule of :mod:`lmatlas.infer.plan`). With the model frozen, the gates are trained so
 that the gated model's last hidden states on the answer tokens of long prompts (passkeys
 hidden in natural text) stay close to the full model's, while an L1 term pushes every
 gate toward 0. Heads whose gate stays high need the whole context; the plan keeps the
@@ -16,6 +16,7 @@ top fraction full (:func:`gate_plan`).
   gates may require gradients). At gate 1 a head computes the model's own attention, at
   gate 0 exactly what a windowed head of :class:`~lmatlas.infer.cache.HeadwiseCache`
   computes (the tests check both against plain PyTorch).
+* :class:`GatePlan` — trained gates as a KV-policy value (``lmatlas.generate(kv=GatePlan.of(result))``).
 * :func:`train_gates` — the optimisation (Adam, gates clamped to [0, 1] after each step).
 * :func:`gate_plan` — a :class:`~lmatlas.infer.plan.KVPlan` from ``[layer, kv_head]`` scores.
 
@@ -40,7 +41,8 @@ from lmatlas.infer import choose
 from lmatlas.infer.attention import CUSTOM, windowed_attention
 from lmatlas.infer.cache import _InstalledCache, _layers
 from lmatlas.infer.layer import WindowedCall
-from lmatlas.infer.plan import KVPlan, check_window, choosable_layers
+from lmatlas.infer.plan import KVPlan, choosable_layers
+from lmatlas.model.window import Window
 from lmatlas.progress import ProgressArg, progress_task
 
 if TYPE_CHECKING:
@@ -52,8 +54,7 @@ class GateCall:
     """The gated attention of one layer: ``gates`` ``[n_kv]`` (0 = windowed, 1 = full)."""
 
     gates: torch.Tensor
-    sink: int
-    recent: int
+    window: Window
     q_start: int
 
     def attend(self, run_base, module, query, key, value, attention_mask, *args, **kwargs):
@@ -61,9 +62,7 @@ class GateCall:
         full, _ = run_base(module, query, key, value, attention_mask, *args, **kwargs)
         n_kv = key.shape[1]
         positions = torch.arange(key.shape[2], device=key.device)
-        call = WindowedCall(
-            (), tuple(range(n_kv)), None, None, key, value, positions, self.q_start, self.sink, self.recent
-        )
+        call = WindowedCall((), tuple(range(n_kv)), None, None, key, value, positions, self.q_start, self.window)
         scaling = kwargs.get("scaling")
         scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
         windowed = windowed_attention(query, call, scaling, kwargs.get("softcap")).transpose(1, 2)  # [b, n, h, d]
@@ -75,15 +74,15 @@ class GateCall:
 class GateLayer(DynamicLayer):
     """A full-attention cache layer that keeps every entry and marks its keys with a :class:`GateCall`."""
 
-    def __init__(self, gates: torch.Tensor, sink: int, recent: int):
+    def __init__(self, gates: torch.Tensor, window: Window):
         super().__init__()
-        self.gates, self.sink, self.recent = gates, sink, recent
+        self.gates, self.window = gates, window
 
     def update(self, key_states, value_states, *args, **kwargs):
         start = self.get_seq_length() if self.is_initialized else 0
         keys, values = super().update(key_states, value_states, *args, **kwargs)
         keys = keys.view_as(keys)  # a fresh tensor object (same storage, same graph) to carry the payload
-        setattr(keys, CUSTOM, GateCall(self.gates, self.sink, self.recent, start))
+        setattr(keys, CUSTOM, GateCall(self.gates, self.window, start))
         return keys, values
 
 
@@ -91,14 +90,41 @@ class GateCache(_InstalledCache):
     """Every full-attention layer gated by ``gates[layer]`` (``[n_layers, n_kv_heads]``); others the model's window."""
 
     def __init__(self, model: "Model", gates: torch.Tensor, sink: int = 4, recent: int = 256):
-        check_window(sink, recent)
+        window = Window(sink, recent)
         lay = model.layout
         if tuple(gates.shape) != (lay.n_layers, lay.n_kv_heads):
             raise LmatlasError(
                 f"Gates of shape {tuple(gates.shape)} do not fit this model: one per KV head, "
                 f"[{lay.n_layers}, {lay.n_kv_heads}]."
             )
-        super().__init__(model, _layers(model, lambda index: GateLayer(gates[index], sink, recent)))
+        super().__init__(model, _layers(model, lambda index: GateLayer(gates[index], window)))
+
+
+@dataclass(frozen=True)
+class GatePlan:
+    """A KV policy: every full-attention layer gated by ``gates`` (``[n_layers][n_kv_heads]`` in [0, 1]).
+
+    The value behind ``--kv gates``: trained gates (:func:`train_gates`, ``GateResult.gates``)
+    or any hand-made ones; ``window`` is the windowed part's :class:`~lmatlas.model.window.Window`.
+    Every entry is kept (the gates mix two attentions; nothing is evicted).
+    """
+
+    gates: tuple[tuple[float, ...], ...]
+    window: Window = Window()
+
+    @classmethod
+    def of(cls, gates, window: Window = Window()) -> "GatePlan":
+        """A plan from a ``[n_layers, n_kv_heads]`` tensor, nested list or :class:`GateResult`."""
+        rows = gates.gates if isinstance(gates, GateResult) else torch.as_tensor(gates).tolist()
+        return cls(tuple(tuple(float(g) for g in row) for row in rows), window)
+
+    def describe(self) -> dict:
+        flat = [g for row in self.gates for g in row]
+        return {"method": "gates", **self.window.describe(), "mean_gate": round(sum(flat) / max(1, len(flat)), 4)}
+
+    def make_cache(self, model: "Model") -> "GateCache":
+        """A fresh :class:`GateCache` for one sequence (the KV-policy protocol)."""
+        return GateCache(model, torch.tensor(self.gates), self.window.sink, self.window.recent)
 
 
 @dataclass(frozen=True)

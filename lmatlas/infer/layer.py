@@ -6,7 +6,9 @@ KV head of a layer has the same length. This layer holds two:
 * ``full_keys/full_values`` ``[batch, n_full, pos, d_head]``: the full KV heads, every
   position (grown by concatenation, as ``DynamicLayer`` does);
 * ``win_keys/win_values`` ``[batch, n_windowed, m, d_head]`` with ``win_pos`` ``[m]``:
-  the windowed KV heads, only positions ``< sink`` and the ``recent`` last ones.
+  the windowed KV heads, only the entries the next query can still see under the plan's
+  :class:`~lmatlas.model.window.Window` (positions ``< sink`` and the ``recent - 1`` last
+  ones: the next token's own key completes its ``recent``).
   After every update the evicted entries are *copied out* (``index_select`` into a new
   tensor): a slice would be a view that keeps the whole old buffer alive.
 
@@ -36,6 +38,7 @@ import torch
 from transformers.cache_utils import CacheLayerMixin, DynamicSlidingWindowLayer
 
 from lmatlas.errors import LmatlasError
+from lmatlas.model.window import Window
 
 PAYLOAD = "_lmatlas_headwise"
 
@@ -57,8 +60,7 @@ class WindowedCall:
     win_values: torch.Tensor
     win_pos: torch.Tensor
     q_start: int
-    sink: int
-    recent: int
+    window: Window
 
 
 def placeholder(like: torch.Tensor, n_heads: int, length: int, call: WindowedCall) -> torch.Tensor:
@@ -106,16 +108,16 @@ class LogicalLengthLayer(CacheLayerMixin):
 
 
 class HeadwiseLayer(LogicalLengthLayer):
-    """A cache layer whose full KV heads keep every entry and windowed ones ``sink + recent``."""
+    """A cache layer whose full KV heads keep every entry and windowed ones what ``window`` lets a query see."""
 
     is_croppable = True
 
-    def __init__(self, full_heads: Sequence[int], n_kv_heads: int, sink: int, recent: int):
+    def __init__(self, full_heads: Sequence[int], n_kv_heads: int, window: Window):
         super().__init__()
         self.n_kv_heads = n_kv_heads
         self.full_idx = tuple(sorted(full_heads))
         self.win_idx = tuple(h for h in range(n_kv_heads) if h not in self.full_idx)
-        self.sink, self.recent = sink, recent
+        self.window = window
         self.length = 0
         self.record_past = False
         self._clear()
@@ -127,8 +129,8 @@ class HeadwiseLayer(LogicalLengthLayer):
 
     def __repr__(self) -> str:
         return (
-            f"HeadwiseLayer(full={list(self.full_idx)}, windowed={list(self.win_idx)}, sink={self.sink}, "
-            f"recent={self.recent}, length={self.length})"
+            f"HeadwiseLayer(full={list(self.full_idx)}, windowed={list(self.win_idx)}, {self.window}, "
+            f"length={self.length})"
         )
 
     # -- storage -------------------------------------------------------------------------------------
@@ -158,10 +160,10 @@ class HeadwiseLayer(LogicalLengthLayer):
         return states.index_select(1, torch.tensor(heads, device=states.device))
 
     def _trim(self) -> None:
-        """Copy out the windowed entries no query will see again (positions >= sink and < length - recent)."""
+        """Copy out the windowed entries no later query will see (``Window.held`` at the next position)."""
         if self.win_pos is None:
             return
-        keep = (self.win_pos < self.sink) | (self.win_pos >= self.length - self.recent)
+        keep = self.window.held(self.win_pos, self.length)
         if bool(keep.all()):
             return
         index = keep.nonzero().flatten()
@@ -193,8 +195,7 @@ class HeadwiseLayer(LogicalLengthLayer):
             torch.cat([self.win_values, self._select(value_states, self.win_idx)], dim=-2),
             torch.cat([self.win_pos, new_pos]),
             start,
-            self.sink,
-            self.recent,
+            self.window,
         )
         self.win_keys, self.win_values, self.win_pos = call.win_keys, call.win_values, call.win_pos
         if not self.record_past:
@@ -227,7 +228,8 @@ class HeadwiseLayer(LogicalLengthLayer):
             self.full_values = self.full_values[..., :new_length, :].clone()
         if self.win_pos is not None and tokens_to_remove:
             kept = self.win_pos < new_length
-            needed = set(range(min(self.sink, new_length))) | set(range(max(0, new_length - self.recent), new_length))
+            sink, recent = self.window.sink, self.window.recent
+            needed = set(range(min(sink, new_length))) | set(range(max(0, new_length - recent + 1), new_length))
             have = set(self.win_pos[kept].tolist())
             if not needed <= have:
                 raise LmatlasError(

@@ -4,10 +4,11 @@ A head-wise KV cache (DuoAttention, RazorAttention) splits the KV heads of every
 full-attention layer in two:
 
 * **full** heads keep every entry, as the default cache does;
-* **windowed** heads keep the first ``sink`` entries (the attention sinks) and the
-  ``recent`` most recent ones. A query at position ``i`` of a windowed head sees key
-  ``j`` iff ``j <= i`` and (``j < sink`` or ``i - j <= recent``): the sinks, the last
-  ``recent`` cached entries and itself.
+* **windowed** heads keep the first ``sink`` entries (the attention sinks) and a recent
+  window: the plan's :class:`~lmatlas.model.window.Window`. A query at position ``i`` of a
+  windowed head sees key ``j`` iff ``j <= i`` and (``j < sink`` or ``i - j < recent``): the
+  sinks, itself and the ``recent - 1`` keys before it (the census's full-context detector
+  simulates the same rule, so a ``Window`` means one thing in both).
 
 The unit is the **KV head**: with grouped-query attention (GQA) several query heads
 read one KV head, so a KV head stays full as soon as one of its query heads needs
@@ -28,6 +29,7 @@ from typing import TYPE_CHECKING, Iterable
 
 from lmatlas.errors import LmatlasError
 from lmatlas.model.sites import check_layer, parse_head
+from lmatlas.model.window import Window
 
 if TYPE_CHECKING:
     from lmatlas.infer.cache import HeadwiseCache
@@ -50,18 +52,6 @@ def choosable_layers(model: "Model") -> list[int]:
     return [i for i, kind in enumerate(layer_types(model)) if kind == "full_attention"]
 
 
-def check_window(sink: int, recent: int) -> None:
-    """Raise if ``sink``/``recent`` cannot describe a windowed head."""
-    if isinstance(sink, bool) or not isinstance(sink, int) or sink < 0:
-        raise LmatlasError(f"sink must be a whole number >= 0, got {sink!r}.")
-    if isinstance(recent, bool) or not isinstance(recent, int) or recent < 1:
-        raise LmatlasError(
-            f"recent must be a whole number >= 1, got {recent!r}: a windowed head's budget (sink + recent = "
-            f"{sink + recent if isinstance(recent, int) else '?'}) must exceed its sink window ({sink}), or the head "
-            "could only see the first tokens. Use --recent 64 or more."
-        )
-
-
 @dataclass(frozen=True)
 class KVPlan:
     """Which KV heads of which layers stay full; everything else in a full-attention layer is windowed.
@@ -70,7 +60,8 @@ class KVPlan:
         n_layers / n_kv_heads: the model's sizes (a plan is checked against the model it is used on).
         layers: the choosable (full-attention) layers.
         full: ``(layer, kv_head)`` pairs that keep every entry.
-        sink / recent: the windowed heads' sink and recent window, in tokens.
+        window: the windowed heads' :class:`~lmatlas.model.window.Window` (``plan.sink`` and
+            ``plan.recent`` read it).
         method: how the plan was made (``"full"``, ``"census:streaming"``, ``"random:1"``, ``"uniform"``, ...).
         notes: what the plan changed or decided on the way (e.g. a KV group expanded).
         model_id: the source of the model it was made for (for error messages).
@@ -80,14 +71,14 @@ class KVPlan:
     n_kv_heads: int
     layers: tuple[int, ...]
     full: frozenset[tuple[int, int]]
-    sink: int = 4
-    recent: int = 256
+    window: Window = Window()
     method: str = "custom"
     notes: tuple[str, ...] = field(default=())
     model_id: str = ""
 
     def __post_init__(self) -> None:
-        check_window(self.sink, self.recent)
+        if not isinstance(self.window, Window):
+            raise LmatlasError(f"A KVPlan's window is a lmatlas.model.window.Window, got {self.window!r}.")
         for layer, kv in self.full:
             if layer not in self.layers:
                 raise LmatlasError(
@@ -96,6 +87,14 @@ class KVPlan:
                 )
             if not 0 <= kv < self.n_kv_heads:
                 raise LmatlasError(f"KV head {kv} does not exist: layer {layer} has {self.n_kv_heads} KV heads.")
+
+    @property
+    def sink(self) -> int:
+        return self.window.sink
+
+    @property
+    def recent(self) -> int:
+        return self.window.recent
 
     @property
     def n_choosable(self) -> int:
@@ -161,8 +160,7 @@ def make_plan(
         lay.n_kv_heads,
         tuple(choosable_layers(model)),
         frozenset(full),
-        sink,
-        recent,
+        Window(sink, recent),
         method,
         tuple(notes),
         model.provenance.source,

@@ -9,7 +9,7 @@ is that policy on lmatlas's head-wise cache, with the same bytes held as the pla
 * the **first forward** (the prompt) runs the model's own attention on every head with
   every entry, exactly as the default cache does: the prompt's hidden states, and so the
   first generated token's distribution, equal the full cache's;
-* the windowed KV heads are then cut to ``sink + recent`` entries (copied out, so the
+* the windowed KV heads are then cut to what their :class:`~lmatlas.model.window.Window` still shows the next token (copied out, so the
   storage is really freed), and every later forward reads them through the head-wise
   attention as :class:`~lmatlas.infer.cache.HeadwiseCache` does.
 
@@ -59,7 +59,7 @@ class FullPrefillCache(_InstalledCache):
             model,
             _layers(
                 model,
-                lambda index: FullPrefillLayer(plan.full_heads(index), plan.n_kv_heads, plan.sink, plan.recent),
+                lambda index: FullPrefillLayer(plan.full_heads(index), plan.n_kv_heads, plan.window),
             ),
         )
         self.plan = plan

@@ -2,7 +2,7 @@
 
 The reference is independent of the cache: one full forward over the whole sequence
 (no cache at all) with a plain PyTorch attention that applies, head by head, the
-model's own mask AND the windowed heads' rule (``j < sink`` or ``i - j <= recent``).
+model's own mask AND the windowed heads' rule (``j < sink`` or ``i - j < recent``: ``Window.keeps``).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def _reference_attention(module, query, key, value, attention_mask, *args, plan,
     if layer in plan.layers:
         for kv in range(n_kv):
             if kv not in plan.full_heads(layer):
-                allowed[:, kv * rep : (kv + 1) * rep] &= (j < plan.sink) | (i - j <= plan.recent)
+                allowed[:, kv * rep : (kv + 1) * rep] &= (j < plan.sink) | (i - j < plan.recent)
     return attend(query, scores, values, allowed)
 
 
@@ -168,8 +168,8 @@ def test_bytes_held_drop_when_entries_are_evicted(family):
     assert full.nbytes() == cache_nbytes(default)
     lay, d, layers = model.layout, model.layout.d_head, len(choosable_layers(model))
     entry = 2 * lay.n_kv_heads * d * 4  # keys + values, float32
-    # windowed: 20 entries per head plus the positions index (int64)
-    assert windowed.nbytes() == layers * (20 * entry + 20 * 8)
+    # windowed: sink + recent - 1 = 19 entries per head (the next token brings its own key) plus the positions (int64)
+    assert windowed.nbytes() == layers * (19 * entry + 19 * 8)
     assert windowed.nbytes() < full.nbytes() / 4
 
 

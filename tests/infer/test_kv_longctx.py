@@ -26,6 +26,7 @@ from lmatlas.infer.hybrid import HybridPlan
 from lmatlas.infer.memory import cache_nbytes
 from lmatlas.infer.prefill_policy import FullPrefillPlan
 from lmatlas.model.tiny import tiny_model
+from lmatlas.model.window import Window
 
 
 @pytest.fixture(scope="module")
@@ -79,11 +80,11 @@ def test_hybrid_spans_snapkv_and_the_full_cache(model, ids):
 
 
 def windowed_reference(q, k, v, sink, recent):
-    """Plain masked softmax: query i sees key j iff j <= i and (j < sink or i - j <= recent)."""
+    """Plain masked softmax: query i sees key j iff j <= i and (j < sink or i - j < recent)."""
     n, m = q.shape[2], k.shape[2]
     i = torch.arange(n)[:, None] + (m - n)
     j = torch.arange(m)[None, :]
-    visible = (j <= i) & ((j < sink) | (i - j <= recent))
+    visible = (j <= i) & ((j < sink) | (i - j < recent))
     scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
     return torch.softmax(scores.masked_fill(~visible, float("-inf")), -1) @ v  # [batch, head, n, d]
 
@@ -98,9 +99,9 @@ def test_gated_attention_mixes_full_and_windowed_references():
     full = windowed_reference(q, k, v, 0, 10**6).transpose(1, 2)
     win = windowed_reference(q, k, v, 3, 6).transpose(1, 2)
     for gates in ([1.0, 1.0], [0.0, 0.0], [0.3, 0.8]):
-        out, _ = GateCall(torch.tensor(gates), 3, 6, 0).attend(causal, None, q, k, v, None)
+        out, _ = GateCall(torch.tensor(gates), Window(3, 6), 0).attend(causal, None, q, k, v, None)
         g = torch.tensor(gates, dtype=torch.float64)[None, None, :, None]
-        torch.testing.assert_close(out, g * full + (1 - g) * win)
+        torch.testing.assert_close(out, g * full + (1 - g) * win, atol=1e-6, rtol=1e-5)  # windowed part in float32
 
 
 def test_gate_cache_at_one_is_the_model_and_at_zero_the_windowed_cache(model, ids):

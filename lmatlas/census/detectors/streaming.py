@@ -8,7 +8,11 @@ full context; giving the full cache to those alone cuts memory (DuoAttention: up
 its output changes under that restriction.
 
 **Restriction.** Query ``q`` may only see keys ``j < n_sink`` (sinks) or
-``q - window < j <= q`` (recent window). The head's pattern row ``p[q, :]`` becomes
+``q - window < j <= q`` (recent window, the query's own key included): the rule of
+``Window(sink=n_sink, recent=window)`` (:class:`lmatlas.model.window.Window`), which the
+head-wise KV cache (:mod:`lmatlas.infer.plan`) runs too, so a head this detector finds
+streamable at ``(4, 64)`` sees the same keys in a cache made with ``--sink 4 --recent 64``
+(the tests check the two agree on a tiny model). The head's pattern row ``p[q, :]`` becomes
 ``p'[q, j] = p[q, j] * keep[q, j] / sum_j' p[q, j'] * keep[q, j']`` (renormalised),
 and its write becomes ``out'_h(q) = (p'[q] @ v) @ W_O[h]`` instead of
 ``out_h(q) = (p[q] @ v) @ W_O[h]`` (both before any post-attention norm).
@@ -65,21 +69,17 @@ from lmatlas.census.streaming import attention_stats
 from lmatlas.errors import LmatlasError
 from lmatlas.model.attention import AttentionCall, Probe, repeat_kv
 from lmatlas.model.hooks import HookSession
+from lmatlas.model.window import Window
 
 if TYPE_CHECKING:
     from lmatlas.model.handle import Model
 
 
-def streaming_keep(rows: torch.Tensor, keys: torch.Tensor, n_sink: int, window: int) -> torch.Tensor:
-    """``[n_rows, n_keys]`` bool: which keys a streaming head keeps (sinks, or the recent window incl. itself)."""
-    return (keys[None, :] < n_sink) | ((keys[None, :] > rows[:, None] - window) & (keys[None, :] <= rows[:, None]))
-
-
 def restrict_pattern(pattern: torch.Tensor, n_sink: int, window: int) -> torch.Tensor:
-    """``[batch, head, pos, key_pos]`` pattern restricted to sinks + recent window and renormalised per row."""
+    """``[batch, head, pos, key_pos]`` pattern restricted to ``Window(n_sink, window)`` and renormalised per row."""
     pos, n_keys = pattern.shape[-2:]
-    keep = streaming_keep(
-        torch.arange(pos, device=pattern.device), torch.arange(n_keys, device=pattern.device), n_sink, window
+    keep = Window(n_sink, window).keeps(
+        torch.arange(pos, device=pattern.device), torch.arange(n_keys, device=pattern.device)
     )
     kept = pattern * keep
     return kept / kept.sum(-1, keepdim=True).clamp_min(torch.finfo(kept.dtype).tiny)
@@ -88,8 +88,8 @@ def restrict_pattern(pattern: torch.Tensor, n_sink: int, window: int) -> torch.T
 class _SplitProbe(Probe):
     """Accumulates ``sum ||out - out'||`` and ``sum ||out|| + ||out'||`` per ``[batch, head]`` for one layer."""
 
-    def __init__(self, W_O: torch.Tensor, mask: torch.Tensor, n_sink: int, window: int, chunk: int):
-        self.W_O, self.mask, self.n_sink, self.window, self.chunk = W_O, mask, n_sink, window, chunk
+    def __init__(self, W_O: torch.Tensor, mask: torch.Tensor, window: Window, chunk: int):
+        self.W_O, self.mask, self.window, self.chunk = W_O, mask, window, chunk
         self.diff = self.total = None
         self.calls = 0
 
@@ -110,11 +110,9 @@ class _SplitProbe(Probe):
                 keys = call.visible_keys(rows)
                 probs = call.probs(rows, keys)  # [batch, head, n_rows, n_keys] float32
                 device = probs.device
-                keep = streaming_keep(
+                keep = self.window.keeps(
                     torch.arange(rows.start, rows.stop, device=device),
                     torch.arange(keys.start, keys.stop, device=device),
-                    self.n_sink,
-                    self.window,
                 )
                 kept = probs * keep
                 kept = kept / kept.sum(-1, keepdim=True).clamp_min(torch.finfo(kept.dtype).tiny)
@@ -144,7 +142,7 @@ def output_change(
     lay, ids = model.layout, input_ids.to(model.device)
     mask = mask.to(model.device)
     probes = {
-        layer: _SplitProbe(model.W.W_O(layer).detach().float(), mask, n_sink, window, chunk)
+        layer: _SplitProbe(model.W.W_O(layer).detach().float(), mask, Window(n_sink, window), chunk)
         for layer in range(lay.n_layers)
     }
     with HookSession(model, probes=probes):
@@ -153,8 +151,8 @@ def output_change(
     return _stacked(probes, lay.n_layers)
 
 
-#: ``(n_sink, window)`` of the default restriction: what a shared needle pass computes for ``full_context``.
-DEFAULT_SPLIT = (4, 64)
+#: The default restriction (``n_sink = 4``, ``window = 64``): what a shared needle pass computes for ``full_context``.
+DEFAULT_SPLIT = Window(4, 64)
 
 
 @dataclass
@@ -163,14 +161,14 @@ class NeedleMeasures:
 
     Attributes:
         hits, needle_mass: the retrieval statistics (``None`` when not computed).
-        splits: ``(n_sink, window) -> (diff, total)``: the full-context score's sums.
+        splits: ``Window -> (diff, total)``: the full-context score's sums.
     """
 
     hits: torch.Tensor | None = None
     needle_mass: torch.Tensor | None = None
-    splits: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    splits: dict[Window, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
-    def has(self, stats: bool, split: tuple[int, int] | None) -> bool:
+    def has(self, stats: bool, split: Window | None) -> bool:
         return (not stats or self.hits is not None) and (split is None or split in self.splits)
 
 
@@ -181,7 +179,7 @@ def needle_pass(
     chunk: int = 256,
     tokens_per_call: int = 8192,
     stats: bool = False,
-    split: tuple[int, int] | None = None,
+    split: Window | None = None,
 ) -> NeedleMeasures:
     """Run a needle battery once for the retrieval statistics (``stats``) and/or a streaming ``split``.
 
@@ -200,18 +198,19 @@ def needle_pass(
         stats, splits = True, {DEFAULT_SPLIT} | ({split} if split else set())
     else:
         splits = {split} if split else set()
-    result = _needle_forwards(model, battery, int(chunk), int(tokens_per_call), stats, sorted(splits))
+    ordered = sorted(splits, key=lambda w: (w.sink, w.recent))
+    result = _needle_forwards(model, battery, int(chunk), int(tokens_per_call), stats, ordered)
     if memo is not None:
         memo[key] = result
     return result
 
 
 def _needle_forwards(
-    model: "Model", battery: Battery, chunk: int, tokens_per_call: int, stats: bool, splits: list[tuple[int, int]]
+    model: "Model", battery: Battery, chunk: int, tokens_per_call: int, stats: bool, splits: list[Window]
 ) -> NeedleMeasures:
     ids, targets, mask = battery.input_ids, battery.meta["targets"], battery.meta["mask"].to(model.device)
     hits, mass = [], []
-    sums: dict[tuple[int, int], list[tuple[torch.Tensor, torch.Tensor]]] = {s: [] for s in splits}
+    sums: dict[Window, list[tuple[torch.Tensor, torch.Tensor]]] = {s: [] for s in splits}
     step = rows_per_call(ids.shape[1], tokens_per_call)
     key = checkpoint.pass_key(
         "needle", battery, chunk=chunk, tokens_per_call=tokens_per_call, stats=stats, splits=splits
@@ -223,7 +222,7 @@ def _needle_forwards(
         rows = slice(start, start + step)
         probes = {
             s: {
-                layer: _SplitProbe(model.W.W_O(layer).detach().float(), mask[rows], s[0], s[1], chunk)
+                layer: _SplitProbe(model.W.W_O(layer).detach().float(), mask[rows], s, chunk)
                 for layer in range(model.layout.n_layers)
             }
             for s in splits
@@ -287,8 +286,8 @@ class StreamingSplit(Detector):
         n_examples: int = 6,
         length: int = 1024,
         needle: int = 24,
-        n_sink: int = DEFAULT_SPLIT[0],
-        window: int = DEFAULT_SPLIT[1],
+        n_sink: int = DEFAULT_SPLIT.sink,
+        window: int = DEFAULT_SPLIT.recent,
         chunk: int = 256,
         tokens_per_call: int = 8192,
     ):
@@ -304,7 +303,7 @@ class StreamingSplit(Detector):
         mask = battery.meta["mask"]
         if int(mask.float().sum(-1).min()) == 0:
             raise LmatlasError("Every row of a full-context battery needs counted queries (meta['mask']).")
-        split = (self.n_sink, self.window)
+        split = Window(self.n_sink, self.window)
         done = needle_pass(model, battery, chunk=self.chunk, tokens_per_call=self.tokens_per_call, split=split)
         diff, total = done.splits[split]
         return torch.where(total > 0, diff / total.clamp_min(1e-30), 0.0).float()
