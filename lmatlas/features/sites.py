@@ -30,16 +30,20 @@ CONTEXT_BEFORE = 15
 CONTEXT_AFTER = 4
 
 
-def attach(model: "Model", dictionary: Any, site: str | None = None) -> str:
+def attach(
+    model: "Model", dictionary: Any, site: str | None = None, *, mode: str = "splice", error: bool = True
+) -> str:
     """Check ``dictionary`` against ``model`` (when it carries a card) and attach it; returns the feature site.
 
     ``site`` defaults to the card's (``L15.resid.post``; a transcoder's ``L15.mlp.in`` attaches as ``L15.mlp``).
+    ``mode="replace"`` makes a transcoder replace its MLP, gradients included (``error=False``: without
+    the error term); see :mod:`lmatlas.model.dictionary_replace`.
     """
     if getattr(dictionary, "card", None) is not None:
         from lmatlas.features.dictionary import check_fits
 
         check_fits(dictionary, model)
-    return model.dictionaries.attach(dictionary, site)
+    return model.dictionaries.attach(dictionary, site, mode=mode, error=error)
 
 
 def decoder_rows(entry: Attached) -> torch.Tensor:

@@ -29,6 +29,18 @@ cancels in the difference. With gradients on, the value is the same and autograd
 latents (a leaf computed from the detached input) get ``d loss / d f = W_dec · d loss / d x'`` —
 the gradient of adding along each decoder direction, which is what attribution needs.
 
+**Replace mode.** ``attach(transcoder, "L15.mlp", mode="replace")`` makes the dictionary stand
+in for what it reads from, gradients included: the written value is::
+
+    x' = decode(f') + skip(u) + error,   error = x - decode(f) - skip(u)   (a constant)
+
+(``error=False``: no error, the MLP output *is* the transcoder's prediction). The value is the
+same as the splice's (unedited: ``x`` bit for bit), but autograd sees ``decode(f') + skip(u)``
+with ``f = encode(u)`` on the graph: upstream gradients flow through the latents (TopK keeps
+the selected ones, ReLU) and the skip, never through the MLP, whose output enters only the
+constant error. This is the replacement model that attribution through transcoders uses
+(:mod:`lmatlas.model.dictionary_replace`). An SAE can be attached this way too (no skip).
+
 Errors come before any compute: a width that does not match the site, a site that cannot take
 a dictionary, a latent out of range (the valid range is named), a feature site with nothing
 attached (the message says how to attach).
@@ -38,12 +50,13 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator, Protocol, runtime_checkable
+from typing import Any, Callable, Iterator, Protocol, runtime_checkable
 
 import torch
 
 from lmatlas.errors import SiteError
 from lmatlas.model.arch import HeadLayout
+from lmatlas.model.dictionary_replace import replace_write
 from lmatlas.model.sites import FEATURE_COMPONENTS, Site, check_layer, parse_feature
 
 #: What each feature component reads (its encoder input) and writes (the site it splices into).
@@ -86,6 +99,8 @@ class Attached:
 
     site: Site
     dictionary: Any
+    mode: str = "splice"  # or "replace": gradients through the dictionary (module docstring)
+    keep_error: bool = True  # replace mode: add the constant error (False: the reconstruction alone)
 
     @property
     def reads(self) -> Site:
@@ -137,21 +152,28 @@ class DictionaryRegistry:
         self.layout = layout
         self._attached: dict[Site, Attached] = {}
 
-    def attach(self, dictionary: Any, site: str | None = None) -> str:
+    def attach(self, dictionary: Any, site: str | None = None, *, mode: str = "splice", error: bool = True) -> str:
         """Attach ``dictionary`` at ``site`` (default: the site its card records); returns the feature site name.
 
         ``site`` is the base: ``"L15.resid.post"`` for an SAE, ``"L15.mlp"`` for a transcoder.
+        ``mode="splice"`` (the default) edits through the dictionary and leaves gradients to the
+        model; ``mode="replace"`` makes it replace what it reads, gradients included, and
+        ``error=False`` (replace mode only) drops the error term (see the module docstring).
         Attach before entering a hook session that uses it (sessions read the registry when they start).
         """
         from lmatlas.errors import DictionaryError
 
+        if mode not in ("splice", "replace"):
+            raise DictionaryError(f"A dictionary is attached in mode 'splice' or 'replace', not {mode!r}.")
+        if not error and mode != "replace":
+            raise DictionaryError("error=False drops the error term of a replacement: pass mode='replace' with it.")
         site = site if site is not None else _recorded_site(dictionary)
         feature = feature_site(site, self.layout)
         if not isinstance(dictionary, SiteDictionary):
             raise DictionaryError(
                 f"{type(dictionary).__name__} is not a dictionary: it needs n_latents, encode(x) and decode(f)."
             )
-        entry = Attached(feature, dictionary)
+        entry = Attached(feature, dictionary, mode, error)
         lay = self.layout
         want = lay.d_mlp if feature.component == "mlp.act.F" else lay.d_model
         for side in ("d_in", "d_out"):
@@ -170,9 +192,9 @@ class DictionaryRegistry:
         self._attached.pop(feature, None)
 
     @contextmanager
-    def attached(self, dictionary: Any, site: str | None = None) -> Iterator[str]:
+    def attached(self, dictionary: Any, site: str | None = None, **how: Any) -> Iterator[str]:
         """``with model.dictionaries.attached(sae, "L3.resid.post") as name:`` attach for one block only."""
-        name = self.attach(dictionary, site)
+        name = self.attach(dictionary, site, **how)
         try:
             yield name
         finally:
@@ -275,6 +297,30 @@ def splice(
     path = decode(used).to(x.dtype)
     rest = x if error is None else (error if new_error is None else new_error)
     return value.detach() + (rest - rest.detach()) + (path - path.detach())
+
+
+def write(
+    entry: Attached,
+    x: torch.Tensor,
+    source: torch.Tensor,
+    where: torch.Tensor,
+    apply: Callable[[Site, torch.Tensor, torch.Tensor], torch.Tensor | None],
+    error_hooked: bool,
+) -> torch.Tensor | None:
+    """The new value of the written site ``x [batch, pos, d]`` (``None``: unchanged), in the entry's mode.
+
+    ``source`` is what the dictionary reads (``x`` itself for an SAE, the MLP's input for a
+    transcoder), ``apply(site, value, where)`` runs the feature site's edits and captures (the
+    hook stack's dispatch) and ``error_hooked`` says whether the error node is a site of the call.
+    """
+    if entry.mode == "replace":
+        return replace_write(entry, x, source, where, apply, error_hooked)
+    f = encode_input(entry, source)
+    used, error, new_error = apply(entry.site, f, where), None, None
+    if error_hooked:  # the error node: x - decode(f)
+        error = error_term(entry, x, f)
+        new_error = apply(entry.error_site, error, where)
+    return splice(entry, x, f, used, error, new_error)
 
 
 __all__ = ["SiteDictionary", "DictionaryRegistry", "Attached", "FEATURE_COMPONENTS", "feature_site"]

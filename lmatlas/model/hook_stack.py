@@ -24,8 +24,8 @@ import torch
 from lmatlas.errors import HookOrderError
 from lmatlas.model.arch import get_path
 from lmatlas.model.attention import AttentionProbe, Probe, ProbeChain, wrapper_name
-from lmatlas.model.dictionary_sites import Attached, encode_input, error_term
-from lmatlas.model.dictionary_sites import splice as splice_features
+from lmatlas.model.dictionary_sites import Attached
+from lmatlas.model.dictionary_sites import write as write_features
 from lmatlas.model.norms import frozen_scale
 from lmatlas.model.positions import CallInfo
 from lmatlas.model.replacement import BoundReplacement
@@ -152,15 +152,10 @@ class HookStack:
                 out = replacement.apply(value if new is None else new, where.to(value.device), call)
                 if out is not None:
                     new = out
-        for entry in self.spliced.get(site, ()):  # feature sites: x + decode(f') - decode(f)
+        for entry in self.spliced.get(site, ()):  # feature sites: x + decode(f') - decode(f), or replace mode
             current = value if new is None else new
             source = self._scratch[(site.layer, "mlp.in")] if entry.transcoder else current
-            f = encode_input(entry, source)
-            used, error, new_error = self.apply(entry.site, f, where), None, None
-            if entry.error_site in self.sites:  # the error node, hooked: current - decode(f)
-                error = error_term(entry, current, f)
-                new_error = self.apply(entry.error_site, error, where)
-            out = splice_features(entry, current, f, used, error, new_error)
+            out = write_features(entry, current, source, where, self.apply, entry.error_site in self.sites)
             if out is not None:
                 new = out
         for session in self.capturers.get(site, ()):
@@ -193,8 +188,11 @@ class HookStack:
             entry = self.model.dictionaries.get(site)  # raises (before any forward) when none is attached
             if entry not in spliced[entry.writes]:
                 spliced[entry.writes].append(entry)
+        for entry in self.model.dictionaries:  # replace mode: the dictionary stands in, in every hooked run
+            if entry.mode == "replace" and entry not in spliced[entry.writes]:
+                spliced[entry.writes].append(entry)
         self.spliced = dict(spliced)
-        self.sites |= frozenset(spliced)
+        self.sites |= frozenset(spliced) | frozenset(e.site for entries in spliced.values() for e in entries)
         self._install(probes)
 
     def _remove(self) -> None:
@@ -236,7 +234,7 @@ class HookStack:
                 self._hook(get_path(block, spec.o), pre=True, fn=self._attn_z(layer))
             if components & {"attn.out", "resid.mid"}:
                 self._hook(get_path(block, spec.attn_write), pre=False, fn=self._attn_write(layer, components))
-            if components & {"mlp.in", "mlp.F"}:  # a transcoder reads the MLP's normalised input
+            if components & {"mlp.in", "mlp.F", "mlp.E"}:  # a transcoder reads the MLP's normalised input
                 self._hook(get_path(block, spec.mlp), pre=True, fn=self._mlp_in(layer))
             if "mlp.act" in components:
                 self._hook(get_path(block, spec.mlp_out), pre=True, fn=self._mlp_act(layer))
