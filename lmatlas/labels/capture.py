@@ -117,11 +117,27 @@ def _finite(x: float) -> float | None:
     return None if x != x else round(x, 6)
 
 
-def _input_rows(model: "Model", data: Captured, labels, name_of) -> list[dict[str, Any]]:
-    """One input-side row per unit of ``labels``; ``name_of(i) -> (unit, kind, layer, index)``."""
+def speller(model: "Model", warm: torch.Tensor):
+    """``ids -> [text]`` as :func:`lmatlas.decode.token_text.token_texts`, each id decoded once
+    (``warm``: ids decoded up front in one batch, e.g. every corpus token)."""
     from lmatlas.decode.token_text import token_texts
 
-    spell = lambda ids: token_texts(model.tokenizer, ids)  # noqa: E731
+    known: dict[int, str] = {}
+
+    def spell(ids) -> list[str]:
+        ids = [int(i) for i in ids]
+        missing = [i for i in dict.fromkeys(ids) if i not in known]
+        if missing:
+            known.update(zip(missing, token_texts(model.tokenizer, missing)))
+        return [known[i] for i in ids]
+
+    spell(warm.unique().tolist())
+    return spell
+
+
+def _input_rows(model: "Model", data: Captured, labels, name_of) -> list[dict[str, Any]]:
+    """One input-side row per unit of ``labels``; ``name_of(i) -> (unit, kind, layer, index)``."""
+    spell = speller(model, data.windows)
     per_unit = {k: v.tolist() for k, v in labels.scores.items()}
     rows = []
     for n in range(len(labels.family)):

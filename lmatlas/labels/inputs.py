@@ -84,13 +84,14 @@ class _Fitted:
 def _fit_family(family: Family, fire: torch.Tensor, acts: torch.Tensor) -> _Fitted:
     hits, sums, count = rules.key_stats(family, fire, acts)
     keys, valid = rules.candidates(hits, count)
-    size, objective = rules.best_sizes(rules.first_rank(family, keys, valid), fire, valid)
+    rank = rules.first_rank(family, keys, valid)  # [n, unit], candidates in their fitting order
+    size, objective = rules.best_sizes(rank, fire, valid)
     unit = torch.arange(keys.shape[0])[:, None]
     weights = sums.T[unit, keys] / count[keys].clamp_min(1)
     in_rule = torch.arange(keys.shape[1])[None, :] < size[:, None]
     order = torch.where(in_rule, weights, torch.full_like(weights, float("-inf"))).argsort(1, descending=True)
     keys, weights = keys.gather(1, order), weights.gather(1, order)
-    outside = (rules.predict(family, keys, size) == 0).float()
+    outside = (rank > size[None, :]).float()  # none of the rule's keys present (reordering keeps the set)
     baseline = (outside * acts).sum(0) / outside.sum(0).clamp_min(1)
     values = torch.cat([baseline[:, None], weights], 1)  # [unit, 1 + MAX_KEYS]: level -> prediction
     return _Fitted(keys, size, values, objective - FAMILY_COST.get(family.name, 0.0), count)
@@ -140,9 +141,11 @@ def label_inputs(
     for index, (family, f) in enumerate(zip(families, fitted)):
         chosen = choice == index
         held = family.rows(~fit_pos)
-        level[:, chosen] = rules.predict(held, f.keys, f.size)[:, chosen]
+        if not bool(chosen.any()):
+            continue
+        level[:, chosen] = rules.predict(held, f.keys[chosen], f.size[chosen])
         values[chosen] = f.values[chosen]
-        for draw in range(RANDOM_DRAWS if bool(chosen.any()) else 0):
+        for draw in range(RANDOM_DRAWS):
             rand_level = rules.predict(held, _random_rule(f, seed + 7 * draw)[chosen], f.size[chosen])
             drawn = _score(rand_level, f.values[chosen], positive[:, chosen], held_acts[:, chosen], held_windows, None)
             for name, value in drawn.items():

@@ -71,6 +71,8 @@ def first_rank(family: Family, keys: torch.Tensor, valid: torch.Tensor) -> torch
     ranks = torch.arange(1, width + 1, dtype=torch.int16).expand(keys.shape[0], -1).contiguous()
     table = _table(family, keys, valid.sum(1), ranks, width + 1)
     index = torch.where(family.index < 0, len(family.keys), family.index)
+    if index.shape[1] == 1:  # one key per position (token, n-gram): a plain lookup, nothing to reduce
+        return table[index[:, 0]]
     out = []
     for start in range(0, index.shape[0], CHUNK):
         block = index[start : start + CHUNK]
