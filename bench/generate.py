@@ -16,21 +16,31 @@ changes hit every variant alike:
 =============  ================================================================================
 
 The record holds each variant's median seconds and tokens/s and the ratio of medians to ``hf``
-(``>= 0.95`` is the target), with the conditions (threads, load before and after) it ran under.
+(``>= 0.95`` is the target), with the conditions (threads, load before and after, and the load
+when each length started) it ran under. ``--threads`` fixes torch's threads (default: chosen by
+:func:`lmatlas.machine.choose_threads` for decode work; the choice is recorded).
+
+Per-step overhead, independent of the load: ``--calls`` profiles one run of each variant at the
+shortest length (``cProfile``) and records the Python function calls it made, and the calls per
+decode step beyond ``hf.generate``'s with the functions that make them (a hook session's cost
+is calls per step; a timing under load cannot resolve a fraction of a percent).
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import pstats
 import statistics
 import time
 
 import torch
-from harness import Log, conditions, load_model, write_record  # noqa: E402  (bench/ is on the path when a benchmark runs)
+from harness import Log, conditions, load_average, load_model, write_record  # noqa: E402  (bench/ is on the path when a benchmark runs)
 
 import lmatlas
 from lmatlas.edit import Edit, Scale
 from lmatlas.infer.needle import haystack_text
+from lmatlas.machine import use_threads
 from lmatlas.model.generation import context_limit
 
 log = Log("bench_generate")
@@ -59,17 +69,47 @@ def variants(model, prompt: str, new: int):
     }
 
 
+def python_calls(fn) -> dict[str, int]:
+    """Python function calls of one run of ``fn``, by function (``file:line(name)``)."""
+    profile = cProfile.Profile()
+    profile.enable()
+    fn()
+    profile.disable()
+    return {pstats.func_std_string(key): row[1] for key, row in pstats.Stats(profile).stats.items()}
+
+
+def call_overhead(runs: dict, new: int, top: int = 8) -> dict:
+    """Calls of each variant of ``runs`` and its calls per decode step beyond ``hf``'s, with the functions
+    that add the most (a load-independent measure of per-step Python overhead)."""
+    calls = {name: python_calls(fn) for name, fn in runs.items()}
+    base = calls["hf"]
+    out = {}
+    for name, counts in calls.items():
+        extra = {k: counts.get(k, 0) - base.get(k, 0) for k in set(counts) | set(base)}
+        out[name] = {
+            "calls": sum(counts.values()),
+            "extra_calls_vs_hf": sum(extra.values()),
+            "extra_calls_per_step": round(sum(extra.values()) / new, 2),
+            "top_extra": {k: v for k, v in sorted(extra.items(), key=lambda kv: -abs(kv[1]))[:top] if v},
+        }
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None)
     parser.add_argument("--lengths", type=int, nargs="+", default=[16, 1024, 8192])
     parser.add_argument("--new", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None, help="Torch threads (default: chosen for decode).")
+    parser.add_argument("--calls", action="store_true", help="Also count Python calls per step (see above).")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+    threads = use_threads(args.threads, "decode")
+    log(f"threads: {threads.describe()}")
     before = conditions()
     model = load_model(args.model)
-    results = {}
+    results, loads, overhead = {}, {}, None
     limit = context_limit(model) or max(args.lengths) + args.new
     for asked in args.lengths:
         length = min(asked, limit - args.new)  # prompt + new tokens stay inside the context (8192 -> 8128)
@@ -77,6 +117,12 @@ def main(argv: list[str] | None = None) -> dict:
         runs = variants(model, prompt, args.new)
         for fn in runs.values():  # warm-up
             fn()
+        if args.calls and overhead is None:
+            overhead = {"prompt_tokens": length, **call_overhead(runs, args.new)}
+            log(
+                f"calls per step beyond hf: { {k: v['extra_calls_per_step'] for k, v in overhead.items() if k != 'prompt_tokens'} }"
+            )
+        load_at_start = load_average()
         times: dict[str, list[float]] = {name: [] for name in runs}
         for round_ in range(args.repeats):
             order = list(runs)[round_ % len(runs) :] + list(runs)[: round_ % len(runs)]
@@ -85,6 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
                 runs[name]()
                 times[name].append(time.perf_counter() - start)
         base = statistics.median(times["hf"])
+        loads[str(length)] = {"start": load_at_start, "end": load_average()}
         results[str(length)] = {
             name: {
                 "median_s": round(statistics.median(t), 4),
@@ -103,7 +150,10 @@ def main(argv: list[str] | None = None) -> dict:
         "model": model.provenance.source,
         "new_tokens": args.new,
         "repeats": args.repeats,
+        "threads": {"choice": threads.describe(), "threads": threads.threads, "reason": threads.reason},
         "lengths": results,
+        "load_per_length": loads,
+        "python_calls": overhead,
         "target": "tokens/s >= 0.95x hf.generate at every length (ratio_of_medians_vs_hf)",
     }
     if args.out:
