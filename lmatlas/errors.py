@@ -93,6 +93,16 @@ class AtlasError(LmatlasError):
     )
 
 
+class AtlasParamsError(AtlasError, ValueError):
+    """An atlas build was given a parameter name it does not know, or a value of the wrong type."""
+
+    help = Help(
+        symptom='`build_atlas(..., params={...})` stops with "Unknown atlas parameter(s) ..." or "must be int".',
+        cause="A parameter name that is not a field of `lmatlas.atlas.params.AtlasParams` (often a typo), or a value of another type.",
+        fix="Use the names and types the message lists (`AtlasParams` documents each one and its default).",
+    )
+
+
 class HookOrderError(LmatlasError):
     """Hook sessions were left in another order than the reverse of the one they were entered in."""
 
