@@ -29,7 +29,7 @@ class Plan:
     n_copies: int
 
 
-def _layer_targets(index: EdgeIndex, model: "Model", layer: int) -> list[int]:
+def layer_targets(index: EdgeIndex, model: "Model", layer: int) -> list[int]:
     """Target indices read at ``L{layer}.resid.pre``: queries, keys, values (+ the MLP with a parallel residual)."""
     lay = model.layout
     names = [f"L{layer}.H{h}.q" for h in range(lay.n_heads)]
@@ -49,7 +49,7 @@ def plan(index: EdgeIndex, model: "Model", masks: torch.Tensor, extra: torch.Ten
     copies, roles = [], []
     for layer in range(model.layout.n_layers):
         n_src = 1 + layer * per_head
-        targets = _layer_targets(index, model, layer)
+        targets = layer_targets(index, model, layer)
         rows = torch.cat([masks[:, :n_src, targets], extra[:, None, targets]], 1).transpose(1, 2)  # [K, R, S_l + 1]
         layer_copies, layer_roles = [], []
         for k in range(rows.shape[0]):

@@ -12,17 +12,25 @@ head carries clean information only through its own in-circuit inputs; ``embed``
 the clean embedding). The full graph gives the clean run, the empty circuit the corrupt
 run. A node outside every edge still runs, on corrupt inputs: nothing is zeroed.
 
-**How, without re-implementing attention.** Inputs of one layer that read different
-streams are given different *copies* of the batch: copy ``c`` of layer ``l`` holds one
-distinct stream at ``L{l}.resid.pre``, the model computes q/k/v of every head from it
-natively (norm, projection, q/k-norm, rotary), and ``attn.q`` / ``attn.k`` / ``attn.v``
-then take each head's queries (each KV group's keys, values) from the copy that holds
-its stream, identically in all copies. The MLP reads its stream through ``resid.mid``
+**How, in one copy of the batch** (the default, :mod:`lmatlas.causal.edge_sliced`):
+each head's queries and each KV group's keys and values are projected from their own
+stream with the block's norm and the model's per-head weights, the position map the
+model applies next (rotary) measured from the model itself; the attention, the MLPs
+and the logits run natively. A circuit costs one forward of ``prompts`` rows plus the
+stream mixing, whatever its size.
+
+**The copy layout** (``sliced=False``, and the fallback for families whose q/k norm
+makes that map non-linear): inputs of one layer that read different streams are given
+different *copies* of the batch: copy ``c`` of layer ``l`` holds one distinct stream at
+``L{l}.resid.pre``, the model computes q/k/v of every head from it natively (norm,
+projection, q/k-norm, rotary), and ``attn.q`` / ``attn.k`` / ``attn.v`` then take each
+head's queries (each KV group's keys, values) from the copy that holds its stream,
+identically in all copies. The MLP reads its stream through ``resid.mid``
 (``resid.pre``'s copy with a parallel residual), the logits through the last
 ``resid.post``. Inputs with the same in-circuit sources share a copy, so a circuit costs
 one forward of ``copies x prompts`` rows, ``copies`` being the most distinct streams of
 any layer (1 for the empty and the full circuit; at most ``heads + 2 * kv_heads + 1``).
-Many circuits (a whole faithfulness curve) run in the same forward.
+Many circuits (a whole faithfulness curve) run in the same forward, in both layouts.
 
 Everything goes through the model's hook sessions (``Model.run(replace=...)``); with a
 post-sublayer norm (Gemma 2/3, OLMo-2) the attention bias term scaled by that norm is
@@ -36,6 +44,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from lmatlas.causal.edge_plan import Plan, groups, plan
+from lmatlas.causal.edge_sliced import HeadMaps, SlicedState
 from lmatlas.causal.edges import EdgeIndex
 from lmatlas.progress import ProgressArg, progress_task
 
@@ -52,6 +61,7 @@ class EdgeRunner:
     fraction of the clean-minus-corrupt gap each keeps. ``runner.patched(edges)`` is
     the exact counterpart of an edge score: per edge ``u -> v``, the corrupt run in which
     input ``v`` alone reads ``u``'s clean write (everything after ``v`` computes normally).
+    ``sliced=False`` forces the copy layout (the reference the one-copy layout is tested against).
     """
 
     def __init__(
@@ -61,6 +71,7 @@ class EdgeRunner:
         metric: Callable,
         index: EdgeIndex | None = None,
         progress: ProgressArg = True,
+        sliced: bool = True,
     ):
         self.model, self.task, self.metric_fn, self.progress = model, task, metric, progress
         self.index = index or EdgeIndex.of(model)
@@ -74,6 +85,7 @@ class EdgeRunner:
         self.clean_value = float(metric(clean.logits).mean())
         self._clean_deltas: list[torch.Tensor] | None = None
         self.corrupt_value = float(metric(corrupt.logits).mean())
+        self.maps = HeadMaps.measure(model, task.clean[:1], self.exact) if sliced else None
 
     @property
     def gap(self) -> float:
@@ -97,7 +109,10 @@ class EdgeRunner:
         masks = masks & self.index.allowed
         none = torch.zeros(masks.shape[0], len(self.index.targets))
         out = torch.empty(masks.shape[0], dtype=torch.float64)
-        batches = groups([plan(self.index, self.model, m[None], none[:1]).n_copies for m in masks], chunk)
+        if self.maps is None:
+            batches = groups([plan(self.index, self.model, m[None], none[:1]).n_copies for m in masks], chunk)
+        else:  # one copy per circuit, whatever its size
+            batches = [list(range(i, min(i + chunk, masks.shape[0]))) for i in range(0, masks.shape[0], chunk)]
         with progress_task("Running circuits edge by edge", total=masks.shape[0], enabled=self.progress) as task:
             for group in batches:
                 out[group] = self._run(masks[group], none[group], None)
@@ -136,11 +151,15 @@ class EdgeRunner:
     def _run(self, masks: torch.Tensor, extra: torch.Tensor, patch: torch.Tensor | None) -> torch.Tensor:
         """Circuits on the clean prompts (``patch=None``), or the full graph on the corrupt prompts with
         ``patch`` ``[K, B, P, d]`` added to the input ``extra`` marks (one patched edge per circuit)."""
-        layout = plan(self.index, self.model, masks, extra)
-        state = _RunState(self, masks, layout, extra, patch)
+        if self.maps is None:
+            layout = plan(self.index, self.model, masks, extra)
+            replace = _RunState(self, masks, layout, extra, patch).replacements()
+        else:
+            layout = Plan([], [], 1)
+            replace = SlicedState(self, _RunState(self, masks, layout, extra, patch), self.maps).replacements()
         n_rows = masks.shape[0] * layout.n_copies
         tokens = (self.task.clean if patch is None else self.task.corrupt).repeat(n_rows, 1)
-        cache = self.model.run(tokens, replace=state.replacements())
+        cache = self.model.run(tokens, replace=replace)
         batch = self.task.clean.shape[0]
         logits = cache.logits.view(masks.shape[0], layout.n_copies, batch, *cache.logits.shape[1:])[:, 0]
         return torch.stack([self.metric_fn(logits[k]).double().mean() for k in range(masks.shape[0])]).cpu()

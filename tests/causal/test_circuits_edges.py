@@ -91,6 +91,42 @@ def test_the_full_graph_is_the_clean_run_and_the_empty_one_the_corrupt_run(tiny)
     assert float(runner.patched([("embed", "logits")])) != pytest.approx(float(corrupt), abs=1e-6)
 
 
+def _random_circuits(index, seed=0):
+    """The full graph, the empty one and three random circuits of 10%, 30% and 60% of the edges."""
+    full, gen = index.full(), torch.Generator().manual_seed(seed)
+    parts = [full & (torch.rand(full.shape, generator=gen) < f) for f in (0.1, 0.3, 0.6)]
+    return torch.stack([full, torch.zeros_like(full), *parts])
+
+
+def test_one_copy_runs_equal_the_copy_layout(tiny):
+    """The default layout (every input projected from its own stream in one copy of the batch) against the
+    copy layout, where the model itself computes each distinct stream's q/k/v: circuits and one-edge patches."""
+    task = load_task(tiny, "induction", n=3)
+    metric = logit_diff(task.answer, task.wrong)
+    fast = EdgeRunner(tiny, task, metric, progress=False)
+    copies = EdgeRunner(tiny, task, metric, progress=False, sliced=False)
+    # families whose q/k norm makes the post-projection map non-linear keep the copy layout
+    assert (fast.maps is None) == (tiny.spec.family in ("qwen3", "gemma3", "olmo2"))
+    masks = _random_circuits(fast.index)
+    assert torch.allclose(fast.metric(masks), copies.metric(masks), atol=1e-5, rtol=0)
+    edges = fast.index.edges_of(fast.index.full())[::7]
+    assert torch.allclose(fast.patched(edges), copies.patched(edges), atol=1e-5, rtol=0)
+    if fast.maps is not None:
+        before = tiny.work.snapshot()
+        fast.metric(masks)
+        assert (tiny.work.snapshot() - before).tokens == masks.shape[0] * task.clean.numel()  # one copy each
+
+
+def test_one_copy_runs_equal_the_copy_layout_on_planted_models(case):
+    p, runner = case
+    copies = EdgeRunner(p.model, p.task, runner.metric_fn, progress=False, sliced=False)
+    assert runner.maps is not None
+    masks = _random_circuits(runner.index, seed=1)
+    assert torch.allclose(runner.metric(masks), copies.metric(masks), atol=1e-4, rtol=0)
+    edges = sorted(p.edges)
+    assert torch.allclose(runner.patched(edges), copies.patched(edges), atol=1e-4, rtol=0)
+
+
 def _rms(x, weight, eps):
     """RMSNorm as Llama computes it (in float32, whatever the model's dtype)."""
     x32 = x.float()

@@ -1,0 +1,179 @@
+"""Edge runs in one copy of the batch: every head's queries, keys and values from its own stream.
+
+The copy layout of :mod:`lmatlas.causal.edge_run` gives each distinct input stream of a
+layer its own copy of the prompts, so a circuit pays a whole forward (MLPs included)
+per distinct stream: a large circuit of SmolLM2 (9 query heads, 3 KV groups) costs
+~10-16 forwards. Here a circuit is **one** row block of the batch:
+
+* each input's stream ``x_v = corrupt_resid(v) + sum_u m_uv (w_u - w_u^corrupt)`` is
+  mixed from the writes collected so far (one matmul per layer, ``[K, inputs, sources]``
+  masks against ``[K, sources, batch * pos * d_model]`` writes);
+* a query head's input is ``q_h = A_p(norm(x_h) @ W_Q[h] + b_Q[h])`` (keys and values
+  per KV group alike): the block's own pre-attention norm module, the model's per-head
+  weights (:attr:`Model.W`), so the projections of all inputs together cost one
+  forward's q/k/v projection;
+* ``A_p`` is what the model does to a head's projection before attention (rotary at
+  position ``p``; the identity without rotary). It is **measured from the model**
+  (:class:`HeadMaps`): one forward of random streams, a least-squares fit per layer,
+  part and position, accepted only if it reproduces the model's q/k/v to float
+  precision. Families whose q/k norm makes that map non-linear (Qwen 3, Gemma 3,
+  OLMo-2) fail the check and keep the copy layout.
+
+The attention itself, the output projection, the MLP and the logits then run natively
+on the one copy, with ``attn.q`` / ``attn.k`` / ``attn.v`` replaced.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+import torch
+
+from lmatlas.causal.edge_plan import layer_targets
+
+if TYPE_CHECKING:
+    from lmatlas.causal.edge_run import EdgeRunner
+    from lmatlas.model.handle import Model
+
+PARTS = ("q", "k", "v")
+
+
+def _norm(model: "Model", layer: int, x: torch.Tensor) -> torch.Tensor:
+    """The block's pre-attention norm applied to ``x`` ``[..., d_model]`` (identity without one)."""
+    if model.spec.attn_norm is None:
+        return x
+    return model.module("attn_norm", layer)(x.to(model.dtype))
+
+
+def _weights(model: "Model", layer: int, part: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(W [heads, d_model, d_head], b [heads, d_head] | None)`` of one projection."""
+    w = getattr(model.W, f"W_{part.upper()}")(layer)
+    b = getattr(model.W, f"b_{part.upper()}")(layer)
+    return w.detach(), None if b is None else b.detach()
+
+
+def project(model: "Model", layer: int, part: str, normed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``[..., heads, B, P, d_model]`` normed streams (one per head) -> ``[..., B, P, heads, d_head]`` projections."""
+    w, b = _weights(model, layer, part)
+    out = torch.einsum("...hbpd,hde->...bphe", normed.to(dtype), w.to(dtype))
+    return out if b is None else out + b.to(dtype)
+
+
+@dataclass
+class HeadMaps:
+    """``maps[layer][part]`` ``[P, d_head, d_head]``: the model's attention input is ``u @ maps[p]``
+    for a head's projection ``u`` at position ``p`` (rotary; identity without it)."""
+
+    maps: list[dict[str, torch.Tensor]]
+    length: int
+
+    @classmethod
+    def measure(cls, model: "Model", tokens: torch.Tensor, dtype: torch.dtype, seed: int = 0) -> "HeadMaps | None":
+        """Fit the maps on one forward of random streams at every layer; ``None`` if they are not linear.
+
+        ``tokens`` ``[1, P]`` gives the positions (and the input ids, which the replaced streams make moot).
+        """
+        lay = model.layout
+        n = lay.d_head + 4  # rows (see _fit): the heads of one row may project to dependent vectors
+        gen = torch.Generator().manual_seed(seed)
+        length = tokens.shape[1]
+        streams = [torch.randn(n, length, lay.d_model, generator=gen, dtype=dtype) for _ in range(lay.n_layers)]
+        replace = {f"L{i}.resid.pre": streams[i].to(model.dtype) for i in range(lay.n_layers)}
+        sites = [f"L{i}.attn.{p}" for i in range(lay.n_layers) for p in PARTS]
+        with torch.no_grad():
+            cache = model.run(tokens.repeat(n, 1), capture=sites, replace=replace, lm_head=False)
+            maps = []
+            for layer in range(lay.n_layers):
+                normed = _norm(model, layer, streams[layer].to(model.dtype))
+                per_part = {}
+                for part in PARTS:
+                    heads = lay.n_heads if part == "q" else lay.n_kv_heads
+                    u = project(model, layer, part, normed.unsqueeze(0).expand(heads, -1, -1, -1), torch.float64)
+                    fitted = _fit(u, cache[f"L{layer}.attn.{part}"].double())
+                    if fitted is None:
+                        return None
+                    per_part[part] = fitted.to(dtype)
+                maps.append(per_part)
+        return cls(maps, length)
+
+
+def _fit(u: torch.Tensor, target: torch.Tensor, tol: float = 1e-4) -> torch.Tensor | None:
+    """Per position ``p``: ``M_p`` with ``target[:, p] ~ u[:, p] @ M_p`` (``[n, P, heads, d]`` each), or ``None``
+    when the fit misses by more than ``tol`` of the target's size (the map is not linear).
+
+    With ``n >= d_head + 2`` random streams each head's samples span all its projections can be (an affine
+    image of at most ``d_head`` dimensions), so the map found is the model's wherever a projection can lie."""
+    a = u.permute(1, 0, 2, 3).flatten(1, 2).cpu()  # [P, n * heads, d]
+    t = target.permute(1, 0, 2, 3).flatten(1, 2).cpu()
+    # SVD-based: a head's projections may span fewer than d directions (the map is then exact on that span,
+    # which is where every projection lies)
+    m = torch.linalg.lstsq(a, t, driver="gelsd").solution  # [P, d, d]
+    miss = (a @ m - t).abs().max()
+    return m.to(u.device) if float(miss) <= tol * float(t.abs().max().clamp_min(1e-30)) else None
+
+
+class SlicedState:
+    """The replacements of one batched circuit run in one copy (rows ``(circuit k, prompt b)``).
+
+    Shares the write bookkeeping of :class:`lmatlas.causal.edge_run._RunState` (``state``,
+    built with one copy): ``state.deltas`` ``[K, S, B, P, d]`` fills as the forward goes.
+    """
+
+    def __init__(self, runner: "EdgeRunner", state, maps: HeadMaps):
+        self.r, self.s, self.maps = runner, state, maps
+        lay = runner.model.layout
+        self.targets = [layer_targets(runner.index, runner.model, layer) for layer in range(lay.n_layers)]
+
+    def replacements(self) -> dict:
+        lay = self.r.model.layout
+        out = {}
+        for layer in range(lay.n_layers):
+            if lay.parallel_residual:
+                out[f"L{layer}.resid.pre"] = self._mlp_stream(layer)
+            for part in PARTS:
+                out[f"L{layer}.attn.{part}"] = self._inputs(layer, part)
+            out[f"L{layer}.attn.out"] = self.s._heads(layer)
+            if not lay.parallel_residual:
+                out[f"L{layer}.resid.mid"] = self.s._mid(layer)
+            out[f"L{layer}.mlp.out"] = self._mlp(layer)
+        out[f"L{lay.n_layers - 1}.resid.post"] = self.s._logits()
+        return out
+
+    def _weights(self, layer: int, columns: list[int]) -> torch.Tensor:
+        """``[K, inputs, n_src + 1]``: each input's in-circuit sources (and whether it reads the patch)."""
+        n_src = 1 + layer * (self.r.model.layout.n_heads + 1)
+        cols = torch.tensor(columns)
+        return torch.cat([self.s.masks[:, :n_src, cols], self.s.extra[:, None, cols]], 1).transpose(1, 2)
+
+    def _inputs(self, layer: int, part: str) -> Callable:
+        lay = self.r.model.layout
+        offset = {"q": 0, "k": lay.n_heads, "v": lay.n_heads + lay.n_kv_heads}[part]
+        count = lay.n_heads if part == "q" else lay.n_kv_heads
+
+        def fn(value, ctx):
+            columns = self.targets[layer][offset : offset + count]
+            streams = self.s._stream(self.r.corrupt[f"L{layer}.resid.pre"], self._weights(layer, columns))
+            u = project(self.r.model, layer, part, _norm(self.r.model, layer, streams), self.r.exact)
+            moved = torch.einsum("kbphe,pef->kbphf", u, self.maps.maps[layer][part])  # [K, B, P, heads, d_head]
+            return moved.reshape(value.shape).to(value.dtype)
+
+        return fn
+
+    def _mlp_stream(self, layer: int) -> Callable:
+        """With a parallel residual the MLP reads ``resid.pre``: the row carries the MLP's own stream."""
+
+        def fn(value, ctx):
+            column = self.targets[layer][-1]  # the MLP is the last input of the layer
+            weights = self._weights(layer, [column])[:, 0]
+            return self.s._stream(self.r.corrupt[f"L{layer}.resid.pre"], weights).reshape(value.shape).to(value.dtype)
+
+        return fn
+
+    def _mlp(self, layer: int) -> Callable:
+        def fn(value, ctx):
+            written = self.s._rows(value)[:, 0].to(self.r.exact)
+            self.s._add((written - self.r.corrupt[f"L{layer}.mlp.out"].unsqueeze(0)).unsqueeze(1))
+            return None
+
+        return fn
