@@ -124,6 +124,12 @@ def needle_battery(
     return Battery(f"{name}/null" if null else name, ids.to(model.device), int(seed), meta)
 
 
+#: Tokens per forward of the needle pass: two 1,024-token rows, so the pass (minutes on a CPU) keeps a
+#: checkpoint every two rows (:mod:`lmatlas.census.checkpoint`); rows are independent, so the numbers are
+#: those of one forward per battery (bit for bit on SmolLM2-135M, ``bench/census_needle.py``).
+TOKENS_PER_CALL = 2048
+
+
 def rows_per_call(length: int, tokens_per_call: int) -> int:
     """How many rows of ``length`` tokens fit one forward of at most ``tokens_per_call`` tokens (at least 1)."""
     return max(1, tokens_per_call // max(1, length))
@@ -136,7 +142,7 @@ def retrieval_hits(
     *,
     layers: list[int] | None = None,
     chunk: int = 256,
-    tokens_per_call: int = 8192,
+    tokens_per_call: int = TOKENS_PER_CALL,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(hits, needle_mass)``, each ``[batch, layer, head]`` over the queries with a target.
 
@@ -181,7 +187,12 @@ class RetrievalDetector(Detector):
     min_z = 3.0
 
     def __init__(
-        self, n_examples: int = 6, length: int = 1024, needle: int = 24, chunk: int = 256, tokens_per_call: int = 8192
+        self,
+        n_examples: int = 6,
+        length: int = 1024,
+        needle: int = 24,
+        chunk: int = 256,
+        tokens_per_call: int = TOKENS_PER_CALL,
     ):
         self.n_examples, self.length, self.needle = n_examples, length, needle
         self.chunk, self.tokens_per_call = chunk, tokens_per_call

@@ -63,7 +63,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from lmatlas.census import checkpoint, measure
-from lmatlas.census.detectors.retrieval import copy_steps, hits_of, needle_battery, rows_per_call
+from lmatlas.census.detectors.retrieval import TOKENS_PER_CALL, copy_steps, hits_of, needle_battery, rows_per_call
 from lmatlas.census.registry import Battery, Detector, register
 from lmatlas.census.streaming import attention_stats
 from lmatlas.errors import LmatlasError
@@ -177,7 +177,7 @@ def needle_pass(
     battery: Battery,
     *,
     chunk: int = 256,
-    tokens_per_call: int = 8192,
+    tokens_per_call: int = TOKENS_PER_CALL,
     stats: bool = False,
     split: Window | None = None,
 ) -> NeedleMeasures:
@@ -289,7 +289,7 @@ class StreamingSplit(Detector):
         n_sink: int = DEFAULT_SPLIT.sink,
         window: int = DEFAULT_SPLIT.recent,
         chunk: int = 256,
-        tokens_per_call: int = 8192,
+        tokens_per_call: int = TOKENS_PER_CALL,
     ):
         self.n_examples, self.length, self.needle = n_examples, length, needle
         self.n_sink, self.window, self.chunk, self.tokens_per_call = n_sink, window, chunk, tokens_per_call
