@@ -31,6 +31,12 @@ new quiet local cluster with ``num_workers`` CPUs and shuts it down at the end. 
 cluster started with ``ray start`` uses token authentication (Ray >= 2.59): set
 ``RAY_AUTH_MODE=token`` and the token (``RAY_AUTH_TOKEN``) in the driver's environment.
 
+Dictionaries attached to the driver's model (``model.dictionaries``: ``lmatlas map --features``)
+travel with the workers: :meth:`RayExecutor.for_model` ships each one (the object, put once
+in Ray's object store, with its site, mode and a weights fingerprint), and every worker
+attaches it to its own model after loading (checked against that model, as on the driver), so
+the ``features`` stage and every stage that reads a feature site run on workers as locally.
+
 A model that exists only in memory (``Model.from_hf``, ``tiny_model``) cannot be
 loaded by a worker: save it with ``save_pretrained`` and pass the directory. On a
 multi-node cluster a local path must exist on every node (a shared file system), or
@@ -49,6 +55,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 from lmatlas.atlas.executors import UnitResult, run_unit
+from lmatlas.atlas.ray_dictionaries import attach_shipped, shipped_dictionaries
 from lmatlas.errors import AtlasError, LmatlasError, ModelFileError
 
 if TYPE_CHECKING:
@@ -130,16 +137,23 @@ def identity_differences(expect: dict[str, Any], found: dict[str, Any]) -> dict[
 
 
 class AtlasWorker:
-    """One Ray actor's state: the model (loaded once), a private BuildContext, the stage registry."""
+    """One Ray actor's state: the model (loaded once, its dictionaries attached), a private BuildContext, the stages."""
 
     def load(
-        self, source: str | None, ctx: "BuildContext", dtype: str, load_kwargs: dict[str, Any], check_card: bool
+        self,
+        source: str | None,
+        ctx: "BuildContext",
+        dtype: str,
+        load_kwargs: dict[str, Any],
+        check_card: bool,
+        dictionaries: list[dict[str, Any]] | None = None,
     ) -> tuple[str, dict[str, Any] | None]:
-        """Load the model; returns this worker's label (``host:pid``) and, if asked, its model's identity."""
+        """Load the model, attach ``dictionaries`` (:func:`shipped_dictionaries`); returns ``host:pid`` and the identity."""
         import lmatlas
         from lmatlas.atlas.stages import all_stages
 
         self.model: Model = lmatlas.load(source, dtype=dtype, **load_kwargs)
+        attach_shipped(self.model, dictionaries or [])
         self.ctx = ctx
         self.stages = all_stages()
         self.label = f"{socket.gethostname()}:{os.getpid()}"
@@ -170,6 +184,8 @@ class RayExecutor:
         worker_options: Ray actor options (default ``{"num_cpus": 1}``; e.g. ``{"num_gpus": 1}``).
         expect_card: the driver's model identity (:func:`worker_identity`, or a card); each worker checks that it
             loaded the same model (sizes, then the file hash or the weights fingerprint, and the dtype).
+        dictionaries: what each worker attaches after loading (:func:`shipped_dictionaries`; :meth:`for_model`
+            takes the driver model's).
 
     Attributes:
         worker_of: ``unit -> "host:pid"`` of the worker that computed it (filled as units finish).
@@ -186,6 +202,7 @@ class RayExecutor:
         load_kwargs: dict[str, Any] | None = None,
         worker_options: dict[str, Any] | None = None,
         expect_card: dict[str, Any] | None = None,
+        dictionaries: list[dict[str, Any]] | None = None,
     ):
         if num_workers < 1:
             raise LmatlasError(f"num_workers must be at least 1 (got {num_workers}).")
@@ -195,13 +212,15 @@ class RayExecutor:
         self.dtype, self.load_kwargs = dtype, dict(load_kwargs or {})
         self.worker_options = dict(worker_options or {"num_cpus": 1})
         self.expect = dict(expect_card) if expect_card else None
+        self.dictionaries = list(dictionaries or [])
         self.worker_of: dict[str, str] = {}
 
     @classmethod
     def for_model(cls, model: "Model", ctx: "BuildContext", **kwargs: Any) -> "RayExecutor":
-        """An executor whose workers load ``model``'s source in ``model``'s dtype, checked against its card."""
+        """Workers that load ``model``'s source in its dtype (checked against its card) and attach its dictionaries."""
         kwargs.setdefault("dtype", str(model.dtype).removeprefix("torch."))
         kwargs.setdefault("expect_card", worker_identity(model))
+        kwargs.setdefault("dictionaries", shipped_dictionaries(model))
         return cls(model.provenance.source, ctx, **kwargs)
 
     # -- running ---------------------------------------------------------------------------------
@@ -301,8 +320,10 @@ class RayExecutor:
         model stops the build before any work is done, and every worker gets work.
         """
         ctx_ref = ray.put(replace(self.ctx, memo={}))  # each worker keeps its own memo
+        dictionaries = ray.put(self.dictionaries)  # once in the object store, whatever the number of workers
+        check = self.expect is not None
         loading = {
-            actor.load.remote(self.source, ctx_ref, self.dtype, self.load_kwargs, self.expect is not None): actor
+            actor.load.remote(self.source, ctx_ref, self.dtype, self.load_kwargs, check, dictionaries): actor
             for actor in actors
         }
         labels: dict[Any, str] = {}

@@ -295,3 +295,50 @@ def test_worker_errors_name_the_unit_and_the_model_check(model, tiny_dir, ctx, r
     with pytest.raises(LmatlasError, match="already initialised"):
         list(RayExecutor(tiny_dir, ctx, address="127.0.0.1:1").run([(importance, "importance/L0")]))
     assert ray_cluster.is_initialized(), "the executor must not shut down a Ray it did not start"
+
+
+def _random_dictionaries(model):
+    """An lmatlas TopK SAE at L1.resid.post and a skip-transcoder of MLP 0, seeded random weights, cards for ``model``."""
+    import torch
+
+    from lmatlas.features.dictionary import DictionaryCard, SkipTranscoder, TopKSAE
+    from lmatlas.model.provenance import identity
+
+    sae = TopKSAE(64, 24, 4, card=DictionaryCard("sae", "L1.resid.post", 64, 24, 4, model=identity(model)))
+    card = DictionaryCard("transcoder", "L0.mlp.in", 64, 16, 3, d_out=64, model=identity(model))
+    transcoder = SkipTranscoder(64, 64, 16, 3, card=card)
+    for seed, dictionary in enumerate((sae, transcoder)):
+        with torch.no_grad():
+            for i, p in enumerate(dictionary.parameters()):
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(100 * seed + i)) * 0.3)
+    return sae, transcoder
+
+
+@pytest.mark.slow
+def test_workers_attach_the_drivers_dictionaries_and_build_the_features_stage_as_locally(
+    model, tiny_dir, ctx, ray_cluster, tmp_path
+):
+    from lmatlas.features.sites import attach
+
+    sae, transcoder = _random_dictionaries(model)
+    attach(model, sae)
+    attach(model, transcoder, mode="replace")  # the mode travels too
+    try:
+        local = tmp_path / "local.atlas.duckdb"
+        build_atlas(model, local, only=["features"], params=SMALL, progress=False)
+        executor = RayExecutor.for_model(model, ctx, num_workers=2)
+        remote = tmp_path / "ray.atlas.duckdb"
+        report = build_atlas(model, remote, only=["features"], params=SMALL, executor=executor, progress=False)
+        assert sorted(report.computed) == ["features/L0.mlp.F", "features/L1.resid.post.F"]
+        assert all(int(label.rsplit(":", 1)[1]) != os.getpid() for label in executor.worker_of.values())
+        rows_local, rows_remote = _table_rows(local), _table_rows(remote)
+        assert len(rows_local["features"]) == 24 + 16 and rows_local["feature_links"]
+        for table in ("features", "feature_contexts", "feature_links"):
+            assert rows_remote[table] == rows_local[table], f"table {table} differs between the local and the Ray build"
+        bare = RayExecutor(tiny_dir, ctx, num_workers=1, dictionaries=[])  # nothing shipped: the unit fails there
+        with pytest.raises(AtlasError, match=r"features/L0.mlp.F failed on Ray worker .*No dictionary is attached"):
+            list(bare.run([(all_stages()["features"], "features/L0.mlp.F")]))
+    finally:
+        model.dictionaries.detach("L1.resid.post")
+        model.dictionaries.detach("L0.mlp")
+    assert ray_cluster.is_initialized()
