@@ -9,7 +9,8 @@ With no edit option it generates once and prints the continuation with each toke
 log-probability. With an edit it generates twice (unedited, edited: the same prompt,
 KV cache and strategy) and prints both continuations side by side, the differing tokens
 highlighted, the first difference, and each token's log-probability under both models
-(:func:`lmatlas.model.comparison.compare`). ``--kv-budget``/``--kv-snap`` and
+(:func:`lmatlas.model.comparison.compare`). A KV policy (``--kv NAME`` or what
+``--kv-budget``/``--kv-snap``/``--kv-gates`` imply, :mod:`lmatlas.infer.policies`) and
 ``--strategy`` combine with the edit (:func:`lmatlas.generate`). An empty continuation
 says which stop token ended it.
 
@@ -43,6 +44,8 @@ from lmatlas.cli.generation_view import plain_continuation, show_comparison, sho
 from lmatlas.cli.infer_commands import ATLAS_OPT as KV_ATLAS_OPT
 from lmatlas.cli.infer_commands import (
     KV_BUDGET_OPT,
+    KV_GATES_OPT,
+    KV_OPT,
     KV_SNAP_OPT,
     RANDOM_OPT,
     RECENT_OPT,
@@ -208,6 +211,8 @@ def generate(
     recent: int = RECENT_OPT,
     random_seed: Optional[int] = RANDOM_OPT,
     kv_snap: Optional[int] = KV_SNAP_OPT,
+    kv: Optional[str] = KV_OPT,
+    kv_gates: Optional[Path] = KV_GATES_OPT,
     strategy: Optional[str] = typer.Option(None, "--strategy", help=f"Decoding strategy: {', '.join(STRATEGY_NAMES)}."),
     drafter: Optional[str] = typer.Option(
         None, "--drafter", help=f"Speculative drafter: {', '.join(DRAFTER_NAMES)} (default prompt-lookup)."
@@ -218,7 +223,7 @@ def generate(
 ) -> None:
     """Generate; with edit options, show the unedited and the edited continuation side by side.
 
-    Edit options, a KV cache (--kv-budget or --kv-snap) and a decoding strategy (--strategy)
+    Edit options, a KV cache (--kv NAME, or --kv-budget / --kv-snap) and a decoding strategy (--strategy)
     combine: the edit applies to every forward, the cache holds every sequence, the strategy
     picks the tokens (see lmatlas.generate). A combination a part cannot serve is refused
     with its reason before any compute.
@@ -234,17 +239,17 @@ def generate(
         )
         if save_edit and options.empty:
             raise InputError("--save-edit needs an edit: add --ablate, --scale, --set, --steer or --edit.")
-        kv_options = KVOptions(kv_budget, atlas, sink, recent, random_seed, kv_snap)
+        kv_options = KVOptions(kv_budget, atlas, sink, recent, random_seed, kv_snap, kv, kv_gates)
         kv_options.check()
         chosen = strategy_value(strategy, drafter)
         model = load_model(name, dtype, device)
         edit = build_edit(model, options)
-        kv = kv_options.policy(model)
+        policy = kv_options.policy(model)
         saved = str(edit.save(save_edit, model)) if save_edit else None
         header = {"model": model.provenance.source, "chat": chat, "max_new_tokens": max_new_tokens}
         if edit is not None:
             comparison = composed(
-                model, prompt, max_new_tokens, edit=edit, kv=kv, strategy=chosen, chat=chat, compare=True
+                model, prompt, max_new_tokens, edit=edit, kv=policy, strategy=chosen, chat=chat, compare=True
             )
             if as_json:
                 return print_json({**header, **comparison.to_dict(), "saved_edit": saved})
@@ -252,14 +257,14 @@ def generate(
             if saved:
                 out.print(f"Edit saved to {saved}")
             return None
-        if chosen is None and kv is not None and not chat:
-            return show_kv_run(model, prompt, kv, max_new_tokens, as_json)
-        if chosen is None and kv is None:
+        if chosen is None and policy is not None and not chat:
+            return show_kv_run(model, prompt, policy, max_new_tokens, as_json)
+        if chosen is None and policy is None:
             continuation = plain_continuation(model, prompt, max_new_tokens, chat)
             if as_json:
                 return print_json({**header, "prompt": prompt, **continuation.to_dict()})
             return show_plain(model, prompt, continuation, chat)
-        result = composed(model, prompt, max_new_tokens, kv=kv, strategy=chosen, chat=chat)
+        result = composed(model, prompt, max_new_tokens, kv=policy, strategy=chosen, chat=chat)
         if as_json:
             return print_json({**header, "prompt": prompt, **result.to_dict()})
         return show_generation(model, prompt, result, chat)

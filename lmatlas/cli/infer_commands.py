@@ -5,6 +5,7 @@
     lmatlas generate "prompt" --kv-budget 0 --sink 4 --recent 128        sinks + window everywhere
     lmatlas generate "prompt" --kv-budget 0.25 --random-seed 1          random full heads (a baseline)
     lmatlas generate "prompt" --kv-snap 512                             SnapKV: 512 prompt entries per KV head
+    lmatlas generate "prompt" --kv hybrid --kv-budget 0.25 --atlas A --kv-snap 256     any registered policy
     lmatlas prune [MODEL] --fraction 0.2 --atlas smollm2.atlas.duckdb [--random-seed N] [--json]
 
 ``--kv-budget F`` keeps the fraction ``F`` of the KV heads of full-attention layers
@@ -13,6 +14,9 @@ whole; the others keep ``--sink`` + ``--recent`` entries (see :mod:`lmatlas.infe
 head keeps the ``N`` prompt entries the prompt's end attends to most.
 The result shows the text and what the cache held (bytes of storage), prefill and
 decode times and the peak memory each added.
+
+``--kv NAME`` names any policy of the registry (:mod:`lmatlas.infer.policies`; the help
+lists them); without it the option given implies one.
 
 Each group of options turns into a value (:class:`KVOptions` -> a KV policy) that the
 ``generate`` command (:mod:`lmatlas.cli.generate_commands`) composes with an edit and a
@@ -29,22 +33,37 @@ import typer
 
 from lmatlas.cli.app import DEVICE_OPT, DTYPE_OPT, JSON_OPT, app, err, key_value_table, load_model, out, print_json, run
 from lmatlas.errors import LmatlasError
+from lmatlas.infer.policies import KV_POLICIES, check_inputs, get_policy, implied_policy
 
 KV_BUDGET_OPT = typer.Option(
     None, "--kv-budget", help="Fraction of KV heads kept full (0-1); omit for the default cache."
 )
 ATLAS_OPT = typer.Option(None, "--atlas", help="The model's atlas: census scores choose the full heads.")
 SINK_OPT = typer.Option(4, "--sink", help="Entries kept at the start of the context by windowed heads.")
-RECENT_OPT = typer.Option(256, "--recent", help="Most recent entries kept by windowed heads.")
+RECENT_OPT = typer.Option(
+    256, "--recent", help="Most recent tokens a windowed head sees, its own included (lmatlas.model.window.Window)."
+)
 KV_SNAP_OPT = typer.Option(
     None, "--kv-snap", help="SnapKV: prompt entries each KV head keeps (> 32); omit for no eviction."
 )
+KV_GATES_OPT = typer.Option(None, "--kv-gates", help="--kv gates: a JSON file of trained gates ({'gates': [[...]]}).")
 RANDOM_OPT = typer.Option(None, "--random-seed", help="Choose the full heads at random with this seed (a baseline).")
+KV_OPT = typer.Option(
+    None,
+    "--kv",
+    help="KV cache policy: "
+    + "; ".join(f"{kind.name} ({kind.options()})" for kind in KV_POLICIES.values())
+    + ". Default: what --kv-budget / --kv-snap / --kv-gates imply.",
+)
 
 
 @dataclass(frozen=True)
 class KVOptions:
-    """The KV-cache options of one command line (checked by :meth:`check` before the model loads)."""
+    """The KV-cache options of one command line (checked by :meth:`check` before the model loads).
+
+    ``kind`` names a policy of :data:`lmatlas.infer.policies.KV_POLICIES` (``None``: the one the
+    given options imply); the others are its inputs.
+    """
 
     budget: Optional[float] = None
     atlas: Optional[Path] = None
@@ -52,35 +71,51 @@ class KVOptions:
     recent: int = 256
     random_seed: Optional[int] = None
     snap: Optional[int] = None
+    kind: Optional[str] = None
+    gates: Optional[Path] = None
 
-    @property
-    def given(self) -> bool:
-        return self.budget is not None or self.snap is not None
+    def given(self) -> set[str]:
+        """The policy inputs given (``plan``, ``capacity``, ``gates``)."""
+        values = {"plan": self.budget, "capacity": self.snap, "gates": self.gates}
+        return {name for name, value in values.items() if value is not None}
+
+    def name(self) -> str:
+        """The policy's registered name."""
+        return self.kind if self.kind is not None else implied_policy(self.given())
 
     def check(self) -> None:
         """Every KV option checked before the model loads."""
         from lmatlas.infer.choose import check_budget
-        from lmatlas.infer.plan import check_window
         from lmatlas.infer.snap import SnapPlan
+        from lmatlas.model.window import Window
 
-        if self.snap is not None and self.budget is not None:
-            raise LmatlasError("Give --kv-budget (head-wise cache) or --kv-snap (SnapKV), not both.")
+        kind = check_inputs(self.name(), self.given())
         if self.snap is not None:
             SnapPlan(capacity=self.snap)
         if self.budget is not None:
             check_budget(self.budget)
-            check_window(self.sink, self.recent)
-            if self.atlas is not None and not self.atlas.is_file():
-                raise LmatlasError(f"No atlas file at {self.atlas}: build one with `lmatlas map --out FILE.duckdb`.")
+        if "plan" in kind.inputs or "gates" in kind.inputs:
+            Window(self.sink, self.recent)
+        if self.atlas is not None and not self.atlas.is_file():
+            raise LmatlasError(f"No atlas file at {self.atlas}: build one with `lmatlas map --out FILE.duckdb`.")
+        if self.gates is not None and not self.gates.is_file():
+            raise LmatlasError(f"No gates file at {self.gates}: save GateResult.gates as JSON ({{'gates': [[...]]}}).")
 
     def policy(self, model):
         """The KV policy value for ``model`` (``None``: the default cache)."""
-        from lmatlas.infer.generate import resolve_plan
-        from lmatlas.infer.snap import SnapPlan
+        import json
 
-        if self.snap is not None:
-            return SnapPlan(capacity=self.snap)
-        return resolve_plan(model, self.budget, self.atlas, self.sink, self.recent, self.random_seed)
+        from lmatlas.infer.generate import resolve_plan
+        from lmatlas.model.window import Window
+
+        kind = get_policy(self.name())
+        inputs = {"capacity": self.snap, "window": Window(self.sink, self.recent)}
+        if "plan" in kind.inputs:
+            inputs["plan"] = resolve_plan(model, self.budget, self.atlas, self.sink, self.recent, self.random_seed)
+        if "gates" in kind.inputs:
+            data = json.loads(self.gates.read_text(encoding="utf-8"))
+            inputs["gates"] = data["gates"] if isinstance(data, dict) else data
+        return kind.make(**inputs)
 
 
 def show_kv_run(model, prompt: str, plan, max_new_tokens: int, as_json: bool) -> None:

@@ -106,10 +106,16 @@ class SnapCache(_InstalledCache):
         return f"SnapCache(capacity={self.plan.capacity}, window={self.plan.window}, layers={len(self.layers)})"
 
 
-def make_cache(model: "Model", plan: KVPlan | SnapPlan) -> Cache:
-    """The cache a plan describes: :class:`HeadwiseCache` for a :class:`KVPlan`, :class:`SnapCache` for a :class:`SnapPlan`."""
+def make_cache(model: "Model", plan) -> Cache:
+    """The cache a KV policy value describes: :class:`HeadwiseCache` for a :class:`KVPlan`,
+    :class:`SnapCache` for a :class:`SnapPlan`, the policy's own ``make_cache`` for any other
+    registered one (:mod:`lmatlas.infer.policies`)."""
     if isinstance(plan, SnapPlan):
         return SnapCache(model, plan)
     if isinstance(plan, KVPlan):
         return HeadwiseCache(model, plan)
-    raise LmatlasError(f"A KV plan is a KVPlan or a SnapPlan (lmatlas.infer), got {type(plan).__name__}.")
+    if hasattr(plan, "make_cache") and hasattr(plan, "describe"):
+        return plan.make_cache(model)
+    raise LmatlasError(
+        f"A KV policy is a value of lmatlas.infer.policies.KV_POLICIES (KVPlan, SnapPlan, ...), got {type(plan).__name__}."
+    )

@@ -124,7 +124,9 @@ class GatePlan:
 
     def make_cache(self, model: "Model") -> "GateCache":
         """A fresh :class:`GateCache` for one sequence (the KV-policy protocol)."""
-        return GateCache(model, torch.tensor(self.gates), self.window.sink, self.window.recent)
+        cache = GateCache(model, torch.tensor(self.gates), self.window.sink, self.window.recent)
+        cache.plan = self
+        return cache
 
 
 @dataclass(frozen=True)
