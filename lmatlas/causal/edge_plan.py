@@ -45,10 +45,9 @@ def plan(index: EdgeIndex, model: "Model", masks: torch.Tensor, extra: torch.Ten
     ``extra`` ``[K, n_targets]`` marks the input that also reads the patched edge's clean
     write; it is the last column of each copy's weights.
     """
-    per_head = model.layout.n_heads + 1
     copies, roles = [], []
     for layer in range(model.layout.n_layers):
-        n_src = 1 + layer * per_head
+        n_src = index.sources.index(f"L{layer}.H0")  # sources written before this layer (features included)
         targets = layer_targets(index, model, layer)
         rows = torch.cat([masks[:, :n_src, targets], extra[:, None, targets]], 1).transpose(1, 2)  # [K, R, S_l + 1]
         layer_copies, layer_roles = [], []

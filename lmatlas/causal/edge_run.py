@@ -49,6 +49,7 @@ from lmatlas.causal.edges import EdgeIndex
 from lmatlas.progress import ProgressArg, progress_task
 
 if TYPE_CHECKING:
+    from lmatlas.causal.edge_features import FeatureNodes
     from lmatlas.causal.tasks import TaskBatch
     from lmatlas.model.handle import Model
 
@@ -72,20 +73,39 @@ class EdgeRunner:
         index: EdgeIndex | None = None,
         progress: ProgressArg = True,
         sliced: bool = True,
+        features: "list[FeatureNodes] | None" = None,
     ):
         self.model, self.task, self.metric_fn, self.progress = model, task, metric, progress
         self.index = index or EdgeIndex.of(model)
+        self.features = {site.layer: site for site in features or []}
         lay = model.layout
-        last = f"L{lay.n_layers - 1}.resid.post"
-        corrupt = model.run(task.corrupt, capture=["resid.pre", "resid.mid", "attn.out", "mlp.out", last])
+        last = [f"L{layer}.resid.post" for layer in {lay.n_layers - 1, *self.features}]
+        corrupt = model.run(task.corrupt, capture=["resid.pre", "resid.mid", "attn.out", "mlp.out", *last])
         clean = model.run(task.clean, capture=["L0.resid.pre"])
         self.exact = torch.promote_types(model.dtype, torch.float32)
         self.corrupt = {k: v.to(self.exact) for k, v in corrupt.values.items()}
+        self.feature_corrupt = {layer: self._site_writes(layer, self.corrupt) for layer in self.features}
         self.embed_delta = clean["L0.resid.pre"].to(self.exact) - self.corrupt["L0.resid.pre"]  # [B, P, d]
         self.clean_value = float(metric(clean.logits).mean())
         self._clean_deltas: list[torch.Tensor] | None = None
         self.corrupt_value = float(metric(corrupt.logits).mean())
         self.maps = HeadMaps.measure(model, task.clean[:1], self.exact) if sliced else None
+
+    @classmethod
+    def with_features(
+        cls, model: "Model", task: "TaskBatch", metric: Callable, latents: dict | None = None, **how
+    ) -> "EdgeRunner":
+        """A runner on the graph with the attached dictionaries' latents and error nodes as nodes
+        (:mod:`lmatlas.causal.edge_features`; ``latents={"L1.resid.post": [3, 17]}`` lists some)."""
+        from lmatlas.causal.edge_features import feature_index
+
+        index, sites = feature_index(model, latents)
+        return cls(model, task, metric, index=index, features=sites, **how)
+
+    def _site_writes(self, layer: int, cache) -> torch.Tensor:
+        """``[m, B, P, d]``: what each feature node of ``layer`` writes when all read ``cache``'s stream."""
+        site, x = self.features[layer], cache[f"L{layer}.resid.post"].to(self.exact)
+        return site.writes(x.expand(len(site.names), *x.shape))
 
     @property
     def gap(self) -> float:
@@ -139,12 +159,15 @@ class EdgeRunner:
     def clean_deltas(self) -> list[torch.Tensor]:
         """``[B, P, d_model]`` clean-minus-corrupt write of every source, in source order (measured once)."""
         if self._clean_deltas is None:
-            clean = self.model.run(self.task.clean, capture=["attn.out", "mlp.out"])
+            sites = [f"L{layer}.resid.post" for layer in self.features]
+            clean = self.model.run(self.task.clean, capture=["attn.out", "mlp.out", *sites])
             out = [self.embed_delta]
             for layer in range(self.model.layout.n_layers):
                 heads = clean[f"L{layer}.attn.out"].to(self.exact) - self.corrupt[f"L{layer}.attn.out"]
                 out += list(heads.unbind(dim=2))
                 out.append(clean[f"L{layer}.mlp.out"].to(self.exact) - self.corrupt[f"L{layer}.mlp.out"])
+                if layer in self.features:
+                    out += list((self._site_writes(layer, clean) - self.feature_corrupt[layer]).unbind(0))
             self._clean_deltas = out
         return self._clean_deltas
 
@@ -201,6 +224,16 @@ class _RunState:
         """Append the writes ``[K, n, B, P, d]`` of the next ``n`` sources."""
         self.deltas[:, self.written : self.written + delta.shape[1]] = delta
         self.written += delta.shape[1]
+
+    def _features(self, layer: int) -> None:
+        """After layer ``layer``'s MLP: the writes of its feature nodes, each from its own stream at the site."""
+        site = self.r.features.get(layer)
+        if site is None:
+            return
+        cols = [self.r.index.target(name) for name in site.names]
+        weights = torch.cat([self.masks[:, : self.written, cols], self.extra[:, None, cols]], 1).transpose(1, 2)
+        streams = self._stream(self.r.corrupt[f"L{layer}.resid.post"], weights)  # [K, m, B, P, d]
+        self._add(site.writes(streams) - self.r.feature_corrupt[layer])
 
     def _weights(self, target: int, n_src: int) -> torch.Tensor:
         """``[K, n_src + 1]``: the in-circuit sources of one input, and whether it reads the patch."""
@@ -261,11 +294,8 @@ class _RunState:
         return fn
 
     def _mid(self, layer: int) -> Callable:
-        lay = self.r.model.layout
-
         def fn(value, ctx):
-            n_src = 1 + layer * (lay.n_heads + 1) + lay.n_heads
-            weights = self._weights(self.r.index.targets.index(f"L{layer}.mlp"), n_src)
+            weights = self._weights(self.r.index.targets.index(f"L{layer}.mlp"), self.written)
             return self._spread(self._stream(self.r.corrupt[f"L{layer}.resid.mid"], weights), value)
 
         return fn
@@ -281,6 +311,7 @@ class _RunState:
             else:
                 written = rows[:, 0]
             self._add((written.to(self.r.exact) - self.r.corrupt[f"L{layer}.mlp.out"].unsqueeze(0)).unsqueeze(1))
+            self._features(layer)
             return self._spread(written, value) if lay.parallel_residual else None
 
         return fn

@@ -142,7 +142,7 @@ class SlicedState:
 
     def _weights(self, layer: int, columns: list[int]) -> torch.Tensor:
         """``[K, inputs, n_src + 1]``: each input's in-circuit sources (and whether it reads the patch)."""
-        n_src = 1 + layer * (self.r.model.layout.n_heads + 1)
+        n_src = self.s.written  # every source written before this layer's inputs read
         cols = torch.tensor(columns)
         return torch.cat([self.s.masks[:, :n_src, cols], self.s.extra[:, None, cols]], 1).transpose(1, 2)
 
@@ -174,6 +174,7 @@ class SlicedState:
         def fn(value, ctx):
             written = self.s._rows(value)[:, 0].to(self.r.exact)
             self.s._add((written - self.r.corrupt[f"L{layer}.mlp.out"].unsqueeze(0)).unsqueeze(1))
+            self.s._features(layer)
             return None
 
         return fn
