@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from lmatlas.decode.fast_topk import SCORERS, TokenIndex, auto_method, build_index, pruned_topk
 from lmatlas.decode.heads import ov_left, ov_write, post_norm_gain, token_ids
 from lmatlas.decode.neurons import output_directions
 from lmatlas.decode.vocab import final_norm_gain, unembed_matrix
@@ -211,41 +212,68 @@ def vocab_writers(
     chunk: int = 512,
     writes: torch.Tensor | None = None,
     factors: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    neuron_index: TokenIndex | None = None,
 ) -> Writers:
     """The ``depth`` strongest neurons and heads of every token in ``tokens`` (``[n]`` ids).
 
-    Streams over ``tokens`` in chunks of ``chunk`` columns of ``W_U``: peak memory is
-    ``[n_layers * d_mlp, chunk]`` scores for the neurons and ``[heads, n_sources, chunk]``
-    per layer for the heads. ``writes`` (:func:`neuron_writes`) and ``factors``
-    (:func:`head_factors`) can be passed in to share them across calls.
+    Neurons: the exact pruned top-k of :func:`lmatlas.decode.fast_topk.pruned_topk`, each
+    token's unembedding column (relative to the mean) as a row against the
+    ``[n_layers * d_mlp, d_model]`` writes: the same neurons as the float32 product
+    ``writes @ columns`` and its top-k, at a fraction of its cost. Heads: streamed over
+    ``tokens`` in chunks of ``chunk`` columns of ``W_U`` (peak ``[heads, chunk, n_sources]``
+    per layer). ``writes`` (:func:`neuron_writes`), ``factors`` (:func:`head_factors`) and
+    ``neuron_index`` (:func:`neuron_index`) can be passed in to share them across calls.
     """
     sources = head_sources(model, seed)
     writes = neuron_writes(model, calibration) if writes is None else writes
     factors = head_factors(model, sources) if factors is None else factors
-    s = calibration.final_scale
     W_U = unembed_matrix(model)
     mean = mean_column(model)
-    parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("nr", "nl", "hr", "hl", "hs")}
+    ids = tokens.to(W_U.device)
     with torch.no_grad():
-        for start in range(0, tokens.numel(), chunk):
-            ids = tokens[start : start + chunk].to(W_U.device)
-            columns = W_U[:, ids].float() - mean[:, None]  # [d_model, c]: relative to the vocabulary's mean
-            top = torch.topk(writes @ columns, min(depth, writes.shape[0]), dim=0)  # of [neurons, c]
-            parts["nr"].append(top.indices.T.cpu())
-            parts["nl"].append(top.values.T.cpu())
-            best, where = [], []
-            for left, write in factors:
-                logits = left @ (write @ columns)  # [heads, n_sources, c]
-                value, at = logits.max(1)  # [heads, c]
-                best.append(value)
-                where.append(sources.to(at.device)[at])
-            best_all, where_all = torch.cat(best) * s, torch.cat(where)  # [n_layers * heads, c]
-            top = torch.topk(best_all, min(depth, best_all.shape[0]), dim=0)
-            parts["hr"].append(top.indices.T.cpu())
-            parts["hl"].append(top.values.T.cpu())
-            parts["hs"].append(torch.gather(where_all, 0, top.indices).T.cpu())
-    cat = {k: torch.cat(v) for k, v in parts.items()}
-    return Writers(tokens.cpu(), cat["nr"], cat["nl"], cat["hr"], cat["hl"], cat["hs"])
+        rows = (W_U[:, ids].float() - mean[:, None]).T.contiguous()  # [n, d_model]: relative to the mean
+        depth_n = min(depth, writes.shape[0])
+        if neuron_index is None and writes.shape[0] > depth_n:
+            neuron_index = neuron_index_of(writes, depth_n)
+        found = pruned_topk(rows, writes, depth_n, bottom=False, method=_method(neuron_index), index=neuron_index)
+        heads = [
+            _head_chunk(rows[s : s + chunk], factors, sources, calibration.final_scale, depth)
+            for s in range(0, rows.shape[0], chunk)
+        ]
+    hr, hl, hs = (torch.cat([h[i] for h in heads]) for i in range(3))
+    return Writers(tokens.cpu(), found.top.ids.cpu(), found.top.logits.cpu(), hr, hl, hs)
+
+
+def neuron_index_of(writes: torch.Tensor, depth: int = DEPTH) -> TokenIndex | None:
+    """The low-precision index of the neuron writes that :func:`vocab_writers` prunes with (None: plain float32)."""
+    method = auto_method(writes.device)
+    if method not in SCORERS:
+        return None
+    return build_index(writes, SCORERS[method], min(depth, writes.shape[0]))
+
+
+def _method(index: TokenIndex | None) -> str:
+    return "plain" if index is None else index.scorer.name
+
+
+def _head_chunk(
+    rows: torch.Tensor, factors: list[tuple[torch.Tensor, torch.Tensor]], sources: torch.Tensor, s: float, depth: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(head rows, logits, best sources)`` ``[c, depth]`` for ``rows`` ``[c, d_model]`` token columns.
+
+    Per layer ``logits[h, t, src] = (write[h] @ column_t) . left[h, src]`` as ``[heads, c, n_sources]``
+    (the maximum over sources is then a reduction over the last, contiguous axis).
+    """
+    best, where = [], []
+    for left, write in factors:
+        projected = torch.matmul(write, rows.T)  # [heads, d_head, c]
+        logits = torch.bmm(projected.transpose(1, 2), left.transpose(1, 2))  # [heads, c, n_sources]
+        value, at = logits.max(2)  # [heads, c]
+        best.append(value)
+        where.append(sources.to(at.device)[at])
+    best_all, where_all = torch.cat(best) * s, torch.cat(where)  # [n_layers * heads, c]
+    top = torch.topk(best_all, min(depth, best_all.shape[0]), dim=0)
+    return top.indices.T.cpu(), top.values.T.cpu(), torch.gather(where_all, 0, top.indices).T.cpu()
 
 
 def token_writers(

@@ -11,7 +11,8 @@ The scale is measured once per process on the reference windows of
 :func:`lmatlas.atlas.token_search.reference_windows` (the first windows of the default
 corpus, whatever ``--corpus`` the build reads: the scale is the model's), so
 ``lmatlas search MODEL`` finds the same rows as ``lmatlas search --atlas FILE``.
-Cost on SmolLM2 (one CPU thread): about 90 s for the whole vocabulary (12 units), 16 MB.
+The neurons are ranked with the exact pruned top-k (one low-precision index of the
+neuron writes per process, shared by the units).
 """
 
 from __future__ import annotations
@@ -27,12 +28,14 @@ SLICE = 4096  # tokens per unit
 
 
 def _shared(model: "Model", ctx: BuildContext):
-    """``(calibration, neuron writes, head factors)``, computed once per process."""
+    """``(calibration, neuron writes, their low-precision index, head factors)``, computed once per process."""
     from lmatlas.atlas.token_search import reference_windows
-    from lmatlas.decode.search import calibrate, head_factors, head_sources, neuron_writes
+    from lmatlas.decode.search import calibrate, head_factors, head_sources, neuron_index_of, neuron_writes
 
     calibration = calibrate(model, reference_windows(model))
-    return calibration, neuron_writes(model, calibration), head_factors(model, head_sources(model, ctx.seed))
+    writes = neuron_writes(model, calibration)
+    factors = head_factors(model, head_sources(model, ctx.seed))
+    return calibration, writes, neuron_index_of(writes), factors
 
 
 def compute(model: "Model", unit: str, ctx: BuildContext):
@@ -42,11 +45,11 @@ def compute(model: "Model", unit: str, ctx: BuildContext):
     from lmatlas.decode.search import vocab_writers
 
     start = int(unit.rsplit("/V", 1)[1])
-    calibration, writes, factors = ctx.remember("search.shared", lambda: _shared(model, ctx))
+    calibration, writes, index, factors = ctx.remember("search.shared", lambda: _shared(model, ctx))
     tokens = torch.arange(start, min(start + SLICE, model.layout.d_vocab))
     from lmatlas.decode.token_text import token_texts
 
-    found = vocab_writers(model, calibration, tokens, seed=ctx.seed, writes=writes, factors=factors)
+    found = vocab_writers(model, calibration, tokens, seed=ctx.seed, writes=writes, factors=factors, neuron_index=index)
     texts = token_texts(model.tokenizer, tokens.tolist())
     return {
         "token_writers": writer_rows(model, found),
