@@ -21,11 +21,13 @@ import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import duckdb
 
 from lmatlas.atlas.executors import Executor, LocalExecutor
+from lmatlas.atlas.params import DEFAULT_CORPUS, AtlasParams
 from lmatlas.atlas.stages import BuildContext, select_stages
 from lmatlas.atlas.store import AtlasStore
 from lmatlas.corpus import corpus_windows, load_texts
@@ -35,16 +37,8 @@ from lmatlas.progress import ProgressArg, progress_task
 if TYPE_CHECKING:
     from lmatlas.model.handle import Model
 
-DEFAULT_PARAMS: dict[str, Any] = {
-    "corpus_sequences": 16,
-    "seq_len": 128,
-    "importance_sequences": 2,
-    "top_k": 20,
-    "top_contexts": 5,
-    "batch": 4,
-    "importance_method": "attribution",
-    "importance_verify": 8,
-}
+#: The default settings as a read-only dict (:class:`~lmatlas.atlas.params.AtlasParams` holds them).
+DEFAULT_PARAMS: Mapping[str, Any] = MappingProxyType(AtlasParams().to_dict())
 
 
 @dataclass
@@ -57,13 +51,20 @@ class BuildReport:
 
 
 def make_context(
-    model: "Model", corpus: str | Path | None = None, seed: int = 0, params: dict[str, Any] | None = None
+    model: "Model",
+    corpus: str | Path | None = None,
+    seed: int = 0,
+    params: "Mapping[str, Any] | AtlasParams | None" = None,
 ) -> BuildContext:
-    """The shared build context: corpus windows, seed and parameters."""
-    merged = {**DEFAULT_PARAMS, **(params or {})}
-    windows = corpus_windows(model, load_texts(corpus), merged["corpus_sequences"], merged["seq_len"])
-    merged["corpus"] = str(corpus) if corpus else "stdlib-docstrings"
-    return BuildContext(corpus=windows, seed=seed, params=merged)
+    """The shared build context: corpus windows, seed and parameters (:class:`AtlasParams`; a dict is checked).
+
+    Raises:
+        AtlasParamsError: an unknown parameter name or a value of the wrong type.
+    """
+    settings = AtlasParams.from_dict(params)
+    windows = corpus_windows(model, load_texts(corpus), settings.corpus_sequences, settings.seq_len)
+    settings = settings.replace(corpus=str(corpus) if corpus else DEFAULT_CORPUS)
+    return BuildContext(corpus=windows, seed=seed, params=settings)
 
 
 def build_atlas(
@@ -73,7 +74,7 @@ def build_atlas(
     only: list[str] | None = None,
     corpus: str | Path | None = None,
     seed: int = 0,
-    params: dict[str, Any] | None = None,
+    params: "Mapping[str, Any] | AtlasParams | None" = None,
     executor: Executor | Callable[[BuildContext], Executor] | None = None,
     progress: ProgressArg = True,
 ) -> BuildReport:
@@ -81,10 +82,12 @@ def build_atlas(
 
     ``executor`` is an executor or a factory ``ctx -> executor`` (so that remote workers get
     exactly this build's context), e.g. ``lambda ctx: RayExecutor.for_model(model, ctx)``.
+    ``params``: :class:`~lmatlas.atlas.params.AtlasParams`, or a dict of some of its fields.
     ``progress``: ``True`` (stderr: a bar on a terminal, a line per unit otherwise), ``False``,
     or ``callback(done, total, description)``.
 
     Raises:
+        AtlasParamsError: ``params`` has an unknown name or a value of the wrong type.
         AtlasError: the file belongs to another model or build settings, is open in another
             process, or cannot be written (a full disk: the message says what is kept and
             the command that resumes).
@@ -104,6 +107,7 @@ def build_atlas(
         done = store.done_units()
         pending = [(stage, unit) for stage, unit in planned if unit not in done]
         report.planned, report.skipped = len(planned), len(planned) - len(pending)
+        ctx.memo["corpus_stages"] = sorted({stage.name for stage, _ in pending})  # who joins the corpus pass
         if executor is None:
             executor = LocalExecutor(model, ctx)
         elif not hasattr(executor, "run"):  # a factory: give it this build's own context
@@ -116,7 +120,12 @@ def build_atlas(
                     report,
                     command,
                     lambda: store.commit_unit(
-                        result.stage, result.unit, result.rows, result.seconds, seeds={"seed": seed}, params=ctx.params
+                        result.stage,
+                        result.unit,
+                        result.rows,
+                        result.seconds,
+                        seeds={"seed": seed},
+                        params=ctx.params.to_dict(),
                     ),
                 )
                 report.computed.append(result.unit)
@@ -158,8 +167,8 @@ def _record_plan(store: AtlasStore, ctx: BuildContext, seed: int, planned: list,
     units = before + [unit for _, unit in planned if unit not in set(before)]
     store.put_meta(
         {
-            "corpus": ctx.params["corpus"],
-            "params": ctx.params,
+            "corpus": ctx.params.corpus,
+            "params": ctx.params.to_dict(),
             "seed": seed,
             "planned_units": units,
             "resume_command": command,
@@ -188,13 +197,16 @@ def _is_disk_full(err: Exception) -> bool:
     return getattr(err, "errno", None) == errno.ENOSPC or "No space left" in str(err)
 
 
-def _check_same_params(store: AtlasStore, params: dict[str, Any], seed: int) -> None:
-    """Resuming must not mix units computed with different corpus, seed or parameters."""
+def _check_same_params(store: AtlasStore, params: AtlasParams, seed: int) -> None:
+    """Resuming must not mix units computed with different corpus, seed or parameters.
+
+    A name the file's settings lack (written before the name existed) counts as its default.
+    """
     meta = store.meta()
     if "params" not in meta:
         return
-    before = {**meta["params"], "seed": meta.get("seed", 0)}
-    now = json.loads(json.dumps({**params, "seed": seed}, default=str))
+    before = {**AtlasParams.from_stored(meta["params"]), "seed": meta.get("seed", 0)}
+    now = json.loads(json.dumps({**params.to_dict(), "seed": seed}, default=str))
     changed = {k: (before.get(k), now.get(k)) for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)}
     if changed:
         raise AtlasError(

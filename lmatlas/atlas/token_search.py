@@ -29,10 +29,10 @@ REFERENCE_WINDOWS = 4
 
 def reference_windows(model: "Model"):
     """``[n, seq_len]`` the windows the search scale is measured on: those an atlas build reads first."""
-    from lmatlas.atlas.pipeline import DEFAULT_PARAMS
+    from lmatlas.atlas.params import AtlasParams
     from lmatlas.corpus import corpus_windows, load_texts
 
-    windows = corpus_windows(model, load_texts(None), DEFAULT_PARAMS["corpus_sequences"], DEFAULT_PARAMS["seq_len"])
+    windows = corpus_windows(model, load_texts(None), AtlasParams().corpus_sequences, AtlasParams().seq_len)
     return windows[:REFERENCE_WINDOWS]
 
 

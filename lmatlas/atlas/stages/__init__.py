@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
+from lmatlas.atlas.params import AtlasParams
 from lmatlas.errors import LmatlasError
 
 if TYPE_CHECKING:
@@ -32,7 +33,7 @@ class BuildContext:
     Attributes:
         corpus: ``[n, seq_len]`` token windows (see :mod:`lmatlas.corpus`).
         seed: the build's seed (batteries derive theirs from it).
-        params: stage parameters (top-k sizes, ...), stamped on ``runs``.
+        params: the build's settings (:class:`~lmatlas.atlas.params.AtlasParams`), stamped on ``runs``.
         memo: per-process cache for values several units reuse.
         progress: whether long steps inside a unit (decoding every neuron, the census)
             report their own progress (``build_atlas(progress=...)``; not a build setting).
@@ -40,7 +41,7 @@ class BuildContext:
 
     corpus: torch.Tensor
     seed: int = 0
-    params: dict[str, Any] = field(default_factory=dict)
+    params: AtlasParams = field(default_factory=AtlasParams)
     memo: dict[str, Any] = field(default_factory=dict)
     progress: bool = True
 

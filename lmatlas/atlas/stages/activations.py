@@ -9,8 +9,10 @@ For each neuron (``mlp.act``, the input of the down projection):
   (byte tokens as ``<0xE2>`` when they are not part of a whole character), and
   ``top_context_ids``: the same contexts as token ids, the activating token last.
 
-All layers are reduced in one streaming pass over the corpus (``batch`` windows at a
-time), remembered per process; each unit then reads one layer.
+All layers are reduced in the shared streaming pass over the corpus
+(:mod:`lmatlas.atlas.corpus_pass`, ``batch`` windows at a time), remembered per process;
+each unit then reads one layer. A context is rendered once per corpus position (many
+neurons share their top positions).
 """
 
 from __future__ import annotations
@@ -27,19 +29,23 @@ if TYPE_CHECKING:
 CONTEXT_TOKENS = 12
 
 
-def _reduce(model: "Model", ctx: BuildContext) -> list[dict[str, torch.Tensor]]:
-    """Per layer: ``sum``, ``max``, ``positive`` counts ``[neuron]`` and ``top`` (values, flat indices) ``[k, neuron]``."""
-    k, batch = ctx.params.get("top_contexts", 5), ctx.params.get("batch", 4)
-    corpus, n_layers = ctx.corpus, model.layout.n_layers
-    stats: list[dict[str, torch.Tensor]] = [{} for _ in range(n_layers)]
-    for start in range(0, corpus.shape[0], batch):
-        ids = corpus[start : start + batch]
-        cache = model.run(ids, capture=["mlp.act"])
-        for layer in range(n_layers):
+class _Stats:
+    """The reducer of the shared corpus pass (:mod:`lmatlas.atlas.corpus_pass`).
+
+    Per layer: ``sum``, ``max``, ``positive`` counts ``[neuron]`` and ``top`` (values, flat indices) ``[k, neuron]``.
+    """
+
+    sites = ["mlp.act"]
+
+    def __init__(self, model: "Model", ctx: BuildContext):
+        self.k, self.seq_len = ctx.params.top_contexts, ctx.corpus.shape[1]
+        self.stats: list[dict[str, torch.Tensor]] = [{} for _ in range(model.layout.n_layers)]
+
+    def update(self, start: int, cache) -> None:
+        offset = start * self.seq_len
+        for layer, entry in enumerate(self.stats):
             acts = cache.neurons(layer).float().flatten(0, 1)  # [positions, neuron]
-            offset = start * corpus.shape[1]
-            values, index = acts.topk(min(k, acts.shape[0]), dim=0)
-            entry = stats[layer]
+            values, index = acts.topk(min(self.k, acts.shape[0]), dim=0)
             if not entry:
                 entry.update(
                     sum=acts.sum(0),
@@ -54,10 +60,17 @@ def _reduce(model: "Model", ctx: BuildContext) -> list[dict[str, torch.Tensor]]:
             entry["positive"] += (acts > 0).sum(0)
             merged_values = torch.cat([entry["top_values"], values])
             merged_index = torch.cat([entry["top_index"], index + offset])
-            keep = merged_values.topk(min(k, merged_values.shape[0]), dim=0).indices
+            keep = merged_values.topk(min(self.k, merged_values.shape[0]), dim=0).indices
             entry["top_values"] = merged_values.gather(0, keep)
             entry["top_index"] = merged_index.gather(0, keep)
-    return stats
+
+    def finish(self) -> list[dict[str, torch.Tensor]]:
+        return self.stats
+
+
+def reducer(model: "Model", ctx: BuildContext) -> _Stats:
+    """This stage's part of the shared corpus pass."""
+    return _Stats(model, ctx)
 
 
 def context_ids(corpus: torch.Tensor, flat_index: int) -> list[int]:
@@ -81,10 +94,17 @@ def context(model: "Model", corpus: torch.Tensor, flat_index: int) -> str:
 
 def compute(model: "Model", unit: str, ctx: BuildContext):
     layer = layer_of(unit)
-    entry = ctx.remember("activations.stats", lambda: _reduce(model, ctx))[layer]
+    from lmatlas.atlas.corpus_pass import corpus_stats
+
+    entry = corpus_stats(model, ctx, "activations")[layer]
     positions = ctx.corpus.numel()
+    contexts: dict[int, str] = ctx.remember("activations.contexts", dict)  # flat position -> text, shared by units
     rows = []
     for neuron in range(model.layout.d_mlp):
+        top = entry["top_index"][:, neuron].tolist()
+        for i in top:
+            if i not in contexts:
+                contexts[i] = context(model, ctx.corpus, i)
         rows.append(
             {
                 "layer": layer,
@@ -92,8 +112,8 @@ def compute(model: "Model", unit: str, ctx: BuildContext):
                 "mean": float(entry["sum"][neuron]) / positions,
                 "max": float(entry["max"][neuron]),
                 "frac_active": float(entry["positive"][neuron]) / positions,
-                "top_contexts": [context(model, ctx.corpus, i) for i in entry["top_index"][:, neuron].tolist()],
-                "top_context_ids": [context_ids(ctx.corpus, i) for i in entry["top_index"][:, neuron].tolist()],
+                "top_contexts": [contexts[i] for i in top],
+                "top_context_ids": [context_ids(ctx.corpus, i) for i in top],
             }
         )
     return {"neuron_stats": rows}

@@ -106,11 +106,11 @@ def compute(model: "Model", unit: str, ctx: BuildContext):
 
     entry = _entry(model, unit)
     params = ctx.params
-    acts = corpus_activations(model, entry, ctx.corpus, params.get("batch", 4), params.get("top_contexts", 5))
+    acts = corpus_activations(model, entry, ctx.corpus, params.batch, params.top_contexts)
     rows = decoder_rows(entry)
-    links = feature_links(model, entry.site, rows, top=params.get("feature_links", TOP_LINKS))
+    links = feature_links(model, entry.site, rows, top=params.feature_links)
     return {
-        "features": _feature_rows(model, entry, acts, rows, params.get("top_k", 20)),
+        "features": _feature_rows(model, entry, acts, rows, params.top_k),
         "feature_contexts": _context_rows(model, entry, acts, ctx.corpus),
         "feature_links": links_table(entry.site, links),
     }

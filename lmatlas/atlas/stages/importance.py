@@ -31,8 +31,6 @@ from lmatlas.atlas.stages import BuildContext, Stage, layer_of, stage
 if TYPE_CHECKING:
     from lmatlas.model.handle import Model
 
-DEFAULT_SEQUENCES = 2
-
 
 def corpus_loss(logits: torch.Tensor, ids: torch.Tensor) -> float:
     """Mean next-token cross-entropy (nats) of ``logits [b, p, V]`` on ``ids [b, p]``."""
@@ -40,7 +38,7 @@ def corpus_loss(logits: torch.Tensor, ids: torch.Tensor) -> float:
 
 
 def _ids(ctx: BuildContext) -> torch.Tensor:
-    return ctx.corpus[: ctx.params.get("importance_sequences", DEFAULT_SEQUENCES)]
+    return ctx.corpus[: ctx.params.importance_sequences]
 
 
 def _stats(model: "Model", ctx: BuildContext):
@@ -79,7 +77,7 @@ def _attribution(model: "Model", ctx: BuildContext) -> dict:
                 estimate[f"{site.split('.')[0]}.H{head}"] = total
         else:
             estimate[site] = float(change.sum())
-    k = int(ctx.params.get("importance_verify", 8))
+    k = ctx.params.importance_verify
     heads = sorted((t for t in estimate if ".H" in t), key=lambda t: -abs(estimate[t]))[:k]
     mlps = [t for t in estimate if t.endswith("mlp.out")]
     return {"estimate": estimate, "exact": _exact(model, ctx, heads + mlps)}
@@ -89,7 +87,7 @@ def compute(model: "Model", unit: str, ctx: BuildContext):
     layer = layer_of(unit)
     heads = [f"L{layer}.H{h}" for h in range(model.layout.n_heads)]
     mlp = f"L{layer}.mlp.out"
-    if ctx.params.get("importance_method", "attribution") == "mean-ablation":
+    if ctx.params.importance_method == "mean-ablation":
         exact = _exact(model, ctx, heads + [mlp])
         estimate: dict[str, float] = {}
     else:

@@ -34,11 +34,11 @@ def _plan(model: "Model", ctx: BuildContext) -> list[str]:
 def compute(model: "Model", unit: str, ctx: BuildContext):
     from lmatlas.labels.capture import capture, feature_rows, label_layer
 
-    batch = ctx.params.get("batch", 4)
+    batch = ctx.params.batch
     data = ctx.remember("labels.capture", lambda: capture(model, ctx.corpus, seed=ctx.seed, batch=batch))
     if "/features/" in unit:
         return {"labels": feature_rows(model, data, unit.split("/features/", 1)[1], batch=batch)}
-    return {"labels": label_layer(model, data, layer_of(unit), steer=ctx.params.get("label_steer", 4))}
+    return {"labels": label_layer(model, data, layer_of(unit), steer=ctx.params.label_steer)}
 
 
 stage(

@@ -19,14 +19,12 @@ from lmatlas.atlas.stages import BuildContext, Stage, stage
 if TYPE_CHECKING:
     from lmatlas.model.handle import Model
 
-DEFAULT_SEQUENCES = 4
-
 
 def compute(model: "Model", unit: str, ctx: BuildContext):
     from lmatlas.decode.lens import logit_lens
 
     totals = None
-    windows = ctx.corpus[: ctx.params.get("lens_sequences", DEFAULT_SEQUENCES)]
+    windows = ctx.corpus[: ctx.params.lens_sequences]
     for ids in windows:
         lens = logit_lens(model, ids, k=1)
         stats = torch.stack(

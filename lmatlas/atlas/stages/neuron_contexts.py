@@ -13,9 +13,10 @@ For every neuron (``mlp.act``, one value per position):
   neuron's minimum and maximum over the corpus) with the number of corpus positions
   in each; ``lo``, ``hi`` and ``scale`` make the bins and levels readable.
 
-Two streaming passes over the corpus (``batch`` windows at a time): the first finds
-each neuron's range and top positions, the second counts the histogram and reads the
-spans; both are remembered per process and each unit stores one layer.
+The shared streaming pass over the corpus (:mod:`lmatlas.atlas.corpus_pass`, ``batch``
+windows at a time) finds each neuron's range, top positions and their spans; the
+histogram is then counted over the activations kept from that pass (a second pass of
+forwards only past :data:`KEEP_BYTES`). Remembered per process; each unit stores one layer.
 """
 
 from __future__ import annotations
@@ -34,77 +35,102 @@ CONTEXT_AFTER = 4
 HISTOGRAM_BINS = 24
 
 
+#: Largest activations the shared pass keeps for the histogram; beyond, the histogram runs its own forwards.
+KEEP_BYTES = 768 * 2**20
+
+
 def _acts(model: "Model", ids: torch.Tensor) -> list[torch.Tensor]:
     """Per layer ``[b, pos, neuron]`` float32 activations of a batch of windows."""
     cache = model.run(ids, capture=["mlp.act"], lm_head=False)
     return [cache.neurons(layer).float() for layer in range(model.layout.n_layers)]
 
 
-def _first_pass(model: "Model", ctx: BuildContext) -> list[dict[str, torch.Tensor]]:
-    """Per layer: ``lo``, ``hi`` ``[neuron]``; ``top_values``, ``top_index`` (flat corpus positions) ``[k, neuron]``."""
-    corpus, batch, k = ctx.corpus, ctx.params.get("batch", 4), ctx.params.get("top_contexts", 5)
-    stats: list[dict[str, torch.Tensor]] = [{} for _ in range(model.layout.n_layers)]
-    for start in range(0, corpus.shape[0], batch):
-        for layer, acts in enumerate(_acts(model, corpus[start : start + batch])):
-            flat = acts.flatten(0, 1)  # [positions, neuron]
-            values, index = flat.topk(min(k, flat.shape[0]), dim=0)
-            index = index + start * corpus.shape[1]
-            entry = stats[layer]
+def _spans(acts: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``[k, neuron, span]`` activations around ``index`` ``[k, neuron]`` (flat positions in ``acts`` ``[b, pos, neuron]``), NaN outside."""
+    seq_len = acts.shape[1]
+    window, pos = index // seq_len, index % seq_len
+    where = pos[..., None] + torch.arange(-CONTEXT_BEFORE, CONTEXT_AFTER + 1)  # [k, neuron, span]
+    valid = (where >= 0) & (where < seq_len)
+    neuron = torch.arange(acts.shape[2])[None, :, None].expand_as(where)
+    picked = acts[window[..., None].expand_as(where), where.clamp(0, seq_len - 1), neuron]
+    return torch.where(valid, picked, torch.full_like(picked, float("nan")))
+
+
+class _Stats:
+    """The reducer of the shared corpus pass (:mod:`lmatlas.atlas.corpus_pass`).
+
+    Per layer: ``lo``, ``hi`` ``[neuron]``; ``top_values``, ``top_index`` (flat corpus positions)
+    ``[k, neuron]``; ``spans`` ``[k, neuron, CONTEXT_BEFORE + 1 + CONTEXT_AFTER]`` (NaN outside the
+    window: a top position's span lies in its own window, so it is read in the same batch);
+    ``counts`` ``[neuron, bins]`` once the range is known (:meth:`finish`).
+    """
+
+    sites = ["mlp.act"]
+
+    def __init__(self, model: "Model", ctx: BuildContext):
+        self.model, self.ctx, self.k = model, ctx, ctx.params.top_contexts
+        self.stats: list[dict[str, torch.Tensor]] = [{} for _ in range(model.layout.n_layers)]
+        self.kept: list[tuple[int, list[torch.Tensor]]] | None = []  # (start, per-layer acts) for the histogram
+        self.kept_bytes = 0
+
+    def update(self, start: int, cache) -> None:
+        acts = [cache.neurons(layer).float() for layer in range(len(self.stats))]
+        for entry, layer_acts in zip(self.stats, acts):
+            flat = layer_acts.flatten(0, 1)  # [positions, neuron]
+            values, local = flat.topk(min(self.k, flat.shape[0]), dim=0)
+            index, spans = local + start * layer_acts.shape[1], _spans(layer_acts, local)
             if entry:
                 values, index = torch.cat([entry["top_values"], values]), torch.cat([entry["top_index"], index])
-                keep = values.topk(min(k, values.shape[0]), dim=0).indices
+                spans = torch.cat([entry["spans"], spans])
+                keep = values.topk(min(self.k, values.shape[0]), dim=0).indices
                 values, index = values.gather(0, keep), index.gather(0, keep)
+                spans = spans.gather(0, keep[..., None].expand(-1, -1, spans.shape[2]))
                 entry["lo"] = torch.minimum(entry["lo"], flat.min(0).values)
                 entry["hi"] = torch.maximum(entry["hi"], flat.max(0).values)
             else:
                 entry.update(lo=flat.min(0).values, hi=flat.max(0).values)
-            entry.update(top_values=values, top_index=index)
-    return stats
+            entry.update(top_values=values, top_index=index, spans=spans)
+        if self.kept is not None:
+            self.kept_bytes += sum(a.numel() * a.element_size() for a in acts)
+            self.kept = self.kept + [(start, acts)] if self.kept_bytes <= KEEP_BYTES else None
+
+    def finish(self) -> list[dict[str, torch.Tensor]]:
+        """Counts the histogram over the kept activations (or, past :data:`KEEP_BYTES`, a second pass)."""
+        for entry in self.stats:
+            entry["counts"] = torch.zeros(entry["lo"].numel() * HISTOGRAM_BINS, dtype=torch.int64)
+        corpus, batch = self.ctx.corpus, self.ctx.params.batch
+        batches = self.kept
+        if batches is None:
+            batches = ((s, _acts(self.model, corpus[s : s + batch])) for s in range(0, corpus.shape[0], batch))
+        for _, acts in batches:
+            for entry, layer_acts in zip(self.stats, acts):
+                _count(entry, layer_acts.flatten(0, 1))
+        self.kept = None
+        for entry in self.stats:
+            entry["counts"] = entry["counts"].view(-1, HISTOGRAM_BINS)
+        return self.stats
 
 
-def _second_pass(model: "Model", ctx: BuildContext, stats: list[dict[str, torch.Tensor]]) -> None:
-    """Adds ``counts [neuron, bins]`` and ``spans [k, neuron, CONTEXT_BEFORE + 1 + CONTEXT_AFTER]`` (NaN outside)."""
-    corpus, batch = ctx.corpus, ctx.params.get("batch", 4)
-    seq_len = corpus.shape[1]
-    offsets = torch.arange(-CONTEXT_BEFORE, CONTEXT_AFTER + 1)
-    for entry in stats:
-        k, n = entry["top_index"].shape
-        entry["counts"] = torch.zeros(n * HISTOGRAM_BINS, dtype=torch.int64)
-        entry["spans"] = torch.full((k, n, offsets.numel()), float("nan"))
-    for start in range(0, corpus.shape[0], batch):
-        for layer, acts in enumerate(_acts(model, corpus[start : start + batch])):
-            entry = stats[layer]
-            flat = acts.flatten(0, 1)  # [positions, neuron]
-            n = flat.shape[1]
-            width = (entry["hi"] - entry["lo"]).clamp_min(1e-12)
-            bins = ((flat - entry["lo"]) / width * HISTOGRAM_BINS).long().clamp(0, HISTOGRAM_BINS - 1)
-            entry["counts"].scatter_add_(
-                0, (bins + torch.arange(n) * HISTOGRAM_BINS).flatten(), torch.ones(bins.numel(), dtype=torch.int64)
-            )
-            window, pos = entry["top_index"] // seq_len - start, entry["top_index"] % seq_len  # [k, neuron]
-            inside = (window >= 0) & (window < acts.shape[0])
-            if not inside.any():
-                continue
-            where = pos[..., None] + offsets  # [k, neuron, span]
-            valid = inside[..., None] & (where >= 0) & (where < seq_len)
-            neuron = torch.arange(n)[None, :, None].expand_as(where)
-            picked = acts[
-                window.clamp(0, acts.shape[0] - 1)[..., None].expand_as(where), where.clamp(0, seq_len - 1), neuron
-            ]
-            entry["spans"] = torch.where(valid, picked, entry["spans"])
-    for entry in stats:
-        entry["counts"] = entry["counts"].view(-1, HISTOGRAM_BINS)
+def _count(entry: dict[str, torch.Tensor], flat: torch.Tensor) -> None:
+    """Adds the positions of ``flat`` ``[positions, neuron]`` to the histogram ``entry["counts"]``."""
+    n = flat.shape[1]
+    width = (entry["hi"] - entry["lo"]).clamp_min(1e-12)
+    bins = ((flat - entry["lo"]) / width * HISTOGRAM_BINS).long().clamp(0, HISTOGRAM_BINS - 1)
+    entry["counts"].scatter_add_(
+        0, (bins + torch.arange(n) * HISTOGRAM_BINS).flatten(), torch.ones(bins.numel(), dtype=torch.int64)
+    )
 
 
-def _reduce(model: "Model", ctx: BuildContext) -> list[dict[str, torch.Tensor]]:
-    stats = _first_pass(model, ctx)
-    _second_pass(model, ctx, stats)
-    return stats
+def reducer(model: "Model", ctx: BuildContext) -> _Stats:
+    """This stage's part of the shared corpus pass."""
+    return _Stats(model, ctx)
 
 
 def compute(model: "Model", unit: str, ctx: BuildContext):
     layer = layer_of(unit)
-    entry = ctx.remember("neuron_contexts.stats", lambda: _reduce(model, ctx))[layer]
+    from lmatlas.atlas.corpus_pass import corpus_stats
+
+    entry = corpus_stats(model, ctx, "neuron_contexts")[layer]
     seq_len = ctx.corpus.shape[1]
     scale = torch.maximum(entry["hi"].abs(), entry["lo"].abs()).clamp_min(1e-12)  # [neuron]
     levels = (entry["spans"] / scale[None, :, None] * 127).round()  # [k, neuron, span], NaN outside

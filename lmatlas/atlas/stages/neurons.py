@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 def _decode_all(model: "Model", ctx: BuildContext):
     from lmatlas.decode.neurons import decode_neurons
 
-    return decode_neurons(model, k=ctx.params.get("top_k", 20), progress=ctx.progress)
+    return decode_neurons(model, k=ctx.params.top_k, progress=ctx.progress)
 
 
 def compute(model: "Model", unit: str, ctx: BuildContext):

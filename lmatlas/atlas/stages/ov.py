@@ -29,9 +29,9 @@ def compute(model: "Model", unit: str, ctx: BuildContext):
             model,
             layer,
             head,
-            sources=params.get("ov_sources", 256),
-            k=params.get("ov_k", 10),
-            n_pairs=params.get("ov_pairs", 10),
+            sources=params.ov_sources,
+            k=params.ov_k,
+            n_pairs=params.ov_pairs,
             seed=ctx.seed,
         )
         source_ids = [int(p[0]) for p in decoding.pairs]
