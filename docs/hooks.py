@@ -4,7 +4,9 @@
 * ``errors.md`` and ``errors/<Class>.md`` — one page per error class: symptom, cause, fix (``lmatlas.errors.*.help``);
 * ``benchmarks.md`` — every ``bench/results/*.json`` record, its conditions and its figures;
 * ``guide/combinations.md`` is not a file: the generation page includes the table of
-  ``lmatlas.infer.compose.COMBINATIONS`` where it says ``{{ combinations }}``.
+  ``lmatlas.infer.compose.COMBINATIONS`` where it says ``{{ combinations }}``;
+* the inference page's ``{{ kv_policies }}``: every KV policy of the registry
+  (``lmatlas.infer.policies.KV_POLICIES``), its value, its options and whether the playground offers it.
 """
 
 from __future__ import annotations
@@ -279,7 +281,27 @@ def map_stages_table() -> str:
     return "\n".join(rows)
 
 
+def kv_policies_table() -> str:
+    from lmatlas.infer.policies import INPUT_OPTIONS, KV_POLICIES
+    from lmatlas.web.editing import KV_FIELDS
+
+    rows = [
+        "| `--kv` | value | command line | playground | what it does |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for kind in KV_POLICIES.values():
+        value = f"`{kind.value.split(':')[1]}`" if kind.value else "none"
+        needs = [f"`{INPUT_OPTIONS[i]}`" for i in kind.inputs]
+        line = " ".join([f"`--kv {kind.name}`", *needs])
+        fields = ", ".join([f'`"kv": "{kind.name}"`', *(f"`{KV_FIELDS[i]}`" for i in kind.inputs)])
+        playground = f"no: {kind.playground}" if kind.playground else fields
+        rows.append(f"| `{kind.name}` | {value} | {line} | {playground} | {kind.summary} |")
+    return "\n".join(rows)
+
+
 def on_page_markdown(markdown: str, page, config, files) -> str:
+    if "{{ kv_policies }}" in markdown:
+        markdown = markdown.replace("{{ kv_policies }}", kv_policies_table())
     if "{{ combinations }}" in markdown:
         markdown = markdown.replace("{{ combinations }}", combinations_table())
     if "{{ map_stages }}" in markdown:

@@ -29,7 +29,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from lmatlas.errors import InputError, RegistryError
 
@@ -47,7 +47,8 @@ class PolicyKind:
         value: ``"module:Class"`` of the policy value (``""`` for the default cache).
         inputs: what it is built from (keys of :data:`INPUT_OPTIONS`), in order.
         build: ``build(value_class, plan=..., capacity=..., gates=..., window=...)`` -> the policy value.
-        implied_by: the CLI option that selects it when ``--kv`` is not given (``""``: none).
+        implied: whether its first input alone selects it when no name is given (``--kv-budget`` ->
+            ``headwise``); at most one policy per input.
         playground: ``""`` when the explorer's playground offers it, else why not.
     """
 
@@ -56,7 +57,7 @@ class PolicyKind:
     value: str
     inputs: tuple[str, ...]
     build: Callable[..., Any]
-    implied_by: str = ""
+    implied: bool = False
     playground: str = ""
 
     def value_class(self) -> Any:
@@ -70,9 +71,9 @@ class PolicyKind:
         """The policy value from its inputs (``plan``, ``capacity``, ``gates``; ``window`` for gates)."""
         return self.build(self.value_class(), **inputs)
 
-    def options(self) -> str:
-        """The CLI options it needs, e.g. ``"--kv-budget, --kv-snap"``."""
-        return ", ".join(INPUT_OPTIONS[i] for i in self.inputs) or "none"
+    def options(self, spelling: Mapping[str, str] = INPUT_OPTIONS) -> str:
+        """The options it needs, e.g. ``"--kv-budget, --kv-snap"`` (``spelling``: input -> option name)."""
+        return ", ".join(spelling[i] for i in self.inputs) or "none"
 
 
 #: Every registered policy by name, in registration order.
@@ -86,6 +87,8 @@ def register_policy(kind: PolicyKind) -> PolicyKind:
     unknown = [i for i in kind.inputs if i not in INPUT_OPTIONS]
     if unknown:
         raise RegistryError(f"KV policy {kind.name!r} takes unknown inputs {unknown}: use {list(INPUT_OPTIONS)}.")
+    if kind.implied and any(other.implied and other.inputs[0] == kind.inputs[0] for other in KV_POLICIES.values()):
+        raise RegistryError(f"KV policy {kind.name!r}: another policy is already implied by {kind.inputs[0]!r}.")
     KV_POLICIES[kind.name] = kind
     return kind
 
@@ -102,29 +105,33 @@ def policy_names() -> tuple[str, ...]:
     return tuple(KV_POLICIES)
 
 
-def implied_policy(given: set[str]) -> str:
+def implied_policy(given: set[str], spelling: Mapping[str, str] = INPUT_OPTIONS, name_option: str = "--kv") -> str:
     """The policy the given inputs select when no name is given (``"default"`` for none).
 
-    ``given`` holds input names (``{"plan"}``); two inputs that select different policies are refused.
+    ``given`` holds input names (``{"plan"}``); two inputs that select different policies are
+    refused. ``spelling`` and ``name_option`` spell the options in messages (the CLI's by default;
+    the explorer passes its field names).
     """
-    chosen = [kind.name for kind in KV_POLICIES.values() if kind.implied_by and kind.inputs[0] in given]
+    chosen = [kind for kind in KV_POLICIES.values() if kind.implied and kind.inputs[0] in given]
     if len(chosen) > 1:
-        options = " or ".join(f"{get_policy(n).implied_by} ({n})" for n in chosen)
+        options = " or ".join(f"{spelling[kind.inputs[0]]} ({kind.name})" for kind in chosen)
         both = [n for n, kind in KV_POLICIES.items() if set(kind.inputs) == given]
-        hint = f"; to combine them, name the policy: --kv {both[0]}" if both else ""
+        hint = f"; to combine them, name the policy: {name_option} {both[0]}" if both else ""
         raise InputError(f"Give {options}, not both{hint}.")
-    return chosen[0] if chosen else "default"
+    return chosen[0].name if chosen else "default"
 
 
-def check_inputs(name: str, given: set[str]) -> PolicyKind:
+def check_inputs(
+    name: str, given: set[str], spelling: Mapping[str, str] = INPUT_OPTIONS, name_option: str = "--kv"
+) -> PolicyKind:
     """The policy ``name``, raising unless ``given`` holds exactly the inputs it is built from."""
     kind = get_policy(name)
-    missing = [INPUT_OPTIONS[i] for i in kind.inputs if i not in given]
+    missing = [spelling[i] for i in kind.inputs if i not in given]
     if missing:
-        raise InputError(f"--kv {name} needs {', '.join(missing)}.")
-    extra = [INPUT_OPTIONS[i] for i in INPUT_OPTIONS if i in given and i not in kind.inputs]
+        raise InputError(f"{name_option} {name} needs {', '.join(missing)}.")
+    extra = [spelling[i] for i in INPUT_OPTIONS if i in given and i not in kind.inputs]
     if extra:
-        raise InputError(f"--kv {name} does not read {', '.join(extra)} (it needs: {kind.options()}).")
+        raise InputError(f"{name_option} {name} does not read {', '.join(extra)} (it needs: {kind.options(spelling)}).")
     return kind
 
 
@@ -162,7 +169,7 @@ for _kind in (
         "lmatlas.infer.plan:KVPlan",
         ("plan",),
         _plan,
-        implied_by="--kv-budget",
+        implied=True,
     ),
     PolicyKind(
         "full-prefill",
@@ -177,7 +184,7 @@ for _kind in (
         "lmatlas.infer.snap:SnapPlan",
         ("capacity",),
         _snap,
-        implied_by="--kv-snap",
+        implied=True,
     ),
     PolicyKind(
         "hybrid",
@@ -192,7 +199,7 @@ for _kind in (
         "lmatlas.infer.duo_gates:GatePlan",
         ("gates",),
         _gates,
-        implied_by="--kv-gates",
+        implied=True,
         playground=_GATES_OFFLINE,
     ),
 ):

@@ -53,19 +53,19 @@ class FullPrefillLayer(HeadwiseLayer):
 class FullPrefillCache(_InstalledCache):
     """The cache of a :class:`FullPrefillPlan`: :class:`FullPrefillLayer` in every full-attention layer."""
 
-    def __init__(self, model: "Model", plan: KVPlan):
-        plan.check_model(model)
+    def __init__(self, model: "Model", plan: "KVPlan | FullPrefillPlan"):
+        policy = plan if isinstance(plan, FullPrefillPlan) else FullPrefillPlan(plan)
+        heads = policy.plan
+        heads.check_model(model)
         super().__init__(
             model,
-            _layers(
-                model,
-                lambda index: FullPrefillLayer(plan.full_heads(index), plan.n_kv_heads, plan.window),
-            ),
+            _layers(model, lambda index: FullPrefillLayer(heads.full_heads(index), heads.n_kv_heads, heads.window)),
         )
-        self.plan = plan
+        self.plan = policy  # what the cache reports (``plan.describe()``: method ``full-prefill:...``)
 
     def __repr__(self) -> str:
-        return f"FullPrefillCache({self.plan.method}, budget={self.plan.budget:.2f}, layers={len(self.layers)})"
+        heads = self.plan.plan
+        return f"FullPrefillCache({heads.method}, budget={heads.budget:.2f}, layers={len(self.layers)})"
 
 
 @dataclass(frozen=True)
@@ -80,4 +80,4 @@ class FullPrefillPlan:
 
     def make_cache(self, model: "Model") -> FullPrefillCache:
         """A fresh cache for one sequence (the KV-policy protocol)."""
-        return FullPrefillCache(model, self.plan)
+        return FullPrefillCache(model, self)

@@ -29,7 +29,9 @@ from pydantic import BaseModel, Field, create_model
 from lmatlas.decode.token_text import token_texts
 from lmatlas.edit import Edit
 from lmatlas.edit.forms import FORMS, Form
+from lmatlas.errors import InputError
 from lmatlas.infer.decoding.names import STRATEGY_NAMES
+from lmatlas.infer.policies import KV_POLICIES, check_inputs, implied_policy
 from lmatlas.web import names
 from lmatlas.web.errors import Malformed
 from lmatlas.web.schemas import Prompt
@@ -74,6 +76,14 @@ class EditSpec(BaseModel):
 #: The head-wise cache the playground offers: the CLI's defaults (``lmatlas generate --kv-budget``).
 KV_DETECTORS, KV_SINK, KV_RECENT = ("full_context", "retrieval"), 4, 256
 
+#: The KV policies the playground offers: the registry's (:mod:`lmatlas.infer.policies`) whose inputs
+#: it can give (a budget chosen by the atlas's census scores, a SnapKV capacity).
+KV_NAMES = tuple(kind.name for kind in KV_POLICIES.values() if not kind.playground)
+KVName = Literal[KV_NAMES]  # type: ignore[valid-type]
+
+#: The request fields that give each policy input (the registry's inputs, spelled for the API).
+KV_FIELDS = {"plan": "kv_budget", "capacity": "kv_snap", "gates": "kv_gates"}
+
 #: The strategies the playground offers: the registry's names (DeCoRe masks the atlas's top retrieval heads).
 StrategyName = Literal[STRATEGY_NAMES]  # type: ignore[valid-type]
 
@@ -90,6 +100,17 @@ class EditRequest(Prompt, EditSpec):
         "greedy",
         description="decoding strategy of both continuations "
         "(speculative: prompt lookup; decore: the atlas's top 10 retrieval heads masked)",
+    )
+    kv: Optional[KVName] = Field(
+        None,
+        description="KV cache policy of both continuations, by registered name: "
+        + "; ".join(
+            f"{kind.name} ({kind.summary}; needs {kind.options(KV_FIELDS)})"
+            for kind in KV_POLICIES.values()
+            if not kind.playground
+        )
+        + ". Null: the one kv_budget or kv_snap implies (neither: the full cache). Not offered here: "
+        + "; ".join(f"{kind.name} ({kind.playground})" for kind in KV_POLICIES.values() if kind.playground),
     )
     kv_snap: Optional[int] = Field(
         None,
@@ -199,19 +220,25 @@ def strategy_for(request: EditRequest, retrieval_heads: list[str]) -> Any:
 
 
 def kv_policy(model: "Model", request: EditRequest, head_scores: list[dict[str, Any]]) -> Any:
-    """The KV policy a request names: SnapKV, a head-wise plan from the atlas's census rows
-    (``head_scores``: ``{"detector", "layer", "head", "score"}``), or ``None`` (the full cache)."""
+    """The KV policy a request names (``kv``, or what ``kv_budget``/``kv_snap`` imply), built by the
+    registry (:mod:`lmatlas.infer.policies`); a plan's full heads come from the atlas's census rows
+    (``head_scores``: ``{"detector", "layer", "head", "score"}``). ``None``: the full cache."""
+    given = {name for name, value in (("plan", request.kv_budget), ("capacity", request.kv_snap)) if value is not None}
+    try:
+        name = request.kv if request.kv is not None else implied_policy(given, KV_FIELDS, "kv")
+        kind = check_inputs(name, given, KV_FIELDS, "kv")
+        plan = census_plan(model, request.kv_budget, head_scores) if "plan" in kind.inputs else None
+        return kind.make(plan=plan, capacity=request.kv_snap)
+    except InputError as error:
+        raise Malformed(str(error)) from None
+
+
+def census_plan(model: "Model", budget: float, head_scores: list[dict[str, Any]]) -> Any:
+    """The head-wise plan keeping ``budget`` of the KV heads full, ranked by the atlas's census rows."""
     import torch
 
     from lmatlas.infer.choose import combine, from_scores
-    from lmatlas.infer.snap import SnapPlan
 
-    if request.kv_snap is not None and request.kv_budget is not None:
-        raise Malformed("Choose one KV cache: kv_snap (SnapKV) or kv_budget (head-wise), not both.")
-    if request.kv_snap is not None:
-        return SnapPlan(capacity=request.kv_snap)
-    if request.kv_budget is None:
-        return None
     lay = model.layout
     tables = []
     for detector in KV_DETECTORS:
@@ -226,7 +253,7 @@ def kv_policy(model: "Model", request: EditRequest, head_scores: list[dict[str, 
             )
         tables.append(table)
     method = "atlas:" + "+".join(KV_DETECTORS)
-    return from_scores(model, combine(tables), request.kv_budget, KV_SINK, KV_RECENT, method=method)
+    return from_scores(model, combine(tables), budget, KV_SINK, KV_RECENT, method=method)
 
 
 def compare(

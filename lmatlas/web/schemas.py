@@ -245,6 +245,9 @@ class LiveStatus(BaseModel):
     kv_budget: bool = Field(
         description="whether the playground can offer a head-wise KV cache (the atlas has census scores to choose from)"
     )
+    kv_policies: list[str] = Field(
+        default_factory=list, description="KV policies the edit playground offers (the registry's names)"
+    )
 
 
 class DiffReport(BaseModel):

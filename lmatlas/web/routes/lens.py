@@ -6,6 +6,7 @@ from fastapi import APIRouter, Depends
 
 from lmatlas.infer.decoding.names import STRATEGY_NAMES
 from lmatlas.web import live
+from lmatlas.web.editing import KV_NAMES
 from lmatlas.web.errors import MODEL_RESPONSES
 from lmatlas.web.routes import explorer
 from lmatlas.web.schemas import LensGrid, LensPrompt, LiveStatus
@@ -38,4 +39,5 @@ def live_status(ex: Explorer = Depends(explorer)) -> dict:
         "lens_tokens": ex.limits.lens_tokens,
         "strategies": list(STRATEGY_NAMES),
         "kv_budget": ex.has("head_scores"),
+        "kv_policies": list(KV_NAMES),
     }
