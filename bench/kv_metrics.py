@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+from intervals import wilson  # noqa: E402  (bench/ is on the path)
 from transformers.cache_utils import DynamicCache
 
 from lmatlas.infer.memory import cache_nbytes
@@ -63,14 +64,25 @@ def score(model, prompt_ids, answer_ids, cache=None, step: int = 1) -> Scored:
     return Scored(logp, logp.gather(-1, answer[:, None])[:, 0], cache_nbytes(cache), kv_prefill, prefill_s, decode_s)
 
 
-def compare(full: Scored, other: Scored, answer_ids) -> dict:
-    """The per-trial record of ``other`` paired with ``full`` on the same prompt."""
-    answer = torch.tensor(list(answer_ids))
+def compare(full: Scored, other: Scored, trial) -> dict:
+    """The per-trial record of ``other`` paired with ``full`` on the same prompt (``trial``: a ``kv_tasks.Task``).
+
+    ``logprob`` and ``correct`` read the answer's content tokens (``trial.content``; all when empty);
+    ``chosen``: at ``trial.choice_at`` (the answer's first digit) the answer's token is the likeliest of
+    ``trial.choices`` (the first digits of every number of its kind in the prompt); ``None`` without choices.
+    """
+    answer = torch.tensor(list(trial.answer_ids))
+    keep = torch.tensor(list(trial.content)) if trial.content else torch.ones(len(answer), dtype=torch.bool)
     kl = (full.logp.exp() * (full.logp - other.logp)).sum(-1)  # [n] KL(full || other)
+    right = other.logp.argmax(-1) == answer
+    chosen = None
+    if trial.choices:
+        chosen = bool(other.logp[trial.choice_at, list(trial.choices)].argmax() == 0)
     return {
-        "logprob": round(float(other.token_logprob.sum()), 5),
-        "logprob_drop": round(float(full.token_logprob.sum() - other.token_logprob.sum()), 5),
-        "correct": bool((other.logp.argmax(-1) == answer).all()),
+        "logprob": round(float(other.token_logprob[keep].sum()), 5),
+        "logprob_drop": round(float(full.token_logprob[keep].sum() - other.token_logprob[keep].sum()), 5),
+        "correct": bool(right[keep].all()),
+        "chosen": chosen,
         "kl": round(float(kl.mean()), 6),
         "kl_max": round(float(kl.max()), 6),
         "kv_bytes": other.kv_bytes,
@@ -90,6 +102,19 @@ def paired_bootstrap(diffs: list[float], n_boot: int = 2000, seed: int = 0, leve
     lo = means[int((1 - level) / 2 * n_boot)]
     hi = means[min(n_boot - 1, int((1 + level) / 2 * n_boot))]
     return {"mean": round(statistics.fmean(diffs), 5), "low": round(lo, 5), "high": round(hi, 5), "n": n}
+
+
+def chosen_summary(rs: list[dict], base: list[dict]) -> dict:
+    """Accuracy of the choice among the prompt's numbers (``chosen``), its Wilson interval and paired difference."""
+    pairs = [(r["chosen"], b["chosen"]) for r, b in zip(rs, base) if r.get("chosen") is not None]
+    if not pairs:
+        return {}
+    k = sum(c for c, _ in pairs)
+    return {
+        "choice_accuracy": round(k / len(pairs), 4),
+        "choice_wilson": [round(x, 4) for x in wilson(k, len(pairs))],
+        "choice_diff": paired_bootstrap([c - b for c, b in pairs]),
+    }
 
 
 def summarise(records: list[dict]) -> list[dict]:
@@ -113,6 +138,8 @@ def summarise(records: list[dict]) -> list[dict]:
                     "method": method,
                     "trials": len(rs),
                     "accuracy": round(statistics.fmean(r["correct"] for r in rs), 4),
+                    "accuracy_wilson": [round(x, 4) for x in wilson(sum(r["correct"] for r in rs), len(rs))],
+                    **chosen_summary(rs, base),
                     "accuracy_diff": paired_bootstrap([r["correct"] - b["correct"] for r, b in zip(rs, base)]),
                     "logprob_drop": paired_bootstrap([r["logprob_drop"] for r in rs]),
                     "kl": paired_bootstrap([r["kl"] for r in rs]),

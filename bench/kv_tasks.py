@@ -23,12 +23,27 @@ leading space) for the needle tasks, the held-out continuation for ``continue``.
 from __future__ import annotations
 
 import random
-import string
 from dataclasses import dataclass
 
 from lmatlas.infer.needle import NEEDLE, QUESTION, WORDS, Haystack
 
 TASKS = ("passkey", "multikey", "vt", "continue")
+KEYS = (
+    "the combination of the red locker",
+    "the code of the garden gate",
+    "the number of the night train",
+    "the room number of the old hotel",
+    "the balance of the savings account",
+    "the population of the mountain village",
+    "the serial number of the brass telescope",
+    "the weight of the iron anchor",
+    "the price of the blue bicycle",
+    "the height of the stone tower",
+    "the score of the chess final",
+    "the address of the corner bakery",
+)
+KEY_NEEDLE = "{key} is {number}."
+KEY_QUESTION = "\n\nQuestion: What is {key}?\nAnswer: {key_cap} is"
 VT_QUESTION = "\n\nQuestion: What number is VAR {name} equal to?\nAnswer: VAR {name} ="
 
 
@@ -43,20 +58,40 @@ class Task:
     answer_ids: tuple[int, ...]
     answer: str
     depth: float
+    choices: tuple[int, ...] = ()
+    choice_at: int = 1
+    content: tuple[bool, ...] = ()  # the answer tokens that count (empty: all); the rest are format, fed as given
 
 
 def _tokens(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def insert(haystack: Haystack, length: int, pieces: list[tuple[float, str]], question: str, rng: random.Random):
+def frame(tokenizer, question: str, chat: bool) -> tuple[list[int], list[int]]:
+    """The tokens before the essay and after it: ``[bos]`` / ``question``, or the chat template around them.
+
+    ``question`` is ``"\n\nQuestion: ...?\nAnswer: PRIME"``; with ``chat`` the essay and the question
+    are the user's message and ``PRIME`` starts the assistant's reply (the instruct model's own format).
+    """
+    if not chat:
+        return list(tokenizer("", add_special_tokens=True)["input_ids"]), _tokens(tokenizer, question)
+    ask, _, prime = question.partition("\nAnswer:")
+    marker = "\x00ESSAY\x00"
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": marker}], tokenize=False, add_generation_prompt=True
+    )
+    head, _, tail = text.partition(marker)
+    return _tokens(tokenizer, head), _tokens(tokenizer, ask + tail + prime.lstrip())
+
+
+def insert(haystack, length: int, pieces: list[tuple[float, str]], question: str, rng: random.Random, chat=False):
     """``[bos] essay-with-pieces question`` of exactly ``length`` tokens; pieces go in at sentence ends.
 
     ``pieces``: ``(depth in [0, 1], text)``; pieces at the same sentence end keep their order.
+    ``chat``: the essay and question wrapped in the tokenizer's chat template (:func:`frame`).
     """
     tok = haystack.tokenizer
-    prefix = list(tok("", add_special_tokens=True)["input_ids"])
-    question_ids = _tokens(tok, question)
+    prefix, question_ids = frame(tok, question, chat)
     piece_ids = [_tokens(tok, " " + text) for _, text in pieces]
     body_len = length - len(prefix) - len(question_ids) - sum(len(p) for p in piece_ids)
     if body_len < 50:
@@ -71,37 +106,64 @@ def insert(haystack: Haystack, length: int, pieces: list[tuple[float, str]], que
     return prefix + body + question_ids
 
 
-def number(rng: random.Random, digits: int) -> str:
-    return str(rng.randint(10 ** (digits - 1), 10**digits - 1))
+def names(rng: random.Random, count: int) -> list[str]:
+    """``count`` distinct variable names: words of the needle list (one token each, easy to tell apart)."""
+    return rng.sample(WORDS, count)
 
 
-def needle_trial(haystack, task, length, index, depth, seed, keys: int, digits: int) -> Task:
+def numbers(rng: random.Random, count: int, digits: int) -> list[str]:
+    """``count`` numbers of ``digits`` digits with distinct first digits (so a choice among them is one token)."""
+    firsts = rng.sample(range(1, 10), count)
+    return [str(f) + "".join(str(rng.randrange(10)) for _ in range(digits - 1)) for f in firsts]
+
+
+def finish(haystack, task, length, index, depth, prompt, values, lead: str = "") -> Task:
+    """The trial whose answer is ``lead`` then ``values[0]`` (the other values: the candidates it is chosen among)."""
+    tok = haystack.tokenizer
+    answer = _tokens(tok, lead + " " + values[0])
+    at = len(answer) - len(values[0])  # the answer's first digit: where the candidates part
+    choices = tuple(_tokens(tok, lead + " " + v)[at] for v in values)
+    form = {tuple(_tokens(tok, piece)) for piece in (" VAR", " =", " ")}
+    content = [True] * len(answer)
+    for piece in form:  # the format tokens of a recited chain: " VAR", " =" and the space before the number
+        for i in range(len(answer) - len(piece) + 1):
+            if tuple(answer[i : i + len(piece)]) == piece:
+                content[i : i + len(piece)] = [False] * len(piece)
+    return Task(task, length, index, tuple(prompt), tuple(answer), values[0], depth, choices, at, tuple(content))
+
+
+def needle_trial(haystack, task, length, index, depth, seed, keys: int, digits: int, chat: bool) -> Task:
+    """``keys`` needles, the first at ``depth`` and asked for: one magic number, or ``keys`` distinct sentences."""
     rng = random.Random(seed)
-    words = rng.sample(WORDS, keys)
-    numbers = [number(rng, digits) for _ in words]
-    pieces = [(depth, NEEDLE.format(word=words[0], number=numbers[0]))]
-    pieces += [(rng.random(), NEEDLE.format(word=w, number=n)) for w, n in zip(words[1:], numbers[1:])]
-    prompt = insert(haystack, length, pieces, QUESTION.format(word=words[0]), rng)
-    answer = _tokens(haystack.tokenizer, " " + numbers[0])
-    return Task(task, length, index, tuple(prompt), tuple(answer), numbers[0], depth)
+    values = numbers(rng, keys, digits)
+    if task == "passkey":
+        word = rng.choice(WORDS)
+        needles, question = [NEEDLE.format(word=word, number=values[0])], QUESTION.format(word=word)
+    else:
+        chosen = [k[0].upper() + k[1:] for k in rng.sample(KEYS, keys)]
+        needles = [KEY_NEEDLE.format(key=k, number=n) for k, n in zip(chosen, values)]
+        question = KEY_QUESTION.format(key=chosen[0][0].lower() + chosen[0][1:], key_cap=chosen[0])
+    pieces = [(depth, needles[0])] + [(rng.random(), needle) for needle in needles[1:]]
+    prompt = insert(haystack, length, pieces, question, rng, chat)
+    return finish(haystack, task, length, index, depth, prompt, values)
 
 
-def vt_trial(haystack, length, index, depth, seed, hops: int, digits: int) -> Task:
-    """Two chains of ``hops + 1`` variables; the asked chain's first assignment at ``depth``."""
+def vt_trial(haystack, length, index, depth, seed, hops: int, chains: int, digits: int, chat: bool) -> Task:
+    """``chains`` chains of ``hops + 1`` variables; the asked chain's first assignment at ``depth``."""
     rng = random.Random(seed)
-    names = ["".join(rng.choices(string.ascii_uppercase, k=5)) for _ in range(2 * (hops + 1))]
-    values = [number(rng, digits) for _ in range(2)]
+    chain_of = names(rng, chains * (hops + 1))
+    values = numbers(rng, chains, digits)
     pieces = []
-    for chain, first_depth in ((0, depth), (1, rng.random())):
-        chain_names = names[chain * (hops + 1) : (chain + 1) * (hops + 1)]
+    for chain in range(chains):
+        first_depth = depth if chain == 0 else rng.random()
+        chain_names = chain_of[chain * (hops + 1) : (chain + 1) * (hops + 1)]
         later = sorted(first_depth + (1 - first_depth) * rng.random() for _ in range(hops))
         pieces.append((first_depth, f"VAR {chain_names[0]} = {values[chain]}."))
         for prev, name, d in zip(chain_names, chain_names[1:], later):
             pieces.append((d, f"VAR {name} = VAR {prev}."))
-    asked = names[hops]
-    prompt = insert(haystack, length, pieces, VT_QUESTION.format(name=asked), rng)
-    answer = _tokens(haystack.tokenizer, " " + values[0])
-    return Task("vt", length, index, tuple(prompt), tuple(answer), values[0], depth)
+    prompt = insert(haystack, length, pieces, VT_QUESTION.format(name=chain_of[hops]), rng, chat)
+    lead = "".join(f" VAR {name} =" for name in reversed(chain_of[:hops]))
+    return finish(haystack, "vt", length, index, depth, prompt, values, lead)
 
 
 def continue_trial(haystack, length, index, seed, continuation: int) -> Task:
@@ -117,13 +179,15 @@ def make_trial(haystack: Haystack, task: str, length: int, index: int, n: int, s
     """Trial ``index`` of ``n`` of ``task`` at ``length`` tokens (seeded by ``seed``, the task, length and index)."""
     depth = (index + 0.5) / n
     trial_seed = seed * 1_000_003 + TASKS.index(task) * 100_003 + length * 1009 + index
-    digits = options.get("digits", 5)
+    digits, chat = options.get("digits", 5), options.get("chat", False)
     if task == "passkey":
-        return needle_trial(haystack, task, length, index, depth, trial_seed, 1, digits)
+        return needle_trial(haystack, task, length, index, depth, trial_seed, 1, digits, chat)
     if task == "multikey":
-        return needle_trial(haystack, task, length, index, depth, trial_seed, options.get("keys", 4), digits)
+        keys = options.get("keys", 4)
+        return needle_trial(haystack, task, length, index, depth, trial_seed, keys, digits, chat)
     if task == "vt":
-        return vt_trial(haystack, length, index, depth, trial_seed, options.get("hops", 2), digits)
+        hops, chains = options.get("hops", 2), options.get("chains", 2)
+        return vt_trial(haystack, length, index, depth, trial_seed, hops, chains, digits, chat)
     if task == "continue":
         return continue_trial(haystack, length, index, trial_seed, options.get("continuation", 256))
     raise ValueError(f"unknown task {task!r} (tasks: {', '.join(TASKS)})")

@@ -71,8 +71,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--methods", default=DEFAULT_METHODS)
     p.add_argument("--sink", type=int, default=4)
     p.add_argument("--recent", type=int, default=128)
-    p.add_argument("--keys", type=int, default=4, help="needles in a multikey prompt")
-    p.add_argument("--hops", type=int, default=2, help="assignments after the first in a vt chain")
+    p.add_argument("--keys", type=int, default=3, help="needles in a multikey prompt")
+    p.add_argument("--hops", type=int, default=1, help="assignments after the first in a vt chain")
+    p.add_argument("--chains", type=int, default=2, help="variable chains in a vt prompt (one asked)")
+    p.add_argument("--chat", action="store_true", help="wrap essay and question in the chat template")
     p.add_argument("--digits", type=int, default=5)
     p.add_argument("--continuation", type=int, default=256)
     p.add_argument("--scores", default=None, help="JSON of head rankings (read; written by --rank/--census-atlas)")
@@ -206,7 +208,7 @@ def run_grid(model, args, rankings: dict, records_path: Path, log) -> list[dict]
                         cache = kv.make_cache(model) if kv is not None else None
                         other = full if kv is None else score(model, trial.prompt_ids, trial.answer_ids, cache, step)
                         row = {"task": task, "length": length, "index": index, "method": method}
-                        row.update(compare(full, other, trial.answer_ids))
+                        row.update(compare(full, other, trial))
                         row.update(depth=trial.depth, threads=torch.get_num_threads(), load=os.getloadavg()[0])
                         sink.write(json.dumps(row) + "\n")
                         sink.flush()
@@ -242,7 +244,7 @@ def main(argv=None) -> None:
         "methods": args.methods.split(","),
         "sink": args.sink,
         "recent": args.recent,
-        "task_options": {k: getattr(args, k) for k in ("keys", "hops", "digits", "continuation")},
+        "task_options": {k: getattr(args, k) for k in ("keys", "hops", "chains", "chat", "digits", "continuation")},
         "scores": args.scores,
         "rankings": {k: {kk: vv for kk, vv in v.items() if kk != "kv_scores"} for k, v in rankings.items()},
         "records": str(records_path),

@@ -3,13 +3,17 @@
 * the scored log-probabilities equal one plain forward over prompt + answer (no cache);
 * the full cache paired with itself: zero drop, zero KL, interval [0, 0];
 * the bootstrap interval of a known sample contains its mean and shrinks with more trials;
-* a second run of the same grid measures nothing new (every line is already in the JSONL).
+* a second run of the same grid measures nothing new (every line is already in the JSONL);
+* the tasks' prompts hold what their answers say: the multikey needle asked for, and the vt chain
+  resolved by following the assignments in the decoded prompt (plain Python);
+* ``chosen`` and the content mask read the distributions as a hand computation does.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import re
 import runpy
 from pathlib import Path
 
@@ -43,10 +47,10 @@ def test_scores_equal_a_plain_forward_and_the_full_pair_is_zero(model, haystack)
         logits = model.hf(ids).logits[0, len(trial.prompt_ids) - 1 : -1]
     expected = torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(trial.answer_ids)[:, None])[:, 0]
     torch.testing.assert_close(full.token_logprob, expected, atol=1e-4, rtol=1e-4)
-    same = compare(full, full, trial.answer_ids)
+    same = compare(full, full, trial)
     assert same["logprob_drop"] == 0 and same["kl"] == 0
     windowed = score(model, trial.prompt_ids, trial.answer_ids, choose.uniform(model, 2, 16).make_cache(model))
-    paired = compare(full, windowed, trial.answer_ids)
+    paired = compare(full, windowed, trial)
     assert paired["kl"] > 0 and paired["kv_bytes"] < same["kv_bytes"]
     assert trial.answer in "".join(model.tokenizer.decode(list(trial.prompt_ids)).split())  # the needle is there
 
@@ -78,3 +82,49 @@ def test_a_tiny_cell_runs_pairs_and_resumes(tmp_path):
     assert record["conditions"]["load_before"] and rows["passkey", "snapkv@0.5"]["threads"] == [1]
     BENCH["main"](grid)
     assert len(out.with_suffix(".jsonl").read_text().splitlines()) == len(lines)
+
+
+def test_multikey_prompt_holds_distinct_needles_and_the_asked_one(model, haystack):
+    trial = make_trial(haystack, "multikey", 400, 1, 4, 0, {"keys": 3})
+    text = model.tokenizer.decode(list(trial.prompt_ids))
+    needles = re.findall(r"(The [a-z ]+) is (\d{5})\.", text)
+    assert len(needles) == 3 and len({k for k, _ in needles}) == 3
+    asked = re.search(r"Question: What is ([a-z ]+)\?", text).group(1)
+    assert dict(needles)[asked[0].upper() + asked[1:]] == trial.answer
+    firsts = [model.tokenizer.decode([c]) for c in trial.choices]
+    assert sorted(firsts) == sorted(n[0] for _, n in needles) and len(set(firsts)) == 3
+    assert firsts[0] == trial.answer[0] and trial.content[trial.choice_at]
+
+
+@pytest.mark.parametrize("hops", [1, 2])
+def test_vt_answer_follows_the_chain_in_the_prompt(model, haystack, hops):
+    trial = make_trial(haystack, "vt", 500, 0, 3, 1, {"hops": hops, "chains": 2})
+    text = model.tokenizer.decode(list(trial.prompt_ids))
+    assign = dict(re.findall(r"VAR (\w+) = (VAR \w+|\d+)\.", text))
+    assert len(assign) == 2 * (hops + 1)
+    name = re.search(r"What number is VAR (\w+) equal to", text).group(1)
+    chain = []
+    while assign[name].startswith("VAR"):
+        name = assign[name].split()[1]
+        chain.append(name)
+    assert assign[name] == trial.answer and len(chain) == hops
+    recital = model.tokenizer.decode(list(trial.answer_ids))
+    assert recital == "".join(f" VAR {n} =" for n in chain) + " " + trial.answer
+    counted = model.tokenizer.decode([t for t, keep in zip(trial.answer_ids, trial.content) if keep])
+    assert counted.replace(" ", "") == "".join(chain) + trial.answer  # the names and digits count, not the format
+
+
+def test_chosen_and_content_read_the_distributions(model, haystack):
+    trial = make_trial(haystack, "multikey", 300, 0, 2, 0, {"keys": 3})
+    full = score(model, trial.prompt_ids, trial.answer_ids)
+    logp = full.logp.clone()
+    row = logp[trial.choice_at]
+    row[list(trial.choices)] = torch.tensor([-1.0, -0.5, -2.0])  # a distractor's first digit is likelier
+    forced = type(full)(logp, full.token_logprob, full.kv_bytes, full.kv_bytes_prefill, 0.0, 0.0)
+    assert compare(full, forced, trial)["chosen"] is False
+    row[list(trial.choices)] = torch.tensor([-0.1, -0.5, -2.0])
+    assert compare(full, forced, trial)["chosen"] is True
+    dropped = full.token_logprob.clone()
+    dropped[0] -= 3.0  # the space before the number is format: it does not count
+    shifted = type(full)(full.logp, dropped, full.kv_bytes, full.kv_bytes_prefill, 0.0, 0.0)
+    assert not trial.content[0] and compare(full, shifted, trial)["logprob_drop"] == 0
