@@ -20,11 +20,13 @@ it measures, each step timed with its peak resident memory and the model forward
   (:func:`lmatlas.causal.edge_verify.verify_edges`, the runner of the edge curve reused as ``find_circuit``
   does): Spearman with the scores, largest absolute error.
 
-Baseline, measured in the same run: the median time of one plain forward of the task's clean batch
-(``--plain-repeats`` runs). Targets (verdicts through ``harness.meets_target``, ``None`` when the spread
-crosses the target): an edge-level curve, its runner's two setup forwards included, costs <= 5 plain
-forwards' time per point (quartiles over the plain-forward runs); the top-50 verification, its runner's setup
-included, takes <= 60 s; the default method's verified top-50 Spearman is >= 0.8 on every task.
+Baseline: a plain forward of the task's clean batch timed right before each of the ``--curve-repeats`` runs
+of the edge curve (interleaved, so a change of load moves both), and ``--plain-repeats`` plain forwards
+once per task for the layer-token count. Targets (verdicts through ``harness.meets_target``, ``None`` when the
+spread crosses the target): an edge-level curve, its runner's setup (two forwards and the fit of the
+post-projection maps) included, costs <= 5 plain forwards' time per point (quartiles over the interleaved
+pairs); the top-50 verification, its runner's setup included, takes <= 60 s; the default method's verified
+top-50 Spearman is >= 0.8 on every task.
 
 The record is written after every (task, method) section, each section with its own conditions (command,
 commit, threads, load before and after); a rerun with the same ``--out`` skips the sections already there
@@ -32,6 +34,7 @@ commit, threads, load before and after); a rerun with the same ``--out`` skips t
 
     .venv/bin/python bench/circuits.py [--model NAME|tiny:llama] [--tasks ioi,induction,greater-than,capitals]
         [--n 4] [--methods eap,eap-ig,eap-ig-act,eap+qk] [--steps 5] [--verify 50] [--plain-repeats 5]
+        [--curve-repeats 3]
         [--out bench/results/circuits.json] [--fresh]
 """
 
@@ -128,7 +131,7 @@ def plain_forward(model, task, repeats: int) -> dict:
     return {"all_s": times, "median_s": statistics.median(times), "layer_tokens": work.layer_tokens}
 
 
-def method_section(model, task, name: str, steps: int, k: int, plain: dict, log: Log) -> dict:
+def method_section(model, task, name: str, steps: int, k: int, plain: dict, log: Log, curve_repeats: int = 3) -> dict:
     """Score, both curves and the verification of one method on one task (see the module docstring)."""
     base_steps, along, qk = METHODS[name]
     steps = steps if base_steps is None else base_steps
@@ -147,24 +150,35 @@ def method_section(model, task, name: str, steps: int, k: int, plain: dict, log:
 
     node_cost, node_values = measured(model, nodes_curve)
     setup, runner = measured(model, lambda: EdgeRunner(model, task, metric, progress=False))
-    edge_cost, edge_values = measured(model, lambda: runner.faithfulness(top_masks(runner.index, ranked, counts)))
+    masks = top_masks(runner.index, ranked, counts)
+    plains, curve_runs = [], []
+    for _ in range(curve_repeats):  # each curve run next to a plain forward: the load moves both alike
+        plains.append(plain_forward(model, task, 1)["all_s"][0])
+        cost_i, edge_values = measured(model, lambda: runner.faithfulness(masks))
+        curve_runs.append(cost_i)
+    edge_cost = min(curve_runs, key=lambda c: c["seconds"])
     log(f"{task.name} {name}: curves nodes {node_cost['seconds']:.1f}s, edges {edge_cost['seconds']:.1f}s")
     check_cost, check = measured(model, lambda: verify_edges(model, task, graph, metric, k=k, runner=runner))
     log(f"{task.name} {name}: verified top {k} in {check_cost['seconds']:.1f}s, Spearman {check['spearman']}")
     points = len(counts)
-    per_point = (setup["seconds"] + edge_cost["seconds"]) / points
+    per_point = [(setup["seconds"] + c["seconds"]) / points for c in curve_runs]
     edges_curve = {
         **summary(MIB_FRACTIONS, edge_values.tolist(), counts),
         **edge_cost,
+        "curve_runs_s": [c["seconds"] for c in curve_runs],
+        "plain_forwards_beside_s": plains,
         "runner_setup": setup,
-        "seconds_per_point": per_point,
+        "runner_layout": "one copy" if getattr(runner, "maps", None) is not None else "copies",
+        "seconds_per_point": statistics.median(per_point),
         "forwards_per_point": (setup["forwards"] + edge_cost["forwards"]) / points,
         "layer_tokens_per_point_over_plain": (setup["layer_tokens"] + edge_cost["layer_tokens"])
         / points
         / plain["layer_tokens"],
-        "per_point_over_plain_forward": per_point / plain["median_s"],
-        "curve_only_per_point_over_plain_forward": edge_cost["seconds"] / points / plain["median_s"],
-        **ratio_verdict([per_point / t for t in plain["all_s"]], CURVE_TARGET),
+        "per_point_over_plain_forward": statistics.median(p / t for p, t in zip(per_point, plains)),
+        "curve_only_per_point_over_plain_forward": statistics.median(
+            c["seconds"] / points / t for c, t in zip(curve_runs, plains)
+        ),
+        **ratio_verdict([p / t for p, t in zip(per_point, plains)], CURVE_TARGET),
     }
     total = setup["seconds"] + check_cost["seconds"]
     return {
@@ -248,6 +262,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=5, help="EAP-IG interpolation steps")
     parser.add_argument("--verify", type=int, default=50, help="top edges re-measured by exact edge patching")
     parser.add_argument("--plain-repeats", type=int, default=5)
+    parser.add_argument("--curve-repeats", type=int, default=3, help="edge-curve runs, each beside a plain forward")
     parser.add_argument("--out", default="bench/results/circuits.json")
     parser.add_argument("--fresh", action="store_true", help="ignore the sections already in --out")
     args = parser.parse_args(argv)
@@ -282,7 +297,9 @@ def _run(args, model, methods: list[str], log: Log, before: dict) -> dict:
                 log(f"{name} {method}: already in {args.out}, skipped")
                 continue
             start = conditions()
-            row = method_section(model, task, method, args.steps, args.verify, section["plain_forward"], log)
+            row = method_section(
+                model, task, method, args.steps, args.verify, section["plain_forward"], log, args.curve_repeats
+            )
             section["methods"][method] = {**row, "conditions": section_conditions(start)}
             record["verdicts"] = verdicts(record)
             write_record(args.out, record, before)  # after every section: a stopped run keeps what it measured

@@ -43,10 +43,16 @@ def test_every_section_is_recorded_with_its_conditions_and_derived_figures(run):
         # the runner's corrupt and clean runs, and fewer batched forwards than points for edges
         assert curves["granularity_nodes"]["forwards"] == len(MIB_FRACTIONS) + 1
         edges = curves["granularity_edges"]
-        assert edges["runner_setup"]["forwards"] == 2 and 1 <= edges["forwards"] < len(MIB_FRACTIONS)
-        per_point = (edges["runner_setup"]["seconds"] + edges["seconds"]) / len(MIB_FRACTIONS)
-        assert edges["seconds_per_point"] == pytest.approx(per_point)
-        assert edges["per_point_over_plain_forward"] == pytest.approx(per_point / plain["median_s"])
+        # the runner's corrupt and clean runs and the fit of the post-projection maps (one forward)
+        assert edges["runner_setup"]["forwards"] == 3 and edges["runner_layout"] == "one copy"
+        assert 1 <= edges["forwards"] < len(MIB_FRACTIONS)
+        setup = edges["runner_setup"]["seconds"]
+        per_point = [(setup + c) / len(MIB_FRACTIONS) for c in edges["curve_runs_s"]]
+        beside = edges["plain_forwards_beside_s"]  # each curve run timed next to its own plain forward
+        assert len(per_point) == len(beside) == 3
+        assert edges["seconds_per_point"] == pytest.approx(statistics.median(per_point))
+        ratios = [p / t for p, t in zip(per_point, beside)]
+        assert edges["per_point_over_plain_forward"] == pytest.approx(statistics.median(ratios))
         check = row["verification"]
         assert len(check["edges"]) == len(check["exact"]) == 10
         errors = [abs(a - b) for a, b in zip(check["estimated"], check["exact"])]
