@@ -9,11 +9,14 @@ plain forward pass over the build corpus (``corpus_forward_s``), so
 
     .venv/bin/python bench/map.py [--model smollm2-135m] [--only structure,importance] [--out FILE]
                                   [--record bench/results/map.json] [--baseline COMMIT]
+    .venv/bin/python bench/map.py --only search --interleave COMMIT [--rounds 2] [--record FILE]
 
 ``--baseline COMMIT`` builds the same stages with the code of ``COMMIT`` (its ``lmatlas/``
 and ``bench/``, exported with ``git archive`` to a temporary folder and run there in a
 subprocess) right after this build, on the same machine under the same load, and reports
-each stage's time as a ratio to it (``baseline``, ``speedup_by_stage``).
+each stage's time as a ratio to it (``baseline``, ``speedup_by_stage``). ``--interleave COMMIT``
+alternates builds of ``--only`` with ``COMMIT``'s code and this checkout's (old, new, new, old,
+...: both sides see the same load) and reports per-stage medians and their ratios.
 
 ``--record`` writes the result with the conditions it was measured under (command, commit,
 threads, load before and after: :mod:`harness`) and the process's peak resident memory.
@@ -111,17 +114,69 @@ def _bind(executor: CountingExecutor, ctx) -> CountingExecutor:
 
 def baseline(commit: str, model_name: str, only: list[str] | None) -> dict:
     """The same build with the code of ``commit``, in a subprocess (its ``bench/map.py``'s JSON output)."""
+    result = _build_in(_export(commit), model_name, only)
+    result["commit"] = commit
+    return result
+
+
+def interleaved(commit: str, model_name: str, only: list[str] | None, rounds: int) -> dict:
+    """Builds of ``only`` with ``commit``'s code and this checkout's, alternated (old new new old ...), each in a fresh
+    process and file; per stage the median seconds of each side and their ratio (old / new).
+
+    Alternating exposes both sides to the same load, so the ratio holds on a busy machine where
+    absolute seconds do not. Stages that share work (the corpus pass) are best compared as a group
+    (``stages_total``): the first stage of the group pays the shared forwards.
+    """
+    import statistics
+
+    folders = {"old": _export(commit), "new": ROOT}
+    runs: dict[str, list[dict]] = {"old": [], "new": []}
+    for i in range(rounds):
+        for side in ("old", "new") if i % 2 == 0 else ("new", "old"):
+            runs[side].append(_build_in(folders[side], model_name, only))
+            print(f"{side}: {runs[side][-1]['seconds_by_stage']}", file=sys.stderr)
+    medians = {
+        side: {
+            name: statistics.median(r["seconds_by_stage"].get(name, 0.0) for r in done)
+            for name in done[0]["seconds_by_stage"]
+        }
+        for side, done in runs.items()
+    }
+    totals = {side: statistics.median(sum(r["seconds_by_stage"].values()) for r in done) for side, done in runs.items()}
+    return {
+        "commit": commit,
+        "rounds": rounds,
+        "seconds_by_stage": {side: {k: round(v, 1) for k, v in m.items()} for side, m in medians.items()},
+        "ratio_old_over_new": {
+            name: round(seconds / medians["new"][name], 2)
+            for name, seconds in medians["old"].items()
+            if medians["new"].get(name)
+        },
+        "stages_total": {
+            **{side: round(v, 1) for side, v in totals.items()},
+            "ratio": round(totals["old"] / totals["new"], 2),
+        },
+        "runs": {side: [r["seconds_by_stage"] for r in done] for side, done in runs.items()},
+        "work_by_stage": {side: done[0]["work_by_stage"] for side, done in runs.items()},
+    }
+
+
+def _export(commit: str) -> Path:
+    """``commit``'s ``lmatlas/`` and ``bench/`` in a temporary folder (``git archive``)."""
     folder = Path(tempfile.mkdtemp(prefix="lmatlas-map-baseline-"))
     archive = subprocess.run(["git", "archive", commit, "lmatlas", "bench"], cwd=ROOT, check=True, capture_output=True)
     subprocess.run(["tar", "-x", "-C", str(folder)], input=archive.stdout, check=True)
-    command = [sys.executable, str(folder / "bench" / "map.py"), "--model", model_name]
+    return folder
+
+
+def _build_in(folder: Path, model_name: str, only: list[str] | None) -> dict:
+    """``folder``'s ``bench/map.py`` run in a subprocess on ``folder``'s ``lmatlas``; its JSON output."""
+    command = [sys.executable, str(Path(folder) / "bench" / "map.py"), "--model", model_name]
     if only:
         command += ["--only", ",".join(only)]
     env = {**os.environ, "PYTHONPATH": str(folder)}
     done = subprocess.run(command, cwd=folder, env=env, check=True, stdout=subprocess.PIPE)
-    result = json.loads(done.stdout)
-    result["commit"] = commit
-    return result
+    return json.loads(done.stdout)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -131,9 +186,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=None, help="atlas file (default: a temporary file, removed)")
     parser.add_argument("--record", default=None, help="write the result with its conditions to this JSON file")
     parser.add_argument("--baseline", default=None, help="a commit whose build of the same stages runs after this one")
+    parser.add_argument("--interleave", default=None, help="a commit: alternate its builds of --only with this code's")
+    parser.add_argument("--rounds", type=int, default=2, help="builds per side with --interleave")
     args = parser.parse_args(argv)
     before = conditions()
     only = args.only.split(",") if args.only else None
+    if args.interleave:
+        result = {"benchmark": "map_interleaved", "model": args.model, "stages": only or "all"}
+        result.update(interleaved(args.interleave, args.model, only, args.rounds))
+        print(json.dumps(result, indent=2))
+        if args.record:
+            write_record(args.record, result, before)
+        return
     result = measure(args.model, only, args.out)
     if args.baseline:
         old = baseline(args.baseline, args.model, only)
