@@ -1,31 +1,15 @@
-"""DeCoRe: greedy with nothing masked, every step against the published formula, the control, bad input."""
+"""DeCoRe: every step against the published formula, the control, bad input (nothing masked = greedy:
+test_decoding_off.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from support.models import TINY_TYPES, get_tiny
+from support.greedy import forbid_forward, hf_greedy
+from support.models import get_tiny
 
 from lmatlas.errors import LmatlasError
 from lmatlas.infer.decoding.decore import decore_generate, generate_decore, head_names, random_heads
-
-
-@pytest.mark.parametrize("family", TINY_TYPES)
-def test_nothing_masked_is_greedy(family):
-    model = get_tiny(family)
-    ids = model.tokenize("The cat sat on the mat. The cat")["input_ids"]
-    with torch.no_grad():
-        greedy = model.hf.generate(input_ids=ids, do_sample=False, max_new_tokens=12, pad_token_id=0)
-        decore = model.hf.generate(
-            input_ids=ids,
-            custom_generate=decore_generate,
-            lmatlas_model=model,
-            masked_heads=None,
-            do_sample=False,
-            max_new_tokens=12,
-            pad_token_id=0,
-        )
-    assert torch.equal(greedy, decore)
 
 
 def _masked_logits(model, ids, heads):
@@ -48,6 +32,21 @@ def _masked_logits(model, ids, heads):
             handle.remove()
 
 
+def _check_steps(model, ids, heads, result, steps=None):
+    """Every generated token (the first ``steps``) is the argmax of ``(1 + a) * base - a * masked``,
+    ``a`` the base distribution's entropy (the published formula), recomputed from scratch at each step."""
+    seq = ids
+    with torch.no_grad():
+        for step, token in enumerate(result["token_ids"][:steps]):
+            base = model.hf(input_ids=seq, use_cache=False).logits[0, -1].double()
+            masked = _masked_logits(model, seq, heads)
+            p = torch.softmax(base, -1)
+            alpha = float(-(p * p.log()).sum())
+            assert abs(result["alphas"][step] - alpha) < 1e-4
+            assert token == int(((1 + alpha) * base - alpha * masked).argmax()), f"step {step}"
+            seq = torch.cat([seq, torch.tensor([[token]])], 1)
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
 def test_each_step_matches_published_formula(family):
     model = get_tiny(family)
@@ -55,19 +54,8 @@ def test_each_step_matches_published_formula(family):
     ids = model.tokenize("Context: the capital is Rome. Q: capital? A:")["input_ids"]
     result = generate_decore(model, ids, 10, heads=heads)
     assert result["heads"] == heads and len(result["alphas"]) == 10
-    seq = ids
-    with torch.no_grad():
-        for step, token in enumerate(result["token_ids"]):
-            base = model.hf(input_ids=seq, use_cache=False).logits[0, -1].double()
-            masked = _masked_logits(model, seq, heads)
-            p = torch.softmax(base, -1)
-            alpha = float(-(p * p.log()).sum())
-            scores = (1 + alpha) * base - alpha * masked
-            assert abs(result["alphas"][step] - alpha) < 1e-4
-            assert token == int(scores.argmax()), f"step {step}"
-            seq = torch.cat([seq, torch.tensor([[token]])], 1)
-    with torch.no_grad():  # the contrast changes something on this model (not a disguised greedy)
-        greedy = model.hf.generate(input_ids=ids, do_sample=False, max_new_tokens=10, pad_token_id=0)
+    _check_steps(model, ids, heads, result)
+    greedy = hf_greedy(model, ids, 10)  # the contrast changes something on this model (not a disguised greedy)
     masked_differs = not torch.equal(_masked_logits(model, ids, heads), model.hf(input_ids=ids).logits[0, -1].double())
     assert masked_differs
     assert greedy.shape[1] == ids.shape[1] + 10
@@ -86,21 +74,12 @@ def test_random_control():
 
 def test_bad_input_before_compute(monkeypatch):
     model = get_tiny("llama")
-
-    def boom(*args, **kwargs):
-        raise AssertionError("a forward ran")
-
-    monkeypatch.setattr(model.hf, "forward", boom)
+    forbid_forward(monkeypatch, model)
     with pytest.raises(LmatlasError, match="at least one head"):
         generate_decore(model, "hello", 4, heads=[])
     with pytest.raises(LmatlasError, match="at least one head"):
-        model.hf.generate(
-            input_ids=torch.tensor([[5, 6]]),
-            custom_generate=decore_generate,
-            lmatlas_model=model,
-            masked_heads=[],
-            max_new_tokens=2,
-            pad_token_id=0,
+        hf_greedy(
+            model, torch.tensor([[5, 6]]), 2, custom_generate=decore_generate, lmatlas_model=model, masked_heads=[]
         )
     with pytest.raises(LmatlasError, match="does not exist"):
         generate_decore(model, "hello", 4, heads=["L99.H0"])
@@ -109,42 +88,20 @@ def test_bad_input_before_compute(monkeypatch):
     with pytest.raises(LmatlasError, match="beam search"):
         generate_decore(model, "hello", 4, heads=["L0.H0"], num_beams=2)
     with pytest.raises(LmatlasError, match="beam search"):
-        model.hf.generate(
-            input_ids=torch.tensor([[5, 6]]),
+        hf_greedy(
+            model,
+            torch.tensor([[5, 6]]),
+            2,
             custom_generate=decore_generate,
             lmatlas_model=model,
             masked_heads=["L0.H0"],
             num_beams=2,
-            max_new_tokens=2,
-            pad_token_id=0,
         )
 
 
 @pytest.mark.slow
 def test_decore_on_smollm2(smollm2):
-    model = smollm2
     prompt = "Context: The capital of France is Lyon.\nQuestion: What is the capital of France?\nAnswer:"
-    ids = model.tokenize(prompt)["input_ids"]
-    with torch.no_grad():
-        greedy = model.hf.generate(input_ids=ids, do_sample=False, max_new_tokens=8, pad_token_id=0)
-        off = model.hf.generate(
-            input_ids=ids,
-            custom_generate=decore_generate,
-            lmatlas_model=model,
-            masked_heads=None,
-            do_sample=False,
-            max_new_tokens=8,
-            pad_token_id=0,
-        )
-    assert torch.equal(greedy, off)
+    ids = smollm2.tokenize(prompt)["input_ids"]
     heads = ["L18.H6", "L17.H3", "L18.H7", "L20.H6"]
-    result = generate_decore(model, ids, 4, heads=heads)
-    seq = ids
-    with torch.no_grad():
-        for token in result["token_ids"][:2]:
-            base = model.hf(input_ids=seq, use_cache=False).logits[0, -1].double()
-            masked = _masked_logits(model, seq, heads)
-            p = torch.softmax(base, -1)
-            alpha = float(-(p * p.log()).sum())
-            assert token == int(((1 + alpha) * base - alpha * masked).argmax())
-            seq = torch.cat([seq, torch.tensor([[token]])], 1)
+    _check_steps(smollm2, ids, heads, generate_decore(smollm2, ids, 4, heads=heads), steps=2)

@@ -1,4 +1,4 @@
-"""DoLa: greedy when the contrast is off, every step against the published formulas, bad input."""
+"""DoLa: every step against the published formulas, bad input (contrast off = greedy: test_decoding_off.py)."""
 
 from __future__ import annotations
 
@@ -6,35 +6,12 @@ import math
 
 import pytest
 import torch
-from support.models import TINY_TYPES, get_tiny
+from support.greedy import forbid_forward, hf_greedy
+from support.models import get_tiny
 
 from lmatlas.errors import LmatlasError
 from lmatlas.infer.decoding.dola import DolaTrace, candidate_layers, dola_generate, generate_dola
 from lmatlas.model.norms import final_norm
-
-
-def _greedy(model, ids, n, **kwargs):
-    with torch.no_grad():
-        return model.hf.generate(input_ids=ids, do_sample=False, max_new_tokens=n, pad_token_id=0, **kwargs)
-
-
-@pytest.mark.parametrize("family", TINY_TYPES)
-def test_contrast_off_is_greedy(family):
-    model = get_tiny(family)
-    ids = model.tokenize("The cat sat on the mat. The cat")["input_ids"]
-    for penalty in (1.0, 1.2):
-        greedy = _greedy(model, ids, 12, repetition_penalty=penalty)
-        with torch.no_grad():
-            dola = model.hf.generate(
-                input_ids=ids,
-                custom_generate=dola_generate,
-                premature_layers=None,
-                do_sample=False,
-                max_new_tokens=12,
-                pad_token_id=0,
-                repetition_penalty=penalty,
-            )
-        assert torch.equal(greedy, dola)
 
 
 def _reference_step(model, ids, layers, alpha, theta, top_k=None):
@@ -70,31 +47,39 @@ def _reference_step(model, ids, layers, alpha, theta, top_k=None):
     return int(scores.argmax()), best_layer
 
 
+def _dola(model, ids, layers, n, **kwargs):
+    """DoLa through ``generate(custom_generate=...)`` with repetition penalty 1.2: new tokens and each step's layer."""
+    trace = DolaTrace()
+    out = hf_greedy(
+        model,
+        ids,
+        n,
+        custom_generate=dola_generate,
+        premature_layers=layers,
+        dola_trace=trace,
+        repetition_penalty=1.2,
+        **kwargs,
+    )
+    return out[0, ids.shape[1] :].tolist(), [step[0] for step in trace.layers]
+
+
+def _check_steps(model, ids, layers, tokens, chosen, top_k=None):
+    """Every token and premature layer equals the published formulas recomputed from scratch (alpha 0.1, penalty 1.2)."""
+    seq = ids
+    with torch.no_grad():
+        for step, token in enumerate(tokens):
+            assert (token, chosen[step]) == _reference_step(model, seq, layers, 0.1, 1.2, top_k=top_k), f"step {step}"
+            seq = torch.cat([seq, torch.tensor([[token]])], 1)
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gemma3_text", "gemma2", "qwen3"])
 def test_each_step_matches_published_formulas(family):
     model = get_tiny(family)
     n = model.layout.n_layers
     layers = list(range(0, n))
     ids = model.tokenize("Facts: the sky is blue, grass is")["input_ids"]
-    trace = DolaTrace()
-    with torch.no_grad():
-        out = model.hf.generate(
-            input_ids=ids,
-            custom_generate=dola_generate,
-            premature_layers=layers,
-            dola_trace=trace,
-            repetition_penalty=1.2,
-            do_sample=False,
-            max_new_tokens=10,
-            pad_token_id=0,
-        )
-    new = out[0, ids.shape[1] :].tolist()
-    seq = ids
-    with torch.no_grad():
-        for step, token in enumerate(new):
-            expected, layer = _reference_step(model, seq, layers, 0.1, 1.2)
-            assert (token, trace.layers[step][0]) == (expected, layer), f"step {step}"
-            seq = torch.cat([seq, torch.tensor([[token]])], 1)
+    new, chosen = _dola(model, ids, layers, 10)
+    _check_steps(model, ids, layers, new, chosen)
     assert len(set(new)) > 1
 
 
@@ -104,29 +89,9 @@ def test_top_k_variant_matches_its_formulas_and_the_full_method_at_k_equal_vocab
     layers = list(range(model.layout.n_layers))
     ids = model.tokenize("Facts: the sky is blue, grass is")["input_ids"]
 
-    def run(top_k):
-        trace = DolaTrace()
-        with torch.no_grad():
-            out = model.hf.generate(
-                input_ids=ids,
-                custom_generate=dola_generate,
-                premature_layers=layers,
-                dola_trace=trace,
-                dola_top_k=top_k,
-                repetition_penalty=1.2,
-                do_sample=False,
-                max_new_tokens=8,
-                pad_token_id=0,
-            )
-        return out[0, ids.shape[1] :].tolist(), [step[0] for step in trace.layers]
-
-    assert run(model.layout.d_vocab) == run(None)
-    new, chosen = run(12)
-    seq = ids
-    with torch.no_grad():
-        for step, token in enumerate(new):
-            assert (token, chosen[step]) == _reference_step(model, seq, layers, 0.1, 1.2, top_k=12), f"step {step}"
-            seq = torch.cat([seq, torch.tensor([[token]])], 1)
+    assert _dola(model, ids, layers, 8, dola_top_k=model.layout.d_vocab) == _dola(model, ids, layers, 8)
+    new, chosen = _dola(model, ids, layers, 8, dola_top_k=12)
+    _check_steps(model, ids, layers, new, chosen, top_k=12)
 
 
 def test_buckets_follow_the_paper():
@@ -139,11 +104,7 @@ def test_buckets_follow_the_paper():
 def test_bad_input_before_compute(monkeypatch):
     model = get_tiny("llama")
     n = model.layout.n_layers
-
-    def boom(*args, **kwargs):
-        raise AssertionError("a forward ran")
-
-    monkeypatch.setattr(model.hf, "forward", boom)
+    forbid_forward(monkeypatch, model)
     for layers, words in (
         ([n], "final layer"),
         ([n + 3], "does not exist"),
@@ -154,47 +115,19 @@ def test_bad_input_before_compute(monkeypatch):
         with pytest.raises(LmatlasError, match=words):
             generate_dola(model, "hello", 4, premature_layers=layers)
         with pytest.raises(LmatlasError, match=words):
-            model.hf.generate(
-                input_ids=torch.tensor([[5, 6]]),
-                custom_generate=dola_generate,
-                premature_layers=layers,
-                max_new_tokens=2,
-                pad_token_id=0,
-            )
+            hf_greedy(model, torch.tensor([[5, 6]]), 2, custom_generate=dola_generate, premature_layers=layers)
     with pytest.raises(LmatlasError, match="beam search"):
-        model.hf.generate(
-            input_ids=torch.tensor([[5, 6]]),
-            custom_generate=dola_generate,
-            num_beams=2,
-            max_new_tokens=2,
-            pad_token_id=0,
-        )
+        hf_greedy(model, torch.tensor([[5, 6]]), 2, custom_generate=dola_generate, num_beams=2)
     with pytest.raises(LmatlasError, match="beam search"):
         generate_dola(model, "hello", 4, num_beams=2)
 
 
 @pytest.mark.slow
 def test_dola_on_smollm2(smollm2):
-    model = smollm2
-    ids = model.tokenize("The capital of France is")["input_ids"]
-    greedy = _greedy(model, ids, 16)
-    with torch.no_grad():
-        off = model.hf.generate(
-            input_ids=ids,
-            custom_generate=dola_generate,
-            premature_layers=None,
-            do_sample=False,
-            max_new_tokens=16,
-            pad_token_id=0,
-        )
-    assert torch.equal(greedy, off)
-    result = generate_dola(model, "The capital of France is", 8)
+    ids = smollm2.tokenize("The capital of France is")["input_ids"]
+    result = generate_dola(smollm2, "The capital of France is", 8)
     assert result["candidates"] == list(range(15, 30, 2))
     assert (
         set(result["premature_layers"]) <= set(result["candidates"]) and 1 <= len(result["token_ids"]) <= 8
     )  # may stop at <|im_end|>
-    seq = ids
-    for step, token in enumerate(result["token_ids"][:4]):
-        expected, layer = _reference_step(model, seq, result["candidates"], 0.1, 1.2)
-        assert (token, result["premature_layers"][step]) == (expected, layer)
-        seq = torch.cat([seq, torch.tensor([[token]])], 1)
+    _check_steps(smollm2, ids, result["candidates"], result["token_ids"][:4], result["premature_layers"])
