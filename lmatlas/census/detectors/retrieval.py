@@ -126,7 +126,8 @@ def needle_battery(
 
 #: Tokens per forward of the needle pass: two 1,024-token rows, so the pass (minutes on a CPU) keeps a
 #: checkpoint every two rows (:mod:`lmatlas.census.checkpoint`); rows are independent, so the numbers are
-#: those of one forward per battery (bit for bit on SmolLM2-135M, ``bench/census_needle.py``).
+#: those of one forward per battery (bit for bit on SmolLM2-135M and
+#: Gemma-3-270M, ``bench/census_needle.py``).
 TOKENS_PER_CALL = 2048
 
 
