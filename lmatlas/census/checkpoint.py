@@ -12,10 +12,10 @@ same pass reads the finished batches back instead of running them again::
     with checkpoints("smollm2.atlas.duckdb.partial"):
         census = run_census(model)                          # ... runs batches 4 to 6 only
 
-The pass key (:func:`pass_key`) is a hash of everything that decides the numbers: the
-battery's token ids and shape, and the pass's settings (chunk, rows per call, what is
-measured). The model is not in the key: a folder belongs to one atlas file, which holds one
-model (the atlas refuses another). A batch file is written under a temporary name and
+The pass key (:func:`pass_key`) is a hash of everything that decides the numbers: the model's
+card (source, file hash, dtype, device, active edits), the battery's token ids and shape, and
+the pass's settings (chunk, rows per call, what is measured), so a folder left behind by
+another model or another build is never read. A batch file is written under a temporary name and
 renamed, so an interrupt during the write leaves no half file; the numbers read back are
 the tensors saved, bit for bit. Outside a block nothing is read or written.
 
@@ -42,6 +42,7 @@ import torch
 
 if TYPE_CHECKING:
     from lmatlas.census.registry import Battery
+    from lmatlas.model.handle import Model
 
 #: The folder of the enclosing :func:`checkpoints` block, per thread / async context (``None``: none).
 _FOLDER: ContextVar[Path | None] = ContextVar("lmatlas_census_checkpoints", default=None)
@@ -62,10 +63,11 @@ def active() -> Path | None:
     return _FOLDER.get()
 
 
-def pass_key(kind: str, battery: "Battery", **settings: Any) -> str:
-    """A stable name for one pass over ``battery``: ``kind`` + a hash of the ids and the ``settings``."""
+def pass_key(kind: str, model: "Model", battery: "Battery", **settings: Any) -> str:
+    """A stable name for one pass of ``model`` over ``battery``: ``kind`` + a hash of its card, the ids and ``settings``."""
     digest = hashlib.sha1(battery.input_ids.detach().cpu().numpy().tobytes())
-    digest.update(json.dumps([list(battery.input_ids.shape), settings], sort_keys=True, default=str).encode())
+    described = [model.card(), list(battery.input_ids.shape), settings]
+    digest.update(json.dumps(described, sort_keys=True, default=str).encode())
     return f"{kind}-{digest.hexdigest()[:20]}"
 
 

@@ -213,7 +213,7 @@ def _needle_forwards(
     sums: dict[Window, list[tuple[torch.Tensor, torch.Tensor]]] = {s: [] for s in splits}
     step = rows_per_call(ids.shape[1], tokens_per_call)
     key = checkpoint.pass_key(
-        "needle", battery, chunk=chunk, tokens_per_call=tokens_per_call, stats=stats, splits=splits
+        "needle", model, battery, chunk=chunk, tokens_per_call=tokens_per_call, stats=stats, splits=splits
     )
     kept = {"hits": hits, "needle_mass": mass, **{f"split {s}": parts for s, parts in sums.items()}}
     for index, start in enumerate(range(0, ids.shape[0], step)):
