@@ -7,6 +7,8 @@ The two needle detectors read one pass over the needle battery and its null
    values (default 8192, one forward per battery of six 1,024-token rows, and 2048, two
    rows per forward) gives the same per-example numbers (max abs difference) and the same
    decisions; seconds per pass, rounds interleaved.
+   With ``--rounds R`` every setting runs ``R`` times, the order reversed every other round
+   (A B, B A, ...); ``ratio_s`` is each setting's median seconds over the reference's.
 2. **Shorter contexts** (``--lengths``): the retrieval and full-context decisions
    (score >= threshold and Welch z >= 3, as in the census) at each battery length against
    the default 1,024, every head whose decision changed listed; forwards, tokens and
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 
 import torch
@@ -79,11 +82,13 @@ def main(argv: list[str] | None = None) -> None:
     per_call = [int(x) for x in args.tokens_per_call.split(",")]
     longest = max(lengths)  # the reference: the longest battery (the census's 1,024 by default)
     runs: dict[tuple[int, int], list[dict]] = {}
-    for _ in range(args.rounds):  # rounds interleave every setting, so the load falls on each alike
+    for round_ in range(args.rounds):  # rounds interleave every setting (ABBA...), so the load falls on each alike
         for length in lengths:
-            for tpc in per_call if length == longest else per_call[:1]:
+            order = per_call if length == longest else per_call[:1]
+            for tpc in order if round_ % 2 == 0 else order[::-1]:
                 runs.setdefault((length, tpc), []).append(one_pass(model, length, tpc))
     reference = runs[(longest, per_call[0])][0]
+    reference_s = statistics.median(d["s"] for d in runs[(longest, per_call[0])])
     ref_labels = decisions(reference["scores"])
     heads = model.layout.n_layers * model.layout.n_heads
     settings = {}
@@ -105,6 +110,7 @@ def main(argv: list[str] | None = None) -> None:
             "length": length,
             "tokens_per_call": tpc,
             "s": [round(d["s"], 1) for d in done],
+            "ratio_s": round(statistics.median(d["s"] for d in done) / reference_s, 3),
             "work": first["work"],
             "max_abs_diff_vs_reference": diff,
             "labelled": labels,
