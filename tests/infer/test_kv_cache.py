@@ -29,6 +29,12 @@ def half_plan(model: Model):
     return make_plan(model, full, sink=SINK, recent=RECENT)
 
 
+def half_setup(family: str, seed: int):
+    """A tiny model of ``family``, its :func:`half_plan` and the seeded prompt ``seed``."""
+    model = load(family)
+    return model, half_plan(model), prompt(seed)
+
+
 def _reference_attention(module, query, key, value, attention_mask, *args, plan, **kwargs):
     """Plain attention over the whole sequence with the per-head window of ``plan``: ``[b, pos, head, d]``."""
     scores, values, allowed = plain_scores(query, key, value, attention_mask, kwargs)
@@ -85,9 +91,7 @@ def test_nothing_evicted_matches_the_default_cache(family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_evicted_equals_masked_reference(family):
-    model = load(family)
-    plan = half_plan(model)
-    ids = prompt(1)
+    model, plan, ids = half_setup(family, 1)
     out = generate(model, ids, HeadwiseCache(model, plan))
     full = out.sequences[:, :-1]  # every token that was fed to the model
     ref = reference_logits(model, full, plan)
@@ -98,9 +102,7 @@ def test_evicted_equals_masked_reference(family):
 @pytest.mark.parametrize("family", ["llama", "gemma3_text", "gpt2"])
 def test_prefill_in_pieces_equals_one_prefill(family):
     """Windowed heads are windowed in prefill: the split of the prompt into forwards does not matter."""
-    model = load(family)
-    plan = half_plan(model)
-    ids = prompt(2)
+    model, plan, ids = half_setup(family, 2)
     with torch.no_grad():
         one = model.hf(ids, past_key_values=HeadwiseCache(model, plan), use_cache=True).logits
         cache = HeadwiseCache(model, plan)
@@ -113,9 +115,7 @@ def test_prefill_in_pieces_equals_one_prefill(family):
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3_text"])
 def test_crop_rolls_back(family):
-    model = load(family)
-    plan = half_plan(model)
-    ids = prompt(3)
+    model, plan, ids = half_setup(family, 3)
     with torch.no_grad():
         cache = HeadwiseCache(model, plan)
         model.hf(ids[:, :20], past_key_values=cache, use_cache=True)
