@@ -115,7 +115,8 @@ def windowed_attention(
     return torch.cat(outputs, dim=2)
 
 
-def _query_heads(kv_heads: tuple[int, ...], rep: int) -> list[int]:
+def query_heads(kv_heads: tuple[int, ...], rep: int) -> list[int]:
+    """The query heads that read ``kv_heads`` when ``rep`` query heads share each KV head (GQA)."""
     return [kv * rep + r for kv in kv_heads for r in range(rep)]
 
 
@@ -154,13 +155,13 @@ def headwise_attention(
     scaling = kwargs.get("scaling")
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     if call.full_idx:
-        heads = _query_heads(call.full_idx, rep)
+        heads = query_heads(call.full_idx, rep)
         index = torch.tensor(heads, device=query.device)
         full_out, _ = run_base(
             module, query.index_select(1, index), call.full_keys, call.full_values, attention_mask, *args, **kwargs
         )
         out[:, :, heads] = full_out
-    heads = _query_heads(call.win_idx, rep)
+    heads = query_heads(call.win_idx, rep)
     index = torch.tensor(heads, device=query.device)
     win_out = windowed_attention(query.index_select(1, index), call, scaling, kwargs.get("softcap"))
     out[:, :, heads] = win_out.transpose(1, 2)

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from lmatlas.errors import LmatlasError
-from lmatlas.infer.attention import CUSTOM
+from lmatlas.infer.attention import CUSTOM, query_heads
 from lmatlas.infer.cache import _InstalledCache, _layers
 from lmatlas.infer.layer import LogicalLengthLayer, placeholder
 from lmatlas.infer.plan import KVPlan
@@ -63,10 +63,6 @@ class HybridPlan:
         return HybridCache(model, self)
 
 
-def _query_heads(kv_heads: tuple[int, ...], rep: int) -> list[int]:
-    return [kv * rep + r for kv in kv_heads for r in range(rep)]
-
-
 @dataclass
 class HybridCall:
     """One attention call on a :class:`HybridLayer`; ``prefill``: the whole prompt is in ``key``/``value``."""
@@ -87,7 +83,7 @@ class HybridCall:
         rep = n_heads // layer.n_kv_heads
         out = query.new_empty((batch, n, n_heads, layer.sel_values.shape[-1]))
         if layer.full_idx:
-            heads = _query_heads(layer.full_idx, rep)
+            heads = query_heads(layer.full_idx, rep)
             index = torch.tensor(heads, device=query.device)
             full_out, _ = run_base(
                 module,
@@ -99,7 +95,7 @@ class HybridCall:
                 **kwargs,
             )
             out[:, :, heads] = full_out
-        heads = _query_heads(layer.sel_idx, rep)
+        heads = query_heads(layer.sel_idx, rep)
         q = query.index_select(1, torch.tensor(heads, device=query.device)).float()
         keys = layer.sel_keys.float().repeat_interleave(rep, dim=1)
         values = layer.sel_values.repeat_interleave(rep, dim=1)
@@ -169,7 +165,7 @@ class HybridLayer(LogicalLengthLayer):
         if m <= plan.capacity or query.shape[2] < plan.window:
             return
         rep = query.shape[1] // self.n_kv_heads
-        heads = torch.tensor(_query_heads(self.sel_idx, rep), device=query.device)
+        heads = torch.tensor(query_heads(self.sel_idx, rep), device=query.device)
         window_query = query.index_select(1, heads)[:, :, -plan.window :]
         index = keep_index(
             votes(window_query, self.sel_keys, scaling, softcap, plan.kernel), plan.capacity, plan.window
