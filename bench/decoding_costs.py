@@ -16,8 +16,17 @@ DoLa step       a greedy step (``c(0)``), the same step with the premature layer
                 and the Jensen-Shannon choice + contrast, as medians; plus the multiply-accumulate
                 count of the readouts against the model's own per token.
 
+threads         (``--threads-crossover``, instead of the two above) where a second thread stops paying:
+                one forward over ``n`` new tokens (``n`` = 1 decode step .. 1024 a prefill) on the
+                cache, timed with every thread count from 1 to the cores, alternating, as medians;
+                ``--sibling`` runs a busy process (one core's worth of spinning) throughout, the
+                contention :mod:`lmatlas.machine`'s per-workload shares stand for. The ratio
+                ``t(cores) / t(1)`` per ``n`` is the point where the extra threads stop paying.
+
     .venv/bin/python bench/decoding_costs.py --out bench/results/decoding_costs.json \
         [--decoding bench/results/decoding.json] [--context 256] [--max-draft 8] [--repeats 15]
+    .venv/bin/python bench/decoding_costs.py --threads-crossover [--sibling] --repeats 7 \
+        --out bench/results/decoding_threads_crossover.json
 """
 
 from __future__ import annotations
@@ -28,7 +37,7 @@ import os
 import statistics
 
 import torch
-from harness import timed  # noqa: E402  (bench/ is on the path when a benchmark runs)
+from harness import conditions, timed, write_record  # noqa: E402  (bench/ is on the path when a benchmark runs)
 from transformers import DynamicCache
 
 import lmatlas
@@ -192,6 +201,82 @@ def dola_step(model, context: int, repeats: int) -> dict:
     }
 
 
+CROSSOVER_SIZES = (1, 2, 4, 9, 16, 64, 256, 1024)
+
+
+def spin(seconds: float) -> None:
+    """Keep one core busy for ``seconds`` (the sibling process of ``--sibling``)."""
+    import time
+
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+def thread_crossover(model, context: int, repeats: int, sizes=CROSSOVER_SIZES) -> dict:
+    """Median seconds of a forward over ``n`` new tokens on a ``context``-token cache per thread count
+    (1 .. cores, alternating round by round), and each count's time relative to 1 thread."""
+    from lmatlas.machine import set_torch_threads, usable_cores
+
+    counts = list(range(1, usable_cores() + 1))
+    hf = model.hf
+    cache, _ = prefilled_cache(hf, context)
+    vocab = hf.config.vocab_size
+    rows = []
+    for n in sizes:
+        ids = torch.randint(100, vocab - 100, (1, n), generator=torch.Generator().manual_seed(n))
+
+        def forward():
+            hf(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            crop_to(cache, context)
+
+        times = {c: [] for c in counts}
+        for c in counts:  # warm-up
+            set_torch_threads(c)
+            forward()
+        for round_ in range(repeats):
+            for c in counts[round_ % len(counts) :] + counts[: round_ % len(counts)]:
+                set_torch_threads(c)
+                times[c].append(timed(forward)[0])
+        medians = {c: statistics.median(t) for c, t in times.items()}
+        rows.append(
+            {
+                "new_tokens": n,
+                "median_s": {str(c): round(m, 5) for c, m in medians.items()},
+                "vs_one_thread": {str(c): round(m / medians[1], 3) for c, m in medians.items()},
+                "load": os.getloadavg()[0],
+            }
+        )
+        print(f"{n} tokens: {rows[-1]['vs_one_thread']}", flush=True)
+    return {"context": context, "repeats": repeats, "thread_counts": counts, "rows": rows}
+
+
+def crossover_main(args) -> dict:
+    """The ``--threads-crossover`` run, with a spinning sibling process when ``--sibling``."""
+    import multiprocessing
+
+    model = lmatlas.load(args.model) if args.model else lmatlas.load()
+    sibling = multiprocessing.Process(target=spin, args=(24 * 3600,), daemon=True) if args.sibling else None
+    if sibling is not None:
+        sibling.start()
+    load_before = os.getloadavg()
+    try:
+        with torch.no_grad():
+            data = thread_crossover(model, args.context, args.repeats)
+    finally:
+        if sibling is not None:
+            sibling.terminate()
+            sibling.join()
+    return {
+        "benchmark": "decoding-threads-crossover",
+        "model": model.provenance.source,
+        "sibling_spinning": bool(args.sibling),
+        "load_before": load_before,
+        "load_after": os.getloadavg(),
+        **data,
+    }
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--context", type=int, default=256)
@@ -203,8 +288,17 @@ def main(argv=None) -> None:
         help="decoding.json whose speculative section gives the measured acceptance",
     )
     parser.add_argument("--model", default=None)
+    parser.add_argument("--threads-crossover", action="store_true", help="Measure the thread crossover instead.")
+    parser.add_argument("--sibling", action="store_true", help="With a busy sibling process on one core.")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+    if args.threads_crossover:
+        before = conditions()
+        record = crossover_main(args)
+        if args.out:
+            write_record(args.out, record, before)
+        print(json.dumps(record, indent=1))
+        return
     model = lmatlas.load(args.model) if args.model else lmatlas.load()
     load_before = os.getloadavg()
     with torch.no_grad():
@@ -220,9 +314,13 @@ def main(argv=None) -> None:
         "speculative_predicted_vs_measured": predicted_from_measured(curve, args.decoding),
         "dola_step": dola,
     }
+    write(report, args.out)
+
+
+def write(report: dict, out: str | None) -> None:
     text = json.dumps(report, indent=1)
-    if args.out:
-        with open(args.out, "w") as handle:
+    if out:
+        with open(out, "w") as handle:
             handle.write(text)
     print(text)
 

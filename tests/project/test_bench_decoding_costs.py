@@ -32,3 +32,19 @@ def test_the_cost_model_runs_on_a_tiny_model():
         len(step["candidates"]) * model.layout.d_model * model.hf.config.vocab_size
     )
     assert set(step["seconds_median"]) == {"greedy_step", "tapped_step", "readout", "jsd_and_contrast"}
+
+
+def test_thread_crossover_times_every_count_against_one():
+    import torch
+
+    from lmatlas.model.tiny import tiny_model
+
+    before = torch.get_num_threads()
+    try:
+        with torch.no_grad():
+            data = COSTS["thread_crossover"](tiny_model("llama"), context=8, repeats=2, sizes=(1, 4))
+    finally:
+        torch.set_num_threads(before)
+    assert [row["new_tokens"] for row in data["rows"]] == [1, 4] and data["thread_counts"][0] == 1
+    for row in data["rows"]:
+        assert row["vs_one_thread"]["1"] == 1.0 and set(row["median_s"]) == {str(c) for c in data["thread_counts"]}
