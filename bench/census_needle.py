@@ -8,7 +8,9 @@ The two needle detectors read one pass over the needle battery and its null
    rows per forward) gives the same per-example numbers (max abs difference) and the same
    decisions; seconds per pass, rounds interleaved.
    With ``--rounds R`` every setting runs ``R`` times, the order reversed every other round
-   (A B, B A, ...); ``ratio_s`` is each setting's median seconds over the reference's.
+   (A B, B A, ...); ``ratio_s`` is each setting's median seconds over the reference's, and
+   ``ratio_cpu_s`` the same for the process's CPU seconds (with one thread, the measure that
+   other jobs on the machine disturb least).
 2. **Shorter contexts** (``--lengths``): the retrieval and full-context decisions
    (score >= threshold and Welch z >= 3, as in the census) at each battery length against
    the default 1,024, every head whose decision changed listed; forwards, tokens and
@@ -36,7 +38,7 @@ from lmatlas.model.sites import head_name
 
 def one_pass(model, length: int, tokens_per_call: int) -> dict:
     """Both batteries' passes at ``length``: per-example tensors, work and seconds."""
-    before, start = model.work.snapshot(), time.perf_counter()
+    before, start, cpu = model.work.snapshot(), time.perf_counter(), time.process_time()
     out = {}
     for null in (False, True):
         battery = needle_battery(model, "needle", 0, null=null, n=6, length=length, needle=24)
@@ -46,8 +48,8 @@ def one_pass(model, length: int, tokens_per_call: int) -> dict:
             "retrieval": done.hits,
             "full_context": torch.where(total > 0, diff / total.clamp_min(1e-30), 0.0).float(),
         }
-    seconds = time.perf_counter() - start
-    return {"scores": out, "s": seconds, "work": (model.work.snapshot() - before).to_dict()}
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
+    return {"scores": out, "s": seconds, "cpu_s": cpu_seconds, "work": (model.work.snapshot() - before).to_dict()}
 
 
 def decisions(scores: dict) -> dict[str, list[str]]:
@@ -89,6 +91,7 @@ def main(argv: list[str] | None = None) -> None:
                 runs.setdefault((length, tpc), []).append(one_pass(model, length, tpc))
     reference = runs[(longest, per_call[0])][0]
     reference_s = statistics.median(d["s"] for d in runs[(longest, per_call[0])])
+    reference_cpu_s = statistics.median(d["cpu_s"] for d in runs[(longest, per_call[0])])
     ref_labels = decisions(reference["scores"])
     heads = model.layout.n_layers * model.layout.n_heads
     settings = {}
@@ -111,6 +114,8 @@ def main(argv: list[str] | None = None) -> None:
             "tokens_per_call": tpc,
             "s": [round(d["s"], 1) for d in done],
             "ratio_s": round(statistics.median(d["s"] for d in done) / reference_s, 3),
+            "cpu_s": [round(d["cpu_s"], 1) for d in done],
+            "ratio_cpu_s": round(statistics.median(d["cpu_s"] for d in done) / reference_cpu_s, 3),
             "work": first["work"],
             "max_abs_diff_vs_reference": diff,
             "labelled": labels,
