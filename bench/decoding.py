@@ -433,7 +433,8 @@ def speculative(
     minutes: float | None = None,
 ) -> dict:
     """Greedy (transformers), transformers' prompt lookup and every drafter of ``drafters``
-    (``{label: (drafter, draft_len)}``) on the same prompts, interleaved per prompt; every output is
+    (``{label: (drafter, draft_len)}``) on the same prompts, interleaved per prompt in an order that
+    rotates from prompt to prompt (no method always runs first); every output is
     compared with greedy's token for token (``all_identical``). The early-exit drafters (slow on a CPU)
     run on the first ``early_exit_prompts`` prompts only, their ratio taken against greedy on those."""
     from lmatlas.model.generation import prompt_ids
@@ -454,33 +455,21 @@ def speculative(
     begin = time.perf_counter()
     for i, prompt in enumerate(prompts):
         ids = prompt_ids(model, prompt, chat)["input_ids"]
-        with torch.no_grad():
-            start = time.perf_counter()
-            greedy = model.hf.generate(input_ids=ids, do_sample=False, max_new_tokens=new_tokens, pad_token_id=pad)
-            seconds = time.perf_counter() - start
-            reference = greedy[0, ids.shape[1] :].tolist()
-            runs["greedy"].append((i, seconds, len(reference), True))
-            start = time.perf_counter()
-            lookup = model.hf.generate(
-                input_ids=ids,
-                do_sample=False,
-                max_new_tokens=new_tokens,
-                pad_token_id=pad,
-                prompt_lookup_num_tokens=lookup_len,
-            )
-            seconds = time.perf_counter() - start
-            new = lookup[0, ids.shape[1] :].tolist()
-            runs["hf_prompt_lookup"].append((i, seconds, len(new), new == reference))
-        for name, (drafter, k) in drafters.items():
-            if "early_exit" in name and early_exit_prompts is not None and i >= early_exit_prompts:
-                continue
-            result = speculative_generate(model, ids, drafter, new_tokens, draft_len=k)
-            runs[name].append((i, result.seconds, len(result.token_ids), result.token_ids == reference))
-            accepted[name].extend(result.accepted)
-            drafted[name].extend(result.drafted)
-        for name, rows in runs.items():
-            if rows and rows[-1][0] == i and not rows[-1][3]:
+        jobs = prompt_jobs(model, ids, new_tokens, drafters, lookup_len)
+        if early_exit_prompts is not None and i >= early_exit_prompts:
+            jobs = {name: job for name, job in jobs.items() if "early_exit" not in name}
+        names = list(jobs)
+        outputs = {}
+        for name in names[i % len(names) :] + names[: i % len(names)]:  # the order rotates prompt by prompt
+            outputs[name] = jobs[name]()
+        reference = outputs["greedy"][1]
+        for name, (seconds, tokens, result) in outputs.items():
+            runs[name].append((i, seconds, len(tokens), tokens == reference))
+            if tokens != reference:
                 mismatches.append({"prompt": i, "method": name})
+            if result is not None:
+                accepted[name].extend(result.accepted)
+                drafted[name].extend(result.drafted)
         log(
             f"speculative {i + 1}/{len(prompts)}: "
             + ", ".join(f"{k} {sum(r[1] for r in v):.1f}s" for k, v in runs.items())
@@ -503,6 +492,32 @@ def speculative(
         if runs[name]:
             out["methods"][name].update(acceptance_summary(accepted[name], drafted[name]))
     return out
+
+
+def prompt_jobs(model, ids, new_tokens: int, drafters: dict, lookup_len: int) -> dict:
+    """``{method: run}`` for one prompt; ``run() -> (seconds, new token ids, speculative result or None)``."""
+    pad = model.tokenizer.eos_token_id
+
+    def hf(**extra):
+        def run():
+            with torch.no_grad():
+                start = time.perf_counter()
+                out = model.hf.generate(
+                    input_ids=ids, do_sample=False, max_new_tokens=new_tokens, pad_token_id=pad, **extra
+                )
+                return time.perf_counter() - start, out[0, ids.shape[1] :].tolist(), None
+
+        return run
+
+    def ours(drafter, k):
+        def run():
+            result = speculative_generate(model, ids, drafter, new_tokens, draft_len=k)
+            return result.seconds, result.token_ids, result
+
+        return run
+
+    jobs = {"greedy": hf(), "hf_prompt_lookup": hf(prompt_lookup_num_tokens=lookup_len)}
+    return jobs | {name: ours(drafter, k) for name, (drafter, k) in drafters.items()}
 
 
 def method_summary(rows: list, greedy_rows: list) -> dict:
