@@ -7,17 +7,30 @@ run rebuilds exactly the prompts it skipped:
 
 ===========  ===========================================================================
 passkey      one ``"The special magic number for {word} is: {number}."`` in the essays, asked for
-multikey     ``--keys`` such needles, one of them asked for (the others are distractors)
-vt           variable tracking: ``VAR A = 12345.``, then ``VAR B = VAR A.``, ... (``--hops``
-             assignments, each later in the text), a distractor chain with another number;
-             the last variable of the first chain is asked for
+multikey     ``--keys`` (3) needles, each its own sentence (``"The code of the garden gate is
+             {number}."``, :data:`KEYS`), one of them asked for (the others are distractors)
+vt           variable tracking: ``VAR apple = 12345.`` then ``VAR river = VAR apple.``, ...
+             (``--hops`` (1) assignments, each later in the text) in ``--chains`` (2) chains,
+             each with its own number; the last variable of the first chain is asked for
 continue     ``length`` tokens of essay text, then the next ``--continuation`` tokens (256)
              scored: no needle, a perplexity-style check of what the cache kept
 ===========  ===========================================================================
 
 The asked item's depth is swept evenly over the trials (``(i + 0.5) / n``), the rest are
 seeded. ``answer_ids`` are the tokens each method is scored on: the number (with its
-leading space) for the needle tasks, the held-out continuation for ``continue``.
+leading space) for the needle tasks; for ``vt`` the chain recited from the asked variable,
+``" VAR river = 12345"`` after the prompt's ``"Answer: VAR emerald ="`` (SmolLM2-135M cannot
+resolve a hop without writing it: asked for the number at once it writes ``" VAR ..."``),
+where only the names and the digits count (``content``): the format tokens (``" VAR"``,
+``" ="``) are fed as given, since after a name the model copies the ``"."`` that followed it
+in the text; the held-out continuation for ``continue``. The numbers of a prompt start
+with distinct digits, so ``choices`` (their first digits) and ``choice_at`` (where the
+answer's first digit is predicted) score a choice among the prompt's numbers too.
+
+SmolLM2-135M-Instruct with the full cache misses the old multikey (four "magic number"
+needles differing in one word: the first digit often comes from another needle) and the
+old variable tracking (two hops asked at once); the records of the full-cache check are
+``bench/results/kvcache_fullcheck_smollm2*.json``.
 """
 
 from __future__ import annotations
