@@ -158,6 +158,7 @@ def interleaved(commit: str, model_name: str, only: list[str] | None, rounds: in
         },
         "runs": {side: [r["seconds_by_stage"] for r in done] for side, done in runs.items()},
         "work_by_stage": {side: done[0]["work_by_stage"] for side, done in runs.items()},
+        "peak_rss_mb": {side: [r["peak_rss_mb"] for r in done] for side, done in runs.items()},
     }
 
 
