@@ -408,6 +408,10 @@ def verify_step(model, draft_len: int, context: int = 256):
     decoding repeats), for :func:`lmatlas.machine.calibrate`."""
     from transformers import DynamicCache
 
+    from lmatlas.infer.decoding.speculative import crop_to
+
+    limit = getattr(model.hf.config, "max_position_embeddings", None) or context + 16
+    context = min(context, limit - 1 - draft_len)
     vocab = model.hf.config.vocab_size
     prompt = torch.randint(0, vocab, (1, context), generator=torch.Generator().manual_seed(0))
     verify = torch.randint(0, vocab, (1, 1 + draft_len), generator=torch.Generator().manual_seed(1))
@@ -418,7 +422,7 @@ def verify_step(model, draft_len: int, context: int = 256):
     def step():
         with torch.no_grad():
             model.hf(input_ids=verify, past_key_values=cache, use_cache=True)
-        cache.crop(context)
+        crop_to(cache, context)
 
     return step
 

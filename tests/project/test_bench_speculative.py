@@ -55,3 +55,17 @@ def test_a_wrong_drafter_is_still_greedy_and_counted_as_rejected(model):
     wrong = out["methods"]["wrong"]
     assert set(wrong["drafted_histogram"]) <= {"1", "2"}  # 2, or what is left of the 6 tokens
     assert sum(wrong["drafted_histogram"].values()) == wrong["verify_forwards"] == wrong["forwards_with_draft"]
+
+
+def test_auto_threads_calibrate_on_a_verify_forward(model):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        chosen = DECODING["choose_bench_threads"](model, "auto")
+        assert chosen["how"] == "calibrated" and chosen["threads"] == torch.get_num_threads()
+        assert set(chosen["medians_s"]) == {str(n) for n in range(1, len(chosen["medians_s"]) + 1)}
+        fixed = DECODING["choose_bench_threads"](model, "1")
+        assert fixed["how"] == "as asked" and fixed["threads"] == 1 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
