@@ -73,29 +73,56 @@ class HeadMaps:
         """Fit the maps on one forward of random streams at every layer; ``None`` if they are not linear.
 
         ``tokens`` ``[1, P]`` gives the positions (and the input ids, which the replaced streams make moot).
+        A few rows suffice when the heads together span what the projections can reach (checked against the
+        weights' rank); otherwise ``d_head + 4`` rows, so that each head alone spans its own image.
         """
         lay = model.layout
-        n = lay.d_head + 4  # rows (see _fit): the heads of one row may project to dependent vectors
-        gen = torch.Generator().manual_seed(seed)
-        length = tokens.shape[1]
-        streams = [torch.randn(n, length, lay.d_model, generator=gen, dtype=dtype) for _ in range(lay.n_layers)]
-        replace = {f"L{i}.resid.pre": streams[i].to(model.dtype) for i in range(lay.n_layers)}
-        sites = [f"L{i}.attn.{p}" for i in range(lay.n_layers) for p in PARTS]
-        with torch.no_grad():
-            cache = model.run(tokens.repeat(n, 1), capture=sites, replace=replace, lm_head=False)
-            maps = []
-            for layer in range(lay.n_layers):
-                normed = _norm(model, layer, streams[layer].to(model.dtype))
-                per_part = {}
-                for part in PARTS:
-                    heads = lay.n_heads if part == "q" else lay.n_kv_heads
-                    u = project(model, layer, part, normed.unsqueeze(0).expand(heads, -1, -1, -1), torch.float64)
-                    fitted = _fit(u, cache[f"L{layer}.attn.{part}"].double())
-                    if fitted is None:
-                        return None
-                    per_part[part] = fitted.to(dtype)
-                maps.append(per_part)
-        return cls(maps, length)
+        few = -(-(lay.d_head + 2) // min(lay.n_heads, lay.n_kv_heads)) + 1
+        for n in dict.fromkeys((min(few, lay.d_head + 4), lay.d_head + 4)):
+            maps = _measure(model, tokens, dtype, n, seed, check_span=n < lay.d_head + 4)
+            if maps != "short":
+                return None if maps is None else cls(maps, tokens.shape[1])
+        return None
+
+
+def _measure(model: "Model", tokens: torch.Tensor, dtype: torch.dtype, n: int, seed: int, check_span: bool):
+    """The maps of every layer from ``n`` random streams; ``None`` if a map is not linear, ``"short"`` if
+    ``check_span`` and the samples span less than the projections can reach."""
+    lay = model.layout
+    gen = torch.Generator().manual_seed(seed)
+    length = tokens.shape[1]
+    streams = [torch.randn(n, length, lay.d_model, generator=gen, dtype=dtype) for _ in range(lay.n_layers)]
+    replace = {f"L{i}.resid.pre": streams[i].to(model.dtype) for i in range(lay.n_layers)}
+    sites = [f"L{i}.attn.{p}" for i in range(lay.n_layers) for p in PARTS]
+    with torch.no_grad():
+        cache = model.run(tokens.repeat(n, 1), capture=sites, replace=replace, lm_head=False)
+        maps = []
+        for layer in range(lay.n_layers):
+            normed = _norm(model, layer, streams[layer].to(model.dtype))
+            per_part = {}
+            for part in PARTS:
+                heads = lay.n_heads if part == "q" else lay.n_kv_heads
+                u = project(model, layer, part, normed.unsqueeze(0).expand(heads, -1, -1, -1), torch.float64)
+                if check_span and _sample_rank(u) < _image_rank(model, layer, part):
+                    return "short"
+                fitted = _fit(u, cache[f"L{layer}.attn.{part}"].double())
+                if fitted is None:
+                    return None
+                per_part[part] = fitted.to(dtype)
+            maps.append(per_part)
+    return maps
+
+
+def _sample_rank(u: torch.Tensor) -> int:
+    """The smallest rank, over positions, of the projections ``u`` ``[n, P, heads, d]`` sampled there."""
+    return int(torch.linalg.matrix_rank(u.permute(1, 0, 2, 3).flatten(1, 2).cpu()).min())
+
+
+def _image_rank(model: "Model", layer: int, part: str) -> int:
+    """Dimension of the span of the projections' weights and biases (all heads): what ``u`` can reach at most."""
+    w, b = _weights(model, layer, part)
+    columns = [w.transpose(1, 2).reshape(w.shape[2], -1)] + ([] if b is None else [b.T])
+    return int(torch.linalg.matrix_rank(torch.cat(columns, 1).double().cpu()))
 
 
 def _fit(u: torch.Tensor, target: torch.Tensor, tol: float = 1e-4) -> torch.Tensor | None:
@@ -124,49 +151,65 @@ class SlicedState:
         self.r, self.s, self.maps = runner, state, maps
         lay = runner.model.layout
         self.targets = [layer_targets(runner.index, runner.model, layer) for layer in range(lay.n_layers)]
+        self.mlp = [runner.index.target(f"L{layer}.mlp") for layer in range(lay.n_layers)]
+        self.inputs: dict[str, torch.Tensor] = {}  # this layer's q / k / v, computed at its resid.pre
+        self.mlp_part: torch.Tensor | None = None  # [K, B, P, d]: the MLP stream's part read before the layer
 
     def replacements(self) -> dict:
         lay = self.r.model.layout
         out = {}
         for layer in range(lay.n_layers):
-            if lay.parallel_residual:
-                out[f"L{layer}.resid.pre"] = self._mlp_stream(layer)
+            out[f"L{layer}.resid.pre"] = self._pre(layer)
             for part in PARTS:
-                out[f"L{layer}.attn.{part}"] = self._inputs(layer, part)
+                out[f"L{layer}.attn.{part}"] = self._take(part)
             out[f"L{layer}.attn.out"] = self.s._heads(layer)
             if not lay.parallel_residual:
-                out[f"L{layer}.resid.mid"] = self.s._mid(layer)
+                out[f"L{layer}.resid.mid"] = self._mid(layer)
             out[f"L{layer}.mlp.out"] = self._mlp(layer)
         out[f"L{lay.n_layers - 1}.resid.post"] = self.s._logits()
         return out
 
-    def _weights(self, layer: int, columns: list[int]) -> torch.Tensor:
-        """``[K, inputs, n_src + 1]``: each input's in-circuit sources (and whether it reads the patch)."""
-        n_src = self.s.written  # every source written before this layer's inputs read
-        cols = torch.tensor(columns)
-        return torch.cat([self.s.masks[:, :n_src, cols], self.s.extra[:, None, cols]], 1).transpose(1, 2)
-
-    def _inputs(self, layer: int, part: str) -> Callable:
+    def _pre(self, layer: int) -> Callable:
+        """Every input of the layer mixed in one pass over the writes (queries, keys, values, the MLP's part
+        read before the layer), then projected; with a parallel residual the row carries the MLP's stream."""
         lay = self.r.model.layout
-        offset = {"q": 0, "k": lay.n_heads, "v": lay.n_heads + lay.n_kv_heads}[part]
-        count = lay.n_heads if part == "q" else lay.n_kv_heads
+        bounds = {"q": (0, lay.n_heads), "k": (lay.n_heads, lay.n_kv_heads)}
+        bounds["v"] = (lay.n_heads + lay.n_kv_heads, lay.n_kv_heads)
 
         def fn(value, ctx):
-            columns = self.targets[layer][offset : offset + count]
-            streams = self.s._stream(self.r.corrupt[f"L{layer}.resid.pre"], self._weights(layer, columns))
-            u = project(self.r.model, layer, part, _norm(self.r.model, layer, streams), self.r.exact)
-            moved = torch.einsum("kbphe,pef->kbphf", u, self.maps.maps[layer][part])  # [K, B, P, heads, d_head]
-            return moved.reshape(value.shape).to(value.dtype)
+            columns = self.targets[layer] + ([] if lay.parallel_residual else [self.mlp[layer]])
+            n_src = self.s.written  # every source written before this layer's inputs read
+            cols = torch.tensor(columns)
+            weights = torch.cat([self.s.masks[:, :n_src, cols], self.s.extra[:, None, cols]], 1).transpose(1, 2)
+            base = self.r.corrupt[f"L{layer}.resid.pre"]
+            streams = self.s._stream(base, weights)  # [K, inputs, B, P, d]
+            for part, (start, count) in bounds.items():
+                normed = _norm(self.r.model, layer, streams[:, start : start + count])
+                u = project(self.r.model, layer, part, normed, self.r.exact)
+                self.inputs[part] = torch.einsum("kbphe,pef->kbphf", u, self.maps.maps[layer][part])
+            if lay.parallel_residual:
+                return streams[:, -1].reshape(value.shape).to(value.dtype)
+            self.mlp_part = streams[:, -1] - base
+            return None
 
         return fn
 
-    def _mlp_stream(self, layer: int) -> Callable:
-        """With a parallel residual the MLP reads ``resid.pre``: the row carries the MLP's own stream."""
+    def _take(self, part: str) -> Callable:
+        def fn(value, ctx):
+            return self.inputs.pop(part).reshape(value.shape).to(value.dtype)
+
+        return fn
+
+    def _mid(self, layer: int) -> Callable:
+        """The MLP's stream: the corrupt ``resid.mid``, the part mixed at ``resid.pre``, and this layer's heads."""
+        lay = self.r.model.layout
 
         def fn(value, ctx):
-            column = self.targets[layer][-1]  # the MLP is the last input of the layer
-            weights = self._weights(layer, [column])[:, 0]
-            return self.s._stream(self.r.corrupt[f"L{layer}.resid.pre"], weights).reshape(value.shape).to(value.dtype)
+            first = self.s.written - lay.n_heads  # this layer's heads are the last sources written
+            heads = self.s.masks[:, first : self.s.written, self.mlp[layer]]  # [K, H]
+            moved = torch.einsum("kh,khx->kx", heads, self.s.deltas[:, first : self.s.written].flatten(2))
+            stream = self.r.corrupt[f"L{layer}.resid.mid"] + self.mlp_part + moved.view(self.mlp_part.shape)
+            return stream.reshape(value.shape).to(value.dtype)
 
         return fn
 
