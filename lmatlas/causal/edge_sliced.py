@@ -121,7 +121,7 @@ def _sample_rank(u: torch.Tensor) -> int:
 def _image_rank(model: "Model", layer: int, part: str) -> int:
     """Dimension of the span of the projections' weights and biases (all heads): what ``u`` can reach at most."""
     w, b = _weights(model, layer, part)
-    columns = [w.transpose(1, 2).reshape(w.shape[2], -1)] + ([] if b is None else [b.T])
+    columns = [w.permute(2, 0, 1).reshape(w.shape[2], -1)] + ([] if b is None else [b.T])  # [d_head, ...]
     return int(torch.linalg.matrix_rank(torch.cat(columns, 1).double().cpu()))
 
 
