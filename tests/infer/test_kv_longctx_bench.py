@@ -128,3 +128,24 @@ def test_chosen_and_content_read_the_distributions(model, haystack):
     dropped[0] -= 3.0  # the space before the number is format: it does not count
     shifted = type(full)(full.logp, dropped, full.kv_bytes, full.kv_bytes_prefill, 0.0, 0.0)
     assert not trial.content[0] and compare(full, shifted, trial)["logprob_drop"] == 0
+
+
+def test_speed_ratios_are_the_rounds_divided(tmp_path):
+    """bench/kvcache_speed.py on a tiny model: the summary re-derived from the raw rounds; the gates keep every entry."""
+    speed = runpy.run_path(str(Path(__file__).resolve().parents[2] / "bench" / "kvcache_speed.py"))
+    scores, out = tmp_path / "scores.json", tmp_path / "speed.json"
+    scores.write_text(json.dumps({"rankings": {"duo": {"kv_scores": [[1.0, 0.0], [0.0, 0.5]]}}}))
+    methods = "full,duo@0.5,gates@0.5,duo+fp@0.5,duo+hybrid@0.5"
+    speed["main"](
+        ["--model", "tiny:llama", "--scores", str(scores), "--lengths", "300", "--rounds", "2"]
+        + ["--tokens", "3", "--recent", "16", "--methods", methods, "--out", str(out)]
+    )
+    cell = json.loads(out.read_text())["cells"][0]
+    for method, row in cell["summary"].items():
+        pre = sorted(r[method]["prefill_s"] / r["full"]["prefill_s"] for r in cell["rounds"])
+        assert row["prefill_ratio_median"] == pytest.approx(sum(pre) / 2, abs=1e-3)
+        full_bytes, own = cell["rounds"][0]["full"]["kv_bytes"], cell["rounds"][0][method]["kv_bytes"]
+        assert row["kv_ratio_vs_full"] == pytest.approx(full_bytes / own, abs=1e-3)
+    assert (
+        cell["summary"]["gates@0.5"]["kv_ratio_vs_full"] == 1 and cell["summary"]["duo@0.5"]["kv_ratio_vs_full"] > 1.2
+    )
