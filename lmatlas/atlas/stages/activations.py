@@ -98,22 +98,22 @@ def compute(model: "Model", unit: str, ctx: BuildContext):
 
     entry = corpus_stats(model, ctx, "activations")[layer]
     positions = ctx.corpus.numel()
-    contexts: dict[int, str] = ctx.remember("activations.contexts", dict)  # flat position -> text, shared by units
+    contexts: dict[int, tuple[str, list[int]]] = ctx.remember("activations.contexts", dict)  # position -> (text, ids)
+    sums, maxima, positive = entry["sum"].tolist(), entry["max"].tolist(), entry["positive"].tolist()
     rows = []
-    for neuron in range(model.layout.d_mlp):
-        top = entry["top_index"][:, neuron].tolist()
+    for neuron, top in enumerate(entry["top_index"].T.tolist()):
         for i in top:
             if i not in contexts:
-                contexts[i] = context(model, ctx.corpus, i)
+                contexts[i] = (context(model, ctx.corpus, i), context_ids(ctx.corpus, i))
         rows.append(
             {
                 "layer": layer,
                 "neuron": neuron,
-                "mean": float(entry["sum"][neuron]) / positions,
-                "max": float(entry["max"][neuron]),
-                "frac_active": float(entry["positive"][neuron]) / positions,
-                "top_contexts": [contexts[i] for i in top],
-                "top_context_ids": [context_ids(ctx.corpus, i) for i in top],
+                "mean": sums[neuron] / positions,
+                "max": maxima[neuron],
+                "frac_active": positive[neuron] / positions,
+                "top_contexts": [contexts[i][0] for i in top],
+                "top_context_ids": [list(contexts[i][1]) for i in top],
             }
         )
     return {"neuron_stats": rows}

@@ -133,18 +133,20 @@ def compute(model: "Model", unit: str, ctx: BuildContext):
     entry = corpus_stats(model, ctx, "neuron_contexts")[layer]
     seq_len = ctx.corpus.shape[1]
     scale = torch.maximum(entry["hi"].abs(), entry["lo"].abs()).clamp_min(1e-12)  # [neuron]
-    levels = (entry["spans"] / scale[None, :, None] * 127).round()  # [k, neuron, span], NaN outside
-    levels, top_index, top_values = levels.tolist(), entry["top_index"].tolist(), entry["top_values"].tolist()
+    levels = (entry["spans"] / scale[None, :, None] * 127).round()  # [k, neuron, span], NaN outside the window
+    levels = levels.nan_to_num(0.0).long().tolist()  # whole numbers: the same ints as int(v)
+    top_index, top_values = entry["top_index"].tolist(), entry["top_values"].tolist()
+    lo, hi, scales, counts = entry["lo"].tolist(), entry["hi"].tolist(), scale.tolist(), entry["counts"].tolist()
     contexts, histograms = [], []
-    for neuron in range(entry["lo"].numel()):
+    for neuron in range(len(lo)):
         histograms.append(
             {
                 "layer": layer,
                 "neuron": neuron,
-                "lo": float(entry["lo"][neuron]),
-                "hi": float(entry["hi"][neuron]),
-                "scale": float(scale[neuron]),
-                "counts": entry["counts"][neuron].tolist(),
+                "lo": lo[neuron],
+                "hi": hi[neuron],
+                "scale": scales[neuron],
+                "counts": counts[neuron],
             }
         )
         for rank in range(len(top_index)):
@@ -158,9 +160,9 @@ def compute(model: "Model", unit: str, ctx: BuildContext):
                     "pos": pos,
                     "start": max(0, pos - CONTEXT_BEFORE),
                     "activation": top_values[rank][neuron],
-                    "levels": [int(v) for v in levels[rank][neuron] if v == v],
+                    "levels": levels[rank][neuron][max(0, CONTEXT_BEFORE - pos) : CONTEXT_BEFORE + seq_len - pos],
                 }
-            )  # v != v: NaN
+            )  # the span's positions inside the window
     return {"neuron_contexts": contexts, "neuron_histograms": histograms}
 
 
