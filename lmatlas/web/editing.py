@@ -84,6 +84,10 @@ KVName = Literal[KV_NAMES]  # type: ignore[valid-type]
 #: The request fields that give each policy input (the registry's inputs, spelled for the API).
 KV_FIELDS = {"plan": "kv_budget", "capacity": "kv_snap", "gates": "kv_gates"}
 
+#: The request fields each offered policy needs (``{"hybrid": ["kv_budget", "kv_snap"], ...}``): the
+#: playground builds its controls from this (``/api/live``'s ``kv_inputs``).
+KV_REQUEST_FIELDS = {name: [KV_FIELDS[i] for i in KV_POLICIES[name].inputs] for name in KV_NAMES}
+
 #: The strategies the playground offers: the registry's names (DeCoRe masks the atlas's top retrieval heads).
 StrategyName = Literal[STRATEGY_NAMES]  # type: ignore[valid-type]
 

@@ -248,6 +248,10 @@ class LiveStatus(BaseModel):
     kv_policies: list[str] = Field(
         default_factory=list, description="KV policies the edit playground offers (the registry's names)"
     )
+    kv_inputs: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="the request fields each offered KV policy needs (e.g. hybrid: kv_budget and kv_snap)",
+    )
 
 
 class DiffReport(BaseModel):

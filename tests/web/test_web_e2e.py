@@ -186,8 +186,15 @@ def test_edit_playground_from_head_and_neuron_pages(page, server):
     from lmatlas.infer.choose import from_atlas
 
     page.select_option("#strategy", "dola")
-    page.select_option("#kv-kind", "budget")
-    page.fill("#kv-amount", "0.5")
+    from lmatlas.web.editing import KV_NAMES
+
+    offered = page.eval_on_selector_all("#kv-kind option", "options => options.map(o => o.value)")
+    assert sorted(offered) == sorted({"default", *KV_NAMES})  # the registry's policies, nothing else
+    page.select_option("#kv-kind", "hybrid")
+    assert page.is_visible("#kv-budget") and page.is_visible("#kv-snap")  # hybrid needs both inputs
+    page.select_option("#kv-kind", "headwise")
+    assert page.is_visible("#kv-budget") and not page.is_visible("#kv-snap")
+    page.fill("#kv-budget", "0.5")
     page.click("#generate")
     page.wait_for_selector("#run-note:has-text('dola')", timeout=30_000)
     plan = from_atlas(model, server.atlas_path, 0.5)

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Depends
 
 from lmatlas.infer.decoding.names import STRATEGY_NAMES
 from lmatlas.web import live
-from lmatlas.web.editing import KV_NAMES
+from lmatlas.web.editing import KV_NAMES, KV_REQUEST_FIELDS
 from lmatlas.web.errors import MODEL_RESPONSES
 from lmatlas.web.routes import explorer
 from lmatlas.web.schemas import LensGrid, LensPrompt, LiveStatus
@@ -40,4 +40,5 @@ def live_status(ex: Explorer = Depends(explorer)) -> dict:
         "strategies": list(STRATEGY_NAMES),
         "kv_budget": ex.has("head_scores"),
         "kv_policies": list(KV_NAMES),
+        "kv_inputs": KV_REQUEST_FIELDS,
     }

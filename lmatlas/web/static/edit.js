@@ -84,25 +84,41 @@ const HOWS = ["zero", "mean"];
   LM.ready();
 })().catch((error) => LM.fail(document.getElementById("page"), error));
 
-// The KV cache both continuations use: full, head-wise (a fraction of KV heads keep everything, chosen by the
-// atlas's census) or SnapKV (each KV head keeps its N most attended prompt entries).
+// The KV cache both continuations use, one of the registry's policies (/api/live lists them with the request
+// fields each needs): the full cache, head-wise (a fraction of KV heads keep everything, chosen by the atlas's
+// census), SnapKV (each KV head keeps its N most attended prompt entries), hybrid (both), full prefill, ...
+const KV_INPUTS = {
+  kv_budget: { value: 0.25, hint: "fraction of KV heads kept whole (others: 4 sink + 256 recent)" },
+  kv_snap: { value: 256, hint: "prompt entries each SnapKV head keeps" },
+};
+
 function kvControls(live) {
   const { el } = LM;
-  const kinds = [["full", "full cache"], ["budget", "head-wise"], ["snap", "SnapKV"]];
-  const kind = el("select", { id: "kv-kind", "aria-label": "KV cache" }, kinds.map(([value, label]) =>
-    el("option", { value, disabled: value === "budget" && !live.kv_budget ? true : null }, label)));
-  const amount = el("input", { type: "number", id: "kv-amount", step: "any", style: "width:80px", hidden: true });
+  const needs = live.kv_inputs || {};
+  const names = ["default", ...(live.kv_policies || []).filter((name) => name !== "default")];
+  const usable = (name) => live.kv_budget || !(needs[name] || []).includes("kv_budget");
+  const kind = el("select", { id: "kv-kind", "aria-label": "KV cache" }, names.map((name) =>
+    el("option", { value: name, disabled: usable(name) ? null : true }, name === "default" ? "full cache" : name)));
+  const fields = Object.fromEntries(Object.entries(KV_INPUTS).map(([field, spec]) => [field,
+    el("input", { type: "number", id: field.replace("_", "-"), step: "any", style: "width:80px",
+      title: spec.hint, "aria-label": spec.hint, hidden: true })]));
   const hint = el("span", { class: "note", id: "kv-hint" });
   kind.addEventListener("change", () => {
-    amount.hidden = kind.value === "full";
-    amount.value = kind.value === "budget" ? 0.25 : kind.value === "snap" ? 256 : "";
-    hint.textContent = kind.value === "budget" ? "fraction of KV heads kept whole (others: 4 sink + 256 recent)"
-      : kind.value === "snap" ? "prompt entries each KV head keeps" : "";
+    const wanted = needs[kind.value] || [];
+    for (const [field, input] of Object.entries(fields)) {
+      input.hidden = !wanted.includes(field);
+      input.value = input.hidden ? "" : KV_INPUTS[field].value;
+    }
+    hint.textContent = wanted.map((field) => KV_INPUTS[field] ? KV_INPUTS[field].hint : field).join("; ");
   });
-  const request = () => kind.value === "budget" ? { kv_budget: Number(amount.value) }
-    : kind.value === "snap" ? { kv_snap: Number(amount.value) } : {};
+  const request = () => {
+    if (kind.value === "default") return {};
+    const body = { kv: kind.value };
+    for (const field of needs[kind.value] || []) if (fields[field]) body[field] = Number(fields[field].value);
+    return body;
+  };
   return { element: el("label", { title: live.kv_budget ? "" : "head-wise needs the atlas's census scores" },
-    "KV cache ", kind, " ", amount, " ", hint), request };
+    "KV cache ", kind, " ", ...Object.values(fields), " ", hint), request };
 }
 
 // URL parameters -> [{kind, target, value}] ("scale=L2.N10:0.5" -> scale L2.N10 by 0.5).
