@@ -205,6 +205,7 @@ class _RunState:
         embed = torch.zeros_like(runner.embed_delta) if patch is not None else runner.embed_delta
         self.deltas = embed.new_empty(self.K, len(runner.index.sources), *embed.shape)
         self.deltas[:, 0] = embed
+        self.total = embed.flatten().expand(self.K, -1).clone()  # [K, B * P * d]: every write so far, summed
         self.written = 1
         self.patch = patch  # [K, B, P, d] or None
 
@@ -213,16 +214,28 @@ class _RunState:
         -> ``[*weights.shape[:-1], B, P, d]``."""
         n = weights.shape[-1] - 1
         shape = (weights.shape[0], -1, *base.shape) if weights.dim() == 3 else (weights.shape[0], *base.shape)
-        flat = self.deltas[:, :n].flatten(2)  # [K, S, B * P * d]
-        mixed = torch.bmm(weights[..., :n].reshape(self.K, -1, n), flat).view(shape)
+        mixed = torch.stack([self._mix(k, w) for k, w in enumerate(weights[..., :n].reshape(self.K, -1, n))])
+        mixed = mixed.view(shape)
         if self.patch is not None:
             lead = weights[..., n].reshape(*weights.shape[:-1], 1, 1, 1)
             mixed = mixed + lead * (self.patch.unsqueeze(1) if weights.dim() == 3 else self.patch)
         return base + mixed
 
+    def _mix(self, k: int, weights: torch.Tensor) -> torch.Tensor:
+        """``weights [R, n] @ deltas[k, :n]`` -> ``[R, B * P * d]``, over the fewer of the sources some input
+        reads and those some input leaves out (then from the running total of every write so far; only where
+        every written source may reach these inputs, i.e. without feature nodes)."""
+        flat = self.deltas[k, : weights.shape[1]].flatten(1)  # [n, B * P * d]
+        read = weights.any(0).nonzero().squeeze(1)
+        left = (weights < 1).any(0).nonzero().squeeze(1)
+        if self.r.features or len(read) <= len(left):
+            return weights[:, read] @ flat[read] if len(read) else flat.new_zeros(weights.shape[0], flat.shape[1])
+        return self.total[k] - (1 - weights[:, left]) @ flat[left]
+
     def _add(self, delta: torch.Tensor) -> None:
-        """Append the writes ``[K, n, B, P, d]`` of the next ``n`` sources."""
+        """Append the writes ``[K, n, B, P, d]`` of the next ``n`` sources (and add them to the running total)."""
         self.deltas[:, self.written : self.written + delta.shape[1]] = delta
+        self.total += delta.sum(1).flatten(1)
         self.written += delta.shape[1]
 
     def _features(self, layer: int) -> None:
