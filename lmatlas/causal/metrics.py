@@ -47,22 +47,23 @@ def logit_diff(answer, wrong) -> Metric:
     return metric
 
 
-def probability(answer) -> Metric:
+def _normalized(answer, normalize: Callable[..., torch.Tensor], name: str) -> Metric:
+    """``normalize(logits)[answer]`` at the last position: one metric per normalisation (softmax, log-softmax)."""
+
     def metric(logits: torch.Tensor) -> torch.Tensor:
         last = _last(logits)
-        return torch.softmax(last, -1).gather(1, _ids(answer, last))[:, 0]
+        return normalize(last, -1).gather(1, _ids(answer, last))[:, 0]
 
-    metric.__name__ = "probability"
+    metric.__name__ = name
     return metric
+
+
+def probability(answer) -> Metric:
+    return _normalized(answer, torch.softmax, "probability")
 
 
 def log_prob(answer) -> Metric:
-    def metric(logits: torch.Tensor) -> torch.Tensor:
-        last = _last(logits)
-        return torch.log_softmax(last, -1).gather(1, _ids(answer, last))[:, 0]
-
-    metric.__name__ = "log_prob"
-    return metric
+    return _normalized(answer, torch.log_softmax, "log_prob")
 
 
 def loss(answer) -> Metric:
