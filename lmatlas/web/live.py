@@ -17,7 +17,7 @@ The callers run them through the app's :class:`~lmatlas.web.gate.ModelGate`.
 from __future__ import annotations
 
 import base64
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 import numpy as np
 import torch
@@ -28,6 +28,9 @@ from lmatlas.web.errors import Malformed
 if TYPE_CHECKING:
     from lmatlas.model.cache import ActivationCache
     from lmatlas.model.handle import Model
+    from lmatlas.web.state import Explorer
+
+T = TypeVar("T")
 
 ENCODING = "uint16 lower triangle (row i holds keys 0..i), little-endian, value/65535, base64"
 
@@ -40,6 +43,18 @@ def prompt_ids(model: "Model", prompt: str, limit: int) -> torch.Tensor:
     if ids.shape[1] > limit:
         raise Malformed(f"The prompt is {ids.shape[1]} tokens; this explorer takes at most {limit}. Shorten it.")
     return ids
+
+
+def on_prompt(ex: "Explorer", what: str, prompt: str, limit: int, compute: Callable[..., T], *args: Any) -> T:
+    """``compute(model, ids, *args)`` on the attached model, through the gate, for ``prompt`` capped at ``limit``.
+
+    What every typed-prompt pane does: the explorer's no-model error names ``what``
+    (:meth:`Explorer.need_model`), :func:`prompt_ids` checks the prompt (at most
+    ``limit`` tokens) before the gate admits the request, and ``ids`` is ``[1, pos]``.
+    """
+    model = ex.need_model(what)
+    ids = prompt_ids(model, prompt, limit)
+    return ex.gate.run(lambda: compute(model, ids, *args))
 
 
 def _run(model: "Model", ids: torch.Tensor, layer: int, site: str) -> "ActivationCache":

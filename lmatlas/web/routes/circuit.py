@@ -126,7 +126,11 @@ def task_circuit(
 def attention_sources(body: circuit.AttentionRequest, ex: Explorer = Depends(explorer)) -> dict:
     from lmatlas.causal.attention_sources import attention_sources as explain
 
-    model = ex.need_model("Explaining a head's attention")
-    ids = live.prompt_ids(model, body.prompt, ex.limits.lens_tokens)
-    found = ex.gate.run(lambda: explain(model, body.head.strip(), ids, query_pos=body.query_pos, key_pos=body.key_pos))
+    found = live.on_prompt(
+        ex,
+        "Explaining a head's attention",
+        body.prompt,
+        ex.limits.lens_tokens,
+        lambda model, ids: explain(model, body.head.strip(), ids, query_pos=body.query_pos, key_pos=body.key_pos),
+    )
     return clean(circuit.sources_view(found))

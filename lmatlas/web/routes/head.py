@@ -103,7 +103,6 @@ def head_windows(name: str = HEAD, ex: Explorer = Depends(explorer)) -> dict:
 )
 def head_attention(body: Prompt, name: str = HEAD, ex: Explorer = Depends(explorer)) -> dict:
     layer, head = names.head(name, ex.layout)
-    model = ex.need_model("A head's attention on a prompt")
-    ids = live.prompt_ids(model, body.prompt, ex.limits.prompt_tokens)
-    result = clean(ex.gate.run(lambda: live.attention(model, ids, layer, head)))
-    return {"name": name, **result}
+    what = "A head's attention on a prompt"
+    result = live.on_prompt(ex, what, body.prompt, ex.limits.prompt_tokens, live.attention, layer, head)
+    return {"name": name, **clean(result)}

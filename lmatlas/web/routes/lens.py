@@ -22,9 +22,7 @@ router = APIRouter(prefix="/api", tags=["lens"])
     summary="Logit lens: each layer's top tokens at each position (needs --model)",
 )
 def lens(body: LensPrompt, ex: Explorer = Depends(explorer)) -> dict:
-    model = ex.need_model("The logit lens")
-    ids = live.prompt_ids(model, body.prompt, ex.limits.lens_tokens)
-    return clean(ex.gate.run(lambda: live.lens(model, ids, body.k)))
+    return clean(live.on_prompt(ex, "The logit lens", body.prompt, ex.limits.lens_tokens, live.lens, body.k))
 
 
 @router.get("/live", response_model=LiveStatus, summary="The attached model and its request queue")

@@ -76,7 +76,6 @@ def neuron_detail(name: str = NEURON, ex: Explorer = Depends(explorer)) -> dict:
 )
 def neuron_activations(body: Prompt, name: str = NEURON, ex: Explorer = Depends(explorer)) -> dict:
     layer, neuron = names.neuron(name, ex.layout)
-    model = ex.need_model("A neuron's activations on a prompt")
-    ids = live.prompt_ids(model, body.prompt, ex.limits.prompt_tokens)
-    result = clean(ex.gate.run(lambda: live.activations(model, ids, layer, neuron)))
-    return {"name": name, **result}
+    what = "A neuron's activations on a prompt"
+    result = live.on_prompt(ex, what, body.prompt, ex.limits.prompt_tokens, live.activations, layer, neuron)
+    return {"name": name, **clean(result)}
