@@ -94,8 +94,9 @@ def verdicts(record: dict) -> dict:
     return out
 
 
-def one(kind: str, acts, held, model, args, site: str) -> dict:
-    config = TrainConfig(
+def train_config(kind: str, acts, args) -> TrainConfig:
+    """The training settings of ``kind`` (sae or transcoder) from the command line, as a run and ``--posthoc`` use them."""
+    return TrainConfig(
         n_latents=args.latents,
         k=args.k,
         transcoder=kind == "transcoder",
@@ -104,6 +105,10 @@ def one(kind: str, acts, held, model, args, site: str) -> dict:
         seed=args.seed,
         eval_every=args.eval_every,
     )
+
+
+def one(kind: str, acts, held, model, args, site: str) -> dict:
+    config = train_config(kind, acts, args)
     log(f"{kind}: training {args.latents} latents, k={args.k}, {args.epochs} epoch(s) of {acts.n_tokens:,} tokens")
     start = time.perf_counter()
     result = train(acts, site, config, heldout=held, out=args.work / kind, progress=True)
@@ -139,15 +144,7 @@ def posthoc(acts, held, args, layer: int) -> None:
     for kind, site in (("sae", f"L{layer}.resid.post"), ("transcoder", f"L{layer}.mlp.in")):
         if kind not in record:
             continue
-        config = TrainConfig(
-            n_latents=args.latents,
-            k=args.k,
-            transcoder=kind == "transcoder",
-            tokens=int(args.epochs * acts.n_tokens) if args.epochs != 1 else None,
-            batch_size=args.batch,
-            seed=args.seed,
-            eval_every=args.eval_every,
-        )
+        config = train_config(kind, acts, args)
         result = train(acts, site, config, heldout=held, out=args.work / kind, progress=False)
         if not result.dictionary.card.training.get("finished"):
             raise SystemExit(
