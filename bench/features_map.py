@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import torch
-from harness import conditions, load_model, peak_rss_mb, release_and_reset_peak, write_record  # noqa: E402
+from harness import conditions, corpus_forward_seconds, load_model, peak_rss_mb, release_and_reset_peak, write_record  # noqa: E402
 
 from lmatlas.atlas.pipeline import DEFAULT_PARAMS, build_atlas, make_context
 from lmatlas.features.dictionary import DictionaryCard, TopKSAE
@@ -65,11 +65,7 @@ def parts(model, entry, ctx) -> dict[str, float]:
 def measure(model_name: str, site: str, latents: int, k: int, split: bool = False) -> dict:
     model = load_model(model_name)
     ctx = make_context(model)
-    with torch.no_grad():
-        model.forward(ctx.corpus)  # warm-up
-        start = time.perf_counter()
-        model.forward(ctx.corpus)
-        corpus_forward_s = time.perf_counter() - start
+    corpus_forward_s = corpus_forward_seconds(model, ctx.corpus)
     sae = random_sae(model.layout.d_model, latents, k, site)
     name = model.dictionaries.attach(sae, site)
     release_and_reset_peak()

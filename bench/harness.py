@@ -284,6 +284,17 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     return time.perf_counter() - start, result
 
 
+def corpus_forward_seconds(model: Any, corpus: Any) -> float:
+    """Seconds of one plain forward of ``corpus`` (``[n, pos]`` ids) after one warm-up forward, without gradients."""
+    import torch
+
+    with torch.no_grad():
+        model.forward(corpus)  # warm-up
+        start = time.perf_counter()
+        model.forward(corpus)
+        return time.perf_counter() - start
+
+
 def quartiles(values: list[float]) -> dict[str, float]:
     """Median and quartiles of ``values``."""
     ordered = sorted(values)

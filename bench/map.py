@@ -37,6 +37,7 @@ import torch
 from harness import (  # noqa: E402  (bench/ is on the path when a benchmark runs)
     ROOT,
     conditions,
+    corpus_forward_seconds,
     load_model,
     peak_rss_mb,
     release_and_reset_peak,
@@ -73,11 +74,7 @@ def measure(model_name: str, only: list[str] | None, out: str | None) -> dict:
     model = load_model(model_name)
     load_s = time.perf_counter() - start
     ctx = make_context(model)
-    with torch.no_grad():
-        model.forward(ctx.corpus)  # warm-up
-        start = time.perf_counter()
-        model.forward(ctx.corpus)
-        corpus_forward_s = time.perf_counter() - start
+    corpus_forward_s = corpus_forward_seconds(model, ctx.corpus)
 
     path = Path(out) if out else Path(tempfile.mkdtemp(prefix="lmatlas-map-")) / "atlas.duckdb"
     print(f"building {path}", file=sys.stderr)
