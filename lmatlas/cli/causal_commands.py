@@ -40,6 +40,14 @@ def _targets(spec: str, layout) -> list[str]:
     return names
 
 
+def _task_and_targets(model: Optional[str], dtype: str, device: Optional[str], task: str, n: int, targets: str):
+    """``(model, task batch, target names)`` of a ``patch`` / ``attribute`` command, loaded in that order."""
+    from lmatlas.causal import load_task
+
+    loaded = load_model(model, dtype, device)
+    return loaded, load_task(loaded, task, n=n), _targets(targets, loaded.layout)
+
+
 def _keep(atlas: Optional[str], model, effects) -> None:
     if atlas:
         from lmatlas.atlas.causal_results import save_effects
@@ -72,12 +80,10 @@ def patch_command(
     device: Optional[str] = DEVICE_OPT,
 ) -> None:
     """Exact activation patching: the corrupt prompts with each target taken from the clean run."""
-    from lmatlas.causal import load_task, patch
+    from lmatlas.causal import patch
 
     def body():
-        loaded = load_model(model, dtype, device)
-        batch = load_task(loaded, task, n=n)
-        names = _targets(targets, loaded.layout)
+        loaded, batch, names = _task_and_targets(model, dtype, device, task, n, targets)
         effects = patch(loaded, batch, names)
         _keep(atlas, loaded, effects)
         if as_json:
@@ -106,12 +112,10 @@ def attribute_command(
     device: Optional[str] = DEVICE_OPT,
 ) -> None:
     """Attribution patching (AtP*): every target at once, the top ones verified by exact patching."""
-    from lmatlas.causal import attribute, load_task
+    from lmatlas.causal import attribute
 
     def body():
-        loaded = load_model(model, dtype, device)
-        batch = load_task(loaded, task, n=n)
-        names = _targets(targets, loaded.layout)
+        loaded, batch, names = _task_and_targets(model, dtype, device, task, n, targets)
         effects = attribute(loaded, batch, names, qk_fix=qk_fix, grad_drop=grad_drop, verify=verify)
         _keep(atlas, loaded, effects)
         if as_json:
