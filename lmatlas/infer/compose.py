@@ -106,3 +106,13 @@ def generate(
     if compare:
         return comparison.compare(model, inputs, edit, max_new_tokens, kv=kv, strategy=chosen, chat=chat, **hf)
     return generation.generate(model, inputs, max_new_tokens, edit=edit, kv=kv, strategy=chosen, chat=chat, **hf)
+
+
+def generate_one(model: "Model", prompt: Any, max_new_tokens: int, strategy: Any, **kwargs: Any) -> dict[str, Any]:
+    """One prompt's continuation under ``strategy`` as ``{"text", "token_ids", **report}``.
+
+    What the strategy shorthands (``generate_dola``, ``generate_decore``) return: the first
+    sequence of :func:`generate`, with the strategy's report (layers, heads, alphas) merged in.
+    """
+    out = generate(model, prompt, max_new_tokens, strategy=strategy, **kwargs).first()
+    return {"text": out.text, "token_ids": out.token_ids, **out.report}

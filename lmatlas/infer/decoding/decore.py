@@ -185,9 +185,8 @@ def generate_decore(
     the census's top 10 retrieval heads (:func:`retrieval_heads`); given heads are checked
     before any compute; ``kwargs`` (``edit=``, ``kv=``, transformers' options) go to ``generate``.
     """
-    from lmatlas.infer.compose import generate
+    from lmatlas.infer.compose import generate_one
     from lmatlas.infer.decoding.strategies import DeCoRe
 
     strategy = DeCoRe(tuple(heads) if heads is not None else None, alpha_cap)
-    out = generate(model, prompt, max_new_tokens, strategy=strategy, chat=chat, **kwargs).first()
-    return {"text": out.text, "token_ids": out.token_ids, **out.report}
+    return generate_one(model, prompt, max_new_tokens, strategy, chat=chat, **kwargs)

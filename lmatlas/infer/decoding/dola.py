@@ -214,9 +214,8 @@ def generate_dola(
     Shorthand for ``lmatlas.generate(model, prompt, strategy=Dola(...))``; ``kwargs`` (``edit=``,
     ``kv=``, transformers' options) go to it, and everything is checked before any compute.
     """
-    from lmatlas.infer.compose import generate
+    from lmatlas.infer.compose import generate_one
     from lmatlas.infer.decoding.strategies import Dola
 
     strategy = Dola(premature_layers, relative_top, repetition_penalty)
-    out = generate(model, prompt, max_new_tokens, strategy=strategy, chat=chat, **kwargs).first()
-    return {"text": out.text, "token_ids": out.token_ids, **out.report}
+    return generate_one(model, prompt, max_new_tokens, strategy, chat=chat, **kwargs)
