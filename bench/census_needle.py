@@ -23,12 +23,11 @@ The two needle detectors read one pass over the needle battery and its null
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
 import torch
-from harness import conditions, load_model, write_record  # noqa: E402  (bench/ is on the path)
+from harness import conditions, emit, load_model  # noqa: E402  (bench/ is on the path)
 
 from lmatlas.census.detectors.retrieval import RetrievalDetector, needle_battery
 from lmatlas.census.detectors.streaming import DEFAULT_SPLIT, StreamingSplit, needle_pass
@@ -130,9 +129,7 @@ def main(argv: list[str] | None = None) -> None:
         "decisions_per_setting": 2 * heads,
         "settings": settings,
     }
-    print(json.dumps(result, indent=2))
-    if args.record:
-        write_record(args.record, result, before)
+    emit(result, args.record, before)
 
 
 if __name__ == "__main__":

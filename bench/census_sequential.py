@@ -30,11 +30,10 @@ within 6 rows at all (radius 0.787 at ``k = 6``).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 
 import torch
-from harness import conditions, load_model, write_record  # noqa: E402  (bench/ is on the path)
+from harness import conditions, emit, load_model  # noqa: E402  (bench/ is on the path)
 
 from lmatlas.census import measure
 from lmatlas.census.registry import all_detectors
@@ -110,9 +109,7 @@ def main(argv: list[str] | None = None) -> None:
         },
         "batteries": by_battery,
     }
-    print(json.dumps(result, indent=2))
-    if args.record:
-        write_record(args.record, result, before)
+    emit(result, args.record, before)
 
 
 if __name__ == "__main__":

@@ -15,13 +15,12 @@ one plain forward pass over the same corpus (``corpus_forward_s``), measured in 
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from harness import conditions, corpus_forward_seconds, load_model, peak_rss_mb, release_and_reset_peak, write_record  # noqa: E402
+from harness import conditions, corpus_forward_seconds, emit, load_model, peak_rss_mb, release_and_reset_peak  # noqa: E402
 
 from lmatlas.atlas.pipeline import DEFAULT_PARAMS, build_atlas, make_context
 from lmatlas.features.dictionary import DictionaryCard, TopKSAE
@@ -109,9 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     before = conditions()
     result = measure(args.model, args.site, args.latents, args.k, args.parts)
-    print(json.dumps(result, indent=2))
-    if args.record:
-        write_record(args.record, result, before)
+    emit(result, args.record, before)
 
 
 if __name__ == "__main__":

@@ -143,6 +143,13 @@ def write_record(path: str | Path, record: dict[str, Any], before: dict[str, Any
     return path
 
 
+def emit(result: dict[str, Any], record: str | Path | None, before: dict[str, Any]) -> None:
+    """Print ``result`` as JSON on stdout and, where ``record`` names a file, write it there (:func:`write_record`)."""
+    print(json.dumps(result, indent=2))
+    if record:
+        write_record(record, result, before)
+
+
 # -- verdicts -------------------------------------------------------------------------------------------
 def meets_target(low: float, high: float, target: float, *, lower_is_better: bool = True) -> bool | None:
     """Whether a measured spread ``[low, high]`` (quartiles or an interval of a ratio) meets ``target``.

@@ -38,10 +38,10 @@ from harness import (  # noqa: E402  (bench/ is on the path when a benchmark run
     ROOT,
     conditions,
     corpus_forward_seconds,
+    emit,
     load_model,
     peak_rss_mb,
     release_and_reset_peak,
-    write_record,
 )
 
 from lmatlas.atlas.executors import LocalExecutor, run_unit
@@ -192,9 +192,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.interleave:
         result = {"benchmark": "map_interleaved", "model": args.model, "stages": only or "all"}
         result.update(interleaved(args.interleave, args.model, only, args.rounds))
-        print(json.dumps(result, indent=2))
-        if args.record:
-            write_record(args.record, result, before)
+        emit(result, args.record, before)
         return
     result = measure(args.model, only, args.out)
     if args.baseline:
@@ -208,9 +206,7 @@ def main(argv: list[str] | None = None) -> None:
             if seconds > 0 and old["seconds_by_stage"].get(name)
         }
         result["speedup_build"] = round(old["build_s"] / result["build_s"], 2)
-    print(json.dumps(result, indent=2))
-    if args.record:
-        write_record(args.record, result, before)
+    emit(result, args.record, before)
 
 
 if __name__ == "__main__":

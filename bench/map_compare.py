@@ -17,7 +17,7 @@ import json
 import time
 
 import torch
-from harness import conditions, load_model, write_record  # noqa: E402  (bench/ is on the path)
+from harness import conditions, emit, load_model  # noqa: E402  (bench/ is on the path)
 
 from lmatlas.atlas.stages import BuildContext
 from lmatlas.atlas.stages import census as census_stage
@@ -69,9 +69,7 @@ def main(argv: list[str] | None = None) -> None:
         **compare(new, old, shape["layers"] * shape["heads"]),
         "labelled": {n: d["labelled"] for n, d in new.items()},
     }
-    print(json.dumps(result, indent=2))
-    if args.record:
-        write_record(args.record, result, before)
+    emit(result, args.record, before)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import subprocess
 import sys
 import tempfile
@@ -21,7 +20,7 @@ import time
 from pathlib import Path
 
 import torch
-from harness import ROOT, conditions, load_model, write_record  # noqa: E402  (bench/ is on the path)
+from harness import ROOT, conditions, emit, load_model  # noqa: E402  (bench/ is on the path)
 
 from lmatlas.decode import heads as current
 
@@ -92,9 +91,7 @@ def main(argv: list[str] | None = None) -> None:
         "only_tie_order": all(c["tie_order_only"] and c["scores_same"] for c in changes.values()),
         "changes": changes,
     }
-    print(json.dumps(result, indent=2))
-    if args.record:
-        write_record(args.record, result, before)
+    emit(result, args.record, before)
 
 
 if __name__ == "__main__":
