@@ -259,5 +259,5 @@ def test_generate_with_a_snap_plan_and_plan_errors():
         SnapPlan(capacity=64, kernel=4)
     with pytest.raises(LmatlasError, match="whole number"):
         SnapPlan(capacity=0.5)
-    with pytest.raises(LmatlasError, match="KVPlan or a SnapPlan"):
+    with pytest.raises(LmatlasError, match="A KV policy is a value of .*KV_POLICIES"):
         make_cache(model, {"capacity": 8})
