@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -267,3 +268,21 @@ def test_attribution_importance_is_verified_and_close_to_exact(tmp_path):
     from lmatlas.causal import spearman
 
     assert spearman(estimates, torch.tensor(exact)) > 0.5
+
+
+def test_the_census_checkpoints_live_beside_the_atlas_and_go_when_the_build_ends(tiny_dir, tmp_path, monkeypatch):
+    import shutil
+
+    import lmatlas.atlas.pipeline as pipeline
+
+    removed, remove = [], shutil.rmtree
+
+    def record_then_remove(folder, *args, **kwargs):
+        removed.append(sorted(p.name for p in Path(folder).glob("needle-*")))
+        return remove(folder, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline.shutil, "rmtree", record_then_remove)
+    path = tmp_path / "census.atlas.duckdb"
+    build_atlas(load(tiny_dir), path, only=["census"], params=SMALL, progress=False)
+    assert len(removed) == 1 and removed[0], "the needle pass checkpointed into <atlas>.partial"
+    assert not Path(f"{path}.partial").exists()  # a finished build leaves nothing to resume
