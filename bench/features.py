@@ -201,6 +201,7 @@ def main() -> None:
     parser.add_argument("--no-transcoder", action="store_true")
     parser.add_argument("--only", choices=("sae", "transcoder"), default=None, help="run one of the two dictionaries")
     parser.add_argument("--posthoc", action="store_true", help="add reconstruction metrics from finished checkpoints")
+    parser.add_argument("--harvest-only", action="store_true", help="record the harvest alone (its timing) and stop")
     args = parser.parse_args()
     before = conditions()
     start = time.perf_counter()
@@ -249,6 +250,9 @@ def main() -> None:
         },
     }
     record["targets"] = TARGETS
+    if args.harvest_only:
+        write_record(args.out, {**record, "partial": "harvest only (--harvest-only)"}, before)
+        return
     if args.only in (None, "sae"):
         record["sae"] = one("sae", acts, held, model, args, f"L{L}.resid.post")
     if args.only is None and not args.no_transcoder:
