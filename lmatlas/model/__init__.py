@@ -4,6 +4,7 @@ from lmatlas.model.arch import ArchSpec, HeadLayout
 from lmatlas.model.cache import ActivationCache
 from lmatlas.model.check import FidelityReport, check
 from lmatlas.model.families import ARCH_SPECS, supported_model_types
+from lmatlas.model.from_layer import run_from
 from lmatlas.model.handle import Model
 from lmatlas.model.loading import load
 from lmatlas.model.sites import COMPONENTS, Site
@@ -19,5 +20,6 @@ __all__ = [
     "Site",
     "check",
     "load",
+    "run_from",
     "supported_model_types",
 ]
