@@ -47,14 +47,19 @@ def _patched_metric(
     metric: Metric,
     per_forward: int,
     progress: Any = True,
+    streams: Sequence[torch.Tensor] | None = None,
 ) -> list[float]:
     """Metric of ``inputs`` with each component patched from ``sources`` (``site -> [n, pos, ...]``);
-    ``progress`` reports the targets done (see :mod:`lmatlas.progress`)."""
+    ``progress`` reports the targets done (see :mod:`lmatlas.progress`). ``streams``: each block's
+    input ``[n, pos, d_model]`` in the unpatched run of ``inputs``; a forward then starts at the
+    first layer its targets patch (:func:`lmatlas.model.run_from`; same values, fewer blocks)."""
     with progress_task("Patching targets", total=len(components), enabled=progress) as task:
-        return _patched_values(model, inputs, components, sources, metric, per_forward, task)
+        return _patched_values(model, inputs, components, sources, metric, per_forward, task, streams)
 
 
-def _patched_values(model, inputs, components, sources, metric, per_forward, task) -> list[float]:
+def _patched_values(model, inputs, components, sources, metric, per_forward, task, streams=None) -> list[float]:
+    from lmatlas.model import run_from
+
     n, values = inputs.shape[0], []
     for start in range(0, len(components), per_forward):
         chunk = components[start : start + per_forward]
@@ -72,7 +77,12 @@ def _patched_values(model, inputs, components, sources, metric, per_forward, tas
                 return out
 
             replace[site] = fn
-        logits = model.run(inputs.repeat(len(chunk), 1), replace=replace).logits
+        rows = inputs.repeat(len(chunk), 1)
+        if streams is None:
+            logits = model.run(rows, replace=replace).logits
+        else:
+            start = min(c.site.layer for c in chunk)
+            logits = run_from(model, start, streams[start].repeat(len(chunk), 1, 1), rows, replace=replace).logits
         values.extend(metric(logits).view(len(chunk), n).mean(1).tolist())
         task.update(len(values))
     return values
@@ -127,11 +137,14 @@ def ablate(
     targets_per_forward: int = TARGETS_PER_FORWARD,
     progress: Any = True,
     name: str = "inputs",
+    resume: bool = False,
 ) -> Effects:
     """The metric of ``inputs`` with each target ablated (``how``: zero, mean or resample).
 
     Means and resample banks come from ``stats`` (an :class:`~lmatlas.edit.stats.AblationStats`;
-    default: the model's corpus statistics).
+    default: the model's corpus statistics). ``resume``: each ablated forward starts at the first
+    layer it ablates, from the clean run's stream (same values; keeps every block's input of
+    ``inputs`` meanwhile).
     """
     from lmatlas.edit.stats import stats_for
 
@@ -139,7 +152,7 @@ def ablate(
         raise TaskError(f"Unknown ablation {how!r}: use zero, mean or resample.")
     components = [parse_component(t, model.layout) for t in targets]
     sites = sorted({str(c.site) for c in components})
-    clean = model.run(inputs, capture=sites)
+    clean = model.run(inputs, capture=sites + (["resid.pre"] if resume else []))
     sources = {}
     generator = torch.Generator().manual_seed(seed)
     for site_name in sites:
@@ -155,7 +168,8 @@ def ablate(
                 .resample(site, None, "site", tuple(value.shape[:2]), generator)
                 .to(value.dtype)
             )
-    values = _patched_metric(model, inputs, components, sources, metric, targets_per_forward, progress)
+    streams = [clean[f"L{layer}.resid.pre"] for layer in range(model.layout.n_layers)] if resume else None
+    values = _patched_metric(model, inputs, components, sources, metric, targets_per_forward, progress, streams)
     base = float(metric(clean.logits).mean())
     return Effects(
         name,
