@@ -41,6 +41,9 @@ def initialise(d: Dictionary, card: DictionaryCard, x: torch.Tensor, y: torch.Te
             d.W_skip.copy_(W_skip)
             d.b_dec.copy_(ys.mean(0) - xs.mean(0) @ W_skip)
             d.W_enc.copy_(torch.randn(card.d_in, n, generator=gen) * (0.1 / math.sqrt(card.d_in)))
+            # centre the pre-activations: a transcoder's encoder sees the raw input, whose mean
+            # would otherwise keep every latent it points away from out of the top k for good
+            d.b_enc.copy_(-(xs.mean(0) @ d.W_enc))
 
 
 def fold_scales(d: Dictionary, sx: float, sy: float) -> None:

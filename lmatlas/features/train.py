@@ -38,8 +38,9 @@ from lmatlas.errors import DictionaryError
 from lmatlas.features.checkpoint import load_checkpoint, save_checkpoint
 from lmatlas.features.dictionary import Dictionary, DictionaryCard, build, check_sizes, split_site, transcoder_output
 from lmatlas.features.harvest import Activations
+from lmatlas.features.objective import heldout_fvu, step_loss
+from lmatlas.features.outliers import NormLimit
 from lmatlas.features.scaling import data_stats, fold_scales, initialise
-from lmatlas.features.sparse import sparse_decode, topk_encode
 from lmatlas.progress import ProgressArg, progress_task
 
 _SAMPLE = 65536  # rows used for the initial statistics (mean, scale, least squares)
@@ -65,7 +66,9 @@ class TrainConfig:
     warmup: float = 0.05
     decay: float = 0.2
     auxk_alpha: float = 1 / 32
+    auxk_norm: str = "residual"
     dead_tokens: int | None = None
+    outlier_ratio: float | None = 10.0
     seed: int = 0
     encoder_dtype: str = "bfloat16"
     eval_every: int = 25
@@ -96,40 +99,6 @@ def sites_for(site: str, transcoder: bool) -> tuple[str, str]:
     raise DictionaryError(
         f"A transcoder replaces an MLP: name its layer's MLP input or output (L{layer}.mlp.in or L{layer}.mlp.out), not {site}."
     )
-
-
-def step_loss(d: Dictionary, x: torch.Tensor, y: torch.Tensor, dead: torch.Tensor | None, config: TrainConfig):
-    """One batch: ``(loss, fvu, indices of the kept latents [B, k], their values [B, k])`` in the scaled space."""
-    dtype = getattr(torch, config.encoder_dtype)
-    xin = d.encoder_input(x)
-    values, indices, pre = topk_encode(xin, d.W_enc, d.b_enc, config.k, dtype=dtype)
-    out = sparse_decode(values, indices, d.W_dec) + d.b_dec
-    if hasattr(d, "W_skip"):
-        out = out + x @ d.W_skip
-    error = y - out
-    total = (y - y.mean(0)).pow(2).sum()
-    fvu = error.pow(2).sum() / total
-    loss = fvu
-    if dead is not None and config.auxk_alpha > 0:
-        dead_idx = dead.nonzero().squeeze(1)
-        if len(dead_idx):
-            k_aux = min(y.shape[1] // 2, len(dead_idx))
-            scale = min(len(dead_idx) / (y.shape[1] // 2), 1.0)
-            aux_values, aux_indices, _ = topk_encode(xin, d.W_enc, d.b_enc, k_aux, among=dead_idx, pre=pre)
-            e_hat = sparse_decode(aux_values, aux_indices, d.W_dec)
-            loss = loss + config.auxk_alpha * scale * (e_hat - error.detach()).pow(2).sum() / total
-    return loss, fvu, indices, values
-
-
-@torch.no_grad()
-def heldout_fvu(d: Dictionary, x: torch.Tensor, y: torch.Tensor, chunk: int = 8192) -> tuple[float, float]:
-    """``(FVU, L0)`` of ``d`` on ``x -> y`` (float32 selection, as in use)."""
-    err = l0 = 0.0
-    for lo in range(0, len(x), chunk):
-        out, latents = d(x[lo : lo + chunk])
-        err += float((y[lo : lo + chunk] - out).pow(2).sum())
-        l0 += float((latents > 0).sum())
-    return err / float((y - y.mean(0)).pow(2).sum()), l0 / len(x)
 
 
 def _fmt_seconds(s: float) -> str:
@@ -200,18 +169,23 @@ class _Trainer:
         torch.manual_seed(config.seed)
         self.d = build(plan.card)
         x0, y0 = acts.rows(plan.in_site, _SAMPLE), acts.rows(plan.out_site, _SAMPLE)
+        self.limit = NormLimit.fit([x0, y0] if config.transcoder else [x0], config.outlier_ratio)
+        kept = self.limit.keep([x0, y0] if config.transcoder else [x0])
+        x0, y0 = x0[kept], y0[kept]
         _, self.sx = data_stats(x0)
         _, self.sy = data_stats(y0) if config.transcoder else (None, self.sx)
         initialise(self.d, plan.card, x0, y0, self.sx, self.sy, config.seed)
-        self.hx = self.hy = None
+        self.hx = self.hy = self.hkeep = None
         if held is not None:
-            self.hx = held.rows(plan.in_site, 16384) * self.sx
-            self.hy = held.rows(plan.out_site, 16384) * self.sy
+            hx, hy = held.rows(plan.in_site, 16384), held.rows(plan.out_site, 16384)
+            self.hkeep = self.limit.keep([hx, hy] if config.transcoder else [hx])
+            self.hx, self.hy = hx * self.sx, hy * self.sy
         self.lr = config.learning_rate()
         self.opt = torch.optim.Adam(self.d.parameters(), lr=self.lr, betas=(0.9, 0.999), eps=1e-8, foreach=True)
         self.warm = max(1, int(config.warmup * plan.total_steps))
         self.decay = max(1, int(config.decay * plan.total_steps))
         self.since = torch.zeros(config.n_latents, dtype=torch.int64)
+        self.left_out = 0  # outlier rows left out of the batches so far (this call)
         self.history: list[dict[str, Any]] = []
         self.step, self.elapsed_before = 0, 0.0
         self.ckpt = Path(out) / "checkpoint" if out is not None else None
@@ -245,12 +219,22 @@ class _Trainer:
     def optimise(self, batch: list[torch.Tensor]) -> None:
         """One step on one batch (``[batch_size, d]`` per site): loss, sparse backward, Adam, renormalise."""
         config, d = self.config, self.d
-        x = batch[0] * self.sx
-        y = batch[-1] * self.sy
+        keep = self.limit.keep(batch)
+        x = batch[0][keep] * self.sx
+        y = batch[-1][keep] * self.sy
         for group in self.opt.param_groups:
             group["lr"] = self.rate(self.step)
         dead = self.since > self.plan.dead_tokens
-        loss, fvu, indices, values = step_loss(d, x, y, dead if bool(dead.any()) else None, config)
+        loss, fvu, indices, values = step_loss(
+            d,
+            x,
+            y,
+            dead if bool(dead.any()) else None,
+            k=config.k,
+            auxk_alpha=config.auxk_alpha,
+            auxk_norm=config.auxk_norm,
+            dtype=getattr(torch, config.encoder_dtype),
+        )
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         with torch.no_grad():
@@ -260,8 +244,9 @@ class _Trainer:
         d.normalize_decoder()
         fired = torch.zeros(config.n_latents, dtype=torch.bool)
         fired[indices[values > 0]] = True
-        self.since += config.batch_size
+        self.since += len(x)
         self.since[fired] = 0
+        self.left_out += len(keep) - len(x)
         self.running.append(float(fvu.detach()))
         self.step += 1
 
@@ -277,6 +262,9 @@ class _Trainer:
         if self.hx is not None:
             fvu, l0 = heldout_fvu(self.d, self.hx, self.hy)
             row.update(heldout_fvu=round(fvu, 5), l0=round(l0, 2))
+            if not bool(self.hkeep.all()):
+                kept, _ = heldout_fvu(self.d, self.hx[self.hkeep], self.hy[self.hkeep])
+                row["heldout_fvu_without_outliers"] = round(kept, 5)
         self.running.clear()
         return row
 
@@ -344,6 +332,8 @@ class _Trainer:
             "seconds": round(seconds, 2),
             "scale_in": self.sx,
             "scale_out": self.sy,
+            "outlier_norm_limits": list(self.limit.limits) if self.limit.ratio else None,
+            "dead_fraction_train": float((self.since > self.plan.dead_tokens).float().mean()),
             "history": self.history,
             "finished": step >= self.plan.total_steps,
         }
