@@ -7,9 +7,16 @@ truthfulqa    TruthfulQA MC1 / MC2 by answer log-likelihood (prompt ``Q: <questi
               answer `` <answer>``), greedy (the model's log-probabilities) vs DoLa (each answer
               token scored by ``log_softmax(log q_N - log q_M)`` with ``M`` chosen per token by
               the largest Jensen-Shannon divergence among the ``high`` bucket; no plausibility
-              cut, as for multiple choice in the paper's code). MC1: the best answer scores above
-              every incorrect one; MC2: probability mass of the correct answers. Paired-bootstrap
-              95% intervals of DoLa - greedy. ``--questions N`` takes the first N (0 = all 817).
+              cut, as for multiple choice in the paper's code), and the cheaper variants (top-k
+              tokens, half the layers). MC1: the best answer scores above every incorrect one;
+              MC2: probability mass of the correct answers. Paired-bootstrap 95% intervals of
+              DoLa - greedy and of each variant - DoLa. ``--questions N`` takes the first N
+              (0 = all 817). A question costs two forwards (the prompt once, its answers in one
+              padded batch) and one full-vocabulary readout per distinct answer prefix.
+truthfulqa_check  The batched scorer against one uncached forward per answer on the first
+              ``--check-questions``: largest score difference per method, MC1 agreement, time.
+dola_cost     Time per token of greedy, DoLa and its variants on ``--cost-prompts`` chat prompts
+              x ``--cost-tokens`` tokens, ``--cost-repeats`` rounds, the order rotating per round.
 faithfulness  A battery from a table of capitals: closed-book ("What is the capital of X?") and
               the same question after a context that names another city as the capital (as in
               NQ-Swap). Greedy vs DeCoRe (top retrieval heads of the census) vs DeCoRe with as
@@ -77,7 +84,7 @@ TOP_KS = (50, 200)
 
 
 def answer_scores(model, layers, question: str, answer: str) -> dict[str, float]:
-    """Log-score of `` answer`` after ``Q: question\nA:`` by each method: ``greedy`` (the model's
+    """The reference scorer (one uncached forward per answer; :func:`question_scores` is the fast one). Log-score of `` answer`` after ``Q: question\nA:`` by each method: ``greedy`` (the model's
     log-likelihood), ``dola`` (published: the premature layer chosen per token by the largest JSD over
     the whole vocabulary among ``layers``), ``dola_top{k}`` (JSD and contrast over the final layer's
     top-k tokens and the answer token, renormalised there) and ``dola_half`` (every other layer of
@@ -98,6 +105,106 @@ def answer_scores(model, layers, question: str, answer: str) -> dict[str, float]
             inside = with_answer(final.topk(k, dim=-1).indices, target)  # [m, k]
             cheap = exit_logits_at(model.hf, hidden, inside)  # [L, m, k]: only k rows of the unembedding
             out[f"dola_top{k}"] = _contrast_score(final.gather(1, inside), cheap, torch.zeros_like(target))
+    return out
+
+
+def question_scores(model, layers, question: str, answers: list[str]) -> dict[str, dict[str, float]]:
+    """:func:`answer_scores` of every answer of a question from two forwards: the prompt once (its KV
+    cache reused) and the answers in one right-padded batch.
+
+    ``Q: question\\nA:`` is ``n`` tokens; for each answer the prefix ``full[:n - 1]`` goes into the
+    cache (answers whose prefix tokenises differently get their own), and the batch holds
+    ``full[n - 1 : -1]`` per answer, whose logits predict the answer tokens ``full[n:]``. Padding
+    sits after an answer's last token, so causal attention keeps it out of every position scored.
+    Every method's score comes from the same hidden states (:func:`method_scores`)."""
+    tokenizer = model.tokenizer
+    n = len(tokenizer(f"Q: {question}\nA:", add_special_tokens=False)["input_ids"])
+    fulls = {a: tokenizer(f"Q: {question}\nA: {a}", add_special_tokens=False)["input_ids"] for a in answers}
+    groups: dict[tuple, list[str]] = {}
+    for answer, ids in fulls.items():
+        groups.setdefault(tuple(ids[: n - 1]), []).append(answer)
+    out = {}
+    for prefix, group in groups.items():
+        suffixes = [fulls[a][n - 1 :] for a in group]  # [last prompt token, answer tokens...]
+        out.update(zip(group, _batch_scores(model, layers, list(prefix), suffixes)))
+    return {a: out[a] for a in answers}
+
+
+def _batch_scores(model, layers, prefix: list[int], suffixes: list[list[int]]) -> list[dict[str, float]]:
+    """Scores of each ``suffix[1:]`` after ``prefix + suffix[:1]``: the prefix's cache repeated over the batch.
+
+    Positions where answers share every token so far (at least the first, the prompt's last token)
+    have the same hidden states: the full-vocabulary readouts are computed once per distinct one."""
+    from transformers import DynamicCache
+
+    inputs = [s[:-1] for s in suffixes]
+    width = max(len(i) for i in inputs)
+    batch = torch.tensor([i + [i[-1]] * (width - len(i)) for i in inputs])  # [B, width], right-padded
+    cache = DynamicCache(config=model.hf.config) if prefix else None
+    with torch.no_grad():
+        if prefix:
+            model.hf(input_ids=torch.tensor([prefix]), past_key_values=cache, use_cache=True, logits_to_keep=1)
+            cache.batch_repeat_interleave(len(inputs))
+        with LayerTap(model.hf, layers, positions="all") as tap:
+            logits = model.hf(input_ids=batch, past_key_values=cache, use_cache=prefix != []).logits.float()
+        hidden = torch.stack([tap.last[layer] for layer in layers])  # [L, B, width, d]
+        where, first = shared_positions(suffixes)
+        b_idx, j_idx = torch.tensor(first).T
+        full = position_distributions(model, logits[b_idx, j_idx], hidden[:, b_idx, j_idx])  # {method: [U, V]}
+        rows = []
+        for b, suffix in enumerate(suffixes):
+            m, target = len(suffix) - 1, torch.tensor(suffix[1:])
+            out = {name: float(dist[where[b], target].sum()) for name, dist in full.items()}
+            rows.append(out | top_k_variant_scores(model, logits[b, :m], hidden[:, b, :m], target))
+    return rows
+
+
+def shared_positions(suffixes: list[list[int]]) -> tuple[list[list[int]], list[tuple[int, int]]]:
+    """``(where, first)``: ``where[b][j]`` numbers the distinct token prefixes ``suffixes[b][: j + 1]``
+    (equal prefixes, equal numbers), and ``first[u]`` is the ``(b, j)`` where prefix ``u`` first occurs."""
+    distinct: dict[tuple, int] = {}
+    where, first = [], []
+    for b, suffix in enumerate(suffixes):
+        row = []
+        for j in range(len(suffix) - 1):
+            key = tuple(suffix[: j + 1])
+            if key not in distinct:
+                distinct[key] = len(first)
+                first.append((b, j))
+            row.append(distinct[key])
+        where.append(row)
+    return where, first
+
+
+def position_distributions(
+    model, final: torch.Tensor, hidden: torch.Tensor, chunk: int = 16
+) -> dict[str, torch.Tensor]:
+    """``{method: [U, V]}`` log-distributions of the next token at ``U`` positions from the final logits
+    ``[U, V]`` and the premature layers' hidden states ``[L, U, d]``: ``greedy`` (the model's),
+    ``dola`` (the published contrast, premature layer of largest JSD) and ``dola_half`` (every other
+    candidate layer: the same divergences, every other one). ``chunk`` positions at a time bound the
+    ``[L, chunk, V]`` readout's memory."""
+    out: dict[str, list[torch.Tensor]] = {"greedy": [], "dola": [], "dola_half": []}
+    for start in range(0, final.shape[0], chunk):
+        f = final[start : start + chunk]
+        log_final = F.log_softmax(f, -1)
+        premature = exit_logits(model.hf, hidden[:, start : start + chunk])  # [L, c, V]: one matmul
+        jsd = js_divergence(f, premature)  # [L, c]
+        out["greedy"].append(log_final)
+        for name, chosen in (("dola", jsd.argmax(0)), ("dola_half", 2 * jsd[::2].argmax(0))):
+            picked = premature[chosen, torch.arange(f.shape[0])]  # [c, V]
+            out[name].append(F.log_softmax(log_final - F.log_softmax(picked, -1), -1))
+    return {name: torch.cat(parts) for name, parts in out.items()}
+
+
+def top_k_variant_scores(model, final: torch.Tensor, hidden: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
+    """``dola_top{k}`` log-scores of ``target`` ``[m]`` (see :func:`answer_scores`) from the final logits
+    ``[m, V]`` and the premature hidden states ``[L, m, d]``: ``k`` rows of the unembedding per position."""
+    out = {}
+    for k in TOP_KS:
+        inside = with_answer(final.topk(k, dim=-1).indices, target)  # [m, k]
+        cheap = exit_logits_at(model.hf, hidden, inside)  # [L, m, k]
+        out[f"dola_top{k}"] = _contrast_score(final.gather(1, inside), cheap, torch.zeros_like(target))
     return out
 
 
@@ -122,49 +229,116 @@ def split_answers(text: str) -> list[str]:
     return [a.strip() for a in text.split(";") if a.strip()]
 
 
-def truthfulqa(model, path: str, questions: int, minutes: float | None = None) -> dict:
-    """MC1 / MC2 of greedy and DoLa on the first ``questions`` (0 = all); with ``minutes``, stops after the
-    question that passes the time budget (the report says how many were scored: a prefix of the file)."""
+#: The methods scored on TruthfulQA, in the record's order.
+METHODS = ("greedy", "dola", "dola_half", *(f"dola_top{k}" for k in TOP_KS))
+
+
+def read_questions(path: str, questions: int = 0) -> list[dict]:
+    """The first ``questions`` rows of TruthfulQA.csv (0 = all) as ``{"question", "best", "correct",
+    "incorrect", "answers"}`` (the best answer is counted correct; ``answers`` without repeats)."""
     with open(path, newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
-    rows = rows[:questions] if questions else rows
-    layers = candidate_layers(model.hf, "high")
-    methods = ("greedy", "dola", "dola_half", *(f"dola_top{k}" for k in TOP_KS))
-    mc = {method: {"mc1": [], "mc2": []} for method in methods}
-    start = time.perf_counter()
-    for i, row in enumerate(rows):
+    items = []
+    for row in rows[:questions] if questions else rows:
         best, correct = row["Best Answer"].strip(), split_answers(row["Correct Answers"])
         incorrect = split_answers(row["Incorrect Answers"])
         if best not in correct:
             correct = [best] + correct
-        scores = {a: answer_scores(model, layers, row["Question"], a) for a in dict.fromkeys(correct + incorrect)}
-        for method in methods:
-            s = {a: v[method] for a, v in scores.items()}
-            mc[method]["mc1"].append(float(all(s[best] > s[a] for a in incorrect)))
-            top = max(s.values())
-            p_true = sum(math.exp(s[a] - top) for a in correct)
-            p_false = sum(math.exp(s[a] - top) for a in incorrect)
-            mc[method]["mc2"].append(p_true / (p_true + p_false))
+        answers = list(dict.fromkeys(correct + incorrect))
+        items.append(
+            {"question": row["Question"], "best": best, "correct": correct, "incorrect": incorrect, "answers": answers}
+        )
+    return items
+
+
+def multiple_choice(scores: dict[str, float], item: dict) -> tuple[float, float]:
+    """``(mc1, mc2)`` of one question from each answer's log-score: MC1 = 1 when the best answer scores above
+    every incorrect one; MC2 = the normalised probability mass of the correct answers."""
+    mc1 = float(all(scores[item["best"]] > scores[a] for a in item["incorrect"]))
+    top = max(scores.values())
+    p_true = sum(math.exp(scores[a] - top) for a in item["correct"])
+    p_false = sum(math.exp(scores[a] - top) for a in item["incorrect"])
+    return mc1, p_true / (p_true + p_false)
+
+
+def truthfulqa(model, path: str, questions: int, minutes: float | None = None) -> dict:
+    """MC1 / MC2 of greedy, DoLa and its variants on the first ``questions`` (0 = all), each question's
+    answers scored by :func:`question_scores`; with ``minutes``, stops after the question that passes the
+    time budget (the report says how many were scored: a prefix of the file). ``per_question`` keeps every
+    question's MC1 and MC2 per method (MC2 rounded to 1e-6)."""
+    items = read_questions(path, questions)
+    layers = candidate_layers(model.hf, "high")
+    mc = {method: {"mc1": [], "mc2": []} for method in METHODS}
+    start = time.perf_counter()
+    for i, item in enumerate(items):
+        scores = question_scores(model, layers, item["question"], item["answers"])
+        for method in METHODS:
+            mc1, mc2 = multiple_choice({a: v[method] for a, v in scores.items()}, item)
+            mc[method]["mc1"].append(mc1)
+            mc[method]["mc2"].append(mc2)
         if (i + 1) % 25 == 0:
-            log(f"truthfulqa {i + 1}/{len(rows)}")
+            log(f"truthfulqa {i + 1}/{len(items)} ({time.perf_counter() - start:.0f}s)")
         if minutes is not None and time.perf_counter() - start > minutes * 60:
             log(f"truthfulqa: time budget of {minutes} min reached after {i + 1} questions")
             break
     scored = len(mc["greedy"]["mc1"])
     out = {
         "questions": scored,
-        "requested": len(rows),
+        "requested": len(items),
         "of": 817,
         "subset": f"the first {scored} rows of the file",
         "premature_layers": layers,
+        "scorer": "question_scores: the prompt's KV once, the answers in one right-padded forward",
         "seconds": time.perf_counter() - start,
     }
     for metric in ("mc1", "mc2"):
         out[metric] = {m: statistics.fmean(mc[m][metric]) for m in mc}
         out[metric]["dola_minus_greedy"] = bootstrap_diff(mc["greedy"][metric], mc["dola"][metric])
-        for method in methods[2:]:
+        for method in METHODS[2:]:
             out[metric][f"{method}_minus_dola"] = bootstrap_diff(mc["dola"][metric], mc[method][metric])
+    out["per_question"] = {m: {"mc1": mc[m]["mc1"], "mc2": [round(v, 6) for v in mc[m]["mc2"]]} for m in mc}
     return out
+
+
+def scorer_check(model, path: str, questions: int) -> dict:
+    """The batched scorer against one uncached forward per answer (:func:`answer_scores`) on the first
+    ``questions``: the largest difference of any answer's score per method, how many questions' MC1
+    agree, the largest MC2 difference, and both paths' seconds (alternating which runs first)."""
+    layers = candidate_layers(model.hf, "high")
+    score_diff = {m: 0.0 for m in METHODS}
+    mc1_same, mc2_diff, seconds = (
+        {m: 0 for m in METHODS},
+        {m: 0.0 for m in METHODS},
+        {"one_by_one": 0.0, "batched": 0.0},
+    )
+    items = read_questions(path, questions)
+    for i, item in enumerate(items):
+        runs = {
+            "one_by_one": lambda: {a: answer_scores(model, layers, item["question"], a) for a in item["answers"]},
+            "batched": lambda: question_scores(model, layers, item["question"], item["answers"]),
+        }
+        got = {}
+        for name in list(runs)[:: 1 if i % 2 else -1]:
+            start = time.perf_counter()
+            got[name] = runs[name]()
+            seconds[name] += time.perf_counter() - start
+        for m in METHODS:
+            old = {a: v[m] for a, v in got["one_by_one"].items()}
+            new = {a: v[m] for a, v in got["batched"].items()}
+            score_diff[m] = max(score_diff[m], *(abs(old[a] - new[a]) for a in old))
+            (o1, o2), (n1, n2) = multiple_choice(old, item), multiple_choice(new, item)
+            mc1_same[m] += o1 == n1
+            mc2_diff[m] = max(mc2_diff[m], abs(o2 - n2))
+        log(f"scorer check {i + 1}/{len(items)}: {seconds}")
+    return {
+        "questions": len(items),
+        "answers": sum(len(item["answers"]) for item in items),
+        "max_abs_score_diff": score_diff,
+        "mc1_identical_questions": mc1_same,
+        "max_abs_mc2_diff": mc2_diff,
+        "seconds": seconds,
+        "speedup": seconds["one_by_one"] / seconds["batched"],
+    }
 
 
 # -- context faithfulness --------------------------------------------------------------------------
@@ -285,27 +459,41 @@ def faithfulness(model, heads: list[str], control: list[str], countries: int = 0
     return out
 
 
-def cost_per_token(model, heads: list[str], prompts: int, new_tokens: int) -> dict:
-    """Seconds per generated token of greedy, DoLa (published and its cheaper variants) and DeCoRe on the
-    same chat prompts (longer outputs than the battery's, so the prompt's prefill weighs less), methods
-    interleaved per prompt."""
-    methods = {"greedy": "greedy", **dola_variants(model), "decore": DeCoRe(heads=tuple(heads))}
+def cost_per_token(model, heads: list[str] | None, prompts: int, new_tokens: int, repeats: int = 1) -> dict:
+    """Seconds per generated token of greedy, DoLa (published and its cheaper variants) and, with ``heads``,
+    DeCoRe on the same chat prompts (longer outputs than the battery's, so the prompt's prefill weighs
+    less). Methods are interleaved per prompt in an order that rotates from round to round (``repeats``
+    passes over the prompts), so a change of load hits them alike: ``vs_greedy`` is total time per
+    token against greedy's, ``median_round_ratio`` the median over rounds of the same ratio."""
+    methods = {"greedy": "greedy", **dola_variants(model)}
+    if heads:
+        methods["decore"] = DeCoRe(heads=tuple(heads))
     for strategy in methods.values():  # warm-up
         generate_with_strategy(model, SPEC_PROMPTS[0], 4, strategy)
-    seconds = {name: 0.0 for name in methods}
-    tokens = {name: 0 for name in methods}
-    for prompt in SPEC_PROMPTS[:prompts]:
-        for name, strategy in methods.items():
-            report = generate_with_strategy(model, prompt, new_tokens, strategy)
-            seconds[name] += report["seconds"]
-            tokens[name] += report["new_tokens"]
-    out = {"prompts": prompts, "new_tokens": new_tokens, "methods": {}}
-    for name in methods:
-        per_token = seconds[name] / max(tokens[name], 1)
+    names = list(methods)
+    rounds = []  # {method: (seconds, tokens)} per (repeat, prompt)
+    for _ in range(repeats):
+        for prompt in SPEC_PROMPTS[:prompts]:
+            shift = len(rounds) % len(names)
+            row = {}
+            for name in names[shift:] + names[:shift]:
+                report = generate_with_strategy(model, prompt, new_tokens, methods[name])
+                row[name] = (report["seconds"], report["new_tokens"])
+            rounds.append(row)
+            log(
+                f"cost round {len(rounds)}/{repeats * prompts}: "
+                + ", ".join(f"{k} {s:.1f}s" for k, (s, _) in row.items())
+            )
+    out = {"prompts": prompts, "repeats": repeats, "new_tokens": new_tokens, "methods": {}}
+    per_token = {name: [s / max(n, 1) for s, n in (row[name] for row in rounds)] for name in names}
+    greedy = sum(row["greedy"][0] for row in rounds) / max(sum(row["greedy"][1] for row in rounds), 1)
+    for name in names:
+        seconds, tokens = sum(row[name][0] for row in rounds), sum(row[name][1] for row in rounds)
         out["methods"][name] = {
-            "seconds_per_token": per_token,
-            "tokens": tokens[name],
-            "vs_greedy": per_token / (seconds["greedy"] / max(tokens["greedy"], 1)),
+            "seconds_per_token": seconds / max(tokens, 1),
+            "tokens": tokens,
+            "vs_greedy": seconds / max(tokens, 1) / greedy,
+            "median_round_ratio": statistics.median(m / g for m, g in zip(per_token[name], per_token["greedy"])),
         }
     out["targets"] = {"dola_max": 1.3, "decore_max": 2.2}
     return out
@@ -561,11 +749,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--truthfulqa", default="../shared/data/truthfulqa/TruthfulQA.csv")
     parser.add_argument("--questions", type=int, default=200)
+    parser.add_argument(
+        "--check-questions", type=int, default=20, help="Questions of truthfulqa_check (batched vs one by one)."
+    )
     parser.add_argument("--prompts", type=int, default=20)
     parser.add_argument("--countries", type=int, default=0, help="Capitals in the battery (0 = all 40).")
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--cost-prompts", type=int, default=4, help="Prompts for DoLa / DeCoRe time per token.")
     parser.add_argument("--cost-tokens", type=int, default=64, help="New tokens per prompt for time per token.")
+    parser.add_argument("--cost-repeats", type=int, default=1, help="Passes over the cost prompts (order rotates).")
     parser.add_argument("--draft-len", type=int, default=4, help="Draft length of a drafter given without one.")
     parser.add_argument(
         "--drafters",
@@ -648,6 +840,12 @@ def main() -> None:
             sys.exit(f"speculative output differs from greedy: {results['sections']['speculative']['mismatches']}")
     if "faithfulness" in only:
         section("faithfulness", faithfulness_section)
+    if "dola_cost" in only:
+        section(
+            "dola_cost", lambda: cost_per_token(model, None, args.cost_prompts, args.cost_tokens, args.cost_repeats)
+        )
+    if "truthfulqa_check" in only:
+        section("truthfulqa_check", lambda: scorer_check(model, args.truthfulqa, args.check_questions))
     if "truthfulqa" in only:
         section("truthfulqa", lambda: truthfulqa(model, args.truthfulqa, args.questions, args.minutes))
     print(json.dumps(results, indent=2))

@@ -35,9 +35,32 @@ def test_top_k_over_the_whole_vocabulary_is_the_published_score(model, monkeypat
 
 
 def test_cost_and_faithfulness_sections_run_every_strategy(model):
-    cost = DECODING["cost_per_token"](model, ["L0.H0"], prompts=1, new_tokens=3)
+    cost = DECODING["cost_per_token"](model, ["L0.H0"], prompts=1, new_tokens=3, repeats=2)
     assert set(cost["methods"]) == {"greedy", "dola", "dola_half", "dola_top50", "dola_top200", "decore"}
     assert cost["methods"]["greedy"]["vs_greedy"] == 1.0
-    assert all(row["tokens"] == 3 for row in cost["methods"].values())
+    assert all(row["tokens"] == 6 for row in cost["methods"].values())
+    assert cost["methods"]["greedy"]["median_round_ratio"] == 1.0
+    assert set(DECODING["cost_per_token"](model, None, prompts=1, new_tokens=2)["methods"]) == set(DECODING["METHODS"])
     battery = DECODING["faithfulness"](model, ["L0.H0"], ["L1.H1"], countries=2, new_tokens=2)
     assert battery["items"] == 4 and set(battery["methods"]) == {"greedy", "decore", "decore_random_heads", "dola"}
+
+
+def test_question_scores_equal_one_forward_per_answer(model):
+    """The batched scorer (prompt cache reused, answers right-padded in one forward, divergences shared by
+    the published and half-layer methods) gives every answer the score of its own uncached forward."""
+    layers = [1, 0]  # half the layers = [1]; the published method may choose 0
+    answers = ["yes", "no, it does not happen at all", "perhaps so", "x", "no, it does", "no"]
+    batched = DECODING["question_scores"](model, layers, "What happens if it rains?", answers)
+    assert list(batched) == answers
+    for answer in answers:
+        alone = DECODING["answer_scores"](model, layers, "What happens if it rains?", answer)
+        assert set(batched[answer]) == set(alone)
+        for method, value in alone.items():
+            assert batched[answer][method] == pytest.approx(value, abs=1e-4), (answer, method)
+    assert any(abs(batched[a]["dola"] - batched[a]["dola_half"]) > 1e-2 for a in answers)
+
+
+def test_shared_positions_number_equal_prefixes_once():
+    where, first = DECODING["shared_positions"]([[7, 1, 2], [7, 1, 3, 4], [7, 5, 6]])
+    assert where == [[0, 1], [0, 1, 2], [0, 3]]
+    assert first == [(0, 0), (0, 1), (1, 2), (2, 1)]
