@@ -2,14 +2,19 @@
 
 The recipe follows Gao et al. 2024 ("Scaling and evaluating sparse autoencoders"):
 
-* ``loss = FVU + auxk_alpha * AuxK``: FVU is the batch's squared error over its total
-  variance; AuxK asks the top ``d/2`` *dead* latents (not fired for ``dead_tokens`` tokens) to
-  predict the residual error, scaled down when few are dead (``min(dead / (d/2), 1)``).
+* ``loss = FVU + auxk_alpha * AuxK`` (:mod:`lmatlas.features.objective`): FVU is the batch's
+  squared error over its total variance; AuxK asks the top ``d/2`` *dead* latents (not fired
+  for ``dead_tokens`` tokens) to predict the residual error, scaled down when few are dead
+  (``min(dead / (d/2), 1)``).
+* Outlier rows (norm over ``outlier_ratio`` x the median: attention sinks past position 0)
+  are left out of the batches at read time; an SAE then gives one latent to them
+  (:mod:`lmatlas.features.sinks`).
 * Unit-norm decoder rows, renormalised after every step (the gradient's component along
   each row is removed first); ``b_dec`` starts at the mean of the data (an SAE) and
   ``W_enc`` at ``W_dec.T``.
 * A skip-transcoder starts its affine skip at the least-squares linear map from the MLP's
-  input to its output, so the latents learn what the best linear map misses.
+  input to its output, so the latents learn what the best linear map misses; its encoder
+  bias centres every latent's pre-activation on the data (the input is not centred).
 * Activations are scaled to unit mean squared (centred) norm per dimension while training
   and the scale is folded back into the weights at the end (exactly: the top-k selection
   does not change under a positive scale).
@@ -41,6 +46,7 @@ from lmatlas.features.harvest import Activations
 from lmatlas.features.objective import heldout_fvu, step_loss
 from lmatlas.features.outliers import NormLimit
 from lmatlas.features.scaling import data_stats, fold_scales, initialise
+from lmatlas.features.sinks import add_sink_latent
 from lmatlas.progress import ProgressArg, progress_task
 
 _SAMPLE = 65536  # rows used for the initial statistics (mean, scale, least squares)
@@ -55,6 +61,11 @@ class TrainConfig:
     ``2e-3 / sqrt(n_latents / 16384)``, capped at ``4e-3``); ``warmup``/``decay``: fractions of the
     steps with a linear ramp up / down. ``dead_tokens``: a latent not fired for this many
     tokens is dead for AuxK (``None``: a fifth of the training tokens, at most 10M).
+    ``auxk_norm``: AuxK's denominator (:mod:`lmatlas.features.objective`). ``outlier_ratio``:
+    rows whose norm is over this many times the median are left out of the batches
+    (:mod:`lmatlas.features.outliers`; ``None`` keeps them). ``sink_latent``: an SAE whose
+    sample held such rows gives its least used latent to them at the end
+    (:mod:`lmatlas.features.sinks`).
     """
 
     n_latents: int = 16384
@@ -69,6 +80,7 @@ class TrainConfig:
     auxk_norm: str = "residual"
     dead_tokens: int | None = None
     outlier_ratio: float | None = 10.0
+    sink_latent: bool = True
     seed: int = 0
     encoder_dtype: str = "bfloat16"
     eval_every: int = 25
@@ -171,6 +183,7 @@ class _Trainer:
         x0, y0 = acts.rows(plan.in_site, _SAMPLE), acts.rows(plan.out_site, _SAMPLE)
         self.limit = NormLimit.fit([x0, y0] if config.transcoder else [x0], config.outlier_ratio)
         kept = self.limit.keep([x0, y0] if config.transcoder else [x0])
+        self.sample_outliers, self.sample_ordinary = x0[~kept], x0[kept]
         x0, y0 = x0[kept], y0[kept]
         _, self.sx = data_stats(x0)
         _, self.sy = data_stats(y0) if config.transcoder else (None, self.sx)
@@ -322,6 +335,10 @@ class _Trainer:
         """Fold the scales back into the weights and record how training went on the card."""
         seconds, step = self.seconds(), self.step
         fold_scales(self.d, self.sx, self.sy)
+        sink = None
+        if self.config.sink_latent and not self.config.transcoder and len(self.sample_outliers):
+            give_up = int(self.since.argmax())
+            sink = add_sink_latent(self.d, self.sample_outliers, self.sample_ordinary, give_up)
         training = {
             **self.config_json,
             "lr": self.lr,
@@ -334,6 +351,7 @@ class _Trainer:
             "scale_out": self.sy,
             "outlier_norm_limits": list(self.limit.limits) if self.limit.ratio else None,
             "dead_fraction_train": float((self.since > self.plan.dead_tokens).float().mean()),
+            "sink_latent": sink,
             "history": self.history,
             "finished": step >= self.plan.total_steps,
         }

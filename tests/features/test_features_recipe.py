@@ -97,3 +97,36 @@ def test_transcoder_starts_with_centred_pre_activations():
     fired = torch.zeros(64, dtype=torch.bool)
     fired[tc.encode_topk(x * 0.5)[1].flatten()] = True
     assert fired.float().mean() > 0.9  # almost every latent is in some token's top k from the start
+
+
+def test_sink_latent_reconstructs_the_outlier_vector_and_stays_silent_elsewhere():
+    """Rows 100x the others along one direction: the SAE without a sink latent decodes them badly; with one,
+    each is reconstructed to 1e-3 of its squared norm, and no ordinary row gives the sink a positive value."""
+    from lmatlas.features.sinks import add_sink_latent
+
+    g = torch.Generator().manual_seed(5)
+    ordinary = torch.randn(400, 16, generator=g, dtype=torch.float64) + 1.0
+    v = torch.randn(16, generator=g, dtype=torch.float64)
+    outliers = 1.0 + 100.0 * v / v.norm() * (1 + 0.01 * torch.randn(6, 1, generator=g, dtype=torch.float64))
+    sae = TopKSAE(16, 64, 4).double()
+    with torch.no_grad():
+        W = torch.randn(64, 16, generator=g, dtype=torch.float64)
+        sae.W_dec.copy_(W / W.norm(dim=1, keepdim=True))
+        sae.W_enc.copy_(sae.W_dec.t())
+        sae.b_dec.copy_(ordinary.mean(0))
+
+    @torch.no_grad()
+    def rel_error(rows):
+        pre = (rows - sae.b_dec) @ sae.W_enc + sae.b_enc  # dense, by hand
+        vals, idx = pre.topk(4, dim=-1)
+        out = torch.zeros_like(pre).scatter(-1, idx, vals.relu()) @ sae.W_dec + sae.b_dec
+        return float(((rows - out) ** 2).sum() / ((rows - sae.b_dec) ** 2).sum()), pre
+
+    before, _ = rel_error(outliers)
+    info = add_sink_latent(sae, outliers, ordinary, give_up=7)
+    after, _ = rel_error(outliers)
+    _, pre = rel_error(ordinary)
+    assert info["latent"] == 7 and info["min_cosine"] > 0.999 and before > 0.05
+    assert after < 1e-3, (before, after)
+    assert float(pre[:, 7].max()) <= 1e-9  # the sink never fires on an ordinary row
+    assert sae.W_dec[7].detach().norm().item() == pytest.approx(1.0)
