@@ -23,7 +23,7 @@ from lmatlas.labels import heads as head_rules
 from lmatlas.labels import sentences
 from lmatlas.labels.inputs import label_inputs
 from lmatlas.labels.keys import Family, families
-from lmatlas.labels.outputs import clean_logprobs, steering
+from lmatlas.labels.outputs import Clean, clean_run, steering
 from lmatlas.labels.split import corpus_hash, fit_windows
 
 if TYPE_CHECKING:
@@ -47,7 +47,7 @@ class Captured:
     corpus_hash: str
     seed: int
     prompts: torch.Tensor  # [PROMPTS, PROMPT_TOKENS] held-out prompts for steering
-    clean: torch.Tensor  # their unedited log-probabilities [PROMPTS, PROMPT_TOKENS, vocab]
+    clean: Clean  # their unedited log-probabilities [PROMPTS, PROMPT_TOKENS, vocab] and block inputs
 
 
 def raw_text(model: "Model"):
@@ -87,7 +87,7 @@ def capture(model: "Model", windows: torch.Tensor, seed: int = 0, batch: int = 4
         corpus_hash=corpus_hash(windows),
         seed=seed,
         prompts=prompts,
-        clean=clean_logprobs(model, prompts),
+        clean=clean_run(model, prompts),
     )
 
 

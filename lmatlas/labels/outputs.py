@@ -5,7 +5,8 @@ direction through the unembedding, :func:`lmatlas.decode.neurons.output_directio
 checked causally on held-out prompts ``[p, pos]``: one batched forward raises neuron ``i``
 by ``delta[i]`` (its peak activation on the fit split) at every position of its own copy
 of the prompts (a replacement function on ``L{layer}.mlp.act``; rows ``i * p .. i * p + p``
-belong to neuron ``i``), and compares the log-probabilities with a clean forward:
+belong to neuron ``i``; the copies start at block ``layer`` from the clean stream, see
+:func:`lmatlas.model.run_from`), and compares the log-probabilities with a clean forward:
 
     steering = mean over positions of [ Δlogp(promoted) - mean over r of Δlogp(random set r) ]
 
@@ -56,10 +57,25 @@ def promoted_tokens(model: "Model", layer: int, neurons: list[int], k: int = PRO
     return project(model, directions, norm="none").topk(k, dim=-1).indices.tolist()
 
 
+@dataclass(frozen=True)
+class Clean:
+    """The unedited run of the steering prompts ``[p, pos]``, shared by every layer."""
+
+    logprobs: torch.Tensor  # [p, pos, vocab] float32
+    streams: list[torch.Tensor]  # per layer: the residual stream entering it, [p, pos, d_model]
+
+
+def clean_run(model: "Model", prompts: torch.Tensor) -> Clean:
+    """One unedited forward of ``prompts``: its log-probabilities and every block's input stream."""
+    with torch.no_grad():
+        cache = model.run(prompts, capture=["resid.pre"])
+    streams = [cache[f"L{layer}.resid.pre"] for layer in range(model.layout.n_layers)]
+    return Clean(cache.logits.float().log_softmax(-1), streams)
+
+
 def clean_logprobs(model: "Model", prompts: torch.Tensor) -> torch.Tensor:
     """``[p, pos, vocab]`` float32 log-probabilities of the unedited model (shared by every layer)."""
-    with torch.no_grad():
-        return model.run(prompts).logits.float().log_softmax(-1)
+    return clean_run(model, prompts).logprobs
 
 
 def steering(
@@ -69,12 +85,16 @@ def steering(
     delta: torch.Tensor,
     prompts: torch.Tensor,
     seed: int = 0,
-    clean: torch.Tensor | None = None,
+    clean: Clean | None = None,
 ) -> list[Steering]:
     """Raise each of ``neurons`` by ``delta [n]`` on ``prompts [p, pos]``; score its promoted tokens.
 
-    ``clean``: :func:`clean_logprobs` of ``prompts``, when already computed.
+    ``clean``: :func:`clean_run` of ``prompts``, when already computed. The steered copies start
+    at ``layer`` from the clean stream entering it (:func:`lmatlas.model.run_from`): blocks
+    before ``layer`` are the same in every copy and run once, in the clean run.
     """
+    from lmatlas.model import run_from
+
     if not neurons:
         return []
     promoted = promoted_tokens(model, layer, neurons)
@@ -87,9 +107,10 @@ def steering(
         return value + added.to(value.dtype)
 
     with torch.no_grad():
-        clean = clean_logprobs(model, prompts) if clean is None else clean  # [p, pos, vocab]
-        edited = model.run(prompts.repeat(len(neurons), 1), replace={f"L{layer}.mlp.act": raise_neuron})
-        change = edited.logits.float().log_softmax(-1) - clean.repeat(len(neurons), 1, 1)
+        clean = clean_run(model, prompts) if clean is None else clean
+        stream = clean.streams[layer].repeat(len(neurons), 1, 1)  # [n * p, pos, d_model]
+        edited = run_from(model, layer, stream, replace={f"L{layer}.mlp.act": raise_neuron})
+        change = edited.logits.float().log_softmax(-1) - clean.logprobs.repeat(len(neurons), 1, 1)
     gen = torch.Generator().manual_seed(seed + layer)
     random_sets = torch.randint(model.layout.d_vocab, (RANDOM_SETS, PROMOTED), generator=gen)
     out = []
