@@ -15,9 +15,10 @@ run. A node outside every edge still runs, on corrupt inputs: nothing is zeroed.
 **How, in one copy of the batch** (the default, :mod:`lmatlas.causal.edge_sliced`):
 each head's queries and each KV group's keys and values are projected from their own
 stream with the block's norm and the model's per-head weights, the position map the
-model applies next (rotary) measured from the model itself; the attention, the MLPs
-and the logits run natively. A circuit costs one forward of ``prompts`` rows plus the
-stream mixing, whatever its size.
+model applies next (rotary) read off the model's own rotary and checked against the
+q/k/v of the runner's clean and corrupt forwards; the attention, the MLPs and the
+logits run natively. A circuit costs one forward of ``prompts`` rows plus the stream
+mixing, whatever its size; the runner's setup is those two forwards.
 
 **The copy layout** (``sliced=False``, and the fallback for families whose q/k norm
 makes that map non-linear): inputs of one layer that read different streams are given
@@ -44,7 +45,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from lmatlas.causal.edge_plan import Plan, groups, plan
-from lmatlas.causal.edge_sliced import HeadMaps, SlicedState
+from lmatlas.causal.edge_sliced import SlicedState, head_maps
 from lmatlas.causal.edges import EdgeIndex
 from lmatlas.progress import ProgressArg, progress_task
 
@@ -80,16 +81,18 @@ class EdgeRunner:
         self.features = {site.layer: site for site in features or []}
         lay = model.layout
         last = [f"L{layer}.resid.post" for layer in {lay.n_layers - 1, *self.features}]
-        corrupt = model.run(task.corrupt, capture=["resid.pre", "resid.mid", "attn.out", "mlp.out", *last])
-        clean = model.run(task.clean, capture=["L0.resid.pre"])
+        qkv = ["attn.q", "attn.k", "attn.v"] if sliced else []  # what the one-copy maps are checked on
+        corrupt = model.run(task.corrupt, capture=["resid.pre", "resid.mid", "attn.out", "mlp.out", *last, *qkv])
+        clean = model.run(task.clean, capture=["resid.pre", *qkv] if sliced else ["L0.resid.pre"])
         self.exact = torch.promote_types(model.dtype, torch.float32)
-        self.corrupt = {k: v.to(self.exact) for k, v in corrupt.values.items()}
+        self.maps = head_maps(model, task.clean, [corrupt, clean], self.exact) if sliced else None
+        kept = {k: v for k, v in corrupt.values.items() if k.rsplit(".", 1)[-1] not in ("q", "k", "v")}
+        self.corrupt = {k: v.to(self.exact) for k, v in kept.items()}
         self.feature_corrupt = {layer: self._site_writes(layer, self.corrupt) for layer in self.features}
         self.embed_delta = clean["L0.resid.pre"].to(self.exact) - self.corrupt["L0.resid.pre"]  # [B, P, d]
         self.clean_value = float(metric(clean.logits).mean())
         self._clean_deltas: list[torch.Tensor] | None = None
         self.corrupt_value = float(metric(corrupt.logits).mean())
-        self.maps = HeadMaps.measure(model, task.clean[:1], self.exact) if sliced else None
 
     @classmethod
     def with_features(

@@ -13,11 +13,15 @@ per distinct stream: a large circuit of SmolLM2 (9 query heads, 3 KV groups) cos
   weights (:attr:`Model.W`), so the projections of all inputs together cost one
   forward's q/k/v projection;
 * ``A_p`` is what the model does to a head's projection before attention (rotary at
-  position ``p``; the identity without rotary). It is **measured from the model**
-  (:class:`HeadMaps`): one forward of random streams, a least-squares fit per layer,
-  part and position, accepted only if it reproduces the model's q/k/v to float
-  precision. Families whose q/k norm makes that map non-linear (Qwen 3, Gemma 3,
-  OLMo-2) fail the check and keep the copy layout.
+  position ``p``; the identity without rotary), a ``[d_head, d_head]`` matrix per layer,
+  part and position (:class:`HeadMaps`). It is **read off the model's own rotary**
+  (:func:`lmatlas.model.rotary.position_maps`: the model's ``cos``/``sin`` applied to the
+  identity basis, no forward) or, where the model offers no rotary function to call,
+  **fitted** (:meth:`HeadMaps.measure`: one forward of random streams, a least-squares fit);
+  either way it is **accepted only if it reproduces the q/k/v the model computed on the
+  task's own clean and corrupt streams** to ``1e-4`` of their size (:meth:`HeadMaps.check`).
+  Families whose q/k norm makes that map non-linear (Qwen 3, Gemma 3, OLMo-2) fail the
+  check and keep the copy layout.
 
 The attention itself, the output projection, the MLP and the logits then run natively
 on the one copy, with ``attn.q`` / ``attn.k`` / ``attn.v`` replaced.
@@ -31,6 +35,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from lmatlas.causal.edge_plan import layer_targets
+from lmatlas.model.rotary import position_maps
 
 if TYPE_CHECKING:
     from lmatlas.causal.edge_run import EdgeRunner
@@ -67,6 +72,33 @@ class HeadMaps:
 
     maps: list[dict[str, torch.Tensor]]
     length: int
+    source: str = "fitted"  # or "rotary": read off the model's rotary (:meth:`derive`)
+
+    @classmethod
+    def derive(cls, model: "Model", length: int, dtype: torch.dtype) -> "HeadMaps | None":
+        """The maps read off the model's rotary for positions ``0 .. length - 1`` (no forward; unchecked),
+        ``None`` where the model's rotary cannot be applied from here."""
+        maps = position_maps(model, length, torch.float64)
+        if maps is None:
+            return None
+        return cls([{p: m.to(dtype) for p, m in part.items()} for part in maps], length, "rotary")
+
+    def check(self, model: "Model", runs: list, tol: float = 1e-4) -> bool:
+        """Whether the maps reproduce the q/k/v the model computed in ``runs`` (caches holding every layer's
+        ``resid.pre`` and ``attn.q/k/v``, e.g. the task's clean and corrupt forwards) to ``tol`` of their size,
+        for every layer and part: the maps of a model whose q/k norm makes ``A_p`` non-linear fail here."""
+        lay = model.layout
+        with torch.no_grad():
+            for layer in range(lay.n_layers):
+                normed = torch.cat([_norm(model, layer, run[f"L{layer}.resid.pre"]) for run in runs])  # [B, P, d]
+                for part in PARTS:
+                    heads = lay.n_heads if part == "q" else lay.n_kv_heads
+                    u = project(model, layer, part, normed.expand(heads, *normed.shape), torch.float64)
+                    got = torch.einsum("bphe,pef->bphf", u, self.maps[layer][part].double())
+                    want = torch.cat([run[f"L{layer}.attn.{part}"] for run in runs]).double()
+                    if float((got - want).abs().max()) > tol * float(want.abs().max().clamp_min(1e-30)):
+                        return False
+        return True
 
     @classmethod
     def measure(cls, model: "Model", tokens: torch.Tensor, dtype: torch.dtype, seed: int = 0) -> "HeadMaps | None":
@@ -83,6 +115,14 @@ class HeadMaps:
             if maps != "short":
                 return None if maps is None else cls(maps, tokens.shape[1])
         return None
+
+
+def head_maps(model: "Model", tokens: torch.Tensor, runs: list, dtype: torch.dtype) -> HeadMaps | None:
+    """The maps for prompts ``tokens`` ``[B, P]``, or ``None`` (then the copy layout runs): read off the model's
+    rotary (fitted on random streams where they cannot be), kept only if they pass :meth:`HeadMaps.check` on
+    ``runs`` (the task's own forwards, capturing ``resid.pre`` and ``attn.q/k/v``)."""
+    maps = HeadMaps.derive(model, tokens.shape[1], dtype) or HeadMaps.measure(model, tokens[:1], dtype)
+    return maps if maps is not None and maps.check(model, runs) else None
 
 
 def _measure(model: "Model", tokens: torch.Tensor, dtype: torch.dtype, n: int, seed: int, check_span: bool):

@@ -43,10 +43,15 @@ class EdgeIndex:
 
     @classmethod
     def of(cls, model: "Model") -> "EdgeIndex":
-        from lmatlas.causal.circuits import _reads_after, nodes
+        from lmatlas.causal.circuits import _layer, _reads_after, nodes
 
         sources, targets = nodes(model)
-        allowed = torch.tensor([[_reads_after(model, s, t) for t in targets] for s in sources])
+        s_layer = torch.tensor([_layer(s) for s in sources])
+        t_layer = torch.tensor([_layer(t) for t in targets])
+        allowed = s_layer[:, None] < t_layer[None, :]  # an earlier layer always writes before a later one reads
+        rows, cols = (s_layer[:, None] == t_layer[None, :]).nonzero().unbind(1)  # within a layer: ask the rule
+        pairs = zip(rows.tolist(), cols.tolist())
+        allowed[rows, cols] = torch.tensor([_reads_after(model, sources[i], targets[j]) for i, j in pairs])
         return cls(tuple(sources), tuple(targets), allowed)
 
     def source(self, name: str) -> int:
