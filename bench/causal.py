@@ -14,8 +14,18 @@ Times are medians: attribution over ``--repeats`` runs, exact patching (minutes 
 so its time varies little) over the first ``--exact-repeats``; ratios are from the same run.
 ``eap_ig``: EAP-IG on IOI (time, peak memory, circuit size and faithfulness).
 
+``--edge-errors TASKS`` instead measures where edge scores go wrong: for each task, the
+top ``--verify`` edges of EAP with the QK-aware score (``--edge-methods`` for others) against
+exact edge patching, each edge with the size of its source's clean-minus-corrupt write
+relative to the corrupt stream its input reads (``rel``: the median over prompts and
+positions of ``|delta_u| / |x_v|``, positions where the write changes only), the agreement
+split at ``rel`` 0.5, and by the source's layer (the first three layers apart). The
+node-level vs edge-level curves of every method are ``bench/circuits.py``'s.
+
     .venv/bin/python bench/causal.py [--tasks ioi,capitals,induction] [--n 8] [--repeats 3]
         [--exact-repeats 1] [--qk-tasks all|none|ioi,...] [--no-eap-ig] [--out FILE]
+    .venv/bin/python bench/causal.py --edge-errors ioi,induction,greater-than,capitals [--n 4] [--verify 50]
+        [--edge-methods eap+qk,eap] --out bench/results/circuits_edge_errors.json
 """
 
 from __future__ import annotations
@@ -54,8 +64,15 @@ def main(argv: list[str] | None = None) -> dict:
         help="tasks that also patch every query and KV key (comma-separated, 'all' or 'none')",
     )
     parser.add_argument("--out", default="bench/results/causal.json")
+    parser.add_argument("--edge-errors", default=None, help="tasks whose edge scores are checked edge by edge")
+    parser.add_argument("--edge-methods", default="eap+qk", help="with --edge-errors: eap, eap+qk, eap-ig, ...")
+    parser.add_argument("--verify", type=int, default=50, help="with --edge-errors: top edges measured exactly")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
+    if args.edge_errors:
+        from edge_errors import edge_errors  # noqa: E402  (bench/ is on the path)
+
+        return edge_errors(args)
     if args.model and args.model.startswith("tiny:"):  # a smoke run: a tiny random model of that family
         from lmatlas.model.tiny import tiny_model
 

@@ -169,9 +169,15 @@ def edge_attribution(
     steps: int = 0,
     along: str = "inputs",
     qk: bool = True,
+    rescore: int = 0,
+    runner=None,
 ) -> Graph:
     """Score every edge of the graph: EAP (``steps=0``) or EAP-IG with ``steps`` points ``along``
-    ``"inputs"`` or ``"activations"``; ``qk=True`` scores query and key edges QK-aware."""
+    ``"inputs"`` or ``"activations"``; ``qk=True`` scores query and key edges QK-aware.
+
+    ``rescore=k`` then re-measures the top ``k`` edges by exact edge patching and ranks them by
+    their exact effects (:func:`lmatlas.causal.edge_verify.rescore_exact`, on ``runner``, an
+    :class:`~lmatlas.causal.edge_run.EdgeRunner` of the same task and metric, when given)."""
     from lmatlas.causal.edge_scores import held_streams, qk_scores, stream_captures
     from lmatlas.errors import TaskError
 
@@ -179,6 +185,8 @@ def edge_attribution(
         raise TaskError(f"Unknown path {along!r} for EAP-IG: use 'inputs' or 'activations'.")
     if steps < 0:
         raise TaskError(f"EAP-IG steps must be 0 (plain EAP) or more, got {steps}.")
+    if rescore < 0:
+        raise TaskError(f"The number of edges re-scored exactly must be 0 or more, got {rescore}.")
     metric = metric or logit_diff(task.answer, task.wrong)
     lay = model.layout
     capture = ["L0.resid.pre"] + [f"L{l}.{c}" for l in range(lay.n_layers) for c in ("attn.out", "mlp.out")]
@@ -212,7 +220,7 @@ def edge_attribution(
             scores[i, j] = value
     allowed = torch.tensor([[_reads_after(model, s, t) for t in targets] for s in sources])
     scores = torch.where(allowed, scores, torch.full_like(scores, float("nan")))
-    return Graph(
+    graph = Graph(
         task.name,
         method_name(steps, along, qk),
         sources,
@@ -222,3 +230,8 @@ def edge_attribution(
         float(metric(corrupt.logits).mean()),
         meta={"steps": steps, "prompts": len(task), "along": along if steps else None, "qk": qk},
     )
+    if not rescore:
+        return graph
+    from lmatlas.causal.edge_verify import rescore_exact
+
+    return rescore_exact(model, task, graph, metric, k=rescore, runner=runner)

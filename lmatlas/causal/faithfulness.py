@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
 MIB_FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 GRANULARITIES = ("edges", "nodes")
+RESCORE = 100  # task_circuit's default: the top 100 scored edges re-measured exactly before ranking
 
 
 def circuit_nodes(model: "Model", edges: list[tuple[str, str, float]]) -> set[str]:
@@ -145,10 +146,10 @@ class _NodeJudge:
 class _EdgeJudge:
     """Faithfulness of the top ``k`` edges run edge by edge (all ``counts`` in batched forwards)."""
 
-    def __init__(self, model, task, graph, metric):
+    def __init__(self, model, task, graph, metric, runner=None):
         from lmatlas.causal.edge_run import EdgeRunner
 
-        self.runner = EdgeRunner(model, task, metric)
+        self.runner = runner or EdgeRunner(model, task, metric)
 
     def __call__(self, ranked, counts: list[int]) -> list[float]:
         from lmatlas.causal.edges import top_masks
@@ -166,17 +167,23 @@ def find_circuit(
     fractions: tuple[float, ...] = MIB_FRACTIONS,
     granularity: str = "edges",
     verify: int = 50,
+    runner=None,
 ) -> Circuit:
     """Measure the faithfulness curve of ``graph`` and keep the smallest circuit reaching ``target``
     (searched after the last curve point that falls short, to within 2% of its edges).
 
     ``granularity="edges"`` runs every circuit edge by edge (the default); ``"nodes"``
     runs the nodes the edges touch whole. ``verify`` top edges of the graph are
-    re-measured by exact edge patching (:func:`lmatlas.causal.edge_verify.verify_edges`).
+    re-measured by exact edge patching (:func:`lmatlas.causal.edge_verify.verify_edges`);
+    ``runner`` (an :class:`~lmatlas.causal.edge_run.EdgeRunner` of the same task and metric) is reused.
     """
     check_granularity(granularity)
     metric = metric or logit_diff(task.answer, task.wrong)
-    judge = (_EdgeJudge if granularity == "edges" else _NodeJudge)(model, task, graph, metric)
+    if granularity == "edges":
+        judge = _EdgeJudge(model, task, graph, metric, runner)
+    else:
+        judge = _NodeJudge(model, task, graph, metric)
+        judge.runner = runner
     ranked = graph.edges()
     counts = [max(1, round(fraction * len(ranked))) for fraction in fractions]
     values = judge(ranked, counts)
@@ -241,11 +248,14 @@ def task_circuit(
     verify: int = 50,
     along: str = "inputs",
     qk: bool = True,
+    rescore: int = RESCORE,
 ) -> Circuit:
     """The circuit of a task by name: ``n`` prompt pairs (:func:`~lmatlas.causal.tasks.load_task` with
     ``seed``), edges scored by EAP (``steps=0``) or EAP-IG ``along`` inputs or activations, query and
     key edges QK-aware unless ``qk=False``, pruned to ``target`` faithfulness measured at
-    ``granularity`` (``"edges"`` or ``"nodes"``).
+    ``granularity`` (``"edges"`` or ``"nodes"``). The top ``rescore`` edges of the score are
+    re-measured by exact edge patching before ranking (:func:`~lmatlas.causal.edge_verify.rescore_exact`;
+    0 ranks by the gradient score alone).
 
     What ``lmatlas circuit --task NAME`` and the explorer's circuit page both run.
     """
@@ -257,5 +267,10 @@ def task_circuit(
         raise TaskError(f"The faithfulness target must be in (0, 1], got {target}.")
     check_granularity(granularity)
     batch = load_task(model, task, n=n, seed=seed)
-    graph = edge_attribution(model, batch, steps=steps, along=along, qk=qk)
-    return find_circuit(model, batch, graph, target=target, granularity=granularity, verify=verify)
+    runner = None
+    if rescore or granularity == "edges":
+        from lmatlas.causal.edge_run import EdgeRunner
+
+        runner = EdgeRunner(model, batch, logit_diff(batch.answer, batch.wrong))
+    graph = edge_attribution(model, batch, steps=steps, along=along, qk=qk, rescore=rescore, runner=runner)
+    return find_circuit(model, batch, graph, target=target, granularity=granularity, verify=verify, runner=runner)
