@@ -21,7 +21,7 @@ from support.web import expect_error, gate_held
 from lmatlas.atlas.causal_results import save_circuit
 from lmatlas.causal import load_task
 from lmatlas.causal.circuits import edge_attribution
-from lmatlas.causal.faithfulness import find_circuit
+from lmatlas.causal.faithfulness import RESCORE, find_circuit
 from lmatlas.causal.tasks import TASKS
 from lmatlas.edit import Ablate, Edit, Scale, Set
 from lmatlas.web import create_app
@@ -270,10 +270,10 @@ def test_live_circuit_equals_lmatlas_causal(client, model, task, n, seed, steps,
     params = {"task": task, "n": n, "seed": seed, "steps": steps, "faithfulness": target, "top": 40}
     data = client.get("/api/circuit", params=params).json()
     batch = load_task(model, task, n=n, seed=seed)
-    graph = edge_attribution(model, batch, steps=steps)
+    graph = edge_attribution(model, batch, steps=steps, rescore=RESCORE)  # task_circuit's default re-scoring
     circuit = find_circuit(model, batch, graph, target=target)
     k = data["circuit_edges"]
-    assert data["computed"] == "live" and data["method"] == ("eap-ig+qk" if steps else "eap+qk")
+    assert data["computed"] == "live" and data["method"] == ("eap-ig+qk" if steps else "eap+qk") + f"+exact{RESCORE}"
     assert k == len(circuit.edges)
     got = [(e["source"], e["target"], e["score"]) for e in data["edges"]]
     assert [g[:2] for g in got[:k]] == [c[:2] for c in circuit.edges]
@@ -304,7 +304,7 @@ def test_circuit_from_the_atlas(paths, model, tmp_path):
     stored_path = tmp_path / "with-circuit.atlas.duckdb"
     shutil.copy(paths["a"], stored_path)
     batch = load_task(model, "induction", n=4, seed=0)
-    circuit = find_circuit(model, batch, edge_attribution(model, batch), target=0.8)
+    circuit = find_circuit(model, batch, edge_attribution(model, batch, rescore=RESCORE), target=0.8)  # as live
     save_circuit(stored_path, model, circuit)
     with TestClient(create_app(stored_path)) as c:  # no model: served from the atlas
         tasks = c.get("/api/circuit/tasks").json()
@@ -312,7 +312,7 @@ def test_circuit_from_the_atlas(paths, model, tmp_path):
         assert tasks["stored"] == [
             {
                 "task": "induction",
-                "method": "eap+qk",
+                "method": f"eap+qk+exact{RESCORE}",
                 "granularity": "edges",
                 "edges": len(circuit.edges),
                 "faithfulness": pytest.approx(circuit.faithfulness),
