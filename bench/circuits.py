@@ -18,14 +18,18 @@ it measures, each step timed with its peak resident memory and the model forward
   curve in batched forwards), CPR and CMD of each;
 * ``verification``: the top ``--verify`` edges re-measured by exact edge patching
   (:func:`lmatlas.causal.edge_verify.verify_edges`, the runner of the edge curve reused as ``find_circuit``
-  does): Spearman with the scores, largest absolute error.
+  does): Spearman with the scores, largest absolute error;
+* once per task, ``setup_fitted_vs_rotary``: the edge runner's setup with the post-projection maps fitted on a
+  forward of random streams (as it was) and read off the model's rotary (as it is), alternated, each pair beside
+  a plain forward.
 
-Baseline: a plain forward of the task's clean batch timed right before each of the ``--curve-repeats`` runs
-of the edge curve (interleaved, so a change of load moves both), and ``--plain-repeats`` plain forwards
-once per task for the layer-token count. Targets (verdicts through ``harness.meets_target``, ``None`` when the
-spread crosses the target): an edge-level curve, its runner's setup (two forwards and the fit of the
-post-projection maps) included, costs <= 5 plain forwards' time per point (quartiles over the interleaved
-pairs); the top-50 verification, its runner's setup included, takes <= 60 s; the default method's verified
+Baseline: a plain forward of the task's clean batch timed right before each of the ``--curve-repeats``
+(runner setup, edge curve) pairs (interleaved, so a change of load moves all three), and ``--plain-repeats``
+plain forwards once per task for the layer-token count. Targets (verdicts through ``harness.meets_target``,
+``None`` when the spread crosses the target): an edge-level curve, its runner's setup (the task's clean and
+corrupt forwards, the post-projection maps read off the model's rotary and checked on them) included, costs
+<= 5 plain forwards' time per point (quartiles over the interleaved triples); the top-50 verification, its
+runner's setup (the median one) included, takes <= 60 s; the default method's verified
 top-50 Spearman is >= 0.8 on every task.
 
 The record is written after every (task, method) section, each section with its own conditions (command,
@@ -64,6 +68,7 @@ from harness import (  # noqa: E402  (bench/ is on the path when a benchmark run
 
 from lmatlas.causal import EdgeRunner, load_task
 from lmatlas.causal.circuits import edge_attribution
+from lmatlas.causal.edge_sliced import HeadMaps
 from lmatlas.causal.edge_verify import verify_edges
 from lmatlas.causal.edges import top_masks
 from lmatlas.causal.faithfulness import MIB_FRACTIONS, circuit_nodes, run_circuit
@@ -131,6 +136,33 @@ def plain_forward(model, task, repeats: int) -> dict:
     return {"all_s": times, "median_s": statistics.median(times), "layer_tokens": work.layer_tokens}
 
 
+def setup_comparison(model, task, repeats: int) -> dict:
+    """The edge runner's setup as it was (the task's two forwards, then the post-projection maps fitted on a
+    forward of random streams: ``HeadMaps.measure``) against now (the maps read off the model's rotary and
+    checked on the task's forwards), alternated ``repeats`` times, each pair beside a plain forward."""
+    metric = logit_diff(task.answer, task.wrong)
+
+    def fitted():
+        runner = EdgeRunner(model, task, metric, progress=False, sliced=False)
+        return HeadMaps.measure(model, task.clean[:1], runner.exact)
+
+    runs: dict[str, list] = {"plain_s": [], "fitted_s": [], "rotary_s": []}
+    for _ in range(repeats):
+        runs["plain_s"].append(plain_forward(model, task, 1)["all_s"][0])
+        cost, maps = measured(model, fitted)
+        runs["fitted_s"].append(cost["seconds"])
+        cost, runner = measured(model, lambda: EdgeRunner(model, task, metric, progress=False))
+        runs["rotary_s"].append(cost["seconds"])
+    ratios = {k: [s / p for s, p in zip(runs[f"{k}_s"], runs["plain_s"])] for k in ("fitted", "rotary")}
+    return {
+        **runs,
+        "fitted_over_plain_forward": statistics.median(ratios["fitted"]),
+        "rotary_over_plain_forward": statistics.median(ratios["rotary"]),
+        "fitted_over_rotary": statistics.median(f / r for f, r in zip(runs["fitted_s"], runs["rotary_s"])),
+        "layouts": {"fitted": maps is not None, "rotary": runner.maps is not None},
+    }
+
+
 def method_section(model, task, name: str, steps: int, k: int, plain: dict, log: Log, curve_repeats: int = 3) -> dict:
     """Score, both curves and the verification of one method on one task (see the module docstring)."""
     base_steps, along, qk = METHODS[name]
@@ -149,26 +181,28 @@ def method_section(model, task, name: str, steps: int, k: int, plain: dict, log:
         return [(v - graph.corrupt) / gap if gap else float("nan") for v in values]
 
     node_cost, node_values = measured(model, nodes_curve)
-    setup, runner = measured(model, lambda: EdgeRunner(model, task, metric, progress=False))
-    masks = top_masks(runner.index, ranked, counts)
-    plains, curve_runs = [], []
-    for _ in range(curve_repeats):  # each curve run next to a plain forward: the load moves both alike
+    plains, setups, curve_runs = [], [], []
+    for _ in range(curve_repeats):  # each setup + curve run next to a plain forward: the load moves them alike
         plains.append(plain_forward(model, task, 1)["all_s"][0])
+        setup_i, runner = measured(model, lambda: EdgeRunner(model, task, metric, progress=False))
+        masks = top_masks(runner.index, ranked, counts)
         cost_i, edge_values = measured(model, lambda: runner.faithfulness(masks))
+        setups.append(setup_i)
         curve_runs.append(cost_i)
     edge_cost = min(curve_runs, key=lambda c: c["seconds"])
+    setup = {**sorted(setups, key=lambda c: c["seconds"])[len(setups) // 2], "all_s": [c["seconds"] for c in setups]}
     log(f"{task.name} {name}: curves nodes {node_cost['seconds']:.1f}s, edges {edge_cost['seconds']:.1f}s")
     check_cost, check = measured(model, lambda: verify_edges(model, task, graph, metric, k=k, runner=runner))
     log(f"{task.name} {name}: verified top {k} in {check_cost['seconds']:.1f}s, Spearman {check['spearman']}")
     points = len(counts)
-    per_point = [(setup["seconds"] + c["seconds"]) / points for c in curve_runs]
+    per_point = [(s["seconds"] + c["seconds"]) / points for s, c in zip(setups, curve_runs)]
     edges_curve = {
         **summary(MIB_FRACTIONS, edge_values.tolist(), counts),
         **edge_cost,
         "curve_runs_s": [c["seconds"] for c in curve_runs],
         "plain_forwards_beside_s": plains,
         "runner_setup": setup,
-        "runner_layout": "one copy" if getattr(runner, "maps", None) is not None else "copies",
+        "runner_layout": "copies" if runner.maps is None else f"one copy (maps {runner.maps.source})",
         "seconds_per_point": statistics.median(per_point),
         "forwards_per_point": (setup["forwards"] + edge_cost["forwards"]) / points,
         "layer_tokens_per_point_over_plain": (setup["layer_tokens"] + edge_cost["layer_tokens"])
@@ -292,6 +326,8 @@ def _run(args, model, methods: list[str], log: Log, before: dict) -> dict:
         if "plain_forward" not in section:
             section.update(prompts=len(task), tokens=int(task.clean.shape[1]))
             section["plain_forward"] = plain_forward(model, task, args.plain_repeats)
+        if "setup_fitted_vs_rotary" not in section:
+            section["setup_fitted_vs_rotary"] = setup_comparison(model, task, args.curve_repeats)
         for method in methods:
             if method in section["methods"]:
                 log(f"{name} {method}: already in {args.out}, skipped")

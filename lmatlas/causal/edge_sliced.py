@@ -93,9 +93,10 @@ class HeadMaps:
                 normed = torch.cat([_norm(model, layer, run[f"L{layer}.resid.pre"]) for run in runs])  # [B, P, d]
                 for part in PARTS:
                     heads = lay.n_heads if part == "q" else lay.n_kv_heads
-                    u = project(model, layer, part, normed.expand(heads, *normed.shape), torch.float64)
-                    got = torch.einsum("bphe,pef->bphf", u, self.maps[layer][part].double())
-                    want = torch.cat([run[f"L{layer}.attn.{part}"] for run in runs]).double()
+                    m = self.maps[layer][part]  # in the dtype the runs project in (float32, float64 for such models)
+                    u = project(model, layer, part, normed.expand(heads, *normed.shape), m.dtype)
+                    got = torch.einsum("bphe,pef->bphf", u, m)
+                    want = torch.cat([run[f"L{layer}.attn.{part}"] for run in runs]).to(m.dtype)
                     if float((got - want).abs().max()) > tol * float(want.abs().max().clamp_min(1e-30)):
                         return False
         return True

@@ -43,12 +43,13 @@ def test_every_section_is_recorded_with_its_conditions_and_derived_figures(run):
         # the runner's corrupt and clean runs, and fewer batched forwards than points for edges
         assert curves["granularity_nodes"]["forwards"] == len(MIB_FRACTIONS) + 1
         edges = curves["granularity_edges"]
-        # the runner's corrupt and clean runs and the fit of the post-projection maps (one forward)
-        assert edges["runner_setup"]["forwards"] == 3 and edges["runner_layout"] == "one copy"
+        # the runner's corrupt and clean runs only: the post-projection maps come from the rotary, no forward
+        assert edges["runner_setup"]["forwards"] == 2 and edges["runner_layout"] == "one copy (maps rotary)"
         assert 1 <= edges["forwards"] < len(MIB_FRACTIONS)
-        setup = edges["runner_setup"]["seconds"]
-        per_point = [(setup + c) / len(MIB_FRACTIONS) for c in edges["curve_runs_s"]]
-        beside = edges["plain_forwards_beside_s"]  # each curve run timed next to its own plain forward
+        setups = edges["runner_setup"]["all_s"]  # a setup per curve run, each pair next to its plain forward
+        assert edges["runner_setup"]["seconds"] == pytest.approx(statistics.median(setups))
+        per_point = [(s + c) / len(MIB_FRACTIONS) for s, c in zip(setups, edges["curve_runs_s"])]
+        beside = edges["plain_forwards_beside_s"]
         assert len(per_point) == len(beside) == 3
         assert edges["seconds_per_point"] == pytest.approx(statistics.median(per_point))
         ratios = [p / t for p, t in zip(per_point, beside)]
@@ -60,6 +61,11 @@ def test_every_section_is_recorded_with_its_conditions_and_derived_figures(run):
         assert check["spearman"] == pytest.approx(_spearman(check["estimated"], check["exact"]), abs=1e-6)
         assert check["meets_target"] == (check["with_runner_setup_s"] <= 60) and check["quartiles"]["n"] == 1
         assert row["score"]["peak_rss_mb"] >= row["score"]["rss_before_mb"] * 0.99
+    compare = section["setup_fitted_vs_rotary"]  # the setup as it was (maps fitted) against as it is
+    assert len(compare["fitted_s"]) == len(compare["rotary_s"]) == len(compare["plain_s"]) == 3
+    ratios = [f / r for f, r in zip(compare["fitted_s"], compare["rotary_s"])]
+    assert compare["fitted_over_rotary"] == pytest.approx(statistics.median(ratios))
+    assert compare["layouts"] == {"fitted": True, "rotary": True}
     rho = section["methods"]["eap+qk"]["verification"]["spearman"]
     assert record["verdicts"]["spearman"]["induction"] == (rho >= 0.8)
 
