@@ -57,7 +57,7 @@ class FeatureNodes:
         basis = torch.zeros(len(self.latents) + 1, n, dtype=like.dtype, device=like.device)
         basis[torch.arange(len(self.latents)), torch.tensor(self.latents)] = 1.0  # last row: zero
         with torch.no_grad():
-            out = self.dictionary.decode(basis.to(_dtype(self.dictionary, like))).to(like.dtype)
+            out = self.dictionary.decode(basis.to(dictionary_dtype(self.dictionary, like))).to(like.dtype)
         return out[:-1] - out[-1]
 
     def writes(self, streams: torch.Tensor) -> torch.Tensor:
@@ -67,7 +67,7 @@ class FeatureNodes:
         """
         n = len(self.latents)
         with torch.no_grad():
-            f = self.dictionary.encode(streams.to(_dtype(self.dictionary, streams))).to(streams.dtype)
+            f = self.dictionary.encode(streams.to(dictionary_dtype(self.dictionary, streams))).to(streams.dtype)
         f = f[..., self.latents]  # [..., m, B, P, n]
         d = self.directions(streams)  # [n, d_model]
         own = f[..., :n, :, :, :].diagonal(dim1=-4, dim2=-1)  # [..., B, P, n]: latent i from stream i
@@ -76,7 +76,7 @@ class FeatureNodes:
         return torch.cat([latent_writes, error.unsqueeze(-4)], dim=-4)
 
 
-def _dtype(dictionary, like: torch.Tensor) -> torch.dtype:
+def dictionary_dtype(dictionary, like: torch.Tensor) -> torch.dtype:
     """The dtype of the dictionary's parameters (``like``'s if it has none)."""
     params = getattr(dictionary, "parameters", None)
     first = next(iter(params()), None) if callable(params) else None
@@ -93,6 +93,11 @@ def feature_sites(model: "Model", latents: dict[str, list[int]] | None = None) -
                 f"Feature nodes of edge circuits come from SAEs at resid.post; {base} cannot be one "
                 "(detach it, or attach an SAE at an L<n>.resid.post site)."
             )
+        if entry.mode == "replace":
+            raise TaskError(
+                f"The SAE at {base} is attached in replace mode: attach it in splice mode (the default) to make its "
+                "latents nodes of edge circuits (the edge graph re-expresses the stream through it on its own)."
+            )
         listed = (latents or {}).get(base, list(range(entry.n_latents)))
         for i in listed:
             if not 0 <= i < entry.n_latents:
@@ -106,7 +111,7 @@ def feature_sites(model: "Model", latents: dict[str, list[int]] | None = None) -
     return out
 
 
-def _write_at(model: "Model", name: str) -> float:
+def write_at(model: "Model", name: str) -> float:
     """Where ``name`` writes on a line through the model (``embed`` -1, layer ``l``'s heads ``l``, ...)."""
     if name == "embed":
         return -1.0
@@ -116,7 +121,7 @@ def _write_at(model: "Model", name: str) -> float:
     return layer + (0.5 if name.endswith(".mlp") and not model.layout.parallel_residual else 0.0)
 
 
-def _read_at(model: "Model", name: str) -> float:
+def read_at(model: "Model", name: str) -> float:
     """Where input ``name`` reads the stream on the same line (a write counts if strictly before)."""
     if name == "logits":
         return float(model.layout.n_layers)
@@ -145,8 +150,8 @@ def feature_index(model: "Model", latents: dict[str, list[int]] | None = None) -
     cuts = [s.layer + 0.9 for s in sites]
     allowed = torch.zeros(len(sources), len(targets), dtype=torch.bool)
     for i, u in enumerate(sources):
-        w = _write_at(model, u)
+        w = write_at(model, u)
         for j, t in enumerate(targets):
-            r = _read_at(model, t)
+            r = read_at(model, t)
             allowed[i, j] = w < r and not any(w < c < r for c in cuts)
     return EdgeIndex(tuple(sources), tuple(targets), allowed), sites

@@ -3,7 +3,7 @@
     lmatlas patch [MODEL] --task ioi [--targets heads] [--n 8] [--top 20] [--json]
     lmatlas attribute [MODEL] --task ioi [--targets heads] [--no-qk-fix] [--grad-drop] [--verify 10] [--json]
     lmatlas circuit [MODEL] --task ioi [--ig-steps 0] [--ig-along inputs|activations] [--no-qk]
-                    [--granularity edges|nodes] [--verify 50] [--json]
+                    [--granularity edges|nodes] [--verify 50] [--features DIR ...] [--latents 32] [--json]
     lmatlas explain-attention MODEL L5.H3 --prompt TEXT [--query-pos -1] [--key-pos N] [--top 8] [--json]
 
 ``--task`` is ioi, capitals, induction, greater-than or a .jsonl file of
@@ -14,6 +14,7 @@ family: ``heads``, ``heads.q``, ``kv.k``, ``kv.v``, ``resid.post``, ``mlp.out``.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -161,15 +162,21 @@ def circuit_command(
         help="edges: each edge patched (MIB's run); nodes: the heads and MLPs the edges touch run whole.",
     ),
     verify: int = typer.Option(50, "--verify", help="Top edges re-measured by exact edge patching (0 = none)."),
+    features: Optional[list[Path]] = typer.Option(
+        None,
+        "--features",
+        help="A dictionary folder (sparsify or SAELens layout) whose latents and error node become nodes "
+        "(an SAE at L<n>.resid.post; a transcoder replaces its MLP); repeat for several.",
+    ),
+    latents: int = typer.Option(32, "--latents", help="With --features: the latents per dictionary that move most."),
     atlas: Optional[str] = ATLAS_OPT,
     as_json: bool = JSON_OPT,
     dtype: str = DTYPE_OPT,
     device: Optional[str] = DEVICE_OPT,
 ) -> None:
-    """Edge attribution (EAP / EAP-IG) over heads (q, k, v inputs) and MLPs, pruned to a faithful circuit
-    (faithfulness measured edge by edge unless --granularity nodes), its top edges verified exactly."""
-    from pathlib import Path
-
+    """Edge attribution (EAP / EAP-IG) over heads (q, k, v inputs), MLPs and, with --features, dictionary
+    latents, pruned to a faithful circuit (faithfulness measured edge by edge unless --granularity nodes),
+    its top edges verified exactly."""
     from lmatlas.causal.diagram import circuit_svg
     from lmatlas.causal.faithfulness import check_granularity, task_circuit
     from lmatlas.errors import TaskError
@@ -182,10 +189,16 @@ def circuit_command(
         check_granularity(granularity)
         if along not in ("inputs", "activations"):
             raise TaskError(f"--ig-along must be inputs or activations, got {along!r}.")
+        dictionaries = _dictionaries(features, granularity, latents)  # bad files fail before the model loads
         loaded = load_model(model, dtype, device)
-        circuit = task_circuit(
-            loaded, task, n=n, steps=steps, target=target, granularity=granularity, verify=verify, along=along, qk=qk
-        )
+        how = dict(n=n, steps=steps, target=target, granularity=granularity, verify=verify, along=along, qk=qk)
+        if dictionaries:
+            from lmatlas.causal.edge_feature_circuit import attach_all, feature_task_circuit
+
+            attach_all(loaded, dictionaries)
+            circuit = feature_task_circuit(loaded, task, top_latents=latents, **how)
+        else:
+            circuit = task_circuit(loaded, task, **how)
         if picture:
             Path(picture).write_text(circuit_svg(circuit, loaded.layout.n_layers))
         if atlas:
@@ -193,11 +206,25 @@ def circuit_command(
 
             save_circuit(atlas, loaded, circuit)
         if as_json:
-            print_json({**circuit.to_dict(), "svg": picture})
+            print_json({**circuit.to_dict(), "features": circuit.graph.meta.get("features"), "svg": picture})
         else:
             _print_circuit(circuit, picture)
 
     run(body)
+
+
+def _dictionaries(folders: Optional[list[Path]], granularity: str, latents: int) -> list:
+    """The dictionaries of ``--features`` folders, read and checked before the model loads."""
+    if not folders:
+        return []
+    from lmatlas.errors import TaskError
+    from lmatlas.features.files import load as load_dictionary
+
+    if granularity != "edges":
+        raise TaskError("A circuit with --features runs edge by edge only: leave out --granularity nodes.")
+    if latents < 1:
+        raise TaskError(f"--latents must be 1 or more, got {latents}.")
+    return [load_dictionary(folder) for folder in folders]
 
 
 def _print_circuit(circuit, picture: Optional[str]) -> None:
@@ -223,6 +250,18 @@ def _print_circuit(circuit, picture: Optional[str]) -> None:
         out.print(
             f"verified: top {len(check['exact'])} edges re-measured by exact edge patching, Spearman {rho}, "
             f"largest error {check['max_abs_error']:.3f} (gap {check['gap']:.3f})"
+        )
+        before = check.get("before_rescoring")
+        if before and before["spearman"] is not None:
+            out.print(
+                f"  {check['reused']} of them were re-scored exactly before ranking (their scores are exact by "
+                f"construction); {before['method']} alone: Spearman {before['spearman']:.2f} over its top "
+                f"{before['k']}, largest error {before['max_abs_error']:.3f}"
+            )
+    for site in circuit.graph.meta.get("features") or []:
+        out.print(
+            f"feature nodes at {site['site']}: {len(site['latents'])} latents ({site['site']}.F<i>) and the "
+            f"error node {site['error']} (what they leave unexplained)"
         )
     if picture:
         out.print(f"diagram: {picture}")

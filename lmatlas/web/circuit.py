@@ -22,9 +22,10 @@ head (``L5.H3.q -> L5.H3``); into a KV group's keys or values, to the group (``L
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal, Optional
+import re
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Optional
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StringConstraints
 
 from lmatlas.causal.diagram import input_node
 from lmatlas.causal.faithfulness import nodes_in
@@ -36,21 +37,26 @@ if TYPE_CHECKING:
     from lmatlas.model.handle import Model
 
 TaskName = Literal[TASKS]
-NodeKind = Literal["embed", "head", "kv", "mlp", "logits"]
+NodeKind = Literal["embed", "head", "kv", "mlp", "feature", "error", "logits"]
+FEATURE_NODE = re.compile(r"^L(?P<layer>\d+)\.(?P<site>[a-z_.]+?)\.(?:F(?P<index>\d+)|E)$")
 
 
 class CircuitNode(BaseModel):
     name: str
     kind: NodeKind
     layer: int = Field(description="-1 for embed, the number of layers for logits")
-    index: Optional[int] = Field(description="the head or KV group index, else null")
+    index: Optional[int] = Field(description="the head or KV group index, a feature's latent index, else null")
+    site: Optional[str] = Field(None, description="a feature or error node's dictionary site, e.g. L15.resid.post")
+    summary: Optional[str] = Field(None, description="a feature's decoded tokens and density (atlas features table)")
     in_circuit: bool
 
 
 class CircuitEdge(BaseModel):
-    source: str = Field(description="the writer: embed, L5.H3 or L5.mlp")
-    target: str = Field(description="the input read: L5.H3.q, L5.KV1.k, L5.KV1.v, L5.mlp or logits")
-    node: str = Field(description="the node the target belongs to (L5.H3, L5.KV1, L5.mlp, logits)")
+    source: str = Field(description="the writer: embed, L5.H3, L5.mlp, a feature L5.resid.post.F12 or error node")
+    target: str = Field(
+        description="the input read: L5.H3.q, L5.KV1.k, L5.KV1.v, L5.mlp, a feature or error node, or logits"
+    )
+    node: str = Field(description="the node the target belongs to (L5.H3, L5.KV1, L5.mlp, a feature, logits)")
     score: float = Field(description="the edge's attribution score (its effect on the task's logit difference)")
     in_circuit: bool
 
@@ -63,7 +69,14 @@ class CurvePoint(BaseModel):
 
 
 Granularity = Literal["edges", "nodes"]
-MethodName = Literal["eap", "eap-ig", "eap-ig-act", "eap+qk", "eap-ig+qk", "eap-ig-act+qk"]
+METHOD_PATTERN = r"^eap(-ig(-act)?)?(\+(qk|features|exact\d+))*$"
+MethodName = Annotated[str, StringConstraints(pattern=METHOD_PATTERN, max_length=64)]
+
+
+class FeatureSite(BaseModel):
+    site: str = Field(description="the dictionary's site, e.g. L15.resid.post (an SAE) or L15.mlp (a transcoder)")
+    latents: list[int] = Field(description="its latents that are nodes of the graph")
+    error: str = Field(description="its error node: what the listed latents leave unexplained")
 
 
 class Verification(BaseModel):
@@ -76,7 +89,11 @@ class Verification(BaseModel):
 class CircuitView(BaseModel):
     task: str
     method: str = Field(
-        description="eap, eap-ig (inputs) or eap-ig-act (activations); +qk: query and key edges scored QK-aware"
+        description="eap, eap-ig (inputs) or eap-ig-act (activations); +qk: query and key edges scored QK-aware; "
+        "+features: dictionary latents are nodes"
+    )
+    features: list[FeatureSite] = Field(
+        default_factory=list, description="dictionaries whose latents are nodes (empty: heads and MLPs only)"
     )
     granularity: Granularity = Field(description="edges: each edge patched (MIB); nodes: touched nodes run whole")
     verification: Optional[Verification] = Field(description="top edges re-measured exactly (null if not stored)")
@@ -110,11 +127,22 @@ class CircuitTasks(BaseModel):
 
 
 def node_info(name: str, n_layers: int) -> dict[str, Any]:
-    """``"L5.H3" -> {"kind": "head", "layer": 5, "index": 3}`` (and embed, logits, L5.KV1, L5.mlp)."""
+    """``"L5.H3" -> {"kind": "head", "layer": 5, "index": 3}`` (and embed, logits, L5.KV1, L5.mlp, a feature
+    ``L5.resid.post.F12`` -> kind ``feature``, index 12, site ``L5.resid.post``; its error node ``L5.resid.post.E``)."""
     if name == "embed":
         return {"name": name, "kind": "embed", "layer": -1, "index": None}
     if name == "logits":
         return {"name": name, "kind": "logits", "layer": n_layers, "index": None}
+    feature = FEATURE_NODE.match(name)
+    if feature:
+        index = feature["index"]
+        return {
+            "name": name,
+            "kind": "error" if index is None else "feature",
+            "layer": int(feature["layer"]),
+            "index": None if index is None else int(index),
+            "site": f"L{feature['layer']}.{feature['site']}",
+        }
     layer, part = name.split(".", 1)
     if part == "mlp":
         return {"name": name, "kind": "mlp", "layer": int(layer[1:]), "index": None}
@@ -130,9 +158,10 @@ def view(ranked: list[tuple[str, str, float]], in_circuit: int, layout: "HeadLay
     ]
     kept = {e["source"] for e in edges if e["in_circuit"]} | {e["node"] for e in edges if e["in_circuit"]}
     names = {e["source"] for e in edges} | {e["node"] for e in edges}
+    order = {"embed": 0, "head": 1, "kv": 2, "mlp": 3, "feature": 4, "error": 5, "logits": 6}
     nodes = sorted(
         (dict(node_info(n, layout.n_layers), in_circuit=n in kept) for n in names),
-        key=lambda n: (n["layer"], n["kind"] == "mlp", n["kind"], n["index"] or 0),
+        key=lambda n: (n["layer"], order[n["kind"]], n.get("site") or "", n["index"] or 0),
     )
     return {
         "layers": layout.n_layers,
@@ -140,8 +169,37 @@ def view(ranked: list[tuple[str, str, float]], in_circuit: int, layout: "HeadLay
         "circuit_nodes": sorted(nodes_in(layout, ranked[:in_circuit])),
         "edges": edges,
         "nodes": nodes,
+        "features": feature_sites(names),
         **meta,
     }
+
+
+def feature_sites(names) -> list[dict[str, Any]]:
+    """``[{site, latents, error}]``: the dictionaries whose latents or error node are among ``names``."""
+    sites: dict[str, dict[str, Any]] = {}
+    for name in sorted(names):
+        info = node_info(name, 0)
+        if info["kind"] in ("feature", "error"):
+            site = sites.setdefault(info["site"], {"site": info["site"], "latents": [], "error": f"{info['site']}.E"})
+            site["latents"] += [] if info["index"] is None else [info["index"]]
+    return [dict(site, latents=sorted(site["latents"])) for site in sites.values()]
+
+
+def feature_names(found: dict[str, Any]) -> list[str]:
+    """The feature nodes of a view (what :func:`summarize` looks up in the atlas's ``features`` table)."""
+    return [n["name"] for n in found["nodes"] if n["kind"] == "feature"]
+
+
+def summarize(found: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Put each feature node's decoded tokens and density on it (``rows``: name, promoted, density of the
+    atlas's ``features`` table, which the node names join by ``features.name``)."""
+    by_name = {r["name"]: r for r in rows}
+    for node in found["nodes"]:
+        row = by_name.get(node["name"])
+        if row is not None:
+            tokens = ", ".join(repr(t) for t in (row["promoted"] or [])[:5])
+            node["summary"] = f"writes {tokens}; active on {100 * (row['density'] or 0):.2g}% of corpus tokens"
+    return found
 
 
 def stored(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -253,6 +311,7 @@ def from_circuit(circuit: "Circuit", layout: "HeadLayout", top: int, params: dic
         corrupt=graph.corrupt,
         curve=circuit.curve,
         params={**params, "prompts": graph.meta.get("prompts")},
+        **({"features": graph.meta["features"]} if graph.meta.get("features") else {}),
     )
 
 

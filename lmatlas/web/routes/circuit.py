@@ -52,7 +52,12 @@ def _from_atlas(ex: Explorer, task: str, method: Optional[str]) -> Optional[dict
         "ORDER BY abs(score) DESC, source, target",
         [task, chosen],
     )
-    return circuit.from_rows(task, chosen, rows, ex.layout)
+    found = circuit.from_rows(task, chosen, rows, ex.layout)
+    names = circuit.feature_names(found)
+    if names and ex.has("features"):  # feature nodes join the features table by name
+        query = "SELECT name, promoted, density FROM features WHERE list_contains(?, name)"
+        circuit.summarize(found, ex.query(query, [names]))
+    return found
 
 
 @router.get(

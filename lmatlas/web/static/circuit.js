@@ -1,7 +1,8 @@
 // Circuits: a task's circuit as a graph (SVG): embed at the bottom, a row per layer, logits on top; edge width
 // and colour by score (blue raises the task's logit difference, red lowers it); a top-k slider; the faithfulness curve.
 // Every circuit names its granularity (edges: each edge patched; nodes: the touched nodes run whole) and shows the
-// verification of its top edges by exact edge patching.
+// verification of its top edges by exact edge patching. Dictionary latents (L5.resid.post.F12) and error nodes
+// (L5.resid.post.E) are nodes of their layer's row, drawn F12 / E, each latent linked to its feature page.
 "use strict";
 
 const ROW_H = 74, COL_W = 86, MARGIN = 46, NODE_W = 70, NODE_H = 24;
@@ -17,14 +18,15 @@ const ROW_H = 74, COL_W = 86, MARGIN = 46, NODE_W = 70, NODE_H = 24;
   const picker = el("select", { id: "task", "aria-label": "task", onchange: () => {
     location.href = `/circuit?task=${encodeURIComponent(picker.value)}`;
   } }, tasks.tasks.map((t) => el("option", { value: t, selected: t === task || null }, t)));
-  const storedNote = tasks.stored.length ? `The atlas holds circuits for ${tasks.stored.map((s) =>
-    `${s.task} (${s.method}, ${s.granularity}, ${s.edges} edges)`).join(", ")}.` : "The atlas holds no circuit (lmatlas circuit MODEL " +
-    "--task T --atlas FILE stores one).";
+  const storedNote = tasks.stored.length ? el("span", { id: "circuit-stored" }, "The atlas holds circuits for ",
+    ...tasks.stored.flatMap((s, i) => [i ? ", " : "", el("a", { href: `/circuit?${new URLSearchParams({ task: s.task,
+      method: s.method, source: "atlas" })}` }, `${s.task} (${s.method}, ${s.granularity}, ${s.edges} edges)`)]), ".")
+    : "The atlas holds no circuit (lmatlas circuit MODEL --task T --atlas FILE stores one).";
   const status = el("p", { class: "note", id: "circuit-status" }, tasks.live ? "computing…" : "");
   const panel = el("section", { class: "panel", id: "circuit-panel" });
   page.append(el("h1", {}, "Circuit of a task"),
     el("div", { class: "controls" }, el("label", {}, "task ", picker),
-      el("span", { class: "note" }, storedNote + (tasks.live ? " Others are computed with the live model." : ""))),
+      el("span", { class: "note" }, storedNote, tasks.live ? " Others are computed with the live model." : "")),
     status, panel);
   const query = new URLSearchParams({ task });
   for (const key of ["source", "method", "n", "seed", "steps", "along", "qk", "verify", "faithfulness", "granularity", "top"]) {
@@ -64,7 +66,21 @@ function describe(data, ms, live, task) {
     `${LM.fmt(data.faithfulness)} (${data.granularity})` +
     (data.cpr === null ? "" : ` · CPR ${LM.fmt(data.cpr)} · CMD ${LM.fmt(data.cmd)}`) +
     (data.clean === null ? "" : ` · logit difference clean ${LM.fmt(data.clean)}, corrupt ${LM.fmt(data.corrupt)}`),
-    el("br"), el("span", { id: "circuit-verification" }, verificationLine(data.verification)));
+    el("br"), el("span", { id: "circuit-verification" }, verificationLine(data.verification)),
+    data.features.length ? el("br") : null, data.features.length ? featuresLine(data.features) : null);
+}
+
+// Which dictionaries' latents are nodes, and what their error nodes stand for.
+function featuresLine(features) {
+  const { el } = LM;
+  return el("span", { id: "circuit-features" }, "Feature nodes: " + features.map((f) =>
+    `${f.latents.length} latents of the dictionary at ${f.site} (${f.site}.F<i>) and its error node ${f.error}`)
+    .join("; ") + ". An error node writes what the listed latents leave unexplained.");
+}
+
+// The text drawn in a node's box: a latent as F12, an error node as E (the full name is in its title).
+function shortName(node) {
+  return node.kind === "feature" ? `F${node.index}` : node.kind === "error" ? "E" : node.name;
 }
 
 // The agreement of the edge scores with exact edge patching.
@@ -127,7 +143,8 @@ function drawCircuit(panel, data) {
     const box = svg("g", { class: `node ${n.kind}` + (n.in_circuit ? " in" : ""), "data-name": n.name,
       transform: `translate(${x - NODE_W / 2},${y - NODE_H / 2})` },
     svg("rect", { width: NODE_W, height: NODE_H, rx: 5 }),
-    svg("text", { x: NODE_W / 2, y: NODE_H / 2 + 4, "text-anchor": "middle" }, n.name));
+    svg("text", { x: NODE_W / 2, y: NODE_H / 2 + 4, "text-anchor": "middle" }, shortName(n)),
+    svg("title", {}, n.summary ? `${n.name}: ${n.summary}` : n.name));
     box.addEventListener("mouseenter", () => { hover.textContent = nodeSummary(n, data.edges, slider.value); });
     box.addEventListener("click", () => chosen.replaceChildren(nodeDetail(n)));
     graph.append(box);
@@ -179,6 +196,12 @@ function nodeDetail(node) {
       links.push(el("a", { href: LM.headUrl(`L${node.layer}.H${h}`) }, `L${node.layer}.H${h}`), " ");
     }
     links.unshift(`query heads sharing KV group ${node.index}: `);
+  } else if (node.kind === "feature") {
+    links.push(el("a", { href: `/feature/${node.name}` }, `feature page of ${node.name}`),
+      node.summary ? ` (${node.summary})` : "");
+  } else if (node.kind === "error") {
+    links.push(`${node.name}: the error node of the dictionary at ${node.site}, what its listed latents ` +
+      "leave unexplained (the reconstruction error and every latent not in the graph).");
   } else {
     links.push(`${node.name} has no page of its own.`);
   }
