@@ -41,7 +41,7 @@ def parse_variant(text: str) -> tuple[str, dict]:
             raise SystemExit(f"{key} is not a TrainConfig field ({', '.join(fields)})")
         if value.lower() == "none":
             changes[key] = None
-        elif isinstance(default, bool):
+        elif isinstance(default, bool) or value.lower() in ("true", "false"):
             changes[key] = value.lower() in ("1", "true", "yes")
         elif isinstance(default, int) and key not in ("outlier_ratio",):
             changes[key] = int(float(value))

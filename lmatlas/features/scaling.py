@@ -21,8 +21,23 @@ def data_stats(x: torch.Tensor) -> tuple[torch.Tensor, float]:
     return mean, float(math.sqrt(x.shape[1] / max(float(var), 1e-12)))
 
 
-def initialise(d: Dictionary, card: DictionaryCard, x: torch.Tensor, y: torch.Tensor, sx: float, sy: float, seed: int):
-    """Initialise ``d`` in the scaled space (``x * sx``, ``y * sy``)."""
+def initialise(
+    d: Dictionary,
+    card: DictionaryCard,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    sx: float,
+    sy: float,
+    seed: int,
+    unit_decoder: bool = True,
+):
+    """Initialise ``d`` in the scaled space (``x * sx``, ``y * sy``).
+
+    An SAE: random unit decoder rows, ``W_enc = W_dec.T``, ``b_dec`` the mean. A transcoder: the
+    least-squares skip, an encoder with unit-scale random columns and centred pre-activations,
+    and (``unit_decoder=False``, sparsify's transcoder start) a zero decoder, so the latents
+    add nothing until their decoder rows have learnt where the skip's residual lies.
+    """
     gen = torch.Generator().manual_seed(seed)
     n = card.n_latents
     with torch.no_grad():
@@ -40,7 +55,9 @@ def initialise(d: Dictionary, card: DictionaryCard, x: torch.Tensor, y: torch.Te
             W_skip = torch.linalg.solve(gram + ridge, xc.t() @ yc)
             d.W_skip.copy_(W_skip)
             d.b_dec.copy_(ys.mean(0) - xs.mean(0) @ W_skip)
-            d.W_enc.copy_(torch.randn(card.d_in, n, generator=gen) * (0.1 / math.sqrt(card.d_in)))
+            d.W_enc.copy_(torch.randn(card.d_in, n, generator=gen) / math.sqrt(card.d_in))
+            if not unit_decoder:
+                d.W_dec.zero_()
             # centre the pre-activations: a transcoder's encoder sees the raw input, whose mean
             # would otherwise keep every latent it points away from out of the top k for good
             d.b_enc.copy_(-(xs.mean(0) @ d.W_enc))

@@ -9,12 +9,14 @@ The recipe follows Gao et al. 2024 ("Scaling and evaluating sparse autoencoders"
 * Outlier rows (norm over ``outlier_ratio`` x the median: attention sinks past position 0)
   are left out of the batches at read time; an SAE then gives one latent to them
   (:mod:`lmatlas.features.sinks`).
-* Unit-norm decoder rows, renormalised after every step (the gradient's component along
-  each row is removed first); ``b_dec`` starts at the mean of the data (an SAE) and
-  ``W_enc`` at ``W_dec.T``.
+* An SAE: unit-norm decoder rows, renormalised after every step (the gradient's component
+  along each row is removed first); ``b_dec`` starts at the mean of the data and ``W_enc``
+  at ``W_dec.T``.
 * A skip-transcoder starts its affine skip at the least-squares linear map from the MLP's
   input to its output, so the latents learn what the best linear map misses; its encoder
-  bias centres every latent's pre-activation on the data (the input is not centred).
+  bias centres every latent's pre-activation on the data (the input is not centred) and its
+  decoder starts at zero with free norms (sparsify's start: a random decoder adds noise that
+  Adam answers by pushing every encoder bias down, and the latents die in the first steps).
 * Activations are scaled to unit mean squared (centred) norm per dimension while training
   and the scale is folded back into the weights at the end (exactly: the top-k selection
   does not change under a positive scale).
@@ -65,7 +67,8 @@ class TrainConfig:
     rows whose norm is over this many times the median are left out of the batches
     (:mod:`lmatlas.features.outliers`; ``None`` keeps them). ``sink_latent``: an SAE whose
     sample held such rows gives its least used latent to them at the end
-    (:mod:`lmatlas.features.sinks`).
+    (:mod:`lmatlas.features.sinks`). ``unit_decoder``: decoder rows kept at unit norm (``None``:
+    for an SAE; a transcoder starts from a zero decoder and leaves its norms free, as sparsify).
     """
 
     n_latents: int = 16384
@@ -81,6 +84,7 @@ class TrainConfig:
     dead_tokens: int | None = None
     outlier_ratio: float | None = 10.0
     sink_latent: bool = True
+    unit_decoder: bool | None = None
     seed: int = 0
     encoder_dtype: str = "bfloat16"
     eval_every: int = 25
@@ -187,7 +191,8 @@ class _Trainer:
         x0, y0 = x0[kept], y0[kept]
         _, self.sx = data_stats(x0)
         _, self.sy = data_stats(y0) if config.transcoder else (None, self.sx)
-        initialise(self.d, plan.card, x0, y0, self.sx, self.sy, config.seed)
+        self.unit_decoder = config.unit_decoder if config.unit_decoder is not None else not config.transcoder
+        initialise(self.d, plan.card, x0, y0, self.sx, self.sy, config.seed, self.unit_decoder)
         self.hx = self.hy = self.hkeep = None
         if held is not None:
             hx, hy = held.rows(plan.in_site, 16384), held.rows(plan.out_site, 16384)
@@ -250,11 +255,13 @@ class _Trainer:
         )
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        with torch.no_grad():
-            grad, W = d.W_dec.grad, d.W_dec
-            grad -= (grad * W).sum(1, keepdim=True) * W
+        if self.unit_decoder:
+            with torch.no_grad():
+                grad, W = d.W_dec.grad, d.W_dec
+                grad -= (grad * W).sum(1, keepdim=True) * W
         self.opt.step()
-        d.normalize_decoder()
+        if self.unit_decoder:
+            d.normalize_decoder()
         fired = torch.zeros(config.n_latents, dtype=torch.bool)
         fired[indices[values > 0]] = True
         self.since += len(x)

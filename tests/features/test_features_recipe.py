@@ -97,6 +97,9 @@ def test_transcoder_starts_with_centred_pre_activations():
     fired = torch.zeros(64, dtype=torch.bool)
     fired[tc.encode_topk(x * 0.5)[1].flatten()] = True
     assert fired.float().mean() > 0.9  # almost every latent is in some token's top k from the start
+    initialise(tc, card, x, y, 0.5, 0.25, seed=0, unit_decoder=False)  # sparsify's transcoder start
+    assert not tc.W_dec.detach().any()
+    torch.testing.assert_close(tc.forward(x * 0.5)[0], tc.skip(x * 0.5) + tc.b_dec)  # the skip alone at first
 
 
 def test_sink_latent_reconstructs_the_outlier_vector_and_stays_silent_elsewhere():
