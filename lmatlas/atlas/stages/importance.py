@@ -41,10 +41,29 @@ def _ids(ctx: BuildContext) -> torch.Tensor:
     return ctx.corpus[: ctx.params.importance_sequences]
 
 
-def _stats(model: "Model", ctx: BuildContext):
-    from lmatlas.edit.stats import AblationStats
+class CorpusMeans:
+    """Per-site means ``[*site_shape]`` over every (window, position) of the importance windows, from ONE
+    forward capturing every layer's ``attn.z`` and ``mlp.out`` (what :class:`lmatlas.edit.stats.AblationStats`
+    measures one truncated forward per site; the values are the same). Ablation reads it as it reads
+    ``AblationStats`` (``mean(site)``)."""
 
-    return AblationStats(model, _ids(ctx), "importance corpus")  # means over the importance windows themselves
+    def __init__(self, model: "Model", ids: torch.Tensor):
+        n = model.layout.n_layers
+        names = [f"L{layer}.{c}" for layer in range(n) for c in ("attn.z", "mlp.out")]
+        with torch.no_grad():
+            cache = model.run(ids, capture=names, lm_head=False)
+        self._means = {}
+        for name in names:
+            value = cache[name]
+            self._means[model.sites(name)[0]] = value.reshape(-1, *value.shape[2:]).float().mean(0)
+
+    def mean(self, site) -> torch.Tensor:
+        """The mean of the whole ``site`` (a :class:`~lmatlas.model.sites.Site`)."""
+        return self._means[site]
+
+
+def _stats(model: "Model", ctx: BuildContext) -> CorpusMeans:
+    return CorpusMeans(model, _ids(ctx))  # means over the importance windows themselves
 
 
 def _exact(model: "Model", ctx: BuildContext, targets: list[str]) -> dict[str, float]:
@@ -54,7 +73,7 @@ def _exact(model: "Model", ctx: BuildContext, targets: list[str]) -> dict[str, f
 
     ids = _ids(ctx)
     stats = ctx.remember("importance.stats", lambda: _stats(model, ctx))
-    effects = ablate(model, ids, targets, sequence_loss(ids), how="mean", stats=stats, name="importance")
+    effects = ablate(model, ids, targets, sequence_loss(ids), how="mean", stats=stats, name="importance", resume=True)
     return dict(zip(targets, effects.effect().tolist()))
 
 
