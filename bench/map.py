@@ -3,7 +3,12 @@
 Measures, in one run: model load, each stage's total unit time, the work it did
 (forwards, tokens, layer-tokens: :mod:`lmatlas.model.work`, counted on the model's run
 path, so comparable between runs taken under different loads) and its peak resident
-memory, the whole build's wall time, and the atlas file's size. The baseline is one
+memory, the whole build's wall time, and the atlas file's size. Beside the stages' own time
+(``stages_s``) it splits what a build spends outside them (``outside_s``): writing the rows
+into the file (``write_s``, per stage in ``write_seconds_by_stage``) and the rest
+(``other_s``: opening the file, planning, the corpus windows). The benchmark's own
+bookkeeping (``bookkeeping_s``: resetting the peak-memory counter when a stage begins) is
+measured and left out of ``build_s``, which is what ``lmatlas map`` spends. The baseline is one
 plain forward pass over the build corpus (``corpus_forward_s``), so
 ``ratio_vs_corpus_forward`` says how many corpus forwards the whole atlas costs.
 
@@ -11,12 +16,13 @@ plain forward pass over the build corpus (``corpus_forward_s``), so
                                   [--record bench/results/map.json] [--baseline COMMIT]
     .venv/bin/python bench/map.py --only search --interleave COMMIT [--rounds 2] [--record FILE]
 
-``--baseline COMMIT`` builds the same stages with the code of ``COMMIT`` (its ``lmatlas/``
-and ``bench/``, exported with ``git archive`` to a temporary folder and run there in a
-subprocess) right after this build, on the same machine under the same load, and reports
+``--baseline COMMIT`` builds the same stages with the code of ``COMMIT`` (its ``lmatlas/``,
+exported with ``git archive`` to a temporary folder, driven by this checkout's ``bench/map.py``
+in a subprocess) right after this build, on the same machine under the same load, and reports
 each stage's time as a ratio to it (``baseline``, ``speedup_by_stage``). ``--interleave COMMIT``
 alternates builds of ``--only`` with ``COMMIT``'s code and this checkout's (old, new, new, old,
-...: both sides see the same load) and reports per-stage medians and their ratios.
+...: both sides see the same load) and reports per-stage medians and their ratios, and those of
+the whole build (``build_total``) and of the time outside the stages (``outside_stages``).
 
 ``--record`` writes the result with the conditions it was measured under (command, commit,
 threads, load before and after: :mod:`harness`) and the process's peak resident memory.
@@ -50,21 +56,31 @@ from lmatlas.model.work import Work
 
 
 class CountingExecutor(LocalExecutor):
-    """Runs units like :class:`LocalExecutor` and keeps, per stage, the work done and the peak memory."""
+    """Runs units like :class:`LocalExecutor` and keeps, per stage, the work done and the peak memory.
+
+    The peak is reset when a stage begins (``release_and_reset_peak``: a full garbage collection
+    and ``malloc_trim``, ~0.1-1 s each in a process this size), not before every unit: a user's
+    build does neither, so its cost (``bookkeeping_s``) is kept out of the build's time.
+    """
 
     def __init__(self, model, ctx):
         super().__init__(model, ctx)
         self.work: dict[str, Work] = {}
         self.peak_mb: dict[str, float] = {}
+        self.bookkeeping_s = 0.0
 
     def run(self, work):
         for stage, unit in work:
-            release_and_reset_peak()
+            if stage.name not in self.peak_mb:
+                start = time.perf_counter()
+                release_and_reset_peak()
+                self.peak_mb[stage.name] = 0.0
+                self.bookkeeping_s += time.perf_counter() - start
             before = self.model.work.snapshot()
             result = run_unit(self.model, stage, unit, self.ctx)
             done = self.model.work.snapshot() - before
             self.work[stage.name] = self.work.get(stage.name, Work()) + done
-            self.peak_mb[stage.name] = max(self.peak_mb.get(stage.name, 0.0), peak_rss_mb())
+            self.peak_mb[stage.name] = max(self.peak_mb[stage.name], peak_rss_mb())
             yield result
 
 
@@ -81,7 +97,9 @@ def measure(model_name: str, only: list[str] | None, out: str | None) -> dict:
     executor = CountingExecutor(model, make_context(model))
     start = time.perf_counter()
     report = build_atlas(model, path, only=only, progress=True, executor=lambda ctx: _bind(executor, ctx))
-    build_s = time.perf_counter() - start
+    build_s = time.perf_counter() - start - executor.bookkeeping_s
+    writes = getattr(report, "write_seconds_by_stage", {})  # a baseline's older lmatlas may not time its writes
+    stages_s, write_s = sum(report.seconds_by_stage.values()), sum(writes.values())
     size_mb = path.stat().st_size / 1e6
     if not out:
         os.remove(path)
@@ -97,6 +115,12 @@ def measure(model_name: str, only: list[str] | None, out: str | None) -> dict:
         "build_s": round(build_s, 1),
         "ratio_vs_corpus_forward": round(build_s / corpus_forward_s, 1),
         "seconds_by_stage": {k: round(v, 1) for k, v in sorted(report.seconds_by_stage.items())},
+        "write_seconds_by_stage": {k: round(v, 2) for k, v in sorted(writes.items())},
+        "stages_s": round(stages_s, 1),
+        "write_s": round(write_s, 1),
+        "outside_s": round(build_s - stages_s, 1),
+        "other_s": round(build_s - stages_s - write_s, 1),
+        "bookkeeping_s": round(executor.bookkeeping_s, 1),
         "work_by_stage": {k: v.to_dict() for k, v in sorted(executor.work.items())},
         "peak_rss_mb_by_stage": {k: round(v, 1) for k, v in sorted(executor.peak_mb.items())},
         "file_mb": round(size_mb, 1),
@@ -153,10 +177,20 @@ def interleaved(commit: str, model_name: str, only: list[str] | None, rounds: in
             **{side: round(v, 1) for side, v in totals.items()},
             "ratio": round(totals["old"] / totals["new"], 2),
         },
+        "build_total": _median_ratio(runs, "build_s"),
+        "outside_stages": _median_ratio(runs, "outside_s"),
         "runs": {side: [r["seconds_by_stage"] for r in done] for side, done in runs.items()},
         "work_by_stage": {side: done[0]["work_by_stage"] for side, done in runs.items()},
         "peak_rss_mb": {side: [r["peak_rss_mb"] for r in done] for side, done in runs.items()},
     }
+
+
+def _median_ratio(runs: dict[str, list[dict]], key: str) -> dict:
+    """Median of ``key`` on each side and their ratio (old / new)."""
+    import statistics
+
+    medians = {side: statistics.median(r[key] for r in done) for side, done in runs.items()}
+    return {**{side: round(v, 1) for side, v in medians.items()}, "ratio": round(medians["old"] / medians["new"], 2)}
 
 
 def _export(commit: str) -> Path:
@@ -168,8 +202,12 @@ def _export(commit: str) -> Path:
 
 
 def _build_in(folder: Path, model_name: str, only: list[str] | None) -> dict:
-    """``folder``'s ``bench/map.py`` run in a subprocess on ``folder``'s ``lmatlas``; its JSON output."""
-    command = [sys.executable, str(Path(folder) / "bench" / "map.py"), "--model", model_name]
+    """This checkout's ``bench/map.py`` run in a subprocess on ``folder``'s ``lmatlas``; its JSON output.
+
+    Both sides of a comparison run the same driver (the same bookkeeping around the build), so
+    only the library differs.
+    """
+    command = [sys.executable, str(ROOT / "bench" / "map.py"), "--model", model_name]
     if only:
         command += ["--only", ",".join(only)]
     env = {**os.environ, "PYTHONPATH": str(folder)}

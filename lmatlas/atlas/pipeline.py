@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -43,11 +44,21 @@ DEFAULT_PARAMS: Mapping[str, Any] = MappingProxyType(AtlasParams().to_dict())
 
 @dataclass
 class BuildReport:
+    """What one :func:`build_atlas` call did.
+
+    Attributes:
+        planned / skipped: units planned, and those already in the file (resumed).
+        computed: the units computed by this call, in the order they were written.
+        seconds_by_stage: the stages' own unit times (computing the rows).
+        write_seconds_by_stage: writing those rows into the file (one transaction per unit).
+    """
+
     path: Path
     planned: int
     skipped: int
     computed: list[str] = field(default_factory=list)
     seconds_by_stage: dict[str, float] = field(default_factory=dict)
+    write_seconds_by_stage: dict[str, float] = field(default_factory=dict)
 
 
 def make_context(
@@ -115,6 +126,7 @@ def build_atlas(
         with progress_task(f"atlas {Path(out).name}", total=len(planned), enabled=progress) as task:
             task.update(report.skipped)
             for result in executor.run(pending):
+                started = time.perf_counter()
                 _write(
                     store,
                     report,
@@ -129,12 +141,17 @@ def build_atlas(
                     ),
                 )
                 report.computed.append(result.unit)
-                report.seconds_by_stage[result.stage] = report.seconds_by_stage.get(result.stage, 0.0) + result.seconds
+                _add(report.seconds_by_stage, result.stage, result.seconds)
+                _add(report.write_seconds_by_stage, result.stage, time.perf_counter() - started)
                 task.advance(description=f"committed {result.unit} ({result.seconds:.2f}s)")
         shutil.rmtree(ctx.memo["partial_dir"], ignore_errors=True)  # every unit is in the file: nothing to resume
         return report
     finally:
         store.close()
+
+
+def _add(totals: dict[str, float], key: str, seconds: float) -> None:
+    totals[key] = totals.get(key, 0.0) + seconds
 
 
 def resume_command(

@@ -27,7 +27,9 @@ from lmatlas.atlas.schema import ATLAS_KIND, SCHEMA_VERSION, TABLES, create_stat
 from lmatlas.errors import AtlasError
 from lmatlas.model.provenance import card_differences
 
-Rows = dict[str, list[dict[str, Any]]]  # table name -> rows (column -> value)
+#: table name -> rows: a list of ``{column: value}``, or an Arrow table with the same columns (a stage that
+#: holds its rows as arrays hands them over as they are: no Python object per value).
+Rows = dict[str, "list[dict[str, Any]] | pa.Table"]
 
 
 #: DuckDB settings of every read-only connection: no file, network or extension access beyond
@@ -271,13 +273,12 @@ class AtlasStore:
                 ],
             )
 
-    def _insert(self, table: str, records: Iterable[dict[str, Any]]) -> None:
-        records = list(records)
-        if not records:
+    def _insert(self, table: str, records: "Iterable[dict[str, Any]] | pa.Table") -> None:
+        arrow = records if isinstance(records, pa.Table) else pa.Table.from_pylist(list(records))
+        if arrow.num_rows == 0:
             return
         if table not in TABLES:
             raise AtlasError(f"Unknown atlas table {table!r}.")
-        arrow = pa.Table.from_pylist(records)
         self.con.register("_incoming", arrow)
         try:
             self.con.execute(f"INSERT OR REPLACE INTO {table} BY NAME SELECT * FROM _incoming")

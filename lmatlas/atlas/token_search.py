@@ -57,6 +57,34 @@ def writer_rows(model: "Model", found: "Writers") -> list[dict[str, Any]]:
     return rows
 
 
+def writer_table(model: "Model", found: "Writers"):
+    """:func:`writer_rows` as an Arrow table (the same rows and values, built from the arrays at once)."""
+    import pyarrow as pa
+
+    lay = model.layout
+    n = found.tokens.numel()
+
+    def lists(values, dtype) -> "pa.ListArray":  # [n, depth] -> n lists
+        flat = pa.array(values.contiguous().flatten().numpy(), dtype)
+        depth = values.shape[1]
+        return pa.ListArray.from_arrays(
+            pa.array(range(0, n * depth + 1, depth) if depth else [0] * (n + 1), pa.int32()), flat
+        )
+
+    return pa.table(
+        {
+            "token_id": pa.array(found.tokens.numpy(), pa.int32()),
+            "neuron_layers": lists(found.neuron_rows // lay.d_mlp, pa.int16()),
+            "neuron_indices": lists(found.neuron_rows % lay.d_mlp, pa.int32()),
+            "neuron_logits": lists(found.neuron_logits, pa.float32()),
+            "head_layers": lists(found.head_rows // lay.n_heads, pa.int16()),
+            "head_indices": lists(found.head_rows % lay.n_heads, pa.int16()),
+            "head_logits": lists(found.head_logits, pa.float32()),
+            "head_sources": lists(found.head_sources, pa.int32()),
+        }
+    )
+
+
 def writer_hits(row: dict[str, Any], source_text) -> list[dict[str, Any]]:
     """The :func:`hit` rows of one ``token_writers`` row; ``source_text(id)`` spells a head's source token."""
     hits = [

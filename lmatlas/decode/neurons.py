@@ -192,7 +192,7 @@ def decode_neurons(
     layers: int | Sequence[int] | None = None,
     k: int = 20,
     *,
-    inputs: bool = True,
+    inputs: bool | Sequence[str] = True,
     norm: str = "gain",
     method: str = "auto",
     progress: ProgressArg | Progress = True,
@@ -202,7 +202,9 @@ def decode_neurons(
     Args:
         layers: a layer, a list of layers, or None for every layer.
         k: tokens per ranking.
-        inputs: also decode the input directions (``gate`` and ``in``: 2-3x the work).
+        inputs: also decode the input directions: ``True`` both (``gate`` and ``in``: 2-3x the
+            work), ``False`` neither, or the names of those to decode (``["gate"]``; a name the
+            MLP lacks is skipped).
         norm: ``"gain"`` (default: apply the final / pre-MLP norm gains) or ``"none"``.
         method: top-k kernel: ``auto``, ``bf16``, ``int8`` or ``plain`` (see
             :func:`lmatlas.decode.fast_topk.pruned_topk`); all give the same rankings.
@@ -241,7 +243,7 @@ def decode_neurons(
 
     shown = bool(progress) and not callable(progress)
     with torch.no_grad(), progress_task(f"Decoding {len(layers) * lay.d_mlp:,} neurons", enabled=shown) as task:
-        names = list(input_directions(model, layers[0], norm)) if inputs else []
+        names = [name for name in input_directions(model, layers[0], norm) if inputs is True or name in (inputs or ())]
         n_phases = 1 + len(names)
         outputs = torch.cat([output_directions(model, l, norm) for l in layers])  # [rows, d_model]
         out = run(outputs, unembed_matrix(model).T, 0, n_phases, both=True)

@@ -115,6 +115,16 @@ def test_rows_records_and_errors(llama):
         decode_neurons(llama, norm="full")
 
 
+def test_named_inputs_decode_only_those(llama):
+    """``inputs=["gate"]`` decodes the gate side alone, the same ranking as with every side."""
+    every = decode_neurons(llama, k=3, method="plain", progress=False)
+    gate = decode_neurons(llama, k=3, method="plain", inputs=["gate"], progress=False)
+    assert set(every.inputs) == {"gate", "in"} and set(gate.inputs) == {"gate"}
+    assert torch.equal(gate.inputs["gate"].ids, every.inputs["gate"].ids)
+    assert torch.equal(gate.inputs["gate"].logits, every.inputs["gate"].logits)
+    assert torch.equal(gate.promoted.ids, every.promoted.ids)
+
+
 def test_progress_covers_all_phases(llama):
     seen = []
     decode_neurons(llama, k=3, method="bf16", progress=lambda done, total: seen.append((done, total)))

@@ -19,37 +19,63 @@ if TYPE_CHECKING:
 
 
 def _decode_all(model: "Model", ctx: BuildContext):
+    """Every neuron's output side, and the one input side the stage stores (gate for gated MLPs, else in)."""
     from lmatlas.decode.neurons import decode_neurons
 
-    return decode_neurons(model, k=ctx.params.top_k, progress=ctx.progress)
+    exciting = "gate" if model.W.W_gate(0) is not None else "in"
+    return decode_neurons(model, k=ctx.params.top_k, inputs=[exciting], progress=ctx.progress)
+
+
+def vocab_texts(model: "Model", ctx: BuildContext) -> list[str]:
+    """The display string of every token id (``[d_vocab]``, :func:`~lmatlas.decode.token_text.token_texts`),
+    decoded once per process and shared by the stages that spell tokens.
+
+    ``token_texts`` spells each id on its own, so indexing this list gives the same strings as
+    decoding the ids of a ranking (2.8 million for SmolLM2's neurons) one by one, at a fraction of the cost.
+    """
+    from lmatlas.decode.token_text import token_texts
+
+    return ctx.remember("vocab.texts", lambda: token_texts(model.tokenizer, range(model.layout.d_vocab)))
 
 
 def compute(model: "Model", unit: str, ctx: BuildContext):
-    from lmatlas.decode.token_text import token_texts
+    """One layer's ``neurons`` rows, as an Arrow table (columns of lists, built from the rankings' arrays)."""
+    import pyarrow as pa
 
     layer = layer_of(unit)
     decoding = ctx.remember("neurons.decoding", lambda: _decode_all(model, ctx))
+    vocab = ctx.remember("vocab.arrow", lambda: pa.array(vocab_texts(model, ctx), pa.string()))
     rankings = {
         "promoted": decoding.promoted,
         "suppressed": decoding.suppressed,
         "exciting": decoding.inputs.get("gate", decoding.inputs.get("in")),
     }
-    first = decoding.row(layer, 0)
-    rows = [{"layer": layer, "neuron": n} for n in range(decoding.d_mlp)]
+    first, n = decoding.row(layer, 0), decoding.d_mlp
+    columns = {"layer": pa.array([layer] * n, pa.int32()), "neuron": pa.array(range(n), pa.int32())}
     for name, ranking in rankings.items():
-        if ranking is None:
-            ids = logits = [[] for _ in rows]
-        else:
-            ids = ranking.ids[first : first + decoding.d_mlp].tolist()
-            logits = ranking.logits[first : first + decoding.d_mlp].tolist()
-        texts = token_texts(model.tokenizer, [i for row_ids in ids for i in row_ids])
-        offset = 0
-        for row, row_ids, row_logits in zip(rows, ids, logits):
-            row[name] = texts[offset : offset + len(row_ids)]
-            row[f"{name}_ids"] = row_ids
-            row[f"{name}_logits"] = [float(v) for v in row_logits]
-            offset += len(row_ids)
-    return {"neurons": rows}
+        ids, logits = _layer_of(ranking, first, n)  # [n, k] each (k = 0 without a ranking)
+        flat = pa.array(ids.flatten().numpy())
+        columns[name] = _lists(vocab.take(flat), n)
+        columns[f"{name}_ids"] = _lists(flat.cast(pa.int32()), n)
+        columns[f"{name}_logits"] = _lists(pa.array(logits.double().flatten().numpy()), n)
+    return {"neurons": pa.table(columns)}
+
+
+def _layer_of(ranking, first: int, n: int):
+    """``(ids [n, k] int64, logits [n, k] float32)`` of one layer's rows of ``ranking`` (``k = 0`` for None)."""
+    import torch
+
+    if ranking is None:
+        return torch.zeros(n, 0, dtype=torch.int64), torch.zeros(n, 0)
+    return ranking.ids[first : first + n].contiguous(), ranking.logits[first : first + n].contiguous()
+
+
+def _lists(values, n: int):
+    """``n`` lists of equal length cut from ``values`` (an Arrow array of ``n * k`` values, row-major)."""
+    import pyarrow as pa
+
+    k = len(values) // n
+    return pa.ListArray.from_arrays(pa.array(range(0, n * k + 1, k) if k else [0] * (n + 1), pa.int32()), values)
 
 
 stage(

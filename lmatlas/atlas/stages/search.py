@@ -41,19 +41,18 @@ def _shared(model: "Model", ctx: BuildContext):
 def compute(model: "Model", unit: str, ctx: BuildContext):
     import torch
 
-    from lmatlas.atlas.token_search import writer_rows
+    from lmatlas.atlas.stages.neurons import vocab_texts
+    from lmatlas.atlas.token_search import writer_table
     from lmatlas.decode.search import vocab_writers
 
     start = int(unit.rsplit("/V", 1)[1])
     calibration, writes, index, factors = ctx.remember("search.shared", lambda: _shared(model, ctx))
     tokens = torch.arange(start, min(start + SLICE, model.layout.d_vocab))
-    from lmatlas.decode.token_text import token_texts
-
     found = vocab_writers(model, calibration, tokens, seed=ctx.seed, writes=writes, factors=factors, neuron_index=index)
-    texts = token_texts(model.tokenizer, tokens.tolist())
+    texts = vocab_texts(model, ctx)
     return {
-        "token_writers": writer_rows(model, found),
-        "vocab": [{"token_id": t, "token": text} for t, text in zip(tokens.tolist(), texts)],
+        "token_writers": writer_table(model, found),
+        "vocab": [{"token_id": t, "token": texts[t]} for t in tokens.tolist()],
     }
 
 
