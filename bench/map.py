@@ -146,16 +146,22 @@ def interleaved(commit: str, model_name: str, only: list[str] | None, rounds: in
 
     Alternating exposes both sides to the same load, so the ratio holds on a busy machine where
     absolute seconds do not. Stages that share work (the corpus pass) are best compared as a group
-    (``stages_total``): the first stage of the group pays the shared forwards.
+    (``stages_total``): the first stage of the group pays the shared forwards. The first build of
+    each side is kept and their tables compared row for row (``tables``: :func:`compare_tables`).
     """
     import statistics
 
     folders = {"old": _export(commit), "new": ROOT}
+    kept = {side: Path(tempfile.mkdtemp(prefix=f"lmatlas-map-{side}-")) / "atlas.duckdb" for side in folders}
     runs: dict[str, list[dict]] = {"old": [], "new": []}
     for i in range(rounds):
         for side in ("old", "new") if i % 2 == 0 else ("new", "old"):
-            runs[side].append(_build_in(folders[side], model_name, only))
+            out = kept[side] if not runs[side] else None
+            runs[side].append(_build_in(folders[side], model_name, only, out))
             print(f"{side}: {runs[side][-1]['seconds_by_stage']}", file=sys.stderr)
+    tables = compare_tables(kept["old"], kept["new"])
+    for path in kept.values():
+        path.unlink()
     medians = {
         side: {
             name: statistics.median(r["seconds_by_stage"].get(name, 0.0) for r in done)
@@ -180,6 +186,7 @@ def interleaved(commit: str, model_name: str, only: list[str] | None, rounds: in
         "build_total": _median_ratio(runs, "build_s"),
         "outside_stages": _median_ratio(runs, "outside_s"),
         "runs": {side: [r["seconds_by_stage"] for r in done] for side, done in runs.items()},
+        "tables": tables,
         "work_by_stage": {side: done[0]["work_by_stage"] for side, done in runs.items()},
         "peak_rss_mb": {side: [r["peak_rss_mb"] for r in done] for side, done in runs.items()},
     }
@@ -201,7 +208,32 @@ def _export(commit: str) -> Path:
     return folder
 
 
-def _build_in(folder: Path, model_name: str, only: list[str] | None) -> dict:
+def compare_tables(old: Path, new: Path) -> dict[str, dict[str, int]]:
+    """Per table (``runs`` and ``meta`` left out: times and dates), its rows in each file and the rows of
+    each that the other lacks (``EXCEPT ALL``: 0 and 0 when the tables hold the same rows)."""
+    import duckdb
+
+    con = duckdb.connect()
+    con.execute(f"ATTACH '{old}' AS old (READ_ONLY)")
+    con.execute(f"ATTACH '{new}' AS new (READ_ONLY)")
+    names = [r[0] for r in con.execute("SELECT table_name FROM duckdb_tables() WHERE database_name = 'new'").fetchall()]
+    out = {}
+    for name in sorted(set(names) - {"runs", "meta"}):
+        count = {side: con.execute(f"SELECT count(*) FROM {side}.{name}").fetchone()[0] for side in ("old", "new")}
+        if not count["old"] and not count["new"]:
+            continue
+        only_old, only_new = (
+            con.execute(
+                f"SELECT count(*) FROM (SELECT * FROM {a}.{name} EXCEPT ALL SELECT * FROM {b}.{name})"
+            ).fetchone()[0]
+            for a, b in (("old", "new"), ("new", "old"))
+        )
+        out[name] = {"rows_old": count["old"], "rows_new": count["new"], "only_old": only_old, "only_new": only_new}
+    con.close()
+    return out
+
+
+def _build_in(folder: Path, model_name: str, only: list[str] | None, out: Path | None = None) -> dict:
     """This checkout's ``bench/map.py`` run in a subprocess on ``folder``'s ``lmatlas``; its JSON output.
 
     Both sides of a comparison run the same driver (the same bookkeeping around the build), so
@@ -210,6 +242,8 @@ def _build_in(folder: Path, model_name: str, only: list[str] | None) -> dict:
     command = [sys.executable, str(ROOT / "bench" / "map.py"), "--model", model_name]
     if only:
         command += ["--only", ",".join(only)]
+    if out:
+        command += ["--out", str(out)]
     env = {**os.environ, "PYTHONPATH": str(folder)}
     done = subprocess.run(command, cwd=folder, env=env, check=True, stdout=subprocess.PIPE)
     return json.loads(done.stdout)
