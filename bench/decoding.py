@@ -261,43 +261,87 @@ def multiple_choice(scores: dict[str, float], item: dict) -> tuple[float, float]
     return mc1, p_true / (p_true + p_false)
 
 
-def truthfulqa(model, path: str, questions: int, minutes: float | None = None) -> dict:
-    """MC1 / MC2 of greedy, DoLa and its variants on the first ``questions`` (0 = all), each question's
-    answers scored by :func:`question_scores`; with ``minutes``, stops after the question that passes the
-    time budget (the report says how many were scored: a prefix of the file). ``per_question`` keeps every
-    question's MC1 and MC2 per method (MC2 rounded to 1e-6)."""
-    items = read_questions(path, questions)
+def truthfulqa(model, path: str, questions: int, minutes: float | None = None, first: int = 0, checkpoint=None) -> dict:
+    """MC1 / MC2 of greedy, DoLa and its variants on ``questions`` questions from row ``first`` (0 = to the
+    end), each question's answers scored by :func:`question_scores`; with ``minutes``, stops after the
+    question that passes the time budget (the report says how many were scored). ``per_question`` keeps
+    every question's MC1 and MC2 per method (MC2 rounded to 1e-6); ``checkpoint(partial)`` receives the
+    report so far every 10 questions (a run stopped early keeps them)."""
+    items = read_questions(path)
+    items = items[first : first + questions] if questions else items[first:]
     layers = candidate_layers(model.hf, "high")
     mc = {method: {"mc1": [], "mc2": []} for method in METHODS}
     start = time.perf_counter()
+
+    def report() -> dict:
+        scored = len(mc["greedy"]["mc1"])
+        per_question = {m: {"mc1": mc[m]["mc1"], "mc2": [round(v, 6) for v in mc[m]["mc2"]]} for m in mc}
+        return {
+            "questions": scored,
+            "first_question": first,
+            "requested": len(items),
+            "of": 817,
+            "subset": f"rows {first} to {first + scored - 1} of the file (0-based)",
+            "premature_layers": layers,
+            "scorer": "question_scores: the prompt's KV once, the answers in one right-padded forward",
+            "seconds": time.perf_counter() - start,
+            **summarise(per_question),
+            "per_question": per_question,
+        }
+
     for i, item in enumerate(items):
         scores = question_scores(model, layers, item["question"], item["answers"])
         for method in METHODS:
             mc1, mc2 = multiple_choice({a: v[method] for a, v in scores.items()}, item)
             mc[method]["mc1"].append(mc1)
             mc[method]["mc2"].append(mc2)
-        if (i + 1) % 25 == 0:
-            log(f"truthfulqa {i + 1}/{len(items)} ({time.perf_counter() - start:.0f}s)")
+        if (i + 1) % 10 == 0:
+            log(f"truthfulqa {first + i + 1} ({i + 1}/{len(items)}, {time.perf_counter() - start:.0f}s)")
+            if checkpoint is not None:
+                checkpoint(report() | {"partial": True})
         if minutes is not None and time.perf_counter() - start > minutes * 60:
             log(f"truthfulqa: time budget of {minutes} min reached after {i + 1} questions")
             break
-    scored = len(mc["greedy"]["mc1"])
-    out = {
-        "questions": scored,
-        "requested": len(items),
-        "of": 817,
-        "subset": f"the first {scored} rows of the file",
-        "premature_layers": layers,
-        "scorer": "question_scores: the prompt's KV once, the answers in one right-padded forward",
-        "seconds": time.perf_counter() - start,
-    }
+    return report()
+
+
+def summarise(per_question: dict) -> dict:
+    """``{"mc1": ..., "mc2": ...}``: each method's mean and paired-bootstrap intervals of DoLa - greedy and
+    of each variant - DoLa, from ``per_question[method][metric]`` lists (questions in the same order)."""
+    out = {}
     for metric in ("mc1", "mc2"):
-        out[metric] = {m: statistics.fmean(mc[m][metric]) for m in mc}
-        out[metric]["dola_minus_greedy"] = bootstrap_diff(mc["greedy"][metric], mc["dola"][metric])
+        rows = {m: per_question[m][metric] for m in METHODS}
+        out[metric] = {m: statistics.fmean(v) for m, v in rows.items()}
+        out[metric]["dola_minus_greedy"] = bootstrap_diff(rows["greedy"], rows["dola"])
         for method in METHODS[2:]:
-            out[metric][f"{method}_minus_dola"] = bootstrap_diff(mc["dola"][metric], mc[method][metric])
-    out["per_question"] = {m: {"mc1": mc[m]["mc1"], "mc2": [round(v, 6) for v in mc[m]["mc2"]]} for m in mc}
+            out[metric][f"{method}_minus_dola"] = bootstrap_diff(rows["dola"], rows[method])
     return out
+
+
+def merge_truthfulqa(paths: list[str]) -> dict:
+    """One truthfulqa report from the ``truthfulqa`` sections of several records (runs over consecutive
+    row ranges, ``--first-question``), questions in file order; ``parts`` keeps each run's range, command,
+    commit and load."""
+    parts = sorted((json.load(open(p))["sections"]["truthfulqa"] for p in paths), key=lambda s: s["first_question"])
+    per_question = {
+        m: {k: [v for s in parts for v in s["per_question"][m][k]] for k in ("mc1", "mc2")} for m in METHODS
+    }
+    ranges = [(s["first_question"], s["first_question"] + s["questions"]) for s in parts]
+    contiguous = all(a[1] == b[0] for a, b in zip(ranges, ranges[1:])) and ranges[0][0] == 0
+    return {
+        "questions": len(per_question["greedy"]["mc1"]),
+        "of": 817,
+        "subset": "the first rows of the file" if contiguous else f"rows {ranges} of the file (0-based, end excluded)",
+        "premature_layers": parts[0]["premature_layers"],
+        "scorer": parts[0]["scorer"],
+        "seconds": sum(s["seconds"] for s in parts),
+        **summarise(per_question),
+        "parts": [
+            {"rows": r, "seconds": s["seconds"], "conditions": s["conditions"], "partial": s.get("partial", False)}
+            for r, s in zip(ranges, parts)
+        ],
+        "per_question": per_question,
+    }
 
 
 def scorer_check(model, path: str, questions: int) -> dict:
@@ -752,6 +796,8 @@ def main() -> None:
     parser.add_argument(
         "--check-questions", type=int, default=20, help="Questions of truthfulqa_check (batched vs one by one)."
     )
+    parser.add_argument("--first-question", type=int, default=0, help="truthfulqa starts at this row (0-based).")
+    parser.add_argument("--merge", default="", help="truthfulqa_merge: records of runs over consecutive rows.")
     parser.add_argument("--prompts", type=int, default=20)
     parser.add_argument("--countries", type=int, default=0, help="Capitals in the battery (0 = all 40).")
     parser.add_argument("--new-tokens", type=int, default=256)
@@ -847,7 +893,19 @@ def main() -> None:
     if "truthfulqa_check" in only:
         section("truthfulqa_check", lambda: scorer_check(model, args.truthfulqa, args.check_questions))
     if "truthfulqa" in only:
-        section("truthfulqa", lambda: truthfulqa(model, args.truthfulqa, args.questions, args.minutes))
+        started = conditions()
+
+        def checkpoint(partial: dict) -> None:
+            results["sections"]["truthfulqa"] = partial | {"conditions": {**started, "load_after": load_average()}}
+            with open(args.out, "w") as handle:
+                json.dump(results, handle, indent=2)
+
+        section(
+            "truthfulqa",
+            lambda: truthfulqa(model, args.truthfulqa, args.questions, args.minutes, args.first_question, checkpoint),
+        )
+    if "truthfulqa_merge" in only:
+        section("truthfulqa", lambda: merge_truthfulqa(args.merge.split(",")))
     print(json.dumps(results, indent=2))
 
 

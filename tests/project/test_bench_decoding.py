@@ -64,3 +64,32 @@ def test_shared_positions_number_equal_prefixes_once():
     where, first = DECODING["shared_positions"]([[7, 1, 2], [7, 1, 3, 4], [7, 5, 6]])
     assert where == [[0, 1], [0, 1, 2], [0, 3]]
     assert first == [(0, 0), (0, 1), (1, 2), (2, 1)]
+
+
+def test_truthfulqa_runs_over_row_ranges_merge_into_the_whole_run(model, tmp_path):
+    import csv
+    import json
+
+    path = tmp_path / "tqa.csv"
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, ["Question", "Best Answer", "Correct Answers", "Incorrect Answers"])
+        writer.writeheader()
+        for q in ("Is it wet?", "Is it dry?", "Is it hot?"):
+            writer.writerow(
+                {"Question": q, "Best Answer": "yes", "Correct Answers": "yes; sure", "Incorrect Answers": "no"}
+            )
+    whole = DECODING["truthfulqa"](model, str(path), 0)
+    checkpoints = []
+    parts = [
+        DECODING["truthfulqa"](model, str(path), 2),
+        DECODING["truthfulqa"](model, str(path), 0, first=2, checkpoint=checkpoints.append),
+    ]
+    records = []
+    for i, part in enumerate(parts):
+        records.append(tmp_path / f"part{i}.json")
+        records[-1].write_text(json.dumps({"sections": {"truthfulqa": part | {"conditions": {}}}}))
+    merged = DECODING["merge_truthfulqa"]([str(r) for r in reversed(records)])
+    assert merged["questions"] == 3 and merged["subset"] == "the first rows of the file"
+    assert merged["per_question"] == whole["per_question"]
+    assert merged["mc2"] == whole["mc2"] and merged["mc1"] == whole["mc1"]
+    assert parts[1]["first_question"] == 2 and parts[1]["questions"] == 1 and checkpoints == []
