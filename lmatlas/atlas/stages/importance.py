@@ -73,8 +73,11 @@ def _exact(model: "Model", ctx: BuildContext, targets: list[str]) -> dict[str, f
 
     ids = _ids(ctx)
     stats = ctx.remember("importance.stats", lambda: _stats(model, ctx))
-    effects = ablate(model, ids, targets, sequence_loss(ids), how="mean", stats=stats, name="importance", resume=True)
-    return dict(zip(targets, effects.effect().tolist()))
+    # by layer, so that each batch of ablations starts as late as its first target allows (a row's
+    # value does not depend on the rows batched with it)
+    ordered = sorted(targets, key=lambda t: int(t[1:].split(".", 1)[0]))
+    effects = ablate(model, ids, ordered, sequence_loss(ids), how="mean", stats=stats, name="importance", resume=True)
+    return dict(zip(ordered, effects.effect().tolist()))
 
 
 def _attribution(model: "Model", ctx: BuildContext) -> dict:
