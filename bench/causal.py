@@ -65,7 +65,11 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--out", default="bench/results/causal.json")
     parser.add_argument("--edge-errors", default=None, help="tasks whose edge scores are checked edge by edge")
-    parser.add_argument("--edge-methods", default="eap+qk", help="with --edge-errors: eap, eap+qk, eap-ig, ...")
+    parser.add_argument(
+        "--edge-methods",
+        default="eap+qk",
+        help="with --edge-errors: eap, eap+qk, eap-ig, ... ('' for the default alone)",
+    )
     parser.add_argument("--verify", type=int, default=50, help="with --edge-errors: top edges measured exactly")
     args = parser.parse_args(argv)
     torch.manual_seed(0)

@@ -124,7 +124,7 @@ def edge_errors(args) -> dict:
 
     log, before = Log("edge_errors"), conditions()
     model = load_model(args.model)
-    methods = args.edge_methods.split(",")
+    methods = [m for m in args.edge_methods.split(",") if m]  # none: the default pipeline alone
     unknown = [m for m in methods if m not in HOW]
     if unknown:
         raise SystemExit(f"--edge-methods from {', '.join(HOW)} (got {unknown})")
