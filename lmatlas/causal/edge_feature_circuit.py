@@ -53,12 +53,12 @@ def attach_all(model: "Model", dictionaries: list) -> list[str]:
 def moved_latents(model: "Model", task: "TaskBatch", top: int) -> dict[str, list[int]]:
     """``{"L1.resid.post": [latent, ...]}``: per attached dictionary the ``top`` latents whose write moves most
     between the clean and the corrupt prompts (all of them if it has no more), in increasing order."""
-    from lmatlas.causal.edge_features import dictionary_dtype, feature_sites
+    from lmatlas.causal.edge_features import feature_sites
 
     if top < 1:
         raise TaskError(f"Keep at least one latent per dictionary, got {top}.")
     sites = feature_sites(model)
-    names = [f"L{s.layer}.resid.post" for s in sites]
+    names = [s.reads for s in sites]  # the stream each dictionary encodes (a transcoder's through the MLP's norm)
     clean, corrupt = model.run(task.clean, capture=names), model.run(task.corrupt, capture=names)
     out = {}
     for site, name in zip(sites, names):
@@ -66,10 +66,9 @@ def moved_latents(model: "Model", task: "TaskBatch", top: int) -> dict[str, list
         if len(every) <= top:
             out[site.base] = every
             continue
-        dtype = dictionary_dtype(site.dictionary, clean[name])
         with torch.no_grad():
-            f_clean, f_corrupt = (site.dictionary.encode(run[name].to(dtype)) for run in (clean, corrupt))
-            moved = (f_clean - f_corrupt).abs().sum((0, 1)).float()  # [n_latents]
+            f_clean, f_corrupt = (site.encode(run[name].float()) for run in (clean, corrupt))  # every latent
+            moved = (f_clean - f_corrupt).abs().sum((0, 1))  # [n_latents]
         scale = site.directions(clean[name].float()).norm(dim=-1)  # [n_latents]: |d_i|
         out[site.base] = sorted(torch.topk(moved * scale, top).indices.tolist())
     return out
@@ -100,7 +99,7 @@ def feature_task_circuit(
     """
     from lmatlas.causal.edge_feature_scores import feature_edge_attribution
     from lmatlas.causal.edge_features import feature_sites
-    from lmatlas.causal.edge_run import EdgeRunner
+    from lmatlas.causal.edge_feature_transcoder import runner as edge_runner
     from lmatlas.causal.edge_verify import rescore_exact
     from lmatlas.causal.faithfulness import RESCORE, find_circuit
     from lmatlas.causal.metrics import logit_diff
@@ -118,7 +117,7 @@ def feature_task_circuit(
     latents = latents if latents is not None else moved_latents(model, batch, top_latents)
     metric = logit_diff(batch.answer, batch.wrong)
     graph = feature_edge_attribution(model, batch, metric, latents=latents, steps=steps, along=along, qk=qk)
-    runner = EdgeRunner.with_features(model, batch, metric, latents, progress=False)
+    runner = edge_runner(model, batch, metric, latents, progress=False)
     rescore = RESCORE if rescore is None else rescore
     if rescore:
         graph = rescore_exact(model, batch, graph, metric, k=rescore, runner=runner)

@@ -18,9 +18,16 @@ so the writes at the site sum to the stream: the full graph is the clean run, th
 one the corrupt run. The dictionary is a bottleneck: nodes up to layer ``l`` reach later
 inputs only through the latents and the error node (no edge jumps the site).
 
-Only SAEs at ``resid.post`` become nodes; every other attached dictionary is refused in
-one line. Each listed latent encodes its own stream, so list the latents of interest
-(``latents={"L1.resid.post": [3, 17]}``) on a real dictionary.
+A transcoder attached at ``L{l}.mlp`` in replace mode (:mod:`lmatlas.causal.edge_feature_transcoder`)
+replaces the MLP node instead: its latents ``L1.mlp.F{i}`` and error node ``L1.mlp.E`` read
+their own streams where the MLP reads (``resid.mid``) and write where it writes, the error
+node ``mlp(x_E) - sum_i f_i(x_E) d_i``; the MLP keeps its place in the graph with no edge, and
+nothing else changes (a transcoder is no bottleneck: the heads' writes flow around it).
+
+Other dictionaries are refused in one line, as are two at one layer. Each listed latent
+encodes its own stream, so list the latents of interest (``latents={"L1.resid.post": [3, 17]}``)
+on a real dictionary. Scores: :mod:`lmatlas.causal.edge_feature_scores`; circuits:
+:mod:`lmatlas.causal.edge_feature_circuit`.
 """
 
 from __future__ import annotations
@@ -60,19 +67,32 @@ class FeatureNodes:
             out = self.dictionary.decode(basis.to(dictionary_dtype(self.dictionary, like))).to(like.dtype)
         return out[:-1] - out[-1]
 
-    def writes(self, streams: torch.Tensor) -> torch.Tensor:
+    @property
+    def reads(self) -> str:
+        """The capture holding the stream the site's nodes read (``L1.resid.post``)."""
+        return self.base
+
+    def encode(self, streams: torch.Tensor) -> torch.Tensor:
+        """``[..., d]`` streams -> ``[..., n_listed]`` the listed latents (on the autograd graph when it is on)."""
+        return self.dictionary.encode(streams.to(dictionary_dtype(self.dictionary, streams))).to(streams.dtype)[
+            ..., self.latents
+        ]
+
+    def writes(self, streams: torch.Tensor, whole: torch.Tensor | None = None) -> torch.Tensor:
         """``[..., m, B, P, d]`` streams (one per listed latent, the error node's last) -> their writes, same shape.
 
-        Latent ``i`` writes ``f_i(x_i) d_i`` from its own stream; the error node ``x_E - sum_i f_i(x_E) d_i``.
+        Latent ``i`` writes ``f_i(x_i) d_i`` from its own stream; the error node ``whole - sum_i f_i(x_E) d_i``,
+        ``whole`` ``[..., B, P, d]`` being what the site writes in all from the error node's stream: that stream
+        itself for an SAE (the default), the MLP's output on it for a transcoder.
         """
         n = len(self.latents)
         with torch.no_grad():
-            f = self.dictionary.encode(streams.to(dictionary_dtype(self.dictionary, streams))).to(streams.dtype)
-        f = f[..., self.latents]  # [..., m, B, P, n]
+            f = self.encode(streams)  # [..., m, B, P, n]
         d = self.directions(streams)  # [n, d_model]
         own = f[..., :n, :, :, :].diagonal(dim1=-4, dim2=-1)  # [..., B, P, n]: latent i from stream i
         latent_writes = own.movedim(-1, -3).unsqueeze(-1) * d[:, None, None, :]  # [..., n, B, P, d]
-        error = streams[..., n, :, :, :] - f[..., n, :, :, :] @ d  # [..., B, P, d]
+        whole = streams[..., n, :, :, :] if whole is None else whole
+        error = whole - f[..., n, :, :, :] @ d  # [..., B, P, d]
         return torch.cat([latent_writes, error.unsqueeze(-4)], dim=-4)
 
 
@@ -85,13 +105,19 @@ def dictionary_dtype(dictionary, like: torch.Tensor) -> torch.dtype:
 
 def feature_sites(model: "Model", latents: dict[str, list[int]] | None = None) -> list[FeatureNodes]:
     """Every dictionary attached to ``model`` as nodes (all its latents unless ``latents`` lists some)."""
-    out = []
+    from lmatlas.causal.edge_feature_transcoder import check_transcoder, transcoder_nodes
+
+    out: list[FeatureNodes] = []
     for entry in model.dictionaries:
         base = f"L{entry.site.layer}.{entry.site.component.removesuffix('.F')}"
+        if entry.site.component == "mlp.F":
+            check_transcoder(model, entry, base, (latents or {}).get(base))
+            out.append(transcoder_nodes(model, entry, base, (latents or {}).get(base)))
+            continue
         if entry.site.component != "resid.post.F":
             raise TaskError(
-                f"Feature nodes of edge circuits come from SAEs at resid.post; {base} cannot be one "
-                "(detach it, or attach an SAE at an L<n>.resid.post site)."
+                f"Feature nodes of edge circuits come from SAEs at resid.post and transcoders at an MLP; {base} "
+                "cannot be one (detach it, or attach an SAE at an L<n>.resid.post site)."
             )
         if entry.mode == "replace":
             raise TaskError(
@@ -103,6 +129,9 @@ def feature_sites(model: "Model", latents: dict[str, list[int]] | None = None) -
             if not 0 <= i < entry.n_latents:
                 raise TaskError(f"Latent {i} is out of range at {base}: its dictionary has {entry.n_latents} latents.")
         out.append(FeatureNodes(entry.site.layer, base, list(listed), entry.dictionary))
+    layers = [site.layer for site in out]
+    if len(set(layers)) < len(layers):
+        raise TaskError("Edge circuits take one dictionary per layer as nodes: detach all but one of each layer's.")
     if not out:
         raise TaskError(
             "No dictionary is attached, so the graph has no feature nodes: "
@@ -118,7 +147,8 @@ def write_at(model: "Model", name: str) -> float:
     layer = int(name.split(".")[0][1:])
     if ".resid.post." in name:
         return layer + 0.9
-    return layer + (0.5 if name.endswith(".mlp") and not model.layout.parallel_residual else 0.0)
+    mlp = name.endswith(".mlp") or ".mlp." in name  # an MLP, or a transcoder's node in its place
+    return layer + (0.5 if mlp and not model.layout.parallel_residual else 0.0)
 
 
 def read_at(model: "Model", name: str) -> float:
@@ -128,7 +158,7 @@ def read_at(model: "Model", name: str) -> float:
     layer = int(name.split(".")[0][1:])
     if ".resid.post." in name:
         return layer + 0.85
-    if name.endswith(".mlp") and not model.layout.parallel_residual:
+    if (name.endswith(".mlp") or ".mlp." in name) and not model.layout.parallel_residual:
         return layer + 0.45
     return layer - 0.05
 
@@ -147,11 +177,12 @@ def feature_index(model: "Model", latents: dict[str, list[int]] | None = None) -
         targets.append(name)
         if name.endswith(".mlp") and int(name.split(".")[0][1:]) in by_layer:
             targets += by_layer[int(name.split(".")[0][1:])].names
-    cuts = [s.layer + 0.9 for s in sites]
+    cuts = [s.layer + 0.9 for s in sites if s.reads.endswith("resid.post")]  # an SAE is a bottleneck
+    replaced = {f"L{s.layer}.mlp" for s in sites if not s.reads.endswith("resid.post")}  # a transcoder's MLP
     allowed = torch.zeros(len(sources), len(targets), dtype=torch.bool)
     for i, u in enumerate(sources):
         w = write_at(model, u)
         for j, t in enumerate(targets):
             r = read_at(model, t)
-            allowed[i, j] = w < r and not any(w < c < r for c in cuts)
+            allowed[i, j] = w < r and not any(w < c < r for c in cuts) and u not in replaced and t not in replaced
     return EdgeIndex(tuple(sources), tuple(targets), allowed), sites

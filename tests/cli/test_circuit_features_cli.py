@@ -76,6 +76,25 @@ def test_feature_nodes_in_json_table_and_atlas(folder, tmp_path):
     assert "eap+qk+features" in text and "error node L0.resid.post.E" in text
 
 
+def test_a_transcoder_replaces_its_mlp_in_the_circuit(tmp_path):
+    from lmatlas.features.dictionary import DictionaryCard, SkipTranscoder
+    from lmatlas.features.files import save
+
+    card = DictionaryCard("transcoder", "L0.mlp.in", D_MODEL, 32, 4)
+    tc = SkipTranscoder(D_MODEL, D_MODEL, 32, 4, card=card)
+    with torch.no_grad():
+        for p in tc.parameters():
+            p.copy_(0.1 * torch.randn_like(p, generator=torch.Generator().manual_seed(p.numel())))
+    folder = save(tc, tmp_path / "tc")
+    args = ["circuit", FIXTURE, "--task", "induction", "--n", "4", "--features", str(folder), "--latents", "4"]
+    result = runner.invoke(app, [*args, "--verify", "3", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["features"][0]["site"] == "L0.mlp" and data["features"][0]["error"] == "L0.mlp.E"
+    assert not any("L0.mlp" in (e["source"], e["target"]) for e in data["edges"])  # replaced by its nodes
+    assert data["curve"][-1]["faithfulness"] == pytest.approx(1.0, abs=1e-4)
+
+
 def test_dictionaries_of_another_site_or_model_exit_2_with_one_line(tmp_path):
     from lmatlas.features.files import save
     from lmatlas.model.loading import load
