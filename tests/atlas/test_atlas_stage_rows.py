@@ -22,7 +22,8 @@ K = 4
 def test_neurons_table_is_the_plain_decoding(family, tmp_path):
     model = get_tiny(family)
     path = tmp_path / "n.atlas.duckdb"
-    build_atlas(model, path, only=["neurons"], params={"top_k": K}, progress=False)
+    report = build_atlas(model, path, only=["neurons"], params={"top_k": K}, progress=False)
+    assert set(report.write_seconds_by_stage) == {"neurons"} and report.write_seconds_by_stage["neurons"] > 0
     plain = decode_neurons(model, k=K, method="plain", progress=False)
     exciting = plain.inputs["gate" if "gate" in plain.inputs else "in"]
     with Atlas.open(path) as atlas:
