@@ -60,10 +60,13 @@ class TrainConfig:
 
     ``tokens``: training tokens to process (``None``: one pass over the harvest; more than
     the harvest holds means several epochs). ``lr``: Adam's rate (``None``:
-    ``2e-3 / sqrt(n_latents / 16384)``, capped at ``4e-3``); ``warmup``/``decay``: fractions of the
+    ``2e-3 / sqrt(n_latents / 16384)`` capped at ``4e-3`` for an SAE, a quarter of that for a
+    transcoder, whose latents died at the SAE's rate); ``warmup``/``decay``: fractions of the
     steps with a linear ramp up / down. ``dead_tokens``: a latent not fired for this many
     tokens is dead for AuxK (``None``: a fifth of the training tokens, at most 10M).
-    ``auxk_norm``: AuxK's denominator (:mod:`lmatlas.features.objective`). ``outlier_ratio``:
+    ``auxk_alpha``: AuxK's weight (1/8: Gao et al. train for billions of tokens with 1/32; in a
+    few hundred steps 1/8 left fewer latents dead, ``bench/features_recipe.py``); ``auxk_norm``:
+    its denominator (:mod:`lmatlas.features.objective`). ``outlier_ratio``:
     rows whose norm is over this many times the median are left out of the batches
     (:mod:`lmatlas.features.outliers`; ``None`` keeps them). ``sink_latent``: an SAE whose
     sample held such rows gives its least used latent to them at the end
@@ -79,7 +82,7 @@ class TrainConfig:
     lr: float | None = None
     warmup: float = 0.05
     decay: float = 0.2
-    auxk_alpha: float = 1 / 32
+    auxk_alpha: float = 1 / 8
     auxk_norm: str = "residual"
     dead_tokens: int | None = None
     outlier_ratio: float | None = 10.0
@@ -91,7 +94,10 @@ class TrainConfig:
     checkpoint_every: int = 100
 
     def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else min(4e-3, 2e-3 / math.sqrt(self.n_latents / 16384))
+        if self.lr is not None:
+            return self.lr
+        rate = min(4e-3, 2e-3 / math.sqrt(self.n_latents / 16384))
+        return rate / 4 if self.transcoder else rate
 
 
 @dataclass
