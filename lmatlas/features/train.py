@@ -60,8 +60,8 @@ class TrainConfig:
 
     ``tokens``: training tokens to process (``None``: one pass over the harvest; more than
     the harvest holds means several epochs). ``lr``: Adam's rate (``None``:
-    ``2e-3 / sqrt(n_latents / 16384)`` capped at ``4e-3`` for an SAE, a quarter of that for a
-    transcoder, whose latents died at the SAE's rate); ``warmup``/``decay``: fractions of the
+    ``2e-3 / sqrt(n_latents / 16384)``, at most ``2e-3``, for an SAE, half of that for a
+    transcoder: faster rates left more latents dead); ``warmup``/``decay``: fractions of the
     steps with a linear ramp up / down. ``dead_tokens``: a latent not fired for this many
     tokens is dead for AuxK (``None``: a fifth of the training tokens, at most 10M).
     ``auxk_alpha``: AuxK's weight (1/8: Gao et al. train for billions of tokens with 1/32; in a
@@ -96,8 +96,8 @@ class TrainConfig:
     def learning_rate(self) -> float:
         if self.lr is not None:
             return self.lr
-        rate = min(4e-3, 2e-3 / math.sqrt(self.n_latents / 16384))
-        return rate / 4 if self.transcoder else rate
+        rate = min(2e-3, 2e-3 / math.sqrt(self.n_latents / 16384))
+        return rate / 2 if self.transcoder else rate
 
 
 @dataclass
