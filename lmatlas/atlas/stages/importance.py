@@ -17,7 +17,10 @@ Two methods (``importance_method`` build parameter):
 * ``"mean-ablation"``: every head and MLP measured exactly (``n_heads + 1`` forwards per
   layer, batched through :func:`lmatlas.causal.patching.ablate`).
 
-Both go through :mod:`lmatlas.causal`.
+Both go through :mod:`lmatlas.causal`. The means come from one forward over the windows
+(:class:`CorpusMeans`), and every exact ablation starts at the layer it ablates from the
+clean run's stream (``ablate(..., resume=True)``, batched by layer): the blocks before a
+target are the clean run's, so they are not run again. Same values as full forwards.
 """
 
 from __future__ import annotations
