@@ -508,35 +508,41 @@ def cost_per_token(model, heads: list[str] | None, prompts: int, new_tokens: int
     DeCoRe on the same chat prompts (longer outputs than the battery's, so the prompt's prefill weighs
     less). Methods are interleaved per prompt in an order that rotates from round to round (``repeats``
     passes over the prompts), so a change of load hits them alike: ``vs_greedy`` is total time per
-    token against greedy's, ``median_round_ratio`` the median over rounds of the same ratio."""
+    token against greedy's, ``median_round_ratio`` the median over rounds of the same ratio, and
+    ``cpu_vs_greedy`` the same from the process's CPU time (what the computation costs, whatever else
+    runs on the machine; with one torch thread it is the time the method would take alone)."""
     methods = {"greedy": "greedy", **dola_variants(model)}
     if heads:
         methods["decore"] = DeCoRe(heads=tuple(heads))
     for strategy in methods.values():  # warm-up
         generate_with_strategy(model, SPEC_PROMPTS[0], 4, strategy)
     names = list(methods)
-    rounds = []  # {method: (seconds, tokens)} per (repeat, prompt)
+    rounds = []  # {method: (seconds, tokens, cpu seconds)} per (repeat, prompt)
     for _ in range(repeats):
         for prompt in SPEC_PROMPTS[:prompts]:
             shift = len(rounds) % len(names)
             row = {}
             for name in names[shift:] + names[:shift]:
+                cpu = time.process_time()
                 report = generate_with_strategy(model, prompt, new_tokens, methods[name])
-                row[name] = (report["seconds"], report["new_tokens"])
+                row[name] = (report["seconds"], report["new_tokens"], time.process_time() - cpu)
             rounds.append(row)
             log(
                 f"cost round {len(rounds)}/{repeats * prompts}: "
-                + ", ".join(f"{k} {s:.1f}s" for k, (s, _) in row.items())
+                + ", ".join(f"{k} {s:.1f}s (cpu {c:.1f}s)" for k, (s, _, c) in row.items())
             )
     out = {"prompts": prompts, "repeats": repeats, "new_tokens": new_tokens, "methods": {}}
-    per_token = {name: [s / max(n, 1) for s, n in (row[name] for row in rounds)] for name in names}
-    greedy = sum(row["greedy"][0] for row in rounds) / max(sum(row["greedy"][1] for row in rounds), 1)
+    per_token = {name: [s / max(n, 1) for s, n, _ in (row[name] for row in rounds)] for name in names}
+    totals = {name: [sum(row[name][i] for row in rounds) for i in range(3)] for name in names}
+    greedy_s, greedy_n, greedy_cpu = totals["greedy"]
     for name in names:
-        seconds, tokens = sum(row[name][0] for row in rounds), sum(row[name][1] for row in rounds)
+        seconds, tokens, cpu = totals[name]
         out["methods"][name] = {
             "seconds_per_token": seconds / max(tokens, 1),
+            "cpu_seconds_per_token": cpu / max(tokens, 1),
             "tokens": tokens,
-            "vs_greedy": seconds / max(tokens, 1) / greedy,
+            "vs_greedy": seconds / max(tokens, 1) / (greedy_s / max(greedy_n, 1)),
+            "cpu_vs_greedy": cpu / max(tokens, 1) / (greedy_cpu / max(greedy_n, 1)),
             "median_round_ratio": statistics.median(m / g for m, g in zip(per_token[name], per_token["greedy"])),
         }
     out["targets"] = {"dola_max": 1.3, "decore_max": 2.2}

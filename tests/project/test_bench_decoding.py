@@ -39,7 +39,7 @@ def test_cost_and_faithfulness_sections_run_every_strategy(model):
     assert set(cost["methods"]) == {"greedy", "dola", "dola_half", "dola_top50", "dola_top200", "decore"}
     assert cost["methods"]["greedy"]["vs_greedy"] == 1.0
     assert all(row["tokens"] == 6 for row in cost["methods"].values())
-    assert cost["methods"]["greedy"]["median_round_ratio"] == 1.0
+    assert cost["methods"]["greedy"]["median_round_ratio"] == cost["methods"]["greedy"]["cpu_vs_greedy"] == 1.0
     assert set(DECODING["cost_per_token"](model, None, prompts=1, new_tokens=2)["methods"]) == set(DECODING["METHODS"])
     battery = DECODING["faithfulness"](model, ["L0.H0"], ["L1.H1"], countries=2, new_tokens=2)
     assert battery["items"] == 4 and set(battery["methods"]) == {"greedy", "decore", "decore_random_heads", "dola"}
