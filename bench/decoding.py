@@ -319,29 +319,47 @@ def summarise(per_question: dict) -> dict:
 
 
 def merge_truthfulqa(paths: list[str]) -> dict:
-    """One truthfulqa report from the ``truthfulqa`` sections of several records (runs over consecutive
-    row ranges, ``--first-question``), questions in file order; ``parts`` keeps each run's range, command,
-    commit and load."""
-    parts = sorted((json.load(open(p))["sections"]["truthfulqa"] for p in paths), key=lambda s: s["first_question"])
-    per_question = {
-        m: {k: [v for s in parts for v in s["per_question"][m][k]] for k in ("mc1", "mc2")} for m in METHODS
-    }
-    ranges = [(s["first_question"], s["first_question"] + s["questions"]) for s in parts]
+    """One truthfulqa report from the ``truthfulqa`` sections of several records (runs over row ranges,
+    ``--first-question``, or earlier merges: their ``parts`` are taken apart again), questions in file
+    order; ``parts`` keeps each run's rows, command, commit and load. Ranges must not overlap."""
+    runs = sorted(
+        (run for p in paths for run in _runs(json.load(open(p))["sections"]["truthfulqa"])), key=lambda r: r["rows"]
+    )
+    for a, b in zip(runs, runs[1:]):
+        if a["rows"][1] > b["rows"][0]:
+            raise ValueError(f"rows {a['rows']} and {b['rows']} overlap")
+    per_question = {m: {k: [v for r in runs for v in r["per_question"][m][k]] for k in ("mc1", "mc2")} for m in METHODS}
+    ranges = [r["rows"] for r in runs]
     contiguous = all(a[1] == b[0] for a, b in zip(ranges, ranges[1:])) and ranges[0][0] == 0
     return {
         "questions": len(per_question["greedy"]["mc1"]),
         "of": 817,
         "subset": "the first rows of the file" if contiguous else f"rows {ranges} of the file (0-based, end excluded)",
-        "premature_layers": parts[0]["premature_layers"],
-        "scorer": parts[0]["scorer"],
-        "seconds": sum(s["seconds"] for s in parts),
+        "premature_layers": runs[0]["premature_layers"],
+        "scorer": runs[0]["scorer"],
+        "seconds": sum(r["seconds"] for r in runs),
         **summarise(per_question),
-        "parts": [
-            {"rows": r, "seconds": s["seconds"], "conditions": s["conditions"], "partial": s.get("partial", False)}
-            for r, s in zip(ranges, parts)
-        ],
+        "parts": [{k: r[k] for k in ("rows", "seconds", "conditions", "partial")} for r in runs],
         "per_question": per_question,
     }
+
+
+def _runs(section: dict) -> list[dict]:
+    """The runs of a truthfulqa section: itself (one range from ``first_question``) or, for a merge, its parts
+    with their slices of ``per_question``."""
+    common = {"premature_layers": section["premature_layers"], "scorer": section["scorer"]}
+    if "parts" not in section:
+        first = section["first_question"]
+        rows = [first, first + section["questions"]]
+        keep = {k: section[k] for k in ("seconds", "conditions", "per_question")}
+        return [{**common, **keep, "rows": rows, "partial": section.get("partial", False)}]
+    runs, start = [], 0
+    for part in section["parts"]:
+        size = part["rows"][1] - part["rows"][0]
+        sliced = {m: {k: v[start : start + size] for k, v in d.items()} for m, d in section["per_question"].items()}
+        runs.append({**common, **part, "per_question": sliced})
+        start += size
+    return runs
 
 
 def scorer_check(model, path: str, questions: int) -> dict:

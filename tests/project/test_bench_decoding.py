@@ -93,3 +93,8 @@ def test_truthfulqa_runs_over_row_ranges_merge_into_the_whole_run(model, tmp_pat
     assert merged["per_question"] == whole["per_question"]
     assert merged["mc2"] == whole["mc2"] and merged["mc1"] == whole["mc1"]
     assert parts[1]["first_question"] == 2 and parts[1]["questions"] == 1 and checkpoints == []
+    again = tmp_path / "merged.json"
+    again.write_text(json.dumps({"sections": {"truthfulqa": DECODING["merge_truthfulqa"]([str(records[0])])}}))
+    assert DECODING["merge_truthfulqa"]([str(again), str(records[1])])["per_question"] == whole["per_question"]
+    with pytest.raises(ValueError, match="overlap"):
+        DECODING["merge_truthfulqa"]([str(again), str(records[0])])
