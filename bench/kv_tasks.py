@@ -9,9 +9,11 @@ run rebuilds exactly the prompts it skipped:
 passkey      one ``"The special magic number for {word} is: {number}."`` in the essays, asked for
 multikey     ``--keys`` (3) needles, each its own sentence (``"The code of the garden gate is
              {number}."``, :data:`KEYS`), one of them asked for (the others are distractors)
-vt           variable tracking: ``VAR apple = 12345.`` then ``VAR river = VAR apple.``, ...
-             (``--hops`` (1) assignments, each later in the text) in ``--chains`` (2) chains,
-             each with its own number; the last variable of the first chain is asked for
+vt           variable tracking (RULER's format): ``VAR apple = 12345.``, later ``VAR river = VAR
+             apple.`` (``--hops`` (1) assignments) in ``--chains`` (1) chains, and ``--decoys``
+             (2) variables assigned a number at once; the last variable of the first chain is
+             asked for, the task and the question stated before the text and again after it
+             (``--vt-header``), in the chat template (``--vt-chat``)
 continue     ``length`` tokens of essay text, then the next ``--continuation`` tokens (256)
              scored: no needle, a perplexity-style check of what the cache kept
 ===========  ===========================================================================
@@ -28,9 +30,13 @@ with distinct digits, so ``choices`` (their first digits) and ``choice_at`` (whe
 answer's first digit is predicted) score a choice among the prompt's numbers too.
 
 SmolLM2-135M-Instruct with the full cache misses the old multikey (four "magic number"
-needles differing in one word: the first digit often comes from another needle) and the
-old variable tracking (two hops asked at once); the records of the full-cache check are
-``bench/results/kvcache_fullcheck_smollm2*.json``.
+needles differing in one word: the first digit often comes from another needle) and every
+variable tracking with two chains: asked ``VAR emerald = VAR`` it names the other chain's
+variable about a third of the time (both hop statements read ``= VAR``; the name that tells
+them apart is two tokens back), and asked for the number at once (``vt_form="number"``) it
+picks the right one of two barely above chance. One chain whose hop statement is the only
+``= VAR`` in the text, with decoy variables holding the other numbers, it resolves. The records
+of the full-cache checks, one per design, are ``bench/results/kvcache_fullcheck_*.json``.
 """
 
 from __future__ import annotations
@@ -58,6 +64,11 @@ KEYS = (
 KEY_NEEDLE = "{key} is {number}."
 KEY_QUESTION = "\n\nQuestion: What is {key}?\nAnswer: {key_cap} is"
 VT_QUESTION = "\n\nQuestion: What number is VAR {name} equal to?\nAnswer: VAR {name} ="
+VT_NUMBER_QUESTION = "\n\nQuestion: What number is VAR {name} equal to?\nAnswer: The number is"
+VT_HEADER = (
+    "Memorize and track the chains of variable assignments (VAR name = ...) hidden in the following text. "
+    "Question: What number is VAR {name} equal to?\n\n"
+)
 
 
 @dataclass(frozen=True)
@@ -80,31 +91,32 @@ def _tokens(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def frame(tokenizer, question: str, chat: bool) -> tuple[list[int], list[int]]:
-    """The tokens before the essay and after it: ``[bos]`` / ``question``, or the chat template around them.
+def frame(tokenizer, question: str, chat: bool, intro: str = "") -> tuple[list[int], list[int]]:
+    """The tokens before the essay and after it: ``[bos] intro`` / ``question``, or the chat template around them.
 
-    ``question`` is ``"\n\nQuestion: ...?\nAnswer: PRIME"``; with ``chat`` the essay and the question
+    ``question`` is ``"\n\nQuestion: ...?\nAnswer: PRIME"``; with ``chat`` the intro, essay and question
     are the user's message and ``PRIME`` starts the assistant's reply (the instruct model's own format).
     """
     if not chat:
-        return list(tokenizer("", add_special_tokens=True)["input_ids"]), _tokens(tokenizer, question)
+        bos = list(tokenizer("", add_special_tokens=True)["input_ids"])
+        return bos + (_tokens(tokenizer, intro) if intro else []), _tokens(tokenizer, question)
     ask, _, prime = question.partition("\nAnswer:")
     marker = "\x00ESSAY\x00"
     text = tokenizer.apply_chat_template(
         [{"role": "user", "content": marker}], tokenize=False, add_generation_prompt=True
     )
     head, _, tail = text.partition(marker)
-    return _tokens(tokenizer, head), _tokens(tokenizer, ask + tail + prime.lstrip())
+    return _tokens(tokenizer, head + intro), _tokens(tokenizer, ask + tail + prime.lstrip())
 
 
-def insert(haystack, length: int, pieces: list[tuple[float, str]], question: str, rng: random.Random, chat=False):
-    """``[bos] essay-with-pieces question`` of exactly ``length`` tokens; pieces go in at sentence ends.
+def insert(haystack, length, pieces: list[tuple[float, str]], question: str, rng: random.Random, chat=False, intro=""):
+    """``[bos] intro essay-with-pieces question`` of exactly ``length`` tokens; pieces go in at sentence ends.
 
     ``pieces``: ``(depth in [0, 1], text)``; pieces at the same sentence end keep their order.
     ``chat``: the essay and question wrapped in the tokenizer's chat template (:func:`frame`).
     """
     tok = haystack.tokenizer
-    prefix, question_ids = frame(tok, question, chat)
+    prefix, question_ids = frame(tok, question, chat, intro)
     piece_ids = [_tokens(tok, " " + text) for _, text in pieces]
     body_len = length - len(prefix) - len(question_ids) - sum(len(p) for p in piece_ids)
     if body_len < 50:
@@ -161,11 +173,20 @@ def needle_trial(haystack, task, length, index, depth, seed, keys: int, digits: 
     return finish(haystack, task, length, index, depth, prompt, values)
 
 
-def vt_trial(haystack, length, index, depth, seed, hops: int, chains: int, digits: int, chat: bool) -> Task:
-    """``chains`` chains of ``hops + 1`` variables; the asked chain's first assignment at ``depth``."""
+def vt_trial(haystack, length, index, depth, seed, options: dict) -> Task:
+    """``chains`` chains of ``hops + 1`` variables; the asked chain's first assignment at ``depth``.
+
+    ``options``: ``hops``, ``chains``, ``decoys`` (variables assigned a number at once, no chain: more
+    numbers to choose among without more chains to confuse), ``digits``, ``chat`` or ``vt_chat`` (the chat
+    template), ``vt_form`` (``"recite"``: the answer recites
+    the chain, ``" VAR apple = 47616"``; ``"number"``: the number at once after ``VT_NUMBER_QUESTION``'s prime) and
+    ``vt_header`` (the task and the question stated before the text as well, as RULER does).
+    """
+    hops, chains, decoys = options.get("hops", 1), options.get("chains", 2), options.get("decoys", 0)
+    form = options.get("vt_form", "recite")
     rng = random.Random(seed)
-    chain_of = names(rng, chains * (hops + 1))
-    values = numbers(rng, chains, digits)
+    chain_of = names(rng, chains * (hops + 1) + decoys)
+    values = numbers(rng, chains + decoys, options.get("digits", 5))
     pieces = []
     for chain in range(chains):
         first_depth = depth if chain == 0 else rng.random()
@@ -174,8 +195,14 @@ def vt_trial(haystack, length, index, depth, seed, hops: int, chains: int, digit
         pieces.append((first_depth, f"VAR {chain_names[0]} = {values[chain]}."))
         for prev, name, d in zip(chain_names, chain_names[1:], later):
             pieces.append((d, f"VAR {name} = VAR {prev}."))
-    prompt = insert(haystack, length, pieces, VT_QUESTION.format(name=chain_of[hops]), rng, chat)
-    lead = "".join(f" VAR {name} =" for name in reversed(chain_of[:hops]))
+    for name, value in zip(chain_of[chains * (hops + 1) :], values[chains:]):  # decoys: assigned a number at once
+        pieces.append((rng.random(), f"VAR {name} = {value}."))
+    asked = chain_of[hops]
+    question = (VT_QUESTION if form == "recite" else VT_NUMBER_QUESTION).format(name=asked)
+    intro = VT_HEADER.format(name=asked) if options.get("vt_header") else ""
+    chat = options.get("chat", False) or options.get("vt_chat", False)
+    prompt = insert(haystack, length, pieces, question, rng, chat, intro)
+    lead = "".join(f" VAR {name} =" for name in reversed(chain_of[:hops])) if form == "recite" else ""
     return finish(haystack, "vt", length, index, depth, prompt, values, lead)
 
 
@@ -199,8 +226,7 @@ def make_trial(haystack: Haystack, task: str, length: int, index: int, n: int, s
         keys = options.get("keys", 4)
         return needle_trial(haystack, task, length, index, depth, trial_seed, keys, digits, chat)
     if task == "vt":
-        hops, chains = options.get("hops", 2), options.get("chains", 2)
-        return vt_trial(haystack, length, index, depth, trial_seed, hops, chains, digits, chat)
+        return vt_trial(haystack, length, index, depth, trial_seed, options)
     if task == "continue":
         return continue_trial(haystack, length, index, trial_seed, options.get("continuation", 256))
     raise ValueError(f"unknown task {task!r} (tasks: {', '.join(TASKS)})")

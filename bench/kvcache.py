@@ -13,7 +13,10 @@ cache, with the threads and the load each cell ran under.
 Cost on 2 CPU cores: with prefills of about 3, 6.5, 16 and 42 s at 1k, 2k, 4k and 8k tokens (2
 threads, nearly quiet), one prompt costs about 68 s per method over the four lengths, so the full
 grid (100 trials x 4 tasks x 15 methods) is about 110 hours, the peers about 60 more; the 8k cells
-alone with 6 methods about 30 hours. A GPU, or a subset of cells, is the practical route.
+alone with 6 methods about 30 hours. Shared with other work (1-minute load 30+ on the 2 CPUs) one
+2k prefill took 5 to 6 minutes at 1 thread. A GPU, or a subset of cells, is the practical route.
+``--indices`` runs a shard of a cell's trials (shards append to one JSONL; the depth of trial
+``i`` still comes from ``--trials``) and ``--summary-only`` summarises the JSONL as it stands.
 
 Methods (``NAME@BUDGET``; the budget is the fraction of choosable KV heads kept full):
 
@@ -68,13 +71,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tasks", nargs="*", default=list(TASKS), choices=TASKS)
     p.add_argument("--lengths", type=int, nargs="*", default=[1024, 2048, 4096, 8192])
     p.add_argument("--trials", type=int, default=100)
+    p.add_argument("--indices", type=int, nargs="*", default=None, help="only these trial indices (a shard of a run)")
     p.add_argument("--methods", default=DEFAULT_METHODS)
     p.add_argument("--sink", type=int, default=4)
     p.add_argument("--recent", type=int, default=128)
     p.add_argument("--keys", type=int, default=3, help="needles in a multikey prompt")
     p.add_argument("--hops", type=int, default=1, help="assignments after the first in a vt chain")
-    p.add_argument("--chains", type=int, default=2, help="variable chains in a vt prompt (one asked)")
+    p.add_argument("--chains", type=int, default=1, help="variable chains in a vt prompt (one asked)")
+    p.add_argument("--decoys", type=int, default=2, help="vt: variables assigned a number at once (no chain)")
     p.add_argument("--chat", action="store_true", help="wrap essay and question in the chat template")
+    p.add_argument("--vt-form", choices=["recite", "number"], default="recite", help="vt answer: chain or number")
+    p.add_argument(
+        "--vt-header",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="vt: the task and question before the text too",
+    )
+    p.add_argument(
+        "--vt-chat",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="vt: in the chat template (as --chat does)",
+    )
     p.add_argument("--digits", type=int, default=5)
     p.add_argument("--continuation", type=int, default=256)
     p.add_argument("--scores", default=None, help="JSON of head rankings (read; written by --rank/--census-atlas)")
@@ -88,6 +106,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="summary JSON")
     p.add_argument("--records", default=None, help="per-trial JSONL (default: --out with .jsonl)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--summary-only", action="store_true", help="summarise the JSONL records there; measure nothing")
+    p.add_argument("--note", default=None, help="a line stored in the record (how its trials were gathered)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -196,7 +216,7 @@ def run_grid(model, args, rankings: dict, records_path: Path, log) -> list[dict]
     with records_path.open("a") as sink:
         for length in args.lengths:
             for task in args.tasks:
-                for index in range(args.trials):
+                for index in args.indices if args.indices is not None else range(args.trials):
                     todo = [m for m in methods if (task, length, index, m) not in done]
                     if not todo:
                         continue
@@ -233,7 +253,7 @@ def main(argv=None) -> None:
     before = conditions()
     rankings = read_scores(args.scores)["rankings"]
     records_path = Path(args.records or Path(args.out).with_suffix(".jsonl"))
-    records = run_grid(model, args, rankings, records_path, log)
+    records = done_keys(records_path)[0] if args.summary_only else run_grid(model, args, rankings, records_path, log)
     summary = summarise(records)
     record = {
         "benchmark": "kvcache-paired",
@@ -244,10 +264,25 @@ def main(argv=None) -> None:
         "methods": args.methods.split(","),
         "sink": args.sink,
         "recent": args.recent,
-        "task_options": {k: getattr(args, k) for k in ("keys", "hops", "chains", "chat", "digits", "continuation")},
+        "task_options": {
+            k: getattr(args, k)
+            for k in (
+                "keys",
+                "hops",
+                "chains",
+                "decoys",
+                "chat",
+                "digits",
+                "continuation",
+                "vt_form",
+                "vt_header",
+                "vt_chat",
+            )
+        },
         "scores": args.scores,
         "rankings": {k: {kk: vv for kk, vv in v.items() if kk != "kv_scores"} for k, v in rankings.items()},
         "records": str(records_path),
+        "note": args.note,
         "summary": summary,
     }
     write_record(args.out, record, before)

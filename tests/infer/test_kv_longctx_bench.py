@@ -96,22 +96,57 @@ def test_multikey_prompt_holds_distinct_needles_and_the_asked_one(model, haystac
     assert firsts[0] == trial.answer[0] and trial.content[trial.choice_at]
 
 
-@pytest.mark.parametrize("hops", [1, 2])
-def test_vt_answer_follows_the_chain_in_the_prompt(model, haystack, hops):
-    trial = make_trial(haystack, "vt", 500, 0, 3, 1, {"hops": hops, "chains": 2})
-    text = model.tokenizer.decode(list(trial.prompt_ids))
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"hops": 1},
+        {"hops": 2},
+        {"hops": 1, "vt_header": True},
+        {"hops": 2, "vt_form": "number", "vt_header": True},
+        {"hops": 1, "chains": 1, "decoys": 2, "vt_header": True},  # the benchmark's default
+    ],
+)
+def test_vt_answer_follows_the_chain_in_the_prompt(model, haystack, options):
+    trial = make_trial(haystack, "vt", 500, 0, 3, 1, {"chains": 2, **options})
+    check_vt_trial(model.tokenizer, trial, {"chains": 2, **options}, 500)
+
+
+def check_vt_trial(tokenizer, trial, options, length):
+    """Follow the asked variable's assignments through the decoded prompt, in plain Python, to its number."""
+    assert len(trial.prompt_ids) == length
+    text = tokenizer.decode(list(trial.prompt_ids))
     assign = dict(re.findall(r"VAR (\w+) = (VAR \w+|\d+)\.", text))
-    assert len(assign) == 2 * (hops + 1)
-    name = re.search(r"What number is VAR (\w+) equal to", text).group(1)
-    chain = []
+    hops = options["hops"]
+    assert len(assign) == options["chains"] * (hops + 1) + options.get("decoys", 0)
+    asked = re.findall(r"What number is VAR (\w+) equal to", text)
+    assert len(asked) == (2 if options.get("vt_header") else 1) and len(set(asked)) == 1
+    name, chain = asked[0], []
     while assign[name].startswith("VAR"):
         name = assign[name].split()[1]
         chain.append(name)
     assert assign[name] == trial.answer and len(chain) == hops
-    recital = model.tokenizer.decode(list(trial.answer_ids))
+    numbers = [v for v in assign.values() if v.isdigit()]
+    firsts = [tokenizer.decode([c]) for c in trial.choices]
+    assert sorted(firsts) == sorted(n[0] for n in numbers) and firsts[0] == trial.answer[0]
+    recital = tokenizer.decode(list(trial.answer_ids))
+    if options.get("vt_form") == "number":
+        assert recital == " " + trial.answer and text.endswith("Answer: The number is")
+        return
     assert recital == "".join(f" VAR {n} =" for n in chain) + " " + trial.answer
-    counted = model.tokenizer.decode([t for t, keep in zip(trial.answer_ids, trial.content) if keep])
+    counted = tokenizer.decode([t for t, keep in zip(trial.answer_ids, trial.content) if keep])
     assert counted.replace(" ", "") == "".join(chain) + trial.answer  # the names and digits count, not the format
+
+
+@pytest.mark.slow
+def test_vt_in_smollm2s_chat_template(smollm2):
+    """The benchmark's vt prompt as SmolLM2 reads it: the chat template around header, essay and question."""
+    options = {"hops": 1, "chains": 1, "decoys": 2, "vt_header": True, "chat": True}
+    trial = make_trial(Haystack(smollm2.tokenizer), "vt", 1024, 3, 20, 0, options)
+    check_vt_trial(smollm2.tokenizer, trial, options, 1024)
+    text = smollm2.tokenizer.decode(list(trial.prompt_ids))
+    assert text.count("<|im_start|>user\nMemorize") == 1 and text.endswith(
+        "<|im_start|>assistant\nVAR " + text.split()[-2] + " ="
+    )
 
 
 def test_chosen_and_content_read_the_distributions(model, haystack):
@@ -149,3 +184,27 @@ def test_speed_ratios_are_the_rounds_divided(tmp_path):
     assert (
         cell["summary"]["gates@0.5"]["kv_ratio_vs_full"] == 1 and cell["summary"]["duo@0.5"]["kv_ratio_vs_full"] > 1.2
     )
+
+
+def test_layer_bytes_are_the_entries_each_layer_holds(tmp_path):
+    """bench/kvcache_layer_bytes.py on a tiny Gemma 3: a full layer holds 2 x kv_heads x head_dim x tokens floats."""
+    script = runpy.run_path(str(Path(__file__).resolve().parents[2] / "bench" / "kvcache_layer_bytes.py"))
+    out = tmp_path / "bytes.json"
+    script["main"](["--model", "tiny:gemma3_text", "--length", "300", "--recent", "16", "--out", str(out)])
+    record = json.loads(out.read_text())
+    rows = {r["method"]: r for r in record["rows"]}
+    (full_layer,) = record["choosable_layers"]
+    sliding = [i for i, kind in enumerate(record["layer_types"]) if kind != "full_attention"]
+    head_dim = 16  # the tiny gemma3_text config
+    entry = 2 * record["n_kv_heads"] * head_dim * 4  # keys + values, float32
+    assert rows["default"]["layer_bytes"][full_layer] == entry * 301  # the prompt and the decoded token
+    assert rows["1 full layers"]["layer_bytes"][full_layer] == entry * 301
+    windowed = rows["0 full layers"]["layer_bytes"][full_layer]
+    assert entry * (4 + 16 - 1) <= windowed < entry * 40  # sink + recent - 1 entries, plus their positions
+    assert record["per_layer"] == {
+        "full_layer_bytes": entry * 301,
+        "windowed_layer_bytes": windowed,
+        "freed_per_layer_windowed": entry * 301 - windowed,
+    }
+    for i in sliding:  # the model's own sliding layers hold the same under every head-wise plan
+        assert rows["0 full layers"]["layer_bytes"][i] == rows["1 full layers"]["layer_bytes"][i] > 0
