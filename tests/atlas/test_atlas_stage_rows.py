@@ -11,8 +11,8 @@ from support.models import get_tiny
 from lmatlas.atlas.pipeline import build_atlas
 from lmatlas.atlas.query import Atlas
 from lmatlas.atlas.token_search import reference_windows, writer_rows, writer_table
-from lmatlas.decode.search import calibrate, vocab_writers
 from lmatlas.decode.neurons import decode_neurons
+from lmatlas.decode.search import calibrate, vocab_writers
 from lmatlas.decode.token_text import token_texts
 
 K = 4
