@@ -38,27 +38,27 @@ def dump(stage_name: str, model_name: str, layers: list[int] | None) -> dict:
     if stage_name == "labels" and layers is not None:
         return _labels(model, ctx, layers) | {"model": model_name}
     stage = all_stages()[stage_name]
-    seconds, rows = {}, []
+    seconds, cpu, rows = {}, {}, []
     for unit in stage.plan(model, ctx):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         for table, found in stage.compute(model, unit, ctx).items():
             rows += [{"unit": unit, "table": table, **row} for row in found]
-        seconds[unit] = time.perf_counter() - start
-    return {"model": model_name, "seconds": seconds, "rows": rows}
+        seconds[unit], cpu[unit] = time.perf_counter() - start, time.process_time() - start_cpu
+    return {"model": model_name, "seconds": seconds, "cpu_seconds": cpu, "rows": rows}
 
 
 def _labels(model, ctx, layers: list[int]) -> dict:
     from lmatlas.labels.capture import capture, label_layer
 
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     data = capture(model, ctx.corpus, seed=ctx.seed, batch=ctx.params.batch)
-    seconds = {"capture": time.perf_counter() - start}
+    seconds, cpu = {"capture": time.perf_counter() - start}, {"capture": time.process_time() - start_cpu}
     rows = []
     for layer in layers:
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         rows += label_layer(model, data, layer, steer=ctx.params.label_steer)
-        seconds[f"L{layer}"] = time.perf_counter() - start
-    return {"seconds": seconds, "rows": rows}
+        seconds[f"L{layer}"], cpu[f"L{layer}"] = time.perf_counter() - start, time.process_time() - start_cpu
+    return {"seconds": seconds, "cpu_seconds": cpu, "rows": rows}
 
 
 def _differs(a, b, tolerance: float) -> bool:
@@ -89,6 +89,8 @@ def compare(old_file: str, new_file: str, tolerance: float = 0.0) -> dict:
         "identical": not differ and set(old_rows) == set(new_rows),
         "seconds_old": round(sum(old["seconds"].values()), 2),
         "seconds_new": round(sum(new["seconds"].values()), 2),
+        "cpu_seconds_old": {k: round(v, 2) for k, v in old.get("cpu_seconds", {}).items()},
+        "cpu_seconds_new": {k: round(v, 2) for k, v in new.get("cpu_seconds", {}).items()},
     }
 
 
