@@ -201,8 +201,12 @@ def policy(model, spec: str, rankings: dict, args, length: int):
 
 
 def done_keys(path: Path) -> tuple[list[dict], set]:
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-    return records, {(r["task"], r["length"], r["index"], r["method"]) for r in records}
+    """The JSONL's records, one per (task, length, index, method) (the first, where two shards both measured one)."""
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    first = {}
+    for r in lines:
+        first.setdefault((r["task"], r["length"], r["index"], r["method"]), r)
+    return list(first.values()), set(first)
 
 
 def run_grid(model, args, rankings: dict, records_path: Path, log) -> list[dict]:
