@@ -208,3 +208,12 @@ def test_layer_bytes_are_the_entries_each_layer_holds(tmp_path):
     }
     for i in sliding:  # the model's own sliding layers hold the same under every head-wise plan
         assert rows["0 full layers"]["layer_bytes"][i] == rows["1 full layers"]["layer_bytes"][i] > 0
+
+
+def test_shards_duplicate_lines_are_read_once(tmp_path):
+    """Two shards that both measured a trial: the summary reads the first line of it, once."""
+    path = tmp_path / "cell.jsonl"
+    rows = [{"task": "vt", "length": 300, "index": i, "method": "full", "n": n} for i, n in ((0, 1), (1, 2), (0, 3))]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    records, done = BENCH["done_keys"](path)
+    assert [r["n"] for r in records] == [1, 2] and done == {("vt", 300, 0, "full"), ("vt", 300, 1, "full")}
