@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from lmatlas.decode.token_text import token_texts
-from lmatlas.decode.vocab import DecodeError, prepare, project, softcap_value, unembed_matrix
+from lmatlas.decode.vocab import DecodeError, project
 
 if TYPE_CHECKING:
     from lmatlas.model.handle import Inputs, Model
@@ -165,41 +165,3 @@ def logit_lens(model: "Model", inputs: "Inputs", *, k: int = 5, include_embed: b
         top_tokens=[[strings(top_ids[r, j].tolist()) for j in range(pos)] for r in range(rows)] if strings else None,
         final_tokens=strings(final_ids.tolist()) if strings else None,
     )
-
-
-#: The per-layer statistics :func:`lens_sums` returns, in its rows' order.
-LENS_STATS = ("entropy", "final_prob", "kl", "top1_agreement")
-
-
-def lens_sums(model: "Model", ids: torch.Tensor) -> torch.Tensor:
-    """``[4, layers]``: :data:`LENS_STATS` of every layer summed over the positions of one window ``ids [pos]``.
-
-    The numbers :func:`logit_lens` gives (``k=1``), from fewer passes over each layer's
-    ``[pos, d_vocab]`` logits ``z``: with ``lse = logsumexp(z)`` and ``p = exp(z - lse)``,
-
-        entropy = lse - sum p z        final_prob = exp(z[final] - lse)
-        KL(final || layer) = sum p_f (z_f - z) + lse - lse_f          top-1 = argmax z
-
-    (``z_f``: the model's logits; no log-probability tensor, no top-k; the KL of the last layer
-    is exactly 0 as its logits are the model's). Equal to :func:`logit_lens` up to float32 rounding.
-    """
-    _, streams, final_logits, _ = _streams(model, ids, False)
-    final_lse = torch.logsumexp(final_logits, -1)  # [pos]
-    final_ids = final_logits.argmax(-1)
-    p_final = torch.exp(final_logits - final_lse[:, None])  # [pos, d_vocab]
-    W_U, b_U, cap = unembed_matrix(model).float(), model.W.b_U, softcap_value(model)
-    out = torch.empty(len(LENS_STATS), len(streams))
-    for r, stream in enumerate(streams):
-        z = prepare(model, stream, "full") @ W_U  # [pos, d_vocab]
-        if b_U is not None:
-            z += b_U.detach().float()
-        if cap is not None:
-            z = torch.tanh(z / cap) * cap
-        lse = torch.logsumexp(z, -1)
-        p = torch.exp(z - lse[:, None])
-        entropy = lse - torch.linalg.vecdot(p, z)
-        final_prob = torch.exp(z.gather(-1, final_ids[:, None])[:, 0] - lse)
-        kl = torch.linalg.vecdot(p_final, final_logits - z) + (lse - final_lse)
-        agree = (z.argmax(-1) == final_ids).float()
-        out[:, r] = torch.stack([entropy.sum(), final_prob.sum(), kl.sum(), agree.sum()]).cpu()
-    return out

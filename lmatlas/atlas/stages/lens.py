@@ -2,8 +2,7 @@
 
 For the first ``lens_sequences`` corpus windows (default 4: projecting every layer
 and position through the vocabulary is the expensive part), each window runs through
-:func:`lmatlas.decode.lens.lens_sums` (the numbers of
-:func:`lmatlas.decode.lens.logit_lens`, from fewer passes over the logits); per layer the stage stores the mean over all
+:func:`lmatlas.decode.lens.logit_lens`; per layer the stage stores the mean over all
 positions of the entropy, the probability given to the model's final prediction,
 ``KL(final || layer)`` and the fraction of positions whose top-1 token is already the
 final prediction.
@@ -13,6 +12,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import torch
+
 from lmatlas.atlas.stages import BuildContext, Stage, stage
 
 if TYPE_CHECKING:
@@ -20,10 +21,16 @@ if TYPE_CHECKING:
 
 
 def compute(model: "Model", unit: str, ctx: BuildContext):
-    from lmatlas.decode.lens import lens_sums
+    from lmatlas.decode.lens import logit_lens
 
+    totals = None
     windows = ctx.corpus[: ctx.params.lens_sequences]
-    totals = sum(lens_sums(model, ids) for ids in windows)  # [4, layers]
+    for ids in windows:
+        lens = logit_lens(model, ids, k=1)
+        stats = torch.stack(
+            [lens.entropy, lens.final_prob, lens.kl, (lens.top_ids[:, :, 0] == lens.final_ids).float()]
+        ).sum(-1)  # [4, layers]
+        totals = stats if totals is None else totals + stats
     means = (totals / windows.numel()).tolist()
     return {
         "layer_lens": [
