@@ -98,8 +98,8 @@ def feature_task_circuit(
     re-measured by exact edge patching before ranking; 0 ranks by the gradient score alone).
     """
     from lmatlas.causal.edge_feature_scores import feature_edge_attribution
-    from lmatlas.causal.edge_features import feature_sites
     from lmatlas.causal.edge_feature_transcoder import runner as edge_runner
+    from lmatlas.causal.edge_features import feature_sites
     from lmatlas.causal.edge_verify import rescore_exact
     from lmatlas.causal.faithfulness import RESCORE, find_circuit
     from lmatlas.causal.metrics import logit_diff
