@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 
 from lmatlas.causal.edge_features import FeatureNodes, feature_index
-from lmatlas.causal.edge_plan import Plan, plan
 from lmatlas.causal.edge_run import EdgeRunner, _RunState
 from lmatlas.causal.edge_sliced import SlicedState
 from lmatlas.errors import TaskError
@@ -117,19 +116,8 @@ class TranscoderRunner(EdgeRunner):
             self._clean_deltas = out
         return self._clean_deltas
 
-    def _run(self, masks: torch.Tensor, extra: torch.Tensor, patch: torch.Tensor | None) -> torch.Tensor:
-        if self.maps is None:
-            layout = plan(self.index, self.model, masks, extra)
-            replace = _CopyState(self, masks, layout, extra, patch).replacements()
-        else:
-            layout = Plan([], [], 1)
-            replace = _SlicedState(self, _CopyState(self, masks, layout, extra, patch), self.maps).replacements()
-        n_rows = masks.shape[0] * layout.n_copies
-        tokens = (self.task.clean if patch is None else self.task.corrupt).repeat(n_rows, 1)
-        cache = self.model.run(tokens, replace=replace)
-        batch = self.task.clean.shape[0]
-        logits = cache.logits.view(masks.shape[0], layout.n_copies, batch, *cache.logits.shape[1:])[:, 0]
-        return torch.stack([self.metric_fn(logits[k]).double().mean() for k in range(masks.shape[0])]).cpu()
+    def _states(self) -> tuple[type, type]:
+        return _CopyState, _SlicedState
 
 
 def _streams(state: _RunState, layer: int) -> torch.Tensor:

@@ -174,15 +174,20 @@ class EdgeRunner:
             self._clean_deltas = out
         return self._clean_deltas
 
+    def _states(self) -> tuple[type, type]:
+        """The run-state classes of the copy and one-copy layouts (a runner with other nodes overrides them)."""
+        return _RunState, SlicedState
+
     def _run(self, masks: torch.Tensor, extra: torch.Tensor, patch: torch.Tensor | None) -> torch.Tensor:
         """Circuits on the clean prompts (``patch=None``), or the full graph on the corrupt prompts with
         ``patch`` ``[K, B, P, d]`` added to the input ``extra`` marks (one patched edge per circuit)."""
+        run_state, sliced_state = self._states()
         if self.maps is None:
             layout = plan(self.index, self.model, masks, extra)
-            replace = _RunState(self, masks, layout, extra, patch).replacements()
+            replace = run_state(self, masks, layout, extra, patch).replacements()
         else:
             layout = Plan([], [], 1)
-            replace = SlicedState(self, _RunState(self, masks, layout, extra, patch), self.maps).replacements()
+            replace = sliced_state(self, run_state(self, masks, layout, extra, patch), self.maps).replacements()
         n_rows = masks.shape[0] * layout.n_copies
         tokens = (self.task.clean if patch is None else self.task.corrupt).repeat(n_rows, 1)
         cache = self.model.run(tokens, replace=replace)
