@@ -67,6 +67,7 @@ class CountingExecutor(LocalExecutor):
         super().__init__(model, ctx)
         self.work: dict[str, Work] = {}
         self.peak_mb: dict[str, float] = {}
+        self.cpu_s: dict[str, float] = {}  # process CPU time (every thread) per stage: cores used = cpu / wall
         self.bookkeeping_s = 0.0
         self.per_unit = per_unit  # reset before every unit (what this benchmark did before: to measure its cost)
 
@@ -77,9 +78,10 @@ class CountingExecutor(LocalExecutor):
                 release_and_reset_peak()
                 self.peak_mb.setdefault(stage.name, 0.0)
                 self.bookkeeping_s += time.perf_counter() - start
-            before = self.model.work.snapshot()
+            before, cpu = self.model.work.snapshot(), time.process_time()
             result = run_unit(self.model, stage, unit, self.ctx)
             done = self.model.work.snapshot() - before
+            self.cpu_s[stage.name] = self.cpu_s.get(stage.name, 0.0) + time.process_time() - cpu
             self.work[stage.name] = self.work.get(stage.name, Work()) + done
             self.peak_mb[stage.name] = max(self.peak_mb[stage.name], peak_rss_mb())
             yield result
@@ -117,6 +119,7 @@ def measure(model_name: str, only: list[str] | None, out: str | None, peak_per_u
         "ratio_vs_corpus_forward": round(build_s / corpus_forward_s, 1),
         "seconds_by_stage": {k: round(v, 1) for k, v in sorted(report.seconds_by_stage.items())},
         "write_seconds_by_stage": {k: round(v, 2) for k, v in sorted(writes.items())},
+        "cpu_seconds_by_stage": {k: round(v, 1) for k, v in sorted(executor.cpu_s.items())},
         "stages_s": round(stages_s, 1),
         "write_s": round(write_s, 1),
         "outside_s": round(build_s - stages_s, 1),
