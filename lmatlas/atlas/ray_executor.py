@@ -16,7 +16,7 @@ How the work is split:
   :class:`~lmatlas.atlas.stages.BuildContext`, so per-process memos (the corpus
   forward, ablation means) are computed once per worker and reused by every unit
   that worker runs. Nothing large crosses the wire: the corpus windows go out once,
-  each unit's rows (plain Python values) come back.
+  each unit's rows (lists of plain Python values, or Arrow tables) come back.
 * Units are dispatched one at a time to whichever worker is free, and results are
   yielded as they finish (``ray.wait``), in any order; the driver (the pipeline)
   writes each one atomically, so an interrupted build resumes with the rest.
