@@ -166,8 +166,8 @@ def random_battery(
     """``[n, prefix + 2 * half]`` distinct random ordinary tokens (kind ``random``, or ``null`` when ``null``).
 
     ``meta["compare"]`` holds ``N_COMPARE`` more distinct tokens per row, absent from the row.
-    The null stream also declares the copying and norm measurements (the induction and
-    dormant detectors' nulls use them), so one forward serves every null.
+    The null stream also declares the copying, norm and copy-suppression measurements (the
+    induction, dormant and copy_suppression detectors' nulls use them), so one forward serves every null.
     """
     half = fit_half(model, half)
     kind = "null" if null else "random"
@@ -178,7 +178,7 @@ def random_battery(
         "prefix": len(prefix_ids(model)),
         "half": half,
         "compare": drawn[:, 2 * half :].to(model.device),
-        "measure": ("copy", "norms") if null else (),
+        "measure": ("copy", "norms", "suppression") if null else (),
     }
     return _battery(model, f"{name}/null" if null else name, seed, _with_prefix(model, drawn[:, : 2 * half]), meta)
 
@@ -199,7 +199,7 @@ def repeated_battery(model: "Model", name: str, seed: int, *, n: int = N_EXAMPLE
         "prefix": len(prefix_ids(model)),
         "half": half,
         "compare": drawn[:, half:].to(model.device),
-        "measure": ("copy",),
+        "measure": ("copy", "suppression"),
     }
     return _battery(model, name, seed, _with_prefix(model, body), meta)
 

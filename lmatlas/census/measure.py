@@ -17,7 +17,9 @@ optionally a function on ``attn.out`` for
   (a monotone final softcap is ignored). The rank is the fraction of the row's
   ``N_COMPARE`` reference tokens (``meta["compare"]``) whose effect is below the
   target's (ties count half): ``~0.5`` for a head that does not copy, ``1.0`` for one
-  that raises the token it attends to above every other.
+  that raises the token it attends to above every other;
+* ``suppression``: the copy-suppression hit test at the same queries
+  (:class:`lmatlas.census.suppression.SuppressionHits`, the ``copy_suppression`` detector).
 
 The forward skips the LM head (``model.run(..., lm_head=False)``). Inside :func:`shared` readouts
 are memoised by battery content, so detectors that use the same kind of battery share
@@ -36,11 +38,13 @@ from typing import TYPE_CHECKING, Iterable, Iterator
 import torch
 
 from lmatlas.census.registry import Battery
+from lmatlas.census.suppression import SuppressionHits
 from lmatlas.model.norms import final_readout
 
 if TYPE_CHECKING:
     from lmatlas.model.handle import Model
 
+_PARTS = ("copy", "norm", "suppression")  #: the optional parts of a :class:`Readout`
 WINDOW = 8  #: offsets ``0 .. WINDOW - 1`` (the recent window) are always measured
 BATCH = 16  #: rows per forward
 
@@ -58,6 +62,8 @@ class Readout:
         copy: ``[layer, batch, head, n_queries]`` copying rank at ``copy_queries`` (or ``None``).
         copy_queries: ``[n_queries]`` the query positions of ``copy`` (the second half).
         norm: ``[layer, batch, head, pos]`` norm of each head's write ``attn.out`` (or ``None``).
+        suppression: ``[batch, layer, head, n_queries]`` bool copy-suppression hits at ``copy_queries``
+            (or ``None``).
     """
 
     sink: torch.Tensor
@@ -65,6 +71,7 @@ class Readout:
     copy: torch.Tensor | None = None
     copy_queries: torch.Tensor | None = None
     norm: torch.Tensor | None = None
+    suppression: torch.Tensor | None = None
 
     def has(self, offsets: Iterable[int], parts: Iterable[str]) -> bool:
         return set(offsets) <= set(self.offsets) and all(getattr(self, p) is not None for p in parts)
@@ -107,16 +114,23 @@ def _content_key(model: "Model", battery: Battery) -> tuple:
 
 
 def readout(
-    model: "Model", battery: Battery, *, copy: bool = False, norms: bool = False, offsets: Iterable[int] = ()
+    model: "Model",
+    battery: Battery,
+    *,
+    copy: bool = False,
+    norms: bool = False,
+    suppression: bool = False,
+    offsets: Iterable[int] = (),
 ) -> Readout:
     """Run ``battery`` once and reduce it (see the module docstring); memoised inside :func:`shared`.
 
     Args:
         copy: compute copying ranks (needs ``meta["half"]`` and ``meta["compare"]``).
         norms: compute head output norms.
+        suppression: compute copy-suppression hits (needs ``meta["half"]``, ``meta["prefix"]``, ``meta["compare"]``).
         offsets: extra key offsets to measure besides ``0 .. WINDOW - 1``.
     """
-    parts = [name for name, wanted in (("copy", copy), ("norm", norms)) if wanted]
+    parts = [name for name, wanted in (("copy", copy), ("norm", norms), ("suppression", suppression)) if wanted]
     wanted_offsets = set(range(WINDOW)) | {int(d) for d in offsets}
     memo = _MEMO.get()
     if memo is None:
@@ -125,15 +139,48 @@ def readout(
     hit = memo.get(key)
     if hit is not None and hit.has(wanted_offsets, parts):
         return hit
-    declared = {"copy": "copy", "norms": "norm"}
+    declared = {"copy": "copy", "norms": "norm", "suppression": "suppression"}
     parts = sorted(set(parts) | {declared[m] for m in battery.meta.get("measure", ())})
     if "half" in battery.meta:
         wanted_offsets |= {battery.meta["half"] - 1, battery.meta["half"]}
     if hit is not None:
         wanted_offsets |= set(hit.offsets)
-        parts = sorted(set(parts) | {p for p in ("copy", "norm") if getattr(hit, p) is not None})
+        parts = sorted(set(parts) | {p for p in _PARTS if getattr(hit, p) is not None})
     memo[key] = result = _forward(model, battery, wanted_offsets, parts)
     return result
+
+
+class _CopyRanks:
+    """The copying rank of the module docstring, one layer at a time (``ranks``: ``[layer, batch, head, n_q]``).
+
+    The unembedding rows of each chunk's copy targets and reference tokens do not depend on the
+    layer: :meth:`chunk` gathers them once per forward, :meth:`reduce` uses them at every layer.
+    """
+
+    def __init__(self, model: "Model", battery: Battery, queries: torch.Tensor):
+        lay = model.layout
+        self.queries, self.half = queries, battery.meta["half"]
+        self.ranks = torch.zeros(lay.n_layers, battery.n_examples, lay.n_heads, len(queries))
+        self.gain, self.centres = final_readout(model)
+        self.unembed = model.module("unembed").weight  # [d_vocab, d_model]
+        self.compare_all = battery.meta["compare"]
+
+    def chunk(self, ids: torch.Tensor, rows: slice) -> None:
+        """``ids`` ``[batch, pos]``: the battery's ``rows`` about to run."""
+        self.rows = rows
+        self.target = self.unembed[ids[:, self.queries.to(ids.device) - (self.half - 1)]].float()  # [batch, q, d]
+        self.compare = self.unembed[self.compare_all[rows]].float()  # [batch, n_compare, d_model]
+
+    def reduce(self, out: torch.Tensor, layer: int) -> None:
+        """``out`` ``[batch, pos, head, d_model]``: the ranks of this layer's heads."""
+        o = out[:, self.queries.to(out.device)].float()  # [batch, query, head, d_model]
+        if self.centres:
+            o = o - o.mean(-1, keepdim=True)
+        o = o * self.gain
+        effect = torch.einsum("bqhm,bqm->bqh", o, self.target)[..., None]
+        others = torch.einsum("bqhm,bkm->bqhk", o, self.compare)
+        rank = (others < effect).float().mean(-1) + 0.5 * (others == effect).float().mean(-1)
+        self.ranks[layer, self.rows] = rank.transpose(1, 2).cpu()
 
 
 def _forward(model: "Model", battery: Battery, offsets: set[int], parts: list[str]) -> Readout:
@@ -144,47 +191,51 @@ def _forward(model: "Model", battery: Battery, offsets: set[int], parts: list[st
     sink = torch.zeros(shape)
     by_offset = {d: torch.zeros(shape) for d in sorted(offsets) if d < pos}
     norm = torch.zeros(shape) if "norm" in parts else None
-    copy = queries = None
-    if "copy" in parts:
+    queries = copy = test = None
+    if "copy" in parts or "suppression" in parts:
         half, prefix = battery.meta["half"], battery.meta["prefix"]
         queries = torch.arange(prefix + half, prefix + 2 * half)
-        copy = torch.zeros(lay.n_layers, n, lay.n_heads, len(queries))
-        gain, centres = final_readout(model)
-        unembed = model.module("unembed").weight  # [d_vocab, d_model]
-        compare_all = battery.meta["compare"]
+    if "copy" in parts:
+        copy = _CopyRanks(model, battery, queries)
+    if "suppression" in parts:
+        test = SuppressionHits(model, ids, queries, battery.meta["compare"], battery.meta["prefix"])
 
     for start in range(0, n, BATCH):
         rows = slice(start, min(start + BATCH, n))
         chunk = ids[rows]
+        if copy is not None:
+            copy.chunk(chunk, rows)
 
         def on_pattern(pattern: torch.Tensor, site) -> None:  # [batch, head, pos, key_pos]
             p = pattern.float()
             sink[site.layer, rows] = p[..., 0].cpu()
             for d, store in by_offset.items():
                 store[site.layer, rows, :, d:] = p.diagonal(offset=-d, dim1=-2, dim2=-1).cpu()
+            if test is not None:
+                test.attended(pattern, site.layer)
             return None
 
         def on_out(out: torch.Tensor, site) -> None:  # [batch, pos, head, d_model]
             if norm is not None:
                 norm[site.layer, rows] = out.float().norm(dim=-1).transpose(1, 2).cpu()
             if copy is not None:
-                o = out[:, queries.to(out.device)].float()  # [batch, query, head, d_model]
-                if centres:
-                    o = o - o.mean(-1, keepdim=True)
-                o = o * gain
-                target = unembed[chunk[:, queries.to(chunk.device) - (half - 1)]].float()  # [batch, query, d_model]
-                compare = unembed[compare_all[rows]].float()  # [batch, n_compare, d_model]
-                effect = torch.einsum("bqhm,bqm->bqh", o, target)[..., None]
-                others = torch.einsum("bqhm,bkm->bqhk", o, compare)
-                rank = (others < effect).float().mean(-1) + 0.5 * (others == effect).float().mean(-1)
-                copy[site.layer, rows] = rank.transpose(1, 2).cpu()
+                copy.reduce(out, site.layer)
+            if test is not None:
+                test.reduce(out, site.layer, rows)
             return None
 
         replace = {"attn.pattern": on_pattern}
-        if norm is not None or copy is not None:
+        if norm is not None or copy is not None or test is not None:
             replace["attn.out"] = on_out
         model.run(chunk, replace=replace, lm_head=False)
-    return Readout(sink=sink, offsets=by_offset, copy=copy, copy_queries=queries, norm=norm)
+    return Readout(
+        sink=sink,
+        offsets=by_offset,
+        copy=None if copy is None else copy.ranks,
+        copy_queries=queries,
+        norm=norm,
+        suppression=None if test is None else test.hits,
+    )
 
 
 def per_example(values: torch.Tensor) -> torch.Tensor:

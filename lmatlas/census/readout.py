@@ -31,22 +31,26 @@ def run_body(
 
 
 class LastResult:
-    """Remembers one ``(model, battery) -> result`` so that ``score`` and ``subscores`` share a computation.
+    """Remembers the last two ``(model, battery) -> result`` so that ``score`` and ``subscores`` share a computation.
 
-    ``run_census`` calls both on the same battery. Only weak references are kept, so a cached
+    ``run_census`` calls ``score`` on the battery and on its null, then ``subscores`` on both:
+    two entries (battery and null) make the second pair read the first pair's results instead
+    of running them again. Only weak references to the model and battery are kept, so a cached
     result never keeps a model or a battery alive.
     """
 
+    SIZE = 2  #: entries kept (a battery and its null)
+
     def __init__(self):
-        self._key: tuple | None = None
-        self._value = None
+        self._entries: list[tuple[tuple, object]] = []  # ((model ref, battery ref), result), oldest first
 
     def get(self, model: "Model", battery: Battery, compute):
-        key = self._key
-        if key is None or key[0]() is not model or key[1]() is not battery:
-            self._value = compute()
-            self._key = (weakref.ref(model), weakref.ref(battery))
-        return self._value
+        for (model_ref, battery_ref), value in self._entries:
+            if model_ref() is model and battery_ref() is battery:
+                return value
+        value = compute()
+        self._entries = [*self._entries[-(self.SIZE - 1) :], ((weakref.ref(model), weakref.ref(battery)), value)]
+        return value
 
 
 # -- the OV circuit ------------------------------------------------------------------------------

@@ -47,8 +47,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from lmatlas.census import batteries
-from lmatlas.census.readout import readout_matrix, run_body
+from lmatlas.census.measure import readout
+from lmatlas.census.readout import run_body
 from lmatlas.census.registry import Battery, Detector, register
+from lmatlas.census.suppression import SuppressionHits
 
 if TYPE_CHECKING:
     from lmatlas.model.handle import Model
@@ -57,41 +59,30 @@ if TYPE_CHECKING:
 def suppression_hits(
     model: "Model", ids: torch.Tensor, queries: torch.Tensor, compare: torch.Tensor, prefix: int
 ) -> torch.Tensor:
-    """``[batch, layer, head, n_queries]`` bool: the hit test of the module docstring at ``queries``.
+    """``[batch, layer, head, n_queries]`` bool: the hit test of the module docstring at ``queries``, in one forward.
 
     Args:
         ids: ``[batch, pos]`` token ids.
         queries: ``[n_queries]`` query positions tested.
         compare: ``[batch, n_compare]`` reference token ids per row.
         prefix: key positions below it (BOS) do not count as earlier tokens.
-    """
-    lay = model.layout
-    ids = ids.to(model.device)
-    queries = queries.to(model.device)
-    compare = compare.to(model.device)
-    hits = torch.zeros(ids.shape[0], lay.n_layers, lay.n_heads, len(queries), dtype=torch.bool, device=model.device)
-    attended: dict[int, torch.Tensor] = {}
-    vocab, index = torch.unique(torch.cat([ids.flatten(), compare.flatten()]), return_inverse=True)
-    readout = readout_matrix(model, vocab).T  # [U, d_model]: only the tokens that occur here
-    row_readout = readout[index[: ids.numel()].view_as(ids)]  # [batch, pos, d_model]: each position's token
-    compare_readout = readout[index[ids.numel() :].view_as(compare)]  # [batch, n_compare, d_model]
 
-    def top1(pattern, site):  # [batch, head, pos, key_pos] -> top-1 key at the queries: [batch, head, n_q]
-        attended[site.layer] = pattern[:, :, queries].argmax(-1)
+    Inside a census the detector reads the same test from the shared forward of its battery
+    (:func:`lmatlas.census.measure.readout` with ``suppression=True``), computed by the same
+    :class:`~lmatlas.census.suppression.SuppressionHits`.
+    """
+    test = SuppressionHits(model, ids, queries, compare, prefix)
+
+    def top1(pattern, site):  # [batch, head, pos, key_pos]
+        test.attended(pattern, site.layer)
         return None
 
     def reduce(out, site):  # [batch, pos, head, d_model]
-        j = attended.pop(site.layer)  # [batch, head, n_q]
-        earlier = (j >= prefix) & (j < queries)
-        out_q = out[:, queries].float()  # [batch, n_q, head, d_model]
-        by_key = torch.einsum("bqhd,bkd->bhqk", out_q, row_readout)  # dla of the token at every key
-        own = by_key.gather(-1, j[..., None])[..., 0]  # [batch, head, n_q]: of the attended token
-        others = torch.einsum("bqhd,bcd->bhqc", out_q, compare_readout)  # [batch, head, n_q, n_compare]
-        hits[:, site.layer] = earlier & (own < 0) & (own[..., None] < others).all(-1)
+        test.reduce(out, site.layer)
         return None
 
-    run_body(model, ids, replace={"attn.pattern": top1, "attn.out": reduce})
-    return hits
+    run_body(model, ids.to(model.device), replace={"attn.pattern": top1, "attn.out": reduce})
+    return test.hits
 
 
 @register
@@ -107,7 +98,5 @@ class CopySuppression(Detector):
         return batteries.repeated_battery(model, self.name, seed)
 
     def score(self, model: "Model", battery: Battery) -> torch.Tensor:
-        half, prefix = battery.meta["half"], battery.meta["prefix"]
-        queries = torch.arange(prefix + half, prefix + 2 * half)
-        hits = suppression_hits(model, battery.input_ids, queries, battery.meta["compare"], prefix)
+        hits = readout(model, battery, suppression=True).suppression  # [batch, layer, head, n_queries]
         return hits.float().mean(-1)
