@@ -87,10 +87,13 @@ def best_sizes(rank: torch.Tensor, fire: torch.Tensor, valid: torch.Tensor) -> t
     """
     n, units = rank.shape
     width = valid.shape[1]
-    cell = (rank.long().clamp(1, width + 1) - 1) * units + torch.arange(units)[None, :]
-    every = torch.bincount(cell.flatten(), minlength=(width + 1) * units).view(width + 1, units).float()
-    firing = torch.bincount(cell.flatten(), weights=fire.flatten().float(), minlength=(width + 1) * units)
-    firing = firing.view(width + 1, units)
+    # cell (rank, unit, firing) as one int32 index: one bincount gives both counts (exact integers)
+    cell = (rank.to(torch.int32).clamp(1, width + 1) - 1) * (2 * units) + torch.arange(
+        0, 2 * units, 2, dtype=torch.int32
+    )
+    cell += fire.to(torch.int32)
+    counted = torch.bincount(cell.flatten(), minlength=(width + 1) * units * 2).view(width + 1, units, 2).float()
+    every, firing = counted.sum(-1), counted[..., 1]
     predicted, tp = every[:width].cumsum(0), firing[:width].cumsum(0)  # [size - 1, unit]
     f1 = 2 * tp / (predicted + fire.sum(0).float()).clamp_min(1)
     penalty = SIZE_PENALTY * torch.arange(width, dtype=f1.dtype)[:, None]

@@ -122,16 +122,21 @@ def window_stats(
     """
     n, units = level.shape
     levels = values.shape[1]
-    window = torch.arange(windows).repeat_interleave(n // windows)  # [n]
-    cell = ((window[:, None] * units + torch.arange(units)[None, :]) * levels + level.long()).flatten()
-    pos = positive.flatten().double()
-    size = windows * units * levels
-    x = values.gather(1, level.long().T).T.double()  # [n, unit]
+    per = n // windows
+    # cell (window, unit, level, firing) as one int32 index, so one bincount counts firing and silent positions
+    # (exact integers in any order); same-dtype arithmetic (a mixed int64/bool sum takes a slow path)
+    base = (torch.arange(windows, dtype=torch.int32)[:, None] * units + torch.arange(units, dtype=torch.int32)) * (
+        2 * levels
+    )
+    cell = level.view(windows, per, units).to(torch.int32) * 2 + positive.view(windows, per, units).to(torch.int32)
+    cell += base[:, None, :]
+    counted = torch.bincount(cell.flatten(), minlength=windows * units * levels * 2).view(windows, units, levels, 2)
+    x = values.T.contiguous().gather(0, level.long()).double()  # [n, unit]: values[unit, level]
     y = actual.double()
     out = {
-        "pos": torch.bincount(cell, weights=pos, minlength=size).view(windows, units, levels),
-        "neg": torch.bincount(cell, weights=1 - pos, minlength=size).view(windows, units, levels),
-        "count": torch.full((windows,), float(n // windows), dtype=torch.float64),
+        "pos": counted[..., 1].double(),
+        "neg": counted[..., 0].double(),
+        "count": torch.full((windows,), float(per), dtype=torch.float64),
     }
     for name, value in (("x", x), ("y", y), ("xx", x * x), ("yy", y * y), ("xy", x * y)):
         out[name] = value.view(windows, -1, units).sum(1)
