@@ -17,10 +17,11 @@ Two methods (``importance_method`` build parameter):
 * ``"mean-ablation"``: every head and MLP measured exactly (``n_heads + 1`` forwards per
   layer, batched through :func:`lmatlas.causal.patching.ablate`).
 
-Both go through :mod:`lmatlas.causal`. The means come from one forward over the windows
-(:class:`CorpusMeans`), and every exact ablation starts at the layer it ablates from the
-clean run's stream (``ablate(..., resume=True)``, batched by layer): the blocks before a
-target are the clean run's, so they are not run again. Same values as full forwards.
+Both go through :mod:`lmatlas.causal`'s targets and metric. ONE clean forward over the windows gives the
+means, each block's input and the clean loss (:class:`CleanRun`; with the attribution method it is the
+attribution's own forward). Every exact ablation starts at the layer it ablates from the clean run's stream
+(:func:`lmatlas.model.run_from`), one forward per layer's targets: no block runs before a target's layer.
+Same values as full forwards.
 """
 
 from __future__ import annotations
@@ -44,64 +45,122 @@ def _ids(ctx: BuildContext) -> torch.Tensor:
     return ctx.corpus[: ctx.params.importance_sequences]
 
 
-class CorpusMeans:
-    """Per-site means ``[*site_shape]`` over every (window, position) of the importance windows, from ONE
-    forward capturing every layer's ``attn.z`` and ``mlp.out`` (what :class:`lmatlas.edit.stats.AblationStats`
-    measures one truncated forward per site; the values are the same). Ablation reads it as it reads
-    ``AblationStats`` (``mean(site)``)."""
+def _sites(model: "Model") -> list[str]:
+    return [f"L{layer}.{c}" for layer in range(model.layout.n_layers) for c in ("attn.z", "mlp.out")]
 
-    def __init__(self, model: "Model", ids: torch.Tensor):
-        n = model.layout.n_layers
-        names = [f"L{layer}.{c}" for layer in range(n) for c in ("attn.z", "mlp.out")]
-        with torch.no_grad():
-            cache = model.run(ids, capture=names, lm_head=False)
+
+class CleanRun:
+    """What the ablations read from ONE clean forward over the importance windows ``ids [n, pos]``.
+
+    * ``mean(site)``: the site's mean ``[*site_shape]`` over every (window, position) (float32), for every
+      layer's ``attn.z`` and ``mlp.out`` (what :class:`lmatlas.edit.stats.AblationStats` measures one truncated
+      forward per site; the values are the same);
+    * ``streams[layer]``: the input ``[n, pos, d_model]`` of each block (``resid.pre``), where an ablation of
+      that layer starts (:func:`lmatlas.model.run_from`);
+    * ``loss``: the clean mean next-token cross-entropy (:func:`lmatlas.causal.metrics.sequence_loss`, rows
+      averaged), the base of every ``delta_loss``.
+
+    Built from the attribution's own forward (:meth:`from_cache`, detached: its values equal a forward without
+    gradients) or from a forward of its own (:meth:`measure`).
+    """
+
+    def __init__(self, model: "Model", cache, loss: float):
         self._means = {}
-        for name in names:
-            value = cache[name]
+        for name in _sites(model):
+            value = cache[name].detach()
             self._means[model.sites(name)[0]] = value.reshape(-1, *value.shape[2:]).float().mean(0)
+        self.streams = [cache[f"L{layer}.resid.pre"].detach() for layer in range(model.layout.n_layers)]
+        self.loss = loss
+
+    @staticmethod
+    def capture(model: "Model") -> list[str]:
+        """The sites the clean forward captures."""
+        return _sites(model) + [f"L{layer}.resid.pre" for layer in range(model.layout.n_layers)]
+
+    @classmethod
+    def measure(cls, model: "Model", ids: torch.Tensor) -> "CleanRun":
+        from lmatlas.causal.metrics import sequence_loss
+
+        with torch.no_grad():
+            cache = model.run(ids, capture=cls.capture(model))
+        return cls(model, cache, float(sequence_loss(ids)(cache.logits).mean()))
 
     def mean(self, site) -> torch.Tensor:
         """The mean of the whole ``site`` (a :class:`~lmatlas.model.sites.Site`)."""
         return self._means[site]
 
 
-def _stats(model: "Model", ctx: BuildContext) -> CorpusMeans:
-    return CorpusMeans(model, _ids(ctx))  # means over the importance windows themselves
+def _clean(model: "Model", ctx: BuildContext) -> CleanRun:
+    return ctx.remember("importance.clean", lambda: CleanRun.measure(model, _ids(ctx)))
 
 
 def _exact(model: "Model", ctx: BuildContext, targets: list[str]) -> dict[str, float]:
-    """Exact mean-ablation ``delta_loss`` of each target (``L3.H1`` or ``L3.mlp.out``)."""
-    from lmatlas.causal.metrics import sequence_loss
-    from lmatlas.causal.patching import ablate
+    """Exact mean-ablation ``delta_loss`` of each target (``L3.H1`` or ``L3.mlp.out``).
 
-    ids = _ids(ctx)
-    stats = ctx.remember("importance.stats", lambda: _stats(model, ctx))
-    # by layer, so that each batch of ablations starts as late as its first target allows (a row's
-    # value does not depend on the rows batched with it)
-    ordered = sorted(targets, key=lambda t: int(t[1:].split(".", 1)[0]))
-    effects = ablate(model, ids, ordered, sequence_loss(ids), how="mean", stats=stats, name="importance", resume=True)
-    return dict(zip(ordered, effects.effect().tolist()))
+    Each forward starts at the layer it ablates from the clean run's stream (:func:`lmatlas.model.run_from`)
+    and holds the targets of that one layer (at most ``TARGETS_PER_FORWARD``, ``n`` rows each): no block runs
+    for a target before its layer. A row's value does not depend on the rows batched with it, so the values are
+    those of :func:`lmatlas.causal.patching.ablate` (``how="mean"``, ``resume=True``) over the same targets.
+    """
+    from lmatlas.causal.metrics import sequence_loss
+    from lmatlas.causal.patching import TARGETS_PER_FORWARD
+    from lmatlas.causal.targets import parse_component
+    from lmatlas.model import run_from
+
+    ids, clean = _ids(ctx), _clean(model, ctx)
+    metric, n = sequence_loss(ids), ids.shape[0]
+    by_layer: dict[int, list] = {}
+    for target in targets:
+        component = parse_component(target, model.layout)
+        by_layer.setdefault(component.site.layer, []).append((target, component))
+    values: dict[str, float] = {}
+    for layer in sorted(by_layer):
+        group = by_layer[layer]
+        for first in range(0, len(group), TARGETS_PER_FORWARD):
+            chunk = group[first : first + TARGETS_PER_FORWARD]
+            replace = {site: _replacer(chunk, site, clean, n) for site in dict.fromkeys(str(c.site) for _, c in chunk)}
+            stream = clean.streams[layer].repeat(len(chunk), 1, 1)
+            with torch.no_grad():
+                logits = run_from(model, layer, stream, ids.repeat(len(chunk), 1), replace=replace).logits
+            values.update(zip((t for t, _ in chunk), metric(logits).view(len(chunk), n).mean(1).tolist()))
+    effects = (torch.tensor([values[t] for t in targets]) - clean.loss).tolist()  # as Effects.effect() computes it
+    return dict(zip(targets, effects))
+
+
+def _replacer(chunk: list, site: str, clean: CleanRun, n: int):
+    """Replacement of ``site`` writing the site's mean into each of ``chunk``'s components, ``n`` rows apiece."""
+    members = [(j, component) for j, (_, component) in enumerate(chunk) if str(component.site) == site]
+
+    def fn(value, ctx):
+        out = value.clone()
+        mean = clean.mean(members[0][1].site).to(out.dtype).expand_as(out[:n])
+        for j, component in members:
+            component.select(out[j * n : (j + 1) * n]).copy_(component.select(mean))
+        return out
+
+    return fn
 
 
 def _attribution(model: "Model", ctx: BuildContext) -> dict:
     """Estimated ``delta_loss`` of every head and MLP (one forward + backward), the top ones verified exactly."""
     from lmatlas.causal.metrics import sequence_loss
 
-    ids, lay = _ids(ctx), model.layout
-    stats = ctx.remember("importance.stats", lambda: _stats(model, ctx))
-    sites = [f"L{layer}.{c}" for layer in range(lay.n_layers) for c in ("attn.z", "mlp.out")]
-    cache = model.run(ids, capture=sites, grad=True)
-    grads = dict(zip(sites, torch.autograd.grad(sequence_loss(ids)(cache.logits).mean(), [cache[s] for s in sites])))
+    ids, sites = _ids(ctx), _sites(model)
+    cache = model.run(ids, capture=CleanRun.capture(model), grad=True)
+    loss = sequence_loss(ids)(cache.logits).mean()
+    grads = dict(zip(sites, torch.autograd.grad(loss, [cache[s] for s in sites])))
+    clean = ctx.memo["importance.clean"] = CleanRun(model, cache, float(loss.detach()))
     estimate: dict[str, float] = {}
     for site in sites:
         value = cache[site].detach()
-        mean = stats.mean(model.sites(site)[0]).to(value.dtype)
+        mean = clean.mean(model.sites(site)[0]).to(value.dtype)
         change = (mean - value) * grads[site]  # [batch, pos, (head,) d]
         if site.endswith("attn.z"):
             for head, total in enumerate(change.sum(dim=(0, 1, 3)).tolist()):
                 estimate[f"{site.split('.')[0]}.H{head}"] = total
         else:
             estimate[site] = float(change.sum())
+    del cache, grads
     k = ctx.params.importance_verify
     heads = sorted((t for t in estimate if ".H" in t), key=lambda t: -abs(estimate[t]))[:k]
     mlps = [t for t in estimate if t.endswith("mlp.out")]
