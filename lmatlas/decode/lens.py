@@ -119,12 +119,16 @@ def _n_tokens(model: "Model", text: str) -> int:
     return len(model.tokenizer(text)["input_ids"])
 
 
-def logit_lens(model: "Model", inputs: "Inputs", *, k: int = 5, include_embed: bool = False) -> LensResult:
+def logit_lens(
+    model: "Model", inputs: "Inputs", *, k: int = 5, include_embed: bool = False, texts: bool = True
+) -> LensResult:
     """Run ``inputs`` (one prompt: text or ``[pos]`` / ``[1, pos]`` ids) and read every layer.
 
     Args:
         k: top tokens kept per layer and position.
         include_embed: also read the stream entering block 0 (``L0.resid.pre``) as row ``"embed"``.
+        texts: also spell the tokens (``input_tokens``, ``top_tokens``, ``final_tokens``; needs a
+            tokenizer). ``False`` leaves them ``None`` (the numbers are the same).
     """
     if not 1 <= k <= model.layout.d_vocab:
         raise DecodeError(f"k={k} is out of range: pick 1..{model.layout.d_vocab} (the vocabulary size).")
@@ -134,23 +138,28 @@ def logit_lens(model: "Model", inputs: "Inputs", *, k: int = 5, include_embed: b
         raise DecodeError("The prompt has no tokens: give at least one token id.")
     input_ids, streams, final_logits, labels = _streams(model, inputs, include_embed)
     final_logp = torch.log_softmax(final_logits, -1)  # [pos, d_vocab]
+    final_p = final_logp.exp()  # p_final, once: KL's weights for every layer
     final_ids = final_logits.argmax(-1)
     rows, pos = len(streams), input_ids.numel()
     top_ids = torch.empty(rows, pos, k, dtype=torch.int64)
     top_probs = torch.empty(rows, pos, k)
     final_prob, entropy, kl = (torch.empty(rows, pos) for _ in range(3))
+    # three [block, d_vocab] buffers reused by every block: logits, probabilities, elementwise terms
+    logits, p, terms = (torch.empty(min(pos, POS_BLOCK), model.layout.d_vocab, device=final_logp.device) for _ in "lpt")
     for r, stream in enumerate(streams):
         for start in range(0, pos, POS_BLOCK):
             sl = slice(start, start + POS_BLOCK)
-            logp = torch.log_softmax(project(model, stream[sl], norm="full"), -1)  # [block, d_vocab]
-            p = logp.exp()
-            values, ids = torch.topk(p, k, dim=-1)
+            n = stream[sl].shape[0]
+            logp = torch.log_softmax(project(model, stream[sl], norm="full", out=logits), -1)  # [n, d_vocab]
+            torch.exp(logp, out=p[:n])
+            values, ids = torch.topk(p[:n], k, dim=-1)
             top_ids[r, sl], top_probs[r, sl] = ids.cpu(), values.cpu()
-            final_prob[r, sl] = p.gather(-1, final_ids[sl, None].to(p.device))[:, 0].cpu()
-            entropy[r, sl] = -(p * logp).sum(-1).cpu()
-            ref = final_logp[sl].to(p.device)  # KL(final || layer) = sum p_final (log p_final - log p_layer)
-            kl[r, sl] = torch.nn.functional.kl_div(logp, ref, log_target=True, reduction="none").sum(-1).cpu()
-    tok = model.tokenizer
+            final_prob[r, sl] = p[:n].gather(-1, final_ids[sl, None].to(p.device))[:, 0].cpu()
+            entropy[r, sl] = -torch.mul(p[:n], logp, out=terms[:n]).sum(-1).cpu()
+            # KL(final || layer) = sum p_final (log p_final - log p_layer)
+            ref = final_logp[sl].to(p.device)
+            kl[r, sl] = torch.sub(ref, logp, out=terms[:n]).mul_(final_p[sl].to(p.device)).sum(-1).cpu()
+    tok = model.tokenizer if texts else None
     strings = (lambda ids: token_texts(tok, ids)) if tok is not None else None  # byte tokens as <0xE2>
     return LensResult(
         input_ids=input_ids.cpu(),

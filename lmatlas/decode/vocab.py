@@ -143,6 +143,7 @@ def project(
     bias: bool | None = None,
     softcap: bool | None = None,
     chunk: int = 8192,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Full logits ``[..., d_vocab]`` (float32) of ``vectors`` ``[..., d_model]``, for SMALL batches.
 
@@ -150,12 +151,17 @@ def project(
     one vocabulary chunk at a time so ``W_U`` is never copied to float32 whole),
     then ``b_U`` and soft-capping (by default only for ``norm="full"``, where the
     result equals the model's own logits for a residual-stream vector). This
-    materialises ``n x d_vocab`` floats; for many vectors use :func:`topk_tokens`.
+    materialises ``n x d_vocab`` floats; for many vectors use :func:`topk_tokens`. ``out``: a
+    float32 buffer of at least ``n x d_vocab`` to write into (a caller projecting block after
+    block reuses one; the first ``n`` rows are used), else a new one.
     """
     _, lead = _as_rows(model, vectors)
     rows = prepare(model, vectors, norm)
     b_U, cap = _resolve_extras(model, norm, bias, softcap)
-    out = torch.empty(rows.shape[0], model.layout.d_vocab, dtype=torch.float32, device=rows.device)
+    if out is None:
+        out = torch.empty(rows.shape[0], model.layout.d_vocab, dtype=torch.float32, device=rows.device)
+    else:
+        out = out[: rows.shape[0]]
     with torch.no_grad():
         for start, W in vocab_chunks(model, chunk):
             torch.matmul(rows, W, out=out[:, start : start + W.shape[1]])

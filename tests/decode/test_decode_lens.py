@@ -134,3 +134,19 @@ def test_smollm2_lens_ends_at_the_models_prediction(smollm2):
     assert float(result.kl[-1].abs().max()) < 1e-4
     # a robust fact only (no claim of monotone entropy or KL): layer 0 is far from the output
     assert float(result.kl[0, -1]) > 1.0
+
+
+def test_lens_without_texts_gives_the_same_numbers_and_a_reused_buffer_the_same_logits():
+    """``texts=False`` (the atlas stage's call) changes only the spelled tokens; ``project(out=...)``
+    writes the same logits into a larger reused buffer as into a fresh one."""
+    from lmatlas.decode.vocab import project
+
+    model = get_tiny(TINY_TYPES[0])
+    spelled = logit_lens(model, PROMPT, k=3, include_embed=True)
+    bare = logit_lens(model, PROMPT, k=3, include_embed=True, texts=False)
+    for name in ("top_ids", "top_probs", "final_ids", "final_prob", "entropy", "kl"):
+        assert torch.equal(getattr(spelled, name), getattr(bare, name)), name
+    assert spelled.top_tokens is not None and bare.top_tokens is None and bare.final_tokens is None
+    vectors = torch.randn(5, model.layout.d_model, generator=torch.Generator().manual_seed(0))
+    buffer = torch.full((9, model.layout.d_vocab), float("nan"))
+    assert torch.equal(project(model, vectors, norm="full", out=buffer), project(model, vectors, norm="full"))

@@ -26,7 +26,7 @@ def compute(model: "Model", unit: str, ctx: BuildContext):
     totals = None
     windows = ctx.corpus[: ctx.params.lens_sequences]
     for ids in windows:
-        lens = logit_lens(model, ids, k=1)
+        lens = logit_lens(model, ids, k=1, texts=False)
         stats = torch.stack(
             [lens.entropy, lens.final_prob, lens.kl, (lens.top_ids[:, :, 0] == lens.final_ids).float()]
         ).sum(-1)  # [4, layers]
