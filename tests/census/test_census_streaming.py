@@ -234,6 +234,44 @@ def test_padded_masks_and_fully_masked_rows(kind):
     assert torch.allclose(stats.entropy[0, 1, :, :3], torch.tensor(T, dtype=torch.float32).log())  # uniform rows
 
 
+def _asked(pos: int = T) -> torch.Tensor:
+    """Scattered asked queries: a gap inside a chunk, a lone row, a chunk with none, the last row."""
+    asked = torch.zeros(pos, dtype=torch.bool)
+    asked[[2, 5, 6, 13, 21, 22, 23, pos - 1]] = True
+    return asked
+
+
+def _same_on_asked_rows(some: AttentionStats, full: AttentionStats, asked: torch.Tensor) -> None:
+    for name in ("sink", "previous", "local", "entropy", "top1", "top1_mass", "target"):
+        a, b = getattr(some, name), getattr(full, name)
+        assert torch.equal(a[..., asked], b[..., asked]), name  # bit for bit
+        assert (a[..., ~asked] == 0).all(), name
+
+
+@pytest.mark.parametrize("family", TINY_TYPES)
+def test_asked_queries_equal_the_full_computation_bit_for_bit(family):
+    """Only the asked rows' span of logits is computed: the numbers are those of every row computed."""
+    model = get_tiny(family)
+    ids, targets, asked = _ids(), _targets(), _asked()
+    full = attention_stats(model, ids, targets=targets, local_window=WINDOW, chunk=8)
+    some = attention_stats(model, ids, targets=targets, local_window=WINDOW, chunk=8, queries=asked)
+    _same_on_asked_rows(some, full, asked)
+
+
+@pytest.mark.parametrize("kind", ["bool", "additive", "additive-inf"])
+def test_asked_queries_under_padded_masks_bit_for_bit(kind):
+    gen = torch.Generator().manual_seed(4)
+    query = torch.randn(2, 4, T, 16, generator=gen)
+    key = torch.randn(2, 2, T, 16, generator=gen)
+    call = AttentionCall(_Attention(), query, key, key, _masks()[kind], scaling=0.25, softcap=30.0)
+    asked, targets = _asked(), _targets()
+    full = AttentionStats.empty([0], 2, 4, T, query.device, with_target=True)
+    some = AttentionStats.empty([0], 2, 4, T, query.device, with_target=True)
+    StreamingStatsProbe(full, 0, WINDOW, chunk=6, targets=targets).on_call(call)
+    StreamingStatsProbe(some, 0, WINDOW, chunk=6, targets=targets, queries=asked).on_call(call)
+    _same_on_asked_rows(some, full, asked)
+
+
 @pytest.mark.slow
 def test_real_gemma3_across_its_sliding_window(gemma3):
     """Gemma 3 270M (sliding window 512 on five of six layers, MQA): 700 tokens, chunk 256."""
