@@ -81,8 +81,8 @@ class _Fitted:
     count: torch.Tensor  # [keys]
 
 
-def _fit_family(family: Family, fire: torch.Tensor, acts: torch.Tensor) -> _Fitted:
-    hits, sums, count = rules.key_stats(family, fire, acts)
+def _fit_family(family: Family, fire: torch.Tensor, acts: torch.Tensor, both: torch.Tensor) -> _Fitted:
+    hits, sums, count = rules.key_stats(family, fire, acts, both)
     keys, valid = rules.candidates(hits, count)
     rank = rules.first_rank(family, keys, valid)  # [n, unit], candidates in their fitting order
     size, objective = rules.best_sizes(rank, fire, valid)
@@ -91,7 +91,9 @@ def _fit_family(family: Family, fire: torch.Tensor, acts: torch.Tensor) -> _Fitt
     in_rule = torch.arange(keys.shape[1])[None, :] < size[:, None]
     order = torch.where(in_rule, weights, torch.full_like(weights, float("-inf"))).argsort(1, descending=True)
     keys, weights = keys.gather(1, order), weights.gather(1, order)
-    outside = (rank > size[None, :]).float()  # none of the rule's keys present (reordering keeps the set)
+    outside = (
+        rank > size.to(rank.dtype)[None, :]
+    ).float()  # none of the rule's keys present (reordering keeps the set)
     baseline = (outside * acts).sum(0) / outside.sum(0).clamp_min(1)
     values = torch.cat([baseline[:, None], weights], 1)  # [unit, 1 + MAX_KEYS]: level -> prediction
     return _Fitted(keys, size, values, objective - FAMILY_COST.get(family.name, 0.0), count)
@@ -128,7 +130,8 @@ def label_inputs(
     fit_acts, held_acts = flat[fit_pos], flat[~fit_pos]
     threshold = thresholds(fit_acts)
     fire = fit_acts >= threshold
-    fitted = [_fit_family(f.rows(fit_pos), fire, fit_acts) for f in families]
+    both = torch.cat([fire.float(), fit_acts], 1)  # [n, 2 * unit]: every family's key_stats reads it
+    fitted = [_fit_family(f.rows(fit_pos), fire, fit_acts, both) for f in families]
     choice = torch.stack([f.objective for f in fitted]).argmax(0)  # [unit]; first (simplest) wins ties
     positive = held_acts >= threshold
     held_windows = int((~fit).sum())
@@ -174,10 +177,11 @@ def _judge(s: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def _collect(families, fitted, choice, threshold, out, labelled, n_held, n_fit) -> InputLabels:
     names, keys, weights = [], [], []
+    as_lists = [(f.size.tolist(), f.keys.tolist(), f.values.tolist()) for f in fitted]
     for unit, index in enumerate(choice.tolist()):
-        family, f = families[index], fitted[index]
-        size = int(f.size[unit])
+        family, (sizes, unit_keys, values) = families[index], as_lists[index]
+        size = sizes[unit]
         names.append(family.name)
-        keys.append([family.keys[k] for k in f.keys[unit, :size].tolist()])
-        weights.append([float(w) for w in f.values[unit, 1 : 1 + size]])
+        keys.append([family.keys[k] for k in unit_keys[unit][:size]])
+        weights.append(values[unit][1 : 1 + size])
     return InputLabels(names, keys, weights, threshold, out, labelled, n_held, n_fit)

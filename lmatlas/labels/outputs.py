@@ -110,14 +110,15 @@ def steering(
         clean = clean_run(model, prompts) if clean is None else clean
         stream = clean.streams[layer].repeat(len(neurons), 1, 1)  # [n * p, pos, d_model]
         edited = run_from(model, layer, stream, replace={f"L{layer}.mlp.act": raise_neuron})
-        change = edited.logits.float().log_softmax(-1) - clean.logprobs.repeat(len(neurons), 1, 1)
+        logprobs = edited.logits.float().log_softmax(-1)  # [n * p, pos, vocab]
     gen = torch.Generator().manual_seed(seed + layer)
     random_sets = torch.randint(model.layout.d_vocab, (RANDOM_SETS, PROMOTED), generator=gen)
+    base = clean.logprobs.flatten(0, 1)  # [positions, vocab]
     out = []
     for i, neuron in enumerate(neurons):
-        rows = change[i * p : (i + 1) * p].flatten(0, 1)  # [positions, vocab]
-        target = rows[:, promoted[i]].mean(-1)  # [positions]
-        chance = rows[:, random_sets].mean(-1)  # [positions, sets]
+        rows = logprobs[i * p : (i + 1) * p].flatten(0, 1)  # [positions, vocab]; the change: rows - base
+        target = (rows[:, promoted[i]] - base[:, promoted[i]]).mean(-1)  # [positions]
+        chance = (rows[:, random_sets] - base[:, random_sets]).mean(-1)  # [positions, sets]
         excess = target - chance.mean(-1)
         weight = scores.window_weights(excess.shape[0], scores.BOOTSTRAP, seed + neuron)
         lo, hi = scores.interval((weight @ excess[:, None]) / excess.shape[0])

@@ -23,16 +23,20 @@ from lmatlas.labels.keys import Family
 MAX_KEYS = 6
 MIN_HITS = 2
 SIZE_PENALTY = 0.01
-CHUNK = 2048
 
 
-def key_stats(family: Family, fire: torch.Tensor, acts: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def key_stats(
+    family: Family, fire: torch.Tensor, acts: torch.Tensor, both: torch.Tensor | None = None
+) -> tuple[torch.Tensor, ...]:
     """``(hits [keys, unit], sums [keys, unit], count [keys])`` over the positions of ``family``.
 
     ``fire [n, unit]`` bool, ``acts [n, unit]``: ``sums`` adds the activation where a key is present.
-    One sparse ``[keys, n]`` incidence matrix times ``[n, 2 * unit]``.
+    One sparse ``[keys, n]`` incidence matrix times ``[n, 2 * unit]`` (``both``: that matrix,
+    ``cat([fire.float(), acts.float()], 1)``, when several families share it).
     """
     n_keys, units = len(family.keys), fire.shape[1]
+    if both is None:
+        both = torch.cat([fire.float(), acts.float()], 1)
     present = family.index >= 0
     keys = family.index[present]
     positions = torch.arange(family.index.shape[0])[:, None].expand_as(family.index)[present]
@@ -42,7 +46,7 @@ def key_stats(family: Family, fire: torch.Tensor, acts: torch.Tensor) -> tuple[t
         (n_keys, family.index.shape[0]),
         check_invariants=False,
     )
-    both = torch.sparse.mm(incidence, torch.cat([fire.float(), acts.float()], 1))
+    both = torch.sparse.mm(incidence, both)
     count = torch.bincount(keys, minlength=n_keys).float()
     return both[:, :units], both[:, units:], count
 
@@ -71,13 +75,10 @@ def first_rank(family: Family, keys: torch.Tensor, valid: torch.Tensor) -> torch
     ranks = torch.arange(1, width + 1, dtype=torch.int16).expand(keys.shape[0], -1).contiguous()
     table = _table(family, keys, valid.sum(1), ranks, width + 1)
     index = torch.where(family.index < 0, len(family.keys), family.index)
-    if index.shape[1] == 1:  # one key per position (token, n-gram): a plain lookup, nothing to reduce
-        return table[index[:, 0]]
-    out = []
-    for start in range(0, index.shape[0], CHUNK):
-        block = index[start : start + CHUNK]
-        out.append(table[block].min(dim=1).values)  # [c, slots, unit] -> [c, unit]
-    return torch.cat(out)
+    out = table.index_select(0, index[:, 0])  # [n, unit]; one key per position (token, n-gram): done
+    for slot in range(1, index.shape[1]):  # several (context, format): the best rank over the slots
+        torch.minimum(out, table.index_select(0, index[:, slot]), out=out)
+    return out
 
 
 def best_sizes(rank: torch.Tensor, fire: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,4 +113,4 @@ def predict(family: Family, keys: torch.Tensor, size: torch.Tensor) -> torch.Ten
     """
     width = keys.shape[1]
     rank = first_rank(family, keys, torch.arange(width)[None, :] < size[:, None])
-    return torch.where(rank <= size[None, :], rank, torch.zeros_like(rank))
+    return torch.where(rank <= size.to(rank.dtype)[None, :], rank, torch.zeros_like(rank))
