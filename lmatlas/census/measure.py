@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Iterable, Iterator
 import torch
 
 from lmatlas.census.registry import Battery
-from lmatlas.census.suppression import SuppressionHits
+from lmatlas.census.suppression import SuppressionHits, at_queries
 from lmatlas.model.norms import final_readout
 
 if TYPE_CHECKING:
@@ -171,9 +171,8 @@ class _CopyRanks:
         self.target = self.unembed[ids[:, self.queries.to(ids.device) - (self.half - 1)]].float()  # [batch, q, d]
         self.compare = self.unembed[self.compare_all[rows]].float()  # [batch, n_compare, d_model]
 
-    def reduce(self, out: torch.Tensor, layer: int) -> None:
-        """``out`` ``[batch, pos, head, d_model]``: the ranks of this layer's heads."""
-        o = out[:, self.queries.to(out.device)].float()  # [batch, query, head, d_model]
+    def reduce(self, o: torch.Tensor, layer: int) -> None:
+        """``o`` ``[batch, n_q, head, d_model]`` (:func:`~lmatlas.census.suppression.at_queries` of ``attn.out``)."""
         if self.centres:
             o = o - o.mean(-1, keepdim=True)
         o = o * self.gain
@@ -218,10 +217,11 @@ def _forward(model: "Model", battery: Battery, offsets: set[int], parts: list[st
         def on_out(out: torch.Tensor, site) -> None:  # [batch, pos, head, d_model]
             if norm is not None:
                 norm[site.layer, rows] = out.float().norm(dim=-1).transpose(1, 2).cpu()
+            out_q = None if queries is None else at_queries(out, queries)  # [batch, n_q, head, d_model]
             if copy is not None:
-                copy.reduce(out, site.layer)
+                copy.reduce(out_q, site.layer)
             if test is not None:
-                test.reduce(out, site.layer, rows)
+                test.reduce(out_q, site.layer, rows)
             return None
 
         replace = {"attn.pattern": on_pattern}

@@ -55,12 +55,22 @@ class SuppressionHits:
         """``pattern`` ``[batch, head, pos, key_pos]``: keep the top-1 key at the queries, ``[batch, head, n_q]``."""
         self._attended[layer] = pattern[:, :, self.queries].argmax(-1)
 
-    def reduce(self, out: torch.Tensor, layer: int, rows: slice = slice(None)) -> None:
-        """``out`` ``[batch, pos, head, d_model]`` of the battery's ``rows``: the hit test at this layer."""
+    def reduce(self, out_q: torch.Tensor, layer: int, rows: slice = slice(None)) -> None:
+        """The hit test at this layer; ``out_q`` ``[batch, n_q, head, d_model]``: :func:`at_queries` of ``attn.out``.
+
+        ``rows``: which rows of the battery ``out_q`` holds (a forward over a chunk of them).
+        """
         j = self._attended.pop(layer)  # [batch, head, n_q]
         earlier = (j >= self.prefix) & (j < self.queries)
-        out_q = out[:, self.queries].float()  # [batch, n_q, head, d_model]
         by_key = torch.einsum("bqhd,bkd->bhqk", out_q, self.row_readout[rows])  # dla of the token at every key
         own = by_key.gather(-1, j[..., None])[..., 0]  # [batch, head, n_q]: of the attended token
         others = torch.einsum("bqhd,bcd->bhqc", out_q, self.compare_readout[rows])  # [batch, head, n_q, n_compare]
         self.hits[rows, layer] = earlier & (own < 0) & (own[..., None] < others).all(-1)
+
+
+def at_queries(out: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+    """``attn.out`` ``[batch, pos, head, d_model]`` at ``queries``: float32 ``[batch, n_q, head, d_model]``.
+
+    The copying ranks (:mod:`lmatlas.census.measure`) and the suppression test read the same gather.
+    """
+    return out[:, queries.to(out.device)].float()

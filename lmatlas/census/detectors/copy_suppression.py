@@ -50,7 +50,7 @@ from lmatlas.census import batteries
 from lmatlas.census.measure import readout
 from lmatlas.census.readout import run_body
 from lmatlas.census.registry import Battery, Detector, register
-from lmatlas.census.suppression import SuppressionHits
+from lmatlas.census.suppression import SuppressionHits, at_queries
 
 if TYPE_CHECKING:
     from lmatlas.model.handle import Model
@@ -78,7 +78,7 @@ def suppression_hits(
         return None
 
     def reduce(out, site):  # [batch, pos, head, d_model]
-        test.reduce(out, site.layer)
+        test.reduce(at_queries(out, test.queries), site.layer)
         return None
 
     run_body(model, ids.to(model.device), replace={"attn.pattern": top1, "attn.out": reduce})
