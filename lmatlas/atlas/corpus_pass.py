@@ -9,8 +9,12 @@ to each stage's *reducer*::
 
     for start in 0, batch, 2 * batch, ...:            # one forward per batch
         cache = model.run(corpus[start : start + batch], capture=union of sites)
-        for reducer in reducers: reducer.update(start, cache)
+        for reducer in reducers: reducer.update(Batch(start, cache))
     stats[stage] = reducer.finish()                   # remembered in ctx.memo
+
+What several reducers compute from a batch (each neuron's float activations, their
+top-k positions and maxima) is computed once per batch by :class:`Batch` and handed to
+each: the same tensors a reducer alone computes for itself.
 
 Which stages join the pass: those with pending units in this build
 (``ctx.memo["corpus_stages"]``, set by :func:`lmatlas.atlas.pipeline.build_atlas`),
@@ -28,7 +32,9 @@ its patterns would not fit one pass).
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
+
+import torch
 
 if TYPE_CHECKING:
     from lmatlas.atlas.stages import BuildContext
@@ -49,11 +55,40 @@ class Reducer(Protocol):
 
     sites: list[str]
 
-    def update(self, start: int, cache: "ActivationCache") -> None:
-        """Fold in one batch: windows ``start .. start + batch`` of the corpus."""
+    def update(self, batch: "Batch") -> None:
+        """Fold in one batch: windows ``batch.start .. batch.start + len`` of the corpus."""
 
     def finish(self) -> Any:
         """The stage's statistics, once every batch has been seen."""
+
+
+class Batch:
+    """One forward of the pass: ``start`` (its first window), the ``cache``, and what reducers share of it.
+
+    Each shared value is computed on first use and kept for the batch only.
+    """
+
+    def __init__(self, start: int, cache: "ActivationCache"):
+        self.start, self.cache = start, cache
+        self._memo: dict[tuple, Any] = {}
+
+    def once(self, key: tuple, compute: Callable[[], Any]) -> Any:
+        if key not in self._memo:
+            self._memo[key] = compute()
+        return self._memo[key]
+
+    def neurons(self, layer: int) -> torch.Tensor:
+        """``[positions, neuron]`` float32 ``mlp.act`` of ``layer`` (the batch's windows one after another)."""
+        return self.once(("neurons", layer), lambda: self.cache.neurons(layer).float().flatten(0, 1))
+
+    def neuron_top(self, layer: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(values, positions)`` ``[min(k, positions), neuron]``: each neuron's ``k`` largest activations."""
+        acts = self.neurons(layer)
+        return self.once(("top", layer, k), lambda: acts.topk(min(k, acts.shape[0]), dim=0))
+
+    def neuron_max(self, layer: int) -> torch.Tensor:
+        """``[neuron]`` each neuron's largest activation in the batch."""
+        return self.once(("max", layer), lambda: self.neurons(layer).max(0).values)
 
 
 def corpus_stats(model: "Model", ctx: "BuildContext", stage: str) -> Any:
@@ -79,10 +114,11 @@ def run_pass(model: "Model", ctx: "BuildContext", stages: list[str]) -> dict[str
     if sites:
         for start in range(0, corpus.shape[0], batch):
             cache = model.run(corpus[start : start + batch], capture=sites, lm_head=False)
+            shared = Batch(start, cache)
             for reducer in reducers.values():
                 if reducer.sites:
-                    reducer.update(start, cache)
-            del cache
+                    reducer.update(shared)
+            del cache, shared
     return {name: reducer.finish() for name, reducer in reducers.items()}
 
 

@@ -41,22 +41,22 @@ class _Stats:
         self.k, self.seq_len = ctx.params.top_contexts, ctx.corpus.shape[1]
         self.stats: list[dict[str, torch.Tensor]] = [{} for _ in range(model.layout.n_layers)]
 
-    def update(self, start: int, cache) -> None:
-        offset = start * self.seq_len
+    def update(self, batch) -> None:
+        offset = batch.start * self.seq_len
         for layer, entry in enumerate(self.stats):
-            acts = cache.neurons(layer).float().flatten(0, 1)  # [positions, neuron]
-            values, index = acts.topk(min(self.k, acts.shape[0]), dim=0)
+            acts = batch.neurons(layer)  # [positions, neuron]
+            values, index = batch.neuron_top(layer, self.k)
             if not entry:
                 entry.update(
                     sum=acts.sum(0),
-                    max=acts.max(0).values,
+                    max=batch.neuron_max(layer),
                     positive=(acts > 0).sum(0),
                     top_values=values,
                     top_index=index + offset,
                 )
                 continue
             entry["sum"] += acts.sum(0)
-            entry["max"] = torch.maximum(entry["max"], acts.max(0).values)
+            entry["max"] = torch.maximum(entry["max"], batch.neuron_max(layer))
             entry["positive"] += (acts > 0).sum(0)
             merged_values = torch.cat([entry["top_values"], values])
             merged_index = torch.cat([entry["top_index"], index + offset])

@@ -86,8 +86,8 @@ class _Scan:
         )
         self.parts: list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = []
 
-    def update(self, start: int, cache) -> None:
-        self.parts.append([_window_maxima(cache, layer) for layer in range(self.model.layout.n_layers)])
+    def update(self, batch) -> None:
+        self.parts.append([_window_maxima(batch.cache, layer) for layer in range(self.model.layout.n_layers)])
 
     def finish(self) -> dict[str, torch.Tensor]:
         if not self.sites:

@@ -61,8 +61,10 @@ class _Stats:
 
     Per layer: ``lo``, ``hi`` ``[neuron]``; ``top_values``, ``top_index`` (flat corpus positions)
     ``[k, neuron]``; ``spans`` ``[k, neuron, CONTEXT_BEFORE + 1 + CONTEXT_AFTER]`` (NaN outside the
-    window: a top position's span lies in its own window, so it is read in the same batch);
-    ``counts`` ``[neuron, bins]`` once the range is known (:meth:`finish`).
+    window: a top position's span lies in its own window); ``counts`` ``[neuron, bins]`` once the range
+    is known (:meth:`finish`). When the activations are kept (under :data:`KEEP_BYTES`), the spans are read
+    once at the end around the final top positions; otherwise each batch reads the spans of its own top
+    positions and they are merged with them (the same values).
     """
 
     sites = ["mlp.act"]
@@ -70,29 +72,33 @@ class _Stats:
     def __init__(self, model: "Model", ctx: BuildContext):
         self.model, self.ctx, self.k = model, ctx, ctx.params.top_contexts
         self.stats: list[dict[str, torch.Tensor]] = [{} for _ in range(model.layout.n_layers)]
-        self.kept: list[tuple[int, list[torch.Tensor]]] | None = []  # (start, per-layer acts) for the histogram
-        self.kept_bytes = 0
+        kept_bytes = model.layout.n_layers * ctx.corpus.numel() * model.layout.d_mlp * 4  # float32
+        # (start, per-layer acts [b, pos, neuron]) for the histogram and the spans
+        self.kept: list[tuple[int, list[torch.Tensor]]] | None = [] if kept_bytes <= KEEP_BYTES else None
 
-    def update(self, start: int, cache) -> None:
-        acts = [cache.neurons(layer).float() for layer in range(len(self.stats))]
-        for entry, layer_acts in zip(self.stats, acts):
-            flat = layer_acts.flatten(0, 1)  # [positions, neuron]
-            values, local = flat.topk(min(self.k, flat.shape[0]), dim=0)
-            index, spans = local + start * layer_acts.shape[1], _spans(layer_acts, local)
+    def update(self, batch) -> None:
+        seq_len = self.ctx.corpus.shape[1]
+        acts = []
+        for layer, entry in enumerate(self.stats):
+            flat = batch.neurons(layer)  # [positions, neuron]
+            acts.append(flat.view(-1, seq_len, flat.shape[1]))
+            values, local = batch.neuron_top(layer, self.k)
+            index = local + batch.start * seq_len
+            spans = _spans(acts[-1], local) if self.kept is None else None
             if entry:
                 values, index = torch.cat([entry["top_values"], values]), torch.cat([entry["top_index"], index])
-                spans = torch.cat([entry["spans"], spans])
                 keep = values.topk(min(self.k, values.shape[0]), dim=0).indices
                 values, index = values.gather(0, keep), index.gather(0, keep)
-                spans = spans.gather(0, keep[..., None].expand(-1, -1, spans.shape[2]))
+                if spans is not None:
+                    spans = torch.cat([entry["spans"], spans])
+                    spans = spans.gather(0, keep[..., None].expand(-1, -1, spans.shape[2]))
                 entry["lo"] = torch.minimum(entry["lo"], flat.min(0).values)
-                entry["hi"] = torch.maximum(entry["hi"], flat.max(0).values)
+                entry["hi"] = torch.maximum(entry["hi"], batch.neuron_max(layer))
             else:
-                entry.update(lo=flat.min(0).values, hi=flat.max(0).values)
+                entry.update(lo=flat.min(0).values, hi=batch.neuron_max(layer))
             entry.update(top_values=values, top_index=index, spans=spans)
         if self.kept is not None:
-            self.kept_bytes += sum(a.numel() * a.element_size() for a in acts)
-            self.kept = self.kept + [(start, acts)] if self.kept_bytes <= KEEP_BYTES else None
+            self.kept.append((batch.start, acts))
 
     def finish(self) -> list[dict[str, torch.Tensor]]:
         """Counts the histogram over the kept activations (or, past :data:`KEEP_BYTES`, a second pass)."""
@@ -102,6 +108,9 @@ class _Stats:
         batches = self.kept
         if batches is None:
             batches = ((s, _acts(self.model, corpus[s : s + batch])) for s in range(0, corpus.shape[0], batch))
+        else:  # every window's activations are here: the spans around the final top positions
+            for layer, entry in enumerate(self.stats):
+                entry["spans"] = _spans(torch.cat([acts[layer] for _, acts in batches]), entry["top_index"])
         for _, acts in batches:
             for entry, layer_acts in zip(self.stats, acts):
                 _count(entry, layer_acts.flatten(0, 1))
@@ -115,10 +124,10 @@ def _count(entry: dict[str, torch.Tensor], flat: torch.Tensor) -> None:
     """Adds the positions of ``flat`` ``[positions, neuron]`` to the histogram ``entry["counts"]``."""
     n = flat.shape[1]
     width = (entry["hi"] - entry["lo"]).clamp_min(1e-12)
-    bins = ((flat - entry["lo"]) / width * HISTOGRAM_BINS).long().clamp(0, HISTOGRAM_BINS - 1)
-    entry["counts"].scatter_add_(
-        0, (bins + torch.arange(n) * HISTOGRAM_BINS).flatten(), torch.ones(bins.numel(), dtype=torch.int64)
-    )
+    scaled = flat - entry["lo"]
+    bins = scaled.div_(width).mul_(HISTOGRAM_BINS).long().clamp_(0, HISTOGRAM_BINS - 1)  # [positions, neuron]
+    bins += torch.arange(n) * HISTOGRAM_BINS
+    entry["counts"] += torch.bincount(bins.flatten(), minlength=n * HISTOGRAM_BINS)
 
 
 def reducer(model: "Model", ctx: BuildContext) -> _Stats:
@@ -127,6 +136,9 @@ def reducer(model: "Model", ctx: BuildContext) -> _Stats:
 
 
 def compute(model: "Model", unit: str, ctx: BuildContext):
+    """One layer's rows as Arrow tables, neuron by neuron and rank by rank (columns built from the tensors)."""
+    import pyarrow as pa
+
     layer = layer_of(unit)
     from lmatlas.atlas.corpus_pass import corpus_stats
 
@@ -134,36 +146,39 @@ def compute(model: "Model", unit: str, ctx: BuildContext):
     seq_len = ctx.corpus.shape[1]
     scale = torch.maximum(entry["hi"].abs(), entry["lo"].abs()).clamp_min(1e-12)  # [neuron]
     levels = (entry["spans"] / scale[None, :, None] * 127).round()  # [k, neuron, span], NaN outside the window
-    levels = levels.nan_to_num(0.0).long().tolist()  # whole numbers: the same ints as int(v)
-    top_index, top_values = entry["top_index"].tolist(), entry["top_values"].tolist()
-    lo, hi, scales, counts = entry["lo"].tolist(), entry["hi"].tolist(), scale.tolist(), entry["counts"].tolist()
-    contexts, histograms = [], []
-    for neuron in range(len(lo)):
-        histograms.append(
-            {
-                "layer": layer,
-                "neuron": neuron,
-                "lo": lo[neuron],
-                "hi": hi[neuron],
-                "scale": scales[neuron],
-                "counts": counts[neuron],
-            }
-        )
-        for rank in range(len(top_index)):
-            window, pos = divmod(top_index[rank][neuron], seq_len)
-            contexts.append(
-                {
-                    "layer": layer,
-                    "neuron": neuron,
-                    "rank": rank,
-                    "window_id": window,
-                    "pos": pos,
-                    "start": max(0, pos - CONTEXT_BEFORE),
-                    "activation": top_values[rank][neuron],
-                    "levels": levels[rank][neuron][max(0, CONTEXT_BEFORE - pos) : CONTEXT_BEFORE + seq_len - pos],
-                }
-            )  # the span's positions inside the window
-    return {"neuron_contexts": contexts, "neuron_histograms": histograms}
+    levels = levels.nan_to_num(0.0).long().transpose(0, 1)  # [neuron, k, span]: whole numbers, int(v) of each
+    index = entry["top_index"].T.reshape(-1)  # [neuron * k], neuron-major
+    window, pos = index // seq_len, index % seq_len
+    n, k = entry["top_index"].shape[1], entry["top_index"].shape[0]
+    span = torch.arange(-CONTEXT_BEFORE, CONTEXT_AFTER + 1)
+    inside = ((pos[:, None] + span) >= 0) & ((pos[:, None] + span) < seq_len)  # [neuron * k, span]
+    contexts = {
+        "layer": pa.array(torch.full((n * k,), layer).numpy()),
+        "neuron": pa.array(torch.arange(n).repeat_interleave(k).numpy()),
+        "rank": pa.array(torch.arange(k).repeat(n).numpy()),
+        "window_id": pa.array(window.numpy()),
+        "pos": pa.array(pos.numpy()),
+        "start": pa.array((pos - CONTEXT_BEFORE).clamp_min(0).numpy()),
+        "activation": pa.array(entry["top_values"].T.reshape(-1).double().numpy()),
+        "levels": _lists(levels.reshape(n * k, -1)[inside], inside.sum(1)),
+    }
+    histograms = {
+        "layer": pa.array(torch.full((n,), layer).numpy()),
+        "neuron": pa.array(torch.arange(n).numpy()),
+        "lo": pa.array(entry["lo"].double().numpy()),
+        "hi": pa.array(entry["hi"].double().numpy()),
+        "scale": pa.array(scale.double().numpy()),
+        "counts": _lists(entry["counts"].reshape(-1), torch.full((n,), HISTOGRAM_BINS)),
+    }
+    return {"neuron_contexts": pa.table(contexts), "neuron_histograms": pa.table(histograms)}
+
+
+def _lists(values: torch.Tensor, lengths: torch.Tensor):
+    """An Arrow ``list<int64>`` column: consecutive runs of ``values`` (int64) of the given ``lengths``."""
+    import pyarrow as pa
+
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)]).to(torch.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets.numpy()), pa.array(values.numpy()))
 
 
 stage(
