@@ -93,30 +93,38 @@ def context(model: "Model", corpus: torch.Tensor, flat_index: int) -> str:
 
 
 def compute(model: "Model", unit: str, ctx: BuildContext):
+    """One layer's ``neuron_stats`` rows as an Arrow table, neuron by neuron (columns built from the tensors)."""
+    import pyarrow as pa
+
     layer = layer_of(unit)
     from lmatlas.atlas.corpus_pass import corpus_stats
 
     entry = corpus_stats(model, ctx, "activations")[layer]
-    positions = ctx.corpus.numel()
-    contexts: dict[int, tuple[str, list[int]]] = ctx.remember("activations.contexts", dict)  # position -> (text, ids)
-    sums, maxima, positive = entry["sum"].tolist(), entry["max"].tolist(), entry["positive"].tolist()
-    rows = []
-    for neuron, top in enumerate(entry["top_index"].T.tolist()):
-        for i in top:
-            if i not in contexts:
-                contexts[i] = (context(model, ctx.corpus, i), context_ids(ctx.corpus, i))
-        rows.append(
-            {
-                "layer": layer,
-                "neuron": neuron,
-                "mean": sums[neuron] / positions,
-                "max": maxima[neuron],
-                "frac_active": positive[neuron] / positions,
-                "top_contexts": [contexts[i][0] for i in top],
-                "top_context_ids": [list(contexts[i][1]) for i in top],
-            }
-        )
-    return {"neuron_stats": rows}
+    positions, seq_len = ctx.corpus.numel(), ctx.corpus.shape[1]
+    texts: dict[int, str] = ctx.remember("activations.contexts", dict)  # position -> rendered context
+    top = entry["top_index"].T.reshape(-1)  # [neuron * k] flat corpus positions, neuron-major
+    for i in dict.fromkeys(top.tolist()):
+        if i not in texts:
+            texts[i] = context(model, ctx.corpus, i)
+    n, k = entry["top_index"].shape[1], entry["top_index"].shape[0]
+    first = top - (top % seq_len).clamp_max(CONTEXT_TOKENS)  # flat position of each context's first token
+    lengths = top - first + 1
+    starts = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+    within = torch.arange(int(starts[-1])) - starts[:-1].repeat_interleave(lengths)
+    ids = ctx.corpus.reshape(-1)[first.repeat_interleave(lengths) + within].long()
+    per_neuron = pa.array(torch.arange(0, n * k + 1, k, dtype=torch.int32).numpy())
+    table = {
+        "layer": pa.array(torch.full((n,), layer).numpy()),
+        "neuron": pa.array(torch.arange(n).numpy()),
+        "mean": pa.array((entry["sum"].double() / positions).numpy()),
+        "max": pa.array(entry["max"].double().numpy()),
+        "frac_active": pa.array((entry["positive"].double() / positions).numpy()),
+        "top_contexts": pa.ListArray.from_arrays(per_neuron, pa.array([texts[i] for i in top.tolist()], pa.string())),
+        "top_context_ids": pa.ListArray.from_arrays(
+            per_neuron, pa.ListArray.from_arrays(pa.array(starts.to(torch.int32).numpy()), pa.array(ids.numpy()))
+        ),
+    }
+    return {"neuron_stats": pa.table(table)}
 
 
 stage(
