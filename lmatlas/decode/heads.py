@@ -63,7 +63,16 @@ from lmatlas.decode.head_inputs import (
     token_ids,
 )
 from lmatlas.decode.lowrank_topk import SEGMENT, score_rows, top_and_bottom_rows
-from lmatlas.decode.ov import OVDecoding, decode_ov, ov_factors, ov_left, ov_right, ov_write, post_norm_gain
+from lmatlas.decode.ov import (
+    OVDecoding,
+    decode_ov,
+    ov_factors,
+    ov_left,
+    ov_right,
+    ov_rights,
+    ov_write,
+    post_norm_gain,
+)
 
 __all__ = [
     "DEFAULT_SAMPLE",
@@ -81,6 +90,7 @@ __all__ = [
     "ov_factors",
     "ov_left",
     "ov_right",
+    "ov_rights",
     "ov_write",
     "post_norm_gain",
     "promoting_heads",

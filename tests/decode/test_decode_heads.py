@@ -24,6 +24,8 @@ from lmatlas.decode.heads import (
     decode_ov,
     head_inputs,
     ov_left,
+    ov_right,
+    ov_rights,
     post_norm_gain,
     promoting_heads,
     self_hits,
@@ -93,6 +95,20 @@ def test_ov_decoding_matches_the_full_matrix(model_type):
     for source, output, logit in result.pairs:
         assert float(full[source, output]) == pytest.approx(logit, rel=1e-4, abs=1e-5)
     assert result.kv_head == model.layout.kv_head(head)
+
+
+@pytest.mark.parametrize("model_type", TINY_TYPES)
+def test_a_layers_right_factors_from_one_product_are_each_heads_own(model_type):
+    """``ov_rights`` (one product for the layer, what the ov stage uses) gives every head the same
+    bits as ``ov_right`` (one product per head), so ``decode_ov(right=...)`` decodes the same."""
+    model = get_tiny(model_type)
+    rights = ov_rights(model, 1)
+    assert rights.shape == (model.layout.n_heads, model.layout.d_head, model.layout.d_vocab)
+    for head in range(model.layout.n_heads):
+        assert torch.equal(rights[head], ov_right(model, 1, head))
+        given, alone = decode_ov(model, 1, head, k=5, right=rights[head]), decode_ov(model, 1, head, k=5)
+        assert torch.equal(given.top.ids, alone.top.ids) and torch.equal(given.bottom.logits, alone.bottom.logits)
+        assert given.pairs == alone.pairs
 
 
 @pytest.mark.parametrize("model_type", TINY_TYPES)

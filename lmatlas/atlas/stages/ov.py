@@ -19,10 +19,11 @@ if TYPE_CHECKING:
 
 
 def compute(model: "Model", unit: str, ctx: BuildContext):
-    from lmatlas.decode.heads import decode_ov
+    from lmatlas.decode.heads import decode_ov, ov_rights
     from lmatlas.decode.token_text import token_texts
 
     layer, params = layer_of(unit), ctx.params
+    rights = ov_rights(model, layer)  # [heads, d_head, d_vocab]: every head's right factor, one product
     rows = []
     for head in range(model.layout.n_heads):
         decoding = decode_ov(
@@ -33,6 +34,7 @@ def compute(model: "Model", unit: str, ctx: BuildContext):
             k=params.ov_k,
             n_pairs=params.ov_pairs,
             seed=ctx.seed,
+            right=rights[head],
         )
         source_ids = [int(p[0]) for p in decoding.pairs]
         output_ids = [int(p[1]) for p in decoding.pairs]
