@@ -53,7 +53,10 @@ def key_stats(
 
 def candidates(hits: torch.Tensor, count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(keys [unit, MAX_KEYS], valid [unit, MAX_KEYS])``: the candidate keys of each unit, best first."""
-    score = torch.where(hits >= MIN_HITS, hits**2 / (count[:, None] + 1), torch.full_like(hits, -1.0))
+    score = torch.full_like(hits, -1.0)
+    seen = (count >= MIN_HITS).nonzero()[:, 0]  # hits <= count: only these keys can reach MIN_HITS
+    some = hits[seen]
+    score[seen] = torch.where(some >= MIN_HITS, some**2 / (count[seen, None] + 1), torch.full_like(some, -1.0))
     k = min(MAX_KEYS, score.shape[0])
     values, keys = score.topk(k, dim=0)  # [k, unit]
     return keys.T.contiguous(), (values > 0).T.contiguous()
@@ -89,9 +92,8 @@ def best_sizes(rank: torch.Tensor, fire: torch.Tensor, valid: torch.Tensor) -> t
     n, units = rank.shape
     width = valid.shape[1]
     # cell (rank, unit, firing) as one int32 index: one bincount gives both counts (exact integers)
-    cell = (rank.to(torch.int32).clamp(1, width + 1) - 1) * (2 * units) + torch.arange(
-        0, 2 * units, 2, dtype=torch.int32
-    )
+    cell = rank.to(torch.int32, copy=True).clamp_(1, width + 1).mul_(2 * units)
+    cell += torch.arange(-2 * units, 0, 2, dtype=torch.int32)  # (rank - 1) * 2 * units + 2 * unit
     cell += fire.to(torch.int32)
     counted = torch.bincount(cell.flatten(), minlength=(width + 1) * units * 2).view(width + 1, units, 2).float()
     every, firing = counted.sum(-1), counted[..., 1]
