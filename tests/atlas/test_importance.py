@@ -51,3 +51,12 @@ def test_attribution_reuses_its_forward(model):
     assert all(torch.equal(a, b) for a, b in zip(shared.streams, own.streams))
     assert all(torch.equal(shared.mean(s), own.mean(s)) for s in own._means)
     assert len(found["exact"]) == 3 + model.layout.n_layers
+
+
+@pytest.mark.parametrize("shape", [(1, 5, 7), (3, 16, 50), (6, 9, 300)])
+def test_row_losses_equal_sequence_loss(shape):
+    """Bit for bit: the per-row cross-entropy the ablations use is the causal metric's."""
+    generator = torch.Generator().manual_seed(sum(shape))
+    logits = torch.randn(*shape, generator=generator) * 4
+    ids = torch.randint(0, shape[2], shape[:2], generator=generator)
+    assert torch.equal(importance.row_losses(logits, ids), sequence_loss(ids)(logits))

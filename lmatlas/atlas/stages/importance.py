@@ -102,13 +102,12 @@ def _exact(model: "Model", ctx: BuildContext, targets: list[str]) -> dict[str, f
     for a target before its layer. A row's value does not depend on the rows batched with it, so the values are
     those of :func:`lmatlas.causal.patching.ablate` (``how="mean"``, ``resume=True``) over the same targets.
     """
-    from lmatlas.causal.metrics import sequence_loss
     from lmatlas.causal.patching import TARGETS_PER_FORWARD
     from lmatlas.causal.targets import parse_component
     from lmatlas.model import run_from
 
     ids, clean = _ids(ctx), _clean(model, ctx)
-    metric, n = sequence_loss(ids), ids.shape[0]
+    n = ids.shape[0]
     by_layer: dict[int, list] = {}
     for target in targets:
         component = parse_component(target, model.layout)
@@ -122,9 +121,24 @@ def _exact(model: "Model", ctx: BuildContext, targets: list[str]) -> dict[str, f
             stream = clean.streams[layer].repeat(len(chunk), 1, 1)
             with torch.no_grad():
                 logits = run_from(model, layer, stream, ids.repeat(len(chunk), 1), replace=replace).logits
-            values.update(zip((t for t, _ in chunk), metric(logits).view(len(chunk), n).mean(1).tolist()))
+            losses = row_losses(logits, ids.repeat(len(chunk), 1))
+            values.update(zip((t for t, _ in chunk), losses.view(len(chunk), n).mean(1).tolist()))
     effects = (torch.tensor([values[t] for t in targets]) - clean.loss).tolist()  # as Effects.effect() computes it
     return dict(zip(targets, effects))
+
+
+def row_losses(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """``[batch]`` mean next-token cross-entropy of each row: :func:`lmatlas.causal.metrics.sequence_loss`'s values.
+
+    Row by row on the contiguous ``logits[b, :-1]`` ``[pos - 1, V]`` (no copy of the ``[batch, pos - 1, V]``
+    logits); each position's loss is the same computation, and each row's mean is taken over the same
+    ``[batch, pos - 1]`` tensor.
+    """
+    losses = [
+        torch.nn.functional.cross_entropy(logits[b, :-1].float(), ids[b, 1:], reduction="none")
+        for b in range(logits.shape[0])
+    ]
+    return torch.stack(losses).mean(-1)
 
 
 def _replacer(chunk: list, site: str, clean: CleanRun, n: int):
