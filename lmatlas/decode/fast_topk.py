@@ -126,8 +126,8 @@ class PrunedTopK:
 def _top(a: torch.Tensor, rows: _Rows, index: TokenIndex, raw_view: torch.Tensor, k: int):
     """Top-k of ``s = a @ tokens.T`` for the row block ``a`` ``[nb, d]`` from its low-precision scores
     ``raw_view`` ``[nb, w, M]``. Returns the ranking and the number of exact rescorings."""
-    scorer, M, w = index.scorer, index.M, index.w
-    nb, dev = a.shape[0], a.device
+    scorer, M = index.scorer, index.M
+    nb = a.shape[0]
     rho = torch.tensor(_rho(scorer))
     rs = None if rows.scale is None else rows.scale[:, None]
     ss = None if index.seg_scale is None else index.seg_scale[None, :]
@@ -138,14 +138,12 @@ def _top(a: torch.Tensor, rows: _Rows, index: TokenIndex, raw_view: torch.Tensor
     tau = tau.values.amin(1, keepdim=True)  # [nb, 1]
     # 2. segments, then members, whose upper bound reaches it
     n_idx, j_idx = (torch.addcmul(upper + seg_bound, upper.abs(), rho) >= tau).nonzero(as_tuple=True)
-    cols = torch.arange(w, device=dev)[None, :] * M + j_idx[:, None]  # [P, w] columns of surviving segments
-    approx = scorer.dequant(
-        raw_view.reshape(-1)[cols + (n_idx * (w * M))[:, None]],
-        None if rs is None else rs[n_idx],
-        None if ss is None else ss[0, j_idx][:, None],
+    approx = scorer.dequant(  # [P, w] the members of the surviving segments
+        raw_view[n_idx, :, j_idx], None if rs is None else rs[n_idx], None if ss is None else ss[0, j_idx][:, None]
     )
     keep = torch.addcmul(approx + seg_bound[n_idx, j_idx][:, None], approx.abs(), rho) >= tau[n_idx]
-    row, tok = n_idx[:, None].expand_as(cols)[keep], index.perm[cols[keep]]
+    at, member = keep.nonzero(as_tuple=True)  # surviving pairs: member `member` of segment `j_idx[at]`
+    row, tok = n_idx[at], index.perm[member * M + j_idx[at]]  # (column i*M + j holds member i of segment j)
     real = tok >= 0
     row, tok = row[real], tok[real]
     # 3. exact float32 scores of the survivors, top-k per row
