@@ -125,6 +125,10 @@ def speller(model: "Model", warm: torch.Tensor):
     known: dict[int, str] = {}
 
     def spell(ids) -> list[str]:
+        try:  # every id known (the corpus tokens are decoded up front)
+            return [known[i] for i in ids]
+        except KeyError:
+            pass
         ids = [int(i) for i in ids]
         missing = [i for i in dict.fromkeys(ids) if i not in known]
         if missing:
@@ -136,27 +140,50 @@ def speller(model: "Model", warm: torch.Tensor):
 
 
 def _input_rows(model: "Model", data: Captured, labels, name_of) -> list[dict[str, Any]]:
-    """One input-side row per unit of ``labels``; ``name_of(i) -> (unit, kind, layer, index)``."""
+    """One input-side row per unit of ``labels``; ``name_of(i) -> (unit, kind, layer, index)``.
+
+    The rows :func:`_row` writes, with every score column read and rounded once for the layer.
+    """
     spell = speller(model, data.windows)
-    per_unit = {k: v.tolist() for k, v in labels.scores.items()}
+    names = list(labels.scores)
+    raw = [labels.scores[k].tolist() for k in names]
+    rounded = [[None if x != x else round(x, 6) for x in column] for column in raw]
+    null_names = [k for k in names if k.startswith("null_")]
+    main_names = [k for k in names if not k.startswith("null_")]
+    at = {k: j for j, k in enumerate(names)}
+    thresholds, labelled = labels.threshold.tolist(), labels.labelled.tolist()
     rows = []
     for n in range(len(labels.family)):
-        s = {k: v[n] for k, v in per_unit.items()}
+        s = {k: column[n] for k, column in zip(names, raw)}
+        r = [column[n] for column in rounded]
         family, keys = labels.family[n], labels.keys[n]
         spelled = (
             keys if family == "format" else [spell(list(k)) if isinstance(k, tuple) else spell([k])[0] for k in keys]
         )
         rule = {"family": family, "keys": keys, "tokens": spelled, "weights": labels.weights[n]}
-        rule["threshold"] = float(labels.threshold[n])
-        text = sentences.input_sentence(sentences.input_rule(family, keys, spell), s, bool(labels.labelled[n]))
-        nulls = {k: v for k, v in s.items() if k.startswith("null_")}
-        main = {k: v for k, v in s.items() if not k.startswith("null_")}
+        rule["threshold"] = thresholds[n]
+        text = sentences.input_sentence(sentences.input_rule(family, keys, spell), s, bool(labelled[n]))
         unit, kind, layer, index = name_of(n)
         rows.append(
-            _row(unit, kind, layer, index, "input", data, labelled=labels.labelled[n], rule=rule, sentence=text,
-                 score=s["auroc"], score_lo=s["auroc_lo"], score_hi=s["auroc_hi"], scores=main, nulls=nulls,
-                 n=labels.n_heldout)
-        )  # fmt: skip
+            {
+                "unit": unit,
+                "kind": kind,
+                "layer": layer,
+                "idx": index,
+                "side": "input",
+                "labelled": bool(labelled[n]),
+                "rule": json.dumps(rule),
+                "sentence": text,
+                "score": r[at["auroc"]],
+                "score_lo": r[at["auroc_lo"]],
+                "score_hi": r[at["auroc_hi"]],
+                "scores": json.dumps({k: r[at[k]] for k in main_names}),
+                "nulls": json.dumps({k: r[at[k]] for k in null_names}),
+                "n": int(labels.n_heldout),
+                "corpus_hash": data.corpus_hash,
+                "seed": data.seed,
+            }
+        )
     return rows
 
 
