@@ -69,8 +69,8 @@ def _one_hot_family(name: str, grams: torch.Tensor, valid: torch.Tensor) -> Fami
     """Family whose key is the row of ``grams [n, g]`` (where ``valid [n]``)."""
     unique, inverse = torch.unique(grams, dim=0, return_inverse=True)
     index = torch.where(valid, inverse, torch.full_like(inverse, -1))[:, None]
-    keys = tuple(tuple(int(v) for v in row) if grams.shape[1] > 1 else int(row[0]) for row in unique.tolist())
-    keys = tuple(k if isinstance(k, int) else tuple(k) for k in keys)
+    rows = unique.tolist()  # Python ints
+    keys = tuple(map(tuple, rows)) if grams.shape[1] > 1 else tuple(row[0] for row in rows)
     return Family(name, keys, index)
 
 
