@@ -14,8 +14,8 @@ Two methods (``importance_method`` build parameter):
   one backward), then the ``importance_verify`` heads with the largest estimates and
   every MLP are re-measured exactly; ``delta_loss`` is the exact value where measured,
   the estimate elsewhere (``method`` says which).
-* ``"mean-ablation"``: every head and MLP measured exactly (``n_heads + 1`` forwards per
-  layer, batched through :func:`lmatlas.causal.patching.ablate`).
+* ``"mean-ablation"``: every head and MLP measured exactly (``n_heads + 1`` ablations per
+  layer, batched as :func:`lmatlas.causal.patching.ablate` batches them).
 
 Both go through :mod:`lmatlas.causal`'s targets and metric. ONE clean forward over the windows gives the
 means, each block's input and the clean loss (:class:`CleanRun`; with the attribution method it is the
@@ -60,8 +60,8 @@ class CleanRun:
     * ``loss``: the clean mean next-token cross-entropy (:func:`lmatlas.causal.metrics.sequence_loss`, rows
       averaged), the base of every ``delta_loss``.
 
-    Built from the attribution's own forward (:meth:`from_cache`, detached: its values equal a forward without
-    gradients) or from a forward of its own (:meth:`measure`).
+    Built from the attribution's own forward (the constructor, given its cache; detached, its values equal a
+    forward without gradients) or from a forward of its own (:meth:`measure`).
     """
 
     def __init__(self, model: "Model", cache, loss: float):
@@ -142,7 +142,8 @@ def row_losses(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 
 def _replacer(chunk: list, site: str, clean: CleanRun, n: int):
-    """Replacement of ``site`` writing the site's mean into each of ``chunk``'s components, ``n`` rows apiece."""
+    """Replacement of ``site`` writing the site's mean into each of ``chunk``'s components, ``n`` rows apiece
+    (whole components: the stage's targets name no positions)."""
     members = [(j, component) for j, (_, component) in enumerate(chunk) if str(component.site) == site]
 
     def fn(value, ctx):
