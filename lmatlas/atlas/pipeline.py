@@ -50,7 +50,8 @@ class BuildReport:
         planned / skipped: units planned, and those already in the file (resumed).
         computed: the units computed by this call, in the order they were written.
         seconds_by_stage: the stages' own unit times (computing the rows).
-        write_seconds_by_stage: writing those rows into the file (one transaction per unit).
+        write_seconds_by_stage: writing those rows into the file (one transaction per unit), and
+            under ``"checkpoint"`` folding the write-ahead log into the file at the end.
     """
 
     path: Path
@@ -144,6 +145,9 @@ def build_atlas(
                 _add(report.seconds_by_stage, result.stage, result.seconds)
                 _add(report.write_seconds_by_stage, result.stage, time.perf_counter() - started)
                 task.advance(description=f"committed {result.unit} ({result.seconds:.2f}s)")
+        started = time.perf_counter()
+        _write(store, report, command, store.checkpoint)
+        _add(report.write_seconds_by_stage, "checkpoint", time.perf_counter() - started)
         shutil.rmtree(ctx.memo["partial_dir"], ignore_errors=True)  # every unit is in the file: nothing to resume
         return report
     finally:

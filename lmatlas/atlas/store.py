@@ -36,6 +36,12 @@ Rows = dict[str, "list[dict[str, Any]] | pa.Table"]
 #: the atlas itself, locked so that SQL cannot turn it back on (``Atlas.sql`` runs user SQL).
 SANDBOX = {"enable_external_access": False, "lock_configuration": True}
 
+#: WAL size at which a build folds its committed units into the file (DuckDB's default is 16 MB). Every
+#: checkpoint rewrites the primary-key indexes and the last row groups of the tables it touches, so a
+#: SmolLM2 build (226 MB of WAL) checkpointed ~15 times; with this it checkpoints once, at the end
+#: (:meth:`AtlasStore.checkpoint`). A kill before that loses nothing: reopening replays the WAL.
+WRITE_CHECKPOINT = "256MB"
+
 _HOLDER = re.compile(r"Conflicting lock is held in (?P<program>.+?) \(PID (?P<pid>\d+)\)")
 _DAMAGE = (
     "Could not read enough bytes",
@@ -131,6 +137,7 @@ class AtlasStore:
             raise AtlasError(f"Cannot write {path}: {parent} is read-only. Choose a writable --out path.")
         is_new = not path.exists()
         store = cls(path, _connect(path, read_only=False))
+        store.con.execute(f"SET checkpoint_threshold = '{WRITE_CHECKPOINT}'")
         if is_new:
             store._initialise(card)
         else:
@@ -253,37 +260,50 @@ class AtlasStore:
     def commit_unit(
         self, stage: str, unit: str, rows: Rows, seconds: float, seeds: dict | None = None, params: dict | None = None
     ) -> None:
-        """Write a finished unit's rows and mark it done, in one transaction."""
+        """Write a finished unit's rows and mark it done, in one transaction.
+
+        Rows replace those with the same key. A plain ``INSERT`` is tried first (it skips the
+        per-row key lookup that ``INSERT OR REPLACE`` pays: ~3x faster); only when a key is
+        already there (a result saved again) is the transaction rolled back and redone as
+        ``INSERT OR REPLACE``. Either way the file ends with the same rows.
+        """
         from lmatlas import __version__
 
-        with self.transaction():
-            for table, records in rows.items():
-                self._insert(table, records)
-            versions = {"lmatlas": __version__, **_library_versions()}
-            self.con.execute(
-                "INSERT OR REPLACE INTO runs VALUES (?, ?, 'done', ?, ?, ?, ?, ?)",
-                [
-                    stage,
-                    unit,
-                    seconds,
-                    datetime.now(timezone.utc).replace(tzinfo=None),
-                    json.dumps(seeds or {}),
-                    json.dumps(versions),
-                    json.dumps(params or {}, default=str),
-                ],
-            )
+        tables = {table: _arrow(records) for table, records in rows.items()}
+        versions = {"lmatlas": __version__, **_library_versions()}
+        run = [
+            stage,
+            unit,
+            seconds,
+            datetime.now(timezone.utc).replace(tzinfo=None),
+            json.dumps(seeds or {}),
+            json.dumps(versions),
+            json.dumps(params or {}, default=str),
+        ]
+        try:
+            self._write_unit(tables, run, verb="INSERT")
+        except duckdb.ConstraintException:  # a key already stored: replace it
+            self._write_unit(tables, run, verb="INSERT OR REPLACE")
 
-    def _insert(self, table: str, records: "Iterable[dict[str, Any]] | pa.Table") -> None:
-        arrow = records if isinstance(records, pa.Table) else pa.Table.from_pylist(list(records))
+    def _write_unit(self, tables: dict[str, pa.Table], run: list[Any], verb: str) -> None:
+        with self.transaction():
+            for table, arrow in tables.items():
+                self._insert(table, arrow, verb)
+            self.con.execute(f"{verb} INTO runs VALUES (?, ?, 'done', ?, ?, ?, ?, ?)", run)
+
+    def _insert(self, table: str, arrow: pa.Table, verb: str = "INSERT OR REPLACE") -> None:
         if arrow.num_rows == 0:
             return
         if table not in TABLES:
             raise AtlasError(f"Unknown atlas table {table!r}.")
-        self.con.register("_incoming", arrow)
-        try:
-            self.con.execute(f"INSERT OR REPLACE INTO {table} BY NAME SELECT * FROM _incoming")
-        finally:
-            self.con.unregister("_incoming")
+        # DuckDB reads the local Arrow table by its name (a replacement scan): registering it as a view
+        # and dropping it again costs more than inserting a small unit's rows.
+        _lmatlas_incoming = arrow  # noqa: F841
+        self.con.execute(f"{verb} INTO {table} BY NAME SELECT * FROM _lmatlas_incoming")
+
+    def checkpoint(self) -> None:
+        """Fold the write-ahead log into the file (what closing does anyway; a build times it as a write)."""
+        self.con.execute("CHECKPOINT")
 
     def close(self) -> None:
         try:
@@ -313,6 +333,11 @@ class _Transaction:
             self.con.execute("ROLLBACK")
         except duckdb.Error:  # after a fatal write error the transaction is already gone
             pass
+
+
+def _arrow(records: "Iterable[dict[str, Any]] | pa.Table") -> pa.Table:
+    """A unit's rows of one table as Arrow (a list of dicts: columns named by the first row's keys)."""
+    return records if isinstance(records, pa.Table) else pa.Table.from_pylist(list(records))
 
 
 def _now() -> str:
