@@ -145,7 +145,9 @@ def window_stats(
     cell = level.view(windows, per, units).to(torch.int32) * 2 + positive.view(windows, per, units).to(torch.int32)
     cell += base[:, None, :]
     counted = torch.bincount(cell.flatten(), minlength=windows * units * levels * 2).view(windows, units, levels, 2)
-    x = values.T.double().gather(0, level.long())  # [n, unit]: values[unit, level] (float32 values, exact)
+    # [n, unit]: values[unit, level], laid out unit-major as values.gather(1, level.T).T is (the window sums
+    # below reduce in memory order: the same layout keeps the same order, so the same bits)
+    x = values.T.double().gather(0, level.long()).T.contiguous().T
     y = actual.double()
     out = {
         "pos": counted[..., 1].double(),
