@@ -92,17 +92,31 @@ def kl_to(reference_logits: torch.Tensor) -> Metric:
 
 
 def sequence_loss(ids) -> Metric:
-    """Mean next-token cross-entropy of each row of ``ids`` ``[batch, pos]`` (every position, not the last)."""
+    """Mean next-token cross-entropy of each row of ``ids`` ``[batch, pos]`` (every position, not the last).
+
+    The metric reads ``logits [k * batch, pos, V]`` (``k`` copies of the batch, as batched patching runs them)
+    and returns ``[k * batch]``. Without gradients it computes the loss row by row on the contiguous
+    ``logits[b, :-1]`` ``[pos - 1, V]``: no ``[k * batch, pos - 1, V]`` copy, the same values bit for bit as
+    one cross-entropy over the flattened positions (each position's loss is the same computation; each
+    row's mean reduces the same ``pos - 1`` numbers). With gradients it takes that flattened form, whose
+    backward writes one logits-sized gradient rather than one per row.
+    """
     ids = torch.as_tensor(ids)
 
     def metric(logits: torch.Tensor) -> torch.Tensor:
         targets = ids.to(logits.device)
         if targets.shape[0] != logits.shape[0]:
             targets = targets.repeat(logits.shape[0] // targets.shape[0], 1)
-        losses = torch.nn.functional.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(), targets[:, 1:].flatten(), reduction="none"
-        )
-        return losses.view(logits.shape[0], -1).mean(-1)
+        if logits.requires_grad:
+            losses = torch.nn.functional.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), targets[:, 1:].flatten(), reduction="none"
+            )
+            return losses.view(logits.shape[0], -1).mean(-1)
+        rows = [
+            torch.nn.functional.cross_entropy(logits[b, :-1].float(), targets[b, 1:], reduction="none")
+            for b in range(logits.shape[0])
+        ]
+        return torch.stack(rows).mean(-1)
 
     metric.__name__ = "sequence_loss"
     return metric
