@@ -8,12 +8,17 @@ replacement function per site, so 270 heads cost ~270 / k forwards of k x n rows
 
 ``ablate(model, inputs, targets, metric, how)`` is the same machinery with the source
 values replaced by zeros, corpus means or resampled corpus activations, run on the
-inputs themselves (noising): what breaks when a component is removed.
+inputs themselves (noising): what breaks when a component is removed. With ``resume=True``
+each forward starts at the layer its targets ablate, from the clean run's block input, and
+holds the targets of that one layer: no block runs before a target's layer.
+
+``patched_metric(model, inputs, targets, sources, metric)`` is the machinery itself, for a
+caller that already holds the source values (and, to resume, each block's input).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -39,52 +44,93 @@ def _write(dst: torch.Tensor, src: torch.Tensor, component: Component, local: to
         d.index_copy_(1, local, s.index_select(1, local))
 
 
-def _patched_metric(
+def patched_metric(
     model: "Model",
     inputs: torch.Tensor,
-    components: Sequence[Component],
-    sources: dict[str, torch.Tensor],
+    targets: Sequence[str],
+    sources: Mapping[str, torch.Tensor],
     metric: Metric,
-    per_forward: int,
-    progress: Any = True,
+    *,
     streams: Sequence[torch.Tensor] | None = None,
+    targets_per_forward: int = TARGETS_PER_FORWARD,
+    progress: Any = True,
 ) -> list[float]:
-    """Metric of ``inputs`` with each component patched from ``sources`` (``site -> [n, pos, ...]``);
-    ``progress`` reports the targets done (see :mod:`lmatlas.progress`). ``streams``: each block's
-    input ``[n, pos, d_model]`` in the unpatched run of ``inputs``; a forward then starts at the
-    first layer its targets patch (:func:`lmatlas.model.run_from`; same values, fewer blocks)."""
+    """The metric of ``inputs [n, pos]`` (averaged over its rows) with each target's slice replaced, one per target.
+
+    What :func:`patch` and :func:`ablate` run once they have their sources; for a caller that already
+    holds them (the atlas's importance stage: corpus means and block inputs from one clean forward).
+
+    Args:
+        targets: target names (:mod:`lmatlas.causal.targets`), each replaced alone.
+        sources: ``site name -> [n, pos, ...]`` values written into the targets' slices (cast to the
+            site's dtype; a broadcast view such as ``mean.expand(n, pos, *mean.shape)`` serves).
+        metric: ``metric(logits) -> [batch]``; a forward of ``k`` targets has ``k * n`` rows, target-major.
+        streams: each block's input ``[n, pos, d_model]`` in the unreplaced run of ``inputs``: each forward
+            then starts at its targets' layer (:func:`lmatlas.model.run_from`) and holds targets of that one
+            layer; no block runs before a target's layer (same values as full forwards).
+        progress: reports the targets done (see :mod:`lmatlas.progress`).
+    """
+    components = [parse_component(t, model.layout) for t in targets]
+    return _patched_metric(model, inputs, components, sources, metric, targets_per_forward, progress, streams)
+
+
+def _patched_metric(
+    model, inputs, components, sources, metric, per_forward, progress=True, streams=None
+) -> list[float]:
     with progress_task("Patching targets", total=len(components), enabled=progress) as task:
         return _patched_values(model, inputs, components, sources, metric, per_forward, task, streams)
+
+
+def _forwards(components: Sequence[Component], per_forward: int, by_layer: bool) -> list[list[int]]:
+    """The indices of ``components`` each forward holds: ``per_forward`` consecutive ones at a time, or
+    (``by_layer``, forwards that start at their targets' layer) at a time within each layer, layers in order."""
+    groups: dict[int, list[int]] = {}
+    for i, component in enumerate(components):
+        groups.setdefault(component.site.layer if by_layer else 0, []).append(i)
+    return [
+        group[first : first + per_forward]
+        for _, group in sorted(groups.items())
+        for first in range(0, len(group), per_forward)
+    ]
+
+
+def _replacement(members: list, source: torch.Tensor, n: int) -> Callable:
+    """Replacement of one site writing ``source [n, pos, ...]`` into each member's ``(j, component)`` slice of
+    rows ``j * n .. (j + 1) * n``, at the component's positions where it names some."""
+
+    def fn(value, ctx):
+        out = value.clone()
+        for j, component in members:
+            local = None
+            if component.positions is not None:
+                local = component.positions.select(ctx.positions.to(value.device), ctx.prompt_len)
+            _write(out[j * n : (j + 1) * n], source.to(out.dtype), component, local)
+        return out
+
+    return fn
 
 
 def _patched_values(model, inputs, components, sources, metric, per_forward, task, streams=None) -> list[float]:
     from lmatlas.model import run_from
 
-    n, values = inputs.shape[0], []
-    for start in range(0, len(components), per_forward):
-        chunk = components[start : start + per_forward]
+    n, values = inputs.shape[0], [0.0] * len(components)
+    done = 0
+    for indices in _forwards(components, per_forward, streams is not None):
+        chunk = [components[i] for i in indices]
         replace: dict[str, Callable] = {}
         for site in dict.fromkeys(str(c.site) for c in chunk):
             members = [(j, c) for j, c in enumerate(chunk) if str(c.site) == site]
-
-            def fn(value, ctx, members=members, source=sources[site]):
-                out = value.clone()
-                for j, component in members:
-                    local = None
-                    if component.positions is not None:
-                        local = component.positions.select(ctx.positions.to(value.device), ctx.prompt_len)
-                    _write(out[j * n : (j + 1) * n], source.to(out.dtype), component, local)
-                return out
-
-            replace[site] = fn
+            replace[site] = _replacement(members, sources[site], n)
         rows = inputs.repeat(len(chunk), 1)
         if streams is None:
             logits = model.run(rows, replace=replace).logits
         else:
-            start = min(c.site.layer for c in chunk)
+            start = chunk[0].site.layer
             logits = run_from(model, start, streams[start].repeat(len(chunk), 1, 1), rows, replace=replace).logits
-        values.extend(metric(logits).view(len(chunk), n).mean(1).tolist())
-        task.update(len(values))
+        for i, value in zip(indices, metric(logits).view(len(chunk), n).mean(1).tolist()):
+            values[i] = value
+        done += len(chunk)
+        task.update(done)
     return values
 
 
@@ -142,9 +188,9 @@ def ablate(
     """The metric of ``inputs`` with each target ablated (``how``: zero, mean or resample).
 
     Means and resample banks come from ``stats`` (an :class:`~lmatlas.edit.stats.AblationStats`;
-    default: the model's corpus statistics). ``resume``: each ablated forward starts at the first
-    layer it ablates, from the clean run's stream (same values; keeps every block's input of
-    ``inputs`` meanwhile).
+    default: the model's corpus statistics). ``resume``: each ablated forward holds targets of one
+    layer and starts at that layer, from the clean run's stream (same values; keeps every block's
+    input of ``inputs`` meanwhile).
     """
     from lmatlas.edit.stats import stats_for
 

@@ -1,4 +1,4 @@
-"""The importance stage's exact ablations: one clean forward, each layer's targets from that layer on."""
+"""The importance stage's exact ablations: ``ablate``'s from one clean forward, each layer's targets from that layer on."""
 
 from __future__ import annotations
 
@@ -53,10 +53,17 @@ def test_attribution_reuses_its_forward(model):
     assert len(found["exact"]) == 3 + model.layout.n_layers
 
 
-@pytest.mark.parametrize("shape", [(1, 5, 7), (3, 16, 50), (6, 9, 300)])
-def test_row_losses_equal_sequence_loss(shape):
-    """Bit for bit: the per-row cross-entropy the ablations use is the causal metric's."""
-    generator = torch.Generator().manual_seed(sum(shape))
-    logits = torch.randn(*shape, generator=generator) * 4
-    ids = torch.randint(0, shape[2], shape[:2], generator=generator)
-    assert torch.equal(importance.row_losses(logits, ids), sequence_loss(ids)(logits))
+def test_exact_runs_each_layers_targets_from_that_layer(model):
+    """No clean forward again and no block before a target's layer: each forward holds up to 8 targets of
+    one layer (``n`` rows each) and runs the blocks from that layer on."""
+    ctx = make_context(model, params={**SMALL, "importance_method": "mean-ablation"})
+    targets, n_layers = _targets(model), model.layout.n_layers
+    importance._clean(model, ctx)
+    before = model.work.snapshot()
+    importance._exact(model, ctx, targets)
+    done = model.work.snapshot() - before
+    per_layer = [sum(t.startswith(f"L{layer}.") for t in targets) for layer in range(n_layers)]
+    assert done.forwards == sum(-(-k // 8) for k in per_layer)
+    assert done.layer_tokens == ctx.corpus[:3].numel() * sum(
+        k * (n_layers - layer) for layer, k in enumerate(per_layer)
+    )

@@ -1,4 +1,4 @@
-"""Ablation that starts each forward at the first layer it ablates gives the same values as full forwards."""
+"""Ablation that starts each forward at the layer it ablates gives the same values as full forwards."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ def test_resumed_ablation_equals_full_forwards(llama, per_forward, how):
     resumed = ablate(llama, ids, TARGETS, metric, resume=True, **kwargs)
     done = llama.work.snapshot() - before
     assert torch.equal(resumed.values, full.values) and resumed.clean == full.clean
-    chunks = [TARGETS[i : i + per_forward] for i in range(0, len(TARGETS), per_forward)]
-    blocks = sum(len(c) * (2 - min(int(t[1]) for t in c)) for c in chunks)  # 2 layers; start at the chunk's first
+    layers = [[t for t in TARGETS if int(t[1]) == layer] for layer in (0, 1)]  # a forward: one layer's targets
+    chunks = [g[i : i + per_forward] for g in layers for i in range(0, len(g), per_forward)]
+    blocks = sum(len(c) * (2 - int(c[0][1])) for c in chunks)  # 2 layers; each forward starts at its layer
     assert done.layer_tokens == ids.numel() * (2 + blocks)  # the clean run, then the ablated rows

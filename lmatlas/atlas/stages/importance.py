@@ -19,9 +19,10 @@ Two methods (``importance_method`` build parameter):
 
 Both go through :mod:`lmatlas.causal`'s targets and metric. ONE clean forward over the windows gives the
 means, each block's input and the clean loss (:class:`CleanRun`; with the attribution method it is the
-attribution's own forward). Every exact ablation starts at the layer it ablates from the clean run's stream
-(:func:`lmatlas.model.run_from`), one forward per layer's targets: no block runs before a target's layer.
-Same values as full forwards.
+attribution's own forward). The exact ablations are :func:`lmatlas.causal.patching.ablate`'s
+(``how="mean"``, ``resume=True``) fed from that run: each forward starts at the layer it ablates from the
+clean run's stream (:func:`lmatlas.model.run_from`) and holds that layer's targets, so no block runs before a
+target's layer. Same values as full forwards.
 """
 
 from __future__ import annotations
@@ -89,6 +90,11 @@ class CleanRun:
         """The mean of the whole ``site`` (a :class:`~lmatlas.model.sites.Site`)."""
         return self._means[site]
 
+    def sources(self, n: int, pos: int) -> dict[str, torch.Tensor]:
+        """``site name -> [n, pos, *site_shape]``: each mean broadcast over the windows (a view, no copy), the
+        values :func:`lmatlas.causal.patching.patched_metric` writes into an ablated slice."""
+        return {str(site): mean.expand(n, pos, *mean.shape) for site, mean in self._means.items()}
+
 
 def _clean(model: "Model", ctx: BuildContext) -> CleanRun:
     return ctx.remember("importance.clean", lambda: CleanRun.measure(model, _ids(ctx)))
@@ -97,63 +103,22 @@ def _clean(model: "Model", ctx: BuildContext) -> CleanRun:
 def _exact(model: "Model", ctx: BuildContext, targets: list[str]) -> dict[str, float]:
     """Exact mean-ablation ``delta_loss`` of each target (``L3.H1`` or ``L3.mlp.out``).
 
-    Each forward starts at the layer it ablates from the clean run's stream (:func:`lmatlas.model.run_from`)
-    and holds the targets of that one layer (at most ``TARGETS_PER_FORWARD``, ``n`` rows each): no block runs
-    for a target before its layer. A row's value does not depend on the rows batched with it, so the values are
-    those of :func:`lmatlas.causal.patching.ablate` (``how="mean"``, ``resume=True``) over the same targets.
+    :func:`lmatlas.causal.patching.ablate`'s ``how="mean"``, ``resume=True`` ablations
+    (:func:`~lmatlas.causal.patching.patched_metric`) with the clean run's means, block inputs and loss:
+    each forward holds targets of one layer (at most ``TARGETS_PER_FORWARD``, ``n`` rows each) and starts
+    at that layer; no block runs for a target before its layer, and no clean forward runs again.
     """
-    from lmatlas.causal.patching import TARGETS_PER_FORWARD
-    from lmatlas.causal.targets import parse_component
-    from lmatlas.model import run_from
+    from lmatlas.causal.effects import Effects
+    from lmatlas.causal.metrics import sequence_loss
+    from lmatlas.causal.patching import patched_metric
 
     ids, clean = _ids(ctx), _clean(model, ctx)
-    n = ids.shape[0]
-    by_layer: dict[int, list] = {}
-    for target in targets:
-        component = parse_component(target, model.layout)
-        by_layer.setdefault(component.site.layer, []).append((target, component))
-    values: dict[str, float] = {}
-    for layer in sorted(by_layer):
-        group = by_layer[layer]
-        for first in range(0, len(group), TARGETS_PER_FORWARD):
-            chunk = group[first : first + TARGETS_PER_FORWARD]
-            replace = {site: _replacer(chunk, site, clean, n) for site in dict.fromkeys(str(c.site) for _, c in chunk)}
-            stream = clean.streams[layer].repeat(len(chunk), 1, 1)
-            with torch.no_grad():
-                logits = run_from(model, layer, stream, ids.repeat(len(chunk), 1), replace=replace).logits
-            losses = row_losses(logits, ids.repeat(len(chunk), 1))
-            values.update(zip((t for t, _ in chunk), losses.view(len(chunk), n).mean(1).tolist()))
-    effects = (torch.tensor([values[t] for t in targets]) - clean.loss).tolist()  # as Effects.effect() computes it
-    return dict(zip(targets, effects))
-
-
-def row_losses(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """``[batch]`` mean next-token cross-entropy of each row: :func:`lmatlas.causal.metrics.sequence_loss`'s values.
-
-    Row by row on the contiguous ``logits[b, :-1]`` ``[pos - 1, V]`` (no copy of the ``[batch, pos - 1, V]``
-    logits); each position's loss is the same computation, and each row's mean is taken over the same
-    ``[batch, pos - 1]`` tensor.
-    """
-    losses = [
-        torch.nn.functional.cross_entropy(logits[b, :-1].float(), ids[b, 1:], reduction="none")
-        for b in range(logits.shape[0])
-    ]
-    return torch.stack(losses).mean(-1)
-
-
-def _replacer(chunk: list, site: str, clean: CleanRun, n: int):
-    """Replacement of ``site`` writing the site's mean into each of ``chunk``'s components, ``n`` rows apiece
-    (whole components: the stage's targets name no positions)."""
-    members = [(j, component) for j, (_, component) in enumerate(chunk) if str(component.site) == site]
-
-    def fn(value, ctx):
-        out = value.clone()
-        mean = clean.mean(members[0][1].site).to(out.dtype).expand_as(out[:n])
-        for j, component in members:
-            component.select(out[j * n : (j + 1) * n]).copy_(component.select(mean))
-        return out
-
-    return fn
+    sources = clean.sources(ids.shape[0], ids.shape[1])
+    values = patched_metric(model, ids, targets, sources, sequence_loss(ids), streams=clean.streams, progress=False)
+    effects = Effects(
+        "importance", "sequence_loss", "ablate-mean", targets, torch.tensor(values), clean.loss, clean.loss
+    )
+    return dict(zip(targets, effects.effect().tolist()))
 
 
 def _attribution(model: "Model", ctx: BuildContext) -> dict:
