@@ -13,31 +13,20 @@ from __future__ import annotations
 import pytest
 import torch
 from fixtures.planted import N_CODES, PREV, planted
-from support.features import TinyTopK
+from support.feature_edges import dictionary_setup, logits_by_hand, most_moved, score
 
-from lmatlas.causal import load_task, logit_diff
 from lmatlas.causal.circuits import edge_attribution
 from lmatlas.causal.edge_feature_circuit import feature_task_circuit, moved_latents
 from lmatlas.causal.edge_feature_scores import feature_edge_attribution
 from lmatlas.errors import TaskError
-from lmatlas.model.tiny import tiny_model
 
 SITE = "L0.resid.post"
 
 
 @pytest.fixture(scope="module")
 def setup():
-    model = tiny_model("llama", seed=1, dtype=torch.float64)
-    sae = TinyTopK(model.layout.d_model, 8, k=3, seed=2).double()
-    task = load_task(model, "induction", n=2)
-    metric = logit_diff(task.answer, task.wrong)
-    model.dictionaries.attach(sae, SITE)
-    yield model, sae, task, metric
-    model.dictionaries.detach(SITE)
-
-
-def _score(graph, source: str, target: str) -> float:
-    return float(graph.scores[graph.sources.index(source), graph.targets.index(target)])
+    with dictionary_setup(SITE, seed=2) as found:
+        yield found
 
 
 def _node_grad(model, sae, task, metric, node: str, embed: torch.Tensor | None = None) -> torch.Tensor:
@@ -59,9 +48,7 @@ def _node_grad(model, sae, task, metric, node: str, embed: torch.Tensor | None =
 
 
 def _moved(model, sae, task) -> int:
-    clean, corrupt = (model.run(t, capture=[SITE])[SITE] for t in (task.clean, task.corrupt))
-    with torch.no_grad():
-        return int((sae.encode(clean) - sae.encode(corrupt)).abs().sum((0, 1)).argmax())
+    return most_moved(sae, *(model.run(t, capture=[SITE])[SITE] for t in (task.clean, task.corrupt)))
 
 
 def test_scores_of_edges_into_feature_nodes_are_gradient_times_write(setup):
@@ -74,11 +61,9 @@ def test_scores_of_edges_into_feature_nodes_are_gradient_times_write(setup):
     embed = clean["L0.resid.pre"] - corrupt["L0.resid.pre"]
     for node in (f"F{i}", "E"):
         grad = _node_grad(model, sae, task, metric, node)
-        assert _score(graph, "L0.H1", f"{SITE}.{node}") == pytest.approx(float((head * grad).sum()), rel=1e-4, abs=1e-7)
-        assert _score(graph, "embed", f"{SITE}.{node}") == pytest.approx(
-            float((embed * grad).sum()), rel=1e-4, abs=1e-7
-        )
-    assert abs(_score(graph, "L0.H1", f"{SITE}.F{i}")) > 1e-6
+        assert score(graph, "L0.H1", f"{SITE}.{node}") == pytest.approx(float((head * grad).sum()), rel=1e-4, abs=1e-7)
+        assert score(graph, "embed", f"{SITE}.{node}") == pytest.approx(float((embed * grad).sum()), rel=1e-4, abs=1e-7)
+    assert abs(score(graph, "L0.H1", f"{SITE}.F{i}")) > 1e-6
 
 
 def test_scores_of_edges_out_of_feature_nodes_read_the_logits_by_hand(setup):
@@ -87,18 +72,16 @@ def test_scores_of_edges_out_of_feature_nodes_read_the_logits_by_hand(setup):
     i = _moved(model, sae, task)
     x_clean, x_corrupt = (model.run(t, capture=[SITE])[SITE] for t in (task.clean, task.corrupt))
     final = model.run(task.corrupt, capture=["L1.resid.post"])["L1.resid.post"].detach().requires_grad_(True)
-    norm = model.hf.model.norm
-    normed = final * torch.rsqrt(final.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon) * norm.weight
-    (grad,) = torch.autograd.grad(metric(normed @ model.hf.lm_head.weight.T.detach()).mean(), final)
+    (grad,) = torch.autograd.grad(metric(logits_by_hand(model, final)).mean(), final)
     with torch.no_grad():
         moved_i = (sae.encode(x_clean)[..., i] - sae.encode(x_corrupt)[..., i])[..., None] * sae.W_dec[i]
         moved_e = (x_clean - sae.decode(sae.encode(x_clean))) - (x_corrupt - sae.decode(sae.encode(x_corrupt)))
-    assert _score(graph, f"{SITE}.F{i}", "logits") == pytest.approx(float((moved_i * grad).sum()), rel=1e-4)
-    assert _score(graph, f"{SITE}.E", "logits") == pytest.approx(float((moved_e * grad).sum()), rel=1e-4, abs=1e-7)
+    assert score(graph, f"{SITE}.F{i}", "logits") == pytest.approx(float((moved_i * grad).sum()), rel=1e-4)
+    assert score(graph, f"{SITE}.E", "logits") == pytest.approx(float((moved_e * grad).sum()), rel=1e-4, abs=1e-7)
     # an edge before the site is the plain graph's; none jumps the site
     plain = edge_attribution(model, task, metric, qk=False)
-    assert _score(graph, "embed", "L0.H0.q") == pytest.approx(_score(plain, "embed", "L0.H0.q"), rel=1e-5)
-    assert torch.isnan(torch.tensor(_score(graph, "L0.H1", "logits")))
+    assert score(graph, "embed", "L0.H0.q") == pytest.approx(score(plain, "embed", "L0.H0.q"), rel=1e-5)
+    assert torch.isnan(torch.tensor(score(graph, "L0.H1", "logits")))
 
 
 def test_eap_ig_along_inputs_averages_the_same_gradients_on_the_path(setup):
@@ -110,7 +93,7 @@ def test_eap_ig_along_inputs_averages_the_same_gradients_on_the_path(setup):
     base, moved = corrupt["L0.resid.pre"], clean["L0.resid.pre"] - corrupt["L0.resid.pre"]
     grad = sum(_node_grad(model, sae, task, metric, f"F{i}", embed=base + a * moved) for a in (0.5, 1.0)) / 2
     assert graph.method == "eap-ig+features"
-    assert _score(graph, "L0.H1", f"{SITE}.F{i}") == pytest.approx(float((head * grad).sum()), rel=1e-4, abs=1e-7)
+    assert score(graph, "L0.H1", f"{SITE}.F{i}") == pytest.approx(float((head * grad).sum()), rel=1e-4, abs=1e-7)
 
 
 class PrevDictionary(torch.nn.Module):

@@ -11,6 +11,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from support.feature_edges import (
+    assert_full_is_clean_and_empty_is_corrupt,
+    dictionary_setup,
+    most_moved,
+    rms_norm,
+    score,
+)
 from support.features import TinyTopK
 
 from lmatlas.causal import load_task, logit_diff
@@ -19,31 +26,24 @@ from lmatlas.causal.edge_feature_circuit import feature_task_circuit
 from lmatlas.causal.edge_feature_scores import feature_edge_attribution
 from lmatlas.causal.edge_feature_transcoder import TranscoderRunner, runner
 from lmatlas.errors import TaskError
-from lmatlas.model.tiny import tiny_model
 
 SITE = "L0.mlp"
 
 
 @pytest.fixture(scope="module")
 def setup():
-    model = tiny_model("llama", seed=1, dtype=torch.float64)
-    tc = TinyTopK(model.layout.d_model, 8, k=3, seed=4).double()
-    task = load_task(model, "induction", n=2)
-    metric = logit_diff(task.answer, task.wrong)
-    model.dictionaries.attach(tc, SITE, mode="replace")
-    yield model, tc, task, metric
-    model.dictionaries.detach(SITE)
+    with dictionary_setup(SITE, seed=4, mode="replace") as found:
+        yield found
 
 
 def _norm(model, x):
-    norm = model.hf.model.layers[0].post_attention_layernorm
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon) * norm.weight
+    return rms_norm(model.hf.model.layers[0].post_attention_layernorm, x)
 
 
 def _moved(model, tc, task) -> int:
-    mid = [model.run(t, capture=["L0.resid.mid"])["L0.resid.mid"] for t in (task.clean, task.corrupt)]
-    with torch.no_grad():
-        return int((tc.encode(_norm(model, mid[0])) - tc.encode(_norm(model, mid[1]))).abs().sum((0, 1)).argmax())
+    return most_moved(
+        tc, *(_norm(model, model.run(t, capture=["L0.resid.mid"])["L0.resid.mid"]) for t in (task.clean, task.corrupt))
+    )
 
 
 @pytest.mark.parametrize("sliced", [True, False], ids=["one-copy", "copies"])
@@ -56,12 +56,7 @@ def test_every_edge_is_the_clean_run_and_none_the_corrupt_run(setup, sliced):
     assert not bool(index.allowed[index.source(SITE)].any()) and not bool(index.allowed[:, index.target(SITE)].any())
     assert bool(index.allowed[index.source("L0.H1"), index.target(f"{SITE}.F3")])
     assert bool(index.allowed[index.source("embed"), index.target("logits")])  # no bottleneck
-    values = run.metric(torch.stack([index.full(), torch.zeros_like(index.allowed)]))
-    clean = float(metric(model.forward(task.clean)).mean())
-    corrupt = float(metric(model.forward(task.corrupt)).mean())
-    assert float(values[0]) == pytest.approx(clean, abs=1e-9)
-    assert float(values[1]) == pytest.approx(corrupt, abs=1e-9)
-    assert abs(clean - corrupt) > 1e-3
+    assert_full_is_clean_and_empty_is_corrupt(run, model, task, metric)
 
 
 def test_an_edge_into_a_latent_matches_the_models_own_replacement(setup):
@@ -102,9 +97,9 @@ def test_the_eap_score_of_an_edge_into_a_latent_is_gradient_times_write(setup):
     finally:
         model.dictionaries.attach(tc, SITE, mode="replace")
     head = clean["L0.attn.out"][:, :, 1] - corrupt["L0.attn.out"][:, :, 1]
-    score = float(graph.scores[graph.sources.index("L0.H1"), graph.targets.index(f"{SITE}.F{i}")])
-    assert score == pytest.approx(float((head * grad).sum()), rel=1e-4, abs=1e-7)
-    assert abs(score) > 1e-6
+    into_latent = score(graph, "L0.H1", f"{SITE}.F{i}")
+    assert into_latent == pytest.approx(float((head * grad).sum()), rel=1e-4, abs=1e-7)
+    assert abs(into_latent) > 1e-6
     assert torch.isnan(graph.scores[graph.sources.index(SITE)]).all()  # the replaced MLP has no edge
     # the latent and the error node read what the MLP read: their scores sum to the plain graph's edge into it
     # (to float32 rounding of sums over the batch: scores are float32 as EAP's are)
@@ -115,7 +110,7 @@ def test_the_eap_score_of_an_edge_into_a_latent_is_gradient_times_write(setup):
         model.dictionaries.attach(tc, SITE, mode="replace")
     into = [graph.targets.index(f"{SITE}.F{i}"), graph.targets.index(f"{SITE}.E")]
     both = float(graph.scores[graph.sources.index("L0.H1"), into].sum())
-    assert both == pytest.approx(float(plain.scores[plain.sources.index("L0.H1"), plain.targets.index(SITE)]), abs=2e-6)
+    assert both == pytest.approx(score(plain, "L0.H1", SITE), abs=2e-6)
 
 
 def test_a_circuit_with_a_transcoder_is_faithful_and_reports_its_error_node(setup):

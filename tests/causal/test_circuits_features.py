@@ -9,34 +9,30 @@ from __future__ import annotations
 
 import pytest
 import torch
+from support.feature_edges import (
+    assert_full_is_clean_and_empty_is_corrupt,
+    dictionary_setup,
+    logits_by_hand,
+    most_moved,
+)
 from support.features import TinyTopK
 
 from lmatlas.causal import load_task, logit_diff
 from lmatlas.causal.edge_run import EdgeRunner
 from lmatlas.errors import TaskError
-from lmatlas.model.tiny import tiny_model
 
 SITE = "L0.resid.post"
 
 
 @pytest.fixture(scope="module")
 def setup():
-    model = tiny_model("llama", seed=1, dtype=torch.float64)
-    sae = TinyTopK(model.layout.d_model, 8, k=3, seed=2).double()
-    task = load_task(model, "induction", n=2)
-    metric = logit_diff(task.answer, task.wrong)
-    model.dictionaries.attach(sae, SITE)
-    yield model, sae, task, metric
-    model.dictionaries.detach(SITE)
+    with dictionary_setup(SITE, seed=2) as found:
+        yield found
 
 
 def _moved_latent(model, sae, task) -> int:
     """The latent whose activation (summed over the batch) moves most between the clean and corrupt runs."""
-    clean = model.run(task.clean, capture=[SITE])[SITE]
-    corrupt = model.run(task.corrupt, capture=[SITE])[SITE]
-    with torch.no_grad():
-        moved = (sae.encode(clean) - sae.encode(corrupt)).abs().sum((0, 1))
-    return int(moved.argmax())
+    return most_moved(sae, *(model.run(t, capture=[SITE])[SITE] for t in (task.clean, task.corrupt)))
 
 
 def test_the_graph_goes_through_the_dictionary(setup):
@@ -59,13 +55,7 @@ def test_the_graph_goes_through_the_dictionary(setup):
 def test_every_edge_is_the_clean_run_and_none_the_corrupt_run(setup, sliced):
     model, _, task, metric = setup
     runner = EdgeRunner.with_features(model, task, metric, progress=False, sliced=sliced)
-    full, empty = runner.index.full(), torch.zeros_like(runner.index.allowed)
-    values = runner.metric(torch.stack([full, empty]))
-    clean = float(metric(model.forward(task.clean)).mean())
-    corrupt = float(metric(model.forward(task.corrupt)).mean())
-    assert float(values[0]) == pytest.approx(clean, abs=1e-9)
-    assert float(values[1]) == pytest.approx(corrupt, abs=1e-9)
-    assert abs(clean - corrupt) > 1e-3
+    assert_full_is_clean_and_empty_is_corrupt(runner, model, task, metric)
 
 
 def test_listed_latents_leave_the_rest_to_the_error_node(setup):
@@ -85,9 +75,7 @@ def test_a_latent_edge_into_the_logits_matches_a_direct_computation(setup):
     with torch.no_grad():
         moved = sae.encode(clean)[..., i] - sae.encode(corrupt[SITE])[..., i]  # [B, P]
         stream = corrupt["L1.resid.post"] + moved[..., None] * sae.W_dec[i]
-    norm = model.hf.model.norm
-    x = stream * torch.rsqrt(stream.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon) * norm.weight
-    expected = float(metric(x @ model.hf.lm_head.weight.T.detach()).mean())
+    expected = float(metric(logits_by_hand(model, stream)).mean())
     got = float(runner.patched([(f"{SITE}.F{i}", "logits")]))
     assert got == pytest.approx(expected, abs=1e-9)
     assert abs(got - runner.corrupt_value) > 1e-6  # the latent moves the metric
