@@ -138,10 +138,14 @@ class DeCoRe:
 @dataclass(frozen=True)
 class Speculative:
     """Draft and verify (:mod:`lmatlas.infer.decoding.speculative`) with a drafter from
-    :data:`~lmatlas.infer.decoding.drafters.DRAFTERS`; the output is greedy decoding's."""
+    :data:`~lmatlas.infer.decoding.drafters.DRAFTERS`; the output is greedy decoding's.
+
+    ``draft_len`` defaults to 2: on a CPU a forward over more tokens costs more (matrix-matrix kernels),
+    and prompt lookup with 2 drafts beat 4 on SmolLM2's chat prompts (bench/results/decoding_speculative.json);
+    on a GPU, where a few more tokens cost little, longer drafts may pay."""
 
     drafter: str = "prompt-lookup"
-    draft_len: int = 4
+    draft_len: int = 2
     heads_path: Optional[str] = None  # the ``heads`` drafter's file
     layers: Optional[int] = None  # the ``early-exit`` drafter's depth
     name: str = field(default="speculative", init=False)
