@@ -21,7 +21,9 @@ optionally a function on ``attn.out`` for
 * ``suppression``: the copy-suppression hit test at the same queries
   (:class:`lmatlas.census.suppression.SuppressionHits`, the ``copy_suppression`` detector).
 
-The forward skips the LM head (``model.run(..., lm_head=False)``). Inside :func:`shared` readouts
+The forward skips the LM head (``model.run(..., lm_head=False)``) and ends as soon as the last
+layer's reductions are done (:func:`run_to_last`): the last block's MLP (and, when nothing reads
+``attn.out``, its attention kernel) would feed only the LM head. Inside :func:`shared` readouts
 are memoised by battery content, so detectors that use the same kind of battery share
 one forward; the battery's ``meta["measure"]`` names what every user of that kind needs,
 and a shared forward computes all of it.
@@ -227,7 +229,7 @@ def _forward(model: "Model", battery: Battery, offsets: set[int], parts: list[st
         replace = {"attn.pattern": on_pattern}
         if norm is not None or copy is not None or test is not None:
             replace["attn.out"] = on_out
-        model.run(chunk, replace=replace, lm_head=False)
+        run_to_last(model, chunk, replace)
     return Readout(
         sink=sink,
         offsets=by_offset,
@@ -236,6 +238,39 @@ def _forward(model: "Model", battery: Battery, offsets: set[int], parts: list[st
         norm=norm,
         suppression=None if test is None else test.hits,
     )
+
+
+class _LastLayerRead(Exception):
+    """Raised by the last layer's callback of :func:`run_to_last` once its reductions are done."""
+
+
+def run_to_last(model: "Model", ids: torch.Tensor, replace: dict) -> None:
+    """``model.run(ids, replace=replace, lm_head=False)``, ended right after the last layer's last callback.
+
+    ``replace`` maps ``"attn.pattern"`` (and optionally ``"attn.out"``) to callbacks that reduce
+    and return ``None``. Everything they read at the last layer is computed before its MLP (and
+    its ``attn.pattern``, before its attention kernel), so the forward stops there: the numbers are
+    those of the whole forward, bit for bit, since nothing they depend on changes. When another
+    active session hooks a site (it may capture or edit something later in the forward), the
+    forward runs to the end as before.
+    """
+    if model.hook_stack.sites:
+        model.run(ids, replace=replace, lm_head=False)
+        return
+    last = model.layout.n_layers - 1
+    final = "attn.out" if "attn.out" in replace else "attn.pattern"
+    reduce = replace[final]
+
+    def reduce_then_stop(value: torch.Tensor, site) -> None:
+        reduce(value, site)
+        if site.layer == last:
+            raise _LastLayerRead
+        return None
+
+    try:
+        model.run(ids, replace={**replace, final: reduce_then_stop}, lm_head=False)
+    except _LastLayerRead:
+        pass
 
 
 def per_example(values: torch.Tensor) -> torch.Tensor:

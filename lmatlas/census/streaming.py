@@ -32,7 +32,8 @@ so skipping them changes nothing (and halves the work of a causal model). The
 softmax is written out in :func:`reduce_scores` so that the entropy and the top mass
 fall out of its normaliser.
 
-The forward stops right after the last requested layer (no later blocks, no logits).
+The forward stops right after the last requested layer's statistics: no later blocks, no logits,
+and (when no other session hooks a site) not that layer's own attention kernel and MLP either.
 
 >>> stats = attention_stats(model, ids, targets=needle_pos, layers=[3, 4])   # doctest: +SKIP
 >>> stats.sink.shape                     # [layer, batch, head, pos]           # doctest: +SKIP
@@ -172,6 +173,29 @@ def reduce_scores(
     return out
 
 
+#: The fewest query rows whose attention logits :func:`logit_rows` computes at once (see there).
+MIN_LOGIT_ROWS = 64
+
+
+def logit_rows(picked: torch.Tensor, rows: slice) -> slice:
+    """The rows of chunk ``rows`` whose logits are computed when only ``picked`` (offsets in it) are reduced.
+
+    The keys stay the chunk's (:meth:`~lmatlas.model.attention.AttentionCall.visible_keys` of
+    ``rows``), so every reduction over them adds the same numbers in the same order. A row's
+    logits are then the same numbers whichever block of rows the product ``q[rows] @ k.T``
+    computes, as long as the block is not tiny: a product of a few rows takes another path in the
+    BLAS, whose sums round differently (up to 2 rows at ``d_head = 64``, 10 at 256, 15 at 512).
+    So the block is the asked rows' span widened to at least :data:`MIN_LOGIT_ROWS` rows inside
+    the chunk, and the whole chunk when it is no longer than that
+    (``tests/census/test_census_shortcuts.py`` compares both on every tiny family).
+    """
+    if rows.stop - rows.start <= MIN_LOGIT_ROWS:
+        return rows
+    low, high = rows.start + int(picked[0]), rows.start + int(picked[-1]) + 1
+    low = max(rows.start, min(low, high - MIN_LOGIT_ROWS))
+    return slice(low, min(rows.stop, max(high, low + MIN_LOGIT_ROWS)))
+
+
 _FIELDS = ("sink", "previous", "local", "entropy", "top1", "top1_mass")  # always computed; "target" on request
 
 
@@ -195,6 +219,7 @@ class StreamingStatsProbe(Probe):
         self.stats, self.index = stats, index
         self.local_window, self.chunk, self.targets, self.queries = local_window, chunk, targets, queries
         self.calls = 0
+        self.last = False  # set by attention_stats: end the forward once this layer is reduced
 
     def on_call(self, call: AttentionCall) -> None:
         self.calls += 1
@@ -216,19 +241,47 @@ class StreamingStatsProbe(Probe):
                 if picked is not None and picked.numel() == 0:
                     continue
                 keys = call.visible_keys(rows)
-                scores = call.scores(rows, keys)
+                computed = rows if picked is None else logit_rows(picked, rows)
+                scores = call.scores(computed, keys)
                 if additive_mask:  # an additive mask may hold -inf, which the shifted softmax must not see
                     scores.clamp_(min=torch.finfo(scores.dtype).min)
                 targets = None if self.targets is None else self.targets[:, rows]
                 where = rows
-                if picked is not None:  # the same chunk's scores, reduced only on the asked rows
-                    scores = scores[:, :, picked]
+                if picked is not None:  # the asked rows of the computed block (over the chunk's keys)
+                    scores = scores[:, :, picked + (start - computed.start)]
                     targets = None if targets is None else targets[:, picked]
                     where = picked + start
                 positions = None if picked is None else where
                 block = reduce_scores(scores, rows, keys, self.local_window, targets, positions=positions)
                 for name, value in block.items():
                     layer_stats[name][:, :, where] = value
+        if self.last:
+            raise _StatsDone
+
+
+class _StatsDone(Exception):
+    """Raised by the last layer's probe once its statistics are reduced (nothing later is read)."""
+
+
+def _run_to_last(model: "Model", ids: torch.Tensor, last: int, probe: StreamingStatsProbe) -> None:
+    """Run ``ids`` up to layer ``last``'s statistics (the probe's session must be active).
+
+    The probe of the last layer reduces inside the attention function, before that layer's kernel,
+    output projection and MLP run; nothing read later depends on them, so the forward ends there,
+    and every statistic is that of the longer forward, bit for bit. When another session hooks a
+    site, or a probe of that layer wants the whole pattern (its ``on_pattern`` comes after the
+    probes' ``on_call``), the block runs to its end as before.
+    """
+    stack = model.hook_stack
+    others = [s.probes.get(last) for s in stack.sessions]
+    if stack.sites or any(getattr(p, "wants_pattern", False) for p in others if p is not None):
+        model.run(ids, stop_after=last, lm_head=False)
+        return
+    probe.last = True
+    try:
+        model.run(ids, stop_after=last, lm_head=False)
+    except _StatsDone:
+        pass
 
 
 def _as_ids(model: "Model", input_ids) -> torch.Tensor:
@@ -297,10 +350,10 @@ def attention_stats(
             ``[batch, head, chunk, pos]`` float32 blocks.
         layers: layer numbers (default: every layer); the result is in sorted order.
         queries: optional ``[pos]`` bool: reduce only these query positions (the statistics
-            of the others stay 0). Chunks without one are skipped; in the others the same
-            ``[chunk, keys]`` logits are computed and only the asked rows reduced, so their
-            numbers are exactly those of the full computation (the retrieval detector asks
-            for its ``needle - 1`` copy steps out of ``pos`` queries).
+            of the others stay 0). Chunks without one are skipped; in the others the logits of
+            the asked rows' block (:func:`logit_rows`) over the chunk's keys are computed and only
+            the asked rows reduced, so their numbers are exactly those of the full computation
+            (the retrieval detector asks for its ``needle - 1`` copy steps out of ``pos`` queries).
 
     Returns:
         :class:`AttentionStats` with ``[layer, batch, head, pos]`` tensors on the model's device.
@@ -327,7 +380,7 @@ def attention_stats(
         for i, layer in enumerate(chosen)
     }
     with HookSession(model, probes=probes):
-        model.run(ids, stop_after=chosen[-1], lm_head=False)
+        _run_to_last(model, ids, chosen[-1], probes[chosen[-1]])
     silent = [layer for layer, probe in probes.items() if probe.calls != 1]
     if silent:
         raise AttentionStatsError(
