@@ -63,6 +63,8 @@ if TYPE_CHECKING:
 HEAD_SOURCES = 256
 #: Neurons and heads kept per token by :func:`vocab_writers` (each kind).
 DEPTH = 20
+#: Bytes of head logits a chunk of tokens may hold for every layer at once (beyond: one layer at a time).
+HEAD_BUFFER = 256 << 20
 
 
 @dataclass
@@ -213,6 +215,7 @@ def vocab_writers(
     writes: torch.Tensor | None = None,
     factors: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
     neuron_index: TokenIndex | None = None,
+    mean: torch.Tensor | None = None,
 ) -> Writers:
     """The ``depth`` strongest neurons and heads of every token in ``tokens`` (``[n]`` ids).
 
@@ -221,14 +224,15 @@ def vocab_writers(
     ``[n_layers * d_mlp, d_model]`` writes: the same neurons as the float32 product
     ``writes @ columns`` and its top-k, at a fraction of its cost. Heads: streamed over
     ``tokens`` in chunks of ``chunk`` columns of ``W_U`` (peak ``[heads, chunk, n_sources]``
-    per layer). ``writes`` (:func:`neuron_writes`), ``factors`` (:func:`head_factors`) and
-    ``neuron_index`` (:func:`neuron_index`) can be passed in to share them across calls.
+    per layer). ``writes`` (:func:`neuron_writes`), ``factors`` (:func:`head_factors`),
+    ``neuron_index`` (:func:`neuron_index`) and ``mean`` (:func:`mean_column`) can be passed in to
+    share them across calls.
     """
     sources = head_sources(model, seed)
     writes = neuron_writes(model, calibration) if writes is None else writes
     factors = head_factors(model, sources) if factors is None else factors
     W_U = unembed_matrix(model)
-    mean = mean_column(model)
+    mean = mean_column(model) if mean is None else mean
     ids = tokens.to(W_U.device)
     with torch.no_grad():
         rows = (W_U[:, ids].float() - mean[:, None]).T.contiguous()  # [n, d_model]: relative to the mean
@@ -236,8 +240,9 @@ def vocab_writers(
         if neuron_index is None and writes.shape[0] > depth_n:
             neuron_index = neuron_index_of(writes, depth_n)
         found = pruned_topk(rows, writes, depth_n, bottom=False, method=_method(neuron_index), index=neuron_index)
+        buffer = _head_buffer(factors, min(chunk, rows.shape[0]), rows)  # shared by the chunks
         heads = [
-            _head_chunk(rows[s : s + chunk], factors, sources, calibration.final_scale, depth)
+            _head_chunk(rows[s : s + chunk], factors, sources, calibration.final_scale, depth, buffer)
             for s in range(0, rows.shape[0], chunk)
         ]
     hr, hl, hs = (torch.cat([h[i] for h in heads]) for i in range(3))
@@ -257,13 +262,59 @@ def _method(index: TokenIndex | None) -> str:
 
 
 def _head_chunk(
-    rows: torch.Tensor, factors: list[tuple[torch.Tensor, torch.Tensor]], sources: torch.Tensor, s: float, depth: int
+    rows: torch.Tensor,
+    factors: list[tuple[torch.Tensor, torch.Tensor]],
+    sources: torch.Tensor,
+    s: float,
+    depth: int,
+    buffer: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(head rows, logits, best sources)`` ``[c, depth]`` for ``rows`` ``[c, d_model]`` token columns.
 
-    Per layer ``logits[h, t, src] = (write[h] @ column_t) . left[h, src]`` as ``[heads, c, n_sources]``
-    (the maximum over sources is then a reduction over the last, contiguous axis).
+    Per layer ``logits[h, t, src] = (write[h] @ column_t) . left[h, src]`` as ``[heads, c, n_sources]``,
+    written into one ``[n_layers * heads, c, n_sources]`` buffer (``buffer``, flat, reused across
+    chunks when large enough; at most :data:`HEAD_BUFFER` bytes,
+    larger: :func:`_head_chunk_streamed`, layer by layer, the same numbers). A head's logit for ``t``
+    is its maximum over sources (``amax``: the same number as ``max``) times ``s``; the best source
+    (the first maximal one, as ``max`` returns it) is looked up only for the ``depth`` heads kept per
+    token. A zero or NaN maximum (where ``amax`` may pick another zero or NaN than ``max``) takes ``max``.
     """
+    total = sum(left.shape[0] for left, _ in factors)
+    c, n_sources = rows.shape[0], factors[0][0].shape[1]
+    if buffer is None or buffer.numel() < total * c * n_sources:
+        buffer = _head_buffer(factors, c, rows)
+    if buffer is None:
+        return _head_chunk_streamed(rows, factors, sources, s, depth)
+    sources = sources.to(rows.device)
+    logits = buffer[: total * c * n_sources].view(total, c, n_sources)
+    value = torch.empty(total, c, dtype=rows.dtype, device=rows.device)
+    at = 0
+    for left, write in factors:
+        projected = torch.matmul(write, rows.T)  # [heads, d_head, c]
+        layer = logits[at : at + left.shape[0]]
+        torch.bmm(projected.transpose(1, 2), left.transpose(1, 2), out=layer)
+        torch.amax(layer, 2, out=value[at : at + left.shape[0]])  # while the layer is in cache
+        at += left.shape[0]
+    if bool(((value == 0) | value.isnan()).any()):
+        return _head_chunk_streamed(rows, factors, sources, s, depth)
+    top = torch.topk(value * s, min(depth, total), dim=0)  # [depth, c]
+    kept = logits[top.indices, torch.arange(c, device=rows.device)[None, :]]  # [depth, c, n_sources]
+    return top.indices.T.cpu(), top.values.T.cpu(), sources[kept.max(2).indices].T.cpu()
+
+
+def _head_buffer(factors: list[tuple[torch.Tensor, torch.Tensor]], c: int, rows: torch.Tensor) -> torch.Tensor | None:
+    """A flat buffer for :func:`_head_chunk`'s logits of ``c`` tokens (None: over :data:`HEAD_BUFFER` bytes)."""
+    size = sum(left.shape[0] for left, _ in factors) * c * factors[0][0].shape[1]
+    if size * rows.element_size() > HEAD_BUFFER:
+        return None
+    return torch.empty(size, dtype=rows.dtype, device=rows.device)
+
+
+def _head_chunk_streamed(
+    rows: torch.Tensor, factors: list[tuple[torch.Tensor, torch.Tensor]], sources: torch.Tensor, s: float, depth: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_head_chunk` one layer at a time (peak ``[heads, c, n_sources]``): ``max`` with its index for
+    every head, then one top-k over the heads."""
     best, where = [], []
     for left, write in factors:
         projected = torch.matmul(write, rows.T)  # [heads, d_head, c]

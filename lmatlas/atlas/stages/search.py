@@ -28,14 +28,22 @@ SLICE = 4096  # tokens per unit
 
 
 def _shared(model: "Model", ctx: BuildContext):
-    """``(calibration, neuron writes, their low-precision index, head factors)``, computed once per process."""
+    """``(calibration, neuron writes, their low-precision index, head factors, mean unembedding column)``,
+    computed once per process."""
     from lmatlas.atlas.token_search import reference_windows
-    from lmatlas.decode.search import calibrate, head_factors, head_sources, neuron_index_of, neuron_writes
+    from lmatlas.decode.search import (
+        calibrate,
+        head_factors,
+        head_sources,
+        mean_column,
+        neuron_index_of,
+        neuron_writes,
+    )
 
     calibration = calibrate(model, reference_windows(model))
     writes = neuron_writes(model, calibration)
     factors = head_factors(model, head_sources(model, ctx.seed))
-    return calibration, writes, neuron_index_of(writes), factors
+    return calibration, writes, neuron_index_of(writes), factors, mean_column(model)
 
 
 def compute(model: "Model", unit: str, ctx: BuildContext):
@@ -46,9 +54,11 @@ def compute(model: "Model", unit: str, ctx: BuildContext):
     from lmatlas.decode.search import vocab_writers
 
     start = int(unit.rsplit("/V", 1)[1])
-    calibration, writes, index, factors = ctx.remember("search.shared", lambda: _shared(model, ctx))
+    calibration, writes, index, factors, mean = ctx.remember("search.shared", lambda: _shared(model, ctx))
     tokens = torch.arange(start, min(start + SLICE, model.layout.d_vocab))
-    found = vocab_writers(model, calibration, tokens, seed=ctx.seed, writes=writes, factors=factors, neuron_index=index)
+    found = vocab_writers(
+        model, calibration, tokens, seed=ctx.seed, writes=writes, factors=factors, neuron_index=index, mean=mean
+    )
     texts = vocab_texts(model, ctx)
     return {
         "token_writers": writer_table(model, found),
