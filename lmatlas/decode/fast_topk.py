@@ -57,7 +57,8 @@ sorted neighbours have almost equal norms). Then
    those values are distinct tokens with exact score ``>= τ``, so every token of the
    true top-k scores ``>= τ`` too;
 2. a segment with ``ŝ_j + B_j(ŝ_j) < τ`` holds no top-k token; in the other segments,
-   a member with ``ŝ + B_j(ŝ) < τ`` is no top-k token;
+   a member with ``ŝ + B_j(ŝ) < τ`` is no top-k token (:mod:`lmatlas.decode.survivors`; for
+   bfloat16 one comparison of int16 bit patterns rules most of them out first, the same pairs survive);
 3. the surviving pairs are rescored exactly, in one fused sampled matmul
    (``torch.sparse.sampled_addmm``), and their top-k is the answer.
 
@@ -89,6 +90,7 @@ from lmatlas.decode.lowprec import (  # noqa: F401 (re-exported: the kernels and
     gamma,
     norm_up,
 )
+from lmatlas.decode.survivors import survivors, survivors_bf16
 from lmatlas.decode.token_index import (  # noqa: F401 (re-exported: the index, the row side, validation)
     MAX_SEGMENT,
     TokenIndex,
@@ -123,32 +125,23 @@ class PrunedTopK:
     rescored: float
 
 
-def _top(a: torch.Tensor, rows: _Rows, index: TokenIndex, raw_view: torch.Tensor, k: int):
+def _top(a: torch.Tensor, rows: _Rows, index: TokenIndex, raw_view: torch.Tensor, k: int, bounds: tuple):
     """Top-k of ``s = a @ tokens.T`` for the row block ``a`` ``[nb, d]`` from its low-precision scores
-    ``raw_view`` ``[nb, w, M]``. Returns the ranking and the number of exact rescorings."""
-    scorer, M = index.scorer, index.M
-    nb = a.shape[0]
-    rho = torch.tensor(_rho(scorer))
-    rs = None if rows.scale is None else rows.scale[:, None]
-    ss = None if index.seg_scale is None else index.seg_scale[None, :]
-    value, upper = (scorer.dequant(x, rs, ss) for x in scorer.segment_max(raw_view))
-    # 1. threshold: the k-th largest guaranteed score of one member per segment
-    seg_bound = rows.coef @ index.seg_norms + ETA  # [nb, M]: bound for every member of a segment
-    tau = torch.addcmul(value - seg_bound, value.abs(), rho, value=-1).topk(k, dim=1, sorted=False)
-    tau = tau.values.amin(1, keepdim=True)  # [nb, 1]
-    # 2. segments, then members, whose upper bound reaches it
-    n_idx, j_idx = (torch.addcmul(upper + seg_bound, upper.abs(), rho) >= tau).nonzero(as_tuple=True)
-    approx = scorer.dequant(  # [P, w] the members of the surviving segments
-        raw_view[n_idx, :, j_idx], None if rs is None else rs[n_idx], None if ss is None else ss[0, j_idx][:, None]
-    )
-    keep = torch.addcmul(approx + seg_bound[n_idx, j_idx][:, None], approx.abs(), rho) >= tau[n_idx]
-    at, member = keep.nonzero(as_tuple=True)  # surviving pairs: member `member` of segment `j_idx[at]`
-    row, tok = n_idx[at], index.perm[member * M + j_idx[at]]  # (column i*M + j holds member i of segment j)
+    ``raw_view`` ``[nb, w, M]``; ``bounds``: ``(seg_bound [nb, M], its row maxima [nb])`` of the block.
+    Returns the ranking and the number of exact rescorings."""
+    seg_bound, sb_max = bounds
+    rho = torch.tensor(_rho(index.scorer))
+    # 1-2. threshold, then the segments and members whose upper bound reaches it (lmatlas.decode.survivors)
+    if isinstance(index.scorer, BF16Scorer):
+        row, column = survivors_bf16(raw_view, index, k, seg_bound, sb_max, rho)
+    else:
+        row, column = survivors(raw_view, index, k, seg_bound, rho, rows.scale)
+    tok = index.perm[column]  # (column i*M + j holds member i of segment j)
     real = tok >= 0
     row, tok = row[real], tok[real]
     # 3. exact float32 scores of the survivors, top-k per row
     exact, row, tok = exact_pairs(a, index.tokens, row, tok)
-    ranking = _topk_of_pairs(exact, row, tok, nb, k)
+    ranking = _topk_of_pairs(exact, row, tok, a.shape[0], k)
     short = torch.isinf(ranking.logits[:, -1]).nonzero().flatten()
     if short.numel():  # fewer than k real tokens survived: only with a tiny vocabulary; stay exact
         fallback = topk_rows(a[short], index.tokens.T, k)
@@ -156,11 +149,42 @@ def _top(a: torch.Tensor, rows: _Rows, index: TokenIndex, raw_view: torch.Tensor
     return ranking, float(row.numel())
 
 
+#: ``torch.topk`` on CPU takes a partial sort (a heap of ``k``) where a row holds ``>= PARTIAL_SORT * k`` values.
+PARTIAL_SORT = 64
+
+
 def _topk_of_pairs(score: torch.Tensor, row: torch.Tensor, tok: torch.Tensor, n: int, k: int) -> TokenRanking:
-    """Per-row top-k of ``(row, tok, score)`` triples sorted by row (``-inf`` pads short rows)."""
+    """Per-row top-k of ``(row, tok, score)`` triples sorted by row (``-inf`` pads short rows).
+
+    Each row's triples go, in order, to the front of a row of a ``-inf``-padded pool, one
+    ``torch.topk`` per pool. The pool is as wide as the longest row of the block, except where
+    that is at least ``PARTIAL_SORT * k`` (a row whose score barely varies keeps most of the
+    vocabulary): ``torch.topk`` then runs a partial sort, whose answer, ties included, does not
+    depend on how many ``-inf`` follow a row's values (they never enter its heap), so the other
+    rows go to a pool only ``PARTIAL_SORT * k`` wide, the same answer without filling and scanning
+    ``n x d_vocab`` pads.
+    """
     counts = torch.bincount(row, minlength=n)
     width = max(int(counts.max()) if row.numel() else 0, k)
     pos = torch.arange(row.numel(), device=row.device) - (torch.cumsum(counts, 0) - counts)[row]
+    if width < PARTIAL_SORT * k:
+        return _pool_topk(score, row, tok, pos, n, width, k)
+    wide = counts > PARTIAL_SORT * k
+    ids = torch.empty(n, k, dtype=torch.int64, device=row.device)
+    logits = torch.empty(n, k, device=row.device)
+    for group, group_width in ((~wide, PARTIAL_SORT * k), (wide, width)):
+        members = group.nonzero().flatten()
+        if members.numel():
+            local = torch.full((n,), -1, dtype=torch.int64, device=row.device)
+            local[members] = torch.arange(members.numel(), device=row.device)
+            sel = group[row]
+            found = _pool_topk(score[sel], local[row[sel]], tok[sel], pos[sel], members.numel(), group_width, k)
+            ids[members], logits[members] = found.ids, found.logits
+    return TokenRanking(ids=ids, logits=logits)
+
+
+def _pool_topk(score, row, tok, pos, n: int, width: int, k: int) -> TokenRanking:
+    """Top-k of a ``[n, width]`` pool holding ``score[p]`` at ``(row[p], pos[p])``, ``-inf`` elsewhere."""
     pool = torch.full((n, width), -math.inf, device=row.device)
     pool_ids = torch.zeros((n, width), dtype=torch.int64, device=row.device)
     pool[row, pos] = score
@@ -221,11 +245,13 @@ def _scan_blocks(
             prepared = _prepare_rows(a, scorer)
             raw = scorer.matmul(prepared.lp, index.lp, buffer[: a.shape[0]])  # [nb, M*w]
             raw_view = raw.view(a.shape[0], index.w, index.M)
+            seg_bound = prepared.coef @ index.seg_norms + ETA  # [nb, M]: bound for every member of a segment
+            bounds = (seg_bound, seg_bound.amax(1))  # both sides share them
             for sign in sides:
                 if sign < 0:  # bottom-k of s = top-k of -s: negate the scores and the rows, exactly
                     scorer.negate_(raw)
                     a = -a
-                ranking, count = _top(a, prepared, index, raw_view, k)
+                ranking, count = _top(a, prepared, index, raw_view, k, bounds)
                 ranking.logits *= sign
                 parts[sign].append(ranking)
                 rescored += count

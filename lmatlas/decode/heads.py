@@ -66,6 +66,7 @@ from lmatlas.decode.lowrank_topk import SEGMENT, score_rows, top_and_bottom_rows
 from lmatlas.decode.ov import (
     OVDecoding,
     decode_ov,
+    decode_ov_layer,
     ov_factors,
     ov_left,
     ov_right,
@@ -85,6 +86,7 @@ __all__ = [
     "attn_input",
     "copying_scores",
     "decode_ov",
+    "decode_ov_layer",
     "embed_tokens",
     "head_inputs",
     "ov_factors",

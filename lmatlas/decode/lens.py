@@ -113,6 +113,14 @@ def _streams(model: "Model", inputs: "Inputs", include_embed: bool) -> tuple[tor
     return cache.input_ids[0], streams, cache.logits[0].float(), labels
 
 
+def _top(p: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(values, ids)`` ``[n, k]``: ``torch.topk(p, k)``. For ``k = 1`` the row maximum, which is the
+    same answer (the first of equal maxima, a NaN before any number) from one scan of each row."""
+    if k == 1:
+        return torch.max(p, dim=-1, keepdim=True)
+    return torch.topk(p, k, dim=-1)
+
+
 def _n_tokens(model: "Model", text: str) -> int:
     if model.tokenizer is None:
         return 0
@@ -152,7 +160,7 @@ def logit_lens(
             n = stream[sl].shape[0]
             logp = torch.log_softmax(project(model, stream[sl], norm="full", out=logits), -1)  # [n, d_vocab]
             torch.exp(logp, out=p[:n])
-            values, ids = torch.topk(p[:n], k, dim=-1)
+            values, ids = _top(p[:n], k)
             top_ids[r, sl], top_probs[r, sl] = ids.cpu(), values.cpu()
             final_prob[r, sl] = p[:n].gather(-1, final_ids[sl, None].to(p.device))[:, 0].cpu()
             entropy[r, sl] = -torch.mul(p[:n], logp, out=terms[:n]).sum(-1).cpu()

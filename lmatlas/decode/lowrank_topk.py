@@ -19,7 +19,7 @@ def score_rows(d_vocab: int) -> int:
 
 
 def top_and_bottom_rows(
-    left: torch.Tensor, right: torch.Tensor, k_top: int, k_bottom: int
+    left: torch.Tensor, right: torch.Tensor, k_top: int, k_bottom: int, out: torch.Tensor | None = None
 ) -> tuple[TokenRanking, TokenRanking]:
     """Exact top-``k_top`` and bottom-``k_bottom`` of ``left @ right`` (``[n, r] @ [r, V]``), one product.
 
@@ -33,10 +33,12 @@ def top_and_bottom_rows(
     segment has ``k`` segment maxima at least as large above it, so at most ties of the
     ``k``-th value are at stake), so ``topk`` runs over ``k x SEGMENT`` candidates (plus the
     last ``V mod SEGMENT`` columns) instead of ``V``; likewise the bottom with the minima.
-    Top logits best first, bottom lowest first; equal logits in token-id order.
+    Top logits best first, bottom lowest first; equal logits in token-id order. ``out``: a float32
+    buffer of at least ``[n, V]`` for the scores (its first ``n`` rows are used), to reuse between
+    calls (a new ``[n, V]`` of this size is a fresh mapping of memory each time), else a new one.
     """
     with torch.no_grad():
-        scores = left @ right  # [n, V] float32
+        scores = left @ right if out is None else torch.matmul(left, right, out=out[: left.shape[0]])  # [n, V]
         top = _segment_topk(scores, k_top, largest=True)
         bottom = _segment_topk(scores, k_bottom, largest=False)
     return _ordered(*top, descending=True), _ordered(*bottom, descending=False)

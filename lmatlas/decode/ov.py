@@ -40,8 +40,12 @@ def ov_write(model: "Model", layer: int, head: int) -> torch.Tensor:
 def ov_left(model: "Model", layer: int, head: int, sources: torch.Tensor, *, norm_input: bool = True) -> torch.Tensor:
     """``[n, d_head]`` float32 ``x_s @ W_V[kv] + b_V[kv]``: the head's value vector for each source token."""
     check_head(layer, head, model.layout)
-    kv = model.layout.kv_head(head)
-    left = head_inputs(model, layer, sources, norm_input=norm_input) @ model.W.W_V(layer)[kv].detach().float()
+    return _values(model, layer, model.layout.kv_head(head), head_inputs(model, layer, sources, norm_input=norm_input))
+
+
+def _values(model: "Model", layer: int, kv: int, inputs: torch.Tensor) -> torch.Tensor:
+    """``[n, d_head]`` float32 ``inputs @ W_V[kv] + b_V[kv]`` for ``inputs`` ``[n, d_model]`` (:func:`head_inputs`)."""
+    left = inputs @ model.W.W_V(layer)[kv].detach().float()
     b_V = model.W.b_V(layer)
     return left if b_V is None else left + b_V[kv].detach().float()
 
@@ -152,17 +156,76 @@ def decode_ov(
     (:func:`top_and_bottom_rows`; ``chunk`` is kept for compatibility and unused).
     ``pairs`` are exact: a pair among the ``n_pairs`` best overall is among its
     source's ``n_pairs`` best, so each source keeps ``max(k, n_pairs)`` candidates.
-    ``right``: the head's :func:`ov_right` if already computed (:func:`ov_rights` gives every
-    head's of a layer at once).
+    ``right``: the head's :func:`ov_right` if already computed (:func:`decode_ov_layer`
+    decodes every head of a layer with one product for all their right factors).
     """
     _check_k(model, k)
     ids = token_ids(model, sources, seed)
-    keep = min(max(k, n_pairs), model.layout.d_vocab)
+    check_head(layer, head, model.layout)
     right = ov_right(model, layer, head) if right is None else right
+    inputs = [head_inputs(model, layer, block, norm_input=norm_input) for _, block in _source_blocks(model, ids)]
+    kv = model.layout.kv_head(head)
+    lefts = [_values(model, layer, kv, x) for x in inputs]
+    return _decode(model, layer, head, ids, lefts, right, k, n_pairs, scores=None)
+
+
+def decode_ov_layer(
+    model: "Model",
+    layer: int,
+    *,
+    sources: int | torch.Tensor | list[int] | None = None,
+    k: int = 10,
+    n_pairs: int = 20,
+    norm_input: bool = True,
+    seed: int = 0,
+) -> list[OVDecoding]:
+    """:func:`decode_ov` for every query head of ``layer``, in head order, sharing the work they have in common.
+
+    The right factors come from one product (:func:`ov_rights`), the sources are embedded
+    and normed once for the layer, each KV head's value vectors are computed once for the
+    query heads that read it (GQA), and one ``[block, d_vocab]`` score buffer serves every
+    head. Each decoding is the one :func:`decode_ov` returns for that head, bit for bit
+    (the same products of the same operands; the tests compare them).
+    """
+    check_layer(layer, model.layout)
+    _check_k(model, k)
+    ids = token_ids(model, sources, seed)
+    rights = ov_rights(model, layer)
+    inputs = [head_inputs(model, layer, block, norm_input=norm_input) for _, block in _source_blocks(model, ids)]
+    rows = max(x.shape[0] for x in inputs)
+    scores = torch.empty(rows, model.layout.d_vocab, dtype=rights.dtype, device=rights.device)
+    lefts: dict[int, list[torch.Tensor]] = {}
+    out = []
+    for head in range(model.layout.n_heads):
+        kv = model.layout.kv_head(head)
+        if kv not in lefts:
+            lefts[kv] = [_values(model, layer, kv, x) for x in inputs]
+        out.append(_decode(model, layer, head, ids, lefts[kv], rights[head], k, n_pairs, scores=scores))
+    return out
+
+
+def _source_blocks(model: "Model", ids: torch.Tensor):
+    """Blocks of source ids whose ``[block, d_vocab]`` float32 scores fit :func:`score_rows`."""
+    return _blocks(ids, score_rows(model.layout.d_vocab))
+
+
+def _decode(
+    model: "Model",
+    layer: int,
+    head: int,
+    ids: torch.Tensor,
+    lefts: list[torch.Tensor],
+    right: torch.Tensor,
+    k: int,
+    n_pairs: int,
+    scores: torch.Tensor | None,
+) -> OVDecoding:
+    """One head's :class:`OVDecoding` from its value vectors ``lefts`` (one ``[b, d_head]`` per block of
+    ``ids``) and its ``right`` factor; ``scores``: a ``[rows, d_vocab]`` buffer to reuse, or None."""
+    keep = min(max(k, n_pairs), model.layout.d_vocab)
     tops, bottoms = [], []
-    for _, block in _blocks(ids, score_rows(model.layout.d_vocab)):
-        left = ov_left(model, layer, head, block, norm_input=norm_input)
-        top, bottom = top_and_bottom_rows(left, right, keep, k)
+    for left in lefts:
+        top, bottom = top_and_bottom_rows(left, right, keep, k, out=scores)
         tops.append(top)
         bottoms.append(bottom)
     top = TokenRanking(torch.cat([t.ids for t in tops]), torch.cat([t.logits for t in tops]))

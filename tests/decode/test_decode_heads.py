@@ -22,6 +22,7 @@ from support.models import TINY_TYPES, get_tiny
 from lmatlas.decode.heads import (
     copying_scores,
     decode_ov,
+    decode_ov_layer,
     head_inputs,
     ov_left,
     ov_right,
@@ -109,6 +110,31 @@ def test_a_layers_right_factors_from_one_product_are_each_heads_own(model_type):
         given, alone = decode_ov(model, 1, head, k=5, right=rights[head]), decode_ov(model, 1, head, k=5)
         assert torch.equal(given.top.ids, alone.top.ids) and torch.equal(given.bottom.logits, alone.bottom.logits)
         assert given.pairs == alone.pairs
+
+
+@pytest.mark.parametrize("model_type", TINY_TYPES)
+def test_a_layer_decoded_at_once_is_every_heads_own_decoding_bit_for_bit(model_type, monkeypatch):
+    """``decode_ov_layer`` (the ov stage's call: shared inputs, value vectors per KV head, one reused
+    score buffer) returns for each head exactly ``decode_ov``'s rankings, pairs and scores, also
+    when the sources span several score blocks."""
+    import lmatlas.decode.ov as ov
+
+    model = get_tiny(model_type)
+    for sources, rows in ((None, None), (40, 16)):
+        if rows is not None:  # blocks of 16 sources: the buffer is reused across blocks and heads
+            monkeypatch.setattr(ov, "score_rows", lambda d_vocab, rows=rows: rows)
+        decoded = decode_ov_layer(model, 1, sources=sources, k=4, n_pairs=6, seed=3)
+        assert [d.head for d in decoded] == list(range(model.layout.n_heads))
+        for head, got in enumerate(decoded):
+            alone = decode_ov(model, 1, head, sources=sources, k=4, n_pairs=6, seed=3)
+            for side in ("top", "bottom"):
+                a, b = getattr(got, side), getattr(alone, side)
+                assert torch.equal(a.ids, b.ids)
+                assert torch.equal(a.logits.view(torch.int32), b.logits.view(torch.int32))
+            assert got.pairs == alone.pairs and torch.equal(got.sources, alone.sources)
+            assert (got.copying, got.suppression, got.kv_head) == (alone.copying, alone.suppression, alone.kv_head)
+    with pytest.raises(DecodeError, match="k="):
+        decode_ov_layer(model, 1, k=0)
 
 
 @pytest.mark.parametrize("model_type", TINY_TYPES)

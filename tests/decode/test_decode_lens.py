@@ -150,3 +150,27 @@ def test_lens_without_texts_gives_the_same_numbers_and_a_reused_buffer_the_same_
     vectors = torch.randn(5, model.layout.d_model, generator=torch.Generator().manual_seed(0))
     buffer = torch.full((9, model.layout.d_vocab), float("nan"))
     assert torch.equal(project(model, vectors, norm="full", out=buffer), project(model, vectors, norm="full"))
+
+
+def test_top1_is_the_first_maximum_like_topk_ties_and_nan_included():
+    """The lens reads its ``k = 1`` top token as the row maximum: the same value and id as
+    ``torch.topk(p, 1)`` on rows with exact ties, NaNs, zeros and a single candidate."""
+    from lmatlas.decode.lens import _top
+
+    gen = torch.Generator().manual_seed(0)
+    p = torch.rand(8, 300, generator=gen)
+    p[1, [5, 17, 290]] = 2.0  # a three-way tie at the maximum
+    p[2] = 0.0  # every entry tied
+    p[3, [40, 41]] = float("nan")  # NaN ranks first, the first NaN wins
+    p[4, [0, 299]] = 3.0  # the tie at both ends of the row
+    p[5, 7] = float("inf")
+    for k in (1, 3):
+        got, ref = _top(p, k), torch.topk(p, k, dim=-1)
+        assert torch.equal(got[1], ref.indices)
+        assert torch.equal(got[0].view(torch.int32), ref.values.view(torch.int32))
+    assert _top(p, 1)[1][:5, 0].tolist() == [int(p[0].argmax()), 5, 0, 40, 0]
+    # and on the lens itself: k = 1 agrees with the first column of a larger k
+    model = get_tiny(TINY_TYPES[0])
+    one, five = logit_lens(model, PROMPT, k=1, texts=False), logit_lens(model, PROMPT, k=5, texts=False)
+    assert torch.equal(one.top_ids[..., 0], five.top_ids[..., 0])
+    assert torch.equal(one.top_probs[..., 0], five.top_probs[..., 0])

@@ -1,6 +1,7 @@
 """Stage ``ov``: every head's OV circuit decoded through the vocabulary (MAPS-style).
 
-For each query head, :func:`lmatlas.decode.heads.decode_ov` pushes a seeded sample of
+For each query head, :func:`lmatlas.decode.heads.decode_ov` (all heads of a layer at once:
+:func:`~lmatlas.decode.heads.decode_ov_layer`) pushes a seeded sample of
 ``ov_sources`` source tokens (default 256, the build seed) through the head's OV
 circuit (GQA-aware) and the unembedding. The stage stores the copying score
 (fraction of sources whose own token is among their top-``ov_k`` outputs), the
@@ -19,23 +20,16 @@ if TYPE_CHECKING:
 
 
 def compute(model: "Model", unit: str, ctx: BuildContext):
-    from lmatlas.decode.heads import decode_ov, ov_rights
+    from lmatlas.decode.heads import decode_ov_layer
     from lmatlas.decode.token_text import token_texts
 
     layer, params = layer_of(unit), ctx.params
-    rights = ov_rights(model, layer)  # [heads, d_head, d_vocab]: every head's right factor, one product
+    # every head of the layer: one product for the right factors, the sources embedded once, one score buffer
+    decodings = decode_ov_layer(
+        model, layer, sources=params.ov_sources, k=params.ov_k, n_pairs=params.ov_pairs, seed=ctx.seed
+    )
     rows = []
-    for head in range(model.layout.n_heads):
-        decoding = decode_ov(
-            model,
-            layer,
-            head,
-            sources=params.ov_sources,
-            k=params.ov_k,
-            n_pairs=params.ov_pairs,
-            seed=ctx.seed,
-            right=rights[head],
-        )
+    for head, decoding in enumerate(decodings):
         source_ids = [int(p[0]) for p in decoding.pairs]
         output_ids = [int(p[1]) for p in decoding.pairs]
         rows.append(
