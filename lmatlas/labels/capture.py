@@ -14,7 +14,7 @@ atlas ``labels`` table (:mod:`lmatlas.atlas.stages.labels`).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -48,6 +48,7 @@ class Captured:
     seed: int
     prompts: torch.Tensor  # [PROMPTS, PROMPT_TOKENS] held-out prompts for steering
     clean: Clean  # their unedited log-probabilities [PROMPTS, PROMPT_TOKENS, vocab] and block inputs
+    spelled: dict[int, str] = field(default_factory=dict)  # id -> text, filled by the first unit, read by the rest
 
 
 def raw_text(model: "Model"):
@@ -117,12 +118,14 @@ def _finite(x: float) -> float | None:
     return None if x != x else round(x, 6)
 
 
-def speller(model: "Model", warm: torch.Tensor):
+def speller(model: "Model", warm: torch.Tensor, known: dict[int, str] | None = None):
     """``ids -> [text]`` as :func:`lmatlas.decode.token_text.token_texts`, each id decoded once
-    (``warm``: ids decoded up front in one batch, e.g. every corpus token)."""
+    (``warm``: ids decoded up front in one batch, e.g. every corpus token; ``known``: the texts of
+    an earlier speller of the same model, extended in place, so that the units of a build decode
+    the corpus once: ``token_texts`` spells each id on its own, so the texts do not depend on it)."""
     from lmatlas.decode.token_text import token_texts
 
-    known: dict[int, str] = {}
+    known = {} if known is None else known
 
     def spell(ids) -> list[str]:
         try:  # every id known (the corpus tokens are decoded up front)
@@ -144,7 +147,7 @@ def _input_rows(model: "Model", data: Captured, labels, name_of) -> list[dict[st
 
     The rows :func:`_row` writes, with every score column read and rounded once for the layer.
     """
-    spell = speller(model, data.windows)
+    spell = speller(model, data.windows, data.spelled)
     names = list(labels.scores)
     raw = [labels.scores[k].tolist() for k in names]
     rounded = [[None if x != x else round(x, 6) for x in column] for column in raw]
