@@ -27,8 +27,9 @@ def top_and_bottom_rows(
     of sources costs less than the low-precision pass of the pruned top-k would in
     ``d_model`` space (:mod:`lmatlas.decode.fast_topk`: measured 2x slower here, plus a
     token index per head). Both sides are read from the same ``[n, V]`` scores, and the
-    selection is pruned by segments: the columns are cut into segments of
-    :data:`SEGMENT` and ``aminmax`` gives each segment's extremes in one pass. The top-``k``
+    selection is pruned by segments: the first ``M * SEGMENT`` columns are cut into ``M`` segments of
+    :data:`SEGMENT` columns ``M`` apart (segment ``j``: ``j, j + M, ...``), so each segment's maximum
+    (minimum) is one vectorised reduction down ``[n, SEGMENT, M]``. The top-``k``
     values of a row lie in the ``k`` segments with the largest maxima (a value in any other
     segment has ``k`` segment maxima at least as large above it, so at most ties of the
     ``k``-th value are at stake), so ``topk`` runs over ``k x SEGMENT`` candidates (plus the
@@ -55,11 +56,12 @@ def _segment_topk(scores: torch.Tensor, k: int, largest: bool) -> tuple[torch.Te
     if M < k:  # too few segments to prune: plain top-k
         found = torch.topk(scores, k, dim=1, largest=largest, sorted=False)
         return found.values, found.indices
-    seg = scores[:, : M * SEGMENT].view(n, M, SEGMENT)
-    extreme = seg.amax(2) if largest else seg.amin(2)  # [n, M]
+    seg = scores[:, : M * SEGMENT].view(n, SEGMENT, M)  # segment j: columns j, j + M, ..., j + (SEGMENT - 1) M
+    extreme = seg.amax(1) if largest else seg.amin(1)  # [n, M]: one vectorised pass down the members
     best = torch.topk(extreme, k, dim=1, largest=largest, sorted=False).indices  # [n, k] segments
-    cand = torch.gather(seg, 1, best[:, :, None].expand(n, k, SEGMENT)).reshape(n, k * SEGMENT)
-    cand_ids = (best[:, :, None] * SEGMENT + torch.arange(SEGMENT, device=scores.device)).reshape(n, k * SEGMENT)
+    cand = torch.gather(seg, 2, best[:, None, :].expand(n, SEGMENT, k)).reshape(n, SEGMENT * k)
+    member = torch.arange(SEGMENT, device=scores.device)[None, :, None] * M
+    cand_ids = (best[:, None, :] + member).reshape(n, SEGMENT * k)
     if M * SEGMENT < V:  # the last, partial segment is always a candidate
         tail = torch.arange(M * SEGMENT, V, device=scores.device).expand(n, -1)
         cand, cand_ids = torch.cat([cand, scores[:, M * SEGMENT :]], 1), torch.cat([cand_ids, tail], 1)
