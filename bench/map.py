@@ -25,6 +25,12 @@ alternates builds of ``--only`` with ``COMMIT``'s code and this checkout's (old,
 ...: both sides see the same load) and reports per-stage medians and their ratios, and those of
 the whole build (``build_total``) and of the time outside the stages (``outside_stages``).
 
+The build runs as ``lmatlas map`` runs it (``--workers``, default: forked worker processes, one
+per intra-op thread: :mod:`lmatlas.atlas.fork_executor`; ``executor`` in the output says which);
+with workers, a stage's seconds and CPU seconds are its units' worker time summed over the workers
+(more than the wall time the stage spanned), and its peak memory is the largest worker's high-water
+mark. ``--workers 1`` builds in one process, as a baseline commit without workers does.
+
 ``--record`` writes the result with the conditions it was measured under (command, commit,
 threads, load before and after: :mod:`harness`) and the process's peak resident memory.
 """
@@ -55,6 +61,11 @@ from lmatlas.atlas.executors import LocalExecutor, run_unit
 from lmatlas.atlas.pipeline import build_atlas, make_context
 from lmatlas.model.work import Work
 
+try:  # a baseline commit's lmatlas may predate forked workers: it builds in one process
+    from lmatlas.atlas.fork_executor import executor_for
+except ImportError:
+    executor_for = None
+
 
 class CountingExecutor(LocalExecutor):
     """Runs units like :class:`LocalExecutor` and keeps, per stage, the work done and the peak memory.
@@ -64,8 +75,10 @@ class CountingExecutor(LocalExecutor):
     build does neither, so its cost (``bookkeeping_s``) is kept out of the build's time.
     """
 
-    def __init__(self, model, ctx, per_unit: bool = False):
+    def __init__(self, model, ctx, per_unit: bool = False, workers: int | None = None):
         super().__init__(model, ctx)
+        self.workers = workers  # None: what `lmatlas map` chooses (forked workers on several threads)
+        self.layout = {"kind": "local", "workers": 1, "threads": torch.get_num_threads()}
         self.work: dict[str, Work] = {}
         self.peak_mb: dict[str, float] = {}
         self.cpu_s: dict[str, float] = {}  # process CPU time (every thread) per stage: cores used = cpu / wall
@@ -73,6 +86,10 @@ class CountingExecutor(LocalExecutor):
         self.per_unit = per_unit  # reset before every unit (what this benchmark did before: to measure its cost)
 
     def run(self, work):
+        inner = executor_for(self.model, self.ctx, self.workers) if executor_for and self.workers != 1 else None
+        if inner is not None and not isinstance(inner, LocalExecutor):
+            yield from self._run_forked(inner, work)
+            return
         for stage, unit in work:
             if self.per_unit or stage.name not in self.peak_mb:
                 start = time.perf_counter()
@@ -87,8 +104,21 @@ class CountingExecutor(LocalExecutor):
             self.peak_mb[stage.name] = max(self.peak_mb[stage.name], peak_rss_mb())
             yield result
 
+    def _run_forked(self, inner, work):
+        """Worker processes: each result carries its CPU time, work and its worker's peak memory so far
+        (a high-water mark, never reset: a stage's figure is the largest worker peak seen by its end)."""
+        self.layout = {"kind": "fork", "workers": inner.workers, "threads": inner.threads}
+        for result in inner.run(work):
+            name = result.stage
+            self.cpu_s[name] = self.cpu_s.get(name, 0.0) + result.cpu_seconds
+            self.work[name] = self.work.get(name, Work()) + result.work
+            self.peak_mb[name] = max(self.peak_mb.get(name, 0.0), result.peak_mb)
+            yield result
 
-def measure(model_name: str, only: list[str] | None, out: str | None, peak_per_unit: bool = False) -> dict:
+
+def measure(
+    model_name: str, only: list[str] | None, out: str | None, peak_per_unit: bool = False, workers: int | None = None
+) -> dict:
     """One build: load, corpus-forward baseline, the build with per-stage time, work and memory."""
     start = time.perf_counter()
     model = load_model(model_name)
@@ -98,7 +128,7 @@ def measure(model_name: str, only: list[str] | None, out: str | None, peak_per_u
 
     path = Path(out) if out else Path(tempfile.mkdtemp(prefix="lmatlas-map-")) / "atlas.duckdb"
     print(f"building {path}", file=sys.stderr)
-    executor = CountingExecutor(model, make_context(model), per_unit=peak_per_unit)
+    executor = CountingExecutor(model, make_context(model), per_unit=peak_per_unit, workers=workers)
     start = time.perf_counter()
     report = build_atlas(model, path, only=only, progress=True, executor=lambda ctx: _bind(executor, ctx))
     build_s = time.perf_counter() - start - executor.bookkeeping_s
@@ -112,6 +142,7 @@ def measure(model_name: str, only: list[str] | None, out: str | None, peak_per_u
         "model": model_name,
         "stages": only or "all",
         "torch_threads": torch.get_num_threads(),
+        "executor": executor.layout,  # with workers, a stage's seconds are its units' worker time, summed
         "corpus_tokens": int(ctx.corpus.numel()),
         "units": report.planned,
         "load_s": round(load_s, 2),
@@ -265,6 +296,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--interleave", default=None, help="a commit: alternate its builds of --only with this code's")
     parser.add_argument("--rounds", type=int, default=2, help="builds per side with --interleave")
     parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="worker processes (default: what `lmatlas map` chooses; 1 = one process, as before)",
+    )
+    parser.add_argument(
         "--peak-per-unit",
         action="store_true",
         help="reset the peak-memory counter before every unit, not every stage (measures that bookkeeping's cost)",
@@ -277,7 +314,7 @@ def main(argv: list[str] | None = None) -> None:
         result.update(interleaved(args.interleave, args.model, only, args.rounds))
         emit(result, args.record, before)
         return
-    result = measure(args.model, only, args.out, args.peak_per_unit)
+    result = measure(args.model, only, args.out, args.peak_per_unit, args.workers)
     if args.baseline:
         old = baseline(args.baseline, args.model, only)
         result["baseline"] = {

@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import duckdb
 
-from lmatlas.atlas.executors import Executor, LocalExecutor
+from lmatlas.atlas.executors import Executor
+from lmatlas.atlas.fork_executor import executor_for
 from lmatlas.atlas.params import DEFAULT_CORPUS, AtlasParams
 from lmatlas.atlas.stages import BuildContext, select_stages
 from lmatlas.atlas.store import AtlasStore
@@ -91,12 +92,16 @@ def build_atlas(
     params: "Mapping[str, Any] | AtlasParams | None" = None,
     executor: Executor | Callable[[BuildContext], Executor] | None = None,
     progress: ProgressArg = True,
+    workers: int | None = 1,
 ) -> BuildReport:
     """Build (or resume) the atlas of ``model`` at ``out``; returns what was done.
 
     ``executor`` is an executor or a factory ``ctx -> executor`` (so that remote workers get
     exactly this build's context), e.g. ``lambda ctx: RayExecutor.for_model(model, ctx)``.
     ``params``: :class:`~lmatlas.atlas.params.AtlasParams`, or a dict of some of its fields.
+    ``workers`` (without ``executor``): ``1`` computes every unit in this process; ``None`` forks one
+    worker process per intra-op thread on a CPU model (:func:`~lmatlas.atlas.fork_executor.executor_for`:
+    ``lmatlas map``'s default, ~1.3x faster on 2 cores); ``N``: that many workers.
     ``progress``: ``True`` (stderr: a bar on a terminal, a line per unit otherwise), ``False``,
     or ``callback(done, total, description)``.
 
@@ -123,7 +128,7 @@ def build_atlas(
         report.planned, report.skipped = len(planned), len(planned) - len(pending)
         ctx.memo["corpus_stages"] = sorted({stage.name for stage, _ in pending})  # who joins the corpus pass
         if executor is None:
-            executor = LocalExecutor(model, ctx)
+            executor = executor_for(model, ctx, workers)
         elif not hasattr(executor, "run"):  # a factory: give it this build's own context
             executor = executor(ctx)
         with progress_task(f"atlas {Path(out).name}", total=len(planned), enabled=progress) as task:

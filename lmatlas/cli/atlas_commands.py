@@ -33,6 +33,7 @@ from lmatlas.cli.app import (
 )
 from lmatlas.cli.tables import add_columns, column_width, token_list
 
+EXECUTORS = ("auto", "local", "fork", "ray")
 SUMMARY_WORDS = (" dog", " Paris", " water", " red")
 
 
@@ -143,9 +144,16 @@ def map_command(
     only: Optional[str] = typer.Option(None, "--only", help="Comma-separated stages (default: all)."),
     corpus: Optional[Path] = typer.Option(None, "--corpus", help=".txt, .jsonl or .parquet text (default: built-in)."),
     seed: int = typer.Option(0, "--seed"),
-    executor: str = typer.Option("local", "--executor", help="local or ray."),
+    executor: str = typer.Option(
+        "auto",
+        "--executor",
+        help="auto (forked worker processes on a CPU model with several threads, else this process), "
+        "local (this process), fork, or ray.",
+    ),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: start locally)."),
-    workers: int = typer.Option(2, "--workers", help="Ray workers when starting a local cluster."),
+    workers: Optional[int] = typer.Option(
+        None, "--workers", help="Worker processes (default: fork/auto one per thread, at most 4; ray 2)."
+    ),
     features: Optional[list[Path]] = typer.Option(
         None,
         "--features",
@@ -167,8 +175,10 @@ def map_command(
         path = out_path or default_out(model)
         stages = [s.strip() for s in only.split(",")] if only else None
         select_stages(stages)  # fail on a bad stage name or corpus before loading anything
-        if executor not in ("local", "ray"):
-            raise LmatlasError(f"Unknown executor {executor!r}: use 'local' or 'ray'.")
+        if executor not in EXECUTORS:
+            raise LmatlasError(f"Unknown executor {executor!r}: use {', '.join(EXECUTORS)}.")
+        if workers is not None and workers < 1:
+            raise LmatlasError(f"--workers {workers}: give at least 1.")
         if corpus is not None:
             load_texts(corpus)
         from lmatlas.features.files import load as load_dictionary
@@ -181,6 +191,12 @@ def map_command(
             for dictionary in dictionaries:
                 attach(loaded, dictionary)
         runner = None
+        if executor in ("local", "fork"):
+            from lmatlas.atlas.fork_executor import executor_for, forced
+
+            def runner(ctx):
+                return executor_for(loaded, ctx, 1) if executor == "local" else forced(loaded, ctx, workers)
+
         if executor == "ray":
             from lmatlas.atlas.ray_executor import RayExecutor
 
@@ -190,13 +206,13 @@ def map_command(
                     loaded,
                     ctx,
                     address=address,
-                    num_workers=workers,
+                    num_workers=workers or 2,
                     load_kwargs={"device": device} if device else None,
                     worker_options={"num_cpus": 1, **gpu},
                 )
 
         try:
-            report = build_atlas(loaded, path, only=stages, corpus=corpus, seed=seed, executor=runner)
+            report = build_atlas(loaded, path, only=stages, corpus=corpus, seed=seed, executor=runner, workers=workers)
         except KeyboardInterrupt:
             err.print(resume_line(path, model, only, features), highlight=False, soft_wrap=True)
             raise typer.Exit(code=130) from None

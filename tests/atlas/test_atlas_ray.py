@@ -25,6 +25,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from support.atlas_rows import table_rows
 from support.models import save_tiny_hf
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # CI has no network: never try to report usage
@@ -33,7 +34,6 @@ from lmatlas.atlas.pipeline import build_atlas, make_context  # noqa: E402
 from lmatlas.atlas.ray_executor import RayExecutor, reloadable_source  # noqa: E402
 from lmatlas.atlas.schema import TABLES  # noqa: E402
 from lmatlas.atlas.stages import Stage, all_stages, select_stages  # noqa: E402
-from lmatlas.atlas.store import AtlasStore  # noqa: E402
 from lmatlas.errors import AtlasError, LmatlasError, ModelFileError  # noqa: E402
 from lmatlas.model.loading import PACKAGED_DEFAULT_LABEL, load  # noqa: E402
 from lmatlas.model.tiny import tiny_model  # noqa: E402
@@ -148,22 +148,6 @@ def _auth_token(token: str):
         reset_auth_token_state()
 
 
-def _table_rows(path) -> dict[str, list[tuple]]:
-    """Every table's rows, sorted; ``runs`` without times, ``meta`` without the creation time, the resume
-    command (it names the file's own path) and the planned units (in build order; ``runs`` holds them)."""
-    with AtlasStore.open_existing(path) as store:
-        out = {}
-        for table in TABLES:
-            if table == "meta":
-                query = "SELECT key, value FROM meta WHERE key NOT IN ('created', 'resume_command', 'planned_units')"
-            elif table == "runs":
-                query = "SELECT stage, unit, status, seeds, params FROM runs"
-            else:
-                query = f"SELECT * FROM {table}"
-            out[table] = sorted(store.con.execute(query).fetchall(), key=repr)
-        return out
-
-
 def _ray_children() -> list[psutil.Process]:
     """This process's descendants that belong to a Ray cluster it started."""
     found = []
@@ -250,7 +234,7 @@ def test_ray_build_equals_local_build_and_stops_its_cluster(model, tiny_dir, ctx
     assert len(workers) == 2, f"expected both workers to compute units, got {executor.worker_of}"
     assert all(int(label.rsplit(":", 1)[1]) != os.getpid() for label in workers)
 
-    local, remote = _table_rows(local_atlas), _table_rows(path)
+    local, remote = table_rows(local_atlas), table_rows(path)
     assert sum(len(rows) for rows in local.values()) > 0
     for table in TABLES:
         assert remote[table] == local[table], f"table {table} differs between the local and the Ray build"
@@ -277,7 +261,7 @@ def test_resume_on_a_cluster_given_by_address_computes_only_the_missing_units(
     assert report.skipped == len(first.computed)
     assert set(report.computed) == set(executor.worker_of) == planned - set(first.computed)
     assert not set(report.computed) & set(first.computed)
-    assert _table_rows(path) == _table_rows(local_atlas)
+    assert table_rows(path) == table_rows(local_atlas)
     assert not ray.is_initialized() and head.poll() is None, "disconnect from a cluster, never stop it"
 
 
@@ -331,7 +315,7 @@ def test_workers_attach_the_drivers_dictionaries_and_build_the_features_stage_as
         report = build_atlas(model, remote, only=["features"], params=SMALL, executor=executor, progress=False)
         assert sorted(report.computed) == ["features/L0.mlp.F", "features/L1.resid.post.F"]
         assert all(int(label.rsplit(":", 1)[1]) != os.getpid() for label in executor.worker_of.values())
-        rows_local, rows_remote = _table_rows(local), _table_rows(remote)
+        rows_local, rows_remote = table_rows(local), table_rows(remote)
         assert len(rows_local["features"]) == 24 + 16 and rows_local["feature_links"]
         for table in ("features", "feature_contexts", "feature_links"):
             assert rows_remote[table] == rows_local[table], f"table {table} differs between the local and the Ray build"

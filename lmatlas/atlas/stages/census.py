@@ -23,6 +23,10 @@ from lmatlas.errors import LmatlasError
 if TYPE_CHECKING:
     from lmatlas.model.handle import Model
 
+#: The detectors that read the needle battery (one long pass); every other detector reads the short
+#: batteries (random, null, repeated, text, ...), so a worker process runs each set together.
+NEEDLE_DETECTORS = frozenset({"full_context", "retrieval"})
+
 
 def plan(model: "Model", ctx: BuildContext) -> list[str]:
     from lmatlas.census.registry import all_detectors
@@ -67,5 +71,7 @@ stage(
         description="every head detector: score, null-battery baseline, z-score and label",
         plan=plan,
         compute=compute,
+        share=lambda unit: "census/needle" if unit.split("/", 1)[1] in NEEDLE_DETECTORS else "census/batteries",
+        cost=lambda unit: 20.0 if unit.split("/", 1)[1] in NEEDLE_DETECTORS else 6.0,
     )
 )

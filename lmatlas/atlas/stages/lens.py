@@ -52,5 +52,6 @@ stage(
         description="logit-lens entropy, final-prediction probability, KL and top-1 agreement per layer",
         plan=lambda model, ctx: ["lens/all"],
         compute=compute,
+        cost=30.0,
     )
 )

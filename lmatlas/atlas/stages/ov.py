@@ -54,5 +54,6 @@ stage(
         description="each head's OV circuit through the vocabulary: copying, suppression, top source→output pairs",
         plan=lambda model, ctx: [f"ov/L{layer}" for layer in range(model.layout.n_layers)],
         compute=compute,
+        cost=1.0,
     )
 )
