@@ -262,7 +262,10 @@ def map_stages_table() -> str:
     record = json.loads((ROOT / "bench" / "results" / "map.json").read_text())
     seconds, work = record["seconds_by_stage"], record.get("work_by_stage", {})
     peaks = record.get("peak_rss_mb_by_stage", {})
-    rows = ["| stage | seconds | forwards | tokens | peak RSS (MB) |", "| --- | ---: | ---: | ---: | ---: |"]
+    layout = record.get("executor", {"kind": "local", "workers": 1, "threads": record.get("torch_threads")})
+    forked = layout["kind"] == "fork"
+    label = "worker seconds" if forked else "seconds"
+    rows = [f"| stage | {label} | forwards | tokens | peak RSS (MB) |", "| --- | ---: | ---: | ---: | ---: |"]
     for stage, value in sorted(seconds.items(), key=lambda item: -item[1]):
         done = work.get(stage, {})
         rows.append(
@@ -272,9 +275,15 @@ def map_stages_table() -> str:
     conditions = record.get("conditions", {})
     before, after = conditions.get("load_before", [None])[0], conditions.get("load_after", [None])[0]
     rows.append("")
+    how = (
+        f"{layout['workers']} worker processes with {layout['threads']} thread each (a stage's worker seconds are "
+        "its units' times summed over the workers, which run at once)"
+        if forked
+        else f"{record.get('torch_threads')} threads in one process"
+    )
     rows.append(
         f"Whole build {record['build_s']:.1f} s (model load {record['load_s']:.2f} s apart), "
-        f"{record.get('torch_threads')} threads, 1-minute load {before} before and {after} after on "
+        f"{how}, 1-minute load {before} before and {after} after on "
         f"{conditions.get('cpu_count')} CPUs, commit `{str(conditions.get('commit'))[:10]}`; "
         f"`{conditions.get('command')}`."
     )
