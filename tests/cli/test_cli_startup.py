@@ -89,6 +89,8 @@ def test_commands_are_quiet_unless_verbose(model_dir):
     [
         (["info", "/nowhere/model.gguf"], "ModelFileError"),
         (["map", "--only", "nope"], "LmatlasError"),
+        (["map", "--executor", "nope"], "LmatlasError"),
+        (["map", "--workers", "0"], "LmatlasError"),
         (["show", "/nowhere/x.duckdb"], "AtlasError"),
     ],
 )
