@@ -16,7 +16,12 @@ whether its core is free, and how much work each forward holds.
 
 So each :class:`Workload` names the share of a core that must be free before one more thread
 is used: ``decode`` (per-token steps, fewer than :data:`LARGE_FORWARD_TOKENS` tokens per
-forward) 0.75, ``batch`` (prefills, corpus passes, census batteries) 0.5.
+forward) 0.75, ``batch`` (prefills, corpus passes, census batteries) 0.5, and ``workers``
+(``lmatlas map``'s one-thread worker processes, :mod:`lmatlas.atlas.fork_executor`) 0: a worker
+on a shared core slows only itself, since no barrier waits for it, and the scheduler's fair share
+still gives one more worker more of the machine (with a busy loop holding one of 2 cores, two
+workers built the OV and labels stages 1.42x faster than one process with one thread:
+``bench/results/map_busy_core.json``).
 :func:`choose_threads` reads the cores this process may use and the 1-minute load average
 (``free = cores - load``) and takes ``floor(free + 1 - share)`` threads, at least 1, at most
 ``cores``. On 2 cores: decode uses 2 threads up to a load of 0.25, batch up to 0.5 (a sibling
@@ -69,7 +74,8 @@ class Workload:
 
 DECODE = Workload("decode", 0.75, "small per-token forwards")
 BATCH = Workload("batch", 0.5, "large forwards")
-WORKLOADS = (DECODE, BATCH)
+WORKERS = Workload("workers", 0.0, "one-thread worker processes")
+WORKLOADS = (DECODE, BATCH, WORKERS)
 
 
 @dataclass(frozen=True)
@@ -144,6 +150,8 @@ def choose_threads(
     threads = threads_for(cores, load, kind)
     if threads == cores:
         reason = "all cores free"
+    elif kind.share == 0:
+        reason = f"cores not fully busy ({kind.about})"
     else:
         reason = f"cores at least {kind.share:.0%} free ({kind.about})"
     return ThreadChoice(threads, cores, load, reason, kind.name)

@@ -50,6 +50,8 @@ QUIET_ENV = {
 
 #: Commands whose forwards are per-token decode steps (thread choice: lmatlas.machine's ``decode`` workload).
 DECODE_COMMANDS = frozenset({"generate"})
+#: Commands that run one-thread worker processes, one per thread chosen (``workers`` workload).
+WORKER_COMMANDS = frozenset({"map"})
 
 
 @app.callback()
@@ -68,7 +70,8 @@ def options(
 
     quiet_third_party(not verbose)
     ctx = _current_context()
-    workload = "decode" if ctx is not None and ctx.invoked_subcommand in DECODE_COMMANDS else "batch"
+    command = ctx.invoked_subcommand if ctx is not None else None
+    workload = "decode" if command in DECODE_COMMANDS else "workers" if command in WORKER_COMMANDS else "batch"
     try:
         choice = use_threads(threads, workload)
     except LmatlasError as error:

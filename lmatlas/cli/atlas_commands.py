@@ -167,6 +167,8 @@ def map_command(
     """Build (or resume) the atlas of a model: every default stage, or those named with --only."""
     from lmatlas.errors import LmatlasError
 
+    threads_given = threads_option_given()
+
     def body():
         from lmatlas.atlas.pipeline import build_atlas
         from lmatlas.atlas.stages import select_stages
@@ -190,6 +192,10 @@ def map_command(
 
             for dictionary in dictionaries:
                 attach(loaded, dictionary)
+        if executor == "local" and not threads_given:
+            from lmatlas.machine import use_threads
+
+            use_threads(None, "batch")  # one process: threads for its batch work, not one per worker
         runner = None
         if executor in ("local", "fork"):
             from lmatlas.atlas.fork_executor import executor_for, forced
@@ -226,6 +232,14 @@ def map_command(
         print_json(summary) if as_json else print_summary(summary)
 
     run(body)
+
+
+def threads_option_given() -> bool:
+    """Whether ``lmatlas --threads N`` was given (read while the command's click context is active)."""
+    import click
+
+    context = click.get_current_context(silent=True)
+    return context is not None and context.find_root().params.get("threads") is not None
 
 
 def resume_line(path: Path, model: Optional[str], only: Optional[str], features: Optional[list[Path]] = None) -> str:

@@ -42,7 +42,7 @@ def test_default_takes_the_cores_not_busy(monkeypatch):
     for bad in (0, -1, 1.5, True):
         with pytest.raises(InputError, match="whole number"):
             choose_threads(bad)
-    with pytest.raises(InputError, match="decode, batch"):
+    with pytest.raises(InputError, match="decode, batch, workers"):
         choose_threads(workload="training")
 
 
@@ -125,3 +125,28 @@ def test_cli_generate_chooses_for_decode_work(restore_threads, tmp_path, monkeyp
     assert result.exit_code == 0, result.output
     assert "Ran on 1 of 2 CPU threads" in result.stderr and "decode work" in result.stderr
     assert torch.get_num_threads() == 1
+
+
+# (cores, load) -> worker processes for an atlas build: a core counts while it is not fully busy.
+WORKER_TABLE = [((2, 0.0), 2), ((2, 0.6), 2), ((2, 1.0), 2), ((2, 1.1), 1), ((2, 3.0), 1), ((8, 2.6), 6), ((1, 0.0), 1)]
+
+
+@pytest.mark.parametrize(("machine", "workers"), WORKER_TABLE)
+def test_worker_processes_count_every_core_not_fully_busy(machine, workers):
+    cores, load = machine
+    choice = choose_threads(workload="workers", cores=cores, load=load)
+    assert choice.threads == workers == max(1, min(cores, math.floor(cores - load + 1 + 1e-9)))
+    assert "workers work" in choice.describe()
+
+
+def test_cli_map_chooses_workers_and_local_chooses_batch(restore_threads, model_dir, tmp_path, monkeypatch):
+    from lmatlas import machine
+
+    monkeypatch.setattr(machine, "usable_cores", lambda: 2)
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.0, 1.0, 1.0))  # one core busy: batch work takes 1 thread
+    for executor, threads in (("auto", 2), ("local", 1)):
+        out = tmp_path / f"{executor}.atlas.duckdb"
+        args = ["map", model_dir, "--out", str(out), "--only", "structure", "--executor", executor]
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.output
+        assert torch.get_num_threads() == threads, executor
