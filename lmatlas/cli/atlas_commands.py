@@ -196,27 +196,7 @@ def map_command(
             from lmatlas.machine import use_threads
 
             use_threads(None, "batch")  # one process: threads for its batch work, not one per worker
-        runner = None
-        if executor in ("local", "fork"):
-            from lmatlas.atlas.fork_executor import executor_for, forced
-
-            def runner(ctx):
-                return executor_for(loaded, ctx, 1) if executor == "local" else forced(loaded, ctx, workers)
-
-        if executor == "ray":
-            from lmatlas.atlas.ray_executor import RayExecutor
-
-            def runner(ctx):
-                gpu = {"num_gpus": 1} if device and device.startswith("cuda") else {}
-                return RayExecutor.for_model(
-                    loaded,
-                    ctx,
-                    address=address,
-                    num_workers=workers or 2,
-                    load_kwargs={"device": device} if device else None,
-                    worker_options={"num_cpus": 1, **gpu},
-                )
-
+        runner = executor_factory(executor, loaded, workers, address, device)
         try:
             report = build_atlas(loaded, path, only=stages, corpus=corpus, seed=seed, executor=runner, workers=workers)
         except KeyboardInterrupt:
@@ -232,6 +212,27 @@ def map_command(
         print_json(summary) if as_json else print_summary(summary)
 
     run(body)
+
+
+def executor_factory(executor: str, loaded, workers: Optional[int], address: Optional[str], device: Optional[str]):
+    """``ctx -> executor`` for ``--executor`` (``None`` for ``auto``: ``build_atlas`` chooses from ``workers``)."""
+    if executor in ("local", "fork"):
+        from lmatlas.atlas.fork_executor import executor_for, forced
+
+        return lambda ctx: executor_for(loaded, ctx, 1) if executor == "local" else forced(loaded, ctx, workers)
+    if executor == "ray":
+        from lmatlas.atlas.ray_executor import RayExecutor
+
+        gpu = {"num_gpus": 1} if device and device.startswith("cuda") else {}
+        return lambda ctx: RayExecutor.for_model(
+            loaded,
+            ctx,
+            address=address,
+            num_workers=workers or 2,
+            load_kwargs={"device": device} if device else None,
+            worker_options={"num_cpus": 1, **gpu},
+        )
+    return None
 
 
 def threads_option_given() -> bool:
