@@ -71,12 +71,77 @@ def check_no_padding(attention_mask: torch.Tensor | None) -> None:
         )
 
 
+def _hidden(window, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+    """The additive mask ``[rows, keys]`` of a chunk: ``0`` where ``window`` lets a row see a key, ``-inf`` elsewhere."""
+    hidden = torch.full((q_pos.shape[0], k_pos.shape[0]), float("-inf"), device=k_pos.device)
+    return hidden.masked_fill_(window.keeps(q_pos, k_pos), 0.0)
+
+
+def _gathered(call: WindowedCall, q_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple]:
+    """The stored keys, values and positions that rows at ``q_pos`` (ascending) can see (sinks and recent),
+    and the chunk's *layout*: what its mask depends on (the keys' offsets from the first row, which are sinks)."""
+    pos, window = call.win_pos, call.window
+    columns = ((pos < window.sink) | (pos > q_pos[0] - window.recent)) & (pos <= q_pos[-1])
+    if bool(columns.all()):
+        keys, values, k_pos = call.win_keys, call.win_values, pos
+    else:
+        index = columns.nonzero().flatten()
+        keys, values, k_pos = (
+            call.win_keys.index_select(2, index),
+            call.win_values.index_select(2, index),
+            pos.index_select(0, index),
+        )
+    layout = (q_pos.shape[0], int((k_pos < window.sink).sum()), tuple((k_pos - q_pos[0]).tolist()))
+    return keys, values, k_pos, layout
+
+
+def _sliced(call: WindowedCall, first: int, r0: int, r1: int) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+    """:func:`_gathered` for stored positions ``first, first + 1, ...`` (a prefill), by slicing.
+
+    The visible columns are the sinks ``[0, sink_end)`` and the recent ones ``[start, end)``
+    (stored indices): one slice where they meet, else the two concatenated; the same
+    tensors (values and contiguous layout) as :func:`_gathered`'s ``index_select``.
+    """
+    window, m = call.window, call.win_pos.shape[0]
+    sink_end = min(max(window.sink - first, 0), m)
+    start = max(call.q_start + r0 - window.recent + 1 - first, 0)
+    end = call.q_start + r1 - first
+    layout = ("slices", r1 - r0, call.q_start + r0 - first, sink_end, start, end)
+    if start <= sink_end:
+        if end == m:
+            return call.win_keys, call.win_values, layout
+        return call.win_keys[:, :, :end].contiguous(), call.win_values[:, :, :end].contiguous(), layout
+    pieces = (slice(0, sink_end), slice(start, end))
+    keys = torch.cat([call.win_keys[:, :, piece] for piece in pieces], dim=2)
+    return keys, torch.cat([call.win_values[:, :, piece] for piece in pieces], dim=2), layout
+
+
+def _sliced_positions(call: WindowedCall, first: int, layout: tuple) -> torch.Tensor:
+    """The positions of the columns :func:`_sliced` chose (from its ``layout``)."""
+    _, _, _, sink_end, start, end = layout
+    device = call.win_pos.device
+    if start <= sink_end:
+        return torch.arange(first, first + end, device=device)
+    return torch.cat(
+        [torch.arange(first, first + sink_end, device=device), torch.arange(first + start, first + end, device=device)]
+    )
+
+
+def _first_if_consecutive(pos: torch.Tensor) -> int | None:
+    """``pos[0]`` when the (ascending, distinct) stored positions ``pos`` are consecutive, else ``None``."""
+    if pos.shape[0] == 0:
+        return None
+    first = int(pos[0])
+    return first if int(pos[-1]) - first + 1 == pos.shape[0] else None
+
+
 def windowed_attention(
     query: torch.Tensor,
     call: WindowedCall,
     scaling: float,
     softcap: float | None,
     chunk: int = CHUNK,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of the windowed heads: ``query`` ``[batch, n_q, n, d]`` -> ``[batch, n_q, n, d_v]``.
 
@@ -84,40 +149,78 @@ def windowed_attention(
     ``h`` reads KV head ``h // (n_q // n_windowed)``). Computed in float32 like the
     eager reference: ``softmax(mask(softcap(q @ k.T * scaling))) @ v``; each chunk of
     rows only touches the keys it can see (sinks + ``recent + chunk`` positions; visibility is
-    :meth:`Window.keeps <lmatlas.model.window.Window.keeps>`).
+    :meth:`Window.keeps <lmatlas.model.window.Window.keeps>`). ``out`` (optional, any
+    strides, e.g. a transposed view of the attention output) receives the result.
+
+    The mask is *added* (``0`` where a key is visible, ``-inf`` where not) in the same pass
+    that scales the scores: ``x * scaling + 0`` rounds exactly as ``x * scaling``, so the
+    result is bit for bit the masked fill's, with one pass less over the scores. The chunks
+    (their rows and key columns) fix every reduction's length and order: another
+    ``chunk`` moves the last bits.
     """
-    n = query.shape[2]
-    rep = query.shape[1] // call.win_keys.shape[1]
-    pos = call.win_pos
-    outputs = []
+    batch, n_q, n, _ = query.shape
+    rep = n_q // call.win_keys.shape[1]
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, call.win_keys, call.win_values))
+    rows = []  # with autograd: the chunks' outputs, concatenated at the end (as the masked fill, bit for bit)
+    if out is None and not grad:
+        out = query.new_empty((batch, n_q, n, call.win_values.shape[-1]))
+    first = _first_if_consecutive(call.win_pos)
+    masks: dict = {}  # chunks with the same layout (every full chunk of a long prefill) share one mask
     for r0 in range(0, n, chunk):
         r1 = min(n, r0 + chunk)
-        q_pos = torch.arange(call.q_start + r0, call.q_start + r1, device=pos.device)
-        columns = ((pos < call.window.sink) | (pos > q_pos[0] - call.window.recent)) & (pos <= q_pos[-1])
-        if bool(columns.all()):
-            keys, values, k_pos = call.win_keys, call.win_values, pos
+        q_pos = torch.arange(call.q_start + r0, call.q_start + r1, device=call.win_pos.device)
+        if first is None:
+            keys, values, k_pos, layout = _gathered(call, q_pos)
         else:
-            index = columns.nonzero().flatten()
-            keys, values, k_pos = (
-                call.win_keys.index_select(2, index),
-                call.win_values.index_select(2, index),
-                pos.index_select(0, index),
-            )
+            keys, values, layout = _sliced(call, first, r0, r1)
+            k_pos = None
         keys = keys.repeat_interleave(rep, dim=1) if rep > 1 else keys
         values = values.repeat_interleave(rep, dim=1) if rep > 1 else values
-        scores = torch.matmul(query[:, :, r0:r1].float(), keys.float().transpose(2, 3)).mul_(scaling)
-        if softcap is not None:
-            scores = scores.div_(softcap).tanh_().mul_(softcap)
-        visible = call.window.keeps(q_pos, k_pos)
-        scores.masked_fill_(~visible, float("-inf"))
-        probs = torch.softmax(scores, dim=-1).to(values.dtype)
-        outputs.append(torch.matmul(probs, values))
-    return torch.cat(outputs, dim=2)
+        scores = torch.matmul(query[:, :, r0:r1].float(), keys.float().transpose(2, 3))
+        hidden = masks.get(layout)
+        if hidden is None:
+            k_pos = k_pos if k_pos is not None else _sliced_positions(call, first, layout)
+            hidden = masks[layout] = _hidden(call.window, q_pos, k_pos)
+        probs = torch.softmax(_masked_scores(scores, hidden, scaling, softcap, grad), dim=-1).to(values.dtype)
+        if grad:
+            rows.append(torch.matmul(probs, values))
+        else:
+            out[:, :, r0:r1] = torch.matmul(probs, values)
+    if not grad:
+        return out
+    if out is None:
+        return torch.cat(rows, dim=2)
+    out.copy_(torch.cat(rows, dim=2))
+    return out
+
+
+def _masked_scores(
+    scores: torch.Tensor, hidden: torch.Tensor, scaling: float, softcap: float | None, grad: bool
+) -> torch.Tensor:
+    """``mask(softcap(scores * scaling))`` in place, ``hidden`` the additive mask (``0`` or ``-inf``).
+
+    Without autograd the mask is added in the pass that scales; with it (the gates'
+    training differentiates through here) the scores are scaled and masked filled in
+    two steps, the graph the reference builds. Both round as the masked fill does.
+    """
+    if softcap is None and not grad:
+        return torch.add(hidden, scores, alpha=scaling, out=scores)
+    scores = scores.mul_(scaling)
+    if softcap is not None:
+        scores = scores.div_(softcap).tanh_().mul_(softcap)
+    if grad:
+        return scores.masked_fill_(hidden < 0, float("-inf"))
+    return scores.add_(hidden)
 
 
 def query_heads(kv_heads: tuple[int, ...], rep: int) -> list[int]:
     """The query heads that read ``kv_heads`` when ``rep`` query heads share each KV head (GQA)."""
     return [kv * rep + r for kv in kv_heads for r in range(rep)]
+
+
+def _span(heads: list[int]) -> slice | None:
+    """``heads`` as a slice when they are consecutive (a view then replaces a gather), else ``None``."""
+    return slice(heads[0], heads[-1] + 1) if heads == list(range(heads[0], heads[-1] + 1)) else None
 
 
 def headwise_attention(
@@ -150,8 +253,7 @@ def headwise_attention(
         return snap.attend(run_base, module, query, key, value, attention_mask, args, kwargs, snap_call)
     batch, n_heads, n, _ = query.shape
     rep = n_heads // key.shape[1]
-    d_v = call.win_values.shape[-1]
-    out = query.new_empty((batch, n, n_heads, d_v))
+    out = query.new_empty((batch, n, n_heads, call.win_values.shape[-1]))
     scaling = kwargs.get("scaling")
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     if call.full_idx:
@@ -160,11 +262,16 @@ def headwise_attention(
         full_out, _ = run_base(
             module, query.index_select(1, index), call.full_keys, call.full_values, attention_mask, *args, **kwargs
         )
-        out[:, :, heads] = full_out
+        span = _span(heads)
+        out[:, :, span if span is not None else heads] = full_out
     heads = query_heads(call.win_idx, rep)
-    index = torch.tensor(heads, device=query.device)
-    win_out = windowed_attention(query.index_select(1, index), call, scaling, kwargs.get("softcap"))
-    out[:, :, heads] = win_out.transpose(1, 2)
+    span = _span(heads)
+    if span is None:  # windowed heads interleaved with full ones: gather, then scatter
+        index = torch.tensor(heads, device=query.device)
+        win_out = windowed_attention(query.index_select(1, index), call, scaling, kwargs.get("softcap"))
+        out[:, :, heads] = win_out.transpose(1, 2)
+    else:  # written in place through a [batch, head, pos, d_v] view of the output
+        windowed_attention(query[:, span], call, scaling, kwargs.get("softcap"), out=out.transpose(1, 2)[:, span])
     return out, None
 
 

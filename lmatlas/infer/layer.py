@@ -71,6 +71,20 @@ def placeholder(like: torch.Tensor, n_heads: int, length: int, call: WindowedCal
     return out
 
 
+def append_entries(held: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """``held`` ``[batch, head, m, d]`` followed by ``new`` along the positions, as a contiguous tensor.
+
+    On an empty ``held`` (a prefill) this is ``new`` itself when it is contiguous and owns
+    its whole storage (no copy: the model does not write to its key and value states
+    afterwards; a view into a larger buffer would keep that buffer alive), else a copy:
+    the values and layout ``torch.cat`` gives.
+    """
+    if held.shape[-2] == 0 and held.dtype == new.dtype and new.is_contiguous():
+        if new.untyped_storage().nbytes() == new.numel() * new.element_size():
+            return new
+    return torch.cat([held, new], dim=-2)
+
+
 class LogicalLengthLayer(CacheLayerMixin):
     """What lmatlas's cache layers share: a *logical* length (every token seen, which the model
     takes positions from) that may exceed the entries held, negative-only ``crop`` arguments,
@@ -183,16 +197,16 @@ class HeadwiseLayer(LogicalLengthLayer):
             self.keys, self.values = self.full_keys, self.full_values
             return self.full_keys, self.full_values
         if self.full_idx:
-            self.full_keys = torch.cat([self.full_keys, self._select(key_states, self.full_idx)], dim=-2)
-            self.full_values = torch.cat([self.full_values, self._select(value_states, self.full_idx)], dim=-2)
+            self.full_keys = append_entries(self.full_keys, self._select(key_states, self.full_idx))
+            self.full_values = append_entries(self.full_values, self._select(value_states, self.full_idx))
         new_pos = torch.arange(start, start + n, device=self.win_pos.device)
         call = WindowedCall(
             self.full_idx,
             self.win_idx,
             self.full_keys,
             self.full_values,
-            torch.cat([self.win_keys, self._select(key_states, self.win_idx)], dim=-2),
-            torch.cat([self.win_values, self._select(value_states, self.win_idx)], dim=-2),
+            append_entries(self.win_keys, self._select(key_states, self.win_idx)),
+            append_entries(self.win_values, self._select(value_states, self.win_idx)),
             torch.cat([self.win_pos, new_pos]),
             start,
             self.window,

@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from lmatlas.errors import LmatlasError
-from lmatlas.infer.layer import LogicalLengthLayer
+from lmatlas.infer.layer import LogicalLengthLayer, append_entries
 
 if TYPE_CHECKING:
     from lmatlas.infer.cache import SnapCache
@@ -124,11 +124,12 @@ def votes(query: torch.Tensor, keys: torch.Tensor, scaling: float, softcap: floa
     n_kv, m = keys.shape[1], keys.shape[2]
     rep = n_q // n_kv
     keys = keys.float().repeat_interleave(rep, dim=1) if rep > 1 else keys.float()
-    scores = torch.matmul(query.float(), keys.transpose(2, 3)) * scaling  # [batch, n_q, w, m]
+    scores = torch.matmul(query.float(), keys.transpose(2, 3)).mul_(scaling)  # [batch, n_q, w, m]
     if softcap is not None:
-        scores = torch.tanh(scores / softcap) * softcap
-    row = torch.arange(w, device=query.device)[:, None] + (m - w)
-    scores = scores.masked_fill(torch.arange(m, device=query.device)[None, :] > row, float("-inf"))
+        scores = scores.div_(softcap).tanh_().mul_(softcap)
+    # only the window's own keys can be in a row's future: mask that [w, w] corner, not all m columns
+    future = torch.ones((w, w), dtype=torch.bool, device=query.device).triu_(1)
+    scores[..., m - w :].masked_fill_(future, float("-inf"))
     prefix = torch.softmax(scores, dim=-1)[..., : m - w].sum(dim=2)  # [batch, n_q, m - w]
     prefix = prefix.view(batch, n_kv, rep, m - w).mean(dim=2)
     if kernel > 1:
@@ -194,8 +195,8 @@ class SnapLayer(LogicalLengthLayer):
         past, start, n = self.held, self.length, key_states.shape[-2]
         compressed = past != start
         self.length += n
-        self.keys = torch.cat([self.keys, key_states], dim=-2)
-        self.values = torch.cat([self.values, value_states], dim=-2)
+        self.keys = append_entries(self.keys, key_states)
+        self.values = append_entries(self.values, value_states)
         new = torch.arange(start, start + n, dtype=torch.int32, device=self.positions.device)
         self.positions = torch.cat([self.positions, new.expand(*self.positions.shape[:2], n)], dim=-1)
         compress = n >= self.plan.window and self.held > self.plan.capacity
