@@ -19,7 +19,7 @@ How the work is split (:func:`plan_groups`):
 
 Every operator runs with ``threads`` intra-op threads in its worker; a forward of the model gives
 the same bits with one thread as with two (``tests/atlas/test_fork_executor.py`` builds the same
-atlas both ways and compares every row). Only on CPU models and where ``fork`` exists (Linux);
+atlas both ways and compares every row). Only on CPU models on Linux (:func:`can_fork`);
 elsewhere :func:`executor_for` falls back to :class:`~lmatlas.atlas.executors.LocalExecutor`.
 
 >>> build_atlas(model, "m.atlas.duckdb", executor=lambda ctx: ForkExecutor(model, ctx, workers=2))  # doctest: +SKIP
@@ -30,6 +30,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import sys
 import traceback
 from multiprocessing.connection import wait
 from typing import TYPE_CHECKING, Iterator
@@ -58,6 +59,12 @@ def plan_groups(work: list[tuple["Stage", str]]) -> list[list[tuple["Stage", str
     return [groups[key] for key in order]
 
 
+def can_fork(model: "Model") -> bool:
+    """Forked workers are safe here: a CPU model on Linux (CUDA state and macOS system libraries do not survive
+    a fork)."""
+    return model.device.type == "cpu" and sys.platform.startswith("linux")
+
+
 def executor_for(model: "Model", ctx: "BuildContext", workers: int | None = None):
     """The executor a build uses by default: forked workers when they can help, else this process.
 
@@ -68,7 +75,7 @@ def executor_for(model: "Model", ctx: "BuildContext", workers: int | None = None
 
     threads = torch.get_num_threads()
     n = min(threads, MAX_WORKERS) if workers is None else workers
-    if n < 2 or model.device.type != "cpu" or "fork" not in multiprocessing.get_all_start_methods():
+    if n < 2 or not can_fork(model):
         return LocalExecutor(model, ctx)
     return ForkExecutor(model, ctx, workers=n, threads=max(1, threads // n))
 
@@ -80,7 +87,7 @@ def forced(model: "Model", ctx: "BuildContext", workers: int | None = None) -> "
     """
     import torch
 
-    if model.device.type != "cpu" or "fork" not in multiprocessing.get_all_start_methods():
+    if not can_fork(model):
         raise AtlasError("Forked workers need a CPU model on a system with fork (Linux): use --executor local.")
     threads = torch.get_num_threads()
     n = workers or max(2, min(threads, MAX_WORKERS))

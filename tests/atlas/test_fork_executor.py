@@ -61,6 +61,10 @@ def test_the_default_executor_forks_only_where_it_can_help(model, ctx, monkeypat
     assert (forced(model, ctx, 3).workers, forced(model, ctx, 3).threads) == (3, 2)
     with pytest.raises(AtlasError, match="at least 1"):
         ForkExecutor(model, ctx, workers=0)
+    monkeypatch.setattr("sys.platform", "darwin")  # no forked workers beside macOS's system libraries
+    assert isinstance(executor_for(model, ctx, None), LocalExecutor)
+    with pytest.raises(AtlasError, match="--executor local"):
+        forced(model, ctx, 2)
 
 
 def test_a_forked_build_equals_the_local_build(model, ctx, tmp_path):
