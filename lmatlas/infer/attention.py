@@ -95,7 +95,7 @@ def _gathered(call: WindowedCall, q_pos: torch.Tensor) -> tuple[torch.Tensor, to
     return keys, values, k_pos, layout
 
 
-def _sliced(call: WindowedCall, first: int, r0: int, r1: int) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+def _sliced(call: WindowedCall, first: int, r0: int, r1: int) -> tuple[torch.Tensor, torch.Tensor, tuple, tuple]:
     """:func:`_gathered` for stored positions ``first, first + 1, ...`` (a prefill), by slicing.
 
     The visible columns are the sinks ``[0, sink_end)`` and the recent ones ``[start, end)``
@@ -106,19 +106,23 @@ def _sliced(call: WindowedCall, first: int, r0: int, r1: int) -> tuple[torch.Ten
     sink_end = min(max(window.sink - first, 0), m)
     start = max(call.q_start + r0 - window.recent + 1 - first, 0)
     end = call.q_start + r1 - first
-    layout = ("slices", r1 - r0, call.q_start + r0 - first, sink_end, start, end)
+    cols = (sink_end, start, end)
+    offset = first - call.q_start - r0  # stored index 0's position relative to the chunk's first row
     if start <= sink_end:
+        layout = ("one", r1 - r0, offset, sink_end, end)
         if end == m:
-            return call.win_keys, call.win_values, layout
-        return call.win_keys[:, :, :end].contiguous(), call.win_values[:, :, :end].contiguous(), layout
+            return call.win_keys, call.win_values, cols, layout
+        return call.win_keys[:, :, :end].contiguous(), call.win_values[:, :, :end].contiguous(), cols, layout
+    # sinks all before the chunk's first row are visible to every row, wherever they lie
+    layout = ("two", r1 - r0, sink_end, "before" if offset + sink_end <= 0 else offset, offset + start, end - start)
     pieces = (slice(0, sink_end), slice(start, end))
     keys = torch.cat([call.win_keys[:, :, piece] for piece in pieces], dim=2)
-    return keys, torch.cat([call.win_values[:, :, piece] for piece in pieces], dim=2), layout
+    return keys, torch.cat([call.win_values[:, :, piece] for piece in pieces], dim=2), cols, layout
 
 
-def _sliced_positions(call: WindowedCall, first: int, layout: tuple) -> torch.Tensor:
-    """The positions of the columns :func:`_sliced` chose (from its ``layout``)."""
-    _, _, _, sink_end, start, end = layout
+def _sliced_positions(call: WindowedCall, first: int, cols: tuple[int, int, int]) -> torch.Tensor:
+    """The positions of the columns :func:`_sliced` chose (its ``cols``: ``sink_end, start, end``)."""
+    sink_end, start, end = cols
     device = call.win_pos.device
     if start <= sink_end:
         return torch.arange(first, first + end, device=device)
@@ -172,14 +176,14 @@ def windowed_attention(
         if first is None:
             keys, values, k_pos, layout = _gathered(call, q_pos)
         else:
-            keys, values, layout = _sliced(call, first, r0, r1)
+            keys, values, cols, layout = _sliced(call, first, r0, r1)
             k_pos = None
         keys = keys.repeat_interleave(rep, dim=1) if rep > 1 else keys
         values = values.repeat_interleave(rep, dim=1) if rep > 1 else values
         scores = torch.matmul(query[:, :, r0:r1].float(), keys.float().transpose(2, 3))
         hidden = masks.get(layout)
         if hidden is None:
-            k_pos = k_pos if k_pos is not None else _sliced_positions(call, first, layout)
+            k_pos = k_pos if k_pos is not None else _sliced_positions(call, first, cols)
             hidden = masks[layout] = _hidden(call.window, q_pos, k_pos)
         probs = torch.softmax(_masked_scores(scores, hidden, scaling, softcap, grad), dim=-1).to(values.dtype)
         if grad:
