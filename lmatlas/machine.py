@@ -20,7 +20,7 @@ forward) 0.75, ``batch`` (prefills, corpus passes, census batteries) 0.5, and ``
 (``lmatlas map``'s one-thread worker processes, :mod:`lmatlas.atlas.fork_executor`) 0: a worker
 on a shared core slows only itself, since no barrier waits for it, and the scheduler's fair share
 still gives one more worker more of the machine (with a busy loop holding one of 2 cores, two
-workers built the OV and labels stages 1.42x faster than one process with one thread:
+workers built the OV and labels stages 1.41x faster than one process with one thread:
 ``bench/results/map_busy_core.json``).
 :func:`choose_threads` reads the cores this process may use and the 1-minute load average
 (``free = cores - load``) and takes ``floor(free + 1 - share)`` threads, at least 1, at most
