@@ -10,7 +10,7 @@ an interrupted build resumes with the rest, exactly as with the local executor.
 
 How the work is split (:func:`plan_groups`):
 
-* Units that share per-process state run in **one** worker: a stage's ``share(unit)`` names the
+* Units that share per-process state run in **one** worker: a stage's ``share`` names the
   group (the census units that read the same batteries, the three stages of the one corpus pass,
   every unit of a stage that remembers its own shared part); units of a stage without ``share``
   are groups of one and fill the gaps.
@@ -52,7 +52,8 @@ def plan_groups(work: list[tuple["Stage", str]]) -> list[list[tuple["Stage", str
     """
     groups: dict[tuple, list[tuple["Stage", str]]] = {}
     for stage, unit in work:
-        key = ("shared", stage.share(unit)) if stage.share is not None else ("unit", unit)
+        shared = stage.share_key(unit)
+        key = ("shared", shared) if shared is not None else ("unit", unit)
         groups.setdefault(key, []).append((stage, unit))
     cost = {key: sum(stage.unit_cost(unit) for stage, unit in group) for key, group in groups.items()}
     order = sorted(groups, key=lambda key: -cost[key])  # stable: equal costs keep the order of work

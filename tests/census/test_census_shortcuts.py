@@ -81,12 +81,16 @@ def test_readouts_end_after_the_last_layer_with_the_same_bits(family, last_mlp_c
         _assert_same(fast, full, fields)
 
 
+def _ids_and_targets(seed: int, pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two random rows of byte tokens ``[2, pos]`` and a random target key position per query (the same draws as before)."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (2, pos), generator=gen), torch.randint(0, pos, (2, pos), generator=gen)
+
+
 @pytest.mark.parametrize("family", TINY_TYPES)
 def test_streaming_statistics_end_inside_the_last_attention_with_the_same_bits(family, last_mlp_calls):
     model = get_tiny(family)
-    gen = torch.Generator().manual_seed(2)
-    ids = torch.randint(0, 256, (2, 48), generator=gen)
-    targets = torch.randint(0, 48, (2, 48), generator=gen)
+    ids, targets = _ids_and_targets(seed=2, pos=48)
     targets[:, :30] = -1
     queries = (targets >= 0).any(0)
     for layers in (None, [0]):
@@ -127,9 +131,7 @@ def test_logit_rows_widen_the_asked_span_inside_the_chunk():
 def test_logits_of_the_asked_rows_only_equal_the_whole_chunks_bit_for_bit(family, monkeypatch):
     """Queries asked in a few rows of long chunks: the same statistics as computing every row of each chunk."""
     model = get_tiny(family)
-    gen = torch.Generator().manual_seed(4)
-    ids = torch.randint(0, 256, (2, 250), generator=gen)
-    targets = torch.randint(0, 250, (2, 250), generator=gen)
+    ids, targets = _ids_and_targets(seed=4, pos=250)
     queries = torch.zeros(250, dtype=torch.bool)
     queries[[3, 100, 101, 102, 180, 230, 231, 249]] = True  # near both ends of a chunk and inside one
     fast = attention_stats(model, ids, targets=targets, chunk=120, queries=queries)

@@ -62,9 +62,9 @@ class Stage:
         compute: ``(model, unit, ctx) -> {table: rows}``.
         default: built when no stage is named: ``True``, ``False``, or ``model -> bool`` (the
             ``features`` stage runs by default only for a model with dictionaries attached).
-        share: ``unit -> key``: units with the same key share per-process state (``ctx.memo``), so an
-            executor with several worker processes runs them in one (keys are global: stages may
-            share one); ``None``: each unit may run anywhere.
+        share: a key, or ``unit -> key``: units with the same key share per-process state
+            (``ctx.memo``), so an executor with several worker processes runs them in one (keys are
+            global: stages may share one); ``None``: each unit may run anywhere.
         cost: relative seconds of one unit (a number, or ``unit -> number``): executors with several
             workers start the largest groups first.
     """
@@ -74,8 +74,12 @@ class Stage:
     plan: Callable[["Model", BuildContext], list[str]]
     compute: Callable[["Model", str, BuildContext], "Rows"]
     default: bool | Callable[["Model"], bool] = True
-    share: Callable[[str], str] | None = None
+    share: str | Callable[[str], str] | None = None
     cost: float | Callable[[str], float] = 1.0
+
+    def share_key(self, unit: str) -> str | None:
+        """The group ``unit`` must run in (``None``: any worker)."""
+        return self.share(unit) if callable(self.share) else self.share
 
     def unit_cost(self, unit: str) -> float:
         return float(self.cost(unit) if callable(self.cost) else self.cost)

@@ -133,7 +133,7 @@ stage(
         description="neuron activation statistics and top-activating contexts over the corpus",
         plan=lambda model, ctx: [f"activations/L{layer}" for layer in range(model.layout.n_layers)],
         compute=compute,
-        share=lambda unit: "corpus_pass",
+        share="corpus_pass",
         cost=0.4,
     )
 )

@@ -149,7 +149,7 @@ stage(
         description="each head's strongest corpus windows: where it writes most, with its attention from there",
         plan=lambda model, ctx: [f"head_windows/L{layer}" for layer in range(model.layout.n_layers)],
         compute=compute,
-        share=lambda unit: "corpus_pass",
+        share="corpus_pass",
         cost=0.1,
     )
 )

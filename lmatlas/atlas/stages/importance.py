@@ -178,7 +178,7 @@ stage(
         description="loss increase when each head and MLP is mean-ablated (attribution, top heads verified exactly)",
         plan=lambda model, ctx: [f"importance/L{layer}" for layer in range(model.layout.n_layers)],
         compute=compute,
-        share=lambda unit: "importance",
+        share="importance",
         cost=0.9,
     )
 )

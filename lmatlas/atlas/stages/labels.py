@@ -47,7 +47,7 @@ stage(
         description="a rule for every neuron and head, scored on held-out windows against nulls, or 'unlabelled'",
         plan=_plan,
         compute=compute,
-        share=lambda unit: "labels",
+        share="labels",
         cost=2.3,
     )
 )

@@ -187,7 +187,7 @@ stage(
         description="each neuron's top corpus contexts with per-token activations, and its activation histogram",
         plan=lambda model, ctx: [f"neuron_contexts/L{layer}" for layer in range(model.layout.n_layers)],
         compute=compute,
-        share=lambda unit: "corpus_pass",
+        share="corpus_pass",
         cost=0.1,
     )
 )

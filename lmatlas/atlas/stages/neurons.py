@@ -84,7 +84,7 @@ stage(
         description="tokens each neuron promotes, suppresses and is excited by (weights through the unembedding)",
         plan=lambda model, ctx: [f"neurons/L{layer}" for layer in range(model.layout.n_layers)],
         compute=compute,
-        share=lambda unit: "neurons",
+        share="neurons",
         cost=1.1,
     )
 )

@@ -72,7 +72,7 @@ stage(
         description="for every token, the heads and neurons that write it most (one scale: logits through the final norm)",
         plan=lambda model, ctx: [f"search/V{start}" for start in range(0, model.layout.d_vocab, SLICE)],
         compute=compute,
-        share=lambda unit: "search",
+        share="search",
         cost=3.5,
     )
 )
